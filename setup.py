@@ -1,0 +1,33 @@
+"""lmtiny: design, train and sample tiny language models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmtiny",
+    version="0.1.0",
+    description="Tiny language models (25M-2B params) in JAX/Flax on TPU, GPU and CPU.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lmtiny", "lmtiny.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "array-record>=0.8.6",
+        "sentencepiece>=0.2.0",
+        "tensorflow-datasets>=4.9.10",
+        "numpy>=2.0",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "pyarrow>=15",        # parquet sources (FineWeb-Edu shards)
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",    # loss-curve and LR-finder plots
+        "tqdm>=4.66",         # progress bars
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7"],
+        "compare": ["tiktoken>=0.7"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda": ["jax[cuda12]>=0.10.2"],
+    },
+)
