@@ -1,10 +1,10 @@
-"""CPU demo: ~3M parameters that visibly learn the embedded standard-library corpus in minutes.
+"""CPU demo: ~5M parameters that visibly learn the embedded standard-library corpus in minutes.
 
 python -m lmtiny.train --config configs/tiny.py --workdir runs/tiny
 """
 from lmtiny.config import base_config
 
-NUM_PARAMS = 3_276_800
+NUM_PARAMS = 5_245_696
 
 
 def get_config():

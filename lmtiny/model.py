@@ -1,0 +1,253 @@
+"""Decoder-only transformer in Flax NNX: RoPE, RMSNorm, GQA, optional QK-norm and logit softcap.
+
+Tensor names carry their shape (B batch, T query length, S key length, D d_model, H query heads,
+K kv heads, G = H / K query heads per kv head, Dh head dim, F MLP hidden, V vocab, L layers).
+Every parameter carries `logical_axes` metadata; `lmtiny.sharding` maps those names to mesh
+axes, so this file never mentions the mesh. Parameters are stored in float32 and cast to the
+compute dtype where they are used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtiny import config as config_lib
+from lmtiny.attention import attention
+from lmtiny.sharding import constrain
+
+Array = jax.Array
+
+
+def compute_dtype(m) -> Any:
+  if m.dtype == "auto":
+    return jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32
+  return jnp.dtype(m.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers. `fan_in` / `fan_out` are for the matrix as it multiplies (heads flattened).
+
+
+def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
+  """Initial values for one weight; `role` is embed, lm_head, in (q/k/v/up/gate) or out (o/down)."""
+  scheme = m.init
+  if scheme == "nanochat":
+    if role == "embed":
+      return jax.random.normal(key, shape)
+    if role == "lm_head":
+      return 0.001 * jax.random.normal(key, shape)
+    if role == "out":  # residual projections start at zero: every block begins as the identity
+      return jnp.zeros(shape)
+    bound = math.sqrt(3.0 / fan_in)  # uniform with std 1/sqrt(fan_in)
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+  if role == "embed" or scheme == "gpt2":
+    std = m.init_std
+    if role == "out" and scheme == "gpt2":  # GPT-2: scale residual projections by 1/sqrt(2L)
+      std /= math.sqrt(2 * m.num_layers)
+    return std * jax.random.normal(key, shape)
+  if scheme == "xavier":
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+  # kaiming (He): std sqrt(2 / fan_in), the gain for ReLU-family nonlinearities.
+  return math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape)
+
+
+def _param(m, rngs: nnx.Rngs, role: str, shape, logical_axes, fan_in: int, fan_out: int) -> nnx.Param:
+  value = _init_matrix(m, role, rngs.params(), shape, fan_in, fan_out).astype(jnp.float32)
+  return nnx.Param(value, logical_axes=logical_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm in float32; `learned_scale=False` gives the parameter-free variant (nanochat)."""
+
+  def __init__(self, dim: int, *, learned_scale: bool, logical_axis: str, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(logical_axis,)) if learned_scale else None
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale.value
+    return y.astype(x.dtype)
+
+
+def rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float) -> Array:
+  """Rotary embedding, rotating the first half of each head against the second half."""
+  half = x_BxTxNxDh.shape[-1] // 2
+  freqs_half = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxTxhalf = positions_BxT[..., None].astype(jnp.float32) * freqs_half
+  sin = jnp.sin(angles_BxTxhalf)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxhalf)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    self.cfg = m
+    d, h, k, dh = m.d_model, m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
+    self.q = _param(m, rngs, "in", (d, h, dh), ("embed", "heads", "head_dim"), d, h * dh)
+    self.k = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
+    self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
+    self.o = _param(m, rngs, "out", (h, dh, d), ("heads", "head_dim", "embed"), h * dh, d)
+    if m.qk_norm:
+      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim")
+      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim")
+    else:
+      self.q_norm = self.k_norm = None
+
+  def project_qkv(self, x_BxTxD: Array, positions_BxT: Array):
+    """Queries, keys and values with QK-norm and RoPE applied (also used by the KV-cache decoder)."""
+    m, dtype = self.cfg, x_BxTxD.dtype
+    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q.value.astype(dtype))
+    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k.value.astype(dtype))
+    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v.value.astype(dtype))
+    if self.q_norm is not None:
+      q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
+    q_BxTxHxDh = constrain(rope(q_BxTxHxDh, positions_BxT, m.rope_theta), ("batch", "seq", "act_heads", None))
+    k_BxTxKxDh = constrain(rope(k_BxTxKxDh, positions_BxT, m.rope_theta), ("batch", "seq", "act_kv_heads", None))
+    v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
+    return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
+
+  def project_out(self, out_BxTxHxDh: Array) -> Array:
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o.value.astype(out_BxTxHxDh.dtype))
+    return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
+
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
+    q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+    out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
+                             impl=self.cfg.attention)
+    return self.project_out(out_BxTxHxDh)
+
+
+ACTIVATIONS = {
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    d, f = m.d_model, config_lib.mlp_dim(m)
+    self.activation = m.activation
+    self.up = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f)
+    self.gate = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f) if m.activation == "swiglu" else None
+    self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    dtype = x_BxTxD.dtype
+    up_BxTxF = x_BxTxD @ self.up.value.astype(dtype)
+    if self.gate is not None:
+      hidden_BxTxF = jax.nn.silu(x_BxTxD @ self.gate.value.astype(dtype)) * up_BxTxF
+    else:
+      hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
+    hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
+    return constrain(hidden_BxTxF @ self.down.value.astype(dtype), ("batch", "seq", "act_embed"))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm")
+    self.attn = Attention(m, rngs)
+    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm")
+    self.mlp = MLP(m, rngs)
+
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked_blocks(m, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading layer axis, for lax.scan over depth."""
+  keys = jax.random.split(rngs.params(), m.num_layers)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
+  stacked = jax.vmap(lambda key: nnx.split(Block(m, nnx.Rngs(key)))[1])(keys)
+  blocks = nnx.merge(graphdef, stacked)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+  return blocks
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] in float32."""
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    config_lib.validate_model(m)
+    self.cfg = m
+    d, v = m.d_model, m.vocab_size
+    self.embed = _param(m, rngs, "embed", (v, d), ("vocab", "embed"), d, d)
+    if m.scan_layers:
+      self.layers = _stacked_blocks(m, rngs)
+    else:
+      self.layers = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
+    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm")
+    self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
+
+  def embed_tokens(self, tokens_BxT: Array) -> Array:
+    x_BxTxD = jnp.take(self.embed.value, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+
+  def unembed(self, x_BxTxD: Array) -> Array:
+    x_BxTxD = self.final_norm(x_BxTxD)
+    w_DxV = self.embed.value.T if self.lm_head is None else self.lm_head.value
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV.astype(x_BxTxD.dtype),
+                              preferred_element_type=jnp.float32)
+    if self.cfg.logit_softcap > 0:
+      cap = self.cfg.logit_softcap
+      logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
+    return constrain(logits_BxTxV, ("batch", "seq", "act_vocab"))
+
+  def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None) -> Array:
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    x_BxTxD = self.embed_tokens(tokens_BxT)
+
+    def run_block(block_graphdef, block_state, x):
+      return nnx.merge(block_graphdef, block_state)(x, positions_BxT, segment_ids_BxT)
+
+    if self.cfg.remat != "none":
+      run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+    if self.cfg.scan_layers:
+      graphdef, stacked_state = nnx.split(self.layers)
+      x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x), None), x_BxTxD, stacked_state)
+    else:
+      for block in self.layers:
+        x_BxTxD = run_block(*nnx.split(block), x_BxTxD)
+    return self.unembed(x_BxTxD)
+
+
+def abstract_model(m) -> Transformer:
+  """The model with ShapeDtypeStruct parameters: no memory, no FLOPs."""
+  return nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0)))
+
+
+def count_params(m) -> int:
+  """Parameter count of the real model (abstract init); lmtiny.arch must agree with it."""
+  state = nnx.state(abstract_model(m), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

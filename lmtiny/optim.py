@@ -1,0 +1,80 @@
+"""AdamW with warmup + cosine, global-norm clipping, masked weight decay and per-group LRs.
+
+Groups: the token embedding, the unembedding (lm_head) and everything else ("matrices", which
+also holds the norm scales). Weight decay applies only to matrices with two or more dimensions
+that are not embeddings. Group LRs are expressed as multipliers of the matrix schedule, so one
+Adam state and one schedule serve all groups.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def lr_schedule(o, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `o.lr`, then cosine decay to `o.lr * o.min_lr_ratio` at `total_steps`."""
+  warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
+
+
+def _group(path) -> str:
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  if "embed" in names:
+    return "embed"
+  if "lm_head" in names:
+    return "unembed"
+  return "matrix"
+
+
+def group_lr_multipliers(o, d_model: int) -> dict[str, float]:
+  width_scale = (768 / d_model) ** 0.5 if o.scale_lr_by_width else 1.0
+  return {
+      "embed": (o.embed_lr or o.lr) * width_scale / o.lr,
+      "unembed": (o.unembed_lr or o.lr) * width_scale / o.lr,
+      "matrix": width_scale if o.scale_lr_by_width else 1.0,
+  }
+
+
+def _per_leaf(params, fn):
+  return jax.tree_util.tree_map_with_path(fn, params)
+
+
+def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformation:
+  """Multiply each parameter's update by its group's LR multiplier (a no-op when all are 1)."""
+
+  def update(updates, state, params=None):
+    del params
+    return _per_leaf(updates, lambda path, u: u * jnp.asarray(multipliers[_group(path)], u.dtype)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def decay_mask(params):
+  return _per_leaf(params, lambda path, p: p.ndim >= 2 and _group(path) == "matrix")
+
+
+def make_optimizer(o, d_model: int, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = lr_schedule(o, total_steps)
+  parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  parts += [
+      optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+      optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(schedule),
+  ]
+  multipliers = group_lr_multipliers(o, d_model)
+  if any(v != 1.0 for v in multipliers.values()):
+    parts.append(scale_by_group(multipliers))
+  return optax.chain(*parts), schedule
+
+
+def param_groups(params: nnx.State) -> dict[str, str]:
+  """'/'-joined parameter path -> group name (for reports and tests)."""
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    out["/".join(n for n in names if n != "value")] = _group(path)
+  return out

@@ -1,0 +1,127 @@
+"""The only module that knows mesh axis names: the mesh, the logical-axis rules, the shardings.
+
+Three layers (as in MaxText): a physical mesh with named axes (data, fsdp, tensor); logical axis
+names on every parameter (`logical_axes` metadata, set in lmtiny.model) and on key activations
+(`constrain`); and the RULES table below mapping one to the other.
+
+  data   - pure data parallelism: parameters replicated, batch split.
+  fsdp   - ZeRO-3: batch split AND every parameter's `embed` dimension split, so parameters,
+           gradients and optimizer state are sharded; XLA all-gathers weights where they are used.
+  tensor - Megatron tensor parallelism: attention heads, MLP hidden units and vocab split, so
+           the column-parallel then row-parallel matmul pair needs one reduction per block.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmtiny.config import MESH_AXES, ConfigError
+
+# Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
+RULES = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "layers": None,
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Axis sizes with -1 filled; raises ConfigError when they cannot cover the devices."""
+  sizes = {a: mesh_cfg[a] for a in MESH_AXES}
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      if num_devices % fixed:
+        raise ConfigError(f"config.mesh={sizes}: fixed axes ({fixed}) do not divide {num_devices} devices")
+      sizes[axis] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"config.mesh={sizes}: product {math.prod(sizes.values())} != {num_devices} devices")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways the batch is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _mesh_axes_for(name, dim: int, mesh_shape_: dict) -> str | tuple | None:
+  axes = RULES[name] if name is not None else None
+  if axes is None:
+    return None
+  names = (axes,) if isinstance(axes, str) else axes
+  names = tuple(a for a in names if mesh_shape_.get(a, 1) > 1)
+  # A dimension the mesh axes do not divide (3 heads on tensor=2, MQA's single kv head) is
+  # replicated: correct, only less sharded. Megatron does the same for kv heads.
+  if not names or dim % math.prod(mesh_shape_[a] for a in names):
+    return None
+  return names[0] if len(names) == 1 else names
+
+
+def logical_to_spec(logical_axes, shape, mesh_shape_: dict) -> P:
+  return P(*(_mesh_axes_for(name, dim, mesh_shape_) for name, dim in zip(logical_axes, shape)))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings, leaf for leaf, for a pytree holding nnx Variables (params, optimizer
+  moments: sharded by their logical axes) and other leaves (step, RNG: replicated)."""
+  shape = dict(mesh.shape)
+
+  def sharding(x):
+    if _is_variable(x):
+      axes = x.get_metadata().get("logical_axes")
+      spec = logical_to_spec(axes, x.value.shape, shape) if axes is not None else P()
+      return jax.tree.map(lambda _: NamedSharding(mesh, spec), x)
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(sharding, abstract_tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, T] arrays: batch over (data, fsdp), sequence whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "seq"), (0, 0), dict(mesh.shape)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """Pin an activation's sharding by logical names; a no-op outside a mesh (plain forward)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(logical_axes, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble this process's rows of the batch into global arrays sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
