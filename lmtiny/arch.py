@@ -1,0 +1,309 @@
+"""Architecture calculator: parameter breakdown, FLOPs per token, token budget and training time.
+
+    python -m lmtiny.arch --config configs/d4_38m.py [--config.model.num_layers=8]
+        [--tokens-per-param 20] [--chip h100] [--chips 1] [--mfu 0.4]
+    python -m lmtiny.arch --search --target-params 38e6 --head-dim 64 [--tied]
+        [--vocab 8192,16384,24576,32768,65536] [--depth 2..32] [--config configs/x.py]
+
+The counts here are the formula the model must match (tests compare them with an abstract init of
+`lmtiny.model`): token embedding [V, D]; lm_head [D, V] unless tied; per layer q [D, H*Dh],
+k and v [D, KV*Dh], o [H*Dh, D], MLP up (and gate for SwiGLU) [D, F] and down [F, D]; no biases;
+RMSNorm scales of [D] before attention, before the MLP and at the end, plus two [Dh] scales per
+layer with QK-norm, all only when `norm_scale`. Importing this module does not import JAX.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from lmtiny import config as config_lib
+from lmtiny.config import ConfigError
+
+# Dense bf16 peak FLOP/s per chip, without sparsity. "cpu" is a rough stand-in for a whole
+# 16-core AVX2/AVX-512 host in fp32 (~60 GFLOP/s per core; a 2-core dev box measured ~0.2e12
+# with a NumPy matmul): CPU MFU figures are indicative only.
+PEAK_FLOPS = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "v5e": 197e12,
+    "v5p": 459e12,
+    "v6e": 918e12,
+    "cpu": 1e12,
+}
+
+
+def _norm_params(m) -> tuple[int, int]:
+  """(norm scales per layer, final-norm scale)."""
+  if not m.norm_scale:
+    return 0, 0
+  per_layer = 2 * m.d_model + (2 * config_lib.head_dim(m) if m.qk_norm else 0)
+  return per_layer, m.d_model
+
+
+def param_breakdown(m) -> dict[str, int]:
+  """Parameter counts of a model config (`cfg.model`), by part.
+
+  Keys: embedding, lm_head (0 when tied), attention_per_layer, mlp_per_layer, norms_per_layer,
+  layer (their sum), num_layers, blocks (num_layers * layer), final_norm, total.
+  """
+  d, v = m.d_model, m.vocab_size
+  q_width = m.num_heads * config_lib.head_dim(m)
+  kv_width = config_lib.num_kv_heads(m) * config_lib.head_dim(m)
+  attention = d * q_width + 2 * d * kv_width + q_width * d
+  mlp = (3 if m.activation == "swiglu" else 2) * d * config_lib.mlp_dim(m)
+  norms, final_norm = _norm_params(m)
+  layer = attention + mlp + norms
+  parts = dict(
+      embedding=v * d,
+      lm_head=0 if m.tie_embeddings else d * v,
+      attention_per_layer=attention,
+      mlp_per_layer=mlp,
+      norms_per_layer=norms,
+      layer=layer,
+      num_layers=m.num_layers,
+      blocks=m.num_layers * layer,
+      final_norm=final_norm,
+  )
+  parts["total"] = parts["embedding"] + parts["lm_head"] + parts["blocks"] + final_norm
+  return parts
+
+
+def count_params(m) -> int:
+  """Total parameter count of a model config."""
+  return param_breakdown(m)["total"]
+
+
+def matmul_params(m) -> int:
+  """Parameters in weight matrices that multiply activations: attention, MLP and the unembedding.
+
+  The embedding lookup is excluded; with tied embeddings the shared matrix counts once, as the
+  unembedding. Norm scales are elementwise and excluded.
+  """
+  p = param_breakdown(m)
+  return m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) + m.d_model * m.vocab_size
+
+
+def _attention_flops_per_token(m, seq_len: int) -> float:
+  """Causal QK^T and AV per token and layer, forward: 2 matmuls x 2 FLOP x T x H x Dh, halved."""
+  return 2.0 * m.num_layers * seq_len * m.num_heads * config_lib.head_dim(m)
+
+
+def train_flops_per_token(m, seq_len: int) -> float:
+  """Training FLOPs per token: 6 * N_matmul + 6 * L * T * H * Dh.
+
+  6 = forward (2) + backward (4) FLOPs per multiply-accumulate of a weight. Causal attention
+  follows MaxText's convention: half of nanochat's 12 * L * T * H * Dh, since half the score
+  matrix is masked. This is the figure MFU divides by the chip's peak.
+  """
+  return 6.0 * matmul_params(m) + 3.0 * _attention_flops_per_token(m, seq_len)
+
+
+def inference_flops_per_token(m, seq_len: int) -> float:
+  """Forward FLOPs per token: 2 * N_matmul + 2 * L * T * H * Dh.
+
+  Same causal convention as training: the average token of a length-T sequence attends to T/2
+  positions (equally: one decoded token with a KV cache, averaged over positions 0..T).
+  """
+  return 2.0 * matmul_params(m) + _attention_flops_per_token(m, seq_len)
+
+
+def chinchilla_tokens(m, tokens_per_param: float = 20.0) -> float:
+  """Training-token budget: tokens_per_param x total parameters (Chinchilla: ~20)."""
+  return tokens_per_param * count_params(m)
+
+
+def training_seconds(m, seq_len: int, tokens: float, chip: str, mfu: float, num_chips: int = 1) -> float:
+  """Wall-clock estimate: tokens x training FLOPs per token / (chips x peak x MFU)."""
+  if chip not in PEAK_FLOPS:
+    raise ConfigError(f"--chip={chip!r}: unknown chip; choose one of {', '.join(PEAK_FLOPS)}")
+  if not 0 < mfu <= 1:
+    raise ConfigError(f"--mfu={mfu}: must be in (0, 1]")
+  if num_chips < 1:
+    raise ConfigError(f"--chips={num_chips}: must be >= 1")
+  return tokens * train_flops_per_token(m, seq_len) / (num_chips * PEAK_FLOPS[chip] * mfu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def human(n: float) -> str:
+  """37748736 -> '37.7M'."""
+  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if abs(n) >= scale:
+      return f"{n / scale:.1f}{suffix}"
+  return f"{n:g}"
+
+
+def _duration(seconds: float) -> str:
+  for scale, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
+    if seconds >= scale:
+      return f"{seconds / scale:.1f} {unit}"
+  return f"{seconds:.1f} seconds"
+
+
+def describe(m) -> str:
+  """One line naming the architecture."""
+  hd, kv, f = config_lib.head_dim(m), config_lib.num_kv_heads(m), config_lib.mlp_dim(m)
+  return (f"depth {m.num_layers}, width {m.d_model}, {m.num_heads} heads x {hd} ({kv} kv heads), "
+          f"{m.activation} MLP {f} ({f / m.d_model:g}x), vocab {m.vocab_size:,}, "
+          f"{'tied' if m.tie_embeddings else 'untied'}, norm scale {'on' if m.norm_scale else 'off'}, "
+          f"qk-norm {'on' if m.qk_norm else 'off'}")
+
+
+def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float = 0.4,
+           num_chips: int = 1) -> str:
+  """The text `python -m lmtiny.arch --config ...` prints, for a full config (model + train)."""
+  m, seq_len = cfg.model, cfg.train.seq_len
+  p = param_breakdown(m)
+  total = p["total"]
+  rows = [
+      ("token embedding", p["embedding"]),
+      ("lm_head" if not m.tie_embeddings else "lm_head (tied to embedding)", p["lm_head"]),
+      (f"transformer blocks ({m.num_layers} layers)", p["blocks"]),
+      ("  per layer: attention", p["attention_per_layer"]),
+      ("  per layer: MLP", p["mlp_per_layer"]),
+      ("  per layer: norms", p["norms_per_layer"]),
+      ("  per layer: total", p["layer"]),
+      ("final norm", p["final_norm"]),
+      ("total", total),
+  ]
+  lines = [describe(m), "", f"{'parameters':<40}{'count':>15}{'share':>10}"]
+  lines += [f"{name:<40}{count:>15,}{100 * count / total:>9.2f}%" for name, count in rows]
+  lines[-1] += f"  ({human(total)})"
+
+  n_mm, hd = matmul_params(m), config_lib.head_dim(m)
+  train, infer = train_flops_per_token(m, seq_len), inference_flops_per_token(m, seq_len)
+  lines += [
+      "",
+      f"FLOPs per token at seq_len T={seq_len} (causal attention counted half, MaxText convention):",
+      f"  N_matmul = {n_mm:,} (every weight matrix that multiplies, lm_head included, embedding lookup excluded)",
+      f"  training  6*N_matmul + 6*L*T*H*Dh = 6*{n_mm:,} + 6*{m.num_layers}*{seq_len}*{m.num_heads}*{hd}"
+      f" = {train:.4g}",
+      f"  inference 2*N_matmul + 2*L*T*H*Dh = {infer:.4g}",
+  ]
+  tokens = chinchilla_tokens(m, tokens_per_param)
+  seconds = training_seconds(m, seq_len, tokens, chip, mfu, num_chips)
+  lines += [
+      "",
+      f"Token budget: {tokens_per_param:g} tokens/param x {total:,} params = {human(tokens)} tokens",
+      f"  training compute {tokens * train:.3g} FLOPs; on {num_chips} x {chip} "
+      f"({PEAK_FLOPS[chip] / 1e12:g} TFLOP/s dense bf16 each) at {100 * mfu:g}% MFU: {_duration(seconds)}",
+  ]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags(fv: flags.FlagValues, argv: list[str]) -> dict:
+  """Flags live in a private FlagValues so importing this module registers nothing globally."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "Config file (configs/<size>.py); --config.model.x=... overrides.", flag_values=fv,
+          sys_argv=argv),  # config_flags finds the overrides in argv, not in the FlagValues
+      tokens_per_param=flags.DEFINE_float("tokens_per_param", 20.0, "Training tokens per parameter.",
+                                          flag_values=fv),
+      chip=flags.DEFINE_string("chip", "h100", f"Accelerator: {' | '.join(PEAK_FLOPS)}.", flag_values=fv),
+      chips=flags.DEFINE_integer("chips", 1, "Number of chips for the time estimate.", flag_values=fv),
+      mfu=flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the time estimate.", flag_values=fv),
+      search=flags.DEFINE_bool("search", False, "Enumerate architectures near --target-params.", flag_values=fv),
+      target_params=flags.DEFINE_float("target_params", None, "Search: target parameter count.", flag_values=fv),
+      head_dim=flags.DEFINE_integer("head_dim", 64, "Search: head dimension (even).", flag_values=fv),
+      tied=flags.DEFINE_bool("tied", False, "Search: tie embedding and lm_head.", flag_values=fv),
+      vocab=flags.DEFINE_string("vocab", "8192,16384,24576,32768,65536", "Search: vocab sizes.", flag_values=fv),
+      depth=flags.DEFINE_string("depth", "2..32", "Search: depths, 'A..B' or 'A,B,C'.", flag_values=fv),
+      gqa=flags.DEFINE_integer("gqa", 1, "Search: query heads per kv head (1 = no GQA).", flag_values=fv),
+      tolerance=flags.DEFINE_float("tolerance", 0.1, "Search: keep designs within this fraction of the target.",
+                                   flag_values=fv),
+      top=flags.DEFINE_integer("top", 15, "Search: rows to print.", flag_values=fv),
+  )
+
+
+def _one_line(error: BaseException) -> str:
+  """The innermost message on one line (config_flags wraps a KeyError inside an AttributeError)."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+  return " ".join(text.split())
+
+
+def _underscored(arg: str) -> str:
+  """'--target-params=3' -> '--target_params=3' (the issue's spelling); config overrides untouched."""
+  if not arg.startswith("--") or arg.startswith("--config."):
+    return arg
+  name, eq, value = arg.partition("=")
+  return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def _loaded_config(holder, path: str | None):
+  """The parsed config, or a ConfigError naming the file (config_flags defers load errors)."""
+  try:
+    value = holder.value
+    value.get("model")  # a failed load surfaces on first use
+    return value
+  except OSError as e:
+    last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    raise ConfigError(f"--config={path}: cannot load config file: {last}") from None
+
+
+def run(argv: list[str]) -> int:
+  """Parses argv, prints the report or the search table; raises ConfigError on bad input."""
+  from lmtiny import arch_search  # the search builds on this module's counts
+
+  argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
+  fv = flags.FlagValues()
+  f = _define_flags(fv, argv)
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(__doc__ + "\n" + fv.get_help())
+    return 0
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    raise ConfigError(_one_line(e)) from None
+  except (AttributeError, KeyError) as e:  # config_flags on an override naming no field
+    raise ConfigError(f"--config override: {_one_line(e)}") from None
+  except Exception as e:  # parsing only loads the user's config file and applies overrides
+    raise ConfigError(f"--config: {type(e).__name__}: {_one_line(e)}") from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+  path = fv["config"].config_filename if f["config"].present else None
+  cfg = _loaded_config(f["config"], path) if path else None
+
+  if f["search"].value:
+    if f["target_params"].value is None:
+      raise ConfigError("--target-params is required with --search")
+    template = None
+    if cfg is not None:
+      config_lib.validate_model(cfg.model)
+      template = cfg.model
+    candidates = arch_search.search(
+        target_params=f["target_params"].value, head_dim=f["head_dim"].value,
+        vocabs=arch_search.parse_int_list(f["vocab"].value, "--vocab"),
+        depths=arch_search.parse_int_list(f["depth"].value, "--depth"), tied=f["tied"].value,
+        kv_group=f["gqa"].value, tolerance=f["tolerance"].value, template=template)
+    print(arch_search.format_table(candidates[:f["top"].value], f["target_params"].value, f["tied"].value,
+                                   template))
+    return 0
+
+  if cfg is None:
+    raise ConfigError("give --config configs/<size>.py (or --search --target-params N)")
+  config_lib.validate(cfg)
+  print(report(cfg, tokens_per_param=f["tokens_per_param"].value, chip=f["chip"].value,
+               mfu=f["mfu"].value, num_chips=f["chips"].value))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    return run(list(sys.argv if argv is None else argv))
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
