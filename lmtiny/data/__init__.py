@@ -1,0 +1,1 @@
+"""Data: streaming document sources, the embedded standard-library corpus, tokenized shards."""

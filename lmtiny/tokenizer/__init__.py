@@ -1,0 +1,13 @@
+"""Tokenizer: lossless sentencepiece BPE with fixed chat-token ids, its training and evaluation.
+
+  tok = Tokenizer.load("tokenizer_dir")
+  ids = tok.encode("text")                       # no BOS; tok.bos_id to prepend
+  ids, mask = tok.render_conversation(messages)  # chat: loss only on assistant output
+  train_tokenizer(documents, vocab_size=32768, out_dir="tokenizer_dir")
+"""
+from lmtiny.tokenizer.chat import render_conversation, render_for_completion
+from lmtiny.tokenizer.core import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from lmtiny.tokenizer.trainer import train_tokenizer
+
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "render_conversation",
+           "render_for_completion", "train_tokenizer"]
