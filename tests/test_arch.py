@@ -278,3 +278,23 @@ def test_cli_subprocess_exit_status(tmp_path):
                        capture_output=True, text=True)
   assert err.returncode == 2 and err.stderr.startswith("error: --config: SyntaxError")
   assert err.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# One source of truth: the calculator counts what the real model builds (abstract init).
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_calculator_equals_model_for_config_files(path):
+  from lmtiny import model as model_lib
+  m = _load(path).get_config().model
+  assert arch.count_params(m) == model_lib.count_params(m)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(_ARCHS, st.booleans())
+def test_calculator_equals_model_for_random_architectures(a, scan_layers):
+  from lmtiny import model as model_lib
+  m = _arch_model(a)
+  m.scan_layers = scan_layers
+  assert arch.count_params(m) == model_lib.count_params(m)
