@@ -197,7 +197,7 @@ class Transformer(nnx.Module):
     config_lib.validate_model(m)
     self.cfg = m
     d, v = m.d_model, m.vocab_size
-    self.embed = _param(m, rngs, "embed", (v, d), ("vocab", "embed"), d, d)
+    self.embed = _param(m, rngs, "embed", (v, d), ("embed_vocab", "embed"), d, d)
     if m.scan_layers:
       self.layers = _stacked_blocks(m, rngs)
     else:
@@ -206,7 +206,10 @@ class Transformer(nnx.Module):
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
 
   def embed_tokens(self, tokens_BxT: Array) -> Array:
-    x_BxTxD = jnp.take(self.embed.value, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
+    # Gather the FSDP-sharded table whole first (ZeRO-3: weights are all-gathered where used);
+    # a lookup into a D-sharded table would need a costly reshard of its output instead.
+    table_VxD = constrain(self.embed.value.astype(compute_dtype(self.cfg)), ("embed_vocab", "act_embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
   def unembed(self, x_BxTxD: Array) -> Array:

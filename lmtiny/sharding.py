@@ -24,7 +24,8 @@ from lmtiny.config import MESH_AXES, ConfigError
 # Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
 RULES = {
     "batch": ("data", "fsdp"),
-    "vocab": "tensor",
+    "vocab": "tensor",       # lm_head columns: the logits come out vocab-parallel
+    "embed_vocab": None,     # embedding rows stay whole so the lookup is a local gather
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",

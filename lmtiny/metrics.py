@@ -1,0 +1,136 @@
+"""Where training figures go: stdout, metrics.jsonl, TensorBoard events and a loss-curve PNG.
+
+MFU (model FLOPs utilisation) = achieved training FLOP/s / (chips x dense bf16 peak), with
+training FLOPs per token from `lmtiny.arch.train_flops_per_token`:
+    6 * N_matmul + 6 * L * T * H * Dh
+(N_matmul: every weight matrix that multiplies, lm_head included, the embedding lookup
+excluded; the attention term counts the causal half of the score matrix, MaxText's convention,
+half of nanochat's 12 * L * T * H * Dh).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+
+from lmtiny.arch import PEAK_FLOPS
+
+# Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
+_DEVICE_KINDS = (("h200", "h200"), ("h100", "h100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
+                 ("v5p", "v5p"), ("v5", "v5p"), ("cpu", "cpu"))
+
+
+def chip_name(device=None) -> str | None:
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  return next((name for key, name in _DEVICE_KINDS if key in kind), None)
+
+
+def peak_flops_total() -> float | None:
+  """Dense bf16 peak of all chips in the job; CPU counts as one host however many emulated devices."""
+  name = chip_name()
+  if name is None:
+    return None
+  chips = 1 if name == "cpu" else jax.device_count()
+  return PEAK_FLOPS[name] * chips
+
+
+def mfu(flops_per_token: float, tokens_per_second: float) -> float | None:
+  peak = peak_flops_total()
+  return None if peak is None else flops_per_token * tokens_per_second / peak
+
+
+def bits_per_byte(loss_nats_sum: float, num_bytes: float) -> float:
+  return loss_nats_sum / (math.log(2) * max(num_bytes, 1.0))
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+  """Writes only on the main process; every other process gets a silent writer."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not enabled:
+      return
+    if resume_step is not None:
+      self._truncate_after(resume_step)
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # tensorboardX is a dependency; tolerate environments without it
+      self.tb = None
+
+  def _truncate_after(self, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old records."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, split: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, "split": split, **{k: v for k, v in values.items() if v is not None}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and v is not None:
+          self.tb.add_scalar(f"{split}/{k}", v, step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+  """loss.png: train loss and validation loss / bpb against step."""
+  records = read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if r["split"] == "train" and "loss" in r]
+  val = [(r["step"], r["loss"], r.get("bpb")) for r in records if r["split"] == "val"]
+  if not train and not val:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if train:
+    ax.plot(*zip(*train), label="train loss", lw=1)
+  if val:
+    ax.plot([v[0] for v in val], [v[1] for v in val], "o-", label="val loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.grid(alpha=0.3)
+  if val and all(v[2] is not None for v in val):
+    ax2 = ax.twinx()
+    ax2.plot([v[0] for v in val], [v[2] for v in val], "s--", color="tab:red", label="val bpb")
+    ax2.set_ylabel("bits per byte")
+    ax2.legend(loc="upper center")
+  ax.legend(loc="upper right")
+  fig.tight_layout()
+  path = os.path.join(workdir, "loss.png")
+  fig.savefig(path + ".tmp.png", dpi=100)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return path

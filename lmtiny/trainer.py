@@ -1,0 +1,329 @@
+"""The training loop: sharded state, jitted train/eval steps, logging, evaluation, checkpoints.
+
+`build_steps` is the reusable core (also used by the benchmark and the LR finder): it creates the
+optimizer, the abstract train state and its shardings, a jitted initialiser whose outputs are
+born sharded, and one `jax.jit` train step with explicit in/out shardings and donated state.
+
+Gradient accumulation: the global batch (train.batch_tokens) is split into micro-batches of
+train.micro_batch_size sequences that a `lax.scan` runs one after another, summing the loss and
+gradients over all loss-mask tokens before one normalisation, so the update is the same as one
+big batch regardless of how many devices there are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
+from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
+from lmtiny.config import ConfigError
+from lmtiny.model import Transformer, abstract_model
+from lmtiny.optim import make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss or gradient norm became NaN/Inf; the last good checkpoint was left intact."""
+
+
+@dataclasses.dataclass
+class Steps:
+  """Everything compiled for one config on one mesh."""
+  mesh: Any
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any
+  state_shardings: Any
+  init: Callable[[], Any]
+  train_step: Callable[[Any, dict], tuple[Any, dict]]
+  eval_step: Callable[[Any, dict, jax.Array], dict]
+  batch_sharding: Any
+
+
+def _token_losses(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+
+
+def check_batch_divisibility(cfg, mesh) -> None:
+  t, dp = cfg.train, sharding.data_parallel_size(mesh)
+  micro = config_lib.micro_batch_size(t)
+  if micro % dp:
+    field = "train.micro_batch_size" if t.micro_batch_size else "train.batch_tokens"
+    value = t.micro_batch_size or t.batch_tokens
+    raise ConfigError(f"config.{field}={value!r}: {micro} sequences per (micro-)batch do not divide over "
+                      f"the data-parallel size {dp} (mesh data x fsdp)")
+  if micro % jax.process_count():
+    raise ConfigError(f"config.train.batch_tokens={t.batch_tokens!r}: {micro} sequences per micro-batch do "
+                      f"not divide over {jax.process_count()} processes")
+
+
+def build_steps(cfg, mesh, total_steps: int) -> Steps:
+  m, t = cfg.model, cfg.train
+  graphdef, _ = nnx.split(abstract_model(m))
+  tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps)
+  accum = config_lib.accumulation_steps(t)
+
+  def init():
+    model = Transformer(m, nnx.Rngs(params=t.seed))
+    params = nnx.state(model, nnx.Param)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
+
+  abstract_state = jax.eval_shape(init)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+
+  def loss_sums(params, micro):
+    mask = micro["loss_mask"].astype(jnp.float32)
+    return jnp.sum(_token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
+
+  def train_step(state, batch):
+    params = state["params"]
+    # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
+    micro_batches = {k: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 0, 1), micro_sharding)
+        for k, v in batch.items()}
+
+    def accumulate(carry, micro):
+      grads_acc, loss_acc, count_acc = carry
+      (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro)
+      return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grad_sums)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+               "tokens": count}
+    return new_state, metrics
+
+  def eval_step(params, batch, token_bytes_V):
+    losses_BxT = _token_losses(graphdef, params, batch)
+    target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
+    return {"loss_sum": jnp.sum(losses_BxT * mask), "tokens": jnp.sum(mask),
+            "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
+
+  replicated = sharding.replicated(mesh)
+  return Steps(
+      mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
+      state_shardings=state_shardings,
+      init=jax.jit(init, out_shardings=state_shardings),
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
+                        out_shardings=replicated),
+      batch_sharding=batch_sharding)
+
+
+def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  return sharding.global_batch_from_local({k: local[k] for k in BATCH_KEYS}, mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to restore
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _copy_tokenizer(tokenizer, workdir: str) -> None:
+  """The run directory carries its tokenizer so sampling needs nothing else."""
+  if tokenizer is None or not hasattr(tokenizer, "model_proto"):
+    return
+  path = os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(path):
+    with open(path + ".tmp", "wb") as f:
+      f.write(tokenizer.model_proto)
+    os.replace(path + ".tmp", path)
+
+
+class Trainer:
+  """One training run in `workdir`; `data` holds train_docs, val_docs, token_bytes, tokenizer
+  and bos_id (see lmtiny.data.dataset.load_data), or in-memory token documents in tests."""
+
+  def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print):
+    self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
+    t = cfg.train
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    check_batch_divisibility(cfg, self.mesh)
+    if int(data.vocab_size) != cfg.model.vocab_size:
+      raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the data's tokenizer has "
+                        f"{data.vocab_size} tokens")
+    self.num_params = arch.count_params(cfg.model)
+    self.total_steps = config_lib.total_steps(cfg, self.num_params)
+    self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
+    self.main = jax.process_index() == 0
+    self.steps = build_steps(cfg, self.mesh, self.total_steps)
+    self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
+
+  # -- data ----------------------------------------------------------------------------------
+
+  def train_iterator(self):
+    from lmtiny.data.pipeline import make_train_iterator
+    t = self.cfg.train
+    return make_train_iterator(self.data.train_docs, seq_len=t.seq_len, batch_size=self.process_batch,
+                               bos_id=self.data.bos_id, seed=self.cfg.data.shuffle_seed,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               num_workers=self.cfg.data.num_workers)
+
+  def evaluate(self, params) -> dict | None:
+    from lmtiny.data.pipeline import make_eval_iterator
+    t = self.cfg.train
+    if not t.eval_batches or not len(self.data.val_docs):
+      return None
+    batches = make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
+                                 batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
+                                 bos_id=self.data.bos_id, num_batches=t.eval_batches,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    token_bytes = jnp.asarray(self.data.token_bytes, jnp.int32)
+    totals = None
+    for local in batches:
+      out = jax.device_get(self.steps.eval_step(params, device_batch(local, self.mesh), token_bytes))
+      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+    loss = float(totals["loss_sum"] / max(totals["tokens"], 1.0))
+    return {"loss": loss, "bpb": metrics_lib.bits_per_byte(float(totals["bpb_loss_sum"]), float(totals["bytes"])),
+            "tokens": float(totals["tokens"])}
+
+  # -- state -----------------------------------------------------------------------------------
+
+  def _start(self, ckpt: Checkpointer, train_iter):
+    step = ckpt.latest_step()
+    if step is None:
+      return self.steps.init(), 0
+    target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
+    state = ckpt.restore(step, target, train_iter)
+    self.log(f"resumed from checkpoint at step {step}")
+    return state, step
+
+  def _save(self, ckpt: Checkpointer, step: int, state, train_iter) -> None:
+    ckpt.save(step, state, train_iter)
+
+  # -- loop ------------------------------------------------------------------------------------
+
+  def run(self) -> dict:
+    cfg, t = self.cfg, self.cfg.train
+    os.makedirs(self.workdir, exist_ok=True)
+    if self.main:
+      with open(os.path.join(self.workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+      _copy_tokenizer(getattr(self.data, "tokenizer", None), self.workdir)
+    ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
+                        async_save=t.async_checkpointing)
+    train_iter = self.train_iterator()
+    with jax.set_mesh(self.mesh):
+      state, start = self._start(ckpt, train_iter)
+      writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start if start else None)
+      try:
+        summary = self._loop(state, start, ckpt, train_iter, writer)
+      finally:
+        ckpt.close()
+        writer.close()
+    if self.main and t.plot:
+      metrics_lib.plot_loss_curve(self.workdir)
+    return summary
+
+  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer) -> dict:
+    t = self.cfg.train
+    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
+             f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
+    history = {"train_loss": [], "val": []}
+    last_saved, pending, step = start, None, start
+    window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
+
+    def flush(pending):
+      """Read a step's metrics (one step late, so the host never waits on the device)."""
+      nonlocal window_start, window_steps
+      done_step, device_metrics = pending
+      values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+        raise TrainingDiverged(f"loss={values['loss']} grad_norm={values['grad_norm']} at step {done_step}: "
+                               f"training stopped; the last good checkpoint is step {last_saved}")
+      history["train_loss"].append((done_step, values["loss"]))
+      window_steps += 1
+      if done_step % t.log_every == 0 or done_step == self.total_steps:
+        elapsed = time.perf_counter() - window_start
+        tok_s = window_steps * t.batch_tokens / max(elapsed, 1e-9)
+        mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
+        eta = (self.total_steps - done_step) * elapsed / window_steps
+        writer.write(done_step, "train", {"loss": values["loss"], "lr": values["lr"],
+                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu})
+        mfu_text = f" | MFU {100 * mfu:.2f}%" if mfu is not None else ""
+        self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+                 f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
+                 f"ETA {metrics_lib.format_duration(eta)}")
+        window_start, window_steps = time.perf_counter(), 0
+
+    with _Preemption() as preemption:
+      while step < self.total_steps:
+        batch = device_batch(next(train_iter), self.mesh)
+        state, step_metrics = self.steps.train_step(state, batch)
+        step += 1
+        if pending is not None:
+          flush(pending)
+        pending = (step, step_metrics)
+        at_end = step == self.total_steps
+        if step % t.checkpoint_every == 0 or at_end or preemption.requested:
+          flush(pending)  # never checkpoint a state whose loss we have not seen to be finite
+          pending = None
+          self._save(ckpt, step, state, train_iter)
+          last_saved = step
+        if step % t.eval_every == 0 or at_end:
+          if pending is not None:
+            flush(pending)
+            pending = None
+          val = self.evaluate(state["params"])
+          if val is not None:
+            history["val"].append((step, val["loss"], val["bpb"]))
+            writer.write(step, "val", val)
+            self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
+        if preemption.requested:
+          self.log(f"SIGTERM: saved checkpoint at step {step}; exiting")
+          break
+      if pending is not None:
+        flush(pending)
+    self.state = state
+    return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
+            "train_loss": history["train_loss"], "val": history["val"], "preempted": preemption.requested,
+            "seconds": time.perf_counter() - t0}
