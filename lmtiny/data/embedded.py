@@ -57,20 +57,23 @@ def module_docstring(source: str) -> str | None:
     return None
 
 
-def _topics() -> Iterator[str]:
+def topic_documents() -> Iterator[str]:
+  """The pydoc topics (English reference prose), sorted by topic name."""
   from pydoc_data.topics import topics  # a data-only module: a dict of str
   for key in sorted(topics):
     yield topics[key]
 
 
-def _docstrings(files: list[str]) -> Iterator[str]:
+def docstring_documents(files: list[str]) -> Iterator[str]:
+  """Non-empty module docstrings of `files`, in order."""
   for path in files:
     doc = module_docstring(read_python_source(path))
     if doc:
       yield doc
 
 
-def _sources(files: list[str]) -> Iterator[str]:
+def source_documents(files: list[str]) -> Iterator[str]:
+  """The text of each of `files`, in order."""
   for path in files:
     yield read_python_source(path)
 
@@ -81,7 +84,7 @@ def iter_embedded_documents(max_chars: int = 0) -> Iterator[str]:
   The document that crosses `max_chars` is cut so that exactly `max_chars` characters come out.
   """
   files = stdlib_source_files()
-  streams = [_topics(), _docstrings(files), _sources(files)]
+  streams = [topic_documents(), docstring_documents(files), source_documents(files)]
   total = 0
   for doc in _round_robin(streams):
     if not doc:
@@ -111,3 +114,21 @@ def embedded_fingerprint(max_chars: int = 0) -> str:
   for path in stdlib_source_files():
     h.update(f"|{os.path.relpath(path, root)}:{os.path.getsize(path)}".encode())
   return h.hexdigest()[:16]
+
+
+def embedded_sample_texts(max_chars_each: int = 1_000_000) -> dict[str, str]:
+  """Evaluation texts from the corpus: English prose (the topics), docstrings, and code taken
+  from every 4th standard-library file, each joined by blank lines and cut at max_chars_each."""
+  files = stdlib_source_files()
+  streams = dict(english=topic_documents(), docstrings=docstring_documents(files),
+                 code=source_documents(files[::4]))
+  samples = {}
+  for name, docs in streams.items():
+    parts, size = [], 0
+    for doc in docs:
+      parts.append(doc)
+      size += len(doc) + 2
+      if size >= max_chars_each:
+        break
+    samples[name] = "\n\n".join(parts)[:max_chars_each]
+  return samples

@@ -101,7 +101,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
                     num_threads: int = 2, digits: str = "pairs",
                     split_by_unicode_script: bool = False, character_coverage: float = 0.9999,
                     max_piece_length: int = 16, report_extra: dict | None = None,
-                    quiet: bool = True) -> Tokenizer:
+                    verbose: bool = False) -> Tokenizer:
   """Trains a BPE tokenizer on documents and writes it to `out_dir`; returns it.
 
   Deterministic: the same documents, vocab size and options give byte-identical models.
@@ -132,7 +132,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
         character_coverage=character_coverage, max_sentencepiece_length=max_piece_length,
         max_sentence_length=4 * MAX_SENTENCE_CHARS + 16, input_sentence_size=0,
         shuffle_input_sentence=False, num_threads=num_threads,
-        minloglevel=2 if quiet else 0)
+        minloglevel=0 if verbose else 2)
   except RuntimeError as e:
     raise TokenizerError(f"sentencepiece training failed for vocab_size {vocab_size}: "
                          f"{str(e).strip().splitlines()[-1]}") from None

@@ -1,0 +1,70 @@
+"""Train a tokenizer on a mixture recipe.
+
+  python -m lmtiny.tokenizer.train --mixture tokenizer_data/embedded.py --vocab-size 32768 \\
+      --out tokenizers/embedded32k
+
+Writes DIR/tokenizer.model, tokenizer.vocab, token_bytes.npy and report.json (all at once, at the
+end). Bad input prints one `error:` line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmtiny.data.sources import SourceError
+from lmtiny.tokenizer.core import TokenizerError
+from lmtiny.tokenizer.mixture import MixtureSampler, load_recipe
+from lmtiny.tokenizer.trainer import DIGIT_MODES, check_vocab_size, train_tokenizer
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m lmtiny.tokenizer.train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--mixture", required=True, help="recipe file, e.g. tokenizer_data/seed.py")
+  p.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 128")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--total-chars", type=int, default=0, help="override the recipe's budget")
+  p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+  p.add_argument("--threads", type=int, default=2, help="sentencepiece trainer threads")
+  p.add_argument("--digits", choices=DIGIT_MODES, default="pairs",
+                 help="pieces hold at most two digits (pairs) or one (single)")
+  p.add_argument("--character-coverage", type=float, default=0.9999,
+                 help="share of characters given their own piece; the rest use byte fallback")
+  p.add_argument("--split-by-unicode-script", action="store_true",
+                 help="sentencepiece's script split (off: lets \"'s\" join words)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.add_argument("--verbose", action="store_true", help="show sentencepiece's training log")
+  return p.parse_args(argv)
+
+
+def run(args) -> dict:
+  check_vocab_size(args.vocab_size)
+  recipe_file = args.mixture
+  recipe = load_recipe(recipe_file, total_chars=args.total_chars or None, seed=args.seed)
+  sampler = MixtureSampler(recipe, progress=not args.quiet)
+  extra = dict(recipe=recipe_file, total_chars=recipe["total_chars"], sources=sampler.stats)
+  tok = train_tokenizer(iter(sampler), args.vocab_size, args.out, seed=recipe["seed"],
+                        num_threads=args.threads, digits=args.digits,
+                        split_by_unicode_script=args.split_by_unicode_script,
+                        character_coverage=args.character_coverage, report_extra=extra,
+                        verbose=args.verbose)
+  with open(f"{args.out}/report.json", encoding="utf-8") as f:
+    report = json.load(f)
+  print(f"wrote {args.out}: vocab {tok.vocab_size}, {report['characters']:,} characters from "
+        f"{len(report['sources'])} source(s), {report['byte_fallback_chars']:,} needed byte "
+        f"fallback, trained in {report['train_seconds']:.1f} s, hash {tok.hash[:12]}")
+  return report
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    run(args)
+  except (TokenizerError, SourceError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
