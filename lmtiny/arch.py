@@ -199,12 +199,8 @@ def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float =
 # Command line.
 
 
-def _define_flags(fv: flags.FlagValues, argv: list[str]) -> dict:
-  """Flags live in a private FlagValues so importing this module registers nothing globally."""
+def _define_flags(fv: flags.FlagValues) -> dict:
   return dict(
-      config=config_flags.DEFINE_config_file(
-          "config", None, "Config file (configs/<size>.py); --config.model.x=... overrides.", flag_values=fv,
-          sys_argv=argv),  # config_flags finds the overrides in argv, not in the FlagValues
       tokens_per_param=flags.DEFINE_float("tokens_per_param", 20.0, "Training tokens per parameter.",
                                           flag_values=fv),
       chip=flags.DEFINE_string("chip", "h100", f"Accelerator: {' | '.join(PEAK_FLOPS)}.", flag_values=fv),
@@ -250,16 +246,23 @@ def _loaded_config(holder, path: str | None):
     raise ConfigError(f"--config={path}: cannot load config file: {last}") from None
 
 
-def run(argv: list[str]) -> int:
-  """Parses argv, prints the report or the search table; raises ConfigError on bad input."""
-  from lmtiny import arch_search  # the search builds on this module's counts
+def parse_flags(argv: list[str], define, usage: str):
+  """Parses argv: `--config FILE` (with `--config.a.b=v` overrides) plus the flags `define` adds.
 
+  Flags live in a private FlagValues, so importing a CLI module registers nothing globally and
+  `main(argv)` can run in-process. `define(fv)` returns {name: flag holder}; `--some-name` is
+  accepted for `--some_name`. Returns ({name: value}, config or None), or None after printing
+  help. Raises ConfigError with one line for any bad flag, override or config file.
+  """
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
   fv = flags.FlagValues()
-  f = _define_flags(fv, argv)
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file (configs/<size>.py); --config.x.y=... overrides.", flag_values=fv,
+      sys_argv=argv)  # config_flags finds the overrides in argv, not in the FlagValues
+  holders = define(fv)
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-    print(__doc__ + "\n" + fv.get_help())
-    return 0
+    print(usage + "\n" + fv.get_help())
+    return None
   try:
     rest = fv(argv)
   except flags.Error as e:
@@ -270,30 +273,39 @@ def run(argv: list[str]) -> int:
     raise ConfigError(f"--config: {type(e).__name__}: {_one_line(e)}") from None
   if len(rest) > 1:
     raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
-  path = fv["config"].config_filename if f["config"].present else None
-  cfg = _loaded_config(f["config"], path) if path else None
+  cfg = _loaded_config(config, fv["config"].config_filename) if config.present else None
+  return {name: holder.value for name, holder in holders.items()}, cfg
 
-  if f["search"].value:
-    if f["target_params"].value is None:
+
+def run(argv: list[str]) -> int:
+  """Parses argv, prints the report or the search table; raises ConfigError on bad input."""
+  from lmtiny import arch_search  # the search builds on this module's counts
+
+  parsed = parse_flags(argv, _define_flags, __doc__)
+  if parsed is None:
+    return 0
+  f, cfg = parsed
+  if f["search"]:
+    if f["target_params"] is None:
       raise ConfigError("--target-params is required with --search")
     template = None
     if cfg is not None:
       config_lib.validate_model(cfg.model)
       template = cfg.model
     candidates = arch_search.search(
-        target_params=f["target_params"].value, head_dim=f["head_dim"].value,
-        vocabs=arch_search.parse_int_list(f["vocab"].value, "--vocab"),
-        depths=arch_search.parse_int_list(f["depth"].value, "--depth"), tied=f["tied"].value,
-        kv_group=f["gqa"].value, tolerance=f["tolerance"].value, template=template)
-    print(arch_search.format_table(candidates[:f["top"].value], f["target_params"].value, f["tied"].value,
+        target_params=f["target_params"], head_dim=f["head_dim"],
+        vocabs=arch_search.parse_int_list(f["vocab"], "--vocab"),
+        depths=arch_search.parse_int_list(f["depth"], "--depth"), tied=f["tied"],
+        kv_group=f["gqa"], tolerance=f["tolerance"], template=template)
+    print(arch_search.format_table(candidates[:f["top"]], f["target_params"], f["tied"],
                                    template))
     return 0
 
   if cfg is None:
     raise ConfigError("give --config configs/<size>.py (or --search --target-params N)")
   config_lib.validate(cfg)
-  print(report(cfg, tokens_per_param=f["tokens_per_param"].value, chip=f["chip"].value,
-               mfu=f["mfu"].value, num_chips=f["chips"].value))
+  print(report(cfg, tokens_per_param=f["tokens_per_param"], chip=f["chip"],
+               mfu=f["mfu"], num_chips=f["chips"]))
   return 0
 
 
