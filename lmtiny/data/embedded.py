@@ -21,6 +21,7 @@ import sysconfig
 import tokenize
 from typing import Iterator
 
+PARTS = ("topics", "docstrings", "code")
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
                             "__pycache__", "encodings", "pydoc_data"})
 
@@ -78,13 +79,17 @@ def source_documents(files: list[str]) -> Iterator[str]:
     yield read_python_source(path)
 
 
-def iter_embedded_documents(max_chars: int = 0) -> Iterator[str]:
+def iter_embedded_documents(max_chars: int = 0,
+                            parts: tuple[str, ...] = PARTS) -> Iterator[str]:
   """Yields the corpus's documents in a fixed order; stops after `max_chars` characters (0: all).
 
-  The document that crosses `max_chars` is cut so that exactly `max_chars` characters come out.
+  `parts` picks streams among "topics", "docstrings" and "code". The document that crosses
+  `max_chars` is cut so that exactly `max_chars` characters come out.
   """
   files = stdlib_source_files()
-  streams = [topic_documents(), docstring_documents(files), source_documents(files)]
+  makers = dict(topics=topic_documents, docstrings=lambda: docstring_documents(files),
+                code=lambda: source_documents(files))
+  streams = [makers[p]() for p in PARTS if p in parts]
   total = 0
   for doc in _round_robin(streams):
     if not doc:

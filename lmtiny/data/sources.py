@@ -1,11 +1,13 @@
 """Streaming document sources named by one spec string.
 
-A spec is `<type>:<location>?<key>=<value>&...` (values may be %-escaped):
+A spec is `<type>:<location>?<key>=<value>&...` (write "&" and "%" in a value as %26, %25):
 
   txt:<glob>                  one document per file (.txt, or gzip'd .txt.gz)
   txt:<glob>?delimiter=record documents separated by "\\n\\n\\x1e\\n\\n" (the corpora's record
                               separator); also `line` ("\\n"), `blank` ("\\n\\n") or any string
                               with Python escapes, e.g. `delimiter=\\n---\\n`
+  txt:<glob>?doc_start=<regex>  a new document starts at each line the regex matches
+                              (e.g. `doc_start=^= .+ =$` for "= Title =" headings)
   jsonl:<glob>?field=text     one JSON object per line (.jsonl or .jsonl.gz); a list field of
                               strings or of {"content"|"text": ...} messages is joined by "\\n"
   parquet:<glob>?column=text  read in record batches, never a whole file at once
@@ -15,7 +17,9 @@ A spec is `<type>:<location>?<key>=<value>&...` (values may be %-escaped):
   hf:<repo_id>?pattern=*.parquet&column=text&revision=main
                               parquet shards of a Hugging Face dataset, downloaded one at a time
                               with huggingface_hub (optional dependency), then read as parquet
-  embedded[?max_chars=N]      the embedded standard-library corpus (`lmtiny.data.embedded`)
+  embedded?max_chars=N&parts=topics,docstrings,code
+                              the embedded standard-library corpus (`lmtiny.data.embedded`);
+                              all parts by default
 
 The first "?" starts the options (write a literal "?" in a glob as "[?]").
 `open_source(spec)` checks what it can up front (files exist, parquet columns) and returns a
@@ -34,13 +38,14 @@ import json
 import os
 import re
 from typing import Iterator
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 RECORD_SEPARATOR = "\n\n\x1e\n\n"
 NAMED_DELIMITERS = {"record": RECORD_SEPARATOR, "line": "\n", "blank": "\n\n"}
 _CHUNK_BYTES = 1 << 20
 _PARQUET_BATCH_ROWS = 512
 _TFDS_BATCH = 256
+EMBEDDED_PARTS = ("topics", "docstrings", "code")   # must match lmtiny.data.embedded.PARTS
 
 
 class SourceError(ValueError):
@@ -124,16 +129,34 @@ def parse_delimiter(value: str) -> str:
 
 
 class TextFileSource(Source):
-  """Plain or gzip'd text files: one document per file, or split by a delimiter."""
+  """Plain or gzip'd text files: one document per file, split by a delimiter, or split before
+  each line that matches a regex (`doc_start`)."""
 
-  def __init__(self, name: str, pattern: str, delimiter: str | None):
+  def __init__(self, name: str, pattern: str, delimiter: str | None = None,
+               doc_start: re.Pattern | None = None):
     super().__init__(name)
+    if delimiter is not None and doc_start is not None:
+      raise SourceError(f"{name}: give delimiter or doc_start, not both")
     self.files = _expand_glob(name, pattern)
     self.delimiter = delimiter
+    self.doc_start = doc_start
+
+  def _split_at_lines(self, f):
+    lines = []
+    for raw in f:
+      line = self._decode(raw)
+      if lines and self.doc_start.match(line.rstrip("\r\n")):
+        yield "".join(lines)
+        lines = []
+      lines.append(line)
+    yield "".join(lines)
 
   def _documents(self):
     for path in self.files:
       with _open_binary(path) as f:
+        if self.doc_start is not None:
+          yield from self._split_at_lines(f)
+          continue
         if self.delimiter is None:
           yield self._decode(f.read())
           continue
@@ -299,13 +322,13 @@ class TfdsSource(Source):
 class EmbeddedSource(Source):
   """The standard-library corpus every Python installation carries."""
 
-  def __init__(self, name: str, max_chars: int):
+  def __init__(self, name: str, max_chars: int, parts: tuple[str, ...] = EMBEDDED_PARTS):
     super().__init__(name)
-    self.max_chars = max_chars
+    self.max_chars, self.parts = max_chars, parts
 
   def _documents(self):
     from lmtiny.data.embedded import iter_embedded_documents
-    yield from iter_embedded_documents(self.max_chars)
+    yield from iter_embedded_documents(self.max_chars, self.parts)
 
 
 def _take(spec: str, options: dict, key: str, default=None, cast=str):
@@ -318,15 +341,26 @@ def _take(spec: str, options: dict, key: str, default=None, cast=str):
     raise SourceError(f"{spec}: bad value for {key}: {value!r}") from None
 
 
+def _compile_regex(value: str) -> re.Pattern:
+  try:
+    return re.compile(value)
+  except re.error as e:
+    raise ValueError(str(e)) from None
+
+
 def open_source(spec: str) -> Source:
   """Parses a spec (see the module docstring) and opens the source it names."""
   spec = spec.strip()
   body, _, query = spec.partition("?")
   kind, _, location = body.partition(":")
-  options = dict(parse_qsl(query, keep_blank_values=True))
+  options = {}
+  for item in filter(None, query.split("&")):
+    key, _, value = item.partition("=")
+    options[unquote(key)] = unquote(value)
   if kind == "txt":
     delimiter = _take(spec, options, "delimiter", cast=parse_delimiter)
-    source = TextFileSource(spec, location, delimiter)
+    doc_start = _take(spec, options, "doc_start", cast=_compile_regex)
+    source = TextFileSource(spec, location, delimiter, doc_start)
   elif kind == "jsonl":
     source = JsonlSource(spec, location, _take(spec, options, "field", "text"))
   elif kind == "parquet":
@@ -345,7 +379,11 @@ def open_source(spec: str) -> Source:
   elif kind == "embedded":
     if location:
       raise SourceError(f"{spec}: the embedded source takes no path")
-    source = EmbeddedSource(spec, _take(spec, options, "max_chars", 0, int))
+    parts = _take(spec, options, "parts", ",".join(EMBEDDED_PARTS))
+    parts = tuple(p for p in parts.split(",") if p)
+    if not parts or set(parts) - set(EMBEDDED_PARTS):
+      raise SourceError(f"{spec}: parts must be a comma list of {', '.join(EMBEDDED_PARTS)}")
+    source = EmbeddedSource(spec, _take(spec, options, "max_chars", 0, int), parts)
   else:
     raise SourceError(f"{spec}: unknown source type {kind!r} "
                       "(expected txt, jsonl, parquet, tfds, hf or embedded)")

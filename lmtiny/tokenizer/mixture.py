@@ -11,13 +11,16 @@ A recipe is a Python file in `tokenizer_data/` that defines a dict named RECIPE:
 
 Each source is streamed in its own order until its share is drawn (the document crossing the
 budget is cut). `sample` (default 1) keeps each document with that probability, seeded, to
-spread a share over a larger corpus instead of taking its head. Relative paths in specs are
-relative to the current directory.
+spread a share over a larger corpus instead of taking its head. To keep evaluation text out of
+training, `hold_out_every=N` sets aside every N-th document (index % N == N - 1) and
+`hold_out_pattern=REGEX` every document whose start matches; `held_out_documents` yields them.
+Relative paths in specs are relative to the current directory.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import runpy
 import sys
 from typing import Iterator
@@ -26,7 +29,7 @@ from lmtiny.data.sources import Source, open_source
 from lmtiny.tokenizer.core import TokenizerError
 
 _RECIPE_KEYS = {"sources", "total_chars", "seed", "description"}
-_SOURCE_KEYS = {"spec", "weight", "sample"}
+_SOURCE_KEYS = {"spec", "weight", "sample", "hold_out_every", "hold_out_pattern"}
 
 
 def validate_recipe(recipe, where: str = "recipe") -> dict:
@@ -52,7 +55,16 @@ def validate_recipe(recipe, where: str = "recipe") -> dict:
       raise TokenizerError(f"{field}.weight = {weight!r}: must be a number >= 0")
     if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
       raise TokenizerError(f"{field}.sample = {sample!r}: must be in (0, 1]")
-    checked.append(dict(spec=src["spec"], weight=float(weight), sample=float(sample)))
+    every, pattern = src.get("hold_out_every", 0), src.get("hold_out_pattern")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0 or every == 1:
+      raise TokenizerError(f"{field}.hold_out_every = {every!r}: must be 0 (none) or >= 2")
+    if pattern is not None:
+      try:
+        pattern = re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise TokenizerError(f"{field}.hold_out_pattern: not a regex ({e})") from None
+    checked.append(dict(spec=src["spec"], weight=float(weight), sample=float(sample),
+                        hold_out_every=every, hold_out_pattern=pattern))
   total_weight = sum(s["weight"] for s in checked)
   if total_weight <= 0:
     raise TokenizerError(f"{where}: source weights sum to {total_weight:g}; need a positive sum")
@@ -68,20 +80,37 @@ def validate_recipe(recipe, where: str = "recipe") -> dict:
 
 
 def load_recipe(path: str, total_chars: int | None = None, seed: int | None = None) -> dict:
-  """Runs a recipe file and validates its RECIPE, optionally overriding budget and seed."""
+  """Runs a recipe file and validates its RECIPE (or `FILE:NAME`, another dict it defines),
+  optionally overriding budget and seed."""
+  name = "RECIPE"
+  if not os.path.isfile(path) and ":" in path:
+    path, name = path.rsplit(":", 1)
   if not os.path.isfile(path):
     raise TokenizerError(f"{path}: no such recipe file")
   try:
     namespace = runpy.run_path(path)
   except Exception as e:  # a recipe is user code: report, do not trace back
     raise TokenizerError(f"{path}: cannot run recipe ({type(e).__name__}: {e})") from None
-  if "RECIPE" not in namespace:
-    raise TokenizerError(f"{path}: defines no RECIPE")
-  recipe = namespace["RECIPE"]
+  if name not in namespace:
+    raise TokenizerError(f"{path}: defines no {name}")
+  recipe = namespace[name]
   if isinstance(recipe, dict):
     overrides = dict(total_chars=total_chars, seed=seed)
     recipe = {**recipe, **{k: v for k, v in overrides.items() if v is not None}}
-  return validate_recipe(recipe, path)
+  return validate_recipe(recipe, path if name == "RECIPE" else f"{path}:{name}")
+
+
+def is_held_out(entry: dict, index: int, doc: str) -> bool:
+  """Whether document `index` of a recipe source is kept out of training."""
+  every, pattern = entry.get("hold_out_every", 0), entry.get("hold_out_pattern")
+  return bool((every and index % every == every - 1) or (pattern and pattern.match(doc)))
+
+
+def held_out_documents(entry: dict) -> Iterator[str]:
+  """The documents of a (validated) recipe source that training never sees."""
+  for index, doc in enumerate(open_source(entry["spec"]).iter_documents()):
+    if is_held_out(entry, index, doc):
+      yield doc
 
 
 class MixtureSampler:
@@ -104,7 +133,9 @@ class MixtureSampler:
       for entry, source in self.sources:
         budget, drawn, docs = entry["chars"], 0, 0
         bar.set_postfix_str(source.name[:40])
-        for doc in source.iter_documents():
+        for index, doc in enumerate(source.iter_documents()):
+          if is_held_out(entry, index, doc):
+            continue
           if entry["sample"] < 1 and rng.random() >= entry["sample"]:
             continue
           doc = doc[:budget - drawn]
