@@ -54,7 +54,7 @@ def _pair_digits(line: str) -> str:
   return _DIGIT_RUN.sub(cut, line)
 
 
-def training_sentences(doc: str, digits: str = "pairs") -> Iterator[str]:
+def training_sentences(doc: str) -> Iterator[str]:
   """A document as sentencepiece training sentences: its lines, long ones cut near a space."""
   for line in doc.split("\n"):
     while line:
@@ -64,7 +64,7 @@ def training_sentences(doc: str, digits: str = "pairs") -> Iterator[str]:
         cut = line.rfind(" ", MAX_SENTENCE_CHARS // 2, MAX_SENTENCE_CHARS)
         cut = cut if cut > 0 else MAX_SENTENCE_CHARS
         piece, line = line[:cut], line[cut:]
-      yield _pair_digits(piece) if digits == "pairs" else piece
+      yield piece
 
 
 def count_byte_fallback_chars(sentences: list[str], tok: Tokenizer) -> int:
@@ -97,6 +97,20 @@ def _vocab_listing(tok: Tokenizer, sp_scores: list[float]) -> str:
                  for i, s in enumerate(sp_scores))
 
 
+def _training_error(message: str, vocab_size: int) -> str:
+  """sentencepiece's failure as one line a user can act on."""
+  too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", message)
+  if too_high:
+    return (f"vocab_size {vocab_size}: the training text only supports {too_high.group(2)} "
+            "pieces; give more text or a smaller vocab")
+  too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+  if too_small:
+    return (f"vocab_size {vocab_size}: too small for the {too_small.group(2)} pieces required "
+            "(reserved ids + characters); raise it or lower character_coverage")
+  lines = message.strip().splitlines() or ["unknown error"]
+  return f"sentencepiece training failed for vocab_size {vocab_size}: {lines[-1]}"
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed: int = 0,
                     num_threads: int = 2, digits: str = "pairs",
                     split_by_unicode_script: bool = False, character_coverage: float = 0.9999,
@@ -114,14 +128,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
   for doc in texts:
     num_docs += 1
     num_chars += len(doc)
-    sentences.extend(training_sentences(doc, digits))
+    sentences.extend(training_sentences(doc))
   if not sentences:
     raise TokenizerError("no training text: the sources produced no characters")
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe",
+        sentence_iterator=map(_pair_digits, sentences) if digits == "pairs" else iter(sentences),
+        model_writer=model, model_type="bpe",
         vocab_size=vocab_size, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         control_symbols=list(SPECIAL_TOKENS), user_defined_symbols=["\n"],
         normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -134,13 +149,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
         shuffle_input_sentence=False, num_threads=num_threads,
         minloglevel=0 if verbose else 2)
   except RuntimeError as e:
-    raise TokenizerError(f"sentencepiece training failed for vocab_size {vocab_size}: "
-                         f"{str(e).strip().splitlines()[-1]}") from None
+    raise TokenizerError(_training_error(str(e), vocab_size)) from None
   train_seconds = time.perf_counter() - start
   tok = Tokenizer(model.getvalue())
-  if tok.vocab_size != vocab_size:
-    raise TokenizerError(f"vocab_size {vocab_size}: the training text only supports "
-                         f"{tok.vocab_size} pieces; give more text or a smaller vocab")
   fallback = count_byte_fallback_chars(sentences, tok)
   report = dict(
       vocab_size=vocab_size, seed=seed, digits=digits,
