@@ -251,8 +251,8 @@ def parse_flags(argv: list[str], define, usage: str):
 
   Flags live in a private FlagValues, so importing a CLI module registers nothing globally and
   `main(argv)` can run in-process. `define(fv)` returns {name: flag holder}; `--some-name` is
-  accepted for `--some_name`. Returns ({name: value}, config or None), or None after printing
-  help. Raises ConfigError with one line for any bad flag, override or config file.
+  accepted for `--some_name`. Returns ({name: value, "config": the config file's path or None},
+  config or None), or None after printing help. Raises ConfigError with one line for any bad flag, override or config file.
   """
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
   fv = flags.FlagValues()
@@ -273,8 +273,9 @@ def parse_flags(argv: list[str], define, usage: str):
     raise ConfigError(f"--config: {type(e).__name__}: {_one_line(e)}") from None
   if len(rest) > 1:
     raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
-  cfg = _loaded_config(config, fv["config"].config_filename) if config.present else None
-  return {name: holder.value for name, holder in holders.items()}, cfg
+  path = fv["config"].config_filename if config.present else None
+  cfg = _loaded_config(config, path) if path else None
+  return dict({name: holder.value for name, holder in holders.items()}, config=path), cfg
 
 
 def run(argv: list[str]) -> int:

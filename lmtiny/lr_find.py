@@ -1,0 +1,274 @@
+"""Learning-rate range test: train briefly with an exponentially growing LR and read the loss curve.
+
+    python -m lmtiny.lr_find --config configs/tiny.py [--min 1e-6 --max 1 --steps 200] [--workdir DIR]
+
+Step i trains one real batch at lr_i = min * (max / min) ** (i / (steps - 1)), with the trainer's
+own train step (clipping, AdamW, masked weight decay, per-group LR multipliers). The swept LR is
+the matrix LR, `optim.lr`; embedding and unembedding groups keep their ratio to it. The test
+stops early once the loss is not finite or its running average exceeds 4x its best.
+
+Reading the curve: the losses are smoothed by a forward-backward exponential average (no lag, so
+the LR axis is not shifted). Reported are the LR of steepest descent (most negative slope of the
+smoothed loss per unit log LR, before its minimum), the LR of the minimum smoothed loss, and a
+suggested peak LR = minimum-loss LR / 10, the usual rule for a warmup + decay schedule. Writes
+`lr_find.png` (loss vs LR) and `lr_find.json` (the curve and the three LRs) to the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from lmtiny import arch
+from lmtiny import config as config_lib
+from lmtiny.config import ConfigError
+
+DIVERGENCE_FACTOR = 4.0
+
+
+@dataclasses.dataclass
+class RangeTestResult:
+  lrs: np.ndarray        # the LR of each completed step
+  losses: np.ndarray     # the training loss of each step (before its update)
+  smoothed: np.ndarray
+  steepest_lr: float
+  min_loss_lr: float
+  suggested_lr: float
+  stopped_early: bool    # diverged before reaching the last LR
+
+  def to_json(self) -> dict:
+    return dict(lrs=self.lrs.tolist(), losses=self.losses.tolist(), smoothed=self.smoothed.tolist(),
+                steepest_lr=self.steepest_lr, min_loss_lr=self.min_loss_lr, suggested_lr=self.suggested_lr,
+                stopped_early=self.stopped_early)
+
+
+def lr_sweep(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
+  """Geometric LRs from min_lr to max_lr inclusive."""
+  if not 0 < min_lr < max_lr:
+    raise ConfigError(f"--min={min_lr:g} --max={max_lr:g}: need 0 < min < max")
+  if steps < 5:
+    raise ConfigError(f"--steps={steps}: need at least 5 steps to read a slope")
+  return np.geomspace(min_lr, max_lr, steps)
+
+
+def default_beta(steps: int) -> float:
+  """Smoothing over about 5% of the sweep (at least 2 steps)."""
+  return 1.0 - 1.0 / max(2.0, steps / 20)
+
+
+def ema(values: np.ndarray, beta: float) -> np.ndarray:
+  """Bias-corrected exponential moving average (the first value is not pulled towards 0)."""
+  out, avg = np.empty(len(values)), 0.0
+  for i, v in enumerate(values):
+    avg = beta * avg + (1 - beta) * v
+    out[i] = avg / (1 - beta ** (i + 1))
+  return out
+
+
+def smooth(losses: np.ndarray, beta: float) -> np.ndarray:
+  """Forward-backward EMA: the mean of the forward pass and the reversed backward pass, no lag."""
+  losses = np.asarray(losses, np.float64)
+  return 0.5 * (ema(losses, beta) + ema(losses[::-1], beta)[::-1])
+
+
+def analyze(lrs: np.ndarray, losses: np.ndarray, beta: float) -> tuple[np.ndarray, float, float, float]:
+  """(smoothed losses, steepest-descent LR, minimum-loss LR, suggested peak LR)."""
+  lrs, losses = np.asarray(lrs, np.float64), np.asarray(losses, np.float64)
+  finite = np.isfinite(losses)
+  if finite.sum() < 3:
+    raise ConfigError(f"the loss was finite for only {int(finite.sum())} step(s): lower --min")
+  lrs, losses = lrs[finite], losses[finite]
+  smoothed = smooth(losses, beta)
+  lowest = int(np.argmin(smoothed))
+  slopes = np.gradient(smoothed, np.log(lrs))
+  # Skip the first smoothing window (the edge of the smoother is as noisy as the raw loss) and
+  # look for the steepest fall before the minimum.
+  skip = min(int(round(1 / (1 - beta))), max(lowest - 2, 0))
+  steepest = skip + int(np.argmin(slopes[skip:max(lowest, skip + 2)]))
+  return smoothed, float(lrs[steepest]), float(lrs[lowest]), float(lrs[lowest] / 10)
+
+
+def sweep_step(built):
+  """The trainer's jitted train step with its update rescaled: (state, batch, scale) -> (state, metrics).
+
+  `built` is `lmtiny.trainer.build_steps(...)` for a constant LR; `scale` = wanted LR / that LR.
+  Everything before the LR (clipping, Adam moments, weight decay, group multipliers) is the
+  trainer's, and AdamW's update is linear in the LR, so this is the step at the wanted LR.
+  """
+  import jax
+  from lmtiny import sharding
+  from lmtiny.trainer import BATCH_KEYS
+
+  def scaled_step(state, batch, scale):
+    new_state, metrics = built.train_step(state, batch)
+    params = jax.tree.map(lambda old, new: old + scale * (new - old), state["params"], new_state["params"])
+    return {**new_state, "params": params}, metrics
+
+  replicated = sharding.replicated(built.mesh)
+  batch_shardings = {k: built.batch_sharding for k in BATCH_KEYS}
+  return jax.jit(scaled_step, in_shardings=(built.state_shardings, batch_shardings, replicated),
+                 out_shardings=(built.state_shardings, replicated), donate_argnums=0)
+
+
+def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 200,
+               workdir: str = "runs/lr_find", log: Callable[[str], None] = print) -> RangeTestResult:
+  """Runs the LR range test for `cfg` on `data` (what lmtiny.data.dataset.load_data returns)."""
+  import jax
+  from lmtiny.trainer import Trainer, device_batch
+
+  lrs = lr_sweep(min_lr, max_lr, steps)
+  cfg = cfg.copy_and_resolve_references()
+  # A constant schedule at optim.lr: the trainer's step then applies -optim.lr * direction, and
+  # each step rescales that update to lr_i (AdamW's update is linear in the LR).
+  cfg.train.update(steps=steps, tokens_per_param=0.0)
+  cfg.optim.update(warmup_steps=0, min_lr_ratio=1.0)
+  base_lr = cfg.optim.lr
+  trainer = Trainer(cfg, workdir, data, log=log)
+  built, mesh = trainer.steps, trainer.mesh
+
+  step_fn = sweep_step(built)
+  beta = default_beta(steps)
+  log(f"LR range test: {steps} steps from {min_lr:g} to {max_lr:g} | {trainer.num_params / 1e6:.2f}M params | "
+      f"{cfg.train.batch_tokens} tokens per step")
+  losses, best, running, stopped_early = [], math.inf, 0.0, False
+  train_iter = trainer.train_iterator()
+  with jax.set_mesh(mesh):
+    state = built.init()
+    for i, lr in enumerate(lrs):
+      state, metrics = step_fn(state, device_batch(next(train_iter), mesh), np.float32(lr / base_lr))
+      loss = float(metrics["loss"])  # blocks every step: the divergence check needs it anyway
+      losses.append(loss)
+      running = beta * running + (1 - beta) * loss
+      average = running / (1 - beta ** (i + 1))
+      best = min(best, average)
+      if i % max(1, steps // 10) == 0:
+        log(f"step {i:>5}/{steps} | lr {lr:.3e} | loss {loss:.4f}")
+      if not math.isfinite(loss) or average > DIVERGENCE_FACTOR * best:
+        stopped_early = i < steps - 1
+        log(f"step {i:>5}/{steps} | lr {lr:.3e} | loss {loss:.4f}: diverged, stopping")
+        break
+  done = np.asarray(losses)
+  smoothed, steepest, lowest, suggested = analyze(lrs[:len(done)], done, beta)
+  finite_lrs = lrs[:len(done)][np.isfinite(done)]
+  return RangeTestResult(lrs=finite_lrs, losses=done[np.isfinite(done)], smoothed=smoothed, steepest_lr=steepest,
+                         min_loss_lr=lowest, suggested_lr=suggested, stopped_early=stopped_early)
+
+
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+  tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_plot(result: RangeTestResult, path: str, title: str = "") -> str:
+  """Loss (raw and smoothed) against LR on a log axis, with the three LRs marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
+  ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
+  for lr, color, name in ((result.steepest_lr, "C2", "steepest"), (result.min_loss_lr, "C3", "minimum"),
+                          (result.suggested_lr, "C1", "suggested peak")):
+    ax.axvline(lr, color=color, ls="--", lw=1, label=f"{name} {lr:.2e}")
+  ax.set_xscale("log")
+  low, high = float(min(np.min(result.losses), np.min(result.smoothed))), float(result.smoothed[0])
+  ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.5 * (high - low + 1e-3))
+  ax.set_xlabel("learning rate (optim.lr)")
+  ax.set_ylabel("training loss")
+  ax.set_title(title or "LR range test")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  plt.close(fig)
+  return path
+
+
+def write_outputs(result: RangeTestResult, workdir: str, title: str = "") -> tuple[str, str]:
+  """lr_find.png and lr_find.json in `workdir`, each written to a temp name then renamed."""
+  os.makedirs(workdir, exist_ok=True)
+  png = save_plot(result, os.path.join(workdir, "lr_find.png"), title)
+  path = os.path.join(workdir, "lr_find.json")
+
+  def write_json(tmp):
+    with open(tmp, "w") as f:
+      json.dump(result.to_json(), f, indent=1)
+
+  _replace_atomically(path, write_json)
+  return png, path
+
+
+def summary(result: RangeTestResult) -> str:
+  lines = [f"steepest descent at lr {result.steepest_lr:.3e}",
+           f"minimum smoothed loss {float(np.min(result.smoothed)):.4f} at lr {result.min_loss_lr:.3e}"
+           + (" (then diverged)" if result.stopped_early else ""),
+           f"suggested peak LR: {result.suggested_lr:.3e}  (--config.optim.lr={result.suggested_lr:.2g})"]
+  if not result.stopped_early and result.min_loss_lr >= result.lrs[-1]:
+    lines.append("note: the loss was still falling at --max; raise --max to see where it turns")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _define_flags(fv):
+  from absl import flags
+  return dict(
+      min=flags.DEFINE_float("min", 1e-6, "Smallest LR of the sweep.", flag_values=fv),
+      max=flags.DEFINE_float("max", 1.0, "Largest LR of the sweep.", flag_values=fv),
+      steps=flags.DEFINE_integer("steps", 200, "Training steps (one real batch each).", flag_values=fv),
+      workdir=flags.DEFINE_string("workdir", None, "Where lr_find.png/json go. Default: runs/<config name>.",
+                                  flag_values=fv),
+  )
+
+
+def run(argv: list[str]) -> int:
+  parsed = arch.parse_flags(argv, _define_flags, __doc__)
+  if parsed is None:
+    return 0
+  f, cfg = parsed
+  if cfg is None:
+    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
+  lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
+  config_lib.validate(cfg)
+  config_name = os.path.splitext(os.path.basename(f["config"].split(":")[0]))[0]
+  workdir = f["workdir"] or os.path.join("runs", config_name)
+
+  from lmtiny import distributed
+  distributed.initialize()  # before anything else touches jax
+  import jax
+  from lmtiny.data.dataset import load_data
+  try:
+    distributed.check_workdir(workdir)
+    data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
+  except ValueError as e:  # ConfigError, SourceError, TokenizerError, ...: the user's to fix
+    raise ConfigError(str(e)) from None
+  result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
+  print(summary(result))
+  if jax.process_index() == 0:
+    png, path = write_outputs(result, workdir, title=f"LR range test: {config_name}")
+    print(f"wrote {png} and {path}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    return run(list(sys.argv if argv is None else argv))
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

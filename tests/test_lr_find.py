@@ -1,0 +1,128 @@
+"""Tests for lmtiny.lr_find: sweep, smoothing and reading of the curve, the rescaled step, a real run."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lmtiny import lr_find
+from lmtiny import sharding
+from lmtiny.config import ConfigError
+from lmtiny.trainer import build_steps, device_batch
+
+import lm_fixtures
+
+REPO = lm_fixtures.ROOT
+
+
+def test_lr_sweep_is_geometric_and_rejects_bad_ranges():
+  lrs = lr_find.lr_sweep(1e-6, 1.0, 7)
+  assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
+  np.testing.assert_allclose(lrs[1:] / lrs[:-1], 10.0)
+  for lo, hi, steps in ((1.0, 0.1, 10), (0.0, 1.0, 10), (1e-3, 1e-3, 10), (1e-6, 1.0, 4)):
+    with pytest.raises(ConfigError):
+      lr_find.lr_sweep(lo, hi, steps)
+
+
+def test_smoothing_has_no_lag_where_a_plain_ema_does():
+  ramp = np.linspace(0.0, 20.0, 401)
+  beta = 0.9
+  smoothed, forward = lr_find.smooth(ramp, beta), lr_find.ema(ramp, beta)
+  middle = slice(195, 206)  # far from both ends, where the bias correction has died out
+  np.testing.assert_allclose(smoothed[middle], ramp[middle], atol=1e-6)
+  lag = beta / (1 - beta) * (ramp[1] - ramp[0])  # a plain EMA trails a ramp by beta / (1 - beta) steps
+  np.testing.assert_allclose(ramp[middle] - forward[middle], lag, rtol=1e-6)
+  np.testing.assert_allclose(lr_find.smooth(np.full(30, 2.5), beta), 2.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_analyze_reads_a_noisy_curve_like_the_clean_one(seed):
+  lrs = np.geomspace(1e-5, 1.0, 301)
+  x = np.log10(lrs)
+  # Falls fastest at 1e-3 (the tanh's centre), bottoms out at 1e-2, then blows up.
+  clean = 3.0 - np.tanh((x + 3.0) / 0.5) + np.exp(3.0 * (x + 1.0))
+  assert lrs[np.argmin(clean)] == pytest.approx(1e-2)
+  noisy = clean + np.random.default_rng(seed).normal(0.0, 0.03, lrs.size)
+  noisy[-5:] = np.nan  # diverged steps at the end are dropped
+  smoothed, steepest, lowest, suggested = lr_find.analyze(lrs, noisy, beta=lr_find.default_beta(301))
+  assert abs(np.log10(steepest / 1e-3)) < 0.1   # within a quarter of the 1-decade tanh width
+  assert abs(np.log10(lowest / 1e-2)) < 0.1
+  assert suggested == pytest.approx(lowest / 10)
+  assert len(smoothed) == 296
+  assert np.abs(np.diff(smoothed[:60])).max() < np.abs(np.diff(noisy[:60])).max() / 5  # noise averaged out
+
+
+def test_analyze_needs_finite_losses():
+  with pytest.raises(ConfigError, match="lower --min"):
+    lr_find.analyze(np.geomspace(1e-3, 1, 4), np.array([1.0, np.nan, np.inf, np.nan]), 0.9)
+
+
+def _constant_lr_config(lr, embed_lr, unembed_lr):
+  cfg = lm_fixtures.tiny_config()
+  cfg.optim.update(lr=lr, embed_lr=embed_lr, unembed_lr=unembed_lr, warmup_steps=0, min_lr_ratio=1.0,
+                   weight_decay=0.1, grad_clip=0.5)
+  return cfg
+
+
+def test_sweep_step_equals_the_trainer_step_at_the_swept_lr():
+  """The rescaled update is the trainer's own update at the target LR, group ratios kept."""
+  base, target = 1e-2, 3e-1  # embedding 20x, unembedding 0.4x the matrix LR in both runs
+  cfg = _constant_lr_config(base, 20 * base, 0.4 * base)
+  ref_cfg = _constant_lr_config(target, 20 * target, 0.4 * target)
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])  # one device: compiles fastest
+  built, ref_built = build_steps(cfg, mesh, 10), build_steps(ref_cfg, mesh, 10)
+  step = lr_find.sweep_step(built)
+  from lmtiny.data.pipeline import make_train_iterator
+  it = make_train_iterator(lm_fixtures.memory_data().train_docs, seq_len=cfg.train.seq_len, batch_size=16,
+                           bos_id=0, seed=0)
+  with jax.set_mesh(mesh):
+    # Both optimizers have the same state structure: start both runs from one initialiser.
+    init = jax.tree.map(np.asarray, built.init()["params"])
+    state, ref_state = built.init(), built.init()
+    batch = device_batch(next(it), mesh)
+    state, metrics = step(state, batch, np.float32(target / base))
+    ref_state, ref_metrics = ref_built.train_step(ref_state, batch)
+    assert float(metrics["loss"]) == float(ref_metrics["loss"])
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state["params"], init))
+    assert min(moved) > 0.5 * 0.4 * target  # every tensor moved by about its group's LR (Adam's first step)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 state["params"], ref_state["params"])
+    batch = device_batch(next(it), mesh)
+    loss, ref_loss = step(state, batch, np.float32(target / base))[1]["loss"], ref_built.train_step(ref_state, batch)[1]["loss"]
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+
+
+def test_range_test_on_a_learnable_task(tmp_path):
+  cfg = lm_fixtures.tiny_config()
+  result = lr_find.range_test(cfg, lm_fixtures.memory_data(), min_lr=1e-4, max_lr=30.0, steps=36,
+                              workdir=str(tmp_path), log=lambda s: None)
+  assert result.stopped_early  # a max LR of 30 diverges
+  assert len(result.lrs) == len(result.losses) == len(result.smoothed) < 36
+  assert np.min(result.losses) < result.losses[0] - 1.0  # it learned before diverging
+  assert 1e-3 < result.steepest_lr < result.min_loss_lr < 3.0
+  assert result.suggested_lr == pytest.approx(result.min_loss_lr / 10)
+  png, path = lr_find.write_outputs(result, str(tmp_path / "out"), "test")
+  with open(png, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["suggested_lr"] == result.suggested_lr and saved["losses"] == result.losses.tolist()
+  assert sorted(os.listdir(tmp_path / "out")) == ["lr_find.json", "lr_find.png"]  # no temp files left
+  text = lr_find.summary(result)
+  assert "steepest descent" in text and f"--config.optim.lr={result.suggested_lr:.2g}" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--min", "1e-6"], "--config is required"),
+    (["--config", "configs/tiny.py", "--min", "1", "--max", "0.1"], "need 0 < min < max"),
+    (["--config", "configs/tiny.py", "--steps", "3"], "--steps=3"),
+    (["--config", "configs/tiny.py", "--config.train.seq_len=4096"], "config.train.seq_len=4096"),
+    (["--config", "configs/nope.py"], "cannot load config file"),
+])
+def test_cli_bad_input_one_line_exit_2(argv, message, capsys, monkeypatch):
+  monkeypatch.chdir(REPO)
+  assert lr_find.main(["lr_find"] + argv) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.startswith("error: ") and message in captured.err
+  assert captured.err.count("\n") == 1
