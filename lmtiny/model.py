@@ -76,7 +76,7 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     if self.scale is not None:
-      y = y * self.scale.value
+      y = y * self.scale[...]
     return y.astype(x.dtype)
 
 
@@ -110,9 +110,9 @@ class Attention(nnx.Module):
   def project_qkv(self, x_BxTxD: Array, positions_BxT: Array):
     """Queries, keys and values with QK-norm and RoPE applied (also used by the KV-cache decoder)."""
     m, dtype = self.cfg, x_BxTxD.dtype
-    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q.value.astype(dtype))
-    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k.value.astype(dtype))
-    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v.value.astype(dtype))
+    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.q[...].astype(dtype))
+    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.k[...].astype(dtype))
+    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x_BxTxD, self.v[...].astype(dtype))
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
     q_BxTxHxDh = constrain(rope(q_BxTxHxDh, positions_BxT, m.rope_theta), ("batch", "seq", "act_heads", None))
@@ -121,7 +121,7 @@ class Attention(nnx.Module):
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
   def project_out(self, out_BxTxHxDh: Array) -> Array:
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o.value.astype(out_BxTxHxDh.dtype))
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype))
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
@@ -149,13 +149,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BxTxD: Array) -> Array:
     dtype = x_BxTxD.dtype
-    up_BxTxF = x_BxTxD @ self.up.value.astype(dtype)
+    up_BxTxF = x_BxTxD @ self.up[...].astype(dtype)
     if self.gate is not None:
-      hidden_BxTxF = jax.nn.silu(x_BxTxD @ self.gate.value.astype(dtype)) * up_BxTxF
+      hidden_BxTxF = jax.nn.silu(x_BxTxD @ self.gate[...].astype(dtype)) * up_BxTxF
     else:
       hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
     hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
-    return constrain(hidden_BxTxF @ self.down.value.astype(dtype), ("batch", "seq", "act_embed"))
+    return constrain(hidden_BxTxF @ self.down[...].astype(dtype), ("batch", "seq", "act_embed"))
 
 
 class Block(nnx.Module):
@@ -208,13 +208,13 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens_BxT: Array) -> Array:
     # Gather the FSDP-sharded table whole first (ZeRO-3: weights are all-gathered where used);
     # a lookup into a D-sharded table would need a costly reshard of its output instead.
-    table_VxD = constrain(self.embed.value.astype(compute_dtype(self.cfg)), ("embed_vocab", "act_embed"))
+    table_VxD = constrain(self.embed[...].astype(compute_dtype(self.cfg)), ("embed_vocab", "act_embed"))
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
   def unembed(self, x_BxTxD: Array) -> Array:
     x_BxTxD = self.final_norm(x_BxTxD)
-    w_DxV = self.embed.value.T if self.lm_head is None else self.lm_head.value
+    w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV.astype(x_BxTxD.dtype),
                               preferred_element_type=jnp.float32)
     if self.cfg.logit_softcap > 0:

@@ -97,7 +97,7 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   def sharding(x):
     if _is_variable(x):
       axes = x.get_metadata().get("logical_axes")
-      spec = logical_to_spec(axes, x.value.shape, shape) if axes is not None else P()
+      spec = logical_to_spec(axes, x.get_value().shape, shape) if axes is not None else P()
       return jax.tree.map(lambda _: NamedSharding(mesh, spec), x)
     return NamedSharding(mesh, P())
 

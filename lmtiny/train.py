@@ -28,9 +28,11 @@ def _default_workdir() -> str:
 def run(cfg, workdir: str) -> int:
   """Everything but flag parsing; returns the exit status."""
   from lmtiny.data.dataset import load_data
-  from lmtiny.trainer import Trainer, TrainingDiverged
+  from lmtiny import sharding
+  from lmtiny.trainer import Trainer, TrainingDiverged, check_batch_divisibility
   try:
     config_lib.validate(cfg)
+    check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before the data is built
     distributed.check_workdir(workdir)
     data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
     trainer = Trainer(cfg, workdir, data)

@@ -54,7 +54,8 @@ class Steps:
   batch_sharding: Any
 
 
-def _token_losses(graphdef, params, batch):
+def token_losses(graphdef, params, batch):
+  """Per-token cross-entropy [B, T] in float32."""
   model = nnx.merge(graphdef, params)
   logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
@@ -93,7 +94,7 @@ def build_steps(cfg, mesh, total_steps: int) -> Steps:
 
   def loss_sums(params, micro):
     mask = micro["loss_mask"].astype(jnp.float32)
-    return jnp.sum(_token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
+    return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
 
   def train_step(state, batch):
     params = state["params"]
@@ -119,7 +120,7 @@ def build_steps(cfg, mesh, total_steps: int) -> Steps:
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V):
-    losses_BxT = _token_losses(graphdef, params, batch)
+    losses_BxT = token_losses(graphdef, params, batch)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
@@ -242,7 +243,8 @@ class Trainer:
 
   # -- loop ------------------------------------------------------------------------------------
 
-  def run(self) -> dict:
+  def run(self, stop_after: int | None = None) -> dict:
+    """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
     cfg, t = self.cfg, self.cfg.train
     os.makedirs(self.workdir, exist_ok=True)
     if self.main:
@@ -256,7 +258,7 @@ class Trainer:
       state, start = self._start(ckpt, train_iter)
       writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start if start else None)
       try:
-        summary = self._loop(state, start, ckpt, train_iter, writer)
+        summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
       finally:
         ckpt.close()
         writer.close()
@@ -264,7 +266,7 @@ class Trainer:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
 
-  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer) -> dict:
+  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer, stop_after) -> dict:
     t = self.cfg.train
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
@@ -300,6 +302,7 @@ class Trainer:
         batch = device_batch(next(train_iter), self.mesh)
         state, step_metrics = self.steps.train_step(state, batch)
         step += 1
+        preemption.requested |= step == stop_after
         if pending is not None:
           flush(pending)
         pending = (step, step_metrics)
@@ -319,7 +322,7 @@ class Trainer:
             writer.write(step, "val", val)
             self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
         if preemption.requested:
-          self.log(f"SIGTERM: saved checkpoint at step {step}; exiting")
+          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
           break
       if pending is not None:
         flush(pending)

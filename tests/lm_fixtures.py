@@ -1,0 +1,49 @@
+"""Shared test fixtures: a very small config and in-memory token documents."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 128
+
+
+def load_config_module(name: str):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_config(**train):
+  """A ~0.1M-parameter model that compiles and steps in well under a second on CPU."""
+  cfg = load_config_module("tiny").get_config()
+  cfg.model.update(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4, max_seq_len=64, dtype="float32")
+  cfg.train.update(seq_len=32, batch_tokens=32 * 16, steps=8, log_every=2, eval_every=4, eval_batches=2,
+                   checkpoint_every=4, async_checkpointing=False, plot=False)
+  cfg.train.update(**train)
+  cfg.optim.update(lr=1e-2, warmup_steps=2)
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  return cfg
+
+
+def progression_docs(n: int, seed: int = 0, vocab: int = VOCAB) -> list[np.ndarray]:
+  """Documents that are arithmetic progressions mod vocab (token 0 = BOS is never used): the
+  next token is predictable from the previous two, so a model visibly learns."""
+  rng = np.random.default_rng(seed)
+  docs = []
+  for _ in range(n):
+    start, step, length = rng.integers(1, vocab), rng.integers(1, 7), rng.integers(6, 70)
+    docs.append((1 + (start + step * np.arange(length)) % (vocab - 1)).astype(np.int32))
+  return docs
+
+
+def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):
+  """The attributes the trainer reads from lmtiny.data.dataset.Data, over in-memory documents."""
+  return SimpleNamespace(train_docs=progression_docs(n_train, 0, vocab), val_docs=progression_docs(n_val, 1, vocab),
+                         token_bytes=np.r_[0, np.ones(vocab - 1)].astype(np.int32), bos_id=0,
+                         vocab_size=vocab, tokenizer=None)

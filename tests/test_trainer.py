@@ -1,0 +1,113 @@
+"""The training loop: learning, exact resume, mesh change, preemption, divergence, bad input."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from lm_fixtures import VOCAB, memory_data, tiny_config
+from lmtiny.checkpoint import Checkpointer
+from lmtiny.config import ConfigError
+from lmtiny.trainer import Trainer, TrainingDiverged
+
+
+def _losses(summary, after=0):
+  return [loss for step, loss in summary["train_loss"] if step > after]
+
+
+def _quiet(_):
+  pass
+
+
+def test_learns_and_writes_run_files(tmp_path):
+  cfg = tiny_config(steps=24, eval_every=12, plot=True)
+  summary = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet).run()
+  losses = _losses(summary)
+  assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
+  assert np.mean(losses[-4:]) < losses[0] - 1.0
+  (s0, val0, bpb0), (s1, val1, bpb1) = summary["val"]
+  assert val1 < val0 and bpb1 < bpb0
+  # bpb with 1 byte per token is the loss in bits.
+  assert bpb1 == pytest.approx(val1 / np.log(2), rel=1e-5)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == list(range(2, 25, 2))
+  assert {"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(train[0])
+  assert os.path.exists(tmp_path / "loss.png") and os.listdir(tmp_path / "tensorboard")
+  assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == VOCAB
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  cfg = tiny_config(steps=8, checkpoint_every=4)
+  cfg.mesh.update(data=2, tensor=4)
+  full = Trainer(cfg, str(tmp_path / "full"), memory_data(), log=_quiet).run()
+  first = Trainer(cfg, str(tmp_path / "split"), memory_data(), log=_quiet).run(stop_after=3)
+  assert first["step"] == 3 and first["preempted"]
+  assert Checkpointer(str(tmp_path / "split" / "checkpoints")).all_steps() == [3]
+  second = Trainer(cfg, str(tmp_path / "split"), memory_data(), log=_quiet).run()
+  assert _losses(first) + _losses(second) == _losses(full)  # exact on CPU, data position included
+  assert second["val"] == full["val"]  # evaluations at steps 4 and 8, after the resume
+  steps_logged = [json.loads(l)["step"] for l in open(tmp_path / "split" / "metrics.jsonl")]
+  assert steps_logged == sorted(steps_logged)  # the resumed run replaced, not duplicated, records
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  cfg = tiny_config(steps=6)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  full = Trainer(cfg, str(tmp_path / "a"), memory_data(), log=_quiet).run()
+  Trainer(cfg, str(tmp_path / "b"), memory_data(), log=_quiet).run(stop_after=3)
+  cfg.mesh.update(data=1, fsdp=8, tensor=1)
+  resumed = Trainer(cfg, str(tmp_path / "b"), memory_data(), log=_quiet).run()
+  np.testing.assert_allclose(_losses(resumed), _losses(full, after=3), rtol=2e-5)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  whole = Trainer(tiny_config(steps=3), str(tmp_path / "a"), memory_data(), log=_quiet).run()
+  accumulated = Trainer(tiny_config(steps=3, micro_batch_size=8), str(tmp_path / "b"), memory_data(),
+                        log=_quiet).run()
+  np.testing.assert_allclose(_losses(accumulated), _losses(whole), rtol=2e-5)
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+  def log(line):
+    if line.startswith("step      2/"):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  summary = Trainer(tiny_config(steps=8), str(tmp_path), memory_data(), log=log).run()
+  assert summary["preempted"] and summary["step"] < 8
+  assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == summary["step"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  trainer = Trainer(tiny_config(steps=8, checkpoint_every=2), str(tmp_path), memory_data(), log=_quiet)
+  real_step = trainer.steps.train_step
+
+  def poisoned(state, batch):  # step 5 reports a NaN loss, as a diverging run would
+    state, metrics = real_step(state, batch)
+    bad = int(jax.device_get(state["step"])) == 5
+    return state, {**metrics, "loss": metrics["loss"] * (np.nan if bad else 1.0)}
+
+  trainer.steps.train_step = poisoned
+  with pytest.raises(TrainingDiverged, match="at step 5.*last good checkpoint is step 4"):
+    trainer.run()
+  assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2, 4]
+
+
+def test_data_vocab_must_match_model(tmp_path):
+  data = memory_data()
+  data.vocab_size = VOCAB * 2
+  with pytest.raises(ConfigError, match=r"model.vocab_size=128"):
+    Trainer(tiny_config(), str(tmp_path / "run"), data)
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(batch_tokens=32 * 12), "train.batch_tokens"),     # 12 sequences over data=8
+    (dict(batch_tokens=32 * 16, micro_batch_size=4), "train.micro_batch_size"),
+])
+def test_batch_must_divide_over_data_parallel_devices(tmp_path, override, field):
+  with pytest.raises(ConfigError, match=field):
+    Trainer(tiny_config(**override), str(tmp_path / "run"), memory_data())
+  assert not os.path.exists(tmp_path / "run")
