@@ -111,6 +111,8 @@ def inference_flops_per_token(m, seq_len: int) -> float:
 
 def chinchilla_tokens(m, tokens_per_param: float = 20.0) -> float:
   """Training-token budget: tokens_per_param x total parameters (Chinchilla: ~20)."""
+  if not tokens_per_param > 0:
+    raise ConfigError(f"--tokens-per-param={tokens_per_param:g}: must be > 0")
   return tokens_per_param * count_params(m)
 
 
@@ -252,7 +254,8 @@ def parse_flags(argv: list[str], define, usage: str):
   Flags live in a private FlagValues, so importing a CLI module registers nothing globally and
   `main(argv)` can run in-process. `define(fv)` returns {name: flag holder}; `--some-name` is
   accepted for `--some_name`. Returns ({name: value, "config": the config file's path or None},
-  config or None), or None after printing help. Raises ConfigError with one line for any bad flag, override or config file.
+  config or None), or None after printing help. Raises ConfigError with one line for any bad
+  flag, override or config file.
   """
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
   fv = flags.FlagValues()

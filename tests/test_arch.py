@@ -172,6 +172,8 @@ def test_training_time_and_budget():
   assert arch.PEAK_FLOPS["h100"] == 989e12 and arch.PEAK_FLOPS["v6e"] == 918e12
   with pytest.raises(ConfigError, match="--chip='tpu9'"):
     arch.training_seconds(m, 1024, tokens, "tpu9", 0.4)
+  with pytest.raises(ConfigError, match="--tokens-per-param=0"):
+    arch.chinchilla_tokens(m, 0)
   with pytest.raises(ConfigError, match="--mfu"):
     arch.training_seconds(m, 1024, tokens, "h100", 0.0)
 
