@@ -137,3 +137,47 @@ def embedded_sample_texts(max_chars_each: int = 1_000_000) -> dict[str, str]:
         break
     samples[name] = "\n\n".join(parts)[:max_chars_each]
   return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached tokenizer + shards the trainer uses when no data is configured (owned by the data
+# pipeline: lmtiny.data.prepare / lmtiny.data.dataset).
+
+EMBEDDED_VAL_FRACTION = 0.05
+
+
+def ensure_embedded_dataset(cache_dir: str, vocab_size: int, max_chars: int = 0) -> str:
+  """Builds (once) and returns a shard directory of the embedded corpus with its own tokenizer.
+
+  The directory is `<cache_dir>/embedded-<fingerprint>-v<vocab_size>`, keyed by content, so a
+  new Python (new corpus) or vocab size gets a new build. The build happens in a temporary
+  directory renamed into place at the end: two runs racing both succeed and one copy survives.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from lmtiny.data import prepare, shards  # pylint: disable=g-import-not-at-top
+  from lmtiny.data.sources import open_source  # pylint: disable=g-import-not-at-top
+  from lmtiny.tokenizer import train_tokenizer  # pylint: disable=g-import-not-at-top
+
+  key = f"embedded-{embedded_fingerprint(max_chars)}-v{vocab_size}"
+  final = os.path.join(cache_dir, key)
+  if os.path.isfile(os.path.join(final, shards.MANIFEST_FILE)):
+    return final
+  os.makedirs(cache_dir, exist_ok=True)
+  work = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
+  try:
+    tok_dir, data_dir = os.path.join(work, "tokenizer"), os.path.join(work, "data")
+    tokenizer = train_tokenizer(iter_embedded_documents(max_chars), vocab_size, tok_dir, seed=0)
+    prepare.prepare_dataset(open_source(f"embedded?max_chars={max_chars}"), tokenizer, data_dir,
+                            val_fraction=EMBEDDED_VAL_FRACTION, workers=0)
+    # Keep the tokenizer's full directory (vocab listing, report) next to the shards.
+    shutil.rmtree(os.path.join(data_dir, shards.TOKENIZER_DIR))
+    os.replace(tok_dir, os.path.join(data_dir, shards.TOKENIZER_DIR))
+    try:
+      os.rename(data_dir, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, shards.MANIFEST_FILE)):  # not a finished racer
+        raise
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return final

@@ -1,0 +1,218 @@
+"""The grain input pipeline: token documents -> packed, batched training rows.
+
+documents (any random-access sequence of 1-D token arrays: an in-memory list, or the shards'
+`TokenDocs`) -> this process's slice `[process_index::process_count]` -> seeded shuffle, a new
+order every epoch -> a BOS in front of each document -> packing into rows of seq_len + 1 tokens
+-> batches -> optionally grain worker processes that prefetch batches.
+
+Packing is concat-then-split, vectorised over a whole batch: documents follow each other with
+no padding, and a document that does not fit is cut at the row end and continues at the start of
+the next row (as a new segment whose positions restart at 0). Every token is used once; the only
+pairs never trained are the ones straddling a row boundary (the last token of a row is not an
+input, the first token of the next row is not a target). The finite evaluation iterator pads the
+tail of its last batch instead.
+
+Each batch is a dict of [B, T] numpy arrays (T = seq_len):
+  inputs, targets  int32   row[:-1], row[1:]
+  segment_ids      int32   1..k for the documents of a row, 0 on padding
+  positions        int32   restart at 0 where a document (or its continuation) starts
+  loss_mask        float32 1 where input and target belong to the same segment, 0 otherwise
+                           (padding, and the step from one document into the next)
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from lmtiny.config import ConfigError
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len: int) -> dict[str, np.ndarray]:
+  """Lays out consecutive segments as a batch of rows; see the module docstring for the keys.
+
+  Args:
+    tokens: 1-D int32, the concatenated segments, at most batch_size * row_len tokens (a shorter
+      input is padded with zeros and segment id 0).
+    starts: increasing start offsets of the segments in `tokens`, starts[0] == 0.
+    batch_size: rows per batch.
+    row_len: tokens per row, seq_len + 1.
+  """
+  need = batch_size * row_len
+  n = tokens.size
+  lengths = np.diff(np.append(starts, n))
+  doc = np.repeat(np.arange(starts.size, dtype=np.int32), lengths)
+  index = np.arange(n, dtype=np.int32)
+  row_start = index - index % row_len
+  # A segment starts at its document start, or at the row start for a continuation.
+  positions = index - np.maximum(starts.astype(np.int32)[doc], row_start)
+  segments = doc - doc[row_start] + 1
+
+  def rows(x):
+    out = np.zeros(need, np.int32)
+    out[:n] = x
+    return out.reshape(batch_size, row_len)
+
+  tok, seg, pos = rows(tokens), rows(segments), rows(positions)
+  return {
+      "inputs": tok[:, :-1].copy(),
+      "targets": tok[:, 1:].copy(),
+      "segment_ids": seg[:, :-1].copy(),
+      "positions": pos[:, :-1].copy(),
+      "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)).astype(np.float32),
+  }
+
+
+class PackedBatchDataset(grain.IterDataset):
+  """Packs an iterator of token documents into batches (concat-then-split, BOS per document)."""
+
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, bos_id: int,
+               pad_final: bool = False):
+    super().__init__(parent)
+    self._seq_len = seq_len
+    self._batch_size = batch_size
+    self._bos_id = bos_id
+    self._pad_final = pad_final
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _PackedBatchIterator(self._parent.__iter__(), seq_len=self._seq_len, batch_size=self._batch_size,
+                                bos_id=self._bos_id, pad_final=self._pad_final)
+
+  def __str__(self) -> str:
+    return f"PackedBatchDataset(seq_len={self._seq_len}, batch_size={self._batch_size})"
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+  """State = (parent state before the partly used document, tokens of it already emitted).
+
+  A batch stops pulling documents as soon as it is full, so at most one document is partly used.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, batch_size: int, bos_id: int,
+               pad_final: bool):
+    super().__init__(parent)
+    self._row_len = seq_len + 1
+    self._batch_size = batch_size
+    self._need = batch_size * self._row_len
+    self._bos = np.array([bos_id], np.int32)
+    self._pad_final = pad_final
+    self._rest = None          # unused suffix of the partly used document (BOS included)
+    self._rest_state = None    # parent state from before that document was read
+    self._rest_offset = 0      # tokens of it (BOS included) already emitted
+    self._done = False
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._done:
+      raise StopIteration
+    pieces, starts, total = [], [], 0
+    if self._rest is not None:
+      pieces.append(self._rest)
+      starts.append(0)
+      total = self._rest.size
+    last_state, last_start = None, 0
+    while total < self._need:
+      state = self._parent.get_state()
+      try:
+        doc = next(self._parent)
+      except StopIteration:
+        if not self._pad_final or total == 0:
+          raise
+        self._done = True
+        break
+      doc = np.asarray(doc)
+      last_state, last_start = state, total
+      pieces.append(self._bos)
+      pieces.append(doc)
+      starts.append(total)
+      total += 1 + doc.size
+    tokens = np.concatenate(pieces, dtype=np.int32) if len(pieces) > 1 else pieces[0].astype(np.int32)
+    if total > self._need:
+      if last_state is None:  # the carried-over document still does not end in this batch
+        self._rest_offset += self._need
+      else:
+        self._rest_state, self._rest_offset = last_state, self._need - last_start
+      self._rest = tokens[self._need:].copy()
+      tokens = tokens[:self._need]
+    else:
+      self._rest, self._rest_state, self._rest_offset = None, None, 0
+    return pack_batch(tokens, np.asarray(starts, np.int64), self._batch_size, self._row_len)
+
+  def get_state(self) -> dict[str, Any]:
+    if self._rest is None:
+      return {"parent": self._parent.get_state(), "offset": 0}
+    return {"parent": self._rest_state, "offset": self._rest_offset}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._rest, self._rest_state, self._rest_offset, self._done = None, None, 0, False
+    offset = int(state["offset"])
+    if offset:
+      doc = np.asarray(next(self._parent))
+      self._rest = np.concatenate([self._bos, doc], dtype=np.int32)[offset:]
+      self._rest_state, self._rest_offset = state["parent"], offset
+
+
+def _process_slice(docs: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  return grain.MapDataset.source(docs)[process_index::process_count]
+
+
+def _read_options(docs: Sequence) -> grain.ReadOptions:
+  # In-memory documents read fastest on the calling thread; files benefit from reader threads.
+  in_memory = isinstance(docs, (list, tuple))
+  return grain.ReadOptions(num_threads=0 if in_memory else 2, prefetch_buffer_size=0 if in_memory else 256)
+
+
+def _shuffle_seed(seed: int) -> int:
+  # grain reshuffles epoch e with seed + e; spread user seeds so nearby seeds do not share orders.
+  return int(np.random.SeedSequence(int(seed)).generate_state(1, np.uint32)[0])
+
+
+def _ensure_absl_flags_parsed():
+  # grain's worker processes read absl flags; a library caller (test, notebook) may not have parsed them.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, seed: int,
+                        process_index: int = 0, process_count: int = 1,
+                        num_workers: int = 0) -> grain.DatasetIterator:
+  """Infinite iterator of packed batches over this process's slice, reshuffled every epoch.
+
+  `batch_size` is this process's rows per step. The iterator supports get_state()/set_state()
+  (and grain.checkpoint.CheckpointSave/Restore); a state is tied to `num_workers`.
+  """
+  ds = _process_slice(docs, process_index, process_count)
+  if len(ds) == 0:
+    raise ConfigError(f"no training documents for process {process_index} of {process_count} "
+                      f"(the split has {len(docs)} documents)")
+  ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
+  packed = PackedBatchDataset(ds.to_iter_dataset(_read_options(docs)), seq_len=seq_len,
+                              batch_size=batch_size, bos_id=bos_id)
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    packed = packed.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  return iter(packed)
+
+
+def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, num_batches: int,
+                       process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic, finite iterator: documents in order, no shuffle, the last batch padded.
+
+  num_batches > 0: exactly that many batches; once this process's slice is used up the rest are
+  all padding (loss_mask 0), so every process runs the same number of steps. num_batches <= 0:
+  one pass over the slice (the count may then differ between processes).
+  """
+  ds = _process_slice(docs, process_index, process_count).to_iter_dataset(_read_options(docs))
+  batches = iter(PackedBatchDataset(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, pad_final=True))
+  if num_batches <= 0:
+    return batches
+  empty = pack_batch(np.zeros(0, np.int32), np.zeros(0, np.int64), batch_size, seq_len + 1)
+  padding = (dict((k, v.copy()) for k, v in empty.items()) for _ in itertools.count())
+  return itertools.islice(itertools.chain(batches, padding), num_batches)
