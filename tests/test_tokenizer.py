@@ -60,13 +60,22 @@ def test_fixed_ids_and_special_tokens_never_parsed(tok):
   assert tok.bos_id == 1 and tok.special_id("bos") == 1
   assert [tok.special_id(t) for t in SPECIAL_TOKENS] == list(range(1, 10))
   assert tok.special_id("<|output_end|>") == 9
-  assert tok.id_to_piece(core.NEWLINE_ID) == "\n" and tok.id_to_piece(11) == "<0x00>"
+  assert tok.id_to_piece(core.NEWLINE_ID) == "\n" and tok.id_to_piece(core.FIRST_BYTE_ID) == "<0x00>"
   typed = "".join(SPECIAL_TOKENS)
   ids = tok.encode(typed)
   assert not set(ids) & set(range(10)) and tok.decode(ids) == typed
   assert tok.decode([1, 2, 3]) == ""                            # control ids render as nothing
   with pytest.raises(KeyError):
     tok.special_id("eos")
+
+
+def test_newline_pieces_take_the_indentation(tok):
+  ids = tok.encode("if x:\n    y\n\n\tz\n")
+  pieces = [tok.id_to_piece(i) for i in ids]
+  assert "\n\u2581\u2581\u2581\u2581" in pieces and "\n\n" in pieces and "\n" in pieces
+  assert [tok.id_to_piece(core.NEWLINE_ID + k) for k in range(len(core.NEWLINE_PIECES))] == [
+      p.replace(" ", "\u2581") for p in core.NEWLINE_PIECES]
+  assert tok.token_bytes[tok.encode("\n" + " " * 16)].sum() == 17
 
 
 def test_token_bytes_sum_to_utf8_length(tok):

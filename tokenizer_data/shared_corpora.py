@@ -38,14 +38,14 @@ KOREAN = dict(spec=f"txt:{CORPORA}/korean_nsmc_reviews.txt.gz?delimiter=line",
 CODE = dict(spec="embedded?parts=code", hold_out_every=10)
 
 RECIPE = dict(
-    sources=[dict(WIKI, weight=11), dict(PYDOCS, weight=34),
+    sources=[dict(WIKI, weight=9.5), dict(PYDOCS, weight=35.5),
              dict(BOOKS, weight=40, sample=0.06), dict(CHAT, weight=15)],
     total_chars=23_000_000,
     seed=0,
 )
 
 BROAD = dict(
-    sources=[dict(WIKI, weight=2.5), dict(PYDOCS, weight=10), dict(BOOKS, weight=55.7, sample=0.32),
+    sources=[dict(WIKI, weight=2.2), dict(PYDOCS, weight=10.3), dict(BOOKS, weight=55.7, sample=0.32),
              dict(CHAT, weight=3.3), dict(KOREAN, weight=20), dict(CODE, weight=8.5)],
     total_chars=100_000_000,
     seed=0,

@@ -5,9 +5,11 @@ Fixed ids, the same in every lmtiny tokenizer whatever its vocab size:
   1..9     the chat tokens, `<|bos|>` = 1 ... `<|output_end|>` = 9 (SPECIAL_TOKENS order);
            sentencepiece *control* symbols, so text never encodes to them: a user typing
            "<|bos|>" gets ordinary pieces, and decode renders them as ""
-  10       "\\n"              (a user-defined piece: newlines never merge with text)
-  11..266  the byte pieces <0x00>..<0xFF>
-  267..    learned BPE pieces
+  10..31   newline pieces (sentencepiece user-defined symbols, matched longest first):
+           "\\n", "\\n\\n", "\\n" + 1..16 spaces, "\\n" + 1..4 tabs. Newlines never merge
+           with words, and a line break with its indentation costs one token
+  32..287  the byte pieces <0x00>..<0xFF>
+  288..    learned BPE pieces
 
 Lossless: `decode(encode(s)) == s` for every str. The only character sentencepiece itself
 cannot round trip is U+2581 ("▁", its stand-in for a space), so `encode` emits that one as its
@@ -27,8 +29,10 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|output_end|>")
 UNK_ID = 0
 FIRST_SPECIAL_ID = 1
+NEWLINE_PIECES = (("\n", "\n\n") + tuple("\n" + " " * k for k in range(1, 17))
+                  + tuple("\n" + "\t" * k for k in range(1, 5)))
 NEWLINE_ID = 1 + len(SPECIAL_TOKENS)
-FIRST_BYTE_ID = NEWLINE_ID + 1
+FIRST_BYTE_ID = NEWLINE_ID + len(NEWLINE_PIECES)
 NUM_RESERVED_IDS = FIRST_BYTE_ID + 256      # ids every tokenizer fixes before learned pieces
 MODEL_FILE = "tokenizer.model"
 VOCAB_FILE = "tokenizer.vocab"
