@@ -15,7 +15,7 @@ verbs:
   check-idle                           exit 2 if a training run started here is still alive
   start       [--python PY] [--env NAME=VALUE]... -- ARGS
                                        python -m lmtiny.train ARGS, detached (own session, nohup)
-  stop        [--grace SECONDS]        SIGTERM the run's process group, SIGKILL after the grace (30)
+  stop        [--grace SECONDS]        SIGTERM the run's process group, SIGKILL after the grace (120)
   logs        [--lines N] [--follow]   tail this host's log
   cleanup     [--devices 'GLOB ...'] [--lockfile PATH]
                                        stop, then kill python processes still holding the TPU
@@ -49,7 +49,9 @@ alive() {  # alive PIDFILE: the process group it names still has members.
 
 verb_setup() {
   if ! command -v uv >/dev/null 2>&1 && [[ ! -x $HOME/.local/bin/uv ]]; then
-    run python3 -m pip install --user --quiet --upgrade uv
+    # pip where the image allows user installs, else uv's own installer (both put it in ~/.local/bin).
+    run python3 -m pip install --user --quiet --upgrade uv \
+      || run sh -c 'curl -LsSf https://astral.sh/uv/install.sh | sh'
   fi
   local uv=uv
   command -v uv >/dev/null 2>&1 || uv=$HOME/.local/bin/uv
@@ -180,7 +182,7 @@ DIR=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=.venv/bin/python
 PYTHON_VERSION=3.11
 EXTRAS=tpu
-GRACE=30
+GRACE=120
 LINES=100
 FOLLOW=0
 DEVICES='/dev/accel* /dev/vfio/[0-9]*'
