@@ -148,7 +148,8 @@ def main():
     tag, tok = train(recipe_name, vocab, args.out, **options)
     ours[tag] = tok
 
-  print("\nencode throughput (MB/s of UTF-8, median of 3, all evaluation texts):")
+  print("\nencode throughput (MB/s of UTF-8, median of 3, all evaluation texts; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
   for tag, tok in ours.items():
     print(f"  {tag:<34} 2 threads {encode_throughput(tok, texts, 2):5.2f}   "
           f"1 thread {encode_throughput(tok, texts, 1):5.2f}", flush=True)

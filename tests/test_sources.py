@@ -31,7 +31,8 @@ def test_txt_gz_record_delimiter_across_chunk_boundaries(tmp_path, monkeypatch):
   assert docs_of(f"txt:{tmp_path}/c.txt.gz?delimiter=record") == records
 
 
-def test_txt_delimiter_escapes_and_line_mode(tmp_path):
+def test_txt_delimiter_escapes_and_line_mode(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "_CHUNK_BYTES", 2)
   (tmp_path / "d.txt").write_text("a\n---\nb\n---\nc")
   assert docs_of(f"txt:{tmp_path}/d.txt?delimiter=\\n---\\n") == ["a", "b", "c"]
   assert docs_of(f"txt:{tmp_path}/d.txt?delimiter=line") == ["a", "---", "b", "---", "c"]

@@ -160,14 +160,22 @@ class TextFileSource(Source):
         if self.delimiter is None:
           yield self._decode(f.read())
           continue
-        sep = self.delimiter.encode("utf-8")
-        buf = b""
-        while chunk := f.read(_CHUNK_BYTES):
-          buf += chunk
-          *complete, buf = buf.split(sep)
-          for part in complete:
-            yield self._decode(part)
-        yield self._decode(buf)
+        yield from self._split_at_delimiter(f, self.delimiter.encode("utf-8"))
+
+  def _split_at_delimiter(self, f, sep: bytes):
+    """Streams chunks; a long document is kept as a list of chunks (no quadratic re-scans)."""
+    pending, tail = [], b""          # tail: the last len(sep) - 1 bytes of the pending text
+    keep = len(sep) - 1
+    while chunk := f.read(_CHUNK_BYTES):
+      if sep not in tail + chunk:
+        pending.append(chunk)
+        tail = (tail + chunk)[-keep:] if keep else b""
+        continue
+      *complete, rest = b"".join(pending + [chunk]).split(sep)
+      for part in complete:
+        yield self._decode(part)
+      pending, tail = [rest], (rest[-keep:] if keep else b"")
+    yield self._decode(b"".join(pending))
 
 
 def _text_of(value, where: str) -> str:
