@@ -171,7 +171,7 @@ class _Preemption:
 
 def _copy_tokenizer(tokenizer, workdir: str) -> None:
   """The run directory carries its tokenizer so sampling needs nothing else."""
-  if tokenizer is None or not hasattr(tokenizer, "model_proto"):
+  if not hasattr(tokenizer, "model_proto"):
     return
   path = os.path.join(workdir, "tokenizer.model")
   if not os.path.exists(path):
@@ -181,17 +181,17 @@ def _copy_tokenizer(tokenizer, workdir: str) -> None:
 
 
 class Trainer:
-  """One training run in `workdir`; `data` holds train_docs, val_docs, token_bytes, tokenizer
-  and bos_id (see lmtiny.data.dataset.load_data), or in-memory token documents in tests."""
+  """One training run in `workdir`; `data` has train_docs, val_docs, token_bytes and tokenizer
+  (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes)."""
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print):
     self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
     t = cfg.train
     self.mesh = sharding.make_mesh(cfg.mesh)
     check_batch_divisibility(cfg, self.mesh)
-    if int(data.vocab_size) != cfg.model.vocab_size:
+    if int(data.tokenizer.vocab_size) != cfg.model.vocab_size:
       raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the data's tokenizer has "
-                        f"{data.vocab_size} tokens")
+                        f"{data.tokenizer.vocab_size} tokens")
     self.num_params = arch.count_params(cfg.model)
     self.total_steps = config_lib.total_steps(cfg, self.num_params)
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
@@ -205,7 +205,7 @@ class Trainer:
     from lmtiny.data.pipeline import make_train_iterator
     t = self.cfg.train
     return make_train_iterator(self.data.train_docs, seq_len=t.seq_len, batch_size=self.process_batch,
-                               bos_id=self.data.bos_id, seed=self.cfg.data.shuffle_seed,
+                               bos_id=self.data.tokenizer.bos_id, seed=self.cfg.data.shuffle_seed,
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                num_workers=self.cfg.data.num_workers)
 
@@ -216,7 +216,7 @@ class Trainer:
       return None
     batches = make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
                                  batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
-                                 bos_id=self.data.bos_id, num_batches=t.eval_batches,
+                                 bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
                                  process_index=jax.process_index(), process_count=jax.process_count())
     token_bytes = jnp.asarray(self.data.token_bytes, jnp.int32)
     totals = None
@@ -250,7 +250,7 @@ class Trainer:
     if self.main:
       with open(os.path.join(self.workdir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))
-      _copy_tokenizer(getattr(self.data, "tokenizer", None), self.workdir)
+      _copy_tokenizer(self.data.tokenizer, self.workdir)
     ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
                         async_save=t.async_checkpointing)
     train_iter = self.train_iterator()

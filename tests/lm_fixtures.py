@@ -45,5 +45,5 @@ def progression_docs(n: int, seed: int = 0, vocab: int = VOCAB) -> list[np.ndarr
 def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):
   """The attributes the trainer reads from lmtiny.data.dataset.Data, over in-memory documents."""
   return SimpleNamespace(train_docs=progression_docs(n_train, 0, vocab), val_docs=progression_docs(n_val, 1, vocab),
-                         token_bytes=np.r_[0, np.ones(vocab - 1)].astype(np.int32), bos_id=0,
-                         vocab_size=vocab, tokenizer=None)
+                         token_bytes=np.r_[0, np.ones(vocab - 1)].astype(np.int32),
+                         tokenizer=SimpleNamespace(bos_id=0, vocab_size=vocab))

@@ -97,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_data_vocab_must_match_model(tmp_path):
   data = memory_data()
-  data.vocab_size = VOCAB * 2
+  data.tokenizer.vocab_size = VOCAB * 2
   with pytest.raises(ConfigError, match=r"model.vocab_size=128"):
     Trainer(tiny_config(), str(tmp_path / "run"), data)
   assert not os.path.exists(tmp_path / "run")

@@ -1,0 +1,50 @@
+"""The README's main command, run for a few steps through the same code path, and its errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm_fixtures import ROOT
+
+
+def _train(tmp_path, *overrides, workdir="run"):
+  cmd = [sys.executable, "-m", "lmtiny.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+         "--workdir", str(tmp_path / workdir), f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+
+def test_readme_main_command_smoke(tmp_path):
+  """Embedded corpus -> tokenizer -> shards -> train -> eval -> checkpoint, then resume."""
+  args = ("--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
+          "--config.train.eval_batches=1", "--config.data.embedded_max_chars=300000")
+  result = _train(tmp_path, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step      4/4 | val loss" in result.stdout and "done: 4 steps" in result.stdout
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert {r["split"] for r in records} == {"train", "val"}
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+  assert os.path.exists(tmp_path / "run" / "tokenizer.model") and os.path.exists(tmp_path / "run" / "loss.png")
+  # Re-running the same command with a longer horizon resumes from the checkpoint (cache reused).
+  again = _train(tmp_path, *args[1:], "--config.train.steps=6")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from checkpoint at step 4" in again.stdout and "step      6/6" in again.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.num_heads=5", "config.model.num_heads=5: must divide model.d_model=192"),
+    ("--config.model.num_kv_heads=2", "config.model.num_kv_heads=2: must divide model.num_heads=3"),
+    ("--config.model.activation=tanh", "config.model.activation='tanh': must be one of"),
+    ("--config.model.attention=flash", "config.model.attention='flash': must be one of"),
+    ("--config.model.init=orthogonal", "config.model.init='orthogonal': must be one of"),
+    ("--config.train.seq_len=512", "config.train.seq_len=512: exceeds model.max_seq_len=256"),
+    ("--config.mesh.data=2", "config.mesh="),
+])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, override, message):
+  result = _train(tmp_path, override)
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
