@@ -1,0 +1,348 @@
+"""lmtiny.model against an independent float64 NumPy forward pass, plus masking, layouts and init.
+
+Parameters come from the model itself (nnx.state(model, nnx.Param)); norm scales and the
+embedding are re-drawn at random so a scale of ones or a tiny embedding cannot hide a bug.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmtiny import config as config_lib
+from lmtiny import model as model_lib
+import reference_numpy as ref
+
+VOCAB = 61
+T = 12
+
+
+def _cfg(**overrides):
+  m = config_lib.base_config().model
+  m.update(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, max_seq_len=64, mlp_ratio=2.0,
+           init="xavier", dtype="float32", attention="xla")
+  m.update(overrides)
+  config_lib.validate_model(m)
+  return m
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _set_params(model, pure):
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), pure))
+  nnx.update(model, state)
+
+
+def _random_model(m, seed=0):
+  """The model with every parameter drawn here (no init kernels to compile, nothing left at 0 or 1).
+
+  Matrices ~ N(0, 1/fan_in), embedding ~ N(0, 1), norm scales ~ 1 + 0.3 N(0, 1).
+  """
+  model = nnx.eval_shape(lambda: model_lib.Transformer(m, nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  fan_in = dict(o=config_lib.head_dim(m) * m.num_heads, down=config_lib.mlp_dim(m))
+
+  def draw(path, x):
+    names = [getattr(k, "key", k) for k in path]
+    if "scale" in names:
+      return 1.0 + 0.3 * rng.standard_normal(x.shape)
+    if names[-1] == "embed":
+      return rng.standard_normal(x.shape)
+    return rng.standard_normal(x.shape) / math.sqrt(fan_in.get(names[-1], m.d_model))
+
+  _set_params(model, jax.tree_util.tree_map_with_path(draw, _params(model)))
+  return model
+
+
+def _batch(seed=0, vocab=VOCAB):
+  """Row 0: one document. Row 1: packed - three documents (positions restart) and padding."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (2, T)).astype(np.int32)
+  segments = np.array([[1] * T, [1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 0]], np.int32)
+  positions = np.array([list(range(T)), [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 0]], np.int32)
+  return tokens, positions, segments
+
+
+def _assert_logits_close(got, want, rtol=1e-4):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself: RoPE is rotation by complex multiplication, and only relative.
+
+
+def test_reference_rope_is_complex_rotation_of_half_pairs():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5, 3, 8))
+  pos = np.array([0, 1, 2, 7, 100])
+  got = ref.rotary(x, pos, 10000.0)
+  z = (x[..., :4] + 1j * x[..., 4:]) * np.exp(1j * pos[:, None, None] * 10000.0 ** (-np.arange(4) / 4))
+  np.testing.assert_allclose(got, np.concatenate([z.real, z.imag], -1), atol=1e-12)
+  q, k = rng.standard_normal((1, 1, 8)), rng.standard_normal((1, 1, 8))
+  dot = lambda p, r: float((ref.rotary(q, np.array([p]), 500.0) * ref.rotary(k, np.array([r]), 500.0)).sum())
+  assert dot(9, 4) == pytest.approx(dot(5, 0), abs=1e-12)
+
+
+def test_model_rope_matches_reference():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 3, 16)).astype(np.float32)
+  pos = rng.integers(0, 500, (2, 6))
+  got = model_lib.rope(jnp.asarray(x), jnp.asarray(pos), 10000.0)
+  want = np.stack([ref.rotary(x[b].astype(np.float64), pos[b], 10000.0) for b in range(2)])
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass against the float64 reference.
+
+CASES = {
+    "relu2": dict(activation="relu2"),
+    "gelu": dict(activation="gelu"),
+    "silu": dict(activation="silu"),
+    "swiglu": dict(activation="swiglu"),
+    "gqa": dict(num_kv_heads=2, activation="swiglu"),
+    "mqa": dict(num_kv_heads=1),
+    "qk_norm": dict(qk_norm=True),
+    "qk_norm_no_scale": dict(qk_norm=True, norm_scale=False, num_kv_heads=2),
+    "no_norm_scale": dict(norm_scale=False),
+    "tied": dict(tie_embeddings=True),
+    "softcap": dict(tie_embeddings=True, logit_softcap=4.0),
+    "head_dim_64": dict(d_model=128, num_heads=2, num_layers=1),
+    "head_dim_128": dict(d_model=64, num_heads=2, head_dim=128, num_kv_heads=1, num_layers=1),
+    "nanochat_like": dict(activation="relu2", norm_scale=False, qk_norm=True, logit_softcap=15.0,
+                          head_dim=16, num_heads=2, rope_theta=500.0, mlp_ratio=4.0, num_layers=3,
+                          tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_float64_reference(name):
+  m = _cfg(**CASES[name])
+  model = _random_model(m)
+  tokens, positions, segments = _batch()
+  got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  assert got.dtype == jnp.float32 and got.shape == (2, T, VOCAB)
+  want = ref.forward(_params(model), m, tokens, positions, segments)
+  _assert_logits_close(got, want)
+  if m.logit_softcap:
+    assert np.abs(want).max() > 0.5 * m.logit_softcap  # the cap is in its nonlinear range
+
+
+def test_default_positions_and_segments_are_one_causal_document():
+  m = _cfg(activation="swiglu", qk_norm=True, num_kv_heads=2)
+  model = _random_model(m)
+  tokens, _, _ = _batch(3)
+  got = model(jnp.asarray(tokens))
+  _assert_logits_close(got, ref.forward(_params(model), m, tokens))
+
+
+def test_reference_test_can_fail_on_a_wrong_parameter():
+  """Sanity check of the harness: a perturbed query weight is visible in the logits."""
+  m = _cfg()
+  model = _random_model(m)
+  tokens, positions, segments = _batch()
+  params = ref.to_numpy64(_params(model))
+  params["layers"][1]["attn"]["q"][0, 0, 0] += 0.5
+  got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  with pytest.raises(AssertionError):
+    _assert_logits_close(got, ref.forward(params, m, tokens, positions, segments))
+
+
+# ---------------------------------------------------------------------------------------------
+# Causality and document masking.
+
+
+def test_future_token_does_not_change_earlier_logits():
+  m = _cfg(num_kv_heads=2, qk_norm=True)
+  model = _random_model(m)
+  tokens, _, _ = _batch()
+  changed = tokens.copy()
+  changed[:, 7] = (changed[:, 7] + 1) % VOCAB
+  a, b = np.asarray(model(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(changed)))
+  np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+  assert np.abs(a[:, 7:] - b[:, 7:]).max(axis=(0, 2)).min() > 1e-3  # every later position sees it
+
+
+def test_document_masking_isolates_documents():
+  m = _cfg(num_kv_heads=2, qk_norm=True)
+  model = _random_model(m)
+  tokens, positions, segments = _batch()
+  run = lambda tok, *rest: np.asarray(model(*map(jnp.asarray, (tok,) + rest)))
+  packed = run(tokens, positions, segments)[1]
+  doc1, doc2, doc3 = slice(0, 4), slice(4, 9), slice(9, 11)
+
+  changed = tokens.copy()
+  changed[1, 2] = (changed[1, 2] + 1) % VOCAB  # a token of document 1
+  packed_changed = run(changed, positions, segments)[1]
+  np.testing.assert_allclose(packed_changed[doc2], packed[doc2], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(packed_changed[9:], packed[9:], rtol=0, atol=1e-6)
+  assert np.abs(packed_changed[3] - packed[3]).max() > 1e-3  # later tokens of document 1 see it
+
+  # Each document run alone (at the start of a row, positions from 0, one segment) gives the
+  # same logits as inside the pack. What follows it in that row is unseen (causality).
+  for doc in (doc1, doc2, doc3):
+    n = doc.stop - doc.start
+    alone = np.roll(tokens, -doc.start, axis=1)
+    np.testing.assert_allclose(run(alone)[1, :n], packed[doc], rtol=1e-5, atol=1e-5)
+  assert np.abs(run(tokens)[1, doc2] - packed[doc2]).max() > 1e-3  # unmasked, it would differ
+
+
+def test_positions_matter_only_relatively():
+  """RoPE: shifting every position of a document by the same amount leaves its logits alone."""
+  m = _cfg(qk_norm=True)
+  model = _random_model(m)
+  tokens, _, _ = _batch()
+  pos = np.broadcast_to(np.arange(T), (2, T))
+  a = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos)))
+  b = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos + 37)))
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  c = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos * 2)))
+  assert np.abs(a - c).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: scan over stacked layers and rematerialisation equal the plain loop.
+
+
+def _stack_layers(pure):
+  layers = [pure["layers"][i] for i in sorted(pure["layers"])]
+  return dict(pure, layers=jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers))
+
+
+def _loss_and_grads(model, tokens):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(p):
+    logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean(), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  return np.asarray(logits), nnx.to_pure_dict(grads)
+
+
+def test_scan_and_remat_match_plain_loop_in_value_and_gradient():
+  """The same seed gives different parameters in the two layouts (one key per layer from a
+  split, versus a running stream), so the plain model's parameters are stacked explicitly."""
+  base = dict(num_kv_heads=2, qk_norm=True, activation="swiglu")
+  plain = _random_model(_cfg(**base))
+  tokens = jnp.asarray(_batch()[0])
+  want_logits, want_grads = _loss_and_grads(plain, tokens)
+  for scan, remat in [(False, "full"), (True, "dots")]:
+    model = _random_model(_cfg(**base, scan_layers=scan, remat=remat), seed=5)
+    _set_params(model, _stack_layers(_params(plain)) if scan else _params(plain))
+    logits, grads = _loss_and_grads(model, tokens)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6),
+                 grads, _stack_layers(want_grads) if scan else want_grads)
+  assert np.abs(want_grads["layers"][0]["attn"]["q"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_layout_matches_reference_directly(remat):
+  m = _cfg(num_layers=3, scan_layers=True, remat=remat, tie_embeddings=True)
+  model = _random_model(m)
+  assert model.layers.attn.q[...].shape == (3, 32, 4, 8)
+  assert model.layers.attn.q.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+  tokens, positions, segments = _batch()
+  got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  _assert_logits_close(got, ref.forward(_params(model), m, tokens, positions, segments))
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation.
+
+
+def _std(x):
+  return float(np.std(np.asarray(x, np.float64)))
+
+
+@pytest.mark.parametrize("init", config_lib.INITS)
+def test_every_init_builds_with_its_scale(init):
+  layers, d, f = 2, 64, 256
+  m = _cfg(init=init, d_model=d, num_layers=layers, mlp_ratio=4.0, vocab_size=256)
+  model = model_lib.Transformer(m, nnx.Rngs(0))
+  logits = np.asarray(model(jnp.asarray(_batch(vocab=256)[0])))
+  assert np.isfinite(logits).all()
+  p = _params(model)
+  blk = p["layers"][0]
+  assert np.all(np.asarray(blk["attn_norm"]["scale"]) == 1.0)
+  stds = {k: _std(v) for k, v in dict(embed=p["embed"], lm_head=p["lm_head"], q=blk["attn"]["q"],
+                                      o=blk["attn"]["o"], up=blk["mlp"]["up"], down=blk["mlp"]["down"]).items()}
+  uniform = lambda fan_in, fan_out: math.sqrt(2.0 / (fan_in + fan_out))  # std of Glorot uniform
+  want = {
+      "gpt2": dict(embed=0.02, lm_head=0.02, q=0.02, up=0.02,
+                   o=0.02 / math.sqrt(2 * layers), down=0.02 / math.sqrt(2 * layers)),
+      "xavier": dict(embed=0.02, lm_head=uniform(d, 256), q=uniform(d, d), o=uniform(d, d),
+                     up=uniform(d, f), down=uniform(f, d)),
+      "kaiming": dict(embed=0.02, lm_head=math.sqrt(2 / d), q=math.sqrt(2 / d), o=math.sqrt(2 / d),
+                      up=math.sqrt(2 / d), down=math.sqrt(2 / f)),
+      "nanochat": dict(embed=1.0, lm_head=0.001, q=1 / math.sqrt(d), up=1 / math.sqrt(d), o=0.0, down=0.0),
+  }[init]
+  for name, std in want.items():
+    assert stds[name] == pytest.approx(std, rel=0.1, abs=1e-12), name
+
+
+def test_initial_loss_is_log_vocab():
+  vocab = 256
+  model = model_lib.Transformer(_cfg(vocab_size=vocab, d_model=64, mlp_ratio=4.0, init="gpt2"), nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, vocab, (2, T + 1))
+  logits = np.asarray(model(jnp.asarray(tokens[:, :-1])), np.float64)
+  loss = ref.cross_entropy(logits, tokens[:, 1:])
+  assert abs(loss - math.log(vocab)) < 0.1
+
+
+def test_nanochat_init_blocks_start_as_identity():
+  m = _cfg(init="nanochat", norm_scale=False, qk_norm=True, logit_softcap=15.0, activation="relu2",
+           d_model=64, mlp_ratio=4.0, vocab_size=256)
+  model = model_lib.Transformer(m, nnx.Rngs(0))
+  p = ref.to_numpy64(_params(model))
+  for i in range(2):
+    assert not p["layers"][i]["attn"]["o"].any() and not p["layers"][i]["mlp"]["down"].any()
+  tokens = _batch(vocab=256)[0]
+  got = np.asarray(model(jnp.asarray(tokens)))
+  # Every block adds zero, so logits = softcap(RMSNorm(embedding) @ lm_head).
+  z = ref.rms_norm(p["embed"][tokens]) @ p["lm_head"]
+  np.testing.assert_allclose(got, 15.0 * np.tanh(z / 15.0), rtol=1e-4, atol=1e-6)
+  # The zero projections still learn: they get gradient, while what feeds them gets none yet.
+  _, grads = _loss_and_grads(model, jnp.asarray(tokens))
+  g = grads["layers"][0]
+  assert np.abs(g["attn"]["o"]).max() > 0 and np.abs(g["mlp"]["down"]).max() > 0
+  assert not np.asarray(g["attn"]["q"]).any() and not np.asarray(g["mlp"]["up"]).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute dtype.
+
+
+def test_auto_dtype_is_float32_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert model_lib.compute_dtype(_cfg(dtype="auto")) == jnp.float32
+  assert model_lib.compute_dtype(_cfg(dtype="bfloat16")) == jnp.bfloat16
+  tokens = jnp.asarray(_batch()[0])
+  a = _random_model(_cfg(dtype="auto"))(tokens)
+  b = _random_model(_cfg(dtype="float32"))(tokens)
+  assert a.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_gives_float32_logits_close_to_float32():
+  kw = dict(num_kv_heads=2, qk_norm=True, activation="swiglu", tie_embeddings=True)
+  m16 = _cfg(dtype="bfloat16", **kw)
+  model = _random_model(m16)
+  tokens = jnp.asarray(_batch()[0])
+  jaxpr = str(jax.make_jaxpr(lambda t: model(t))(tokens))
+  assert "bf16[" in jaxpr  # the matmuls really run in bfloat16
+  lo = np.asarray(model(tokens))
+  m32 = _cfg(dtype="float32", **kw)
+  hi = ref.forward(_params(model), m32, np.asarray(tokens))
+  assert lo.dtype == np.float32
+  err = np.abs(lo - hi).max() / np.abs(hi).max()
+  assert 0 < err < 0.05
