@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
+from lmtiny import arch, cli, config as config_lib, metrics as metrics_lib, sharding
 from lmtiny.config import ConfigError
 from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
 
@@ -90,7 +90,7 @@ def _define_flags(fv):
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv if argv is None else argv
   try:
-    parsed = arch.parse_flags(argv, _define_flags, __doc__)
+    parsed = cli.parse_flags(argv, _define_flags, __doc__)
     if parsed is None:
       return 0
     values, cfg = parsed

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmtiny import arch
+from lmtiny import arch, cli
 from lmtiny import config as config_lib
 from lmtiny.config import ConfigError
 
@@ -234,7 +234,7 @@ def _define_flags(fv):
 
 
 def run(argv: list[str]) -> int:
-  parsed = arch.parse_flags(argv, _define_flags, __doc__)
+  parsed = cli.parse_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   f, cfg = parsed

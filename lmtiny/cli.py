@@ -1,0 +1,69 @@
+"""Command-line plumbing shared by the entry points: `--config FILE` with `--config.a.b=v`
+overrides plus each tool's own flags, parsed into a private FlagValues, with every parsing
+problem turned into a one-line ConfigError (the entry point prints it and exits with 2)."""
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from lmtiny.config import ConfigError
+
+
+def _one_line(error: BaseException) -> str:
+  """The innermost message on one line (config_flags wraps a KeyError inside an AttributeError)."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+  return " ".join(text.split())
+
+
+def _underscored(arg: str) -> str:
+  """'--target-params=3' -> '--target_params=3' (the issue's spelling); config overrides untouched."""
+  if not arg.startswith("--") or arg.startswith("--config."):
+    return arg
+  name, eq, value = arg.partition("=")
+  return "--" + name[2:].replace("-", "_") + eq + value
+
+
+def _loaded_config(holder, path: str | None):
+  """The parsed config, or a ConfigError naming the file (config_flags defers load errors)."""
+  try:
+    value = holder.value
+    value.get("model")  # a failed load surfaces on first use
+    return value
+  except OSError as e:
+    last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    raise ConfigError(f"--config={path}: cannot load config file: {last}") from None
+
+
+def parse_flags(argv: list[str], define, usage: str):
+  """Parses argv: `--config FILE` (with `--config.a.b=v` overrides) plus the flags `define` adds.
+
+  Flags live in a private FlagValues, so importing a CLI module registers nothing globally and
+  `main(argv)` can run in-process. `define(fv)` returns {name: flag holder}; `--some-name` is
+  accepted for `--some_name`. Returns ({name: value, "config": the config file's path or None},
+  config or None), or None after printing help. Raises ConfigError with one line for any bad
+  flag, override or config file.
+  """
+  argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
+  fv = flags.FlagValues()
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file (configs/<size>.py); --config.x.y=... overrides.", flag_values=fv,
+      sys_argv=argv)  # config_flags finds the overrides in argv, not in the FlagValues
+  holders = define(fv)
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(usage + "\n" + fv.get_help())
+    return None
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    raise ConfigError(_one_line(e)) from None
+  except (AttributeError, KeyError) as e:  # config_flags on an override naming no field
+    raise ConfigError(f"--config override: {_one_line(e)}") from None
+  except Exception as e:  # parsing only loads the user's config file and applies overrides
+    raise ConfigError(f"--config: {type(e).__name__}: {_one_line(e)}") from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+  path = fv["config"].config_filename if config.present else None
+  cfg = _loaded_config(config, path) if path else None
+  return dict({name: holder.value for name, holder in holders.items()}, config=path), cfg
