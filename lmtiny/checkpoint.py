@@ -7,9 +7,12 @@ takes part in a save; grain writes one iterator-state file per process.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import grain
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -35,6 +38,21 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def data_states(self, step: int) -> list[dict] | None:
+    """The per-process data-iterator states saved at `step` (index = process), None if absent."""
+    path = epath.Path(self.directory) / str(step) / "data_iter"
+    if not path.exists():
+      return None
+    found = {}
+    for f in path.glob("process_*-of-*.json"):
+      m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+      if m:
+        found[int(m.group(1))] = (int(m.group(2)), f)
+    counts = {n for n, _ in found.values()}
+    if len(counts) != 1 or sorted(found) != list(range(counts.pop())):
+      return None
+    return [json.loads(found[i][1].read_text()) for i in sorted(found)]
+
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restore onto the shardings in `abstract_state`; `data_iter` is restored in place."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -53,3 +71,16 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs placed on `shardings` (a tree of the same structure)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_tree, shardings)
+
+
+def restore_params(directory: str, step: int, abstract_params):
+  """Only the model parameters of the checkpoint at `step` (no optimizer state, no data iterator),
+  placed on the shardings the ShapeDtypeStructs in `abstract_params` carry: a run trained on any
+  mesh restores onto one device or onto another mesh (used for sampling)."""
+  from etils import epath  # orbax's own path type; handles gs:// too
+  path = epath.Path(directory) / str(step) / "state"
+  target = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=args)["params"]

@@ -234,7 +234,15 @@ class Trainer:
     if step is None:
       return self.steps.init(), 0
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
-    state = ckpt.restore(step, target, train_iter)
+    saved = ckpt.data_states(step)
+    if saved is None or len(saved) == jax.process_count():
+      state = ckpt.restore(step, target, train_iter)
+    else:  # another process count: model state as is, data position mapped
+      from lmtiny.data.pipeline import map_train_state
+      state = ckpt.restore(step, target)
+      data_state, note = map_train_state(saved, len(self.data.train_docs), jax.process_index(), jax.process_count())
+      train_iter.set_state(data_state)
+      self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
     self.log(f"resumed from checkpoint at step {step}")
     return state, step
 

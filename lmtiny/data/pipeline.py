@@ -201,6 +201,28 @@ def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id
   return iter(packed)
 
 
+def map_train_state(states: list[dict], num_docs: int, process_index: int, process_count: int):
+  """This process's iterator state when a run saved by len(states) processes resumes on
+  process_count processes; returns (state, one-line note).
+
+  Each process shuffles its own slice of the documents, so the order depends on the process
+  count: a position maps exactly only at an epoch boundary. Elsewhere the resumed run restarts
+  the earliest epoch any old process was in, so no document is skipped; the ones already trained
+  on in that epoch are seen again.
+  """
+  old_count = len(states)
+  lengths = [len(range(num_docs)[p::old_count]) for p in range(old_count)]
+  done = [s["parent"]["next_index"] for s in states]
+  epoch = min(d // n for d, n in zip(done, lengths))
+  new_state = {"parent": {"next_index": epoch * len(range(num_docs)[process_index::process_count])}, "offset": 0}
+  exact = all(d == epoch * n for d, n in zip(done, lengths)) and not any(s["offset"] for s in states)
+  if exact:
+    return new_state, f"data position mapped exactly: start of epoch {epoch}"
+  seen = sum(d - epoch * n for d, n in zip(done, lengths))
+  return new_state, (f"warning: data position: the order depends on the process count, so epoch {epoch} "
+                     f"restarts from its beginning ({seen} of its {num_docs} documents are seen again)")
+
+
 def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, num_batches: int,
                        process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic, finite iterator: documents in order, no shuffle, the last batch padded.
