@@ -1,0 +1,399 @@
+"""Sampling with a KV cache: prefill the prompts once, then one compiled loop decodes token by token.
+
+Layout. The cache holds keys and values for every layer in two arrays of static shape
+[L, B, S, K, Dh] (K = kv heads, so GQA caches only those). Prompts of different lengths are
+*right-padded* and carry their own lengths: row b holds its prompt at positions 0..len_b-1, its
+pad slots are overwritten by the tokens it generates, and its queries see only keys at positions
+<= their own (the causal mask with a per-row offset), so a row never sees another row's padding
+or its own. Each row therefore computes exactly what it would alone, with its true positions.
+
+Shapes are bucketed so few programs compile: the prompt block is padded to a power of two
+(at least 16) and the cache length is the power of two that holds the longest prompt plus
+max_new_tokens, capped at the model's context (model.max_seq_len).
+
+Decoding runs `chunk` steps per call inside one `lax.while_loop` (one compiled program for a
+given batch and cache length); between chunks the host streams the new tokens and may stop rows
+(stop strings). Sampling: logits / temperature, then top-k, then top-p on what is left
+(temperature 0 is greedy argmax). The random key of a row is fold_in(key(seed), row id) and each
+token folds in its position, so a row's text does not depend on what else is in the batch.
+
+The forward pass reuses the model's own submodules (norms, project_qkv, project_out, mlp,
+embed_tokens, unembed), so there is one set of weights and one implementation of the math.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmtiny.attention import attention
+from lmtiny.model import compute_dtype
+from lmtiny.sharding import constrain
+
+Array = jax.Array
+MIN_BUCKET = 16
+MAX_STOP_IDS = 8
+
+
+class SamplingError(ValueError):
+  """A user-fixable sampling request (bad filter value, empty or too-long prompt)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Static: a new value recompiles."""
+  temperature: float = 0.8
+  top_k: int = 50
+  top_p: float = 0.95
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise SamplingError(f"temperature={self.temperature}: must be >= 0")
+    if int(self.top_k) != self.top_k or self.top_k < 0:
+      raise SamplingError(f"top_k={self.top_k}: must be an integer >= 0 (0 = off)")
+    if not 0 < self.top_p <= 1:
+      raise SamplingError(f"top_p={self.top_p}: must be in (0, 1]")
+
+
+class KVCache(NamedTuple):
+  k: Array  # [L, B, S, K, Dh]
+  v: Array
+
+
+class DecodeState(NamedTuple):
+  """Everything the decode loop carries; `next_B` is sampled but not yet emitted or fed."""
+  cache: KVCache
+  next_B: Array   # int32 token to emit next
+  pos_B: Array    # its position (where it is written into the cache when fed)
+  end_B: Array    # a row stops after emitting the token at position end_B - 1
+  done_B: Array   # bool
+  keys_B: Array   # typed PRNG keys, one per row
+
+
+def init_cache(m, batch: int, length: int) -> KVCache:
+  from lmtiny import config as config_lib
+  shape = (m.num_layers, batch, length, config_lib.num_kv_heads(m), config_lib.head_dim(m))
+  zeros = constrain(jnp.zeros(shape, compute_dtype(m)), ("layers", "batch", "seq", "act_kv_heads", None))
+  return KVCache(zeros, zeros)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward pass against the cache.
+
+
+def _write_rows(cache_LxBxSxKxDh: Array, layer, new_BxTxKxDh: Array, starts_B: Array) -> Array:
+  """Writes row b's T new entries at positions starts_B[b].. of one layer."""
+  def one_row(c_LxSxKxDh, new_TxKxDh, start):
+    return jax.lax.dynamic_update_slice(c_LxSxKxDh, new_TxKxDh[None].astype(c_LxSxKxDh.dtype),
+                                        (layer, start, 0, 0))
+  return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache_LxBxSxKxDh, new_BxTxKxDh, starts_B)
+
+
+def _layer(block, x_BxTxD, positions_BxT, layer, cache: KVCache, starts_B):
+  """One Block (same math as model.Block) that also writes its keys/values into the cache."""
+  b, t = positions_BxT.shape
+  q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), positions_BxT)
+  cache = KVCache(_write_rows(cache.k, layer, k, starts_B), _write_rows(cache.v, layer, v, starts_B))
+  s = cache.k.shape[2]
+  # Query i of row b sits at position starts_B[b] + i and sees cache slots 0..that position.
+  out_BxTxHxDh = attention(q, cache.k[layer], cache.v[layer], q_segment_ids=jnp.ones((b, t), jnp.int32),
+                           kv_segment_ids=jnp.ones((b, s), jnp.int32), q_offset=starts_B, impl="xla")
+  x_BxTxD = x_BxTxD + block.attn.project_out(out_BxTxHxDh)
+  return x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD)), cache
+
+
+def extend(model, tokens_BxT: Array, starts_B: Array, cache: KVCache, last_B: Array | None = None):
+  """Runs T new tokens per row (row b's at positions starts_B[b]...) through the model, writing
+  their keys/values into the cache. Returns (logits, cache): logits [B, T, V] for every new token,
+  or [B, V] for the token at index last_B[b] of each row when last_B is given."""
+  b, t = tokens_BxT.shape
+  positions_BxT = starts_B[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+  x_BxTxD = model.embed_tokens(tokens_BxT)
+  if model.cfg.scan_layers:
+    graphdef, stacked = nnx.split(model.layers)
+
+    def body(carry, inputs):
+      x, c = carry
+      block_state, layer = inputs
+      return _layer(nnx.merge(graphdef, block_state), x, positions_BxT, layer, c, starts_B), None
+
+    layers = jnp.arange(model.cfg.num_layers)
+    (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (stacked, layers))
+  else:
+    for layer, block in enumerate(model.layers):
+      x_BxTxD, cache = _layer(block, x_BxTxD, positions_BxT, layer, cache, starts_B)
+  if last_B is None:
+    return model.unembed(x_BxTxD), cache
+  x_Bx1xD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None].astype(jnp.int32), axis=1)
+  return model.unembed(x_Bx1xD)[:, 0], cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters and the sampler.
+
+
+def filter_logits(logits_BxV: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """-inf everywhere but the top_k largest logits (exactly k, ties broken by index) and then,
+  among those, the smallest set of highest-probability tokens whose mass is >= top_p."""
+  b, v = logits_BxV.shape
+  k = top_k if 0 < top_k < v else v
+  if k == v and top_p >= 1:
+    return logits_BxV
+  vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, k)  # sorted, largest first
+  if top_p < 1:
+    probs_BxC = jax.nn.softmax(vals_BxC.astype(jnp.float32), axis=-1)
+    mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+    vals_BxC = jnp.where(mass_before_BxC < top_p, vals_BxC, -jnp.inf)
+  return jnp.full_like(logits_BxV, -jnp.inf).at[jnp.arange(b)[:, None], idx_BxC].set(vals_BxC)
+
+
+def sample_next(logits_BxV: Array, keys_B: Array, positions_B: Array, sampling: SamplingParams) -> Array:
+  """One token per row; the row's key folded with the token's position makes the draw."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / sampling.temperature, sampling.top_k,
+                             sampling.top_p)
+  keys_B = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+
+class _Graph:
+  """A model's GraphDef as a jit static argument: NNX GraphDefs that hold a ConfigDict are not
+  hashable, and the model config determines the graph, so the config's JSON stands in for it."""
+
+  def __init__(self, graphdef, cfg):
+    self.graphdef, self.key = graphdef, cfg.to_json()
+
+  def __hash__(self):
+    return hash(self.key)
+
+  def __eq__(self, other):
+    return isinstance(other, _Graph) and self.key == other.key
+
+
+def _prefill(graph: _Graph, params, tokens_BxT, lengths_B, ends_B, keys_B, *, cache_len: int,
+             sampling: SamplingParams) -> DecodeState:
+  model = nnx.merge(graph.graphdef, params)
+  b = tokens_BxT.shape[0]
+  cache = init_cache(model.cfg, b, cache_len)
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  logits_BxV, cache = extend(model, tokens_BxT, zeros_B, cache, last_B=lengths_B - 1)
+  first_B = sample_next(logits_BxV, keys_B, lengths_B, sampling)
+  return DecodeState(cache, first_B, lengths_B, ends_B, jnp.zeros((b,), bool), keys_B)
+
+
+def _decode_chunk(graph: _Graph, params, state: DecodeState, stop_B, stop_ids_N, *, chunk: int,
+                  sampling: SamplingParams):
+  """Up to `chunk` steps; returns the new state, the emitted tokens [B, chunk] (-1 = none) and
+  which rows are done."""
+  model = nnx.merge(graph.graphdef, params)
+  b = state.next_B.shape[0]
+
+  def cond(carry):
+    i, st, _ = carry
+    return (i < chunk) & ~jnp.all(st.done_B)
+
+  def body(carry):
+    i, st, out_BxC = carry
+    tok_B, active_B = st.next_B, ~st.done_B
+    out_BxC = out_BxC.at[:, i].set(jnp.where(active_B, tok_B, -1))
+    is_stop_B = jnp.any(tok_B[:, None] == stop_ids_N[None, :], axis=-1)
+    done_B = st.done_B | is_stop_B | (st.pos_B + 1 >= st.end_B)
+    logits_BxV, cache = extend(model, tok_B[:, None], st.pos_B, st.cache, last_B=jnp.zeros((b,), jnp.int32))
+    pos_B = jnp.where(done_B, st.pos_B, st.pos_B + 1)
+    next_B = jnp.where(done_B, tok_B, sample_next(logits_BxV, st.keys_B, pos_B, sampling))
+    return i + 1, DecodeState(cache, next_B, pos_B, st.end_B, done_B, st.keys_B), out_BxC
+
+  state = state._replace(done_B=state.done_B | stop_B)
+  out_BxC = jnp.full((b, chunk), -1, jnp.int32)
+  _, state, out_BxC = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out_BxC))
+  # Replicated, so that every process can read them.
+  return state, constrain(out_BxC, (None, None)), constrain(state.done_B, (None,))
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len", "sampling"))
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, static_argnames=("chunk", "sampling"),
+                            donate_argnames=("state",))
+
+
+def _host(x: Array) -> np.ndarray:
+  if not x.is_fully_addressable:  # multi-process: the array is replicated, any local copy will do
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def _row_keys(seed: int, rows: Sequence[int]) -> Array:
+  base = jax.random.key(seed)
+  return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.int32))
+
+
+def bucket(n: int) -> int:
+  """The power of two >= n, at least MIN_BUCKET."""
+  return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]        # new tokens per row (a stop token itself is left out)
+  finish_reasons: list[str]      # "stop_token", "stopped" (by the host callback) or "length"
+  prefill_tokens: int = 0        # real prompt tokens, padding not counted
+  prefill_seconds: float = 0.0   # prefill and the first sampled token
+  decode_tokens: int = 0         # tokens emitted after the first
+  decode_seconds: float = 0.0
+  compile_seconds: float = 0.0   # warm-up (only when generate(warmup=True) compiled something)
+
+
+class Sampler:
+  """Batched generation from an NNX Transformer (parameters as they are: one device or sharded)."""
+
+  def __init__(self, model, *, chunk: int = 16):
+    self.cfg = model.cfg
+    graphdef, self.params = nnx.split(model)
+    self.graph = _Graph(graphdef, model.cfg)
+    self.chunk = chunk
+    self._warm = set()
+
+  def check_prompt(self, ids: Sequence[int], index: int = 0) -> None:
+    context = self.cfg.max_seq_len
+    if not len(ids):
+      raise SamplingError(f"prompt {index}: empty (no tokens)")
+    if len(ids) >= context:
+      raise SamplingError(f"prompt {index}: {len(ids)} tokens, but the model's context is {context} "
+                          f"(model.max_seq_len), which leaves no room for a new token")
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               sampling: SamplingParams = SamplingParams(), seed: int = 0, rows: Sequence[int] | None = None,
+               stop_ids: Sequence[int] = (), on_tokens: Callable[[int, list[int]], bool] | None = None,
+               on_finish: Callable[[int], None] | None = None, warmup: bool = False) -> Generation:
+    """Generates up to max_new_tokens per prompt (fewer at the context's end or a stop token).
+
+    rows: the id of each row's random stream (default 0..B-1). on_tokens(row, new_ids) is called
+    as tokens arrive (streaming); returning True stops that row; on_finish(row) is called once
+    when a row is done. warmup=True compiles new shapes
+    on dummy inputs first, so the reported speeds exclude compilation.
+    """
+    if max_new_tokens < 1:
+      raise SamplingError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not prompts:
+      raise SamplingError("no prompts")
+    for i, ids in enumerate(prompts):
+      self.check_prompt(ids, i)
+    b = len(prompts)
+    rows = list(range(b)) if rows is None else list(rows)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    cache_len = min(self.cfg.max_seq_len, bucket(int(lengths.max()) + max_new_tokens))
+    prompt_len = min(cache_len, bucket(int(lengths.max())))
+    tokens = np.zeros((b, prompt_len), np.int32)
+    for i, ids in enumerate(prompts):
+      tokens[i, :len(ids)] = ids
+    ends = np.minimum(lengths + max_new_tokens, cache_len).astype(np.int32)
+    static = dict(cache_len=cache_len, sampling=sampling)
+    decode_static = dict(chunk=self.chunk, sampling=sampling)
+    stop_set = {int(s) for s in stop_ids}
+    if len(stop_set) > MAX_STOP_IDS:
+      raise SamplingError(f"stop_ids: {len(stop_set)} ids, at most {MAX_STOP_IDS} are supported")
+    stop_ids_N = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop_ids_N[:len(stop_set)] = sorted(stop_set)
+    result = Generation([[] for _ in range(b)], ["length"] * b, prefill_tokens=int(lengths.sum()))
+
+    shape_key = (b, prompt_len, cache_len, sampling)
+    if warmup and shape_key not in self._warm:
+      t0 = time.perf_counter()
+      ones = np.ones((b,), np.int32)
+      state = _prefill_jit(self.graph, self.params, np.zeros_like(tokens), ones, ones + 1,
+                           _row_keys(seed, rows), **static)
+      _host(_decode_chunk_jit(self.graph, self.params, state, np.ones((b,), bool), stop_ids_N,
+                                **decode_static)[2])
+      result.compile_seconds = time.perf_counter() - t0
+    self._warm.add(shape_key)
+
+    t0 = time.perf_counter()
+    state = _prefill_jit(self.graph, self.params, tokens, lengths, ends, _row_keys(seed, rows), **static)
+    jax.block_until_ready(state.next_B)
+    result.prefill_seconds = time.perf_counter() - t0
+    finished = np.zeros((b,), bool)
+    emitted = 0
+    t0 = time.perf_counter()
+    while not finished.all():
+      state, out, done = _decode_chunk_jit(self.graph, self.params, state, finished.copy(), stop_ids_N,
+                                           **decode_static)
+      out, done = _host(out), _host(done).copy()
+      for i in np.flatnonzero(~finished):
+        new = [int(t) for t in out[i] if t >= 0]
+        emitted += len(new)
+        if new and new[-1] in stop_set:
+          new.pop()
+          result.finish_reasons[i] = "stop_token"
+        result.tokens[i].extend(new)
+        if new and on_tokens is not None and on_tokens(i, new):
+          done[i], result.finish_reasons[i] = True, "stopped"
+      if on_finish is not None:
+        for i in np.flatnonzero(done & ~finished):
+          on_finish(i)
+      finished |= done
+    result.decode_seconds = time.perf_counter() - t0
+    result.decode_tokens = max(0, emitted - b)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Text.
+
+
+class TextStream:
+  """Incremental detokenizer for streaming: returns text as it becomes final, cut before the
+  first stop string, holding back a tail that could still grow into a stop string or that is an
+  incomplete UTF-8 character (byte-fallback pieces decode to U+FFFD until complete)."""
+
+  def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+    self.tokenizer = tokenizer
+    self.stop_strings = [s for s in stop_strings if s]
+    self.ids: list[int] = []
+    self.emitted = 0
+    self.stopped = False
+    self.text = ""
+
+  def add(self, ids: Sequence[int]) -> str:
+    """Feeds new ids; returns the newly final text. Sets `stopped` at a stop string."""
+    if self.stopped:
+      return ""
+    self.ids.extend(ids)
+    text = self.tokenizer.decode(self.ids)
+    cuts = [text.find(s) for s in self.stop_strings]
+    cuts = [c for c in cuts if c >= 0]
+    if cuts:
+      self.stopped, self.text = True, text[:min(cuts)]
+      return self._emit(len(self.text))
+    self.text = text
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in self.stop_strings:
+      for n in range(min(len(s) - 1, len(text)), 0, -1):
+        if text.endswith(s[:n]):
+          hold = max(hold, n)
+          break
+    return self._emit(len(text) - hold)
+
+  def finish(self) -> str:
+    """The held-back rest, once no more tokens will come."""
+    return self._emit(len(self.text))
+
+  def _emit(self, upto: int) -> str:
+    new = self.text[self.emitted:upto] if upto > self.emitted else ""
+    self.emitted = max(self.emitted, upto)
+    return new
+
+
+def sample_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.8,
+                top_k: int = 50, top_p: float = 0.95, seed: int = 0) -> list[str]:
+  """Continuations of text prompts (each starts a document: BOS + prompt; "" samples from BOS
+  alone), ending at max_new_tokens, the context's end or a generated BOS (a new document)."""
+  sampling = SamplingParams(temperature, top_k, top_p)
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  out = Sampler(model).generate(ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                stop_ids=(tokenizer.bos_id,))
+  return [tokenizer.decode(t) for t in out.tokens]
