@@ -77,7 +77,6 @@ def restore_params(directory: str, step: int, abstract_params):
   """Only the model parameters of the checkpoint at `step` (no optimizer state, no data iterator),
   placed on the shardings the ShapeDtypeStructs in `abstract_params` carry: a run trained on any
   mesh restores onto one device or onto another mesh (used for sampling)."""
-  from etils import epath  # orbax's own path type; handles gs:// too
   path = epath.Path(directory) / str(step) / "state"
   target = {"params": abstract_params}
   args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
