@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import jax
+from etils import epath  # local paths and gs:// alike
 
 from lmtiny.arch import PEAK_FLOPS
 
@@ -57,7 +59,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self.tb = None
     if not enabled:
       return
@@ -71,24 +73,26 @@ class MetricsWriter:
 
   def _truncate_after(self, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: drop their old records."""
-    if not os.path.exists(self.path):
+    if not self.path.exists():
       return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    keep = [line + "\n" for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(self.path, "".join(keep).encode())
 
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": step, "split": split, **{k: v for k, v in values.items() if v is not None}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if "://" in str(self.path):  # object stores cannot append: rewrite the whole (small) file
+      old = self.path.read_text() if self.path.exists() else ""
+      atomic_write(self.path, (old + line).encode())
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self.tb is not None:
       for k, v in values.items():
-        if isinstance(v, (int, float)) and v is not None:
+        if isinstance(v, (int, float)):
           self.tb.add_scalar(f"{split}/{k}", v, step)
 
   def close(self) -> None:
@@ -96,12 +100,19 @@ class MetricsWriter:
       self.tb.close()
 
 
+def atomic_write(path, data: bytes) -> None:
+  """Write to a temporary sibling, then rename: readers never see half a file."""
+  path = epath.Path(path)
+  tmp = path.parent / f".{path.name}.tmp"
+  tmp.write_bytes(data)
+  tmp.rename(path)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss_curve(workdir: str) -> str | None:
@@ -129,8 +140,9 @@ def plot_loss_curve(workdir: str) -> str | None:
     ax2.legend(loc="upper center")
   ax.legend(loc="upper right")
   fig.tight_layout()
-  path = os.path.join(workdir, "loss.png")
-  fig.savefig(path + ".tmp.png", dpi=100)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
-  return path
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "loss.png")
+    fig.savefig(local, dpi=100)
+    plt.close(fig)
+    atomic_write(epath.Path(workdir) / "loss.png", open(local, "rb").read())
+  return str(epath.Path(workdir) / "loss.png")

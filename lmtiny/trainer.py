@@ -12,10 +12,7 @@ big batch regardless of how many devices there are.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -24,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
@@ -169,15 +167,11 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _copy_tokenizer(tokenizer, workdir: str) -> None:
-  """The run directory carries its tokenizer so sampling needs nothing else."""
-  if not hasattr(tokenizer, "model_proto"):
-    return
-  path = os.path.join(workdir, "tokenizer.model")
-  if not os.path.exists(path):
-    with open(path + ".tmp", "wb") as f:
-      f.write(tokenizer.model_proto)
-    os.replace(path + ".tmp", path)
+def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
+  """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
+  metrics_lib.atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
+  if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
+    metrics_lib.atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
 
 
 class Trainer:
@@ -254,12 +248,11 @@ class Trainer:
   def run(self, stop_after: int | None = None) -> dict:
     """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
     cfg, t = self.cfg, self.cfg.train
-    os.makedirs(self.workdir, exist_ok=True)
+    workdir = epath.Path(self.workdir)
     if self.main:
-      with open(os.path.join(self.workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-      _copy_tokenizer(self.data.tokenizer, self.workdir)
-    ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints,
+      workdir.mkdir(parents=True, exist_ok=True)
+      _write_run_files(workdir, cfg, self.data.tokenizer)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
                         async_save=t.async_checkpointing)
     train_iter = self.train_iterator()
     with jax.set_mesh(self.mesh):
