@@ -141,10 +141,13 @@ def load_manifest(directory: str) -> dict[str, Any]:
   return m
 
 
-def _open_reader(path: str):
+def _count_records(path: str) -> int:
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
   try:
-    return ArrayRecordReader(path)
+    reader = ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()  # riegeli may only notice a bad index or footer here
+    return count
   except Exception as e:  # riegeli reports truncation / garbage as RuntimeError or ValueError
     raise DataError(f"{path}: corrupt shard ({_first_line(e)})") from None
 
@@ -163,11 +166,7 @@ def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str]
       size = os.path.getsize(path)
       _require(size == shard["file_bytes"], path,
                f"truncated or altered shard ({size} bytes, manifest says {shard['file_bytes']})")
-      reader = _open_reader(path)
-      try:
-        count = reader.num_records()
-      finally:
-        reader.close()
+      count = _count_records(path)
       _require(count == shard["documents"], path,
                f"corrupt shard ({count} records, manifest says {shard['documents']})")
 
