@@ -105,7 +105,7 @@ def atomic_write(path, data: bytes) -> None:
   path = epath.Path(path)
   tmp = path.parent / f".{path.name}.tmp"
   tmp.write_bytes(data)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -36,8 +36,8 @@ def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
   """Initial values for one weight; `role` is embed, lm_head, in (q/k/v/up/gate) or out (o/down)."""
   scheme = m.init
   if scheme == "nanochat":
-    if role == "embed":
-      return jax.random.normal(key, shape)
+    if role == "embed":  # std 1, except that a tied table is also the unembedding
+      return (m.init_std if m.tie_embeddings else 1.0) * jax.random.normal(key, shape)
     if role == "lm_head":
       return 0.001 * jax.random.normal(key, shape)
     if role == "out":  # residual projections start at zero: every block begins as the identity

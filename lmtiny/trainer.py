@@ -113,7 +113,7 @@ def build_steps(cfg, mesh, total_steps: int) -> Steps:
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": count}
     return new_state, metrics
 

@@ -1,9 +1,13 @@
 """Test setup: 8 emulated CPU devices, set before anything imports jax."""
 import os
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402  (after the environment is set)
 
-jax.config.update("jax_enable_x64", False)
+# Many tests build the same small programs again (a resumed trainer, the same config on another
+# run): a session-wide compilation cache turns those recompiles into cache reads.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lmtiny-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
