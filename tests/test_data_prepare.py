@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from lmtiny.data import pipeline, prepare, shards
 from lmtiny.data.embedded import iter_embedded_documents
@@ -14,8 +15,9 @@ from lmtiny.data.sources import SourceError, open_source
 from lmtiny.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = "".join(iter_embedded_documents(60_000))   # > 2 pieces' worth: encoded in pieces
 TEXTS = ["Hello, world.\n", "naïve café — 東京 🙂\n\tindented\n\n", "x" * 5000, "def f(a, b):\n    return a + b\n",
-         "The quick brown fox jumps over the lazy dog. " * 40, "1234567 + 89 = 1234656", "\n", "last one"]
+         "The quick brown fox jumps over the lazy dog. " * 40, LONG, "1234567 + 89 = 1234656", "\n", "last one"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_text_to_shards_to_batches_round_trip(tmp_path, tok):
   out = tmp_path / "out"
   manifest = prepare.prepare_dataset(open_source(spec), tok, str(out), val_fraction=0.25, workers=1, docs_per_shard=3)
   is_val = [prepare.is_validation(i, 0.25) for i in range(len(TEXTS))]
-  assert is_val == [True, False, False, False, True, False, False, False]
+  assert is_val == [True, False, False, False, True, False, False, False, True]
   for split, want_val in (("train", False), ("val", True)):
     texts = [t for t, v in zip(TEXTS, is_val) if v == want_val]
     assert all_records(out, split) == [tok.encode(t) for t in texts]   # independent reference: encode
@@ -69,7 +71,7 @@ def test_text_to_shards_to_batches_round_trip(tmp_path, tok):
   assert manifest["dtype"] == "uint16" and manifest["tokenizer_hash"] == tok.hash
   assert sorted(os.listdir(out)) == ["manifest.json", "tokenizer", "train-00000.array_record",
                                      "train-00001.array_record", "train-00002.array_record",
-                                     "val-00000.array_record", "val-00001.array_record"]
+                                     "val-00000.array_record", "val-00001.array_record", "val-00002.array_record"]
   # The shards' documents come back out of the pipeline whole and in order.
   docs = shards.open_split(str(out), shards.load_manifest(str(out)), "train")
   batches = pipeline.make_eval_iterator(docs, seq_len=64, batch_size=2, bos_id=tok.bos_id, num_batches=0)
@@ -80,6 +82,24 @@ def test_text_to_shards_to_batches_round_trip(tmp_path, tok):
   starts = np.flatnonzero(stream == tok.bos_id)
   texts = [tok.decode(part[1:]) for part in np.split(stream, starts[1:])]
   assert texts == [t for t, v in zip(TEXTS, is_val) if not v]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=" \n\tab▁é1", max_size=300), size=st.integers(1, 20))
+def test_split_for_encoding_cuts_only_before_a_lone_space(text, size):
+  pieces = prepare.split_for_encoding(text, size)
+  assert "".join(pieces) == text and (all(pieces) or pieces == [""])
+  for piece in pieces[1:]:
+    assert piece[0] == " " and not piece[1].isspace()
+  for piece in pieces[:-1]:
+    assert not piece[-1].isspace()
+
+
+def test_pieces_encode_like_the_whole(tok):
+  for size in (40, 1000):
+    pieces = prepare.split_for_encoding(LONG, size)
+    assert len(pieces) > 10
+    assert [i for p in pieces for i in tok.encode(p)] == tok.encode(LONG)
 
 
 def test_validation_split_is_evenly_spaced():

@@ -44,18 +44,18 @@ def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len:
   """
   need = batch_size * row_len
   n = tokens.size
-  lengths = np.diff(np.append(starts, n))
-  doc = np.repeat(np.arange(starts.size, dtype=np.int32), lengths)
+  starts = starts.astype(np.int32)
+  doc = np.repeat(np.arange(starts.size, dtype=np.int32), np.diff(starts, append=n))
   index = np.arange(n, dtype=np.int32)
-  row_start = index - index % row_len
+  row_start = np.repeat(np.arange(0, need, row_len, dtype=np.int32), row_len)[:n]
   # A segment starts at its document start, or at the row start for a continuation.
-  positions = index - np.maximum(starts.astype(np.int32)[doc], row_start)
+  positions = index - np.maximum(starts[doc], row_start)
   segments = doc - doc[row_start] + 1
 
   def rows(x):
-    out = np.zeros(need, np.int32)
-    out[:n] = x
-    return out.reshape(batch_size, row_len)
+    out = np.zeros((batch_size, row_len), np.int32)
+    out.reshape(-1)[:n] = x
+    return out
 
   tok, seg, pos = rows(tokens), rows(segments), rows(positions)
   return {
@@ -162,10 +162,10 @@ def _process_slice(docs: Sequence, process_index: int, process_count: int) -> gr
   return grain.MapDataset.source(docs)[process_index::process_count]
 
 
-def _read_options(docs: Sequence) -> grain.ReadOptions:
-  # In-memory documents read fastest on the calling thread; files benefit from reader threads.
-  in_memory = isinstance(docs, (list, tuple))
-  return grain.ReadOptions(num_threads=0 if in_memory else 2, prefetch_buffer_size=0 if in_memory else 256)
+# Documents are read on the calling thread: reader threads only added GIL contention here, for
+# in-memory documents and local shards alike (benchmarks/data_pipeline.py). Worker processes are
+# the way to add parallelism.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -193,7 +193,7 @@ def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id
     raise ConfigError(f"no training documents for process {process_index} of {process_count} "
                       f"(the split has {len(docs)} documents)")
   ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-  packed = PackedBatchDataset(ds.to_iter_dataset(_read_options(docs)), seq_len=seq_len,
+  packed = PackedBatchDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len,
                               batch_size=batch_size, bos_id=bos_id)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
@@ -231,7 +231,7 @@ def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id:
   all padding (loss_mask 0), so every process runs the same number of steps. num_batches <= 0:
   one pass over the slice (the count may then differ between processes).
   """
-  ds = _process_slice(docs, process_index, process_count).to_iter_dataset(_read_options(docs))
+  ds = _process_slice(docs, process_index, process_count).to_iter_dataset(_READ_OPTIONS)
   batches = iter(PackedBatchDataset(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, pad_final=True))
   if num_batches <= 0:
     return batches

@@ -32,6 +32,7 @@ DEFAULT_DOCS_PER_SHARD = 50_000
 SHARD_TEXT_BYTES = 512 << 20     # also close a shard after this much text
 _TASK_DOCS = 128                 # documents per worker task ...
 _TASK_CHARS = 2 << 20            # ... or this many characters
+_PIECE_CHARS = 8192              # longer documents are encoded in pieces of about this size
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -51,9 +52,39 @@ def _init_worker(tokenizer, dtype: str):
   _worker.update(tokenizer=tokenizer, dtype=np.dtype(dtype))
 
 
+def split_for_encoding(text: str, size: int = _PIECE_CHARS) -> list[str]:
+  """Cuts `text` into pieces of about `size` characters, each cut just before a single space
+  between two non-space characters.
+
+  sentencepiece encodes long inputs several times slower per byte (1.3 MB/s for 1 MB inputs
+  against 3.7 MB/s for 1 KB ones, here); pieces keep it at its short-input speed. Its pieces
+  begin with the space they follow and no piece spans "x y", so encoding the pieces gives the
+  same ids as encoding the whole (tests check this against `Tokenizer.encode`).
+  """
+  pieces, start = [], 0
+  while True:
+    cut = text.find(" ", start + size)
+    while 0 < cut < len(text) - 1 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+      cut = text.find(" ", cut + 1)
+    if cut <= 0 or cut >= len(text) - 1:
+      pieces.append(text[start:])
+      return pieces
+    pieces.append(text[start:cut])
+    start = cut
+
+
 def _encode(texts: list[str], num_threads: int = 1) -> tuple[list[np.ndarray], list[int]]:
-  ids = _worker["tokenizer"].encode_batch(texts, num_threads=num_threads)
-  return [np.asarray(x, _worker["dtype"]) for x in ids], [len(t.encode("utf-8")) for t in texts]
+  pieces, counts = [], []
+  for text in texts:
+    parts = split_for_encoding(text) if len(text) > 2 * _PIECE_CHARS else [text]
+    pieces.extend(parts)
+    counts.append(len(parts))
+  ids = _worker["tokenizer"].encode_batch(pieces, num_threads=num_threads)
+  dtype, arrays, k = _worker["dtype"], [], 0
+  for n in counts:
+    arrays.append(np.asarray(ids[k], dtype) if n == 1 else np.concatenate([np.asarray(x, dtype) for x in ids[k:k + n]]))
+    k += n
+  return arrays, [len(t.encode("utf-8")) for t in texts]
 
 
 def _tasks(documents: Iterator[str], skip: int) -> Iterator[list[str]]:
