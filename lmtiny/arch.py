@@ -253,11 +253,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    return run(list(sys.argv if argv is None else argv))
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

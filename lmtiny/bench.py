@@ -87,21 +87,20 @@ def _define_flags(fv):
           "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)}
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv if argv is None else argv
-  try:
-    parsed = cli.parse_flags(argv, _define_flags, __doc__)
-    if parsed is None:
-      return 0
-    values, cfg = parsed
-    if cfg is None:
-      raise ConfigError("--config is required, e.g. --config configs/tiny.py")
-    report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def run(argv: list[str]) -> int:
+  parsed = cli.parse_flags(argv, _define_flags, __doc__)
+  if parsed is None:
+    return 0
+  values, cfg = parsed
+  if cfg is None:
+    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
+  report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
   print(format_report(report, cfg))
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,22 @@ overrides plus each tool's own flags, parsed into a private FlagValues, with eve
 problem turned into a one-line ConfigError (the entry point prints it and exits with 2)."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 from absl import flags
 from ml_collections import config_flags
 
-from lmtiny.config import ConfigError
+from lmtiny.config import ConfigError, UserError
+
+
+def run_main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+  """Calls `run(argv)`; a UserError becomes one `error: ...` line on stderr and exit status 2."""
+  try:
+    return run(list(sys.argv if argv is None else argv)) or 0
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def _one_line(error: BaseException) -> str:

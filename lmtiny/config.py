@@ -19,8 +19,13 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class ConfigError(ValueError):
-  """A user-fixable problem in the config; the message names the field and the value."""
+class UserError(ValueError):
+  """Something the user can fix (a flag, a config field, a file): entry points print the one-line
+  message as `error: ...` and exit with status 2."""
+
+
+class ConfigError(UserError):
+  """A problem in the config or flags; the message names the field and the value."""
 
 
 def base_config() -> ml_collections.ConfigDict:

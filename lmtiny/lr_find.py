@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from lmtiny import arch, cli
+from lmtiny import cli
 from lmtiny import config as config_lib
 from lmtiny.config import ConfigError
 
@@ -249,11 +249,8 @@ def run(argv: list[str]) -> int:
   distributed.initialize()  # before anything else touches jax
   import jax
   from lmtiny.data.dataset import load_data
-  try:
-    distributed.check_workdir(workdir)
-    data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
-  except ValueError as e:  # ConfigError, SourceError, TokenizerError, ...: the user's to fix
-    raise ConfigError(str(e)) from None
+  distributed.check_workdir(workdir)
+  data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
   result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
   print(summary(result))
   if jax.process_index() == 0:
@@ -263,11 +260,7 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    return run(list(sys.argv if argv is None else argv))
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

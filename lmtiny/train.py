@@ -21,20 +21,16 @@ def _define_flags(fv: flags.FlagValues) -> dict:
                                          "may be gs://. Default: runs/<config name>.", flag_values=fv)}
 
 
-def run(cfg, workdir: str) -> int:
-  """Everything after flag parsing; returns the exit status."""
+def train(cfg, workdir: str) -> int:
+  """Everything after flag parsing; returns the exit status (UserErrors propagate)."""
   from lmtiny import sharding
   from lmtiny.data.dataset import load_data
   from lmtiny.trainer import Trainer, TrainingDiverged, check_batch_divisibility
-  try:
-    config_lib.validate(cfg)
-    check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
-    distributed.check_workdir(workdir)
-    data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
-    trainer = Trainer(cfg, workdir, data)
-  except ValueError as e:  # ConfigError, DataError, SourceError, TokenizerError: the user's to fix
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  config_lib.validate(cfg)
+  check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
+  distributed.check_workdir(workdir)
+  data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
+  trainer = Trainer(cfg, workdir, data)
   try:
     summary = trainer.run()
   except TrainingDiverged as e:
@@ -47,22 +43,21 @@ def run(cfg, workdir: str) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv if argv is None else argv
+def run(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  try:
-    parsed = cli.parse_flags(argv, _define_flags, __doc__)
-    if parsed is None:
-      return 0
-    values, cfg = parsed
-    if cfg is None:
-      raise ConfigError("--config is required, e.g. --config configs/tiny.py")
-    distributed.initialize()
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  parsed = cli.parse_flags(argv, _define_flags, __doc__)
+  if parsed is None:
+    return 0
+  values, cfg = parsed
+  if cfg is None:
+    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
+  distributed.initialize()
   name = os.path.splitext(os.path.basename(values["config"]))[0]
-  return run(cfg, values["workdir"] or os.path.join("runs", name))
+  return train(cfg, values["workdir"] or os.path.join("runs", name))
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

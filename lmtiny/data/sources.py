@@ -40,6 +40,8 @@ import re
 from typing import Iterator
 from urllib.parse import unquote
 
+from lmtiny.config import UserError
+
 RECORD_SEPARATOR = "\n\n\x1e\n\n"
 NAMED_DELIMITERS = {"record": RECORD_SEPARATOR, "line": "\n", "blank": "\n\n"}
 _CHUNK_BYTES = 1 << 20
@@ -48,7 +50,7 @@ _TFDS_BATCH = 256
 EMBEDDED_PARTS = ("topics", "docstrings", "code")   # must match lmtiny.data.embedded.PARTS
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
   """A source spec or source file a user can fix; the message names it."""
 
 

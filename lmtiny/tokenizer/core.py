@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lmtiny.config import UserError
+
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                   "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
                   "<|output_end|>")
@@ -41,7 +43,7 @@ REPORT_FILE = "report.json"
 SPACE_SYMBOL = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """A user-fixable tokenizer problem (bad recipe, missing model, vocab too small)."""
 
 

@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from lmtiny.data.sources import SourceError, open_source
+from lmtiny import cli
+from lmtiny.data.sources import open_source
 from lmtiny.tokenizer.compare import compression_rows, format_table, load_references, token_counter
 from lmtiny.tokenizer.core import Tokenizer, TokenizerError
 
@@ -80,14 +81,10 @@ def run(args) -> str:
   return table
 
 
-def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    run(args)
-  except (TokenizerError, SourceError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(argv=None) -> int:
+  """`argv` without the program name, as argparse takes it."""
+  return cli.run_main(lambda args: run(parse_args(args)) and 0, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -12,8 +12,7 @@ import argparse
 import json
 import sys
 
-from lmtiny.data.sources import SourceError
-from lmtiny.tokenizer.core import TokenizerError
+from lmtiny import cli
 from lmtiny.tokenizer.mixture import MixtureSampler, load_recipe
 from lmtiny.tokenizer.trainer import DIGIT_MODES, check_vocab_size, train_tokenizer
 
@@ -57,14 +56,10 @@ def run(args) -> dict:
   return report
 
 
-def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    run(args)
-  except (TokenizerError, SourceError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def main(argv=None) -> int:
+  """`argv` without the program name, as argparse takes it."""
+  return cli.run_main(lambda args: run(parse_args(args)) and 0, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
