@@ -214,3 +214,69 @@ def test_worker_processes_deliver_every_document_and_restore_state():
   ids = [d[0] // 1000 - 1 for d in documents_of(np.concatenate(rows).tolist())]
   assert sorted(ids) == list(range(24))
   assert_same_batches(again, want)
+
+
+def first_doc_ids(batches):
+  rows = [np.append(b["inputs"][r, :1], b["targets"][r]) for b in batches for r in range(b["inputs"].shape[0])]
+  return [d[0] // 1000 - 1 for d in documents_of(np.concatenate(rows).tolist())]
+
+
+def test_map_train_state_is_exact_at_an_epoch_boundary():
+  docs = make_docs([3] * 24)   # 4 tokens with the BOS; rows of 8 hold 2 documents
+  kw = dict(seq_len=7, batch_size=1, bos_id=BOS, seed=2)
+  saved = []
+  for i in range(2):   # 12 documents each: 6 batches are exactly one epoch
+    it = pipeline.make_train_iterator(docs, process_index=i, process_count=2, **kw)
+    take(it, 6)
+    saved.append(it.get_state())
+  seen = []
+  for j in range(3):   # 8 documents each after the change
+    state, note = pipeline.map_train_state(saved, len(docs), j, 3)
+    assert note == "data position mapped exactly: epoch 1 starts on every process"
+    resumed = pipeline.make_train_iterator(docs, process_index=j, process_count=3, **kw)
+    resumed.set_state(state)
+    fresh = pipeline.make_train_iterator(docs, process_index=j, process_count=3, **kw)
+    take(fresh, 4)   # epoch 0 of the new slice
+    got = take(resumed, 4)
+    assert_same_batches(got, take(fresh, 4))
+    seen += first_doc_ids(got)
+  assert sorted(seen) == list(range(24))
+
+
+def test_map_train_state_mid_epoch_rewinds_and_warns():
+  docs = make_docs([3] * 24)
+  kw = dict(seq_len=8, batch_size=1, bos_id=BOS, seed=2)   # rows of 9: documents get split
+  saved = []
+  for i in range(2):
+    it = pipeline.make_train_iterator(docs, process_index=i, process_count=2, **kw)
+    take(it, 7)   # 63 tokens: 15 documents and 3 tokens of the 16th; 12 make an epoch
+    saved.append(it.get_state())
+  assert saved[0] == {"parent": {"next_index": 15}, "offset": 3}
+  state, note = pipeline.map_train_state(saved, len(docs), 0, 1)
+  assert state == {"parent": {"next_index": 24}, "offset": 0}   # epoch 1 of the single 24-document slice
+  assert note == "warning: data position mapped to the start of epoch 1; 6 documents of the interrupted epoch will be seen again"
+
+
+def test_map_train_state_handles_worker_states():
+  def worker_state(*positions):
+    return {"next_index_in_cycle": 0, "next_index_in_datasets": len(positions),
+            "iterators_in_use_indices": list(range(len(positions))),
+            "iterators_in_use_states": [{"parent": {"next_index": k}, "offset": 0} for k in positions],
+            "exhausted": [0] * len(positions), "future_states": {}}
+
+  # 2 processes x 2 workers, 13 and 12 documents each: epoch 1 ends after 7+6 and 6+6.
+  saved = [worker_state(7, 6), worker_state(6, 6)]
+  state, note = pipeline.map_train_state(saved, 25, 0, 1)
+  assert state == {"parent": {"next_index": 25}, "offset": 0} and note.startswith("data position mapped exactly")
+  it = pipeline.make_train_iterator(make_docs([3] * 25), seq_len=7, batch_size=1, bos_id=BOS, seed=0, num_workers=3)
+  try:
+    template = it.get_state()   # a fresh iterator's state; no worker has started yet
+  finally:
+    it.close()
+  state, note = pipeline.map_train_state(saved, 25, 0, 1, template=template)
+  assert [p["parent"]["next_index"] for p in state["iterators_in_use_states"]] == [9, 8, 8]   # 25 = 9 + 8 + 8
+  assert {k: v for k, v in state.items() if k != "iterators_in_use_states"} == {
+      k: v for k, v in template.items() if k != "iterators_in_use_states"}
+  # One worker behind: rewinds to epoch 0.
+  state, note = pipeline.map_train_state([worker_state(7, 5), worker_state(6, 6)], 25, 0, 1)
+  assert state["parent"]["next_index"] == 0 and note.startswith("warning: data position mapped to the start of epoch 0")

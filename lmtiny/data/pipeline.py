@@ -22,6 +22,7 @@ Each batch is a dict of [B, T] numpy arrays (T = seq_len):
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -238,3 +239,51 @@ def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id:
   empty = pack_batch(np.zeros(0, np.int32), np.zeros(0, np.int64), batch_size, seq_len + 1)
   padding = (dict((k, v.copy()) for k, v in empty.items()) for _ in itertools.count())
   return itertools.islice(itertools.chain(batches, padding), num_batches)
+
+
+def _packer_positions(state: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
+  """[(documents consumed, offset)] per packer in a train-iterator state, and the worker count.
+
+  The packer's parent state is from before a partly used document, so `next_index` counts the
+  documents fully consumed either way. With W workers, worker w consumed positions w, w+W, ...
+  of this process's (shuffled, repeated) document stream.
+  """
+  packers = state["iterators_in_use_states"] if "iterators_in_use_states" in state else [state]
+  return [(int(p["parent"]["next_index"]), int(p["offset"])) for p in packers], len(packers)
+
+
+def map_train_state(saved: list[dict[str, Any]], num_docs: int, process_index: int, process_count: int,
+                    template: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+  """Maps train-iterator states saved by len(saved) processes onto process `process_index` of
+  `process_count`, which see other document slices; returns (state, one-line note).
+
+  Positions map exactly only at an epoch boundary. Elsewhere every process restarts at the
+  beginning of the earliest epoch any old process had not finished, so documents of the
+  interrupted epoch are seen again (never skipped), and the note says so. `template` is the new
+  iterator's own `get_state()`, needed when it runs worker processes (the state then has one
+  entry per worker); without it the state is for an in-process iterator.
+  """
+  old_count = len(saved)
+  epochs, exact, seen = [], True, 0
+  for i, state in enumerate(saved):
+    size = len(range(i, num_docs, old_count))
+    packers, workers = _packer_positions(state)
+    consumed = min(w + workers * k for w, (k, _) in enumerate(packers))   # the stream before this is used
+    epochs.append(consumed // size)
+    seen += sum(k for k, _ in packers)
+  epoch = min(epochs)
+  for i, state in enumerate(saved):
+    start = epoch * len(range(i, num_docs, old_count))
+    packers, workers = _packer_positions(state)
+    exact &= all(k == -(-(start - w) // workers) and not offset for w, (k, offset) in enumerate(packers))
+    seen -= start
+  position = epoch * len(range(process_index, num_docs, process_count))
+  new = json.loads(json.dumps(template)) if template is not None else {"parent": {"next_index": 0}, "offset": 0}
+  packers = new["iterators_in_use_states"] if "iterators_in_use_states" in new else [new]
+  for w, packer in enumerate(packers):
+    packer["parent"]["next_index"] = -(-(position - w) // len(packers))
+    packer["offset"] = 0
+  if exact:
+    return new, f"data position mapped exactly: epoch {epoch} starts on every process"
+  return new, (f"warning: data position mapped to the start of epoch {epoch}; {seen} documents of the "
+               "interrupted epoch will be seen again")
