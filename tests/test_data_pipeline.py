@@ -254,7 +254,8 @@ def test_map_train_state_mid_epoch_rewinds_and_warns():
   assert saved[0] == {"parent": {"next_index": 15}, "offset": 3}
   state, note = pipeline.map_train_state(saved, len(docs), 0, 1)
   assert state == {"parent": {"next_index": 24}, "offset": 0}   # epoch 1 of the single 24-document slice
-  assert note == "warning: data position mapped to the start of epoch 1; 6 documents of the interrupted epoch will be seen again"
+  assert note == ("warning: data position mapped to the start of epoch 1; "
+                  "6 documents of the interrupted epoch will be seen again")
 
 
 def test_map_train_state_handles_worker_states():

@@ -16,7 +16,8 @@ from lmtiny.tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = "".join(iter_embedded_documents(60_000))   # > 2 pieces' worth: encoded in pieces
-TEXTS = ["Hello, world.\n", "naïve café — 東京 🙂\n\tindented\n\n", "x" * 5000, "def f(a, b):\n    return a + b\n",
+TEXTS = ["Hello, world.\n", "naïve café — 東京 🙂\n\tindented\n\n", "x" * 5000,
+         "def f(a, b):\n    return a + b\n",
          "The quick brown fox jumps over the lazy dog. " * 40, LONG, "1234567 + 89 = 1234656", "\n", "last one"]
 
 
@@ -149,7 +150,8 @@ def test_rerun_finishes_an_interrupted_job(tmp_path, tok, monkeypatch):
   assert not (out / "train-00002.array_record").exists()
   (out / ".train-00002.array_record.tmp").write_bytes(b"left by a killed process")
 
-  with pytest.raises(DataError, match=r"progress.json: an unfinished job with other settings \(docs_per_shard: 4 then, 5 now\)"):
+  with pytest.raises(DataError, match=r"progress.json: an unfinished job with other settings "
+                                     r"\(docs_per_shard: 4 then, 5 now\)"):
     prepare.prepare_dataset(open_source(spec), tok, str(out), **dict(kw, docs_per_shard=5))
   resumed = prepare.prepare_dataset(open_source(spec), tok, str(out), **kw)
   assert resumed == reference

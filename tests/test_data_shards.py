@@ -117,7 +117,8 @@ def test_missing_truncated_and_corrupt_shards(tmp_path):
   data = path.read_bytes()
 
   path.write_bytes(data[: len(data) // 2])
-  with pytest.raises(DataError, match=r"train-00000.array_record: truncated or altered shard \(\d+ bytes, manifest says \d+\)"):
+  with pytest.raises(DataError, match=r"train-00000.array_record: truncated or altered shard "
+                                     r"\(\d+ bytes, manifest says \d+\)"):
     shards.check_shards(str(tmp_path), manifest)
 
   os.remove(path)
@@ -158,7 +159,8 @@ def test_a_record_with_a_partial_id_is_reported(tmp_path):
   w = shards.ShardWriter(str(tmp_path), "odd.array_record", "uint8")
   w.write(np.arange(3), 3)
   docs = shards.TokenDocs(str(tmp_path), [w.finish()], "uint32")
-  with pytest.raises(DataError, match=r"odd.array_record: corrupt shard \(record of 3 bytes is not a whole number of uint32 ids\)"):
+  with pytest.raises(DataError, match=r"odd.array_record: corrupt shard \(record of 3 bytes is not a whole "
+                                     r"number of uint32 ids\)"):
     docs[0]
 
 

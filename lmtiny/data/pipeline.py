@@ -187,7 +187,8 @@ def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id
   """Infinite iterator of packed batches over this process's slice, reshuffled every epoch.
 
   `batch_size` is this process's rows per step. The iterator supports get_state()/set_state()
-  (and grain.checkpoint.CheckpointSave/Restore); a state is tied to `num_workers`.
+  (and grain.checkpoint.CheckpointSave/Restore). A state belongs to this process count and
+  `num_workers`; `map_train_state` converts saved states to other counts.
   """
   ds = _process_slice(docs, process_index, process_count)
   if len(ds) == 0:
@@ -200,28 +201,6 @@ def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id
     _ensure_absl_flags_parsed()
     packed = packed.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
   return iter(packed)
-
-
-def map_train_state(states: list[dict], num_docs: int, process_index: int, process_count: int):
-  """This process's iterator state when a run saved by len(states) processes resumes on
-  process_count processes; returns (state, one-line note).
-
-  Each process shuffles its own slice of the documents, so the order depends on the process
-  count: a position maps exactly only at an epoch boundary. Elsewhere the resumed run restarts
-  the earliest epoch any old process was in, so no document is skipped; the ones already trained
-  on in that epoch are seen again.
-  """
-  old_count = len(states)
-  lengths = [len(range(num_docs)[p::old_count]) for p in range(old_count)]
-  done = [s["parent"]["next_index"] for s in states]
-  epoch = min(d // n for d, n in zip(done, lengths))
-  new_state = {"parent": {"next_index": epoch * len(range(num_docs)[process_index::process_count])}, "offset": 0}
-  exact = all(d == epoch * n for d, n in zip(done, lengths)) and not any(s["offset"] for s in states)
-  if exact:
-    return new_state, f"data position mapped exactly: start of epoch {epoch}"
-  seen = sum(d - epoch * n for d, n in zip(done, lengths))
-  return new_state, (f"warning: data position: the order depends on the process count, so epoch {epoch} "
-                     f"restarts from its beginning ({seen} of its {num_docs} documents are seen again)")
 
 
 def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, num_batches: int,
