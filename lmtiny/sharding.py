@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -126,3 +127,40 @@ def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[st
   """Assemble this process's rows of the batch into global arrays sharded over the mesh."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+  """Per-token cross-entropy [B, T] (float32) of vocab-sharded logits.
+
+  With a `tensor` axis the logits arrive split over the vocab (Megatron's vocab-parallel
+  lm_head). This is the one place lmtiny writes its collectives by hand, in `shard_map`: each
+  device reduces its own vocab slice, and three scalar-per-token all-reduces (max, sum of exps,
+  target logit) finish the softmax. Left to GSPMD, the target-logit gather over a sharded vocab
+  all-gathers the [B, T, V] logits, the largest activation of a small model.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  vocab = logits_BxTxV.shape[-1]
+  if mesh.empty or mesh.shape.get("tensor", 1) == 1 or vocab % mesh.shape["tensor"]:
+    return _cross_entropy_local(logits_BxTxV, targets_BxT)
+  batch = _mesh_axes_for("batch", logits_BxTxV.shape[0], dict(mesh.shape))
+
+  def vocab_parallel(logits_local, targets):
+    v_local = logits_local.shape[-1]
+    logits_local = logits_local.astype(jnp.float32)
+    # The max only keeps exp() in range; it cancels out of the loss, so no gradient through it.
+    top = jax.lax.pmax(jnp.max(jax.lax.stop_gradient(logits_local), axis=-1), "tensor")
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits_local - top[..., None]), axis=-1), "tensor")
+    local_target = targets - jax.lax.axis_index("tensor") * v_local
+    in_slice = (local_target >= 0) & (local_target < v_local)
+    picked = jnp.take_along_axis(logits_local, jnp.clip(local_target, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(in_slice, picked, 0.0), "tensor")
+    return jnp.log(sum_exp) + top - target_logit
+
+  return jax.shard_map(vocab_parallel, mesh=mesh, in_specs=(P(batch, None, "tensor"), P(batch, None)),
+                       out_specs=P(batch, None))(logits_BxTxV, targets_BxT)
+
+
+def _cross_entropy_local(logits_BxTxV, targets_BxT):
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit

@@ -56,7 +56,7 @@ def token_losses(graphdef, params, batch):
   """Per-token cross-entropy [B, T] in float32."""
   model = nnx.merge(graphdef, params)
   logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+  return sharding.cross_entropy(logits_BxTxV, batch["targets"])
 
 
 def check_batch_divisibility(cfg, mesh) -> None:
