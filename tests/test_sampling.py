@@ -11,14 +11,14 @@ from lmtiny import model as model_lib
 from lmtiny import sampling, sharding
 from lmtiny.sampling import SamplingError, SamplingParams
 
-VOCAB = 97
+VOCAB = 128
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
 
 
 def _cfg(**overrides):
   m = config_lib.base_config().model
-  m.update(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, max_seq_len=64, mlp_ratio=2.0,
+  m.update(vocab_size=VOCAB, num_layers=2, d_model=32, num_heads=4, max_seq_len=32, mlp_ratio=2.0,
            init="xavier", dtype="float32", attention="xla")
   m.update(overrides)
   return m
@@ -241,24 +241,30 @@ def test_stops_at_stop_token_and_at_the_context_end(model):
   for row in (0, 2):  # other rows run on, or stop at their own first `stop`
     want = free.tokens[row][:free.tokens[row].index(stop)] if stop in free.tokens[row] else free.tokens[row]
     assert gen.tokens[row] == want
-  # A prompt near the end of the 64-token context gets only the room that is left.
-  long_prompt = list(np.arange(60) % VOCAB)
-  gen = sampler.generate([long_prompt, PROMPTS[0]], max_new_tokens=NEW, sampling=GREEDY)
-  assert len(gen.tokens[0]) == 4 and len(gen.tokens[1]) == NEW
-  assert gen.tokens[1] == free.tokens[0]  # the other row is not disturbed
+  # A prompt near the end of the 32-token context gets only the room that is left.
+  long_prompt = list(np.arange(28) + 3)
+  gen = sampler.generate([PROMPTS[0], long_prompt, PROMPTS[2]], max_new_tokens=NEW, sampling=GREEDY)
+  assert len(gen.tokens[1]) == 4 and gen.finish_reasons[1] == "length"
+  assert [gen.tokens[0], gen.tokens[2]] == [free.tokens[0], free.tokens[2]]  # other rows undisturbed
   # The host callback stops a row (stop strings use it).
   seen = []
-  gen = sampler.generate(PROMPTS[:1], max_new_tokens=NEW, sampling=GREEDY,
-                         on_tokens=lambda row, ids: seen.extend(ids) or len(seen) >= 3)
-  assert gen.finish_reasons == ["stopped"] and gen.tokens[0] == free.tokens[0][:len(seen)]
+
+  def on_tokens(row, ids):
+    if row == 0:
+      seen.extend(ids)
+    return row == 0 and len(seen) >= 3
+
+  gen = sampler.generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY, on_tokens=on_tokens)
+  assert gen.finish_reasons == ["stopped", "length", "length"]
+  assert gen.tokens[0] == free.tokens[0][:len(seen)] and len(seen) < NEW and gen.tokens[1:] == free.tokens[1:]
 
 
 def test_bad_prompts_are_rejected(model):
   sampler = sampling.Sampler(model)
   with pytest.raises(SamplingError, match="prompt 1: empty"):
     sampler.generate([[1], []], max_new_tokens=4)
-  with pytest.raises(SamplingError, match="64 tokens.*context is 64"):
-    sampler.generate([[1] * 64], max_new_tokens=4)
+  with pytest.raises(SamplingError, match="32 tokens.*context is 32"):
+    sampler.generate([[1] * 32], max_new_tokens=4)
   with pytest.raises(SamplingError, match="max_new_tokens"):
     sampler.generate([[1]], max_new_tokens=0)
 
@@ -309,11 +315,12 @@ def test_text_stream_cuts_at_stop_strings_across_chunks():
   assert stream.add(tok.encode("ST")) == "" and stream.finish() == "ST" and not stream.stopped
 
 
-def test_sample_text_decodes_and_is_reproducible():
-  model = _model(seed=2, vocab_size=128)
+def test_sample_text_is_bos_plus_prompt_decoded(model):
   tok = CharTokenizer()
-  texts = sampling.sample_text(model, tok, ["ab", "", "hello"], max_new_tokens=12, seed=4)
-  again = sampling.sample_text(model, tok, ["ab", "", "hello"], max_new_tokens=12, seed=4)
-  assert texts == again and len(texts) == 3
-  for text in texts:
-    assert isinstance(text, str) and len(text) <= 12
+  prompts = ["ab", "", "hello"]
+  kw = dict(temperature=SAMPLED.temperature, top_k=SAMPLED.top_k, top_p=SAMPLED.top_p)
+  texts = sampling.sample_text(model, tok, prompts, max_new_tokens=12, seed=4, **kw)
+  gen = sampling.Sampler(model).generate([[1] + tok.encode(p) for p in prompts], max_new_tokens=12,
+                                         sampling=SAMPLED, seed=4, stop_ids=[1])
+  assert texts == [tok.decode(t) for t in gen.tokens]
+  assert texts == sampling.sample_text(model, tok, prompts, max_new_tokens=12, seed=4, **kw)

@@ -1,0 +1,129 @@
+"""The generate CLI on a real (tiny) run directory: a 2-step training run on an 8-device mesh with
+its own sentencepiece tokenizer, restored onto one device; completion, chat, and bad input."""
+import io
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from lm_fixtures import ROOT, memory_data, tiny_config
+from lmtiny import generate
+from lmtiny.checkpoint import restore_params
+from lmtiny.data.embedded import iter_embedded_documents
+from lmtiny.sampling import Sampler, SamplingError, SamplingParams
+from lmtiny.tokenizer import Tokenizer, render_for_completion, train_tokenizer
+from lmtiny.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("generate")
+  tok = train_tokenizer(iter_embedded_documents(60_000), 512, str(root / "tok"))
+  cfg = tiny_config(steps=2, checkpoint_every=2, eval_batches=0)
+  cfg.model.update(vocab_size=tok.vocab_size)
+  cfg.mesh.update(data=2, tensor=4)  # trained sharded; sampling restores onto one device
+  data = memory_data(vocab=tok.vocab_size)
+  data.tokenizer, data.bos_id = tok, tok.bos_id
+  trainer = Trainer(cfg, str(root / "run"), data, log=lambda _: None)
+  trainer.run()
+  return SimpleNamespace(path=str(root / "run"), params=jax.device_get(trainer.state["params"]))
+
+
+def _args(**kw):
+  base = dict(max_new_tokens=6, temperature=0.0, top_k=50, top_p=0.95, seed=0, num_samples=1, stop=[],
+              chat=False, prompt="x")
+  return SimpleNamespace(**{**base, **kw})
+
+
+def test_restores_trained_params_onto_one_device(run_dir):
+  run = generate.load_run(run_dir.path)
+  assert run.step == 2 and run.tokenizer.vocab_size == 512
+  model = generate.load_model(run)
+  from flax import nnx
+  restored = nnx.state(model, nnx.Param)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(run_dir.params)):
+    assert len(got.sharding.device_set) == 1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves(run_dir.params))
+  with pytest.raises(SamplingError, match="--step=5: no such checkpoint"):
+    generate.load_run(run_dir.path, step=5)
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+  run = generate.load_run(run_dir.path)
+  return run, Sampler(generate.load_model(run))
+
+
+def test_complete_streams_the_sampler_output(loaded):
+  run, sampler = loaded
+  out, err = io.StringIO(), io.StringIO()
+  texts = generate.complete(sampler, run, "def f", SamplingParams(0.0), _args(), out=out, err=err)
+  tok = run.tokenizer
+  want = sampler.generate([[tok.bos_id] + tok.encode("def f")], max_new_tokens=6, sampling=SamplingParams(0.0),
+                          stop_ids=[tok.bos_id]).tokens[0]
+  assert texts == [tok.decode(want)]
+  assert out.getvalue() == "def f" + texts[0] + "\n"
+  assert "prefill" in err.getvalue() and "tok/s" in err.getvalue()
+
+
+def test_chat_keeps_the_history_and_stops_at_assistant_end(loaded):
+  run, sampler = loaded
+  tok = run.tokenizer
+  calls = []
+
+  class Spy:
+    def generate(self, prompts, **kw):
+      calls.append((prompts[0], kw["stop_ids"]))
+      return sampler.generate(prompts, **kw)
+
+  out = io.StringIO()
+  history = generate.chat(Spy(), run, SamplingParams(0.0), _args(chat=True), ["hello\n", "\n", "more please\n"],
+                          out=out, err=io.StringIO())
+  assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+  assert calls[0][0] == render_for_completion(tok, history[:1])
+  assert calls[1][0] == render_for_completion(tok, history[:3])  # the first exchange is in the prompt
+  assert set(calls[0][1]) == {tok.special_id("assistant_end"), tok.bos_id}
+  assert out.getvalue() == "".join(f"assistant: {m['content']}\n" for m in history[1::2])
+
+
+def _cli(*argv, stdin=None, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "lmtiny.generate", *argv], input=stdin, capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_cli_completion_and_piped_chat(run_dir):
+  done = _cli("--workdir", run_dir.path, "--prompt", "import os", "--max-new-tokens", "5", "--num-samples", "2",
+              "--seed", "3")
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.count("import os") == 2 and "--- sample 2 ---" in done.stdout
+  assert "decode" in done.stderr and "tok/s" in done.stderr
+  chat = _cli("--workdir", run_dir.path, "--chat", "--max-new-tokens", "4", stdin="hi\nhow are you?\n")
+  assert chat.returncode == 0, chat.stderr
+  assert chat.stdout.count("assistant: ") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", ""], "--prompt: empty"),
+    (["--prompt", "hi", "--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+    (["--prompt", "word " * 80], "but the model's context is 64 tokens"),
+    (["--prompt", "hi", "--step", "7"], "--step=7: no such checkpoint"),
+])
+def test_cli_bad_input_exits_2_with_one_line(run_dir, argv, message):
+  done = _cli("--workdir", run_dir.path, *argv)
+  assert done.returncode == 2
+  assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
+  assert done.stdout == ""
+
+
+def test_cli_without_a_checkpoint_exits_2(tmp_path):
+  done = _cli("--workdir", str(tmp_path), "--prompt", "hi")
+  assert done.returncode == 2 and done.stderr.startswith("error: ") and "no checkpoint" in done.stderr
+  assert os.listdir(tmp_path) == []  # nothing was created
