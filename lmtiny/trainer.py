@@ -227,21 +227,19 @@ class Trainer:
     step = ckpt.latest_step()
     if step is None:
       return self.steps.init(), 0
+    from lmtiny.data.pipeline import map_train_state, worker_count
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
-    saved = ckpt.data_states(step)
-    if saved is None or len(saved) == jax.process_count():
+    saved, template = ckpt.data_states(step), train_iter.get_state()
+    if saved is None or (len(saved) == jax.process_count() and worker_count(saved[0]) == worker_count(template)):
       state = ckpt.restore(step, target, train_iter)
-    else:  # another process count: model state as is, data position mapped
-      from lmtiny.data.pipeline import map_train_state
+    else:  # another process or worker count: model state as is, data position mapped
       state = ckpt.restore(step, target)
-      data_state, note = map_train_state(saved, len(self.data.train_docs), jax.process_index(), jax.process_count())
+      data_state, note = map_train_state(saved, len(self.data.train_docs), jax.process_index(),
+                                         jax.process_count(), template=template)
       train_iter.set_state(data_state)
       self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
     self.log(f"resumed from checkpoint at step {step}")
     return state, step
-
-  def _save(self, ckpt: Checkpointer, step: int, state, train_iter) -> None:
-    ckpt.save(step, state, train_iter)
 
   # -- loop ------------------------------------------------------------------------------------
 
@@ -311,7 +309,7 @@ class Trainer:
         if step % t.checkpoint_every == 0 or at_end or preemption.requested:
           flush(pending)  # never checkpoint a state whose loss we have not seen to be finite
           pending = None
-          self._save(ckpt, step, state, train_iter)
+          ckpt.save(step, state, train_iter)
           last_saved = step
         if step % t.eval_every == 0 or at_end:
           if pending is not None:

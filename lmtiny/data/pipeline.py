@@ -231,6 +231,12 @@ def _packer_positions(state: dict[str, Any]) -> tuple[list[tuple[int, int]], int
   return [(int(p["parent"]["next_index"]), int(p["offset"])) for p in packers], len(packers)
 
 
+def worker_count(state: dict[str, Any]) -> int:
+  """Worker processes behind a train-iterator state (0: in-process); states only restore into
+  an iterator with the same count."""
+  return len(state["iterators_in_use_states"]) if "iterators_in_use_states" in state else 0
+
+
 def map_train_state(saved: list[dict[str, Any]], num_docs: int, process_index: int, process_count: int,
                     template: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
   """Maps train-iterator states saved by len(saved) processes onto process `process_index` of
