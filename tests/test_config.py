@@ -1,0 +1,51 @@
+"""Config schema: validation messages name the field and value; derived sizes; horizons."""
+import glob
+import os
+
+import pytest
+
+from lm_fixtures import ROOT, load_config_module
+from lmtiny import config as config_lib
+from lmtiny.config import ConfigError, validate
+
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates(name):
+  validate(load_config_module(name).get_config())
+
+
+@pytest.mark.parametrize("section,override,message", [
+    ("model", dict(num_heads=5), "config.model.num_heads=5: must divide model.d_model=192"),
+    ("model", dict(num_kv_heads=2), "config.model.num_kv_heads=2: must divide model.num_heads=3"),
+    ("model", dict(head_dim=63), "config.model.head_dim=63: must be even"),
+    ("model", dict(activation="tanh"), "config.model.activation='tanh': must be one of swiglu, relu2, gelu, silu"),
+    ("model", dict(dtype="float16"), "config.model.dtype='float16'"),
+    ("model", dict(vocab_size=0), "config.model.vocab_size=0: must be a positive integer"),
+    ("train", dict(seq_len=300), "config.train.seq_len=300: exceeds model.max_seq_len=256"),
+    ("train", dict(batch_tokens=1000), "config.train.batch_tokens=1000: must be a multiple of train.seq_len=256"),
+    ("train", dict(micro_batch_size=5), "config.train.micro_batch_size=5: must divide the global batch of 16"),
+    ("optim", dict(min_lr_ratio=2.0), "config.optim.min_lr_ratio=2.0"),
+    ("mesh", dict(data=-1, fsdp=-1), "at most one axis may be -1"),
+    ("mesh", dict(tensor=0), "config.mesh.tensor=0"),
+])
+def test_validation_names_field_and_value(section, override, message):
+  cfg = load_config_module("tiny").get_config()
+  cfg[section].update(**override)
+  with pytest.raises(ConfigError) as e:
+    validate(cfg)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_derived_sizes_and_horizon():
+  cfg = load_config_module("d20").get_config()
+  m, t = cfg.model, cfg.train
+  assert (config_lib.head_dim(m), config_lib.num_kv_heads(m), config_lib.mlp_dim(m)) == (128, 10, 5120)
+  assert config_lib.global_batch_size(t) == 256 and config_lib.accumulation_steps(t) == 1
+  # Chinchilla: 20 tokens/param x 560,988,160 params / 524,288 tokens per step.
+  assert config_lib.total_steps(cfg, 560_988_160) == 21_400
+  t.update(micro_batch_size=32)
+  assert config_lib.accumulation_steps(t) == 8 and config_lib.micro_batch_size(t) == 32
+  t.update(tokens_per_param=0.0, steps=123)
+  assert config_lib.total_steps(cfg, 560_988_160) == 123
