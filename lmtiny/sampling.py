@@ -273,9 +273,9 @@ class Sampler:
     """Generates up to max_new_tokens per prompt (fewer at the context's end or a stop token).
 
     rows: the id of each row's random stream (default 0..B-1). on_tokens(row, new_ids) is called
-    as tokens arrive (streaming); returning True stops that row; on_finish(row) is called once
-    when a row is done. warmup=True compiles new shapes
-    on dummy inputs first, so the reported speeds exclude compilation.
+    as tokens arrive (streaming); returning True stops that row. on_finish(row) is called once
+    when a row is done. warmup=True first compiles new shapes on dummy inputs, so the reported
+    speeds exclude compilation.
     """
     if max_new_tokens < 1:
       raise SamplingError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -283,6 +283,8 @@ class Sampler:
       raise SamplingError("no prompts")
     for i, ids in enumerate(prompts):
       self.check_prompt(ids, i)
+    if sampling.temperature == 0:  # top-k / top-p do not change argmax: one program for greedy
+      sampling = SamplingParams(0.0, 0, 1.0)
     b = len(prompts)
     rows = list(range(b)) if rows is None else list(rows)
     lengths = np.array([len(p) for p in prompts], np.int32)

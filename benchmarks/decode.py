@@ -1,0 +1,79 @@
+"""Decode speed of lmtiny.sampling: tokens/s at batch 1 and 8 for the tiny and d4_38m configs.
+
+  python benchmarks/decode.py [--configs tiny d4_38m] [--batch-sizes 1 8] [--new-tokens 128]
+      [--prompt-len 16] [--repeats 5]
+
+Weights are random (a fresh init: speed does not depend on what the model learned); no stop
+tokens, so every row decodes all --new-tokens. Each setting is compiled first (warm-up), then
+timed --repeats times; the medians are printed. Decode tokens/s counts every generated token
+of every row after the first (which prefill samples); prefill tokens/s counts prompt tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lmtiny import model as model_lib  # noqa: E402
+from lmtiny.model import compute_dtype  # noqa: E402
+from lmtiny.sampling import Sampler, SamplingParams, bucket  # noqa: E402
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def bench(name: str, batch_sizes, new_tokens: int, prompt_len: int, repeats: int) -> None:
+  m = load_config(name).model
+  model = model_lib.Transformer(m, nnx.Rngs(0))
+  sampler = Sampler(model)
+  sampling = SamplingParams(temperature=0.8, top_k=50, top_p=0.95)
+  rng = np.random.default_rng(0)
+  cache_len = min(m.max_seq_len, bucket(prompt_len + new_tokens))
+  params = model_lib.count_params(m)
+  print(f"{name}: {params / 1e6:.1f}M params, {m.num_layers} layers x {m.d_model}, vocab {m.vocab_size}, "
+        f"{np.dtype(compute_dtype(m)).name}, KV cache {cache_len} positions")
+  for b in batch_sizes:
+    prompts = [list(rng.integers(10, m.vocab_size, prompt_len)) for _ in range(b)]
+    decode, prefill = [], []
+    compile_s = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, warmup=True).compile_seconds
+    for seed in range(repeats):
+      gen = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, seed=seed)
+      assert gen.decode_tokens == b * (new_tokens - 1)
+      decode.append(gen.decode_tokens / gen.decode_seconds)
+      prefill.append(gen.prefill_tokens / gen.prefill_seconds)
+    med = statistics.median(decode)
+    print(f"  batch {b:>2}: decode {med:>9,.0f} tok/s ({med / b:,.0f} per sequence, "
+          f"{1e3 * b / med:.2f} ms/step) | prefill {statistics.median(prefill):>9,.0f} tok/s | "
+          f"compile {compile_s:.1f} s | median of {repeats}")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--configs", nargs="+", default=["tiny", "d4_38m"])
+  p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+  p.add_argument("--new-tokens", type=int, default=128)
+  p.add_argument("--prompt-len", type=int, default=16)
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} CPU cores; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+        f"temperature 0.8, top-k 50, top-p 0.95")
+  for name in args.configs:
+    bench(name, args.batch_sizes, args.new_tokens, args.prompt_len, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
