@@ -12,6 +12,6 @@ def get_config():
   c.model.update(vocab_size=4096, num_layers=4, d_model=192, num_heads=3, activation="relu2",
                  max_seq_len=256, qk_norm=True)
   c.train.update(seq_len=256, batch_tokens=4096, steps=300, log_every=10, eval_every=50,
-                 eval_batches=4, checkpoint_every=100)
+                 eval_batches=4, checkpoint_every=100, sample_prompt="def ")
   c.optim.update(lr=5e-3, warmup_steps=30)
   return c

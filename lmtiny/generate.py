@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Iterable, TextIO
 
+from lmtiny import cli
 from lmtiny.sampling import SamplingError
 
 
@@ -241,8 +242,8 @@ def _stdin_lines(interactive: bool):
       return
 
 
-def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
+  args = parse_args(argv)
   try:
     sampling = sampling_params(args)
     run = load_run(args.workdir, args.step)
@@ -256,12 +257,15 @@ def main(argv=None):
       chat(sampler, run, sampling, args, _stdin_lines(sys.stdin.isatty()))
     else:
       complete(sampler, run, args.prompt, sampling, args)
-  except ValueError as e:  # SamplingError, ConfigError, TokenizerError: the user's to fix
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   except KeyboardInterrupt:
     print(file=sys.stderr)
+  return 0
+
+
+def main(argv=None) -> int:
+  """`argv` without the program name, as argparse takes it."""
+  return cli.run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from lmtiny import config as config_lib
@@ -195,7 +196,7 @@ class Transformer(nnx.Module):
 
   def __init__(self, m, rngs: nnx.Rngs):
     config_lib.validate_model(m)
-    self.cfg = m
+    self.cfg = m = ml_collections.FrozenConfigDict(m)  # hashable: the GraphDef can be a jit static
     d, v = m.d_model, m.vocab_size
     self.embed = _param(m, rngs, "embed", (v, d), ("embed_vocab", "embed"), d, d)
     if m.scan_layers:

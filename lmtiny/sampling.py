@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from lmtiny.attention import attention
+from lmtiny.config import UserError
 from lmtiny.model import compute_dtype
 from lmtiny.sharding import constrain
 
@@ -40,7 +41,7 @@ MIN_BUCKET = 16
 MAX_STOP_IDS = 8
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
   """A user-fixable sampling request (bad filter value, empty or too-long prompt)."""
 
 
@@ -163,23 +164,9 @@ def sample_next(logits_BxV: Array, keys_B: Array, positions_B: Array, sampling: 
   return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
 
 
-class _Graph:
-  """A model's GraphDef as a jit static argument: NNX GraphDefs that hold a ConfigDict are not
-  hashable, and the model config determines the graph, so the config's JSON stands in for it."""
-
-  def __init__(self, graphdef, cfg):
-    self.graphdef, self.key = graphdef, cfg.to_json()
-
-  def __hash__(self):
-    return hash(self.key)
-
-  def __eq__(self, other):
-    return isinstance(other, _Graph) and self.key == other.key
-
-
-def _prefill(graph: _Graph, params, tokens_BxT, lengths_B, ends_B, keys_B, *, cache_len: int,
+def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, *, cache_len: int,
              sampling: SamplingParams) -> DecodeState:
-  model = nnx.merge(graph.graphdef, params)
+  model = nnx.merge(graphdef, params)
   b = tokens_BxT.shape[0]
   cache = init_cache(model.cfg, b, cache_len)
   zeros_B = jnp.zeros((b,), jnp.int32)
@@ -188,11 +175,11 @@ def _prefill(graph: _Graph, params, tokens_BxT, lengths_B, ends_B, keys_B, *, ca
   return DecodeState(cache, first_B, lengths_B, ends_B, jnp.zeros((b,), bool), keys_B)
 
 
-def _decode_chunk(graph: _Graph, params, state: DecodeState, stop_B, stop_ids_N, *, chunk: int,
+def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, *, chunk: int,
                   sampling: SamplingParams):
   """Up to `chunk` steps; returns the new state, the emitted tokens [B, chunk] (-1 = none) and
   which rows are done."""
-  model = nnx.merge(graph.graphdef, params)
+  model = nnx.merge(graphdef, params)
   b = state.next_B.shape[0]
 
   def cond(carry):
@@ -254,8 +241,7 @@ class Sampler:
 
   def __init__(self, model, *, chunk: int = 16):
     self.cfg = model.cfg
-    graphdef, self.params = nnx.split(model)
-    self.graph = _Graph(graphdef, model.cfg)
+    self.graphdef, self.params = nnx.split(model)
     self.chunk = chunk
     self._warm = set()
 
@@ -308,22 +294,22 @@ class Sampler:
     if warmup and shape_key not in self._warm:
       t0 = time.perf_counter()
       ones = np.ones((b,), np.int32)
-      state = _prefill_jit(self.graph, self.params, np.zeros_like(tokens), ones, ones + 1,
+      state = _prefill_jit(self.graphdef, self.params, np.zeros_like(tokens), ones, ones + 1,
                            _row_keys(seed, rows), **static)
-      _host(_decode_chunk_jit(self.graph, self.params, state, np.ones((b,), bool), stop_ids_N,
+      _host(_decode_chunk_jit(self.graphdef, self.params, state, np.ones((b,), bool), stop_ids_N,
                                 **decode_static)[2])
       result.compile_seconds = time.perf_counter() - t0
     self._warm.add(shape_key)
 
     t0 = time.perf_counter()
-    state = _prefill_jit(self.graph, self.params, tokens, lengths, ends, _row_keys(seed, rows), **static)
+    state = _prefill_jit(self.graphdef, self.params, tokens, lengths, ends, _row_keys(seed, rows), **static)
     jax.block_until_ready(state.next_B)
     result.prefill_seconds = time.perf_counter() - t0
     finished = np.zeros((b,), bool)
     emitted = 0
     t0 = time.perf_counter()
     while not finished.all():
-      state, out, done = _decode_chunk_jit(self.graph, self.params, state, finished.copy(), stop_ids_N,
+      state, out, done = _decode_chunk_jit(self.graphdef, self.params, state, finished.copy(), stop_ids_N,
                                            **decode_static)
       out, done = _host(out), _host(done).copy()
       for i in np.flatnonzero(~finished):

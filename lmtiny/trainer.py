@@ -221,6 +221,18 @@ class Trainer:
     return {"loss": loss, "bpb": metrics_lib.bits_per_byte(float(totals["bpb_loss_sum"]), float(totals["bytes"])),
             "tokens": float(totals["tokens"])}
 
+  def sample(self, params, step: int, writer) -> None:
+    """Continuations of train.sample_prompt, logged and kept in metrics.jsonl (all processes
+    run the sampler, since its programs span the mesh; the main one writes)."""
+    t, tokenizer = self.cfg.train, self.data.tokenizer
+    if not hasattr(tokenizer, "decode"):  # in-memory token data has no text
+      return
+    from lmtiny.sampling import sample_text
+    model = nnx.merge(self.steps.graphdef, params)
+    (text,) = sample_text(model, tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens, seed=t.seed)
+    writer.write(step, "sample", {"prompt": t.sample_prompt, "text": text})
+    self.log(f"step {step:>6}/{self.total_steps} | sample: {t.sample_prompt + text!r}")
+
   # -- state -----------------------------------------------------------------------------------
 
   def _start(self, ckpt: Checkpointer, train_iter):
@@ -320,6 +332,8 @@ class Trainer:
             history["val"].append((step, val["loss"], val["bpb"]))
             writer.write(step, "val", val)
             self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
+        if at_end or (t.sample_every and step % t.sample_every == 0):
+          self.sample(state["params"], step, writer)
         if preemption.requested:
           self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
           break

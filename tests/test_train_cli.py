@@ -19,12 +19,14 @@ def _train(tmp_path, *overrides, workdir="run"):
 def test_readme_main_command_smoke(tmp_path):
   """Embedded corpus -> tokenizer -> shards -> train -> eval -> checkpoint, then resume."""
   args = ("--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
-          "--config.train.eval_batches=1", "--config.data.embedded_max_chars=300000")
+          "--config.train.eval_batches=1", "--config.train.sample_tokens=8",
+          "--config.data.embedded_max_chars=300000")
   result = _train(tmp_path, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step      4/4 | val loss" in result.stdout and "done: 4 steps" in result.stdout
+  assert "step      4/4 | sample: 'def " in result.stdout
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert {r["split"] for r in records} == {"train", "val"}
+  assert {r["split"] for r in records} == {"train", "val", "sample"}
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
   assert os.path.exists(tmp_path / "run" / "tokenizer.model") and os.path.exists(tmp_path / "run" / "loss.png")
   # Re-running the same command with a longer horizon resumes from the checkpoint (cache reused).
