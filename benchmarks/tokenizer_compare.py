@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lmtiny.data.embedded import join_documents  # noqa: E402
 from lmtiny.data.sources import open_source  # noqa: E402
 from lmtiny.tokenizer import train_tokenizer  # noqa: E402
 from lmtiny.tokenizer.compare import (compression_rows, format_table, load_references,  # noqa
@@ -44,16 +45,6 @@ from lmtiny.tokenizer.mixture import (MixtureSampler, held_out_documents, is_hel
                                       load_recipe)
 
 RECIPE_FILE = "tokenizer_data/shared_corpora.py"
-
-
-def _join(docs, max_chars: int) -> str:
-  parts, size = [], 0
-  for doc in docs:
-    parts.append(doc)
-    size += len(doc) + 2
-    if size >= max_chars:
-      break
-  return "\n\n".join(parts)[:max_chars]
 
 
 def eval_texts(max_chars: int) -> dict[str, str]:
@@ -68,15 +59,15 @@ def eval_texts(max_chars: int) -> dict[str, str]:
                         for m in consts["MATH_MODULE_DOCS"])]
   jargon = open_source(f"txt:{consts['CORPORA']}/extra/jargon_file_4.4.7.txt.gz")
   return dict(
-      english=_join(jargon.iter_documents(), max_chars),
-      wikipedia=_join((d for d in wiki if not d.startswith(math_titles + science_titles)),
+      english=join_documents(jargon.iter_documents(), max_chars),
+      wikipedia=join_documents((d for d in wiki if not d.startswith(math_titles + science_titles)),
                       max_chars),
-      books=_join(held_out_documents(entries["books"]), max_chars),
-      conversation=_join(held_out_documents(entries["chat"]), max_chars),
-      code=_join(held_out_documents(entries["code"]), max_chars),
-      math=_join([d for d in wiki if d.startswith(math_titles)] + pydocs_math, max_chars),
-      science=_join((d for d in wiki if d.startswith(science_titles)), max_chars),
-      korean=_join(held_out_documents(entries["korean"]), max_chars),
+      books=join_documents(held_out_documents(entries["books"]), max_chars),
+      conversation=join_documents(held_out_documents(entries["chat"]), max_chars),
+      code=join_documents(held_out_documents(entries["code"]), max_chars),
+      math=join_documents([d for d in wiki if d.startswith(math_titles)] + pydocs_math, max_chars),
+      science=join_documents((d for d in wiki if d.startswith(science_titles)), max_chars),
+      korean=join_documents(held_out_documents(entries["korean"]), max_chars),
   )
 
 

@@ -127,16 +127,18 @@ def embedded_sample_texts(max_chars_each: int = 1_000_000) -> dict[str, str]:
   files = stdlib_source_files()
   streams = dict(english=topic_documents(), docstrings=docstring_documents(files),
                  code=source_documents(files[::4]))
-  samples = {}
-  for name, docs in streams.items():
-    parts, size = [], 0
-    for doc in docs:
-      parts.append(doc)
-      size += len(doc) + 2
-      if size >= max_chars_each:
-        break
-    samples[name] = "\n\n".join(parts)[:max_chars_each]
-  return samples
+  return {name: join_documents(docs, max_chars_each) for name, docs in streams.items()}
+
+
+def join_documents(docs, max_chars: int) -> str:
+  """The first documents, blank-line separated, cut at max_chars (reads no further than needed)."""
+  parts, size = [], 0
+  for doc in docs:
+    parts.append(doc)
+    size += len(doc) + 2
+    if size >= max_chars:
+      break
+  return "\n\n".join(parts)[:max_chars]
 
 
 # ---------------------------------------------------------------------------------------------
