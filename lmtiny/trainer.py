@@ -277,6 +277,13 @@ class Trainer:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
 
+  def _log_eval(self, params, step: int, history: dict, writer) -> None:
+    val = self.evaluate(params)
+    if val is not None:
+      history["val"].append((step, val["loss"], val["bpb"]))
+      writer.write(step, "val", val)
+      self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
+
   def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer, stop_after) -> dict:
     t = self.cfg.train
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
@@ -308,6 +315,8 @@ class Trainer:
                  f"ETA {metrics_lib.format_duration(eta)}")
         window_start, window_steps = time.perf_counter(), 0
 
+    if start == 0:
+      self._log_eval(state["params"], 0, history, writer)  # the starting point of the val curve
     with _Preemption() as preemption:
       while step < self.total_steps:
         batch = device_batch(next(train_iter), self.mesh)
@@ -327,11 +336,7 @@ class Trainer:
           if pending is not None:
             flush(pending)
             pending = None
-          val = self.evaluate(state["params"])
-          if val is not None:
-            history["val"].append((step, val["loss"], val["bpb"]))
-            writer.write(step, "val", val)
-            self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
+          self._log_eval(state["params"], step, history, writer)
         if at_end or (t.sample_every and step % t.sample_every == 0):
           self.sample(state["params"], step, writer)
         if preemption.requested:

@@ -27,8 +27,9 @@ def test_learns_and_writes_run_files(tmp_path):
   losses = _losses(summary)
   assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
   assert np.mean(losses[-4:]) < losses[0] - 1.0
-  (s0, val0, bpb0), (s1, val1, bpb1) = summary["val"]
-  assert val1 < val0 and bpb1 < bpb0
+  (s0, val0, bpb0), _, (s1, val1, bpb1) = summary["val"]
+  assert (s0, s1) == (0, 24) and val0 == pytest.approx(np.log(VOCAB), abs=0.3)  # step 0: before training
+  assert val1 < val0 - 1.0 and bpb1 < bpb0
   # bpb with 1 byte per token is the loss in bits.
   assert bpb1 == pytest.approx(val1 / np.log(2), rel=1e-5)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -48,7 +49,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert Checkpointer(str(tmp_path / "split" / "checkpoints")).all_steps() == [3]
   second = Trainer(cfg, str(tmp_path / "split"), memory_data(), log=_quiet).run()
   assert _losses(first) + _losses(second) == _losses(full)  # exact on CPU, data position included
-  assert second["val"] == full["val"]  # evaluations at steps 4 and 8, after the resume
+  assert second["val"] == full["val"][1:]  # the resumed run evaluates at 4 and 8, not again at 0
   steps_logged = [json.loads(l)["step"] for l in open(tmp_path / "split" / "metrics.jsonl")]
   assert steps_logged == sorted(steps_logged)  # the resumed run replaced, not duplicated, records
 
