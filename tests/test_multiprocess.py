@@ -78,7 +78,8 @@ def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, 
 
 def _losses(run):
   assert run["error"] is None, run["error"]
-  return np.array([loss for _, loss in run["train_loss"]]), np.array([v[1] for v in run["val"]])
+  # Val losses after training (a fresh run also evaluates at step 0, a resumed one does not).
+  return np.array([loss for _, loss in run["train_loss"]]), np.array([v[1] for v in run["val"] if v[0] > 0])
 
 
 def _in_process(workdir, stop_after=None):
