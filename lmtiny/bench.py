@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from lmtiny import arch, cli, config as config_lib, metrics as metrics_lib, sharding
-from lmtiny.config import ConfigError
 from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
 
 
@@ -88,12 +87,10 @@ def _define_flags(fv):
 
 
 def run(argv: list[str]) -> int:
-  parsed = cli.parse_flags(argv, _define_flags, __doc__)
+  parsed = cli.parse_config_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   values, cfg = parsed
-  if cfg is None:
-    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
   report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
   print(format_report(report, cfg))
   return 0

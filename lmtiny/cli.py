@@ -3,6 +3,7 @@ overrides plus each tool's own flags, parsed into a private FlagValues, with eve
 problem turned into a one-line ConfigError (the entry point prints it and exits with 2)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -46,6 +47,19 @@ def _loaded_config(holder, path: str | None):
   except OSError as e:
     last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
     raise ConfigError(f"--config={path}: cannot load config file: {last}") from None
+
+
+def default_workdir(config_path: str) -> str:
+  """runs/<config name>: where a run goes when --workdir is not given."""
+  return os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+
+
+def parse_config_flags(argv: list[str], define, usage: str):
+  """parse_flags for tools that need a config: ConfigError when --config is missing."""
+  parsed = parse_flags(argv, define, usage)
+  if parsed is not None and parsed[1] is None:
+    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
+  return parsed
 
 
 def parse_flags(argv: list[str], define, usage: str):

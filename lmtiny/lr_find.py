@@ -234,16 +234,13 @@ def _define_flags(fv):
 
 
 def run(argv: list[str]) -> int:
-  parsed = cli.parse_flags(argv, _define_flags, __doc__)
+  parsed = cli.parse_config_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   f, cfg = parsed
-  if cfg is None:
-    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
   lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
   config_lib.validate(cfg)
-  config_name = os.path.splitext(os.path.basename(f["config"].split(":")[0]))[0]
-  workdir = f["workdir"] or os.path.join("runs", config_name)
+  workdir = f["workdir"] or cli.default_workdir(f["config"])
 
   from lmtiny import distributed
   distributed.initialize()  # before anything else touches jax
@@ -254,7 +251,7 @@ def run(argv: list[str]) -> int:
   result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
   print(summary(result))
   if jax.process_index() == 0:
-    png, path = write_outputs(result, workdir, title=f"LR range test: {config_name}")
+    png, path = write_outputs(result, workdir, title=f"LR range test: {os.path.basename(f['config'])}")
     print(f"wrote {png} and {path}")
   return 0
 

@@ -7,13 +7,11 @@ saved), 1 training diverged, 2 bad config, flags or data.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags, logging
 
 from lmtiny import cli, config as config_lib, distributed
-from lmtiny.config import ConfigError
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -45,15 +43,12 @@ def train(cfg, workdir: str) -> int:
 
 def run(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-  parsed = cli.parse_flags(argv, _define_flags, __doc__)
+  parsed = cli.parse_config_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   values, cfg = parsed
-  if cfg is None:
-    raise ConfigError("--config is required, e.g. --config configs/tiny.py")
   distributed.initialize()
-  name = os.path.splitext(os.path.basename(values["config"]))[0]
-  return train(cfg, values["workdir"] or os.path.join("runs", name))
+  return train(cfg, values["workdir"] or cli.default_workdir(values["config"]))
 
 
 def main(argv: list[str] | None = None) -> int:
