@@ -21,7 +21,7 @@ from lmtiny.arch import PEAK_FLOPS
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
 _DEVICE_KINDS = (("h200", "h200"), ("h100", "h100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
-                 ("v5p", "v5p"), ("v5", "v5p"), ("cpu", "cpu"))
+                 ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("cpu", "cpu"))
 
 
 def chip_name(device=None) -> str | None:
