@@ -87,6 +87,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Config, tokenizer and checkpoint step of a run; raises SamplingError naming what is wrong."""
   import ml_collections
+  from etils import epath
   from lmtiny import config as config_lib
   from lmtiny.tokenizer import Tokenizer
   if not os.path.isdir(workdir) and "://" not in workdir:
@@ -100,14 +101,16 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     raise SamplingError(f"--step={step}: no such checkpoint in {workdir} (have {', '.join(map(str, steps))})")
   config_path = os.path.join(workdir, "config.json")
   try:
-    with open(config_path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text()))
     config_lib.validate_model(cfg.model)
   except (OSError, json.JSONDecodeError, AttributeError, KeyError) as e:
     raise SamplingError(f"{config_path}: cannot read the run's config ({e})") from None
   except config_lib.ConfigError as e:
     raise SamplingError(f"{config_path}: {e}") from None
-  tokenizer = Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
+  tokenizer_path = epath.Path(workdir) / "tokenizer.model"
+  if not tokenizer_path.exists():
+    raise SamplingError(f"{tokenizer_path}: missing (the run was trained without a tokenizer)")
+  tokenizer = Tokenizer(tokenizer_path.read_bytes())
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise SamplingError(f"{workdir}/tokenizer.model: {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {cfg.model.vocab_size}")
