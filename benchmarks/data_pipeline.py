@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lmtiny.data import pipeline, prepare, shards  # noqa: E402
 from lmtiny.data.sources import RECORD_SEPARATOR, open_source  # noqa: E402
+from lmtiny.files import atomic_write_json  # noqa: E402
 from lmtiny.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 SEQ_LEN, BATCH = 2048, 32
@@ -77,7 +78,7 @@ def chop_into_short_docs(shard_dir: str, out_dir: str, doc_tokens: int = 1000) -
       pos += n
   record = writer.finish()
   m = dict(m, splits={"train": shards.split_totals([record]), "val": shards.split_totals([])})
-  shards.write_json_atomic(os.path.join(out_dir, shards.MANIFEST_FILE), m)
+  atomic_write_json(os.path.join(out_dir, shards.MANIFEST_FILE), m)
 
 
 def time_iterator(docs, num_workers: int, windows: int = 5, per_window: int = 20) -> float:

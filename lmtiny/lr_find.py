@@ -16,7 +16,7 @@ suggested peak LR = minimum-loss LR / 10, the usual rule for a warmup + decay sc
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import math
 import os
 import sys
@@ -27,6 +27,7 @@ import numpy as np
 from lmtiny import cli
 from lmtiny import config as config_lib
 from lmtiny.config import ConfigError
+from lmtiny.files import atomic_write, atomic_write_json
 
 DIVERGENCE_FACTOR = 4.0
 
@@ -159,16 +160,6 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
                          min_loss_lr=lowest, suggested_lr=suggested, stopped_early=stopped_early)
 
 
-def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
-  tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save_plot(result: RangeTestResult, path: str, title: str = "") -> str:
   """Loss (raw and smoothed) against LR on a log axis, with the three LRs marked."""
   import matplotlib
@@ -189,8 +180,10 @@ def save_plot(result: RangeTestResult, path: str, title: str = "") -> str:
   ax.set_title(title or "LR range test")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  _replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
+  atomic_write(path, png.getvalue())
   return path
 
 
@@ -199,12 +192,7 @@ def write_outputs(result: RangeTestResult, workdir: str, title: str = "") -> tup
   os.makedirs(workdir, exist_ok=True)
   png = save_plot(result, os.path.join(workdir, "lr_find.png"), title)
   path = os.path.join(workdir, "lr_find.json")
-
-  def write_json(tmp):
-    with open(tmp, "w") as f:
-      json.dump(result.to_json(), f, indent=1)
-
-  _replace_atomically(path, write_json)
+  atomic_write_json(path, result.to_json())
   return png, path
 
 

@@ -9,15 +9,16 @@ half of nanochat's 12 * L * T * H * Dh).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 
 import jax
 from etils import epath  # local paths and gs:// alike
 
 from lmtiny.arch import PEAK_FLOPS
+from lmtiny.files import atomic_write
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
 _DEVICE_KINDS = (("h200", "h200"), ("h100", "h100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
@@ -100,14 +101,6 @@ class MetricsWriter:
       self.tb.close()
 
 
-def atomic_write(path, data: bytes) -> None:
-  """Write to a temporary sibling, then rename: readers never see half a file."""
-  path = epath.Path(path)
-  tmp = path.parent / f".{path.name}.tmp"
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def read_metrics(workdir: str) -> list[dict]:
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
@@ -140,9 +133,9 @@ def plot_loss_curve(workdir: str) -> str | None:
     ax2.legend(loc="upper center")
   ax.legend(loc="upper right")
   fig.tight_layout()
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, "loss.png")
-    fig.savefig(local, dpi=100)
-    plt.close(fig)
-    atomic_write(epath.Path(workdir) / "loss.png", open(local, "rb").read())
-  return str(epath.Path(workdir) / "loss.png")
+  png = io.BytesIO()
+  fig.savefig(png, dpi=100, format="png")
+  plt.close(fig)
+  path = epath.Path(workdir) / "loss.png"
+  atomic_write(path, png.getvalue())
+  return str(path)

@@ -27,6 +27,7 @@ from flax import nnx
 from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
+from lmtiny.files import atomic_write
 from lmtiny.model import Transformer, abstract_model
 from lmtiny.optim import make_optimizer
 
@@ -169,9 +170,9 @@ class _Preemption:
 
 def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
   """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
-  metrics_lib.atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
+  atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
   if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
-    metrics_lib.atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
+    atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
 
 
 class Trainer:

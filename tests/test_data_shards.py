@@ -9,6 +9,7 @@ import pytest
 from lmtiny.config import ConfigError
 from lmtiny.data import shards
 from lmtiny.data.shards import DataError
+from lmtiny.files import atomic_write_json
 
 
 def write_dataset(directory, docs_by_split, vocab_size=512, dtype=None):
@@ -26,7 +27,7 @@ def write_dataset(directory, docs_by_split, vocab_size=512, dtype=None):
     splits[split] = shards.split_totals(records)
   manifest = dict(format=shards.FORMAT, tokenizer_hash="ab" * 32, vocab_size=vocab_size, dtype=dtype,
                   splits=splits)
-  shards.write_json_atomic(os.path.join(directory, shards.MANIFEST_FILE), manifest)
+  atomic_write_json(os.path.join(directory, shards.MANIFEST_FILE), manifest)
   return manifest
 
 
@@ -162,16 +163,3 @@ def test_a_record_with_a_partial_id_is_reported(tmp_path):
   with pytest.raises(DataError, match=r"odd.array_record: corrupt shard \(record of 3 bytes is not a whole "
                                      r"number of uint32 ids\)"):
     docs[0]
-
-
-def test_json_is_written_atomically(tmp_path, monkeypatch):
-  target = tmp_path / "m.json"
-  shards.write_json_atomic(str(target), {"a": 1})
-
-  def boom(*args, **kwargs):
-    raise OSError("disk full")
-
-  monkeypatch.setattr(os, "replace", boom)
-  with pytest.raises(OSError):
-    shards.write_json_atomic(str(target), {"a": 2})
-  assert json.loads(target.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["m.json"]

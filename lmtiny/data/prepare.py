@@ -27,6 +27,7 @@ import numpy as np
 
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.shards import DataError
+from lmtiny.files import atomic_write, atomic_write_json
 
 DEFAULT_DOCS_PER_SHARD = 50_000
 SHARD_TEXT_BYTES = 512 << 20     # also close a shard after this much text
@@ -132,7 +133,7 @@ class _Writer:
         self.shards[split].append(self._open.pop(split).finish())
     self.chunks += 1
     self._chunk_docs = self._chunk_bytes = 0
-    shards_lib.write_json_atomic(os.path.join(self.out_dir, shards_lib.PROGRESS_FILE), {
+    atomic_write_json(os.path.join(self.out_dir, shards_lib.PROGRESS_FILE), {
         "settings": self.settings, "documents": self.documents, "chunks": self.chunks,
         "splits": self.shards})
 
@@ -193,10 +194,7 @@ def _save_tokenizer(out_dir: str, tokenizer) -> None:
   from lmtiny.tokenizer.core import MODEL_FILE  # pylint: disable=g-import-not-at-top
   tok_dir = os.path.join(out_dir, shards_lib.TOKENIZER_DIR)
   os.makedirs(tok_dir, exist_ok=True)
-  tmp = os.path.join(tok_dir, f".{MODEL_FILE}.tmp")
-  with open(tmp, "wb") as f:
-    f.write(tokenizer.model_proto)
-  os.replace(tmp, os.path.join(tok_dir, MODEL_FILE))
+  atomic_write(os.path.join(tok_dir, MODEL_FILE), tokenizer.model_proto)
 
 
 def _encoded(tasks: Iterator[list[str]], tokenizer, dtype: str, workers: int):
@@ -257,7 +255,7 @@ def prepare_dataset(source, tokenizer, out_dir: str, *, val_fraction: float = 0.
   manifest = dict(format=shards_lib.FORMAT, **settings, bos_id=tokenizer.bos_id,
                   undecodable=source.undecodable,
                   splits={s: shards_lib.split_totals(writer.shards[s]) for s in shards_lib.SPLITS})
-  shards_lib.write_json_atomic(os.path.join(out_dir, shards_lib.MANIFEST_FILE), manifest)
+  atomic_write_json(os.path.join(out_dir, shards_lib.MANIFEST_FILE), manifest)
   os.remove(os.path.join(out_dir, shards_lib.PROGRESS_FILE))
   return manifest
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,24 +44,6 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 def shard_name(split: str, index: int) -> str:
   return f"{split}-{index:05d}.array_record"
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=1)
-      f.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 class ShardWriter:
