@@ -3,7 +3,8 @@
     python -m lmtiny.lr_find --config configs/tiny.py [--min 1e-6 --max 1 --steps 200] [--workdir DIR]
 
 Step i trains one real batch at lr_i = min * (max / min) ** (i / (steps - 1)), with the trainer's
-own train step (clipping, AdamW, masked weight decay, per-group LR multipliers). The swept LR is
+own train step (clipping, AdamW, masked weight decay, per-group LR multipliers) built with that
+sweep as its schedule. The swept LR is
 the matrix LR, `optim.lr`; embedding and unembedding groups keep their ratio to it. The test
 stops early once the loss is not finite or its running average exceeds 4x its best.
 
@@ -94,26 +95,10 @@ def analyze(lrs: np.ndarray, losses: np.ndarray, beta: float) -> tuple[np.ndarra
   return smoothed, float(lrs[steepest]), float(lrs[lowest]), float(lrs[lowest] / 10)
 
 
-def sweep_step(built):
-  """The trainer's jitted train step with its update rescaled: (state, batch, scale) -> (state, metrics).
-
-  `built` is `lmtiny.trainer.build_steps(...)` for a constant LR; `scale` = wanted LR / that LR.
-  Everything before the LR (clipping, Adam moments, weight decay, group multipliers) is the
-  trainer's, and AdamW's update is linear in the LR, so this is the step at the wanted LR.
-  """
-  import jax
-  from lmtiny import sharding
-  from lmtiny.trainer import BATCH_KEYS
-
-  def scaled_step(state, batch, scale):
-    new_state, metrics = built.train_step(state, batch)
-    params = jax.tree.map(lambda old, new: old + scale * (new - old), state["params"], new_state["params"])
-    return {**new_state, "params": params}, metrics
-
-  replicated = sharding.replicated(built.mesh)
-  batch_shardings = {k: built.batch_sharding for k in BATCH_KEYS}
-  return jax.jit(scaled_step, in_shardings=(built.state_shardings, batch_shardings, replicated),
-                 out_shardings=(built.state_shardings, replicated), donate_argnums=0)
+def sweep_schedule(min_lr: float, max_lr: float, steps: int):
+  """The matrix LR of step i: min_lr * (max_lr / min_lr) ** (i / (steps - 1)), as lr_sweep lists."""
+  ratio = max_lr / min_lr
+  return lambda count: min_lr * ratio ** (count / (steps - 1))
 
 
 def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 200,
@@ -124,15 +109,9 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
 
   lrs = lr_sweep(min_lr, max_lr, steps)
   cfg = cfg.copy_and_resolve_references()
-  # A constant schedule at optim.lr: the trainer's step then applies -optim.lr * direction, and
-  # each step rescales that update to lr_i (AdamW's update is linear in the LR).
   cfg.train.update(steps=steps, tokens_per_param=0.0)
-  cfg.optim.update(warmup_steps=0, min_lr_ratio=1.0)
-  base_lr = cfg.optim.lr
-  trainer = Trainer(cfg, workdir, data, log=log)
+  trainer = Trainer(cfg, workdir, data, log=log, schedule=sweep_schedule(min_lr, max_lr, steps))
   built, mesh = trainer.steps, trainer.mesh
-
-  step_fn = sweep_step(built)
   beta = default_beta(steps)
   log(f"LR range test: {steps} steps from {min_lr:g} to {max_lr:g} | {trainer.num_params / 1e6:.2f}M params | "
       f"{cfg.train.batch_tokens} tokens per step")
@@ -141,7 +120,7 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
   with jax.set_mesh(mesh):
     state = built.init()
     for i, lr in enumerate(lrs):
-      state, metrics = step_fn(state, device_batch(next(train_iter), mesh), np.float32(lr / base_lr))
+      state, metrics = built.train_step(state, device_batch(next(train_iter), mesh))
       loss = float(metrics["loss"])  # blocks every step: the divergence check needs it anyway
       losses.append(loss)
       running = beta * running + (1 - beta) * loss

@@ -57,8 +57,11 @@ def decay_mask(params):
   return _per_leaf(params, lambda path, p: p.ndim >= 2 and _group(path) == "matrix")
 
 
-def make_optimizer(o, d_model: int, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  schedule = lr_schedule(o, total_steps)
+def make_optimizer(o, d_model: int, total_steps: int, schedule: optax.Schedule | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`schedule` replaces warmup + cosine for the matrix LR (the LR finder's sweep); the group
+  LRs keep their ratio to it."""
+  schedule = schedule or lr_schedule(o, total_steps)
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts += [
       optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),

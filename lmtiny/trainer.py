@@ -73,10 +73,10 @@ def check_batch_divisibility(cfg, mesh) -> None:
                       f"not divide over {jax.process_count()} processes")
 
 
-def build_steps(cfg, mesh, total_steps: int) -> Steps:
+def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None) -> Steps:
   m, t = cfg.model, cfg.train
   graphdef, _ = nnx.split(abstract_model(m))
-  tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps)
+  tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
   accum = config_lib.accumulation_steps(t)
 
   def init():
@@ -179,7 +179,8 @@ class Trainer:
   """One training run in `workdir`; `data` has train_docs, val_docs, token_bytes and tokenizer
   (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes)."""
 
-  def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print):
+  def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
+               schedule: optax.Schedule | None = None):
     self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
     t = cfg.train
     self.mesh = sharding.make_mesh(cfg.mesh)
@@ -191,7 +192,7 @@ class Trainer:
     self.total_steps = config_lib.total_steps(cfg, self.num_params)
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
     self.main = jax.process_index() == 0
-    self.steps = build_steps(cfg, self.mesh, self.total_steps)
+    self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule)
     self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
 
   # -- data ----------------------------------------------------------------------------------

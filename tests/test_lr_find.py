@@ -1,4 +1,4 @@
-"""Tests for lmtiny.lr_find: sweep, smoothing and reading of the curve, the rescaled step, a real run."""
+"""Tests for lmtiny.lr_find: sweep, smoothing and reading of the curve, the swept step, a real run."""
 import json
 import os
 
@@ -65,32 +65,35 @@ def _constant_lr_config(lr, embed_lr, unembed_lr):
   return cfg
 
 
-def test_sweep_step_equals_the_trainer_step_at_the_swept_lr():
-  """The rescaled update is the trainer's own update at the target LR, group ratios kept."""
-  base, target = 1e-2, 3e-1  # embedding 20x, unembedding 0.4x the matrix LR in both runs
-  cfg = _constant_lr_config(base, 20 * base, 0.4 * base)
-  ref_cfg = _constant_lr_config(target, 20 * target, 0.4 * target)
+def test_sweep_schedule_lists_the_sweep():
+  np.testing.assert_allclose([lr_find.sweep_schedule(1e-6, 1.0, 7)(i) for i in range(7)],
+                             lr_find.lr_sweep(1e-6, 1.0, 7), rtol=1e-12)
+
+
+def test_swept_step_equals_the_trainer_step_at_that_lr():
+  """Step i of the sweep is the trainer's own update at constant LR lr_i, group ratios kept."""
+  low, high = 1e-2, 3e-1  # a 2-step sweep: step 0 at 1e-2, step 1 at 3e-1
+  cfg = _constant_lr_config(1.0, 20.0, 0.4)  # embedding 20x, unembedding 0.4x the matrix LR
   mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])  # one device: compiles fastest
-  built, ref_built = build_steps(cfg, mesh, 10), build_steps(ref_cfg, mesh, 10)
-  step = lr_find.sweep_step(built)
+  swept = build_steps(cfg, mesh, 2, schedule=lr_find.sweep_schedule(low, high, 2))
+  refs = [build_steps(_constant_lr_config(lr, 20 * lr, 0.4 * lr), mesh, 2) for lr in (low, high)]
   from lmtiny.data.pipeline import make_train_iterator
   it = make_train_iterator(lm_fixtures.memory_data().train_docs, seq_len=cfg.train.seq_len, batch_size=16,
                            bos_id=0, seed=0)
   with jax.set_mesh(mesh):
-    # Both optimizers have the same state structure: start both runs from one initialiser.
-    init = jax.tree.map(np.asarray, built.init()["params"])
-    state, ref_state = built.init(), built.init()
-    batch = device_batch(next(it), mesh)
-    state, metrics = step(state, batch, np.float32(target / base))
-    ref_state, ref_metrics = ref_built.train_step(ref_state, batch)
-    assert float(metrics["loss"]) == float(ref_metrics["loss"])
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state["params"], init))
-    assert min(moved) > 0.5 * 0.4 * target  # every tensor moved by about its group's LR (Adam's first step)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-                 state["params"], ref_state["params"])
-    batch = device_batch(next(it), mesh)
-    loss, ref_loss = step(state, batch, np.float32(target / base))[1]["loss"], ref_built.train_step(ref_state, batch)[1]["loss"]
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    state = swept.init()  # same optimizer structure in every run: one initialiser serves all
+    for i, ref in enumerate(refs):
+      batch = device_batch(next(it), mesh)
+      before = jax.tree.map(np.asarray, state)
+      ref_state, ref_metrics = ref.train_step(jax.tree.map(jax.numpy.asarray, before), batch)
+      state, metrics = swept.train_step(state, batch)
+      assert float(metrics["lr"]) == pytest.approx((low, high)[i], rel=1e-6)
+      assert float(metrics["loss"]) == float(ref_metrics["loss"])
+      moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                           state["params"], before["params"]))
+      assert min(moved) > 0.5 * 0.4 * (low, high)[i]  # every tensor moved by about its group's LR
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                   state["params"], ref_state["params"])
 
 
 def test_range_test_on_a_learnable_task(tmp_path):
