@@ -1,21 +1,59 @@
-"""Causal, document-masked attention behind one function with selectable backends.
+"""Causal, document-masked attention behind one function; the backend follows the platform.
 
 A query at index i may attend a key at index j when j <= i + offset and both carry the same
-segment id (packed rows hold several documents; segment 0 is padding and attends only to
-itself). Backends:
-  xla   - plain einsum + float32 softmax; runs anywhere, the reference.
-  cudnn - jax.nn.dot_product_attention(implementation="cudnn"), fused flash attention on
-          NVIDIA GPUs (bf16/fp16 only).
-  auto  - cudnn on GPU when the dtype allows, else xla.
-A TPU splash-attention kernel would be one more branch here: it runs under shard_map over the
-batch and head axes with the segment ids passed as its SegmentIds.
+segment id (packed rows hold several documents as contiguous runs of ids 1..k; segment 0 is
+padding and attends only to itself). `segment_ids=None` means one document per row.
+
+Backends (`model.attention`):
+  xla    - einsum + float32 softmax over a dense [B, 1, T, S] mask; runs anywhere; the reference.
+  cudnn  - cuDNN flash attention (NVIDIA GPUs, bf16/fp16). Causal is the kernel's mask *type*, so
+           no [T, S] tensor exists and masked blocks are skipped. Packed rows use cuDNN's
+           packed-sequence (THD) layout: `segment_runs` turns segment ids into per-row run
+           lengths and start offsets, and each run is its own causal sequence. The public
+           `jax.nn.dot_product_attention` takes only one length per row (padding, not packing),
+           so packed rows go through `jax._src.cudnn.fused_attention_stablehlo`, the function
+           jax.nn itself calls. Its packed layout needs Hopper (sm90+) and a static bound on runs
+           per row (`cudnn_max_runs`: T // 64); runs past the bound merge into the last one,
+           which then attends causally across those documents (nanochat attends across all of
+           them). jax scales both offset arrays by the *query* head count, so packed GQA repeats
+           k/v to H heads first.
+  splash - Pallas splash attention (TPU): causal MultiHeadMask + SegmentIds, GQA as the MQA
+           kernel vmapped over kv heads, run inside `jax.shard_map` (batch over data/fsdp,
+           heads over tensor; the specs come from lmtiny.sharding). The kernel does not scale
+           q: we do. Off TPU it runs in Pallas interpret mode (slow; for tests).
+  auto   - cudnn on GPU for bf16/fp16 (xla for packed rows before Hopper), splash on TPU,
+           xla elsewhere.
+
+tokamax (PyPI 0.0.12, evaluated here on jax 0.10.2): it installs and imports, and its XLA path
+matches jax.nn. Its public `dot_product_attention` takes a dense mask or per-row lengths, no
+segment ids; document masking needs its private `base.Mask(k_start=...)`. It pins
+typeguard==2.13.3 and pulls qwix, pydantic and tensorboardX, and its Pallas GPU kernels could
+not be measured without a GPU. cuDNN through JAX itself needs no new dependency and is what
+the GPU benchmark (benchmarks/attention.py) checks against xla; tokamax is not adopted.
+
+Decode (T != S or a q_offset, the KV cache) always runs xla: a few queries against the cache
+are memory-bound, and cuDNN's causal type aligns the diagonal at the top-left corner.
+
+With a `tensor` mesh axis that does not divide num_kv_heads, k/v are repeated
+(`sharding.kv_head_repeats`) so q, k and v shard their heads alike, as the cuDNN partitioner
+and shard_map require. The output carries the checkpoint name `ATTN_OUT` (splash also names its
+logsumexp residual) so a remat policy can keep it and a fused forward runs once.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lmtiny import sharding
 
 Array = jax.Array
+
+ATTN_OUT = "attn_out"   # checkpoint name of the attention output (and fused kernels' residuals)
+ATTN_QKV = "attn_qkv"   # checkpoint name of q, k, v after RoPE (set by lmtiny.model)
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def attention_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Array, q_offset: Array | int = 0) -> Array:
@@ -39,19 +77,164 @@ def xla_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, mask_
   return out_BxTxKxGxDh.reshape(b, t, h, dh)
 
 
-def resolve_impl(impl: str, dtype) -> str:
+# ---------------------------------------------------------------------------------------------
+# Backend selection (pure: platform, dtype and shapes in, backend name out).
+
+
+def splash_block(seq_len: int) -> int | None:
+  """The splash tile (q and kv) for a sequence: the largest of 512/256/128 dividing it, or None."""
+  return next((blk for blk in (512, 256, 128) if seq_len % blk == 0), None)
+
+
+def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attention: bool = True,
+                 seq_len: int | None = None, packed: bool = False, gpu_capability: tuple | None = None) -> str:
+  """The backend that runs: `impl` unless it is auto, and xla wherever a fused kernel cannot.
+
+  self_attention=False (decode against a cache, T != S) always gives xla. A requested fused
+  backend the shape rules out (splash needs seq_len % 128 == 0) also falls back to xla.
+  """
+  platform = platform or jax.default_backend()
+  if not self_attention:
+    return "xla"
   if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    if platform == "gpu" and jnp.dtype(dtype) in HALF_DTYPES:
+      old_gpu = gpu_capability is not None and gpu_capability < (9, 0)
+      impl = "xla" if packed and old_gpu else "cudnn"
+    elif platform == "tpu":
+      impl = "splash"
+    else:
+      impl = "xla"
+  if impl == "splash" and seq_len is not None and splash_block(seq_len) is None:
+    return "xla"
   return impl
 
 
-def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segment_ids: Array,
-              kv_segment_ids: Array, q_offset: Array | int = 0, impl: str = "auto") -> Array:
-  """Multi-head / grouped-query attention; K kv heads serve H // K query heads each."""
-  mask_Bx1xTxS = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
-  impl = resolve_impl(impl, q_BxTxHxDh.dtype)
+def _gpu_capability() -> tuple | None:
+  cap = getattr(jax.devices()[0], "compute_capability", None)
+  return tuple(int(x) for x in cap.split(".")) if cap else None
+
+
+# ---------------------------------------------------------------------------------------------
+# cuDNN.
+
+
+def cudnn_max_runs(seq_len: int) -> int:
+  """Static bound on document runs per packed row for cuDNN's packed layout (T // 64, >= 1)."""
+  return max(1, seq_len // 64)
+
+
+def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
+  """Segment ids -> cuDNN packed-sequence arguments for one row each.
+
+  Returns (lengths [B, M], starts [B, M + 1]), int32: run j of row b covers tokens
+  starts[b, j] .. starts[b, j] + lengths[b, j] - 1; unused entries are -1 (the layout
+  `fused_attention_stablehlo.dot_product_attention` documents). A run is a maximal stretch of
+  equal ids; runs past the M-th merge into the M-th.
+  """
+  b, t = segment_ids_BxT.shape
+  new_run_BxT = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], 1)
+  run_BxT = jnp.minimum(jnp.cumsum(new_run_BxT, axis=1) - 1, max_runs - 1)
+  in_run_BxTxM = run_BxT[:, :, None] == jnp.arange(max_runs)[None, None, :]
+  lengths_BxM = jnp.sum(in_run_BxTxM, axis=1, dtype=jnp.int32)
+  starts_BxM = jnp.argmax(in_run_BxTxM, axis=1).astype(jnp.int32)
+  used_BxM = lengths_BxM > 0
+  lengths_BxM = jnp.where(used_BxM, lengths_BxM, -1)
+  starts_BxM1 = jnp.concatenate([jnp.where(used_BxM, starts_BxM, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
+  return lengths_BxM, starts_BxM1
+
+
+def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None) -> Array:
+  if segment_ids_BxT is None:  # one document per row: the causal mask type alone
+    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, is_causal=True, implementation="cudnn")
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  b, t, h, dh = q_BxTxHxDh.shape
+  group = h // k_BxSxKxDh.shape[2]
+  if group > 1:  # packed offsets are scaled by the query's head count: give k/v the same
+    k_BxSxKxDh, v_BxSxKxDh = (jnp.repeat(x, group, axis=2) for x in (k_BxSxKxDh, v_BxSxKxDh))
+    k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(x, ("batch", "seq", "act_heads", None)) for x in (k_BxSxKxDh, v_BxSxKxDh))
+  lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, cudnn_max_runs(t)))
+  return cudnn_fmha.dot_product_attention(
+      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
+      kv_offsets=starts_BxM1, scale=1.0 / math.sqrt(dh), mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splash (TPU Pallas; interpret mode elsewhere).
+
+
+def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool):
+  """Splash attention on one device's shard: batch rows and kv heads vmapped over the MQA kernel."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # pylint: disable=g-import-not-at-top
+  b, t, h, dh = q_BxTxHxDh.shape
+  s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
+  g = h // kv
+  blk = splash_block(t)
+  sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                            block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+  kernel = splash.make_splash_mqa_single_device(
+      splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * g), block_sizes=sizes,
+      residual_checkpoint_name=ATTN_OUT, interpret=interpret)
+  scaled_q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(dh), q_BxTxHxDh.dtype)
+  q_BxKxGxTxDh = scaled_q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4)
+  k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxSxKxDh, v_BxSxKxDh))
+
+  def one_row(q_KxGxTxDh, k_KxSxDh, v_KxSxDh, seg_T):
+    seg = None if seg_T is None else splash.SegmentIds(q=seg_T, kv=seg_T)
+    return jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=seg))(q_KxGxTxDh, k_KxSxDh, v_KxSxDh)
+
+  seg_axis = None if segment_ids_BxT is None else 0
+  out_BxKxGxTxDh = jax.vmap(one_row, in_axes=(0, 0, 0, seg_axis))(q_BxKxGxTxDh, k_BxKxSxDh, v_BxKxSxDh, segment_ids_BxT)
+  return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool) -> Array:
+  def local(q, k, v, seg):
+    return _splash_local(q, k, v, seg, interpret=interpret)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
+  q_spec, kv_spec, seg_spec = sharding.attention_specs(q_BxTxHxDh.shape, k_BxSxKxDh.shape, dict(mesh.shape))
+  if segment_ids_BxT is None:
+    return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec),
+                         out_specs=q_spec, check_vma=False)(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                       check_vma=False)(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segment_ids: Array | None = None,
+              kv_segment_ids: Array | None = None, q_offset: Array | int = 0, impl: str = "auto") -> Array:
+  """Multi-head / grouped-query attention; K kv heads serve H // K query heads each.
+
+  Fused backends run self-attention only (T == S, q_offset == 0, the same segment ids for
+  queries and keys); anything else, the KV-cache decode path included, runs xla.
+  """
+  b, t, h, _ = q_BxTxHxDh.shape
+  s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
+  self_attention = (t == s and isinstance(q_offset, int) and q_offset == 0
+                    and q_segment_ids is kv_segment_ids)
+  platform = jax.default_backend()
+  packed = q_segment_ids is not None
+  impl = resolve_impl(impl, q_BxTxHxDh.dtype, platform=platform, self_attention=self_attention, seq_len=t,
+                      packed=packed, gpu_capability=_gpu_capability() if platform == "gpu" and packed else None)
+  repeats = sharding.kv_head_repeats(h, kv)
+  if repeats > 1:  # q and k/v must shard their heads alike (see lmtiny.sharding)
+    k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(jnp.repeat(x, repeats, axis=2), ("batch", "seq", "act_kv_heads", None))
+                              for x in (k_BxSxKxDh, v_BxSxKxDh))
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xTxS,
-                                        implementation="cudnn")
-  return xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xTxS)
+    out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
+  elif impl == "splash":
+    out_BxTxHxDh = _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, interpret=platform != "tpu")
+  else:
+    if q_segment_ids is None:
+      q_segment_ids = jnp.ones((b, t), jnp.int32)
+    if kv_segment_ids is None:
+      kv_segment_ids = jnp.ones((b, s), jnp.int32)
+    mask_Bx1xTxS = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
+    out_BxTxHxDh = xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xTxS)
+  return checkpoint_name(out_BxTxHxDh, ATTN_OUT)

@@ -13,9 +13,9 @@ import ml_collections
 
 ACTIVATIONS = ("swiglu", "relu2", "gelu", "silu")
 INITS = ("gpt2", "xavier", "kaiming", "nanochat")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("auto", "float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -51,9 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       init="gpt2",           # gpt2 | xavier | kaiming | nanochat
       init_std=0.02,
       dtype="auto",          # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
-      remat="none",          # none | full | dots | dots_no_batch
+      remat="none",          # none | full | save_attn_out | save_qkv | minimal | dots | dots_no_batch (lmtiny.model)
       scan_layers=False,     # lax.scan over stacked layers (faster compiles for deep models)
-      attention="auto",      # auto | xla | cudnn
+      attention="auto",      # auto | xla | cudnn | splash (lmtiny.attention)
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. Product must equal the device count.

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
-from lmtiny.attention import attention
+from lmtiny.attention import ATTN_OUT, ATTN_QKV, attention
 from lmtiny.sharding import constrain
 
 Array = jax.Array
@@ -125,8 +126,8 @@ class Attention(nnx.Module):
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype))
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
-  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
-    q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None) -> Array:
+    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, positions_BxT))
     out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
                              impl=self.cfg.attention)
     return self.project_out(out_BxTxHxDh)
@@ -167,15 +168,27 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm")
     self.mlp = MLP(m, rngs)
 
-  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None) -> Array:
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
+_POLICIES = jax.checkpoint_policies
+_SAVE_ATTN_OUT = _POLICIES.save_only_these_names(ATTN_OUT)
+# What each model.remat policy keeps for the backward pass of a block (the block input is always
+# kept); the rest is recomputed. Every policy but `full` keeps the attention output under its
+# checkpoint name, and with it a fused kernel's residuals (logsumexp), so cuDNN or splash runs
+# its forward once. "none" (no jax.checkpoint at all) keeps everything.
 REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": None,                        # nothing: the whole block, attention included, reruns
+    "save_attn_out": _SAVE_ATTN_OUT,     # attention output [B,T,H,Dh]
+    "save_qkv": _POLICIES.save_only_these_names(ATTN_QKV, ATTN_OUT),  # + q, k, v after RoPE
+    # + every weight-matmul output (no batch dims; MaxText's "minimal"): only norms, RoPE and
+    # activations are recomputed. dots_no_batch is its former name, kept.
+    "minimal": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable, _SAVE_ATTN_OUT),
+    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable, _SAVE_ATTN_OUT),
+    # + batched matmuls too: on the xla backend that is the [B,K,G,T,S] attention scores.
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable, _SAVE_ATTN_OUT),
 }
 
 
@@ -228,15 +241,16 @@ class Transformer(nnx.Module):
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids_BxT is None:
-      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    # segment_ids_BxT None: one document per row (a fused kernel then needs only its causal mask).
     x_BxTxD = self.embed_tokens(tokens_BxT)
 
     def run_block(block_graphdef, block_state, x):
       return nnx.merge(block_graphdef, block_state)(x, positions_BxT, segment_ids_BxT)
 
     if self.cfg.remat != "none":
-      run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,))
+      # Under scan the loop boundary already stops XLA from merging recompute into the forward.
+      run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,),
+                                 prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
       x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x), None), x_BxTxD, stacked_state)

@@ -164,3 +164,43 @@ def _cross_entropy_local(logits_BxTxV, targets_BxT):
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   target_logit = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
   return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: q, k and v must split their heads alike (cuDNN's partitioner and shard_map demand it).
+
+
+def _tensor_size(mesh_shape_: dict | None) -> int:
+  if mesh_shape_ is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh_shape_ = {} if mesh.empty else dict(mesh.shape)
+  return mesh_shape_.get("tensor", 1)
+
+
+def kv_head_repeats(num_heads: int, num_kv_heads: int, mesh_shape_: dict | None = None) -> int:
+  """How many copies of each kv head attention makes so k/v shard over `tensor` like q does.
+
+  The RULES shard q's H heads over `tensor` when it divides H, and replicate the K kv heads
+  when it does not divide K (GQA/MQA with few kv heads): q would be split and k/v whole, which
+  the cuDNN partitioner rejects and shard_map cannot express. Repeating each kv head
+  r = tensor / gcd(K, tensor) times gives K * r heads that `tensor` divides, with query head h
+  still reading a copy of kv head h // (H / K) (r divides H / K whenever `tensor` divides H).
+  Each device then holds K * r / tensor <= K kv heads: no more than the replicated layout.
+  1 (nothing to do) without a mesh, when `tensor` divides K, or when it does not divide H.
+  `mesh_shape_` defaults to the mesh in context.
+  """
+  tensor = _tensor_size(mesh_shape_)
+  if tensor == 1 or num_heads % tensor or num_kv_heads % tensor == 0:
+    return 1
+  return tensor // math.gcd(num_kv_heads, tensor)
+
+
+def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
+  """shard_map specs (q [B,T,H,Dh], k/v [B,S,K,Dh], segment ids [B,T]) for a fused attention
+  kernel: batch over (data, fsdp), heads over tensor, sequence and head dim whole. kv_shape is
+  after `kv_head_repeats`, so q and k/v split their heads the same way."""
+  q_spec = logical_to_spec(("batch", "seq", "act_heads", None), q_shape, mesh_shape_)
+  kv_spec = logical_to_spec(("batch", "seq", "act_kv_heads", None), kv_shape, mesh_shape_)
+  if q_spec[2] != kv_spec[2]:
+    raise ValueError(f"attention heads shard unlike: q {q_shape} as {q_spec}, k/v {kv_shape} as {kv_spec}")
+  return q_spec, kv_spec, logical_to_spec(("batch", "seq"), q_shape[:2], mesh_shape_)
