@@ -114,6 +114,33 @@ def _gpu_capability() -> tuple | None:
   return tuple(int(x) for x in cap.split(".")) if cap else None
 
 
+def named_residuals(kernel):
+  """kernel(q, k, v, aux) -> out, as a custom_vjp whose backward residuals carry names.
+
+  A fused kernel is a custom_vjp: its backward needs residuals (the output, the logsumexp)
+  that only its own forward produces. Under jax.checkpoint an unnamed residual is not
+  saveable, so every remat policy would rerun the kernel's forward in the backward pass. Here
+  every residual except the q, k, v inputs themselves is named ATTN_OUT (q, k, v are
+  recomputed from the block input, or saved under ATTN_QKV by the model). `aux` holds
+  non-differentiable inputs (segment ids) and gets no cotangent.
+  """
+  @jax.custom_vjp
+  def run(q, k, v, aux):
+    return kernel(q, k, v, aux)
+
+  def forward(q, k, v, aux):
+    out, vjp_fn = jax.vjp(lambda q_, k_, v_: kernel(q_, k_, v_, aux), q, k, v)
+    leaves, tree = jax.tree.flatten(vjp_fn)
+    leaves = [x if any(x is y for y in (q, k, v)) else checkpoint_name(x, ATTN_OUT) for x in leaves]
+    return out, jax.tree.unflatten(tree, leaves)
+
+  def backward(vjp_fn, g):
+    return (*vjp_fn(g), None)
+
+  run.defvjp(forward, backward)
+  return run
+
+
 # ---------------------------------------------------------------------------------------------
 # cuDNN.
 
@@ -145,7 +172,9 @@ def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
 
 def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None) -> Array:
   if segment_ids_BxT is None:  # one document per row: the causal mask type alone
-    return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, is_causal=True, implementation="cudnn")
+    causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                             implementation="cudnn"))
+    return causal(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, None)
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
   b, t, h, dh = q_BxTxHxDh.shape
   group = h // k_BxSxKxDh.shape[2]
@@ -153,9 +182,13 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
     k_BxSxKxDh, v_BxSxKxDh = (jnp.repeat(x, group, axis=2) for x in (k_BxSxKxDh, v_BxSxKxDh))
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(x, ("batch", "seq", "act_heads", None)) for x in (k_BxSxKxDh, v_BxSxKxDh))
   lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, cudnn_max_runs(t)))
-  return cudnn_fmha.dot_product_attention(
-      q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
-      kv_offsets=starts_BxM1, scale=1.0 / math.sqrt(dh), mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL)
+
+  def packed(q, k, v, runs):
+    return cudnn_fmha.dot_product_attention(
+        q, k, v, q_seqlen=runs[0], kv_seqlen=runs[0], q_offsets=runs[1], kv_offsets=runs[1],
+        scale=1.0 / math.sqrt(dh), mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL)
+
+  return named_residuals(packed)(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, (lengths_BxM, starts_BxM1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +207,7 @@ def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interp
                             block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
   kernel = splash.make_splash_mqa_single_device(
       splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * g), block_sizes=sizes,
-      residual_checkpoint_name=ATTN_OUT, interpret=interpret)
+      interpret=interpret)
   scaled_q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(dh), q_BxTxHxDh.dtype)
   q_BxKxGxTxDh = scaled_q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4)
   k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxSxKxDh, v_BxSxKxDh))
@@ -183,8 +216,10 @@ def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interp
     seg = None if seg_T is None else splash.SegmentIds(q=seg_T, kv=seg_T)
     return jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=seg))(q_KxGxTxDh, k_KxSxDh, v_KxSxDh)
 
-  seg_axis = None if segment_ids_BxT is None else 0
-  out_BxKxGxTxDh = jax.vmap(one_row, in_axes=(0, 0, 0, seg_axis))(q_BxKxGxTxDh, k_BxKxSxDh, v_BxKxSxDh, segment_ids_BxT)
+  def rows(q, k, v, seg):
+    return jax.vmap(one_row, in_axes=(0, 0, 0, None if seg is None else 0))(q, k, v, seg)
+
+  out_BxKxGxTxDh = named_residuals(rows)(q_BxKxGxTxDh, k_BxKxSxDh, v_BxKxSxDh, segment_ids_BxT)
   return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
