@@ -245,6 +245,65 @@ def test_scan_and_remat_match_plain_loop_in_value_and_gradient():
   assert np.abs(want_grads["layers"][0]["attn"]["q"]).max() > 1e-4
 
 
+def test_remat_policies_give_the_same_loss_and_gradients():
+  """One layer (what a policy saves is per block), packed rows, GQA: every policy equals no remat
+  (full and dots are covered with the scan layout above; dots_no_batch is minimal's old name)."""
+  tokens, positions, segments = (jnp.asarray(x) for x in _batch(4))
+  params = _params(_random_model(_cfg(num_layers=1, num_kv_heads=2), seed=6))
+
+  def value_and_grads(remat):
+    model = nnx.eval_shape(lambda: model_lib.Transformer(_cfg(num_layers=1, num_kv_heads=2, remat=remat), nnx.Rngs(0)))
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, params))
+    loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(tokens, positions, segments)))
+    value, grads = jax.jit(jax.value_and_grad(loss))(abstract)
+    return float(value), nnx.to_pure_dict(grads)
+
+  want_value, want_grads = value_and_grads("none")
+  assert np.abs(want_grads["layers"][0]["attn"]["k"]).max() > 1e-3
+  for remat in ("save_attn_out", "save_qkv", "minimal"):
+    value, grads = value_and_grads(remat)
+    assert abs(value - want_value) <= 1e-5 * abs(want_value), remat
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6),
+                 grads, want_grads)
+
+
+def _fused_forward_kernels(m) -> int:
+  """How many splash forward kernels one training step's jaxpr runs (after dead-code
+  elimination: value_and_grad keeps the primal forward alive, as a train step does)."""
+  from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(m, nnx.Rngs(0))), nnx.Param, ...)
+  tokens, segments = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128), jnp.int32)
+  closed = jax.make_jaxpr(jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest)(tokens, None, segments).sum()))(params)
+  live, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      name = str(eqn.params.get("name_and_src_info") or eqn.params.get("name") or "")
+      n += eqn.primitive.name == "pallas_call" and "_fwd_" in name
+      n += sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return n
+
+  return count(live)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_run_a_fused_attention_forward_once_except_full(scan):
+  """The attention output and the kernel's residuals carry a checkpoint name: every policy but
+  `full` keeps them, so the backward pass does not rerun the kernel's forward (splash here, in
+  interpret mode; cuDNN goes through the same named_residuals wrapper)."""
+  import jax.extend  # noqa: F401  pylint: disable=g-import-not-at-top
+  counts = {remat: _fused_forward_kernels(_cfg(num_layers=1, num_kv_heads=2, max_seq_len=128, attention="splash",
+                                               remat=remat, scan_layers=scan))
+            for remat in config_lib.REMAT_POLICIES}
+  assert counts == {remat: 2 if remat == "full" else 1 for remat in config_lib.REMAT_POLICIES}
+
+
+def test_remat_policy_table_matches_config():
+  assert set(model_lib.REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)
+
+
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scan_layout_matches_reference_directly(remat):
   m = _cfg(num_layers=3, scan_layers=True, remat=remat, tie_embeddings=True)
