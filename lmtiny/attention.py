@@ -42,6 +42,7 @@ logsumexp residual) so a remat policy can keep it and a fused forward runs once.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -253,7 +254,7 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   self_attention = (t == s and isinstance(q_offset, int) and q_offset == 0
                     and q_segment_ids is kv_segment_ids)
-  platform = jax.default_backend()
+  platform, requested = jax.default_backend(), impl
   packed = q_segment_ids is not None
   impl = resolve_impl(impl, q_BxTxHxDh.dtype, platform=platform, self_attention=self_attention, seq_len=t,
                       packed=packed, gpu_capability=_gpu_capability() if platform == "gpu" and packed else None)
@@ -261,11 +262,19 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   if repeats > 1:  # q and k/v must shard their heads alike (see lmtiny.sharding)
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(jnp.repeat(x, repeats, axis=2), ("batch", "seq", "act_kv_heads", None))
                               for x in (k_BxSxKxDh, v_BxSxKxDh))
+  out_BxTxHxDh = None
   if impl == "cudnn":
-    out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
+    try:
+      out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
+    except (ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+      if requested != "auto":  # asked for by name: the user sees why it cannot run
+        raise
+      # auto: a cuDNN build or a jax version whose (partly private) API refuses these inputs
+      # at trace time costs speed, not the run.
+      warnings.warn(f"model.attention=auto: cuDNN attention unavailable ({type(e).__name__}: {e}); using xla")
   elif impl == "splash":
     out_BxTxHxDh = _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, interpret=platform != "tpu")
-  else:
+  if out_BxTxHxDh is None:
     if q_segment_ids is None:
       q_segment_ids = jnp.ones((b, t), jnp.int32)
     if kv_segment_ids is None:

@@ -332,3 +332,20 @@ def test_xla_path_under_a_mesh_with_kv_heads_repeated_matches_numpy():
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg))
   allowed = _expected_mask(seg, seg, [0, 0])[:, 0]
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_by_name_reaches_cudnn_and_auto_falls_back_with_a_warning(monkeypatch):
+  """On this CPU-only install cuDNN stops at "cuDNN is not detected": asked for by name the error
+  surfaces (so the cuDNN branch, segment runs included, really ran up to the kernel); under auto
+  on a "GPU" the step warns and runs xla instead."""
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(1, 8, 8, 4, 2, 16, seed=11))
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]], jnp.int32)
+  for segments in (seg, None):
+    with pytest.raises(RuntimeError, match="cuDNN"):
+      attn_lib.attention(q, k, v, q_segment_ids=segments, kv_segment_ids=segments, impl="cudnn")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.warns(UserWarning, match="using xla"):
+    got = attn_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="auto")
+  monkeypatch.undo()
+  want = attn_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="xla")
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
