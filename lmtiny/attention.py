@@ -172,7 +172,7 @@ def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
 
 
 def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None) -> Array:
-  if segment_ids_BxT is None:  # one document per row: the causal mask type alone
+  if segment_ids_BxT is None or cudnn_max_runs(q_BxTxHxDh.shape[1]) == 1:  # one run per row: causal type alone
     causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                              implementation="cudnn"))
     return causal(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, None)

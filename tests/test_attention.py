@@ -338,8 +338,8 @@ def test_cudnn_by_name_reaches_cudnn_and_auto_falls_back_with_a_warning(monkeypa
   """On this CPU-only install cuDNN stops at "cuDNN is not detected": asked for by name the error
   surfaces (so the cuDNN branch, segment runs included, really ran up to the kernel); under auto
   on a "GPU" the step warns and runs xla instead."""
-  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(1, 8, 8, 4, 2, 16, seed=11))
-  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]], jnp.int32)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(1, 128, 128, 4, 2, 16, seed=11))
+  seg = jnp.asarray([[1] * 30 + [2] * 90 + [0] * 8], jnp.int32)  # T=128: two runs allowed, packed path
   for segments in (seg, None):
     with pytest.raises(RuntimeError, match="cuDNN"):
       attn_lib.attention(q, k, v, q_segment_ids=segments, kv_segment_ids=segments, impl="cudnn")
