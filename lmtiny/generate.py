@@ -89,7 +89,6 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   import ml_collections
   from etils import epath
   from lmtiny import config as config_lib
-  from lmtiny.tokenizer import Tokenizer
   if not os.path.isdir(workdir) and "://" not in workdir:
     raise SamplingError(f"--workdir={workdir}: no such directory")
   steps = checkpoint_steps(workdir)
@@ -107,10 +106,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     raise SamplingError(f"{config_path}: cannot read the run's config ({e})") from None
   except config_lib.ConfigError as e:
     raise SamplingError(f"{config_path}: {e}") from None
-  tokenizer_path = epath.Path(workdir) / "tokenizer.model"
-  if not tokenizer_path.exists():
-    raise SamplingError(f"{tokenizer_path}: missing (the run was trained without a tokenizer)")
-  tokenizer = Tokenizer(tokenizer_path.read_bytes())
+  from lmtiny.interop.hf_tokenizer import load_run_tokenizer
+  tokenizer = load_run_tokenizer(workdir)  # tokenizer.model, or hf_tokenizer/ of an imported model
+  if tokenizer is None:
+    raise SamplingError(f"{epath.Path(workdir) / 'tokenizer.model'}: missing (the run was trained without a tokenizer)")
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise SamplingError(f"{workdir}/tokenizer.model: {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {cfg.model.vocab_size}")
