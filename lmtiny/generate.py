@@ -2,7 +2,7 @@
 
   python -m lmtiny.generate --workdir RUN --prompt "Once upon a time" [--step N]
       [--max-new-tokens 200] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
-      [--num-samples 1] [--stop STRING ...]
+      [--num-samples 1] [--stop STRING ...] [--quantize int8|int4 [--group-size N]]
   python -m lmtiny.generate --workdir RUN --chat      # reads user turns from stdin, one a line
 
 Loads RUN/config.json, RUN/tokenizer.model and the newest checkpoint (or --step) onto one local
@@ -42,6 +42,10 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, as one batch")
   p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+  p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                 help="weight-only quantization: int8 per output channel, int4 in groups (lmtiny.quant)")
+  p.add_argument("--group-size", type=int, default=None,
+                 help="input rows per scale (default: int8 0 = per channel, int4 64)")
   return p.parse_args(argv)
 
 
@@ -252,7 +256,14 @@ def run(argv: list[str]) -> int:
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
     from lmtiny.sampling import Sampler
-    sampler = Sampler(load_model(run))
+    model = load_model(run)
+    if args.quantize != "none":
+      from lmtiny.quant import param_bytes, quantize_model
+      before = param_bytes(model)
+      model = quantize_model(model, args.quantize, args.group_size)
+      print(f"quantized {args.quantize}: parameters {before / 1e6:.1f} MB -> {param_bytes(model) / 1e6:.1f} MB",
+            file=sys.stderr)
+    sampler = Sampler(model)
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "
           f"context {run.cfg.model.max_seq_len}", file=sys.stderr)
     if args.chat:
