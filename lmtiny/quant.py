@@ -177,7 +177,7 @@ def quantize_model(model, mode: str, group_size: int | None = None):
                              ".".join(map(str, path)), stacked=model.cfg.scan_layers and path[0] == "layers")
       var = var.replace(value)
     flat.append((path, var))
-  return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def param_bytes(model) -> int:

@@ -86,14 +86,27 @@ def _read_hf_config(hf_dir: str) -> dict:
     raise InteropError(f"{path}: not JSON ({e})") from None
 
 
+def write_run(workdir: str, cfg, params, tokenizer, step: int = 0) -> None:
+  """A run directory `generate` reads: config.json, the tokenizer and a parameter-only checkpoint
+  (`params`: the nnx State of the model's Params)."""
+  from lmtiny.checkpoint import Checkpointer
+  from lmtiny.files import atomic_write
+  from lmtiny.interop.hf_tokenizer import save_run_tokenizer
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  ckpt.save(step, {"params": params})
+  ckpt.close()
+  atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode())
+  save_run_tokenizer(workdir, tokenizer)
+
+
 def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   """Writes an lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
   import jax.numpy as jnp
   from flax import nnx
-  from lmtiny.checkpoint import Checkpointer
   from lmtiny.config import base_config
-  from lmtiny.files import atomic_write, atomic_write_json
-  from lmtiny.interop.hf_tokenizer import import_tokenizer, save_run_tokenizer
+  from lmtiny.files import atomic_write_json
+  from lmtiny.interop.hf_tokenizer import import_tokenizer
   from lmtiny.model import abstract_model
   if not os.path.isdir(hf_dir):
     raise InteropError(f"--hf={hf_dir}: no such directory")
@@ -113,14 +126,9 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   state = nnx.state(abstract, nnx.Param)
   shapes = {path: var.get_value().shape for path, var in state.flat_state()}
   arrays = llama.from_hf_tensors(tensors, shapes, hf_dir)
-  params = nnx.State.from_flat_path([(path, var.replace(jnp.asarray(arrays[path])))
+  params = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])))
                                      for path, var in state.flat_state()])
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  ckpt.save(0, {"params": params})
-  ckpt.close()
-  atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode())
-  save_run_tokenizer(workdir, tokenizer)
+  write_run(workdir, cfg, params, tokenizer)
   dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
   atomic_write_json(os.path.join(workdir, IMPORT_RECORD), {
       "source": os.path.abspath(hf_dir), "model_type": hf.get("model_type"), "dtype": dtype,

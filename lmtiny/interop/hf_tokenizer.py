@@ -167,8 +167,8 @@ class HFTokenizer:
     return f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, hash={self.hash[:12]})"
 
 
-def _special_token_id(hf_dir: str, hf_config: dict, name: str) -> int | None:
-  """config.json's {name}_token_id, else the id of tokenizer_config.json's {name}_token."""
+def _special_token_id(hf_config: dict, name: str) -> int | None:
+  """config.json's {name}_token_id (the first, when it is a list)."""
   if hf_config.get(f"{name}_token_id") is not None:
     value = hf_config[f"{name}_token_id"]
     return int(value[0] if isinstance(value, list) else value)
@@ -197,9 +197,9 @@ def import_tokenizer(hf_dir: str, hf_config: dict):
     text = AutoTokenizer.from_pretrained(hf_dir).backend_tokenizer.to_str()
   else:
     raise TokenizerError(f"{hf_dir}: no tokenizer.model or tokenizer.json")
-  bos = _special_token_id(hf_dir, hf_config, "bos")
+  bos = _special_token_id(hf_config, "bos")
   if bos is None:  # e.g. Qwen: documents are separated by the end-of-text token instead
-    bos = _special_token_id(hf_dir, hf_config, "eos")
+    bos = _special_token_id(hf_config, "eos")
   if bos is None:
     raise TokenizerError(f"{hf_dir}/config.json: neither bos_token_id nor eos_token_id is set")
   return HFTokenizer(text, bos)

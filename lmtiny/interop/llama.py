@@ -114,8 +114,8 @@ def _rope(hf: dict) -> tuple[float, str]:
   params = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  return float(theta), kind
+  kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
+  return float(theta), (sorted(kinds) or ["default"])[0]
 
 
 def model_fields(hf: dict, where: str) -> tuple[dict, list[str]]:
