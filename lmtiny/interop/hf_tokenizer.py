@@ -1,10 +1,11 @@
 """Tokenizers across the Hugging Face boundary.
 
-Export: an lmtiny sentencepiece model is already what `LlamaTokenizer` reads (`tokenizer.model`);
-`tokenizer_config.json` adds what sentencepiece does not say: no dummy-prefix space, BOS added by
-`tok(text)` (lmtiny documents start with <|bos|>), the nine chat tokens as special tokens at their
-fixed ids 1..9, and a Jinja chat template that renders like `lmtiny.tokenizer.render_conversation`.
-One difference is inherent to HF: special tokens typed inside text are parsed as special tokens.
+Export: `tokenizer_json` turns an lmtiny sentencepiece model into a `tokenizers` tokenizer.json
+that encodes identically (tokenizer.model is written too, for sentencepiece-based tools);
+tokenizer_config.json adds BOS by `tok(text)` (lmtiny documents start with <|bos|>), the nine chat
+tokens as special tokens at their fixed ids 1..9, and a Jinja chat template that renders like
+`lmtiny.tokenizer.render_conversation`. Two differences are inherent to HF: special tokens typed
+inside text are parsed as special tokens, and a literal U+2581 in text reads as a space.
 
 Import: a checkpoint whose tokenizer.model is an lmtiny tokenizer comes back as one. Any other
 tokenizer (GPT-2 style byte-level BPE as in SmolLM, a Llama sentencepiece) is kept as its
@@ -23,7 +24,8 @@ import numpy as np
 from etils import epath
 
 from lmtiny.files import atomic_write, atomic_write_json
-from lmtiny.tokenizer.core import MODEL_FILE, SPECIAL_TOKENS, Tokenizer, TokenizerError
+from lmtiny.tokenizer.core import (MODEL_FILE, NEWLINE_ID, NEWLINE_PIECES, SPACE_SYMBOL, SPECIAL_TOKENS, UNK_ID,
+                                   Tokenizer, TokenizerError)
 
 HF_TOKENIZER_DIR = "hf_tokenizer"  # in a run directory: tokenizer.json + lmtiny.json (bos id)
 
@@ -47,18 +49,64 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}")
 
 
+def tokenizer_json(tokenizer: Tokenizer) -> dict:
+  """A `tokenizers` tokenizer.json that encodes exactly like the sentencepiece model.
+
+  Sentencepiece BPE merges the adjacent pair whose result scores highest: here, merges ranked by
+  the merged piece's score, for every split of every learned piece into two vocabulary pieces.
+  Spaces become U+2581 in a normalizer (no dummy prefix), so the newline pieces, which
+  sentencepiece matches before BPE (leftmost, longest), are added tokens matched on normalized
+  text with their own ids. Unknown characters fall back to byte pieces; <|bos|> is prepended by
+  the post-processor (as lmtiny documents start)."""
+  sp = tokenizer._sp  # pylint: disable=protected-access
+  n = tokenizer.vocab_size
+  vocab = {sp.id_to_piece(i): i for i in range(n)}
+  newline_ids = set(range(NEWLINE_ID, NEWLINE_ID + len(NEWLINE_PIECES)))
+  learned = [i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or i in newline_ids)]
+  learned_ids, merges = set(learned), []
+  for i in sorted(learned, key=lambda i: (-sp.get_score(i), i)):
+    piece = sp.id_to_piece(i)
+    splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+    found = [(vocab[a], vocab[b], a, b) for a, b in splits if vocab.get(a) in learned_ids and vocab.get(b) in learned_ids]
+    merges.extend([a, b] for _, _, a, b in sorted(found))
+
+  def added(i, special):
+    return {"id": i, "content": sp.id_to_piece(i), "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": not special, "special": special}
+  bos = sp.id_to_piece(tokenizer.bos_id)
+  bos_piece = {"SpecialToken": {"id": bos, "type_id": 0}}
+  return {
+      "version": "1.0", "truncation": None, "padding": None,
+      "added_tokens": [added(UNK_ID, True)] + [added(tokenizer.special_id(t), True) for t in SPECIAL_TOKENS]
+                      + [added(i, False) for i in sorted(newline_ids)],
+      "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_SYMBOL},
+      "pre_tokenizer": None,
+      "post_processor": {"type": "TemplateProcessing",
+                         "single": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}],
+                         "pair": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}, bos_piece,
+                                  {"Sequence": {"id": "B", "type_id": 1}}],
+                         "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}},
+      "decoder": {"type": "Sequence", "decoders": [
+          {"type": "Replace", "pattern": {"String": SPACE_SYMBOL}, "content": " "},
+          {"type": "ByteFallback"}, {"type": "Fuse"}]},
+      "model": {"type": "BPE", "dropout": None, "unk_token": sp.id_to_piece(UNK_ID), "continuing_subword_prefix": None,
+                "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                "vocab": vocab, "merges": merges},
+  }
+
+
 def write_tokenizer(out_dir: str, tokenizer: Tokenizer, max_len: int) -> None:
-  """tokenizer.model, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
+  """tokenizer.json (what AutoTokenizer loads), tokenizer.model (for sentencepiece-based tools such
+  as llama.cpp's converter), tokenizer_config.json and special_tokens_map.json."""
   out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   atomic_write(out / MODEL_FILE, tokenizer.model_proto)
+  atomic_write(out / "tokenizer.json", json.dumps(tokenizer_json(tokenizer), ensure_ascii=False).encode())
   specials = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "unk_token": "<unk>"}
   extra = [t for t in SPECIAL_TOKENS if t not in specials.values()]
-  added = {str(tokenizer.special_id(t)): {"content": t, "special": True, "normalized": False, "lstrip": False,
-                                          "rstrip": False, "single_word": False} for t in SPECIAL_TOKENS}
   atomic_write_json(out / "tokenizer_config.json", dict(
-      specials, tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False,
-      add_prefix_space=False, legacy=False, clean_up_tokenization_spaces=False, model_max_length=max_len,
-      extra_special_tokens=extra, additional_special_tokens=extra, added_tokens_decoder=added,
+      specials, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,
+      clean_up_tokenization_spaces=False, model_max_length=max_len, extra_special_tokens=extra,
       chat_template=CHAT_TEMPLATE))
   atomic_write_json(out / "special_tokens_map.json", dict(specials, additional_special_tokens=extra))
 
