@@ -156,7 +156,7 @@ def test_exported_lmtiny_model_loads_in_transformers_with_the_same_logits(tmp_pa
   assert type(hf).__name__ == arch
   ours, theirs = np.asarray(ours_model(jnp.asarray(TOKENS))), _hf_logits(hf, TOKENS)
   assert np.abs(ours - theirs).max() < 2e-5 * max(1.0, np.abs(ours).max())
-  if arch == "Qwen3ForCausalLM" or not model.get("scan_layers"):
+  if model.get("num_kv_heads") == 2 and not model.get("qk_norm"):  # one variant through the sampler
     prompt = TOKENS[1, :5].tolist()
     assert _hf_greedy(hf, prompt, 10) == _lmtiny_greedy(ours_model, prompt, 10)
 
