@@ -39,25 +39,30 @@ def bench(name: str, batch_sizes, new_tokens: int, prompt_len: int, repeats: int
   m = load_config(name).model
   model = model_lib.Transformer(m, nnx.Rngs(0))
   sampler = Sampler(model)
-  sampling = SamplingParams(temperature=0.8, top_k=50, top_p=0.95)
   rng = np.random.default_rng(0)
   cache_len = min(m.max_seq_len, bucket(prompt_len + new_tokens))
   params = model_lib.count_params(m)
   print(f"{name}: {params / 1e6:.1f}M params, {m.num_layers} layers x {m.d_model}, vocab {m.vocab_size}, "
         f"{np.dtype(compute_dtype(m)).name}, KV cache {cache_len} positions")
   for b in batch_sizes:
-    prompts = [list(rng.integers(10, m.vocab_size, prompt_len)) for _ in range(b)]
-    decode, prefill = [], []
-    compile_s = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, warmup=True).compile_seconds
-    for seed in range(repeats):
-      gen = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, seed=seed)
-      assert gen.decode_tokens == b * (new_tokens - 1)
-      decode.append(gen.decode_tokens / gen.decode_seconds)
-      prefill.append(gen.prefill_tokens / gen.prefill_seconds)
-    med = statistics.median(decode)
+    med, prefill, compile_s = time_decode(sampler, m, b, new_tokens, prompt_len, repeats, rng)
     print(f"  batch {b:>2}: decode {med:>9,.0f} tok/s ({med / b:,.0f} per sequence, "
-          f"{1e3 * b / med:.2f} ms/step) | prefill {statistics.median(prefill):>9,.0f} tok/s | "
+          f"{1e3 * b / med:.2f} ms/step) | prefill {prefill:>9,.0f} tok/s | "
           f"compile {compile_s:.1f} s | median of {repeats}")
+
+
+def time_decode(sampler, m, b: int, new_tokens: int, prompt_len: int, repeats: int, rng):
+  """(median decode tok/s, median prefill tok/s, compile seconds) of `sampler` at batch b."""
+  sampling = SamplingParams(temperature=0.8, top_k=50, top_p=0.95)
+  prompts = [list(rng.integers(10, m.vocab_size, prompt_len)) for _ in range(b)]
+  decode, prefill = [], []
+  compile_s = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, warmup=True).compile_seconds
+  for seed in range(repeats):
+    gen = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, seed=seed)
+    assert gen.decode_tokens == b * (new_tokens - 1)
+    decode.append(gen.decode_tokens / gen.decode_seconds)
+    prefill.append(gen.prefill_tokens / gen.prefill_seconds)
+  return statistics.median(decode), statistics.median(prefill), compile_s
 
 
 def main():

@@ -2,7 +2,7 @@
 
   python -m lmtiny.generate --workdir RUN --prompt "Once upon a time" [--step N]
       [--max-new-tokens 200] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
-      [--num-samples 1] [--stop STRING ...]
+      [--num-samples 1] [--stop STRING ...] [--quantize int8|int4 [--group-size N]]
   python -m lmtiny.generate --workdir RUN --chat      # reads user turns from stdin, one a line
 
 Loads RUN/config.json, RUN/tokenizer.model and the newest checkpoint (or --step) onto one local
@@ -42,6 +42,10 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, as one batch")
   p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+  p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                 help="weight-only quantization: int8 per output channel, int4 in groups (lmtiny.quant)")
+  p.add_argument("--group-size", type=int, default=None,
+                 help="input rows per scale (default: int8 0 = per channel, int4 64)")
   return p.parse_args(argv)
 
 
@@ -89,7 +93,6 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   import ml_collections
   from etils import epath
   from lmtiny import config as config_lib
-  from lmtiny.tokenizer import Tokenizer
   if not os.path.isdir(workdir) and "://" not in workdir:
     raise SamplingError(f"--workdir={workdir}: no such directory")
   steps = checkpoint_steps(workdir)
@@ -107,10 +110,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     raise SamplingError(f"{config_path}: cannot read the run's config ({e})") from None
   except config_lib.ConfigError as e:
     raise SamplingError(f"{config_path}: {e}") from None
-  tokenizer_path = epath.Path(workdir) / "tokenizer.model"
-  if not tokenizer_path.exists():
-    raise SamplingError(f"{tokenizer_path}: missing (the run was trained without a tokenizer)")
-  tokenizer = Tokenizer(tokenizer_path.read_bytes())
+  from lmtiny.interop.hf_tokenizer import load_run_tokenizer
+  tokenizer = load_run_tokenizer(workdir)  # tokenizer.model, or hf_tokenizer/ of an imported model
+  if tokenizer is None:
+    raise SamplingError(f"{epath.Path(workdir) / 'tokenizer.model'}: missing (the run was trained without a tokenizer)")
   if tokenizer.vocab_size > cfg.model.vocab_size:
     raise SamplingError(f"{workdir}/tokenizer.model: {tokenizer.vocab_size} tokens, more than the model's "
                         f"vocab_size {cfg.model.vocab_size}")
@@ -253,7 +256,14 @@ def run(argv: list[str]) -> int:
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
     from lmtiny.sampling import Sampler
-    sampler = Sampler(load_model(run))
+    model = load_model(run)
+    if args.quantize != "none":
+      from lmtiny.quant import param_bytes, quantize_model
+      before = param_bytes(model)
+      model = quantize_model(model, args.quantize, args.group_size)
+      print(f"quantized {args.quantize}: parameters {before / 1e6:.1f} MB -> {param_bytes(model) / 1e6:.1f} MB",
+            file=sys.stderr)
+    sampler = Sampler(model)
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "
           f"context {run.cfg.model.max_seq_len}", file=sys.stderr)
     if args.chat:

@@ -1,0 +1,40 @@
+"""Export a run to a Hugging Face checkpoint (Llama architecture; Qwen3 when the model uses QK-norm).
+
+  python -m lmtiny.export --workdir RUN --out DIR [--step N] [--dtype float32|bfloat16|float16]
+
+Writes DIR/config.json, model.safetensors, generation_config.json, tokenizer.model,
+tokenizer_config.json (chat tokens as special tokens, chat template) and special_tokens_map.json;
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load them
+without trust_remote_code. --dtype defaults to the source's dtype for an imported run, else
+float32. A model Llama cannot express (model.activation other than swiglu, model.logit_softcap,
+model.embed_norm) is refused with one line naming the field, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmtiny import cli
+
+
+def run(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m lmtiny.export", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="run directory written by lmtiny.train (or import_hf)")
+  p.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: see above)")
+  args = p.parse_args(argv)
+  from lmtiny.interop.convert import export_run
+  s = export_run(args.workdir, args.out, args.step, args.dtype)
+  print(f"{args.workdir} step {s['step']} -> {args.out}: {s['architecture']}, {s['tensors']} tensors, "
+        f"{s['bytes'] / 1e6:.1f} MB {s['dtype']}, tokenizer and chat template")
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

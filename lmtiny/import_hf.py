@@ -1,0 +1,43 @@
+"""Import a local Hugging Face Llama-family checkpoint (Llama, Qwen3) into an lmtiny run directory.
+
+  python -m lmtiny.import_hf --hf DIR --workdir RUN
+
+DIR holds config.json, model.safetensors (or model.safetensors.index.json and its shards) and a
+tokenizer (tokenizer.model and/or tokenizer.json). RUN gets config.json, a parameter checkpoint at
+step 0, the tokenizer (an lmtiny tokenizer.model stays one; any other is wrapped from its
+tokenizer.json) and hf_import.json. Then `python -m lmtiny.generate --workdir RUN --prompt ...`
+samples from it, its checkpoint initialises SFT, and `python -m lmtiny.export` writes the same
+tensors back. Unsupported checkpoints (biases, rope scaling, sliding windows, other activations)
+are refused with one line naming the field, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmtiny import cli
+
+
+def run(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m lmtiny.import_hf", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--hf", required=True, help="local Hugging Face checkpoint directory")
+  p.add_argument("--workdir", required=True, help="new lmtiny run directory")
+  args = p.parse_args(argv)
+  from lmtiny.interop.convert import import_checkpoint
+  s = import_checkpoint(args.hf, args.workdir)
+  f = s["fields"]
+  print(f"{args.hf} -> {args.workdir}: {s['model_type']}, {s['params'] / 1e6:.2f}M params ({s['dtype']}), "
+        f"{f['num_layers']} layers x {f['d_model']}, {f['num_heads']} heads / {f['num_kv_heads']} kv, "
+        f"{'tied' if f['tie_embeddings'] else 'untied'} embeddings, {s['tokenizer']}")
+  for note in s["notes"]:
+    print(f"note: {note}")
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

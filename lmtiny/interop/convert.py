@@ -1,0 +1,137 @@
+"""Export an lmtiny run to a Hugging Face checkpoint directory, and import one into a run.
+
+  export_run(workdir, out_dir, step=None, dtype=None) -> summary dict
+  import_checkpoint(hf_dir, workdir) -> summary dict
+
+An imported run holds config.json (lmtiny's base config with the model fields of the HF config),
+a parameter-only checkpoint at step 0 (what `generate` and `restore_params` read, e.g. as an SFT
+init), the tokenizer, and hf_import.json recording the source and its dtype, which export uses by
+default so that export(import(x)) writes x's tensors bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from lmtiny.interop import llama
+from lmtiny.interop.llama import InteropError
+from lmtiny.interop.safetensors_io import SINGLE_FILE, read_checkpoint, write_file
+
+IMPORT_RECORD = "hf_import.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _numpy_dtype(name: str):
+  import ml_dtypes
+  return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
+
+
+def flat_params(model) -> dict:
+  """{path: NumPy array} of a Transformer's parameters, per layer."""
+  import jax
+  from flax import nnx
+  state = jax.device_get(nnx.state(model, nnx.Param))
+  flat = {path: np.asarray(var.get_value()) for path, var in state.flat_state()}
+  return llama.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
+
+
+def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict:
+  """Writes config.json, model.safetensors, generation_config.json and the tokenizer."""
+  from lmtiny.files import atomic_write_json
+  from lmtiny.interop.hf_tokenizer import write_tokenizer
+  from lmtiny.tokenizer import Tokenizer
+  m = model.cfg
+  arch = llama.export_architecture(m)
+  if dtype not in DTYPES:
+    raise InteropError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
+  if not isinstance(tokenizer, Tokenizer):
+    raise InteropError("tokenizer: only an lmtiny sentencepiece tokenizer can be exported "
+                       "(this run was imported with a Hugging Face tokenizer)")
+  bos, eos = tokenizer.bos_id, [tokenizer.special_id("assistant_end"), tokenizer.bos_id]
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = llama.to_hf_tensors(flat_params(model), m, _numpy_dtype(dtype))
+  write_file(os.path.join(out_dir, SINGLE_FILE), tensors, metadata={"format": "pt"})
+  atomic_write_json(os.path.join(out_dir, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
+  atomic_write_json(os.path.join(out_dir, "generation_config.json"),
+                    {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
+                     "top_k": 50, "top_p": 0.95, "max_length": m.max_seq_len})
+  write_tokenizer(out_dir, tokenizer, m.max_seq_len)
+  return {"architecture": llama.ARCHITECTURES[arch], "tensors": len(tensors), "dtype": dtype,
+          "bytes": sum(t.nbytes for t in tensors.values())}
+
+
+def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> dict:
+  """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
+  float32. Refuses (InteropError) before reading weights when the architecture cannot be exported."""
+  from lmtiny.generate import load_model, load_run
+  run = load_run(workdir, step)
+  llama.export_architecture(run.cfg.model)
+  record = os.path.join(workdir, IMPORT_RECORD)
+  if dtype is None:
+    dtype = json.load(open(record))["dtype"] if os.path.exists(record) else "float32"
+  summary = export_model(load_model(run), run.tokenizer, out_dir, dtype)
+  return dict(summary, step=run.step)
+
+
+def _read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise InteropError(f"{path}: cannot read ({e.strerror})") from None
+  except json.JSONDecodeError as e:
+    raise InteropError(f"{path}: not JSON ({e})") from None
+
+
+def write_run(workdir: str, cfg, params, tokenizer, step: int = 0) -> None:
+  """A run directory `generate` reads: config.json, the tokenizer and a parameter-only checkpoint
+  (`params`: the nnx State of the model's Params)."""
+  from lmtiny.checkpoint import Checkpointer
+  from lmtiny.files import atomic_write
+  from lmtiny.interop.hf_tokenizer import save_run_tokenizer
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  ckpt.save(step, {"params": params})
+  ckpt.close()
+  atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode())
+  save_run_tokenizer(workdir, tokenizer)
+
+
+def import_checkpoint(hf_dir: str, workdir: str) -> dict:
+  """Writes an lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from lmtiny.config import base_config
+  from lmtiny.files import atomic_write_json
+  from lmtiny.interop.hf_tokenizer import import_tokenizer
+  from lmtiny.model import abstract_model
+  if not os.path.isdir(hf_dir):
+    raise InteropError(f"--hf={hf_dir}: no such directory")
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise InteropError(f"--workdir={workdir}: already holds checkpoints; import into a new directory")
+  hf = _read_hf_config(hf_dir)
+  fields, notes = llama.model_fields(hf, os.path.join(hf_dir, "config.json"))
+  tensors = read_checkpoint(hf_dir)
+  source_dtypes = sorted({str(t.dtype) for t in tensors.values()})
+  tokenizer = import_tokenizer(hf_dir, hf)
+  if tokenizer.vocab_size > fields["vocab_size"]:
+    raise InteropError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                       f"vocab_size={fields['vocab_size']} in config.json")
+  cfg = base_config()
+  cfg.model.update(**fields)
+  abstract = abstract_model(cfg.model)
+  state = nnx.state(abstract, nnx.Param)
+  shapes = {path: var.get_value().shape for path, var in state.flat_state()}
+  arrays = llama.from_hf_tensors(tensors, shapes, hf_dir)
+  params = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])))
+                                     for path, var in state.flat_state()])
+  write_run(workdir, cfg, params, tokenizer)
+  dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
+  atomic_write_json(os.path.join(workdir, IMPORT_RECORD), {
+      "source": os.path.abspath(hf_dir), "model_type": hf.get("model_type"), "dtype": dtype,
+      "tokenizer": type(tokenizer).__name__, "notes": notes})
+  return {"model_type": hf.get("model_type"), "params": int(sum(a.size for a in arrays.values())),
+          "dtype": dtype, "tokenizer": repr(tokenizer), "notes": notes, "fields": fields}

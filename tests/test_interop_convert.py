@@ -1,0 +1,226 @@
+"""Hugging Face interop against transformers itself (no downloads: tiny random checkpoints built
+here with transformers' own classes): imported checkpoints give transformers' logits and greedy
+text, lmtiny models exported load in AutoModelForCausalLM with lmtiny's logits, import -> export
+is bitwise, and what Llama cannot express is refused with one line and exit status 2."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from lm_fixtures import ROOT
+from lmtiny import export, import_hf
+from lmtiny.config import base_config
+from lmtiny.data.embedded import iter_embedded_documents
+from lmtiny.generate import load_model, load_run
+from lmtiny.interop import llama
+from lmtiny.interop.convert import import_checkpoint, write_run
+from lmtiny.interop.safetensors_io import read_checkpoint
+from lmtiny.model import Transformer
+from lmtiny.sampling import Sampler, SamplingParams
+from lmtiny.tokenizer import train_tokenizer
+
+TOKENS = np.array([[1, 300, 301, 12, 450, 77, 8, 9, 260, 33, 100, 500],
+                   [1, 5, 17, 280, 281, 282, 40, 41, 42, 300, 311, 1]])
+HF_VARIANTS = {  # name -> (class, config kwargs)
+    "llama_untied_gqa": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_tied_mha": (LlamaForCausalLM, LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen3_tied_gqa": (Qwen3ForCausalLM, Qwen3Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  torch.set_num_threads(1)
+  return train_tokenizer(iter_embedded_documents(60_000), 512, str(tmp_path_factory.mktemp("tok")))
+
+
+def _hf_model(name, dtype=torch.float32):
+  cls, cfg_cls, kw = HF_VARIANTS[name]
+  torch.manual_seed(0)
+  cfg = cfg_cls(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=5, **kw)
+  model = cls(cfg).eval()
+  with torch.no_grad():  # random norm scales, so a wrong norm mapping shows
+    for n, p in model.named_parameters():
+      if n.endswith("norm.weight"):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+  return model.to(dtype)
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def _hf_greedy(model, prompt, n):
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+def _lmtiny_greedy(model, prompt, n):
+  return Sampler(model).generate([prompt], max_new_tokens=n, sampling=SamplingParams(0.0)).tokens[0]
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, tok):
+  """name -> (HF model, HF dir, lmtiny run dir), each imported through the CLI's library call."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for name in HF_VARIANTS:
+    hf = _hf_model(name)
+    hf_dir = str(root / name)
+    hf.save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "tokenizer.model"), "wb") as f:
+      f.write(tok.model_proto)
+    run = str(root / f"{name}_run")
+    assert import_hf.main(["--hf", hf_dir, "--workdir", run]) == 0
+    out[name] = (hf, hf_dir, run)
+  return out
+
+
+@pytest.mark.parametrize("name", HF_VARIANTS)
+def test_imported_checkpoint_gives_transformers_logits_and_greedy_text(imported, name):
+  hf, _, run = imported[name]
+  r = load_run(run)
+  assert type(r.tokenizer).__name__ == "Tokenizer"  # an lmtiny tokenizer.model comes back as one
+  assert r.cfg.model.qk_norm == name.startswith("qwen3")
+  model = load_model(r)
+  ours, theirs = np.asarray(model(jnp.asarray(TOKENS))), _hf_logits(hf, TOKENS)
+  assert np.abs(ours - theirs).max() < 2e-5 * max(1.0, np.abs(theirs).max())
+  if name != "llama_tied_mha":  # (the sampler's compiles are the slow part: two variants suffice)
+    prompt = TOKENS[0, :6].tolist()
+    assert _lmtiny_greedy(model, prompt, 10) == _hf_greedy(hf, prompt, 10)
+
+
+@pytest.mark.parametrize("name", HF_VARIANTS)
+def test_import_then_export_is_bitwise(imported, name, tmp_path):
+  _, hf_dir, run = imported[name]
+  assert export.main(["--workdir", run, "--out", str(tmp_path)]) == 0
+  a, b = read_checkpoint(hf_dir), read_checkpoint(str(tmp_path))
+  assert sorted(a) == sorted(b)
+  for key in a:
+    assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape and a[key].tobytes() == b[key].tobytes(), key
+  src, dst = (json.load(open(os.path.join(d, "config.json"))) for d in (hf_dir, tmp_path))
+  for field in ("hidden_size", "num_key_value_heads", "intermediate_size", "tie_word_embeddings", "model_type"):
+    assert src[field] == dst[field], field
+
+
+def test_bfloat16_checkpoint_round_trips_bitwise(tmp_path, tok):
+  hf_dir, run, out = (str(tmp_path / d) for d in ("hf", "run", "out"))
+  _hf_model("llama_untied_gqa", torch.bfloat16).save_pretrained(hf_dir)
+  with open(os.path.join(hf_dir, "tokenizer.model"), "wb") as f:
+    f.write(tok.model_proto)
+  import_checkpoint(hf_dir, run)
+  assert json.load(open(os.path.join(run, "hf_import.json")))["dtype"] == "bfloat16"
+  assert export.main(["--workdir", run, "--out", out]) == 0  # dtype defaults to the source's
+  a, b = read_checkpoint(hf_dir), read_checkpoint(out)
+  assert {str(x.dtype) for x in b.values()} == {"bfloat16"}
+  assert all(a[k].tobytes() == b[k].tobytes() for k in a) and sorted(a) == sorted(b)
+
+
+def _lmtiny_run(tmp_path, tok, **model):
+  """A train-free lmtiny run directory (random init with noisy norm scales) and its model."""
+  cfg = base_config()
+  cfg.model.update(vocab_size=512, num_layers=2, d_model=64, num_heads=4, activation="swiglu", max_seq_len=128,
+                   dtype="float32", **model)
+  params = nnx.state(Transformer(cfg.model, nnx.Rngs(1)), nnx.Param)
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape) if x.ndim == 1 else x, params)
+  write_run(str(tmp_path / "run"), cfg, params, tok)
+  run = load_run(str(tmp_path / "run"))
+  return run, load_model(run)
+
+
+@pytest.mark.parametrize("model,arch", [
+    (dict(num_kv_heads=2, tie_embeddings=False), "LlamaForCausalLM"),
+    (dict(tie_embeddings=True), "LlamaForCausalLM"),
+    (dict(num_kv_heads=2, qk_norm=True, norm_scale=False), "Qwen3ForCausalLM"),
+    (dict(scan_layers=True, head_dim=32, num_kv_heads=1), "LlamaForCausalLM"),
+], ids=["untied_gqa", "tied_mha", "qknorm_noscale", "scanned_mqa"])
+def test_exported_lmtiny_model_loads_in_transformers_with_the_same_logits(tmp_path, tok, model, arch, capsys):
+  run, ours_model = _lmtiny_run(tmp_path, tok, **model)
+  out = str(tmp_path / "hf")
+  assert export.main(["--workdir", run.workdir, "--out", out]) == 0
+  assert arch in capsys.readouterr().out
+  hf = AutoModelForCausalLM.from_pretrained(out).eval()
+  assert type(hf).__name__ == arch
+  ours, theirs = np.asarray(ours_model(jnp.asarray(TOKENS))), _hf_logits(hf, TOKENS)
+  assert np.abs(ours - theirs).max() < 2e-5 * max(1.0, np.abs(ours).max())
+  if model.get("num_kv_heads") == 2 and not model.get("qk_norm"):  # one variant through the sampler
+    prompt = TOKENS[1, :5].tolist()
+    assert _hf_greedy(hf, prompt, 10) == _lmtiny_greedy(ours_model, prompt, 10)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("activation", "relu2", "model.activation='relu2'"),
+    ("activation", "gelu", "model.activation='gelu'"),
+    ("activation", "silu", "model.activation='silu'"),
+    ("logit_softcap", 15.0, "model.logit_softcap=15.0"),
+    ("embed_norm", True, "model.embed_norm=True"),
+])
+def test_export_refuses_what_llama_cannot_express(field, value, message):
+  m = base_config().model
+  m.update(activation="swiglu")
+  m[field] = value
+  with pytest.raises(llama.InteropError, match=re.escape(message)):
+    llama.export_architecture(m)
+
+
+def test_export_cli_refusal_writes_nothing(tmp_path, tok, capsys):
+  cfg = base_config()
+  cfg.model.update(vocab_size=512, num_layers=1, d_model=32, num_heads=2, activation="relu2", max_seq_len=64)
+  write_run(str(tmp_path / "run"), cfg, nnx.state(Transformer(cfg.model, nnx.Rngs(0)), nnx.Param), tok)
+  assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: model.activation='relu2'") and err.count("\n") == 1
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_refusal_is_one_line_exit_2(imported, tmp_path):
+  _, hf_dir, _ = imported["llama_untied_gqa"]
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+  cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+  (bad / "config.json").write_text(json.dumps(cfg))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "lmtiny.import_hf", "--hf", str(bad), "--workdir", str(tmp_path / "r")],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+  assert "rope type 'llama3'" in proc.stderr and "config.json" in proc.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(model_type="gpt2"), "model_type='gpt2'"),
+])
+def test_import_refuses_unsupported_configs(imported, tmp_path, capsys, change, message):
+  _, hf_dir, _ = imported["llama_untied_gqa"]
+  cfg = dict(json.load(open(os.path.join(hf_dir, "config.json"))), **change)
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  assert import_hf.main(["--hf", str(tmp_path), "--workdir", str(tmp_path / "r")]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1
+
+
+def test_import_reports_a_missing_tensor(imported, tmp_path, capsys):
+  _, hf_dir, _ = imported["llama_untied_gqa"]
+  from lmtiny.interop.safetensors_io import write_file
+  tensors = read_checkpoint(hf_dir)
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  write_file(str(tmp_path / "model.safetensors"), tensors)
+  (tmp_path / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+  (tmp_path / "tokenizer.model").write_bytes(open(os.path.join(hf_dir, "tokenizer.model"), "rb").read())
+  assert import_hf.main(["--hf", str(tmp_path), "--workdir", str(tmp_path / "r")]) == 2
+  assert "model.layers.1.mlp.up_proj.weight is missing" in capsys.readouterr().err

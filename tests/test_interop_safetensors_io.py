@@ -1,0 +1,55 @@
+"""lmtiny's NumPy safetensors reader/writer against the safetensors package itself (torch side),
+bfloat16 included, sharded checkpoints, and one-line errors for broken files."""
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmtiny.interop.safetensors_io import SafetensorsError, read_checkpoint, read_file, write_file
+
+
+def _tensors():
+  rng = np.random.default_rng(0)
+  return {"a.weight": rng.standard_normal((3, 5)).astype(np.float32),
+          "b": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
+          "c": rng.integers(-5, 5, (2, 2, 2)).astype(np.int64), "d": np.float16(2.5) * np.ones((4, 1), np.float16)}
+
+
+def test_written_files_read_back_in_torch_bit_for_bit(tmp_path):
+  path = str(tmp_path / "x.safetensors")
+  write_file(path, _tensors(), metadata={"format": "pt"})
+  theirs = load_file(path)
+  for name, x in _tensors().items():
+    t = theirs[name]
+    if x.dtype == ml_dtypes.bfloat16:
+      assert t.dtype == torch.bfloat16 and (t.view(torch.int16).numpy() == x.view(np.int16)).all()
+    else:
+      assert t.numpy().dtype == x.dtype and (t.numpy() == x).all()
+
+
+def test_reads_files_torch_wrote_and_sharded_checkpoints(tmp_path):
+  torch.manual_seed(0)
+  first = {"w": torch.randn(4, 3).to(torch.bfloat16), "v": torch.randn(2)}
+  second = {"u": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
+  save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
+  save_file(second, str(tmp_path / "model-00002-of-00002.safetensors"))
+  weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+  weight_map.update({k: "model-00002-of-00002.safetensors" for k in second})
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  ours = read_checkpoint(str(tmp_path))
+  assert sorted(ours) == ["u", "v", "w"]
+  assert (ours["w"].view(np.int16) == first["w"].view(torch.int16).numpy()).all()
+  assert (ours["v"] == first["v"].numpy()).all() and (ours["u"] == second["u"].numpy()).all()
+
+
+def test_broken_files_are_user_errors(tmp_path):
+  path = tmp_path / "x.safetensors"
+  write_file(str(path), _tensors())
+  path.write_bytes(path.read_bytes()[:-3])
+  with pytest.raises(SafetensorsError, match="tensor .* truncated"):
+    read_file(str(path))
+  with pytest.raises(SafetensorsError, match="no model.safetensors"):
+    read_checkpoint(str(tmp_path / "empty"))
