@@ -111,13 +111,13 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
-    count = jnp.maximum(count, 1.0)
+    tokens, count = count, jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "tokens": count}
+               "tokens": tokens}
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V):
