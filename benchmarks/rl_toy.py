@@ -1,6 +1,6 @@
 """RL learns on the toy arithmetic set: mean reward over steps (CPU, a few minutes).
 
-  PYTHONPATH=. python benchmarks/rl_toy.py [--sft-steps 300] [--rl-steps 40] [--out /tmp/rl_toy]
+  PYTHONPATH=. python benchmarks/rl_toy.py [--sft-steps 60] [--rl-steps 40] [--out /tmp/rl_toy]
 
 1. A 512-token tokenizer on the toy problems and some embedded text; a ~0.3M-parameter model.
 2. Warm start (what SFT does, in miniature): supervised steps on rendered toy conversations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--sft-steps", type=int, default=300)
+  p.add_argument("--sft-steps", type=int, default=60)
   p.add_argument("--rl-steps", type=int, default=40)
   p.add_argument("--out", default="/tmp/lmtiny_rl_toy")
   args = p.parse_args()
@@ -57,10 +57,11 @@ def main():
         batch["segment_ids"][r, :n], batch["positions"][r, :n] = 1, np.arange(n)
         batch["loss_mask"][r, :n] = mask[1:]
       state, m = steps.train_step(state, sharding.global_batch_from_local(batch, mesh))
-      if (step + 1) % 50 == 0:
+      if (step + 1) % 20 == 0:
         print(f"warm start step {step + 1}: loss {float(m['loss']):.3f}", flush=True)
       else:
         float(m["loss"])
+  os.makedirs(sft_dir, exist_ok=True)
   _write_run_files(epath.Path(sft_dir), cfg, tok)
   ckpt = Checkpointer(os.path.join(sft_dir, "checkpoints"), async_save=False)
   ckpt.save(args.sft_steps, state)

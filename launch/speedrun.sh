@@ -28,8 +28,9 @@ presets:
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
-  d32-pod    --zone, --workdir gs://...); the script returns once training is launched: re-run
-             it with --base-done when `launch/tpu.sh logs` shows the run finished
+  d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
+             once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
+             the run finished, and the later stages run on this host
 
 options:
   --workdir RUN            run directory (default runs/speedrun-PRESET)
@@ -40,6 +41,7 @@ options:
   --smoke                  a few steps per stage (the CI test)
   --python PY              interpreter (default python3)
   --tpu-name N --zone Z    pod presets
+  --shards DIR             pod presets: prepared shards every worker can read (e.g. gs://...)
   --base-done              pod presets: base training has finished
   --dry-run                print the commands, run nothing
   -h, --help
@@ -57,6 +59,7 @@ PYTHON=python3
 TPU_NAME=''
 ZONE=''
 BASE_DONE=0
+POD_SHARDS=''
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
@@ -71,6 +74,7 @@ while (($#)); do
     --python) need_value "$1" "${2-}"; PYTHON=$2; shift ;;
     --tpu-name) need_value "$1" "${2-}"; TPU_NAME=$2; shift ;;
     --zone) need_value "$1" "${2-}"; ZONE=$2; shift ;;
+    --shards) need_value "$1" "${2-}"; POD_SHARDS=$2; shift ;;
     -*) die "unknown option '$1' (see --help)" ;;
     *) [[ -z $PRESET ]] || die "one preset, got '$PRESET' and '$1'"; PRESET=$1 ;;
   esac
@@ -109,37 +113,55 @@ elif [[ $PRESET != toy ]]; then
 fi
 if [[ $SMOKE == 1 ]]; then
   VOCAB=1024; TOK_CHARS=400000; SOURCE='embedded?max_chars=400000'
-  BASE_ARGS=(--config.train.steps=4 --config.train.eval_every=4 --config.train.eval_batches=1
-             --config.train.checkpoint_every=4 --config.train.sample_tokens=8 --config.train.plot=false)
+  BASE_ARGS=(--config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=2
+             --config.model.max_seq_len=128 --config.train.seq_len=128 --config.train.batch_tokens=1024
+             --config.train.steps=4 --config.train.eval_every=4 --config.train.eval_batches=1
+             --config.train.checkpoint_every=4 --config.train.sample_tokens=8)
   RL_ARGS=(--data toy --steps 2 --questions 2 --samples 2 --max-new-tokens 8 --eval-questions 2)
   CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
   BASE_EVAL+=(--max-items 2 --eval-batches 1)
 fi
+SHARDS=$RUN_DIR/shards
+MARKS=$RUN_DIR/.stages
 if [[ $POD == 1 ]]; then
   [[ -n $TPU_NAME && -n $ZONE ]] || die "$PRESET: --tpu-name and --zone are required"
   [[ $RUN_DIR == gs://* ]] || die "$PRESET: --workdir must be gs://... (every worker writes there)"
+  [[ -n $POD_SHARDS ]] || die "$PRESET: --shards is required (shards every worker can read, from lmtiny.data.prepare)"
+  SHARDS=$POD_SHARDS
+  MARKS=runs/speedrun-$PRESET/.stages  # stage markers stay on this host
+  SKIP="tokenizer,shards${SKIP:+,$SKIP}"
 fi
 
 skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
-done_marker() { printf '%s/.stages/%s.done' "$RUN_DIR" "$1"; }
+done_marker() { printf '%s/%s.done' "$MARKS" "$1"; }
+
+# wanted NAME: true unless the stage is skipped or already done (says which on stderr).
+wanted() {
+  if skipped "$1"; then
+    note "== $1: skipped (--skip)"
+    return 1
+  fi
+  if [[ $DRY_RUN == 0 && -e $(done_marker "$1") ]]; then
+    note "== $1: done already ($(done_marker "$1"))"
+    return 1
+  fi
+  note "== $1"
+}
+
+mark_done() {
+  if [[ $DRY_RUN == 0 ]]; then
+    mkdir -p "$MARKS"
+    : >"$(done_marker "$1")"
+  fi
+}
 
 # stage NAME COMMAND...: runs the command unless the stage is skipped or already done.
 stage() {
   local name=$1
   shift
-  if skipped "$name"; then
-    note "== $name: skipped (--skip)"
-    return 0
-  fi
-  if [[ $DRY_RUN == 0 && -e $(done_marker "$name") ]]; then
-    note "== $name: done already ($(done_marker "$name"))"
-    return 0
-  fi
-  note "== $name"
-  run "$@"
-  if [[ $DRY_RUN == 0 ]]; then
-    mkdir -p "$RUN_DIR/.stages"
-    : >"$(done_marker "$name")"
+  if wanted "$name"; then
+    run "$@"
+    mark_done "$name"
   fi
 }
 
@@ -160,7 +182,7 @@ stage tokenizer "$PYTHON" -m lmtiny.tokenizer.train --mixture "$MIXTURE" --vocab
   --total-chars "$TOK_CHARS" --out "$RUN_DIR/tokenizer" --quiet
 stage shards "$PYTHON" -m lmtiny.data.prepare --source "$SOURCE" --tokenizer "$RUN_DIR/tokenizer" \
   --out "$RUN_DIR/shards" --no-progress
-TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data.shards=$RUN_DIR/shards"
+TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data.shards=$SHARDS"
             --workdir "$RUN_DIR" ${BASE_ARGS[@]+"${BASE_ARGS[@]}"})
 if [[ $POD == 1 && $BASE_DONE == 0 ]] && ! skipped base; then
   run "$LAUNCH_DIR/tpu.sh" train --name "$TPU_NAME" --zone "$ZONE" -- "${TRAIN_ARGS[@]}"
@@ -175,7 +197,15 @@ fi
 stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid"
 stage sft "$PYTHON" -m lmtiny.sft --init "$RUN_DIR/mid" --workdir "$RUN_DIR/sft"
 stage rl "$PYTHON" -m lmtiny.rl --init "$(rl_init)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
-stage eval bash -c "$(quote_words "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}") && $(quote_words "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR/rl" "${CHAT_EVAL[@]}")"
+if wanted eval; then
+  run "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}"
+  CHAT_MODEL=$RUN_DIR/rl
+  if skipped rl; then
+    CHAT_MODEL=$(rl_init)
+  fi
+  run "$PYTHON" -m lmtiny.eval --workdir "$CHAT_MODEL" "${CHAT_EVAL[@]}"
+  mark_done eval
+fi
 REPORT_ARGS=(--workdir "$RUN_DIR")
 if [[ -n $PRICE ]]; then
   REPORT_ARGS+=(--price-per-chip-hour "$PRICE")

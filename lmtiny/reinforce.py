@@ -108,14 +108,14 @@ class Reinforce:
   """An RL run in `workdir`, starting from the run in `init_dir` (its newest checkpoint)."""
 
   def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, devices=None):
     from lmtiny.generate import load_run
     self.init = load_run(init_dir)
     self.s, self.workdir, self.log = settings, workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
     self.cfg = rl_config(self.init.cfg, settings)
     self.tokenizer = self.init.tokenizer
-    self.mesh = sharding.make_mesh(self.cfg.mesh)
+    self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
     check_settings(settings, sharding.data_parallel_size(self.mesh))
     self.steps = build_steps(self.cfg, self.mesh, settings.steps)
     self._losses = jax.jit(token_losses, static_argnums=0)
@@ -210,7 +210,8 @@ class Reinforce:
           if stopping:
             break
         writer.write(step, "run", {"seconds": time.perf_counter() - t0, "steps": step - start,
-                                   "sampled_tokens": sampled_tokens})
+                                   "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
+                                   "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
       finally:
         ckpt.close()
         writer.close()

@@ -27,6 +27,8 @@ from lmtiny.files import atomic_write
 
 STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
 SETTINGS = "report_settings.json"
+_TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_fallback_fraction", "train_seconds",
+                      "hash")
 
 
 def report_root(workdir: str) -> str:
@@ -167,9 +169,10 @@ def tokenizer_section(root: str) -> list[str]:
     return []
   rep = json.load(open(path))
   lines = ["## Tokenizer", ""]
-  for key, value in rep.items():
-    if isinstance(value, (int, float, str)) and len(str(value)) < 80:
-      lines.append(f"- {key}: {value:,}" if isinstance(value, int) else f"- {key}: {value}")
+  for key in _TOKENIZER_FIGURES:
+    value = rep.get(key)
+    if isinstance(value, (int, float, str)):
+      lines.append(f"- {key}: {value:,}" if isinstance(value, int) else f"- {key}: {str(value)[:16]}")
   return lines
 
 

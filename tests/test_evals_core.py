@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 import reference_numpy
-from eval_fixtures import make_run, make_tokenizer
 from lmtiny import eval as eval_cli
 from lmtiny.evals import core
 from lmtiny.evals.data import load_rows
@@ -20,11 +19,11 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "evals")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("core")
-  tok = make_tokenizer(str(root / "tok"))
-  make_run(str(root / "run"), tok)
-  return str(root / "run")
+def run_dir(chat_run, tmp_path_factory):
+  import shutil
+  copy = str(tmp_path_factory.mktemp("core") / "run")
+  shutil.copytree(chat_run, copy)  # the CLI writes eval.json and report.md into it
+  return copy
 
 
 @pytest.fixture(scope="module")
