@@ -110,7 +110,10 @@ class Reinforce:
   def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
                log: Callable[[str], None] = print, devices=None):
     from lmtiny.generate import load_run
-    self.init = load_run(init_dir)
+    try:
+      self.init = load_run(init_dir)
+    except UserError as e:
+      raise RLError(str(e).replace("--workdir=", "--init=", 1)) from None
     self.s, self.workdir, self.log = settings, workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
     self.cfg = rl_config(self.init.cfg, settings)

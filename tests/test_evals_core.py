@@ -99,3 +99,12 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, monkeypatch, args, me
   assert eval_cli.main(["--workdir", run_dir, *args]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_parquet_task_files_read_as_whole_rows(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = load_rows("arc_easy", "", FIXTURES)
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "arc_easy.parquet"))
+  assert load_rows("arc_easy", "", str(tmp_path)) == rows
+  assert load_rows("arc_easy", "", str(tmp_path), limit=2) == rows[:2]

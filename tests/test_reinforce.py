@@ -58,3 +58,10 @@ def test_questions_cover_each_epoch_once():
 def test_rows_must_divide_over_devices(chat_run, tmp_path):
   with pytest.raises(RLError, match="--questions=3 x --samples=3"):
     Reinforce(chat_run, str(tmp_path), RLSettings(**{**SETTINGS, "questions": 3, "samples": 3}), [], [])
+
+
+def test_init_without_a_checkpoint_names_the_flag(tmp_path, capsys):
+  from lmtiny import rl
+  assert rl.main(["--init", str(tmp_path), "--workdir", str(tmp_path / "rl"), "--data", "toy"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: --init={tmp_path}: no checkpoint") and err.count("\n") == 1

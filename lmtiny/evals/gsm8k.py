@@ -78,17 +78,21 @@ def generate_with_tools(sampler, tokenizer, prompts: Sequence[Sequence[int]], *,
     if not active:
       break
     cut = {}
+    # Later rounds have fewer rows: pad to a power of two (stopped at once) so few shapes compile.
+    padded = active + [active[0]] * (min(len(prompts), 1 << (len(active) - 1).bit_length()) - len(active))
 
-    def on_tokens(row, new_ids, _cut=cut, _active=active, _results=results):
+    def on_tokens(row, new_ids, _cut=cut, _active=active):
+      if row >= len(_active):
+        return True
       i = _active[row]
       if i not in _cut and py_end in new_ids:
         _cut[i] = True
         return True
       return False
 
-    gen = sampler.generate([list(prompts[i]) + results[i].ids for i in active],
+    gen = sampler.generate([list(prompts[i]) + results[i].ids for i in padded],
                            max_new_tokens=max(budgets[i] for i in active), sampling=sampling, seed=seed,
-                           rows=[rows[i] for i in active], stop_ids=(end,), on_tokens=on_tokens)
+                           rows=[rows[i] for i in padded], stop_ids=(end,), on_tokens=on_tokens)
     next_active = []
     for row, i in enumerate(active):
       new = gen.tokens[row][:budgets[i]]
