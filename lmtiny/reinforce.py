@@ -7,7 +7,8 @@ Advantage: reward minus the mean reward of the question's group. The update is t
 own sharded train step on rows [prompt + reply], whose float `loss_mask` holds each sampled
 token's advantage (0 on the prompt and on forced tool output), so the loss is
     sum_t adv_t * CE_t / #(adv_t != 0)
-and its gradient is token-level REINFORCE. Optional KL to the initial model (`kl`), folded into
+and its gradient is token-level REINFORCE. A step where every group's rewards are equal carries no
+signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to the initial model (`kl`), folded into
 the per-token weight as a reward penalty: adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
 
 Exact resume: the checkpoint holds params, optimizer state and step; the questions and the
@@ -194,7 +195,10 @@ class Reinforce:
           sampled_tokens += sum(sum(g.sampled) for g in gens)
           batch = build_batch(prompts, gens, self.cfg.train.seq_len)
           batch["loss_mask"] = self._token_weights(batch, state["params"], ref_params, adv)
-          state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+          if np.any(batch["loss_mask"]):
+            state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+          else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
+            m = {"loss": 0.0, "tokens": 0.0}
           step += 1
           record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
                     "loss": float(m["loss"]), "tokens": float(m["tokens"]),
