@@ -50,7 +50,7 @@ class RLSettings:
   kl: float = 0.0
   log_every: int = 1
   eval_every: int = 20        # 0: only at the end
-  eval_questions: int = 32
+  eval_questions: int = 32   # 0: no held-out evaluation
   checkpoint_every: int = 20
   seed: int = 0
 
@@ -211,7 +211,7 @@ class Reinforce:
           stopping = step == stop_after
           if step % s.checkpoint_every == 0 or step == s.steps or stopping:
             ckpt.save(step, state)
-          if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
+          if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
             self.evaluate(state["params"], step, writer)
             writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
           if stopping:

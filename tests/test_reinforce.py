@@ -8,7 +8,7 @@ from lmtiny.evals.gsm8k import ToolGeneration
 from lmtiny.evals.toy import toy_rows
 from lmtiny.reinforce import Reinforce, RLError, RLSettings, build_batch, step_questions
 
-SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=2,
+SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=0,
                 checkpoint_every=10)
 
 
