@@ -27,6 +27,7 @@ def main():
   p.add_argument("--sft-steps", type=int, default=60)
   p.add_argument("--rl-steps", type=int, default=40)
   p.add_argument("--lr", type=float, default=2e-4)
+  p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--out", default="/tmp/lmtiny_rl_toy")
   args = p.parse_args()
   from eval_fixtures import make_tokenizer, run_config
@@ -68,7 +69,7 @@ def main():
   ckpt.save(args.sft_steps, state)
   ckpt.close()
   print(f"warm start: {args.sft_steps} steps in {time.perf_counter() - t0:.0f}s")
-  settings = RLSettings(steps=args.rl_steps, questions=8, samples=8, max_new_tokens=40, lr=args.lr,
+  settings = RLSettings(steps=args.rl_steps, questions=8, samples=8, max_new_tokens=40, lr=args.lr, temperature=args.temperature,
                         eval_every=args.rl_steps // 2, eval_questions=64, checkpoint_every=args.rl_steps)
   rl = Reinforce(sft_dir, os.path.join(args.out, "rl"), settings, rows, toy_rows(500, seed=2))
   from lmtiny.metrics import MetricsWriter
