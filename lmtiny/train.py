@@ -34,6 +34,8 @@ def train(cfg, workdir: str) -> int:
   except TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  from lmtiny import report
+  report.update_for(workdir)
   if summary["val"]:
     (_, l0, b0), (_, l1, b1) = summary["val"][0], summary["val"][-1]
     print(f"done: {summary['step']} steps in {summary['seconds']:.0f}s | val loss {l0:.3f} -> {l1:.3f} | "

@@ -92,8 +92,10 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
   def loss_sums(params, micro):
+    # loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
+    # loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks.
     mask = micro["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
+    return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask != 0).astype(jnp.float32)
 
   def train_step(state, batch):
     params = state["params"]
@@ -109,13 +111,13 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
-    count = jnp.maximum(count, 1.0)
+    tokens, count = count, jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-               "tokens": count}
+               "tokens": tokens}
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V):
@@ -123,7 +125,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
-    return {"loss_sum": jnp.sum(losses_BxT * mask), "tokens": jnp.sum(mask),
+    return {"loss_sum": jnp.sum(losses_BxT * mask), "tokens": jnp.sum(mask != 0).astype(jnp.float32),
             "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
 
   replicated = sharding.replicated(mesh)
@@ -346,6 +348,11 @@ class Trainer:
           break
       if pending is not None:
         flush(pending)
+    seconds = time.perf_counter() - t0
+    writer.write(step, "run", {"seconds": seconds, "steps": step - start, "tokens": (step - start) * t.batch_tokens,
+                               "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count(),
+                               "chip": metrics_lib.chip_name(),
+                               "peak_flops": metrics_lib.peak_flops_total()})  # for the report card
     self.state = state
     return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
             "train_loss": history["train_loss"], "val": history["val"], "preempted": preemption.requested,

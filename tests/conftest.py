@@ -11,3 +11,17 @@ import jax  # noqa: E402  (after the environment is set)
 # run): a session-wide compilation cache turns those recompiles into cache reads.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lmtiny-jax-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+  """A run directory (tokenizer that knows the toy problems, tiny random model, one checkpoint)
+  shared by the eval, RL and report tests."""
+  from eval_fixtures import make_run, make_tokenizer
+  root = tmp_path_factory.mktemp("chat_run")
+  tok = make_tokenizer(str(root / "tok"))
+  make_run(str(root / "run"), tok)
+  return str(root / "run")

@@ -18,7 +18,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 BASH = shutil.which("bash")
-SCRIPTS = ["lib.sh", "tpu.sh", "gpu.sh", "remote.sh"]
+SCRIPTS = ["lib.sh", "tpu.sh", "gpu.sh", "remote.sh", "speedrun.sh"]
 TPU = ["--name", "lm", "--zone", "us-west4-a"]
 
 RECORDER = f"""#!{sys.executable}

@@ -26,7 +26,7 @@ def test_readme_main_command_smoke(tmp_path):
   assert "step      4/4 | val loss" in result.stdout and "done: 4 steps" in result.stdout
   assert "step      4/4 | sample: 'def " in result.stdout
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert {r["split"] for r in records} == {"train", "val", "sample"}
+  assert {r["split"] for r in records} == {"train", "val", "sample", "run"}  # "run": wall time for the report
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
   assert os.path.exists(tmp_path / "run" / "tokenizer.model") and os.path.exists(tmp_path / "run" / "loss.png")
   # Re-running the same command with a longer horizon resumes from the checkpoint (cache reused).

@@ -245,6 +245,13 @@ class ParquetSource(Source):
   def _paths(self) -> Iterator[str]:
     yield from self.files
 
+  def iter_rows(self) -> Iterator[dict]:
+    """Whole rows (every column) as dicts, in file order (for structured data such as eval tasks)."""
+    import pyarrow.parquet as pq
+    for path in self._paths():
+      for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+        yield from batch.to_pylist()
+
   def _documents(self):
     import pyarrow.parquet as pq
     for path in self._paths():

@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# The whole pipeline on one host: tokenizer -> shards -> base -> midtrain -> SFT -> RL -> eval -> report.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat <<'EOF'
+usage: launch/speedrun.sh PRESET [options]
+
+Runs every stage of the pipeline in order; a stage whose output is complete (RUN/.stages/NAME.done)
+is skipped, so re-running the same command resumes where it stopped (each training stage also
+resumes from its own checkpoints).
+
+  tokenizer  python -m lmtiny.tokenizer.train  -> RUN/tokenizer
+  shards     python -m lmtiny.data.prepare     -> RUN/shards
+  base       python -m lmtiny.train            -> RUN            (pod presets: launch/tpu.sh train)
+  mid        python -m lmtiny.sft --init RUN --workdir RUN/mid
+  sft        python -m lmtiny.sft --init RUN/mid --workdir RUN/sft
+  rl         python -m lmtiny.rl --init RUN/sft --workdir RUN/rl   (from the newest of sft, mid,
+             base that is not skipped)
+  eval       python -m lmtiny.eval: bpb (+ CORE) of the base model, GSM8K of the RL model
+  report     python -m lmtiny.report --workdir RUN                -> RUN/report.md (always rebuilt)
+
+presets:
+  toy        CPU, minutes: configs/tiny.py on the embedded standard-library corpus, RL and GSM8K
+             on the self-generated toy arithmetic set (no download)
+  d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
+  d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM)
+  d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
+  d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
+             once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
+             the run finished, and the later stages run on this host
+
+options:
+  --workdir RUN            run directory (default runs/speedrun-PRESET)
+  --source SPEC            pretraining text (lmtiny.data.sources spec)
+  --eval-data DIR          CORE task files (<task>.jsonl|.parquet); default: the hub (not toy)
+  --skip a,b,...           stages not to run (e.g. mid,sft)
+  --price-per-chip-hour P  for the report card's cost estimate
+  --smoke                  a few steps per stage (the CI test)
+  --python PY              interpreter (default python3)
+  --tpu-name N --zone Z    pod presets
+  --shards DIR             pod presets: prepared shards every worker can read (e.g. gs://...)
+  --base-done              pod presets: base training has finished
+  --dry-run                print the commands, run nothing
+  -h, --help
+EOF
+}
+
+PRESET=''
+RUN_DIR=''
+SOURCE=''
+EVAL_DATA=''
+SKIP=''
+PRICE=''
+SMOKE=0
+PYTHON=python3
+TPU_NAME=''
+ZONE=''
+BASE_DONE=0
+POD_SHARDS=''
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --smoke) SMOKE=1 ;;
+    --base-done) BASE_DONE=1 ;;
+    --workdir) need_value "$1" "${2-}"; RUN_DIR=$2; shift ;;
+    --source) need_value "$1" "${2-}"; SOURCE=$2; shift ;;
+    --eval-data) need_value "$1" "${2-}"; EVAL_DATA=$2; shift ;;
+    --skip) need_value "$1" "${2-}"; SKIP=$2; shift ;;
+    --price-per-chip-hour) need_value "$1" "${2-}"; [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--price-per-chip-hour '$2': must be a number"; PRICE=$2; shift ;;
+    --python) need_value "$1" "${2-}"; PYTHON=$2; shift ;;
+    --tpu-name) need_value "$1" "${2-}"; TPU_NAME=$2; shift ;;
+    --zone) need_value "$1" "${2-}"; ZONE=$2; shift ;;
+    --shards) need_value "$1" "${2-}"; POD_SHARDS=$2; shift ;;
+    -*) die "unknown option '$1' (see --help)" ;;
+    *) [[ -z $PRESET ]] || die "one preset, got '$PRESET' and '$1'"; PRESET=$1 ;;
+  esac
+  shift
+done
+[[ -n $PRESET ]] || die "a preset is required: toy, d20-h100, d20-v5e8, d26-pod or d32-pod (see --help)"
+STAGES="tokenizer shards base mid sft rl eval report"
+for s in ${SKIP//,/ }; do
+  [[ " $STAGES " == *" $s "* ]] || die "--skip '$s': not a stage ($STAGES)"
+done
+RUN_DIR=${RUN_DIR:-runs/speedrun-$PRESET}
+
+POD=0
+FINEWEB='hf:HuggingFaceFW/fineweb-edu?pattern=sample/10BT/*.parquet&column=text'
+case $PRESET in
+  toy)
+    CONFIG=configs/tiny.py; MIXTURE=tokenizer_data/embedded.py; VOCAB=4096
+    SOURCE=${SOURCE:-embedded?max_chars=4000000}; TOK_CHARS=4000000
+    BASE_ARGS=(--config.train.steps=300)
+    RL_ARGS=(--data toy --steps 40 --questions 4 --samples 8 --max-new-tokens 48 --eval-questions 64)
+    CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
+  d20-h100 | d20-v5e8 | d26-pod | d32-pod)
+    CONFIG=configs/${PRESET%%-*}.py; MIXTURE=tokenizer_data/seed.py; VOCAB=65536
+    SOURCE=${SOURCE:-$FINEWEB}; TOK_CHARS=2000000000
+    BASE_ARGS=()
+    RL_ARGS=(--data gsm8k)
+    CHAT_EVAL=(--tasks gsm8k --max-items 400)
+    [[ $PRESET == *-pod ]] && POD=1 ;;
+  *) die "unknown preset '$PRESET' (toy, d20-h100, d20-v5e8, d26-pod, d32-pod)" ;;
+esac
+BASE_EVAL=(--tasks bpb)
+if [[ -n $EVAL_DATA ]]; then
+  BASE_EVAL=(--tasks "bpb,core" --data-dir "$EVAL_DATA")
+elif [[ $PRESET != toy ]]; then
+  BASE_EVAL=(--tasks "bpb,core")
+fi
+if [[ $SMOKE == 1 ]]; then
+  VOCAB=1024; TOK_CHARS=400000; SOURCE='embedded?max_chars=400000'
+  BASE_ARGS=(--config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=2
+             --config.model.max_seq_len=128 --config.train.seq_len=128 --config.train.batch_tokens=1024
+             --config.train.steps=4 --config.train.eval_every=4 --config.train.eval_batches=1
+             --config.train.checkpoint_every=4 --config.train.sample_tokens=8)
+  RL_ARGS=(--data toy --steps 2 --questions 2 --samples 2 --max-new-tokens 8 --eval-questions 2)
+  CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
+  BASE_EVAL+=(--max-items 2 --eval-batches 1)
+fi
+SHARDS=$RUN_DIR/shards
+MARKS=$RUN_DIR/.stages
+if [[ $POD == 1 ]]; then
+  [[ -n $TPU_NAME && -n $ZONE ]] || die "$PRESET: --tpu-name and --zone are required"
+  [[ $RUN_DIR == gs://* ]] || die "$PRESET: --workdir must be gs://... (every worker writes there)"
+  [[ -n $POD_SHARDS ]] || die "$PRESET: --shards is required (shards every worker can read, from lmtiny.data.prepare)"
+  SHARDS=$POD_SHARDS
+  MARKS=runs/speedrun-$PRESET/.stages  # stage markers stay on this host
+  SKIP="tokenizer,shards${SKIP:+,$SKIP}"
+fi
+
+skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
+done_marker() { printf '%s/%s.done' "$MARKS" "$1"; }
+
+# wanted NAME: true unless the stage is skipped or already done (says which on stderr).
+wanted() {
+  if skipped "$1"; then
+    note "== $1: skipped (--skip)"
+    return 1
+  fi
+  if [[ $DRY_RUN == 0 && -e $(done_marker "$1") ]]; then
+    note "== $1: done already ($(done_marker "$1"))"
+    return 1
+  fi
+  note "== $1"
+}
+
+mark_done() {
+  if [[ $DRY_RUN == 0 ]]; then
+    mkdir -p "$MARKS"
+    : >"$(done_marker "$1")"
+  fi
+}
+
+# stage NAME COMMAND...: runs the command unless the stage is skipped or already done.
+stage() {
+  local name=$1
+  shift
+  if wanted "$name"; then
+    run "$@"
+    mark_done "$name"
+  fi
+}
+
+# The newest model the RL stage can start from: sft, else mid, else the base run.
+rl_init() {
+  local s
+  for s in sft mid; do
+    if ! skipped "$s"; then
+      printf '%s/%s' "$RUN_DIR" "$s"
+      return 0
+    fi
+  done
+  printf '%s' "$RUN_DIR"
+}
+
+cd "$REPO_ROOT"
+stage tokenizer "$PYTHON" -m lmtiny.tokenizer.train --mixture "$MIXTURE" --vocab-size "$VOCAB" \
+  --total-chars "$TOK_CHARS" --out "$RUN_DIR/tokenizer" --quiet
+stage shards "$PYTHON" -m lmtiny.data.prepare --source "$SOURCE" --tokenizer "$RUN_DIR/tokenizer" \
+  --out "$RUN_DIR/shards" --no-progress
+TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data.shards=$SHARDS"
+            --workdir "$RUN_DIR" ${BASE_ARGS[@]+"${BASE_ARGS[@]}"})
+if [[ $POD == 1 && $BASE_DONE == 0 ]] && ! skipped base; then
+  run "$LAUNCH_DIR/tpu.sh" train --name "$TPU_NAME" --zone "$ZONE" -- "${TRAIN_ARGS[@]}"
+  note "base training launched on $TPU_NAME; when it has finished, re-run with --base-done"
+  exit 0
+fi
+if [[ $POD == 1 ]]; then
+  stage base true  # trained on the pod (--base-done)
+else
+  stage base "$PYTHON" -m lmtiny.train "${TRAIN_ARGS[@]}"
+fi
+stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid"
+stage sft "$PYTHON" -m lmtiny.sft --init "$RUN_DIR/mid" --workdir "$RUN_DIR/sft"
+stage rl "$PYTHON" -m lmtiny.rl --init "$(rl_init)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
+if wanted eval; then
+  run "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}"
+  CHAT_MODEL=$RUN_DIR/rl
+  if skipped rl; then
+    CHAT_MODEL=$(rl_init)
+  fi
+  run "$PYTHON" -m lmtiny.eval --workdir "$CHAT_MODEL" "${CHAT_EVAL[@]}"
+  mark_done eval
+fi
+REPORT_ARGS=(--workdir "$RUN_DIR")
+if [[ -n $PRICE ]]; then
+  REPORT_ARGS+=(--price-per-chip-hour "$PRICE")
+fi
+if ! skipped report; then
+  run "$PYTHON" -m lmtiny.report "${REPORT_ARGS[@]}"
+fi

@@ -1,0 +1,139 @@
+"""python -m lmtiny.eval --workdir RUN [--step N] --tasks bpb,core,gsm8k [flags]
+
+Tasks: `bpb` (val split of the run's data or --shards DIR), `core` (every CORE-style task:
+hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada) or any of those by name, and
+`gsm8k` (generative, chat template, calculator tool; `--gsm8k-data toy` for the self-made
+arithmetic set). Task data comes from the tasks' public sources on the Hugging Face hub, or from
+--data-dir DIR holding <task>.jsonl|.parquet in the source's layout. Prints a table and merges
+the results into RUN/eval.json; the run's report card gets an eval section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from lmtiny import cli
+from lmtiny.config import UserError
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m lmtiny.eval", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+  p.add_argument("--tasks", default="bpb,core", help="comma list: bpb, core, gsm8k or CORE task names")
+  p.add_argument("--shards", default=None, help="bpb: shard directory (default: the run's data)")
+  p.add_argument("--eval-batches", type=int, default=0, help="bpb: batches (default: the run's train.eval_batches)")
+  p.add_argument("--data-dir", default=None, help="local task files <task>.jsonl|.parquet instead of the hub")
+  p.add_argument("--max-items", type=int, default=0, help="items per task (0 = all)")
+  p.add_argument("--norm", choices=("token", "char"), default="token", help="CORE: loss normalisation")
+  p.add_argument("--gsm8k-data", choices=("gsm8k", "toy"), default="gsm8k")
+  p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: reply length")
+  p.add_argument("--batch", type=int, default=32, help="rows per batch (CORE) / replies per batch (gsm8k)")
+  return p.parse_args(argv)
+
+
+def expand_tasks(spec: str) -> list[str]:
+  from lmtiny.evals.core import TASKS
+  names = []
+  for name in filter(None, (t.strip() for t in spec.split(","))):
+    group = list(TASKS) if name == "core" else [name]
+    for n in group:
+      if n not in TASKS and n not in ("bpb", "gsm8k"):
+        raise UserError(f"--tasks: unknown task {n!r} (bpb, core, gsm8k, {', '.join(TASKS)})")
+      if n not in names:
+        names.append(n)
+  if not names:
+    raise UserError("--tasks: no task given")
+  return names
+
+
+def evaluate(args) -> dict:
+  from lmtiny.evals import core, gsm8k
+  from lmtiny.evals.data import load_rows
+  from lmtiny.evals.loading import load_model
+  names = expand_tasks(args.tasks)
+  if args.max_items < 0 or args.batch < 1 or args.max_new_tokens < 1:
+    raise UserError("--max-items must be >= 0, --batch and --max-new-tokens >= 1")
+  loaded = load_model(args.workdir, args.step)
+  results = {}
+  for name in names:
+    t0 = time.perf_counter()
+    if name == "bpb":
+      from lmtiny.evals.bpb import evaluate_bpb
+      results[name] = evaluate_bpb(loaded, args.shards, args.eval_batches)
+    elif name == "gsm8k":
+      from lmtiny.sampling import Sampler
+      if args.gsm8k_data == "toy":
+        from lmtiny.evals.toy import toy_rows
+        rows = toy_rows(args.max_items or 200, seed=2)
+      else:
+        rows = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
+      import jax
+      with jax.set_mesh(loaded.mesh):
+        results[name] = gsm8k.evaluate(Sampler(loaded.model), loaded.tokenizer, rows,
+                                       max_new_tokens=args.max_new_tokens, batch=args.batch)
+    else:
+      from lmtiny.evals.scoring import Scorer
+      task = core.TASKS[name]
+      items = core.convert_rows(name, task, load_rows(name, task.source, args.data_dir, args.max_items))
+      results[name] = core.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
+                                         loaded.tokenizer, task, items, args.norm)
+    results[name]["seconds"] = time.perf_counter() - t0
+  core_names = [n for n in names if n in core.TASKS]
+  out = {"step": loaded.step, "results": results}
+  if core_names:
+    out["core"] = core.core_score({n: results[n] for n in core_names})
+  return out
+
+
+def table(out: dict) -> str:
+  lines = [f"{'task':<14} {'metric':<10} {'value':>8} {'items':>7}"]
+  for name, r in out["results"].items():
+    if name == "bpb":
+      lines.append(f"{name:<14} {'bpb':<10} {r['bpb']:>8.4f} {'':>7}")
+    elif name == "gsm8k":
+      lines.append(f"{name:<14} {'accuracy':<10} {r['accuracy']:>8.4f} {r['items']:>7}")
+    else:
+      lines.append(f"{name:<14} {'centered':<10} {r['centered']:>8.4f} {r['items']:>7}  (accuracy {r['accuracy']:.4f})")
+  if "core" in out:
+    lines.append(f"{'CORE':<14} {'mean':<10} {out['core']:>8.4f}")
+  return "\n".join(lines)
+
+
+def save(workdir: str, out: dict) -> str:
+  """Merges into RUN/eval.json (a task evaluated again replaces its old result)."""
+  from lmtiny.files import atomic_write
+  path = os.path.join(workdir, "eval.json")
+  old = json.load(open(path)) if os.path.exists(path) else {}
+  merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
+                                             **out["results"]}}
+  from lmtiny.evals.core import TASKS, core_score
+  core_results = {n: r for n, r in merged["results"].items() if n in TASKS}
+  if core_results:
+    merged["core"] = core_score(core_results)
+  atomic_write(path, json.dumps(merged, indent=2).encode())
+  return path
+
+
+def run(argv: list[str]) -> int:
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  args = parse_args(argv)
+  out = evaluate(args)
+  print(table(out))
+  print(f"wrote {save(args.workdir, out)}")
+  from lmtiny import report
+  report.update_for(args.workdir)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

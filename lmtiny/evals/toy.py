@@ -1,0 +1,35 @@
+"""A GSM8K-shaped arithmetic set the project generates itself (no download): word problems with
+one calculator annotation and a `#### N` answer, for offline RL and the speedrun's toy preset."""
+from __future__ import annotations
+
+import random
+
+_TEMPLATES = (
+    ("{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+     "{name} has {a} + {b} = <<{a}+{b}={r}>>{r} {thing}.", lambda a, b: a + b),
+    ("{name} had {a} {thing} and gave away {b}. How many {thing} are left?",
+     "{name} has {a} - {b} = <<{a}-{b}={r}>>{r} {thing} left.", lambda a, b: a - b),
+    ("{name} buys {a} bags with {b} {thing} in each. How many {thing} is that?",
+     "That is {a} * {b} = <<{a}*{b}={r}>>{r} {thing}.", lambda a, b: a * b),
+)
+_NAMES = ("Ann", "Bob", "Cai", "Dee", "Eli", "Fay")
+_THINGS = ("apples", "books", "coins", "pens", "cards")
+
+
+def toy_rows(n: int, seed: int = 0, max_operand: int = 9) -> list[dict]:
+  """`n` rows {"question", "answer"} in GSM8K's layout; subtraction never goes below zero."""
+  rng = random.Random(seed)
+  rows = []
+  for _ in range(n):
+    question, answer, op = rng.choice(_TEMPLATES)
+    a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
+    if op(a, b) < 0:
+      a, b = b, a
+    fields = dict(name=rng.choice(_NAMES), thing=rng.choice(_THINGS), a=a, b=b, r=op(a, b))
+    rows.append({"question": question.format(**fields), "answer": answer.format(**fields) + f"\n#### {op(a, b)}"})
+  return rows
+
+
+def toy_texts(n: int = 2000, seed: int = 0) -> list[str]:
+  """Plain text of toy problems (for a tokenizer that must know their words and digits)."""
+  return [f"{r['question']}\n{r['answer']}" for r in toy_rows(n, seed)]

@@ -1,0 +1,226 @@
+"""On-policy RL on GSM8K-shaped problems, as nanochat's chat_rl: REINFORCE with a group baseline.
+
+Each step takes `questions` problems (a fixed, seeded order over the training rows, epoch by
+epoch) and samples `samples` replies to each with the KV-cache sampler and the calculator tool
+(`lmtiny.evals.gsm8k.generate_with_tools`). Reward: 1 if the reply's `####` answer is right.
+Advantage: reward minus the mean reward of the question's group. The update is the trainer's
+own sharded train step on rows [prompt + reply], whose float `loss_mask` holds each sampled
+token's advantage (0 on the prompt and on forced tool output), so the loss is
+    sum_t adv_t * CE_t / #(adv_t != 0)
+and its gradient is token-level REINFORCE. A step where every group's rewards are equal carries no
+signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to the initial model (`kl`), folded into
+the per-token weight as a reward penalty: adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
+
+Exact resume: the checkpoint holds params, optimizer state and step; the questions and the
+sampling seed of step s are functions of (seed, s), so a resumed run repeats the same rewards
+and losses as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from lmtiny import metrics as metrics_lib, sharding
+from lmtiny.checkpoint import Checkpointer, abstract_with_shardings, restore_params
+from lmtiny.config import UserError
+from lmtiny.evals import gsm8k
+from lmtiny.trainer import build_steps, token_losses
+
+
+class RLError(UserError):
+  """A bad RL flag or init run."""
+
+
+@dataclasses.dataclass
+class RLSettings:
+  steps: int = 100
+  questions: int = 8          # problems per step
+  samples: int = 8            # replies per problem (k)
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 50
+  lr: float = 1e-4
+  kl: float = 0.0
+  log_every: int = 1
+  eval_every: int = 20        # 0: only at the end
+  eval_questions: int = 32   # 0: no held-out evaluation
+  checkpoint_every: int = 20
+  seed: int = 0
+
+
+def check_settings(s: RLSettings, dp: int) -> None:
+  for name in ("steps", "questions", "samples", "max_new_tokens", "log_every", "checkpoint_every"):
+    if getattr(s, name) < 1:
+      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 1")
+  if (s.questions * s.samples) % dp:
+    raise RLError(f"--questions={s.questions} x --samples={s.samples} = {s.questions * s.samples} rows per step "
+                  f"do not divide over the data-parallel size {dp}")
+  if s.kl < 0 or s.temperature <= 0 or s.lr <= 0:
+    raise RLError("--kl must be >= 0, --temperature and --lr > 0")
+
+
+def rl_config(init_cfg, s: RLSettings):
+  """The init run's config with the RL batch (one row per sample, the model's context long) and LR."""
+  cfg = init_cfg.copy_and_resolve_references()
+  seq_len = cfg.model.max_seq_len
+  cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * s.questions * s.samples, micro_batch_size=0,
+                   steps=s.steps, tokens_per_param=0.0, seed=s.seed)
+  cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0)
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  cfg.rl = dataclasses.asdict(s)
+  return cfg
+
+
+def step_questions(num_rows: int, step: int, count: int, seed: int) -> list[int]:
+  """The problems of `step`: consecutive slices of a per-epoch seeded permutation."""
+  out = []
+  for k in range(step * count, (step + 1) * count):
+    epoch, at = divmod(k, num_rows)
+    out.append(random.Random(seed * 1_000_003 + epoch).sample(range(num_rows), num_rows)[at])
+  return out
+
+
+def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows [prompt + reply] cut to seq_len + 1; loss_mask 1 on the tokens the model sampled (the
+  caller turns it into per-token weights), 0 on prompts, forced tool output and padding."""
+  b = len(prompts)
+  out = {k: np.zeros((b, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+  out["loss_mask"] = np.zeros((b, seq_len), np.float32)
+  for r, (prompt, gen) in enumerate(zip(prompts, gens)):
+    ids = (list(prompt) + gen.ids)[:seq_len + 1]
+    n = len(ids) - 1
+    out["inputs"][r, :n], out["targets"][r, :n] = ids[:-1], ids[1:]
+    out["segment_ids"][r, :n], out["positions"][r, :n] = 1, np.arange(n)
+    for j, sampled in enumerate(gen.sampled):
+      t = len(prompt) - 1 + j
+      if sampled and t < n:
+        out["loss_mask"][r, t] = 1.0
+  return out
+
+
+class Reinforce:
+  """An RL run in `workdir`, starting from the run in `init_dir` (its newest checkpoint)."""
+
+  def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
+               log: Callable[[str], None] = print, devices=None):
+    from lmtiny.generate import load_run
+    try:
+      self.init = load_run(init_dir)
+    except UserError as e:
+      raise RLError(str(e).replace("--workdir=", "--init=", 1)) from None
+    self.s, self.workdir, self.log = settings, workdir, log
+    self.train_rows, self.eval_rows = train_rows, eval_rows
+    self.cfg = rl_config(self.init.cfg, settings)
+    self.tokenizer = self.init.tokenizer
+    self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
+    check_settings(settings, sharding.data_parallel_size(self.mesh))
+    self.steps = build_steps(self.cfg, self.mesh, settings.steps)
+    self._losses = jax.jit(token_losses, static_argnums=0)
+    from lmtiny.tokenizer import render_for_completion
+    self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
+
+  def _initial_state(self, init_dir: str):
+    state = self.steps.init()
+    target = abstract_with_shardings(self.steps.abstract_state["params"], self.steps.state_shardings["params"])
+    params = restore_params(str(epath.Path(init_dir) / "checkpoints"), self.init.step, target)
+    opt_state = jax.jit(self.steps.tx.init, out_shardings=self.steps.state_shardings["opt_state"])(params)
+    return {**state, "params": params, "opt_state": opt_state}
+
+  def _sampler(self, params):
+    from flax import nnx
+    from lmtiny.sampling import Sampler
+    return Sampler(nnx.merge(self.steps.graphdef, params))
+
+  def rollout(self, params, step: int):
+    """Prompts, generations and rewards [questions, samples] of `step`."""
+    from lmtiny.sampling import SamplingParams
+    s = self.s
+    picks = step_questions(len(self.train_rows), step, s.questions, s.seed)
+    rows = [self.train_rows[q] for q in picks for _ in range(s.samples)]
+    prompts = [self._prompt(r) for r in rows]
+    gens = gsm8k.generate_with_tools(self._sampler(params), self.tokenizer, prompts, max_new_tokens=s.max_new_tokens,
+                                     sampling=SamplingParams(s.temperature, s.top_k, 1.0),
+                                     seed=s.seed * 1_000_003 + step)
+    rewards = np.array([gsm8k.reward(g.text, r["answer"]) for g, r in zip(gens, rows)]).reshape(s.questions, s.samples)
+    return rows, prompts, gens, rewards
+
+  def _token_weights(self, batch, params, ref_params, adv_B):
+    """Each sampled token's weight: its reply's advantage, minus the KL penalty when kl > 0."""
+    sampled = batch["loss_mask"]
+    weights = sampled * adv_B[:, None]
+    if self.s.kl:
+      device = sharding.global_batch_from_local(batch, self.mesh)
+      ce = np.asarray(jax.device_get(self._losses(self.steps.graphdef, params, device)))
+      ce_ref = np.asarray(jax.device_get(self._losses(self.steps.graphdef, ref_params, device)))
+      weights = weights - sampled * self.s.kl * (ce_ref - ce)  # log pi - log pi_init = ce_ref - ce
+    return weights.astype(np.float32)
+
+  def evaluate(self, params, step: int, writer) -> dict:
+    from lmtiny.sampling import SamplingParams
+    result = gsm8k.evaluate(self._sampler(params), self.tokenizer, self.eval_rows[:self.s.eval_questions],
+                            max_new_tokens=self.s.max_new_tokens, sampling=SamplingParams(0.0, 0, 1.0))
+    writer.write(step, "rl_eval", {"accuracy": result["accuracy"], "items": result["items"]})
+    self.log(f"step {step:>5}/{self.s.steps} | eval accuracy {result['accuracy']:.3f} on {result['items']} problems")
+    return result
+
+  def run(self, init_dir: str, stop_after: int | None = None) -> dict:
+    from lmtiny.trainer import _write_run_files
+    s, workdir = self.s, epath.Path(self.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_run_files(workdir, self.cfg, self.tokenizer)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2, async_save=False)
+    history = []
+    with jax.set_mesh(self.mesh):
+      start = ckpt.latest_step() or 0
+      if start:
+        state = ckpt.restore(start, abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings))
+        self.log(f"resumed from checkpoint at step {start}")
+      else:
+        state = self._initial_state(init_dir)
+      ref_params = self._initial_state(init_dir)["params"] if s.kl else None
+      writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
+      t0 = time.perf_counter()
+      try:
+        step, sampled_tokens = start, 0
+        while step < s.steps:
+          rows, prompts, gens, rewards = self.rollout(state["params"], step)
+          adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
+          sampled_tokens += sum(sum(g.sampled) for g in gens)
+          batch = build_batch(prompts, gens, self.cfg.train.seq_len)
+          batch["loss_mask"] = self._token_weights(batch, state["params"], ref_params, adv)
+          if np.any(batch["loss_mask"]):
+            state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+          else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
+            m = {"loss": 0.0, "tokens": 0.0}
+          step += 1
+          record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
+                    "loss": float(m["loss"]), "tokens": float(m["tokens"]),
+                    "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0}
+          history.append((step, record["reward"], record["loss"]))
+          if step % s.log_every == 0 or step == s.steps:
+            writer.write(step, "rl", record)
+            self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
+                     f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
+          stopping = step == stop_after
+          if step % s.checkpoint_every == 0 or step == s.steps or stopping:
+            ckpt.save(step, state)
+          if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
+            self.evaluate(state["params"], step, writer)
+            writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
+          if stopping:
+            break
+        writer.write(step, "run", {"seconds": time.perf_counter() - t0, "steps": step - start,
+                                   "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
+                                   "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
+      finally:
+        ckpt.close()
+        writer.close()
+    self.state = state
+    return {"step": step, "history": history, "seconds": time.perf_counter() - t0}

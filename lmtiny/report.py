@@ -1,0 +1,229 @@
+"""The report card: RUN/report.md, rebuilt from the files every stage leaves in the run.
+
+  python -m lmtiny.report --workdir RUN [--price-per-chip-hour 2.5]
+
+Layout read (nanochat-style pipeline, as launch/speedrun.sh lays it out):
+  RUN/tokenizer/report.json   tokenizer stage (vocab, characters, bytes per token if measured)
+  RUN/metrics.jsonl           base pretraining; RUN/mid, RUN/sft: midtraining and SFT runs
+  RUN/rl/metrics.jsonl        RL (reward, pass@k, held-out accuracy)
+  */eval.json                 `lmtiny.eval` results of any of those runs
+Per training stage: parameters, steps, tokens, wall time, FLOPs (6N + attention convention of
+lmtiny.arch.train_flops_per_token), MFU = FLOPs / (wall time x chips x peak), estimated cost =
+wall time x chips x price per chip-hour, first/last val loss and bpb, the loss plot and the last
+sample. Wall time and chips come from the "run" records the trainer and RL write at the end of
+each (possibly resumed) segment. Each stage calls `update_for(its workdir)` when it finishes,
+which rewrites the whole card, so a stage run again replaces its own section.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+
+from lmtiny import cli
+from lmtiny.files import atomic_write
+
+STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
+SETTINGS = "report_settings.json"
+_TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_fallback_fraction", "train_seconds",
+                      "hash")
+
+
+def report_root(workdir: str) -> str:
+  """The pipeline's run directory: the parent of a mid/sft/rl stage run, else the run itself."""
+  path = os.path.abspath(workdir)
+  parent = os.path.dirname(path)
+  if os.path.basename(path) in {s for _, s in STAGES if s} and os.path.isfile(os.path.join(parent, "config.json")):
+    return parent
+  return path
+
+
+def _records(d: str) -> list[dict]:
+  path = os.path.join(d, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+  from lmtiny.metrics import format_duration
+  return format_duration(seconds) if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def _cost_lines(runs: list[dict], flops: float | None, price: float | None) -> list[str]:
+  seconds = sum(r.get("seconds", 0.0) for r in runs)
+  chips = max((r.get("chips", 1) for r in runs), default=1)
+  lines = [f"- wall time: {_duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
+  if flops:
+    lines.append(f"- training FLOPs: {flops:.3e} (6N + 6LTHDh per token, causal half)")
+    peak = runs[-1].get("peak_flops") if runs else None
+    if peak and seconds:
+      lines.append(f"- MFU: {100 * flops / (seconds * peak):.2f}% of {peak:.3g} FLOP/s dense bf16 peak")
+  if price is not None:
+    lines.append(f"- estimated cost: ${seconds / 3600 * chips * price:,.2f} at ${price}/chip-hour")
+  return lines
+
+
+def _last_sample(records) -> list[str]:
+  samples = [r for r in records if r["split"] == "sample"]
+  if not samples:
+    return []
+  s = samples[-1]
+  return ["", f"Sample at step {s['step']}:", "", "```", (s.get("prompt", "") + s.get("text", ""))[:600], "```"]
+
+
+def train_section(title: str, d: str, rel: str, price) -> list[str]:
+  from lmtiny import arch
+  from lmtiny.metrics import plot_loss_curve
+  import ml_collections
+  records = _records(d)
+  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(d, "config.json"))))
+  runs = [r for r in records if r["split"] == "run"]
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  steps = max((r["step"] for r in records), default=0)
+  tokens = steps * cfg.train.batch_tokens
+  flops = tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  lines = [f"## {title}", "", f"- model: {arch.count_params(cfg.model) / 1e6:.2f}M parameters, "
+           f"{cfg.model.num_layers} layers x {cfg.model.d_model}, context {cfg.model.max_seq_len}",
+           f"- steps: {steps}, tokens: {tokens:,} ({cfg.train.batch_tokens:,} per step)"]
+  if train:
+    lines.append(f"- train loss: {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}")
+  if val:
+    lines.append(f"- val loss: {val[0]['loss']:.4f} -> {val[-1]['loss']:.4f} | val bpb: "
+                 f"{val[0].get('bpb', float('nan')):.4f} -> {val[-1].get('bpb', float('nan')):.4f}")
+  lines += _cost_lines(runs, flops, price)
+  if plot_loss_curve(d):
+    lines += ["", f"![{title} loss]({os.path.join(rel, 'loss.png') if rel else 'loss.png'})"]
+  return lines + _last_sample(records)
+
+
+def _plot_reward(d: str, rl) -> str | None:
+  if not rl:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="mean reward")
+  k = next((key for key in rl[0] if key.startswith("pass@")), None)
+  if k:
+    ax.plot([r["step"] for r in rl], [r[k] for r in rl], label=k)
+  ax.set_xlabel("step")
+  ax.set_ylabel("reward")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, dpi=100, format="png")
+  plt.close(fig)
+  atomic_write(os.path.join(d, "reward.png"), png.getvalue())
+  return "reward.png"
+
+
+def rl_section(d: str, rel: str, price) -> list[str]:
+  records = _records(d)
+  rl = [r for r in records if r["split"] == "rl"]
+  evals = [r for r in records if r["split"] == "rl_eval"]
+  lines = ["## RL", ""]
+  if rl:
+    k = next(key for key in rl[0] if key.startswith("pass@"))
+    lines += [f"- steps: {rl[-1]['step']}, sampled tokens: {sum(r.get('sampled_tokens', 0) for r in records if r['split'] == 'run'):,.0f}",
+              f"- mean reward: {rl[0]['reward']:.3f} (first step) -> {rl[-1]['reward']:.3f} (last); "
+              f"{k}: {rl[0][k]:.3f} -> {rl[-1][k]:.3f}"]
+  if evals:
+    lines.append(f"- held-out greedy accuracy: {evals[0]['accuracy']:.3f} (step {evals[0]['step']}) -> "
+                 f"{evals[-1]['accuracy']:.3f} (step {evals[-1]['step']})")
+  lines += _cost_lines([r for r in records if r["split"] == "run"], None, price)
+  if _plot_reward(d, rl):
+    lines += ["", f"![RL reward]({os.path.join(rel, 'reward.png')})"]
+  return lines + _last_sample(records)
+
+
+def eval_section(root: str) -> list[str]:
+  lines = []
+  for title, rel in STAGES:
+    path = os.path.join(root, rel, "eval.json")
+    if not os.path.exists(path):
+      continue
+    out = json.load(open(path))
+    lines += [f"### {title} (step {out['step']})", "", "| task | metric | value |", "|---|---|---|"]
+    for name, r in out["results"].items():
+      if name == "bpb":
+        lines.append(f"| bpb | bits per byte | {r['bpb']:.4f} |")
+      elif "centered" in r:
+        lines.append(f"| {name} | centered acc (acc {r['accuracy']:.3f}, {r['items']} items) | {r['centered']:.4f} |")
+      else:
+        lines.append(f"| {name} | accuracy ({r['items']} problems) | {r['accuracy']:.4f} |")
+    if "core" in out:
+      lines.append(f"| **CORE** | mean centered | {out['core']:.4f} |")
+    lines.append("")
+  return ["## Evaluation", ""] + lines if lines else []
+
+
+def tokenizer_section(root: str) -> list[str]:
+  path = os.path.join(root, "tokenizer", "report.json")
+  if not os.path.exists(path):
+    return []
+  rep = json.load(open(path))
+  lines = ["## Tokenizer", ""]
+  for key in _TOKENIZER_FIGURES:
+    value = rep.get(key)
+    if isinstance(value, (int, float, str)):
+      lines.append(f"- {key}: {value:,}" if isinstance(value, int) else f"- {key}: {str(value)[:16]}")
+  return lines
+
+
+def write_report(root: str, price: float | None = None) -> str:
+  """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages."""
+  settings_path = os.path.join(root, SETTINGS)
+  settings = json.load(open(settings_path)) if os.path.exists(settings_path) else {}
+  if price is not None:
+    settings["price_per_chip_hour"] = price
+    atomic_write(settings_path, json.dumps(settings).encode())
+  price = settings.get("price_per_chip_hour")
+  sections = [tokenizer_section(root)]
+  for title, rel in STAGES:
+    d = os.path.join(root, rel)
+    if title == "rl":
+      if os.path.exists(os.path.join(d, "metrics.jsonl")):
+        sections.append(rl_section(d, rel, price))
+    elif os.path.exists(os.path.join(d, "config.json")) and os.path.exists(os.path.join(d, "metrics.jsonl")):
+      sections.append(train_section({"base": "Base model", "mid": "Midtraining", "sft": "SFT"}[title], d, rel, price))
+  sections.append(eval_section(root))
+  text = f"# lmtiny report card: {os.path.basename(root)}\n\n" + "\n\n".join(
+      "\n".join(s) for s in sections if s) + "\n"
+  path = os.path.join(root, "report.md")
+  atomic_write(path, text.encode())
+  return path
+
+
+def update_for(workdir: str) -> str | None:
+  """Called by a stage when it ends (main process only); rewrites the card of its pipeline run."""
+  import jax
+  if jax.process_index() != 0 or "://" in workdir:
+    return None
+  return write_report(report_root(workdir))
+
+
+def run(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m lmtiny.report", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--price-per-chip-hour", type=float, default=None)
+  args = p.parse_args(argv)
+  if not os.path.isdir(args.workdir):
+    from lmtiny.config import UserError
+    raise UserError(f"--workdir={args.workdir}: no such directory")
+  print(f"wrote {write_report(report_root(args.workdir), args.price_per_chip_hour)}")
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

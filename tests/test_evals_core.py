@@ -1,0 +1,110 @@
+"""CORE-style scoring: per-item log-likelihoods against an independent float64 NumPy scorer,
+the task layouts of the fixtures, few-shot selection, and the eval CLI end to end."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference_numpy
+from lmtiny import eval as eval_cli
+from lmtiny.evals import core
+from lmtiny.evals.data import load_rows
+from lmtiny.evals.loading import load_model
+from lmtiny.evals.scoring import Scorer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "evals")
+
+
+@pytest.fixture(scope="module")
+def run_dir(chat_run, tmp_path_factory):
+  import shutil
+  copy = str(tmp_path_factory.mktemp("core") / "run")
+  shutil.copytree(chat_run, copy)  # the CLI writes eval.json and report.md into it
+  return copy
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+  return load_model(run_dir)
+
+
+def _items(name):
+  task = core.TASKS[name]
+  return task, core.convert_rows(name, task, load_rows(name, task.source, FIXTURES))
+
+
+def test_per_item_log_likelihoods_equal_a_float64_numpy_scorer(loaded):
+  params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+  params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  rows = []
+  for name in core.TASKS:
+    task, items = _items(name)
+    rows += [r for i in range(len(items)) for r in core.item_rows(task, items, i, loaded.tokenizer, 128)]
+  assert len(rows) > 40 and max(len(r.ids) for r in rows) > 100  # few-shot contexts make long rows
+  got = Scorer(loaded.model, loaded.mesh, rows_per_batch=16).score(rows)
+  for row, score in zip(rows, got):
+    ids = np.asarray(row.ids)
+    logits = reference_numpy.forward(params, loaded.cfg.model, ids[None, :-1])[0]
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    targets = ids[1:]
+    span = slice(len(targets) - row.n_cont, len(targets))
+    nll = -logp[np.arange(len(targets)), targets][span].sum()
+    assert score.tokens == row.n_cont
+    np.testing.assert_allclose(score.loss_sum, nll, rtol=2e-5, atol=1e-4)
+    assert score.greedy_match == bool(np.all(logits[span].argmax(-1) == targets[span]))
+
+
+def test_task_layouts_and_fewshot_contexts(loaded):
+  task, items = _items("winogrande")
+  assert items[0].contexts == ("The trophy does not fit in the suitcase because the trophy",
+                               "The trophy does not fit in the suitcase because the suitcase")
+  assert items[0].choices == ("is too big.",) and items[2].gold == 1
+  _, arc = _items("arc_easy")
+  assert arc[2].gold == 2 and arc[2].contexts[0].startswith("Question: Which state")
+  shots = core.fewshot_indices(4, 1, 10)
+  assert sorted(shots) == [0, 2, 3] and shots == core.fewshot_indices(4, 1, 10)
+  task, items = _items("hellaswag")
+  rows = core.item_rows(task, items, 0, loaded.tokenizer, 128)
+  text = loaded.tokenizer.decode(list(rows[0].ids))
+  assert text.count("\n\n") == 3 and text.endswith(items[0].choices[0])  # 3 other items as shots
+  # Multiple choice scores what follows the options' common prefix: the choice itself.
+  assert loaded.tokenizer.decode(list(rows[1].ids[-rows[1].n_cont:])).strip() == items[0].choices[1]
+
+
+def test_eval_cli_writes_results_and_the_report(run_dir, capsys):
+  args = ["--workdir", run_dir, "--tasks", "core,gsm8k", "--data-dir", FIXTURES, "--max-new-tokens", "8"]
+  assert eval_cli.main(args) == 0
+  out = json.load(open(os.path.join(run_dir, "eval.json")))
+  assert set(out["results"]) == set(core.TASKS) | {"gsm8k"}
+  for name in core.TASKS:
+    r = out["results"][name]
+    assert r["centered"] == pytest.approx((r["accuracy"] - core.TASKS[name].chance) / (1 - core.TASKS[name].chance))
+  assert out["core"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in core.TASKS]))
+  assert out["results"]["gsm8k"]["items"] == 2
+  assert "CORE" in capsys.readouterr().out
+  assert "| **CORE** |" in open(os.path.join(run_dir, "report.md")).read()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
+    (["--tasks", "arc_easy", "--data-dir", "/nonexistent"], "--data-dir=/nonexistent: no arc_easy"),
+    (["--tasks", "arc_easy"], "cannot list 'allenai/ai2_arc' on the hub"),  # offline
+])
+def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, monkeypatch, args, message):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  assert eval_cli.main(["--workdir", run_dir, *args]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_parquet_task_files_read_as_whole_rows(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  rows = load_rows("arc_easy", "", FIXTURES)
+  pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "arc_easy.parquet"))
+  assert load_rows("arc_easy", "", str(tmp_path)) == rows
+  assert load_rows("arc_easy", "", str(tmp_path), limit=2) == rows[:2]

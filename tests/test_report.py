@@ -1,0 +1,73 @@
+"""The report card, rebuilt from the files a pipeline run leaves."""
+import json
+import os
+
+import pytest
+
+from lm_fixtures import tiny_config
+from lmtiny import arch, report
+
+
+def _write_metrics(d, records):
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+@pytest.fixture
+def pipeline(tmp_path):
+  root = str(tmp_path / "run")
+  cfg = tiny_config(steps=10)
+  _write_metrics(root, [
+      {"step": 0, "split": "val", "loss": 4.8, "bpb": 3.0},
+      {"step": 5, "split": "train", "loss": 4.0}, {"step": 10, "split": "train", "loss": 3.0},
+      {"step": 10, "split": "val", "loss": 3.1, "bpb": 2.0},
+      {"step": 10, "split": "sample", "prompt": "def ", "text": "foo():"},
+      {"step": 6, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15},
+      {"step": 10, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15}])
+  with open(os.path.join(root, "config.json"), "w") as f:
+    f.write(cfg.to_json())
+  os.makedirs(os.path.join(root, "tokenizer"))
+  with open(os.path.join(root, "tokenizer", "report.json"), "w") as f:
+    json.dump({"vocab_size": 4096, "characters": 123456, "sources": [{"spec": "x"}]}, f)
+  _write_metrics(os.path.join(root, "rl"), [
+      {"step": 1, "split": "rl", "reward": 0.1, "pass@8": 0.4}, {"step": 2, "split": "rl", "reward": 0.5, "pass@8": 0.9},
+      {"step": 2, "split": "rl_eval", "accuracy": 0.25, "items": 8},
+      {"step": 2, "split": "run", "seconds": 60.0, "sampled_tokens": 999}])
+  with open(os.path.join(root, "rl", "eval.json"), "w") as f:
+    json.dump({"step": 2, "results": {"gsm8k": {"accuracy": 0.5, "items": 4}}}, f)
+  return root, cfg
+
+
+def test_sections_figures_and_cost(pipeline):
+  root, cfg = pipeline
+  path = report.write_report(root, price=2.0)
+  text = open(path).read()
+  assert text.index("## Tokenizer") < text.index("## Base model") < text.index("## RL") < text.index("## Evaluation")
+  assert "- vocab_size: 4,096" in text and "- characters: 123,456" in text and "sources" not in text
+  tokens = 10 * cfg.train.batch_tokens
+  flops = tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  assert f"tokens: {tokens:,}" in text and f"training FLOPs: {flops:.3e}" in text
+  assert "wall time: 1h00m on 8 x h100" in text
+  assert f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
+  assert "estimated cost: $16.00 at $2.0/chip-hour" in text  # 1 h x 8 chips x $2
+  assert "val bpb: 3.0000 -> 2.0000" in text and "def foo():" in text
+  assert "mean reward: 0.100 (first step) -> 0.500 (last)" in text and "pass@8: 0.400 -> 0.900" in text
+  assert "![RL reward](rl/reward.png)" in text and os.path.exists(os.path.join(root, "rl", "reward.png"))
+  assert "| gsm8k | accuracy (4 problems) | 0.5000 |" in text
+  assert os.path.exists(os.path.join(root, "loss.png"))
+
+
+def test_a_stage_updates_the_card_of_its_pipeline_and_keeps_the_price(pipeline):
+  root, _ = pipeline
+  report.write_report(root, price=3.0)
+  assert report.report_root(os.path.join(root, "rl")) == os.path.abspath(root)
+  os.remove(os.path.join(root, "report.md"))
+  assert report.update_for(os.path.join(root, "rl")) == os.path.join(os.path.abspath(root), "report.md")
+  assert "at $3.0/chip-hour" in open(os.path.join(root, "report.md")).read()
+
+
+def test_cli(pipeline, capsys):
+  root, _ = pipeline
+  assert report.main(["--workdir", root]) == 0 and "report.md" in capsys.readouterr().out
+  assert report.main(["--workdir", root + "/nope"]) == 2

@@ -1,0 +1,71 @@
+"""launch/speedrun.sh: the toy preset at smoke scale runs every stage for real and resumes; the
+other presets' commands (dry run) and bad input."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEEDRUN = os.path.join(ROOT, "launch", "speedrun.sh")
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return env
+
+
+def _run(*args, timeout=900):
+  return subprocess.run(["bash", SPEEDRUN, *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_toy_preset_at_smoke_scale_runs_every_stage_and_resumes(tmp_path):
+  # Midtraining and SFT are lmtiny.sft (issue 14). Where that verb module does not exist yet,
+  # those two stages, and only those, are skipped; once it is there this test runs them too.
+  missing = [stage for stage in ("mid", "sft") if importlib.util.find_spec("lmtiny.sft") is None]
+  run_dir = str(tmp_path / "run")
+  skip = ["--skip", ",".join(missing)] if missing else []
+  out = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, "--price-per-chip-hour", "1", *skip)
+  assert out.returncode == 0, out.stderr[-3000:]
+  stages = [s for s in ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval") if s not in missing]
+  for s in stages:
+    assert os.path.exists(os.path.join(run_dir, ".stages", f"{s}.done")), s
+  card = open(os.path.join(run_dir, "report.md")).read()
+  sections = ["## Tokenizer", "## Base model", "## RL", "## Evaluation"]
+  sections += [] if missing else ["## Midtraining", "## SFT"]
+  for section in sections:
+    assert section in card
+  assert "| bpb | bits per byte |" in card and "| gsm8k | accuracy (2 problems) |" in card
+  assert "estimated cost: $" in card
+  again = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, *skip)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for s in stages:
+    assert f"== {s}: done already" in again.stderr
+  assert "lmtiny.train" not in again.stderr and "lmtiny.report" in again.stderr
+
+
+def test_dry_run_of_a_gpu_preset_names_every_stage():
+  out = _run("d20-h100", "--dry-run", "--workdir", "runs/x", "--eval-data", "evals/")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert lines[2].startswith("python3 -m lmtiny.train --config configs/d20.py --config.model.vocab_size=65536")
+  assert "python3 -m lmtiny.sft --init runs/x --workdir runs/x/mid" in lines
+  assert "python3 -m lmtiny.sft --init runs/x/mid --workdir runs/x/sft" in lines
+  assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --data gsm8k" in lines
+  assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines
+  assert lines[-1] == "python3 -m lmtiny.report --workdir runs/x"
+  pod = _run("d32-pod", "--dry-run", "--tpu-name", "p", "--zone", "z", "--workdir", "gs://b/r", "--shards", "gs://b/s")
+  assert pod.returncode == 0 and "tpu.sh train --name p --zone z -- --config configs/d32.py" in pod.stdout
+  assert "--config.data.shards=gs://b/s" in pod.stdout and "lmtiny.tokenizer" not in pod.stdout
+  assert "lmtiny.rl" not in pod.stdout  # the script returns once the pod trains
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "a preset is required"), (["huge"], "unknown preset 'huge'"), (["toy", "--skip", "nap"], "--skip 'nap'"),
+    (["d26-pod"], "--tpu-name and --zone are required"), (["toy", "--price-per-chip-hour", "x"], "must be a number"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+  out = _run(*args, "--dry-run")
+  assert out.returncode == 2 and out.stdout == "" and message in out.stderr and out.stderr.count("\n") == 1
