@@ -33,6 +33,9 @@ def parse_args(argv):
   p.add_argument("--gsm8k-data", choices=("gsm8k", "toy"), default="gsm8k")
   p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: reply length")
   p.add_argument("--batch", type=int, default=32, help="rows per batch (CORE) / replies per batch (gsm8k)")
+  p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                 help="score the weight-only quantized model (lmtiny.quant)")
+  p.add_argument("--group-size", type=int, default=None, help="--quantize: input rows per scale")
   return p.parse_args(argv)
 
 
@@ -58,7 +61,7 @@ def evaluate(args) -> dict:
   names = expand_tasks(args.tasks)
   if args.max_items < 0 or args.batch < 1 or args.max_new_tokens < 1:
     raise UserError("--max-items must be >= 0, --batch and --max-new-tokens >= 1")
-  loaded = load_model(args.workdir, args.step)
+  loaded = load_model(args.workdir, args.step, quantize=args.quantize, group_size=args.group_size)
   results = {}
   for name in names:
     t0 = time.perf_counter()
@@ -104,10 +107,11 @@ def table(out: dict) -> str:
   return "\n".join(lines)
 
 
-def save(workdir: str, out: dict) -> str:
-  """Merges into RUN/eval.json (a task evaluated again replaces its old result)."""
+def save(workdir: str, out: dict, quantize: str = "none") -> str:
+  """Merges into RUN/eval.json (a task evaluated again replaces its old result); a quantized
+  model's scores go to RUN/eval_<int8|int4>.json beside it."""
   from lmtiny.files import atomic_write
-  path = os.path.join(workdir, "eval.json")
+  path = os.path.join(workdir, "eval.json" if quantize == "none" else f"eval_{quantize}.json")
   old = json.load(open(path)) if os.path.exists(path) else {}
   merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
                                              **out["results"]}}
@@ -125,7 +129,7 @@ def run(argv: list[str]) -> int:
   args = parse_args(argv)
   out = evaluate(args)
   print(table(out))
-  print(f"wrote {save(args.workdir, out)}")
+  print(f"wrote {save(args.workdir, out, args.quantize)}")
   from lmtiny import report
   report.update_for(args.workdir)
   return 0

@@ -89,6 +89,16 @@ def test_eval_cli_writes_results_and_the_report(run_dir, capsys):
   assert "| **CORE** |" in open(os.path.join(run_dir, "report.md")).read()
 
 
+def test_eval_quantized_scores_close_to_full_precision_and_kept_apart(run_dir):
+  args = ["--workdir", run_dir, "--tasks", "arc_easy,piqa", "--data-dir", FIXTURES]
+  assert eval_cli.main(args) == 0 and eval_cli.main(args + ["--quantize", "int8"]) == 0
+  full = json.load(open(os.path.join(run_dir, "eval.json")))["results"]
+  int8 = json.load(open(os.path.join(run_dir, "eval_int8.json")))["results"]
+  for name in ("arc_easy", "piqa"):  # per-channel int8 barely moves the choice log-likelihoods
+    assert int8[name]["items"] == full[name]["items"]
+    assert abs(int8[name]["accuracy"] - full[name]["accuracy"]) <= 1 / full[name]["items"] + 1e-9
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent"], "--data-dir=/nonexistent: no arc_easy"),

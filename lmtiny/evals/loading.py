@@ -28,8 +28,10 @@ def data_mesh():
   return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 
-def load_model(workdir: str, step: int | None = None, mesh=None) -> LoadedModel:
-  """The run in `workdir` at `step` (default: newest); raises a UserError naming what is wrong."""
+def load_model(workdir: str, step: int | None = None, mesh=None, quantize: str = "none",
+               group_size: int | None = None) -> LoadedModel:
+  """The run in `workdir` at `step` (default: newest); raises a UserError naming what is wrong.
+  `quantize` (int8 | int4) scores the weight-only quantized model (lmtiny.quant)."""
   from lmtiny.checkpoint import abstract_with_shardings, restore_params
   from lmtiny.generate import load_run
   from lmtiny.model import abstract_model
@@ -38,4 +40,8 @@ def load_model(workdir: str, step: int | None = None, mesh=None) -> LoadedModel:
   graphdef, abstract_params = nnx.split(abstract_model(run.cfg.model), nnx.Param)
   target = abstract_with_shardings(abstract_params, sharding.tree_shardings(abstract_params, mesh))
   params = restore_params(os.path.join(workdir, "checkpoints"), run.step, target)
-  return LoadedModel(nnx.merge(graphdef, params), run.tokenizer, run.cfg, run.step, mesh)
+  model = nnx.merge(graphdef, params)
+  if quantize != "none":
+    from lmtiny.quant import quantize_model
+    model = quantize_model(model, quantize, group_size)
+  return LoadedModel(model, run.tokenizer, run.cfg, run.step, mesh)
