@@ -25,7 +25,8 @@ setup(
         "tqdm>=4.66",         # progress bars
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7",
+                 "selenium>=4.20"],  # the chat page in headless Chromium (apt: chromium chromium-driver)
         "compare": ["tiktoken>=0.7"],
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],  # gs:// workdirs
         "cuda": ["jax[cuda12]>=0.10.2"],

@@ -18,6 +18,7 @@ import sys
 from absl import flags, logging
 
 from lmtiny import cli
+from lmtiny.config import ConfigError
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -42,8 +43,10 @@ def _with_run_config(argv: list[str]) -> list[str]:
       init = argv[i + 1]
   if init is None:
     return argv
+  if not os.path.isdir(init) and "://" not in init:
+    raise ConfigError(f"--init={init}: no such directory")
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat", "run_config.py")
-  return argv + [f"--config={path}:{init}"]
+  return argv[:1] + [f"--config={path}:{init}"] + argv[1:]
 
 
 def run(argv: list[str]) -> int:
