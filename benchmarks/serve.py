@@ -47,7 +47,7 @@ def _engine(args):
     cfg = module.get_config()
     tok = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).tokenizer
     model, context = Transformer(cfg.model, nnx.Rngs(0)), cfg.model.max_seq_len
-  return ChatEngine(Sampler(model), tok, context, max_batch=args.max_batch, max_tokens=args.max_tokens)
+  return ChatEngine(Sampler(model, chunk=4), tok, context, max_batch=args.max_batch, max_tokens=args.max_tokens)
 
 
 def _chat(port: int, question: str, max_tokens: int, seed: int) -> dict:

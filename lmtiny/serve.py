@@ -22,6 +22,7 @@ def parse_args(argv):
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--max-batch", type=int, default=4, help="requests generated together (1 = one at a time)")
   p.add_argument("--max-tokens", type=int, default=256, help="default reply length limit")
+  p.add_argument("--chunk", type=int, default=4, help="tokens decoded per call (and per streamed piece)")
   return p.parse_args(argv)
 
 
@@ -35,7 +36,8 @@ def run(argv: list[str]) -> int:
     raise SamplingError(f"--max-batch={args.max_batch}: must be >= 1")
   run = load_run(args.workdir, args.step)
   context = run.cfg.model.max_seq_len
-  engine = ChatEngine(Sampler(load_model(run)), run.tokenizer, context, max_batch=args.max_batch,
+  # Decoding 4 tokens per call (not the sampler's default 16) streams text in smaller pieces.
+  engine = ChatEngine(Sampler(load_model(run), chunk=args.chunk), run.tokenizer, context, max_batch=args.max_batch,
                       max_tokens=args.max_tokens)
   try:
     server = make_server(engine, args.host, args.port, info={"workdir": args.workdir, "step": run.step,

@@ -23,7 +23,7 @@ CONTEXT = 64
 def served(tmp_path_factory):
   tok = make_tokenizer(str(tmp_path_factory.mktemp("tok")))
   cfg = chat_config(tok)
-  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)))
+  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)  # as lmtiny.serve streams
   engine = ChatEngine(sampler, tok, CONTEXT, max_batch=4, max_tokens=12)
   server = make_server(engine, port=0, info={"step": 0})
   thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -76,8 +76,9 @@ def test_stream_is_the_samplers_reply(served):
 
 def test_concurrent_requests_give_the_sequential_replies(served):
   port, _, _ = served
-  bodies = [dict(messages=_chat(f"Question number {i}?" + " more" * i), temperature=0.8, top_k=40,
-                 max_tokens=12, seed=i) for i in range(4)]
+  # The stream test's settings, so the batch-1 programs are compiled already.
+  bodies = [dict(messages=_chat(f"Question number {i}?" + " more" * i), temperature=0.9, top_k=20,
+                 max_tokens=10, seed=i) for i in range(4)]
   sequential = [_reply(_post(port, b)[1])[0] for b in bodies]
   results = [None] * 4
   barrier = threading.Barrier(4)
