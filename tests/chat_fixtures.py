@@ -2,8 +2,10 @@
 and a jsonl file of conversations."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -13,10 +15,13 @@ TOKENIZER_CHARS = 60_000
 TOKENIZER_VOCAB = 512
 
 
-def make_tokenizer(directory: str):
+@functools.lru_cache(maxsize=1)
+def make_tokenizer():
+  """One tokenizer per test process, shared by the chat test modules."""
   from lmtiny.data.embedded import iter_embedded_documents
   from lmtiny.tokenizer import train_tokenizer
-  return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB, directory)
+  return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB,
+                         tempfile.mkdtemp(prefix="lmtiny-chat-tok-"))
 
 
 def chat_config(tok, **train):
@@ -26,10 +31,9 @@ def chat_config(tok, **train):
 
 
 def make_base_run(root: str, tok, steps: int = 2) -> str:
-  """A base run directory (config.json, tokenizer.model, checkpoint) trained on 8 devices."""
+  """A base run directory (config.json, tokenizer.model, checkpoint)."""
   from lmtiny.trainer import Trainer
   cfg = chat_config(tok, steps=steps, checkpoint_every=steps, eval_batches=0)
-  cfg.mesh.update(data=2, tensor=4)
   data = memory_data(vocab=tok.vocab_size)
   data.tokenizer = tok
   path = os.path.join(root, "base")

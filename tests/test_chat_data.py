@@ -17,7 +17,7 @@ SEQ = 96
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+  return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

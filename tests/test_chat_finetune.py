@@ -19,7 +19,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   root = tmp_path_factory.mktemp("chat")
-  tok = make_tokenizer(str(root / "tok"))
+  tok = make_tokenizer()
   path = make_base_run(str(root), tok)
   convs = write_jsonl(str(root / "c.jsonl"), conversations(200))
   return root, path, convs

@@ -21,7 +21,7 @@ CONTEXT = 64
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  tok = make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+  tok = make_tokenizer()
   cfg = chat_config(tok)
   sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)  # as lmtiny.serve streams
   engine = ChatEngine(sampler, tok, CONTEXT, max_batch=4, max_tokens=12)

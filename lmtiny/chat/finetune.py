@@ -91,6 +91,11 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   cfg.train.update(steps=s.steps, tokens_per_param=0.0)
   cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
   config_lib.validate(cfg)
+  if cfg.lora.rank:  # checked before any data is read
+    from lmtiny.chat.lora import parse_targets
+    parse_targets(cfg.lora.targets)
+    if not (isinstance(cfg.lora.rank, int) and cfg.lora.rank > 0):
+      raise ConfigError(f"config.lora.rank={cfg.lora.rank!r}: must be a positive integer (0: full fine-tuning)")
   return cfg
 
 
