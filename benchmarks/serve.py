@@ -4,9 +4,9 @@
   python benchmarks/serve.py --config tiny       # random weights, the embedded corpus's tokenizer
 
 Starts lmtiny's chat server in this process (port 0) and talks to it over HTTP like the page
-does. Replies are sampled with temperature 0 and no stop tokens reached early only if the model
-ends its turn; tokens/s counts the tokens each reply really got. One warm-up round per
-concurrency compiles the programs first. Prints medians over --repeats rounds: per-chat time
+does. Replies are greedy (temperature 0) and end early only if the model ends its turn; tokens/s
+counts the tokens each reply really got. Two warm-up rounds per concurrency compile the programs
+first. Prints medians over --repeats rounds: per-chat time
 to first token (from sending the request to the first streamed text), per-chat decode tokens/s
 (after the first token), and the server's total tokens/s over the round.
 """
@@ -108,7 +108,8 @@ def main() -> None:
   print(f"{args.workdir or args.config} | {jax.devices()[0].platform} x{os.cpu_count()} cores | "
         f"max_tokens {args.max_tokens} | max_batch {args.max_batch}")
   for n in args.concurrency:
-    _round(port, n, args.max_tokens)  # warm-up: compiles this batch shape
+    for _ in range(2):  # warm-up: compiles the batch shapes this concurrency gives
+      _round(port, n, args.max_tokens)
     ttft, tps, total = [], [], []
     for _ in range(args.repeats):
       results = _round(port, n, args.max_tokens)

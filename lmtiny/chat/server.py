@@ -58,8 +58,10 @@ def _number(body: dict, key: str, default, cast, low, high):
 class ChatEngine:
   """Owns the sampler; `submit` queues a request, a worker thread generates."""
 
-  def __init__(self, sampler, tokenizer, context: int, *, max_batch: int = 4, max_tokens: int = 256):
+  def __init__(self, sampler, tokenizer, context: int, *, max_batch: int = 4, max_tokens: int = 256,
+               batch_window_s: float = 0.01):
     self.sampler, self.tok, self.context = sampler, tokenizer, context
+    self.batch_window_s = batch_window_s
     self.max_batch, self.default_max_tokens = max_batch, min(max_tokens, context - 1)
     self.stop_ids = (tokenizer.special_id("assistant_end"), tokenizer.bos_id)
     self._queue: queue.Queue = queue.Queue()
@@ -99,6 +101,7 @@ class ChatEngine:
   def _next_batch(self) -> list[Request]:
     if not self._pending:
       self._pending.append(self._queue.get())
+      time.sleep(self.batch_window_s)  # let requests sent together (several tabs) join one batch
     while True:  # everything already waiting
       try:
         self._pending.append(self._queue.get_nowait())
@@ -121,10 +124,17 @@ class ChatEngine:
 
   def _generate(self, batch: list[Request]):
     from lmtiny.sampling import SamplingParams, TextStream
+    real = len(batch)
+    # Batches are padded to a power of two (repeats of the first request, stopped at once), so
+    # at most log2(max_batch) + 1 batch sizes ever compile.
+    size = 1 << (real - 1).bit_length()
+    batch = batch + [dataclasses.replace(batch[0], events=queue.Queue(), cancelled=True)] * (size - real)
     streams = [TextStream(self.tok) for _ in batch]
     counts, first = [0] * len(batch), [None] * len(batch)
 
     def on_tokens(row, new_ids):
+      if row >= real:
+        return True
       r = batch[row]
       new_ids = new_ids[:r.max_tokens - counts[row]]
       counts[row] += len(new_ids)
@@ -136,6 +146,8 @@ class ChatEngine:
       return r.cancelled or counts[row] >= r.max_tokens
 
     def on_finish(row):
+      if row >= real:
+        return
       r, now = batch[row], time.perf_counter()
       rest = streams[row].finish()
       if rest:
@@ -153,7 +165,7 @@ class ChatEngine:
 
     self.sampler.generate([r.ids for r in batch], max_new_tokens=max(r.max_tokens for r in batch),
                           sampling=SamplingParams(batch[0].temperature, batch[0].top_k, 1.0), seed=0,
-                          rows=[r.seed for r in batch], stop_ids=self.stop_ids, on_tokens=on_tokens,
+                          rows=[r.seed for r in batch[:real]] + list(range(size - real)), stop_ids=self.stop_ids, on_tokens=on_tokens,
                           on_finish=on_finish)
 
 
