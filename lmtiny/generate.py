@@ -249,8 +249,9 @@ def run(argv: list[str]) -> int:
     run = load_run(args.workdir, args.step)
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
+    from lmtiny.chat.lora import load_model as load_any_model  # a LoRA run: adapters merged on load
     from lmtiny.sampling import Sampler
-    sampler = Sampler(load_model(run))
+    sampler = Sampler(load_any_model(run))
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "
           f"context {run.cfg.model.max_seq_len}", file=sys.stderr)
     if args.chat:
