@@ -10,7 +10,7 @@ from lm_fixtures import memory_data, tiny_config
 from lmtiny import sharding
 from lmtiny.chat.lora import LoRA, parse_targets
 from lmtiny.config import ConfigError
-from lmtiny.model import Transformer
+from lmtiny.model import Transformer, abstract_model
 from lmtiny.trainer import Trainer, build_steps, device_batch
 
 ALL = ("q", "k", "v", "o", "up", "gate", "down")
@@ -19,15 +19,16 @@ ALL = ("q", "k", "v", "o", "up", "gate", "down")
 def _model(scan=False, activation="relu2"):
   cfg = tiny_config()
   cfg.model.update(scan_layers=scan, activation=activation)
-  model = Transformer(cfg.model, nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, _ = nnx.split(abstract_model(cfg.model), nnx.Param)
+  params = jax.jit(lambda: nnx.state(Transformer(cfg.model, nnx.Rngs(0)), nnx.Param))()  # eager init is slow
   return cfg, graphdef, params
 
 
-def _random_adapters(lora, seed=1):
-  adapters = lora.init(jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
+@jax.jit
+def _random_adapters(lora_params):
+  """Random A and B (a trained adapter's B is no longer zero)."""
+  leaves, treedef = jax.tree.flatten(lora_params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
   return jax.tree.unflatten(treedef, [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
@@ -38,12 +39,12 @@ TOKENS = np.random.default_rng(0).integers(1, 128, (2, 12)).astype(np.int32)
 def test_untrained_adapter_is_the_base_and_merge_matches_numpy(scan, activation):
   cfg, graphdef, params = _model(scan, activation)
   lora = LoRA(params, 4, 8.0, ALL)
-  base_logits = nnx.merge(graphdef, params)(TOKENS)
-  fresh = lora.merge(params, lora.init(jax.random.key(0)))  # B = 0
-  np.testing.assert_array_equal(nnx.merge(graphdef, fresh)(TOKENS), base_logits)
+  logits = jax.jit(lambda p, ad: nnx.merge(graphdef, lora.merge(p, ad))(TOKENS))
+  base_logits = jax.jit(lambda p: nnx.merge(graphdef, p)(TOKENS))(params)
+  np.testing.assert_array_equal(logits(params, lora.init(jax.random.key(0))), base_logits)  # B = 0
 
-  adapters = _random_adapters(lora)
-  merged_logits = nnx.merge(graphdef, lora.merge(params, adapters))(TOKENS)
+  adapters = _random_adapters(lora.init(jax.random.key(0)))
+  merged_logits = logits(params, adapters)
   # float64 reference: W + (alpha / r) A B with the rank axis contracted by NumPy.
   ref_params = ref.to_numpy64(params.to_pure_dict())
   for names in lora.specs:
