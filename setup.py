@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7",
-                 "torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # = hf
+                 "selenium>=4.20",  # the chat page in headless Chromium (apt: chromium chromium-driver)
+                 "torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # + hf
         "hf": ["torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # HF tokenizers on import; transformers/torch to run exports
         "compare": ["tiktoken>=0.7"],
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],  # gs:// workdirs

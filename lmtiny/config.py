@@ -100,6 +100,21 @@ def base_config() -> ml_collections.ConfigDict:
       num_workers=0,         # grain worker processes; 0 = in-process
       shuffle_seed=0,
   ))
+
+  # Fine-tuning on conversations (python -m lmtiny.sft); train.* and optim.* apply otherwise.
+  c.sft = ml_collections.ConfigDict(dict(
+      init="",               # base run directory (--init); its checkpoint gives the starting weights
+      init_step=-1,          # its checkpoint step; -1 = the newest
+      sources="embedded_chat:1.0",  # weighted mixture "spec:weight,..." (lmtiny.chat.conversations)
+      steps=150,
+      lr=1e-3,               # peak LR (replaces optim.lr), warmup then cosine as in pretraining
+      warmup_steps=10,
+  ))
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,                # 0: full fine-tuning; > 0: train rank-r adapters on a frozen base
+      alpha=16.0,            # adapters scale by alpha / rank
+      targets="q,k,v,o,up,gate,down",  # weights that get adapters (absent ones are skipped)
+  ))
   return c
 
 

@@ -193,7 +193,7 @@ def chat(sampler, run: Run, sampling, args, lines: Iterable[str], out: TextIO = 
   """A conversation: each line of `lines` is a user turn; replies stream to `out`. Returns the
   history (list of messages)."""
   from lmtiny.sampling import TextStream
-  from lmtiny.tokenizer import render_for_completion
+  from lmtiny.tokenizer import fit_conversation
   tok = run.tokenizer
   stop_ids = (tok.special_id("assistant_end"), tok.bos_id)
   context = run.cfg.model.max_seq_len
@@ -210,10 +210,7 @@ def chat(sampler, run: Run, sampling, args, lines: Iterable[str], out: TextIO = 
       print("(history cleared)", file=out, flush=True)
       continue
     history.append({"role": "user", "content": text})
-    ids = render_for_completion(tok, history)
-    while len(ids) > context - args.max_new_tokens and len(history) > 2:
-      history = history[2:]  # the oldest exchange goes first
-      ids = render_for_completion(tok, history)
+    history, ids = fit_conversation(tok, history, context, args.max_new_tokens)  # oldest turns go first
     if len(ids) >= context:
       history.pop()
       print(f"error: message: {len(ids)} tokens with the chat tokens, but the model's context is "
@@ -255,8 +252,9 @@ def run(argv: list[str]) -> int:
     run = load_run(args.workdir, args.step)
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
+    from lmtiny.chat.lora import load_model as load_any_model  # a LoRA run: adapters merged on load
     from lmtiny.sampling import Sampler
-    model = load_model(run)
+    model = load_any_model(run)
     if args.quantize != "none":
       from lmtiny.quant import param_bytes, quantize_model
       before = param_bytes(model)

@@ -34,6 +34,7 @@ RULES = {
     "head_dim": None,
     "norm": None,
     "layers": None,
+    "lora_rank": None,       # LoRA adapters' low-rank dimension: small, replicated
     "seq": None,
     "act_embed": None,
     "act_heads": "tensor",

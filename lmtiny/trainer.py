@@ -51,6 +51,8 @@ class Steps:
   train_step: Callable[[Any, dict], tuple[Any, dict]]
   eval_step: Callable[[Any, dict, jax.Array], dict]
   batch_sharding: Any
+  # The model's parameters from the trained ones (identity, or frozen base + adapters for LoRA).
+  model_params: Callable[[Any], Any] = lambda params: params
 
 
 def token_losses(graphdef, params, batch):
@@ -73,15 +75,22 @@ def check_batch_divisibility(cfg, mesh) -> None:
                       f"not divide over {jax.process_count()} processes")
 
 
-def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None) -> Steps:
+def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
+                adapter=None, frozen_params=None) -> Steps:
+  """`adapter` (fine-tuning, e.g. lmtiny.chat.lora.LoRA): train only what `adapter.init()` makes
+  (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
+  trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
+  saved. `init(params)` starts from given parameters instead of a fresh initialisation."""
   m, t = cfg.model, cfg.train
   graphdef, _ = nnx.split(abstract_model(m))
   tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
   accum = config_lib.accumulation_steps(t)
 
-  def init():
-    model = Transformer(m, nnx.Rngs(params=t.seed))
-    params = nnx.state(model, nnx.Param)
+  def init(params=None):
+    if params is None and adapter is not None:
+      params = adapter.init(jax.random.key(t.seed))
+    elif params is None:
+      params = nnx.state(Transformer(m, nnx.Rngs(params=t.seed)), nnx.Param)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
 
@@ -91,13 +100,17 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
-  def loss_sums(params, micro):
+  def full_params(params, frozen):
+    return params if adapter is None else adapter.merge(frozen, params)
+
+  def loss_sums(params, micro, frozen=None):
     # loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
     # loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks.
     mask = micro["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask != 0).astype(jnp.float32)
+    return (jnp.sum(token_losses(graphdef, full_params(params, frozen), micro) * mask),
+            jnp.sum(mask != 0).astype(jnp.float32))
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen=None):
     params = state["params"]
     # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
     micro_batches = {k: jax.lax.with_sharding_constraint(
@@ -106,7 +119,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     def accumulate(carry, micro):
       grads_acc, loss_acc, count_acc = carry
-      (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro)
+      (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro, frozen)
       return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -120,8 +133,8 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
                "tokens": tokens}
     return new_state, metrics
 
-  def eval_step(params, batch, token_bytes_V):
-    losses_BxT = token_losses(graphdef, params, batch)
+  def eval_step(params, batch, token_bytes_V, frozen=None):
+    losses_BxT = token_losses(graphdef, full_params(params, frozen), batch)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
@@ -129,7 +142,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
             "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
 
   replicated = sharding.replicated(mesh)
-  return Steps(
+  steps = Steps(
       mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
       state_shardings=state_shardings,
       init=jax.jit(init, out_shardings=state_shardings),
@@ -138,6 +151,17 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
+  if adapter is not None:  # the frozen weights go in as one more (undonated) argument
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
+    train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated,
+                                                frozen_shardings), out_shardings=replicated)
+    merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
+    steps.train_step = lambda state, batch: train(state, batch, frozen_params)
+    steps.eval_step = lambda params, batch, token_bytes: evaluate(params, batch, token_bytes, frozen_params)
+    steps.model_params = lambda params: merge(frozen_params, params)
+  return steps
 
 
 def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -179,11 +203,17 @@ def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
 
 class Trainer:
   """One training run in `workdir`; `data` has train_docs, val_docs, token_bytes and tokenizer
-  (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes)."""
+  (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes).
+
+  Fine-tuning hooks: `init_params` (sharded model parameters, e.g. another run's checkpoint via
+  lmtiny.checkpoint.restore_params) start a fresh run instead of a random init; with an `adapter`
+  (LoRA) they stay frozen and only the adapter's parameters train. Subclasses may replace
+  `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data)."""
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
-               schedule: optax.Schedule | None = None):
+               schedule: optax.Schedule | None = None, init_params=None, adapter=None):
     self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
+    self.init_params, self.adapter = init_params, adapter
     t = cfg.train
     self.mesh = sharding.make_mesh(cfg.mesh)
     check_batch_divisibility(cfg, self.mesh)
@@ -194,7 +224,8 @@ class Trainer:
     self.total_steps = config_lib.total_steps(cfg, self.num_params)
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
     self.main = jax.process_index() == 0
-    self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule)
+    self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
+                             frozen_params=init_params if adapter is not None else None)
     self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
 
   # -- data ----------------------------------------------------------------------------------
@@ -207,15 +238,19 @@ class Trainer:
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                num_workers=self.cfg.data.num_workers)
 
-  def evaluate(self, params) -> dict | None:
+  def eval_iterator(self):
     from lmtiny.data.pipeline import make_eval_iterator
+    t = self.cfg.train
+    return make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
+                              batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
+                              bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+
+  def evaluate(self, params) -> dict | None:
     t = self.cfg.train
     if not t.eval_batches or not len(self.data.val_docs):
       return None
-    batches = make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
-                                 batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
-                                 bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+    batches = self.eval_iterator()
     token_bytes = jnp.asarray(self.data.token_bytes, jnp.int32)
     totals = None
     for local in batches:
@@ -232,7 +267,7 @@ class Trainer:
     if not hasattr(tokenizer, "decode"):  # in-memory token data has no text
       return
     from lmtiny.sampling import sample_text
-    model = nnx.merge(self.steps.graphdef, params)
+    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
     (text,) = sample_text(model, tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens, seed=t.seed)
     writer.write(step, "sample", {"prompt": t.sample_prompt, "text": text})
     self.log(f"step {step:>6}/{self.total_steps} | sample: {t.sample_prompt + text!r}")
@@ -242,7 +277,8 @@ class Trainer:
   def _start(self, ckpt: Checkpointer, train_iter):
     step = ckpt.latest_step()
     if step is None:
-      return self.steps.init(), 0
+      fresh = self.init_params is not None and self.adapter is None
+      return (self.steps.init(self.init_params) if fresh else self.steps.init()), 0
     from lmtiny.data.pipeline import map_train_state, worker_count
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
     saved, template = ckpt.data_states(step), train_iter.get_state()

@@ -5,9 +5,9 @@
   ids, mask = tok.render_conversation(messages)  # chat: loss only on assistant output
   train_tokenizer(documents, vocab_size=32768, out_dir="tokenizer_dir")
 """
-from lmtiny.tokenizer.chat import render_conversation, render_for_completion
+from lmtiny.tokenizer.chat import fit_conversation, render_conversation, render_for_completion
 from lmtiny.tokenizer.core import SPECIAL_TOKENS, Tokenizer, TokenizerError
 from lmtiny.tokenizer.trainer import train_tokenizer
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "render_conversation",
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "fit_conversation", "render_conversation",
            "render_for_completion", "train_tokenizer"]

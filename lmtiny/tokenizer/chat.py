@@ -93,3 +93,16 @@ def render_for_completion(tok: "Tokenizer", messages: Sequence[dict]) -> list[in
     messages = messages[:-1]
   ids, _ = render_conversation(tok, messages, max_len=1 << 62)
   return ids + [tok.special_id("assistant_start")]
+
+
+def fit_conversation(tok: "Tokenizer", messages: Sequence[dict], context: int,
+                     max_new_tokens: int) -> tuple[list[dict], list[int]]:
+  """The prompt for the next reply within a context of `context` tokens: the oldest exchanges
+  (a user and an assistant message) are dropped until `max_new_tokens` fit after it; the last
+  user message is always kept (the prompt may still be too long). Returns (messages kept, ids)."""
+  messages = list(messages)
+  ids = render_for_completion(tok, messages)
+  while len(ids) > context - max_new_tokens and len(messages) > 2:
+    messages = messages[2:]
+    ids = render_for_completion(tok, messages)
+  return messages, ids

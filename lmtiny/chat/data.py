@@ -1,0 +1,221 @@
+"""Conversations -> packed training batches with the render's loss mask.
+
+Each conversation is rendered with `render_conversation` (ids, and a mask that is 1 only on what
+the assistant writes) and cut at seq_len + 1 tokens. Pretraining documents in a mixture become
+BOS + document with the mask on every predicted token. Examples are packed whole, first come
+first served: an example that does not fit in the rest of a row starts the next row, and the
+rest of the row is padding (segment 0, no loss), so no conversation is split and no attention
+crosses conversations (each has its own segment id, positions restart at 0).
+
+A batch has the pipeline's keys (lmtiny.data.pipeline): inputs, targets, segment_ids, positions
+([B, T] int32) and loss_mask (float32: the mask of each *target* token, zero across segments).
+Iterators are grain iterators with get_state()/set_state(), checkpointed with the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from lmtiny.chat.conversations import iter_conversations, parse_mixture, split_limit
+from lmtiny.data.pipeline import _READ_OPTIONS, _shuffle_seed
+from lmtiny.data.sources import SourceError
+
+VAL_EVERY = 50  # conversation files hold out one conversation in 50 (if they have 100 or more)
+
+
+class Examples(Sequence):
+  """Tokenized (ids, mask) pairs, stored flat: random access without a Python object per token."""
+
+  def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]):
+    lengths = [len(ids) for ids, _ in pairs]
+    self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    self.ids = np.fromiter(itertools.chain.from_iterable(i for i, _ in pairs), np.int32, int(self.offsets[-1]))
+    self.mask = np.fromiter(itertools.chain.from_iterable(m for _, m in pairs), np.int8, int(self.offsets[-1]))
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i):
+    a, b = self.offsets[i], self.offsets[i + 1]
+    return self.ids[a:b], self.mask[a:b]
+
+
+def render_examples(conversations, tokenizer, max_len: int, where: str) -> Examples:
+  """Renders conversations, dropping any with nothing to train on within max_len tokens."""
+  from lmtiny.tokenizer import TokenizerError, render_conversation
+  pairs = []
+  for i, messages in enumerate(conversations):
+    try:
+      ids, mask = render_conversation(tokenizer, messages, max_len=max_len)
+    except (TokenizerError, KeyError, TypeError, AttributeError) as e:
+      raise SourceError(f"{where}: conversation {i}: {e}") from None
+    if any(mask[1:]):
+      pairs.append((ids, mask))
+  return Examples(pairs)
+
+
+class DocumentExample:
+  """A pretraining document as an example: BOS + tokens (cut to max_len), loss on all but BOS."""
+
+  def __init__(self, bos_id: int, max_len: int):
+    self.bos_id, self.max_len = bos_id, max_len
+
+  def __call__(self, doc):
+    ids = np.concatenate([[self.bos_id], np.asarray(doc, np.int32)[:self.max_len - 1]]).astype(np.int32)
+    mask = np.ones(ids.shape, np.int8)
+    mask[0] = 0
+    return ids, mask
+
+
+@dataclasses.dataclass
+class ChatData:
+  """What the trainer reads (the attributes of lmtiny.data.dataset.Data), for conversations."""
+  train: list[tuple[Any, float, str]]   # (examples or documents, weight, spec) per source
+  val_docs: Examples                     # held-out conversations of all conversation sources
+  tokenizer: Any
+  token_bytes: np.ndarray
+  max_len: int
+  train_docs: Sequence = ()              # all training examples (its length is what resume reads)
+
+  def describe(self) -> str:
+    parts = [f"{spec} x{weight:g} ({len(items):,} {'documents' if spec == 'pretrain' else 'conversations'})"
+             for items, weight, spec in self.train]
+    return "; ".join(parts) + f" | held out: {len(self.val_docs):,} conversations"
+
+
+def load_chat_data(sources: str, tokenizer, seq_len: int, pretrain_docs: Sequence | None = None) -> ChatData:
+  """Reads and renders every source of the mixture `sources` (config.sft.sources)."""
+  max_len = seq_len + 1
+  train, val = [], []
+  for spec, weight in parse_mixture(sources):
+    if spec == "pretrain":
+      if pretrain_docs is None or not len(pretrain_docs):
+        raise SourceError("config.sft.sources: 'pretrain' needs the base run's training data")
+      train.append((pretrain_docs, weight, spec))
+      continue
+    spec, limit = split_limit(spec)
+    conversations = iter_conversations(spec)
+    conversations = list(itertools.islice(conversations, limit) if limit else conversations)
+    if spec.partition("?")[0] == "embedded_chat":
+      held = list(iter_conversations("embedded_chat?split=val"))
+    elif len(conversations) >= 2 * VAL_EVERY:
+      held, conversations = conversations[::VAL_EVERY], [c for i, c in enumerate(conversations) if i % VAL_EVERY]
+    else:
+      held = []
+    examples = render_examples(conversations, tokenizer, max_len, spec)
+    if not len(examples):
+      raise SourceError(f"{spec}: no conversation with assistant text within {max_len} tokens")
+    train.append((examples, weight, spec))
+    val.extend(render_examples(held, tokenizer, max_len, spec))
+  all_train = sum((len(items) for items, _, _ in train), 0)
+  return ChatData(train=train, val_docs=Examples(val), tokenizer=tokenizer,
+                  token_bytes=np.asarray(tokenizer.token_bytes), max_len=max_len, train_docs=range(all_train))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing.
+
+
+def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: Sequence[int], batch_size: int,
+              row_len: int) -> dict[str, np.ndarray]:
+  """Places example k in row rows[k], after the examples before it in that row."""
+  tok, msk, seg, pos = (np.zeros((batch_size, row_len), np.int32) for _ in range(4))
+  fill = np.zeros(batch_size, np.int64)
+  for (ids, mask), r in zip(examples, rows):
+    a, n = fill[r], len(ids)
+    tok[r, a:a + n], msk[r, a:a + n] = ids, mask
+    seg[r, a:a + n], pos[r, a:a + n] = seg[r].max() + 1, np.arange(n)
+    fill[r] += n
+  same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+  return {"inputs": tok[:, :-1].copy(), "targets": tok[:, 1:].copy(), "segment_ids": seg[:, :-1].copy(),
+          "positions": pos[:, :-1].copy(), "loss_mask": (msk[:, 1:] * same).astype(np.float32)}
+
+
+class PackedExamples(grain.IterDataset):
+  """Packs an iterator of (ids, mask) examples into batches of whole examples."""
+
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, pad_final: bool = False):
+    super().__init__(parent)
+    self._kw = dict(row_len=seq_len + 1, batch_size=batch_size, pad_final=pad_final)
+
+  def __iter__(self):
+    return _PackedExamplesIterator(self._parent.__iter__(), **self._kw)
+
+
+class _PackedExamplesIterator(grain.DatasetIterator):
+  """State = (parent state before the example held over for the next batch, 1 if one is held)."""
+
+  def __init__(self, parent, *, row_len: int, batch_size: int, pad_final: bool):
+    super().__init__(parent)
+    self._row_len, self._batch_size, self._pad_final = row_len, batch_size, pad_final
+    self._held, self._held_state, self._done = None, None, False
+
+  def _next_example(self):
+    state = self._parent.get_state()
+    ids, mask = next(self._parent)
+    return (np.asarray(ids)[:self._row_len], np.asarray(mask)[:self._row_len]), state
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    examples, rows, row, fill = [], [], 0, 0
+    while True:
+      if self._held is not None:
+        example, state = self._held, self._held_state
+        self._held = None
+      else:
+        try:
+          example, state = self._next_example()
+        except StopIteration:
+          if not self._pad_final or not examples:
+            raise
+          self._done = True
+          break
+      if fill + len(example[0]) > self._row_len:
+        row, fill = row + 1, 0
+      if row == self._batch_size:
+        self._held, self._held_state = example, state
+        break
+      examples.append(example)
+      rows.append(row)
+      fill += len(example[0])
+    return pack_rows(examples, rows, self._batch_size, self._row_len)
+
+  def get_state(self):
+    if self._held is None:
+      return {"parent": self._parent.get_state(), "offset": 0}
+    return {"parent": self._held_state, "offset": 1}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._held, self._held_state, self._done = None, None, False
+    if int(state["offset"]):
+      self._held, self._held_state = self._next_example()
+
+
+def make_chat_train_iterator(data: ChatData, *, seq_len: int, batch_size: int, seed: int,
+                             process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite, shuffled (every epoch anew), weighted mixture of the sources, packed."""
+  datasets, weights = [], []
+  for i, (items, weight, spec) in enumerate(data.train):
+    ds = grain.MapDataset.source(items)[process_index::process_count]
+    if spec == "pretrain":
+      ds = ds.map(DocumentExample(data.tokenizer.bos_id, data.max_len))
+    datasets.append(ds.shuffle(seed=_shuffle_seed(seed + 1000 * i)).repeat(None))
+    weights.append(weight)
+  mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  return iter(PackedExamples(mixed.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size))
+
+
+def make_chat_eval_iterator(examples: Examples, *, seq_len: int, batch_size: int, num_batches: int,
+                            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """The held-out conversations in order; exactly num_batches batches (padding after the end)."""
+  ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset(_READ_OPTIONS)
+  batches = iter(PackedExamples(ds, seq_len=seq_len, batch_size=batch_size, pad_final=True))
+  empty = pack_rows([], [], batch_size, seq_len + 1)
+  padding = ({k: v.copy() for k, v in empty.items()} for _ in itertools.count())
+  return itertools.islice(itertools.chain(batches, padding), max(num_batches, 1))

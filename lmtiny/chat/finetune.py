@@ -1,0 +1,151 @@
+"""Supervised fine-tuning and midtraining on conversations, on the one trainer (lmtiny.trainer).
+
+  summary = finetune(cfg, workdir)      # cfg.sft.init names the base run
+
+The base run's checkpoint gives the starting weights (`lmtiny.checkpoint.restore_params`, onto
+this run's mesh); batches come from lmtiny.chat.data (packed conversations with the render's
+loss mask, mixed with pretraining documents if the mixture names `pretrain`); with lora.rank > 0
+the base stays frozen and only the adapters train (their optimizer state is all there is). The
+run directory is a normal run directory: config.json (which records the base run's path and
+step in sft.init / sft.init_step), tokenizer.model, checkpoints, metrics. Re-running resumes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable
+
+import jax
+import ml_collections
+from etils import epath
+from flax import nnx
+
+from lmtiny import config as config_lib
+from lmtiny.chat.conversations import parse_mixture
+from lmtiny.config import ConfigError
+from lmtiny.trainer import Trainer
+
+# Model fields that decide the parameters' shapes: a --config must agree with the base run.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "mlp_ratio",
+                "mlp_dim", "activation", "tie_embeddings", "qk_norm", "norm_scale", "scan_layers")
+
+
+class ChatTrainer(Trainer):
+  """The trainer, fed packed conversations instead of documents."""
+
+  def train_iterator(self):
+    from lmtiny.chat.data import make_chat_train_iterator
+    return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=self.process_batch,
+                                    seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+
+  def eval_iterator(self):
+    from lmtiny.chat.data import make_chat_eval_iterator
+    t = self.cfg.train
+    return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
+                                   batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
+  """A run's config.json over today's defaults (older runs lack the sft / lora sections)."""
+  path = epath.Path(run_dir) / "config.json"
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"--init={run_dir}: cannot read {path} ({e})") from None
+  cfg = config_lib.base_config()
+  for section, values in saved.items():
+    if section in cfg and isinstance(values, dict):
+      cfg[section].update({k: v for k, v in values.items() if k in cfg[section]})
+  return cfg
+
+
+def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
+  """The fine-tuning config: the base run's model, sft.* turned into train / optim settings, and
+  the base run's path and checkpoint step recorded in sft.init / sft.init_step."""
+  from lmtiny.generate import checkpoint_steps
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  init = init or cfg.sft.init
+  if not init:
+    raise ConfigError("--init is required: the base run directory (e.g. --init runs/tiny)")
+  if not os.path.isdir(init) and "://" not in init:
+    raise ConfigError(f"--init={init}: no such directory")
+  steps = checkpoint_steps(init)
+  if not steps:
+    raise ConfigError(f"--init={init}: no checkpoint in {os.path.join(init, 'checkpoints')}")
+  step = init_step if init_step is not None and init_step >= 0 else cfg.sft.init_step
+  step = steps[-1] if step is None or step < 0 else step
+  if step not in steps:
+    raise ConfigError(f"--init-step={step}: no such checkpoint in {init} (have {', '.join(map(str, steps))})")
+  base = read_run_config(init)
+  for field in SHAPE_FIELDS:
+    if cfg.model[field] != base.model[field]:
+      raise ConfigError(f"config.model.{field}={cfg.model[field]!r}: the base run {init} has "
+                        f"{base.model[field]!r} (the config must describe the base model)")
+  s = cfg.sft
+  s.init, s.init_step = os.path.abspath(init) if "://" not in init else init, step
+  cfg.model.max_seq_len = base.model.max_seq_len
+  cfg.data = base.data  # the base run's data: its tokenizer, and its documents for `pretrain`
+  cfg.train.update(steps=s.steps, tokens_per_param=0.0)
+  cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
+  config_lib.validate(cfg)
+  if cfg.lora.rank:  # checked before any data is read
+    from lmtiny.chat.lora import parse_targets
+    parse_targets(cfg.lora.targets)
+    if not (isinstance(cfg.lora.rank, int) and cfg.lora.rank > 0):
+      raise ConfigError(f"config.lora.rank={cfg.lora.rank!r}: must be a positive integer (0: full fine-tuning)")
+  return cfg
+
+
+def restore_base_params(cfg, mesh):
+  """The base run's parameters (sft.init at sft.init_step), sharded on `mesh`."""
+  from lmtiny import sharding
+  from lmtiny.checkpoint import abstract_with_shardings, restore_params
+  from lmtiny.model import abstract_model
+  abstract = nnx.state(abstract_model(cfg.model), nnx.Param)
+  target = abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+  return restore_params(os.path.join(cfg.sft.init, "checkpoints"), cfg.sft.init_step, target)
+
+
+def load_data(cfg):
+  """The tokenizer of the base run and the conversation mixture rendered with it."""
+  from lmtiny.chat.data import load_chat_data
+  from lmtiny.tokenizer import Tokenizer
+  tokenizer_path = epath.Path(cfg.sft.init) / "tokenizer.model"
+  if not tokenizer_path.exists():
+    raise ConfigError(f"--init={cfg.sft.init}: no tokenizer.model in the base run")
+  tokenizer = Tokenizer(tokenizer_path.read_bytes())
+  pretrain = None
+  if "pretrain" in [spec for spec, _ in parse_mixture(cfg.sft.sources)]:
+    from lmtiny.data.dataset import load_data as load_pretrain
+    pretrain = load_pretrain(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).train_docs
+  return load_chat_data(cfg.sft.sources, tokenizer, cfg.train.seq_len, pretrain)
+
+
+def state_bytes(tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_after: int | None = None):
+  """Fine-tunes (cfg from resolve_config); returns (trainer, summary)."""
+  from lmtiny import sharding
+  from lmtiny.chat.lora import from_config
+  from lmtiny.trainer import check_batch_divisibility
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_divisibility(cfg, mesh)
+  data = load_data(cfg)
+  log(f"sft data: {data.describe()}")
+  adapter = from_config(cfg.model, cfg.lora)
+  base = restore_base_params(cfg, mesh)
+  trainer = ChatTrainer(cfg, workdir, data, log=log, init_params=base, adapter=adapter)
+  abstract = trainer.steps.abstract_state
+  trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+  log(f"base {cfg.sft.init} step {cfg.sft.init_step} | "
+      + (f"LoRA rank {cfg.lora.rank} on {len(adapter.specs)} weights" if adapter else "full fine-tuning")
+      + f" | trainable {trainable:,} of {trainer.num_params:,} params | optimizer state "
+        f"{state_bytes(abstract['opt_state']) / 2**20:.2f} MiB")
+  summary = trainer.run(stop_after=stop_after)
+  summary.update(trainable_params=trainable, optimizer_bytes=state_bytes(abstract["opt_state"]))
+  return trainer, summary

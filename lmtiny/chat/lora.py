@@ -1,0 +1,174 @@
+"""LoRA: low-rank adapters trained on a frozen base model.
+
+For each targeted weight W (attention q, k, v, o; MLP up, gate, down) an adapter holds A, whose
+leading axes are W's input axes plus a rank axis, and B, the rank axis plus W's output axes
+(with scan_layers both also keep W's leading layer axis). The model runs with
+
+    W' = W + (alpha / rank) * A @ B          (A @ B contracts the rank axis)
+
+folded into the weight before the forward pass, so the model code is untouched and merging for
+deployment is the same function. A starts random (std 1/sqrt(fan_in)), B at zero: an untrained
+adapter leaves the model exactly as it was. Adapters carry logical axes (W's own, with
+`lora_rank` for the rank), so lmtiny.sharding places them like the weights they adapt.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmtiny.config import ConfigError
+
+# Target name -> how many of the weight's axes (after a layer axis) are input axes.
+TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "gate": 1, "down": 1}
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+  targets = tuple(t.strip() for t in text.split(",") if t.strip())
+  unknown = [t for t in targets if t not in TARGETS]
+  if not targets or unknown:
+    raise ConfigError(f"config.lora.targets={text!r}: must be a comma list of {', '.join(TARGETS)}")
+  return targets
+
+
+class LoRA:
+  """Adapters for the targeted weights of a model whose parameters look like `abstract_params`
+  (an nnx.State of ShapeDtypeStruct Params, e.g. nnx.state(abstract_model(m), nnx.Param))."""
+
+  def __init__(self, abstract_params, rank: int, alpha: float, targets: tuple[str, ...]):
+    if not (isinstance(rank, int) and rank > 0):
+      raise ConfigError(f"config.lora.rank={rank!r}: must be a positive integer")
+    self.rank, self.scale = rank, float(alpha) / rank
+    self.specs = {}  # path names -> (shape, logical axes, leading axes, input axes)
+    for path, var in jax.tree_util.tree_flatten_with_path(abstract_params, is_leaf=_is_variable)[0]:
+      names = _names(path)
+      if names[-1] in targets and len(names) >= 2 and names[-2] in ("attn", "mlp"):
+        axes = tuple(var.get_metadata()["logical_axes"])
+        lead = 1 if axes[0] == "layers" else 0
+        self.specs[names] = (tuple(var.get_value().shape), axes, lead, TARGETS[names[-1]])
+    if not self.specs:
+      raise ConfigError(f"config.lora.targets={','.join(targets)!r}: the model has none of these weights")
+
+  def _shapes(self, shape, axes, lead, n_in):
+    k = lead + n_in
+    a = (shape[:k] + (self.rank,), axes[:k] + ("lora_rank",))
+    b = (shape[:lead] + (self.rank,) + shape[k:], axes[:lead] + ("lora_rank",) + axes[k:])
+    return a, b
+
+  def init(self, key) -> dict:
+    """Nested dicts (path names, then "a"/"b") of nnx.Params: A random, B zero."""
+    adapters = {}
+    for i, (names, (shape, axes, lead, n_in)) in enumerate(sorted(self.specs.items())):
+      (a_shape, a_axes), (b_shape, b_axes) = self._shapes(shape, axes, lead, n_in)
+      fan_in = math.prod(shape[lead:lead + n_in])
+      a = jax.random.normal(jax.random.fold_in(key, i), a_shape, jnp.float32) / math.sqrt(fan_in)
+      node = adapters
+      for name in names:
+        node = node.setdefault(name, {})
+      node["a"] = nnx.Param(a, logical_axes=a_axes)
+      node["b"] = nnx.Param(jnp.zeros(b_shape, jnp.float32), logical_axes=b_axes)
+    return adapters
+
+  def delta(self, a, b, shape, lead: int, n_in: int):
+    """(alpha / rank) * A @ B in W's shape."""
+    lead_shape = shape[:lead]
+    a_IxR = a.reshape(lead_shape + (-1, self.rank))
+    b_RxO = b.reshape(lead_shape + (self.rank, -1))
+    return (self.scale * jnp.matmul(a_IxR, b_RxO)).reshape(shape)
+
+  def merge(self, base_params, adapters):
+    """The base parameters with every adapter folded in (same structure as `base_params`)."""
+
+    def fold(path, var):
+      names = _names(path)
+      if names not in self.specs:
+        return var
+      shape, _, lead, n_in = self.specs[names]
+      node = adapters
+      for name in names:
+        node = node[name]
+      a, b = (node[k].get_value() if _is_variable(node[k]) else node[k] for k in ("a", "b"))
+      value = var.get_value()
+      return var.replace(value + self.delta(a, b, shape, lead, n_in).astype(value.dtype))
+
+    return jax.tree_util.tree_map_with_path(fold, base_params, is_leaf=_is_variable)
+
+  def num_params(self) -> int:
+    total = 0
+    for shape, axes, lead, n_in in self.specs.values():
+      (a_shape, _), (b_shape, _) = self._shapes(shape, axes, lead, n_in)
+      total += math.prod(a_shape) + math.prod(b_shape)
+    return total
+
+
+def from_config(model_cfg, lora_cfg) -> LoRA | None:
+  """The config's LoRA (None when lora.rank is 0: full fine-tuning)."""
+  if not lora_cfg.rank:
+    return None
+  from lmtiny.model import abstract_model
+  abstract = nnx.state(abstract_model(model_cfg), nnx.Param)
+  return LoRA(abstract, lora_cfg.rank, lora_cfg.alpha, parse_targets(lora_cfg.targets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories: a LoRA run holds adapters; its config names the base run (sft.init, init_step).
+
+
+def is_lora_run(run) -> bool:
+  return bool(run.cfg.get("lora", {}).get("rank", 0))
+
+
+def load_model(run):
+  """The model of a run (lmtiny.generate.Run) on the first local device, with a LoRA run's
+  adapters folded into its base run's weights; other runs load as lmtiny.generate does."""
+  from lmtiny import generate
+  from lmtiny.checkpoint import restore_params
+  if not is_lora_run(run):
+    return generate.load_model(run)
+  base_run = generate.load_run(run.cfg.sft.init, run.cfg.sft.init_step)
+  base_model = generate.load_model(base_run)
+  graphdef, base_params = nnx.split(base_model, nnx.Param)
+  lora = LoRA(base_params, run.cfg.lora.rank, run.cfg.lora.alpha, parse_targets(run.cfg.lora.targets))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(lora.init, jax.random.key(0))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  adapters = restore_params(f"{run.workdir}/checkpoints", run.step, target)
+  return nnx.merge(graphdef, jax.jit(lora.merge)(base_params, adapters))
+
+
+def merge_run(workdir: str, out: str, step: int | None = None) -> str:
+  """Writes `out`: a full run directory (config.json, tokenizer.model, one checkpoint of the
+  merged parameters at the adapters' step) that generate and serve load like any other."""
+  import json
+  import shutil
+  from etils import epath
+  from lmtiny import generate
+  from lmtiny.checkpoint import Checkpointer
+  from lmtiny.files import atomic_write
+  run = generate.load_run(workdir, step)
+  if not is_lora_run(run):
+    raise ConfigError(f"--workdir={workdir}: not a LoRA run (config.lora.rank is 0 in its config.json)")
+  if (epath.Path(out) / "checkpoints").exists():
+    raise ConfigError(f"--out={out}: already holds a run (remove it or pick another directory)")
+  params = nnx.state(load_model(run), nnx.Param)
+  out_path = epath.Path(out)
+  out_path.mkdir(parents=True, exist_ok=True)
+  cfg = run.cfg.to_dict()
+  cfg["lora"]["rank"] = 0
+  cfg["sft"]["merged_from"] = f"{workdir} step {run.step}"
+  checkpointer = Checkpointer(str(out_path / "checkpoints"), keep=1, async_save=False)
+  checkpointer.save(run.step, {"params": params})
+  checkpointer.close()
+  shutil.copyfile(str(epath.Path(workdir) / "tokenizer.model"), str(out_path / "tokenizer.model"))
+  atomic_write(out_path / "config.json", json.dumps(cfg, indent=2).encode())
+  return out

@@ -1,0 +1,247 @@
+"""The chat server: a standard-library HTTP server over the KV-cache sampler.
+
+  GET  /                   the chat page (lmtiny.chat.page)
+  GET  /health             {"ok": true, "step": ..., "context": ...}
+  POST /chat/completions   {"messages": [{"role": "user" | "assistant", "content": str}, ...],
+                            "temperature": 0.8, "top_k": 50, "max_tokens": 256, "seed": 0}
+                           -> text/event-stream: `data: {"token": "..."}` events as the reply is
+                              generated, then `data: {"done": true, "finish_reason": ...,
+                              "tokens": n, "trimmed": k, "ttft_s": ..., "tokens_per_s": ...}`
+
+One process serves many tabs: HTTP threads hand requests to one generation thread, which runs
+whatever is waiting (up to max_batch requests with the same sampling settings) as one batch of
+the sampler, each row with its own random stream (seed) and stream of text, so a reply is the
+same whether it ran alone or beside others. Conversations longer than the context lose their
+oldest exchanges first (lmtiny.tokenizer.fit_conversation, as `generate --chat` does). A client
+that disconnects (the page's stop button) stops its row. Bad requests get a 4xx JSON error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class RequestError(ValueError):
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclasses.dataclass
+class Request:
+  ids: list[int]
+  temperature: float
+  top_k: int
+  max_tokens: int
+  seed: int
+  trimmed: int = 0
+  events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+  cancelled: bool = False
+  submitted: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _number(body: dict, key: str, default, cast, low, high):
+  value = body.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or cast(value) != value:
+    raise RequestError(400, f"{key}: must be {'an integer' if cast is int else 'a number'}, got {value!r}")
+  if not low <= value <= high:
+    raise RequestError(400, f"{key}={value}: must be in [{low}, {high}]")
+  return cast(value)
+
+
+class ChatEngine:
+  """Owns the sampler; `submit` queues a request, a worker thread generates."""
+
+  def __init__(self, sampler, tokenizer, context: int, *, max_batch: int = 4, max_tokens: int = 256,
+               batch_window_s: float = 0.01):
+    self.sampler, self.tok, self.context = sampler, tokenizer, context
+    self.batch_window_s = batch_window_s
+    self.max_batch, self.default_max_tokens = max_batch, min(max_tokens, context - 1)
+    self.stop_ids = (tokenizer.special_id("assistant_end"), tokenizer.bos_id)
+    self._queue: queue.Queue = queue.Queue()
+    self._pending: list[Request] = []
+    self._thread = threading.Thread(target=self._work, daemon=True, name="lmtiny-generate")
+    self._thread.start()
+
+  def parse(self, body) -> Request:
+    """A checked request with the prompt fitted to the context (RequestError otherwise)."""
+    from lmtiny.tokenizer import fit_conversation
+    if not isinstance(body, dict):
+      raise RequestError(400, "body: must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+      raise RequestError(400, "messages: must be a non-empty list")
+    for i, m in enumerate(messages):
+      role = "user" if i % 2 == 0 else "assistant"
+      if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
+        raise RequestError(400, f"messages[{i}]: must be {{\"role\": \"{role}\", \"content\": <string>}} "
+                                "(user and assistant alternate, starting with user)")
+    if len(messages) % 2 == 0:
+      raise RequestError(400, "messages: the last message must be the user's")
+    temperature = _number(body, "temperature", 0.8, float, 0.0, 10.0)
+    top_k = _number(body, "top_k", 50, int, 0, 1 << 20)
+    max_tokens = _number(body, "max_tokens", self.default_max_tokens, int, 1, self.context - 1)
+    seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
+    kept, ids = fit_conversation(self.tok, messages, self.context, max_tokens)
+    if len(ids) >= self.context:
+      raise RequestError(413, f"messages: the last message is {len(ids)} tokens with the chat tokens, but the "
+                              f"model's context is {self.context}; send something shorter")
+    return Request(ids, temperature, top_k, max_tokens, seed, trimmed=len(messages) - len(kept))
+
+  def submit(self, request: Request) -> Request:
+    self._queue.put(request)
+    return request
+
+  def _next_batch(self) -> list[Request]:
+    if not self._pending:
+      self._pending.append(self._queue.get())
+      time.sleep(self.batch_window_s)  # let requests sent together (several tabs) join one batch
+    while True:  # everything already waiting
+      try:
+        self._pending.append(self._queue.get_nowait())
+      except queue.Empty:
+        break
+    first = self._pending[0]
+    key = (first.temperature, first.top_k)
+    batch = [r for r in self._pending if (r.temperature, r.top_k) == key][:self.max_batch]
+    self._pending = [r for r in self._pending if r not in batch]
+    return batch
+
+  def _work(self):
+    while True:
+      batch = self._next_batch()
+      try:
+        self._generate(batch)
+      except Exception as e:  # keep serving; the requests in this batch get the error
+        for r in batch:
+          r.events.put({"error": f"generation failed: {type(e).__name__}: {e}"})
+
+  def _generate(self, batch: list[Request]):
+    from lmtiny.sampling import SamplingParams, TextStream
+    real = len(batch)
+    # Batches are padded to a power of two (repeats of the first request, stopped at once), so
+    # at most log2(max_batch) + 1 batch sizes ever compile.
+    size = 1 << (real - 1).bit_length()
+    batch = batch + [dataclasses.replace(batch[0], events=queue.Queue(), cancelled=True)] * (size - real)
+    streams = [TextStream(self.tok) for _ in batch]
+    counts, first = [0] * len(batch), [None] * len(batch)
+
+    def on_tokens(row, new_ids):
+      if row >= real:
+        return True
+      r = batch[row]
+      new_ids = new_ids[:r.max_tokens - counts[row]]
+      counts[row] += len(new_ids)
+      if first[row] is None:
+        first[row] = time.perf_counter()
+      text = streams[row].add(new_ids)
+      if text:
+        r.events.put({"token": text})
+      return r.cancelled or counts[row] >= r.max_tokens
+
+    def on_finish(row):
+      if row >= real:
+        return
+      r, now = batch[row], time.perf_counter()
+      rest = streams[row].finish()
+      if rest:
+        r.events.put({"token": rest})
+      if r.cancelled:
+        reason = "stopped"
+      elif counts[row] >= r.max_tokens or len(r.ids) + counts[row] >= self.context:
+        reason = "length"
+      else:
+        reason = "stop"  # <|assistant_end|> (or a new document's <|bos|>)
+      decode = now - (first[row] or now)
+      r.events.put({"done": True, "finish_reason": reason, "tokens": counts[row], "trimmed": r.trimmed,
+                    "ttft_s": round((first[row] or now) - r.submitted, 4),
+                    "tokens_per_s": round((counts[row] - 1) / decode, 2) if decode > 0 else None})
+
+    self.sampler.generate([r.ids for r in batch], max_new_tokens=max(r.max_tokens for r in batch),
+                          sampling=SamplingParams(batch[0].temperature, batch[0].top_k, 1.0), seed=0,
+                          rows=[r.seed for r in batch[:real]] + list(range(size - real)), stop_ids=self.stop_ids, on_tokens=on_tokens,
+                          on_finish=on_finish)
+
+
+class Handler(BaseHTTPRequestHandler):
+  engine: ChatEngine = None   # set by make_server
+  info: dict = {}
+  server_version = "lmtiny"
+
+  def log_message(self, format, *args):  # quiet: one line per request is noise in a terminal
+    pass
+
+  def _json(self, status: int, payload: dict):
+    data = json.dumps(payload).encode()
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def do_GET(self):
+    from lmtiny.chat.page import PAGE
+    if self.path in ("/", "/index.html"):
+      data = PAGE.encode()
+      self.send_response(200)
+      self.send_header("Content-Type", "text/html; charset=utf-8")
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      self.wfile.write(data)
+    elif self.path == "/health":
+      self._json(200, {"ok": True, **self.info})
+    elif self.path == "/chat/completions":
+      self._json(405, {"error": "use POST for /chat/completions"})
+    else:
+      self._json(404, {"error": f"{self.path}: not found"})
+
+  def do_POST(self):
+    if self.path != "/chat/completions":
+      self._json(404, {"error": f"{self.path}: not found"})
+      return
+    try:
+      request = self.engine.parse(self._read_json())
+    except RequestError as e:
+      self._json(e.status, {"error": str(e)})
+      return
+    self.engine.submit(request)
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Cache-Control", "no-cache")
+    self.end_headers()
+    while True:
+      event = request.events.get()
+      try:
+        self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.flush()
+      except (BrokenPipeError, ConnectionResetError):
+        request.cancelled = True  # the page's stop button, or a closed tab: stop generating
+        return
+      if "done" in event or "error" in event:
+        return
+
+  def _read_json(self):
+    try:
+      length = int(self.headers.get("Content-Length", ""))
+    except ValueError:
+      raise RequestError(411, "Content-Length: required") from None
+    if length > MAX_BODY_BYTES:
+      raise RequestError(413, f"body: {length} bytes, at most {MAX_BODY_BYTES}")
+    try:
+      return json.loads(self.rfile.read(length) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RequestError(400, f"body: invalid JSON ({e})") from None
+
+
+def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, info: dict | None = None):
+  """A ThreadingHTTPServer (not started: call serve_forever, or run it in a thread)."""
+  handler = type("ChatHandler", (Handler,), {"engine": engine, "info": dict(info or {})})
+  server = ThreadingHTTPServer((host, port), handler)
+  server.daemon_threads = True
+  return server

@@ -1,0 +1,90 @@
+"""python -m lmtiny.sft --init RUN [--config configs/<size>.py] [--config.sft.<field>=...]
+                       [--config.lora.rank=8] [--init-step N] [--workdir RUN/sft] [--report]
+
+Fine-tunes the base run RUN (its newest checkpoint, or --init-step) on conversations: the
+weighted mixture config.sft.sources (default: the embedded standard-library question set, no
+download; add `pretrain:0.2` for midtraining, `path.jsonl:0.5` or `hf:...` for SmolTalk-style
+`messages` rows). Without --config the base run's own config.json is the config. With
+config.lora.rank > 0 only LoRA adapters train (merge them with `python -m lmtiny.lora merge`).
+Re-running resumes. --report then samples replies to held-out questions from the base and the
+fine-tuned model and prints the share that end with <|assistant_end|> within 64 tokens.
+Exit status: 0 done, 1 training diverged, 2 bad config, flags or data.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags, logging
+
+from lmtiny import cli
+from lmtiny.config import ConfigError
+
+
+def _define_flags(fv: flags.FlagValues) -> dict:
+  return {
+      "init": flags.DEFINE_string("init", None, "Base run directory to fine-tune.", flag_values=fv),
+      "init_step": flags.DEFINE_integer("init_step", -1, "Base checkpoint step (-1: the newest).", flag_values=fv),
+      "workdir": flags.DEFINE_string("workdir", None, "Run directory (default: <init>/sft).", flag_values=fv),
+      "report": flags.DEFINE_bool("report", False, "Measure the <|assistant_end|> share before and after.",
+                                  flag_values=fv),
+  }
+
+
+def _with_run_config(argv: list[str]) -> list[str]:
+  """Without --config, the base run's config.json is the config (so overrides still apply)."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    return argv
+  init = None
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--init="):
+      init = a.split("=", 1)[1]
+    elif a == "--init" and i + 1 < len(argv):
+      init = argv[i + 1]
+  if init is None:
+    return argv
+  if not os.path.isdir(init) and "://" not in init:
+    raise ConfigError(f"--init={init}: no such directory")
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat", "run_config.py")
+  return argv[:1] + [f"--config={path}:{init}"] + argv[1:]
+
+
+def run(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)
+  parsed = cli.parse_config_flags(_with_run_config(argv), _define_flags, __doc__)
+  if parsed is None:
+    return 0
+  values, cfg = parsed
+  from flax import nnx
+  from lmtiny.chat import finetune as ft
+  from lmtiny.trainer import TrainingDiverged
+  cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
+  workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
+  try:
+    trainer, summary = ft.finetune(cfg, workdir)
+  except TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  loss = summary["train_loss"][-1][1] if summary["train_loss"] else float("nan")
+  val = f" | held-out loss {summary['val'][0][1]:.3f} -> {summary['val'][-1][1]:.3f}" if len(summary["val"]) > 1 else ""
+  print(f"done: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "
+        f"{summary['trainable_params']:,} params | optimizer state {summary['optimizer_bytes'] / 2**20:.2f} MiB | {workdir}")
+  if values["report"]:
+    from lmtiny.chat.report import assistant_end_report, held_out_questions
+    questions = held_out_questions()
+    graphdef, steps = trainer.steps.graphdef, trainer.steps
+    base = ft.restore_base_params(cfg, trainer.mesh)
+    tuned = steps.model_params(trainer.state["params"])
+    for name, params in (("base", base), ("sft", tuned)):
+      report = assistant_end_report(nnx.merge(graphdef, params), trainer.data.tokenizer, questions)
+      print(f"{name}: replies ending with <|assistant_end|> within 64 tokens: {report} | "
+            f"e.g. {report.example[0]!r} -> {report.example[1]!r}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_main(run, argv)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared by the chat tests: a small real tokenizer, a 2-step base run directory made with it,
+and a jsonl file of conversations."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from lm_fixtures import memory_data, tiny_config
+
+TOKENIZER_CHARS = 60_000
+TOKENIZER_VOCAB = 512
+
+
+@functools.lru_cache(maxsize=1)
+def make_tokenizer():
+  """One tokenizer per test process, shared by the chat test modules."""
+  from lmtiny.data.embedded import iter_embedded_documents
+  from lmtiny.tokenizer import train_tokenizer
+  return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB,
+                         tempfile.mkdtemp(prefix="lmtiny-chat-tok-"))
+
+
+def chat_config(tok, **train):
+  cfg = tiny_config(**train)
+  cfg.model.update(vocab_size=tok.vocab_size, max_seq_len=64)
+  return cfg
+
+
+def make_base_run(root: str, tok, steps: int = 2) -> str:
+  """A base run directory (config.json, tokenizer.model, checkpoint)."""
+  from lmtiny.trainer import Trainer
+  cfg = chat_config(tok, steps=steps, checkpoint_every=steps, eval_batches=0)
+  data = memory_data(vocab=tok.vocab_size)
+  data.tokenizer = tok
+  path = os.path.join(root, "base")
+  Trainer(cfg, path, data, log=lambda _: None).run()
+  return path
+
+
+QUESTIONS = [("What is {n} plus {m}?", "{n} plus {m} is {s}."),
+             ("Add {n} and {m}.", "The sum of {n} and {m} is {s}.")]
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict]]:
+  """Short arithmetic chats (one or two exchanges)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    turns = []
+    for _ in range(1 + i % 2):
+      a, b = (int(x) for x in rng.integers(0, 50, 2))
+      q, r = QUESTIONS[int(rng.integers(2))]
+      turns += [{"role": "user", "content": q.format(n=a, m=b)},
+                {"role": "assistant", "content": r.format(n=a, m=b, s=a + b)}]
+    out.append(turns)
+  return out
+
+
+def write_jsonl(path: str, convs) -> str:
+  with open(path, "w") as f:
+    for c in convs:
+      f.write(json.dumps({"messages": c}) + "\n")
+  return path

@@ -1,0 +1,104 @@
+"""SFT on the one trainer: starts from the base run's weights, learns the conversations, resumes
+exactly; the sft / lora CLIs: full and LoRA runs, merge, generate on the results, bad input."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from chat_fixtures import conversations, make_base_run, make_tokenizer, write_jsonl
+from lmtiny import generate, lora as lora_cli, sft as sft_cli
+from lmtiny.chat import finetune as ft
+from lmtiny.chat.lora import load_model
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  root = tmp_path_factory.mktemp("chat")
+  tok = make_tokenizer()
+  path = make_base_run(str(root), tok)
+  convs = write_jsonl(str(root / "c.jsonl"), conversations(200))
+  return root, path, convs
+
+
+def _cfg(path, convs, **sft):
+  cfg = ft.read_run_config(path)
+  cfg.sft.update(sources=convs, steps=STEPS, warmup_steps=1, lr=3e-3, **sft)
+  cfg.train.update(eval_every=STEPS, checkpoint_every=2, eval_batches=2)
+  return ft.resolve_config(cfg, path, None)
+
+
+def _quiet(_):
+  pass
+
+
+def test_starts_from_the_base_and_resumes_exactly(base):
+  root, path, convs = base
+  cfg = _cfg(path, convs)
+  assert cfg.sft.init == os.path.abspath(path) and cfg.sft.init_step == 2
+  trainer, full = ft.finetune(cfg, str(root / "full"), log=_quiet)
+  # Step 0 evaluates the base run's own weights on the held-out conversations.
+  with jax.set_mesh(trainer.mesh):
+    base_val = trainer.evaluate(ft.restore_base_params(cfg, trainer.mesh))["loss"]
+  assert full["val"][0][1] == pytest.approx(base_val, rel=1e-6)
+  assert full["val"][-1][1] < full["val"][0][1] - 0.3
+  _, first = ft.finetune(cfg, str(root / "split"), log=_quiet, stop_after=2)
+  _, second = ft.finetune(cfg, str(root / "split"), log=_quiet)
+  losses = lambda s: [loss for _, loss in s["train_loss"]]
+  assert losses(first) + losses(second) == losses(full)
+  saved = json.load(open(root / "full" / "config.json"))
+  assert saved["sft"]["init"] == os.path.abspath(path) and saved["lora"]["rank"] == 0
+  run = generate.load_run(str(root / "full"))  # a normal run directory
+  assert run.step == STEPS and run.tokenizer.vocab_size == 512
+
+
+def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
+  root, path, convs = base
+  work, merged = str(root / "lora"), str(root / "merged")
+  argv = ["sft", f"--init={path}", f"--workdir={work}", f"--config.sft.sources={convs}",
+          f"--config.sft.steps={STEPS}", "--config.lora.rank=4", "--config.sft.lr=1e-2",
+          "--config.train.eval_every=4", "--config.train.eval_batches=1"]
+  assert sft_cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "LoRA rank 4" in out and f"done: {STEPS} steps" in out
+  trainable = int(out.split("trainable ")[1].split(" of")[0].replace(",", ""))
+  total = int(out.split(" of ")[1].split(" params")[0].replace(",", ""))
+  assert trainable < total / 5
+  assert lora_cli.main(["merge", f"--workdir={work}", f"--out={merged}"]) == 0
+  assert lora_cli.main(["merge", f"--workdir={work}", f"--out={merged}"]) == 2  # never overwrites
+  assert "already holds a run" in capsys.readouterr().err
+  tokens = np.arange(1, 17, dtype=np.int32)[None]
+  adapter_logits = load_model(generate.load_run(work))(tokens)
+  merged_logits = generate.load_model(generate.load_run(merged))(tokens)
+  np.testing.assert_allclose(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
+  base_logits = generate.load_model(generate.load_run(path))(tokens)
+  assert not np.allclose(merged_logits, base_logits, atol=1e-3)  # the adapters did something
+  # Only the adapters are in the LoRA run's checkpoint.
+  state = os.listdir(os.path.join(work, "checkpoints", str(STEPS), "state"))
+  assert state and json.load(open(os.path.join(work, "config.json")))["lora"]["rank"] == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init=/nonexistent/run"], "--init=/nonexistent/run: no such directory"),
+    (["--config.sft.sources=missing.jsonl"], "missing.jsonl: no files match"),
+    (["--config.sft.sources=embedded_chat:0"], "config.sft.sources="),
+    (["--init-step=7"], "--init-step=7: no such checkpoint"),
+    (["--config=configs/tiny.py"], "config.model.vocab_size=4096: the base run"),
+    (["--config.lora.rank=2", "--config.lora.targets=q,x"], "config.lora.targets='q,x'"),
+])
+def test_cli_bad_input_exits_2_with_one_line(base, capsys, extra, message):
+  root, path, _ = base
+  argv = ["sft", f"--workdir={root / 'bad'}"] + (extra if extra[0].startswith("--init=") else [f"--init={path}"] + extra)
+  assert sft_cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_merge_of_a_full_run_exits_2(base, capsys):
+  root, path, _ = base
+  assert lora_cli.main(["merge", f"--workdir={path}", f"--out={root / 'm2'}"]) == 2
+  assert "not a LoRA run" in capsys.readouterr().err
