@@ -108,8 +108,8 @@ def scale_by_muon(o) -> optax.GradientTransformation:
 
 
 def is_muon_param(path, p) -> bool:
-  """Block matrices: every >= 2-D weight outside the embedding and unembedding."""
-  return p.ndim >= 2 and optim._group(path) == "matrix"
+  """Block matrices (attention q/k/v/o, MLP up/gate/down, stacked or not); not norm scales."""
+  return _name(path) in _MATRICES and p.ndim >= 2 and optim._group(path) == "matrix"
 
 
 def make_muon_optimizer(o, d_model: int, schedule: optax.Schedule) -> optax.GradientTransformation:

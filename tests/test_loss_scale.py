@@ -1,0 +1,89 @@
+"""float16 with dynamic loss scaling: the scale's rule, skipped steps leave the state untouched,
+a forced overflow halves the scale until gradients are finite, exact resume on 8 devices."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm_fixtures import memory_data, tiny_config
+from lmtiny import loss_scale
+from lmtiny.trainer import Trainer
+
+
+def _quiet(_):
+  pass
+
+
+def _fp16_config(**train):
+  cfg = tiny_config(**train)
+  cfg.model.dtype = "float16"
+  return cfg
+
+
+def test_scale_doubles_after_period_and_halves_on_overflow():
+  o = tiny_config().optim
+  o.update(loss_scale_init=8.0, loss_scale_period=3)
+  state = loss_scale.init_state(o)
+  trace = []
+  for finite in (True, True, True, True, False, True, False, False):
+    state = loss_scale.next_state(state, jnp.asarray(finite), o.loss_scale_period)
+    trace.append((float(state["scale"]), int(state["good_steps"]), int(state["skipped_steps"])))
+  assert trace == [(8, 1, 0), (8, 2, 0), (16, 0, 0), (16, 1, 0), (8, 0, 1), (8, 1, 1), (4, 0, 2), (2, 0, 3)]
+  assert not loss_scale.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])})
+  assert loss_scale.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, 3e38])})
+
+
+def test_forced_overflow_skips_and_halves_until_finite(tmp_path):
+  cfg = _fp16_config(steps=12, log_every=1, eval_every=12, checkpoint_every=12)
+  cfg.optim.update(loss_scale_init=2.0 ** 40)
+  lines = []
+  trainer = Trainer(cfg, str(tmp_path), memory_data(), log=lines.append)
+  summary = trainer.run()  # the NaN-divergence stop must not fire for skipped float16 steps
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train = [r for r in records if r["split"] == "train"]
+  scales = [r["loss_scale"] for r in train]
+  skipped = [r["skipped_steps"] for r in train]
+  k = skipped[-1]
+  assert 0 < k < 12 and skipped == [min(i + 1, k) for i in range(12)]  # the first k steps, then none
+  assert scales == [2.0 ** 40 / 2 ** min(i, k) for i in range(12)]  # halved per skipped step, then kept
+  assert sum("skipped: non-finite gradients" in l for l in lines) == k
+  assert float(trainer.state["loss_scale"]["scale"]) == 2.0 ** 40 / 2 ** k
+  assert int(trainer.state["loss_scale"]["skipped_steps"]) == k
+  losses = [loss for _, loss in summary["train_loss"]]
+  assert np.isfinite(losses).all() and losses[-1] < losses[k] - 0.3  # float16 compute learns once steps apply
+
+
+def test_skipped_step_leaves_params_and_optimizer_state_unchanged(tmp_path):
+  cfg = _fp16_config()
+  cfg.optim.update(loss_scale_init=2.0 ** 40)
+  trainer = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet)
+  from lmtiny.trainer import device_batch
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.steps.init()
+    before = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
+    state, metrics = trainer.steps.train_step(state, device_batch(next(trainer.train_iterator()), trainer.mesh))
+    after = jax.device_get({"params": state["params"], "opt_state": state["opt_state"]})
+  assert int(metrics["skipped"]) == 1 and float(state["loss_scale"]["scale"]) == 2.0 ** 39
+  assert int(state["step"]) == 1
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_reproduces_losses_and_scale_on_8_devices(tmp_path):
+  # A period of 2 makes the scale grow until it overflows again: doublings, skips and halvings
+  # all happen, some after the resume point.
+  cfg = _fp16_config(steps=10, checkpoint_every=5, eval_every=10)
+  cfg.optim.update(loss_scale_init=2.0 ** 12, loss_scale_period=2)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  full = Trainer(cfg, str(tmp_path / "full"), memory_data(), log=_quiet)
+  full_summary = full.run()
+  first = Trainer(cfg, str(tmp_path / "split"), memory_data(), log=_quiet).run(stop_after=4)
+  resumed = Trainer(cfg, str(tmp_path / "split"), memory_data(), log=_quiet)
+  second = resumed.run()
+  assert first["step"] == 4
+  assert [l for _, l in first["train_loss"] + second["train_loss"]] == [l for _, l in full_summary["train_loss"]]
+  want, got = jax.device_get(full.state["loss_scale"]), jax.device_get(resumed.state["loss_scale"])
+  assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}
+  assert float(want["scale"]) > 2.0 ** 12  # it grew
