@@ -25,7 +25,7 @@ setup(
         "tqdm>=4.66",         # progress bars
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7", "torch>=2.4"],  # torch: nanochat reference
         "compare": ["tiktoken>=0.7"],
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],  # gs:// workdirs
         "cuda": ["jax[cuda12]>=0.10.2"],

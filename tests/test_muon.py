@@ -130,3 +130,23 @@ def test_sharded_muon_equals_one_device(one_device, mesh_cfg):
   assert one_losses[-1] < one_losses[0]
   for name, p, r in zip(param_groups(one_params), jax.tree.leaves(params), jax.tree.leaves(one_params)):
     np.testing.assert_allclose(p, r, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_d20_config_builds_nanochats_optimizer():
+  """configs/d20.py: Muon on the 6 matrices of each of 20 blocks, AdamW on the embedding and
+  unembedding at nanochat's width-scaled LRs (built abstractly: no memory)."""
+  from lm_fixtures import load_config_module
+  from lmtiny.model import abstract_model
+  from lmtiny.muon import is_muon_param
+  from lmtiny.optim import group_lr_multipliers
+  cfg = load_config_module("d20").get_config()
+  params = nnx.state(abstract_model(cfg.model), nnx.Param)
+  muon = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if is_muon_param(p, x)]
+  assert len(muon) == 20 * 6 and len(jax.tree.leaves(params)) == 20 * 6 + 2  # no norm weights
+  tx, schedule = make_optimizer(cfg.optim, cfg.model.d_model, total_steps=1000)
+  opt_state = jax.eval_shape(tx.init, params)
+  assert sum(x.size for x in jax.tree.leaves(opt_state)) > 0
+  scale = (768 / 1280) ** 0.5
+  mult = group_lr_multipliers(cfg.optim, cfg.model.d_model)
+  assert (0.02 * mult["embed"], 0.02 * mult["unembed"]) == pytest.approx((0.2 * scale, 0.004 * scale))
+  assert [float(schedule(s)) for s in (0, 800, 900, 1000)] == pytest.approx([0.02, 0.02, 0.01, 0.0])
