@@ -39,7 +39,7 @@ def _norm_params(m) -> tuple[int, int]:
   if not m.norm_scale:
     return 0, 0
   per_layer = 2 * m.d_model + (2 * config_lib.head_dim(m) if m.qk_norm else 0)
-  return per_layer, m.d_model * (2 if m.get("embed_norm", False) else 1)  # final (+ embedding) norm
+  return per_layer, m.d_model * (2 if getattr(m, "embed_norm", False) else 1)  # final (+ embedding) norm
 
 
 def param_breakdown(m) -> dict[str, int]:
