@@ -1,4 +1,4 @@
-"""nanochat-style depth 26: width 1664, 13 heads x 128, vocab 65,536 (see lmtiny.config.nanochat_config)."""
+"""nanochat's d26 (model, Muon + AdamW, WSD schedule): width 1664, 13 heads x 128, vocab 65,536 (see lmtiny.config.nanochat_config)."""
 from lmtiny.config import nanochat_config
 
 NUM_PARAMS = 1_081_999_360

@@ -35,11 +35,11 @@ PEAK_FLOPS = {
 
 
 def _norm_params(m) -> tuple[int, int]:
-  """(norm scales per layer, final-norm scale)."""
+  """(norm scales per layer, final-norm scale plus the embedding norm's when model.embed_norm)."""
   if not m.norm_scale:
     return 0, 0
   per_layer = 2 * m.d_model + (2 * config_lib.head_dim(m) if m.qk_norm else 0)
-  return per_layer, m.d_model
+  return per_layer, m.d_model * (2 if getattr(m, "embed_norm", False) else 1)  # final (+ embedding) norm
 
 
 def param_breakdown(m) -> dict[str, int]:

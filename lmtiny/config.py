@@ -14,7 +14,9 @@ import ml_collections
 ACTIVATIONS = ("swiglu", "relu2", "gelu", "silu")
 INITS = ("gpt2", "xavier", "kaiming", "nanochat")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd", "constant")
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -45,12 +47,15 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       qk_norm=False,
       norm_scale=True,       # RMSNorm with a learned scale; False = parameter-free (nanochat)
+      norm_eps=1e-6,         # every RMSNorm's eps (nanochat: torch's default, float32 machine eps)
+      embed_norm=False,      # RMSNorm right after the embedding lookup (nanochat)
       rope_theta=10000.0,
       max_seq_len=2048,
       logit_softcap=0.0,     # 0: off; else cap * tanh(logits / cap)
       init="gpt2",           # gpt2 | xavier | kaiming | nanochat
       init_std=0.02,
-      dtype="auto",          # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU
+      dtype="auto",          # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; float16
+                             # (GPUs without bf16) trains with dynamic loss scaling (optim.loss_scale_*)
       remat="none",          # none | full | save_attn_out | save_qkv | minimal | dots | dots_no_batch (lmtiny.model)
       scan_layers=False,     # lax.scan over stacked layers (faster compiles for deep models)
       attention="auto",      # auto | xla | cudnn | splash (lmtiny.attention)
@@ -71,6 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,      # masked off norms and embeddings
       grad_clip=1.0,         # global-norm clip; 0 disables
+      name="adamw",          # adamw | muon (Muon on block matrices, AdamW on the rest: lmtiny.muon)
+      schedule="cosine",     # cosine | wsd (warmup, stable, linear decay) | constant (after warmup)
+      decay_fraction=0.2,    # wsd: the last fraction of steps decays linearly to lr * min_lr_ratio
+      muon_momentum=0.95,    # Muon's Nesterov momentum, reached after muon_momentum_warmup steps
+      muon_momentum_start=0.85,
+      muon_momentum_warmup=300,
+      muon_ns_steps=5,       # Newton-Schulz iterations
+      muon_ns_dtype="bfloat16",  # dtype of the Newton-Schulz iteration (nanochat: bfloat16)
+      loss_scale_init=2.0 ** 16,  # float16 only: initial dynamic loss scale
+      loss_scale_period=1000,     # float16 only: double the scale after this many finite steps
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -182,6 +197,7 @@ def validate_model(m) -> None:
   _require(mlp_dim(m) > 0, "model.mlp_ratio", m.mlp_ratio, "gives an empty MLP")
   _require(m.logit_softcap >= 0, "model.logit_softcap", m.logit_softcap, "must be >= 0")
   _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+  _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
   _choice(m, "activation", "model", ACTIVATIONS)
   _choice(m, "init", "model", INITS)
   _choice(m, "attention", "model", ATTENTION_IMPLS)
@@ -209,26 +225,49 @@ def validate(cfg) -> None:
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
   _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
   _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
+  _choice(o, "name", "optim", OPTIMIZERS)
+  _choice(o, "schedule", "optim", SCHEDULES)
+  _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in [0, 1]")
+  _require(0 <= o.muon_momentum < 1 and 0 <= o.muon_momentum_start < 1, "optim.muon_momentum",
+           (o.muon_momentum_start, o.muon_momentum), "momenta must be in [0, 1)")
+  _require(o.muon_momentum_warmup >= 0, "optim.muon_momentum_warmup", o.muon_momentum_warmup, "must be >= 0")
+  _require(o.muon_ns_steps > 0, "optim.muon_ns_steps", o.muon_ns_steps, "must be > 0")
+  _require(o.muon_ns_dtype in ("float32", "bfloat16"), "optim.muon_ns_dtype", o.muon_ns_dtype,
+           "must be one of float32, bfloat16")
+  _require(o.loss_scale_init > 0, "optim.loss_scale_init", o.loss_scale_init, "must be > 0")
+  _require(o.loss_scale_period > 0, "optim.loss_scale_period", o.loss_scale_period, "must be > 0")
   for axis in MESH_AXES:
     size = cfg.mesh[axis]
     _require(isinstance(size, int) and (size == -1 or size > 0), f"mesh.{axis}", size, "must be -1 or a positive integer")
   _require(sum(cfg.mesh[a] == -1 for a in MESH_AXES) <= 1, "mesh", dict(cfg.mesh), "at most one axis may be -1")
 
 
-def nanochat_config(depth: int) -> ml_collections.ConfigDict:
-  """nanochat's family (configs/d12 ... d32): width = 64 * depth, head dim 128, vocab 65,536.
+# torch.nn.functional.rms_norm with eps=None uses the machine epsilon of float32.
+FLOAT32_EPS = 2.0 ** -23
 
-  relu^2 4x MLP, untied embeddings, parameter-free RMSNorm, QK-norm, RoPE, logit softcap 15,
-  20 tokens per parameter. Group LRs follow nanochat (embedding 0.2, unembedding 0.004, scaled by
-  (768 / width) ** 0.5). nanochat trains matrices with Muon at 0.02; lmtiny's matrices use AdamW,
-  where that diverges, so they get AdamW's usual 3e-3.
+
+def nanochat_config(depth: int) -> ml_collections.ConfigDict:
+  """nanochat's GPT and its base_train recipe at depth `depth` (configs/d12 ... d32).
+
+  Follows karpathy/nanochat at 962b6bf (2026-01-04; before value embeddings and per-layer
+  residual scalars): width = 64 * depth, head dim 128 (depth // 2 heads for even depths), vocab
+  65,536, relu^2 4x MLP, untied embeddings, parameter-free RMSNorm with torch's default eps after
+  the embedding, before every block and at the end, QK-norm, RoPE theta 10,000, logit softcap 15,
+  nanochat's init; 524,288-token batches of 2,048-token rows for 20 tokens per parameter.
+  Optimizer: Muon (lr 0.02, Nesterov momentum warming 0.85 -> 0.95 over 300 steps, 5 quintic
+  Newton-Schulz steps in bfloat16) on the block matrices; AdamW (betas 0.8/0.95, eps 1e-10, no
+  weight decay) on the embedding (lr 0.2) and unembedding (0.004), both x (768 / width) ** 0.5;
+  global-norm clip 1.0; no warmup, constant LR, then linear warmdown to 0 over the last 20%.
   """
   c = base_config()
   c.model.update(vocab_size=65536, num_layers=depth, d_model=64 * depth, num_heads=depth // 2,
                  head_dim=128, activation="relu2", mlp_ratio=4.0, tie_embeddings=False,
                  norm_scale=False, qk_norm=True, logit_softcap=15.0, init="nanochat",
-                 max_seq_len=2048, remat="dots_no_batch")
+                 max_seq_len=2048, remat="dots_no_batch", embed_norm=True, norm_eps=FLOAT32_EPS)
   c.train.update(seq_len=2048, batch_tokens=524288, tokens_per_param=20.0, eval_every=250)
-  c.optim.update(lr=3e-3, embed_lr=0.2, unembed_lr=0.004, scale_lr_by_width=True,
-                 warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0)
+  c.optim.update(name="muon", lr=0.02, embed_lr=0.2, unembed_lr=0.004, scale_lr_by_width=True,
+                 b1=0.8, b2=0.95, eps=1e-10, grad_clip=1.0, schedule="wsd", decay_fraction=0.2,
+                 warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0, muon_momentum=0.95,
+                 muon_momentum_start=0.85, muon_momentum_warmup=300, muon_ns_steps=5,
+                 muon_ns_dtype="bfloat16")
   return c

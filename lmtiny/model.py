@@ -104,8 +104,8 @@ class Attention(nnx.Module):
     self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
     self.o = _param(m, rngs, "out", (h, dh, d), ("heads", "head_dim", "embed"), h * dh, d)
     if m.qk_norm:
-      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim")
-      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim")
+      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
+      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
     else:
       self.q_norm = self.k_norm = None
 
@@ -163,9 +163,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, m, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm")
+    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
     self.attn = Attention(m, rngs)
-    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm")
+    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
     self.mlp = MLP(m, rngs)
 
   def __call__(self, x_BxTxD: Array, positions_BxT: Array, segment_ids_BxT: Array | None) -> Array:
@@ -216,7 +216,9 @@ class Transformer(nnx.Module):
       self.layers = _stacked_blocks(m, rngs)
     else:
       self.layers = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
-    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm")
+    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+                       if m.get("embed_norm", False) else None)  # get: older runs lack the field
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
 
   def embed_tokens(self, tokens_BxT: Array) -> Array:
@@ -224,6 +226,8 @@ class Transformer(nnx.Module):
     # a lookup into a D-sharded table would need a costly reshard of its output instead.
     table_VxD = constrain(self.embed[...].astype(compute_dtype(self.cfg)), ("embed_vocab", "act_embed"))
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+    if self.embed_norm is not None:
+      x_BxTxD = self.embed_norm(x_BxTxD)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
   def unembed(self, x_BxTxD: Array) -> Array:

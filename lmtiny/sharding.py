@@ -97,6 +97,8 @@ def tree_shardings(abstract_tree, mesh: Mesh):
   shape = dict(mesh.shape)
 
   def sharding(x):
+    if _is_variable(x) and not hasattr(x.get_value(), "shape"):  # optax.masked's placeholder: no array
+      return x
     if _is_variable(x):
       axes = x.get_metadata().get("logical_axes")
       spec = logical_to_spec(axes, x.get_value().shape, shape) if axes is not None else P()

@@ -24,7 +24,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
+from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
@@ -91,8 +91,11 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       params = adapter.init(jax.random.key(t.seed))
     elif params is None:
       params = nnx.state(Transformer(m, nnx.Rngs(params=t.seed)), nnx.Param)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
+    if loss_scale.enabled(m):  # float16: dynamic loss-scale state, checkpointed with the rest
+      state["loss_scale"] = loss_scale.init_state(cfg.optim)
+    return state
 
   abstract_state = jax.eval_shape(init)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
@@ -112,6 +115,13 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
   def train_step(state, batch, frozen=None):
     params = state["params"]
+    scaling = state.get("loss_scale")
+    factor = loss_scale.loss_factor(scaling, batch["inputs"].size)  # 1 unless float16
+
+    def scaled_loss_sums(params, micro):
+      loss_sum, count = loss_sums(params, micro, frozen)
+      return loss_sum * factor, (loss_sum, count)
+
     # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
     micro_batches = {k: jax.lax.with_sharding_constraint(
         jnp.swapaxes(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 0, 1), micro_sharding)
@@ -119,18 +129,25 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     def accumulate(carry, micro):
       grads_acc, loss_acc, count_acc = carry
-      (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro, frozen)
+      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(params, micro)
       return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
     tokens, count = count, jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / count, grad_sums)
+    grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": tokens}
+    if scaling is not None:  # a step with inf/nan gradients leaves params and optimizer state as they were
+      finite = loss_scale.all_finite(grads)
+      for key in ("params", "opt_state"):
+        new_state[key] = loss_scale.apply_if_finite(finite, new_state[key], state[key])
+      new_state["loss_scale"] = loss_scale.next_state(scaling, finite, cfg.optim.loss_scale_period)
+      metrics.update(loss_scale=scaling["scale"], skipped=1 - finite.astype(jnp.int32),
+                     skipped_steps=new_state["loss_scale"]["skipped_steps"])
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V, frozen=None):
@@ -337,7 +354,13 @@ class Trainer:
       nonlocal window_start, window_steps
       done_step, device_metrics = pending
       values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      if values.get("skipped"):  # float16: non-finite gradients, update skipped, scale halved
+        self.log(f"step {done_step:>6}/{self.total_steps} | skipped: non-finite gradients at loss scale "
+                 f"{values['loss_scale']:g} (halved; {values['skipped_steps']:.0f} skipped so far)")
+        if values["loss_scale"] <= 1.0:
+          raise TrainingDiverged(f"non-finite gradients even at loss scale {values['loss_scale']:g} at step "
+                                 f"{done_step}: training stopped; the last good checkpoint is step {last_saved}")
+      elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
         raise TrainingDiverged(f"loss={values['loss']} grad_norm={values['grad_norm']} at step {done_step}: "
                                f"training stopped; the last good checkpoint is step {last_saved}")
       history["train_loss"].append((done_step, values["loss"]))
@@ -347,9 +370,13 @@ class Trainer:
         tok_s = window_steps * t.batch_tokens / max(elapsed, 1e-9)
         mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
         eta = (self.total_steps - done_step) * elapsed / window_steps
+        scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
         writer.write(done_step, "train", {"loss": values["loss"], "lr": values["lr"],
-                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu})
+                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
+                                          **scaling})
         mfu_text = f" | MFU {100 * mfu:.2f}%" if mfu is not None else ""
+        if scaling:
+          mfu_text += f" | scale {scaling['loss_scale']:g} | skipped {scaling['skipped_steps']:.0f}"
         self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                  f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
                  f"ETA {metrics_lib.format_duration(eta)}")

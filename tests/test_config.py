@@ -21,7 +21,7 @@ def test_every_config_validates(name):
     ("model", dict(num_kv_heads=2), "config.model.num_kv_heads=2: must divide model.num_heads=3"),
     ("model", dict(head_dim=63), "config.model.head_dim=63: must be even"),
     ("model", dict(activation="tanh"), "config.model.activation='tanh': must be one of swiglu, relu2, gelu, silu"),
-    ("model", dict(dtype="float16"), "config.model.dtype='float16'"),
+    ("model", dict(dtype="float8"), "config.model.dtype='float8'"),
     ("model", dict(vocab_size=0), "config.model.vocab_size=0: must be a positive integer"),
     ("train", dict(seq_len=300), "config.train.seq_len=300: exceeds model.max_seq_len=256"),
     ("train", dict(batch_tokens=1000), "config.train.batch_tokens=1000: must be a multiple of train.seq_len=256"),

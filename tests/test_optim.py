@@ -81,3 +81,29 @@ def test_global_norm_clipping_feeds_adam_the_clipped_gradient():
   mu = state[1].mu  # chain(clip, adam, ...): Adam's first moment after one step is (1 - b1) * g
   for m in jax.tree.leaves(mu):
     np.testing.assert_allclose(m, 0.1 / np.sqrt(n), rtol=1e-4)  # g clipped to global norm 1
+
+
+def test_wsd_warmup_stable_then_linear_decay():
+  o = tiny_config().optim
+  o.update(lr=0.02, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+  sched = lr_schedule(o, total_steps=100)  # decay over the last round(0.2 * 100) = 20 steps
+  assert [float(sched(s)) for s in (0, 5, 10, 50, 80)] == pytest.approx([0.0, 0.01, 0.02, 0.02, 0.02])
+  assert [float(sched(s)) for s in (85, 90, 99, 100)] == pytest.approx([0.015, 0.01, 0.001, 0.0], abs=1e-9)
+  o.update(min_lr_ratio=0.5, warmup_steps=0)  # nanochat: lr * (progress + (1 - progress) * final_frac)
+  sched = lr_schedule(o, total_steps=100)
+  assert [float(sched(s)) for s in (0, 80, 90, 100)] == pytest.approx([0.02, 0.02, 0.015, 0.01])
+  o.update(schedule="constant", warmup_steps=4)
+  sched = lr_schedule(o, total_steps=100)
+  assert [float(sched(s)) for s in (0, 2, 4, 99, 100)] == pytest.approx([0.0, 0.01, 0.02, 0.02, 0.02])
+
+
+@pytest.mark.parametrize("field,value,msg", [("name", "sgd", "must be one of adamw, muon"),
+                                             ("schedule", "linear", "must be one of cosine, wsd, constant"),
+                                             ("decay_fraction", 1.5, "must be in"),
+                                             ("loss_scale_period", 0, "must be > 0")])
+def test_recipe_fields_are_validated(field, value, msg):
+  from lmtiny.config import ConfigError, validate
+  cfg = tiny_config()
+  cfg.optim[field] = value
+  with pytest.raises(ConfigError, match=f"config.optim.{field}=.*{msg}"):
+    validate(cfg)
