@@ -94,12 +94,16 @@ case $PRESET in
     CONFIG=configs/tiny.py; MIXTURE=tokenizer_data/embedded.py; VOCAB=4096
     SOURCE=${SOURCE:-embedded?max_chars=4000000}; TOK_CHARS=4000000
     BASE_ARGS=(--config.train.steps=300)
+    MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=100)
+    SFT_ARGS=(--config.sft.steps=100)
     RL_ARGS=(--data toy --steps 40 --questions 4 --samples 8 --max-new-tokens 48 --eval-questions 64)
     CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
   d20-h100 | d20-v5e8 | d26-pod | d32-pod)
     CONFIG=configs/${PRESET%%-*}.py; MIXTURE=tokenizer_data/seed.py; VOCAB=65536
     SOURCE=${SOURCE:-$FINEWEB}; TOK_CHARS=2000000000
     BASE_ARGS=()
+    MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3")
+    SFT_ARGS=()
     RL_ARGS=(--data gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
     [[ $PRESET == *-pod ]] && POD=1 ;;
@@ -117,6 +121,11 @@ if [[ $SMOKE == 1 ]]; then
              --config.model.max_seq_len=128 --config.train.seq_len=128 --config.train.batch_tokens=1024
              --config.train.steps=4 --config.train.eval_every=4 --config.train.eval_batches=1
              --config.train.checkpoint_every=4 --config.train.sample_tokens=8)
+  MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=2
+            --config.train.eval_every=2 --config.train.eval_batches=1 --config.train.checkpoint_every=2
+            --config.train.sample_tokens=8)
+  SFT_ARGS=(--config.sft.steps=2 --config.train.eval_every=2 --config.train.eval_batches=1
+            --config.train.checkpoint_every=2 --config.train.sample_tokens=8)
   RL_ARGS=(--data toy --steps 2 --questions 2 --samples 2 --max-new-tokens 8 --eval-questions 2)
   CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
   BASE_EVAL+=(--max-items 2 --eval-batches 1)
@@ -194,8 +203,8 @@ if [[ $POD == 1 ]]; then
 else
   stage base "$PYTHON" -m lmtiny.train "${TRAIN_ARGS[@]}"
 fi
-stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid"
-stage sft "$PYTHON" -m lmtiny.sft --init "$RUN_DIR/mid" --workdir "$RUN_DIR/sft"
+stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid" "${MID_ARGS[@]}"
+stage sft "$PYTHON" -m lmtiny.sft --init "$RUN_DIR/mid" --workdir "$RUN_DIR/sft" ${SFT_ARGS[@]+"${SFT_ARGS[@]}"}
 stage rl "$PYTHON" -m lmtiny.rl --init "$(rl_init)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
 if wanted eval; then
   run "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}"

@@ -1,6 +1,5 @@
 """launch/speedrun.sh: the toy preset at smoke scale runs every stage for real and resumes; the
 other presets' commands (dry run) and bad input."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,24 +21,18 @@ def _run(*args, timeout=900):
 
 
 def test_toy_preset_at_smoke_scale_runs_every_stage_and_resumes(tmp_path):
-  # Midtraining and SFT are lmtiny.sft (issue 14). Where that verb module does not exist yet,
-  # those two stages, and only those, are skipped; once it is there this test runs them too.
-  missing = [stage for stage in ("mid", "sft") if importlib.util.find_spec("lmtiny.sft") is None]
   run_dir = str(tmp_path / "run")
-  skip = ["--skip", ",".join(missing)] if missing else []
-  out = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, "--price-per-chip-hour", "1", *skip)
+  out = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, "--price-per-chip-hour", "1")
   assert out.returncode == 0, out.stderr[-3000:]
-  stages = [s for s in ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval") if s not in missing]
+  stages = ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval")
   for s in stages:
     assert os.path.exists(os.path.join(run_dir, ".stages", f"{s}.done")), s
   card = open(os.path.join(run_dir, "report.md")).read()
-  sections = ["## Tokenizer", "## Base model", "## RL", "## Evaluation"]
-  sections += [] if missing else ["## Midtraining", "## SFT"]
-  for section in sections:
+  for section in ("## Tokenizer", "## Base model", "## Midtraining", "## SFT", "## RL", "## Evaluation"):
     assert section in card
   assert "| bpb | bits per byte |" in card and "| gsm8k | accuracy (2 problems) |" in card
   assert "estimated cost: $" in card
-  again = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, *skip)
+  again = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable)
   assert again.returncode == 0, again.stderr[-3000:]
   for s in stages:
     assert f"== {s}: done already" in again.stderr
@@ -51,7 +44,8 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   assert lines[2].startswith("python3 -m lmtiny.train --config configs/d20.py --config.model.vocab_size=65536")
-  assert "python3 -m lmtiny.sft --init runs/x --workdir runs/x/mid" in lines
+  assert ("python3 -m lmtiny.sft --init runs/x --workdir runs/x/mid "
+          "--config.sft.sources=embedded_chat:1.0,pretrain:0.3") in lines  # midtraining keeps pretraining text
   assert "python3 -m lmtiny.sft --init runs/x/mid --workdir runs/x/sft" in lines
   assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --data gsm8k" in lines
   assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines

@@ -75,7 +75,10 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   steps = checkpoint_steps(init)
   if not steps:
     raise ConfigError(f"--init={init}: no checkpoint in {os.path.join(init, 'checkpoints')}")
-  step = init_step if init_step is not None and init_step >= 0 else cfg.sft.init_step
+  step = init_step if init_step is not None and init_step >= 0 else None
+  if step is None and cfg.sft.init and os.path.abspath(cfg.sft.init) == os.path.abspath(init):
+    step = cfg.sft.init_step  # a config that names this base run may pin its step; a config read
+    # from an earlier fine-tuning run (sft --init RUN/mid) names *that* run's base, not this one
   step = steps[-1] if step is None or step < 0 else step
   if step not in steps:
     raise ConfigError(f"--init-step={step}: no such checkpoint in {init} (have {', '.join(map(str, steps))})")
