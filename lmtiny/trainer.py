@@ -28,7 +28,7 @@ from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
-from lmtiny.model import Transformer, abstract_model
+from lmtiny.model import Transformer, abstract_model, cast_params, compute_dtype
 from lmtiny.optim import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -53,15 +53,17 @@ class Steps:
   batch_sharding: Any
 
 
-def token_losses(graphdef, params, batch):
-  """Per-token cross-entropy [B, T] in float32."""
+def token_losses(graphdef, params, batch, with_lse: bool = False):
+  """Per-token cross-entropy [B, T] in float32 (and the logsumexp, for z-loss, with_lse), from
+  the model's memory-efficient loss path (no [B, T, V] logits)."""
   model = nnx.merge(graphdef, params)
-  logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  return sharding.cross_entropy(logits_BxTxV, batch["targets"])
+  ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"])
+  return (ce_BxT, lse_BxT) if with_lse else ce_BxT
 
 
 def check_batch_divisibility(cfg, mesh) -> None:
-  t, dp = cfg.train, sharding.data_parallel_size(mesh)
+  dp = sharding.data_parallel_size(mesh)
+  t = config_lib.resolve_batch(cfg, dp).train
   micro = config_lib.micro_batch_size(t)
   if micro % dp:
     field = "train.micro_batch_size" if t.micro_batch_size else "train.batch_tokens"
@@ -74,6 +76,7 @@ def check_batch_divisibility(cfg, mesh) -> None:
 
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None) -> Steps:
+  cfg = config_lib.resolve_batch(cfg, sharding.data_parallel_size(mesh))
   m, t = cfg.model, cfg.train
   graphdef, _ = nnx.split(abstract_model(m))
   tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
@@ -91,12 +94,20 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
-  def loss_sums(params, micro):
+  def loss_sums(compute_params, micro):
+    """(objective, (loss_sum, count)): the objective adds z-loss to the summed cross-entropy."""
     mask = micro["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_losses(graphdef, params, micro) * mask), jnp.sum(mask)
+    ce_BxT, lse_BxT = token_losses(graphdef, compute_params, micro, with_lse=True)
+    loss_sum = jnp.sum(ce_BxT * mask)
+    objective = loss_sum + t.z_loss * jnp.sum(jnp.square(lse_BxT) * mask) if t.z_loss else loss_sum
+    return objective, (loss_sum, jnp.sum(mask))
 
   def train_step(state, batch):
     params = state["params"]
+    # Weight matrices in the compute dtype once per step, not once per micro-step; the gradient
+    # of each micro-step is taken with respect to this copy and accumulated in float32, which
+    # equals the gradient through the cast into the float32 master weights.
+    compute_params = cast_params(params, compute_dtype(m))
     # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
     micro_batches = {k: jax.lax.with_sharding_constraint(
         jnp.swapaxes(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 0, 1), micro_sharding)
@@ -104,8 +115,9 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     def accumulate(carry, micro):
       grads_acc, loss_acc, count_acc = carry
-      (loss_sum, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro)
-      return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
+      (_, (loss_sum, count)), grads = jax.value_and_grad(loss_sums, has_aux=True)(compute_params, micro)
+      grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
+      return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
@@ -119,7 +131,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V):
-    losses_BxT = token_losses(graphdef, params, batch)
+    losses_BxT = token_losses(graphdef, cast_params(params, compute_dtype(m)), batch)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
@@ -207,7 +219,7 @@ class Trainer:
 
   def evaluate(self, params) -> dict | None:
     from lmtiny.data.pipeline import make_eval_iterator
-    t = self.cfg.train
+    t = config_lib.resolve_batch(self.cfg, sharding.data_parallel_size(self.mesh)).train
     if not t.eval_batches or not len(self.data.val_docs):
       return None
     batches = make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
