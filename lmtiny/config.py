@@ -242,4 +242,9 @@ def nanochat_config(depth: int) -> ml_collections.ConfigDict:
   c.train.update(seq_len=2048, batch_tokens=524288, tokens_per_param=20.0, eval_every=250)
   c.optim.update(lr=3e-3, embed_lr=0.2, unembed_lr=0.004, scale_lr_by_width=True,
                  warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0)
+  # Sized to fit one 80 GB H100 per data-parallel device even with the XLA attention path (its
+  # [T, T] scores); lax.scan over layers keeps exactly what the remat policy saves. Checked with
+  # `python -m lmtiny.bench --config configs/dNN.py --compile-only --config.model.dtype=bfloat16`.
+  c.model.scan_layers = True
+  c.train.device_batch_size = 32 if depth <= 12 else 16 if depth <= 20 else 8 if depth <= 26 else 4
   return c

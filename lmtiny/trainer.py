@@ -203,6 +203,7 @@ class Trainer:
     self.num_params = arch.count_params(cfg.model)
     self.total_steps = config_lib.total_steps(cfg, self.num_params)
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
+    self.flops_per_token_nanochat = arch.train_flops_per_token(cfg.model, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0
     self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule)
     self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
@@ -320,10 +321,13 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         tok_s = window_steps * t.batch_tokens / max(elapsed, 1e-9)
         mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
+        mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
         eta = (self.total_steps - done_step) * elapsed / window_steps
         writer.write(done_step, "train", {"loss": values["loss"], "lr": values["lr"],
-                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu})
-        mfu_text = f" | MFU {100 * mfu:.2f}%" if mfu is not None else ""
+                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
+                                          "mfu_nanochat": mfu_nanochat})
+        mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
+                    if mfu is not None else "")
         self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                  f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
                  f"ETA {metrics_lib.format_duration(eta)}")
