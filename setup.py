@@ -27,6 +27,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7"],
         "compare": ["tiktoken>=0.7"],
+        "bench": ["torch>=2.4"],  # benchmarks/torch_reference.py
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],  # gs:// workdirs
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -150,7 +150,7 @@ def build_torch(cfg, attention: str):
     if o.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip, foreach=True)
     opt.step()
-    return float(loss)
+    return loss.item()
 
   return model, step
 

@@ -112,7 +112,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
 
 
 def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f} GiB"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def format_memory(r: dict) -> list[str]:
@@ -142,7 +142,7 @@ def format_report(r: dict, cfg) -> str:
   if "median_step_s" not in r:  # --compile-only
     return "\n".join(head + format_memory(r))
   mem = _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
-  mfu = (f"{100 * r['mfu']:.1f}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.1f}% nanochat "
+  mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
          f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
   return "\n".join(head + [
       f"FLOPs/token  {arch.human(r['flops_per_token'])} (train, causal-half)",
