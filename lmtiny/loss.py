@@ -71,7 +71,7 @@ def _chunked(x_NxD, targets_N, chunk: int):
 
 
 def _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
-  x_nxCxD, t_nxC, pad = _chunked(x_NxD, targets_N, chunk)
+  x_nxCxD, t_nxC, _ = _chunked(x_NxD, targets_N, chunk)
   if x_nxCxD.shape[0] == 1:
     logits_CxV = _chunk_logits(x_nxCxD[0], w_DxV, softcap)
     lse_C, target_C = _chunk_stats(logits_CxV, t_nxC[0], vocab_start, axis_name)
