@@ -30,6 +30,7 @@ setup(
                  "torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # + hf
         "hf": ["torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # HF tokenizers on import; transformers/torch to run exports
         "compare": ["tiktoken>=0.7"],
+        "bench": ["torch>=2.4"],  # benchmarks/torch_reference.py
         "tpu": ["jax[tpu]>=0.10.2", "gcsfs", "google-cloud-storage"],  # gs:// workdirs
         "cuda": ["jax[cuda12]>=0.10.2"],
     },

@@ -24,8 +24,10 @@ from lmtiny.config import ConfigError
 # 16-core AVX2/AVX-512 host in fp32 (~60 GFLOP/s per core; a 2-core dev box measured ~0.2e12
 # with a NumPy matmul): CPU MFU figures are indicative only.
 PEAK_FLOPS = {
-    "h100": 989e12,
+    "h100": 989e12,       # H100 SXM
+    "h100_pcie": 756e12,
     "h200": 989e12,
+    "a100": 312e12,
     "v5e": 197e12,
     "v5p": 459e12,
     "v6e": 918e12,
@@ -90,14 +92,22 @@ def _attention_flops_per_token(m, seq_len: int) -> float:
   return 2.0 * m.num_layers * seq_len * m.num_heads * config_lib.head_dim(m)
 
 
-def train_flops_per_token(m, seq_len: int) -> float:
-  """Training FLOPs per token: 6 * N_matmul + 6 * L * T * H * Dh.
+MFU_CONVENTIONS = ("causal-half", "nanochat")
 
-  6 = forward (2) + backward (4) FLOPs per multiply-accumulate of a weight. Causal attention
-  follows MaxText's convention: half of nanochat's 12 * L * T * H * Dh, since half the score
-  matrix is masked. This is the figure MFU divides by the chip's peak.
+
+def train_flops_per_token(m, seq_len: int, convention: str = "causal-half") -> float:
+  """Training FLOPs per token: 6 * N_matmul + 6 * L * T * H * Dh ("causal-half", the default),
+  or 6 * N_matmul + 12 * L * T * H * Dh ("nanochat").
+
+  6 = forward (2) + backward (4) FLOPs per multiply-accumulate of a weight. The causal-half
+  convention follows MaxText: half of nanochat's 12 * L * T * H * Dh, since half the score
+  matrix is masked. nanochat counts the full square. MFU divides either by the chip's peak;
+  every printed MFU names its convention.
   """
-  return 6.0 * matmul_params(m) + 3.0 * _attention_flops_per_token(m, seq_len)
+  if convention not in MFU_CONVENTIONS:
+    raise ValueError(f"convention={convention!r}: one of {MFU_CONVENTIONS}")
+  attention = 3.0 if convention == "causal-half" else 6.0
+  return 6.0 * matmul_params(m) + attention * _attention_flops_per_token(m, seq_len)
 
 
 def inference_flops_per_token(m, seq_len: int) -> float:
@@ -184,6 +194,8 @@ def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float =
       f"  N_matmul = {n_mm:,} (every weight matrix that multiplies, lm_head included, embedding lookup excluded)",
       f"  training  6*N_matmul + 6*L*T*H*Dh = 6*{n_mm:,} + 6*{m.num_layers}*{seq_len}*{m.num_heads}*{hd}"
       f" = {train:.4g}",
+      f"  training, nanochat convention (full square) 6*N_matmul + 12*L*T*H*Dh = "
+      f"{train_flops_per_token(m, seq_len, 'nanochat'):.4g}",
       f"  inference 2*N_matmul + 2*L*T*H*Dh = {infer:.4g}",
   ]
   tokens = chinchilla_tokens(m, tokens_per_param)
@@ -193,7 +205,10 @@ def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float =
       f"Token budget: {tokens_per_param:g} tokens/param x {total:,} params = {human(tokens)} tokens",
       f"  training compute {tokens * train:.3g} FLOPs; on {num_chips} x {chip} "
       f"({PEAK_FLOPS[chip] / 1e12:g} TFLOP/s dense bf16 each) at {100 * mfu:g}% MFU: {_duration(seconds)}",
+      "",
   ]
+  from lmtiny import memory  # builds on this module's counts
+  lines += memory.format_estimate(cfg)
   return "\n".join(lines)
 
 

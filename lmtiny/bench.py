@@ -1,9 +1,16 @@
-"""python -m lmtiny.bench --config configs/<size>.py [--steps 20] [--config.x=...]
+"""python -m lmtiny.bench --config configs/<size>.py [--steps 20] [--compile-only] [--config.x=...]
 
 Times the jitted train step (the trainer's own, sharded over the configured mesh) on synthetic
-tokens and prints: compile time, median / min step time, tokens/s, MFU and peak device memory
-where the backend reports it. MFU uses training FLOPs per token = 6 * N_matmul + 6 * L * T * H * Dh
-(see lmtiny.arch / lmtiny.metrics) over the dense bf16 peak of the chips.
+tokens and prints: compile time, median / min step time, tokens/s, MFU in both conventions,
+XLA's own memory figure for the compiled step (`compiled.memory_analysis()`: arguments, outputs,
+aliased (donated) bytes and temporaries, per device) next to lmtiny.memory's estimate, and the
+peak device memory where the backend reports it. `--compile-only` lowers and compiles the step on
+abstract inputs (no parameters are allocated, nothing runs): the memory check for big configs.
+
+MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
+    causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
+    nanochat:    6 * N_matmul + 12 * L * T * H * Dh  (the full square)
+(lmtiny.arch.train_flops_per_token).
 """
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ import time
 import jax
 import numpy as np
 
-from lmtiny import arch, cli, config as config_lib, metrics as metrics_lib, sharding
-from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
+from lmtiny import arch, cli, config as config_lib, memory, metrics as metrics_lib, sharding
+from lmtiny.checkpoint import abstract_with_shardings
+from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility, device_batch
 
 
 def synthetic_batch(cfg, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -34,6 +42,42 @@ def peak_memory_bytes() -> int | None:
   return max(peaks) if peaks else None
 
 
+def memory_analysis(compiled) -> dict | None:
+  """XLA's per-device figures for a compiled program, in bytes; `peak` = arguments + outputs -
+  aliased (donated buffers reused for outputs) + temporaries."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def compile_step(cfg):
+  """(build_steps result, mesh, compiled train step, compile seconds) from abstract inputs."""
+  config_lib.validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_divisibility(cfg, mesh)
+  steps = build_steps(cfg, mesh, total_steps=2)
+  t = cfg.train
+  rows = config_lib.global_batch_size(t)
+  batch = {k: jax.ShapeDtypeStruct((rows, t.seq_len), np.float32 if k == "loss_mask" else np.int32,
+                                   sharding=steps.batch_sharding) for k in BATCH_KEYS}
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+    compiled = steps.train_step.lower(state, batch).compile()
+  return steps, mesh, compiled, time.perf_counter() - t0
+
+
+def compile_report(cfg) -> dict:
+  """Compile only: XLA's memory analysis and lmtiny.memory's estimate, no arrays allocated."""
+  _, mesh, compiled, compile_s = compile_step(cfg)
+  return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
+          "estimate": memory.estimate(cfg, dict(mesh.shape)), "device": jax.devices()[0].device_kind,
+          "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+
+
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
   """Compile once, run `warmup` untimed steps, then time `steps` steps one by one."""
   config_lib.validate(cfg)
@@ -47,6 +91,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
     batch = device_batch(synthetic_batch(cfg, rows), mesh)
     compiled = bench_steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    xla_memory = memory_analysis(compiled)
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
@@ -57,33 +102,63 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
   median = statistics.median(times)
   tokens_per_s = cfg.train.batch_tokens / median
   flops = arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  flops_nanochat = arch.train_flops_per_token(cfg.model, cfg.train.seq_len, "nanochat")
   return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "median_step_s": median,
           "min_step_s": min(times), "tokens_per_s": tokens_per_s, "mfu": metrics_lib.mfu(flops, tokens_per_s),
+          "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
+          "estimate": memory.estimate(cfg, dict(mesh.shape)), "step_times": times,
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
 
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_memory(r: dict) -> list[str]:
+  lines = []
+  x = r.get("xla_memory")
+  if x is not None:
+    lines.append(f"XLA memory   {_gib(x['peak'])} per device = arguments {_gib(x['argument'])} + outputs "
+                 f"{_gib(x['output'])} - aliased {_gib(x['alias'])} + temporaries {_gib(x['temp'])}")
+  e = r.get("estimate")
+  if e is not None:
+    ratio = f" ({e['total'] / x['peak']:.2f}x XLA's)" if x and x["peak"] else ""
+    lines.append(f"estimate     {_gib(e['total'])} per device{ratio} (lmtiny.memory: " +
+                 ", ".join(f"{k} {_gib(v)}" for k, v in e.items() if k != "total") + ")")
+  return lines
+
+
 def format_report(r: dict, cfg) -> str:
-  mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] else "n/a (backend does not report)"
-  mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (unknown chip)"
   t = cfg.train
-  return "\n".join([
-      f"model        {r['params'] / 1e6:.2f}M params, {arch.human(r['flops_per_token'])}FLOPs/token (train)",
+  resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
+  head = [
+      f"model        {r['params'] / 1e6:.2f}M params",
       f"device       {r['devices']} x {r['device']}, mesh {r['mesh']}",
       f"batch        {t.batch_tokens} tokens = {config_lib.global_batch_size(t)} x {t.seq_len}"
-      f" (accumulation {config_lib.accumulation_steps(t)}), dtype {cfg.model.dtype}, remat {cfg.model.remat}",
+      f" (accumulation {config_lib.accumulation_steps(resolved)}), dtype {cfg.model.dtype}, remat {cfg.model.remat}",
       f"compile      {r['compile_s']:.1f} s",
+  ]
+  if "median_step_s" not in r:  # --compile-only
+    return "\n".join(head + format_memory(r))
+  mem = _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
+  mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
+         f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
+  return "\n".join(head + [
+      f"FLOPs/token  {arch.human(r['flops_per_token'])} (train, causal-half)",
       f"step         median {1e3 * r['median_step_s']:.1f} ms, min {1e3 * r['min_step_s']:.1f} ms",
       f"throughput   {r['tokens_per_s']:,.0f} tokens/s",
       f"MFU          {mfu}",
-      f"peak memory  {mem}",
-  ])
+      f"peak memory  {mem} (runtime)",
+  ] + format_memory(r))
 
 
 def _define_flags(fv):
   from absl import flags
   return {"steps": flags.DEFINE_integer("steps", 20, "Timed steps.", flag_values=fv),
-          "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)}
+          "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv),
+          "compile_only": flags.DEFINE_bool("compile_only", False, "Compile on abstract inputs and print XLA's "
+                                            "memory analysis; allocate and run nothing.", flag_values=fv)}
 
 
 def run(argv: list[str]) -> int:
@@ -91,6 +166,9 @@ def run(argv: list[str]) -> int:
   if parsed is None:
     return 0
   values, cfg = parsed
+  if values["compile_only"]:
+    print(format_report(compile_report(cfg), cfg))
+    return 0
   report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
   print(format_report(report, cfg))
   return 0

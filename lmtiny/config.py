@@ -7,6 +7,7 @@ and the value; entry points print it and exit with status 2.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import ml_collections
@@ -59,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       remat="none",          # none | full | save_attn_out | save_qkv | minimal | dots | dots_no_batch (lmtiny.model)
       scan_layers=False,     # lax.scan over stacked layers (faster compiles for deep models)
       attention="auto",      # auto | xla | cudnn | splash (lmtiny.attention)
+      loss_chunk_tokens=4096,  # tokens per device per cross-entropy chunk (peak loss memory: chunk x V fp32)
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. Product must equal the device count.
@@ -92,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
       seq_len=1024,
       batch_tokens=524288,   # global batch per optimizer step, in tokens
       micro_batch_size=0,    # global sequences per accumulation micro-step; 0 = no accumulation
+      device_batch_size=0,   # sequences per device per micro-step (nanochat/MaxText); > 0 overrides micro_batch_size
+      z_loss=0.0,            # weight of PaLM's z-loss, z * logsumexp(logits)^2 per token; 0 = off
       steps=1000,
       tokens_per_param=0.0,  # > 0 sets steps from a Chinchilla-style budget (20 is Chinchilla)
       seed=0,
@@ -162,6 +166,25 @@ def micro_batch_size(t) -> int:
   return t.micro_batch_size or global_batch_size(t)
 
 
+def resolve_batch(cfg, data_parallel: int):
+  """A copy of cfg whose train.micro_batch_size comes from train.device_batch_size (sequences per
+  device per micro-step) x the data-parallel size, so the accumulation count follows the device
+  count: micro = device_batch_size x data_parallel (no accumulation when that covers the global
+  batch). Returns cfg itself when device_batch_size is 0."""
+  t = cfg.train
+  if not t.device_batch_size:
+    return cfg
+  micro, total = t.device_batch_size * data_parallel, global_batch_size(t)
+  if micro < total and total % micro:
+    raise ConfigError(f"config.train.device_batch_size={t.device_batch_size!r}: {micro} sequences per micro-step "
+                      f"({t.device_batch_size} x {data_parallel} data-parallel devices) do not divide the global "
+                      f"batch of {total} sequences (train.batch_tokens / train.seq_len)")
+  cfg = copy.deepcopy(cfg)
+  cfg.train.micro_batch_size = 0 if micro >= total else micro
+  cfg.train.device_batch_size = 0
+  return cfg
+
+
 def total_steps(cfg, num_params: int) -> int:
   """Training horizon: explicit steps, or tokens_per_param * params / batch_tokens."""
   t = cfg.train
@@ -218,6 +241,9 @@ def validate(cfg) -> None:
   _require(t.micro_batch_size >= 0 and (not t.micro_batch_size or global_batch_size(t) % t.micro_batch_size == 0),
            "train.micro_batch_size", t.micro_batch_size,
            f"must divide the global batch of {global_batch_size(t)} sequences")
+  _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
+  _require(t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0")
+  _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
@@ -270,4 +296,9 @@ def nanochat_config(depth: int) -> ml_collections.ConfigDict:
                  warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0, muon_momentum=0.95,
                  muon_momentum_start=0.85, muon_momentum_warmup=300, muon_ns_steps=5,
                  muon_ns_dtype="bfloat16")
+  # Sized to fit one 80 GB H100 per data-parallel device even with the XLA attention path (its
+  # [T, T] scores); lax.scan over layers keeps exactly what the remat policy saves. Checked with
+  # `python -m lmtiny.bench --config configs/dNN.py --compile-only --config.model.dtype=bfloat16`.
+  c.model.scan_layers = True
+  c.train.device_batch_size = 32 if depth <= 12 else 16 if depth <= 20 else 8 if depth <= 26 else 4
   return c

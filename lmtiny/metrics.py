@@ -5,7 +5,8 @@ training FLOPs per token from `lmtiny.arch.train_flops_per_token`:
     6 * N_matmul + 6 * L * T * H * Dh
 (N_matmul: every weight matrix that multiplies, lm_head included, the embedding lookup
 excluded; the attention term counts the causal half of the score matrix, MaxText's convention,
-half of nanochat's 12 * L * T * H * Dh).
+half of nanochat's 12 * L * T * H * Dh). The trainer and lmtiny.bench print both, each named:
+"causal-half" (6 * L * T * H * Dh) and "nanochat" (12 * L * T * H * Dh).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lmtiny.arch import PEAK_FLOPS
 from lmtiny.files import atomic_write
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
-_DEVICE_KINDS = (("h200", "h200"), ("h100", "h100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
+_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", "h100_pcie"), ("h100", "h100"), ("a100", "a100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
                  ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("cpu", "cpu"))
 
 

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
 from lmtiny.attention import ATTN_OUT, ATTN_QKV, attention
-from lmtiny.sharding import constrain
+from lmtiny.sharding import constrain, linear_cross_entropy
 
 Array = jax.Array
 
@@ -224,16 +224,21 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens_BxT: Array) -> Array:
     # Gather the FSDP-sharded table whole first (ZeRO-3: weights are all-gathered where used);
     # a lookup into a D-sharded table would need a costly reshard of its output instead.
-    table_VxD = constrain(self.embed[...].astype(compute_dtype(self.cfg)), ("embed_vocab", "act_embed"))
-    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0)
+    # Gather from the float32 table, then cast: the gradient scatter-adds into the table in
+    # float32 (in bf16, 4,096 unit gradients into one row would sum to 256).
+    table_VxD = constrain(self.embed[...], ("embed_vocab", "act_embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
     if self.embed_norm is not None:
       x_BxTxD = self.embed_norm(x_BxTxD)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
+  def unembed_weight(self, dtype) -> Array:
+    w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return w_DxV.astype(dtype)
+
   def unembed(self, x_BxTxD: Array) -> Array:
     x_BxTxD = self.final_norm(x_BxTxD)
-    w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV.astype(x_BxTxD.dtype),
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.unembed_weight(x_BxTxD.dtype),
                               preferred_element_type=jnp.float32)
     if self.cfg.logit_softcap > 0:
       cap = self.cfg.logit_softcap
@@ -242,6 +247,21 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
                segment_ids_BxT: Array | None = None) -> Array:
+    return self.unembed(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+  def token_losses(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None = None,
+                   segment_ids_BxT: Array | None = None) -> tuple[Array, Array]:
+    """Per-token (cross-entropy, logsumexp) [B, T] in float32 for the trainer: the lm_head GEMM
+    runs in the compute dtype over chunks of model.loss_chunk_tokens tokens (lmtiny.loss), so
+    the [B, T, V] logits never exist. Same values as cross-entropy of `self(tokens)`."""
+    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+    return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT,
+                                softcap=self.cfg.logit_softcap,
+                                chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+
+  def hidden(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+             segment_ids_BxT: Array | None = None) -> Array:
+    """The last block's output [B, T, D] (before the final norm)."""
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -261,7 +281,34 @@ class Transformer(nnx.Module):
     else:
       for block in self.layers:
         x_BxTxD = run_block(*nnx.split(block), x_BxTxD)
-    return self.unembed(x_BxTxD)
+    return x_BxTxD
+
+
+# Logical axes of weight matrices (what multiplies activations); a parameter with two or more of
+# them is a matrix. Norm scales ("norm", or a lone "head_dim") and the token embedding table
+# ("embed_vocab") are not, stacked under a leading "layers" axis or not.
+MATRIX_AXES = frozenset({"embed", "heads", "kv_heads", "mlp", "head_dim", "vocab"})
+
+
+def is_matrix(logical_axes) -> bool:
+  axes = tuple(logical_axes or ())
+  return "norm" not in axes and "embed_vocab" not in axes and sum(a in MATRIX_AXES for a in axes) >= 2
+
+
+def cast_params(params, dtype):
+  """Weight matrices cast to the compute dtype; the embedding table and norm scales stay float32
+  (the lookup gathers from float32, see embed_tokens). The trainer does this once per step and
+  the sampler once per generate call, so the model's own `.astype(dtype)` calls are no-ops, not
+  a cast per micro-step or per decoded token. Gradients flow through the cast to the float32
+  master weights."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(v):
+    if isinstance(v, nnx.Variable) and is_matrix(v.get_metadata().get("logical_axes")):
+      return jax.tree.map(lambda x: x.astype(dtype), v)
+    return v
+
+  return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def abstract_model(m) -> Transformer:

@@ -1,8 +1,10 @@
 """AdamW with warmup + cosine, global-norm clipping, masked weight decay and per-group LRs.
 
 Groups: the token embedding, the unembedding (lm_head) and everything else ("matrices", which
-also holds the norm scales). Weight decay applies only to matrices with two or more dimensions
-that are not embeddings. Group LRs are expressed as multipliers of the matrix schedule, so one
+also holds the norm scales). Weight decay applies only to weight matrices, read from each
+parameter's `logical_axes` (lmtiny.model.is_matrix: two or more of embed/heads/kv_heads/mlp/
+head_dim/vocab, never "norm"), and never to the embedding or unembedding tables: norm scales
+stay undecayed when scan_layers stacks them into [L, D]. Group LRs are expressed as multipliers of the matrix schedule, so one
 Adam state and one schedule serve all groups.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from lmtiny.model import is_matrix
 
 
 def lr_schedule(o, total_steps: int) -> optax.Schedule:
@@ -75,7 +79,15 @@ def scale_by_group(multipliers: dict[str, float]) -> optax.GradientTransformatio
 
 
 def decay_mask(params):
-  return _per_leaf(params, lambda path, p: p.ndim >= 2 and _group(path) == "matrix")
+  """True for weight matrices (by logical axes, so stacked [L, D] norm scales are not matrices)
+  outside the embedding and unembedding groups; leaves without metadata are never decayed."""
+
+  def mask(path, v):
+    axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+    flag = is_matrix(axes) and _group(path) == "matrix"
+    return jax.tree.map(lambda _: flag, v) if isinstance(v, nnx.Variable) else flag
+
+  return jax.tree_util.tree_map_with_path(mask, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(o, d_model: int, total_steps: int, schedule: optax.Schedule | None = None

@@ -33,7 +33,7 @@ from flax import nnx
 
 from lmtiny.attention import attention
 from lmtiny.config import UserError
-from lmtiny.model import compute_dtype
+from lmtiny.model import cast_params, compute_dtype
 from lmtiny.sharding import constrain
 
 Array = jax.Array
@@ -205,6 +205,7 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, *, c
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len", "sampling"))
+_cast_params_jit = jax.jit(cast_params, static_argnums=1)
 _decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, static_argnames=("chunk", "sampling"),
                             donate_argnames=("state",))
 
@@ -244,6 +245,14 @@ class Sampler:
     self.graphdef, self.params = nnx.split(model)
     self.chunk = chunk
     self._warm = set()
+
+  def _compute_params(self):
+    """Weight matrices cast to the compute dtype once per generate call (not per decoded token);
+    float32 compute needs no copy."""
+    dtype = compute_dtype(self.cfg)
+    if dtype == jnp.float32:
+      return self.params
+    return _cast_params_jit(self.params, dtype)
 
   def check_prompt(self, ids: Sequence[int], index: int = 0) -> None:
     context = self.cfg.max_seq_len
@@ -290,26 +299,27 @@ class Sampler:
     stop_ids_N[:len(stop_set)] = sorted(stop_set)
     result = Generation([[] for _ in range(b)], ["length"] * b, prefill_tokens=int(lengths.sum()))
 
+    params = self._compute_params()
     shape_key = (b, prompt_len, cache_len, sampling)
     if warmup and shape_key not in self._warm:
       t0 = time.perf_counter()
       ones = np.ones((b,), np.int32)
-      state = _prefill_jit(self.graphdef, self.params, np.zeros_like(tokens), ones, ones + 1,
+      state = _prefill_jit(self.graphdef, params, np.zeros_like(tokens), ones, ones + 1,
                            _row_keys(seed, rows), **static)
-      _host(_decode_chunk_jit(self.graphdef, self.params, state, np.ones((b,), bool), stop_ids_N,
+      _host(_decode_chunk_jit(self.graphdef, params, state, np.ones((b,), bool), stop_ids_N,
                                 **decode_static)[2])
       result.compile_seconds = time.perf_counter() - t0
     self._warm.add(shape_key)
 
     t0 = time.perf_counter()
-    state = _prefill_jit(self.graphdef, self.params, tokens, lengths, ends, _row_keys(seed, rows), **static)
+    state = _prefill_jit(self.graphdef, params, tokens, lengths, ends, _row_keys(seed, rows), **static)
     jax.block_until_ready(state.next_B)
     result.prefill_seconds = time.perf_counter() - t0
     finished = np.zeros((b,), bool)
     emitted = 0
     t0 = time.perf_counter()
     while not finished.all():
-      state, out, done = _decode_chunk_jit(self.graphdef, self.params, state, finished.copy(), stop_ids_N,
+      state, out, done = _decode_chunk_jit(self.graphdef, params, state, finished.copy(), stop_ids_N,
                                            **decode_static)
       out, done = _host(out), _host(done).copy()
       for i in np.flatnonzero(~finished):

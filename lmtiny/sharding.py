@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lmtiny import loss as loss_lib
 from lmtiny.config import MESH_AXES, ConfigError
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
@@ -207,3 +208,28 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
   if q_spec[2] != kv_spec[2]:
     raise ValueError(f"attention heads shard unlike: q {q_shape} as {q_spec}, k/v {kv_shape} as {kv_spec}")
   return q_spec, kv_spec, logical_to_spec(("batch", "seq"), q_shape[:2], mesh_shape_)
+
+
+def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
+                         softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+  """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising
+  [B, T, V] (lmtiny.loss). Under a mesh it runs in `shard_map`: rows split over the batch axes,
+  vocab columns over `tensor` (Megatron's vocab-parallel loss: three per-token all-reduces),
+  chunks of `chunk_tokens` tokens per device."""
+  b, t, d = x_BxTxD.shape
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None):
+    start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
+    ce_N, lse_N = loss_lib.linear_cross_entropy(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), start,
+                                                softcap, chunk_tokens, axis_name)
+    return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
+
+  if mesh.empty:
+    return local(x_BxTxD, w_DxV, targets_BxT)
+  shape = dict(mesh.shape)
+  batch = _mesh_axes_for("batch", b, shape)
+  vocab = _mesh_axes_for("vocab", w_DxV.shape[1], shape)
+  return jax.shard_map(lambda x, w, tg: local(x, w, tg, vocab), mesh=mesh, check_vma=False,
+                       in_specs=(P(batch, None, None), P(None, vocab), P(batch, None)),
+                       out_specs=(P(batch, None), P(batch, None)))(x_BxTxD, w_DxV, targets_BxT)

@@ -28,7 +28,7 @@ from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_li
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
-from lmtiny.model import Transformer, abstract_model
+from lmtiny.model import Transformer, abstract_model, cast_params, compute_dtype
 from lmtiny.optim import make_optimizer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -55,15 +55,17 @@ class Steps:
   model_params: Callable[[Any], Any] = lambda params: params
 
 
-def token_losses(graphdef, params, batch):
-  """Per-token cross-entropy [B, T] in float32."""
+def token_losses(graphdef, params, batch, with_lse: bool = False):
+  """Per-token cross-entropy [B, T] in float32 (and the logsumexp, for z-loss, with_lse), from
+  the model's memory-efficient loss path (no [B, T, V] logits)."""
   model = nnx.merge(graphdef, params)
-  logits_BxTxV = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-  return sharding.cross_entropy(logits_BxTxV, batch["targets"])
+  ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"])
+  return (ce_BxT, lse_BxT) if with_lse else ce_BxT
 
 
 def check_batch_divisibility(cfg, mesh) -> None:
-  t, dp = cfg.train, sharding.data_parallel_size(mesh)
+  dp = sharding.data_parallel_size(mesh)
+  t = config_lib.resolve_batch(cfg, dp).train
   micro = config_lib.micro_batch_size(t)
   if micro % dp:
     field = "train.micro_batch_size" if t.micro_batch_size else "train.batch_tokens"
@@ -81,6 +83,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
   trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
   saved. `init(params)` starts from given parameters instead of a fresh initialisation."""
+  cfg = config_lib.resolve_batch(cfg, sharding.data_parallel_size(mesh))
   m, t = cfg.model, cfg.train
   graphdef, _ = nnx.split(abstract_model(m))
   tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
@@ -106,21 +109,30 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   def full_params(params, frozen):
     return params if adapter is None else adapter.merge(frozen, params)
 
-  def loss_sums(params, micro, frozen=None):
-    # loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
-    # loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks.
+  def loss_sums(compute_params, micro, frozen=None):
+    """(objective, (loss_sum, count)): the objective adds z-loss to the summed cross-entropy.
+    loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
+    loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks."""
     mask = micro["loss_mask"].astype(jnp.float32)
-    return (jnp.sum(token_losses(graphdef, full_params(params, frozen), micro) * mask),
-            jnp.sum(mask != 0).astype(jnp.float32))
+    ce_BxT, lse_BxT = token_losses(graphdef, full_params(compute_params, frozen), micro, with_lse=True)
+    loss_sum = jnp.sum(ce_BxT * mask)
+    counted = (mask != 0).astype(jnp.float32)
+    objective = loss_sum + t.z_loss * jnp.sum(jnp.square(lse_BxT) * counted) if t.z_loss else loss_sum
+    return objective, (loss_sum, jnp.sum(counted))
 
   def train_step(state, batch, frozen=None):
     params = state["params"]
     scaling = state.get("loss_scale")
     factor = loss_scale.loss_factor(scaling, batch["inputs"].size)  # 1 unless float16
+    # Weight matrices in the compute dtype once per step, not once per micro-step; the gradient
+    # of each micro-step is taken with respect to this copy and accumulated in float32, which
+    # equals the gradient through the cast into the float32 master weights.
+    compute_params = cast_params(params, compute_dtype(m))
+    compute_frozen = None if frozen is None else cast_params(frozen, compute_dtype(m))
 
     def scaled_loss_sums(params, micro):
-      loss_sum, count = loss_sums(params, micro, frozen)
-      return loss_sum * factor, (loss_sum, count)
+      objective, aux = loss_sums(params, micro, compute_frozen)
+      return objective * factor, aux
 
     # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
     micro_batches = {k: jax.lax.with_sharding_constraint(
@@ -129,8 +141,9 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     def accumulate(carry, micro):
       grads_acc, loss_acc, count_acc = carry
-      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(params, micro)
-      return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss_sum, count_acc + count), None
+      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(compute_params, micro)
+      grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
+      return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
@@ -151,7 +164,9 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     return new_state, metrics
 
   def eval_step(params, batch, token_bytes_V, frozen=None):
-    losses_BxT = token_losses(graphdef, full_params(params, frozen), batch)
+    compute = cast_params(params, compute_dtype(m))
+    losses_BxT = token_losses(graphdef, full_params(compute, None if frozen is None else
+                                                    cast_params(frozen, compute_dtype(m))), batch)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
@@ -240,6 +255,7 @@ class Trainer:
     self.num_params = arch.count_params(cfg.model)
     self.total_steps = config_lib.total_steps(cfg, self.num_params)
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
+    self.flops_per_token_nanochat = arch.train_flops_per_token(cfg.model, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0
     self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
                              frozen_params=init_params if adapter is not None else None)
@@ -257,7 +273,7 @@ class Trainer:
 
   def eval_iterator(self):
     from lmtiny.data.pipeline import make_eval_iterator
-    t = self.cfg.train
+    t = config_lib.resolve_batch(self.cfg, sharding.data_parallel_size(self.mesh)).train
     return make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
                               batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
                               bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
@@ -369,12 +385,14 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         tok_s = window_steps * t.batch_tokens / max(elapsed, 1e-9)
         mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
+        mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
         eta = (self.total_steps - done_step) * elapsed / window_steps
         scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
         writer.write(done_step, "train", {"loss": values["loss"], "lr": values["lr"],
                                           "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
-                                          **scaling})
-        mfu_text = f" | MFU {100 * mfu:.2f}%" if mfu is not None else ""
+                                          "mfu_nanochat": mfu_nanochat, **scaling})
+        mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
+                    if mfu is not None else "")
         if scaling:
           mfu_text += f" | scale {scaling['loss_scale']:g} | skipped {scaling['skipped_steps']:.0f}"
         self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "

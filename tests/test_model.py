@@ -408,3 +408,77 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   assert lo.dtype == np.float32
   err = np.abs(lo - hi).max() / np.abs(hi).max()
   assert 0 < err < 0.03, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's loss path (hidden states -> chunked cross-entropy) and compute-dtype casts.
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(logit_softcap=2.0, loss_chunk_tokens=7, tie_embeddings=True)],
+                         ids=["plain", "softcap-chunked-tied"])
+def test_token_losses_match_cross_entropy_of_logits(overrides):
+  """Loss, logsumexp and gradients of model.token_losses (no [B, T, V] logits, custom VJP) equal
+  autodiff through the full logits and a log-softmax (float32, CPU)."""
+  m = _cfg(**overrides)
+  graphdef, state = nnx.split(_random_model(m, seed=3))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, (3, T + 1)), jnp.int32)
+  weights = jnp.asarray(rng.standard_normal((3, T)), jnp.float32)  # arbitrary per-token cotangents
+
+  def reference(st):
+    logits = nnx.merge(graphdef, st)(tokens[:, :-1])
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = lse - jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(ce * weights) + 0.1 * jnp.sum(lse ** 2), (ce, lse)
+
+  def chunked(st):
+    ce, lse = nnx.merge(graphdef, st).token_losses(tokens[:, :-1], tokens[:, 1:])
+    return jnp.sum(ce * weights) + 0.1 * jnp.sum(lse ** 2), (ce, lse)
+
+  (ref, (ref_ce, ref_lse)), ref_grads = jax.value_and_grad(reference, has_aux=True)(state)
+  (got, (ce, lse)), grads = jax.value_and_grad(chunked, has_aux=True)(state)
+  np.testing.assert_allclose(ce, ref_ce, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(r))))
+
+
+def test_embedding_gradient_is_exact_in_bfloat16():
+  """K repeats of one token give exactly K x one token's embedding gradient with bf16 compute:
+  the lookup gathers from the float32 table, so its gradient scatter-adds in float32 (a bf16
+  table's rows stop growing at 256 unit gradients)."""
+  m = _cfg(dtype="bfloat16")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(m, nnx.Rngs(0))))
+  state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
+
+  def embed_grad(k):
+    tokens = jnp.full((1, k), 5, jnp.int32)
+    loss = lambda st: jnp.sum(nnx.merge(graphdef, st).embed_tokens(tokens).astype(jnp.float32))
+    return np.asarray(jax.grad(loss)(state)["embed"][...])
+
+  one, many = embed_grad(1), embed_grad(4096)
+  np.testing.assert_array_equal(one[5], np.ones(m.d_model))
+  np.testing.assert_array_equal(many[5], 4096 * one[5])
+  assert not np.any(np.delete(many, 5, axis=0))
+
+
+def test_cast_params_casts_matrices_only_and_passes_gradients_to_float32():
+  m = _cfg(dtype="bfloat16", qk_norm=True, scan_layers=True)
+  model = _random_model(m)
+  params = nnx.state(model, nnx.Param)
+  cast = model_lib.cast_params(params, jnp.bfloat16)
+  dtypes = {"/".join(str(getattr(k, "key", k)) for k in path if getattr(k, "name", None) != "value"): x.dtype
+            for path, x in jax.tree_util.tree_flatten_with_path(cast)[0]}
+  for name, dtype in dtypes.items():
+    matrix = name.split("/")[-1] in ("q", "k", "v", "o", "up", "down", "lm_head")
+    assert dtype == (jnp.bfloat16 if matrix else jnp.float32), name
+  graphdef = nnx.graphdef(model)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, T + 1)), jnp.int32)
+  loss = lambda p, cast_first: jnp.mean(nnx.merge(graphdef, model_lib.cast_params(p, jnp.bfloat16) if cast_first
+                                                  else p).token_losses(tokens[:, :-1], tokens[:, 1:])[0])
+  grads_cast = jax.grad(loss)(params, True)
+  grads_plain = jax.grad(loss)(params, False)  # the model's own per-use casts
+  for g, r in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_plain)):
+    assert g.dtype == jnp.float32
+    np.testing.assert_array_equal(g, r)

@@ -107,3 +107,19 @@ def test_recipe_fields_are_validated(field, value, msg):
   cfg.optim[field] = value
   with pytest.raises(ConfigError, match=f"config.optim.{field}=.*{msg}"):
     validate(cfg)
+def test_stacked_norm_scales_and_embeddings_are_not_decayed():
+  """With scan_layers the norm scales are [L, D] (ndim 2) and the QK-norm scales [L, Dh]: the mask
+  reads the logical axes, so they stay undecayed, while the stacked [L, D, H, Dh] matrices decay."""
+  cfg, params = _params(scan_layers=True, qk_norm=True)
+  cfg.optim.update(warmup_steps=0, lr=1.0, weight_decay=0.5, grad_clip=0.0)
+  tx, _ = make_optimizer(cfg.optim, cfg.model.d_model, total_steps=100)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  decayed = set()
+  for path, u, p in zip(param_groups(params), jax.tree.leaves(updates), jax.tree.leaves(params)):
+    if np.any(np.asarray(u) != 0):
+      np.testing.assert_allclose(u, -0.5 * p, rtol=1e-6, err_msg=path)
+      decayed.add(path)
+  assert {"layers/attn_norm/scale", "layers/mlp_norm/scale", "layers/attn/q_norm/scale"}.isdisjoint(decayed)
+  assert params["layers"]["attn_norm"]["scale"][...].ndim == 2
+  assert decayed == {f"layers/{n}" for n in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/up", "mlp/down")}

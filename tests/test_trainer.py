@@ -4,13 +4,16 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm_fixtures import VOCAB, memory_data, tiny_config
+from lmtiny import config as config_lib, sharding
+from lmtiny.bench import synthetic_batch
 from lmtiny.checkpoint import Checkpointer
 from lmtiny.config import ConfigError
-from lmtiny.trainer import Trainer, TrainingDiverged
+from lmtiny.trainer import Trainer, TrainingDiverged, build_steps, device_batch
 
 
 def _losses(summary, after=0):
@@ -69,6 +72,12 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   accumulated = Trainer(tiny_config(steps=3, micro_batch_size=8), str(tmp_path / "b"), memory_data(),
                         log=_quiet).run()
   np.testing.assert_allclose(_losses(accumulated), _losses(whole), rtol=2e-5)
+  # device_batch_size=1 on 8 data-parallel devices: micro-batches of 8, accumulation 2.
+  cfg = tiny_config(steps=3, device_batch_size=1)
+  assert config_lib.accumulation_steps(config_lib.resolve_batch(cfg, 8).train) == 2
+  per_device = Trainer(cfg, str(tmp_path / "c"), memory_data(), log=_quiet).run()
+  np.testing.assert_allclose(_losses(per_device), _losses(accumulated), rtol=1e-6)
+  assert json.load(open(tmp_path / "c" / "config.json"))["train"]["device_batch_size"] == 1
 
 
 def test_sigterm_saves_and_stops(tmp_path):
@@ -107,6 +116,7 @@ def test_data_vocab_must_match_model(tmp_path):
 @pytest.mark.parametrize("override,field", [
     (dict(batch_tokens=32 * 12), "train.batch_tokens"),     # 12 sequences over data=8
     (dict(batch_tokens=32 * 16, micro_batch_size=4), "train.micro_batch_size"),
+    (dict(batch_tokens=32 * 24, device_batch_size=2), "train.device_batch_size"),  # 16 per micro-step
 ])
 def test_batch_must_divide_over_data_parallel_devices(tmp_path, override, field):
   with pytest.raises(ConfigError, match=field):
@@ -138,3 +148,43 @@ def test_float_loss_mask_weights_tokens_and_normalises_by_nonzero_count():
       assert float(metrics["tokens"]) == n
       np.testing.assert_allclose(float(metrics["loss"]), np.sum(ce * mask) / n, rtol=1e-5)
   np.testing.assert_allclose(np.sum(ce * binary) / binary.sum(), ce[binary == 1].mean(), rtol=1e-6)
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it, with the scan body depth."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
+def test_weights_cast_once_per_step_and_z_loss_changes_only_the_gradient():
+  """bf16 compute with 16 micro-steps: no float32 -> bf16 cast of a weight matrix inside the
+  accumulation scan (one cast per step, before it); z-loss adds to the gradient, not to the
+  reported cross-entropy. (One row of 32 tokens per micro-step: no activation has a weight's shape.)"""
+  cfg = tiny_config(micro_batch_size=1)
+  cfg.model.update(dtype="bfloat16")
+  cfg.mesh.update(data=1)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  steps = build_steps(cfg, mesh, total_steps=4)
+  weight_shapes = {tuple(x.shape) for x in jax.tree.leaves(steps.abstract_state["params"]) if x.ndim >= 2}
+  with jax.set_mesh(mesh):
+    state = steps.init()
+    batch = device_batch(synthetic_batch(cfg, 16), mesh)
+    jaxpr = jax.make_jaxpr(steps.train_step)(state, batch).jaxpr
+    scans = [e for e in _eqns(jaxpr) if e.primitive.name == "scan"]
+    assert scans, "no accumulation scan"
+    body = scans[0].params["jaxpr"].jaxpr  # weights enter it as inputs (gradients are cast too: not inputs)
+    casts_in_scan = [e for e in body.eqns if e.primitive.name == "convert_element_type" and e.invars[0] in body.invars
+                     and tuple(e.invars[0].aval.shape) in weight_shapes and e.outvars[0].aval.dtype == jnp.bfloat16]
+    assert casts_in_scan == []
+    casts_before = [e for e in _eqns(jaxpr) if e.primitive.name == "convert_element_type"
+                    and tuple(e.invars[0].aval.shape) in weight_shapes and e.outvars[0].aval.dtype == jnp.bfloat16]
+    assert len(casts_before) >= len(weight_shapes) - 1  # the matrices (not the embedding table)
+    _, plain = steps.train_step(state, batch)
+    cfg.train.z_loss = 1e-2
+    z_steps = build_steps(cfg, mesh, total_steps=4)
+    _, with_z = z_steps.train_step(z_steps.init(), batch)
+  assert float(with_z["loss"]) == float(plain["loss"])
+  assert float(with_z["grad_norm"]) != float(plain["grad_norm"])
