@@ -41,13 +41,14 @@ def _layer_working_set(w: dict, c: int) -> float:
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
   """Bytes per token and layer the backward keeps under a remat policy (beyond the block input)."""
   matmul_outputs = c * (w["q"] + 2 * w["kv"] + 2 * w["d"] + (2 if w["gated"] else 1) * w["f"])
-  table = {
+  attn_out = c * w["q"]  # the attention output (the fused kernel's logsumexp is negligible)
+  table = {  # what each policy of lmtiny.model.REMAT_POLICIES saves
       "none": _layer_working_set(w, c),
-      "full": 0.0, "minimal": 0.0,
-      "dots": matmul_outputs + c * w["q"],
-      "dots_no_batch": matmul_outputs,
-      "save_qkv": c * (w["q"] + 2 * w["kv"]),
-      "save_attn_out": c * (w["q"] + 2 * w["kv"] + w["q"]),
+      "full": 0.0,
+      "save_attn_out": attn_out,
+      "save_qkv": attn_out + c * (w["q"] + 2 * w["kv"]),
+      "minimal": matmul_outputs + attn_out, "dots_no_batch": matmul_outputs + attn_out,
+      "dots": matmul_outputs + attn_out,  # + the T x T scores, counted by the caller
   }
   return table.get(policy, matmul_outputs)  # an unknown policy: assume it keeps the matmul outputs
 
@@ -120,7 +121,7 @@ def format_estimate(cfg, mesh_shape=None) -> list[str]:
            f"{'float32' if cfg.model.dtype == 'float32' else 'bf16'} compute, one device):"]
   lines += [f"  {k:<12}{v / GIB:>9.2f} GiB" for k, v in e.items()]
   fsdp = recommend_fsdp(cfg)
-  lines.append(f"  16 GB v5e chips: " + (f"FSDP degree {fsdp} (mesh.fsdp={fsdp}) fits" if fsdp else
+  lines.append("  16 GB v5e chips: " + (f"FSDP degree {fsdp} (mesh.fsdp={fsdp}) fits" if fsdp else
                                         "does not fit at this device_batch_size; lower train.device_batch_size"))
   return lines
 
