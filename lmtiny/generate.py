@@ -131,6 +131,27 @@ def load_model(run: Run):
   return nnx.merge(graphdef, params)
 
 
+def load_usable_model(run: Run, explicit_step: bool = False, err: TextIO = sys.stderr):
+  """load_model at run.step or, when that checkpoint is corrupt and no --step was asked for, at
+  the newest older one that loads (one warning line each; the run directory is left as it is,
+  since a training run may be using it). SamplingError when none loads."""
+  from lmtiny.checkpoint import describe_error
+  steps = [run.step] if explicit_step else [s for s in reversed(checkpoint_steps(run.workdir)) if s <= run.step]
+  failures = []
+  for step in steps:
+    try:
+      model = load_model(dataclasses.replace(run, step=step))
+    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, fingerprint mismatch)
+      failures.append(f"step {step}: {describe_error(e)}")
+      if not explicit_step:
+        print(f"warning: {run.workdir}: checkpoint at step {step} is unusable ({describe_error(e)}); "
+              "trying the previous one", file=err, flush=True)
+      continue
+    run.step = step
+    return model
+  raise SamplingError(f"--workdir={run.workdir}: no usable checkpoint ({'; '.join(failures)})")
+
+
 def check_prompt_fits(ids: list[int], run: Run, what: str) -> None:
   context = run.cfg.model.max_seq_len
   if len(ids) >= context:
@@ -253,7 +274,7 @@ def run(argv: list[str]) -> int:
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
     from lmtiny.sampling import Sampler
-    sampler = Sampler(load_model(run))
+    sampler = Sampler(load_usable_model(run, explicit_step=args.step is not None))
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "
           f"context {run.cfg.model.max_seq_len}", file=sys.stderr)
     if args.chat:

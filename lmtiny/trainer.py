@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from typing import Any, Callable
 
@@ -24,12 +23,14 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lmtiny import arch, config as config_lib, metrics as metrics_lib, sharding
+from lmtiny import arch, config as config_lib, metrics as metrics_lib, preflight, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
 from lmtiny.model import Transformer, abstract_model
 from lmtiny.optim import make_optimizer
+from lmtiny.preemption import Preemption as _Preemption
+from lmtiny.runlock import RunLock, main_only
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -146,28 +147,6 @@ def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # The loop.
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
   """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
   atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
@@ -238,9 +217,11 @@ class Trainer:
   # -- state -----------------------------------------------------------------------------------
 
   def _start(self, ckpt: Checkpointer, train_iter):
-    step = ckpt.latest_step()
-    if step is None:
-      return self.steps.init(), 0
+    """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
+    found = ckpt.restore_newest(lambda step: self._restore(ckpt, step, train_iter), self.log)
+    return found[::-1] if found is not None else (self.steps.init(), 0)
+
+  def _restore(self, ckpt: Checkpointer, step: int, train_iter):
     from lmtiny.data.pipeline import map_train_state, worker_count
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
     saved, template = ckpt.data_states(step), train_iter.get_state()
@@ -253,7 +234,7 @@ class Trainer:
       train_iter.set_state(data_state)
       self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
     self.log(f"resumed from checkpoint at step {step}")
-    return state, step
+    return state
 
   # -- loop ------------------------------------------------------------------------------------
 
@@ -261,23 +242,43 @@ class Trainer:
     """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
     cfg, t = self.cfg, self.cfg.train
     workdir = epath.Path(self.workdir)
-    if self.main:
-      workdir.mkdir(parents=True, exist_ok=True)
-      _write_run_files(workdir, cfg, self.data.tokenizer)
-    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
-                        async_save=t.async_checkpointing)
-    train_iter = self.train_iterator()
-    with jax.set_mesh(self.mesh):
-      state, start = self._start(ckpt, train_iter)
-      writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start if start else None)
-      try:
-        summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
-      finally:
-        ckpt.close()
-        writer.close()
+    with RunLock(self.workdir, log=self.log, enabled=self.main):
+      changes = main_only(lambda: preflight.config_changes(self.workdir, cfg), self.main)  # before any write
+      if self.main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_run_files(workdir, cfg, self.data.tokenizer)
+        preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state),
+                                   t.keep_checkpoints, self.log)
+      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
+                          async_save=t.async_checkpointing)
+      train_iter = self.train_iterator()
+      with jax.set_mesh(self.mesh):
+        try:
+          state, start = self._start(ckpt, train_iter)
+        except BaseException:
+          ckpt.close()
+          raise
+        if self.main:
+          preflight.record_config_changes(self.workdir, changes or {}, start, self.log)
+        writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
+        try:
+          summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
+        finally:
+          try:
+            ckpt.close()
+          finally:
+            writer.close()
     if self.main and t.plot:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
+
+  def _eval_missing(self, step: int) -> bool:
+    """A resumed run at an eval step whose val record a kill (during that eval) prevented."""
+    t = self.cfg.train
+    if step % t.eval_every and step != self.total_steps:
+      return False
+    return bool(main_only(lambda: not any(r.get("split") == "val" and r.get("step") == step
+                                          for r in metrics_lib.read_metrics(self.workdir)), self.main))
 
   def _log_eval(self, params, step: int, history: dict, writer) -> None:
     val = self.evaluate(params)
@@ -317,14 +318,20 @@ class Trainer:
                  f"ETA {metrics_lib.format_duration(eta)}")
         window_start, window_steps = time.perf_counter(), 0
 
-    if start == 0:
-      self._log_eval(state["params"], 0, history, writer)  # the starting point of the val curve
+    if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
+      self._log_eval(state["params"], start, history, writer)
     with _Preemption() as preemption:
+      preemption.inherit()
       while step < self.total_steps:
+        if step == start and preemption.decided(step):
+          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
+          break
+        ckpt.check_errors()  # a failed async save surfaces here, one step later
         batch = device_batch(next(train_iter), self.mesh)
         state, step_metrics = self.steps.train_step(state, batch)
         step += 1
         preemption.requested |= step == stop_after
+        preemption.decided(step)
         if pending is not None:
           flush(pending)
         pending = (step, step_metrics)

@@ -1,0 +1,176 @@
+"""Fault injection: corrupt checkpoints, a full disk, two runs in one directory, changed configs,
+kills and SIGTERMs at awkward moments. Each case asserts the loss sequence (against one
+uninterrupted reference run), the files left behind, the exit status and the one-line message."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from lm_fixtures import ROOT, memory_data, tiny_config
+from lmtiny import preflight
+from lmtiny.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, abstract_with_shardings
+from lmtiny.config import ConfigError
+from lmtiny.runlock import RunLock, WorkdirBusy
+from lmtiny.trainer import Trainer
+
+
+def _cfg(**train):
+  return tiny_config(**{"steps": 8, "checkpoint_every": 4, "eval_every": 4, **train})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run (checkpoints at 4 and 8); tests copy its directory."""
+  workdir = str(tmp_path_factory.mktemp("faults") / "ref")
+  summary = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  return workdir, summary
+
+
+def _copy(reference, tmp_path, name="run"):
+  dst = str(tmp_path / name)
+  shutil.copytree(reference[0], dst)
+  return dst
+
+
+def _losses(summary):
+  return [loss for _, loss in summary["train_loss"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt checkpoints.
+
+
+def _truncate(step_dir):
+  for f in glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"):
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _garbage(step_dir):
+  """Flipped bytes inside array data: the files still parse; only the fingerprint notices."""
+  (big,) = sorted(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)[-1:]
+  data = bytearray(open(big, "rb").read())
+  for i in range(len(data) // 3, len(data) // 3 + 64):
+    data[i] ^= 0x5A
+  open(big, "wb").write(bytes(data))
+
+
+def _empty(step_dir):
+  for name in os.listdir(step_dir):
+    path = os.path.join(step_dir, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+CORRUPTIONS = {
+    "truncated": _truncate,
+    "garbage": _garbage,
+    "no_metadata": lambda d: os.remove(f"{d}/state/_METADATA"),
+    "no_manifest": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
+    "bad_iterator_json": lambda d: open(f"{d}/data_iter/process_0-of-1.json", "w").write("{not json"),
+    "emptied": _empty,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_falls_back(reference, tmp_path, kind):
+  workdir = _copy(reference, tmp_path)
+  CORRUPTIONS[kind](f"{workdir}/checkpoints/8")
+  trainer = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None)
+  target = abstract_with_shardings(trainer.steps.abstract_state, trainer.steps.state_shardings)
+  ckpt, lines = Checkpointer(f"{workdir}/checkpoints"), []
+  with jax.set_mesh(trainer.mesh):
+    step, state = ckpt.restore_newest(lambda s: ckpt.restore(s, target, trainer.train_iterator()), lines.append)
+  ckpt.close()
+  assert step == 4 and int(state["step"]) == 4
+  assert len(lines) == 1 and lines[0].startswith("warning: checkpoint at step 8 is unusable (")
+  (moved,) = glob.glob(f"{workdir}/checkpoints/corrupt-8-*")
+  assert moved in lines[0] and not os.path.exists(f"{workdir}/checkpoints/8")  # moved aside, kept
+
+
+def test_resume_after_corrupt_checkpoint_repeats_the_lost_steps_exactly(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  _truncate(f"{workdir}/checkpoints/8")
+  lines = []
+  summary = Trainer(_cfg(), workdir, memory_data(), log=lines.append).run()
+  assert _losses(summary) == _losses(reference[1])[4:]  # steps 5..8 again, bit for bit
+  assert any(l.startswith("warning: checkpoint at step 8 is unusable") for l in lines)
+  assert sorted(os.listdir(f"{workdir}/checkpoints"))[:2] == ["4", "8"]  # a fresh, good step 8
+  steps = [(r["step"], r["split"]) for r in map(json.loads, open(f"{workdir}/metrics.jsonl"))]
+  assert len(steps) == len(set(steps))  # no duplicated records
+
+
+def test_no_usable_checkpoint_is_one_error_and_moves_nothing(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  for step in (4, 8):
+    _truncate(f"{workdir}/checkpoints/{step}")
+  with pytest.raises(CheckpointError, match=r"no checkpoint restores cleanly \(step 8: .*; step 4: "):
+    Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["4", "8"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full, run directory guards.
+
+
+def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+  """The write hook: the async save of step 8 fails as a full disk would (ENOSPC)."""
+  workdir = str(tmp_path / "run")
+  original = Checkpointer.save
+
+  def save(self, step, state, data_iter=None):
+    if step == 8:
+      raise self._save_error(step, OSError(28, "No space left on device"))
+    return original(self, step, state, data_iter)
+
+  monkeypatch.setattr(Checkpointer, "save", save)
+  with pytest.raises(CheckpointSaveError) as e:
+    Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  assert str(e.value).startswith("checkpoint at step 8 failed to save (OSError: [Errno 28] No space left")
+  assert str(e.value).endswith("the last good checkpoint is step 4") and "\n" not in str(e.value)
+  assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["4"]
+
+
+def test_disk_space_warning():
+  lines = []
+  preflight.check_disk_space("/", 1 << 60, 3, lines.append)
+  assert len(lines) == 1 and lines[0].startswith("warning: / has ") and "need about 4096 PB" not in lines[0]
+  preflight.check_disk_space("/", 1, 3, lines.append)
+  assert len(lines) == 1
+
+
+def test_second_run_in_the_same_directory_is_refused(tmp_path):
+  with RunLock(str(tmp_path)):
+    with pytest.raises(WorkdirBusy, match=rf"^{tmp_path}: another training run is using this directory \(pid {os.getpid()}"):
+      with RunLock(str(tmp_path)):
+        pass
+  with RunLock(str(tmp_path)):  # released on exit
+    pass
+
+
+def test_changed_model_shape_is_refused_before_anything_is_written(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  before = {f: os.path.getmtime(f) for f in glob.glob(f"{workdir}/*") if os.path.isfile(f)}
+  cfg = _cfg()
+  cfg.model.d_model, cfg.train.log_every = 32, 1
+  with pytest.raises(ConfigError, match=r"other shapes \(model.d_model 64 -> 32\); keep those"):
+    Trainer(cfg, workdir, memory_data(), log=lambda _: None).run()
+  assert {f: os.path.getmtime(f) for f in before} == before and not os.path.exists(f"{workdir}/config_history.jsonl")
+
+
+def test_schedule_edits_are_allowed_and_recorded(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  cfg = _cfg(steps=10)
+  cfg.model.dtype, cfg.optim.lr = "float32", 5e-3  # lr: the schedule, not the state's shapes
+  lines = []
+  summary = Trainer(cfg, workdir, memory_data(), log=lines.append).run()
+  assert summary["step"] == 10
+  (record,) = map(json.loads, open(f"{workdir}/config_history.jsonl"))
+  assert record["step"] == 8 and record["changes"] == {"optim.lr": {"old": 0.01, "new": 0.005},
+                                                       "train.steps": {"old": 8, "new": 10}}
+  assert any(l.startswith("config changed since the last run (from step 8): optim.lr 0.01 -> 0.005") for l in lines)
