@@ -21,7 +21,7 @@ def _define_flags(fv: flags.FlagValues) -> dict:
                                          "may be gs://. Default: runs/<config name>.", flag_values=fv)}
 
 
-def train(cfg, workdir: str) -> int:
+def train(cfg, workdir: str, preemption=None) -> int:
   """Everything after flag parsing; returns the exit status (UserErrors propagate)."""
   from lmtiny import metrics, preflight, sharding
   from lmtiny.checkpoint import CheckpointSaveError
@@ -32,6 +32,9 @@ def train(cfg, workdir: str) -> int:
   preflight.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
+  if preemption is not None and preemption.requested and distributed.process_count() == 1:
+    print("stopped (SIGTERM) before training started: nothing to save")
+    return 0
   trainer = Trainer(cfg, workdir, data)
   try:
     summary = trainer.run()
@@ -48,15 +51,19 @@ def train(cfg, workdir: str) -> int:
 
 
 def run(argv: list[str]) -> int:
+  from lmtiny.preemption import Preemption
+  with Preemption() as early:  # a SIGTERM during start-up stops the run cleanly (exit 0)
+    return _run(argv, early)
+
+
+def _run(argv: list[str], early) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   parsed = cli.parse_config_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   values, cfg = parsed
-  from lmtiny.preemption import Preemption
-  with Preemption() as early:  # a SIGTERM during start-up stops the run cleanly (exit 0)
-    distributed.initialize()
-    return train(cfg, values["workdir"] or cli.default_workdir(values["config"]))
+  distributed.initialize()
+  return train(cfg, values["workdir"] or cli.default_workdir(values["config"]), early)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,8 @@ def check_batch_divisibility(cfg, mesh) -> None:
   if micro % jax.process_count():
     raise ConfigError(f"config.train.batch_tokens={t.batch_tokens!r}: {micro} sequences per micro-batch do "
                       f"not divide over {jax.process_count()} processes")
+  if jax.process_count() > 1:
+    sharding.check_process_local_batches(mesh)
 
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None) -> Steps:
@@ -292,7 +294,7 @@ class Trainer:
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
     history = {"train_loss": [], "val": []}
-    last_saved, pending, step = start, None, start
+    last_saved, pending, step, stop = start, None, start, False
     window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
 
     def flush(pending):
@@ -323,7 +325,7 @@ class Trainer:
     with _Preemption() as preemption:
       preemption.inherit()
       while step < self.total_steps:
-        if step == start and preemption.decided(step):
+        if step == start and (stop := preemption.decided(step)):
           self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
           break
         ckpt.check_errors()  # a failed async save surfaces here, one step later
@@ -331,12 +333,12 @@ class Trainer:
         state, step_metrics = self.steps.train_step(state, batch)
         step += 1
         preemption.requested |= step == stop_after
-        preemption.decided(step)
+        stop = preemption.decided(step)  # agreed by all processes; a later signal waits a step
         if pending is not None:
           flush(pending)
         pending = (step, step_metrics)
         at_end = step == self.total_steps
-        if step % t.checkpoint_every == 0 or at_end or preemption.requested:
+        if step % t.checkpoint_every == 0 or at_end or stop:
           flush(pending)  # never checkpoint a state whose loss we have not seen to be finite
           pending = None
           ckpt.save(step, state, train_iter)
@@ -348,12 +350,12 @@ class Trainer:
           self._log_eval(state["params"], step, history, writer)
         if at_end or (t.sample_every and step % t.sample_every == 0):
           self.sample(state["params"], step, writer)
-        if preemption.requested:
+        if stop:
           self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
           break
       if pending is not None:
         flush(pending)
     self.state = state
     return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
-            "train_loss": history["train_loss"], "val": history["val"], "preempted": preemption.requested,
+            "train_loss": history["train_loss"], "val": history["val"], "preempted": stop,
             "seconds": time.perf_counter() - t0}
