@@ -31,6 +31,7 @@ def train(cfg, workdir: str, preemption=None) -> int:
   check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
   preflight.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)
+  distributed.check_shared_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
   if preemption is not None and preemption.requested and distributed.process_count() == 1:
     print("stopped (SIGTERM) before training started: nothing to save")
