@@ -51,7 +51,11 @@ def _fingerprint_list(state) -> list[int]:
 
 
 def describe_error(e: BaseException) -> str:
-  """'Type: first line' of an exception, at most 160 characters."""
+  """'Type: first line' of an exception, at most 160 characters. Also silences asyncio's
+  "exception was never retrieved" reports: a failed orbax restore abandons one read task per
+  array, each of which would print its tensorstore spec (hundreds of lines) when collected."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   lines = [line.strip() for line in str(e).splitlines() if line.strip()]
   return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
 

@@ -84,6 +84,10 @@ def parse_flags(argv: list[str], define, usage: str):
   flag, override or config file.
   """
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
+  # config_flags loads the file as module "config_config" with the deprecated load_module(), which
+  # reuses an existing sys.modules entry: a second in-process parse would keep the first file's
+  # get_config() when the new file lacks one.
+  sys.modules.pop("config_config", None)
   fv = flags.FlagValues()
   config = config_flags.DEFINE_config_file(
       "config", None, "Config file (configs/<size>.py); --config.x.y=... overrides.", flag_values=fv,

@@ -131,11 +131,12 @@ def load_model(run: Run):
   return nnx.merge(graphdef, params)
 
 
-def load_usable_model(run: Run, explicit_step: bool = False, err: TextIO = sys.stderr):
+def load_usable_model(run: Run, explicit_step: bool = False, err: TextIO | None = None):
   """load_model at run.step or, when that checkpoint is corrupt and no --step was asked for, at
   the newest older one that loads (one warning line each; the run directory is left as it is,
   since a training run may be using it). SamplingError when none loads."""
   from lmtiny.checkpoint import describe_error
+  err = err or sys.stderr
   steps = [run.step] if explicit_step else [s for s in reversed(checkpoint_steps(run.workdir)) if s <= run.step]
   failures = []
   for step in steps:

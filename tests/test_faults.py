@@ -174,3 +174,62 @@ def test_schedule_edits_are_allowed_and_recorded(reference, tmp_path):
   assert record["step"] == 8 and record["changes"] == {"optim.lr": {"old": 0.01, "new": 0.005},
                                                        "train.steps": {"old": 8, "new": 10}}
   assert any(l.startswith("config changed since the last run (from step 8): optim.lr 0.01 -> 0.005") for l in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare, killed at any moment.
+
+_KILL_PREPARE = """
+import os, signal, sys
+from lmtiny.data import prepare
+from lmtiny.data.sources import open_source
+from lmtiny.tokenizer import Tokenizer
+spec, tok_dir, out, after = sys.argv[1:]
+add, seen = prepare._Writer.add, [0]
+def add_then_die(self, tokens, num_bytes):
+  if seen[0] == int(after):
+    os.kill(os.getpid(), signal.SIGKILL)
+  seen[0] += 1
+  add(self, tokens, num_bytes)
+prepare._Writer.add = add_then_die
+prepare._TASK_DOCS = 2
+prepare.prepare_dataset(open_source(spec), Tokenizer.load(tok_dir), out, val_fraction=0.2, workers=1, docs_per_shard=4)
+"""
+
+
+@pytest.fixture(scope="module")
+def prepare_inputs(tmp_path_factory):
+  from lmtiny.data.embedded import iter_embedded_documents
+  from lmtiny.data.prepare import prepare_dataset
+  from lmtiny.data.sources import open_source
+  from lmtiny.tokenizer import Tokenizer, train_tokenizer
+  root = tmp_path_factory.mktemp("prepare")
+  train_tokenizer(iter_embedded_documents(100_000), 512, str(root / "tok"), seed=0)
+  (root / "txt").mkdir()
+  for i in range(11):
+    (root / "txt" / f"{i:02d}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (i + 1))
+  spec = f"txt:{root}/txt/*.txt"
+  reference = prepare_dataset(open_source(spec), Tokenizer.load(str(root / "tok")), str(root / "ref"),
+                              val_fraction=0.2, workers=1, docs_per_shard=4)
+  return root, spec, reference
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 4, 9])  # before any document, inside the first shard, at a
+def test_prepare_killed_at_any_moment_resumes_to_the_same_shards(prepare_inputs, tmp_path, after):  # boundary, late
+  from lmtiny.data import prepare, shards
+  from lmtiny.data.sources import open_source
+  from lmtiny.tokenizer import Tokenizer
+  root, spec, reference = prepare_inputs
+  out = str(tmp_path / "out")
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  killed = subprocess.run([sys.executable, "-c", _KILL_PREPARE, spec, str(root / "tok"), out, str(after)],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert not os.path.exists(f"{out}/manifest.json") and os.path.exists(f"{out}/progress.json")
+  resumed = prepare.prepare_dataset(open_source(spec), Tokenizer.load(str(root / "tok")), out,
+                                    val_fraction=0.2, workers=1, docs_per_shard=4)
+  assert resumed == reference
+  for split in shards.SPLITS:
+    for a, b in zip(shards.open_split(out, resumed, split), shards.open_split(str(root / "ref"), reference, split)):
+      assert a.tolist() == b.tolist()
+  assert sorted(os.listdir(out)) == sorted(os.listdir(root / "ref"))  # no progress.json or .tmp left
