@@ -60,6 +60,12 @@ def describe_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
 
 
+def _drop_orbax_save_tracebacks(record) -> bool:
+  """absl-logger filter: orbax's background save thread logs a failed save with its whole
+  traceback (hundreds of lines on a full disk); Checkpointer reports it in one line instead."""
+  return not (record.exc_info and "orbax" in record.pathname)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
@@ -69,6 +75,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory else directory,
                                          options=options)
     self._saving, self._failed = None, False
+    import logging  # pylint: disable=g-import-not-at-top
+    absl_logger = logging.getLogger("absl")
+    if _drop_orbax_save_tracebacks not in absl_logger.filters:
+      absl_logger.addFilter(_drop_orbax_save_tracebacks)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -77,7 +87,12 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iter=None) -> None:
-    """Starts a save; a failure (this one's start, or an earlier async one) raises CheckpointSaveError."""
+    """Starts a save; a failure (this one's start, or an earlier async one) raises CheckpointSaveError.
+    Waits for the previous save first (orbax would, inside save()), so its failure names its step."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, e) from None
     self.check_errors()
     items = {"state": ocp.args.StandardSave(state),
              "fingerprint": ocp.args.JsonSave({"state": _fingerprint_list(state),
@@ -101,7 +116,9 @@ class Checkpointer:
     self._failed = True
     kept = [s for s in self.finished_steps() if s != step]
     last = f"the last good checkpoint is step {kept[-1]}" if kept else "no checkpoint has been kept"
-    return CheckpointSaveError(f"checkpoint at step {step} failed to save ({describe_error(e)}) in "
+    full = "No space left on device" in str(e) or getattr(e, "errno", None) == 28  # ENOSPC, deep in tensorstore's text
+    why = "disk full: No space left on device" if full else describe_error(e)
+    return CheckpointSaveError(f"checkpoint at step {step} failed to save ({why}) in "
                                f"{self.directory}; {last}")
 
   def finished_steps(self) -> list[int]:

@@ -198,4 +198,6 @@ def test_kill_9_mid_save_then_resume_repeats_the_same_losses(base, tmp_path, cap
   def curve(d):
     return [(r["step"], r["split"], round(r["loss"], 6)) for r in read_metrics(d) if r["split"] in ("train", "val")]
   assert curve(workdir) == curve(str(base[0] / "run"))  # same records, none duplicated
-  assert "resumed from checkpoint at step 2" in out or "resumed from checkpoint at step 4" in out
+  assert "resumed from checkpoint at step 2" in out
+  first = next(r for r in read_metrics(workdir) if r["split"] == "val")  # step 0, before the kill
+  assert first["step"] == 0 and f"| val loss {first['loss']:.3f} -> " in out  # the whole run's curve

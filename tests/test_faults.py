@@ -118,22 +118,38 @@ def test_no_usable_checkpoint_is_one_error_and_moves_nothing(reference, tmp_path
 # Disk full, run directory guards.
 
 
-def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
-  """The write hook: the async save of step 8 fails as a full disk would (ENOSPC)."""
-  workdir = str(tmp_path / "run")
-  original = Checkpointer.save
+def test_disk_full_during_an_async_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  """A 2.5 MB tmpfs holds one checkpoint of this model (about 1.2 MB) and not two: the async save
+  of step 4 fails. Where mounting is not allowed, a write hook raises ENOSPC at that save."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(disk)],
+                           capture_output=True).returncode == 0
+  if not mounted:
+    original = Checkpointer.save
 
-  def save(self, step, state, data_iter=None):
-    if step == 8:
-      raise self._save_error(step, OSError(28, "No space left on device"))
-    return original(self, step, state, data_iter)
-
-  monkeypatch.setattr(Checkpointer, "save", save)
-  with pytest.raises(CheckpointSaveError) as e:
-    Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
-  assert str(e.value).startswith("checkpoint at step 8 failed to save (OSError: [Errno 28] No space left")
-  assert str(e.value).endswith("the last good checkpoint is step 4") and "\n" not in str(e.value)
-  assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["4"]
+    def save(self, step, state, data_iter=None):
+      if step == 4:
+        raise self._save_error(step, OSError(28, "No space left on device"))
+      return original(self, step, state, data_iter)
+    monkeypatch.setattr(Checkpointer, "save", save)
+  lines = []
+  try:
+    with pytest.raises(CheckpointSaveError) as e:
+      Trainer(_cfg(checkpoint_every=2, async_checkpointing=True, keep_checkpoints=1), str(disk / "run"),
+              memory_data(), log=lines.append).run()
+    assert str(e.value).startswith("checkpoint at step 4 failed to save (disk full: No space left on device) in ")
+    assert str(e.value).endswith("; the last good checkpoint is step 2") and "\n" not in str(e.value)
+    assert [d for d in os.listdir(disk / "run" / "checkpoints") if d.isdigit()] == ["2"]
+    assert not mounted or lines[0].startswith(f"warning: {disk / 'run'} has 2 MB free; 1 kept checkpoint(s) plus")
+    resumed = Trainer(_cfg(), str(disk / "run"), memory_data(), log=lines.append)  # the intact one restores
+    with jax.set_mesh(resumed.mesh):
+      ckpt = Checkpointer(str(disk / "run" / "checkpoints"))
+      assert ckpt.restore_newest(lambda s: s, lines.append)[0] == 2
+      ckpt.close()
+  finally:
+    if mounted:
+      subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_disk_space_warning():
@@ -233,3 +249,32 @@ def test_prepare_killed_at_any_moment_resumes_to_the_same_shards(prepare_inputs,
     for a, b in zip(shards.open_split(out, resumed, split), shards.open_split(str(root / "ref"), reference, split)):
       assert a.tolist() == b.tolist()
   assert sorted(os.listdir(out)) == sorted(os.listdir(root / "ref"))  # no progress.json or .tmp left
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl across kills and restarts.
+
+
+def test_a_val_point_a_kill_cut_off_is_evaluated_on_resume(reference, tmp_path):
+  """Killed during the eval that follows the step-4 checkpoint: no val record at 4."""
+  from lmtiny.files import atomic_write
+  from lmtiny.metrics import read_metrics
+  workdir = _copy(reference, tmp_path)
+  shutil.rmtree(f"{workdir}/checkpoints/8")
+  kept = [r for r in read_metrics(workdir) if r["step"] < 4 or (r["step"] == 4 and r["split"] == "train")]
+  atomic_write(f"{workdir}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
+  summary = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  assert summary["val"] == reference[1]["val"][1:]  # steps 4 and 8, the uninterrupted values
+  assert [r["step"] for r in read_metrics(workdir) if r["split"] == "val"] == [0, 4, 8]
+
+
+def test_starting_over_from_step_0_drops_the_old_records(tmp_path):
+  from lmtiny.metrics import MetricsWriter, read_metrics
+  old = MetricsWriter(str(tmp_path))
+  for step in (0, 2, 4):
+    old.write(step, "train", {"loss": 1.0})
+  old.close()
+  MetricsWriter(str(tmp_path), resume_step=2).close()  # resumed at 2: step 4 goes
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 2]
+  MetricsWriter(str(tmp_path), resume_step=0).close()  # no checkpoint survived: all of it goes
+  assert read_metrics(str(tmp_path)) == []
