@@ -187,7 +187,10 @@ class Checkpointer:
     root = epath.Path(self.directory)
     target = root / f"corrupt-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
-      (root / str(step)).rename(target)
+      try:
+        (root / str(step)).rename(target)
+      except OSError as e:  # some object stores cannot rename a directory: skipped on every restore instead
+        target = f"nowhere (cannot move it: {describe_error(e)})"
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"lmtiny-move-aside-{step}")
