@@ -13,9 +13,16 @@ usage: launch/gpu.sh [run | stop | logs] [options] [-- training args]
   This host as process I of N (run the same on every host, I = 0..N-1; HOST0 runs process 0):
     launch/gpu.sh --coordinator HOST0:8476 --num-processes N --process-id I -- ARGS
   N hosts started from here over ssh (detached, one log per host in DIR/logs/):
-    launch/gpu.sh --hosts h0,h1,h2,h3 -- ARGS
+    launch/gpu.sh --hosts h0,h1,h2,h3 [--coordinator ADDR:PORT] -- ARGS
+    (the coordinator defaults to H0's ssh name and --port; give --coordinator when the other
+    hosts reach H0 under another address, e.g. its cluster-network IP)
     launch/gpu.sh logs --hosts h0,h1,h2,h3 [--lines N]     launch/gpu.sh stop --hosts h0,h1,h2,h3
   Under Slurm, no script is needed: srun python -m lmtiny.train ARGS (jax reads SLURM_*).
+    jax gives each Slurm task the GPU numbered SLURM_LOCALID, so start one task per GPU:
+    srun --nodes=N --ntasks-per-node=GPUS_PER_NODE python -m lmtiny.train ARGS
+    (one task per node would drive GPU 0 alone).
+  Under mpirun: Open MPI 4 is detected; Open MPI 5 is not (jax reads no PMIx variables) and is
+    refused: use --coordinator/--num-processes/--process-id, or srun.
 
 options:
   --python PY          interpreter (default python3; the checkout's .venv/bin/python if it exists)
@@ -74,8 +81,11 @@ if [[ -z $PYTHON ]]; then
   [[ -x $DIR/.venv/bin/python ]] && PYTHON=.venv/bin/python
 fi
 
-if [[ -n $COORDINATOR || -n $NUM_PROCESSES || -n $PROCESS_ID ]]; then
-  [[ -z $HOSTS ]] || die "--hosts sets the coordinator itself; drop --coordinator/--num-processes/--process-id"
+if [[ -n $HOSTS && -n $COORDINATOR ]]; then
+  [[ -z $NUM_PROCESSES && -z $PROCESS_ID ]] || die "--hosts sets the process count and ids itself; drop --num-processes/--process-id"
+  [[ $COORDINATOR =~ ^[^:]+:[0-9]+$ ]] || die "--coordinator '$COORDINATOR': must be HOST:PORT"
+elif [[ -n $COORDINATOR || -n $NUM_PROCESSES || -n $PROCESS_ID ]]; then
+  [[ -z $HOSTS ]] || die "--hosts sets the process count and ids itself; drop --num-processes/--process-id"
   [[ -n $COORDINATOR && -n $NUM_PROCESSES && -n $PROCESS_ID ]] \
     || die "--coordinator, --num-processes and --process-id go together"
   ((PROCESS_ID < NUM_PROCESSES)) || die "--process-id $PROCESS_ID: must be < --num-processes $NUM_PROCESSES"
@@ -124,7 +134,7 @@ started=()
 for i in "${!HOST_LIST[@]}"; do
   h=${HOST_LIST[$i]}
   env_flags=()
-  for e in "LMTINY_COORDINATOR=${HOST_LIST[0]#*@}:$PORT" "LMTINY_NUM_PROCESSES=$N" "LMTINY_PROCESS_ID=$i" \
+  for e in "LMTINY_COORDINATOR=${COORDINATOR:-${HOST_LIST[0]#*@}:$PORT}" "LMTINY_NUM_PROCESSES=$N" "LMTINY_PROCESS_ID=$i" \
     ${ENVS[@]+"${ENVS[@]}"}; do
     env_flags+=(--env "$e")
   done

@@ -18,7 +18,7 @@ verbs:
   stop        [--grace SECONDS]        SIGTERM the run's process group, SIGKILL after the grace (120)
   logs        [--lines N] [--follow]   tail this host's log
   cleanup     [--devices 'GLOB ...'] [--lockfile PATH]
-                                       stop, then kill python processes still holding the TPU
+                                       stop, then kill every process still holding the TPU
                                        (/dev/accel*, /dev/vfio/[0-9]*) and remove /tmp/libtpu_lockfile
 common: --dir DIR, --dry-run (print what would run, change nothing), -h/--help
 EOF
@@ -126,7 +126,7 @@ verb_logs() {
   run tail -n "$LINES" ${follow[@]+"${follow[@]}"} "$LOG"
 }
 
-device_holders() {  # pids of python processes with an open descriptor on a device file
+device_holders() {  # pids of every process (but this one) with an open descriptor on a device file
   local patterns=() p pid
   set -f  # the globs are for find to match, not for this shell to expand
   for p in $DEVICES; do
@@ -137,14 +137,16 @@ device_holders() {  # pids of python processes with an open descriptor on a devi
   # Processes come and go while find walks /proc: its complaints say nothing about the result.
   { find /proc -mindepth 3 -maxdepth 3 -path '/proc/[0-9]*/fd/*' \( "${patterns[@]}" \) 2>/dev/null || true; } \
     | cut -d/ -f3 | sort -un | while read -r pid; do
-      if [[ $pid != "$$" && $(cat "/proc/$pid/comm" 2>/dev/null) == python* ]]; then echo "$pid"; fi
+      # Any holder blocks libtpu (python, a debugger, a leftover shell): all of them go.
+      if [[ $pid != "$$" && $pid != "$BASHPID" ]]; then echo "$pid"; fi
     done
 }
 
 verb_cleanup() {
   if [[ $(id -u) != 0 && $DRY_RUN == 0 ]] && sudo -n true 2>/dev/null; then
     # Stale processes may belong to another user (or root); the lockfile too.
-    exec sudo -n bash "$0" cleanup --dir "$DIR" --devices "$DEVICES" --lockfile "$LOCKFILE"
+    # By absolute path: this shell has cd'ed into DIR, where a relative $0 no longer resolves.
+    exec sudo -n bash "$SELF" cleanup --dir "$DIR" --devices "$DEVICES" --lockfile "$LOCKFILE"
   fi
   if [[ $HAVE_DIR == 1 ]]; then verb_stop; fi
   local pids pid
@@ -160,7 +162,7 @@ verb_cleanup() {
       kill -KILL $pids 2>/dev/null || true
     fi
   else
-    say "no python process holds a TPU device"
+    say "no process holds a TPU device"
   fi
   if [[ -e $LOCKFILE ]]; then
     say "removing $LOCKFILE"
@@ -178,6 +180,7 @@ case $VERB in
   *) die "unknown verb '$VERB' (setup, check-idle, start, stop, logs, cleanup)" ;;
 esac
 
+SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")  # before any cd: sudo re-executes it
 DIR=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=.venv/bin/python
 PYTHON_VERSION=3.11

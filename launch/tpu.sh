@@ -10,9 +10,14 @@ usage: launch/tpu.sh VERB --name NAME --zone ZONE [--project PROJECT] [options] 
 
 verbs:
   create   --accelerator TYPE [--runtime-version V] [--spot | --reserved | --preemptible]
-           [--no-queued] [--no-wait] [--timeout SECONDS]
+           [--no-queued] [--no-wait] [--timeout SECONDS] [--autocheckpoint]
            A queued resource (default; polls until ACTIVE) or, with --no-queued, a TPU VM.
-           TYPE: v4-N, v5p-N (N a multiple of 8), v5litepod-N, v6e-N (N in 1 4 8 16 ... 256).
+           TYPE: v4-N, v5p-N (N = 2 x chips: 8 16 32 64, then multiples of 128, the slice shapes
+           AxBxC with every side a multiple of 4), v5litepod-N, v6e-N (N in 1 4 8 16 ... 256).
+           Spot/preemptible TPUs are stopped WITHOUT a SIGTERM to the trainer: a preemption
+           loses the steps since the last checkpoint (train.checkpoint_every bounds the loss).
+           --autocheckpoint (gcloud alpha, v2-v5e only) asks Cloud TPU to SIGTERM the trainer
+           before maintenance events, which lmtiny answers by saving a checkpoint.
            Runtime by family: v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
            v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e.
   setup    [--repo URL [--ref REF]] [--python-version 3.11] [--extras tpu]
@@ -33,7 +38,12 @@ verbs:
 
 common options: --name (or $LMTINY_TPU_NAME), --zone ($LMTINY_TPU_ZONE), --project
 ($LMTINY_TPU_PROJECT, else gcloud's default), --dry-run (print the exact commands, run nothing),
--h/--help.
+--internal-ip (ssh/scp over internal IPs: projects without external IPs), --gcloud-arg ARG
+(repeatable: passed to every gcloud ssh/scp call), -h/--help.
+--worker=all opens one ssh connection per worker at once: load your key into ssh-agent first
+(ssh-add ~/.ssh/google_compute_engine) or each one asks for the passphrase.
+The --workdir of a multi-host run must be shared by all workers (gs://BUCKET/...): lmtiny
+refuses a local directory the other workers cannot see.
 
 example (v5e-8):
   launch/tpu.sh create --name lm --zone us-west4-a --accelerator v5litepod-8 --spot
@@ -56,11 +66,13 @@ check_accelerator() {
   local family=${1%-*} n=${1##*-} ok=0
   if [[ $1 == *-* && $n =~ ^[0-9]+$ ]]; then
     case $family in
-      v4 | v5p) ((n >= 8 && n % 8 == 0)) && ok=1 ;;  # the suffix counts TensorCores, 2 per chip
+      # The suffix counts TensorCores, 2 per chip. Slices of 4-32 chips, or AxBxC with every side
+      # a multiple of 4 (so a multiple of 64 chips): v4-24 or v5p-96 do not exist.
+      v4 | v5p) case $n in 8 | 16 | 32 | 64) ok=1 ;; *) ((n % 128 == 0 && n > 0)) && ok=1 ;; esac ;;
       v5litepod | v6e) case $n in 1 | 4 | 8 | 16 | 32 | 64 | 128 | 256) ok=1 ;; esac ;;
     esac
   fi
-  ((ok)) || die "unknown accelerator type '$1' (known: v4-N and v5p-N with N a multiple of 8; v5litepod-N and v6e-N with N in 1 4 8 16 32 64 128 256; v5e is v5litepod)"
+  ((ok)) || die "unknown accelerator type '$1' (known: v4-N and v5p-N with N in 8 16 32 64 or a multiple of 128; v5litepod-N and v6e-N with N in 1 4 8 16 32 64 128 256; v5e is v5litepod)"
 }
 
 # --- options -------------------------------------------------------------------------------------
@@ -91,6 +103,8 @@ FOLLOW=0
 FROM=''
 TO=''
 YES=0
+AUTOCHECKPOINT=0
+GCLOUD_ARGS=()
 ENVS=()
 ARGS=()
 while (($#)); do
@@ -106,6 +120,10 @@ while (($#)); do
       [[ -z $CAPACITY || $CAPACITY == "$1" ]] || die "$CAPACITY and $1 exclude each other"
       CAPACITY=$1 ;;
     --no-queued) QUEUED=0 ;;
+    --autocheckpoint) AUTOCHECKPOINT=1 ;;
+    --internal-ip) GCLOUD_ARGS+=(--internal-ip) ;;
+    --gcloud-arg) need_value "$1" "${2-}"; GCLOUD_ARGS+=("$2"); shift ;;
+    --gcloud-arg=*) GCLOUD_ARGS+=("${1#--gcloud-arg=}") ;;
     --no-wait) WAIT=0 ;;
     --timeout) need_value "$1" "${2-}"; check_int "$1" "$2"; TIMEOUT=$2; shift ;;
     --repo) need_value "$1" "${2-}"; REPO=$2; shift ;;
@@ -137,7 +155,12 @@ LOC=(--zone="$ZONE")
 [[ -n $PROJECT ]] && LOC+=(--project="$PROJECT")
 
 tpu_ssh() {  # tpu_ssh WORKER COMMAND: one shell command line on the given worker(s).
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --command="$2"
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" ${GCLOUD_ARGS[@]+"${GCLOUD_ARGS[@]}"} \
+    --command="$2"
+}
+
+tpu_scp() {  # tpu_scp ARGS...: gcloud compute tpus tpu-vm scp with the passthrough flags.
+  run gcloud compute tpus tpu-vm scp "$@" ${GCLOUD_ARGS[@]+"${GCLOUD_ARGS[@]}"}
 }
 
 qr_state() {
@@ -150,15 +173,20 @@ verb_create() {
   [[ -n $ACCELERATOR ]] || die "create needs --accelerator (e.g. v5litepod-8, v4-32, v6e-8)"
   check_accelerator "$ACCELERATOR"
   [[ -n $RUNTIME ]] || RUNTIME=$(runtime_for "$ACCELERATOR")
-  local capacity=()
+  local capacity=() track=()
   [[ -n $CAPACITY ]] && capacity=("$CAPACITY")
+  if ((AUTOCHECKPOINT)); then
+    case $ACCELERATOR in v4-* | v5litepod-*) ;; *) die "--autocheckpoint: Cloud TPU offers it on v2-v5e only, not $ACCELERATOR" ;; esac
+    capacity+=(--autocheckpoint-enabled)
+    track=(alpha)  # a preview feature: gcloud alpha
+  fi
   if ((!QUEUED)); then
-    run gcloud compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCELERATOR" \
+    run gcloud ${track[@]+"${track[@]}"} compute tpus tpu-vm create "$NAME" "${LOC[@]}" --accelerator-type="$ACCELERATOR" \
       --version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
     return 0
   fi
   [[ $CAPACITY != --preemptible ]] || die "--preemptible needs --no-queued (queued resources take --spot)"
-  run gcloud compute tpus queued-resources create "$NAME" "${LOC[@]}" --node-id="$NAME" \
+  run gcloud ${track[@]+"${track[@]}"} compute tpus queued-resources create "$NAME" "${LOC[@]}" --node-id="$NAME" \
     --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME" ${capacity[@]+"${capacity[@]}"}
   ((WAIT)) || return 0
   if [[ $DRY_RUN == 1 ]]; then
@@ -167,9 +195,17 @@ verb_create() {
     echo
     return 0
   fi
-  local start=$SECONDS state
+  local start=$SECONDS state failures=0
   while :; do
-    state=$(qr_state) || die "could not describe queued resource $NAME in $ZONE"
+    # A transient describe failure (network, API quota) is retried; 5 in a row end the wait.
+    if ! state=$(qr_state); then
+      failures=$((failures + 1))
+      ((failures < ${LMTINY_POLL_RETRIES:-5})) || die "could not describe queued resource $NAME in $ZONE ($failures tries in a row)"
+      note "describe failed ($failures in a row); retrying"
+      sleep "${LMTINY_POLL_SECONDS:-30}"
+      continue
+    fi
+    failures=0
     case $state in
       ACTIVE) note "queued resource $NAME is ACTIVE"; return 0 ;;
       FAILED | SUSPENDING | SUSPENDED)
@@ -203,7 +239,7 @@ verb_setup() {
   # shellcheck disable=SC2064  # the name is fixed now; the local is gone by exit time
   [[ $DRY_RUN == 1 ]] || trap "rm -f $(quote_words "$archive")" EXIT
   run tar -czf "$archive" -C "$REPO_ROOT" -- "${files[@]}"
-  run gcloud compute tpus tpu-vm scp "$archive" "$NAME:lmtiny-code.tgz" "${LOC[@]}" --worker=all
+  tpu_scp "$archive" "$NAME:lmtiny-code.tgz" "${LOC[@]}" --worker=all
   local q_dir
   q_dir=$(quote_words "$REMOTE_DIR")
   tpu_ssh all "mkdir -p $q_dir && tar -xzf lmtiny-code.tgz -C $q_dir && rm -f lmtiny-code.tgz && $install"
@@ -233,7 +269,7 @@ verb_logs() {
 
 verb_cleanup() {
   # Shipped on its own: cleanup must work on workers where setup never ran.
-  run gcloud compute tpus tpu-vm scp "$LAUNCH_DIR/remote.sh" "$NAME:lmtiny-remote.sh" "${LOC[@]}" --worker=all
+  tpu_scp "$LAUNCH_DIR/remote.sh" "$NAME:lmtiny-remote.sh" "${LOC[@]}" --worker=all
   tpu_ssh all "bash lmtiny-remote.sh cleanup --dir $(quote_words "$REMOTE_DIR")"
 }
 
@@ -244,7 +280,7 @@ verb_fetch() {
   if [[ $FROM == gs://* ]]; then
     run gcloud storage rsync --recursive "$FROM" "$to"
   else
-    run gcloud compute tpus tpu-vm scp --recurse "$NAME:$FROM" "$to" "${LOC[@]}" --worker="${WORKER:-0}"
+    tpu_scp --recurse "$NAME:$FROM" "$to" "${LOC[@]}" --worker="${WORKER:-0}"
   fi
 }
 

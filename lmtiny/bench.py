@@ -166,6 +166,9 @@ def run(argv: list[str]) -> int:
   if parsed is None:
     return 0
   values, cfg = parsed
+  if values["steps"] < 1 or values["warmup"] < 0:
+    bad = "steps" if values["steps"] < 1 else "warmup"
+    raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
   if values["compile_only"]:
     print(format_report(compile_report(cfg), cfg))
     return 0

@@ -10,11 +10,60 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
+from typing import Callable
 
 import grain
 from etils import epath
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from lmtiny.config import UserError
+
+
+class CheckpointError(UserError):
+  """No checkpoint in the run directory restores cleanly (one line naming the steps and why)."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint failed to save (disk full, permissions); the previous one is intact."""
+
+
+@jax.jit
+def fingerprint(state):
+  """Per-leaf wrapping uint32 sums of the raw bits: integer addition is exact in any order, so
+  the value is the same on any mesh, and any changed byte in an array (almost surely) changes it."""
+  def bits(x):
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 2:
+      x = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+      x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+      x = x.astype(jnp.uint32)
+    return jnp.sum(x, dtype=jnp.uint32)
+  return [bits(x) for x in jax.tree.leaves(state)]
+
+
+def _fingerprint_list(state) -> list[int]:
+  return [int(v) for v in jax.device_get(fingerprint(state))]
+
+
+def describe_error(e: BaseException) -> str:
+  """'Type: first line' of an exception, at most 160 characters. Also silences asyncio's
+  "exception was never retrieved" reports: a failed orbax restore abandons one read task per
+  array, each of which would print its tensorstore spec (hundreds of lines) when collected."""
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return f"{type(e).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
+
+
+def _drop_orbax_save_tracebacks(record) -> bool:
+  """absl-logger filter: orbax's background save thread logs a failed save with its whole
+  traceback (hundreds of lines on a full disk); Checkpointer reports it in one line instead."""
+  return not (record.exc_info and "orbax" in record.pathname)
 
 
 class Checkpointer:
@@ -25,6 +74,11 @@ class Checkpointer:
                                            create=True)
     self.manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory else directory,
                                          options=options)
+    self._saving, self._failed = None, False
+    import logging  # pylint: disable=g-import-not-at-top
+    absl_logger = logging.getLogger("absl")
+    if _drop_orbax_save_tracebacks not in absl_logger.filters:
+      absl_logger.addFilter(_drop_orbax_save_tracebacks)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -33,10 +87,46 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iter=None) -> None:
-    items = {"state": ocp.args.StandardSave(state)}
+    """Starts a save; a failure (this one's start, or an earlier async one) raises CheckpointSaveError.
+    Waits for the previous save first (orbax would, inside save()), so its failure names its step."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, e) from None
+    self.check_errors()
+    items = {"state": ocp.args.StandardSave(state),
+             "fingerprint": ocp.args.JsonSave({"state": _fingerprint_list(state),
+                                               "params": _fingerprint_list(state["params"])})}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (ENOSPC, EACCES, tensorstore errors)
+      raise self._save_error(step, e) from None
+    self._saving = step
+
+  def check_errors(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed (cheap; call every step)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self._saving, e) from None
+
+  def _save_error(self, step, e) -> CheckpointSaveError:
+    self._failed = True
+    kept = [s for s in self.finished_steps() if s != step]
+    last = f"the last good checkpoint is step {kept[-1]}" if kept else "no checkpoint has been kept"
+    full = "No space left on device" in str(e) or getattr(e, "errno", None) == 28  # ENOSPC, deep in tensorstore's text
+    why = "disk full: No space left on device" if full else describe_error(e)
+    return CheckpointSaveError(f"checkpoint at step {step} failed to save ({why}) in "
+                               f"{self.directory}; {last}")
+
+  def finished_steps(self) -> list[int]:
+    """Committed step directories on disk (orbax's own list may include the failed one)."""
+    root = epath.Path(self.directory)
+    if not root.is_dir():
+      return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
   def data_states(self, step: int) -> list[dict] | None:
     """The per-process data-iterator states saved at `step` (index = process), None if absent."""
@@ -54,18 +144,78 @@ class Checkpointer:
     return [json.loads(found[i][1].read_text()) for i in sorted(found)]
 
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Restore onto the shardings in `abstract_state`; `data_iter` is restored in place."""
+    """Restore onto the shardings in `abstract_state`; `data_iter` is restored in place. The
+    state's fingerprint (when the checkpoint has one) is checked: a mismatch raises ValueError."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_fingerprint = (epath.Path(self.directory) / str(step) / "fingerprint").exists()
+    if has_fingerprint:
+      items["fingerprint"] = ocp.args.JsonRestore()
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if has_fingerprint and _fingerprint_list(restored["state"]) != restored["fingerprint"]["state"]:
+      raise ValueError("array data does not match the fingerprint saved with it (altered bytes)")
+    return restored["state"]
+
+  def restore_newest(self, restore: Callable[[int], object], log: Callable[[str], None]):
+    """`restore(step)` for the newest step that restores cleanly, as (step, result); None if the
+    directory has no checkpoint. Steps that fail are moved aside (checkpoints/corrupt-STEP-TIME,
+    by process 0) with one warning line each once an older one has restored; if none restores,
+    nothing is moved and CheckpointError names every step and its error."""
+    bad = []
+    for step in sorted(set(self.all_steps()) | set(self.finished_steps()), reverse=True):
+      try:
+        result = restore(step)
+      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, grain, JSON)
+        bad.append((step, e))
+        continue
+      for bad_step, e in bad:
+        moved = self.move_aside(bad_step)
+        log(f"warning: checkpoint at step {bad_step} is unusable ({describe_error(e)}); moved to {moved}; "
+            f"resuming from step {step}")
+      if bad:
+        self.manager.reload()
+      return step, result
+    if bad:
+      reasons = "; ".join(f"step {s}: {describe_error(e)}" for s, e in bad)
+      raise CheckpointError(f"{self.directory}: no checkpoint restores cleanly ({reasons}); move the "
+                            "directory aside to start the run over")
+    return None
+
+  def move_aside(self, step: int) -> str:
+    """checkpoints/STEP -> checkpoints/corrupt-STEP-YYYYmmdd-HHMMSS (kept for inspection)."""
+    root = epath.Path(self.directory)
+    target = root / f"corrupt-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      try:
+        (root / str(step)).rename(target)
+      except OSError as e:  # some object stores cannot rename a directory: skipped on every restore instead
+        target = f"nowhere (cannot move it: {describe_error(e)})"
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"lmtiny-move-aside-{step}")
+    return str(target)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for a pending save; raises CheckpointSaveError if it failed (unless already raised)."""
+    reported = self._failed
+    try:
+      try:
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._save_error(self._saving, e) from None
+      self.check_errors()
+    except CheckpointSaveError:
+      if not reported:
+        raise
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except  (a failed save is reported above)
+        pass
 
 
 def abstract_with_shardings(abstract_tree, shardings):
@@ -82,4 +232,17 @@ def restore_params(directory: str, step: int, abstract_params):
   args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(path, args=args)["params"]
+    params = checkpointer.restore(path, args=args)["params"]
+  saved = saved_fingerprint(directory, step)
+  if saved is not None and "params" in saved and _fingerprint_list(params) != saved["params"]:
+    raise ValueError("parameter data does not match the fingerprint saved with it (altered bytes)")
+  return params
+
+
+def saved_fingerprint(directory: str, step: int) -> dict | None:
+  """The fingerprints saved with the checkpoint at `step` (None for checkpoints without one)."""
+  path = epath.Path(directory) / str(step) / "fingerprint"
+  files = [f for f in path.glob("*") if f.name != "commit_success.txt"] if path.is_dir() else []
+  if not files:
+    return None
+  return json.loads(files[0].read_text())

@@ -42,11 +42,23 @@ def _loaded_config(holder, path: str | None):
   """The parsed config, or a ConfigError naming the file (config_flags defers load errors)."""
   try:
     value = holder.value
+    if not hasattr(value, "get"):
+      raise ConfigError(f"--config={path}: get_config() returned a {type(value).__name__}, not a ConfigDict")
     value.get("model")  # a failed load surfaces on first use
     return value
   except OSError as e:
     last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
     raise ConfigError(f"--config={path}: cannot load config file: {last}") from None
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The config file named on the command line (for messages)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
 
 
 def default_workdir(config_path: str) -> str:
@@ -72,6 +84,10 @@ def parse_flags(argv: list[str], define, usage: str):
   flag, override or config file.
   """
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
+  # config_flags loads the file as module "config_config" with the deprecated load_module(), which
+  # reuses an existing sys.modules entry: a second in-process parse would keep the first file's
+  # get_config() when the new file lacks one.
+  sys.modules.pop("config_config", None)
   fv = flags.FlagValues()
   config = config_flags.DEFINE_config_file(
       "config", None, "Config file (configs/<size>.py); --config.x.y=... overrides.", flag_values=fv,
@@ -85,6 +101,9 @@ def parse_flags(argv: list[str], define, usage: str):
   except flags.Error as e:
     raise ConfigError(_one_line(e)) from None
   except (AttributeError, KeyError) as e:  # config_flags on an override naming no field
+    if "'config_config'" in _one_line(e):  # config_flags' own name for the user's module
+      raise ConfigError(f"--config={_config_arg(argv)}: the file defines no get_config() "
+                        "returning the config") from None
     raise ConfigError(f"--config override: {_one_line(e)}") from None
   except Exception as e:  # parsing only loads the user's config file and applies overrides
     raise ConfigError(f"--config: {type(e).__name__}: {_one_line(e)}") from None

@@ -247,6 +247,13 @@ def validate(cfg) -> None:
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
+  _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, "train.keep_checkpoints",
+           t.keep_checkpoints, "must be an integer >= 1 (the newest checkpoint is what a re-run resumes)")
+  _require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers",
+           cfg.data.num_workers, "must be an integer >= 0 (0 = in-process)")
+  for name in ("b1", "b2"):
+    _require(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
+  _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
   _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
   _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")

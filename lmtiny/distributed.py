@@ -69,6 +69,12 @@ def _detected_cluster(env: Mapping[str, str], on_tpu_vm: bool) -> str | None:
     return f"Slurm (SLURM_NTASKS={env['SLURM_NTASKS']})"
   if "OMPI_MCA_orte_hnp_uri" in env and env.get("OMPI_COMM_WORLD_SIZE", "1").strip() not in ("", "1"):
     return f"Open MPI (OMPI_COMM_WORLD_SIZE={env['OMPI_COMM_WORLD_SIZE']})"
+  if env.get("OMPI_COMM_WORLD_SIZE", "1").strip() not in ("", "1"):
+    # Open MPI 5 (PRRTE/PMIx) sets no OMPI_MCA_orte_hnp_uri, so jax would not see the cluster and
+    # every rank would run alone, all writing into one workdir.
+    raise ConfigError(f"OMPI_COMM_WORLD_SIZE={env['OMPI_COMM_WORLD_SIZE']}: Open MPI 5's mpirun is not "
+                      "detected by jax; launch with srun, or set LMTINY_COORDINATOR / LMTINY_NUM_PROCESSES / "
+                      "LMTINY_PROCESS_ID (OMPI_COMM_WORLD_RANK) per rank")
   if on_tpu_vm:
     return "Cloud TPU VM"
   return None
@@ -190,6 +196,30 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir}: cannot write to it ({type(e).__name__}: {_first_line(e)}); "
                       "check the bucket exists and credentials work (gcloud auth application-default "
                       "login, or a VM service account with storage write access)") from None
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """A multi-process run writes one checkpoint from every process into one directory, so a local
+  workdir must be a filesystem all hosts share: process 0 writes a marker, every other process
+  must see it, else one line (on every process) instead of checkpoints split across hosts."""
+  if jax.process_count() == 1 or "://" in workdir:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  marker = os.path.join(workdir, f".lmtiny-shared-{multihost_utils.broadcast_one_to_all(np.int32(os.getpid()))}")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w") as f:
+      f.write("lmtiny shared-workdir check\n")
+  multihost_utils.sync_global_devices("lmtiny-shared-workdir-written")
+  unseen = multihost_utils.process_allgather(np.int32(not os.path.exists(marker)))
+  multihost_utils.sync_global_devices("lmtiny-shared-workdir-read")
+  if jax.process_index() == 0:
+    os.remove(marker)
+  if np.any(unseen):
+    hosts = [int(i) for i in np.flatnonzero(unseen)]
+    raise ConfigError(f"--workdir={workdir}: not shared between hosts (process(es) {hosts} cannot see files "
+                      "process 0 writes there); use gs://BUCKET/... or a filesystem every host mounts")
 
 
 def _first_line(e: BaseException) -> str:

@@ -134,6 +134,29 @@ def load_model(run: Run):
   return nnx.merge(graphdef, params)
 
 
+def load_usable_model(run: Run, explicit_step: bool = False, err: TextIO | None = None):
+  """load_model at run.step or, when that checkpoint is corrupt and no --step was asked for, at
+  the newest older one that loads (one warning line each; the run directory is left as it is,
+  since a training run may be using it). SamplingError when none loads."""
+  from lmtiny.chat.lora import load_model as load_any_model  # a LoRA run: adapters merged on load
+  from lmtiny.checkpoint import describe_error
+  err = err or sys.stderr
+  steps = [run.step] if explicit_step else [s for s in reversed(checkpoint_steps(run.workdir)) if s <= run.step]
+  failures = []
+  for step in steps:
+    try:
+      model = load_any_model(dataclasses.replace(run, step=step))
+    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, fingerprint mismatch)
+      failures.append(f"step {step}: {describe_error(e)}")
+      if not explicit_step:
+        print(f"warning: {run.workdir}: checkpoint at step {step} is unusable ({describe_error(e)}); "
+              "trying the previous one", file=err, flush=True)
+      continue
+    run.step = step
+    return model
+  raise SamplingError(f"--workdir={run.workdir}: no usable checkpoint ({'; '.join(failures)})")
+
+
 def check_prompt_fits(ids: list[int], run: Run, what: str) -> None:
   context = run.cfg.model.max_seq_len
   if len(ids) >= context:
@@ -252,9 +275,8 @@ def run(argv: list[str]) -> int:
     run = load_run(args.workdir, args.step)
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
-    from lmtiny.chat.lora import load_model as load_any_model  # a LoRA run: adapters merged on load
     from lmtiny.sampling import Sampler
-    model = load_any_model(run)
+    model = load_usable_model(run, explicit_step=args.step is not None)
     if args.quantize != "none":
       from lmtiny.quant import param_bytes, quantize_model
       before = param_bytes(model)

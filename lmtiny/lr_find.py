@@ -208,6 +208,8 @@ def run(argv: list[str]) -> int:
   lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
   config_lib.validate(cfg)
   workdir = f["workdir"] or cli.default_workdir(f["config"])
+  from lmtiny.preflight import check_output_dir
+  check_output_dir(workdir, "--workdir")  # before the sweep, not after it
 
   from lmtiny import distributed
   distributed.initialize()  # before anything else touches jax

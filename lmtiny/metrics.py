@@ -74,11 +74,12 @@ class MetricsWriter:
       self.tb = None
 
   def _truncate_after(self, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: drop their old records."""
+    """A resumed run repeats the steps after its checkpoint: drop their old records (all of
+    them when it starts over from step 0)."""
     if not self.path.exists():
       return
-    keep = [line + "\n" for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [line + "\n" for line in self.path.read_text().splitlines()  # from scratch (0): none
+            if step > 0 and line.strip() and json.loads(line).get("step", 0) <= step]
     atomic_write(self.path, "".join(keep).encode())
 
   def write(self, step: int, split: str, values: dict) -> None:

@@ -53,8 +53,8 @@ class SamplingParams:
   top_p: float = 0.95
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise SamplingError(f"temperature={self.temperature}: must be >= 0")
+    if not 0 <= self.temperature < float("inf"):
+      raise SamplingError(f"temperature={self.temperature}: must be a finite number >= 0")
     if int(self.top_k) != self.top_k or self.top_k < 0:
       raise SamplingError(f"top_k={self.top_k}: must be an integer >= 0 (0 = off)")
     if not 0 < self.top_p <= 1:

@@ -133,6 +133,22 @@ def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[st
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def check_process_local_batches(mesh: Mesh, global_rows: int = 1 << 20) -> None:
+  """Each process feeds only its own rows (`global_batch_from_local`), which is right only when
+  every batch shard lives on the devices of one process. A model axis spanning hosts (tensor
+  across processes, data x fsdp smaller than the process count) breaks that: refused in one line."""
+  from lmtiny.config import ConfigError  # pylint: disable=g-import-not-at-top
+  owners: dict = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((global_rows, 1)).items():
+    owners.setdefault(index[0].indices(global_rows)[:2], set()).add(device.process_index)
+  shared = [procs for procs in owners.values() if len(procs) > 1]
+  if shared:
+    raise ConfigError(f"config.mesh={dict(mesh.shape)}: a batch shard is held by devices of processes "
+                      f"{sorted(shared[0])}; each process must hold whole batch shards (make "
+                      f"data x fsdp a multiple of the {jax.process_count()} processes and keep model "
+                      "axes within a host)")
+
+
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
   """Per-token cross-entropy [B, T] (float32) of vocab-sharded logits.
 

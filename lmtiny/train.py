@@ -3,7 +3,9 @@
 Trains, logs, evaluates, checkpoints and resumes (re-run the same command). With no
 `data.shards` configured it trains on the embedded standard-library corpus, building its
 tokenizer and shards once (cached). Exit status: 0 done or preempted (SIGTERM: checkpoint
-saved), 1 training diverged, 2 bad config, flags or data.
+saved; SIGTERM before the first step: nothing to save), 1 training diverged or a checkpoint
+failed to save (disk full: the previous checkpoint is intact), 2 bad config, flags, data or run
+directory (another run holds it, its config changed shape, no checkpoint in it restores).
 """
 from __future__ import annotations
 
@@ -19,38 +21,52 @@ def _define_flags(fv: flags.FlagValues) -> dict:
                                          "may be gs://. Default: runs/<config name>.", flag_values=fv)}
 
 
-def train(cfg, workdir: str) -> int:
+def train(cfg, workdir: str, preemption=None) -> int:
   """Everything after flag parsing; returns the exit status (UserErrors propagate)."""
-  from lmtiny import sharding
+  from lmtiny import metrics, preflight, sharding
+  from lmtiny.checkpoint import CheckpointSaveError
   from lmtiny.data.dataset import load_data
   from lmtiny.trainer import Trainer, TrainingDiverged, check_batch_divisibility
   config_lib.validate(cfg)
   check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
+  preflight.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)
+  distributed.check_shared_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
+  if preemption is not None and preemption.requested and distributed.process_count() == 1:
+    print("stopped (SIGTERM) before training started: nothing to save")
+    return 0
   trainer = Trainer(cfg, workdir, data)
   try:
     summary = trainer.run()
-  except TrainingDiverged as e:
+  except (TrainingDiverged, CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   from lmtiny import report
   report.update_for(workdir)
-  if summary["val"]:
-    (_, l0, b0), (_, l1, b1) = summary["val"][0], summary["val"][-1]
-    print(f"done: {summary['step']} steps in {summary['seconds']:.0f}s | val loss {l0:.3f} -> {l1:.3f} | "
-          f"val bpb {b0:.3f} -> {b1:.3f} | {workdir}")
+  # The whole run's val curve (a resumed run's own evaluations start where it resumed).
+  val = [r for r in metrics.read_metrics(workdir) if r.get("split") == "val"] if trainer.main else []
+  if val and summary["val"]:
+    first, last = val[0], val[-1]
+    print(f"done: {summary['step']} steps in {summary['seconds']:.0f}s | val loss {first['loss']:.3f} -> "
+          f"{last['loss']:.3f} | val bpb {first['bpb']:.3f} -> {last['bpb']:.3f} | {workdir}")
   return 0
 
 
 def run(argv: list[str]) -> int:
+  from lmtiny.preemption import Preemption
+  with Preemption() as early:  # a SIGTERM during start-up stops the run cleanly (exit 0)
+    return _run(argv, early)
+
+
+def _run(argv: list[str], early) -> int:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   parsed = cli.parse_config_flags(argv, _define_flags, __doc__)
   if parsed is None:
     return 0
   values, cfg = parsed
   distributed.initialize()
-  return train(cfg, values["workdir"] or cli.default_workdir(values["config"]))
+  return train(cfg, values["workdir"] or cli.default_workdir(values["config"]), early)
 
 
 def main(argv: list[str] | None = None) -> int:

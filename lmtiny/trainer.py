@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
 from typing import Any, Callable
 
@@ -24,12 +23,14 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, sharding
+from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, preflight, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
 from lmtiny.model import Transformer, abstract_model, cast_params, compute_dtype
 from lmtiny.optim import make_optimizer
+from lmtiny.preemption import Preemption as _Preemption
+from lmtiny.runlock import RunLock, main_only
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -75,6 +76,8 @@ def check_batch_divisibility(cfg, mesh) -> None:
   if micro % jax.process_count():
     raise ConfigError(f"config.train.batch_tokens={t.batch_tokens!r}: {micro} sequences per micro-batch do "
                       f"not divide over {jax.process_count()} processes")
+  if jax.process_count() > 1:
+    sharding.check_process_local_batches(mesh)
 
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
@@ -204,28 +207,6 @@ def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # The loop.
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
   """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
   atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
@@ -308,10 +289,14 @@ class Trainer:
   # -- state -----------------------------------------------------------------------------------
 
   def _start(self, ckpt: Checkpointer, train_iter):
-    step = ckpt.latest_step()
-    if step is None:
-      fresh = self.init_params is not None and self.adapter is None
-      return (self.steps.init(self.init_params) if fresh else self.steps.init()), 0
+    """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
+    found = ckpt.restore_newest(lambda step: self._restore(ckpt, step, train_iter), self.log)
+    if found is not None:
+      return found[::-1]
+    fresh = self.init_params is not None and self.adapter is None
+    return (self.steps.init(self.init_params) if fresh else self.steps.init()), 0
+
+  def _restore(self, ckpt: Checkpointer, step: int, train_iter):
     from lmtiny.data.pipeline import map_train_state, worker_count
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
     saved, template = ckpt.data_states(step), train_iter.get_state()
@@ -324,7 +309,7 @@ class Trainer:
       train_iter.set_state(data_state)
       self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
     self.log(f"resumed from checkpoint at step {step}")
-    return state, step
+    return state
 
   # -- loop ------------------------------------------------------------------------------------
 
@@ -332,23 +317,43 @@ class Trainer:
     """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
     cfg, t = self.cfg, self.cfg.train
     workdir = epath.Path(self.workdir)
-    if self.main:
-      workdir.mkdir(parents=True, exist_ok=True)
-      _write_run_files(workdir, cfg, self.data.tokenizer)
-    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
-                        async_save=t.async_checkpointing)
-    train_iter = self.train_iterator()
-    with jax.set_mesh(self.mesh):
-      state, start = self._start(ckpt, train_iter)
-      writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start if start else None)
-      try:
-        summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
-      finally:
-        ckpt.close()
-        writer.close()
+    with RunLock(self.workdir, log=self.log, enabled=self.main):
+      changes = main_only(lambda: preflight.config_changes(self.workdir, cfg), self.main)  # before any write
+      if self.main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_run_files(workdir, cfg, self.data.tokenizer)
+        preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state),
+                                   t.keep_checkpoints, self.log)
+      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
+                          async_save=t.async_checkpointing)
+      train_iter = self.train_iterator()
+      with jax.set_mesh(self.mesh):
+        try:
+          state, start = self._start(ckpt, train_iter)
+        except BaseException:
+          ckpt.close()
+          raise
+        if self.main:
+          preflight.record_config_changes(self.workdir, changes or {}, start, self.log)
+        writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
+        try:
+          summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
+        finally:
+          try:
+            ckpt.close()
+          finally:
+            writer.close()
     if self.main and t.plot:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
+
+  def _eval_missing(self, step: int) -> bool:
+    """A resumed run at an eval step whose val record a kill (during that eval) prevented."""
+    t = self.cfg.train
+    if step % t.eval_every and step != self.total_steps:
+      return False
+    return bool(main_only(lambda: not any(r.get("split") == "val" and r.get("step") == step
+                                          for r in metrics_lib.read_metrics(self.workdir)), self.main))
 
   def _log_eval(self, params, step: int, history: dict, writer) -> None:
     val = self.evaluate(params)
@@ -362,7 +367,7 @@ class Trainer:
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
     history = {"train_loss": [], "val": []}
-    last_saved, pending, step = start, None, start
+    last_saved, pending, step, stop = start, None, start, False
     window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
 
     def flush(pending):
@@ -400,19 +405,25 @@ class Trainer:
                  f"ETA {metrics_lib.format_duration(eta)}")
         window_start, window_steps = time.perf_counter(), 0
 
-    if start == 0:
-      self._log_eval(state["params"], 0, history, writer)  # the starting point of the val curve
+    if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
+      self._log_eval(state["params"], start, history, writer)
     with _Preemption() as preemption:
+      preemption.inherit()
       while step < self.total_steps:
+        if step == start and (stop := preemption.decided(step)):
+          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
+          break
+        ckpt.check_errors()  # a failed async save surfaces here, one step later
         batch = device_batch(next(train_iter), self.mesh)
         state, step_metrics = self.steps.train_step(state, batch)
         step += 1
         preemption.requested |= step == stop_after
+        stop = preemption.decided(step)  # agreed by all processes; a later signal waits a step
         if pending is not None:
           flush(pending)
         pending = (step, step_metrics)
         at_end = step == self.total_steps
-        if step % t.checkpoint_every == 0 or at_end or preemption.requested:
+        if step % t.checkpoint_every == 0 or at_end or stop:
           flush(pending)  # never checkpoint a state whose loss we have not seen to be finite
           pending = None
           ckpt.save(step, state, train_iter)
@@ -424,7 +435,7 @@ class Trainer:
           self._log_eval(state["params"], step, history, writer)
         if at_end or (t.sample_every and step % t.sample_every == 0):
           self.sample(state["params"], step, writer)
-        if preemption.requested:
+        if stop:
           self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
           break
       if pending is not None:
@@ -436,5 +447,5 @@ class Trainer:
                                "peak_flops": metrics_lib.peak_flops_total()})  # for the report card
     self.state = state
     return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
-            "train_loss": history["train_loss"], "val": history["val"], "preempted": preemption.requested,
+            "train_loss": history["train_loss"], "val": history["val"], "preempted": stop,
             "seconds": time.perf_counter() - t0}

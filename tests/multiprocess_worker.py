@@ -34,6 +34,8 @@ def multiprocess_config(steps: int = 6):
   from lm_fixtures import tiny_config
   cfg = tiny_config(steps=steps, checkpoint_every=3, eval_every=1000, eval_batches=2, log_every=1)
   cfg.mesh.update(data=-1, fsdp=1, tensor=2)
+  if os.environ.get("LMTINY_TEST_MESH"):  # data,fsdp,tensor
+    cfg.mesh.update(**dict(zip(("data", "fsdp", "tensor"), map(int, os.environ["LMTINY_TEST_MESH"].split(",")))))
   return cfg
 
 
@@ -63,8 +65,17 @@ def train(spec: str) -> dict:
   workdir, _, stop_after = spec.partition(":")
   cfg = multiprocess_config()
   lines = []
+  # LMTINY_TEST_SIGTERM=I:N: process I sends itself SIGTERM when it logs step N (a preemption
+  # notice reaching one host only).
+  who, _, at = os.environ.get("LMTINY_TEST_SIGTERM", "").partition(":")
+
+  def log(line):
+    lines.append(line)
+    print(line, flush=True)
+    if who and int(who) == distributed.process_index() and line.startswith(f"step {int(at):>6}/"):
+      os.kill(os.getpid(), signal.SIGTERM)
   try:
-    trainer = Trainer(cfg, workdir, one_row_data(cfg), log=lambda s: (lines.append(s), print(s, flush=True)))
+    trainer = Trainer(cfg, workdir, one_row_data(cfg), log=log)
     summary = trainer.run(stop_after=int(stop_after) if stop_after else None)
   except Exception as e:  # recorded, so one failing scenario does not hide the others
     traceback.print_exc()

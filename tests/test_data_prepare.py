@@ -186,6 +186,16 @@ def test_parquet_source(tmp_path, tok):
     open_source(f"parquet:{tmp_path}/*.parquet")
 
 
+def test_parquet_null_rows_are_counted_and_reported(tmp_path, tok):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": ["one", None, "two", None, None]}), tmp_path / "p.parquet")
+  manifest = prepare.prepare_dataset(open_source(f"parquet:{tmp_path}/p.parquet"), tok, str(tmp_path / "out"),
+                                     val_fraction=0.0, workers=1)
+  assert manifest["null_rows"] == 3 and manifest["splits"]["train"]["documents"] == 2
+  assert "3 null rows skipped" in prepare.summary(manifest)
+
+
 def test_tfds_source(tmp_path, tok):
   tfds = pytest.importorskip("tensorflow_datasets")
 

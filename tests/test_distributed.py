@@ -201,3 +201,11 @@ def test_gs_workdir_without_gcsfs_names_the_package(monkeypatch):
   monkeypatch.setattr(fsspec, "filesystem", missing)
   with pytest.raises(ConfigError, match=r"workdir gs://b/r: gs:// needs the gcsfs package"):
     distributed.check_workdir("gs://b/r")
+
+
+def test_open_mpi_5_is_refused_in_one_line():
+  """Open MPI 5 sets OMPI_COMM_WORLD_SIZE but not OMPI_MCA_orte_hnp_uri: jax would start N
+  independent one-process runs into one workdir."""
+  with pytest.raises(ConfigError, match=r"^OMPI_COMM_WORLD_SIZE=4: Open MPI 5's mpirun is not detected by jax"):
+    distributed.plan_from_env(dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_RANK="1"))
+  assert distributed.plan_from_env(dict(OMPI_COMM_WORLD_SIZE="1")).mode == "single"

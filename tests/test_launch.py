@@ -33,7 +33,10 @@ if "describe" in argv and any(a.startswith("--format") for a in argv):
   states = os.environ.get("FAKE_QR_STATES", "ACTIVE").split(",")
   n = int(open(log + ".n").read()) if os.path.exists(log + ".n") else 0
   open(log + ".n", "w").write(str(n + 1))
-  print(states[min(n, len(states) - 1)])
+  state = states[min(n, len(states) - 1)]
+  if state == "FAIL":  # a transient describe failure
+    sys.exit(1)
+  print(state)
 if "scp" in argv and os.environ.get("FAKE_KEEP"):
   for a in argv:
     if os.path.isfile(a):
@@ -186,6 +189,9 @@ def test_create_a_tpu_vm_directly(sandbox):
     (["create", *TPU, "--accelerator", "v9-8"], ["unknown accelerator type 'v9-8'"]),
     (["create", *TPU, "--accelerator", "v5litepod-12"], ["'v5litepod-12'"]),
     (["create", *TPU, "--accelerator", "v4-12"], ["'v4-12'"]),
+    (["create", *TPU, "--accelerator", "v4-24"], ["'v4-24'"]),
+    (["create", *TPU, "--accelerator", "v5p-96"], ["'v5p-96'"]),
+    (["create", *TPU, "--accelerator", "v6e-8", "--autocheckpoint"], ["--autocheckpoint", "v2-v5e only"]),
     (["create", *TPU, "--accelerator", "tpu"], ["'tpu'"]),
     (["create", *TPU], ["--accelerator"]),
     (["create", *TPU, "--accelerator", "v4-8", "--preemptible"], ["--preemptible needs --no-queued"]),
@@ -467,13 +473,14 @@ def test_remote_start_reports_a_trainer_that_dies_at_once(tmp_path):
   assert out.returncode == 1 and "exited with status 3 at start" in out.stderr
 
 
-def test_remote_cleanup_kills_python_holding_a_device_and_removes_the_lockfile(tmp_path):
+def test_remote_cleanup_kills_every_holder_of_a_device_and_removes_the_lockfile(tmp_path):
   device = tmp_path / "accel0"
   device.write_text("")
   lock = tmp_path / "libtpu_lockfile"
   lock.write_text("")
   holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(device)!r}); import time; time.sleep(120)"])
-  bystander = subprocess.Popen(["sleep", "120"], stdin=open(device))  # not python: left alone
+  other = subprocess.Popen(["sleep", "120"], stdin=open(device))  # not python: a holder all the same
+  bystander = subprocess.Popen(["sleep", "120"])  # holds no device: left alone
   try:
     deadline = time.time() + 10
     while str(device) not in {os.path.realpath(f"/proc/{holder.pid}/fd/{fd}")
@@ -486,12 +493,12 @@ def test_remote_cleanup_kills_python_holding_a_device_and_removes_the_lockfile(t
     assert holder.poll() is None
     out = _run_remote("cleanup", *args)
     assert out.returncode == 0, out.stderr
-    assert holder.wait(timeout=15) is not None
+    assert holder.wait(timeout=15) is not None and other.wait(timeout=15) is not None
     assert bystander.poll() is None
     assert not lock.exists()
     assert f"killing pid {holder.pid}" in out.stdout
   finally:
-    for p in (holder, bystander):
+    for p in (holder, other, bystander):
       if p.poll() is None:
         p.kill()
       p.wait()
@@ -554,7 +561,8 @@ def test_gpu_hosts_failure_stops_the_started_ones(sandbox):
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2", "--", "x"], ["--process-id 2"]),
     (["--coordinator", "h:1", "--num-processes", "2", "--", "x"], ["go together"]),
     (["--coordinator", "h", "--num-processes", "2", "--process-id", "0", "--", "x"], ["HOST:PORT"]),
-    (["--hosts", "a,b", "--coordinator", "h:1", "--", "x"], ["--hosts sets the coordinator"]),
+    (["--hosts", "a,b", "--num-processes", "2", "--", "x"], ["--hosts sets the process count"]),
+    (["--hosts", "a,b", "--coordinator", "h", "--", "x"], ["--coordinator 'h': must be HOST:PORT"]),
     (["--hosts", "a,b;c", "--", "x"], ["bad host name 'b;c'"]),
     (["--gpus", "all", "--", "x"], ["--gpus 'all'"]),
     (["--port", "70000", "--", "x"], ["--port 70000"]),
@@ -574,3 +582,36 @@ def test_gpu_dry_run_runs_nothing(sandbox):
   assert [shlex.split(line)[0] for line in out.stdout.splitlines()] == ["ssh"] * 4
   out = sandbox.run("gpu.sh", "--dry-run", "--python", "/nonexistent/python", "--", "--config", "c.py")
   assert out.returncode == 0 and out.stdout.splitlines()[-1] == "env /nonexistent/python -m lmtiny.train --config c.py"
+
+
+def test_create_survives_transient_describe_failures(sandbox):
+  out = sandbox.run("tpu.sh", "create", *TPU, "--accelerator", "v4-128",
+                    extra_env=dict(FAKE_QR_STATES="PROVISIONING,FAIL,FAIL,ACTIVE"))
+  assert out.returncode == 0, out.stderr
+  assert out.stderr.count("describe failed") == 2 and "is ACTIVE" in out.stderr
+  out = sandbox.run("tpu.sh", "create", *TPU, "--accelerator", "v4-128",
+                    extra_env=dict(FAKE_QR_STATES="FAIL", LMTINY_POLL_RETRIES="3"))
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].endswith("(3 tries in a row)")
+
+
+def test_create_with_autocheckpoint_uses_gcloud_alpha(sandbox):
+  out = sandbox.run("tpu.sh", "create", *TPU, "--accelerator", "v5litepod-16", "--spot", "--autocheckpoint",
+                    "--no-wait")
+  assert out.returncode == 0, out.stderr
+  (call,) = sandbox.calls("gcloud")
+  assert call[:4] == ["alpha", "compute", "tpus", "queued-resources"] and call[-2:] == ["--spot", "--autocheckpoint-enabled"]
+
+
+def test_internal_ip_and_gcloud_args_reach_every_ssh_and_scp(sandbox):
+  out = sandbox.run("tpu.sh", "cleanup", *TPU, "--internal-ip", "--gcloud-arg=--ssh-key-expire-after=1h")
+  assert out.returncode == 0, out.stderr
+  scp, ssh = sandbox.calls("gcloud")
+  for call in (scp, ssh):
+    assert "--internal-ip" in call and "--ssh-key-expire-after=1h" in call
+
+
+def test_gpu_hosts_with_an_explicit_coordinator(sandbox):
+  out = sandbox.run("gpu.sh", "--hosts", "h0,h1", "--coordinator", "10.1.0.5:9999", "--", "--config", "c.py")
+  assert out.returncode == 0, out.stderr
+  for call in sandbox.calls("ssh")[2:]:
+    assert "LMTINY_COORDINATOR=10.1.0.5:9999" in shlex.split(call[3])

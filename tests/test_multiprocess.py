@@ -36,7 +36,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, timeout=240):
+def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, timeout=240, env=None):
   """Starts the workers, waits for all (or the first failure), always reaps; returns
   (exit codes, outputs, results) per process. `declared` overrides each one's process count."""
   port = _free_port()
@@ -46,6 +46,7 @@ def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, 
               # Later launches reuse the first one's compiled programs (same mesh, same layout).
               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  base.update(env or {})
   out = tmp_path / name
   procs, logs = [], []
   try:
@@ -165,3 +166,31 @@ def test_process_count_that_disagrees_with_the_coordinator_is_one_line(tmp_path)
   assert len(errors) == 1 and "LMTINY_NUM_PROCESSES=3 but the coordinator at 127.0.0.1:" in errors[0]
   assert errors[0].endswith("runs 2 processes")
   assert results[0] is None or results[0]["process_count"] == 2
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+  """A preemption notice reaching process 1 only: the all-reduced decision stops both processes
+  at one step, both save that checkpoint and exit 0 (no mismatched collectives, no hang)."""
+  codes, outputs, results = run_processes(tmp_path, "term", [str(tmp_path / "run")],
+                                          env={"LMTINY_TEST_SIGTERM": "1:2"})
+  assert codes == [0, 0], "\n".join(outputs)
+  steps = [r["runs"][0]["step"] for r in results]
+  assert steps[0] == steps[1] and 2 <= steps[0] < 6
+  for r in results:
+    assert f"stopped early (SIGTERM or stop_after): saved checkpoint at step {steps[0]}" in r["runs"][0]["log"]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int)[-1] == str(steps[0])
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / str(steps[0]) / "data_iter"))[:2] == [
+      "commit_success.txt", "process_0-of-2.json"]
+
+
+def test_tensor_axis_across_processes_is_refused_in_one_line(tmp_path, monkeypatch):
+  """data=1, tensor=8 over 2 x 4 devices: each process would feed different rows into batch
+  shards that both hold; refused before anything is built."""
+  codes, outputs, results = run_processes(tmp_path, "tp", [str(tmp_path / "run")],
+                                          env={"LMTINY_TEST_MESH": "1,1,8"})
+  assert codes == [0, 0], "\n".join(outputs)
+  for r in results:
+    error = r["runs"][0]["error"]
+    assert error.startswith("ConfigError: config.mesh={'data': 1, 'fsdp': 1, 'tensor': 8}: a batch shard is held "
+                            "by devices of processes [0, 1]"), error
+  assert not os.path.exists(tmp_path / "run")

@@ -133,6 +133,11 @@ class _Writer:
         self.shards[split].append(self._open.pop(split).finish())
     self.chunks += 1
     self._chunk_docs = self._chunk_bytes = 0
+    self.save_progress()
+
+  def save_progress(self) -> None:
+    """progress.json: the finished chunks (none yet, at the start: the directory is then ours,
+    so a job killed inside its first shard resumes instead of refusing a non-empty --out)."""
     atomic_write_json(os.path.join(self.out_dir, shards_lib.PROGRESS_FILE), {
         "settings": self.settings, "documents": self.documents, "chunks": self.chunks,
         "splits": self.shards})
@@ -227,6 +232,8 @@ def prepare_dataset(source, tokenizer, out_dir: str, *, val_fraction: float = 0.
     raise DataError(f"--val-fraction {val_fraction}: must be in [0, 1)")
   if docs_per_shard <= 0:
     raise DataError(f"--docs-per-shard {docs_per_shard}: must be positive")
+  if workers < 0:
+    raise DataError(f"--workers {workers}: must be >= 0 (0: C++ threads in this process)")
   dtype = shards_lib.dtype_for_vocab(tokenizer.vocab_size)
   settings = {"source": source.name, "tokenizer_hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
               "dtype": dtype, "val_fraction": val_fraction, "docs_per_shard": docs_per_shard}
@@ -239,6 +246,8 @@ def prepare_dataset(source, tokenizer, out_dir: str, *, val_fraction: float = 0.
   writer = _Writer(out_dir, dtype, settings, progress)
   bar = _progress_bar(progress_bar, writer)
   try:
+    if fresh:
+      writer.save_progress()
     _save_tokenizer(out_dir, tokenizer)
     tasks = _tasks(source.iter_documents(), skip=writer.documents)
     for tokens, num_bytes in _encoded(tasks, tokenizer, dtype, workers):
@@ -253,7 +262,7 @@ def prepare_dataset(source, tokenizer, out_dir: str, *, val_fraction: float = 0.
   finally:
     bar.close()
   manifest = dict(format=shards_lib.FORMAT, **settings, bos_id=tokenizer.bos_id,
-                  undecodable=source.undecodable,
+                  undecodable=source.undecodable, null_rows=getattr(source, "null_rows", 0),
                   splits={s: shards_lib.split_totals(writer.shards[s]) for s in shards_lib.SPLITS})
   atomic_write_json(os.path.join(out_dir, shards_lib.MANIFEST_FILE), manifest)
   os.remove(os.path.join(out_dir, shards_lib.PROGRESS_FILE))
@@ -277,6 +286,8 @@ def summary(manifest: dict[str, Any], seconds: float | None = None, resumed_byte
                  f"{s['bytes'] / 1e6:>10.1f} MB text  {per_token:.2f} bytes/token  {len(s['shards'])} shards")
   if manifest.get("undecodable"):
     lines.append(f"  {manifest['undecodable']:,} undecodable byte sequences replaced with U+FFFD")
+  if manifest.get("null_rows"):
+    lines.append(f"  {manifest['null_rows']:,} null rows skipped (no text in the column)")
   if seconds is not None:
     done = sum(manifest["splits"][s]["bytes"] for s in shards_lib.SPLITS) - resumed_bytes
     lines.append(f"  {seconds:.1f} s, {done / 1e6 / max(seconds, 1e-9):.2f} MB/s of text")
@@ -297,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   from lmtiny.data.sources import SourceError, open_source  # pylint: disable=g-import-not-at-top
+  from lmtiny.preflight import OutputError, check_output_dir  # pylint: disable=g-import-not-at-top
   from lmtiny.tokenizer import Tokenizer, TokenizerError  # pylint: disable=g-import-not-at-top
   try:
+    check_output_dir(args.out, "--out")
+    if args.workers < 0:
+      raise DataError(f"--workers {args.workers}: must be >= 0 (0: C++ threads in this process)")
     tokenizer = Tokenizer.load(args.tokenizer)
     source = open_source(args.source)
     resumed = _resumed_bytes(args.out)
@@ -306,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare_dataset(source, tokenizer, args.out, val_fraction=args.val_fraction,
                                workers=args.workers, docs_per_shard=args.docs_per_shard,
                                progress_bar=not args.no_progress)
-  except (DataError, SourceError, TokenizerError) as e:
+  except (DataError, SourceError, TokenizerError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -85,6 +85,7 @@ class Source(abc.ABC):
   def __init__(self, name: str):
     self.name = name
     self.undecodable = 0   # invalid UTF-8 sequences replaced so far
+    self.null_rows = 0     # null (missing) values in a parquet text column, skipped
     self.files: list[str] = []
 
   def _decode(self, data: bytes) -> str:
@@ -260,7 +261,9 @@ class ParquetSource(Source):
         for value in batch.column(0).to_pylist():
           if isinstance(value, bytes):
             value = self._decode(value)
-          if value is not None:
+          if value is None:
+            self.null_rows += 1
+          else:
             yield value
 
 

@@ -38,7 +38,9 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
+  from lmtiny.preflight import check_output_dir  # pylint: disable=g-import-not-at-top
   check_vocab_size(args.vocab_size)
+  check_output_dir(args.out, "--out")  # before the (long) training, not after it
   recipe_file = args.mixture
   recipe = load_recipe(recipe_file, total_chars=args.total_chars or None, seed=args.seed)
   sampler = MixtureSampler(recipe, progress=not args.quiet)
