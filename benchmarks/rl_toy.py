@@ -1,13 +1,18 @@
 """RL learns on the toy arithmetic set: mean reward over steps (CPU, a few minutes).
 
-  PYTHONPATH=. python benchmarks/rl_toy.py [--sft-steps 60] [--rl-steps 40] [--out /tmp/rl_toy]
+  PYTHONPATH=. python benchmarks/rl_toy.py [--sft-steps 100] [--rl-steps 60] [--lr 2e-4]
+      [--warmup-steps 10] [--questions 16] [--samples 8]
 
 1. A 512-token tokenizer on the toy problems and some embedded text; a ~0.3M-parameter model.
 2. Warm start (what SFT does, in miniature): supervised steps on rendered toy conversations
    (loss on the assistant's tokens and python calls only), so the model knows the format
-   (`<<a+b=...>>` as a calculator call, then `#### N`) but not yet the arithmetic well.
-3. lmtiny.reinforce from that checkpoint: prints mean reward / pass@k per step and the greedy
-   held-out accuracy before and after.
+   (`<<a+b=...>>` as a calculator call, then `#### N`). After 100 steps greedy decoding is nearly
+   always right but samples at temperature 1 are right only about half the time: room for RL.
+3. lmtiny.reinforce from that checkpoint: prints mean reward / pass@k per step, window means, and
+   held-out accuracy before and after, greedy and sampled (temperature 1, what RL optimises).
+   Measured (2-core CPU): reward per 10-step window 0.536 0.575 0.628 0.658 0.670 0.668; held-out
+   sampled accuracy 0.480 -> 0.613, greedy 0.992 -> 1.000. At lr 5e-4 or 1e-3 the reward falls:
+   from a fresh Adam state every update moves every weight by about the LR, mostly noise here.
 """
 from __future__ import annotations
 
@@ -24,9 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--sft-steps", type=int, default=60)
-  p.add_argument("--rl-steps", type=int, default=40)
+  p.add_argument("--sft-steps", type=int, default=100)
+  p.add_argument("--rl-steps", type=int, default=60)
   p.add_argument("--lr", type=float, default=2e-4)
+  p.add_argument("--warmup-steps", type=int, default=10)
+  p.add_argument("--questions", type=int, default=16)
+  p.add_argument("--samples", type=int, default=8)
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--out", default="/tmp/lmtiny_rl_toy")
   args = p.parse_args()
@@ -69,19 +77,34 @@ def main():
   ckpt.save(args.sft_steps, state)
   ckpt.close()
   print(f"warm start: {args.sft_steps} steps in {time.perf_counter() - t0:.0f}s")
-  settings = RLSettings(steps=args.rl_steps, questions=8, samples=8, max_new_tokens=40, lr=args.lr, temperature=args.temperature,
+  settings = RLSettings(steps=args.rl_steps, questions=args.questions, samples=args.samples, max_new_tokens=40,
+                        lr=args.lr, warmup_steps=args.warmup_steps, temperature=args.temperature,
                         eval_every=args.rl_steps // 2, eval_questions=64, checkpoint_every=args.rl_steps)
   rl = Reinforce(sft_dir, os.path.join(args.out, "rl"), settings, rows, toy_rows(500, seed=2))
-  from lmtiny.metrics import MetricsWriter
+  from lmtiny.evals.gsm8k import evaluate
+  from lmtiny.sampling import SamplingParams
+  held_out = toy_rows(256, seed=3)
+
+  def accuracies(params):
+    sampler = rl._sampler(params)
+    greedy = evaluate(sampler, tok, held_out, max_new_tokens=40, batch=64, sampling=SamplingParams(0.0, 0, 1.0))
+    sampled = evaluate(sampler, tok, held_out, max_new_tokens=40, batch=64, seed=7,
+                       sampling=SamplingParams(args.temperature, settings.top_k, 1.0))
+    return greedy["accuracy"], sampled["accuracy"]
+
   with jax.set_mesh(rl.mesh):
-    before = rl.evaluate(rl._initial_state(sft_dir)["params"], 0, MetricsWriter(args.out, enabled=False))
+    before = accuracies(rl._initial_state(sft_dir)["params"])
   t0 = time.perf_counter()
   summary = rl.run(sft_dir)
+  seconds = time.perf_counter() - t0
+  with jax.set_mesh(rl.mesh):
+    after = accuracies(rl.state["params"])
   rewards = [r for _, r, _ in summary["history"]]
-  q = max(1, len(rewards) // 4)
-  print(f"RL {len(rewards)} steps in {time.perf_counter() - t0:.0f}s | mean reward first quarter "
-        f"{np.mean(rewards[:q]):.3f} -> last quarter {np.mean(rewards[-q:]):.3f} | held-out greedy accuracy "
-        f"{before['accuracy']:.3f} -> see the last eval line above")
+  w = max(1, len(rewards) // 6)
+  windows = " ".join(f"{np.mean(rewards[i:i + w]):.3f}" for i in range(0, len(rewards), w))
+  print(f"RL {len(rewards)} steps in {seconds:.0f}s | mean reward per {w}-step window: {windows}")
+  print(f"held-out ({len(held_out)} problems) greedy accuracy {before[0]:.3f} -> {after[0]:.3f} | "
+        f"sampled (temperature {args.temperature}) accuracy {before[1]:.3f} -> {after[1]:.3f}")
 
 
 if __name__ == "__main__":

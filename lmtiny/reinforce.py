@@ -47,6 +47,7 @@ class RLSettings:
   temperature: float = 1.0
   top_k: int = 50
   lr: float = 1e-4
+  warmup_steps: int = 0       # linear LR warmup (a fresh Adam state's first updates are ~sign(g) * lr)
   kl: float = 0.0
   log_every: int = 1
   eval_every: int = 20        # 0: only at the end
@@ -62,8 +63,8 @@ def check_settings(s: RLSettings, dp: int) -> None:
   if (s.questions * s.samples) % dp:
     raise RLError(f"--questions={s.questions} x --samples={s.samples} = {s.questions * s.samples} rows per step "
                   f"do not divide over the data-parallel size {dp}")
-  if s.kl < 0 or s.temperature <= 0 or s.lr <= 0:
-    raise RLError("--kl must be >= 0, --temperature and --lr > 0")
+  if s.kl < 0 or s.warmup_steps < 0 or s.temperature <= 0 or s.lr <= 0:
+    raise RLError("--kl and --warmup-steps must be >= 0, --temperature and --lr > 0")
 
 
 def rl_config(init_cfg, s: RLSettings):
@@ -72,7 +73,7 @@ def rl_config(init_cfg, s: RLSettings):
   seq_len = cfg.model.max_seq_len
   cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * s.questions * s.samples, micro_batch_size=0,
                    steps=s.steps, tokens_per_param=0.0, seed=s.seed)
-  cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=0, min_lr_ratio=0.0, weight_decay=0.0)
+  cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=s.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   cfg.rl = dataclasses.asdict(s)
   return cfg
