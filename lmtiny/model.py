@@ -226,7 +226,8 @@ class Transformer(nnx.Module):
     # a lookup into a D-sharded table would need a costly reshard of its output instead.
     # Gather from the float32 table, then cast: the gradient scatter-adds into the table in
     # float32 (in bf16, 4,096 unit gradients into one row would sum to 256).
-    table_VxD = constrain(self.embed[...], ("embed_vocab", "act_embed"))
+    # (.astype(float32) is free on the float32 table; a quantized tied table dequantizes here.)
+    table_VxD = constrain(self.embed[...].astype(jnp.float32), ("embed_vocab", "act_embed"))
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
     if self.embed_norm is not None:
       x_BxTxD = self.embed_norm(x_BxTxD)

@@ -57,7 +57,10 @@ def test_forced_overflow_skips_and_halves_until_finite(tmp_path):
   scales = [r["loss_scale"] for r in train]  # the scale each step ran with
   skipped = [int(r["skipped_steps"]) for r in train]  # counted after each step
   k = skipped[-1]
-  assert skipped[:2] == [1, 2] and skipped[-4] == k  # overflow at first; the last steps all apply
+  applies = [b == a for a, b in zip([0] + skipped, skipped)]
+  first_apply = applies.index(True)  # overflow at first, halving each step until gradients are finite
+  assert first_apply >= 2 and skipped[:first_apply] == list(range(1, first_apply + 1))
+  assert sum(applies) >= 6  # then most steps apply (a later overflow may halve the scale once more)
   assert all(b - a in (0, 1) for a, b in zip([0] + skipped, skipped))
   assert scales == [2.0 ** 26 / 2 ** s for s in [0] + skipped[:-1]]  # halved per skip, kept otherwise
   assert sum("skipped: non-finite gradients" in l for l in lines) == k

@@ -17,7 +17,7 @@ def _small_nanochat(**model):
   identity (nanochat's init zeroes the output projections) and every weight matters."""
   m = config_lib.nanochat_config(2).model
   m.update(vocab_size=256, d_model=64, num_heads=2, head_dim=32, max_seq_len=64, dtype="float32",
-           init="gpt2", init_std=0.3, remat="none")
+           init="gpt2", init_std=0.3, remat="none", scan_layers=False)  # the mapping reads layers one by one
   m.update(**model)
   return m
 
