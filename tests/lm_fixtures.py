@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from lmtiny.config import base_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 128
 
@@ -26,6 +28,7 @@ def tiny_config(**train):
   cfg.train.update(seq_len=32, batch_tokens=32 * 16, steps=8, log_every=2, eval_every=4, eval_batches=2,
                    checkpoint_every=4, async_checkpointing=False, plot=False)
   cfg.train.update(**train)
+  cfg.optim = base_config().optim  # AdamW + cosine (the demo's Muon has its own tests)
   cfg.optim.update(lr=1e-2, warmup_steps=2)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
   return cfg

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 import os
 import re
 import zlib
 from typing import Iterator
 
-from lmtiny.data.sources import SourceError, _expand_glob, _open_binary, open_source
+from lmtiny.data.sources import SourceError, _expand_glob, jsonl_records, open_source
 
 HELD_OUT_MODULUS = 20  # one function in 20 is held out of the embedded set (by name hash)
 _ROLES = ("system", "user", "assistant")
@@ -67,18 +66,8 @@ def check_messages(messages, where: str) -> list[dict]:
 
 def _jsonl_conversations(spec: str, pattern: str, field: str) -> Iterator[list[dict]]:
   for path in _expand_glob(spec, pattern):
-    with _open_binary(path) as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-          raise SourceError(f"{where}: invalid JSON ({e})") from None
-        if not isinstance(record, dict) or field not in record:
-          raise SourceError(f"{where}: no field {field!r}")
-        yield check_messages(record[field], where)
+    for where, record in jsonl_records(path, field):
+      yield check_messages(record[field], where)
 
 
 def iter_conversations(spec: str) -> Iterator[list[dict]]:

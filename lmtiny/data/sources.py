@@ -207,18 +207,25 @@ class JsonlSource(Source):
 
   def _documents(self):
     for path in self.files:
-      with _open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          where = f"{path}:{lineno}"
-          try:
-            record = json.loads(self._decode(line))
-          except json.JSONDecodeError as e:
-            raise SourceError(f"{where}: invalid JSON ({e.msg})") from None
-          if not isinstance(record, dict) or self.field not in record:
-            raise SourceError(f"{where}: no field {self.field!r}")
-          yield _text_of(record[self.field], where)
+      for where, record in jsonl_records(path, self.field, self._decode):
+        yield _text_of(record[self.field], where)
+
+
+def jsonl_records(path: str, field: str, decode=lambda line: line) -> Iterator[tuple[str, dict]]:
+  """(path:line, object) for each non-blank line of a JSON-lines file (gzip'd or not) whose object
+  has `field`; a SourceError naming the file and line otherwise."""
+  with _open_binary(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        record = json.loads(decode(line))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
+      if not isinstance(record, dict) or field not in record:
+        raise SourceError(f"{where}: no field {field!r}")
+      yield where, record
 
 
 class ParquetSource(Source):
