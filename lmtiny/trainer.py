@@ -338,11 +338,17 @@ class Trainer:
         writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
         try:
           summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
+        except BaseException:
+          for close in (ckpt.close, writer.close):
+            try:
+              close()
+            except Exception:  # pylint: disable=broad-except
+              pass  # the training error is the one to report (a full disk fails these closes too)
+          raise
+        try:
+          ckpt.close()
         finally:
-          try:
-            ckpt.close()
-          finally:
-            writer.close()
+          writer.close()
     if self.main and t.plot:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
