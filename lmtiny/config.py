@@ -145,6 +145,13 @@ def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.num_heads
 
 
+def attention_query_blocks(seq_len: int) -> int:
+  """Query blocks of the XLA self-attention (lmtiny.attention.xla_causal_attention): 4 when the
+  sequence splits into 4 blocks of at least 32 rows, else 1. Block i attends only to keys up to
+  its last row, so the scores hold (n + 1) / 2n of the [T, T] square."""
+  return 4 if seq_len % 4 == 0 and seq_len >= 128 else 1
+
+
 def num_kv_heads(m) -> int:
   return m.num_kv_heads or m.num_heads
 

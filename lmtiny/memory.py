@@ -76,13 +76,16 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   tp_w = dict(w, q=w["q"] * heads_local // m.num_heads,
               kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
-  # The layer being differentiated holds float32 scores, probabilities, their gradients and the mask.
-  scores = rows * heads_local * t.seq_len * t.seq_len * 16
+  # The layer being differentiated holds float32 scores, probabilities and their gradients, for
+  # the causal blocks the xla path computes (lmtiny.attention.xla_causal_attention).
+  blocks = config_lib.attention_query_blocks(t.seq_len)
+  square = rows * heads_local * t.seq_len * t.seq_len * (blocks + 1) / (2 * blocks)
+  scores = square * 16
   per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
   if m.remat == "dots":
-    per_layer += rows * heads_local * t.seq_len * t.seq_len * 4
+    per_layer += square * 4
   if m.remat == "none":
-    per_layer += rows * heads_local * t.seq_len * t.seq_len * (4 + c)  # float32 scores, probabilities
+    per_layer += square * (4 + c)  # float32 scores, probabilities
   activations = m.num_layers * per_layer + tokens * _layer_working_set(tp_w, c) + scores
   activations += tokens * (4 * 3 + c) * w["d"]  # embedding output, final norm, their gradients
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size

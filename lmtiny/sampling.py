@@ -96,10 +96,10 @@ def _write_rows(cache_LxBxSxKxDh: Array, layer, new_BxTxKxDh: Array, starts_B: A
       new_BxTxKxDh.astype(cache_LxBxSxKxDh.dtype))
 
 
-def _layer(block, x_BxTxD, positions_BxT, layer, cache: KVCache, starts_B):
+def _layer(block, x_BxTxD, rope_BxT, layer, cache: KVCache, starts_B):
   """One Block (same math as model.Block) that also writes its keys/values into the cache."""
-  b, t = positions_BxT.shape
-  q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), positions_BxT)
+  b, t = x_BxTxD.shape[:2]
+  q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), rope_BxT)
   cache = KVCache(_write_rows(cache.k, layer, k, starts_B), _write_rows(cache.v, layer, v, starts_B))
   s = cache.k.shape[2]
   # Query i of row b sits at position starts_B[b] + i and sees cache slots 0..that position.
@@ -116,19 +116,20 @@ def extend(model, tokens_BxT: Array, starts_B: Array, cache: KVCache, last_B: Ar
   b, t = tokens_BxT.shape
   positions_BxT = starts_B[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)
   x_BxTxD = model.embed_tokens(tokens_BxT)
+  rope_BxT = model.rope_tables(positions_BxT)
   if model.cfg.scan_layers:
     graphdef, stacked = nnx.split(model.layers)
 
     def body(carry, inputs):
       x, c = carry
       block_state, layer = inputs
-      return _layer(nnx.merge(graphdef, block_state), x, positions_BxT, layer, c, starts_B), None
+      return _layer(nnx.merge(graphdef, block_state), x, rope_BxT, layer, c, starts_B), None
 
     layers = jnp.arange(model.cfg.num_layers)
     (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (stacked, layers))
   else:
     for layer, block in enumerate(model.layers):
-      x_BxTxD, cache = _layer(block, x_BxTxD, positions_BxT, layer, cache, starts_B)
+      x_BxTxD, cache = _layer(block, x_BxTxD, rope_BxT, layer, cache, starts_B)
   if last_B is None:
     return model.unembed(x_BxTxD), cache
   x_Bx1xD = jnp.take_along_axis(x_BxTxD, last_B[:, None, None].astype(jnp.int32), axis=1)

@@ -12,6 +12,7 @@ big batch regardless of how many devices there are.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable
@@ -23,7 +24,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, preflight, sharding
+from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, preflight, sharding, xla_options
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
@@ -177,20 +178,21 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
             "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
 
   replicated = sharding.replicated(mesh)
+  jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options())
   steps = Steps(
       mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
       state_shardings=state_shardings,
       init=jax.jit(init, out_shardings=state_shardings),
-      train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
+      train_step=jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval_step=jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
   if adapter is not None:  # the frozen weights go in as one more (undonated) argument
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
-    train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                    out_shardings=(state_shardings, replicated), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated,
+    train = jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated,
                                                 frozen_shardings), out_shardings=replicated)
     merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
     steps.train_step = lambda state, batch: train(state, batch, frozen_params)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmtiny import attention as attn_lib
-from lmtiny import sharding
+from lmtiny import config as config_lib, sharding
 
 
 def _numpy_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
@@ -91,6 +91,26 @@ def test_xla_attention_matches_numpy_with_a_random_mask(h, k):
   allowed[:, :, 0] = True  # every query sees at least one key
   got = attn_lib.xla_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), jnp.asarray(allowed[:, None]))
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, kk, v, allowed), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,h,k,packed", [(256, 6, 2, True), (128, 4, 4, False), (48, 2, 1, True)])
+def test_xla_causal_attention_matches_numpy_and_its_gradients_match_the_masked_reference(t, h, k, packed):
+  """The block-skipping self-attention (4 query blocks at T=128/256, 1 at T=48) against float64
+  NumPy; its gradients against xla_attention with the dense mask."""
+  assert config_lib.attention_query_blocks(t) == (4 if t >= 128 else 1)
+  q, kk, v = _qkv(2, t, t, h, k, 16, seed=t + h)
+  rng = np.random.default_rng(2)
+  seg = np.sort(rng.integers(1, 5, (2, t)), axis=1).astype(np.int32) if packed else np.ones((2, t), np.int32)
+  seg_j = jnp.asarray(seg) if packed else None
+  got = attn_lib.xla_causal_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), seg_j)
+  allowed = _expected_mask(seg, seg, np.zeros(2, int))[:, 0]
+  np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, kk, v, allowed), rtol=1e-4, atol=1e-4)
+  mask = jnp.asarray(allowed[:, None])
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  grads = [jax.grad(lambda *x: jnp.sum(fn(*x) * weights), argnums=(0, 1, 2))(*map(jnp.asarray, (q, kk, v)))
+           for fn in (lambda *x: attn_lib.xla_causal_attention(*x, seg_j), lambda *x: attn_lib.xla_attention(*x, mask))]
+  for got_g, want_g in zip(*grads):
+    np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-4, atol=1e-4)
 
 
 def test_attention_gqa_uses_kv_head_of_its_group():

@@ -94,9 +94,24 @@ def test_model_rope_matches_reference():
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 6, 3, 16)).astype(np.float32)
   pos = rng.integers(0, 500, (2, 6))
-  got = model_lib.rope(jnp.asarray(x), jnp.asarray(pos), 10000.0)
+  got = model_lib.rope(jnp.asarray(x), jnp.asarray(pos), 10000.0, table_len=500)
   want = np.stack([ref.rotary(x[b].astype(np.float64), pos[b], 10000.0) for b in range(2)])
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_rope_tables_give_nan_past_their_length_not_a_clamped_angle():
+  cos, sin = model_lib.rope_tables(jnp.asarray([[0, 7, 8]]), head_dim=4, theta=10000.0, table_len=8)
+  assert cos.shape == sin.shape == (1, 3, 1, 2)
+  assert np.isfinite(np.asarray(cos[0, :2])).all() and np.isnan(np.asarray(cos[0, 2])).all()
+  np.testing.assert_allclose(np.asarray(sin[0, 1, 0]), np.sin(7 * 10000.0 ** -(np.arange(2) / 2)), rtol=1e-6)
+
+
+def test_dense_equals_einsum_over_every_row_and_weight_axis():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 4, 6)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(model_lib.dense(x, w, in_dims=2)),
+                             np.einsum("bthk,hkd->btd", np.asarray(x, np.float64), np.asarray(w, np.float64)), rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def test_weights_cast_once_per_step_and_z_loss_changes_only_the_gradient():
   with jax.set_mesh(mesh):
     state = steps.init()
     batch = device_batch(synthetic_batch(cfg, 16), mesh)
-    jaxpr = jax.make_jaxpr(steps.train_step)(state, batch).jaxpr
+    # The step's Python function: a jit with compiler options (lmtiny.xla_options) cannot nest.
+    jaxpr = jax.make_jaxpr(steps.train_step.__wrapped__)(state, batch).jaxpr
     scans = [e for e in _eqns(jaxpr) if e.primitive.name == "scan"]
     assert scans, "no accumulation scan"
     body = scans[0].params["jaxpr"].jaxpr  # weights enter it as inputs (gradients are cast too: not inputs)
