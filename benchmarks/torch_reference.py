@@ -178,6 +178,9 @@ def main(argv=None) -> int:
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   cfg = load_config(args.config, args.set)
+  if cfg.optim.name != "adamw":  # the PyTorch side implements AdamW: time the same update
+    print(f"lmtiny runs optim.name=adamw here (the config says {cfg.optim.name})")
+    cfg.optim.name = "adamw"
   cfg.model.dtype = "float32"
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   t = cfg.train
