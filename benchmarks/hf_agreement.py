@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import test_interop_convert as t  # noqa: E402  (the tests' checkpoint builders)
 from lmtiny.data.embedded import iter_embedded_documents  # noqa: E402
-from lmtiny.generate import load_model, load_run  # noqa: E402
+from lmtiny.rundir import load_weights  # noqa: E402
 from lmtiny.interop.convert import export_run, import_checkpoint  # noqa: E402
 from lmtiny.interop.safetensors_io import read_checkpoint  # noqa: E402
 from lmtiny.tokenizer import train_tokenizer  # noqa: E402
@@ -51,7 +51,8 @@ def main():
     with open(os.path.join(hf_dir, "tokenizer.model"), "wb") as f:
       f.write(tok.model_proto)
     import_checkpoint(hf_dir, run)
-    ours = np.asarray(load_model(load_run(run))(jnp.asarray(t.TOKENS)))
+    loaded, params = load_weights(run)
+    ours = np.asarray(loaded.model(params)(jnp.asarray(t.TOKENS)))
     export_run(run, out)
     a, b = read_checkpoint(hf_dir), read_checkpoint(out)
     bitwise = sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
@@ -68,8 +69,8 @@ def main():
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     print(f"  {name:18s} {agreement(np.asarray(model(jnp.asarray(t.TOKENS))), t._hf_logits(hf, t.TOKENS))}")
   if args.run:
-    run = load_run(args.run)
-    model, out = load_model(run), os.path.join(root, "run_export")
+    run, params = load_weights(args.run)
+    model, out = run.model(params), os.path.join(root, "run_export")
     export_run(args.run, out)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     prompt = [run.tokenizer.bos_id] + run.tokenizer.encode("def ")

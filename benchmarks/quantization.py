@@ -97,9 +97,9 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU "
         f"cores; decode: prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
   if args.run:
-    from lmtiny.generate import load_model, load_run
-    run = load_run(args.run)
-    report(f"{args.run} (step {run.step})", load_model(run), run.cfg, args)
+    from lmtiny.rundir import load_weights
+    run, params = load_weights(args.run)
+    report(f"{args.run} (step {run.step})", run.model(params), run.cfg, args)
   for name in args.configs:
     cfg = load_config(name)
     report(f"{name} (random init)", Transformer(cfg.model, nnx.Rngs(0)), None, args)

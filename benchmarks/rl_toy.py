@@ -93,9 +93,9 @@ def main():
     return greedy["accuracy"], sampled["accuracy"]
 
   with jax.set_mesh(rl.mesh):
-    before = accuracies(rl._initial_state(sft_dir)["params"])
+    before = accuracies(rl._initial_state()["params"])
   t0 = time.perf_counter()
-  summary = rl.run(sft_dir)
+  summary = rl.run()
   seconds = time.perf_counter() - t0
   with jax.set_mesh(rl.mesh):
     after = accuracies(rl.state["params"])

@@ -32,10 +32,9 @@ def _engine(args):
   from lmtiny.chat.server import ChatEngine
   from lmtiny.sampling import Sampler
   if args.workdir:
-    from lmtiny.chat.lora import load_model
-    from lmtiny.generate import load_run
-    run = load_run(args.workdir)
-    model, tok, context = load_model(run), run.tokenizer, run.cfg.model.max_seq_len
+    from lmtiny.rundir import load_weights
+    run, params = load_weights(args.workdir)
+    model, tok, context = run.model(params), run.tokenizer, run.cfg.model.max_seq_len
   else:
     import importlib.util
     from flax import nnx

@@ -23,8 +23,8 @@ resumes from its own checkpoints).
   report     python -m lmtiny.report --workdir RUN                -> RUN/report.md (always rebuilt)
 
 presets:
-  toy        CPU, minutes: configs/tiny.py on the embedded standard-library corpus, RL and GSM8K
-             on the self-generated toy arithmetic set (no download)
+  toy        CPU, minutes: configs/tiny.py on the embedded standard-library corpus; SFT (with the
+             embedded chats), RL and GSM8K on the self-generated toy arithmetic set (no download)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
@@ -88,6 +88,7 @@ done
 RUN_DIR=${RUN_DIR:-runs/speedrun-$PRESET}
 
 POD=0
+TOY_SFT_SOURCES=embedded_chat:1.0,toy_arithmetic:1.0
 FINEWEB='hf:HuggingFaceFW/fineweb-edu?pattern=sample/10BT/*.parquet&column=text'
 case $PRESET in
   toy)
@@ -95,7 +96,8 @@ case $PRESET in
     SOURCE=${SOURCE:-embedded?max_chars=4000000}; TOK_CHARS=4000000
     BASE_ARGS=(--config.train.steps=300)
     MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=100)
-    SFT_ARGS=(--config.sft.steps=100)
+    # SFT adds the toy arithmetic chats (calculator calls, `#### N`), so RL starts with some reward.
+    SFT_ARGS=("--config.sft.sources=$TOY_SFT_SOURCES" --config.sft.steps=100)
     RL_ARGS=(--data toy --steps 40 --questions 4 --samples 8 --max-new-tokens 48 --eval-questions 64)
     CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
   d20-h100 | d20-v5e8 | d26-pod | d32-pod)
@@ -126,6 +128,9 @@ if [[ $SMOKE == 1 ]]; then
             --config.train.sample_tokens=8)
   SFT_ARGS=(--config.sft.steps=2 --config.train.eval_every=2 --config.train.eval_batches=1
             --config.train.checkpoint_every=2 --config.train.sample_tokens=8)
+  if [[ $PRESET == toy ]]; then
+    SFT_ARGS+=("--config.sft.sources=$TOY_SFT_SOURCES")
+  fi
   RL_ARGS=(--data toy --steps 2 --questions 2 --samples 2 --max-new-tokens 8 --eval-questions 2)
   CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
   BASE_EVAL+=(--max-items 2 --eval-batches 1)

@@ -5,8 +5,9 @@
       [--num-samples 1] [--stop STRING ...] [--quantize int8|int4 [--group-size N]]
   python -m lmtiny.generate --workdir RUN --chat      # reads user turns from stdin, one a line
 
-Loads RUN/config.json, RUN/tokenizer.model and the newest checkpoint (or --step) onto one local
-device, whatever mesh the run was trained on. Text goes to stdout as it is produced; speeds
+Loads RUN/config.json, RUN/tokenizer.model and the newest usable checkpoint (or --step) onto one
+local device, whatever mesh the run was trained on (lmtiny.rundir.load_weights: a LoRA run's
+adapters are folded into its base run's weights). Text goes to stdout as it is produced; speeds
 (prefill and decode tokens/s, compile time) go to stderr. A completion prompt starts a document
 (BOS + prompt) and ends at a generated BOS; chat ends a reply at <|assistant_end|> (or <|bos|>).
 With --num-samples 1 the text streams token by token; with more, the samples decode as one
@@ -17,14 +18,14 @@ context. Bad input prints one `error:` line and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
-from typing import Iterable, TextIO
+from typing import TYPE_CHECKING, Iterable, TextIO
 
 from lmtiny import cli
 from lmtiny.sampling import SamplingError
+
+if TYPE_CHECKING:
+  from lmtiny.rundir import Run
 
 
 def parse_args(argv):
@@ -62,99 +63,6 @@ def sampling_params(args):
     return SamplingParams(args.temperature, args.top_k, args.top_p)
   except SamplingError as e:
     raise SamplingError(f"--{e}".replace("_", "-", 1)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# The run directory.
-
-
-@dataclasses.dataclass
-class Run:
-  workdir: str
-  cfg: object        # the run's ConfigDict
-  tokenizer: object  # lmtiny.tokenizer.Tokenizer
-  step: int
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Finished checkpoint steps in RUN/checkpoints (orbax names them by step; unfinished ones
-  carry a temporary suffix locally, or lack commit_success.txt on cloud storage)."""
-  from etils import epath
-  root = epath.Path(workdir) / "checkpoints"
-  if not root.is_dir():
-    return []
-  cloud = "://" in workdir
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and (p / "state").is_dir() and (not cloud or (p / "commit_success.txt").exists()))
-
-
-def load_run(workdir: str, step: int | None = None) -> Run:
-  """Config, tokenizer and checkpoint step of a run; raises SamplingError naming what is wrong."""
-  import ml_collections
-  from etils import epath
-  from lmtiny import config as config_lib
-  if not os.path.isdir(workdir) and "://" not in workdir:
-    raise SamplingError(f"--workdir={workdir}: no such directory")
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise SamplingError(f"--workdir={workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise SamplingError(f"--step={step}: no such checkpoint in {workdir} (have {', '.join(map(str, steps))})")
-  config_path = os.path.join(workdir, "config.json")
-  try:
-    cfg = ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text()))
-    config_lib.validate_model(cfg.model)
-  except (OSError, json.JSONDecodeError, AttributeError, KeyError) as e:
-    raise SamplingError(f"{config_path}: cannot read the run's config ({e})") from None
-  except config_lib.ConfigError as e:
-    raise SamplingError(f"{config_path}: {e}") from None
-  from lmtiny.interop.hf_tokenizer import load_run_tokenizer
-  tokenizer = load_run_tokenizer(workdir)  # tokenizer.model, or hf_tokenizer/ of an imported model
-  if tokenizer is None:
-    raise SamplingError(f"{epath.Path(workdir) / 'tokenizer.model'}: missing (the run was trained without a tokenizer)")
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise SamplingError(f"{workdir}/tokenizer.model: {tokenizer.vocab_size} tokens, more than the model's "
-                        f"vocab_size {cfg.model.vocab_size}")
-  return Run(workdir, cfg, tokenizer, step)
-
-
-def load_model(run: Run):
-  """The run's Transformer with the checkpoint's parameters on the first local device."""
-  import jax
-  from flax import nnx
-  from lmtiny.checkpoint import restore_params
-  from lmtiny.model import abstract_model
-  abstract = abstract_model(run.cfg.model)
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
-  params = restore_params(os.path.join(run.workdir, "checkpoints"), run.step, target)
-  return nnx.merge(graphdef, params)
-
-
-def load_usable_model(run: Run, explicit_step: bool = False, err: TextIO | None = None):
-  """load_model at run.step or, when that checkpoint is corrupt and no --step was asked for, at
-  the newest older one that loads (one warning line each; the run directory is left as it is,
-  since a training run may be using it). SamplingError when none loads."""
-  from lmtiny.chat.lora import load_model as load_any_model  # a LoRA run: adapters merged on load
-  from lmtiny.checkpoint import describe_error
-  err = err or sys.stderr
-  steps = [run.step] if explicit_step else [s for s in reversed(checkpoint_steps(run.workdir)) if s <= run.step]
-  failures = []
-  for step in steps:
-    try:
-      model = load_any_model(dataclasses.replace(run, step=step))
-    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, fingerprint mismatch)
-      failures.append(f"step {step}: {describe_error(e)}")
-      if not explicit_step:
-        print(f"warning: {run.workdir}: checkpoint at step {step} is unusable ({describe_error(e)}); "
-              "trying the previous one", file=err, flush=True)
-      continue
-    run.step = step
-    return model
-  raise SamplingError(f"--workdir={run.workdir}: no usable checkpoint ({'; '.join(failures)})")
 
 
 def check_prompt_fits(ids: list[int], run: Run, what: str) -> None:
@@ -272,18 +180,13 @@ def run(argv: list[str]) -> int:
   args = parse_args(argv)
   try:
     sampling = sampling_params(args)
+    from lmtiny.rundir import load_run, load_weights
     run = load_run(args.workdir, args.step)
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
     from lmtiny.sampling import Sampler
-    model = load_usable_model(run, explicit_step=args.step is not None)
-    if args.quantize != "none":
-      from lmtiny.quant import param_bytes, quantize_model
-      before = param_bytes(model)
-      model = quantize_model(model, args.quantize, args.group_size)
-      print(f"quantized {args.quantize}: parameters {before / 1e6:.1f} MB -> {param_bytes(model) / 1e6:.1f} MB",
-            file=sys.stderr)
-    sampler = Sampler(model)
+    run, params = load_weights(run, quantize=args.quantize, group_size=args.group_size)
+    sampler = Sampler(run.model(params))
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "
           f"context {run.cfg.model.max_seq_len}", file=sys.stderr)
     if args.chat:

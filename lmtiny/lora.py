@@ -25,8 +25,8 @@ def parse_args(argv):
 
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
-  from lmtiny.chat.lora import merge_run
-  out = merge_run(args.workdir, args.out, args.step)
+  from lmtiny.rundir import merge_lora_run
+  out = merge_lora_run(args.workdir, args.out, args.step)
   print(f"merged {args.workdir} into {out}: sample with python -m lmtiny.generate --workdir {out} --chat")
   return 0
 

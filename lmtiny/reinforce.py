@@ -23,12 +23,11 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from lmtiny import metrics as metrics_lib, sharding
-from lmtiny.checkpoint import Checkpointer, abstract_with_shardings, restore_params
+from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import UserError
 from lmtiny.evals import gsm8k
 from lmtiny.trainer import build_steps, token_losses
@@ -68,13 +67,16 @@ def check_settings(s: RLSettings, dp: int) -> None:
 
 
 def rl_config(init_cfg, s: RLSettings):
-  """The init run's config with the RL batch (one row per sample, the model's context long) and LR."""
+  """The init run's config with the RL batch (one row per sample, the model's context long) and LR;
+  not a LoRA run even when the init run is one."""
   cfg = init_cfg.copy_and_resolve_references()
   seq_len = cfg.model.max_seq_len
   cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * s.questions * s.samples, micro_batch_size=0,
                    steps=s.steps, tokens_per_param=0.0, seed=s.seed)
   cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=s.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
   cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  if "lora" in cfg:
+    cfg.lora.rank = 0  # RL trains every weight of the (merged) init model: its checkpoints are full runs'
   cfg.rl = dataclasses.asdict(s)
   return cfg
 
@@ -111,11 +113,8 @@ class Reinforce:
 
   def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
                log: Callable[[str], None] = print, devices=None):
-    from lmtiny.generate import load_run
-    try:
-      self.init = load_run(init_dir)
-    except UserError as e:
-      raise RLError(str(e).replace("--workdir=", "--init=", 1)) from None
+    from lmtiny.rundir import load_run
+    self.init = load_run(init_dir, flags=("--init", "--init-step"))
     self.s, self.workdir, self.log = settings, workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
     self.cfg = rl_config(self.init.cfg, settings)
@@ -127,10 +126,11 @@ class Reinforce:
     from lmtiny.tokenizer import render_for_completion
     self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
 
-  def _initial_state(self, init_dir: str):
+  def _initial_state(self):
+    """A fresh state with the init run's parameters (a LoRA run's merged; the newest usable checkpoint)."""
+    from lmtiny.rundir import load_weights
     state = self.steps.init()
-    target = abstract_with_shardings(self.steps.abstract_state["params"], self.steps.state_shardings["params"])
-    params = restore_params(str(epath.Path(init_dir) / "checkpoints"), self.init.step, target)
+    self.init, params = load_weights(self.init, mesh=self.mesh, log=self.log, flags=("--init", "--init-step"))
     opt_state = jax.jit(self.steps.tx.init, out_shardings=self.steps.state_shardings["opt_state"])(params)
     return {**state, "params": params, "opt_state": opt_state}
 
@@ -171,7 +171,7 @@ class Reinforce:
     self.log(f"step {step:>5}/{self.s.steps} | eval accuracy {result['accuracy']:.3f} on {result['items']} problems")
     return result
 
-  def run(self, init_dir: str, stop_after: int | None = None) -> dict:
+  def run(self, stop_after: int | None = None) -> dict:
     from lmtiny.trainer import _write_run_files
     s, workdir = self.s, epath.Path(self.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,8 @@ class Reinforce:
         state = ckpt.restore(start, abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings))
         self.log(f"resumed from checkpoint at step {start}")
       else:
-        state = self._initial_state(init_dir)
-      ref_params = self._initial_state(init_dir)["params"] if s.kl else None
+        state = self._initial_state()
+      ref_params = self._initial_state()["params"] if s.kl else None
       writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
       t0 = time.perf_counter()
       try:

@@ -1,10 +1,11 @@
 """python -m lmtiny.rl --init RUN/sft --workdir RUN/rl [--data toy|gsm8k] [flags]
 
 On-policy RL on GSM8K (or the self-generated toy arithmetic set, `--data toy`, no download) from
-a chat run's newest checkpoint: k samples per problem, reward 1 for the right `####` answer,
-advantage = reward - group mean, token-level REINFORCE on the sharded train step (see
-lmtiny.reinforce). Logs mean reward and pass@k, evaluates greedy accuracy on held-out problems,
-checkpoints, and resumes when re-run. Bad input: one `error:` line, exit status 2.
+a chat run's newest usable checkpoint (a LoRA run's adapters folded into its base): k samples
+per problem, reward 1 for the right `####` answer, advantage = reward - group mean, token-level
+REINFORCE on the sharded train step (see lmtiny.reinforce). Logs mean reward and pass@k,
+evaluates greedy accuracy on held-out problems, checkpoints, and resumes when re-run. Bad input:
+one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def run(argv: list[str]) -> int:
   args = parse_args(argv)
   settings = RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
   train_rows, eval_rows = load_problems(args.data, args.data_dir)
-  summary = Reinforce(args.init, args.workdir, settings, train_rows, eval_rows).run(args.init)
+  summary = Reinforce(args.init, args.workdir, settings, train_rows, eval_rows).run()
   from lmtiny import report
   report.update_for(args.workdir)
   if summary["history"]:

@@ -3,7 +3,8 @@
 Serves a chat page for the run at http://HOST:PORT/ (lmtiny.chat.server): several tabs at once,
 replies streamed token by token, temperature / top-k / max-token controls, stop and new chat.
 RUN is any run directory: a base or SFT run, a merged one, or a LoRA run (its adapters are
-folded into its base run's weights on load). Bad input: one `error:` line, exit 2.
+folded into its base run's weights on load); without --step, the newest checkpoint that loads
+(lmtiny.rundir.load_weights). Bad input: one `error:` line, exit 2.
 """
 from __future__ import annotations
 
@@ -28,16 +29,15 @@ def parse_args(argv):
 
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
-  from lmtiny.chat.lora import load_model
   from lmtiny.chat.server import ChatEngine, make_server
-  from lmtiny.generate import load_run
+  from lmtiny.rundir import load_weights
   from lmtiny.sampling import Sampler, SamplingError
   if args.max_batch < 1:
     raise SamplingError(f"--max-batch={args.max_batch}: must be >= 1")
-  run = load_run(args.workdir, args.step)
+  run, params = load_weights(args.workdir, args.step)
   context = run.cfg.model.max_seq_len
   # Decoding 4 tokens per call (not the sampler's default 16) streams text in smaller pieces.
-  engine = ChatEngine(Sampler(load_model(run), chunk=args.chunk), run.tokenizer, context, max_batch=args.max_batch,
+  engine = ChatEngine(Sampler(run.model(params), chunk=args.chunk), run.tokenizer, context, max_batch=args.max_batch,
                       max_tokens=args.max_tokens)
   try:
     server = make_server(engine, args.host, args.port, info={"workdir": args.workdir, "step": run.step,

@@ -221,7 +221,7 @@ class Trainer:
   (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes).
 
   Fine-tuning hooks: `init_params` (sharded model parameters, e.g. another run's checkpoint via
-  lmtiny.checkpoint.restore_params) start a fresh run instead of a random init; with an `adapter`
+  lmtiny.rundir.load_weights) start a fresh run instead of a random init; with an `adapter`
   (LoRA) they stay frozen and only the adapter's parameters train. Subclasses may replace
   `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data)."""
 

@@ -25,3 +25,12 @@ def chat_run(tmp_path_factory):
   tok = make_tokenizer(str(root / "tok"))
   make_run(str(root / "run"), tok)
   return str(root / "run")
+
+
+@pytest.fixture(scope="session")
+def lora_run(chat_run, tmp_path_factory):
+  """(a LoRA run over chat_run with random adapters, the same model merged into a full run)."""
+  from eval_fixtures import make_lora_run
+  root = tmp_path_factory.mktemp("lora_run")
+  make_lora_run(str(root / "lora"), chat_run, str(root / "merged"))
+  return str(root / "lora"), str(root / "merged")

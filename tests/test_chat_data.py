@@ -140,6 +140,22 @@ def test_parquet_messages_column(tok, tmp_path):
     list(conv_lib.iter_conversations("txt:foo"))
 
 
+def test_toy_arithmetic_source_teaches_replies_that_the_rl_reward_accepts(tok):
+  from lmtiny.evals.gsm8k import reward
+  from lmtiny.evals.toy import toy_rows
+  convs, rows = list(conv_lib.iter_conversations("toy_arithmetic?n=20&seed=1")), toy_rows(20, seed=1)
+  assert [c[0]["content"] for c in convs] == [r["question"] for r in rows]
+  for conv, row in zip(convs, rows):
+    ids, mask = render_conversation(tok, conv)
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])  # what SFT teaches the model to write
+    assert reward(trained, row["answer"]) == 1.0
+    assert tok.special_id("python_start") in ids and tok.special_id("output_start") in ids  # the calculator call
+  data = load_chat_data("toy_arithmetic:1,toy_arithmetic?limit=10:1", tok, SEQ)
+  assert [len(items) for items, _, _ in data.train] == [1960, 10] and len(data.val_docs) == 40
+  with pytest.raises(SourceError, match=r"toy_arithmetic\?n=x: n must be an integer >= 1"):
+    list(conv_lib.iter_conversations("toy_arithmetic?n=x"))
+
+
 def test_mixture_spec_parsing():
   assert conv_lib.parse_mixture("embedded_chat:1.0, pretrain:0.2,hf:a/b?pattern=x:0.5,f.jsonl") == [
       ("embedded_chat", 1.0), ("pretrain", 0.2), ("hf:a/b?pattern=x", 0.5), ("f.jsonl", 1.0)]

@@ -6,12 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from chat_fixtures import conversations, make_base_run, make_tokenizer, write_jsonl
-from lmtiny import generate, lora as lora_cli, sft as sft_cli
+from lmtiny import lora as lora_cli, sft as sft_cli, sharding
 from lmtiny.chat import finetune as ft
-from lmtiny.chat.lora import load_model
+from lmtiny.rundir import load_run, load_weights
 
 STEPS = 4
 
@@ -52,7 +51,7 @@ def test_starts_from_the_base_and_resumes_exactly(base):
   assert losses(first) + losses(second) == losses(full)
   saved = json.load(open(root / "full" / "config.json"))
   assert saved["sft"]["init"] == os.path.abspath(path) and saved["lora"]["rank"] == 0
-  run = generate.load_run(str(root / "full"))  # a normal run directory
+  run = load_run(str(root / "full"))  # a normal run directory
   assert run.step == STEPS and run.tokenizer.vocab_size == 512
 
 
@@ -72,11 +71,19 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
   assert lora_cli.main(["merge", f"--workdir={work}", f"--out={merged}"]) == 2  # never overwrites
   assert "already holds a run" in capsys.readouterr().err
   tokens = np.arange(1, 17, dtype=np.int32)[None]
-  adapter_logits = load_model(generate.load_run(work))(tokens)
-  merged_logits = generate.load_model(generate.load_run(merged))(tokens)
-  np.testing.assert_allclose(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
-  base_logits = generate.load_model(generate.load_run(path))(tokens)
-  assert not np.allclose(merged_logits, base_logits, atol=1e-3)  # the adapters did something
+
+  def logits(workdir):
+    run, params = load_weights(workdir)
+    return run.model(params)(tokens)
+  merged_logits = logits(merged)
+  np.testing.assert_allclose(merged_logits, logits(work), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(merged_logits, logits(path), atol=1e-3)  # the adapters did something
+  # Fine-tuning on from the LoRA run (sft --init RUN/lora) starts from its merged weights.
+  cfg = ft.resolve_config(ft.read_run_config(work), work, None)
+  with jax.set_mesh(mesh := sharding.make_mesh(cfg.mesh)):
+    start = ft.restore_base_params(cfg, mesh)
+  for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(load_weights(merged)[1])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   # Only the adapters are in the LoRA run's checkpoint.
   state = os.listdir(os.path.join(work, "checkpoints", str(STEPS), "state"))
   assert state and json.load(open(os.path.join(work, "config.json")))["lora"]["rank"] == 4

@@ -99,6 +99,25 @@ def test_eval_quantized_scores_close_to_full_precision_and_kept_apart(run_dir):
     assert abs(int8[name]["accuracy"] - full[name]["accuracy"]) <= 1 / full[name]["items"] + 1e-9
 
 
+def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
+  # eval loads a LoRA run (adapters only) through the one loader: its base with the adapters folded in.
+  lora_dir, merged_dir = lora_run
+  args = lambda d: eval_cli.parse_args(["--workdir", d, "--tasks", "core", "--data-dir", FIXTURES])
+  lora_out, merged_out = (eval_cli.evaluate(args(d)) for d in (lora_dir, merged_dir))
+  for out in (lora_out, merged_out):
+    for r in out["results"].values():
+      r.pop("seconds")
+  assert lora_out == merged_out and lora_out["step"] == 3
+  task, items = _items("hellaswag")
+  rows = [r for i in range(len(items)) for r in core.item_rows(task, items, i, load_model(chat_run).tokenizer, 128)]
+  losses = {}
+  for d in (lora_dir, merged_dir, chat_run):
+    loaded = load_model(d)
+    losses[d] = np.array([s.loss_sum for s in Scorer(loaded.model, loaded.mesh, rows_per_batch=16).score(rows)])
+  np.testing.assert_allclose(losses[lora_dir], losses[merged_dir], rtol=1e-5, atol=1e-5)
+  assert np.abs(losses[lora_dir] - losses[chat_run]).max() > 1e-2  # the adapters change the model
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent"], "--data-dir=/nonexistent: no arc_easy"),

@@ -12,9 +12,9 @@ import pytest
 
 from lm_fixtures import ROOT, memory_data, tiny_config
 from lmtiny import generate
-from lmtiny.checkpoint import restore_params
 from lmtiny.data.embedded import iter_embedded_documents
-from lmtiny.sampling import Sampler, SamplingError, SamplingParams
+from lmtiny.rundir import RunError, load_run, load_weights
+from lmtiny.sampling import Sampler, SamplingParams
 from lmtiny.tokenizer import Tokenizer, render_for_completion, train_tokenizer
 from lmtiny.trainer import Trainer
 
@@ -40,23 +40,20 @@ def _args(**kw):
 
 
 def test_restores_trained_params_onto_one_device(run_dir):
-  run = generate.load_run(run_dir.path)
+  run, restored = load_weights(run_dir.path)
   assert run.step == 2 and run.tokenizer.vocab_size == 512
-  model = generate.load_model(run)
-  from flax import nnx
-  restored = nnx.state(model, nnx.Param)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(run_dir.params)):
     assert len(got.sharding.device_set) == 1
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves(run_dir.params))
-  with pytest.raises(SamplingError, match="--step=5: no such checkpoint"):
-    generate.load_run(run_dir.path, step=5)
+  with pytest.raises(RunError, match="--step=5: no such checkpoint"):
+    load_run(run_dir.path, step=5)
 
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-  run = generate.load_run(run_dir.path)
-  return run, Sampler(generate.load_model(run))
+  run, params = load_weights(run_dir.path)
+  return run, Sampler(run.model(params))
 
 
 def test_complete_streams_the_sampler_output(loaded):

@@ -20,7 +20,7 @@ from lm_fixtures import ROOT
 from lmtiny import export, import_hf
 from lmtiny.config import base_config
 from lmtiny.data.embedded import iter_embedded_documents
-from lmtiny.generate import load_model, load_run
+from lmtiny.rundir import load_run, load_weights
 from lmtiny.interop import llama
 from lmtiny.interop.convert import import_checkpoint, write_run
 from lmtiny.interop.safetensors_io import read_checkpoint
@@ -95,7 +95,8 @@ def test_imported_checkpoint_gives_transformers_logits_and_greedy_text(imported,
   r = load_run(run)
   assert type(r.tokenizer).__name__ == "Tokenizer"  # an lmtiny tokenizer.model comes back as one
   assert r.cfg.model.qk_norm == name.startswith("qwen3")
-  model = load_model(r)
+  r, params = load_weights(r)
+  model = r.model(params)
   ours, theirs = np.asarray(model(jnp.asarray(TOKENS))), _hf_logits(hf, TOKENS)
   assert np.abs(ours - theirs).max() < 2e-5 * max(1.0, np.abs(theirs).max())
   if name != "llama_tied_mha":  # (the sampler's compiles are the slow part: two variants suffice)
@@ -137,8 +138,8 @@ def _lmtiny_run(tmp_path, tok, **model):
   params = nnx.state(Transformer(cfg.model, nnx.Rngs(1)), nnx.Param)
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape) if x.ndim == 1 else x, params)
   write_run(str(tmp_path / "run"), cfg, params, tok)
-  run = load_run(str(tmp_path / "run"))
-  return run, load_model(run)
+  run, params = load_weights(str(tmp_path / "run"))
+  return run, run.model(params)
 
 
 @pytest.mark.parametrize("model,arch", [

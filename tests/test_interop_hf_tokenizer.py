@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from lm_fixtures import ROOT
 from lmtiny import generate, import_hf
 from lmtiny.data.embedded import embedded_sample_texts, iter_embedded_documents
-from lmtiny.generate import load_run
+from lmtiny.rundir import load_run
 from lmtiny.interop.hf_tokenizer import HFTokenizer, write_tokenizer
 from lmtiny.tokenizer import SPECIAL_TOKENS, render_conversation, render_for_completion, train_tokenizer
 

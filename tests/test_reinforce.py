@@ -27,9 +27,9 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(chat_run, tmp_path,
   def rl(name):
     return Reinforce(chat_run, str(tmp_path / name), s, train, held_out, log=_quiet, devices=devices)
 
-  full = rl("a").run(chat_run)
-  first = rl("b").run(chat_run, stop_after=1)
-  second = rl("b").run(chat_run)
+  full = rl("a").run()
+  first = rl("b").run(stop_after=1)
+  second = rl("b").run()
   assert [h[0] for h in full["history"]] == [1, 2]
   assert first["history"] + second["history"] == full["history"]  # exact on CPU
   assert any(loss != 0 for _, _, loss in full["history"])
@@ -37,6 +37,21 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(chat_run, tmp_path,
   assert 0 < np.mean(rewards) < 1
   records = [line for line in open(tmp_path / "b" / "metrics.jsonl") if '"rl"' in line]
   assert len(records) == 2
+
+
+def test_starts_from_a_lora_run_with_its_adapters_merged(lora_run, tmp_path):
+  from lmtiny.rundir import load_weights
+  lora_dir, merged_dir = lora_run
+  s = RLSettings(**{**SETTINGS, "steps": 1})
+  rl = Reinforce(lora_dir, str(tmp_path / "rl"), s, toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
+  with jax.set_mesh(rl.mesh):
+    params = rl._initial_state()["params"]
+  _, merged = load_weights(merged_dir)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  assert rl.run()["step"] == 1
+  run, _ = load_weights(str(tmp_path / "rl"))  # the RL run is a full run (all weights), not a LoRA run
+  assert run.step == 1 and run.cfg.lora.rank == 0
 
 
 def test_batch_weights_only_sampled_reply_tokens():
@@ -77,7 +92,7 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
   s = RLSettings(**{**SETTINGS, "temperature": 1.0, "top_k": 0, "max_new_tokens": 12})
   rl = Reinforce(chat_run, str(tmp_path / "rl"), s, toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
   with jax.set_mesh(rl.mesh):
-    params = rl._initial_state(chat_run)["params"]
+    params = rl._initial_state()["params"]
     _, prompts, gens, _ = rl.rollout(params, step=0)
     batch = build_batch(prompts, gens, rl.cfg.train.seq_len)
     device_batch = sharding.global_batch_from_local(batch, rl.mesh)

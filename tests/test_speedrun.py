@@ -1,5 +1,6 @@
 """launch/speedrun.sh: the toy preset at smoke scale runs every stage for real and resumes; the
 other presets' commands (dry run) and bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ def test_toy_preset_at_smoke_scale_runs_every_stage_and_resumes(tmp_path):
     assert section in card
   assert "| bpb | bits per byte |" in card and "| gsm8k | accuracy (2 problems) |" in card
   assert "estimated cost: $" in card
+  sft = json.load(open(os.path.join(run_dir, "sft", "config.json")))["sft"]
+  assert "toy_arithmetic" in sft["sources"]  # SFT sees the problems RL is rewarded on
   again = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable)
   assert again.returncode == 0, again.stderr[-3000:]
   for s in stages:

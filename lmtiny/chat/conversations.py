@@ -7,6 +7,9 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
                               from their docstrings (built from this Python installation, no
                               download); a fixed 5% of the functions are held out (split=val)
   pretrain                    the base run's own pretraining documents (midtraining keeps some)
+  toy_arithmetic[?n=2000&seed=0]
+                              the toy GSM8K-shaped arithmetic problems (lmtiny.evals.toy), answers
+                              with calculator tool calls as GSM8K SFT has them (no download)
   path.jsonl | jsonl:<glob>   JSON lines with a `messages` field (option `?field=...`)
   path.parquet | parquet:<glob>, hf:<repo>?pattern=...
                               parquet with a `messages` column (lmtiny.data.sources readers)
@@ -73,11 +76,19 @@ def _jsonl_conversations(spec: str, pattern: str, field: str) -> Iterator[list[d
 def iter_conversations(spec: str) -> Iterator[list[dict]]:
   """The conversations of one source spec (not `pretrain`, which holds documents)."""
   body, _, query = spec.partition("?")
+  options = dict(kv.partition("=")[::2] for kv in query.split("&") if kv)
   if body == "embedded_chat":
-    split = dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("split", "train")
+    split = options.get("split", "train")
     if split not in ("train", "val"):
       raise SourceError(f"{spec}: split must be train or val")
     yield from embedded_conversations(split)
+    return
+  if body == "toy_arithmetic":
+    from lmtiny.evals.toy import toy_conversations
+    n, seed = options.get("n", "2000"), options.get("seed", "0")
+    if not (n.isdigit() and int(n) > 0 and seed.isdigit()):
+      raise SourceError(f"{spec}: n must be an integer >= 1 and seed an integer >= 0")
+    yield from toy_conversations(int(n), int(seed))
     return
   if body.endswith((".jsonl", ".jsonl.gz")) and ":" not in body:
     spec, body = "jsonl:" + spec, "jsonl:" + body
@@ -85,7 +96,7 @@ def iter_conversations(spec: str) -> Iterator[list[dict]]:
     spec, body = "parquet:" + spec, "parquet:" + body
   kind, _, location = body.partition(":")
   if kind == "jsonl":
-    field = dict(kv.partition("=")[::2] for kv in query.split("&") if kv).get("field", "messages")
+    field = options.get("field", "messages")
     yield from _jsonl_conversations(spec, location, field)
   elif kind in ("parquet", "hf"):
     if "column=" not in query:
@@ -94,8 +105,8 @@ def iter_conversations(spec: str) -> Iterator[list[dict]]:
     for i, messages in enumerate(source.iter_documents()):
       yield check_messages(messages, f"{spec}: row {i}")
   else:
-    raise SourceError(f"{spec}: not a conversation source (embedded_chat, pretrain, a .jsonl or "
-                      ".parquet path, jsonl:, parquet: or hf:)")
+    raise SourceError(f"{spec}: not a conversation source (embedded_chat, toy_arithmetic, pretrain, a "
+                      ".jsonl or .parquet path, jsonl:, parquet: or hf:)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
   summary = finetune(cfg, workdir)      # cfg.sft.init names the base run
 
-The base run's checkpoint gives the starting weights (`lmtiny.checkpoint.restore_params`, onto
-this run's mesh); batches come from lmtiny.chat.data (packed conversations with the render's
-loss mask, mixed with pretraining documents if the mixture names `pretrain`); with lora.rank > 0
-the base stays frozen and only the adapters train (their optimizer state is all there is). The
-run directory is a normal run directory: config.json (which records the base run's path and
-step in sft.init / sft.init_step), tokenizer.model, checkpoints, metrics. Re-running resumes.
+The base run's checkpoint gives the starting weights (`lmtiny.rundir.load_weights`, onto this
+run's mesh; a LoRA base run's adapters folded into its own base); batches come from
+lmtiny.chat.data (packed conversations with the render's loss mask, mixed with pretraining
+documents if the mixture names `pretrain`); with lora.rank > 0 the base stays frozen and only
+the adapters train (their optimizer state is all there is). The run directory is a normal run
+directory: config.json (which records the base run's path and step in sft.init / sft.init_step),
+tokenizer.model, checkpoints, metrics. Re-running resumes.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from typing import Callable
 import jax
 import ml_collections
 from etils import epath
-from flax import nnx
 
 from lmtiny import config as config_lib
 from lmtiny.chat.conversations import parse_mixture
@@ -65,23 +65,16 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
 def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
   """The fine-tuning config: the base run's model, sft.* turned into train / optim settings, and
   the base run's path and checkpoint step recorded in sft.init / sft.init_step."""
-  from lmtiny.generate import checkpoint_steps
+  from lmtiny.rundir import load_run
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   init = init or cfg.sft.init
   if not init:
     raise ConfigError("--init is required: the base run directory (e.g. --init runs/tiny)")
-  if not os.path.isdir(init) and "://" not in init:
-    raise ConfigError(f"--init={init}: no such directory")
-  steps = checkpoint_steps(init)
-  if not steps:
-    raise ConfigError(f"--init={init}: no checkpoint in {os.path.join(init, 'checkpoints')}")
   step = init_step if init_step is not None and init_step >= 0 else None
   if step is None and cfg.sft.init and os.path.abspath(cfg.sft.init) == os.path.abspath(init):
     step = cfg.sft.init_step  # a config that names this base run may pin its step; a config read
     # from an earlier fine-tuning run (sft --init RUN/mid) names *that* run's base, not this one
-  step = steps[-1] if step is None or step < 0 else step
-  if step not in steps:
-    raise ConfigError(f"--init-step={step}: no such checkpoint in {init} (have {', '.join(map(str, steps))})")
+  step = load_run(init, None if step is None or step < 0 else step, flags=("--init", "--init-step")).step
   base = read_run_config(init)
   for field in SHAPE_FIELDS:
     if cfg.model[field] != base.model[field]:
@@ -103,13 +96,10 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
 
 
 def restore_base_params(cfg, mesh):
-  """The base run's parameters (sft.init at sft.init_step), sharded on `mesh`."""
-  from lmtiny import sharding
-  from lmtiny.checkpoint import abstract_with_shardings, restore_params
-  from lmtiny.model import abstract_model
-  abstract = nnx.state(abstract_model(cfg.model), nnx.Param)
-  target = abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
-  return restore_params(os.path.join(cfg.sft.init, "checkpoints"), cfg.sft.init_step, target)
+  """The base run's parameters (sft.init at sft.init_step; a LoRA base run's adapters folded in),
+  sharded on `mesh`."""
+  from lmtiny.rundir import load_weights
+  return load_weights(cfg.sft.init, cfg.sft.init_step, mesh=mesh, flags=("--init", "--init-step"))[1]
 
 
 def load_data(cfg):

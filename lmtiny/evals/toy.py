@@ -1,5 +1,6 @@
 """A GSM8K-shaped arithmetic set the project generates itself (no download): word problems with
-one calculator annotation and a `#### N` answer, for offline RL and the speedrun's toy preset."""
+one calculator annotation and a `#### N` answer, for offline RL, the speedrun's toy preset, and
+as conversations for SFT (the `toy_arithmetic` source of lmtiny.chat.conversations)."""
 from __future__ import annotations
 
 import random
@@ -33,3 +34,9 @@ def toy_rows(n: int, seed: int = 0, max_operand: int = 9) -> list[dict]:
 def toy_texts(n: int = 2000, seed: int = 0) -> list[str]:
   """Plain text of toy problems (for a tokenizer that must know their words and digits)."""
   return [f"{r['question']}\n{r['answer']}" for r in toy_rows(n, seed)]
+
+
+def toy_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+  """Toy problems as chats: the annotation a python tool call, its result the tool's output."""
+  from lmtiny.evals.gsm8k import to_conversation
+  return [to_conversation(**row) for row in toy_rows(n, seed)]

@@ -4,7 +4,7 @@
   import_checkpoint(hf_dir, workdir) -> summary dict
 
 An imported run holds config.json (lmtiny's base config with the model fields of the HF config),
-a parameter-only checkpoint at step 0 (what `generate` and `restore_params` read, e.g. as an SFT
+a parameter-only checkpoint at step 0 (what `lmtiny.rundir.load_weights` reads, e.g. as an SFT
 init), the tokenizer, and hf_import.json recording the source and its dtype, which export uses by
 default so that export(import(x)) writes x's tensors bit for bit.
 """
@@ -65,13 +65,14 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> dict:
   """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
   float32. Refuses (InteropError) before reading weights when the architecture cannot be exported."""
-  from lmtiny.generate import load_model, load_run
+  from lmtiny.rundir import load_run, load_weights
   run = load_run(workdir, step)
   llama.export_architecture(run.cfg.model)
   record = os.path.join(workdir, IMPORT_RECORD)
   if dtype is None:
     dtype = json.load(open(record))["dtype"] if os.path.exists(record) else "float32"
-  summary = export_model(load_model(run), run.tokenizer, out_dir, dtype)
+  run, params = load_weights(run)
+  summary = export_model(run.model(params), run.tokenizer, out_dir, dtype)
   return dict(summary, step=run.step)
 
 
