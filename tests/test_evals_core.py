@@ -108,12 +108,11 @@ def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
     for r in out["results"].values():
       r.pop("seconds")
   assert lora_out == merged_out and lora_out["step"] == 3
+  models = {d: load_model(d) for d in (lora_dir, merged_dir, chat_run)}
   task, items = _items("hellaswag")
-  rows = [r for i in range(len(items)) for r in core.item_rows(task, items, i, load_model(chat_run).tokenizer, 128)]
-  losses = {}
-  for d in (lora_dir, merged_dir, chat_run):
-    loaded = load_model(d)
-    losses[d] = np.array([s.loss_sum for s in Scorer(loaded.model, loaded.mesh, rows_per_batch=16).score(rows)])
+  rows = [r for i in range(len(items)) for r in core.item_rows(task, items, i, models[chat_run].tokenizer, 128)]
+  losses = {d: np.array([s.loss_sum for s in Scorer(m.model, m.mesh, rows_per_batch=16).score(rows)])
+            for d, m in models.items()}
   np.testing.assert_allclose(losses[lora_dir], losses[merged_dir], rtol=1e-5, atol=1e-5)
   assert np.abs(losses[lora_dir] - losses[chat_run]).max() > 1e-2  # the adapters change the model
 
