@@ -8,9 +8,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402  (after the environment is set)
 
 # Many tests build the same small programs again (a resumed trainer, the same config on another
-# run): a session-wide compilation cache turns those recompiles into cache reads.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lmtiny-jax-cache-"))
+# run): a session-wide compilation cache turns those recompiles into cache reads. The variables
+# hand it to the subprocesses tests start (README and speedrun smokes, signal tests), whose
+# stages and re-runs compile the same programs as each other.
+_CACHE_DIR = tempfile.mkdtemp(prefix="lmtiny-jax-cache-")
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 import pytest  # noqa: E402

@@ -1,11 +1,16 @@
 """One process of a multi-process test run (started by tests/test_multiprocess.py, never by pytest).
 
-usage: python tests/multiprocess_worker.py OUT [WORKDIR[:STOP_AFTER] ...]
+usage: python tests/multiprocess_worker.py OUT [WORKDIR[:STOP_AFTER][:OPTION=VALUE...] ...]
 
 Joins the run the environment describes (LMTINY_COORDINATOR / LMTINY_NUM_PROCESSES /
 LMTINY_PROCESS_ID, LMTINY_CPU_DEVICES), exactly as `python -m lmtiny.train` does, then trains
 (or resumes) in each WORKDIR in turn and writes OUT.<process index> (JSON). Bad input exits with
 status 2 and `error: ...`, as the entry point does.
+
+Options of one run (so several scenarios share one launch of the processes):
+  sigterm=I@N   process I sends itself SIGTERM when it logs step N (a preemption notice reaching
+                one host only)
+  mesh=D,F,T    the mesh's data, fsdp and tensor sizes
 """
 import ctypes
 import json
@@ -29,14 +34,23 @@ from lmtiny import distributed  # noqa: E402  (imports jax, but runs nothing on 
 from lmtiny.config import ConfigError  # noqa: E402
 
 
-def multiprocess_config(steps: int = 6):
-  """tiny_config on a data x tensor mesh, one checkpoint half way, one evaluation at the end."""
+def multiprocess_config(steps: int = 6, mesh: str = ""):
+  """tiny_config on a data x tensor mesh (or `mesh`, "data,fsdp,tensor"), one checkpoint half
+  way, one evaluation at the end."""
   from lm_fixtures import tiny_config
   cfg = tiny_config(steps=steps, checkpoint_every=3, eval_every=1000, eval_batches=2, log_every=1)
   cfg.mesh.update(data=-1, fsdp=1, tensor=2)
-  if os.environ.get("LMTINY_TEST_MESH"):  # data,fsdp,tensor
-    cfg.mesh.update(**dict(zip(("data", "fsdp", "tensor"), map(int, os.environ["LMTINY_TEST_MESH"].split(",")))))
+  if mesh:
+    cfg.mesh.update(**dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
   return cfg
+
+
+def parse_spec(spec: str):
+  """WORKDIR[:STOP_AFTER][:OPTION=VALUE...] -> (workdir, stop_after or None, {option: value})."""
+  workdir, *fields = spec.split(":")
+  options = dict(f.split("=", 1) for f in fields if "=" in f)
+  stops = [f for f in fields if f and "=" not in f]
+  return workdir, int(stops[0]) if stops else None, options
 
 
 def one_row_data(cfg):
@@ -62,12 +76,10 @@ def one_row_data(cfg):
 
 def train(spec: str) -> dict:
   from lmtiny.trainer import Trainer
-  workdir, _, stop_after = spec.partition(":")
-  cfg = multiprocess_config()
+  workdir, stop_after, options = parse_spec(spec)
+  cfg = multiprocess_config(mesh=options.get("mesh", ""))
   lines = []
-  # LMTINY_TEST_SIGTERM=I:N: process I sends itself SIGTERM when it logs step N (a preemption
-  # notice reaching one host only).
-  who, _, at = os.environ.get("LMTINY_TEST_SIGTERM", "").partition(":")
+  who, _, at = options.get("sigterm", "").partition("@")
 
   def log(line):
     lines.append(line)
@@ -76,7 +88,7 @@ def train(spec: str) -> dict:
       os.kill(os.getpid(), signal.SIGTERM)
   try:
     trainer = Trainer(cfg, workdir, one_row_data(cfg), log=log)
-    summary = trainer.run(stop_after=int(stop_after) if stop_after else None)
+    summary = trainer.run(stop_after=stop_after)
   except Exception as e:  # recorded, so one failing scenario does not hide the others
     traceback.print_exc()
     return {"workdir": workdir, "error": f"{type(e).__name__}: {e}", "log": lines}

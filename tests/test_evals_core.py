@@ -124,6 +124,11 @@ def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, monkeypatch, args, message):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  # huggingface_hub reads the variable once, when its constants are first imported: in a session
+  # that imported transformers earlier (the interop tests, at collection) the variable alone is
+  # too late, and the listing retries the unreachable hub for ~23 s before failing the same way.
+  from huggingface_hub import constants  # a test dependency (with transformers)
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
   assert eval_cli.main(["--workdir", run_dir, *args]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and err.count("\n") == 1

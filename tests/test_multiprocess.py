@@ -38,14 +38,14 @@ def _free_port() -> int:
 
 def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, timeout=240, env=None):
   """Starts the workers, waits for all (or the first failure), always reaps; returns
-  (exit codes, outputs, results) per process. `declared` overrides each one's process count."""
+  (exit codes, outputs, results) per process. `declared` overrides each one's process count.
+  `run_specs`: WORKDIR[:STOP_AFTER][:OPTION=VALUE...] (tests/multiprocess_worker.py)."""
   port = _free_port()
   base = {k: v for k, v in os.environ.items() if not k.startswith(("LMTINY_", "JAX_COORD", "SLURM_", "OMPI_"))}
+  # Later launches reuse the first one's compiled programs (same mesh, same layout) through the
+  # session's compilation cache, which tests/conftest.py puts in the environment.
   base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", LMTINY_CPU_DEVICES="4", LMTINY_INIT_TIMEOUT="60",
-              LMTINY_COORDINATOR=f"127.0.0.1:{port}", LMTINY_TEST_PARENT=str(os.getpid()),
-              # Later launches reuse the first one's compiled programs (same mesh, same layout).
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+              LMTINY_COORDINATOR=f"127.0.0.1:{port}", LMTINY_TEST_PARENT=str(os.getpid()))
   base.update(env or {})
   out = tmp_path / name
   procs, logs = [], []
@@ -100,16 +100,19 @@ def _checkpoint_at(src, dst, step):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """All scenarios, sharing processes to keep the time down:
-  reference (1 process, 6 steps) | 2 processes: steps 1-3, stop | 2 fresh processes: resume that
-  run to 6, and resume the reference's step-3 checkpoint | 1 process: resume the 2-process step 3."""
+  """All scenarios, sharing processes to keep the time down (each launch of 2 processes costs
+  their start-up, the join and the first compiles):
+  reference (1 process, 6 steps) | 2 processes: steps 1-3, stop; then a mesh whose tensor axis
+  spans both processes (refused) | 2 fresh processes: resume that run to 6, resume the
+  reference's step-3 checkpoint, then a fresh run that process 1 alone gets a SIGTERM in |
+  1 process: resume the 2-process step 3."""
   tmp = tmp_path_factory.mktemp("multiprocess")
   ref = _in_process(tmp / "ref")
   _checkpoint_at(tmp / "ref", tmp / "ref_at3", 3)
-  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3"])
+  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3", f"{tmp / 'tp'}:mesh=1,1,8"])
   assert first[0] == [0, 0], "\n".join(first[1])
   _checkpoint_at(tmp / "two", tmp / "two_at3", 3)
-  second = run_processes(tmp, "second", [str(tmp / "two"), str(tmp / "ref_at3")])
+  second = run_processes(tmp, "second", [str(tmp / "two"), str(tmp / "ref_at3"), f"{tmp / 'term'}:sigterm=1@2"])
   assert second[0] == [0, 0], "\n".join(second[1])
   one_from_two = _in_process(tmp / "two_at3")
   return dict(tmp=tmp, ref=ref, first=first[2], second=second[2], one_from_two=one_from_two)
@@ -168,29 +171,26 @@ def test_process_count_that_disagrees_with_the_coordinator_is_one_line(tmp_path)
   assert results[0] is None or results[0]["process_count"] == 2
 
 
-def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+def test_sigterm_on_one_host_stops_both_at_the_same_step(runs):
   """A preemption notice reaching process 1 only: the all-reduced decision stops both processes
   at one step, both save that checkpoint and exit 0 (no mismatched collectives, no hang)."""
-  codes, outputs, results = run_processes(tmp_path, "term", [str(tmp_path / "run")],
-                                          env={"LMTINY_TEST_SIGTERM": "1:2"})
-  assert codes == [0, 0], "\n".join(outputs)
-  steps = [r["runs"][0]["step"] for r in results]
+  term = [r["runs"][2] for r in runs["second"]]
+  assert [r["error"] for r in term] == [None, None], term
+  steps = [r["step"] for r in term]
   assert steps[0] == steps[1] and 2 <= steps[0] < 6
-  for r in results:
-    assert f"stopped early (SIGTERM or stop_after): saved checkpoint at step {steps[0]}" in r["runs"][0]["log"]
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints"), key=int)[-1] == str(steps[0])
-  assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / str(steps[0]) / "data_iter"))[:2] == [
+  for r in term:
+    assert f"stopped early (SIGTERM or stop_after): saved checkpoint at step {steps[0]}" in r["log"]
+  run = runs["tmp"] / "term"
+  assert sorted(os.listdir(run / "checkpoints"), key=int)[-1] == str(steps[0])
+  assert sorted(os.listdir(run / "checkpoints" / str(steps[0]) / "data_iter"))[:2] == [
       "commit_success.txt", "process_0-of-2.json"]
 
 
-def test_tensor_axis_across_processes_is_refused_in_one_line(tmp_path, monkeypatch):
+def test_tensor_axis_across_processes_is_refused_in_one_line(runs):
   """data=1, tensor=8 over 2 x 4 devices: each process would feed different rows into batch
   shards that both hold; refused before anything is built."""
-  codes, outputs, results = run_processes(tmp_path, "tp", [str(tmp_path / "run")],
-                                          env={"LMTINY_TEST_MESH": "1,1,8"})
-  assert codes == [0, 0], "\n".join(outputs)
-  for r in results:
-    error = r["runs"][0]["error"]
+  for r in runs["first"]:
+    error = r["runs"][1]["error"]
     assert error.startswith("ConfigError: config.mesh={'data': 1, 'fsdp': 1, 'tensor': 8}: a batch shard is held "
                             "by devices of processes [0, 1]"), error
-  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(runs["tmp"] / "tp")

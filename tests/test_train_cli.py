@@ -17,10 +17,11 @@ def _train(tmp_path, *overrides, workdir="run"):
 
 
 def test_readme_main_command_smoke(tmp_path):
-  """Embedded corpus -> tokenizer -> shards -> train -> eval -> checkpoint, then resume."""
+  """Embedded corpus -> tokenizer -> shards -> train -> eval -> checkpoint, then resume (the tiny
+  config at a quarter of its batch: a few steps only need to run, not to learn)."""
   args = ("--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
           "--config.train.eval_batches=1", "--config.train.sample_tokens=8",
-          "--config.data.embedded_max_chars=300000")
+          "--config.data.embedded_max_chars=300000", "--config.train.batch_tokens=1024")
   result = _train(tmp_path, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "step      4/4 | val loss" in result.stdout and "done: 4 steps" in result.stdout
@@ -35,7 +36,7 @@ def test_readme_main_command_smoke(tmp_path):
   assert "resumed from checkpoint at step 4" in again.stdout and "step      6/6" in again.stdout
 
 
-@pytest.mark.parametrize("override,message", [
+BAD_CONFIGS = [
     ("--config.model.num_heads=5", "config.model.num_heads=5: must divide model.d_model=192"),
     ("--config.model.num_kv_heads=2", "config.model.num_kv_heads=2: must divide model.num_heads=3"),
     ("--config.model.activation=tanh", "config.model.activation='tanh': must be one of"),
@@ -43,8 +44,26 @@ def test_readme_main_command_smoke(tmp_path):
     ("--config.model.init=orthogonal", "config.model.init='orthogonal': must be one of"),
     ("--config.train.seq_len=512", "config.train.seq_len=512: exceeds model.max_seq_len=256"),
     ("--config.mesh.data=2", "config.mesh="),
-])
-def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, override, message):
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, override, message):
+  """Through the entry point's main() in this process (the same code a process runs; one real
+  process below checks its exit status)."""
+  from lmtiny import train
+  monkeypatch.chdir(tmp_path)
+  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+          f"--config.data.cache_dir={tmp_path / 'cache'}", override]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], err[-2000:]
+  assert os.listdir(tmp_path) == []  # nothing written: no run directory, no data cache
+
+
+def test_bad_config_process_exits_2_with_one_line(tmp_path):
+  override, message = BAD_CONFIGS[0]
   result = _train(tmp_path, override)
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
