@@ -137,7 +137,7 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
   self_attention=False (decode against a cache, T != S) always gives xla. A requested fused
   backend the shape rules out (splash needs seq_len % 128 == 0) also falls back to xla.
   """
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if not self_attention:
     return "xla"
   if impl == "auto":
@@ -153,7 +153,18 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
   return impl
 
 
+# What attention is built for: this machine's backend, unless lmtiny.lowering is lowering a
+# program for a GPU or TPU that this machine lacks (then platform and GPU capability are its).
+LOWERING_TARGET = {"platform": None, "gpu_capability": None}
+
+
+def target_platform() -> str:
+  return LOWERING_TARGET["platform"] or jax.default_backend()
+
+
 def _gpu_capability() -> tuple | None:
+  if LOWERING_TARGET["platform"] is not None:
+    return LOWERING_TARGET["gpu_capability"]
   cap = getattr(jax.devices()[0], "compute_capability", None)
   return tuple(int(x) for x in cap.split(".")) if cap else None
 
@@ -297,7 +308,7 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   self_attention = (t == s and isinstance(q_offset, int) and q_offset == 0
                     and q_segment_ids is kv_segment_ids)
-  platform, requested = jax.default_backend(), impl
+  platform, requested = target_platform(), impl
   packed = q_segment_ids is not None
   impl = resolve_impl(impl, q_BxTxHxDh.dtype, platform=platform, self_attention=self_attention, seq_len=t,
                       packed=packed, gpu_capability=_gpu_capability() if platform == "gpu" and packed else None)

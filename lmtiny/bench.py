@@ -6,6 +6,8 @@ XLA's own memory figure for the compiled step (`compiled.memory_analysis()`: arg
 aliased (donated) bytes and temporaries, per device) next to lmtiny.memory's estimate, and the
 peak device memory where the backend reports it. `--compile-only` lowers and compiles the step on
 abstract inputs (no parameters are allocated, nothing runs): the memory check for big configs.
+`--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
+the attention kernels it calls per step and any [T, T] tensor left (lmtiny.lowering).
 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
@@ -158,7 +160,9 @@ def _define_flags(fv):
   return {"steps": flags.DEFINE_integer("steps", 20, "Timed steps.", flag_values=fv),
           "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv),
           "compile_only": flags.DEFINE_bool("compile_only", False, "Compile on abstract inputs and print XLA's "
-                                            "memory analysis; allocate and run nothing.", flag_values=fv)}
+                                            "memory analysis; allocate and run nothing.", flag_values=fv),
+          "lower_for": flags.DEFINE_string("lower_for", None, "cuda | tpu: lower the step for that platform "
+                                           "(no device needed) and print the kernels it calls.", flag_values=fv)}
 
 
 def run(argv: list[str]) -> int:
@@ -169,6 +173,10 @@ def run(argv: list[str]) -> int:
   if values["steps"] < 1 or values["warmup"] < 0:
     bad = "steps" if values["steps"] < 1 else "warmup"
     raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
+  if values["lower_for"]:
+    from lmtiny import lowering  # pylint: disable=g-import-not-at-top
+    print(lowering.report(cfg, values["lower_for"]))
+    return 0
   if values["compile_only"]:
     print(format_report(compile_report(cfg), cfg))
     return 0

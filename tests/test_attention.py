@@ -2,8 +2,9 @@
 inputs cuDNN gets (packed-sequence runs, q/k/v head sharding), and splash attention in Pallas
 interpret mode against the XLA path (values and gradients, also under an 8-device mesh).
 
-cuDNN itself cannot be lowered on a CPU-only install; benchmarks/attention.py checks it against
-xla on a GPU."""
+cuDNN cannot run on a CPU-only install: tests/test_lowering.py lowers it for an H100 (the kernel
+calls, mask types and operands it would get) and benchmarks/attention.py checks its values
+against xla on a GPU."""
 import math
 
 import jax
