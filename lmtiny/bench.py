@@ -6,6 +6,8 @@ XLA's own memory figure for the compiled step (`compiled.memory_analysis()`: arg
 aliased (donated) bytes and temporaries, per device) next to lmtiny.memory's estimate, and the
 peak device memory where the backend reports it. `--compile-only` lowers and compiles the step on
 abstract inputs (no parameters are allocated, nothing runs): the memory check for big configs.
+A timed run also reads the compiled step's HLO for a cuDNN fused-attention call, so the report
+says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
@@ -14,6 +16,7 @@ MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -51,6 +54,15 @@ def memory_analysis(compiled) -> dict | None:
   out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
+
+
+def cudnn_attention_in_hlo(compiled) -> bool | None:
+  """Whether the compiled program calls cuDNN's fused attention (custom call `__cudnn$fmha...`):
+  what `model.attention=auto` resolved to, after any fallback to xla. None if XLA gives no text."""
+  try:
+    return "__cudnn$fmha" in (compiled.as_text() or "")
+  except Exception:  # as_text is best effort on some backends  # pylint: disable=broad-except
+    return None
 
 
 def compile_step(cfg):
@@ -92,6 +104,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
     compiled = bench_steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     xla_memory = memory_analysis(compiled)
+    cudnn_attention = cudnn_attention_in_hlo(compiled)
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
@@ -108,6 +121,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
           "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
           "estimate": memory.estimate(cfg, dict(mesh.shape)), "step_times": times,
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
+          "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
 
@@ -142,6 +156,7 @@ def format_report(r: dict, cfg) -> str:
   if "median_step_s" not in r:  # --compile-only
     return "\n".join(head + format_memory(r))
   mem = _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
+  cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
   mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
          f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
   return "\n".join(head + [
@@ -149,8 +164,18 @@ def format_report(r: dict, cfg) -> str:
       f"step         median {1e3 * r['median_step_s']:.1f} ms, min {1e3 * r['min_step_s']:.1f} ms",
       f"throughput   {r['tokens_per_s']:,.0f} tokens/s",
       f"MFU          {mfu}",
+      f"attention    model.attention={r['attention']}; cuDNN fused attention in the compiled step: {cudnn}",
       f"peak memory  {mem} (runtime)",
   ] + format_memory(r))
+
+
+def report_json(r: dict, cfg) -> dict:
+  """The report plus the run's shape, for tools that collect several runs (benchmarks/gpu_suite.sh)."""
+  t = cfg.train
+  resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
+  return dict(r, seq_len=t.seq_len, batch_tokens=t.batch_tokens, global_batch=config_lib.global_batch_size(t),
+              accumulation=config_lib.accumulation_steps(resolved), dtype=cfg.model.dtype, remat=cfg.model.remat,
+              attention=cfg.model.attention)
 
 
 def _define_flags(fv):
@@ -158,7 +183,8 @@ def _define_flags(fv):
   return {"steps": flags.DEFINE_integer("steps", 20, "Timed steps.", flag_values=fv),
           "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv),
           "compile_only": flags.DEFINE_bool("compile_only", False, "Compile on abstract inputs and print XLA's "
-                                            "memory analysis; allocate and run nothing.", flag_values=fv)}
+                                            "memory analysis; allocate and run nothing.", flag_values=fv),
+          "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv)}
 
 
 def run(argv: list[str]) -> int:
@@ -169,11 +195,12 @@ def run(argv: list[str]) -> int:
   if values["steps"] < 1 or values["warmup"] < 0:
     bad = "steps" if values["steps"] < 1 else "warmup"
     raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
-  if values["compile_only"]:
-    print(format_report(compile_report(cfg), cfg))
-    return 0
-  report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
+  report = (compile_report(cfg) if values["compile_only"]
+            else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))
   print(format_report(report, cfg))
+  if values["json"]:
+    with open(values["json"], "w") as f:
+      json.dump(report_json(report, cfg), f, indent=1, default=float)  # numpy scalars -> float
   return 0
 
 
