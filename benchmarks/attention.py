@@ -13,7 +13,8 @@ it prints the median time of a jitted value_and_grad of sum(attention(q, k, v) *
 achieved TFLOP/s, XLA's temp-buffer figure (`compiled.memory_analysis()`), whether the compiled
 HLO holds the cuDNN fused-attention call, and the largest difference of the output and of
 dq/dk/dv from the xla path relative to the xla value's largest magnitude. A fused backend that
-differs by more than --tolerance prints MISMATCH and the script exits 1.
+differs by more than --tolerance prints MISMATCH and the script exits 1. `--json PATH` also
+writes the rows (and the device, shapes and verdict) as JSON, for benchmarks/gpu_suite.sh.
 
 FLOPs (causal half, MaxText's convention, the one lmtiny.metrics uses): forward
 2 * B * H * T^2 * Dh (QK^T and PV over the visible half), forward+backward 3x that. Packed
@@ -26,6 +27,7 @@ reads a config).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
   p.add_argument("--layouts", nargs="+", default=["causal", "packed"], choices=("causal", "packed"))
   p.add_argument("--repeats", type=int, default=10 if accel else 2)
   p.add_argument("--tolerance", type=float, default=None, help="relative; default 2e-2 (half) / 1e-4 (fp32)")
+  p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
   a = p.parse_args(argv)
   backends = a.backends or list(PLATFORM_BACKENDS.get(platform, ("xla",)))
   if "xla" not in backends:
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
   w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
   flops = 3 * 2 * a.batch * a.heads * a.seq ** 2 * a.head_dim
   failed = False
+  rows = []
   print(f"{'backend':8} {'layout':7} {'ms':>9} {'TFLOP/s':>8} {'temp MiB':>9} {'cudnn':>5} "
         f"{'out diff':>9} {'dq':>9} {'dk':>9} {'dv':>9}")
   for layout in a.layouts:
@@ -127,10 +131,12 @@ def main(argv=None) -> int:
       try:
         sec, temp, fused, out, grads = run_one(impl, segments, (q, k, v, w), a.repeats)
       except Exception as e:  # one line per failing backend, keep going  # pylint: disable=broad-except
-        print(f"{impl:8} {layout:7} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        print(f"{impl:8} {layout:7} failed: {error}")
         failed = failed or impl != "xla"
+        rows.append({"backend": impl, "layout": layout, "error": error})
         continue
-      diffs = ""
+      diffs, d, bad = "", None, False
       if impl == "xla":
         reference = (out, grads)
       elif reference is not None:
@@ -140,6 +146,14 @@ def main(argv=None) -> int:
         diffs = " ".join(f"{x:9.2e}" for x in d) + ("  MISMATCH" if bad else "  ok")
       print(f"{impl:8} {layout:7} {sec * 1e3:9.3f} {flops / sec / 1e12:8.2f} {temp / 2**20:9.1f} "
             f"{'yes' if fused else 'no':>5} {diffs}")
+      rows.append({"backend": impl, "layout": layout, "ms": sec * 1e3, "tflops": flops / sec / 1e12,
+                   "temp_mib": temp / 2**20, "cudnn_in_hlo": fused, "mismatch": bad,
+                   "rel_diff_vs_xla": dict(zip(("out", "dq", "dk", "dv"), d)) if d else None})
+  if a.json:
+    shape = dict(batch=a.batch, seq=a.seq, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, dtype=a.dtype)
+    with open(a.json, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "platform": platform, "jax": jax.__version__, **shape,
+                 "repeats": a.repeats, "tolerance": tol, "failed": failed, "rows": rows}, f, indent=1)
   return 1 if failed else 0
 
 

@@ -6,6 +6,8 @@ XLA's own memory figure for the compiled step (`compiled.memory_analysis()`: arg
 aliased (donated) bytes and temporaries, per device) next to lmtiny.memory's estimate, and the
 peak device memory where the backend reports it. `--compile-only` lowers and compiles the step on
 abstract inputs (no parameters are allocated, nothing runs): the memory check for big configs.
+A timed run also reads the compiled step's HLO for a cuDNN fused-attention call, so the report
+says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 `--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
 the attention kernels it calls per step and any [T, T] tensor left (lmtiny.lowering).
 
@@ -16,6 +18,7 @@ MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -23,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from lmtiny import arch, cli, config as config_lib, memory, metrics as metrics_lib, sharding
+from lmtiny import arch, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
 from lmtiny.checkpoint import abstract_with_shardings
 from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility, device_batch
 
@@ -53,6 +56,15 @@ def memory_analysis(compiled) -> dict | None:
   out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
+
+
+def cudnn_attention_in_hlo(compiled) -> bool | None:
+  """Whether the compiled program calls cuDNN's fused attention (custom call `__cudnn$fmha...`):
+  what `model.attention=auto` resolved to, after any fallback to xla. None if XLA gives no text."""
+  try:
+    return "__cudnn$fmha" in (compiled.as_text() or "")
+  except Exception:  # as_text is best effort on some backends  # pylint: disable=broad-except
+    return None
 
 
 def compile_step(cfg):
@@ -94,6 +106,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
     compiled = bench_steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     xla_memory = memory_analysis(compiled)
+    cudnn_attention = cudnn_attention_in_hlo(compiled)
     times = []
     for i in range(warmup + steps):
       t0 = time.perf_counter()
@@ -110,6 +123,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
           "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
           "estimate": memory.estimate(cfg, dict(mesh.shape)), "step_times": times,
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
+          "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
 
@@ -144,6 +158,7 @@ def format_report(r: dict, cfg) -> str:
   if "median_step_s" not in r:  # --compile-only
     return "\n".join(head + format_memory(r))
   mem = _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
+  cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
   mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
          f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
   return "\n".join(head + [
@@ -151,8 +166,19 @@ def format_report(r: dict, cfg) -> str:
       f"step         median {1e3 * r['median_step_s']:.1f} ms, min {1e3 * r['min_step_s']:.1f} ms",
       f"throughput   {r['tokens_per_s']:,.0f} tokens/s",
       f"MFU          {mfu}",
+      f"attention    model.attention={r['attention']}; cuDNN fused attention in the compiled step: {cudnn}",
       f"peak memory  {mem} (runtime)",
   ] + format_memory(r))
+
+
+def report_json(r: dict, cfg) -> dict:
+  """The report plus the run's shape, for tools that collect several runs (benchmarks/gpu_suite.sh)."""
+  t = cfg.train
+  resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
+  out = dict(r, seq_len=t.seq_len, batch_tokens=t.batch_tokens, global_batch=config_lib.global_batch_size(t),
+             accumulation=config_lib.accumulation_steps(resolved), dtype=cfg.model.dtype, remat=cfg.model.remat,
+             attention=cfg.model.attention)
+  return json.loads(json.dumps(out, default=float))  # numpy scalars -> float
 
 
 def _define_flags(fv):
@@ -162,7 +188,8 @@ def _define_flags(fv):
           "compile_only": flags.DEFINE_bool("compile_only", False, "Compile on abstract inputs and print XLA's "
                                             "memory analysis; allocate and run nothing.", flag_values=fv),
           "lower_for": flags.DEFINE_string("lower_for", None, "cuda | tpu: lower the step for that platform "
-                                           "(no device needed) and print the kernels it calls.", flag_values=fv)}
+                                           "(no device needed) and print the kernels it calls.", flag_values=fv),
+          "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv)}
 
 
 def run(argv: list[str]) -> int:
@@ -177,11 +204,11 @@ def run(argv: list[str]) -> int:
     from lmtiny import lowering  # pylint: disable=g-import-not-at-top
     print(lowering.report(cfg, values["lower_for"]))
     return 0
-  if values["compile_only"]:
-    print(format_report(compile_report(cfg), cfg))
-    return 0
-  report = benchmark(cfg, steps=values["steps"], warmup=values["warmup"])
+  report = (compile_report(cfg) if values["compile_only"]
+            else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))
   print(format_report(report, cfg))
+  if values["json"]:
+    files.atomic_write_json(values["json"], report_json(report, cfg))
   return 0
 
 

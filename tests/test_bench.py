@@ -1,7 +1,9 @@
 """lmtiny.bench: a timed run and --compile-only print MFU in both conventions and XLA's memory figures."""
+import json
 import os
 import re
 
+import pytest
 from lm_fixtures import ROOT
 from lmtiny import arch, bench
 
@@ -14,13 +16,18 @@ def _run(capsys, *flags):
   return capsys.readouterr().out
 
 
-def test_timed_run_names_both_mfu_conventions_and_memory(capsys):
-  out = _run(capsys, "--steps=2", "--warmup=0")
+def test_timed_run_names_both_mfu_conventions_and_memory(capsys, tmp_path):
+  out = _run(capsys, "--steps=2", "--warmup=0", f"--json={tmp_path / 'r.json'}")
   mfu = re.search(r"MFU +([\d.e-]+)% causal-half \(6\*N \+ 6\*L\*T\*H\*Dh\), ([\d.e-]+)% nanochat \(6\*N \+ 12\*L\*T\*H\*Dh\)", out)
   assert mfu, out
   assert float(mfu.group(2)) > float(mfu.group(1)) > 0  # nanochat counts twice the attention FLOPs
   assert re.search(r"XLA memory +[\d.]+ [MG]iB per device = arguments", out) and "estimate" in out
   assert "accumulation 1" in out
+  assert "cuDNN fused attention in the compiled step: no" in out  # CPU: the xla path
+  r = json.loads((tmp_path / "r.json").read_text())  # what benchmarks/gpu_suite.sh collects
+  assert r["tokens_per_s"] > 0 and len(r["step_times"]) == 2 and r["seq_len"] == 32
+  assert r["cudnn_attention"] is False and r["accumulation"] == 1
+  assert r["mfu"] == pytest.approx(float(mfu.group(1)) / 100, rel=1e-2)
 
 
 def test_compile_only_runs_nothing_and_reports_memory(capsys):

@@ -1,0 +1,202 @@
+"""The Python half of benchmarks/gpu_suite.sh: the environment probe and the summary.
+
+  python benchmarks/gpu_suite.py env WORK/env.json      # versions, devices, the MFU peak; imports lmtiny.bench
+  python benchmarks/gpu_suite.py summary WORK OUT       # OUT/summary.json + OUT/summary.md from WORK
+
+`summary` reads what the shell half left in WORK: runs.tsv (one line per run: part, run, exit
+status or "skip", seconds, time limit, the run's JSON, its last line of output), env.json, and the JSON each
+benchmark wrote (`benchmarks/attention.py --json`, `python -m lmtiny.bench --json`). It imports
+nothing but the standard library and never fails on a missing or broken file: the suite calls
+it after every run, so a call cut off at its time limit still leaves the figures so far.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint", "numpy",
+            "grain", "array-record", "ml-collections", "portpicker", "sentencepiece", "absl-py", "etils", "protobuf")
+TIMED_OUT = ("124", "137")  # timeout(1)'s status, and SIGKILL after --kill-after
+
+
+def _version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def probe() -> dict:
+  """What the figures depend on; every field best effort, so the probe itself cannot fail."""
+  env = {"python": sys.version.split()[0], "executable": sys.executable, "machine": platform.machine(),
+         "packages": {p: v for p in PACKAGES if (v := _version(p))}}
+  try:
+    import jax
+    devices = jax.devices()
+    env.update(backend=jax.default_backend(), devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
+               device_count=len(devices), compute_capability=getattr(devices[0], "compute_capability", None))
+  except Exception as e:  # pylint: disable=broad-except
+    env["jax_error"] = f"{type(e).__name__}: {e}"
+    return env
+  try:  # cuDNN and CUDA as jax's CUDA plugin loaded them (private, hence guarded)
+    from jax._src.lib import cuda_versions
+    if cuda_versions is not None:
+      env["cudnn"] = cuda_versions.cudnn_get_version()
+      env["cuda_runtime"] = cuda_versions.cuda_runtime_get_version()
+  except Exception as e:  # pylint: disable=broad-except
+    env["cudnn"] = f"unknown ({type(e).__name__})"
+  try:  # the chip lmtiny's MFU divides by: a wrong or missing match makes every MFU figure wrong
+    sys.path.insert(0, ROOT)
+    from lmtiny import arch, metrics
+    chip = metrics.chip_name()
+    env.update(chip=chip, peak_tflops=arch.PEAK_FLOPS[chip] / 1e12 if chip else None)
+    import lmtiny.bench  # noqa: F401  (fails here, once, if a wheel is missing)
+    env["lmtiny_bench_imports"] = "ok"
+  except Exception as e:  # pylint: disable=broad-except
+    env["lmtiny_bench_imports"] = f"{type(e).__name__}: {e}"
+  return env
+
+
+def _load(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def read_runs(work: str) -> list[dict]:
+  runs = []
+  try:
+    with open(os.path.join(work, "runs.tsv")) as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return runs
+  for line in lines:
+    fields = line.split("\t")
+    if len(fields) < 6:
+      continue
+    part, name, rc, seconds, limit, result = fields[:6]
+    last = fields[6] if len(fields) > 6 else ""
+    status = ("ok" if rc == "0" else "skipped (budget)" if rc == "skip" else f"timed out ({limit} s)"
+              if rc in TIMED_OUT else f"failed (exit {rc})")
+    runs.append({"part": part, "run": name, "rc": rc, "status": status, "seconds": int(seconds or 0),
+                 "limit_s": int(limit or 0), "result": _load(result) if result else None,
+                 "last_line": last})
+  return runs
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+  return "-" if x is None else format(x * scale, spec)
+
+
+def _gib(n) -> str:
+  return "-" if not n else f"{n / 2**30:.1f}"
+
+
+def markdown(env: dict, runs: list[dict], meta: dict) -> str:
+  kind = env.get("device_kind", "?")
+  pk = env.get("packages", {})
+  lines = [f"# lmtiny GPU suite: {env.get('device_count', '?')} x {kind}, {meta['date']}", ""]
+  lines.append(f"python {env.get('python')}, jax {pk.get('jax')}, jaxlib {pk.get('jaxlib')}, "
+               f"cuDNN {env.get('cudnn', '-')}, flax {pk.get('flax')}, optax {pk.get('optax')}, grain {pk.get('grain')}")
+  peak = env.get("peak_tflops")
+  lines.append(f"MFU peak: {env.get('chip')} {peak:g} TFLOP/s dense bf16 (lmtiny.metrics)" if peak else
+               f"MFU peak: none for device_kind {kind!r}: MFU is n/a (lmtiny.metrics._DEVICE_KINDS)")
+  if env.get("lmtiny_bench_imports", "ok") != "ok":
+    lines.append(f"**lmtiny.bench does not import: {env['lmtiny_bench_imports']}**")
+  counts = {}
+  for r in runs:
+    counts[r["status"].split(" (")[0]] = counts.get(r["status"].split(" (")[0], 0) + 1
+  lines += [f"wall {meta['wall_s']} s of a {meta['budget_s']} s budget; runs: " +
+            (", ".join(f"{n} {k}" for k, n in counts.items()) or "none"), ""]
+
+  att = [r for r in runs if r["part"] == "attention"]
+  for r in att:
+    a = r["result"]
+    lines.append(f"## attention (benchmarks/attention.py): {r['status']}")
+    if a:
+      lines += [f"B={a['batch']} T={a['seq']} H={a['heads']} K={a['kv_heads']} Dh={a['head_dim']} {a['dtype']}, "
+                f"median of {a['repeats']}, fwd+bwd, FLOPs causal-half; diffs relative to xla, "
+                f"tolerance {a['tolerance']:g}",
+                "", "| backend | layout | ms | TFLOP/s | temp MiB | cuDNN in HLO | max rel diff vs xla |",
+                "|---|---|---:|---:|---:|---|---:|"]
+      for row in a["rows"]:
+        if "error" in row:
+          lines.append(f"| {row['backend']} | {row['layout']} | failed: {row['error'].replace('|', '/')} | | | | |")
+          continue
+        diff = row.get("rel_diff_vs_xla")
+        diff_s = "-" if not diff else f"{max(diff.values()):.2e}" + (" MISMATCH" if row.get("mismatch") else "")
+        lines.append(f"| {row['backend']} | {row['layout']} | {row['ms']:.3f} | {row['tflops']:.1f} | "
+                     f"{row['temp_mib']:.1f} | {'yes' if row['cudnn_in_hlo'] else 'no'} | {diff_s} |")
+    lines.append("")
+
+  bench = [r for r in runs if r["part"] != "attention"]
+  if bench:
+    lines += ["## lmtiny.bench: synthetic tokens, the trainer's jitted step (compile includes init; a program "
+              "identical to an earlier run's is a compilation-cache hit)", "",
+              "| run | status | attention -> cuDNN in HLO | batch (accum) | dtype | compile s | step ms (median) | "
+              "tokens/s | MFU causal-half | MFU nanochat | peak GiB | XLA GiB | loss |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in bench:
+      b = r["result"]
+      if not b or "tokens_per_s" not in b:
+        lines.append(f"| {r['run']} | {r['status']} | | | | | | | | | | | |")
+        continue
+      cudnn = {True: "yes", False: "no"}.get(b.get("cudnn_attention"), "?")
+      lines.append(
+          f"| {r['run']} | {r['status']} | {b.get('attention')} -> {cudnn} | {b['global_batch']}x{b['seq_len']} "
+          f"({b['accumulation']}) | {b.get('dtype')} | {b['compile_s']:.1f} | {b['median_step_s'] * 1e3:.1f} | "
+          f"{b['tokens_per_s']:,.0f} | {_fmt(b.get('mfu'), '.1f', 100)}% | "
+          f"{_fmt(b.get('mfu_nanochat'), '.1f', 100)}% | "
+          f"{_gib(b.get('peak_memory_bytes'))} | {_gib((b.get('xla_memory') or {}).get('peak'))} | "
+          f"{b.get('final_loss', float('nan')):.3f} |")
+    lines.append("")
+
+  lines += ["## runs", "", "| part | run | status | seconds | last line of output (failures) |",
+            "|---|---|---|---:|---|"]
+  lines += [f"| {r['part']} | {r['run']} | {r['status']} | {r['seconds']} | "
+            f"{'' if r['rc'] == '0' else r['last_line'].replace('|', '/')} |" for r in runs]
+  return "\n".join(lines) + "\n"
+
+
+def summarize(work: str, out: str) -> None:
+  env = _load(os.path.join(work, "env.json")) or {}
+  runs = read_runs(work)
+  meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+          "wall_s": int(os.environ.get("SUITE_WALL_S", "0")), "budget_s": int(os.environ.get("SUITE_BUDGET_S", "0")),
+          "smoke": os.environ.get("SMOKE", "0") == "1"}
+  os.makedirs(out, exist_ok=True)
+  md = markdown(env, runs, meta)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"meta": meta, "env": env, "runs": runs}, f, indent=1)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(md)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) == 3 and argv[1] == "env":
+    env = probe()
+    with open(argv[2], "w") as f:
+      json.dump(env, f, indent=1)
+    print(json.dumps(env, indent=1))
+    return 0
+  if len(argv) == 4 and argv[1] == "summary":
+    try:
+      summarize(argv[2], argv[3])
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()  # the shell half then writes its plain fallback
+      return 1
+    return 0
+  print(__doc__.strip(), file=sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
