@@ -4,7 +4,8 @@
 
 - params: float32 master weights; FSDP splits every parameter's `embed` dimension, `tensor`
   splits heads, MLP units and vocab (lmtiny.sharding.RULES; the embedding table's rows stay whole).
-- optimizer state: AdamW's two float32 moments, sharded like the parameters.
+- optimizer state: AdamW's two float32 moments, sharded like the parameters (Muon: one float32
+  momentum per block matrix, AdamW's two on the rest).
 - gradients: the float32 gradient accumulator, the normalised gradient, the optimizer's float32
   update and new moments, the step's compute-dtype copy of the weight matrices (cast once per
   step) and one micro-step's compute-dtype gradient, sharded like the parameters.
@@ -90,10 +91,14 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   activations += tokens * (4 * 3 + c) * w["d"]  # embedding output, final norm, their gradients
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
   loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
+  # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
+  # (AdamW's two on embeddings, lm_head and norms: lmtiny.muon).
+  block_elems = m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) / (fsdp * tensor)
+  moments = 8.0 * param_elems - (4.0 * block_elems if cfg.optim.get("name", "adamw") == "muon" else 0.0)
   out = {
       "params": 4.0 * param_elems,
-      "optimizer": 8.0 * param_elems,
-      "gradients": 16.0 * param_elems + 2 * c * matrix_elems,
+      "optimizer": moments,
+      "gradients": 8.0 * param_elems + moments + 2 * c * matrix_elems,
       "activations": float(activations),
       "loss_chunk": float(loss_chunk),
   }

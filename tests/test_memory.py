@@ -33,3 +33,18 @@ def test_estimate_parts_scale_with_sharding_and_batch():
   assert memory.estimate(cfg)["activations"] < one["activations"]  # 2 rows per micro-step, not 8
   assert memory.recommend_fsdp(cfg, chip_bytes=one["total"] * 2) == 1
   assert memory.recommend_fsdp(cfg, chip_bytes=1, max_devices=64) is None
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_estimate_is_the_optimizer_states_bytes(optimizer):
+  """AdamW: two float32 moments per parameter; Muon: one per block matrix, two on the rest."""
+  import jax
+  import numpy as np
+  from lmtiny import sharding
+  from lmtiny.trainer import build_steps
+  cfg = _config("none")
+  cfg.optim.name = optimizer
+  steps = build_steps(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), total_steps=2)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(steps.abstract_state["opt_state"])
+                    if np.issubdtype(x.dtype, np.floating))
+  assert memory.estimate(cfg)["optimizer"] == pytest.approx(state_bytes, rel=1e-3)
