@@ -5,7 +5,9 @@
 
 `summary` reads what the shell half left in WORK: runs.tsv (one line per run: part, run, exit
 status or "skip", seconds, time limit, the run's JSON, its last line of output), env.json, and the JSON each
-benchmark wrote (`benchmarks/attention.py --json`, `python -m lmtiny.bench --json`). It imports
+benchmark wrote (`benchmarks/attention.py --json`, `python -m lmtiny.bench --json`,
+`benchmarks/torch_reference.py --only torch --json`), and pairs each bench-CONFIG part with its
+torch-CONFIG part: lmtiny's best tokens/s over backends / PyTorch's. It imports
 nothing but the standard library and never fails on a missing or broken file: the suite calls
 it after every run, so a call cut off at its time limit still leaves the figures so far.
 """
@@ -21,7 +23,8 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint", "numpy",
-            "grain", "array-record", "ml-collections", "portpicker", "sentencepiece", "absl-py", "etils", "protobuf")
+            "grain", "array-record", "ml-collections", "portpicker", "sentencepiece", "absl-py", "etils", "protobuf",
+            "torch", "triton")
 TIMED_OUT = ("124", "137")  # timeout(1)'s status, and SIGKILL after --kill-after
 
 
@@ -105,7 +108,8 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
   pk = env.get("packages", {})
   lines = [f"# lmtiny GPU suite: {env.get('device_count', '?')} x {kind}, {meta['date']}", ""]
   lines.append(f"python {env.get('python')}, jax {pk.get('jax')}, jaxlib {pk.get('jaxlib')}, "
-               f"cuDNN {env.get('cudnn', '-')}, flax {pk.get('flax')}, optax {pk.get('optax')}, grain {pk.get('grain')}")
+               f"cuDNN {env.get('cudnn', '-')}, flax {pk.get('flax')}, optax {pk.get('optax')}, grain {pk.get('grain')}, "
+               f"torch {pk.get('torch')}, triton {pk.get('triton')}")
   peak = env.get("peak_tflops")
   lines.append(f"MFU peak: {env.get('chip')} {peak:g} TFLOP/s dense bf16 (lmtiny.metrics)" if peak else
                f"MFU peak: none for device_kind {kind!r}: MFU is n/a (lmtiny.metrics._DEVICE_KINDS)")
@@ -137,7 +141,7 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
                      f"{row['temp_mib']:.1f} | {'yes' if row['cudnn_in_hlo'] else 'no'} | {diff_s} |")
     lines.append("")
 
-  bench = [r for r in runs if r["part"] != "attention"]
+  bench = [r for r in runs if r["part"].startswith("bench")]
   if bench:
     lines += ["## lmtiny.bench: synthetic tokens, the trainer's jitted step (compile includes init; a program "
               "identical to an earlier run's is a compilation-cache hit)", "",
@@ -159,11 +163,76 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
           f"{b.get('final_loss', float('nan')):.3f} |")
     lines.append("")
 
+  torch_runs = [r for r in runs if r["part"].startswith("torch")]
+  if torch_runs:
+    lines += ["## PyTorch baseline (benchmarks/torch_reference.py --only torch): the same model, batch and "
+              "micro-batches; torch.compile, bf16 autocast over float32 weights, SDPA, AdamW (nanochat: Muon on "
+              "the block matrices); first step includes the compile", "",
+              "| run | status | device | batch (accum) | dtype | compiled | first step s | step ms (median) | "
+              "tokens/s | MFU causal-half | MFU nanochat | peak GiB | loss |",
+              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in torch_runs:
+      t, side = r["result"], _torch_side(r)
+      if not side:
+        lines.append(f"| {r['run']} | {r['status']} | | | | | | | | | | | |")
+        continue
+      lines.append(
+          f"| {r['run']} | {r['status']} | {side.get('device')} | {t['global_batch']}x{t['seq_len']} "
+          f"({t.get('accumulation')}) | {t.get('dtype')} | {'yes' if t.get('compile') else 'no'} | "
+          f"{_fmt(side.get('first_step_s'), '.1f')} | {side['median_step_s'] * 1e3:.1f} | "
+          f"{side['tokens_per_s']:,.0f} | {_fmt(side.get('mfu'), '.1f', 100)}% | "
+          f"{_fmt(side.get('mfu_nanochat'), '.1f', 100)}% | {_gib(side.get('peak_memory_bytes'))} | "
+          f"{side.get('final_loss', float('nan')):.3f} |")
+    lines.append("")
+  ratios = lmtiny_vs_torch(runs)
+  if ratios:
+    lines += ["## lmtiny / PyTorch: tokens/s of lmtiny's best backend over PyTorch's (> 1: lmtiny faster); lmtiny "
+              "runs the config's optimizer (d20: Muon on the block matrices), PyTorch AdamW", "",
+              "| config | lmtiny tokens/s (run) | PyTorch tokens/s | ratio |", "|---|---:|---:|---:|"]
+    for q in ratios:
+      best = f"{q['lmtiny_tokens_per_s']:,.0f} ({q['lmtiny_run']})" if q["lmtiny_tokens_per_s"] else "-"
+      torch_s = f"{q['torch_tokens_per_s']:,.0f}" if q["torch_tokens_per_s"] else "-"
+      ratio = q["note"] if not q["ratio"] else f"{q['ratio']:.2f}x" + (f" ({q['note']})" if q["note"] != "-" else "")
+      lines.append(f"| {q['config']} | {best} | {torch_s} | {ratio} |")
+    lines.append("")
+
   lines += ["## runs", "", "| part | run | status | seconds | last line of output (failures) |",
             "|---|---|---|---:|---|"]
   lines += [f"| {r['part']} | {r['run']} | {r['status']} | {r['seconds']} | "
             f"{'' if r['rc'] == '0' else r['last_line'].replace('|', '/')} |" for r in runs]
   return "\n".join(lines) + "\n"
+
+
+def _torch_side(run: dict) -> dict | None:
+  r = run["result"]
+  side = ((r or {}).get("sides") or {}).get("torch")
+  return side if side and "tokens_per_s" in side else None
+
+
+def lmtiny_vs_torch(runs: list[dict]) -> list[dict]:
+  """Per config with a bench and a torch part: lmtiny's best tokens/s over its backends (runs that
+  finished) against PyTorch's, when both ran the same tokens per step at the same seq_len."""
+  out = []
+  for part in dict.fromkeys(r["part"] for r in runs if r["part"].startswith("torch-")):
+    config = part[len("torch-"):]
+    torch_run = next((r for r in runs if r["part"] == part and _torch_side(r)), None)
+    lmtiny = [r for r in runs if r["part"] == f"bench-{config}" and r["rc"] == "0"
+              and (r["result"] or {}).get("tokens_per_s")]
+    best = max(lmtiny, key=lambda r: r["result"]["tokens_per_s"], default=None)
+    q = {"config": config, "lmtiny_run": best and best["run"],
+         "lmtiny_tokens_per_s": best and best["result"]["tokens_per_s"],
+         "torch_tokens_per_s": torch_run and _torch_side(torch_run)["tokens_per_s"], "ratio": None, "note": "-"}
+    if best and torch_run:
+      b, t = best["result"], torch_run["result"]
+      if (b.get("seq_len"), b.get("batch_tokens")) == (t.get("seq_len"), t.get("batch_tokens")):
+        q["ratio"] = q["lmtiny_tokens_per_s"] / q["torch_tokens_per_s"]
+        if b.get("dtype") != t.get("dtype"):  # SMOKE: lmtiny in bf16, PyTorch in float32
+          q["note"] = f"dtypes differ: lmtiny {b.get('dtype')}, PyTorch {t.get('dtype')}"
+      else:
+        q["note"] = (f"not comparable: lmtiny {b.get('batch_tokens')} tokens at seq {b.get('seq_len')}, "
+                     f"PyTorch {t.get('batch_tokens')} at {t.get('seq_len')}")
+    out.append(q)
+  return out
 
 
 def summarize(work: str, out: str) -> None:
@@ -175,7 +244,7 @@ def summarize(work: str, out: str) -> None:
   os.makedirs(out, exist_ok=True)
   md = markdown(env, runs, meta)
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"meta": meta, "env": env, "runs": runs}, f, indent=1)
+    json.dump({"meta": meta, "env": env, "runs": runs, "lmtiny_vs_torch": lmtiny_vs_torch(runs)}, f, indent=1)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(md)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# lmtiny's GPU figures (attention kernels, train-step throughput and MFU) in one command, made for
+# lmtiny's GPU figures (attention kernels, train-step throughput and MFU, and a nanochat-style
+# PyTorch baseline of the same train step) in one command, made for
 # a bare, offline GPU box reached for a few minutes at a time: every run has its own time limit
 # inside one overall budget, a failure never stops the next run, and a summary is rewritten
 # after every run, so whatever happens $OUT holds the figures so far.
@@ -16,14 +17,21 @@ PARTs (default: all), run in the order given:
               was sized for seq 1024), bf16, 10 steps after 2 warmup, once per backend
   bench-d20   the same for configs/d20.py (seq 2048, its full 524,288-token batch), 5 steps after 1
   bench       bench-d4 then bench-d20
-  all         attention, bench-d4, bench-d20
+  torch-d4    python benchmarks/torch_reference.py --only torch: the same model, batch and micro-batches
+              as bench-d4 in PyTorch the way nanochat's base_train runs it (torch.compile, bf16 autocast
+              over float32 weights, SDPA flash attention, gradient accumulation; AdamW), 10 steps after 2
+  torch-d20   the same as bench-d20 (d20 at 16 sequences per micro-step), 5 steps after 2
+  torch       torch-d4 then torch-d20
+  all         attention, bench-d4, bench-d20, torch-d4, torch-d20
 Backends per bench run: cudnn, auto (on a GPU in bf16 lmtiny picks cudnn; the summary records
-whether the compiled step really calls cuDNN), xla.
+whether the compiled step really calls cuDNN), xla. The summary divides lmtiny's best tokens/s
+(over backends) by PyTorch's for each config both ran.
 
 First, if $WHEELS holds wheels (benchmarks/gpu_wheels.sh fetches them), installs them with
 pip --no-index --no-deps into $SITE and puts that on PYTHONPATH; prints nvidia-smi, versions,
-devices and the MFU peak. Writes to $OUT (at most 6 files): env.log, one log per part, and
-summary.md + summary.json (rewritten after every run; summary.md is also printed at the end).
+devices and the MFU peak. Writes to $OUT (at most 8 files, what a device call brings back):
+env.log, one log per part, and summary.md + summary.json (rewritten after every run; summary.md
+is also printed at the end).
 Exit status: 0 when every run succeeded, 1 when any failed, timed out or was skipped, 2 for
 bad arguments.
 
@@ -32,14 +40,19 @@ environment:
   BUDGET_S=570        the whole command's budget in seconds (a device call allows 600); each run's
                       limit is cut to what is left, and a run that would get under 45 s is skipped
   BACKENDS="cudnn auto xla"   bench backends, in order
-  STEPS=N WARMUP=N    timed / untimed steps for every bench run (default 10/2 for d4, 5/1 for d20)
+  STEPS=N WARMUP=N    timed / untimed steps for every bench and torch run (defaults: d4 10/2, d20 5/1,
+                      torch-d20 5/2: its first step compiles)
   D20_BATCH_TOKENS=N  d20's batch in tokens (default its config's 524288)
-  LIMIT_S=N           cap every run's time limit (defaults: attention 240, d4 150, d20 300 s)
+  LIMIT_S=N           cap every run's time limit (defaults: attention 240, d4 150, d20 300,
+                      torch-d4 180, torch-d20 300 s)
   EXTRA_BENCH_FLAGS   more flags for every bench run, e.g. "--config.model.remat=full"
+  EXTRA_TORCH_FLAGS   more flags for every torch run, e.g. "--set train.device_batch_size=32"
+                      (nanochat's own d20 micro-batch; the last --set wins)
   PYTHON=python3      the interpreter; WHEELS=.whl (empty: install nothing); SITE=/tmp/site
   SMOKE=1             the same code paths on CPU in seconds: JAX_PLATFORMS=cpu, attention.py at
                       its CPU sizes with xla only, every bench run a 1-layer configs/tiny.py at
-                      seq 64 for 1 step, backend xla
+                      seq 64 for 1 step, backend xla; every torch run the same model on CPU in
+                      float32, eager
 options:
   --dry-run   print the commands, run nothing
   -h, --help
@@ -57,14 +70,16 @@ while (($#)); do
   case "$1" in
     --dry-run) DRY=1 ;;
     -h|--help) usage; exit 0 ;;
-    all) PARTS+=(attention bench-d4 bench-d20) ;;
+    all) PARTS+=(attention bench-d4 bench-d20 torch-d4 torch-d20) ;;
     bench) PARTS+=(bench-d4 bench-d20) ;;
-    attention|bench-d4|bench-d20) PARTS+=("$1") ;;
-    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench all; see --help)" ;;
+    torch) PARTS+=(torch-d4 torch-d20) ;;
+    attention|bench-d4|bench-d20|torch-d4|torch-d20) PARTS+=("$1") ;;
+    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench torch-d4 torch-d20 torch all;" \
+         "see --help)" ;;
   esac
   shift
 done
-((${#PARTS[@]})) || PARTS=(attention bench-d4 bench-d20)
+((${#PARTS[@]})) || PARTS=(attention bench-d4 bench-d20 torch-d4 torch-d20)
 
 SMOKE="${SMOKE:-0}"
 PYTHON="${PYTHON:-python3}"
@@ -90,6 +105,7 @@ for b in "${BACKEND_LIST[@]}"; do
   case "$b" in xla|cudnn|auto|splash) ;; *) die "BACKENDS: '$b' is not one of xla cudnn auto splash" ;; esac
 done
 read -r -a EXTRA <<<"${EXTRA_BENCH_FLAGS:-}"
+read -r -a EXTRA_TORCH <<<"${EXTRA_TORCH_FLAGS:-}"
 
 if ((DRY)); then  # create nothing
   OUT="${OUT:-OUT}" WORK="WORK"
@@ -235,12 +251,43 @@ part_bench_d20() {
   bench_part bench-d20 d20 300 5 1 "${flags[@]}"
 }
 
+# torch_part PART CONFIG_NAME LIMIT_S STEPS WARMUP FLAGS...: the PyTorch side alone (--only torch;
+# lmtiny's figure for the same config comes from the bench part), written to $WORK/PART.json.
+torch_part() {
+  local part=$1 name=$2 limit=$3 steps=${STEPS:-$4} warmup=${WARMUP:-$5}
+  shift 5
+  local flags=("$@" --device cuda --dtype bfloat16 --compile)
+  if [[ "$SMOKE" == 1 ]]; then  # the bench smoke's model and batch, on CPU in float32, eager
+    flags=(--config configs/tiny.py --set model.num_layers=1 --set train.seq_len=64 --set train.batch_tokens=512
+           --device cpu --dtype float32)
+    steps=1 warmup=0 limit=120 name=tiny
+  fi
+  local result="$WORK/$part.json"
+  step "$part" "$name-torch" "$limit" "$result" "$PYTHON" benchmarks/torch_reference.py "${flags[@]}" --only torch \
+    --steps "$steps" --warmup "$warmup" --json "$result" ${EXTRA_TORCH[@]+"${EXTRA_TORCH[@]}"}
+}
+
+part_torch_d4() {
+  torch_part torch-d4 d4_38m 180 10 2 --config configs/d4_38m.py --set train.seq_len=2048 \
+    --set train.device_batch_size=32
+}
+
+part_torch_d20() {
+  local flags=(--config configs/d20.py)
+  [[ -z "${D20_BATCH_TOKENS:-}" ]] || flags+=(--set "train.batch_tokens=$D20_BATCH_TOKENS")
+  [[ "$SMOKE" == 1 ]] || log torch-d20 "note: torch.compile of d20 takes a minute or two in the first step" \
+    "(untimed); AdamW on every parameter where lmtiny's d20 runs Muon on the block matrices"
+  torch_part torch-d20 d20 300 5 2 "${flags[@]}"
+}
+
 setup
 for part in "${PARTS[@]}"; do
   case "$part" in
     attention) part_attention ;;
     bench-d4) part_bench_d4 ;;
     bench-d20) part_bench_d20 ;;
+    torch-d4) part_torch_d4 ;;
+    torch-d20) part_torch_d20 ;;
   esac
 done
 trap - EXIT

@@ -55,6 +55,14 @@ def test_dry_run_prints_the_gpu_runs_and_creates_nothing(tmp_path):
              and "--steps 10 --warmup 2" in ln for ln in runs[:3])
   assert all("configs/d20.py" in ln and "--steps 5 --warmup 1" in ln for ln in runs[3:])
   assert any("benchmarks/attention.py --json" in ln for ln in lines)
+  torch_runs = [ln for ln in lines if " benchmarks/torch_reference.py " in ln]
+  assert [re.search(r"=== (\S+) ", ln).group(1) for ln in torch_runs] == ["torch-d4/d4_38m-torch", "torch-d20/d20-torch"]
+  for ln in torch_runs:  # nanochat's way, PyTorch side only, on the bench part's model and batch
+    assert "--device cuda --dtype bfloat16 --compile --only torch" in ln and "--json WORK/torch-d" in ln
+  assert "configs/d4_38m.py --set train.seq_len=2048 --set train.device_batch_size=32" in torch_runs[0]
+  assert "--steps 10 --warmup 2" in torch_runs[0]
+  assert "configs/d20.py" in torch_runs[1] and "--steps 5 --warmup 2" in torch_runs[1]
+  assert lines.index(torch_runs[0]) > lines.index(runs[-1])  # after the bench parts
   assert not out.exists()
 
 
@@ -69,18 +77,28 @@ def test_smoke_run_leaves_logs_and_a_summary_with_tokens_per_second(tmp_path):
   proc, out = _suite(tmp_path)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   files = sorted(p.name for p in out.iterdir())
-  assert files == ["attention.log", "bench-d20.log", "bench-d4.log", "env.log", "summary.json", "summary.md"]
+  assert files == ["attention.log", "bench-d20.log", "bench-d4.log", "env.log", "summary.json", "summary.md",
+                   "torch-d20.log", "torch-d4.log"]  # 8: all a device call brings back
   summary = json.loads((out / "summary.json").read_text())
   assert summary["env"]["lmtiny_bench_imports"] == "ok" and summary["env"]["chip"] == "cpu"
   runs = summary["runs"]
   assert [(r["part"], r["run"], r["status"]) for r in runs] == [
-      ("attention", "attention", "ok"), ("bench-d4", "tiny-xla", "ok"), ("bench-d20", "tiny-xla", "ok")]
+      ("attention", "attention", "ok"), ("bench-d4", "tiny-xla", "ok"), ("bench-d20", "tiny-xla", "ok"),
+      ("torch-d4", "tiny-torch", "ok"), ("torch-d20", "tiny-torch", "ok")]
   assert [row["layout"] for row in runs[0]["result"]["rows"]] == ["causal", "packed"]
-  for r in runs[1:]:
+  for r in runs[3:]:  # the PyTorch side alone, on the bench smoke's batch
+    assert list(r["result"]["sides"]) == ["torch"] and r["result"]["sides"]["torch"]["tokens_per_s"] > 0
+    assert (r["result"]["global_batch"], r["result"]["seq_len"], r["result"]["dtype"]) == (8, 64, "float32")
+  for q in summary["lmtiny_vs_torch"]:
+    assert q["ratio"] == pytest.approx(q["lmtiny_tokens_per_s"] / q["torch_tokens_per_s"])
+  assert [q["config"] for q in summary["lmtiny_vs_torch"]] == ["d4", "d20"]
+  for r in runs[1:3]:
     assert r["result"]["tokens_per_s"] > 0 and r["result"]["cudnn_attention"] is False
     assert r["result"]["attention"] == "xla"
   md = (out / "summary.md").read_text()
   assert re.search(r"\| tiny-xla \| ok \| xla -> no \| 8x64 \(1\) \| bfloat16 \|[^|]+\|[^|]+\| [\d,]+ \|", md), md
+  assert re.search(r"\| tiny-torch \| ok \| cpu \| 8x64 \(1\) \| float32 \| no \|[^|]+\|[^|]+\| [\d,]+ \|", md), md
+  assert re.search(r"\| d20 \| [\d,]+ \(tiny-xla\) \| [\d,]+ \| [\d.]+x \(dtypes differ", md), md
   assert "tokens/s" in md and md in proc.stdout  # printed at the end, for a caller that sees only stdout
   assert not list(tmp_path.glob("gpu-suite-work.*"))  # the scratch (per-run JSONs, XLA cache) is gone
 
