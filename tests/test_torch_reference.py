@@ -141,13 +141,20 @@ def test_bfloat16_autocast_runs_the_same_model():
 def test_compiled_model_equals_eager():
   """torch.compile traces the model (what the GPU suite runs with --compile); the tiniest size:
   compiling costs ~20 s on a 2-core CPU."""
+  from torch._dynamo.utils import counters
   torch.set_num_threads(2)
+  torch._dynamo.reset()
+  counters.clear()
   cfg = _cfg(num_layers=1, d_model=32, num_heads=1)
-  cfg.train.update(seq_len=16, batch_tokens=2 * 16)
+  cfg.train.update(seq_len=16, batch_tokens=2 * 16, device_batch_size=1)
   eager, compiled = _trainer(cfg), _trainer(cfg, compile=True)
   inputs, targets = (torch.from_numpy(x) for x in _tokens(cfg))
   le, lc = float(eager.loss_and_grads(inputs, targets)), float(compiled.loss_and_grads(inputs, targets))
   assert abs(le - lc) / le < 1e-5, (le, lc)
+  compiled.loss_and_grads(inputs, targets)
+  # One graph for every micro-batch (each a view at another offset) and step: no recompiles, no
+  # silent fallback to eager once torch's recompile limit is hit.
+  assert compiled.accum == 2 and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def _small_flags():
