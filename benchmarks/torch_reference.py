@@ -243,7 +243,7 @@ class TorchTrainer:
       return p.dim() >= 2 and "embed" not in n and "lm_head" not in n
 
     params = list(self.model.named_parameters())
-    # fused AdamW on a GPU (nanochat's choice); foreach on CPU, where fused is not faster
+    # fused AdamW on a GPU (nanochat's choice); on CPU foreach, as this script always ran
     kind = {"fused": True} if device == "cuda" else {"foreach": True}
     self.opt = torch.optim.AdamW([{"params": [p for n, p in params if decayed(n, p)], "weight_decay": o.weight_decay},
                                   {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}],
