@@ -17,8 +17,9 @@ Backends (`model.attention`):
            jax.nn itself calls. Its packed layout needs Hopper (sm90+) and a static bound on runs
            per row (`cudnn_max_runs`: T // 64); runs past the bound merge into the last one,
            which then attends causally across those documents (nanochat attends across all of
-           them). jax scales both offset arrays by the *query* head count, so packed GQA repeats
-           k/v to H heads first.
+           them). jax up to 0.11.0 scaled the kv offsets by the *query* head count (fixed in
+           jax's be78ee0f, 2026-07-30): `packed_gqa_needs_repeat` asks the installed jax, and
+           only where it still does so are k/v repeated to H heads for packed GQA.
   splash - Pallas splash attention (TPU): causal MultiHeadMask + SegmentIds, GQA as the MQA
            kernel vmapped over kv heads, run inside `jax.shard_map` (batch over data/fsdp,
            heads over tensor; the specs come from lmtiny.sharding). The kernel does not scale
@@ -43,6 +44,7 @@ logsumexp residual) so a remat policy can keep it and a fused forward runs once.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -225,6 +227,29 @@ def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
   return lengths_BxM, starts_BxM1
 
 
+@functools.cache
+def packed_gqa_needs_repeat() -> bool:
+  """Whether this jax's cuDNN packed layout needs GQA k/v repeated to the query's head count.
+
+  jax turns per-row run starts into flat element offsets (`_fix_seqlen_offsets`) by multiplying
+  with heads x head dim; up to 0.11.0 it used the query's head count for the kv offsets too,
+  which is right only when k/v have as many heads as q. Asked of jax itself on a 2-head query
+  and a 1-head key (second run starts at token 1): kv offset 2 = scaled by query heads.
+  Anything unexpected answers True: repeating is correct on every version, only costlier.
+  """
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+    with jax.ensure_compile_time_eval():
+      lengths = jnp.array([[1, 1]], jnp.int32)
+      starts = jnp.array([[0, 1, -1]], jnp.int32)
+      q = jax.ShapeDtypeStruct((1, 2, 2, 1), jnp.bfloat16)
+      k = jax.ShapeDtypeStruct((1, 2, 1, 1), jnp.bfloat16)
+      kv_offsets = cudnn_fmha._fix_seqlen_offsets(lengths, lengths, starts, starts, q, k)[3]  # pylint: disable=protected-access
+      return int(kv_offsets.reshape(-1)[1]) != 1
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
 def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None) -> Array:
   if segment_ids_BxT is None or cudnn_max_runs(q_BxTxHxDh.shape[1]) == 1:  # one run per row: causal type alone
     causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
@@ -233,7 +258,7 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
   b, t, h, dh = q_BxTxHxDh.shape
   group = h // k_BxSxKxDh.shape[2]
-  if group > 1:  # packed offsets are scaled by the query's head count: give k/v the same
+  if group > 1 and packed_gqa_needs_repeat():  # this jax strides kv runs by the query's heads
     k_BxSxKxDh, v_BxSxKxDh = (jnp.repeat(x, group, axis=2) for x in (k_BxSxKxDh, v_BxSxKxDh))
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(x, ("batch", "seq", "act_heads", None)) for x in (k_BxSxKxDh, v_BxSxKxDh))
   lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, cudnn_max_runs(t)))

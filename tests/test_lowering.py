@@ -17,6 +17,12 @@ from lmtiny import attention as attn_lib, bench, lowering, sharding
 T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
 
 
+def _cudnn_operands(text):
+  """The operand types of the first cuDNN forward call in the StableHLO."""
+  signature = re.search(r"custom_call @__cudnn\$fmhaSoftmax\(.*?\} : \(([^)]*)\)", text).group(1)
+  return [x.strip() for x in signature.split(",")]
+
+
 def _cfg(**model):
   cfg = tiny_config(seq_len=T, batch_tokens=4 * T)
   cfg.model.update(**{"max_seq_len": T, "d_model": 128, "num_heads": 2, "dtype": "auto", "attention": "auto", **model})
@@ -46,19 +52,56 @@ def test_cuda_step_calls_cudnn_once_per_layer_with_packed_causal_runs():
   assert s["cudnn"] == {"forward": 2, "backward": 2}
   assert s["mask_types"] == ["PADDING_CAUSAL"] and s["max_runs"] == [T // 64]
   assert s["square"] == {}  # no [T, T] mask, bias or score tensor anywhere in the step
-  # q, k and v reach the kernel with one shape (packed GQA repeats k/v), then the run lengths
-  # [B, M] twice and the run starts [B, M + 1] twice: no bias or mask operand.
-  signature = re.search(r"custom_call @__cudnn\$fmhaSoftmax\(.*?\} : \(([^)]*)\)", text).group(1)
-  operands = [x.strip() for x in signature.split(",")]
+  # q, k and v, then the run lengths [B, M] twice and the run starts [B, M + 1] twice: no bias
+  # or mask operand.
+  operands = _cudnn_operands(text)
   assert operands[0] == operands[1] == operands[2] == f"tensor<4x{T}x2x64xbf16>"
   assert operands[3:] == ["tensor<4x4xi32>"] * 2 + ["tensor<4x5xi32>"] * 2
 
 
-def test_gqa_packed_rows_repeat_kv_heads_for_cudnn():
+@pytest.fixture
+def kv_offset_stride(monkeypatch):
+  """Makes jax's packed kv offsets stride by the query's heads ("query", jax <= 0.11.0) or by the
+  kv heads ("kv", later jax), whichever jax is installed, and re-asks the probe."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  original = cudnn_fmha._fix_seqlen_offsets  # pylint: disable=protected-access
+
+  def use(heads):
+    def fix(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+      # With key=query every jax strides both by the query's heads; "kv" rescales to the kv heads.
+      out = original(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, query)
+      return (*out[:3], out[3] if heads == "query" else out[3] // query.shape[2] * key.shape[2])
+    monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", fix)
+    attn_lib.packed_gqa_needs_repeat.cache_clear()
+
+  yield use
+  attn_lib.packed_gqa_needs_repeat.cache_clear()
+
+
+
+
+def test_gqa_packed_rows_repeat_kv_heads_only_where_jax_strides_kv_runs_by_query_heads(kv_offset_stride):
+  kv_offset_stride("query")
+  assert attn_lib.packed_gqa_needs_repeat()
   text, s, _ = _lower(_cfg(num_heads=4, num_kv_heads=2), "cuda")
   assert s["cudnn"] == {"forward": 2, "backward": 2}
-  signature = re.search(r"custom_call @__cudnn\$fmhaSoftmax\(.*?\} : \(([^)]*)\)", text).group(1)
-  assert [x.strip() for x in signature.split(",")][:3] == [f"tensor<4x{T}x4x32xbf16>"] * 3
+  assert _cudnn_operands(text)[:3] == [f"tensor<4x{T}x4x32xbf16>"] * 3
+  kv_offset_stride("kv")
+  assert not attn_lib.packed_gqa_needs_repeat()
+  text, s, _ = _lower(_cfg(num_heads=4, num_kv_heads=2), "cuda")
+  assert s["cudnn"] == {"forward": 2, "backward": 2}
+  assert _cudnn_operands(text)[:3] == [f"tensor<4x{T}x4x32xbf16>"] + [f"tensor<4x{T}x2x32xbf16>"] * 2
+
+
+def test_the_repeat_probe_answers_repeat_when_jax_offers_no_answer(monkeypatch):
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(cudnn_fmha, "_fix_seqlen_offsets")
+  attn_lib.packed_gqa_needs_repeat.cache_clear()
+  try:
+    assert attn_lib.packed_gqa_needs_repeat()
+  finally:
+    monkeypatch.undo()
+    attn_lib.packed_gqa_needs_repeat.cache_clear()
 
 
 @pytest.mark.parametrize("remat,forwards", [("save_attn_out", 2), ("minimal", 2), ("full", 4)])
@@ -83,8 +126,7 @@ def test_cudnn_without_segment_ids_uses_the_causal_mask_type_and_no_mask_operand
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
   s = lowering.summarize(text, T)
   assert s["cudnn"] == {"forward": 1, "backward": 1} and s["mask_types"] == ["CAUSAL"] and s["square"] == {}
-  signature = re.search(r"custom_call @__cudnn\$fmhaSoftmax\(.*?\} : \(([^)]*)\)", text).group(1)
-  assert len(signature.split(",")) == 3  # q, k, v (k/v keep their 2 heads: cuDNN's native GQA)
+  assert len(_cudnn_operands(text)) == 3  # q, k, v (k/v keep their 2 heads: cuDNN's native GQA)
   assert attn_lib.target_platform() == "cpu"  # restored on leaving the target
   with pytest.raises(RuntimeError, match="cuDNN"):  # and so are jax's cuDNN probes
     attn_lib.attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), impl="cudnn")
