@@ -81,6 +81,14 @@ def check_batch_divisibility(cfg, mesh) -> None:
     sharding.check_process_local_batches(mesh)
 
 
+def _init_fns(init, state_shardings) -> Callable:
+  """init() for a fresh state; init(params) for one that starts from given parameters, which are
+  donated: the state takes over their buffers, so fine-tuning never holds its base weights twice."""
+  fresh = jax.jit(init, out_shardings=state_shardings)
+  from_params = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)
+  return lambda params=None: fresh() if params is None else from_params(params)
+
+
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
                 adapter=None, frozen_params=None) -> Steps:
   """`adapter` (fine-tuning, e.g. lmtiny.chat.lora.LoRA): train only what `adapter.init()` makes
@@ -182,7 +190,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   steps = Steps(
       mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
       state_shardings=state_shardings,
-      init=jax.jit(init, out_shardings=state_shardings),
+      init=_init_fns(init, state_shardings),
       train_step=jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0),
       eval_step=jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
@@ -221,8 +229,9 @@ class Trainer:
   (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes).
 
   Fine-tuning hooks: `init_params` (sharded model parameters, e.g. another run's checkpoint via
-  lmtiny.rundir.load_weights) start a fresh run instead of a random init; with an `adapter`
-  (LoRA) they stay frozen and only the adapter's parameters train. Subclasses may replace
+  lmtiny.rundir.load_weights) start a fresh run instead of a random init, and are consumed by it
+  (their buffers become the state's; on a resume they are dropped); with an `adapter` (LoRA) they
+  stay frozen and only the adapter's parameters train. Subclasses may replace
   `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data)."""
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
@@ -293,10 +302,12 @@ class Trainer:
   def _start(self, ckpt: Checkpointer, train_iter):
     """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
     found = ckpt.restore_newest(lambda step: self._restore(ckpt, step, train_iter), self.log)
+    params = None
+    if self.adapter is None:  # full fine-tuning: the base is consumed, or dropped on a resume
+      params, self.init_params = self.init_params, None
     if found is not None:
       return found[::-1]
-    fresh = self.init_params is not None and self.adapter is None
-    return (self.steps.init(self.init_params) if fresh else self.steps.init()), 0
+    return self.steps.init(params), 0
 
   def _restore(self, ckpt: Checkpointer, step: int, train_iter):
     from lmtiny.data.pipeline import map_train_state, worker_count

@@ -189,3 +189,20 @@ def test_weights_cast_once_per_step_and_z_loss_changes_only_the_gradient():
     _, with_z = z_steps.train_step(z_steps.init(), batch)
   assert float(with_z["loss"]) == float(plain["loss"])
   assert float(with_z["grad_norm"]) != float(plain["grad_norm"])
+
+
+def test_full_fine_tuning_takes_over_the_base_weights_instead_of_copying_them(tmp_path):
+  """A run started from init_params (full SFT) holds the weights once: the base's buffers are
+  donated to the state (a d32 fine-tune would otherwise carry 7.5 GB of fp32 base weights
+  beside its own), and the trainer keeps no reference to them."""
+  cfg = tiny_config(steps=1, checkpoint_every=1)
+  base_run = Trainer(cfg, str(tmp_path / "base"), memory_data(), log=_quiet)
+  with jax.set_mesh(base_run.mesh):
+    base = base_run.steps.init()["params"]
+    want = jax.tree.map(np.array, base)  # copies: a zero-copy view would pin the buffers on CPU
+    state = base_run.steps.init(base)
+  assert all(x.is_deleted() for x in jax.tree.leaves(base))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]), want)
+  fine_tune = Trainer(cfg, str(tmp_path / "ft"), memory_data(), log=_quiet, init_params=state["params"])
+  fine_tune.run()
+  assert fine_tune.init_params is None and all(x.is_deleted() for x in jax.tree.leaves(state["params"]))

@@ -131,8 +131,8 @@ def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_afte
   data = load_data(cfg)
   log(f"sft data: {data.describe()}")
   adapter = from_config(cfg.model, cfg.lora)
-  base = restore_base_params(cfg, mesh)
-  trainer = ChatTrainer(cfg, workdir, data, log=log, init_params=base, adapter=adapter)
+  # No reference kept here: a full fine-tune's state takes over the base's buffers.
+  trainer = ChatTrainer(cfg, workdir, data, log=log, init_params=restore_base_params(cfg, mesh), adapter=adapter)
   abstract = trainer.steps.abstract_state
   trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
   log(f"base {cfg.sft.init} step {cfg.sft.init_step} | "
