@@ -25,7 +25,7 @@ setup(
         "tqdm>=4.66",         # progress bars
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tiktoken>=0.7",
                  "selenium>=4.20",  # the chat page in headless Chromium (apt: chromium chromium-driver)
                  "torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # + hf
         "hf": ["torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # HF tokenizers on import; transformers/torch to run exports
