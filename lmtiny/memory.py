@@ -21,6 +21,8 @@ them within 25% of each other on small configs.
 """
 from __future__ import annotations
 
+import copy
+
 from lmtiny import arch, config as config_lib
 
 GIB = 2 ** 30
@@ -106,15 +108,55 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   return out
 
 
-def recommend_fsdp(cfg, chip_bytes: float = 16 * GIB, headroom: float = 0.9, max_devices: int = 4096) -> int | None:
-  """The smallest power-of-two FSDP degree at which the estimate fits `headroom` of a chip's
-  memory (default: a 16 GB v5e) at the config's device_batch_size; None if none up to max_devices."""
-  f = 1
-  while f <= max_devices:
-    if estimate(cfg, {"data": 1, "fsdp": f, "tensor": 1})["total"] <= headroom * chip_bytes:
-      return f
-    f *= 2
-  return None
+V5E_BYTES = 16 * GIB
+# The estimate has read between 0.78x and 1.24x of XLA's own figure across the configs (README),
+# so a plan keeps it under 75% of the chip: an under-estimate of that size still fits.
+PLAN_HEADROOM = 0.6
+
+
+def fsdp_plans(cfg, chip_bytes: float = V5E_BYTES, headroom: float = PLAN_HEADROOM,
+               max_fsdp: int = 256) -> list[tuple[int, int | None, int, float]]:
+  """How the config fits chips of `chip_bytes` (default a 16 GB v5e) at each FSDP degree.
+
+  For every power-of-two FSDP degree that divides the global batch's sequences (up to
+  max_fsdp): the largest device_batch_size, at most the config's, that divides the sequences
+  each device gets and whose estimate fits `headroom` of the chip, as (fsdp, device_batch_size,
+  accumulation steps, estimated bytes); (fsdp, None, 0, bytes at 1 sequence) when none fits.
+  """
+  t = cfg.train
+  sequences = config_lib.global_batch_size(t)
+  most = t.device_batch_size or config_lib.micro_batch_size(t)
+  plans, fsdp = [], 1
+  while fsdp <= min(max_fsdp, sequences) and sequences % fsdp == 0:
+    per_device = sequences // fsdp
+    mesh_shape = {"data": 1, "fsdp": fsdp, "tensor": 1}
+    plan = None
+    for dbs in (d for d in range(min(most, per_device), 0, -1) if per_device % d == 0):
+      trial = copy.deepcopy(cfg)
+      trial.train.device_batch_size = dbs
+      total = estimate(trial, mesh_shape)["total"]
+      if total <= headroom * chip_bytes:
+        plan = (fsdp, dbs, per_device // dbs, total)
+        break
+    plans.append(plan or (fsdp, None, 0, total))
+    fsdp *= 2
+  return plans
+
+
+def format_plans(cfg, chip: str = "16 GB v5e", chip_bytes: float = V5E_BYTES, rows: int = 4) -> list[str]:
+  """The smallest FSDP degrees at which the config fits `chip` chips, one line each."""
+  plans = fsdp_plans(cfg, chip_bytes)
+  fits = [p for p in plans if p[1] is not None]
+  head = (f"{chip} chips (data=1, fsdp=N; largest train.device_batch_size whose estimate stays under "
+          f"{PLAN_HEADROOM:.0%} of the chip):")
+  if not fits:
+    return [head, f"  no FSDP degree up to {plans[-1][0]} fits; lower train.seq_len or the model"]
+  lines = [head]
+  if fits[0][0] > 1:
+    lines.append(f"  mesh.fsdp < {fits[0][0]}: does not fit")
+  lines += [f"  mesh.fsdp={f:<4} train.device_batch_size={dbs:<3} accumulation {acc:<3} {total / GIB:6.2f} GiB"
+            for f, dbs, acc, total in fits[:rows]]
+  return lines
 
 
 def format_estimate(cfg, mesh_shape=None) -> list[str]:
@@ -128,8 +170,5 @@ def format_estimate(cfg, mesh_shape=None) -> list[str]:
            f"accumulation {config_lib.accumulation_steps(resolved)}, remat {cfg.model.remat}, "
            f"{'float32' if cfg.model.dtype == 'float32' else 'bf16'} compute, one device):"]
   lines += [f"  {k:<12}{v / GIB:>9.2f} GiB" for k, v in e.items()]
-  fsdp = recommend_fsdp(cfg)
-  lines.append("  16 GB v5e chips: " + (f"FSDP degree {fsdp} (mesh.fsdp={fsdp}) fits" if fsdp else
-                                        "does not fit at this device_batch_size; lower train.device_batch_size"))
-  return lines
+  return lines + format_plans(cfg)
 

@@ -15,9 +15,11 @@ wide orientation (rows <= cols) in `optim.muon_ns_dtype`. There is no bias corre
 
 Each weight is orthogonalised as the 2-D matrix it multiplies with: q/k/v [D, H, Dh] as
 [D, H*Dh], o [H, Dh, D] as [H*Dh, D], MLP up/gate [D, F] and down [F, D]; a leading layer axis
-(model.scan_layers) is a batch of independent matrices. Under FSDP / tensor parallelism the
-iteration runs on the sharded arrays and XLA inserts the collectives, so the update equals the
-one-device update (tests/test_muon.py).
+(model.scan_layers) is a batch of independent matrices. Under FSDP / data / tensor parallelism
+that batch is split over the devices (`sharding.spread_matrices`), each device orthogonalising
+whole matrices of its share of the layers, as nanochat's distributed Muon does; a batch the
+mesh does not divide stays whole on every device (XLA gathers it). The update equals the
+one-device update either way (tests/test_muon.py).
 
 Embedding, unembedding and norm scales get AdamW (optim.b1 / b2 / eps, group LRs as in
 lmtiny.optim). One schedule (optim.schedule) multiplies both; Muon's LR is optim.lr, unscaled
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmtiny import optim
+from lmtiny import optim, sharding
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Parameter name -> (dimensions of one matrix, whether its last dimension is the output: o and
@@ -98,7 +100,7 @@ def scale_by_muon(o) -> optax.GradientTransformation:
       nesterov = (1 - m) * g + m * buf
       view, factor = matrix_view(path, g.shape)
       # Weights are laid out [batch..., fan-in dims..., fan-out dims...]: a reshape is the view.
-      ortho = newton_schulz(nesterov.reshape(view), o.muon_ns_steps, ns_dtype)
+      ortho = newton_schulz(sharding.spread_matrices(nesterov.reshape(view)), o.muon_ns_steps, ns_dtype)
       return (factor * ortho.astype(jnp.float32).reshape(g.shape)).astype(g.dtype)
 
     updates = jax.tree_util.tree_map_with_path(orthogonalise, grads, buffers)

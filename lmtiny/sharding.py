@@ -35,6 +35,9 @@ RULES = {
     "head_dim": None,
     "norm": None,
     "layers": None,
+    # A batch of whole matrices (Muon's Newton-Schulz input): split over as many of these axes,
+    # in this order, as divide the batch (`spread_matrices`).
+    "matrix_batch": ("fsdp", "data", "tensor"),
     "lora_rank": None,       # LoRA adapters' low-rank dimension: small, replicated
     "seq": None,
     "act_embed": None,
@@ -125,6 +128,22 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
     return x
   spec = logical_to_spec(logical_axes, x.shape, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
+  """Pin a batch of matrices so that each device holds whole matrices, the batch split over as
+  many "matrix_batch" axes as divide it: Muon then orthogonalises each matrix on one device
+  rather than every device gathering every matrix (for a scanned d32 on fsdp=16: 55 all-gathers
+  of whole float32 layer stacks per step). A no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x_BxMxN
+  sizes, axes = dict(mesh.shape), []
+  for axis in RULES["matrix_batch"]:
+    if sizes.get(axis, 1) > 1 and x_BxMxN.shape[0] % (math.prod(sizes[a] for a in axes) * sizes[axis]) == 0:
+      axes.append(axis)
+  batch = tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+  return jax.lax.with_sharding_constraint(x_BxMxN, P(batch, *([None] * (x_BxMxN.ndim - 1))))
 
 
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
