@@ -26,7 +26,8 @@ presets:
   toy        CPU, minutes: configs/tiny.py on the embedded standard-library corpus; SFT (with the
              embedded chats), RL and GSM8K on the self-generated toy arithmetic set (no download)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
-  d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM)
+  d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
+             train.device_batch_size=2 (the plan `python -m lmtiny.arch` prints for 16 GB chips)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
   d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
              once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
@@ -108,6 +109,9 @@ case $PRESET in
     SFT_ARGS=()
     RL_ARGS=(--data gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
+    # 16 GB chips: ZeRO-3 over the 8 chips at 2 sequences each (XLA: 8.05 GiB per chip; data
+    # parallel at the config's 16 would need ~48). Midtraining and SFT inherit the base run's mesh.
+    [[ $PRESET == d20-v5e8 ]] && BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=2)
     [[ $PRESET == *-pod ]] && POD=1 ;;
   *) die "unknown preset '$PRESET' (toy, d20-h100, d20-v5e8, d26-pod, d32-pod)" ;;
 esac

@@ -31,8 +31,24 @@ def test_estimate_parts_scale_with_sharding_and_batch():
   assert fsdp4["activations"] < one["activations"]  # 8 rows per micro-step over 4 devices: 2 each
   cfg.train.device_batch_size = 2
   assert memory.estimate(cfg)["activations"] < one["activations"]  # 2 rows per micro-step, not 8
-  assert memory.recommend_fsdp(cfg, chip_bytes=one["total"] * 2) == 1
-  assert memory.recommend_fsdp(cfg, chip_bytes=1, max_devices=64) is None
+
+
+def test_fsdp_plans_pick_the_largest_batch_that_fits_each_degree():
+  cfg = _config("dots_no_batch")
+  cfg.train.device_batch_size = 8
+  one = memory.estimate(cfg)
+  plans = memory.fsdp_plans(cfg, chip_bytes=one["total"] / memory.PLAN_HEADROOM)
+  assert plans[0] == (1, 8, 2, one["total"])  # the config's own batch (16 sequences) fits one chip exactly
+  four = cfg.copy_and_resolve_references()
+  four.train.device_batch_size = 4
+  at_four = memory.estimate(four)["total"]
+  assert at_four < one["total"]
+  smaller = memory.fsdp_plans(cfg, chip_bytes=at_four / memory.PLAN_HEADROOM)
+  assert smaller[0] == (1, 4, 4, at_four)  # 8 sequences no longer fit; 4, accumulated 4 times, do
+  assert [p[0] for p in smaller] == [1, 2, 4, 8, 16]  # every power of two dividing the 16 sequences
+  assert all(p[1] is None for p in memory.fsdp_plans(cfg, chip_bytes=1))
+  lines = memory.format_plans(cfg, chip_bytes=1)
+  assert "no FSDP degree up to 16 fits" in lines[-1]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

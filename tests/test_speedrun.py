@@ -53,6 +53,8 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --data gsm8k" in lines
   assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines
   assert lines[-1] == "python3 -m lmtiny.report --workdir runs/x"
+  v5e = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()
+  assert v5e[2].endswith("--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=2")
   pod = _run("d32-pod", "--dry-run", "--tpu-name", "p", "--zone", "z", "--workdir", "gs://b/r", "--shards", "gs://b/s")
   assert pod.returncode == 0 and "tpu.sh train --name p --zone z -- --config configs/d32.py" in pod.stdout
   assert "--config.data.shards=gs://b/s" in pod.stdout and "lmtiny.tokenizer" not in pod.stdout
