@@ -31,7 +31,9 @@ presets:
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
   d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
              once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
-             the run finished, and the later stages run on this host
+             the run finished, and the later stages run on this host. Training is FSDP over every
+             chip (mesh.fsdp=-1) at the config's train.device_batch_size; `python -m lmtiny.arch`
+             prints which sizes fit 16 GB chips
 
 options:
   --workdir RUN            run directory (default runs/speedrun-PRESET)
@@ -112,7 +114,12 @@ case $PRESET in
     # 16 GB chips: ZeRO-3 over the 8 chips at 2 sequences each (XLA: 8.05 GiB per chip; data
     # parallel at the config's 16 would need ~48). Midtraining and SFT inherit the base run's mesh.
     [[ $PRESET == d20-v5e8 ]] && BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=2)
-    [[ $PRESET == *-pod ]] && POD=1 ;;
+    if [[ $PRESET == *-pod ]]; then
+      POD=1
+      # ZeRO-3 over the whole slice: data parallel alone would hold all of d26/d32's weights and
+      # optimizer state on every chip (d32: ~56 GiB at its 4 sequences per chip).
+      BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=-1)
+    fi ;;
   *) die "unknown preset '$PRESET' (toy, d20-h100, d20-v5e8, d26-pod, d32-pod)" ;;
 esac
 BASE_EVAL=(--tasks bpb)

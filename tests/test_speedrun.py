@@ -57,6 +57,7 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert v5e[2].endswith("--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=2")
   pod = _run("d32-pod", "--dry-run", "--tpu-name", "p", "--zone", "z", "--workdir", "gs://b/r", "--shards", "gs://b/s")
   assert pod.returncode == 0 and "tpu.sh train --name p --zone z -- --config configs/d32.py" in pod.stdout
+  assert "--workdir gs://b/r --config.mesh.data=1 --config.mesh.fsdp=-1" in pod.stdout  # ZeRO-3 over the slice
   assert "--config.data.shards=gs://b/s" in pod.stdout and "lmtiny.tokenizer" not in pod.stdout
   assert "lmtiny.rl" not in pod.stdout  # the script returns once the pod trains
 
