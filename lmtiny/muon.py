@@ -17,8 +17,10 @@ Each weight is orthogonalised as the 2-D matrix it multiplies with: q/k/v [D, H,
 [D, H*Dh], o [H, Dh, D] as [H*Dh, D], MLP up/gate [D, F] and down [F, D]; a leading layer axis
 (model.scan_layers) is a batch of independent matrices. Under FSDP / data / tensor parallelism
 that batch is split over the devices (`sharding.spread_matrices`), each device orthogonalising
-whole matrices of its share of the layers, as nanochat's distributed Muon does; a batch the
-mesh does not divide stays whole on every device (XLA gathers it). The update equals the
+whole matrices of its share of the layers, as nanochat's distributed Muon does; of a stack the
+devices do not divide, the leading multiple of their count is split and the rest (fewer
+matrices than devices) stays whole on every device (XLA gathers it): 16 + 4 of d20's 20 layers
+on 8 devices. The update equals the
 one-device update either way (tests/test_muon.py).
 
 Embedding, unembedding and norm scales get AdamW (optim.b1 / b2 / eps, group LRs as in
@@ -100,7 +102,10 @@ def scale_by_muon(o) -> optax.GradientTransformation:
       nesterov = (1 - m) * g + m * buf
       view, factor = matrix_view(path, g.shape)
       # Weights are laid out [batch..., fan-in dims..., fan-out dims...]: a reshape is the view.
-      ortho = newton_schulz(sharding.spread_matrices(nesterov.reshape(view)), o.muon_ns_steps, ns_dtype)
+      mats = nesterov.reshape(view)
+      head = sharding.spreadable(view[0])  # the leading matrices the devices divide evenly
+      parts = [mats[:head], mats[head:]] if 0 < head < view[0] else [mats]
+      ortho = jnp.concatenate([newton_schulz(sharding.spread_matrices(x), o.muon_ns_steps, ns_dtype) for x in parts])
       return (factor * ortho.astype(jnp.float32).reshape(g.shape)).astype(g.dtype)
 
     updates = jax.tree_util.tree_map_with_path(orthogonalise, grads, buffers)

@@ -146,6 +146,17 @@ def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x_BxMxN, P(batch, *([None] * (x_BxMxN.ndim - 1))))
 
 
+def spreadable(b: int) -> int:
+  """How many of b matrices `spread_matrices` can split over all "matrix_batch" devices: the
+  largest multiple of their count (0 outside a mesh or when b is smaller)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 0
+  sizes = dict(mesh.shape)
+  devices = math.prod(sizes.get(a, 1) for a in RULES["matrix_batch"])
+  return b - b % devices
+
+
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble this process's rows of the batch into global arrays sharded over the mesh."""
   sharding = batch_sharding(mesh)

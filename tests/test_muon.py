@@ -156,13 +156,15 @@ def test_d20_config_builds_nanochats_optimizer():
   assert [float(schedule(s)) for s in (0, 800, 900, 1000)] == pytest.approx([0.02, 0.02, 0.01, 0.0])
 
 
-def test_fsdp_splits_a_scanned_stack_by_layers_for_newton_schulz(one_device):
+@pytest.mark.parametrize("layers", [8, 10])
+def test_fsdp_splits_a_scanned_stack_by_layers_for_newton_schulz(one_device, layers):
   """Under FSDP, each device orthogonalises whole matrices of its share of the layers
-  (sharding.spread_matrices) instead of every device gathering every float32 layer stack
-  (75 such all-gathers per step for d32 before): the compiled step has none, and the update is
-  still the one-device update."""
+  (sharding.spread_matrices; of 10 layers on 8 devices the first 8, the other 2 whole on every
+  device) instead of every device gathering every float32 layer stack (75 such all-gathers per
+  step for d32 before): the compiled step gathers no stack of 8 or more, and the update is still
+  the one-device update."""
   _, batches, _ = one_device
-  cfg = _muon_cfg(scan_layers=True, num_layers=8)
+  cfg = _muon_cfg(scan_layers=True, num_layers=layers)
   one_losses, one_params = _run(cfg, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], batches)
   losses, params = _run(cfg, dict(data=1, fsdp=8, tensor=1), jax.devices(), batches)
   np.testing.assert_allclose(losses, one_losses, rtol=1e-5)
@@ -172,4 +174,4 @@ def test_fsdp_splits_a_scanned_stack_by_layers_for_newton_schulz(one_device):
   steps = build_steps(cfg, mesh, total_steps=10)
   with jax.set_mesh(mesh):
     text = steps.train_step.lower(steps.init(), device_batch(batches[0], mesh)).compile().as_text()
-  assert re.findall(r"= f32\[8,\d+,\d+\]\S* all-gather\(", text) == []  # no whole [L, M, N] stack
+  assert re.findall(rf"= f32\[({layers}|8),\d+,\d+\]\S* all-gather\(", text) == []  # no [L, M, N] stack
