@@ -20,8 +20,7 @@ that batch is split over the devices (`sharding.spread_matrices`), each device o
 whole matrices of its share of the layers, as nanochat's distributed Muon does; of a stack the
 devices do not divide, the leading multiple of their count is split and the rest (fewer
 matrices than devices) stays whole on every device (XLA gathers it): 16 + 4 of d20's 20 layers
-on 8 devices. The update equals the
-one-device update either way (tests/test_muon.py).
+on 8 devices. The update equals the one-device update either way (tests/test_muon.py).
 
 Embedding, unembedding and norm scales get AdamW (optim.b1 / b2 / eps, group LRs as in
 lmtiny.optim). One schedule (optim.schedule) multiplies both; Muon's LR is optim.lr, unscaled
