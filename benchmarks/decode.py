@@ -11,7 +11,6 @@ of every row after the first (which prefill samples); prefill tokens/s counts pr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -23,16 +22,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmtiny import model as model_lib  # noqa: E402
+from lmtiny import config as config_lib, model as model_lib  # noqa: E402
 from lmtiny.model import compute_dtype  # noqa: E402
 from lmtiny.sampling import Sampler, SamplingParams, bucket  # noqa: E402
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def bench(name: str, batch_sizes, new_tokens: int, prompt_len: int, repeats: int) -> None:

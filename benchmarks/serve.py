@@ -36,14 +36,11 @@ def _engine(args):
     run, params = load_weights(args.workdir)
     model, tok, context = run.model(params), run.tokenizer, run.cfg.model.max_seq_len
   else:
-    import importlib.util
     from flax import nnx
+    from lmtiny import config as config_lib
     from lmtiny.data.dataset import load_data
     from lmtiny.model import Transformer
-    spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", f"{args.config}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = config_lib.load_file(os.path.join(ROOT, "configs", f"{args.config}.py"))
     tok = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).tokenizer
     model, context = Transformer(cfg.model, nnx.Rngs(0)), cfg.model.max_seq_len
   return ChatEngine(Sampler(model, chunk=4), tok, context, max_batch=args.max_batch, max_tokens=args.max_tokens)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import statistics
@@ -51,10 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, overrides: list[str]):
-  spec = importlib.util.spec_from_file_location("lmtiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  from lmtiny import config as config_lib
+  cfg = config_lib.load_file(path)
   for item in overrides:  # section.field=value
     key, value = item.split("=", 1)
     section, field = key.split(".", 1)

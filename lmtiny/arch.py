@@ -34,6 +34,11 @@ PEAK_FLOPS = {
     "v4": 275e12,
     "cpu": 1e12,
 }
+# Memory per chip, in bytes (HBM; GPUs' figures as their vendors state them).
+HBM_BYTES = {
+    "h100": 80e9, "h100_pcie": 80e9, "h200": 141e9, "a100": 80e9,
+    "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30, "v4": 32 * 2**30,
+}
 
 
 def _norm_params(m) -> tuple[int, int]:

@@ -10,6 +10,8 @@ A timed run also reads the compiled step's HLO for a cuDNN fused-attention call,
 says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 `--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
 the attention kernels it calls per step and any [T, T] tensor left (lmtiny.lowering).
+`--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
+XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
@@ -26,7 +28,8 @@ import time
 import jax
 import numpy as np
 
-from lmtiny import arch, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
+from lmtiny import arch, attention as attn_lib, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
+from lmtiny import model as model_lib
 from lmtiny.checkpoint import abstract_with_shardings
 from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility, device_batch
 
@@ -67,6 +70,14 @@ def cudnn_attention_in_hlo(compiled) -> bool | None:
     return None
 
 
+def estimate(cfg, mesh) -> dict:
+  """lmtiny.memory's estimate for the attention backend that runs on the mesh's platform."""
+  m = cfg.model
+  impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=mesh.devices.flat[0].platform,
+                               seq_len=cfg.train.seq_len, packed=True)
+  return memory.estimate(cfg, dict(mesh.shape), attention=impl)
+
+
 def compile_step(cfg):
   """(build_steps result, mesh, compiled train step, compile seconds) from abstract inputs."""
   config_lib.validate(cfg)
@@ -84,12 +95,19 @@ def compile_step(cfg):
   return steps, mesh, compiled, time.perf_counter() - t0
 
 
-def compile_report(cfg) -> dict:
-  """Compile only: XLA's memory analysis and lmtiny.memory's estimate, no arrays allocated."""
-  _, mesh, compiled, compile_s = compile_step(cfg)
+def compile_report(cfg, topology: str | None = None) -> dict:
+  """Compile only: XLA's memory analysis and lmtiny.memory's estimate, no arrays allocated; for
+  this machine's devices, or with XLA:TPU for the TPU slice `topology` names (lmtiny.lowering)."""
+  if topology:
+    from lmtiny import lowering  # pylint: disable=g-import-not-at-top
+    compiled, compile_s, cfg, mesh = lowering.compile_for_topology(cfg, topology)
+  else:
+    _, mesh, compiled, compile_s = compile_step(cfg)
+  device = mesh.devices.flat[0]
   return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
-          "estimate": memory.estimate(cfg, dict(mesh.shape)), "device": jax.devices()[0].device_kind,
-          "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+          "estimate": estimate(cfg, mesh), "device": device.device_kind,
+          "chip_bytes": arch.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
+          "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype}
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
@@ -121,7 +139,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
   return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "median_step_s": median,
           "min_step_s": min(times), "tokens_per_s": tokens_per_s, "mfu": metrics_lib.mfu(flops, tokens_per_s),
           "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
-          "estimate": memory.estimate(cfg, dict(mesh.shape)), "step_times": times,
+          "estimate": estimate(cfg, mesh), "step_times": times,
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
           "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
@@ -137,6 +155,10 @@ def format_memory(r: dict) -> list[str]:
   if x is not None:
     lines.append(f"XLA memory   {_gib(x['peak'])} per device = arguments {_gib(x['argument'])} + outputs "
                  f"{_gib(x['output'])} - aliased {_gib(x['alias'])} + temporaries {_gib(x['temp'])}")
+    chip = r.get("chip_bytes")
+    if chip:
+      verdict = "fits" if x["peak"] <= chip else "does NOT fit"
+      lines.append(f"chip         {verdict}: {100 * x['peak'] / chip:.0f}% of the chip's {_gib(chip)}")
   e = r.get("estimate")
   if e is not None:
     ratio = f" ({e['total'] / x['peak']:.2f}x XLA's)" if x and x["peak"] else ""
@@ -152,7 +174,8 @@ def format_report(r: dict, cfg) -> str:
       f"model        {r['params'] / 1e6:.2f}M params",
       f"device       {r['devices']} x {r['device']}, mesh {r['mesh']}",
       f"batch        {t.batch_tokens} tokens = {config_lib.global_batch_size(t)} x {t.seq_len}"
-      f" (accumulation {config_lib.accumulation_steps(resolved)}), dtype {cfg.model.dtype}, remat {cfg.model.remat}",
+      f" (accumulation {config_lib.accumulation_steps(resolved)}), dtype {r.get('dtype', cfg.model.dtype)}, "
+      f"remat {cfg.model.remat}, attention {r.get('attention', cfg.model.attention)}",
       f"compile      {r['compile_s']:.1f} s",
   ]
   if "median_step_s" not in r:  # --compile-only
@@ -189,6 +212,9 @@ def _define_flags(fv):
                                             "memory analysis; allocate and run nothing.", flag_values=fv),
           "lower_for": flags.DEFINE_string("lower_for", None, "cuda | tpu: lower the step for that platform "
                                            "(no device needed) and print the kernels it calls.", flag_values=fv),
+          "topology": flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x4 (libtpu's topology "
+                                          "names): compile the step with XLA:TPU for its chips, here, and print "
+                                          "XLA's memory figure (implies --compile-only).", flag_values=fv),
           "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv)}
 
 
@@ -204,7 +230,7 @@ def run(argv: list[str]) -> int:
     from lmtiny import lowering  # pylint: disable=g-import-not-at-top
     print(lowering.report(cfg, values["lower_for"]))
     return 0
-  report = (compile_report(cfg) if values["compile_only"]
+  report = (compile_report(cfg, values["topology"]) if values["compile_only"] or values["topology"]
             else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))
   print(format_report(report, cfg))
   if values["json"]:

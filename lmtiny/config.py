@@ -31,6 +31,16 @@ class ConfigError(UserError):
   """A problem in the config or flags; the message names the field and the value."""
 
 
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """The ConfigDict a `configs/<size>.py` file's get_config() returns (scripts and notebooks;
+  entry points parse --config with ml_collections' config_flags)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("lmtiny_config_" + path.rsplit("/", 1)[-1][:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every size; size files override what differs."""
   c = ml_collections.ConfigDict()

@@ -13,10 +13,18 @@ capability before it lowers; `target("cuda")` answers both as an H100 would (sm9
 for the duration of the lowering, and attention resolves `auto` as it would there. Under a
 mesh, cuDNN's call is wrapped in XLA's custom partitioning and lowered per shard only when the
 program is compiled: the count of those wrappers stands for it. Splash lowers fully (Mosaic).
+
+    python -m lmtiny.bench --config configs/d20.py --topology v5e:2x4 [--config.mesh.fsdp=8 ...]
+
+goes one step further for TPUs: with libtpu installed (`pip install -e ".[tpu]"`), XLA:TPU
+compiles the step here for the devices of a slice described by name (libtpu's topology
+description, as MaxText's ahead-of-time compile does), splash kernels included, and its memory
+analysis is the real per-chip figure, no TPU needed.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections import Counter
@@ -78,6 +86,12 @@ def for_platform(cfg, platform: str):
 
 def lower_train_step(cfg, platform: str, mesh=None) -> tuple[str, float, object]:
   """(StableHLO text of the trainer's jitted step for `platform`, seconds, the config lowered)."""
+  lowered, seconds, cfg = _lowered_train_step(cfg, platform, mesh)
+  return lowered.as_text(), seconds, cfg
+
+
+def _lowered_train_step(cfg, platform: str, mesh=None):
+  """(the trainer's jitted step lowered for `platform` on abstract inputs, seconds, the config)."""
   from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility  # pylint: disable=g-import-not-at-top
   cfg = for_platform(cfg, platform)
   config_lib.validate(cfg)
@@ -91,8 +105,55 @@ def lower_train_step(cfg, platform: str, mesh=None) -> tuple[str, float, object]
                                      sharding=steps.batch_sharding) for k in BATCH_KEYS}
     with jax.set_mesh(mesh):
       state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-      text = steps.train_step.trace(state, batch).lower(lowering_platforms=(platform,)).as_text()
-  return text, time.perf_counter() - t0, cfg
+      lowered = steps.train_step.trace(state, batch).lower(lowering_platforms=(platform,))
+  return lowered, time.perf_counter() - t0, cfg
+
+
+# libtpu probes the TPU VM it expects to run on (metadata server, worker hostnames, accelerator
+# type) when it loads, and logs errors where there is none; a topology needs none of it. Its
+# lockfile keeps a second process off the chips: compiling for described ones needs no lock.
+_OFF_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+TOPOLOGY_EXAMPLES = "v5e:2x4, v5p:2x2x2, v6e:4x4, v4:2x2x1"
+
+
+def tpu_devices(topology: str) -> list:
+  """The devices of the TPU slice `topology` names (libtpu's topology description: "v5e:2x4" is
+  a v5e-8), for XLA:TPU to compile for on this machine; nothing can run on them."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise config_lib.ConfigError(f"--topology={topology}: compiling for a TPU slice needs libtpu: "
+                                 "pip install -e '.[tpu]'") from None
+  for name, value in _OFF_TPU_ENV.items():
+    os.environ.setdefault(name, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    try:
+      return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # pylint: disable=broad-except
+      # A slice smaller than libtpu's default host (2x2 chips), e.g. "v5e:1x1", is one host.
+      dims = re.fullmatch(r"\w+:(\d+)x(\d+)(?:x(\d+))?", topology)
+      if "chips_per_host_bounds" not in str(e) or dims is None:
+        raise
+      bounds = [int(d or 1) for d in dims.groups()]
+      return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                               chips_per_host_bounds=bounds).devices)
+  except Exception as e:  # pylint: disable=broad-except  # libtpu's own error types
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise config_lib.ConfigError(f"--topology={topology!r}: libtpu cannot describe it ({reason}); "
+                                 f"names look like {TOPOLOGY_EXAMPLES}") from None
+
+
+def compile_for_topology(cfg, topology: str):
+  """XLA:TPU's compile of the trainer's step for the slice `topology` names, as
+  (compiled, seconds, the config compiled, mesh): the mesh config is laid over its devices."""
+  devices = tpu_devices(topology)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  lowered, lower_s, cfg = _lowered_train_step(cfg, "tpu", mesh)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lower_s + time.perf_counter() - t0, cfg, mesh
 
 
 def _tensor_bytes(shape: str) -> int:

@@ -1,23 +1,27 @@
 """Per-device memory estimate of one training step, by part (no JAX: lmtiny.arch prints it).
 
-    total = params + optimizer state + gradients + activations + loss chunk
+    total = params + optimizer state + gradients + activations + loss chunk + fsdp gathers
 
 - params: float32 master weights; FSDP splits every parameter's `embed` dimension, `tensor`
   splits heads, MLP units and vocab (lmtiny.sharding.RULES; the embedding table's rows stay whole).
 - optimizer state: AdamW's two float32 moments, sharded like the parameters (Muon: one float32
   momentum per block matrix, AdamW's two on the rest).
-- gradients: the float32 gradient accumulator, the normalised gradient, the optimizer's float32
-  update and new moments, the step's compute-dtype copy of the weight matrices (cast once per
-  step) and one micro-step's compute-dtype gradient, sharded like the parameters.
+- gradients: the float32 gradient accumulator, one micro-step's compute-dtype gradient and the
+  step's compute-dtype copy of the weights (cast once per step), sharded like the parameters;
+  the optimizer's update is fused into the new params and moments in place.
 - activations: what the backward keeps per token and layer under the remat policy (model.remat),
   for one micro-batch of device_batch_size sequences, plus one layer's full working set (the
-  layer being recomputed / differentiated), including its [T, T] attention scores.
+  layer being recomputed / differentiated). The xla attention path adds its [T, T] scores; a
+  fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps none.
 - loss chunk: lmtiny.loss keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
   float32 and their gradient in the compute dtype.
+- fsdp gathers: under FSDP each device still holds the whole vocab matrices while it uses them:
+  compute-dtype copies of the embedding and lm_head, and the embedding's float32 scatter-added
+  gradient and the lm_head's float32 gradient before they are reduce-scattered.
 Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves; unrolled
 layers on XLA:CPU keep more (its scheduler is not memory-aware), so compare with scan_layers.
-`lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one; tests keep
-them within 25% of each other on small configs.
+`lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one, and
+`--topology v5e:2x4` XLA:TPU's for TPU chips; tests keep them within 25% of each other.
 """
 from __future__ import annotations
 
@@ -31,14 +35,15 @@ GIB = 2 ** 30
 def _widths(m) -> dict[str, int]:
   hd = config_lib.head_dim(m)
   return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m),
-              gated=m.activation == "swiglu")
+              gated=m.activation == "swiglu", relu2=m.activation == "relu2")
 
 
 def _layer_working_set(w: dict, c: int) -> float:
-  """Bytes per token of everything one layer's forward produces (what remat "none" keeps):
-  compute-dtype matmul outputs, float32 norm and RoPE intermediates."""
+  """Bytes per token of everything one layer's forward produces (what remat "none" keeps): its
+  compute-dtype matmul inputs and outputs, two float32 [D] norm inputs (RoPE and the other
+  float32 steps fuse into the matmuls) and relu²'s boolean mask."""
   mlp = (3 if w["gated"] else 2) * w["f"]
-  return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * (2 * w["d"] + 2 * (w["q"] + w["kv"]))
+  return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * 2 * w["d"] + (w["f"] if w["relu2"] else 0)
 
 
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
@@ -56,10 +61,12 @@ def _saved_per_token(policy: str, w: dict, c: int) -> float:
   return table.get(policy, matmul_outputs)  # an unknown policy: assume it keeps the matmul outputs
 
 
-def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int | None = None) -> dict[str, float]:
+def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int | None = None,
+             attention: str | None = None) -> dict[str, float]:
   """Estimated bytes per device of one train step: params, optimizer, gradients, activations,
-  loss_chunk and total. `mesh_shape` ({data, fsdp, tensor}) defaults to one device;
-  `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU)."""
+  loss_chunk, fsdp_gathers and total. `mesh_shape` ({data, fsdp, tensor}) defaults to one device;
+  `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU); `attention` (the
+  backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU)."""
   m, t = cfg.model, cfg.train
   mesh_shape = mesh_shape or {"data": 1, "fsdp": 1, "tensor": 1}
   fsdp, tensor = mesh_shape.get("fsdp", 1), mesh_shape.get("tensor", 1)
@@ -69,7 +76,6 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   embedding = p["embedding"]
   sharded = p["total"] - embedding
   param_elems = embedding / fsdp + sharded / (fsdp * tensor)
-  matrix_elems = (p["total"] - embedding - p["final_norm"] - m.num_layers * p["norms_per_layer"]) / (fsdp * tensor)
 
   resolved = config_lib.resolve_batch(cfg, dp).train
   rows = max(1, config_lib.micro_batch_size(resolved) // dp)
@@ -79,38 +85,46 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   tp_w = dict(w, q=w["q"] * heads_local // m.num_heads,
               kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
-  # The layer being differentiated holds float32 scores, probabilities and their gradients, for
-  # the causal blocks the xla path computes (lmtiny.attention.xla_causal_attention).
-  blocks = config_lib.attention_query_blocks(t.seq_len)
-  square = rows * heads_local * t.seq_len * t.seq_len * (blocks + 1) / (2 * blocks)
-  scores = square * 16
   per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
-  if m.remat == "dots":
-    per_layer += square * 4
-  if m.remat == "none":
-    per_layer += square * (4 + c)  # float32 scores, probabilities
-  activations = m.num_layers * per_layer + tokens * _layer_working_set(tp_w, c) + scores
-  activations += tokens * (4 * 3 + c) * w["d"]  # embedding output, final norm, their gradients
+  # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
+  # gradients replace the saved tensors they consume).
+  activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
+  if (attention or m.attention) == "xla":
+    # The layer being differentiated holds float32 scores, probabilities and their gradients,
+    # for the causal blocks the xla path computes (lmtiny.attention.xla_causal_attention).
+    blocks = config_lib.attention_query_blocks(t.seq_len)
+    square = rows * heads_local * t.seq_len * t.seq_len * (blocks + 1) / (2 * blocks)
+    activations += square * 16
+    if m.remat == "dots":
+      per_layer += square * 4
+    if m.remat == "none":
+      per_layer += square * (4 + c)  # float32 scores, probabilities
+  activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
   loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
   # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
   # (AdamW's two on embeddings, lm_head and norms: lmtiny.muon).
   block_elems = m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) / (fsdp * tensor)
   moments = 8.0 * param_elems - (4.0 * block_elems if cfg.optim.get("name", "adamw") == "muon" else 0.0)
+  vocab_matrices = embedding * (1 if m.tie_embeddings else 2)
   out = {
       "params": 4.0 * param_elems,
       "optimizer": moments,
-      "gradients": 8.0 * param_elems + moments + 2 * c * matrix_elems,
+      "gradients": (4.0 + 2 * c) * param_elems,
       "activations": float(activations),
       "loss_chunk": float(loss_chunk),
+      # Whole vocab matrices in the compute dtype, and float32 gradients of them, less the
+      # shares of them counted above.
+      "fsdp_gathers": 0.0 if fsdp == 1 else (c + 4.0) * vocab_matrices * (1 - 1 / fsdp),
   }
   out["total"] = sum(out.values())
   return out
 
 
 V5E_BYTES = 16 * GIB
-# The estimate has read between 0.63x (d32 under FSDP) and 1.24x of XLA's own figure, so a plan
-# keeps it under 60% of the chip: an under-estimate of that size still fits.
+# Against XLA:TPU's own figure for every config's v5e plans (benchmarks/tpu_plans.py) the
+# estimate has read between 0.76x (d20 under FSDP) and 1.26x, so a plan keeps it under 60% of
+# the chip: an under-estimate of that size still fits (XLA <= 79% of the chip).
 PLAN_HEADROOM = 0.6
 
 

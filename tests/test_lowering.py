@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lm_fixtures import tiny_config
-from lmtiny import attention as attn_lib, bench, lowering, sharding
+from lmtiny import arch, attention as attn_lib, bench, lowering, sharding
 
 T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
 
@@ -194,3 +194,53 @@ def test_a_dense_mask_is_what_the_square_search_finds():
   square = lowering.summarize(text, T)["square"]
   assert f"2x1x{T}x{T}xi1" in square and f"2x4x1x{T}x{T}xf32" in square
   assert lowering.summarize(text, T, widths={T})["square"] is None  # T = a model width: not told apart
+
+
+# --- XLA:TPU compiles here for a described slice (libtpu: the test extra installs it) ---------
+
+try:
+  import libtpu  # noqa: F401  pylint: disable=unused-import
+  HAS_LIBTPU = True
+except ImportError:
+  HAS_LIBTPU = False
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install -e '.[test]' on Linux x86-64)")
+
+
+@needs_libtpu
+def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
+  cfg = _cfg(num_heads=4, num_kv_heads=1)  # MQA: k/v replicated while q is head-sharded
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  compiled, _, compiled_cfg, mesh = lowering.compile_for_topology(cfg, "v5e:2x4")
+  assert mesh.devices.flat[0].device_kind == "TPU v5 lite" and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert compiled_cfg.model.attention == "splash" and compiled_cfg.model.dtype == "bfloat16"
+  text = compiled.as_text()  # XLA:TPU's optimised program: Mosaic kernels compiled, not interpreted
+  for kernel in ("splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
+                 "splash_mqa_dkv_segmented_no_residuals"):
+    assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
+  memory = bench.memory_analysis(compiled)
+  params = 4 * arch.count_params(compiled_cfg.model)  # float32 bytes of the whole model
+  # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
+  # bytes); replicated they would be 3x.
+  assert params / 2 < memory["argument"] < 2 * params, (memory, params)
+
+
+@needs_libtpu
+def test_bench_topology_prints_xla_tpu_memory_and_whether_it_fits(capsys, tmp_path):
+  from lm_fixtures import ROOT
+  config = f"{ROOT}/configs/tiny.py"
+  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={4 * T}"]
+  assert bench.main(["bench", "--config", config, *flags, "--topology", "v5e:1x1", "--json", str(tmp_path / "r.json")]) == 0
+  out = capsys.readouterr().out
+  assert "device       1 x TPU v5 lite, mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out, out
+  assert "dtype bfloat16" in out and "attention splash" in out
+  assert re.search(r"chip +fits: \d+% of the chip's 16.00 GiB", out), out
+  assert bench.main(["bench", "--config", config, *flags, "--topology", "v9z:2x2"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --topology='v9z:2x2': libtpu cannot describe it") and len(err.strip().splitlines()) == 1
+
+
+def test_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails as on a machine without it
+  with pytest.raises(lowering.config_lib.ConfigError, match=r"--topology=v5e:2x4: .*needs libtpu: pip install"):
+    lowering.tpu_devices("v5e:2x4")

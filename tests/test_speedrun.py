@@ -54,7 +54,11 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines
   assert lines[-1] == "python3 -m lmtiny.report --workdir runs/x"
   v5e = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()
-  assert v5e[2].endswith("--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=2")
+  from lm_fixtures import load_config_module
+  from lmtiny import memory
+  plan = next(p for p in memory.fsdp_plans(load_config_module("d20").get_config()) if p[0] == 8)
+  # The preset trains at lmtiny.arch's plan for fsdp=8 on 16 GB chips.
+  assert v5e[2].endswith(f"--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size={plan[1]}")
   pod = _run("d32-pod", "--dry-run", "--tpu-name", "p", "--zone", "z", "--workdir", "gs://b/r", "--shards", "gs://b/s")
   assert pod.returncode == 0 and "tpu.sh train --name p --zone z -- --config configs/d32.py" in pod.stdout
   assert "--workdir gs://b/r --config.mesh.data=1 --config.mesh.fsdp=-1" in pod.stdout  # ZeRO-3 over the slice
