@@ -6,10 +6,24 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from lmtiny.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_libtpu() -> bool:
+  try:
+    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+# XLA:TPU compiles for a described slice (lmtiny.lowering.compile_for_topology) where libtpu is
+# installed: the test extra brings it on Linux x86-64, so CI runs these.
+needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[test]' on Linux x86-64)")
 VOCAB = 128
 
 

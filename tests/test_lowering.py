@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm_fixtures import tiny_config
+from lm_fixtures import needs_libtpu, tiny_config
 from lmtiny import arch, attention as attn_lib, bench, lowering, sharding
 
 T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
@@ -197,14 +197,6 @@ def test_a_dense_mask_is_what_the_square_search_finds():
 
 
 # --- XLA:TPU compiles here for a described slice (libtpu: the test extra installs it) ---------
-
-try:
-  import libtpu  # noqa: F401  pylint: disable=unused-import
-  HAS_LIBTPU = True
-except ImportError:
-  HAS_LIBTPU = False
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu absent (pip install -e '.[test]' on Linux x86-64)")
-
 
 @needs_libtpu
 def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
