@@ -29,9 +29,8 @@ import jax
 import numpy as np
 
 from lmtiny import arch, attention as attn_lib, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
-from lmtiny import model as model_lib
-from lmtiny.checkpoint import abstract_with_shardings
-from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility, device_batch
+from lmtiny import lowering, model as model_lib
+from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
 
 
 def synthetic_batch(cfg, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -78,31 +77,13 @@ def estimate(cfg, mesh) -> dict:
   return memory.estimate(cfg, dict(mesh.shape), attention=impl)
 
 
-def compile_step(cfg):
-  """(build_steps result, mesh, compiled train step, compile seconds) from abstract inputs."""
-  config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  check_batch_divisibility(cfg, mesh)
-  steps = build_steps(cfg, mesh, total_steps=2)
-  t = cfg.train
-  rows = config_lib.global_batch_size(t)
-  batch = {k: jax.ShapeDtypeStruct((rows, t.seq_len), np.float32 if k == "loss_mask" else np.int32,
-                                   sharding=steps.batch_sharding) for k in BATCH_KEYS}
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-    compiled = steps.train_step.lower(state, batch).compile()
-  return steps, mesh, compiled, time.perf_counter() - t0
-
-
 def compile_report(cfg, topology: str | None = None) -> dict:
   """Compile only: XLA's memory analysis and lmtiny.memory's estimate, no arrays allocated; for
   this machine's devices, or with XLA:TPU for the TPU slice `topology` names (lmtiny.lowering)."""
   if topology:
-    from lmtiny import lowering  # pylint: disable=g-import-not-at-top
     compiled, compile_s, cfg, mesh = lowering.compile_for_topology(cfg, topology)
   else:
-    _, mesh, compiled, compile_s = compile_step(cfg)
+    compiled, compile_s, cfg, mesh = lowering.compile_train_step(cfg)
   device = mesh.devices.flat[0]
   return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
           "estimate": estimate(cfg, mesh), "device": device.device_kind,
@@ -227,7 +208,6 @@ def run(argv: list[str]) -> int:
     bad = "steps" if values["steps"] < 1 else "warmup"
     raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
   if values["lower_for"]:
-    from lmtiny import lowering  # pylint: disable=g-import-not-at-top
     print(lowering.report(cfg, values["lower_for"]))
     return 0
   report = (compile_report(cfg, values["topology"]) if values["compile_only"] or values["topology"]

@@ -86,28 +86,41 @@ def for_platform(cfg, platform: str):
 
 def lower_train_step(cfg, platform: str, mesh=None) -> tuple[str, float, object]:
   """(StableHLO text of the trainer's jitted step for `platform`, seconds, the config lowered)."""
-  lowered, seconds, cfg = _lowered_train_step(cfg, platform, mesh)
+  lowered, seconds, cfg, _ = _lowered_train_step(cfg, platform, mesh)
   return lowered.as_text(), seconds, cfg
 
 
-def _lowered_train_step(cfg, platform: str, mesh=None):
-  """(the trainer's jitted step lowered for `platform` on abstract inputs, seconds, the config)."""
+def _lowered_train_step(cfg, platform: str | None = None, mesh=None, devices=None):
+  """(the trainer's jitted step lowered on abstract inputs, seconds, the config, the mesh): for
+  this machine's backend, or for `platform` as `auto` resolves there; the mesh config is laid
+  over `devices` (default: this machine's) unless a mesh is given."""
   from lmtiny.trainer import BATCH_KEYS, build_steps, check_batch_divisibility  # pylint: disable=g-import-not-at-top
-  cfg = for_platform(cfg, platform)
+  if platform is not None:
+    cfg = for_platform(cfg, platform)
   config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  mesh = sharding.make_mesh(cfg.mesh, devices) if mesh is None else mesh
   check_batch_divisibility(cfg, mesh)
   t0 = time.perf_counter()
-  with target(platform):
+  with target(platform) if platform is not None else contextlib.nullcontext():
     steps = build_steps(cfg, mesh, total_steps=2)
     rows, t = config_lib.global_batch_size(cfg.train), cfg.train.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, t), np.float32 if k == "loss_mask" else np.int32,
                                      sharding=steps.batch_sharding) for k in BATCH_KEYS}
     with jax.set_mesh(mesh):
       state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
-      lowered = steps.train_step.trace(state, batch).lower(lowering_platforms=(platform,))
-  return lowered, time.perf_counter() - t0, cfg
+      traced = steps.train_step.trace(state, batch)
+      lowered = traced.lower() if platform is None else traced.lower(lowering_platforms=(platform,))
+  return lowered, time.perf_counter() - t0, cfg, mesh
 
+
+def compile_train_step(cfg, platform: str | None = None, devices=None):
+  """XLA's compile of the trainer's step on abstract inputs (nothing allocated, nothing run), as
+  (compiled, seconds, the config compiled, mesh): for this machine's devices, or for `devices`
+  of `platform` (a described TPU slice: tpu_devices)."""
+  lowered, lower_s, cfg, mesh = _lowered_train_step(cfg, platform, devices=devices)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lower_s + time.perf_counter() - t0, cfg, mesh
 
 # libtpu probes the TPU VM it expects to run on (metadata server, worker hostnames, accelerator
 # type) when it loads, and logs errors where there is none; a topology needs none of it. Its
@@ -148,13 +161,7 @@ def tpu_devices(topology: str) -> list:
 def compile_for_topology(cfg, topology: str):
   """XLA:TPU's compile of the trainer's step for the slice `topology` names, as
   (compiled, seconds, the config compiled, mesh): the mesh config is laid over its devices."""
-  devices = tpu_devices(topology)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  lowered, lower_s, cfg = _lowered_train_step(cfg, "tpu", mesh)
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  return compiled, lower_s + time.perf_counter() - t0, cfg, mesh
-
+  return compile_train_step(cfg, "tpu", tpu_devices(topology))
 
 def _tensor_bytes(shape: str) -> int:
   *dims, dtype = shape.split("x")

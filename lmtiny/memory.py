@@ -11,7 +11,7 @@
   the optimizer's update is fused into the new params and moments in place.
 - activations: what the backward keeps per token and layer under the remat policy (model.remat),
   for one micro-batch of device_batch_size sequences, plus one layer's full working set (the
-  layer being recomputed / differentiated). The xla attention path adds its [T, T] scores; a
+  layer being recomputed / differentiated; none under remat "none", which recomputes nothing). The xla attention path adds its [T, T] scores; a
   fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps none.
 - loss chunk: lmtiny.loss keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
   float32 and their gradient in the compute dtype.
@@ -121,7 +121,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   return out
 
 
-V5E_BYTES = 16 * GIB
+V5E_BYTES = arch.HBM_BYTES["v5e"]
 # Against XLA:TPU's own figure for every config's v5e plans (benchmarks/tpu_plans.py) the
 # estimate has read between 0.76x (d20 under FSDP) and 1.26x, so a plan keeps it under 60% of
 # the chip: an under-estimate of that size still fits (XLA <= 79% of the chip).
