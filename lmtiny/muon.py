@@ -15,12 +15,14 @@ wide orientation (rows <= cols) in `optim.muon_ns_dtype`. There is no bias corre
 
 Each weight is orthogonalised as the 2-D matrix it multiplies with: q/k/v [D, H, Dh] as
 [D, H*Dh], o [H, Dh, D] as [H*Dh, D], MLP up/gate [D, F] and down [F, D]; a leading layer axis
-(model.scan_layers) is a batch of independent matrices. Under FSDP / data / tensor parallelism
-that batch is split over the devices (`sharding.spread_matrices`), each device orthogonalising
-whole matrices of its share of the layers, as nanochat's distributed Muon does; of a stack the
-devices do not divide, the leading multiple of their count is split and the rest (fewer
-matrices than devices) stays whole on every device (XLA gathers it): 16 + 4 of d20's 20 layers
-on 8 devices. The update equals the one-device update either way (tests/test_muon.py).
+(model.scan_layers) is a batch of independent matrices. Matrices of one shape (in the wide
+orientation: o and down are transposed to q's and up's) are orthogonalised together as one batch,
+as nanochat's distributed Muon groups its parameters: d20's 80 attention and 40 MLP matrices are
+two batches. Under FSDP / data / tensor parallelism each batch is zero-padded to a multiple of
+the device count and split over the devices (`sharding.spread_matrices`), each device
+orthogonalising whole matrices of its share (a zero matrix stays zero); an unstacked model gets
+the same split, where otherwise every device would gather and orthogonalise every matrix. The
+update equals the one-device update either way (tests/test_muon.py).
 
 Embedding, unembedding and norm scales get AdamW (optim.b1 / b2 / eps, group LRs as in
 lmtiny.optim). One schedule (optim.schedule) multiplies both; Muon's LR is optim.lr, unscaled
@@ -79,6 +81,36 @@ def matrix_view(path, shape) -> tuple[tuple[int, int, int], float]:
   return (math.prod(batch), fan_in, fan_out), max(1.0, fan_out / fan_in) ** 0.5
 
 
+def orthogonalise_by_shape(tree, steps: int, dtype) -> Any:
+  """Newton-Schulz of every matrix in `tree` times its shape LR factor, one batch per matrix shape,
+  each batch split over the devices (zero-padded to a multiple of them)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  views = [matrix_view(path, g.shape) for path, g in leaves]
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, ((_, fan_in, fan_out), _) in enumerate(views):
+    groups.setdefault((min(fan_in, fan_out), max(fan_in, fan_out)), []).append(i)
+  out = [None] * len(leaves)
+  for members in groups.values():
+    # Weights are laid out [batch..., fan-in dims..., fan-out dims...]: a reshape is the view. Cast
+    # first: Newton-Schulz starts from the `dtype` copy anyway, and the split moves half the bytes.
+    mats = [leaves[i][1].reshape(views[i][0]).astype(dtype) for i in members]
+    mats = [jnp.swapaxes(x, 1, 2) if x.shape[1] > x.shape[2] else x for x in mats]  # all wide
+    batch = jnp.concatenate(mats) if len(mats) > 1 else mats[0]
+    pad = -batch.shape[0] % sharding.matrix_devices()
+    if pad:
+      batch = jnp.concatenate([batch, jnp.zeros((pad, *batch.shape[1:]), batch.dtype)])
+    ortho = newton_schulz(sharding.spread_matrices(batch), steps, dtype)
+    start = 0
+    for i in members:
+      (count, fan_in, fan_out), factor = views[i]
+      part = ortho[start:start + count]
+      start += count
+      part = jnp.swapaxes(part, 1, 2) if fan_in > fan_out else part
+      g = leaves[i][1]
+      out[i] = (factor * part.astype(jnp.float32).reshape(g.shape)).astype(g.dtype)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def momentum_schedule(o) -> optax.Schedule:
   start, end, warmup = o.muon_momentum_start, o.muon_momentum, o.muon_momentum_warmup
   return lambda count: start + (end - start) * jnp.minimum(count / max(warmup, 1), 1.0) if warmup else end
@@ -97,17 +129,8 @@ def scale_by_muon(o) -> optax.GradientTransformation:
     m = jnp.asarray(momentum_at(state.count), jnp.float32)
     buffers = jax.tree.map(lambda buf, g: m * buf + (1 - m) * g, state.momentum, grads)
 
-    def orthogonalise(path, g, buf):
-      nesterov = (1 - m) * g + m * buf
-      view, factor = matrix_view(path, g.shape)
-      # Weights are laid out [batch..., fan-in dims..., fan-out dims...]: a reshape is the view.
-      mats = nesterov.reshape(view)
-      head = sharding.spreadable(view[0])  # the leading matrices the devices divide evenly
-      parts = [mats[:head], mats[head:]] if 0 < head < view[0] else [mats]
-      ortho = jnp.concatenate([newton_schulz(sharding.spread_matrices(x), o.muon_ns_steps, ns_dtype) for x in parts])
-      return (factor * ortho.astype(jnp.float32).reshape(g.shape)).astype(g.dtype)
-
-    updates = jax.tree_util.tree_map_with_path(orthogonalise, grads, buffers)
+    nesterov = jax.tree.map(lambda g, buf: (1 - m) * g + m * buf, grads, buffers)
+    updates = orthogonalise_by_shape(nesterov, o.muon_ns_steps, ns_dtype)
     return updates, MuonState(count=state.count + 1, momentum=buffers)
 
   return optax.GradientTransformation(init, update)

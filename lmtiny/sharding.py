@@ -146,15 +146,14 @@ def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x_BxMxN, P(batch, *([None] * (x_BxMxN.ndim - 1))))
 
 
-def spreadable(b: int) -> int:
-  """How many of b matrices `spread_matrices` can split over all "matrix_batch" devices: the
-  largest multiple of their count (0 outside a mesh or when b is smaller)."""
+def matrix_devices() -> int:
+  """How many devices `spread_matrices` splits a batch over when their count divides it: the
+  product of the "matrix_batch" mesh axes (1 outside a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return 0
+    return 1
   sizes = dict(mesh.shape)
-  devices = math.prod(sizes.get(a, 1) for a in RULES["matrix_batch"])
-  return b - b % devices
+  return math.prod(sizes.get(a, 1) for a in RULES["matrix_batch"])
 
 
 def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
