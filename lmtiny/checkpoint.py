@@ -17,6 +17,7 @@ import grain
 from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lmtiny.config import UserError
@@ -74,6 +75,12 @@ class Checkpointer:
                                            create=True)
     self.manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory else directory,
                                          options=options)
+    # Reads without orbax's end-of-restore barrier (a collective): a process whose read fails
+    # never reaches it, which would leave the others waiting there. restore_newest agrees instead.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    self._reader = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=alone)
+    self._unverified = None  # a list while restore_newest defers fingerprint checks (see there)
     self._saving, self._failed = None, False
     import logging  # pylint: disable=g-import-not-at-top
     absl_logger = logging.getLogger("absl")
@@ -152,35 +159,71 @@ class Checkpointer:
       items["fingerprint"] = ocp.args.JsonRestore()
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if has_fingerprint and _fingerprint_list(restored["state"]) != restored["fingerprint"]["state"]:
-      raise ValueError("array data does not match the fingerprint saved with it (altered bytes)")
+    restored = self._reader.restore(epath.Path(self.directory) / str(step), args=ocp.args.Composite(**items))
+    check = (restored["state"], restored["fingerprint"]["state"] if has_fingerprint else None)
+    if self._unverified is None:
+      _verify(*check)
+    else:
+      self._unverified.append(check)
     return restored["state"]
 
   def restore_newest(self, restore: Callable[[int], object], log: Callable[[str], None]):
     """`restore(step)` for the newest step that restores cleanly, as (step, result); None if the
     directory has no checkpoint. Steps that fail are moved aside (checkpoints/corrupt-STEP-TIME,
     by process 0) with one warning line each once an older one has restored; if none restores,
-    nothing is moved and CheckpointError names every step and its error."""
+    nothing is moved and CheckpointError names every step and its error.
+
+    With several processes a step is usable only if it restored on all of them: every attempt
+    ends in an agreement (one small all-gather), so all processes pick the same step and run the
+    same collectives. The fingerprint checks (collectives over the restored arrays) are deferred
+    until every process holds its arrays, then agreed on as well."""
     bad = []
-    for step in sorted(set(self.all_steps()) | set(self.finished_steps()), reverse=True):
-      try:
-        result = restore(step)
-      except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, grain, JSON)
-        bad.append((step, e))
-        continue
-      for bad_step, e in bad:
-        moved = self.move_aside(bad_step)
-        log(f"warning: checkpoint at step {bad_step} is unusable ({describe_error(e)}); moved to {moved}; "
-            f"resuming from step {step}")
-      if bad:
-        self.manager.reload()
-      return step, result
+    try:
+      for step in sorted(set(self.all_steps()) | set(self.finished_steps()), reverse=True):
+        self._unverified = [] if jax.process_count() > 1 else None
+        result, why = self._attempt(step, lambda: restore(step))  # pylint: disable=cell-var-from-loop
+        if why is None and self._unverified:
+          _, why = self._attempt(step, lambda: [_verify(*check) for check in self._unverified])
+        if why is not None:
+          bad.append((step, why))
+          continue
+        for bad_step, why in bad:
+          moved = self.move_aside(bad_step)
+          log(f"warning: checkpoint at step {bad_step} is unusable ({why}); moved to {moved}; "
+              f"resuming from step {step}")
+        if bad:
+          self.manager.reload()
+        return step, result
+    finally:
+      self._unverified = None
     if bad:
-      reasons = "; ".join(f"step {s}: {describe_error(e)}" for s, e in bad)
+      reasons = "; ".join(f"step {s}: {why}" for s, why in bad)
       raise CheckpointError(f"{self.directory}: no checkpoint restores cleanly ({reasons}); move the "
                             "directory aside to start the run over")
     return None
+
+  def _attempt(self, step: int, fn: Callable[[], object]):
+    """(fn(), None), or (None, why) if fn raised on any process: the same verdict on every one.
+    `why` is the error's one line, prefixed "process K: " per failed process when there are several."""
+    try:
+      result, why = fn(), None
+    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, grain, JSON)
+      result, why = None, describe_error(e)
+    if jax.process_count() == 1:
+      return result, why
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # Each process's row: the step it tried, whether it failed, its reason as bytes, so every
+    # process can name every failure (the log worth reading is process 0's).
+    text = (why or "").encode()[:_REASON_BYTES]
+    row = np.zeros(2 + _REASON_BYTES, np.int32)
+    row[:2 + len(text)] = [step, why is not None, *text]
+    rows = np.asarray(multihost_utils.process_allgather(row))
+    if (rows[:, 0] != step).any():  # checkpoint listings that differ between processes
+      raise CheckpointError(f"{self.directory}: processes tried different checkpoint steps "
+                            f"({rows[:, 0].tolist()}); is the directory shared by all hosts?")
+    failed = [f"process {k}: " + r[2:].astype(np.uint8).tobytes().rstrip(b"\0").decode(errors="ignore")
+              for k, r in enumerate(rows) if r[1]]
+    return (result, None) if not failed else (None, "; ".join(failed))
 
   def move_aside(self, step: int) -> str:
     """checkpoints/STEP -> checkpoints/corrupt-STEP-YYYYmmdd-HHMMSS (kept for inspection)."""
@@ -216,6 +259,14 @@ class Checkpointer:
         self.manager.close()
       except Exception:  # pylint: disable=broad-except  (a failed save is reported above)
         pass
+
+
+_REASON_BYTES = 240  # a describe_error line is at most ~200
+
+
+def _verify(state, saved_fingerprint: list[int] | None) -> None:
+  if saved_fingerprint is not None and _fingerprint_list(state) != saved_fingerprint:
+    raise ValueError("array data does not match the fingerprint saved with it (altered bytes)")
 
 
 def abstract_with_shardings(abstract_tree, shardings):

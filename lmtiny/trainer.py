@@ -306,7 +306,8 @@ class Trainer:
     params = None
     if self.adapter is None:  # full fine-tuning: the base is consumed, or dropped on a resume
       params, self.init_params = self.init_params, None
-    if found is not None:
+    if found is not None:  # logged here, not in _restore: another process may yet reject that step
+      self.log(f"resumed from checkpoint at step {found[0]}")
       return found[::-1]
     return self.steps.init(params), 0
 
@@ -322,7 +323,6 @@ class Trainer:
                                          jax.process_count(), template=template)
       train_iter.set_state(data_state)
       self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
-    self.log(f"resumed from checkpoint at step {step}")
     return state
 
   # -- loop ------------------------------------------------------------------------------------

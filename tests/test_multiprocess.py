@@ -103,16 +103,21 @@ def runs(tmp_path_factory):
   """All scenarios, sharing processes to keep the time down (each launch of 2 processes costs
   their start-up, the join and the first compiles):
   reference (1 process, 6 steps) | 2 processes: steps 1-3, stop; then a mesh whose tensor axis
-  spans both processes (refused) | 2 fresh processes: resume that run to 6, resume the
-  reference's step-3 checkpoint, then a fresh run that process 1 alone gets a SIGTERM in |
-  1 process: resume the 2-process step 3."""
+  spans both processes (refused); then steps 1-4, stop (checkpoints 3 and 4), after which process
+  1's iterator state at step 4 is spoiled | 2 fresh processes: resume that first run to 6, resume
+  the reference's step-3 checkpoint, resume the spoiled run, then a fresh run that process 1 alone
+  gets a SIGTERM in | 1 process: resume the 2-process step 3."""
   tmp = tmp_path_factory.mktemp("multiprocess")
   ref = _in_process(tmp / "ref")
   _checkpoint_at(tmp / "ref", tmp / "ref_at3", 3)
-  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3", f"{tmp / 'tp'}:mesh=1,1,8"])
+  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3", f"{tmp / 'tp'}:mesh=1,1,8", f"{tmp / 'spoiled'}:4"])
   assert first[0] == [0, 0], "\n".join(first[1])
   _checkpoint_at(tmp / "two", tmp / "two_at3", 3)
-  second = run_processes(tmp, "second", [str(tmp / "two"), str(tmp / "ref_at3"), f"{tmp / 'term'}:sigterm=1@2"])
+  # Valid JSON but no iterator state: process 0 alone would restore step 4 (a truncated file
+  # fails to parse on both, since every process reads all the states to compare counts).
+  (tmp / "spoiled" / "checkpoints" / "4" / "data_iter" / "process_1-of-2.json").write_text('{"spoiled": true}')
+  second = run_processes(tmp, "second", [str(tmp / "two"), str(tmp / "ref_at3"), str(tmp / "spoiled"),
+                                         f"{tmp / 'term'}:sigterm=1@2"])
   assert second[0] == [0, 0], "\n".join(second[1])
   one_from_two = _in_process(tmp / "two_at3")
   return dict(tmp=tmp, ref=ref, first=first[2], second=second[2], one_from_two=one_from_two)
@@ -162,6 +167,23 @@ def _data_position_reported(log, written_by):
   assert len(notes) == 1 or mapped, log
 
 
+def test_checkpoint_unusable_on_one_process_is_skipped_by_all(runs):
+  """Step 4 restores on process 0 but not on process 1 (its iterator state is spoiled): the
+  processes agree on the verdict, so both resume from step 3 and train on in step; the warning
+  names the step and the process that failed, and step 4 is moved aside (by process 0)."""
+  ref_train, ref_val = _losses(runs["ref"])
+  for r in runs["second"]:
+    run = r["runs"][2]
+    resumed, val = _losses(run)
+    np.testing.assert_allclose(resumed, ref_train[3:], rtol=RTOL)
+    np.testing.assert_allclose(val, ref_val, rtol=RTOL)
+    (warning,) = [line for line in run["log"] if line.startswith("warning: checkpoint at step 4")]
+    assert warning.startswith("warning: checkpoint at step 4 is unusable (process 1: ")
+    assert warning.endswith("resuming from step 3")
+    assert [line for line in run["log"] if line.startswith("resumed from")] == ["resumed from checkpoint at step 3"]
+  assert sorted(d[:10] for d in os.listdir(runs["tmp"] / "spoiled" / "checkpoints")) == ["3", "6", "corrupt-4-"]
+
+
 def test_process_count_that_disagrees_with_the_coordinator_is_one_line(tmp_path):
   codes, outputs, results = run_processes(tmp_path, "join", [], declared={1: 3}, timeout=120)
   assert codes[1] == 2, outputs[1]
@@ -174,7 +196,7 @@ def test_process_count_that_disagrees_with_the_coordinator_is_one_line(tmp_path)
 def test_sigterm_on_one_host_stops_both_at_the_same_step(runs):
   """A preemption notice reaching process 1 only: the all-reduced decision stops both processes
   at one step, both save that checkpoint and exit 0 (no mismatched collectives, no hang)."""
-  term = [r["runs"][2] for r in runs["second"]]
+  term = [r["runs"][3] for r in runs["second"]]
   assert [r["error"] for r in term] == [None, None], term
   steps = [r["step"] for r in term]
   assert steps[0] == steps[1] and 2 <= steps[0] < 6
