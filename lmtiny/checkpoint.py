@@ -255,6 +255,7 @@ class Checkpointer:
       if not reported:
         raise
     finally:
+      self._reader.close()
       try:
         self.manager.close()
       except Exception:  # pylint: disable=broad-except  (a failed save is reported above)
