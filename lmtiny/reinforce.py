@@ -11,6 +11,11 @@ and its gradient is token-level REINFORCE. A step where every group's rewards ar
 signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to the initial model (`kl`), folded into
 the per-token weight as a reward penalty: adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
 
+Mesh: the init run's (data / fsdp / tensor, as lmtiny.sft inherits its base run's), so a model
+that needed FSDP or tensor parallelism to fit is RL-trained sharded the same way; the sampler and
+the train step both run on it. `mesh=` overrides axes (the CLI's `--config.mesh.<axis>=N`), and
+an inherited mesh that does not fit this machine's devices falls back (`rl_mesh`).
+
 Exact resume: the checkpoint holds params, optimizer state and step; the questions and the
 sampling seed of step s are functions of (seed, s), so a resumed run repeats the same rewards
 and losses as an uninterrupted one.
@@ -23,12 +28,13 @@ import time
 from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 
 from lmtiny import metrics as metrics_lib, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
-from lmtiny.config import UserError
+from lmtiny.config import MESH_AXES, ConfigError, UserError
 from lmtiny.evals import gsm8k
 from lmtiny.trainer import build_steps, token_losses
 
@@ -66,15 +72,69 @@ def check_settings(s: RLSettings, dp: int) -> None:
     raise RLError("--kl and --warmup-steps must be >= 0, --temperature and --lr > 0")
 
 
-def rl_config(init_cfg, s: RLSettings):
-  """The init run's config with the RL batch (one row per sample, the model's context long) and LR;
-  not a LoRA run even when the init run is one."""
+def mesh_overrides(values: dict) -> dict[str, int]:
+  """{axis: size} from {axis: flag value or None} (`--config.mesh.<axis>=N`); RLError for a value
+  that is not -1 or a positive integer, or an axis that is not a mesh axis."""
+  out = {}
+  for axis, value in values.items():
+    if value is None:
+      continue
+    if axis not in MESH_AXES:
+      raise RLError(f"--config.mesh.{axis}: no such mesh axis (have {', '.join(MESH_AXES)})")
+    try:
+      size = int(value) if not isinstance(value, (bool, float)) else None
+    except ValueError:
+      size = None
+    if size is None or not (size == -1 or size > 0):
+      raise RLError(f"--config.mesh.{axis}={value}: must be -1 or a positive integer")
+    out[axis] = size
+  return out
+
+
+def _fallback_mesh(init: dict, num_devices: int) -> dict[str, int]:
+  """A mesh for `num_devices` with the init run's layout: its tensor axis where that divides the
+  devices, every other device on fsdp if the init run sharded over fsdp (its parameters and Adam
+  state may not fit replicated), else on data."""
+  tensor = init["tensor"] if init["tensor"] > 0 and num_devices % init["tensor"] == 0 else 1
+  if init["fsdp"] == -1 or init["fsdp"] > 1:
+    return dict(data=1, fsdp=-1, tensor=tensor)
+  return dict(data=-1, fsdp=1, tensor=tensor)
+
+
+def rl_mesh(init_mesh, overrides: dict[str, int], num_devices: int) -> tuple[dict[str, int], str | None]:
+  """(the RL run's mesh config, a line to log or None). The base is the init run's mesh or, when
+  that does not fit `num_devices` (a mesh fixed for another machine, e.g. data=8 on one device),
+  `_fallback_mesh` of it, with a line saying so. `overrides` (mesh_overrides) are laid over the
+  base field by field, as `--config.mesh.*` overrides a config (an axis set to -1 takes the
+  devices of the base's -1 axis, which becomes 1); the result must fit (else ConfigError)."""
+  init = {a: int(init_mesh[a]) if init_mesh and a in init_mesh else d
+          for a, d in zip(MESH_AXES, (-1, 1, 1))}  # a config without a mesh: data parallel
+  base, note = init, None
+  try:
+    sharding.mesh_shape(init, num_devices)
+  except ConfigError as e:
+    base = _fallback_mesh(init, num_devices)
+    note = (f"mesh: the init run's {init} does not fit this machine ({e}); falling back to {base}"
+            + ("" if overrides else " (--config.mesh.<axis>=N chooses another)"))
+  mesh = {**base, **overrides}
+  if -1 in overrides.values():  # `--config.mesh.fsdp=-1` alone: fsdp takes the devices the base's -1 had
+    mesh = {a: 1 if size == -1 and a not in overrides else size for a, size in mesh.items()}
+  if sum(size == -1 for size in mesh.values()) > 1:
+    raise RLError(f"--config.mesh: {mesh}: at most one axis may be -1")
+  sharding.mesh_shape(mesh, num_devices)
+  return mesh, note
+
+
+def rl_config(init_cfg, s: RLSettings, mesh: dict[str, int] | None = None):
+  """The init run's config with the RL batch (one row per sample, the model's context long) and LR,
+  on `mesh` (rl_mesh; default: the init run's mesh); not a LoRA run even when the init run is one."""
   cfg = init_cfg.copy_and_resolve_references()
   seq_len = cfg.model.max_seq_len
   cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * s.questions * s.samples, micro_batch_size=0,
                    steps=s.steps, tokens_per_param=0.0, seed=s.seed)
   cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=s.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
-  cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+  if mesh is not None or "mesh" not in cfg:
+    cfg.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
   if "lora" in cfg:
     cfg.lora.rank = 0  # RL trains every weight of the (merged) init model: its checkpoints are full runs'
   cfg.rl = dataclasses.asdict(s)
@@ -109,15 +169,20 @@ def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
 
 
 class Reinforce:
-  """An RL run in `workdir`, starting from the run in `init_dir` (its newest checkpoint)."""
+  """An RL run in `workdir`, starting from the run in `init_dir` (its newest checkpoint), on the
+  init run's mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes."""
 
   def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
-               log: Callable[[str], None] = print, devices=None):
+               log: Callable[[str], None] = print, devices=None, mesh: dict | None = None):
     from lmtiny.rundir import load_run
     self.init = load_run(init_dir, flags=("--init", "--init-step"))
     self.s, self.workdir, self.log = settings, workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
-    self.cfg = rl_config(self.init.cfg, settings)
+    devices = jax.devices() if devices is None else devices
+    mesh_cfg, note = rl_mesh(self.init.cfg.get("mesh"), mesh_overrides(mesh or {}), len(devices))
+    if note:
+      log(note)
+    self.cfg = rl_config(self.init.cfg, settings, mesh_cfg)
     self.tokenizer = self.init.tokenizer
     self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
     check_settings(settings, sharding.data_parallel_size(self.mesh))
@@ -185,6 +250,8 @@ class Reinforce:
         self.log(f"resumed from checkpoint at step {start}")
       else:
         state = self._initial_state()
+      self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
+               f"{self.mesh.size} devices")
       ref_params = self._initial_state()["params"] if s.kl else None
       writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
       t0 = time.perf_counter()

@@ -4,8 +4,13 @@ On-policy RL on GSM8K (or the self-generated toy arithmetic set, `--data toy`, n
 a chat run's newest usable checkpoint (a LoRA run's adapters folded into its base): k samples
 per problem, reward 1 for the right `####` answer, advantage = reward - group mean, token-level
 REINFORCE on the sharded train step (see lmtiny.reinforce). Logs mean reward and pass@k,
-evaluates greedy accuracy on held-out problems, checkpoints, and resumes when re-run. Bad input:
-one `error:` line, exit status 2.
+evaluates greedy accuracy on held-out problems, checkpoints, and resumes when re-run.
+
+Mesh: the init run's (as lmtiny.sft inherits its base run's); `--config.mesh.data=N`,
+`--config.mesh.fsdp=N`, `--config.mesh.tensor=N` override axes, spelled as train and sft spell
+them (-1 fills the devices). An inherited mesh that does not fit this machine's devices falls
+back to one with the same layout (FSDP stays FSDP) and says so. Bad input: one `error:` line,
+exit status 2.
 """
 from __future__ import annotations
 
@@ -14,12 +19,17 @@ import dataclasses
 import sys
 
 from lmtiny import cli
+from lmtiny.config import MESH_AXES, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one `error:` line, exit status 2 (cli.run_main), not usage + message
+    raise UserError(message)
 
 
 def parse_args(argv):
   from lmtiny.reinforce import RLSettings
-  p = argparse.ArgumentParser(prog="python -m lmtiny.rl", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(prog="python -m lmtiny.rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--init", required=True, help="run to start from (its newest checkpoint), e.g. RUN/sft")
   p.add_argument("--workdir", required=True, help="where the RL run goes, e.g. RUN/rl")
   p.add_argument("--data", choices=("toy", "gsm8k"), default="gsm8k")
@@ -27,6 +37,9 @@ def parse_args(argv):
                                                   "(GSM8K's layout) instead of the hub")
   for f in dataclasses.fields(RLSettings):
     p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+  for axis in MESH_AXES:  # checked by reinforce.mesh_overrides, so a bad value is one line
+    p.add_argument(f"--config.mesh.{axis}", dest=f"mesh_{axis}", default=None, metavar="N",
+                   help=f"mesh {axis} axis size, -1 = the remaining devices (default: the init run's mesh)")
   return p.parse_args(argv)
 
 
@@ -42,12 +55,14 @@ def load_problems(data: str, data_dir: str | None):
 
 def run(argv: list[str]) -> int:
   from absl import logging
-  from lmtiny.reinforce import Reinforce, RLSettings
+  from lmtiny.reinforce import Reinforce, RLSettings, mesh_overrides
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
   settings = RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
-  train_rows, eval_rows = load_problems(args.data, args.data_dir)
-  summary = Reinforce(args.init, args.workdir, settings, train_rows, eval_rows).run()
+  mesh = mesh_overrides({axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES})
+  rl = Reinforce(args.init, args.workdir, settings, [], [], mesh=mesh)  # flags, init run, mesh: before any download
+  rl.train_rows, rl.eval_rows = load_problems(args.data, args.data_dir)
+  summary = rl.run()
   from lmtiny import report
   report.update_for(args.workdir)
   if summary["history"]:

@@ -1,4 +1,8 @@
-"""RL: exact resume (same rewards and losses after a restart), the batch layout, bad flags."""
+"""RL: exact resume (same rewards and losses after a restart), the init run's mesh (FSDP + tensor
+parallel matches data parallel; overrides; fallback), the batch layout, bad flags."""
+import json
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -6,7 +10,8 @@ import pytest
 from lmtiny.evals import gsm8k
 from lmtiny.evals.gsm8k import ToolGeneration
 from lmtiny.evals.toy import toy_rows
-from lmtiny.reinforce import Reinforce, RLError, RLSettings, build_batch, step_questions
+from lmtiny.config import ConfigError
+from lmtiny.reinforce import Reinforce, RLError, RLSettings, build_batch, rl_mesh, step_questions
 
 SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=0,
                 checkpoint_every=10)
@@ -16,18 +21,43 @@ def _quiet(_):
   pass
 
 
-def test_resume_repeats_the_uninterrupted_rewards_and_losses(chat_run, tmp_path, monkeypatch):
+def _length_reward(reply, ref):
   # A random model never writes "#### N"; a reward that depends on the reply's length makes the
   # advantages nonzero, so the updates (and so later samples) are real.
-  monkeypatch.setattr(gsm8k, "reward", lambda reply, ref: float(len(reply) % 3 == 0))
-  train, held_out = toy_rows(50, seed=1), toy_rows(4, seed=2)
+  return float(len(reply) % 3 == 0)
+
+
+TRAIN, HELD_OUT = toy_rows(50, seed=1), toy_rows(4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def data_parallel_run(chat_run, tmp_path_factory):
+  """The reference RL run: 2 steps on 2 devices, 2-way data parallel (chat_run's data=-1 mesh)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gsm8k, "reward", _length_reward)
+    rl = Reinforce(chat_run, str(tmp_path_factory.mktemp("rl_dp")), RLSettings(**SETTINGS), TRAIN, HELD_OUT,
+                   log=_quiet, devices=jax.devices()[:2])
+    assert dict(rl.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+    return rl.run()
+
+
+def _init_run_with_mesh(chat_run, path, **mesh) -> str:
+  """chat_run's checkpoint under a config.json whose mesh is `mesh` (a checkpoint restores onto any mesh)."""
+  shutil.copytree(chat_run, path)
+  cfg = json.loads((path / "config.json").read_text())
+  cfg["mesh"] = mesh
+  (path / "config.json").write_text(json.dumps(cfg))
+  return str(path)
+
+
+def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, chat_run, tmp_path, monkeypatch):
+  monkeypatch.setattr(gsm8k, "reward", _length_reward)
   s = RLSettings(**SETTINGS)
-  devices = jax.devices()[:2]  # 2-way data parallel: sharded, and quick to sample on CPU
 
   def rl(name):
-    return Reinforce(chat_run, str(tmp_path / name), s, train, held_out, log=_quiet, devices=devices)
+    return Reinforce(chat_run, str(tmp_path / name), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
 
-  full = rl("a").run()
+  full = data_parallel_run
   first = rl("b").run(stop_after=1)
   second = rl("b").run()
   assert [h[0] for h in full["history"]] == [1, 2]
@@ -37,6 +67,61 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(chat_run, tmp_path,
   assert 0 < np.mean(rewards) < 1
   records = [line for line in open(tmp_path / "b" / "metrics.jsonl") if '"rl"' in line]
   assert len(records) == 2
+
+
+def test_keeps_an_fsdp_and_tensor_parallel_init_mesh_and_matches_data_parallel(
+    data_parallel_run, chat_run, tmp_path, monkeypatch):
+  # An init run that needed FSDP / tensor parallelism is RL-trained on its own mesh: the sampler
+  # (KV cache over sharded params) and the train step run there, and rewards and losses are the
+  # 2-way data-parallel run's (same batch split: data x fsdp = 2).
+  monkeypatch.setattr(gsm8k, "reward", _length_reward)
+  init = _init_run_with_mesh(chat_run, tmp_path / "init", data=1, fsdp=2, tensor=2)
+  rl = Reinforce(init, str(tmp_path / "rl"), RLSettings(**SETTINGS), TRAIN, HELD_OUT, log=_quiet,
+                 devices=jax.devices()[:4])
+  assert dict(rl.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+  got = rl.run()
+  specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(rl.state["params"])}
+  assert any("fsdp" in spec and "tensor" in spec for spec in specs)  # really sharded both ways
+  assert json.loads((tmp_path / "rl" / "config.json").read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  want = data_parallel_run["history"]
+  assert [h[:2] for h in got["history"]] == [h[:2] for h in want]  # same samples, so same rewards
+  np.testing.assert_allclose([h[2] for h in got["history"]], [h[2] for h in want], rtol=1e-4, atol=1e-6)
+  assert any(h[2] != 0 for h in want)
+
+
+def test_mesh_overrides_and_fallback(chat_run, tmp_path):
+  dp = {"data": -1, "fsdp": 1, "tensor": 1}
+  assert rl_mesh(dp, {}, 8) == (dp, None)
+  assert rl_mesh(dp, {"fsdp": -1}, 8) == ({"data": 1, "fsdp": -1, "tensor": 1}, None)  # fsdp takes data's -1
+  assert rl_mesh(dp, {"tensor": 2}, 8) == ({"data": -1, "fsdp": 1, "tensor": 2}, None)
+  # An inherited mesh fixed for more devices falls back with the same layout, and says so ...
+  mesh, note = rl_mesh({"data": 1, "fsdp": 16, "tensor": 2}, {}, 4)
+  assert mesh == {"data": 1, "fsdp": -1, "tensor": 2} and "does not fit" in note
+  assert rl_mesh({"data": 8, "fsdp": 1, "tensor": 1}, {}, 1)[0] == dp
+  # ... and overrides apply over the fallback; but a mesh the user asked for must fit.
+  assert rl_mesh({"data": 8, "fsdp": 1, "tensor": 1}, {"fsdp": -1}, 2)[0] == {"data": 1, "fsdp": -1, "tensor": 1}
+  with pytest.raises(ConfigError, match="product 3 != 8 devices"):
+    rl_mesh(dp, {"data": 1, "fsdp": 3}, 8)
+  with pytest.raises(RLError, match="at most one axis may be -1"):
+    rl_mesh(dp, {"fsdp": -1, "tensor": -1}, 8)
+  lines = []
+  init = _init_run_with_mesh(chat_run, tmp_path / "init", data=8, fsdp=1, tensor=1)
+  rl = Reinforce(init, str(tmp_path / "rl"), RLSettings(**SETTINGS), [], [], log=lines.append, devices=jax.devices()[:2])
+  assert dict(rl.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
+  assert len(lines) == 1 and "does not fit" in lines[0]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.mesh.fsdp=x", "error: --config.mesh.fsdp=x: must be -1 or a positive integer"),
+    ("--config.mesh.fsdp=3", "error: config.mesh={'data': -1, 'fsdp': 3, 'tensor': 1}: fixed axes (3) do not divide 8"),
+    ("--config.mesh.fsdp", "error: argument --config.mesh.fsdp: expected one argument"),  # argparse's own, one line too
+])
+def test_a_bad_mesh_override_is_one_line(chat_run, tmp_path, capsys, flag, message):
+  from lmtiny import rl
+  assert rl.main(["--init", chat_run, "--workdir", str(tmp_path / "rl"), "--data", "toy", flag]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1
+  assert not (tmp_path / "rl").exists()
 
 
 def test_starts_from_a_lora_run_with_its_adapters_merged(lora_run, tmp_path):
