@@ -27,7 +27,7 @@ presets:
              embedded chats), RL and GSM8K on the self-generated toy arithmetic set (no download)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
-             train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 7.97 GiB per chip)
+             train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 7.96 GiB per chip)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
   d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
              once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
@@ -111,8 +111,8 @@ case $PRESET in
     SFT_ARGS=()
     RL_ARGS=(--data gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
-    # 16 GB chips: ZeRO-3 over the 8 chips at 2 sequences each (XLA: 8.05 GiB per chip; data
-    # parallel at the config's 16 would need ~48). Midtraining and SFT inherit the base run's mesh.
+    # 16 GB chips: ZeRO-3 over the 8 chips at 4 sequences each (XLA:TPU: 7.96 GiB per chip; data
+    # parallel at the config's 16 would need ~48). Midtraining, SFT and RL inherit the base run's mesh.
     [[ $PRESET == d20-v5e8 ]] && BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=4)
     if [[ $PRESET == *-pod ]]; then
       POD=1
