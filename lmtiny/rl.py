@@ -37,7 +37,7 @@ def parse_args(argv):
                                                   "(GSM8K's layout) instead of the hub")
   for f in dataclasses.fields(RLSettings):
     p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-  for axis in MESH_AXES:  # checked by reinforce.mesh_overrides, so a bad value is one line
+  for axis in MESH_AXES:  # checked once by reinforce.mesh_overrides (in Reinforce), so a bad value is one line
     p.add_argument(f"--config.mesh.{axis}", dest=f"mesh_{axis}", default=None, metavar="N",
                    help=f"mesh {axis} axis size, -1 = the remaining devices (default: the init run's mesh)")
   return p.parse_args(argv)
@@ -55,11 +55,11 @@ def load_problems(data: str, data_dir: str | None):
 
 def run(argv: list[str]) -> int:
   from absl import logging
-  from lmtiny.reinforce import Reinforce, RLSettings, mesh_overrides
+  from lmtiny.reinforce import Reinforce, RLSettings
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
   settings = RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
-  mesh = mesh_overrides({axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES})
+  mesh = {axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES}  # checked once, in Reinforce
   rl = Reinforce(args.init, args.workdir, settings, [], [], mesh=mesh)  # flags, init run, mesh: before any download
   rl.train_rows, rl.eval_rows = load_problems(args.data, args.data_dir)
   summary = rl.run()
