@@ -1,9 +1,11 @@
-"""Test setup: 8 emulated CPU devices, set before anything imports jax."""
+"""Test setup: 8 emulated CPU devices and fast compiles, set before anything imports jax."""
 import os
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from lm_fixtures import xla_flags  # noqa: E402  (imports no jax)
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 
 import jax  # noqa: E402  (after the environment is set)
 
@@ -18,6 +20,18 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN
 
 
 import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`-n N` sends whole modules to a worker (xdist's loadscope) instead of single tests: many
+  modules share an expensive module-scoped fixture (a reference run, launched processes), which
+  each worker that ran one of the module's tests would otherwise build again. An explicit
+  --dist other than load is left as asked."""
+  if config.getvalue("dist") == "load":
+    from xdist.scheduler import LoadScopeScheduling
+    return LoadScopeScheduling(config, log)
+  return None
 
 
 @pytest.fixture(scope="session")

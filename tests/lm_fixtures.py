@@ -26,6 +26,16 @@ def _has_libtpu() -> bool:
 needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[test]' on Linux x86-64)")
 VOCAB = 128
 
+# Tests compile many small programs and run each briefly: LLVM at -O0 roughly halves XLA:CPU's
+# compile time. XLA's own passes (fusion, SPMD partitioning, buffer assignment) still run, so the
+# programs, their collectives and their memory figures are the ones users get.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS for a test's subprocess: fast compiles, and `devices` emulated CPU devices."""
+  return FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+
 
 def load_config_module(name: str):
   path = os.path.join(ROOT, "configs", f"{name}.py")

@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 
+from lm_fixtures import xla_flags
 from lmtiny import distributed
 from lmtiny.config import ConfigError
 
@@ -146,7 +147,7 @@ def test_cpu_device_count_in_a_fresh_process():
   code = ("from lmtiny import distributed; import jax; p = distributed.initialize(); "
           "print(p.mode, jax.device_count(), distributed.process_count(), distributed.is_main_process())")
   env = {k: v for k, v in os.environ.items() if not k.startswith(("LMTINY_", "SLURM_", "OMPI_", "JAX_COORD"))}
-  env.update(LMTINY_CPU_DEVICES="3", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env.update(LMTINY_CPU_DEVICES="3", JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]

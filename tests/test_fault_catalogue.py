@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from lm_fixtures import ROOT
+from lm_fixtures import ROOT, xla_flags
 from lmtiny import bench, generate, lr_find, train
 from lmtiny.data import prepare
 from lmtiny.runlock import RunLock
@@ -159,7 +159,7 @@ def test_generate_falls_back_from_a_corrupt_newest_checkpoint(base, tmp_path, ca
 
 
 def _spawn_train(base, workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.Popen([sys.executable, "-m", "lmtiny.train", *_train_argv(base, workdir, *extra)[1:]],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm_fixtures import ROOT, memory_data, tiny_config
+from lm_fixtures import ROOT, memory_data, tiny_config, xla_flags
 from lmtiny import generate
 from lmtiny.data.embedded import iter_embedded_documents
 from lmtiny.rundir import RunError, load_run, load_weights
@@ -89,8 +89,7 @@ def test_chat_keeps_the_history_and_stops_at_assistant_end(loaded):
 
 
 def _cli(*argv, stdin=None, timeout=240):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
   return subprocess.run([sys.executable, "-m", "lmtiny.generate", *argv], input=stdin, capture_output=True,
                         text=True, cwd=ROOT, env=env, timeout=timeout)
 

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from lm_fixtures import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 SUITE = os.path.join(BENCH, "gpu_suite.sh")
@@ -22,7 +24,7 @@ def _suite(tmp_path, *args, **env):
   out = tmp_path / "out"
   e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT", "BACKENDS", "LIMIT_S", "BUDGET_S")}
   # One CPU device (the conftest's 8 emulated ones only slow a subprocess down); no wheels to install.
-  e.update({"SMOKE": "1", "WHEELS": "", "OUT": str(out), "TMPDIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
+  e.update({"SMOKE": "1", "WHEELS": "", "OUT": str(out), "TMPDIR": str(tmp_path), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(),
             "PYTHON": shutil.which("python3") or "python3", **env})
   proc = subprocess.run(["bash", SUITE, *args], env=e, capture_output=True, text=True, timeout=120)
   return proc, out

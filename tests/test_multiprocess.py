@@ -25,6 +25,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multiprocess_worker as worker  # noqa: E402
+from lm_fixtures import xla_flags  # noqa: E402
 
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
 RTOL = 2e-5  # fp32: reduction order differs across process layouts (measured ~2e-7)
@@ -44,7 +45,7 @@ def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, 
   base = {k: v for k, v in os.environ.items() if not k.startswith(("LMTINY_", "JAX_COORD", "SLURM_", "OMPI_"))}
   # Later launches reuse the first one's compiled programs (same mesh, same layout) through the
   # session's compilation cache, which tests/conftest.py puts in the environment.
-  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", LMTINY_CPU_DEVICES="4", LMTINY_INIT_TIMEOUT="60",
+  base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), LMTINY_CPU_DEVICES="4", LMTINY_INIT_TIMEOUT="60",
               LMTINY_COORDINATOR=f"127.0.0.1:{port}", LMTINY_TEST_PARENT=str(os.getpid()))
   base.update(env or {})
   out = tmp_path / name

@@ -7,13 +7,14 @@ import sys
 
 import pytest
 
+from lm_fixtures import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEEDRUN = os.path.join(ROOT, "launch", "speedrun.sh")
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
-  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())  # one device, as a user has
   return env
 
 

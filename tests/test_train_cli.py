@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from lm_fixtures import ROOT
+from lm_fixtures import ROOT, xla_flags
 
 
 def _train(tmp_path, *overrides, workdir="run"):
   cmd = [sys.executable, "-m", "lmtiny.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
          "--workdir", str(tmp_path / workdir), f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
