@@ -33,7 +33,8 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def xla_flags(devices: int | None = None) -> str:
-  """XLA_FLAGS for a test's subprocess: fast compiles, and `devices` emulated CPU devices."""
+  """XLA_FLAGS for the tests (tests/conftest.py) and the processes they start: fast compiles, and
+  `devices` emulated CPU devices."""
   return FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
 
 
