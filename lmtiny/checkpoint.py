@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmtiny.config import UserError
+from lmtiny.config import RunFailed, UserError
 
 
 class CheckpointError(UserError):
   """No checkpoint in the run directory restores cleanly (one line naming the steps and why)."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(RunFailed):
   """A checkpoint failed to save (disk full, permissions); the previous one is intact."""
 
 

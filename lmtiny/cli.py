@@ -10,16 +10,20 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from lmtiny.config import ConfigError, UserError
+from lmtiny.config import ConfigError, RunFailed, UserError
 
 
 def run_main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-  """Calls `run(argv)`; a UserError becomes one `error: ...` line on stderr and exit status 2."""
+  """Calls `run(argv)`; a UserError becomes one `error: ...` line on stderr and exit status 2,
+  a RunFailed (diverged, checkpoint save failed) one line and exit status 1."""
   try:
     return run(list(sys.argv if argv is None else argv)) or 0
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except RunFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def _one_line(error: BaseException) -> str:

@@ -27,6 +27,11 @@ class UserError(ValueError):
   message as `error: ...` and exit with status 2."""
 
 
+class RunFailed(RuntimeError):
+  """A run stopped by a fault of its own (diverged, a checkpoint failed to save): entry points
+  print the one-line message as `error: ...` and exit with status 1."""
+
+
 class ConfigError(UserError):
   """A problem in the config or flags; the message names the field and the value."""
 

@@ -32,11 +32,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from lmtiny import metrics as metrics_lib, sharding
+from lmtiny import metrics as metrics_lib, preflight, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import MESH_AXES, ConfigError, UserError
 from lmtiny.evals import gsm8k
-from lmtiny.trainer import build_steps, token_losses
+from lmtiny.preemption import Preemption
+from lmtiny.runlock import RunLock
+from lmtiny.trainer import build_steps, close_quietly, token_losses
 
 
 class RLError(UserError):
@@ -237,58 +239,79 @@ class Reinforce:
     return result
 
   def run(self, stop_after: int | None = None) -> dict:
+    """RL to `steps`, or (as a SIGTERM would) checkpoint and return after `stop_after` steps. Holds
+    the run directory's lock; resumes from the newest checkpoint that restores (corrupt ones moved aside)."""
     from lmtiny.trainer import _write_run_files
     s, workdir = self.s, epath.Path(self.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_run_files(workdir, self.cfg, self.tokenizer)
-    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2, async_save=False)
-    history = []
-    with jax.set_mesh(self.mesh):
-      start = ckpt.latest_step() or 0
-      if start:
-        state = ckpt.restore(start, abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings))
-        self.log(f"resumed from checkpoint at step {start}")
-      else:
-        state = self._initial_state()
-      self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
-               f"{self.mesh.size} devices")
-      ref_params = self._initial_state()["params"] if s.kl else None
-      writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
-      t0 = time.perf_counter()
-      try:
-        step, sampled_tokens = start, 0
-        while step < s.steps:
-          rows, prompts, gens, rewards = self.rollout(state["params"], step)
-          adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
-          sampled_tokens += sum(sum(g.sampled) for g in gens)
-          batch = build_batch(prompts, gens, self.cfg.train.seq_len)
-          batch["loss_mask"] = self._token_weights(batch, state["params"], ref_params, adv)
-          if np.any(batch["loss_mask"]):
-            state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
-          else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
-            m = {"loss": 0.0, "tokens": 0.0}
-          step += 1
-          record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
-                    "loss": float(m["loss"]), "tokens": float(m["tokens"]),
-                    "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0}
-          history.append((step, record["reward"], record["loss"]))
-          if step % s.log_every == 0 or step == s.steps:
-            writer.write(step, "rl", record)
-            self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
-                     f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
-          stopping = step == stop_after
-          if step % s.checkpoint_every == 0 or step == s.steps or stopping:
-            ckpt.save(step, state)
-          if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-            self.evaluate(state["params"], step, writer)
-            writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
-          if stopping:
-            break
-        writer.write(step, "run", {"seconds": time.perf_counter() - t0, "steps": step - start,
-                                   "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
-                                   "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
-      finally:
-        ckpt.close()
-        writer.close()
+    with RunLock(self.workdir, log=self.log):
+      workdir.mkdir(parents=True, exist_ok=True)
+      _write_run_files(workdir, self.cfg, self.tokenizer)
+      preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state), 2, self.log)
+      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2, async_save=False)
+      with jax.set_mesh(self.mesh):
+        try:
+          target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
+          found = ckpt.restore_newest(lambda step: ckpt.restore(step, target), self.log)
+        except BaseException:
+          ckpt.close()
+          raise
+        if found is not None:
+          self.log(f"resumed from checkpoint at step {found[0]}")
+        start, state = found if found is not None else (0, self._initial_state())
+        writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
+        try:
+          summary = self._loop(state, start, ckpt, writer, stop_after)
+        except BaseException:
+          close_quietly(ckpt.close, writer.close)  # the run's own error is the one to report
+          raise
+        try:
+          ckpt.close()
+        finally:
+          writer.close()
+    return summary
+
+  def _loop(self, state, start: int, ckpt: Checkpointer, writer, stop_after) -> dict:
+    s = self.s
+    self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
+             f"{self.mesh.size} devices")
+    ref_params = self._initial_state()["params"] if s.kl else None
+    history, step, sampled_tokens, stop, t0 = [], start, 0, False, time.perf_counter()
+    with Preemption() as preemption:
+      preemption.inherit()
+      while step < s.steps:
+        if step == start and (stop := preemption.decided(step)):
+          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
+          break
+        rows, prompts, gens, rewards = self.rollout(state["params"], step)
+        adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
+        sampled_tokens += sum(sum(g.sampled) for g in gens)
+        batch = build_batch(prompts, gens, self.cfg.train.seq_len)
+        batch["loss_mask"] = self._token_weights(batch, state["params"], ref_params, adv)
+        if np.any(batch["loss_mask"]):
+          state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+        else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
+          m = {"loss": 0.0, "tokens": 0.0}
+        step += 1
+        record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
+                  "loss": float(m["loss"]), "tokens": float(m["tokens"]),
+                  "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0}
+        history.append((step, record["reward"], record["loss"]))
+        if step % s.log_every == 0 or step == s.steps:
+          writer.write(step, "rl", record)
+          self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
+                   f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
+        preemption.requested |= step == stop_after
+        stop = preemption.decided(step)
+        if step % s.checkpoint_every == 0 or step == s.steps or stop:
+          ckpt.save(step, state)
+        if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
+          self.evaluate(state["params"], step, writer)
+          writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
+        if stop:
+          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
+          break
+    writer.write(step, "run", {"seconds": time.perf_counter() - t0, "steps": step - start,
+                               "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
+                               "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
     self.state = state
-    return {"step": step, "history": history, "seconds": time.perf_counter() - t0}
+    return {"step": step, "history": history, "preempted": stop, "seconds": time.perf_counter() - t0}

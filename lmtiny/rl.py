@@ -9,8 +9,12 @@ evaluates greedy accuracy on held-out problems, checkpoints, and resumes when re
 Mesh: the init run's (as lmtiny.sft inherits its base run's); `--config.mesh.data=N`,
 `--config.mesh.fsdp=N`, `--config.mesh.tensor=N` override axes, spelled as train and sft spell
 them (-1 fills the devices). An inherited mesh that does not fit this machine's devices falls
-back to one with the same layout (FSDP stays FSDP) and says so. Bad input: one `error:` line,
-exit status 2.
+back to one with the same layout (FSDP stays FSDP) and says so.
+
+Faults, as for train: one run per workdir (its lock); SIGTERM saves a checkpoint at the current
+step and exits 0; a corrupt newest checkpoint is moved aside and the run resumes from the newest
+one that restores; a checkpoint that fails to save (disk full) is one `error:` line, exit status 1.
+Bad input: one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
@@ -54,20 +58,32 @@ def load_problems(data: str, data_dir: str | None):
 
 
 def run(argv: list[str]) -> int:
+  from lmtiny.preemption import Preemption
+  with Preemption() as early:  # a SIGTERM during start-up (init run, compiles, download) stops cleanly
+    return _run(argv, early)
+
+
+def _run(argv: list[str], early) -> int:
   from absl import logging
+  from lmtiny import preflight
   from lmtiny.reinforce import Reinforce, RLSettings
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
+  preflight.check_output_dir(args.workdir, "--workdir")
   settings = RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
   mesh = {axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES}  # checked once, in Reinforce
   rl = Reinforce(args.init, args.workdir, settings, [], [], mesh=mesh)  # flags, init run, mesh: before any download
   rl.train_rows, rl.eval_rows = load_problems(args.data, args.data_dir)
+  if early.requested:
+    print("stopped (SIGTERM) before RL started: nothing to save")
+    return 0
   summary = rl.run()
   from lmtiny import report
   report.update_for(args.workdir)
   if summary["history"]:
     first, last = summary["history"][0][1], summary["history"][-1][1]
-    print(f"done: step {summary['step']} | reward {first:.3f} -> {last:.3f} | {args.workdir}")
+    done = "stopped (SIGTERM): re-run to resume" if summary["preempted"] else "done"
+    print(f"{done}: step {summary['step']} | reward {first:.3f} -> {last:.3f} | {args.workdir}")
   return 0
 
 

@@ -8,7 +8,8 @@ download; add `pretrain:0.2` for midtraining, `path.jsonl:0.5` or `hf:...` for S
 config.lora.rank > 0 only LoRA adapters train (merge them with `python -m lmtiny.lora merge`).
 Re-running resumes. --report then samples replies to held-out questions from the base and the
 fine-tuned model and prints the share that end with <|assistant_end|> within 64 tokens.
-Exit status: 0 done, 1 training diverged, 2 bad config, flags or data.
+Exit status: 0 done or stopped by SIGTERM (checkpoint saved: re-run to resume), 1 training
+diverged or a checkpoint failed to save, 2 bad config, flags or data.
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 
 def run(argv: list[str]) -> int:
+  from lmtiny.preemption import Preemption
+  with Preemption():  # a SIGTERM during start-up stops the run cleanly: the trainer's loop inherits it
+    return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   parsed = cli.parse_config_flags(_with_run_config(argv), _define_flags, __doc__)
   if parsed is None:
@@ -57,17 +64,13 @@ def run(argv: list[str]) -> int:
   values, cfg = parsed
   from flax import nnx
   from lmtiny.chat import finetune as ft
-  from lmtiny.trainer import TrainingDiverged
   cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
-  try:
-    trainer, summary = ft.finetune(cfg, workdir)
-  except TrainingDiverged as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  trainer, summary = ft.finetune(cfg, workdir)  # diverged or a failed save: RunFailed, exit 1
   loss = summary["train_loss"][-1][1] if summary["train_loss"] else float("nan")
   val = f" | held-out loss {summary['val'][0][1]:.3f} -> {summary['val'][-1][1]:.3f}" if len(summary["val"]) > 1 else ""
-  print(f"done: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "
+  done = "stopped (SIGTERM): re-run to resume" if summary["preempted"] else "done"
+  print(f"{done}: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "
         f"{summary['trainable_params']:,} params | optimizer state {summary['optimizer_bytes'] / 2**20:.2f} MiB | {workdir}")
   if values["report"]:
     from lmtiny.chat.report import assistant_end_report, held_out_questions

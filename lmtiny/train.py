@@ -22,11 +22,10 @@ def _define_flags(fv: flags.FlagValues) -> dict:
 
 
 def train(cfg, workdir: str, preemption=None) -> int:
-  """Everything after flag parsing; returns the exit status (UserErrors propagate)."""
+  """Everything after flag parsing; returns the exit status (UserError and RunFailed propagate)."""
   from lmtiny import metrics, preflight, sharding
-  from lmtiny.checkpoint import CheckpointSaveError
   from lmtiny.data.dataset import load_data
-  from lmtiny.trainer import Trainer, TrainingDiverged, check_batch_divisibility
+  from lmtiny.trainer import Trainer, check_batch_divisibility
   config_lib.validate(cfg)
   check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
   preflight.check_output_dir(workdir, "--workdir")
@@ -37,11 +36,7 @@ def train(cfg, workdir: str, preemption=None) -> int:
     print("stopped (SIGTERM) before training started: nothing to save")
     return 0
   trainer = Trainer(cfg, workdir, data)
-  try:
-    summary = trainer.run()
-  except (TrainingDiverged, CheckpointSaveError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  summary = trainer.run()  # diverged or a failed save: RunFailed, one line and exit 1 (cli.run_main)
   from lmtiny import report
   report.update_for(workdir)
   # The whole run's val curve (a resumed run's own evaluations start where it resumed).

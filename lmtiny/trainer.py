@@ -36,7 +36,7 @@ from lmtiny.runlock import RunLock, main_only
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(config_lib.RunFailed):
   """Loss or gradient norm became NaN/Inf; the last good checkpoint was left intact."""
 
 
@@ -218,6 +218,16 @@ def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # The loop.
 
 
+def close_quietly(*closers: Callable[[], None]) -> None:
+  """Calls each closer, ignoring their errors: used while another error (the one to report) is
+  raised, when a full disk or a broken save would make these fail too."""
+  for close in closers:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
 def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
   """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
   atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
@@ -353,11 +363,7 @@ class Trainer:
         try:
           summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
         except BaseException:
-          for close in (ckpt.close, writer.close):
-            try:
-              close()
-            except Exception:  # pylint: disable=broad-except
-              pass  # the training error is the one to report (a full disk fails these closes too)
+          close_quietly(ckpt.close, writer.close)  # the training error is the one to report
           raise
         try:
           ckpt.close()

@@ -12,9 +12,11 @@ import time
 import pytest
 
 from lm_fixtures import ROOT, xla_flags
-from lmtiny import bench, generate, lr_find, train
+from lmtiny import bench, cli, generate, lr_find, train
+from lmtiny.checkpoint import CheckpointSaveError
 from lmtiny.data import prepare
 from lmtiny.runlock import RunLock
+from lmtiny.trainer import TrainingDiverged
 from lmtiny.tokenizer import train as tokenizer_train
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -115,6 +117,18 @@ def test_bad_inputs_through_the_entry_points(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # A damaged or busy run directory.
+
+
+@pytest.mark.parametrize("error", [
+    TrainingDiverged("loss=nan grad_norm=nan at step 5: training stopped; the last good checkpoint is step 4"),
+    CheckpointSaveError("checkpoint at step 4 failed to save (disk full: No space left on device) in RUN; "
+                        "the last good checkpoint is step 2")])
+def test_a_run_that_fails_on_its_own_is_one_line_and_exit_1(error, capsys):
+  # train, sft and rl all end through cli.run_main: no traceback, status 1 (2 is for bad input).
+  def run(argv):
+    raise error
+  assert cli.run_main(run, []) == 1
+  assert capsys.readouterr().err == f"error: {error}\n"
 
 
 def test_second_run_in_a_busy_workdir_is_one_line(base, tmp_path, capsys):

@@ -1,7 +1,11 @@
-"""RL: exact resume (same rewards and losses after a restart), the init run's mesh (FSDP + tensor
+"""RL: exact resume (same rewards and losses after a SIGTERM and restart; a corrupt checkpoint moved
+aside), one run per directory, the init run's mesh (FSDP + tensor
 parallel matches data parallel; overrides; fallback), the batch layout, bad flags."""
+import glob
 import json
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ from lmtiny.evals.gsm8k import ToolGeneration
 from lmtiny.evals.toy import toy_rows
 from lmtiny.config import ConfigError
 from lmtiny.reinforce import Reinforce, RLError, RLSettings, build_batch, rl_mesh, step_questions
+from lmtiny.runlock import RunLock, WorkdirBusy
 
 SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=0,
                 checkpoint_every=10)
@@ -51,15 +56,22 @@ def _init_run_with_mesh(chat_run, path, **mesh) -> str:
 
 
 def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, chat_run, tmp_path, monkeypatch):
+  # A SIGTERM during step 1 saves step 1 and returns; the re-run repeats the uninterrupted step 2.
+  # Then, with step 2's checkpoint corrupt, a third run moves it aside and redoes step 2 from step 1.
   monkeypatch.setattr(gsm8k, "reward", _length_reward)
   s = RLSettings(**SETTINGS)
 
-  def rl(name):
-    return Reinforce(chat_run, str(tmp_path / name), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+  def rl(log=_quiet):
+    return Reinforce(chat_run, str(tmp_path / "b"), s, TRAIN, HELD_OUT, log=log, devices=jax.devices()[:2])
+
+  def sigterm_at_step_1(line):
+    if line.startswith("step     1/"):
+      os.kill(os.getpid(), signal.SIGTERM)
 
   full = data_parallel_run
-  first = rl("b").run(stop_after=1)
-  second = rl("b").run()
+  first = rl(sigterm_at_step_1).run()
+  assert first["preempted"] and first["step"] == 1
+  second = rl().run()
   assert [h[0] for h in full["history"]] == [1, 2]
   assert first["history"] + second["history"] == full["history"]  # exact on CPU
   assert any(loss != 0 for _, _, loss in full["history"])
@@ -67,6 +79,23 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, 
   assert 0 < np.mean(rewards) < 1
   records = [line for line in open(tmp_path / "b" / "metrics.jsonl") if '"rl"' in line]
   assert len(records) == 2
+
+  for f in glob.glob(str(tmp_path / "b" / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d" / "*")):
+    os.truncate(f, os.path.getsize(f) // 2)
+  lines = []
+  third = rl(lines.append).run()
+  assert third["history"] == full["history"][1:]
+  assert any(l.startswith("warning: checkpoint at step 2 is unusable") for l in lines)
+  assert "resumed from checkpoint at step 1" in lines
+  assert glob.glob(str(tmp_path / "b" / "checkpoints" / "corrupt-2-*"))
+
+
+def test_a_second_run_in_the_same_directory_is_refused(chat_run, tmp_path):
+  rl = Reinforce(chat_run, str(tmp_path / "rl"), RLSettings(**SETTINGS), TRAIN, HELD_OUT, log=_quiet,
+                 devices=jax.devices()[:2])
+  with RunLock(str(tmp_path / "rl")), pytest.raises(WorkdirBusy, match="another training run"):
+    rl.run()
+  assert not (tmp_path / "rl" / "checkpoints").exists()
 
 
 def test_keeps_an_fsdp_and_tensor_parallel_init_mesh_and_matches_data_parallel(
