@@ -23,6 +23,7 @@ and losses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from typing import Callable
@@ -38,7 +39,7 @@ from lmtiny.config import MESH_AXES, ConfigError, UserError
 from lmtiny.evals import gsm8k
 from lmtiny.preemption import Preemption
 from lmtiny.runlock import RunLock
-from lmtiny.trainer import build_steps, close_quietly, token_losses
+from lmtiny.trainer import TrainingDiverged, build_steps, close_quietly, token_losses
 
 
 class RLError(UserError):
@@ -276,6 +277,7 @@ class Reinforce:
              f"{self.mesh.size} devices")
     ref_params = self._initial_state()["params"] if s.kl else None
     history, step, sampled_tokens, stop, t0 = [], start, 0, False, time.perf_counter()
+    last_saved = start
     with Preemption() as preemption:
       preemption.inherit()
       while step < s.steps:
@@ -292,6 +294,9 @@ class Reinforce:
         else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
           m = {"loss": 0.0, "tokens": 0.0}
         step += 1
+        if not math.isfinite(float(m["loss"])):  # never checkpoint (or keep sampling from) a broken policy
+          kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+          raise TrainingDiverged(f"loss={float(m['loss'])} at step {step}: RL stopped; {kept}")
         record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
                   "loss": float(m["loss"]), "tokens": float(m["tokens"]),
                   "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0}
@@ -304,6 +309,7 @@ class Reinforce:
         stop = preemption.decided(step)
         if step % s.checkpoint_every == 0 or step == s.steps or stop:
           ckpt.save(step, state)
+          last_saved = step
         if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
           self.evaluate(state["params"], step, writer)
           writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})

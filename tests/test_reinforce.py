@@ -1,9 +1,11 @@
 """RL: exact resume (same rewards and losses after a SIGTERM and restart; a corrupt checkpoint moved
 aside), one run per directory, the init run's mesh (FSDP + tensor
 parallel matches data parallel; overrides; fallback), the batch layout, bad flags."""
+import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -17,6 +19,7 @@ from lmtiny.evals.toy import toy_rows
 from lmtiny.config import ConfigError
 from lmtiny.reinforce import Reinforce, RLError, RLSettings, build_batch, rl_mesh, step_questions
 from lmtiny.runlock import RunLock, WorkdirBusy
+from lmtiny.trainer import TrainingDiverged
 
 SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=0,
                 checkpoint_every=10)
@@ -88,6 +91,24 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, 
   assert any(l.startswith("warning: checkpoint at step 2 is unusable") for l in lines)
   assert "resumed from checkpoint at step 1" in lines
   assert glob.glob(str(tmp_path / "b" / "checkpoints" / "corrupt-2-*"))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat_run, tmp_path, monkeypatch):
+  monkeypatch.setattr(gsm8k, "reward", _length_reward)
+  rl = Reinforce(chat_run, str(tmp_path / "rl"), RLSettings(**{**SETTINGS, "steps": 3, "checkpoint_every": 1}),
+                 TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+  real, calls = rl.steps.train_step, []
+
+  def second_update_diverges(state, batch):
+    calls.append(1)
+    state, m = real(state, batch)
+    return state, {**m, "loss": m["loss"] + (np.nan if len(calls) == 2 else 0)}
+  rl.steps = dataclasses.replace(rl.steps, train_step=second_update_diverges)
+  with pytest.raises(TrainingDiverged, match=r"^loss=nan at step (\d): RL stopped; the last good checkpoint is step") as e:
+    rl.run()
+  diverged = int(re.search(r"at step (\d)", str(e.value)).group(1))
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "rl" / "checkpoints") if d.isdigit())
+  assert saved == list(range(1, diverged)) and str(e.value).endswith(f"step {diverged - 1}")
 
 
 def test_a_second_run_in_the_same_directory_is_refused(chat_run, tmp_path):
