@@ -1,4 +1,4 @@
-"""CPU demo: ~3.4M parameters that visibly learn the embedded standard-library corpus in minutes.
+"""CPU demo: ~3.3M parameters that visibly learn the embedded standard-library corpus in minutes.
 
 python -m lmtiny.train --config configs/tiny.py --workdir runs/tiny
 """

@@ -252,6 +252,8 @@ def run(argv: list[str]) -> int:
   if f["search"]:
     if f["target_params"] is None:
       raise ConfigError("--target-params is required with --search")
+    if f["top"] < 1:
+      raise ConfigError(f"--top={f['top']}: must be >= 1")
     template = None
     if cfg is not None:
       config_lib.validate_model(cfg.model)

@@ -273,6 +273,10 @@ def validate(cfg) -> None:
            t.keep_checkpoints, "must be an integer >= 1 (the newest checkpoint is what a re-run resumes)")
   _require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers",
            cfg.data.num_workers, "must be an integer >= 0 (0 = in-process)")
+  _require(isinstance(cfg.data.shuffle_seed, int) and 0 <= cfg.data.shuffle_seed < 2**32, "data.shuffle_seed",
+           cfg.data.shuffle_seed, "must be an integer in [0, 2**32)")
+  _require(isinstance(cfg.data.embedded_max_chars, int) and cfg.data.embedded_max_chars >= 0,
+           "data.embedded_max_chars", cfg.data.embedded_max_chars, "must be an integer >= 0 (0 = all of it)")
   for name in ("b1", "b2"):
     _require(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
   _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")

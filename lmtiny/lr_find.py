@@ -51,8 +51,8 @@ class RangeTestResult:
 
 def lr_sweep(min_lr: float, max_lr: float, steps: int) -> np.ndarray:
   """Geometric LRs from min_lr to max_lr inclusive."""
-  if not 0 < min_lr < max_lr:
-    raise ConfigError(f"--min={min_lr:g} --max={max_lr:g}: need 0 < min < max")
+  if not 0 < min_lr < max_lr < float("inf"):
+    raise ConfigError(f"--min={min_lr:g} --max={max_lr:g}: need 0 < min < max, both finite")
   if steps < 5:
     raise ConfigError(f"--steps={steps}: need at least 5 steps to read a slope")
   return np.geomspace(min_lr, max_lr, steps)
@@ -175,11 +175,22 @@ def write_outputs(result: RangeTestResult, workdir: str, title: str = "") -> tup
   return png, path
 
 
-def summary(result: RangeTestResult) -> str:
+def suggested_flags(lr: float, optim) -> str:
+  """The overrides that run what the sweep measured at matrix LR `lr`: the embedding and unembedding
+  LRs a config sets explicitly moved with it (the sweep keeps their ratio to optim.lr)."""
+  flags = [f"--config.optim.lr={lr:.2g}"]
+  for name in ("embed_lr", "unembed_lr"):
+    if optim[name]:
+      flags.append(f"--config.optim.{name}={optim[name] * lr / optim.lr:.2g}")
+  return " ".join(flags)
+
+
+def summary(result: RangeTestResult, optim) -> str:
+  """What the sweep found; `optim` is the swept config's optim section (for the suggested flags)."""
   lines = [f"steepest descent at lr {result.steepest_lr:.3e}",
            f"minimum smoothed loss {float(np.min(result.smoothed)):.4f} at lr {result.min_loss_lr:.3e}"
            + (" (then diverged)" if result.stopped_early else ""),
-           f"suggested peak LR: {result.suggested_lr:.3e}  (--config.optim.lr={result.suggested_lr:.2g})"]
+           f"suggested peak LR: {result.suggested_lr:.3e}  ({suggested_flags(result.suggested_lr, optim)})"]
   if not result.stopped_early and result.min_loss_lr >= result.lrs[-1]:
     lines.append("note: the loss was still falling at --max; raise --max to see where it turns")
   return "\n".join(lines)
@@ -218,7 +229,7 @@ def run(argv: list[str]) -> int:
   distributed.check_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
   result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
-  print(summary(result))
+  print(summary(result, cfg.optim))
   if jax.process_index() == 0:
     png, path = write_outputs(result, workdir, title=f"LR range test: {os.path.basename(f['config'])}")
     print(f"wrote {png} and {path}")

@@ -258,6 +258,7 @@ def test_cli_overrides_and_search(capsys):
     (["--config", "configs/missing.py"], "cannot load config file"),
     (["--search", "--target-params", "1e3"], "no design within"),
     (["--search"], "--target-params is required"),
+    (["--search", "--target-params", "38e6", "--top", "-1"], "--top=-1: must be >= 1"),
     (["--bogus"], "bogus"),
     ([], "give --config"),
 ])

@@ -174,6 +174,18 @@ def test_undecodable_bytes_are_counted_and_replaced(tmp_path, tok):
   assert "3 undecodable byte sequences" in prepare.summary(manifest)
 
 
+def test_an_empty_train_split_is_reported(tmp_path, tok):
+  (tmp_path / "one.txt").write_text("a single document")
+  manifest = prepare.prepare_dataset(open_source(f"txt:{tmp_path}/one.txt"), tok, str(tmp_path / "out"),
+                                     val_fraction=0.01, workers=1)
+  assert manifest["splits"]["train"]["documents"] == 0 and manifest["splits"]["val"]["documents"] == 1
+  assert "warning: the train split is empty" in prepare.summary(manifest)
+  (tmp_path / "two.txt").write_text("another one")
+  manifest = prepare.prepare_dataset(open_source(f"txt:{tmp_path}/*.txt"), tok, str(tmp_path / "out2"),
+                                     val_fraction=0.01, workers=1)
+  assert "warning" not in prepare.summary(manifest)
+
+
 def test_parquet_source(tmp_path, tok):
   import pyarrow as pa
   import pyarrow.parquet as pq

@@ -81,6 +81,8 @@ def _cases(tmp):
   return [
       (train.main, ["train", *cfg, "--config.train.keep_checkpoints=0"], "config.train.keep_checkpoints=0: must be an integer >= 1"),
       (train.main, ["train", *cfg, "--config.data.num_workers=-1"], "config.data.num_workers=-1: must be an integer >= 0"),
+      (train.main, ["train", *cfg, "--config.data.shuffle_seed=-1"], "config.data.shuffle_seed=-1: must be an integer in [0, 2**32)"),
+      (train.main, ["train", *cfg, "--config.data.embedded_max_chars=-5"], "config.data.embedded_max_chars=-5: must be an integer >= 0"),
       (train.main, ["train", *cfg, "--config.optim.b1=5"], "config.optim.b1=5.0: must be in [0, 1)"),
       (train.main, ["train", *cfg, "--config.optim.b2=1.0"], "config.optim.b2=1.0: must be in [0, 1)"),
       (train.main, ["train", "--config", str(no_get_config)], f"--config={no_get_config}: the file defines no get_config()"),

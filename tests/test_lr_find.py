@@ -20,9 +20,18 @@ def test_lr_sweep_is_geometric_and_rejects_bad_ranges():
   lrs = lr_find.lr_sweep(1e-6, 1.0, 7)
   assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
   np.testing.assert_allclose(lrs[1:] / lrs[:-1], 10.0)
-  for lo, hi, steps in ((1.0, 0.1, 10), (0.0, 1.0, 10), (1e-3, 1e-3, 10), (1e-6, 1.0, 4)):
+  for lo, hi, steps in ((1.0, 0.1, 10), (0.0, 1.0, 10), (1e-3, 1e-3, 10), (1e-6, 1.0, 4), (1e-6, float("inf"), 10)):
     with pytest.raises(ConfigError):
       lr_find.lr_sweep(lo, hi, steps)
+
+
+def test_suggested_flags_move_explicit_embedding_lrs_with_the_matrix_lr():
+  # The sweep keeps embed_lr / lr fixed, so the suggestion must too (tiny: 2.5e-3 / 0.02 = 1/8).
+  optim = lm_fixtures.load_config_module("tiny").get_config().optim
+  assert lr_find.suggested_flags(0.04, optim) == ("--config.optim.lr=0.04 --config.optim.embed_lr=0.005 "
+                                                  "--config.optim.unembed_lr=0.005")
+  optim.update(embed_lr=0.0, unembed_lr=0.0)  # 0: the same as lr, nothing more to say
+  assert lr_find.suggested_flags(0.04, optim) == "--config.optim.lr=0.04"
 
 
 def test_smoothing_has_no_lag_where_a_plain_ema_does():
@@ -112,7 +121,7 @@ def test_range_test_on_a_learnable_task(tmp_path):
     saved = json.load(f)
   assert saved["suggested_lr"] == result.suggested_lr and saved["losses"] == result.losses.tolist()
   assert sorted(os.listdir(tmp_path / "out")) == ["lr_find.json", "lr_find.png"]  # no temp files left
-  text = lr_find.summary(result)
+  text = lr_find.summary(result, cfg.optim)
   assert "steepest descent" in text and f"--config.optim.lr={result.suggested_lr:.2g}" in text
 
 

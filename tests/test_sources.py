@@ -92,6 +92,19 @@ def test_parquet_missing_column_and_binary_column(tmp_path):
   assert list(src.iter_documents()) == ["café", "x\ufffdy"] and src.undecodable == 1
 
 
+def test_parquet_column_that_is_not_text(tmp_path):
+  _write_parquet(tmp_path / "n.parquet", text=[1, 2])
+  with pytest.raises(SourceError, match=r"n\.parquet: column 'text' holds int64, not text$"):
+    open_source(f"parquet:{tmp_path}/n.parquet")
+  # Lists of strings or of messages (SmolTalk's `messages`) are text, joined by newlines.
+  _write_parquet(tmp_path / "m.parquet", text=[[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]])
+  assert list(open_source(f"parquet:{tmp_path}/m.parquet").iter_documents()) == ["hi\nyo"]
+  # A list whose items are not text is caught per row (the schema allows structs of anything).
+  _write_parquet(tmp_path / "s.parquet", text=[[{"content": "ok"}], [{"content": None}]])
+  with pytest.raises(SourceError, match=r"s\.parquet: column 'text', row 2: list items must be strings"):
+    list(open_source(f"parquet:{tmp_path}/s.parquet").iter_documents())
+
+
 def test_tfds_source_through_data_source(monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   calls = []

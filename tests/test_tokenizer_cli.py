@@ -1,6 +1,7 @@
 """The train / evaluate entry points: exit status 2 with one line on bad input, real runs."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,25 @@ def test_train_bad_input_exits_2_and_writes_nothing(tmp_path, case):
   if case.startswith("too_"):
     assert "vocab_size" in lines[-1] and ("too small" in lines[-1]) == (case == "too_small")
   assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+@pytest.mark.parametrize("flags, stray, message", [
+    (["--character-coverage", "0.5"], False, r"--character-coverage=0.5: must be in \[0.98, 1\]"),
+    (["--threads", "0"], False, "--threads=0: must be >= 1"),
+    ([], True, r"out: exists and holds other files \(a.txt, \.\.\.\); choose a new --out"),
+])
+def test_train_flags_and_out_dir_are_checked_before_sampling(tmp_path, monkeypatch, capsys, flags, stray, message):
+  from lmtiny.tokenizer import train
+  monkeypatch.setattr(train, "MixtureSampler", lambda *a, **k: pytest.fail("sampled before the check"))
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  if stray:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.txt").write_text("keep me")
+  recipe = write_recipe(tmp_path, [dict(spec=f"txt:{tmp_path}/a.txt", weight=1)])
+  assert train.main(["--mixture", str(recipe), "--vocab-size", "512", "--out", str(tmp_path / "out"), *flags]) == 2
+  err = capsys.readouterr().err.strip()
+  assert re.fullmatch("error: .*" + message, err), err
+  assert os.listdir(tmp_path / "out") == ["a.txt"] if stray else not (tmp_path / "out").exists()
 
 
 def test_train_then_evaluate(tmp_path):
@@ -99,3 +119,8 @@ def test_read_text_caps_and_joins(tmp_path):
   path.write_text("a\n\n\x1e\n\nb")
   assert evaluate.read_text(f"txt:{path}?delimiter=record", 0) == "a\n\nb"
   assert evaluate.read_text(str(path), 3) == "a\n\n"
+
+
+def test_evaluate_rejects_a_negative_max_chars(capsys):
+  assert evaluate.main(["--tokenizer", "x", "--max-chars", "-1"]) == 2
+  assert capsys.readouterr().err == "error: --max-chars=-1: must be >= 0 (0: no cap)\n"

@@ -29,6 +29,8 @@ def write_docs(path, docs):
     (dict(sources=[dict(weight=1)]), "'spec' string"),
     (dict(sources=[dict(spec="embedded")], total_chars=0), "total_chars = 0"),
     (dict(sources=[dict(spec="embedded")], seed="0"), "seed = '0'"),
+    (dict(sources=[dict(spec="embedded")], seed=-1), r"seed = -1: must be an integer in \[0, 2\*\*32\)"),
+    (dict(sources=[dict(spec="embedded")], seed=2**32), "seed = 4294967296"),
     (dict(sources=[dict(spec="embedded")], extra=1), r"unknown key\(s\) extra"),
 ])
 def test_validation_errors(recipe, message):

@@ -291,6 +291,9 @@ def summary(manifest: dict[str, Any], seconds: float | None = None, resumed_byte
   if seconds is not None:
     done = sum(manifest["splits"][s]["bytes"] for s in shards_lib.SPLITS) - resumed_bytes
     lines.append(f"  {seconds:.1f} s, {done / 1e6 / max(seconds, 1e-9):.2f} MB/s of text")
+  if not manifest["splits"]["train"]["documents"]:  # document 0 always goes to val
+    lines.append("warning: the train split is empty (every document went to val): training refuses these "
+                 "shards; give more documents or a smaller --val-fraction")
   return "\n".join(lines)
 
 

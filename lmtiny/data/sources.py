@@ -228,6 +228,15 @@ def jsonl_records(path: str, field: str, decode=lambda line: line) -> Iterator[t
       yield where, record
 
 
+def _may_hold_text(kind) -> bool:
+  """An arrow type whose values _text_of can take: strings, bytes, lists of strings or messages."""
+  import pyarrow as pa
+  if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+    return _may_hold_text(kind.value_type) or pa.types.is_struct(kind.value_type)
+  return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+          or pa.types.is_large_binary(kind) or pa.types.is_null(kind))
+
+
 class ParquetSource(Source):
   """Parquet files with a string (or binary) column, streamed in record batches."""
 
@@ -249,6 +258,9 @@ class ParquetSource(Source):
       raise SourceError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
     if self.column not in names:
       raise SourceError(f"{path}: no column {self.column!r} (columns: {', '.join(names)})")
+    kind = pq.ParquetFile(path).schema_arrow.field(self.column).type
+    if not _may_hold_text(kind):
+      raise SourceError(f"{path}: column {self.column!r} holds {kind}, not text")
 
   def _paths(self) -> Iterator[str]:
     yield from self.files
@@ -264,14 +276,16 @@ class ParquetSource(Source):
     import pyarrow.parquet as pq
     for path in self._paths():
       reader = pq.ParquetFile(path)
+      row = 0
       for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[self.column]):
         for value in batch.column(0).to_pylist():
+          row += 1
           if isinstance(value, bytes):
             value = self._decode(value)
           if value is None:
             self.null_rows += 1
           else:
-            yield value
+            yield _text_of(value, f"{path}: column {self.column!r}, row {row}")
 
 
 class HuggingFaceSource(ParquetSource):

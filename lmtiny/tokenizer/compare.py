@@ -43,7 +43,8 @@ def load_references(timeout_s: float = 30.0) -> tuple[dict[str, Counter], str | 
 
 
 def _chunks(text: str) -> list[str]:
-  """Pieces of `text` cut just after a newline (no piece ever spans "\\n": counts are exact)."""
+  """Pieces of `text` cut just after a newline. A token that would join that newline with the next
+  line's indentation is split in two there: a few extra tokens per MB (4-13 measured), not exact."""
   chunks, start = [], 0
   while start < len(text):
     end = text.find("\n", start + _CHUNK_CHARS)

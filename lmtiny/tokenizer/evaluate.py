@@ -56,6 +56,8 @@ def parse_args(argv):
 
 
 def run(args) -> str:
+  if args.max_chars < 0:
+    raise TokenizerError(f"--max-chars={args.max_chars}: must be >= 0 (0: no cap)")
   ours = {}
   for value in args.tokenizer:
     name, path = _named(value, "--tokenizer") if "=" in value else (

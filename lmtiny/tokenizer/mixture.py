@@ -71,8 +71,8 @@ def validate_recipe(recipe, where: str = "recipe") -> dict:
   total_chars, seed = recipe.get("total_chars", 100_000_000), recipe.get("seed", 0)
   if isinstance(total_chars, bool) or not isinstance(total_chars, int) or total_chars <= 0:
     raise TokenizerError(f"{where}: total_chars = {total_chars!r}: must be a positive integer")
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise TokenizerError(f"{where}: seed = {seed!r}: must be an integer")
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise TokenizerError(f"{where}: seed = {seed!r}: must be an integer in [0, 2**32)")
   for s in checked:
     s["chars"] = round(total_chars * s["weight"] / total_weight)
   return dict(sources=checked, total_chars=total_chars, seed=seed,

@@ -14,7 +14,7 @@ import sys
 
 from lmtiny import cli
 from lmtiny.tokenizer.mixture import MixtureSampler, load_recipe
-from lmtiny.tokenizer.trainer import DIGIT_MODES, check_vocab_size, train_tokenizer
+from lmtiny.tokenizer.trainer import DIGIT_MODES, TokenizerError, check_out_dir, check_vocab_size, train_tokenizer
 
 
 def parse_args(argv):
@@ -29,7 +29,7 @@ def parse_args(argv):
   p.add_argument("--digits", choices=DIGIT_MODES, default="pairs",
                  help="pieces hold at most two digits (pairs) or one (single)")
   p.add_argument("--character-coverage", type=float, default=0.9999,
-                 help="share of characters given their own piece; the rest use byte fallback")
+                 help="share of characters given their own piece, in [0.98, 1]; the rest use byte fallback")
   p.add_argument("--split-by-unicode-script", action="store_true",
                  help="sentencepiece's script split (off: lets \"'s\" join words)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,7 +40,12 @@ def parse_args(argv):
 def run(args) -> dict:
   from lmtiny.preflight import check_output_dir  # pylint: disable=g-import-not-at-top
   check_vocab_size(args.vocab_size)
+  if not 0.98 <= args.character_coverage <= 1:  # sentencepiece's own bounds, checked before sampling
+    raise TokenizerError(f"--character-coverage={args.character_coverage:g}: must be in [0.98, 1]")
+  if args.threads < 1:
+    raise TokenizerError(f"--threads={args.threads}: must be >= 1")
   check_output_dir(args.out, "--out")  # before the (long) training, not after it
+  check_out_dir(args.out)
   recipe_file = args.mixture
   recipe = load_recipe(recipe_file, total_chars=args.total_chars or None, seed=args.seed)
   sampler = MixtureSampler(recipe, progress=not args.quiet)

@@ -78,19 +78,26 @@ def count_byte_fallback_chars(sentences: list[str], tok: Tokenizer) -> int:
   return sum(len(unknown.findall(s)) for s in sentences)
 
 
-def _replace_dir(tmp_dir: str, out_dir: str):
-  """Moves a finished build into place; an existing out_dir must be a tokenizer dir or empty."""
+def check_out_dir(out_dir: str) -> None:
+  """An existing out_dir must be a tokenizer directory (replaced) or empty: checked before the
+  (long) training and again when the result is moved into place."""
   if os.path.isdir(out_dir):
     stray = set(os.listdir(out_dir)) - set(_OUTPUT_FILES)
     if stray:
       raise TokenizerError(f"{out_dir}: exists and holds other files ({sorted(stray)[0]}, ...); "
                            "choose a new --out")
+  elif os.path.exists(out_dir):
+    raise TokenizerError(f"{out_dir}: exists and is not a directory")
+
+
+def _replace_dir(tmp_dir: str, out_dir: str):
+  """Moves a finished build into place; an existing out_dir must be a tokenizer dir or empty."""
+  check_out_dir(out_dir)
+  if os.path.isdir(out_dir):
     old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out_dir)))
     os.replace(out_dir, os.path.join(old, "x"))
     os.replace(tmp_dir, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-  elif os.path.exists(out_dir):
-    raise TokenizerError(f"{out_dir}: exists and is not a directory")
   else:
     os.replace(tmp_dir, out_dir)
 
