@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
 from lmtiny.attention import ATTN_OUT, ATTN_QKV, attention
+from lmtiny.quant import QuantizedWeight
 from lmtiny.sharding import constrain, linear_cross_entropy
 
 Array = jax.Array
@@ -345,7 +346,8 @@ def cast_params(params, dtype):
   dtype = jnp.dtype(dtype)
 
   def cast(v):
-    if isinstance(v, nnx.Variable) and is_matrix(v.get_metadata().get("logical_axes")):
+    if (isinstance(v, nnx.Variable) and is_matrix(v.get_metadata().get("logical_axes"))
+        and not isinstance(v.get_value(), QuantizedWeight)):  # dequantizes in the compute dtype where used
       return jax.tree.map(lambda x: x.astype(dtype), v)
     return v
 

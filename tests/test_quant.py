@@ -12,7 +12,7 @@ from lmtiny import generate
 from lmtiny.config import base_config
 from lmtiny.data.embedded import iter_embedded_documents
 from lmtiny.interop.convert import write_run
-from lmtiny.model import Transformer
+from lmtiny.model import Transformer, cast_params
 from lmtiny.quant import QuantizedWeight, QuantizeError, pack_int4, param_bytes, quantize_model, unpack_int4
 from lmtiny.sampling import Sampler, SamplingParams
 from lmtiny.tokenizer import train_tokenizer
@@ -107,6 +107,21 @@ def test_quantized_model_is_the_float_model_with_dequantized_weights(mode, kw):
   greedy = SamplingParams(0.0)
   assert Sampler(quant).generate(prompt, max_new_tokens=8, sampling=greedy).tokens == \
       Sampler(ref).generate(prompt, max_new_tokens=8, sampling=greedy).tokens
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_compute_dtype_cast_leaves_quantized_weights_whole(mode):
+  # The train/eval step (eval's bpb) and the sampler cast weight matrices to the compute dtype
+  # first: a quantized weight must pass through whole (int4's packed nibbles cast to float broke
+  # its unpacking) and dequantize where it is used.
+  quant = quantize_model(_model(), mode)
+  graphdef, state = nnx.split(quant)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 16)))
+  want = np.asarray(quant(tokens))
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 5e-2)):
+    cast = cast_params(state, dtype)
+    got = np.asarray(nnx.merge(graphdef, cast)(tokens), np.float32)
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 
 def test_parameter_bytes_follow_the_format():
