@@ -78,8 +78,8 @@ class MetricsWriter:
     them when it starts over from step 0)."""
     if not self.path.exists():
       return
-    keep = [line + "\n" for line in self.path.read_text().splitlines()  # from scratch (0): none
-            if step > 0 and line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [json.dumps(r) + "\n" for r in parse_records(self.path.read_text())  # from scratch (0): none
+            if step > 0 and r.get("step", 0) <= step]
     atomic_write(self.path, "".join(keep).encode())
 
   def write(self, step: int, split: str, values: dict) -> None:
@@ -103,11 +103,39 @@ class MetricsWriter:
       self.tb.close()
 
 
+def parse_records(text: str) -> list[dict]:
+  """metrics.jsonl's records. A line that does not parse is skipped: the torn end of an append
+  that a power loss cut short (the next resume rewrites the file without it)."""
+  records = []
+  for line in text.splitlines():
+    try:
+      record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict):
+      records.append(record)
+  return records
+
+
 def read_metrics(workdir: str) -> list[dict]:
   path = epath.Path(workdir) / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return parse_records(path.read_text()) if path.exists() else []
+
+
+def wall_seconds(records: list[dict]) -> float:
+  """Wall time over a run's segments (each start or resume restarts its clock; records carry
+  `seconds` on that clock and `segment`, the step the segment started from). A segment counts up
+  to its last kept record, so one that a kill -9 ended (it wrote no "run" record) still counts.
+  Records from before `segment` existed: their "run" records' seconds."""
+  segments, legacy = {}, 0.0
+  for r in records:
+    if r.get("split") not in ("train", "rl", "run") or "seconds" not in r:
+      continue
+    if "segment" in r:
+      segments[r["segment"]] = max(segments.get(r["segment"], 0.0), r["seconds"])
+    elif r["split"] == "run":
+      legacy += r["seconds"]
+  return legacy + sum(segments.values())
 
 
 def plot_loss_curve(workdir: str) -> str | None:

@@ -259,7 +259,7 @@ class Reinforce:
         if found is not None:
           self.log(f"resumed from checkpoint at step {found[0]}")
         start, state = found if found is not None else (0, self._initial_state())
-        writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start or None)
+        writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)  # 0: a killed first attempt's records go
         try:
           summary = self._loop(state, start, ckpt, writer, stop_after)
         except BaseException:
@@ -299,7 +299,8 @@ class Reinforce:
           raise TrainingDiverged(f"loss={float(m['loss'])} at step {step}: RL stopped; {kept}")
         record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
                   "loss": float(m["loss"]), "tokens": float(m["tokens"]),
-                  "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0}
+                  "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0,
+                  "segment": start}
         history.append((step, record["reward"], record["loss"]))
         if step % s.log_every == 0 or step == s.steps:
           writer.write(step, "rl", record)
@@ -316,7 +317,7 @@ class Reinforce:
         if stop:
           self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
           break
-    writer.write(step, "run", {"seconds": time.perf_counter() - t0, "steps": step - start,
+    writer.write(step, "run", {"seconds": time.perf_counter() - t0, "segment": start, "steps": step - start,
                                "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
                                "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
     self.state = state

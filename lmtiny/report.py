@@ -41,10 +41,8 @@ def report_root(workdir: str) -> str:
 
 
 def _records(d: str) -> list[dict]:
-  path = os.path.join(d, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  return [json.loads(line) for line in open(path) if line.strip()]
+  from lmtiny.metrics import read_metrics
+  return read_metrics(d)
 
 
 def _duration(seconds: float) -> str:
@@ -52,8 +50,9 @@ def _duration(seconds: float) -> str:
   return format_duration(seconds) if seconds >= 60 else f"{seconds:.1f}s"
 
 
-def _cost_lines(runs: list[dict], flops: float | None, price: float | None) -> list[str]:
-  seconds = sum(r.get("seconds", 0.0) for r in runs)
+def _cost_lines(records: list[dict], flops: float | None, price: float | None) -> list[str]:
+  from lmtiny.metrics import wall_seconds
+  seconds, runs = wall_seconds(records), [r for r in records if r["split"] == "run"]
   chips = max((r.get("chips", 1) for r in runs), default=1)
   lines = [f"- wall time: {_duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
   if flops:
@@ -80,7 +79,6 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   import ml_collections
   records = _records(d)
   cfg = ml_collections.ConfigDict(json.load(open(os.path.join(d, "config.json"))))
-  runs = [r for r in records if r["split"] == "run"]
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   steps = max((r["step"] for r in records), default=0)
@@ -94,7 +92,7 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   if val:
     lines.append(f"- val loss: {val[0]['loss']:.4f} -> {val[-1]['loss']:.4f} | val bpb: "
                  f"{val[0].get('bpb', float('nan')):.4f} -> {val[-1].get('bpb', float('nan')):.4f}")
-  lines += _cost_lines(runs, flops, price)
+  lines += _cost_lines(records, flops, price)
   if plot_loss_curve(d):
     lines += ["", f"![{title} loss]({os.path.join(rel, 'loss.png') if rel else 'loss.png'})"]
   return lines + _last_sample(records)
@@ -136,7 +134,7 @@ def rl_section(d: str, rel: str, price) -> list[str]:
   if evals:
     lines.append(f"- held-out greedy accuracy: {evals[0]['accuracy']:.3f} (step {evals[0]['step']}) -> "
                  f"{evals[-1]['accuracy']:.3f} (step {evals[-1]['step']})")
-  lines += _cost_lines([r for r in records if r["split"] == "run"], None, price)
+  lines += _cost_lines(records, None, price)
   if _plot_reward(d, rl):
     lines += ["", f"![RL reward]({os.path.join(rel, 'reward.png')})"]
   return lines + _last_sample(records)

@@ -419,7 +419,8 @@ class Trainer:
         mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
         eta = (self.total_steps - done_step) * elapsed / window_steps
         scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
-        writer.write(done_step, "train", {"loss": values["loss"], "lr": values["lr"],
+        writer.write(done_step, "train", {"seconds": time.perf_counter() - t0, "segment": start,
+                                          "loss": values["loss"], "lr": values["lr"],
                                           "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
                                           "mfu_nanochat": mfu_nanochat, **scaling})
         mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
@@ -467,7 +468,7 @@ class Trainer:
       if pending is not None:
         flush(pending)
     seconds = time.perf_counter() - t0
-    writer.write(step, "run", {"seconds": seconds, "steps": step - start, "tokens": (step - start) * t.batch_tokens,
+    writer.write(step, "run", {"seconds": seconds, "segment": start, "steps": step - start, "tokens": (step - start) * t.batch_tokens,
                                "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count(),
                                "chip": metrics_lib.chip_name(),
                                "peak_flops": metrics_lib.peak_flops_total()})  # for the report card

@@ -33,6 +33,36 @@ def test_resumed_run_replaces_records_after_its_checkpoint(tmp_path):
   assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["split"] == "train"
 
 
+def test_a_torn_last_line_is_skipped_and_dropped_on_resume(tmp_path):
+  # Power loss mid-append leaves half a record: reading skips it, and the resumed writer rewrites
+  # the file without it (before, json.loads raised and the run could not resume).
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer.write(10, "train", {"loss": 1.0})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 20, "split": "tr')
+  assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [10]
+  writer = metrics.MetricsWriter(str(tmp_path), resume_step=10)
+  writer.write(20, "train", {"loss": 0.5})
+  writer.close()
+  assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+
+
+def test_wall_seconds_counts_a_segment_that_a_kill_ended():
+  records = [
+      {"step": 10, "split": "train", "seconds": 30.0, "segment": 0},
+      {"step": 20, "split": "train", "seconds": 55.0, "segment": 0},   # killed here: no "run" record
+      {"step": 20, "split": "val", "seconds": 999.0, "segment": 0},    # not a clock reading
+      {"step": 30, "split": "train", "seconds": 25.0, "segment": 20},
+      {"step": 30, "split": "run", "seconds": 28.0, "segment": 20},
+      {"step": 31, "split": "rl", "seconds": 4.0, "segment": 30},
+  ]
+  assert metrics.wall_seconds(records) == 55.0 + 28.0 + 4.0
+  legacy = [{"step": 5, "split": "train", "loss": 1.0}, {"step": 5, "split": "run", "seconds": 7.0},
+            {"step": 9, "split": "run", "seconds": 3.0}]
+  assert metrics.wall_seconds(legacy) == 10.0
+
+
 def test_disabled_writer_writes_nothing(tmp_path):
   metrics.MetricsWriter(str(tmp_path), enabled=False).write(1, "train", {"loss": 1.0})
   assert not (tmp_path / "metrics.jsonl").exists()

@@ -104,11 +104,14 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat
     state, m = real(state, batch)
     return state, {**m, "loss": m["loss"] + (np.nan if len(calls) == 2 else 0)}
   rl.steps = dataclasses.replace(rl.steps, train_step=second_update_diverges)
+  (tmp_path / "rl").mkdir()  # records of an attempt killed before its first checkpoint: dropped at the start
+  (tmp_path / "rl" / "metrics.jsonl").write_text('{"step": 1, "split": "rl", "stale": 1}\n')
   with pytest.raises(TrainingDiverged, match=r"^loss=nan at step (\d): RL stopped; the last good checkpoint is step") as e:
     rl.run()
   diverged = int(re.search(r"at step (\d)", str(e.value)).group(1))
   saved = sorted(int(d) for d in os.listdir(tmp_path / "rl" / "checkpoints") if d.isdigit())
   assert saved == list(range(1, diverged)) and str(e.value).endswith(f"step {diverged - 1}")
+  assert not any("stale" in line for line in open(tmp_path / "rl" / "metrics.jsonl"))
 
 
 def test_a_second_run_in_the_same_directory_is_refused(chat_run, tmp_path):

@@ -58,6 +58,18 @@ def test_sections_figures_and_cost(pipeline):
   assert os.path.exists(os.path.join(root, "loss.png"))
 
 
+def test_a_segment_ended_by_kill_9_counts_in_wall_time_and_mfu(pipeline):
+  # Segment 0 was killed after 40 min (its last kept record); segment 5 ran 20 min and finished.
+  root, cfg = pipeline
+  _write_metrics(root, [
+      {"step": 5, "split": "train", "loss": 4.0, "seconds": 2400.0, "segment": 0},
+      {"step": 10, "split": "train", "loss": 3.0, "seconds": 1100.0, "segment": 5},
+      {"step": 10, "split": "run", "seconds": 1200.0, "segment": 5, "chips": 8, "chip": "h100", "peak_flops": 8e15}])
+  text = open(report.write_report(root)).read()
+  flops = 10 * cfg.train.batch_tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  assert "wall time: 1h00m on 8 x h100" in text and f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
+
+
 def test_a_stage_updates_the_card_of_its_pipeline_and_keeps_the_price(pipeline):
   root, _ = pipeline
   report.write_report(root, price=3.0)
