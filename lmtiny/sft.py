@@ -66,8 +66,11 @@ def _run(argv: list[str]) -> int:
   from lmtiny.chat import finetune as ft
   cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
+  ft.check_workdir(workdir, cfg.sft.init)
   trainer, summary = ft.finetune(cfg, workdir)  # diverged or a failed save: RunFailed, exit 1
-  loss = summary["train_loss"][-1][1] if summary["train_loss"] else float("nan")
+  from lmtiny.metrics import read_metrics
+  train = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]  # a finished run re-run: its last
+  loss = train[-1] if train else float("nan")
   val = f" | held-out loss {summary['val'][0][1]:.3f} -> {summary['val'][-1][1]:.3f}" if len(summary["val"]) > 1 else ""
   done = "stopped (SIGTERM): re-run to resume" if summary["preempted"] else "done"
   print(f"{done}: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "

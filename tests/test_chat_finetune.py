@@ -96,6 +96,8 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
     (["--init-step=7"], "--init-step=7: no such checkpoint"),
     (["--config=configs/tiny.py"], "config.model.vocab_size=4096: the base run"),
     (["--config.lora.rank=2", "--config.lora.targets=q,x"], "config.lora.targets='q,x'"),
+    (["--config.sft.steps=0"], "config.sft.steps=0: must be a positive integer"),  # not train.steps
+    (["--config.sft.lr=-1"], "config.sft.lr=-1.0: must be > 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(base, capsys, extra, message):
   root, path, _ = base
@@ -109,3 +111,29 @@ def test_merge_of_a_full_run_exits_2(base, capsys):
   root, path, _ = base
   assert lora_cli.main(["merge", f"--workdir={path}", f"--out={root / 'm2'}"]) == 2
   assert "not a LoRA run" in capsys.readouterr().err
+
+
+def test_the_workdir_must_be_this_bases_fine_tuning_run(base, capsys):
+  # Before: sft --workdir RUN "resumed" the base run itself (nothing trained, its config rewritten).
+  root, path, _ = base
+  other = root / "other_sft"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps({"sft": {"init": "/another/base"}}))
+  for workdir, message in ((path, "is the base run (--init)"),
+                           (other, "holds a fine-tuning run of /another/base, not of --init=")):
+    before = open(os.path.join(path, "config.json")).read()
+    assert sft_cli.main(["sft", f"--init={path}", f"--workdir={workdir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --workdir={workdir}: ") and message in err and err.count("\n") == 1
+    assert open(os.path.join(path, "config.json")).read() == before
+
+
+def test_sft_lr_moves_the_explicit_embedding_lrs_and_rows_fit_the_model(base):
+  root, path, convs = base
+  cfg = ft.read_run_config(path)
+  cfg.optim.update(lr=0.02, embed_lr=0.2, unembed_lr=0.0)  # 0: the same as lr
+  cfg.sft.update(sources=convs, lr=1e-3)
+  cfg.train.update(seq_len=4 * cfg.model.max_seq_len, batch_tokens=16 * cfg.model.max_seq_len)  # an imported run's
+  got = ft.resolve_config(cfg, path, None)
+  assert (got.optim.lr, got.optim.embed_lr, got.optim.unembed_lr) == pytest.approx((1e-3, 1e-2, 0.0))
+  assert got.train.seq_len == cfg.model.max_seq_len

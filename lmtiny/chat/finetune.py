@@ -81,11 +81,18 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
       raise ConfigError(f"config.model.{field}={cfg.model[field]!r}: the base run {init} has "
                         f"{base.model[field]!r} (the config must describe the base model)")
   s = cfg.sft
+  check_settings(s)
   s.init, s.init_step = os.path.abspath(init) if "://" not in init else init, step
   cfg.model.max_seq_len = base.model.max_seq_len
+  # An imported run's config keeps the defaults' 1024-token rows; rows cannot outgrow the model.
+  cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
   cfg.data = base.data  # the base run's data: its tokenizer, and its documents for `pretrain`
   cfg.train.update(steps=s.steps, tokens_per_param=0.0)
-  cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
+  # sft.lr replaces the matrix LR; explicit embedding / unembedding LRs keep their ratio to it (as
+  # nanochat scales every group), so they do not go on at the pretraining peak.
+  scale = s.lr / cfg.optim.lr
+  cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps, embed_lr=cfg.optim.embed_lr * scale,
+                   unembed_lr=cfg.optim.unembed_lr * scale)
   config_lib.validate(cfg)
   if cfg.lora.rank:  # checked before any data is read
     from lmtiny.chat.lora import parse_targets
@@ -93,6 +100,34 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
     if not (isinstance(cfg.lora.rank, int) and cfg.lora.rank > 0):
       raise ConfigError(f"config.lora.rank={cfg.lora.rank!r}: must be a positive integer (0: full fine-tuning)")
   return cfg
+
+
+def check_settings(s) -> None:
+  """The sft.* fields, named as the user set them (they become train.* / optim.* fields)."""
+  for name, ok, why in (("steps", isinstance(s.steps, int) and s.steps > 0, "must be a positive integer"),
+                        ("lr", s.lr > 0, "must be > 0"),
+                        ("warmup_steps", isinstance(s.warmup_steps, int) and s.warmup_steps >= 0,
+                         "must be an integer >= 0")):
+    if not ok:
+      raise ConfigError(f"config.sft.{name}={s[name]!r}: {why}")
+
+
+def check_workdir(workdir: str, init: str) -> None:
+  """The fine-tuning run directory is not the base run, nor another base's fine-tuning run: a
+  re-run there would resume (or overwrite) a run that is not this one."""
+  if os.path.abspath(workdir) == os.path.abspath(init):
+    raise ConfigError(f"--workdir={workdir}: is the base run (--init); fine-tune into another "
+                      "directory (default: <init>/sft)")
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return
+  try:
+    recorded = json.loads(path.read_text()).get("sft", {}).get("init")
+  except (OSError, json.JSONDecodeError, AttributeError):
+    recorded = None
+  if recorded != init:
+    what = f"a fine-tuning run of {recorded}" if recorded else "a run that is not a fine-tuning run"
+    raise ConfigError(f"--workdir={workdir}: holds {what}, not of --init={init}; choose another --workdir")
 
 
 def restore_base_params(cfg, mesh):
