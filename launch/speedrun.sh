@@ -190,10 +190,11 @@ stage() {
   fi
 }
 
-# The newest model the RL stage can start from: sft, else mid, else the base run.
-rl_init() {
+# newest_run STAGE...: RUN_DIR/STAGE for the first of the stages that is not skipped, else RUN_DIR
+# (the base run): the model a later stage starts from.
+newest_run() {
   local s
-  for s in sft mid; do
+  for s in "$@"; do
     if ! skipped "$s"; then
       printf '%s/%s' "$RUN_DIR" "$s"
       return 0
@@ -220,14 +221,11 @@ else
   stage base "$PYTHON" -m lmtiny.train "${TRAIN_ARGS[@]}"
 fi
 stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid" "${MID_ARGS[@]}"
-stage sft "$PYTHON" -m lmtiny.sft --init "$RUN_DIR/mid" --workdir "$RUN_DIR/sft" ${SFT_ARGS[@]+"${SFT_ARGS[@]}"}
-stage rl "$PYTHON" -m lmtiny.rl --init "$(rl_init)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
+stage sft "$PYTHON" -m lmtiny.sft --init "$(newest_run mid)" --workdir "$RUN_DIR/sft" ${SFT_ARGS[@]+"${SFT_ARGS[@]}"}
+stage rl "$PYTHON" -m lmtiny.rl --init "$(newest_run sft mid)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
 if wanted eval; then
   run "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}"
-  CHAT_MODEL=$RUN_DIR/rl
-  if skipped rl; then
-    CHAT_MODEL=$(rl_init)
-  fi
+  CHAT_MODEL=$(newest_run rl sft mid)
   run "$PYTHON" -m lmtiny.eval --workdir "$CHAT_MODEL" "${CHAT_EVAL[@]}"
   mark_done eval
 fi

@@ -54,6 +54,10 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --data gsm8k" in lines
   assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines
   assert lines[-1] == "python3 -m lmtiny.report --workdir runs/x"
+  # A skipped stage is never a later one's start: sft then starts from the base, eval reads sft.
+  skip = _run("d20-h100", "--dry-run", "--workdir", "runs/x", "--skip", "mid,rl").stdout.splitlines()
+  assert "python3 -m lmtiny.sft --init runs/x --workdir runs/x/sft" in skip
+  assert any(l.startswith("python3 -m lmtiny.eval --workdir runs/x/sft") for l in skip)
   v5e = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()
   from lm_fixtures import load_config_module
   from lmtiny import memory
