@@ -80,10 +80,10 @@ def main():
   settings = RLSettings(steps=args.rl_steps, questions=args.questions, samples=args.samples, max_new_tokens=40,
                         lr=args.lr, warmup_steps=args.warmup_steps, temperature=args.temperature,
                         eval_every=args.rl_steps // 2, eval_questions=64, checkpoint_every=args.rl_steps)
-  rl = Reinforce(sft_dir, os.path.join(args.out, "rl"), settings, rows, toy_rows(500, seed=2))
+  rl = Reinforce(sft_dir, os.path.join(args.out, "rl"), settings, rows, toy_rows(500, seed=2, held_out=True))
   from lmtiny.evals.gsm8k import evaluate
   from lmtiny.sampling import SamplingParams
-  held_out = toy_rows(256, seed=3)
+  held_out = toy_rows(256, seed=3, held_out=True)
 
   def accuracies(params):
     sampler = rl._sampler(params)

@@ -72,7 +72,7 @@ def evaluate(args) -> dict:
       from lmtiny.sampling import Sampler
       if args.gsm8k_data == "toy":
         from lmtiny.evals.toy import toy_rows
-        rows = toy_rows(args.max_items or 200, seed=2)
+        rows = toy_rows(args.max_items or 200, seed=2, held_out=True)
       else:
         rows = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
       import jax

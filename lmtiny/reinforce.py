@@ -71,6 +71,9 @@ def check_settings(s: RLSettings, dp: int) -> None:
   if (s.questions * s.samples) % dp:
     raise RLError(f"--questions={s.questions} x --samples={s.samples} = {s.questions * s.samples} rows per step "
                   f"do not divide over the data-parallel size {dp}")
+  for name in ("eval_every", "eval_questions", "top_k"):  # 0: only at the end / no evaluation / no top-k
+    if getattr(s, name) < 0:
+      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 0")
   if s.kl < 0 or s.warmup_steps < 0 or s.temperature <= 0 or s.lr <= 0:
     raise RLError("--kl and --warmup-steps must be >= 0, --temperature and --lr > 0")
 

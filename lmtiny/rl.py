@@ -51,7 +51,7 @@ def load_problems(data: str, data_dir: str | None):
   """(train rows, held-out rows) in GSM8K's layout."""
   if data == "toy":
     from lmtiny.evals.toy import toy_rows
-    return toy_rows(5000, seed=1), toy_rows(500, seed=2)
+    return toy_rows(5000, seed=1), toy_rows(500, seed=2, held_out=True)
   from lmtiny.evals import gsm8k
   from lmtiny.evals.data import load_rows
   return load_rows("gsm8k_train", gsm8k.TRAIN_SOURCE, data_dir), load_rows("gsm8k", gsm8k.SOURCE, data_dir)

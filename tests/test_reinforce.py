@@ -261,3 +261,23 @@ def test_warmup_steps_ramp_the_rl_learning_rate_from_zero():
   assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(2.5e-4) and float(schedule(10)) == pytest.approx(5e-4)
   with pytest.raises(RLError, match="--warmup-steps"):
     check_settings(RLSettings(warmup_steps=-1), dp=1)
+
+
+@pytest.mark.parametrize("field", ["eval_every", "eval_questions", "top_k"])
+def test_a_negative_count_is_refused(field):
+  # Before: --eval-every -1 evaluated every step and --eval-questions -1 all but one problem.
+  from lmtiny.reinforce import check_settings
+  with pytest.raises(RLError, match=f"^--{field.replace('_', '-')}=-1: must be >= 0$"):
+    check_settings(RLSettings(**{field: -1}), dp=1)
+
+
+def test_the_toy_sets_held_out_problems_share_no_operands_with_training():
+  # 56% of the old eval rows were training questions verbatim; now no operand pair is shared.
+  from lmtiny.evals.toy import is_held_out
+  from lmtiny.chat.conversations import iter_conversations
+  operands = lambda rows: {tuple(map(int, re.findall(r"\d+", r["question"])[:2])) for r in rows}
+  train, held = operands(toy_rows(3000, seed=1)), operands(toy_rows(500, seed=2, held_out=True))
+  assert held and not train & held and all(is_held_out(*p) for p in held)
+  assert len(held) == 10 and len(train) == 71  # every pair of 1..9 on exactly one side
+  sft = [c[0]["content"] for c in iter_conversations("toy_arithmetic?n=500&seed=0")]  # SFT's toy source
+  assert not operands({"question": q} for q in sft) & held
