@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+
+from etils import epath
 
 from lmtiny import cli
 from lmtiny.config import UserError
@@ -107,12 +108,27 @@ def table(out: dict) -> str:
   return "\n".join(lines)
 
 
+def _saved_results(path) -> dict:
+  """The results saved before: none if absent, and none (with a warning) if the file does not parse,
+  so a damaged file costs its old entries, not the evaluation just run."""
+  if not path.exists():
+    return {}
+  try:
+    old = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    old = None
+  if not isinstance(old, dict):
+    print(f"warning: {path}: not an evaluation file; replaced by this evaluation's results", file=sys.stderr)
+    return {}
+  return old
+
+
 def save(workdir: str, out: dict, quantize: str = "none") -> str:
   """Merges into RUN/eval.json (a task evaluated again replaces its old result); a quantized
   model's scores go to RUN/eval_<int8|int4>.json beside it."""
   from lmtiny.files import atomic_write
-  path = os.path.join(workdir, "eval.json" if quantize == "none" else f"eval_{quantize}.json")
-  old = json.load(open(path)) if os.path.exists(path) else {}
+  path = epath.Path(workdir) / ("eval.json" if quantize == "none" else f"eval_{quantize}.json")
+  old = _saved_results(path)
   merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
                                              **out["results"]}}
   from lmtiny.evals.core import TASKS, core_score
@@ -120,7 +136,7 @@ def save(workdir: str, out: dict, quantize: str = "none") -> str:
   if core_results:
     merged["core"] = core_score(core_results)
   atomic_write(path, json.dumps(merged, indent=2).encode())
-  return path
+  return str(path)
 
 
 def run(argv: list[str]) -> int:

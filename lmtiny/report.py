@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from etils import epath
+
 from lmtiny import cli
 from lmtiny.files import atomic_write
 
@@ -33,11 +35,19 @@ _TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_f
 
 def report_root(workdir: str) -> str:
   """The pipeline's run directory: the parent of a mid/sft/rl stage run, else the run itself."""
-  path = os.path.abspath(workdir)
-  parent = os.path.dirname(path)
-  if os.path.basename(path) in {s for _, s in STAGES if s} and os.path.isfile(os.path.join(parent, "config.json")):
+  path = workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)
+  parent, name = path.rsplit("/", 1)
+  if name in {s for _, s in STAGES if s} and _exists(parent, "config.json"):
     return parent
   return path
+
+
+def _exists(*parts: str) -> bool:
+  return epath.Path(*parts).exists()
+
+
+def _read_json(*parts: str):
+  return json.loads(epath.Path(*parts).read_text())
 
 
 def _records(d: str) -> list[dict]:
@@ -78,7 +88,7 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   from lmtiny.metrics import plot_loss_curve
   import ml_collections
   records = _records(d)
-  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(d, "config.json"))))
+  cfg = ml_collections.ConfigDict(_read_json(d, "config.json"))
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   steps = max((r["step"] for r in records), default=0)
@@ -143,10 +153,9 @@ def rl_section(d: str, rel: str, price) -> list[str]:
 def eval_section(root: str) -> list[str]:
   lines = []
   for title, rel in STAGES:
-    path = os.path.join(root, rel, "eval.json")
-    if not os.path.exists(path):
+    if not _exists(root, rel, "eval.json"):
       continue
-    out = json.load(open(path))
+    out = _read_json(root, rel, "eval.json")
     lines += [f"### {title} (step {out['step']})", "", "| task | metric | value |", "|---|---|---|"]
     for name, r in out["results"].items():
       if name == "bpb":
@@ -162,22 +171,22 @@ def eval_section(root: str) -> list[str]:
 
 
 def tokenizer_section(root: str) -> list[str]:
-  path = os.path.join(root, "tokenizer", "report.json")
-  if not os.path.exists(path):
+  if not _exists(root, "tokenizer", "report.json"):
     return []
-  rep = json.load(open(path))
+  rep = _read_json(root, "tokenizer", "report.json")
   lines = ["## Tokenizer", ""]
   for key in _TOKENIZER_FIGURES:
     value = rep.get(key)
     if isinstance(value, (int, float, str)):
-      lines.append(f"- {key}: {value:,}" if isinstance(value, int) else f"- {key}: {str(value)[:16]}")
+      shown = f"{value:,}" if isinstance(value, int) else str(value)[:16] if key == "hash" else str(value)
+      lines.append(f"- {key}: {shown}")
   return lines
 
 
 def write_report(root: str, price: float | None = None) -> str:
   """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages."""
   settings_path = os.path.join(root, SETTINGS)
-  settings = json.load(open(settings_path)) if os.path.exists(settings_path) else {}
+  settings = _read_json(settings_path) if _exists(settings_path) else {}
   if price is not None:
     settings["price_per_chip_hour"] = price
     atomic_write(settings_path, json.dumps(settings).encode())
@@ -186,12 +195,12 @@ def write_report(root: str, price: float | None = None) -> str:
   for title, rel in STAGES:
     d = os.path.join(root, rel)
     if title == "rl":
-      if os.path.exists(os.path.join(d, "metrics.jsonl")):
+      if _exists(d, "metrics.jsonl"):
         sections.append(rl_section(d, rel, price))
-    elif os.path.exists(os.path.join(d, "config.json")) and os.path.exists(os.path.join(d, "metrics.jsonl")):
+    elif _exists(d, "config.json") and _exists(d, "metrics.jsonl"):
       sections.append(train_section({"base": "Base model", "mid": "Midtraining", "sft": "SFT"}[title], d, rel, price))
   sections.append(eval_section(root))
-  text = f"# lmtiny report card: {os.path.basename(root)}\n\n" + "\n\n".join(
+  text = f"# lmtiny report card: {root.rstrip('/').rsplit('/', 1)[-1]}\n\n" + "\n\n".join(
       "\n".join(s) for s in sections if s) + "\n"
   path = os.path.join(root, "report.md")
   atomic_write(path, text.encode())
@@ -201,7 +210,7 @@ def write_report(root: str, price: float | None = None) -> str:
 def update_for(workdir: str) -> str | None:
   """Called by a stage when it ends (main process only); rewrites the card of its pipeline run."""
   import jax
-  if jax.process_index() != 0 or "://" in workdir:
+  if jax.process_index() != 0:
     return None
   return write_report(report_root(workdir))
 
@@ -212,9 +221,11 @@ def run(argv: list[str]) -> int:
   p.add_argument("--workdir", required=True)
   p.add_argument("--price-per-chip-hour", type=float, default=None)
   args = p.parse_args(argv)
-  if not os.path.isdir(args.workdir):
-    from lmtiny.config import UserError
+  from lmtiny.config import UserError
+  if not epath.Path(args.workdir).is_dir():
     raise UserError(f"--workdir={args.workdir}: no such directory")
+  if args.price_per_chip_hour is not None and not args.price_per_chip_hour >= 0:
+    raise UserError(f"--price-per-chip-hour={args.price_per_chip_hour:g}: must be a number >= 0")
   print(f"wrote {write_report(report_root(args.workdir), args.price_per_chip_hour)}")
   return 0
 

@@ -141,3 +141,14 @@ def test_parquet_task_files_read_as_whole_rows(tmp_path):
   pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "arc_easy.parquet"))
   assert load_rows("arc_easy", "", str(tmp_path)) == rows
   assert load_rows("arc_easy", "", str(tmp_path), limit=2) == rows[:2]
+
+
+def test_a_damaged_eval_json_costs_its_old_entries_not_the_new_results(tmp_path, capsys):
+  # Before: json.load raised after every task had been scored, and the new results were lost.
+  (tmp_path / "eval.json").write_text('{"step": 30, "res')
+  out = {"step": 30, "results": {"bpb": {"bpb": 1.5}}}
+  path = eval_cli.save(str(tmp_path), out)
+  assert json.load(open(path)) == out
+  assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'eval.json'}: not an evaluation file")
+  eval_cli.save(str(tmp_path), {"step": 30, "results": {"gsm8k": {"accuracy": 0.5, "items": 2}}})
+  assert set(json.load(open(path))["results"]) == {"bpb", "gsm8k"}  # merged as before

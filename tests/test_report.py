@@ -83,3 +83,20 @@ def test_cli(pipeline, capsys):
   root, _ = pipeline
   assert report.main(["--workdir", root]) == 0 and "report.md" in capsys.readouterr().out
   assert report.main(["--workdir", root + "/nope"]) == 2
+  assert report.main(["--workdir", root, "--price-per-chip-hour", "-1"]) == 2
+  assert capsys.readouterr().err.endswith("error: --price-per-chip-hour=-1: must be a number >= 0\n")
+
+
+def test_an_object_store_stage_finds_its_pipeline(monkeypatch):
+  # A pod's stages write to gs://: the card's root is found by path text (abspath mangled it).
+  monkeypatch.setattr(report, "_exists", lambda *parts: "/".join(parts) == "gs://b/run/config.json")
+  assert report.report_root("gs://b/run/sft") == "gs://b/run"
+  assert report.report_root("gs://b/run/") == "gs://b/run"
+
+
+def test_the_tokenizer_section_shows_whole_values(pipeline):
+  root, _ = pipeline
+  with open(os.path.join(root, "tokenizer", "report.json"), "w") as f:
+    json.dump({"recipe": "tokenizer_data/embedded.py", "hash": "0123456789abcdef0123"}, f)
+  text = open(report.write_report(root)).read()
+  assert "- recipe: tokenizer_data/embedded.py" in text and "- hash: 0123456789abcdef\n" in text
