@@ -93,7 +93,7 @@ def main():
     return greedy["accuracy"], sampled["accuracy"]
 
   with jax.set_mesh(rl.mesh):
-    before = accuracies(rl._initial_state()["params"])
+    before = accuracies(rl._init_params())
   t0 = time.perf_counter()
   summary = rl.run()
   seconds = time.perf_counter() - t0

@@ -197,13 +197,15 @@ class Reinforce:
     from lmtiny.tokenizer import render_for_completion
     self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
 
-  def _initial_state(self):
-    """A fresh state with the init run's parameters (a LoRA run's merged; the newest usable checkpoint)."""
+  def _init_params(self):
+    """The init run's parameters on this mesh (a LoRA run's merged; its newest usable checkpoint)."""
     from lmtiny.rundir import load_weights
-    state = self.steps.init()
     self.init, params = load_weights(self.init, mesh=self.mesh, log=self.log, flags=("--init", "--init-step"))
-    opt_state = jax.jit(self.steps.tx.init, out_shardings=self.steps.state_shardings["opt_state"])(params)
-    return {**state, "params": params, "opt_state": opt_state}
+    return params
+
+  def _initial_state(self):
+    """A fresh state (Adam's zeros, step 0) over the init run's parameters, which it takes over."""
+    return self.steps.init(self._init_params())
 
   def _sampler(self, params):
     from flax import nnx
@@ -278,7 +280,7 @@ class Reinforce:
     s = self.s
     self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
              f"{self.mesh.size} devices")
-    ref_params = self._initial_state()["params"] if s.kl else None
+    ref_params = self._init_params() if s.kl else None  # the KL reference: weights only, no optimizer state
     history, step, sampled_tokens, stop, t0 = [], start, 0, False, time.perf_counter()
     last_saved = start
     with Preemption() as preemption:

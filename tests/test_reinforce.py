@@ -247,6 +247,21 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
   log_softmax = logits[rows, cols] - np.log(np.exp(logits[rows, cols]).sum(-1, keepdims=True))
   np.testing.assert_allclose(-ce[rows, cols], log_softmax[np.arange(len(rows)), batch["targets"][rows, cols]],
                              rtol=1e-4, atol=1e-4)
+  # --kl: each sampled token's weight drops by kl * (log pi - log pi_ref), computed here from the
+  # log-softmax of two models' logits (pi: these params scaled, pi_ref: the init run's).
+  rl.s = dataclasses.replace(s, kl=0.5)
+  with jax.set_mesh(rl.mesh):
+    ref = rl._init_params()  # the KL reference: the init run's weights alone
+    moved = jax.tree.map(lambda x: x * 1.1, params)
+    adv = np.linspace(-1, 1, len(batch["inputs"])).astype(np.float32)
+    weights = rl._token_weights(batch, moved, ref, adv)
+    logits_moved = np.asarray(nnx.merge(rl.steps.graphdef, moved)(
+        device_batch["inputs"], device_batch["positions"], device_batch["segment_ids"]), np.float64)
+  logp = lambda lg: (lg[rows, cols] - np.log(np.exp(lg[rows, cols]).sum(-1, keepdims=True)))[
+      np.arange(len(rows)), batch["targets"][rows, cols]]
+  want = adv[rows] - 0.5 * (logp(logits_moved) - logp(logits))
+  np.testing.assert_allclose(weights[rows, cols], want, rtol=1e-3, atol=1e-3)
+  assert not np.any(weights[batch["loss_mask"] == 0])
 
 
 def test_warmup_steps_ramp_the_rl_learning_rate_from_zero():
