@@ -22,7 +22,8 @@ def parse_args(argv):
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--max-batch", type=int, default=4, help="requests generated together (1 = one at a time)")
-  p.add_argument("--max-tokens", type=int, default=256, help="default reply length limit")
+  p.add_argument("--max-tokens", type=int, default=256,
+                 help="default reply length limit (at most the context - 1; the page starts with it)")
   p.add_argument("--chunk", type=int, default=4, help="tokens decoded per call (and per streamed piece)")
   return p.parse_args(argv)
 
@@ -32,16 +33,18 @@ def run(argv: list[str]) -> int:
   from lmtiny.chat.server import ChatEngine, make_server
   from lmtiny.rundir import load_weights
   from lmtiny.sampling import Sampler, SamplingError
-  if args.max_batch < 1:
-    raise SamplingError(f"--max-batch={args.max_batch}: must be >= 1")
+  for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens), ("--chunk", args.chunk)):
+    if value < 1:
+      raise SamplingError(f"{flag}={value}: must be >= 1")
+  if not 0 <= args.port <= 65535:
+    raise SamplingError(f"--port={args.port}: must be in [0, 65535]")
   run, params = load_weights(args.workdir, args.step)
   context = run.cfg.model.max_seq_len
   # Decoding 4 tokens per call (not the sampler's default 16) streams text in smaller pieces.
   engine = ChatEngine(Sampler(run.model(params), chunk=args.chunk), run.tokenizer, context, max_batch=args.max_batch,
                       max_tokens=args.max_tokens)
   try:
-    server = make_server(engine, args.host, args.port, info={"workdir": args.workdir, "step": run.step,
-                                                              "context": context})
+    server = make_server(engine, args.host, args.port, info={"workdir": args.workdir, "step": run.step})
   except OSError as e:
     raise SamplingError(f"--port={args.port}: cannot listen on {args.host} ({e.strerror})") from None
   print(f"{args.workdir}: step {run.step} | chat at http://{args.host}:{server.server_address[1]}/ "

@@ -1,8 +1,10 @@
 """The chat server over HTTP: streamed replies equal the sampler's, concurrent requests equal
-sequential ones, bad requests get 4xx JSON, long chats lose their oldest turns; and the page
+sequential ones, bad requests get 4xx JSON, long chats lose their oldest turns, the page's
+default reply limit is one the server accepts; `python -m lmtiny.serve` flag checks; and the page
 end to end in headless Chromium."""
 import http.client
 import json
+import re
 import shutil
 import threading
 
@@ -11,6 +13,7 @@ import pytest
 from flax import nnx
 
 from chat_fixtures import chat_config, make_tokenizer
+from lmtiny import serve
 from lmtiny.chat.server import ChatEngine, make_server
 from lmtiny.model import Transformer
 from lmtiny.sampling import Sampler, SamplingParams
@@ -19,18 +22,40 @@ from lmtiny.tokenizer import render_for_completion
 CONTEXT = 64
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def _serve(context, **engine_kw):
   tok = make_tokenizer()
   cfg = chat_config(tok)
+  cfg.model.max_seq_len = context
   sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)  # as lmtiny.serve streams
-  engine = ChatEngine(sampler, tok, CONTEXT, max_batch=4, max_tokens=12)
+  engine = ChatEngine(sampler, tok, context, max_batch=4, **engine_kw)
   server = make_server(engine, port=0, info={"step": 0})
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server, tok, sampler
+
+
+@pytest.fixture(scope="module")
+def served():
+  server, tok, sampler = _serve(CONTEXT, max_tokens=12)
   yield server.server_address[1], tok, sampler
   server.shutdown()
   server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served_256():
+  """The README's demo shape: a 256-token context and lmtiny.serve's default --max-tokens 256."""
+  server, tok, sampler = _serve(256)
+  yield server.server_address[1], tok, sampler
+  server.shutdown()
+  server.server_close()
+
+
+def _get(port, path):
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+  conn.request("GET", path)
+  data = conn.getresponse().read().decode()
+  conn.close()
+  return data
 
 
 def _post(port, body, raw=None):
@@ -111,12 +136,47 @@ def test_long_chats_lose_their_oldest_exchanges(served):
   assert text == _expected(tok, sampler, kept, temperature=0.0, top_k=50, max_tokens=8, seed=0)
 
 
+def test_the_pages_default_reply_limit_works_and_keeps_the_history(served_256):
+  port, tok, sampler = served_256
+  assert json.loads(_get(port, "/health")) == {"ok": True, "step": 0, "context": 256, "default_max_tokens": 255}
+  page_max_tokens = int(re.search(r'id="max_tokens"[^>]* value="(\d+)"', _get(port, "/")).group(1))
+  assert page_max_tokens == 255
+  # A second turn as the page sends it (~40 tokens of history): nothing is left out, and the reply
+  # runs until <|assistant_end|> or the context's end.
+  messages = _chat("What does os.path.join do?") + [{"role": "assistant", "content": "It joins paths."}] + \
+      _chat("And os.path.split?")
+  ids = render_for_completion(tok, messages)
+  status, events = _post(port, dict(messages=messages, temperature=0.0, max_tokens=page_max_tokens))
+  text, done = _reply(events)
+  assert status == 200 and done["trimmed"] == 0
+  assert text == _expected(tok, sampler, messages, temperature=0.0, top_k=50, max_tokens=255, seed=0)
+  assert done["tokens"] <= 256 - len(ids)
+  assert (done["finish_reason"] == "length") == (len(ids) + done["tokens"] == 256)
+  # An explicit limit past the context is still the client's error.
+  status, payload = _post(port, dict(messages=messages, max_tokens=256))
+  assert status == 400 and payload["error"].startswith("max_tokens=256: must be in [1, 255]")
+
+
+def test_a_system_message_comes_first(served):
+  port, tok, sampler = served
+  messages = [{"role": "system", "content": "Answer briefly."}] + _chat("What does os.path.join do?")
+  status, events = _post(port, dict(messages=messages, temperature=0.0, top_k=20, max_tokens=10))
+  text, done = _reply(events)
+  assert status == 200 and done["done"] and done["trimmed"] == 0
+  assert text == _expected(tok, sampler, messages, temperature=0.0, top_k=20, max_tokens=10, seed=0)
+
+
 @pytest.mark.parametrize("body, status, message", [
     (b"{nope", 400, "invalid JSON"),
     (b"[1, 2]", 400, "JSON object"),
     ({"messages": []}, 400, "messages: must be a non-empty list"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages\\[0\\]"),
     ({"messages": [{"role": "user", "content": 3}]}, 400, "messages\\[0\\]"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages\\[0\\]"),
+    ({"messages": _chat("a") + [{"role": "system", "content": "s"}] + _chat("b")}, 400, "messages\\[1\\]"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}, 400,
+     'messages\\[1\\]: must be {"role": "user"'),
+    ({"messages": [{"role": "system", "content": "s"}]}, 400, "last message must be the user's"),
     ({"messages": _chat("a") + [{"role": "assistant", "content": "b"}]}, 400, "last message must be the user's"),
     ({"messages": _chat("a"), "temperature": "hot"}, 400, "temperature: must be a number"),
     ({"messages": _chat("a"), "top_k": 2.5}, 400, "top_k: must be an integer"),
@@ -138,11 +198,24 @@ def test_other_paths_and_methods(served):
     response = conn.getresponse()
     assert response.status == status and "error" in json.loads(response.read())
   conn.request("GET", "/health")
-  assert json.loads(conn.getresponse().read()) == {"ok": True, "step": 0}
+  assert json.loads(conn.getresponse().read()) == {"ok": True, "step": 0, "context": CONTEXT, "default_max_tokens": 12}
   conn.request("GET", "/")
   page = conn.getresponse().read().decode()
   assert "/chat/completions" in page and 'id="stop"' in page
+  assert f'id="max_tokens" type="number" min="1" max="{CONTEXT - 1}" step="1" value="12"' in page
   conn.close()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-tokens", "0", "--max-tokens=0: must be >= 1"),
+    ("--chunk", "0", "--chunk=0: must be >= 1"),
+    ("--max-batch", "-1", "--max-batch=-1: must be >= 1"),
+    ("--port", "70000", "--port=70000: must be in [0, 65535]"),
+])
+def test_serve_rejects_bad_flags_before_loading(tmp_path, capsys, flag, value, message):
+  # The run directory does not exist: a flag that got past the checks would fail on it instead.
+  assert serve.main(["--workdir", str(tmp_path / "missing"), flag, value]) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
 
 
 def _chromium():

@@ -1,8 +1,8 @@
-"""Conversation rendering: ids and loss mask on worked examples."""
+"""Conversation rendering: ids and loss mask on worked examples; fitting a chat to the context."""
 import pytest
 
 from lmtiny.data.embedded import iter_embedded_documents
-from lmtiny.tokenizer import TokenizerError, render_for_completion, train_tokenizer
+from lmtiny.tokenizer import TokenizerError, fit_conversation, render_for_completion, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,35 @@ def test_render_for_completion(tok):
   prompt = render_for_completion(tok, messages)
   assert prompt == [1, 2] + tok.encode("Hello") + [3, 4]
   assert render_for_completion(tok, messages[:1]) == prompt
+
+
+def _exchanges(n, text):
+  return [{"role": role, "content": f"{role} {i}: {text}"} for i in range(n) for role in ("user", "assistant")]
+
+
+def test_fit_keeps_a_short_history_under_a_long_reply_limit(tok):
+  # A reply limit of the whole context (255 of 256, the server's default) reserves only half of
+  # it, so a short chat keeps its history; the reply stops at the context's end instead.
+  messages = _exchanges(1, "What does os.path.join do?") + [{"role": "user", "content": "And split?"}]
+  kept, ids = fit_conversation(tok, messages, 256, 255)
+  assert 20 < len(ids) < 128 and kept == messages and ids == render_for_completion(tok, messages)
+
+
+def test_fit_drops_the_oldest_exchanges_of_a_chat_that_does_not_fit(tok):
+  messages = _exchanges(6, "tell me about the standard library") + [{"role": "user", "content": "last"}]
+  context, max_new = 256, 255
+  room = context // 2
+  assert len(render_for_completion(tok, messages)) > context - room
+  kept, ids = fit_conversation(tok, messages, context, max_new)
+  k = len(messages) - len(kept)
+  assert k > 0 and k % 2 == 0 and kept == messages[k:]  # whole exchanges, oldest first
+  assert len(ids) <= context - room < len(render_for_completion(tok, messages[k - 2:]))
+  # A leading system message stays while the exchanges after it are dropped.
+  system = [{"role": "system", "content": "Be brief."}]
+  kept, ids = fit_conversation(tok, system + messages, context, max_new)
+  assert kept[0] == system[0] and kept[1:] == messages[len(messages) - len(kept) + 1:]
+  assert ids == render_for_completion(tok, kept) and len(ids) <= context - room
+  # A reply limit under half the context is reserved in full (so more history stays).
+  kept, ids = fit_conversation(tok, messages, context, 100)
+  k_small = len(messages) - len(kept)
+  assert 0 < k_small < k and len(ids) <= context - 100 < len(render_for_completion(tok, messages[k_small - 2:]))

@@ -5,6 +5,8 @@ server-sent events as they arrive (fetch + a stream reader) and appends each pie
 the reply. Controls: temperature, top-k, max tokens, Stop (aborts the request: the server stops
 that reply, and the partial reply stays in the history), New chat (forgets the history).
 `document.body.dataset.state` is "idle" or "generating" (the browser test waits on it).
+The max-tokens field starts at the server's default reply limit (`render_page`), so an untouched
+page always sends a value the server accepts.
 """
 
 PAGE = """<!doctype html>
@@ -31,7 +33,7 @@ PAGE = """<!doctype html>
   <strong>lmtiny chat</strong>
   <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
   <label>top-k <input id="top_k" type="number" min="0" step="1" value="50"></label>
-  <label>max tokens <input id="max_tokens" type="number" min="1" step="1" value="256"></label>
+  <label>max tokens <input id="max_tokens" type="number" min="1" max="$MAX" step="1" value="$DEFAULT"></label>
   <button id="new">New chat</button>
 </header>
 <div id="log"></div>
@@ -130,3 +132,8 @@ $("input").focus();
 </script>
 </body></html>
 """
+
+
+def render_page(default_max_tokens: int, context: int) -> str:
+  """The page with its max-tokens field set to the server's default, at most context - 1."""
+  return PAGE.replace("$DEFAULT", str(default_max_tokens)).replace("$MAX", str(context - 1))

@@ -1,8 +1,8 @@
 """The chat server: a standard-library HTTP server over the KV-cache sampler.
 
   GET  /                   the chat page (lmtiny.chat.page)
-  GET  /health             {"ok": true, "step": ..., "context": ...}
-  POST /chat/completions   {"messages": [{"role": "user" | "assistant", "content": str}, ...],
+  GET  /health             {"ok": true, "step": ..., "context": ..., "default_max_tokens": ...}
+  POST /chat/completions   {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...],
                             "temperature": 0.8, "top_k": 50, "max_tokens": 256, "seed": 0}
                            -> text/event-stream: `data: {"token": "..."}` events as the reply is
                               generated, then `data: {"done": true, "finish_reason": ...,
@@ -11,8 +11,10 @@
 One process serves many tabs: HTTP threads hand requests to one generation thread, which runs
 whatever is waiting (up to max_batch requests with the same sampling settings) as one batch of
 the sampler, each row with its own random stream (seed) and stream of text, so a reply is the
-same whether it ran alone or beside others. Conversations longer than the context lose their
-oldest exchanges first (lmtiny.tokenizer.fit_conversation, as `generate --chat` does). A client
+same whether it ran alone or beside others. An optional system message comes first, then user
+and assistant alternate. Conversations longer than the context lose their oldest exchanges first
+(lmtiny.tokenizer.fit_conversation, as `generate --chat` does); a reply limit longer than the
+room left stops the reply at the context's end (finish_reason "length"). A client
 that disconnects (the page's stop button) stops its row. Bad requests get a 4xx JSON error.
 """
 from __future__ import annotations
@@ -77,12 +79,14 @@ class ChatEngine:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
       raise RequestError(400, "messages: must be a non-empty list")
+    system = int(isinstance(messages[0], dict) and messages[0].get("role") == "system")
     for i, m in enumerate(messages):
-      role = "user" if i % 2 == 0 else "assistant"
+      role = "system" if i < system else "user" if (i - system) % 2 == 0 else "assistant"
       if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
         raise RequestError(400, f"messages[{i}]: must be {{\"role\": \"{role}\", \"content\": <string>}} "
-                                "(user and assistant alternate, starting with user)")
-    if len(messages) % 2 == 0:
+                                "(an optional system message first, then user and assistant alternate, "
+                                "starting with user)")
+    if (len(messages) - system) % 2 == 0:
       raise RequestError(400, "messages: the last message must be the user's")
     temperature = _number(body, "temperature", 0.8, float, 0.0, 10.0)
     top_k = _number(body, "top_k", 50, int, 0, 1 << 20)
@@ -90,7 +94,8 @@ class ChatEngine:
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
     kept, ids = fit_conversation(self.tok, messages, self.context, max_tokens)
     if len(ids) >= self.context:
-      raise RequestError(413, f"messages: the last message is {len(ids)} tokens with the chat tokens, but the "
+      what = "the system and last messages are" if system else "the last message is"
+      raise RequestError(413, f"messages: {what} {len(ids)} tokens with the chat tokens, but the "
                               f"model's context is {self.context}; send something shorter")
     return Request(ids, temperature, top_k, max_tokens, seed, trimmed=len(messages) - len(kept))
 
@@ -186,16 +191,17 @@ class Handler(BaseHTTPRequestHandler):
     self.wfile.write(data)
 
   def do_GET(self):
-    from lmtiny.chat.page import PAGE
+    from lmtiny.chat.page import render_page
     if self.path in ("/", "/index.html"):
-      data = PAGE.encode()
+      data = render_page(self.engine.default_max_tokens, self.engine.context).encode()
       self.send_response(200)
       self.send_header("Content-Type", "text/html; charset=utf-8")
       self.send_header("Content-Length", str(len(data)))
       self.end_headers()
       self.wfile.write(data)
     elif self.path == "/health":
-      self._json(200, {"ok": True, **self.info})
+      self._json(200, {"ok": True, **self.info, "context": self.engine.context,
+                       "default_max_tokens": self.engine.default_max_tokens})
     elif self.path == "/chat/completions":
       self._json(405, {"error": "use POST for /chat/completions"})
     else:

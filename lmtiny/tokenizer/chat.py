@@ -98,11 +98,17 @@ def render_for_completion(tok: "Tokenizer", messages: Sequence[dict]) -> list[in
 def fit_conversation(tok: "Tokenizer", messages: Sequence[dict], context: int,
                      max_new_tokens: int) -> tuple[list[dict], list[int]]:
   """The prompt for the next reply within a context of `context` tokens: the oldest exchanges
-  (a user and an assistant message) are dropped until `max_new_tokens` fit after it; the last
-  user message is always kept (the prompt may still be too long). Returns (messages kept, ids)."""
+  (a user and an assistant message; a leading system message stays) are dropped until
+  min(max_new_tokens, context // 2) new tokens fit after it. The cap keeps a long reply limit
+  (up to the whole context) from costing the history; a reply that runs past the room left stops
+  at the context's end. The last user message is always kept (the prompt may still be too long).
+  Returns (messages kept, ids)."""
   messages = list(messages)
-  ids = render_for_completion(tok, messages)
-  while len(ids) > context - max_new_tokens and len(messages) > 2:
-    messages = messages[2:]
-    ids = render_for_completion(tok, messages)
-  return messages, ids
+  head = messages[:1] if messages and messages[0].get("role") == "system" else []
+  turns = messages[len(head):]
+  room = min(max_new_tokens, context // 2)
+  ids = render_for_completion(tok, head + turns)
+  while len(ids) > context - room and len(turns) > 2:
+    turns = turns[2:]
+    ids = render_for_completion(tok, head + turns)
+  return head + turns, ids
