@@ -62,7 +62,19 @@ def evaluate(args) -> dict:
   names = expand_tasks(args.tasks)
   if args.max_items < 0 or args.batch < 1 or args.max_new_tokens < 1:
     raise UserError("--max-items must be >= 0, --batch and --max-new-tokens >= 1")
-  loaded = load_model(args.workdir, args.step, quantize=args.quantize, group_size=args.group_size)
+  from lmtiny.rundir import load_run
+  run = load_run(args.workdir, args.step)  # the run directory first (cheap), then every task's data,
+  rows = {}  # then the weights: a missing file or no network fails before the model loads
+  for name in names:
+    if name == "gsm8k" and args.gsm8k_data == "toy":
+      from lmtiny.evals.toy import toy_rows
+      rows[name] = toy_rows(args.max_items or 200, seed=2, held_out=True)
+    elif name == "gsm8k":
+      rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
+    elif name != "bpb":
+      rows[name] = core.convert_rows(name, core.TASKS[name],
+                                     load_rows(name, core.TASKS[name].source, args.data_dir, args.max_items))
+  loaded = load_model(run, quantize=args.quantize, group_size=args.group_size)
   results = {}
   for name in names:
     t0 = time.perf_counter()
@@ -71,21 +83,14 @@ def evaluate(args) -> dict:
       results[name] = evaluate_bpb(loaded, args.shards, args.eval_batches)
     elif name == "gsm8k":
       from lmtiny.sampling import Sampler
-      if args.gsm8k_data == "toy":
-        from lmtiny.evals.toy import toy_rows
-        rows = toy_rows(args.max_items or 200, seed=2, held_out=True)
-      else:
-        rows = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
       import jax
       with jax.set_mesh(loaded.mesh):
-        results[name] = gsm8k.evaluate(Sampler(loaded.model), loaded.tokenizer, rows,
+        results[name] = gsm8k.evaluate(Sampler(loaded.model), loaded.tokenizer, rows[name],
                                        max_new_tokens=args.max_new_tokens, batch=args.batch)
     else:
       from lmtiny.evals.scoring import Scorer
-      task = core.TASKS[name]
-      items = core.convert_rows(name, task, load_rows(name, task.source, args.data_dir, args.max_items))
       results[name] = core.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
-                                         loaded.tokenizer, task, items, args.norm)
+                                         loaded.tokenizer, core.TASKS[name], rows[name], args.norm)
     results[name]["seconds"] = time.perf_counter() - t0
   core_names = [n for n in names if n in core.TASKS]
   out = {"step": loaded.step, "results": results}

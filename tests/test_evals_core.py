@@ -129,6 +129,8 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, monkeypatch, args, me
   # too late, and the listing retries the unreachable hub for ~23 s before failing the same way.
   from huggingface_hub import constants  # a test dependency (with transformers)
   monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  from lmtiny.evals import loading  # the data is read before the weights load: errors come in seconds
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
   assert eval_cli.main(["--workdir", run_dir, *args]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -296,10 +296,16 @@ class HuggingFaceSource(ParquetSource):
       import huggingface_hub
     except ImportError:
       raise SourceError(f"{name}: needs huggingface_hub (pip install huggingface_hub)") from None
+    import logging
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # offline, its retries log a warning each: the error below says it once
     try:
       listed = huggingface_hub.list_repo_files(repo_id, repo_type="dataset", revision=revision)
     except Exception as e:  # offline, unknown repo, gated repo: all user-fixable
       raise SourceError(f"{name}: cannot list {repo_id!r} on the hub ({type(e).__name__})") from None
+    finally:
+      hub_log.setLevel(level)
     files = sorted(f for f in listed if fnmatch.fnmatch(f, pattern))
     if not files:
       raise SourceError(f"{name}: no files in {repo_id!r} match {pattern!r}")

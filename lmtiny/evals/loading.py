@@ -27,10 +27,10 @@ def data_mesh():
   return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 
-def load_model(workdir: str, step: int | None = None, mesh=None, quantize: str = "none",
+def load_model(workdir, step: int | None = None, mesh=None, quantize: str = "none",
                group_size: int | None = None) -> LoadedModel:
-  """The run in `workdir` at `step` (default: the newest that loads); raises a UserError naming
-  what is wrong. `quantize` (int8 | int4) scores the weight-only quantized model (lmtiny.quant)."""
+  """The run in `workdir` (a directory, or a Run from lmtiny.rundir.load_run) at `step` (default:
+  the newest that loads); raises a UserError naming what is wrong. `quantize` (int8 | int4) scores the weight-only quantized model (lmtiny.quant)."""
   from lmtiny.rundir import load_weights
   mesh = mesh or data_mesh()
   run, params = load_weights(workdir, step, mesh=mesh, quantize=quantize, group_size=group_size)
