@@ -212,7 +212,9 @@ TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data
             --workdir "$RUN_DIR" ${BASE_ARGS[@]+"${BASE_ARGS[@]}"})
 if [[ $POD == 1 && $BASE_DONE == 0 ]] && ! skipped base; then
   run "$LAUNCH_DIR/tpu.sh" train --name "$TPU_NAME" --zone "$ZONE" -- "${TRAIN_ARGS[@]}"
-  note "base training launched on $TPU_NAME; when it has finished, re-run with --base-done"
+  if [[ $DRY_RUN == 0 ]]; then
+    note "base training launched on $TPU_NAME; when it has finished, re-run with --base-done"
+  fi
   exit 0
 fi
 if [[ $POD == 1 ]]; then

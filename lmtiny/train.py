@@ -39,11 +39,14 @@ def train(cfg, workdir: str, preemption=None) -> int:
   summary = trainer.run()  # diverged or a failed save: RunFailed, one line and exit 1 (cli.run_main)
   from lmtiny import report
   report.update_for(workdir)
-  # The whole run's val curve (a resumed run's own evaluations start where it resumed).
-  val = [r for r in metrics.read_metrics(workdir) if r.get("split") == "val"] if trainer.main else []
-  if val and summary["val"]:
+  # The whole run's val curve and wall time, over every segment (a resumed run starts mid-way).
+  records = metrics.read_metrics(workdir) if trainer.main else []
+  val = [r for r in records if r.get("split") == "val"]
+  if summary["preempted"] and trainer.main:
+    print(f"stopped (SIGTERM) at step {summary['step']}: re-run the same command to resume | {workdir}")
+  elif val and summary["val"]:
     first, last = val[0], val[-1]
-    print(f"done: {summary['step']} steps in {summary['seconds']:.0f}s | val loss {first['loss']:.3f} -> "
+    print(f"done: {summary['step']} steps in {metrics.wall_seconds(records):.0f}s | val loss {first['loss']:.3f} -> "
           f"{last['loss']:.3f} | val bpb {first['bpb']:.3f} -> {last['bpb']:.3f} | {workdir}")
   return 0
 
