@@ -2,10 +2,13 @@
 
   python -m lmtiny.export --workdir RUN --out DIR [--step N] [--dtype float32|bfloat16|float16]
 
-Writes DIR/config.json, model.safetensors, generation_config.json, tokenizer.model,
-tokenizer_config.json (chat tokens as special tokens, chat template) and special_tokens_map.json;
-`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load them
-without trust_remote_code. --dtype defaults to the source's dtype for an imported run, else
+Writes DIR/config.json, model.safetensors, generation_config.json, tokenizer.json,
+tokenizer.model, tokenizer_config.json (chat tokens as special tokens, chat template) and
+special_tokens_map.json; `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` load them without trust_remote_code. DIR is built in a
+temporary sibling and renamed into place, replacing an earlier export there as a whole (no stale
+file survives; an interruption leaves the earlier export as it was). A DIR that is the run, holds
+a run (checkpoints/), or is neither empty nor a Hugging Face checkpoint directory is refused. --dtype defaults to the source's dtype for an imported run, else
 float32. A model Llama cannot express (model.activation other than swiglu, model.logit_softcap,
 model.embed_norm) is refused with one line naming the field, exit status 2.
 """

@@ -22,6 +22,7 @@ import sys
 from typing import TYPE_CHECKING, Iterable, TextIO
 
 from lmtiny import cli
+from lmtiny.config import ConfigError
 from lmtiny.sampling import SamplingError
 
 if TYPE_CHECKING:
@@ -179,6 +180,8 @@ def _stdin_lines(interactive: bool):
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
   try:
+    if args.group_size is not None and args.quantize == "none":
+      raise ConfigError(f"--group-size={args.group_size}: only applies with --quantize int8|int4")
     sampling = sampling_params(args)
     from lmtiny.rundir import load_run, load_weights
     run = load_run(args.workdir, args.step)

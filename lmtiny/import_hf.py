@@ -3,12 +3,14 @@
   python -m lmtiny.import_hf --hf DIR --workdir RUN
 
 DIR holds config.json, model.safetensors (or model.safetensors.index.json and its shards) and a
-tokenizer (tokenizer.model and/or tokenizer.json). RUN gets config.json, a parameter checkpoint at
-step 0, the tokenizer (an lmtiny tokenizer.model stays one; any other is wrapped from its
-tokenizer.json) and hf_import.json. Then `python -m lmtiny.generate --workdir RUN --prompt ...`
-samples from it, its checkpoint initialises SFT, and `python -m lmtiny.export` writes the same
-tensors back. Unsupported checkpoints (biases, rope scaling, sliding windows, other activations)
-are refused with one line naming the field, exit status 2.
+tokenizer (tokenizer.model and/or tokenizer.json). RUN (new, or an empty directory) gets
+config.json, a parameter checkpoint at step 0, the tokenizer (an lmtiny tokenizer.model stays
+one; any other is wrapped from its tokenizer.json) and hf_import.json, built in a temporary
+sibling and renamed into place, so an interrupted import leaves no RUN behind. Then
+`python -m lmtiny.generate --workdir RUN --prompt ...` samples from it, its checkpoint initialises
+SFT, and `python -m lmtiny.export` writes the same tensors back. Unsupported checkpoints (biases,
+rope scaling, sliding windows, other activations, bad head counts) are refused with one line
+naming the config.json field, exit status 2.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """python -m lmtiny.lora merge --workdir RUN/sft --out RUN/merged [--step N]
 
 Folds a LoRA fine-tuning run's adapters (W + alpha / rank * A @ B) into its base run's weights
-and writes a full run directory (config.json, tokenizer.model, one checkpoint) that
-`lmtiny.generate` and `lmtiny.serve` load like any other run. Bad input: one `error:` line, exit 2.
+and writes a full run directory (config.json, the tokenizer, one checkpoint) that
+`lmtiny.generate` and `lmtiny.serve` load like any other run. --out must be new (or an empty
+directory); it is built in a temporary sibling and renamed into place, so it appears whole or not
+at all. Bad input: one `error:` line, exit 2.
 """
 from __future__ import annotations
 

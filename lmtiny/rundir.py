@@ -11,15 +11,19 @@ newest checkpoint and falls back past unusable ones (one warning line each; noth
 since a training run may be using the directory). A LoRA run (config lora.rank > 0) holds only
 adapters: its base run (config sft.init at sft.init_step, itself loaded this way, so chains of
 LoRA runs work) is loaded and the adapters are folded in, W + alpha / rank * A @ B. `quantize`
-(int8 | int4) makes the weight-only quantized parameters (lmtiny.quant).
+(int8 | int4) makes the weight-only quantized parameters (lmtiny.quant). `new_directory` builds a
+directory (a merged or imported run, an export) in a temporary sibling and renames it into place.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, Iterator
 
 import jax
 from etils import epath
@@ -158,26 +162,64 @@ def load_weights(run: Run | str, step: int | None = None, *, mesh=None, quantize
   raise RunError(f"{flags[0]}={run.workdir}: no usable checkpoint ({'; '.join(failures)})")
 
 
+def check_new_directory(path: str, flag: str) -> None:
+  """RunError naming `flag` unless `path` is absent or an empty directory."""
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    raise RunError(f"{flag}={path}: already holds a run (remove it or pick another directory)")
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise RunError(f"{flag}={path}: exists and is not an empty directory (pick another directory)")
+
+
+@contextlib.contextmanager
+def new_directory(path: str, flag: str, replace: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling of `path` (local) to fill; when the block ends without an error it
+  is renamed to `path`, so the directory appears whole or not at all, and a failure or an
+  interruption leaves `path` as it was. Without `replace`, `path` must be absent or empty
+  (check_new_directory); with it, an existing `path` is moved aside, the new one renamed in and the
+  old one deleted: no file of the old directory survives in the new one."""
+  if not replace:
+    check_new_directory(path, flag)
+  target = os.path.realpath(path)
+  parent, name = os.path.split(target)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+  os.mkdir(tmp)
+  try:
+    yield tmp
+    if replace and os.path.exists(target):
+      old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+      os.rename(target, old)
+      try:
+        os.rename(tmp, target)
+      except BaseException:
+        os.rename(old, target)
+        raise
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, target)  # onto an empty directory, or none
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def merge_lora_run(workdir: str, out: str, step: int | None = None) -> str:
-  """Writes `out`: a full run directory (config.json, tokenizer.model, one checkpoint of the
-  merged parameters at the adapters' step) that loads like any other run."""
-  import shutil
+  """Writes `out` (new, local): a full run directory (config.json, the tokenizer, one checkpoint of
+  the merged parameters at the adapters' step) that loads like any other run, built whole in a
+  temporary sibling (new_directory)."""
   from lmtiny.checkpoint import Checkpointer
   from lmtiny.files import atomic_write
+  from lmtiny.interop.hf_tokenizer import save_run_tokenizer
   run = load_run(workdir, step)
   if not is_lora_run(run.cfg):
     raise ConfigError(f"--workdir={workdir}: not a LoRA run (config.lora.rank is 0 in its config.json)")
-  if (epath.Path(out) / "checkpoints").exists():
-    raise ConfigError(f"--out={out}: already holds a run (remove it or pick another directory)")
+  check_new_directory(out, "--out")
   run, params = load_weights(run)
-  out_path = epath.Path(out)
-  out_path.mkdir(parents=True, exist_ok=True)
   cfg = run.cfg.to_dict()
   cfg["lora"]["rank"] = 0
   cfg["sft"]["merged_from"] = f"{workdir} step {run.step}"
-  checkpointer = Checkpointer(str(out_path / "checkpoints"), keep=1, async_save=False)
-  checkpointer.save(run.step, {"params": params})
-  checkpointer.close()
-  shutil.copyfile(str(epath.Path(workdir) / "tokenizer.model"), str(out_path / "tokenizer.model"))
-  atomic_write(out_path / "config.json", json.dumps(cfg, indent=2).encode())
+  with new_directory(out, "--out") as tmp:
+    checkpointer = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+    checkpointer.save(run.step, {"params": params})
+    checkpointer.close()
+    save_run_tokenizer(tmp, run.tokenizer)
+    atomic_write(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2).encode())
   return out

@@ -111,6 +111,7 @@ def test_cli_completion_and_piped_chat(run_dir):
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
     (["--prompt", "word " * 80], "but the model's context is 64 tokens"),
     (["--prompt", "hi", "--step", "7"], "--step=7: no such checkpoint"),
+    (["--prompt", "hi", "--group-size", "7"], "--group-size=7: only applies with --quantize"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(run_dir, argv, message):
   done = _cli("--workdir", run_dir.path, *argv)

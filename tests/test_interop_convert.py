@@ -5,6 +5,7 @@ is bitwise, and what Llama cannot express is refused with one line and exit stat
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from lm_fixtures import ROOT
 from lmtiny import export, import_hf
 from lmtiny.config import base_config
 from lmtiny.data.embedded import iter_embedded_documents
-from lmtiny.rundir import load_run, load_weights
+from lmtiny.rundir import RunError, load_run, load_weights
 from lmtiny.interop import llama
 from lmtiny.interop.convert import import_checkpoint, write_run
 from lmtiny.interop.safetensors_io import read_checkpoint
@@ -205,14 +206,18 @@ def test_cli_refusal_is_one_line_exit_2(imported, tmp_path):
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(model_type="gpt2"), "model_type='gpt2'"),
+    (dict(num_key_value_heads=3), "num_key_value_heads=3: must divide num_attention_heads=4"),  # HF's names
 ])
 def test_import_refuses_unsupported_configs(imported, tmp_path, capsys, change, message):
   _, hf_dir, _ = imported["llama_untied_gqa"]
+  for name in ("model.safetensors", "tokenizer.model"):
+    shutil.copyfile(os.path.join(hf_dir, name), tmp_path / name)
   cfg = dict(json.load(open(os.path.join(hf_dir, "config.json"))), **change)
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   assert import_hf.main(["--hf", str(tmp_path), "--workdir", str(tmp_path / "r")]) == 2
   err = capsys.readouterr().err
-  assert message in err and err.count("\n") == 1
+  assert message in err and "model." not in err and err.count("\n") == 1
+  assert not os.path.exists(tmp_path / "r")
 
 
 def test_import_reports_a_missing_tensor(imported, tmp_path, capsys):
@@ -225,3 +230,75 @@ def test_import_reports_a_missing_tensor(imported, tmp_path, capsys):
   (tmp_path / "tokenizer.model").write_bytes(open(os.path.join(hf_dir, "tokenizer.model"), "rb").read())
   assert import_hf.main(["--hf", str(tmp_path), "--workdir", str(tmp_path / "r")]) == 2
   assert "model.layers.1.mlp.up_proj.weight is missing" in capsys.readouterr().err
+
+
+def _snapshot(directory):
+  """{relative path: bytes} of every file under `directory`."""
+  return {os.path.relpath(os.path.join(d, name), directory): open(os.path.join(d, name), "rb").read()
+          for d, _, names in os.walk(directory) for name in names}
+
+
+EXPORT_FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+
+
+def test_export_refuses_the_run_itself_and_other_runs(imported, tmp_path, capsys):
+  _, _, run = imported["llama_untied_gqa"]
+  _, _, other = imported["llama_tied_mha"]
+  before = _snapshot(run)
+  notes = tmp_path / "notes"
+  notes.mkdir()
+  (notes / "todo.txt").write_text("mine")
+  for out, message in ((run, "is (or holds) the run directory"), (os.path.dirname(run), "is (or holds) the run"),
+                       (other, "holds an lmtiny run (checkpoints/)"), (str(notes), "not a Hugging Face checkpoint")):
+    assert export.main(["--workdir", run, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out={out}: ") and message in err and err.count("\n") == 1, err
+  assert _snapshot(run) == before and (notes / "todo.txt").read_text() == "mine"
+  assert load_run(other).cfg.model.tie_embeddings  # the other run is untouched too
+
+
+def test_export_replaces_an_earlier_export_whole(imported, tmp_path):
+  _, hf_dir, run = imported["llama_untied_gqa"]
+  out = tmp_path / "hf"
+  _hf_model("llama_tied_mha").save_pretrained(str(out), max_shard_size="100KB")  # an index and shards
+  assert os.path.exists(out / "model.safetensors.index.json")
+  assert export.main(["--workdir", run, "--out", str(out)]) == 0
+  assert sorted(os.listdir(out)) == EXPORT_FILES  # no stale index or shard survives
+  a, b = read_checkpoint(hf_dir), read_checkpoint(str(out))
+  assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+  assert "max_length" not in json.load(open(out / "generation_config.json"))  # max_new_tokens alone decides
+  assert os.listdir(tmp_path) == ["hf"]  # no temporary sibling left
+
+
+def test_interrupted_export_leaves_the_earlier_export_intact(imported, tmp_path, monkeypatch):
+  _, _, run = imported["llama_untied_gqa"]
+  _, _, tied = imported["llama_tied_mha"]
+  out = str(tmp_path / "hf")
+  assert export.main(["--workdir", tied, "--out", out]) == 0
+  before = _snapshot(out)
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr("lmtiny.interop.hf_tokenizer.write_tokenizer", interrupted)  # after the weights
+  with pytest.raises(KeyboardInterrupt):
+    export.main(["--workdir", run, "--out", out])
+  assert _snapshot(out) == before and os.listdir(tmp_path) == ["hf"]
+
+
+def test_interrupted_import_leaves_nothing_and_can_be_rerun(imported, tmp_path, monkeypatch):
+  _, hf_dir, _ = imported["llama_untied_gqa"]
+  run = str(tmp_path / "run")
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr("lmtiny.interop.hf_tokenizer.save_run_tokenizer", interrupted)  # after the checkpoint
+  with pytest.raises(KeyboardInterrupt):
+    import_checkpoint(hf_dir, run)
+  assert os.listdir(tmp_path) == []
+  monkeypatch.undo()
+  import_checkpoint(hf_dir, run)
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "hf_import.json", "tokenizer.model"]
+  assert load_run(run).step == 0
+  with pytest.raises(RunError, match=rf"^--workdir={run}: already holds a run"):
+    import_checkpoint(hf_dir, run)

@@ -3,6 +3,10 @@
   export_run(workdir, out_dir, step=None, dtype=None) -> summary dict
   import_checkpoint(hf_dir, workdir) -> summary dict
 
+Both write a new directory whole: it is built in a temporary sibling and renamed into place
+(lmtiny.rundir.new_directory), so an interruption leaves no half-written directory; an export
+replaces an earlier export in `out_dir` as a whole, so none of its files survive.
+
 An imported run holds config.json (lmtiny's base config with the model fields of the HF config),
 a parameter-only checkpoint at step 0 (what `lmtiny.rundir.load_weights` reads, e.g. as an SFT
 init), the tokenizer, and hf_import.json recording the source and its dtype, which export uses by
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -37,10 +42,38 @@ def flat_params(model) -> dict:
   return llama.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
 
 
+def check_export_dir(out_dir: str, workdir: str | None = None) -> None:
+  """InteropError unless `out_dir` may be (re)placed by an export: absent, empty, or a Hugging Face
+  checkpoint directory (config.json with a model_type), and neither the run nor holding it."""
+  if workdir is not None:
+    out, run = os.path.realpath(out_dir), os.path.realpath(workdir)
+    if os.path.commonpath([out, run]) == out:
+      raise InteropError(f"--out={out_dir}: is (or holds) the run directory --workdir={workdir}; "
+                         "export to a directory of its own")
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise InteropError(f"--out={out_dir}: is a file, not a directory")
+  if os.path.isdir(os.path.join(out_dir, "checkpoints")):
+    raise InteropError(f"--out={out_dir}: holds an lmtiny run (checkpoints/); export to a directory of its own")
+  if not os.listdir(out_dir):
+    return
+  try:
+    with open(os.path.join(out_dir, "config.json")) as f:
+      is_hf = "model_type" in json.load(f)
+  except (OSError, ValueError, TypeError):
+    is_hf = False
+  if not is_hf:
+    raise InteropError(f"--out={out_dir}: not empty and not a Hugging Face checkpoint directory (no config.json "
+                       "with a model_type), so not replaced; export to a new directory")
+
+
 def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict:
-  """Writes config.json, model.safetensors, generation_config.json and the tokenizer."""
+  """Writes `out_dir` (replacing an earlier export whole): config.json, model.safetensors,
+  generation_config.json and the tokenizer."""
   from lmtiny.files import atomic_write_json
   from lmtiny.interop.hf_tokenizer import write_tokenizer
+  from lmtiny.rundir import new_directory
   from lmtiny.tokenizer import Tokenizer
   m = model.cfg
   arch = llama.export_architecture(m)
@@ -49,25 +82,28 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict
   if not isinstance(tokenizer, Tokenizer):
     raise InteropError("tokenizer: only an lmtiny sentencepiece tokenizer can be exported "
                        "(this run was imported with a Hugging Face tokenizer)")
+  check_export_dir(out_dir)
   bos, eos = tokenizer.bos_id, [tokenizer.special_id("assistant_end"), tokenizer.bos_id]
-  os.makedirs(out_dir, exist_ok=True)
   tensors = llama.to_hf_tensors(flat_params(model), m, _numpy_dtype(dtype))
-  write_file(os.path.join(out_dir, SINGLE_FILE), tensors, metadata={"format": "pt"})
-  atomic_write_json(os.path.join(out_dir, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
-  atomic_write_json(os.path.join(out_dir, "generation_config.json"),
-                    {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
-                     "top_k": 50, "top_p": 0.95, "max_length": m.max_seq_len})
-  write_tokenizer(out_dir, tokenizer, m.max_seq_len)
+  with new_directory(out_dir, "--out", replace=True) as tmp:
+    write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
+    atomic_write_json(os.path.join(tmp, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
+    atomic_write_json(os.path.join(tmp, "generation_config.json"),
+                      {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
+                       "top_k": 50, "top_p": 0.95})
+    write_tokenizer(tmp, tokenizer, m.max_seq_len)
   return {"architecture": llama.ARCHITECTURES[arch], "tensors": len(tensors), "dtype": dtype,
           "bytes": sum(t.nbytes for t in tensors.values())}
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> dict:
   """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
-  float32. Refuses (InteropError) before reading weights when the architecture cannot be exported."""
+  float32. Refuses (InteropError) before reading weights when the architecture cannot be exported
+  or `out_dir` is not a directory an export may replace (check_export_dir)."""
   from lmtiny.rundir import load_run, load_weights
   run = load_run(workdir, step)
   llama.export_architecture(run.cfg.model)
+  check_export_dir(out_dir, workdir)
   record = os.path.join(workdir, IMPORT_RECORD)
   if dtype is None:
     dtype = json.load(open(record))["dtype"] if os.path.exists(record) else "float32"
@@ -87,52 +123,74 @@ def _read_hf_config(hf_dir: str) -> dict:
     raise InteropError(f"{path}: not JSON ({e})") from None
 
 
-def write_run(workdir: str, cfg, params, tokenizer, step: int = 0) -> None:
-  """A run directory `generate` reads: config.json, the tokenizer and a parameter-only checkpoint
-  (`params`: the nnx State of the model's Params)."""
+def write_run(workdir: str, cfg, params, tokenizer, step: int = 0, files: dict | None = None) -> None:
+  """A new run directory `generate` reads: config.json, the tokenizer, a parameter-only checkpoint
+  (`params`: the nnx State of the model's Params) and `files` ({name: JSON object}), appearing
+  whole or not at all (lmtiny.rundir.new_directory; `workdir` must be absent or empty)."""
   from lmtiny.checkpoint import Checkpointer
-  from lmtiny.files import atomic_write
+  from lmtiny.files import atomic_write, atomic_write_json
   from lmtiny.interop.hf_tokenizer import save_run_tokenizer
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-  ckpt.save(step, {"params": params})
-  ckpt.close()
-  atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode())
-  save_run_tokenizer(workdir, tokenizer)
+  from lmtiny.rundir import new_directory
+  with new_directory(workdir, "--workdir") as tmp:
+    ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
+    ckpt.save(step, {"params": params})
+    ckpt.close()
+    atomic_write(os.path.join(tmp, "config.json"), cfg.to_json_best_effort(indent=2).encode())
+    save_run_tokenizer(tmp, tokenizer)
+    for name, obj in (files or {}).items():
+      atomic_write_json(os.path.join(tmp, name), obj)
+
+
+# lmtiny model field -> the Hugging Face config.json field it comes from (for messages)
+HF_FIELDS = {"vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "d_model": "hidden_size",
+             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+             "mlp_dim": "intermediate_size", "max_seq_len": "max_position_embeddings",
+             "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
+
+
+def _validated_model(fields: dict, where: str):
+  """lmtiny's base config with the imported model fields; a bad value is an InteropError naming
+  the config.json field it came from (num_key_value_heads, not model.num_kv_heads)."""
+  from lmtiny import config as config_lib
+  cfg = config_lib.base_config()
+  cfg.model.update(**fields)
+  try:
+    config_lib.validate_model(cfg.model)
+  except config_lib.ConfigError as e:
+    message = re.sub(r"(?:config\.)?model\.(\w+)", lambda g: HF_FIELDS.get(g[1], g[0]), str(e))
+    raise InteropError(f"{where}: {message}") from None
+  return cfg
 
 
 def import_checkpoint(hf_dir: str, workdir: str) -> dict:
-  """Writes an lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
+  """Writes a new lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
   import jax.numpy as jnp
   from flax import nnx
-  from lmtiny.config import base_config
-  from lmtiny.files import atomic_write_json
   from lmtiny.interop.hf_tokenizer import import_tokenizer
   from lmtiny.model import abstract_model
+  from lmtiny.rundir import check_new_directory
   if not os.path.isdir(hf_dir):
     raise InteropError(f"--hf={hf_dir}: no such directory")
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise InteropError(f"--workdir={workdir}: already holds checkpoints; import into a new directory")
+  check_new_directory(workdir, "--workdir")
   hf = _read_hf_config(hf_dir)
-  fields, notes = llama.model_fields(hf, os.path.join(hf_dir, "config.json"))
+  where = os.path.join(hf_dir, "config.json")
+  fields, notes = llama.model_fields(hf, where)
+  cfg = _validated_model(fields, where)
   tensors = read_checkpoint(hf_dir)
   source_dtypes = sorted({str(t.dtype) for t in tensors.values()})
   tokenizer = import_tokenizer(hf_dir, hf)
   if tokenizer.vocab_size > fields["vocab_size"]:
     raise InteropError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
                        f"vocab_size={fields['vocab_size']} in config.json")
-  cfg = base_config()
-  cfg.model.update(**fields)
   abstract = abstract_model(cfg.model)
   state = nnx.state(abstract, nnx.Param)
   shapes = {path: var.get_value().shape for path, var in state.flat_state()}
   arrays = llama.from_hf_tensors(tensors, shapes, hf_dir)
   params = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])))
                                      for path, var in state.flat_state()])
-  write_run(workdir, cfg, params, tokenizer)
   dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
-  atomic_write_json(os.path.join(workdir, IMPORT_RECORD), {
+  write_run(workdir, cfg, params, tokenizer, files={IMPORT_RECORD: {
       "source": os.path.abspath(hf_dir), "model_type": hf.get("model_type"), "dtype": dtype,
-      "tokenizer": type(tokenizer).__name__, "notes": notes})
+      "tokenizer": type(tokenizer).__name__, "notes": notes}})
   return {"model_type": hf.get("model_type"), "params": int(sum(a.size for a in arrays.values())),
           "dtype": dtype, "tokenizer": repr(tokenizer), "notes": notes, "fields": fields}
