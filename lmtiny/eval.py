@@ -62,6 +62,8 @@ def evaluate(args) -> dict:
   names = expand_tasks(args.tasks)
   if args.max_items < 0 or args.batch < 1 or args.max_new_tokens < 1:
     raise UserError("--max-items must be >= 0, --batch and --max-new-tokens >= 1")
+  from lmtiny.quant import check_flags
+  check_flags(args.quantize, args.group_size)
   from lmtiny.rundir import load_run
   run = load_run(args.workdir, args.step)  # the run directory first (cheap), then every task's data,
   rows = {}  # then the weights: a missing file or no network fails before the model loads

@@ -180,8 +180,8 @@ def _stdin_lines(interactive: bool):
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
   try:
-    if args.group_size is not None and args.quantize == "none":
-      raise ConfigError(f"--group-size={args.group_size}: only applies with --quantize int8|int4")
+    from lmtiny.quant import check_flags
+    check_flags(args.quantize, args.group_size)
     sampling = sampling_params(args)
     from lmtiny.rundir import load_run, load_weights
     run = load_run(args.workdir, args.step)

@@ -32,8 +32,6 @@ def run(argv: list[str]) -> int:
   print(f"{args.hf} -> {args.workdir}: {s['model_type']}, {s['params'] / 1e6:.2f}M params ({s['dtype']}), "
         f"{f['num_layers']} layers x {f['d_model']}, {f['num_heads']} heads / {f['num_kv_heads']} kv, "
         f"{'tied' if f['tie_embeddings'] else 'untied'} embeddings, {s['tokenizer']}")
-  for note in s["notes"]:
-    print(f"note: {note}")
   return 0
 
 

@@ -39,6 +39,12 @@ class QuantizeError(UserError):
   """A quantization request that cannot be met (unknown mode, group size that does not divide)."""
 
 
+def check_flags(quantize: str, group_size: int | None) -> None:
+  """--group-size means something only with --quantize: alone it would be silently ignored."""
+  if group_size is not None and quantize == "none":
+    raise QuantizeError(f"--group-size={group_size}: only applies with --quantize int8|int4")
+
+
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight:
   """A weight of logical shape `shape` stored as integers [..., G, g, N] (int4: [..., G, g/2, N]

@@ -119,6 +119,7 @@ def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
+    (["--tasks", "bpb", "--group-size", "32"], "--group-size=32: only applies with --quantize"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent"], "--data-dir=/nonexistent: no arc_easy"),
     (["--tasks", "arc_easy"], "cannot list 'allenai/ai2_arc' on the hub"),  # offline
 ])

@@ -174,7 +174,7 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   check_new_directory(workdir, "--workdir")
   hf = _read_hf_config(hf_dir)
   where = os.path.join(hf_dir, "config.json")
-  fields, notes = llama.model_fields(hf, where)
+  fields = llama.model_fields(hf, where)
   cfg = _validated_model(fields, where)
   tensors = read_checkpoint(hf_dir)
   source_dtypes = sorted({str(t.dtype) for t in tensors.values()})
@@ -191,6 +191,6 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
   write_run(workdir, cfg, params, tokenizer, files={IMPORT_RECORD: {
       "source": os.path.abspath(hf_dir), "model_type": hf.get("model_type"), "dtype": dtype,
-      "tokenizer": type(tokenizer).__name__, "notes": notes}})
+      "tokenizer": type(tokenizer).__name__}})
   return {"model_type": hf.get("model_type"), "params": int(sum(a.size for a in arrays.values())),
-          "dtype": dtype, "tokenizer": repr(tokenizer), "notes": notes, "fields": fields}
+          "dtype": dtype, "tokenizer": repr(tokenizer), "fields": fields}

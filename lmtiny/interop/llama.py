@@ -19,7 +19,7 @@ import numpy as np
 from lmtiny import config as config_lib
 from lmtiny.config import UserError
 
-DEFAULT_NORM_EPS = 1e-6  # lmtiny's RMSNorm epsilon until a model.norm_eps field says otherwise
+DEFAULT_NORM_EPS = 1e-6  # lmtiny's default model.norm_eps (HF configs without rms_norm_eps get it)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # lmtiny path inside a block -> (HF name inside `model.layers.{i}.`, layout)
@@ -118,8 +118,8 @@ def _rope(hf: dict) -> tuple[float, str]:
   return float(theta), (sorted(kinds) or ["default"])[0]
 
 
-def model_fields(hf: dict, where: str) -> tuple[dict, list[str]]:
-  """lmtiny `model` fields for an HF config.json, and notes on what is approximated."""
+def model_fields(hf: dict, where: str) -> dict:
+  """lmtiny `model` fields for an HF config.json (what lmtiny cannot represent is refused)."""
   arch = hf.get("model_type")
   if arch not in ARCHITECTURES:
     raise InteropError(f"{where}: model_type={arch!r}; lmtiny imports {', '.join(ARCHITECTURES)}")
@@ -147,13 +147,8 @@ def model_fields(hf: dict, where: str) -> tuple[dict, list[str]]:
     raise InteropError(f"{where}: missing or bad field {e}") from None
   if fields["head_dim"] == d // h and d % h == 0:
     fields["head_dim"] = 0
-  notes = []
-  eps = float(hf.get("rms_norm_eps", DEFAULT_NORM_EPS))
-  if "norm_eps" in config_lib.base_config().model:
-    fields["norm_eps"] = eps
-  elif eps != DEFAULT_NORM_EPS:
-    notes.append(f"rms_norm_eps={eps:g}: lmtiny's RMSNorm uses {DEFAULT_NORM_EPS:g} (logits differ slightly)")
-  return fields, notes
+  fields["norm_eps"] = float(hf.get("rms_norm_eps", DEFAULT_NORM_EPS))
+  return fields
 
 
 # ---------------------------------------------------------------------------------------------
