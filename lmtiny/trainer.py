@@ -299,14 +299,18 @@ class Trainer:
   def sample(self, params, step: int, writer) -> None:
     """Continuations of train.sample_prompt, logged and kept in metrics.jsonl (all processes
     run the sampler, since its programs span the mesh; the main one writes)."""
-    t, tokenizer = self.cfg.train, self.data.tokenizer
-    if not hasattr(tokenizer, "decode"):  # in-memory token data has no text
+    if not hasattr(self.data.tokenizer, "decode"):  # in-memory token data has no text
       return
+    prompt, text = self.sample_pair(nnx.merge(self.steps.graphdef, self.steps.model_params(params)))
+    writer.write(step, "sample", {"prompt": prompt, "text": text})
+    self.log(f"step {step:>6}/{self.total_steps} | sample: {prompt + text!r}")
+
+  def sample_pair(self, model) -> tuple[str, str]:
+    """(prompt, sampled text): train.sample_prompt and its continuation (a chat run: a reply)."""
     from lmtiny.sampling import sample_text
-    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
-    (text,) = sample_text(model, tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens, seed=t.seed)
-    writer.write(step, "sample", {"prompt": t.sample_prompt, "text": text})
-    self.log(f"step {step:>6}/{self.total_steps} | sample: {t.sample_prompt + text!r}")
+    t = self.cfg.train
+    (text,) = sample_text(model, self.data.tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens, seed=t.seed)
+    return t.sample_prompt, text
 
   # -- state -----------------------------------------------------------------------------------
 

@@ -64,6 +64,9 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
   assert sft_cli.main(argv) == 0
   out = capsys.readouterr().out
   assert "LoRA rank 4" in out and f"done: {STEPS} steps" in out
+  sample = next(l for l in out.splitlines() if "| sample: " in l)  # a reply to a held-out question
+  from lmtiny.chat.report import held_out_questions
+  assert sample.split("| sample: ")[1].startswith(repr(held_out_questions()[0] + "\n")[:-1])
   trainable = int(out.split("trainable ")[1].split(" of")[0].replace(",", ""))
   total = int(out.split(" of ")[1].split(" params")[0].replace(",", ""))
   assert trainable < total / 5

@@ -40,6 +40,16 @@ class ChatTrainer(Trainer):
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
 
+  def sample_pair(self, model) -> tuple[str, str]:
+    """A reply to the first held-out question, as the chat template renders it (a pretraining
+    prompt's continuation says nothing about a chat model)."""
+    from lmtiny.chat.report import assistant_end_report, held_out_questions
+    t = self.cfg.train
+    report = assistant_end_report(model, self.data.tokenizer, held_out_questions()[:1],
+                                  max_new_tokens=t.sample_tokens, seed=t.seed)
+    question, reply = report.example
+    return f"{question}\n", reply
+
   def eval_iterator(self):
     from lmtiny.chat.data import make_chat_eval_iterator
     t = self.cfg.train
