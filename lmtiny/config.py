@@ -141,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_step=-1,          # its checkpoint step; -1 = the newest
       sources="embedded_chat:1.0",  # weighted mixture "spec:weight,..." (lmtiny.chat.conversations)
       steps=150,
-      lr=1e-3,               # peak LR (replaces optim.lr; explicit embed/unembed LRs keep their ratio), optim's schedule
+      lr=1e-3,               # peak matrix LR (replaces optim.lr; embed/unembed LRs stay), optim's schedule
       warmup_steps=10,
   ))
   c.lora = ml_collections.ConfigDict(dict(

@@ -98,11 +98,11 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
   cfg.data = base.data  # the base run's data: its tokenizer, and its documents for `pretrain`
   cfg.train.update(steps=s.steps, tokens_per_param=0.0)
-  # sft.lr replaces the matrix LR; explicit embedding / unembedding LRs keep their ratio to it (as
-  # nanochat scales every group), so they do not go on at the pretraining peak.
-  scale = s.lr / cfg.optim.lr
-  cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps, embed_lr=cfg.optim.embed_lr * scale,
-                   unembed_lr=cfg.optim.unembed_lr * scale)
+  # sft.lr replaces the matrix LR only. Explicit embedding / unembedding LRs stay the config's: the
+  # chat tokens' rows are untrained in a base model and must be learned here. Scaled down with
+  # sft.lr (nanochat's SFT, which follows a midtraining at full LRs), tiny's demo ended 6/109
+  # replies with <|assistant_end|> instead of 109/109.
+  cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
   config_lib.validate(cfg)
   if cfg.lora.rank:  # checked before any data is read
     from lmtiny.chat.lora import parse_targets
