@@ -101,9 +101,8 @@ def iter_conversations(spec: str) -> Iterator[list[dict]]:
   elif kind in ("parquet", "hf"):
     if "column=" not in query:
       spec += ("&" if query else "?") + "column=messages"
-    source = open_source(spec)
-    for i, messages in enumerate(source.iter_documents()):
-      yield check_messages(messages, f"{spec}: row {i}")
+    for where, messages in open_source(spec).iter_values():
+      yield check_messages(messages, where)
   else:
     raise SourceError(f"{spec}: not a conversation source (embedded_chat, toy_arithmetic, pretrain, a "
                       ".jsonl or .parquet path, jsonl:, parquet: or hf:)")

@@ -272,7 +272,9 @@ class ParquetSource(Source):
       for batch in pq.ParquetFile(path).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
         yield from batch.to_pylist()
 
-  def _documents(self):
+  def iter_values(self) -> Iterator[tuple[str, object]]:
+    """(where, value) of the column's non-null values as stored (bytes decoded): text, or lists
+    such as SmolTalk's `messages` for the conversation reader."""
     import pyarrow.parquet as pq
     for path in self._paths():
       reader = pq.ParquetFile(path)
@@ -285,7 +287,11 @@ class ParquetSource(Source):
           if value is None:
             self.null_rows += 1
           else:
-            yield _text_of(value, f"{path}: column {self.column!r}, row {row}")
+            yield f"{path}: column {self.column!r}, row {row}", value
+
+  def _documents(self):
+    for where, value in self.iter_values():
+      yield _text_of(value, where)
 
 
 class HuggingFaceSource(ParquetSource):
