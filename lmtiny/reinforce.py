@@ -39,7 +39,7 @@ from lmtiny.config import MESH_AXES, ConfigError, UserError
 from lmtiny.evals import gsm8k
 from lmtiny.preemption import Preemption
 from lmtiny.runlock import RunLock
-from lmtiny.trainer import TrainingDiverged, build_steps, close_quietly, token_losses
+from lmtiny.trainer import TrainingDiverged, build_steps, closing_run, token_losses
 
 
 class RLError(UserError):
@@ -252,8 +252,9 @@ class Reinforce:
     with RunLock(self.workdir, log=self.log):
       workdir.mkdir(parents=True, exist_ok=True)
       _write_run_files(workdir, self.cfg, self.tokenizer)
-      preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state), 2, self.log)
-      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2, async_save=False)
+      keep = 2
+      preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state), keep, self.log)
+      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=keep, async_save=False)
       with jax.set_mesh(self.mesh):
         try:
           target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
@@ -265,15 +266,8 @@ class Reinforce:
           self.log(f"resumed from checkpoint at step {found[0]}")
         start, state = found if found is not None else (0, self._initial_state())
         writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)  # 0: a killed first attempt's records go
-        try:
+        with closing_run(ckpt, writer):
           summary = self._loop(state, start, ckpt, writer, stop_after)
-        except BaseException:
-          close_quietly(ckpt.close, writer.close)  # the run's own error is the one to report
-          raise
-        try:
-          ckpt.close()
-        finally:
-          writer.close()
     return summary
 
   def _loop(self, state, start: int, ckpt: Checkpointer, writer, stop_after) -> dict:

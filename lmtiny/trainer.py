@@ -11,11 +11,12 @@ big batch regardless of how many devices there are.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -218,14 +219,24 @@ def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # The loop.
 
 
-def close_quietly(*closers: Callable[[], None]) -> None:
-  """Calls each closer, ignoring their errors: used while another error (the one to report) is
-  raised, when a full disk or a broken save would make these fail too."""
-  for close in closers:
-    try:
-      close()
-    except Exception:  # pylint: disable=broad-except
-      pass
+@contextlib.contextmanager
+def closing_run(ckpt: Checkpointer, writer) -> Iterator[None]:
+  """Closes the run's checkpointer (waiting for its last save) and metrics writer when the block
+  ends. If the block raised, their own errors are dropped: the block's error is the one to report,
+  and a full disk or a broken save would make these fail too."""
+  try:
+    yield
+  except BaseException:
+    for close in (ckpt.close, writer.close):
+      try:
+        close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    raise
+  try:
+    ckpt.close()  # a failed last save raises here
+  finally:
+    writer.close()
 
 
 def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
@@ -364,15 +375,8 @@ class Trainer:
         if self.main:
           preflight.record_config_changes(self.workdir, changes or {}, start, self.log)
         writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
-        try:
+        with closing_run(ckpt, writer):
           summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
-        except BaseException:
-          close_quietly(ckpt.close, writer.close)  # the training error is the one to report
-          raise
-        try:
-          ckpt.close()
-        finally:
-          writer.close()
     if self.main and t.plot:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
