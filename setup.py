@@ -20,12 +20,12 @@ setup(
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "pyarrow>=15",        # parquet sources (FineWeb-Edu shards)
-        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",    # loss-curve and LR-finder plots
         "tqdm>=4.66",         # progress bars
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tiktoken>=0.7",
+                 "tensorboard>=2.16",  # reads lmtiny.tensorboard's event files back
                  "selenium>=4.20",  # the chat page in headless Chromium (apt: chromium chromium-driver)
                  "torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21",  # + hf
                  # libtpu: XLA:TPU compiles the step for a described slice (tests/test_lowering.py)

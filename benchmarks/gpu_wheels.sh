@@ -16,7 +16,6 @@ their Requires-Dist were checked against that list:
   array-record   needs absl-py, etils
   ml-collections needs absl-py, pyyaml
   portpicker     pure Python; grain imports it at module level
-tensorboardX is left out: lmtiny.metrics imports it lazily and runs without it.
 
 Idempotent: wheels already present are kept; another version of a listed project is removed
 (two versions of one project stop pip's install). Prints the total size, which travels with

@@ -13,11 +13,11 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 
 import jax
 from etils import epath  # local paths and gs:// alike
 
+from lmtiny import tensorboard
 from lmtiny.arch import PEAK_FLOPS
 from lmtiny.files import atomic_write
 
@@ -67,11 +67,9 @@ class MetricsWriter:
       return
     if resume_step is not None:
       self._truncate_after(resume_step)
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # tensorboardX is a dependency; tolerate environments without it
-      self.tb = None
+    # The steps after the checkpoint are written again (all of them from scratch: step 0 included).
+    self.tb = tensorboard.EventWriter(str(epath.Path(workdir) / "tensorboard"),
+                                      drop_from=None if resume_step is None else (resume_step + 1 if resume_step else 0))
 
   def _truncate_after(self, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: drop their old records (all of
@@ -94,9 +92,7 @@ class MetricsWriter:
       with self.path.open("a") as f:
         f.write(line)
     if self.tb is not None:
-      for k, v in values.items():
-        if isinstance(v, (int, float)):
-          self.tb.add_scalar(f"{split}/{k}", v, step)
+      self.tb.scalars(step, {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
 
   def close(self) -> None:
     if self.tb is not None:
