@@ -103,12 +103,12 @@ def test_xla_causal_attention_matches_numpy_and_its_gradients_match_the_masked_r
   rng = np.random.default_rng(2)
   seg = np.sort(rng.integers(1, 5, (2, t)), axis=1).astype(np.int32) if packed else np.ones((2, t), np.int32)
   seg_j = jnp.asarray(seg) if packed else None
-  got = attn_lib.xla_causal_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), seg_j)
+  got = jax.jit(attn_lib.xla_causal_attention)(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), seg_j)
   allowed = _expected_mask(seg, seg, np.zeros(2, int))[:, 0]
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, kk, v, allowed), rtol=1e-4, atol=1e-4)
   mask = jnp.asarray(allowed[:, None])
   weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  grads = [jax.grad(lambda *x: jnp.sum(fn(*x) * weights), argnums=(0, 1, 2))(*map(jnp.asarray, (q, kk, v)))
+  grads = [jax.jit(jax.grad(lambda *x: jnp.sum(fn(*x) * weights), argnums=(0, 1, 2)))(*map(jnp.asarray, (q, kk, v)))
            for fn in (lambda *x: attn_lib.xla_causal_attention(*x, seg_j), lambda *x: attn_lib.xla_attention(*x, mask))]
   for got_g, want_g in zip(*grads):
     np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-4, atol=1e-4)
