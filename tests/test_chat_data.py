@@ -165,10 +165,11 @@ def test_mixture_spec_parsing():
       conv_lib.parse_mixture(bad)
 
 
-def test_embedded_set_is_deterministic_with_disjoint_held_out_questions(monkeypatch):
-  from lmtiny.data import embedded
+def test_embedded_set_is_deterministic_with_disjoint_held_out_questions(monkeypatch, tmp_path):
+  from lmtiny.data import dataset, embedded
   files = embedded.stdlib_source_files()
   monkeypatch.setattr(embedded, "stdlib_source_files", lambda: files[:60])
+  monkeypatch.setattr(dataset, "DEFAULT_CACHE_DIR", str(tmp_path))
   conv_lib.stdlib_entries.cache_clear()
   try:
     train, val = conv_lib.embedded_conversations("train"), conv_lib.embedded_conversations("val")
@@ -182,3 +183,22 @@ def test_embedded_set_is_deterministic_with_disjoint_held_out_questions(monkeypa
   finally:
     conv_lib.stdlib_entries.cache_clear()
   assert conv_lib.summary("One.  Two\nlines.\n\nMore.") == "One. Two lines."
+
+
+def test_stdlib_entries_cache_gives_the_parsed_entries_and_survives_a_torn_file(monkeypatch, tmp_path):
+  from lmtiny.data import dataset, embedded
+  files = embedded.stdlib_source_files()[:40]
+  monkeypatch.setattr(embedded, "stdlib_source_files", lambda: files)
+  monkeypatch.setattr(dataset, "DEFAULT_CACHE_DIR", str(tmp_path))
+  parse, parses = conv_lib._parse_stdlib_entries, []
+  monkeypatch.setattr(conv_lib, "_parse_stdlib_entries", lambda f: parses.append(len(f)) or parse(f))
+  entries = conv_lib.stdlib_entries.__wrapped__
+  parsed = parse(files)
+  assert len(parsed) > 20
+  assert entries() == parsed and entries() == parsed and parses == [40]  # parsed once, then read back
+  (cached,) = tmp_path.glob("stdlib-entries-*.json")
+  cached.write_text(cached.read_text()[:100])  # torn
+  assert entries() == parsed and parses == [40, 40]
+  assert json.loads(cached.read_text()) == parsed  # rewritten whole
+  monkeypatch.setattr(embedded, "stdlib_source_files", lambda: files[:39])  # other files: another key
+  assert entries() == parse(files[:39]) and len(list(tmp_path.glob("stdlib-entries-*.json"))) == 2

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
 import os
 import re
+import sys
 import zlib
 from typing import Iterator
 
 from lmtiny.data.sources import SourceError, _expand_glob, jsonl_records, open_source
+from lmtiny.files import atomic_write_json
 
 HELD_OUT_MODULUS = 20  # one function in 20 is held out of the embedded set (by name hash)
 _ROLES = ("system", "user", "assistant")
@@ -138,10 +142,33 @@ def summary(doc: str, max_chars: int = 160) -> str:
 
 @functools.lru_cache(maxsize=1)
 def stdlib_entries() -> list[dict]:
-  """Public top-level functions and classes with docstrings, in sorted file order."""
-  from lmtiny.data.embedded import read_python_source, stdlib_dir, stdlib_source_files
+  """Public top-level functions and classes with docstrings, in sorted file order. Parsing the
+  ~550 files takes 2.5 s, so the entries are kept in lmtiny's cache directory, keyed by the
+  files (path, size, mtime), the Python version and this module's own source."""
+  from lmtiny.data.dataset import DEFAULT_CACHE_DIR
+  from lmtiny.data.embedded import stdlib_source_files
+  files = stdlib_source_files()
+  key = hashlib.sha256(repr((sys.version, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()
+                       + open(__file__, "rb").read()).hexdigest()[:16]
+  cached = os.path.join(os.path.expanduser(DEFAULT_CACHE_DIR), f"stdlib-entries-{key}.json")
+  try:
+    with open(cached) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    pass
+  entries = _parse_stdlib_entries(files)
+  try:
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    atomic_write_json(cached, entries)
+  except OSError:  # a read-only home: parse again next time
+    pass
+  return entries
+
+
+def _parse_stdlib_entries(files: list[str]) -> list[dict]:
+  from lmtiny.data.embedded import read_python_source, stdlib_dir
   root, entries = stdlib_dir(), []
-  for path in stdlib_source_files():
+  for path in files:
     module = _module_name(os.path.relpath(path, root))
     if any(part.startswith("_") for part in module.split(".")):
       continue
