@@ -77,7 +77,7 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
 
   def logits(workdir):
     run, params = load_weights(workdir)
-    return run.model(params)(tokens)
+    return jax.jit(lambda p: run.model(p)(tokens))(params)
   merged_logits = logits(merged)
   np.testing.assert_allclose(merged_logits, logits(work), rtol=1e-5, atol=1e-5)
   assert not np.allclose(merged_logits, logits(path), atol=1e-3)  # the adapters did something
