@@ -235,8 +235,9 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
     batch = build_batch(prompts, gens, rl.cfg.train.seq_len)
     device_batch = sharding.global_batch_from_local(batch, rl.mesh)
     ce = np.asarray(rl._losses(rl.steps.graphdef, params, device_batch))
-    logits = np.asarray(nnx.merge(rl.steps.graphdef, params)(
-        device_batch["inputs"], device_batch["positions"], device_batch["segment_ids"]), np.float64)
+    forward = jax.jit(lambda p: nnx.merge(rl.steps.graphdef, p)(
+        device_batch["inputs"], device_batch["positions"], device_batch["segment_ids"]))
+    logits = np.asarray(forward(params), np.float64)
   seed = s.seed * 1_000_003 + 0
   rows, cols = np.nonzero(batch["loss_mask"])
   assert len(rows) == sum(sum(g.sampled) for g in gens) > 20
@@ -255,8 +256,7 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
     moved = jax.tree.map(lambda x: x * 1.1, params)
     adv = np.linspace(-1, 1, len(batch["inputs"])).astype(np.float32)
     weights = rl._token_weights(batch, moved, ref, adv)
-    logits_moved = np.asarray(nnx.merge(rl.steps.graphdef, moved)(
-        device_batch["inputs"], device_batch["positions"], device_batch["segment_ids"]), np.float64)
+    logits_moved = np.asarray(forward(moved), np.float64)
   logp = lambda lg: (lg[rows, cols] - np.log(np.exp(lg[rows, cols]).sum(-1, keepdims=True)))[
       np.arange(len(rows)), batch["targets"][rows, cols]]
   want = adv[rows] - 0.5 * (logp(logits_moved) - logp(logits))
