@@ -3,6 +3,7 @@
 Parameters come from the model itself (nnx.state(model, nnx.Param)); norm scales and the
 embedding are re-drawn at random so a scale of ones or a tiny embedding cannot hide a bug.
 """
+import functools
 import math
 
 import jax
@@ -57,6 +58,16 @@ def _random_model(m, seed=0):
 
   _set_params(model, jax.tree_util.tree_map_with_path(draw, _params(model)))
   return model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, *args):
+  return nnx.merge(graphdef, state)(*args)
+
+
+def _run(model, *args):
+  """model(*args), compiled whole (eager op-by-op dispatch is many times slower)."""
+  return _apply(*nnx.split(model), *args)
 
 
 def _batch(seed=0, vocab=VOCAB):
@@ -142,7 +153,7 @@ def test_forward_matches_float64_reference(name):
   m = _cfg(**CASES[name])
   model = _random_model(m)
   tokens, positions, segments = _batch()
-  got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  got = _run(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
   assert got.dtype == jnp.float32 and got.shape == (2, T, VOCAB)
   want = ref.forward(_params(model), m, tokens, positions, segments)
   _assert_logits_close(got, want)
@@ -154,7 +165,7 @@ def test_default_positions_and_segments_are_one_causal_document():
   m = _cfg(activation="swiglu", qk_norm=True, num_kv_heads=2)
   model = _random_model(m)
   tokens, _, _ = _batch(3)
-  got = model(jnp.asarray(tokens))
+  got = _run(model, jnp.asarray(tokens))
   _assert_logits_close(got, ref.forward(_params(model), m, tokens))
 
 
@@ -165,7 +176,7 @@ def test_reference_test_can_fail_on_a_wrong_parameter():
   tokens, positions, segments = _batch()
   params = ref.to_numpy64(_params(model))
   params["layers"][1]["attn"]["q"][0, 0, 0] += 0.5
-  got = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  got = _run(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
   with pytest.raises(AssertionError):
     _assert_logits_close(got, ref.forward(params, m, tokens, positions, segments))
 
@@ -180,7 +191,7 @@ def test_future_token_does_not_change_earlier_logits():
   tokens, _, _ = _batch()
   changed = tokens.copy()
   changed[:, 7] = (changed[:, 7] + 1) % VOCAB
-  a, b = np.asarray(model(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(changed)))
+  a, b = np.asarray(_run(model, jnp.asarray(tokens))), np.asarray(_run(model, jnp.asarray(changed)))
   np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
   assert np.abs(a[:, 7:] - b[:, 7:]).max(axis=(0, 2)).min() > 1e-3  # every later position sees it
 
@@ -189,7 +200,7 @@ def test_document_masking_isolates_documents():
   m = _cfg(num_kv_heads=2, qk_norm=True)
   model = _random_model(m)
   tokens, positions, segments = _batch()
-  run = lambda tok, *rest: np.asarray(model(*map(jnp.asarray, (tok,) + rest)))
+  run = lambda tok, *rest: np.asarray(_run(model, *map(jnp.asarray, (tok,) + rest)))
   packed = run(tokens, positions, segments)[1]
   doc1, doc2, doc3 = slice(0, 4), slice(4, 9), slice(9, 11)
 
@@ -215,10 +226,10 @@ def test_positions_matter_only_relatively():
   model = _random_model(m)
   tokens, _, _ = _batch()
   pos = np.broadcast_to(np.arange(T), (2, T))
-  a = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos)))
-  b = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos + 37)))
+  a = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos)))
+  b = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos + 37)))
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  c = np.asarray(model(jnp.asarray(tokens), jnp.asarray(pos * 2)))
+  c = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos * 2)))
   assert np.abs(a - c).max() > 1e-3
 
 
@@ -343,7 +354,7 @@ def test_every_init_builds_with_its_scale(init):
   layers, d, f = 2, 64, 256
   m = _cfg(init=init, d_model=d, num_layers=layers, mlp_ratio=4.0, vocab_size=256)
   model = model_lib.Transformer(m, nnx.Rngs(0))
-  logits = np.asarray(model(jnp.asarray(_batch(vocab=256)[0])))
+  logits = np.asarray(_run(model, jnp.asarray(_batch(vocab=256)[0])))
   assert np.isfinite(logits).all()
   p = _params(model)
   blk = p["layers"][0]
@@ -371,7 +382,7 @@ def test_initial_loss_is_log_vocab(init, tied):
   m = _cfg(vocab_size=vocab, d_model=64, mlp_ratio=4.0, init=init, tie_embeddings=tied)
   model = model_lib.Transformer(m, nnx.Rngs(0))
   tokens = np.random.default_rng(0).integers(0, vocab, (2, T + 1))
-  logits = np.asarray(model(jnp.asarray(tokens[:, :-1])), np.float64)
+  logits = np.asarray(_run(model, jnp.asarray(tokens[:, :-1])), np.float64)
   loss = ref.cross_entropy(logits, tokens[:, 1:])
   assert abs(loss - math.log(vocab)) < 0.1, f"initial loss {loss:.2f}, ln(vocab) = {math.log(vocab):.2f}"
 
@@ -384,7 +395,7 @@ def test_nanochat_init_blocks_start_as_identity():
   for i in range(2):
     assert not p["layers"][i]["attn"]["o"].any() and not p["layers"][i]["mlp"]["down"].any()
   tokens = _batch(vocab=256)[0]
-  got = np.asarray(model(jnp.asarray(tokens)))
+  got = np.asarray(_run(model, jnp.asarray(tokens)))
   # Every block adds zero, so logits = softcap(RMSNorm(embedding) @ lm_head).
   z = ref.rms_norm(p["embed"][tokens]) @ p["lm_head"]
   np.testing.assert_allclose(got, 15.0 * np.tanh(z / 15.0), rtol=1e-4, atol=1e-6)
@@ -404,8 +415,8 @@ def test_auto_dtype_is_float32_on_cpu():
   assert model_lib.compute_dtype(_cfg(dtype="auto")) == jnp.float32
   assert model_lib.compute_dtype(_cfg(dtype="bfloat16")) == jnp.bfloat16
   tokens = jnp.asarray(_batch()[0])
-  a = _random_model(_cfg(dtype="auto"))(tokens)
-  b = _random_model(_cfg(dtype="float32"))(tokens)
+  a = _run(_random_model(_cfg(dtype="auto")), tokens)
+  b = _run(_random_model(_cfg(dtype="float32")), tokens)
   assert a.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -417,7 +428,7 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   tokens = jnp.asarray(_batch()[0])
   jaxpr = str(jax.make_jaxpr(lambda t: model(t))(tokens))
   assert "bf16[" in jaxpr  # the matmuls really run in bfloat16
-  lo = np.asarray(model(tokens))
+  lo = np.asarray(_run(model, tokens))
   m32 = _cfg(dtype="float32", **kw)
   hi = ref.forward(_params(model), m32, np.asarray(tokens))
   assert lo.dtype == np.float32
@@ -450,8 +461,8 @@ def test_token_losses_match_cross_entropy_of_logits(overrides):
     ce, lse = nnx.merge(graphdef, st).token_losses(tokens[:, :-1], tokens[:, 1:])
     return jnp.sum(ce * weights) + 0.1 * jnp.sum(lse ** 2), (ce, lse)
 
-  (ref, (ref_ce, ref_lse)), ref_grads = jax.value_and_grad(reference, has_aux=True)(state)
-  (got, (ce, lse)), grads = jax.value_and_grad(chunked, has_aux=True)(state)
+  (ref, (ref_ce, ref_lse)), ref_grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(state)
+  (got, (ce, lse)), grads = jax.jit(jax.value_and_grad(chunked, has_aux=True))(state)
   np.testing.assert_allclose(ce, ref_ce, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
@@ -492,8 +503,8 @@ def test_cast_params_casts_matrices_only_and_passes_gradients_to_float32():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, T + 1)), jnp.int32)
   loss = lambda p, cast_first: jnp.mean(nnx.merge(graphdef, model_lib.cast_params(p, jnp.bfloat16) if cast_first
                                                   else p).token_losses(tokens[:, :-1], tokens[:, 1:])[0])
-  grads_cast = jax.grad(loss)(params, True)
-  grads_plain = jax.grad(loss)(params, False)  # the model's own per-use casts
+  grads_cast = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
+  grads_plain = jax.jit(jax.grad(loss), static_argnums=1)(params, False)  # the model's own per-use casts
   for g, r in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_plain)):
     assert g.dtype == jnp.float32
     np.testing.assert_array_equal(g, r)

@@ -2,6 +2,8 @@
 NumPy quantizer's, the quantized model computes exactly the float model with those weights
 substituted (logits and greedy sampling through the KV-cache sampler), int4 packing round trips,
 the parameter bytes are what the format says, and bad requests are one-line errors."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,19 @@ def _model(**kw):
   c.update(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, activation="swiglu",
            max_seq_len=64, dtype="float32", **kw)
   return Transformer(c, nnx.Rngs(0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
+
+
+def _logits(model, tokens):
+  """np.asarray(model(tokens)), compiled whole (eager op-by-op dispatch is many times slower)."""
+  return np.asarray(_apply(*nnx.split(model), tokens))
+
+
+_dequantize = jax.jit(lambda w: w.astype(jnp.float32))  # as inside the model's jit
 
 
 def _reference(w, n_contract, bits, group):
@@ -81,12 +96,12 @@ def test_weights_match_the_numpy_quantizer_and_its_error_bound(mode, group):
            (model.layers[0].attn.k, quant.layers[0].attn.k, 1)]
   for float_param, q_param, n in pairs:
     w = np.asarray(float_param[...])
-    got = np.asarray(q_param[...].astype(jnp.float32))
+    got = np.asarray(_dequantize(q_param[...]))
     want, err = _reference(w, n, bits, g)
     assert isinstance(q_param[...], QuantizedWeight)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert 0 < np.abs(err).max() <= np.abs(w).max() / (127 if bits == 8 else 7) / 2 * 1.0001
-  emb_T = np.asarray(quant.embed[...].T.astype(jnp.float32))  # tied: the unembedding contracts over D
+  emb_T = np.asarray(_dequantize(quant.embed[...].T))  # tied: the unembedding contracts over D
   np.testing.assert_allclose(emb_T, _reference(np.asarray(model.embed[...]).T, 1, bits, g)[0], rtol=1e-6, atol=1e-7)
 
 
@@ -98,7 +113,7 @@ def test_quantized_model_is_the_float_model_with_dequantized_weights(mode, kw):
   bits, group = (8, 0) if mode == "int8" else (4, 64)
   ref = _dequantized_float_model(model, bits, group)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 16)))
-  got, want, orig = (np.asarray(m(tokens)) for m in (quant, ref, model))
+  got, want, orig = (_logits(m, tokens) for m in (quant, ref, model))
   np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
   assert np.abs(got - orig).max() > 1e-4  # quantization did change something
   if not kw.get("tie_embeddings"):
@@ -117,10 +132,10 @@ def test_the_compute_dtype_cast_leaves_quantized_weights_whole(mode):
   quant = quantize_model(_model(), mode)
   graphdef, state = nnx.split(quant)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 16)))
-  want = np.asarray(quant(tokens))
+  want = _logits(quant, tokens)
   for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 5e-2)):
     cast = cast_params(state, dtype)
-    got = np.asarray(nnx.merge(graphdef, cast)(tokens), np.float32)
+    got = np.asarray(_apply(graphdef, cast, tokens), np.float32)
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 
