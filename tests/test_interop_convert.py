@@ -2,7 +2,6 @@
 here with transformers' own classes): imported checkpoints give transformers' logits and greedy
 text, lmtiny models exported load in AutoModelForCausalLM with lmtiny's logits, import -> export
 is bitwise, and what Llama cannot express is refused with one line and exit status 2."""
-import functools
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from lm_fixtures import ROOT
+from lm_fixtures import ROOT, forward
 from lmtiny import export, import_hf
 from lmtiny.config import base_config
 from lmtiny.data.embedded import iter_embedded_documents
@@ -70,14 +69,8 @@ def _hf_greedy(model, prompt, n):
   return out[0, len(prompt):].tolist()
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, tokens):
-  return nnx.merge(graphdef, state)(tokens)
-
-
 def _lmtiny_logits(model, tokens):
-  """np.asarray(model(tokens)), compiled whole (eager op-by-op dispatch is many times slower)."""
-  return np.asarray(_apply(*nnx.split(model), jnp.asarray(tokens)))
+  return np.asarray(forward(model, jnp.asarray(tokens)))
 
 
 def _lmtiny_greedy(model, prompt, n):

@@ -3,7 +3,6 @@
 Parameters come from the model itself (nnx.state(model, nnx.Param)); norm scales and the
 embedding are re-drawn at random so a scale of ones or a tiny embedding cannot hide a bug.
 """
-import functools
 import math
 
 import jax
@@ -15,6 +14,7 @@ from flax import nnx
 from lmtiny import config as config_lib
 from lmtiny import model as model_lib
 import reference_numpy as ref
+from lm_fixtures import forward
 
 VOCAB = 61
 T = 12
@@ -58,16 +58,6 @@ def _random_model(m, seed=0):
 
   _set_params(model, jax.tree_util.tree_map_with_path(draw, _params(model)))
   return model
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, *args):
-  return nnx.merge(graphdef, state)(*args)
-
-
-def _run(model, *args):
-  """model(*args), compiled whole (eager op-by-op dispatch is many times slower)."""
-  return _apply(*nnx.split(model), *args)
 
 
 def _batch(seed=0, vocab=VOCAB):
@@ -153,7 +143,7 @@ def test_forward_matches_float64_reference(name):
   m = _cfg(**CASES[name])
   model = _random_model(m)
   tokens, positions, segments = _batch()
-  got = _run(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  got = forward(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
   assert got.dtype == jnp.float32 and got.shape == (2, T, VOCAB)
   want = ref.forward(_params(model), m, tokens, positions, segments)
   _assert_logits_close(got, want)
@@ -165,7 +155,7 @@ def test_default_positions_and_segments_are_one_causal_document():
   m = _cfg(activation="swiglu", qk_norm=True, num_kv_heads=2)
   model = _random_model(m)
   tokens, _, _ = _batch(3)
-  got = _run(model, jnp.asarray(tokens))
+  got = forward(model, jnp.asarray(tokens))
   _assert_logits_close(got, ref.forward(_params(model), m, tokens))
 
 
@@ -176,7 +166,7 @@ def test_reference_test_can_fail_on_a_wrong_parameter():
   tokens, positions, segments = _batch()
   params = ref.to_numpy64(_params(model))
   params["layers"][1]["attn"]["q"][0, 0, 0] += 0.5
-  got = _run(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
+  got = forward(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments))
   with pytest.raises(AssertionError):
     _assert_logits_close(got, ref.forward(params, m, tokens, positions, segments))
 
@@ -191,7 +181,7 @@ def test_future_token_does_not_change_earlier_logits():
   tokens, _, _ = _batch()
   changed = tokens.copy()
   changed[:, 7] = (changed[:, 7] + 1) % VOCAB
-  a, b = np.asarray(_run(model, jnp.asarray(tokens))), np.asarray(_run(model, jnp.asarray(changed)))
+  a, b = np.asarray(forward(model, jnp.asarray(tokens))), np.asarray(forward(model, jnp.asarray(changed)))
   np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
   assert np.abs(a[:, 7:] - b[:, 7:]).max(axis=(0, 2)).min() > 1e-3  # every later position sees it
 
@@ -200,7 +190,7 @@ def test_document_masking_isolates_documents():
   m = _cfg(num_kv_heads=2, qk_norm=True)
   model = _random_model(m)
   tokens, positions, segments = _batch()
-  run = lambda tok, *rest: np.asarray(_run(model, *map(jnp.asarray, (tok,) + rest)))
+  run = lambda tok, *rest: np.asarray(forward(model, *map(jnp.asarray, (tok,) + rest)))
   packed = run(tokens, positions, segments)[1]
   doc1, doc2, doc3 = slice(0, 4), slice(4, 9), slice(9, 11)
 
@@ -226,10 +216,10 @@ def test_positions_matter_only_relatively():
   model = _random_model(m)
   tokens, _, _ = _batch()
   pos = np.broadcast_to(np.arange(T), (2, T))
-  a = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos)))
-  b = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos + 37)))
+  a = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(pos)))
+  b = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(pos + 37)))
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  c = np.asarray(_run(model, jnp.asarray(tokens), jnp.asarray(pos * 2)))
+  c = np.asarray(forward(model, jnp.asarray(tokens), jnp.asarray(pos * 2)))
   assert np.abs(a - c).max() > 1e-3
 
 
@@ -354,7 +344,7 @@ def test_every_init_builds_with_its_scale(init):
   layers, d, f = 2, 64, 256
   m = _cfg(init=init, d_model=d, num_layers=layers, mlp_ratio=4.0, vocab_size=256)
   model = model_lib.Transformer(m, nnx.Rngs(0))
-  logits = np.asarray(_run(model, jnp.asarray(_batch(vocab=256)[0])))
+  logits = np.asarray(forward(model, jnp.asarray(_batch(vocab=256)[0])))
   assert np.isfinite(logits).all()
   p = _params(model)
   blk = p["layers"][0]
@@ -382,7 +372,7 @@ def test_initial_loss_is_log_vocab(init, tied):
   m = _cfg(vocab_size=vocab, d_model=64, mlp_ratio=4.0, init=init, tie_embeddings=tied)
   model = model_lib.Transformer(m, nnx.Rngs(0))
   tokens = np.random.default_rng(0).integers(0, vocab, (2, T + 1))
-  logits = np.asarray(_run(model, jnp.asarray(tokens[:, :-1])), np.float64)
+  logits = np.asarray(forward(model, jnp.asarray(tokens[:, :-1])), np.float64)
   loss = ref.cross_entropy(logits, tokens[:, 1:])
   assert abs(loss - math.log(vocab)) < 0.1, f"initial loss {loss:.2f}, ln(vocab) = {math.log(vocab):.2f}"
 
@@ -395,7 +385,7 @@ def test_nanochat_init_blocks_start_as_identity():
   for i in range(2):
     assert not p["layers"][i]["attn"]["o"].any() and not p["layers"][i]["mlp"]["down"].any()
   tokens = _batch(vocab=256)[0]
-  got = np.asarray(_run(model, jnp.asarray(tokens)))
+  got = np.asarray(forward(model, jnp.asarray(tokens)))
   # Every block adds zero, so logits = softcap(RMSNorm(embedding) @ lm_head).
   z = ref.rms_norm(p["embed"][tokens]) @ p["lm_head"]
   np.testing.assert_allclose(got, 15.0 * np.tanh(z / 15.0), rtol=1e-4, atol=1e-6)
@@ -415,8 +405,8 @@ def test_auto_dtype_is_float32_on_cpu():
   assert model_lib.compute_dtype(_cfg(dtype="auto")) == jnp.float32
   assert model_lib.compute_dtype(_cfg(dtype="bfloat16")) == jnp.bfloat16
   tokens = jnp.asarray(_batch()[0])
-  a = _run(_random_model(_cfg(dtype="auto")), tokens)
-  b = _run(_random_model(_cfg(dtype="float32")), tokens)
+  a = forward(_random_model(_cfg(dtype="auto")), tokens)
+  b = forward(_random_model(_cfg(dtype="float32")), tokens)
   assert a.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -428,7 +418,7 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   tokens = jnp.asarray(_batch()[0])
   jaxpr = str(jax.make_jaxpr(lambda t: model(t))(tokens))
   assert "bf16[" in jaxpr  # the matmuls really run in bfloat16
-  lo = np.asarray(_run(model, tokens))
+  lo = np.asarray(forward(model, tokens))
   m32 = _cfg(dtype="float32", **kw)
   hi = ref.forward(_params(model), m32, np.asarray(tokens))
   assert lo.dtype == np.float32

@@ -1,13 +1,11 @@
 """lmtiny's forward with nanochat's choices equals nanochat's GPT forward (tests/nanochat_reference.py,
 an independent PyTorch implementation) given the same weights; embed_norm / norm_eps knobs."""
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from lm_fixtures import forward
 from lmtiny import arch, config as config_lib
 from lmtiny.model import Transformer, count_params
 
@@ -15,14 +13,8 @@ torch = pytest.importorskip("torch")
 import nanochat_reference as ref  # noqa: E402  (needs torch)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, tokens):
-  return nnx.merge(graphdef, state)(tokens)
-
-
 def _logits(model, tokens):
-  """np.asarray(model(tokens)), compiled whole (eager op-by-op dispatch is many times slower)."""
-  return np.asarray(_apply(*nnx.split(model), jnp.asarray(tokens)))
+  return np.asarray(forward(model, jnp.asarray(tokens)))
 
 
 def _small_nanochat(**model):

@@ -2,14 +2,13 @@
 NumPy quantizer's, the quantized model computes exactly the float model with those weights
 substituted (logits and greedy sampling through the KV-cache sampler), int4 packing round trips,
 the parameter bytes are what the format says, and bad requests are one-line errors."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from lm_fixtures import apply_jitted, forward
 from lmtiny import generate
 from lmtiny.config import base_config
 from lmtiny.data.embedded import iter_embedded_documents
@@ -29,14 +28,8 @@ def _model(**kw):
   return Transformer(c, nnx.Rngs(0))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, tokens):
-  return nnx.merge(graphdef, state)(tokens)
-
-
 def _logits(model, tokens):
-  """np.asarray(model(tokens)), compiled whole (eager op-by-op dispatch is many times slower)."""
-  return np.asarray(_apply(*nnx.split(model), tokens))
+  return np.asarray(forward(model, tokens))
 
 
 _dequantize = jax.jit(lambda w: w.astype(jnp.float32))  # as inside the model's jit
@@ -135,7 +128,7 @@ def test_the_compute_dtype_cast_leaves_quantized_weights_whole(mode):
   want = _logits(quant, tokens)
   for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 5e-2)):
     cast = cast_params(state, dtype)
-    got = np.asarray(_apply(graphdef, cast, tokens), np.float32)
+    got = np.asarray(apply_jitted(graphdef, cast, tokens), np.float32)
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
 
 
