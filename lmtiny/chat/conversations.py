@@ -148,8 +148,9 @@ def stdlib_entries() -> list[dict]:
   from lmtiny.data.dataset import DEFAULT_CACHE_DIR
   from lmtiny.data.embedded import stdlib_source_files
   files = stdlib_source_files()
-  key = hashlib.sha256(repr((sys.version, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])).encode()
-                       + open(__file__, "rb").read()).hexdigest()[:16]
+  stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files)]
+  with open(__file__, "rb") as code:
+    key = hashlib.sha256(repr((sys.version, stats)).encode() + code.read()).hexdigest()[:16]
   cached = os.path.join(os.path.expanduser(DEFAULT_CACHE_DIR), f"stdlib-entries-{key}.json")
   try:
     with open(cached) as f:
