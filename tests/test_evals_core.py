@@ -1,5 +1,6 @@
 """CORE-style scoring: per-item log-likelihoods against an independent float64 NumPy scorer,
 the task layouts of the fixtures, few-shot selection, and the eval CLI end to end."""
+import collections
 import json
 import os
 
@@ -73,6 +74,25 @@ def test_task_layouts_and_fewshot_contexts(loaded):
   assert text.count("\n\n") == 3 and text.endswith(items[0].choices[0])  # 3 other items as shots
   # Multiple choice scores what follows the options' common prefix: the choice itself.
   assert loaded.tokenizer.decode(list(rows[1].ids[-rows[1].n_cont:])).strip() == items[0].choices[1]
+
+
+def test_char_norm_scores_each_option_whole(loaded):
+  # Options sharing a first word: "token" norm scores what follows it (nanochat), "char" norm must
+  # score the whole option, else the loss would miss text that the character count includes.
+  task = core.TASKS["arc_easy"]
+  items = [core.Item(("Question: What sat on the mat?\nAnswer:",), ("the cat sat", "the dog ran far"), 0)]
+  tok = loaded.tokenizer
+  scored = lambda r: tok.decode(list(r.ids[-r.n_cont:])).strip()
+  by_token = core.item_rows(task, items, 0, tok, 128)
+  by_char = core.item_rows(task, items, 0, tok, 128, norm="char")
+  assert [scored(r) for r in by_char] == list(items[0].choices)
+  assert [scored(r) for r in by_token] == ["cat sat", "dog ran far"]
+  assert [r.ids for r in by_char] == [r.ids for r in by_token]  # same text, only the span differs
+  # The char norm divides by the characters scored: the delimiter and the option.
+  Score = collections.namedtuple("Score", "loss_sum tokens greedy_match")
+  scores = [Score(11.0, 3, False), Score(16.0, 5, False)]
+  assert core.item_correct(task, items[0], scores, "char")  # 11/12 < 16/16: the gold option
+  assert not core.item_correct(task, items[0], scores, "token")  # 11/3 > 16/5
 
 
 def test_eval_cli_writes_results_and_the_report(run_dir, capsys):

@@ -9,7 +9,10 @@ Three kinds of item, each scored by the log-likelihood of continuations given a 
   language_model   one context, one continuation (LAMBADA): correct iff greedy decoding would
                    produce every continuation token
 Normalisation: "token" divides the continuation's loss by its token count (mean loss, as
-nanochat and LLM Foundry do), "char" by its character count. Few-shot examples are drawn from
+nanochat and LLM Foundry do), "char" by its character count (lm-eval-harness's acc_norm). Under
+"char" a multiple-choice option is scored whole, from the end of the context, so that the loss
+and the character count cover the same text; a common first word would otherwise be left out
+of one and kept in the other. Few-shot examples are drawn from
 the same task, never the item itself, with a generator seeded per item (deterministic).
 Accuracy is centered by chance: (acc - chance) / (1 - chance); CORE is the mean over tasks.
 """
@@ -111,7 +114,8 @@ def _common_suffix(seqs) -> int:
   return _common_prefix([s[::-1] for s in seqs])
 
 
-def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len: int) -> list[Row]:
+def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len: int,
+              norm: str = "token") -> list[Row]:
   """The rows whose continuation losses decide item `index` (one per option)."""
   item, d = items[index], task.delimiter
   shots = [items[j] for j in fewshot_indices(len(items), index, task.shots)]
@@ -124,13 +128,12 @@ def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len:
   seqs = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
   if task.kind == "schema":
     n_cont = [min(_common_suffix(seqs), min(map(len, seqs)) - 1)] * len(seqs)
-  elif task.kind == "multiple_choice":
+  elif task.kind == "multiple_choice" and norm != "char":
     start = min(_common_prefix(seqs), min(map(len, seqs)) - 1)
     n_cont = [len(s) - start for s in seqs]
-  else:
+  else:  # from the context's end: where its last token and the option's first do not merge
     context = [tokenizer.bos_id] + tokenizer.encode(prefix)
-    start = min(_common_prefix([context, seqs[0]]), len(seqs[0]) - 1)
-    n_cont = [len(seqs[0]) - start]
+    n_cont = [len(s) - min(_common_prefix([context, s]), len(s) - 1) for s in seqs]
   return [fit_row(s, max(k, 1), max_len) for s, k in zip(seqs, n_cont)]
 
 
@@ -138,7 +141,8 @@ def item_correct(task: Task, item: Item, scores, norm: str = "token") -> bool:
   if task.kind == "language_model":
     return scores[0].greedy_match
   if norm == "char":
-    lengths = [len(c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
+    d = task.delimiter  # the scored text starts with it (the option scored whole, see item_rows)
+    lengths = [len(d + c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
     losses = [s.loss_sum / max(n, 1) for s, n in zip(scores, lengths)]
   else:
     losses = [s.loss_sum / max(s.tokens, 1) for s in scores]
@@ -147,7 +151,7 @@ def item_correct(task: Task, item: Item, scores, norm: str = "token") -> bool:
 
 def evaluate_task(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], norm: str = "token") -> dict:
   """Accuracy and chance-centered accuracy of one task (all its rows scored as one batched pass)."""
-  per_item = [item_rows(task, items, i, tokenizer, scorer.max_len) for i in range(len(items))]
+  per_item = [item_rows(task, items, i, tokenizer, scorer.max_len, norm) for i in range(len(items))]
   scores = scorer.score([r for rows in per_item for r in rows])
   correct, at = 0, 0
   for item, rows in zip(items, per_item):
