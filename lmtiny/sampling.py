@@ -244,7 +244,8 @@ class Sampler:
   def __init__(self, model, *, chunk: int = 16):
     self.cfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
-    self.chunk = chunk
+    # No call decodes more than the context holds; a larger chunk would only size the token buffer.
+    self.chunk = max(1, min(chunk, self.cfg.max_seq_len))
     self._warm = set()
 
   def _compute_params(self):

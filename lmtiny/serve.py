@@ -24,7 +24,7 @@ def parse_args(argv):
   p.add_argument("--max-batch", type=int, default=4, help="requests generated together (1 = one at a time)")
   p.add_argument("--max-tokens", type=int, default=256,
                  help="default reply length limit (at most the context - 1; the page starts with it)")
-  p.add_argument("--chunk", type=int, default=4, help="tokens decoded per call (and per streamed piece)")
+  p.add_argument("--chunk", type=int, default=4, help="tokens decoded per call (and per streamed piece; at most the context)")
   return p.parse_args(argv)
 
 

@@ -259,6 +259,13 @@ def test_stops_at_stop_token_and_at_the_context_end(model):
   assert gen.tokens[0] == free.tokens[0][:len(seen)] and len(seen) < NEW and gen.tokens[1:] == free.tokens[1:]
 
 
+def test_a_chunk_longer_than_the_context_decodes_at_most_the_context(model):
+  huge = sampling.Sampler(model, chunk=10**9)  # the token buffer would be [B, 1e9] unclamped
+  assert huge.chunk == model.cfg.max_seq_len
+  want = sampling.Sampler(model).generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY).tokens
+  assert huge.generate(PROMPTS, max_new_tokens=NEW, sampling=GREEDY).tokens == want
+
+
 def test_bad_prompts_are_rejected(model):
   sampler = sampling.Sampler(model)
   with pytest.raises(SamplingError, match="prompt 1: empty"):
