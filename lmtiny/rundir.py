@@ -20,9 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import uuid
 from typing import Any, Callable, Iterator
 
 import jax
@@ -172,33 +170,13 @@ def check_new_directory(path: str, flag: str) -> None:
 
 @contextlib.contextmanager
 def new_directory(path: str, flag: str, replace: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling of `path` (local) to fill; when the block ends without an error it
-  is renamed to `path`, so the directory appears whole or not at all, and a failure or an
-  interruption leaves `path` as it was. Without `replace`, `path` must be absent or empty
-  (check_new_directory); with it, an existing `path` is moved aside, the new one renamed in and the
-  old one deleted: no file of the old directory survives in the new one."""
+  """files.atomic_directory for a run's output: without `replace`, `path` must be absent or empty
+  (check_new_directory, an error naming `flag`)."""
+  from lmtiny.files import atomic_directory
   if not replace:
     check_new_directory(path, flag)
-  target = os.path.realpath(path)
-  parent, name = os.path.split(target)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-  os.mkdir(tmp)
-  try:
+  with atomic_directory(path, replace) as tmp:
     yield tmp
-    if replace and os.path.exists(target):
-      old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-      os.rename(target, old)
-      try:
-        os.rename(tmp, target)
-      except BaseException:
-        os.rename(old, target)
-        raise
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, target)  # onto an empty directory, or none
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def merge_lora_run(workdir: str, out: str, step: int | None = None) -> str:

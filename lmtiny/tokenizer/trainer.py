@@ -23,14 +23,13 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
+from lmtiny.files import atomic_directory
 from lmtiny.tokenizer.core import (MODEL_FILE, NEWLINE_PIECES, NUM_RESERVED_IDS, REPORT_FILE,
                                    SPACE_SYMBOL,
                                    SPECIAL_TOKENS, TOKEN_BYTES_FILE, VOCAB_FILE, Tokenizer,
@@ -80,7 +79,7 @@ def count_byte_fallback_chars(sentences: list[str], tok: Tokenizer) -> int:
 
 def check_out_dir(out_dir: str) -> None:
   """An existing out_dir must be a tokenizer directory (replaced) or empty: checked before the
-  (long) training and again when the result is moved into place."""
+  (long) training and again before the result is written."""
   if os.path.isdir(out_dir):
     stray = set(os.listdir(out_dir)) - set(_OUTPUT_FILES)
     if stray:
@@ -88,18 +87,6 @@ def check_out_dir(out_dir: str) -> None:
                            "choose a new --out")
   elif os.path.exists(out_dir):
     raise TokenizerError(f"{out_dir}: exists and is not a directory")
-
-
-def _replace_dir(tmp_dir: str, out_dir: str):
-  """Moves a finished build into place; an existing out_dir must be a tokenizer dir or empty."""
-  check_out_dir(out_dir)
-  if os.path.isdir(out_dir):
-    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    os.replace(out_dir, os.path.join(old, "x"))
-    os.replace(tmp_dir, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.replace(tmp_dir, out_dir)
 
 
 def _vocab_listing(tok: Tokenizer, sp_scores: list[float]) -> str:
@@ -172,14 +159,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
       byte_fallback_fraction=fallback / max(num_chars, 1), train_seconds=round(train_seconds, 2),
       hash=tok.hash, special_tokens={t: tok.special_id(t) for t in SPECIAL_TOKENS},
       **(report_extra or {}))
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}-tmp-",
-                             dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp_dir, 0o777 & ~umask)
-  try:
+  check_out_dir(out_dir)  # an existing out_dir is replaced only when it is a tokenizer dir or empty
+  with atomic_directory(out_dir, replace=True) as tmp_dir:
     with open(os.path.join(tmp_dir, MODEL_FILE), "wb") as f:
       f.write(tok.model_proto)
     scores = [tok.piece_score(i) for i in range(tok.vocab_size)]
@@ -189,7 +170,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str, *, seed
     with open(os.path.join(tmp_dir, REPORT_FILE), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2, ensure_ascii=False)
       f.write("\n")
-    _replace_dir(tmp_dir, out_dir)
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
   return tok
