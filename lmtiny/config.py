@@ -127,7 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      shards="",             # directory with manifest.json from `lmtiny.data.prepare`; "" = embedded corpus
+      shards="",             # directory with manifest.json from `lmtiny.data.prepare`; "" = embedded corpus;
+                             # "dir:0.9,dir2:0.1" = a mixture by token share (lmtiny.data.mixture)
       tokenizer="",          # tokenizer directory; "" with the embedded corpus = build one
       cache_dir="",          # where the embedded corpus's tokenizer and shards are cached
       embedded_max_chars=0,  # cap on embedded corpus size (0 = all of it)

@@ -400,6 +400,8 @@ class Trainer:
     t = self.cfg.train
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
+    if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
+      self.log(self.data.description)
     history = {"train_loss": [], "val": []}
     last_saved, pending, step, stop = start, None, start, False
     window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()

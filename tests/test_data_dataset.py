@@ -1,5 +1,8 @@
 """Tests for lmtiny/data/dataset.py and embedded.ensure_embedded_dataset: the trainer's entry to data."""
+import json
 import os
+import pickle
+import re
 import shutil
 
 import numpy as np
@@ -112,3 +115,106 @@ def test_a_build_that_loses_the_race_uses_the_winner(tmp_path, monkeypatch):
   m = shards.load_manifest(loser)
   shards.check_shards(loser, m)
   assert Tokenizer.load(os.path.join(loser, shards.TOKENIZER_DIR)).hash == m["tokenizer_hash"]
+
+
+# -- weighted mixtures of shard directories ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second(prepared, tmp_path_factory):
+  """Another shard directory made with the same tokenizer: short documents of other text."""
+  shard_dir, tok_dir = prepared
+  root = tmp_path_factory.mktemp("second")
+  with open(root / "notes.jsonl", "w") as f:
+    for i in range(60):
+      f.write(json.dumps({"text": f"note {i}: the quick brown fox jumps over {i % 7} lazy dogs."}) + "\n")
+  prepare.prepare_dataset(open_source(f"jsonl:{root / 'notes.jsonl'}"), Tokenizer.load(str(tok_dir)), str(root / "shards"),
+                          val_fraction=0.2, workers=1, docs_per_shard=25)
+  return root / "shards"
+
+
+def _keys(docs):
+  return [np.asarray(d).tobytes() for d in docs]
+
+
+def test_a_mixture_holds_every_document_and_the_token_shares_it_was_given(prepared, second):
+  shard_dir, _ = prepared
+  spec = f"{shard_dir}:0.5,{second}:0.5"
+  data = load_data(data_config(shards=spec), vocab_size=512, seq_len=64)
+  one, two = (load_data(data_config(shards=str(d)), vocab_size=512, seq_len=64) for d in (shard_dir, second))
+  a, b = set(_keys(one.train_docs)), set(_keys(two.train_docs))
+  assert not a & b
+  epoch = _keys(data.train_docs)
+  assert a <= set(epoch) and b <= set(epoch)  # nothing subsampled away
+  tokens = {name: sum(len(k) for k in epoch if k in keys) for name, keys in (("a", a), ("b", b))}
+  assert tokens["a"] / (tokens["a"] + tokens["b"]) == pytest.approx(0.5, abs=0.01)
+  # The web-like source has far more tokens: it is used once, the short notes are repeated.
+  assert sum(k in a for k in epoch) == len(one.train_docs) and sum(k in b for k in epoch) > 5 * len(two.train_docs)
+  assert re.fullmatch(rf"mixture: {shard_dir} 50% of tokens \([\d,]+ tokens, 1.00 passes per epoch\), "
+                      rf"{second} 50% of tokens \([\d,]+ tokens, \d+\.\d\d passes per epoch\)", data.description)
+  assert data.directory == spec and data.tokenizer.hash == one.tokenizer.hash
+  # Val: no document twice, and the first ones already alternate between the sources.
+  val = _keys(data.val_docs)
+  assert len(set(val)) == len(val) and set(val) <= set(_keys(one.val_docs)) | set(_keys(two.val_docs))
+  head = [k in set(_keys(two.val_docs)) for k in val[:8]]
+  assert 0 < sum(head) < 8
+  # One process or two grain workers: a mixture pickles (grain sends it to its workers).
+  clone = pickle.loads(pickle.dumps(data.train_docs))
+  assert _keys(clone) == epoch
+  batch = next(pipeline.make_train_iterator(data.train_docs, seq_len=64, batch_size=4, bos_id=data.tokenizer.bos_id,
+                                            seed=0))
+  assert batch["inputs"].shape == (4, 64)
+
+
+def test_mixture_counts_repeat_scarce_sources_and_never_repeat_val():
+  from lmtiny.data import mixture
+  counts = mixture.train_counts([3, 1], documents=[100, 10], tokens=[10_000, 100])
+  assert counts[0] == 100 and counts[1] == round(10 * (10_000 / 3) / 100)  # 1/4 of the tokens
+  # A source whose share already needs all of it: the other one is repeated instead.
+  assert mixture.train_counts([1, 1], [10, 10], [100, 1_000]) == [100, 10]
+  assert mixture.val_counts([1, 1], [10, 10], [100, 1_000]) == [10, 1]
+  assert mixture.val_counts([1, 1], [0, 10], [0, 100]) == [0, 10]  # a source without val: left out
+  docs = mixture.MixedDocs([["a0", "a1"], ["b0"]], [3, 2])
+  assert [docs[i] for i in range(len(docs))] == ["a0", "a1", "a0", "b0", "b0"] and docs[-1] == "b0"
+  even = mixture.MixedDocs([["a0", "a1", "a2", "a3"], ["b0", "b1"]], [4, 2], interleave=True)
+  assert [even[i] for i in range(len(even))] == ["a0", "b0", "a1", "a2", "b1", "a3"]
+  with pytest.raises(IndexError):
+    docs[5]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{a}:0.5,{b}:0", "needs a source and a finite weight > 0"),
+    ("{a}:0.5,{b}:-1", "needs a source and a finite weight > 0"),
+    ("{a}:0.5,{a}x:0.5", "no such shard directory"),
+])
+def test_bad_mixtures_name_the_field(prepared, second, spec, message):
+  shard_dir, _ = prepared
+  with pytest.raises(ConfigError, match=r"^config.data.shards=") as e:
+    load_data(data_config(shards=spec.format(a=shard_dir, b=second)), vocab_size=512, seq_len=64)
+  assert message in str(e.value)
+
+
+def test_a_mixture_needs_one_tokenizer(prepared, tmp_path):
+  shard_dir, _ = prepared
+  other = train_tokenizer(embedded.iter_embedded_documents(100_000), 512, str(tmp_path / "tok"), seed=1)
+  prepare.prepare_dataset(open_source("embedded?max_chars=100000"), other, str(tmp_path / "shards"),
+                          val_fraction=0.1, workers=1)
+  with pytest.raises(ConfigError, match=r"a mixture needs one tokenizer"):
+    load_data(data_config(shards=f"{shard_dir}:1,{tmp_path / 'shards'}:1"), vocab_size=512, seq_len=64)
+
+
+def test_training_on_a_mixture_from_the_command_line(prepared, second, tmp_path, capsys, monkeypatch):
+  from lm_fixtures import ROOT
+  from lmtiny import train
+  shard_dir, _ = prepared
+  monkeypatch.chdir(tmp_path)
+  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+          f"--config.data.shards={shard_dir}:0.8,{second}:0.2", "--config.model.vocab_size=512",
+          "--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.num_heads=2",
+          "--config.train.seq_len=64", "--config.train.steps=2", "--config.train.batch_tokens=512",
+          "--config.train.eval_every=2",
+          "--config.train.eval_batches=1", "--config.train.sample_tokens=4", "--config.train.plot=False"]
+  assert train.main(argv) == 0
+  out = capsys.readouterr().out
+  assert f"mixture: {shard_dir} 80% of tokens" in out and f"{second} 20% of tokens" in out
+  assert "done: 2 steps" in out

@@ -29,6 +29,7 @@ import sys
 import zlib
 from typing import Iterator
 
+from lmtiny.data.mixture import parse_weighted
 from lmtiny.data.sources import SourceError, _expand_glob, jsonl_records, open_source
 from lmtiny.files import atomic_write_json
 
@@ -38,19 +39,7 @@ _ROLES = ("system", "user", "assistant")
 
 def parse_mixture(text: str) -> list[tuple[str, float]]:
   """"a:1.0,b:0.2" -> [("a", 1.0), ("b", 0.2)]; raises SourceError naming config.sft.sources."""
-  out = []
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    spec, _, weight = item.rpartition(":")
-    try:
-      value = float(weight)
-    except ValueError:
-      spec, value = item, 1.0
-    if not spec or not value > 0:
-      raise SourceError(f"config.sft.sources={text!r}: {item!r} needs a source and a weight > 0")
-    out.append((spec, value))
-  if not out:
-    raise SourceError(f"config.sft.sources={text!r}: no sources")
-  return out
+  return parse_weighted(text, "config.sft.sources", SourceError)
 
 
 def split_limit(spec: str) -> tuple[str, int]:
