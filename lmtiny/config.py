@@ -120,6 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpointing=True,
+      core_every=0,          # > 0: CORE-style tasks (lmtiny.evals.core) every this many steps and at the end
+      core_tasks="core",     # "core" (all six) or a comma list of task names
+      core_items=500,        # items per task (nanochat's in-training CORE: 500); 0 = all
+      core_data_dir="",      # local <task>.jsonl|.parquet files; "" = the tasks' sources on the HF hub
       sample_every=0,        # 0: only at the end of training
       sample_tokens=48,
       sample_prompt="",
@@ -270,6 +274,13 @@ def validate(cfg) -> None:
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
+  if t.get("core_every", 0):
+    _require(isinstance(t.core_every, int) and t.core_every > 0, "train.core_every", t.core_every,
+             "must be an integer >= 0 (0 = off)")
+    _require(isinstance(t.core_items, int) and t.core_items >= 0, "train.core_items", t.core_items,
+             "must be an integer >= 0 (0 = every item)")
+    from lmtiny.evals.core import task_names  # pylint: disable=g-import-not-at-top
+    task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}")
   _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, "train.keep_checkpoints",
            t.keep_checkpoints, "must be an integer >= 1 (the newest checkpoint is what a re-run resumes)")
   _require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers",

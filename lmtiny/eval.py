@@ -41,18 +41,8 @@ def parse_args(argv):
 
 
 def expand_tasks(spec: str) -> list[str]:
-  from lmtiny.evals.core import TASKS
-  names = []
-  for name in filter(None, (t.strip() for t in spec.split(","))):
-    group = list(TASKS) if name == "core" else [name]
-    for n in group:
-      if n not in TASKS and n not in ("bpb", "gsm8k"):
-        raise UserError(f"--tasks: unknown task {n!r} (bpb, core, gsm8k, {', '.join(TASKS)})")
-      if n not in names:
-        names.append(n)
-  if not names:
-    raise UserError("--tasks: no task given")
-  return names
+  from lmtiny.evals.core import task_names
+  return task_names(spec, "--tasks", also=("bpb", "gsm8k"))
 
 
 def evaluate(args) -> dict:
@@ -74,8 +64,7 @@ def evaluate(args) -> dict:
     elif name == "gsm8k":
       rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
     elif name != "bpb":
-      rows[name] = core.convert_rows(name, core.TASKS[name],
-                                     load_rows(name, core.TASKS[name].source, args.data_dir, args.max_items))
+      rows[name] = core.load_items(name, args.data_dir, args.max_items)
   loaded = load_model(run, quantize=args.quantize, group_size=args.group_size)
   results = {}
   for name in names:

@@ -102,6 +102,10 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   if val:
     lines.append(f"- val loss: {val[0]['loss']:.4f} -> {val[-1]['loss']:.4f} | val bpb: "
                  f"{val[0].get('bpb', float('nan')):.4f} -> {val[-1].get('bpb', float('nan')):.4f}")
+  core = [r for r in records if r["split"] == "core"]
+  if core:
+    lines.append(f"- CORE during training: {core[0]['core']:.4f} (step {core[0]['step']}) -> "
+                 f"{core[-1]['core']:.4f} (step {core[-1]['step']})")
   lines += _cost_lines(records, flops, price)
   if plot_loss_curve(d):
     lines += ["", f"![{title} loss]({os.path.join(rel, 'loss.png') if rel else 'loss.png'})"]

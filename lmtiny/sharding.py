@@ -162,6 +162,14 @@ def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[st
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Indices of the rows of a [global_rows, ...] batch that this process feeds to
+  `global_batch_from_local` (all of them on one process), in the order it expects them."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
+  starts = sorted({index[0].indices(global_rows)[:2] for index in index_map.values()})
+  return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
 def check_process_local_batches(mesh: Mesh, global_rows: int = 1 << 20) -> None:
   """Each process feeds only its own rows (`global_batch_from_local`), which is right only when
   every batch shard lives on the devices of one process. A model axis spanning hosts (tensor

@@ -274,6 +274,7 @@ class Trainer:
     self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
                              frozen_params=init_params if adapter is not None else None)
     self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
+    self.core_items = self._load_core_items() if t.get("core_every", 0) else None
 
   # -- data ----------------------------------------------------------------------------------
 
@@ -306,6 +307,29 @@ class Trainer:
     loss = float(totals["loss_sum"] / max(totals["tokens"], 1.0))
     return {"loss": loss, "bpb": metrics_lib.bits_per_byte(float(totals["bpb_loss_sum"]), float(totals["bytes"])),
             "tokens": float(totals["tokens"])}
+
+  def _load_core_items(self) -> dict:
+    """The CORE tasks' items, read before training starts (a missing file or no network fails now)."""
+    from lmtiny.evals import core
+    t = self.cfg.train
+    names = core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}")
+    return {name: core.load_items(name, t.core_data_dir or None, t.core_items, flag="config.train.core_data_dir")
+            for name in names}
+
+  def log_core(self, params, step: int, writer) -> None:
+    """CORE (lmtiny.evals.core, the eval CLI's scoring) of the current parameters: logged, and kept
+    in metrics.jsonl as split "core" (all processes score, since the programs span the mesh)."""
+    from lmtiny.evals.core import evaluate_core
+    from lmtiny.evals.scoring import Scorer
+    t0 = time.perf_counter()
+    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
+    scorer = Scorer(model, self.mesh, rows_per_batch=4 * sharding.data_parallel_size(self.mesh))
+    out = evaluate_core(scorer, self.data.tokenizer, self.core_items)
+    seconds = time.perf_counter() - t0
+    writer.write(step, "core", {"core": out["core"], "seconds": seconds,
+                                **{name: r["centered"] for name, r in out["results"].items()}})
+    tasks = " ".join(f"{name} {r['accuracy']:.3f}" for name, r in out["results"].items())
+    self.log(f"step {step:>6}/{self.total_steps} | CORE {out['core']:.4f} | accuracy: {tasks} | {seconds:.0f}s")
 
   def sample(self, params, step: int, writer) -> None:
     """Continuations of train.sample_prompt, logged and kept in metrics.jsonl (all processes
@@ -470,6 +494,8 @@ class Trainer:
             flush(pending)
             pending = None
           self._log_eval(state["params"], step, history, writer)
+        if self.core_items is not None and (at_end or step % t.core_every == 0):
+          self.log_core(state["params"], step, writer)
         if at_end or (t.sample_every and step % t.sample_every == 0):
           self.sample(state["params"], step, writer)
         if stop:

@@ -7,6 +7,8 @@ LMTINY_PROCESS_ID, LMTINY_CPU_DEVICES), exactly as `python -m lmtiny.train` does
 (or resumes) in each WORKDIR in turn and writes OUT.<process index> (JSON). Bad input exits with
 status 2 and `error: ...`, as the entry point does.
 
+A WORKDIR of `score` scores fixed rows with the evals' scorer instead (score()).
+
 Options of one run (so several scenarios share one launch of the processes):
   sigterm=I@N   process I sends itself SIGTERM when it logs step N (a preemption notice reaching
                 one host only)
@@ -96,6 +98,32 @@ def train(spec: str) -> dict:
           "val": summary["val"], "step": summary["step"]}
 
 
+def score_rows():
+  """Rows of the evals' scorer (lmtiny.evals.scoring): lengths that need several padded shapes."""
+  import numpy as np
+  from lm_fixtures import VOCAB
+  from lmtiny.evals.scoring import Row
+  rng = np.random.default_rng(3)
+  return [Row(tuple(int(i) for i in rng.integers(1, VOCAB, n)), int(rng.integers(1, 5))) for n in rng.integers(6, 60, 11)]
+
+
+def score(mesh: str = "") -> dict:
+  """The scorer's losses for score_rows() with a freshly initialised tiny model on this mesh."""
+  import jax
+  from flax import nnx
+  from lmtiny import sharding
+  from lmtiny.evals.scoring import Scorer
+  from lmtiny.trainer import build_steps
+  cfg = multiprocess_config(mesh=mesh)
+  m = sharding.make_mesh(cfg.mesh)
+  steps = build_steps(cfg, m, 1)
+  with jax.set_mesh(m):
+    model = nnx.merge(steps.graphdef, steps.init()["params"])
+  scores = Scorer(model, m, rows_per_batch=4).score(score_rows())
+  return {"loss_sum": [s.loss_sum for s in scores], "tokens": [s.tokens for s in scores],
+          "greedy_match": [s.greedy_match for s in scores]}
+
+
 def main(argv):
   try:
     plan = distributed.initialize()
@@ -106,7 +134,7 @@ def main(argv):
   result = {"mode": plan.mode, "process_index": distributed.process_index(),
             "process_count": distributed.process_count(), "is_main": distributed.is_main_process(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-            "runs": [train(spec) for spec in argv[2:]]}
+            "runs": [score() if spec == "score" else train(spec) for spec in argv[2:]]}
   out = f"{argv[1]}.{result['process_index']}"
   with open(out + ".tmp", "w") as f:
     json.dump(result, f)

@@ -107,11 +107,13 @@ def runs(tmp_path_factory):
   spans both processes (refused); then steps 1-4, stop (checkpoints 3 and 4), after which process
   1's iterator state at step 4 is spoiled | 2 fresh processes: resume that first run to 6, resume
   the reference's step-3 checkpoint, resume the spoiled run, then a fresh run that process 1 alone
-  gets a SIGTERM in | 1 process: resume the 2-process step 3."""
+  gets a SIGTERM in | 1 process: resume the 2-process step 3. The first launch also scores fixed
+  rows with the evals' scorer (what in-training CORE runs on every process)."""
   tmp = tmp_path_factory.mktemp("multiprocess")
   ref = _in_process(tmp / "ref")
   _checkpoint_at(tmp / "ref", tmp / "ref_at3", 3)
-  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3", f"{tmp / 'tp'}:mesh=1,1,8", f"{tmp / 'spoiled'}:4"])
+  first = run_processes(tmp, "first", [f"{tmp / 'two'}:3", f"{tmp / 'tp'}:mesh=1,1,8", f"{tmp / 'spoiled'}:4",
+                                       "score"])
   assert first[0] == [0, 0], "\n".join(first[1])
   _checkpoint_at(tmp / "two", tmp / "two_at3", 3)
   # Valid JSON but no iterator state: process 0 alone would restore step 4 (a truncated file
@@ -128,6 +130,15 @@ def test_two_processes_form_one_mesh(runs):
   for i, r in enumerate(runs["first"]):
     assert (r["mode"], r["process_index"], r["process_count"]) == ("explicit", i, 2)
     assert (r["devices"], r["local_devices"], r["is_main"]) == (8, 4, i == 0)
+
+
+def test_the_evals_scorer_on_two_processes_scores_like_one(runs):
+  # Each process feeds its own rows of every batch and gets every row's score back.
+  ref = worker.score()
+  for r in runs["first"]:
+    got = r["runs"][-1]
+    assert got["tokens"] == ref["tokens"] and got["greedy_match"] == ref["greedy_match"]
+    np.testing.assert_allclose(got["loss_sum"], ref["loss_sum"], rtol=RTOL)
 
 
 def test_two_processes_train_and_resume_like_one(runs):

@@ -22,6 +22,7 @@ def pipeline(tmp_path):
       {"step": 0, "split": "val", "loss": 4.8, "bpb": 3.0},
       {"step": 5, "split": "train", "loss": 4.0}, {"step": 10, "split": "train", "loss": 3.0},
       {"step": 10, "split": "val", "loss": 3.1, "bpb": 2.0},
+      {"step": 5, "split": "core", "core": 0.0123, "hellaswag": 0.01}, {"step": 10, "split": "core", "core": 0.0456},
       {"step": 10, "split": "sample", "prompt": "def ", "text": "foo():"},
       {"step": 6, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15},
       {"step": 10, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15}])
@@ -52,6 +53,7 @@ def test_sections_figures_and_cost(pipeline):
   assert f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
   assert "estimated cost: $16.00 at $2.0/chip-hour" in text  # 1 h x 8 chips x $2
   assert "val bpb: 3.0000 -> 2.0000" in text and "def foo():" in text
+  assert "- CORE during training: 0.0123 (step 5) -> 0.0456 (step 10)" in text
   assert "mean reward: 0.100 (first step) -> 0.500 (last)" in text and "pass@8: 0.400 -> 0.900" in text
   assert "![RL reward](rl/reward.png)" in text and os.path.exists(os.path.join(root, "rl", "reward.png"))
   assert "| gsm8k | accuracy (4 problems) | 0.5000 |" in text

@@ -95,6 +95,28 @@ def convert_rows(name: str, task: Task, rows: Sequence[dict]) -> list[Item]:
   return items
 
 
+def task_names(spec: str, field: str, also: Sequence[str] = ()) -> list[str]:
+  """"core" (every task) or a comma list of TASKS' names (and of `also`) -> the names, in order,
+  once each."""
+  names = []
+  for name in filter(None, (t.strip() for t in spec.split(","))):
+    for n in list(TASKS) if name == "core" else [name]:
+      if n not in TASKS and n not in also:
+        raise EvalDataError(f"{field}: unknown task {n!r} ({', '.join([*also, 'core', *TASKS])})")
+      if n not in names:
+        names.append(n)
+  if not names:
+    raise EvalDataError(f"{field}: no task given")
+  return names
+
+
+def load_items(name: str, data_dir: str | None, limit: int = 0, flag: str = "--data-dir") -> list[Item]:
+  """Task `name`'s first `limit` items (0 = all), from DATA_DIR or the task's public source."""
+  from lmtiny.evals.data import load_rows
+  task = TASKS[name]
+  return convert_rows(name, task, load_rows(name, task.source, data_dir, limit, flag))
+
+
 def fewshot_indices(n: int, index: int, shots: int, seed: int = 1234) -> list[int]:
   """`shots` distinct indices of 0..n-1 other than `index`, the same every time."""
   shots = min(shots, n - 1)
@@ -164,3 +186,10 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], 
 
 def core_score(results: dict[str, dict]) -> float:
   return sum(r["centered"] for r in results.values()) / len(results)
+
+
+def evaluate_core(scorer: Scorer, tokenizer, items: dict[str, Sequence[Item]], norm: str = "token") -> dict:
+  """{"core": mean centered accuracy, "results": {task: evaluate_task's dict}} over `items` by task."""
+  results = {name: evaluate_task(scorer, tokenizer, TASKS[name], task_items, norm)
+             for name, task_items in items.items()}
+  return {"core": core_score(results), "results": results}

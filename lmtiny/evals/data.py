@@ -31,14 +31,16 @@ def local_file(data_dir: str, name: str) -> str | None:
   return None
 
 
-def load_rows(name: str, source: str, data_dir: str | None = None, limit: int = 0) -> list[dict]:
+def load_rows(name: str, source: str, data_dir: str | None = None, limit: int = 0,
+              flag: str = "--data-dir") -> list[dict]:
   """Up to `limit` rows (0 = all) of task `name`: DATA_DIR/<name>.jsonl|.parquet when `data_dir` is
-  given, else the `source` spec (e.g. hf:openai/gsm8k?pattern=main/test-*.parquet&column=question)."""
+  given, else the `source` spec (e.g. hf:openai/gsm8k?pattern=main/test-*.parquet&column=question).
+  `flag` is what an error calls `data_dir` (a command-line flag or a config field)."""
   from lmtiny.data.sources import ParquetSource, open_source
   if data_dir:
     path = local_file(data_dir, name)
     if path is None:
-      raise EvalDataError(f"--data-dir={data_dir}: no {name}.jsonl or {name}.parquet")
+      raise EvalDataError(f"{flag}={data_dir}: no {name}.jsonl or {name}.parquet")
     rows = _jsonl_rows(path) if path.endswith(".jsonl") else ParquetSource(path, path, _first_column(path)).iter_rows()
   else:
     src = open_source(source)  # offline: a one-line SourceError naming the source

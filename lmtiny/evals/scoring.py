@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from lmtiny import sharding
 from lmtiny.sampling import bucket
@@ -59,7 +60,8 @@ def fit_row(ids: Sequence[int], n_cont: int, max_len: int) -> Row:
 
 
 class Scorer:
-  """Scores rows with `model` on `mesh` (parameters placed as they are: one device or sharded)."""
+  """Scores rows with `model` on `mesh` (parameters placed as they are: one device or sharded).
+  On several processes every one calls `score` with the same rows and gets every score back."""
 
   def __init__(self, model, mesh, *, rows_per_batch: int = 32):
     self.graphdef, self.params = nnx.split(model)
@@ -81,10 +83,13 @@ class Scorer:
         length = len(ids) - 1
         inputs[r, :length], targets[r, :length] = ids[:-1], ids[1:]
         mask[r, length - k:length] = 1
+      mine = sharding.process_rows(self.mesh, n)  # every process feeds its rows, gets them all back
       with jax.set_mesh(self.mesh):
-        batch = sharding.global_batch_from_local(dict(inputs=inputs, targets=targets, mask=mask), self.mesh)
-        loss, count, match = jax.device_get(_score_jit(self.graphdef, self.params, batch["inputs"],
-                                                       batch["targets"], batch["mask"]))
+        batch = sharding.global_batch_from_local(dict(inputs=inputs[mine], targets=targets[mine], mask=mask[mine]),
+                                                 self.mesh)
+        scored = _score_jit(self.graphdef, self.params, batch["inputs"], batch["targets"], batch["mask"])
+        loss, count, match = (multihost_utils.process_allgather(scored, tiled=True) if jax.process_count() > 1
+                              else jax.device_get(scored))
       for r, i in enumerate(chunk):
         out[i] = RowScore(float(loss[r]), int(count[r]), bool(match[r]))
     return out
