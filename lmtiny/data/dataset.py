@@ -60,9 +60,9 @@ def load_data(data_cfg, *, vocab_size: int, seq_len: int) -> Data:
                     f"the one the shards in {directories[0]} were made with ({manifests[0]['tokenizer_hash'][:12]}); "
                     "use the shards' own (leave data.tokenizer empty) or re-run lmtiny.data.prepare")
   train = [m["splits"]["train"] for m in manifests]
-  for directory, split in zip(directories, train):
-    if len(sources) > 1 and not split["documents"]:
-      raise DataError(f"{field}: {directory} has no train documents to give its share")
+  empty = [d for d, split in zip(directories, train) if not split["documents"]]
+  if len(sources) > 1 and empty:
+    raise DataError(f"{field}: {empty[0]} has no train documents to give its share")
   if sum(t["tokens"] + t["documents"] for t in train) < seq_len + 1:
     raise DataError(f"{field}: the train split has {sum(t['tokens'] for t in train)} tokens, fewer than one row "
                     f"of config.train.seq_len={seq_len} + 1")

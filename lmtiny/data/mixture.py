@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmtiny.data.shards import DataError
+from lmtiny.data.shards import DataError, document_index
 
 
 def parse_weighted(text: str, field: str, error: type[Exception] = DataError) -> list[tuple[str, float]]:
@@ -83,11 +83,7 @@ class MixedDocs:
     return int(self._ends[-1]) if self._ends else 0
 
   def __getitem__(self, index: int) -> np.ndarray:
-    index = int(index)
-    if index < 0:
-      index += len(self)
-    if not 0 <= index < len(self):
-      raise IndexError(f"document {index} out of range for {len(self)} documents")
+    index = document_index(index, len(self))
     if self._order is not None:
       index = int(self._order[index])
     i = bisect.bisect_right(self._ends, index)

@@ -152,6 +152,17 @@ def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str]
                f"corrupt shard ({count} records, manifest says {shard['documents']})")
 
 
+def document_index(index: int, size: int) -> int:
+  """`index` of a sequence of `size` documents as a non-negative int (Python's negative indexing);
+  IndexError outside it."""
+  index = int(index)
+  if index < 0:
+    index += size
+  if not 0 <= index < size:
+    raise IndexError(f"document {index} out of range for {size} documents")
+  return index
+
+
 class TokenDocs:
   """One split's documents: a random-access, picklable sequence of 1-D token arrays."""
 
@@ -180,11 +191,7 @@ class TokenDocs:
     return self.paths[bisect.bisect_right(self._ends, index)]
 
   def __getitem__(self, index: int) -> np.ndarray:
-    index = int(index)
-    if index < 0:
-      index += len(self)
-    if not 0 <= index < len(self):
-      raise IndexError(f"document {index} out of range for {len(self)} documents")
+    index = document_index(index, len(self))
     try:
       record = self._records()[index]
     except Exception as e:  # riegeli hash mismatch etc.: name the file, not the C++ stack

@@ -69,6 +69,7 @@ class Scorer:
     self.max_len = model.cfg.max_seq_len
     dp = sharding.data_parallel_size(mesh)
     self.rows_per_batch = max(dp, -(-rows_per_batch // dp) * dp)
+    self._mine = sharding.process_rows(mesh, self.rows_per_batch)  # the rows this process feeds
 
   def score(self, rows: Sequence[Row]) -> list[RowScore]:
     out: list[RowScore | None] = [None] * len(rows)
@@ -83,7 +84,7 @@ class Scorer:
         length = len(ids) - 1
         inputs[r, :length], targets[r, :length] = ids[:-1], ids[1:]
         mask[r, length - k:length] = 1
-      mine = sharding.process_rows(self.mesh, n)  # every process feeds its rows, gets them all back
+      mine = self._mine  # every process feeds its rows and gets them all back
       with jax.set_mesh(self.mesh):
         batch = sharding.global_batch_from_local(dict(inputs=inputs[mine], targets=targets[mine], mask=mask[mine]),
                                                  self.mesh)
