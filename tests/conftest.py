@@ -38,9 +38,13 @@ def pytest_xdist_make_scheduler(config, log):
 # The modules that take longest (python -m pytest -n 2 tests --durations=45), handed out first:
 # xdist's default order (most tests first) left few-test, slow modules such as the speedrun
 # smoke (146 s) for last, with one worker running it while the other idled.
-_SLOW_FIRST = ("test_speedrun.py", "test_memory.py", "test_multiprocess.py", "test_gpu_suite.py",
+_SLOW_FIRST = ("test_journey.py", "test_speedrun.py", "test_memory.py", "test_multiprocess.py", "test_gpu_suite.py",
                "test_train_cli.py", "test_reinforce.py", "test_chat_finetune.py", "test_trainer.py",
                "test_muon.py", "test_fault_catalogue.py", "test_loss_scale.py", "test_lowering.py")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes tens of seconds or more; `-m \"not slow\"` is the inner loop")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,8 +23,8 @@ def _has_libtpu() -> bool:
 
 
 # XLA:TPU compiles for a described slice (lmtiny.lowering.compile_for_topology) where libtpu is
-# installed: the test extra brings it on Linux x86-64, so CI runs these.
-needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[test]' on Linux x86-64)")
+# installed: the tpu extra brings it on Linux x86-64; .ci/run installs it, so CI runs these.
+needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[tpu]' on Linux x86-64)")
 VOCAB = 128
 
 # Tests compile many small programs and run each briefly: LLVM at -O0 roughly halves XLA:CPU's

@@ -1,9 +1,7 @@
-"""launch/speedrun.sh: the toy preset at smoke scale runs every stage for real and resumes; the
-other presets' commands (dry run) and bad input."""
-import json
+"""launch/speedrun.sh: the presets' commands (dry run) and bad input. The toy preset at smoke
+scale runs every stage for real, and resumes, in tests/test_journey.py (the README's command)."""
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -20,27 +18,6 @@ def _env():
 
 def _run(*args, timeout=900):
   return subprocess.run(["bash", SPEEDRUN, *args], env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def test_toy_preset_at_smoke_scale_runs_every_stage_and_resumes(tmp_path):
-  run_dir = str(tmp_path / "run")
-  out = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable, "--price-per-chip-hour", "1")
-  assert out.returncode == 0, out.stderr[-3000:]
-  stages = ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval")
-  for s in stages:
-    assert os.path.exists(os.path.join(run_dir, ".stages", f"{s}.done")), s
-  card = open(os.path.join(run_dir, "report.md")).read()
-  for section in ("## Tokenizer", "## Base model", "## Midtraining", "## SFT", "## RL", "## Evaluation"):
-    assert section in card
-  assert "| bpb | bits per byte |" in card and "| gsm8k | accuracy (2 problems) |" in card
-  assert "estimated cost: $" in card
-  sft = json.load(open(os.path.join(run_dir, "sft", "config.json")))["sft"]
-  assert "toy_arithmetic" in sft["sources"]  # SFT sees the problems RL is rewarded on
-  again = _run("toy", "--smoke", "--workdir", run_dir, "--python", sys.executable)
-  assert again.returncode == 0, again.stderr[-3000:]
-  for s in stages:
-    assert f"== {s}: done already" in again.stderr
-  assert "lmtiny.train" not in again.stderr and "lmtiny.report" in again.stderr
 
 
 def test_dry_run_of_a_gpu_preset_names_every_stage():

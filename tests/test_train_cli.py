@@ -1,5 +1,4 @@
-"""The README's main command, run for a few steps through the same code path, and its errors."""
-import json
+"""The train command's errors (the README's main command itself runs in tests/test_journey.py)."""
 import os
 import subprocess
 import sys
@@ -14,26 +13,6 @@ def _train(tmp_path, *overrides, workdir="run"):
          "--workdir", str(tmp_path / workdir), f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
   env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-
-
-def test_readme_main_command_smoke(tmp_path):
-  """Embedded corpus -> tokenizer -> shards -> train -> eval -> checkpoint, then resume (the tiny
-  config at a quarter of its batch: a few steps only need to run, not to learn)."""
-  args = ("--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
-          "--config.train.eval_batches=1", "--config.train.sample_tokens=8",
-          "--config.data.embedded_max_chars=300000", "--config.train.batch_tokens=1024")
-  result = _train(tmp_path, *args)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "step      4/4 | val loss" in result.stdout and "done: 4 steps" in result.stdout
-  assert "step      4/4 | sample: 'def " in result.stdout
-  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  assert {r["split"] for r in records} == {"train", "val", "sample", "run"}  # "run": wall time for the report
-  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
-  assert os.path.exists(tmp_path / "run" / "tokenizer.model") and os.path.exists(tmp_path / "run" / "loss.png")
-  # Re-running the same command with a longer horizon resumes from the checkpoint (cache reused).
-  again = _train(tmp_path, *args[1:], "--config.train.steps=6")
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "resumed from checkpoint at step 4" in again.stdout and "step      6/6" in again.stdout
 
 
 BAD_CONFIGS = [
