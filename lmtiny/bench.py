@@ -27,9 +27,10 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from lmtiny import arch, attention as attn_lib, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
-from lmtiny import lowering, model as model_lib
+from lmtiny import lowering, model as model_lib, preflight
 from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
 
 
@@ -207,6 +208,8 @@ def run(argv: list[str]) -> int:
   if values["steps"] < 1 or values["warmup"] < 0:
     bad = "steps" if values["steps"] < 1 else "warmup"
     raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
+  if values["json"] is not None:
+    preflight.check_output_file(values["json"], "--json")  # before the benchmark, not after it
   if values["lower_for"]:
     print(lowering.report(cfg, values["lower_for"]))
     return 0
@@ -214,6 +217,7 @@ def run(argv: list[str]) -> int:
             else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))
   print(format_report(report, cfg))
   if values["json"]:
+    epath.Path(values["json"]).parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write_json(values["json"], report_json(report, cfg))
   return 0
 

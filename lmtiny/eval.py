@@ -5,12 +5,15 @@ hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada) or any of those b
 `gsm8k` (generative, chat template, calculator tool; `--gsm8k-data toy` for the self-made
 arithmetic set). Task data comes from the tasks' public sources on the Hugging Face hub, or from
 --data-dir DIR holding <task>.jsonl|.parquet in the source's layout. Prints a table and merges
-the results into RUN/eval.json; the run's report card gets an eval section.
+the results into RUN/eval.json; the run's report card gets an eval section. A numeric flag out of
+range, or a RUN (or the pipeline directory holding its report card) that cannot be written, is
+refused in one line before anything is loaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -18,6 +21,7 @@ from etils import epath
 
 from lmtiny import cli
 from lmtiny.config import UserError
+from lmtiny.preflight import check_output_dir, check_output_parent
 
 
 def parse_args(argv):
@@ -40,6 +44,20 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
+# flag -> (smallest value, what it means); None (not given) is always allowed
+NUMERIC_FLAGS = {"step": (0, ""), "eval_batches": (0, " (0: the run's train.eval_batches)"),
+                 "max_items": (0, " (0: every item)"), "max_new_tokens": (1, ""), "batch": (1, ""),
+                 "group_size": (0, " (0: one group per output channel)")}
+
+
+def check_numbers(args) -> None:
+  """Every numeric flag in range, before anything is loaded."""
+  for name, (low, meaning) in NUMERIC_FLAGS.items():
+    value = getattr(args, name)
+    if value is not None and value < low:
+      raise UserError(f"--{name.replace('_', '-')}={value}: must be >= {low}{meaning}")
+
+
 def expand_tasks(spec: str) -> list[str]:
   from lmtiny.evals.core import task_names
   return task_names(spec, "--tasks", also=("bpb", "gsm8k"))
@@ -50,8 +68,7 @@ def evaluate(args) -> dict:
   from lmtiny.evals.data import load_rows
   from lmtiny.evals.loading import load_model
   names = expand_tasks(args.tasks)
-  if args.max_items < 0 or args.batch < 1 or args.max_new_tokens < 1:
-    raise UserError("--max-items must be >= 0, --batch and --max-new-tokens >= 1")
+  check_numbers(args)
   from lmtiny.quant import check_flags
   check_flags(args.quantize, args.group_size)
   from lmtiny.rundir import load_run
@@ -62,7 +79,9 @@ def evaluate(args) -> dict:
       from lmtiny.evals.toy import toy_rows
       rows[name] = toy_rows(args.max_items or 200, seed=2, held_out=True)
     elif name == "gsm8k":
-      rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items)
+      rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items, hint=(
+          "point --data-dir at a directory holding gsm8k.jsonl or gsm8k.parquet, or use --gsm8k-data toy "
+          "(no download)"))
     elif name != "bpb":
       rows[name] = core.load_items(name, args.data_dir, args.max_items)
   loaded = load_model(run, quantize=args.quantize, group_size=args.group_size)
@@ -139,10 +158,16 @@ def run(argv: list[str]) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
+  check_numbers(args)
+  from lmtiny import report
+  # eval.json goes into the run, the report card into its pipeline's root (the parent of a stage
+  # run): both known writable before the evaluation, not found unwritable after it
+  check_output_dir(args.workdir, "--workdir")
+  if report.report_root(args.workdir) != os.path.abspath(args.workdir):
+    check_output_parent(args.workdir, "--workdir")
   out = evaluate(args)
   print(table(out))
   print(f"wrote {save(args.workdir, out, args.quantize)}")
-  from lmtiny import report
   report.update_for(args.workdir)
   return 0
 

@@ -9,15 +9,17 @@ one; any other is wrapped from its tokenizer.json) and hf_import.json, built in 
 sibling and renamed into place, so an interrupted import leaves no RUN behind. Then
 `python -m lmtiny.generate --workdir RUN --prompt ...` samples from it, its checkpoint initialises
 SFT, and `python -m lmtiny.export` writes the same tensors back. Unsupported checkpoints (biases,
-rope scaling, sliding windows, other activations, bad head counts) are refused with one line
-naming the config.json field, exit status 2.
+rope scaling, sliding windows, other activations, bad head counts) and malformed files (a
+safetensors header or index that is not what the format says) are refused with one line naming
+the file and field, exit status 2, before anything is written; so is a RUN whose directory
+cannot be written.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lmtiny import cli
+from lmtiny import cli, preflight
 
 
 def run(argv: list[str]) -> int:
@@ -26,6 +28,9 @@ def run(argv: list[str]) -> int:
   p.add_argument("--hf", required=True, help="local Hugging Face checkpoint directory")
   p.add_argument("--workdir", required=True, help="new lmtiny run directory")
   args = p.parse_args(argv)
+  # RUN is built in a temporary sibling and renamed into place: its parent must take new entries,
+  # known before the checkpoint is read rather than after.
+  preflight.check_output_parent(args.workdir, "--workdir")
   from lmtiny.interop.convert import import_checkpoint
   s = import_checkpoint(args.hf, args.workdir)
   f = s["fields"]

@@ -27,18 +27,50 @@ def check_output_dir(path: str, flag: str) -> None:
     return  # object stores: lmtiny.distributed.check_workdir probes those
   if os.path.exists(path) and not os.path.isdir(path):
     raise OutputError(f"{flag}={path}: exists and is not a directory")
+  _probe(_nearest_existing(path), path, flag)
+
+
+def check_output_file(path: str, flag: str) -> None:
+  """`path` can be written as a file the way files.atomic_write writes it (a temporary sibling
+  renamed over it): it is not a directory and its directory is (or can be created) writable."""
+  if not path:
+    raise OutputError(f"{flag}=: empty; name a file")
+  if "://" in path:
+    return
+  if os.path.isdir(path):
+    raise OutputError(f"{flag}={path}: is a directory; name a file")
+  _probe(_nearest_existing(os.path.dirname(os.path.abspath(path))), path, flag)
+
+
+def check_output_parent(path: str, flag: str) -> None:
+  """The directory that holds `path` can take a new entry: for outputs built in a temporary
+  sibling and renamed into place (files.atomic_directory), which a writable but read-only-parented
+  `path` would not allow."""
+  if not path or "://" in path:
+    return
+  _probe(_nearest_existing(os.path.dirname(os.path.abspath(path))), path, flag)
+
+
+def _nearest_existing(path: str) -> str:
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
+  return existing
+
+
+def _probe(existing: str, path: str, flag: str) -> None:
+  """OutputError naming `flag` unless a file can be created (and written) in `existing`."""
   if not os.path.isdir(existing):
     raise OutputError(f"{flag}={path}: {existing} is a file, not a directory")
   probe = os.path.join(existing, f".lmtiny-write-check-{uuid.uuid4().hex[:8]}")
   try:
     with open(probe, "wb") as f:
       f.write(b"x")
-    os.remove(probe)
   except OSError as e:
     raise OutputError(f"{flag}={path}: cannot write to {existing} ({os.strerror(e.errno) if e.errno else e})") from None
+  finally:  # a full disk creates the file and then fails the write: no probe may stay behind
+    if os.path.lexists(probe):
+      os.remove(probe)
 
 
 # ---------------------------------------------------------------------------------------------

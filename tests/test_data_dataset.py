@@ -186,12 +186,16 @@ def test_mixture_counts_repeat_scarce_sources_and_never_repeat_val():
     ("{a}:0.5,{b}:0", "needs a source and a finite weight > 0"),
     ("{a}:0.5,{b}:-1", "needs a source and a finite weight > 0"),
     ("{a}:0.5,{a}x:0.5", "no such shard directory"),
+    ("{a}:1,{b}:nan", "needs a source and a finite weight > 0"),
+    ("{a}:1,{b}:1e-300", "the weight 1e-300 of '{b}' is under a millionth of the largest (1); weights must lie "
+                         "within a factor of a million of each other"),
+    ("{a}:1e308,{b}:1e308", "the weights add up to more than a float holds"),
 ])
 def test_bad_mixtures_name_the_field(prepared, second, spec, message):
   shard_dir, _ = prepared
   with pytest.raises(ConfigError, match=r"^config.data.shards=") as e:
     load_data(data_config(shards=spec.format(a=shard_dir, b=second)), vocab_size=512, seq_len=64)
-  assert message in str(e.value)
+  assert message.format(a=shard_dir, b=second) in str(e.value)
 
 
 def test_a_mixture_needs_one_tokenizer(prepared, tmp_path):
@@ -218,3 +222,19 @@ def test_training_on_a_mixture_from_the_command_line(prepared, second, tmp_path,
   out = capsys.readouterr().out
   assert f"mixture: {shard_dir} 80% of tokens" in out and f"{second} 20% of tokens" in out
   assert "done: 2 steps" in out
+
+
+def test_a_weight_too_small_for_an_epoch_writes_no_run(prepared, second, tmp_path, capsys):
+  # Before: OverflowError from grain (the epoch's length no longer fits an index) after the run
+  # directory had been written.
+  from lm_fixtures import ROOT
+  from lmtiny import train
+  shard_dir, _ = prepared
+  spec = f"{shard_dir}:1,{second}:1e-300"
+  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+          f"--config.data.shards={spec}", "--config.model.vocab_size=512", "--config.train.seq_len=64",
+          "--config.train.batch_tokens=512"]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: config.data.shards={spec!r}: the weight 1e-300") and err.count("\n") == 1, err
+  assert not os.path.exists(tmp_path / "run")

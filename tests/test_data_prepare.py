@@ -1,4 +1,5 @@
 """Tests for lmtiny/data/prepare.py: text -> shards -> batches, resuming, sources, the CLI's errors."""
+import errno
 import json
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 from hypothesis import given, settings, strategies as st
 
 from lmtiny.data import pipeline, prepare, shards
@@ -284,3 +286,60 @@ def test_cli_bad_inputs(tmp_path, tok_dir, capsys, case, message):
   assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
   assert not (tmp_path / "out").exists()   # nothing half-written
   assert os.listdir(tmp_path / "busy") == ["other.txt"]
+
+
+_REAL_WRITER = array_record_module.ArrayRecordWriter
+
+
+class _FullDiskWriter:
+  """array_record's writer on a disk that fills after `budget` records, failing as riegeli does:
+  the write raises, and so does every close after it."""
+  budget = 0
+
+  def __init__(self, path, options):
+    self._real, self._failed = _REAL_WRITER(path, options), False
+
+  def write(self, data):
+    if _FullDiskWriter.budget <= 0:
+      self._failed = True
+      raise RuntimeError("write() failed: No space left on device; writing shard; at byte 0")
+    _FullDiskWriter.budget -= 1
+    self._real.write(data)
+
+  def close(self):
+    self._real.close()
+    if self._failed:
+      raise RuntimeError("write() failed: No space left on device; Failed to close chunk_writer")
+
+
+@pytest.mark.parametrize("where", ["shard", "progress", "manifest"])
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, tok_dir, capsys, monkeypatch, where):
+  # Before: a RuntimeError (or OSError) traceback, exit 1, and the unfinished shard's temporary left.
+  spec = write_texts(tmp_path / "txt", [f"document {i}: " + "lorem ipsum " * (i % 5 + 1) for i in range(30)])
+  argv = ["--source", spec, "--tokenizer", tok_dir, "--workers", "1", "--docs-per-shard", "4", "--no-progress"]
+  assert prepare.main(argv + ["--out", str(tmp_path / "ref")]) == 0
+  capsys.readouterr()
+  out = tmp_path / "out"
+  if where == "shard":  # riegeli's own failure: the 11th document does not fit
+    _FullDiskWriter.budget = 10
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", _FullDiskWriter)
+  else:  # the OS's: progress.json after the second chunk, or the final manifest
+    real, calls = prepare.atomic_write_json, []
+
+    def full(path, obj):
+      calls.append(path)
+      if (len(calls) == 3) if where == "progress" else path.endswith(shards.MANIFEST_FILE):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+      real(path, obj)
+    monkeypatch.setattr(prepare, "atomic_write_json", full)
+  assert prepare.main(argv + ["--out", str(out)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  kept = {"shard": 2, "progress": 1, "manifest": 8}[where]
+  assert err == [f"error: {out}: disk full (No space left on device) while writing shards; the {kept} "
+                 "finished shard pair(s) are kept: free space and re-run the same command to continue"]
+  assert not [f for f in os.listdir(out) if f.endswith(".tmp")] and not (out / shards.MANIFEST_FILE).exists()
+  monkeypatch.undo()  # space freed
+  assert prepare.main(argv + ["--out", str(out)]) == 0
+  assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
+  for split in shards.SPLITS:
+    assert all_records(out, split) == all_records(tmp_path / "ref", split)

@@ -163,3 +163,22 @@ def test_a_record_with_a_partial_id_is_reported(tmp_path):
   with pytest.raises(DataError, match=r"odd.array_record: corrupt shard \(record of 3 bytes is not a whole "
                                      r"number of uint32 ids\)"):
     docs[0]
+
+
+@pytest.mark.parametrize("written, claimed", [("uint16", "uint32"), ("uint32", "uint16")])
+def test_a_manifest_dtype_that_the_data_does_not_have_is_caught_at_open(tmp_path, written, claimed):
+  # Even token counts: every record divides into ids of either width, so only the manifest's
+  # token counts tell the dtypes apart (records of odd length used to be the only clue).
+  even = [np.arange(2 * (k + 1)) % 512 for k in range(6)]
+  manifest = write_dataset(tmp_path, {"train": [even, even[:3]], "val": [even[:2]]}, dtype=written)
+  shards.check_shards(str(tmp_path), manifest)
+  manifest["dtype"] = claimed
+  (tmp_path / shards.MANIFEST_FILE).write_text(json.dumps(manifest))
+  manifest = shards.load_manifest(str(tmp_path))  # its structure is fine
+  val = manifest["splits"]["val"]["shards"][0]  # the smallest shard is the one read
+  held = val["tokens"] * np.dtype(written).itemsize
+  with pytest.raises(DataError) as e:
+    shards.check_shards(str(tmp_path), manifest)
+  assert str(e.value) == (f"{tmp_path / shards.MANIFEST_FILE}: field 'dtype' is {claimed!r}, but val-00000.array_record "
+                          f"holds {held} bytes for its {val['tokens']} tokens, not "
+                          f"{val['tokens'] * np.dtype(claimed).itemsize} (the data is {written})")

@@ -141,15 +141,10 @@ def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
     (["--tasks", "nope"], "--tasks: unknown task 'nope'"),
     (["--tasks", "bpb", "--group-size", "32"], "--group-size=32: only applies with --quantize"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent"], "--data-dir=/nonexistent: no arc_easy"),
-    (["--tasks", "arc_easy"], "cannot list 'allenai/ai2_arc' on the hub"),  # offline
+    (["--tasks", "arc_easy"], "offline (HF_HUB_OFFLINE is set); point --data-dir at a directory holding arc_easy.jsonl"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_dir, capsys, monkeypatch, args, message):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  # huggingface_hub reads the variable once, when its constants are first imported: in a session
-  # that imported transformers earlier (the interop tests, at collection) the variable alone is
-  # too late, and the listing retries the unreachable hub for ~23 s before failing the same way.
-  from huggingface_hub import constants  # a test dependency (with transformers)
-  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
   from lmtiny.evals import loading  # the data is read before the weights load: errors come in seconds
   monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
   assert eval_cli.main(["--workdir", run_dir, *args]) == 2
@@ -175,3 +170,19 @@ def test_a_damaged_eval_json_costs_its_old_entries_not_the_new_results(tmp_path,
   assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'eval.json'}: not an evaluation file")
   eval_cli.save(str(tmp_path), {"step": 30, "results": {"gsm8k": {"accuracy": 0.5, "items": 2}}})
   assert set(json.load(open(path))["results"]) == {"bpb", "gsm8k"}  # merged as before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--eval-batches", "-1", "--eval-batches=-1: must be >= 0 (0: the run's train.eval_batches)"),
+    ("--max-items", "-2", "--max-items=-2: must be >= 0 (0: every item)"),
+    ("--batch", "0", "--batch=0: must be >= 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens=0: must be >= 1"),
+    ("--step", "-1", "--step=-1: must be >= 0"),
+    ("--group-size", "-8", "--group-size=-8: must be >= 0 (0: one group per output channel)"),
+])
+def test_every_numeric_flag_is_checked_first(tmp_path, capsys, flag, value, message):
+  # Before the run is read or anything is written: a run directory is not even needed.
+  args = ["--workdir", str(tmp_path / "run"), "--tasks", "bpb", flag, value]
+  assert eval_cli.main(args + (["--quantize", "int8"] if flag == "--group-size" else [])) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
+  assert os.listdir(tmp_path) == []

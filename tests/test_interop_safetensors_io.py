@@ -1,6 +1,7 @@
 """lmtiny's NumPy safetensors reader/writer against the safetensors package itself (torch side),
 bfloat16 included, sharded checkpoints, and one-line errors for broken files."""
 import json
+import struct
 
 import ml_dtypes
 import numpy as np
@@ -53,3 +54,48 @@ def test_broken_files_are_user_errors(tmp_path):
     read_file(str(path))
   with pytest.raises(SafetensorsError, match="no model.safetensors"):
     read_checkpoint(str(tmp_path / "empty"))
+
+
+def _raw(header, body=b""):
+  head = json.dumps(header).encode()
+  return struct.pack("<Q", len(head)) + head + body
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+@pytest.mark.parametrize("header, body, message", [
+    ([F32], bytes(8), "not a safetensors file (the header is a JSON list, not an object of tensors)"),
+    ({"a": [0, 8]}, bytes(8), "tensor a: its header entry is a JSON list, not an object"),
+    ({"a": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), "tensor a: field 'dtype' missing"),
+    ({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, bytes(8), "tensor a: field 'shape' missing"),
+    ({"a": dict(F32, shape=[-2])}, bytes(8), "tensor a: field 'shape'=[-2]: must be a list of integers >= 0"),
+    ({"a": dict(F32, data_offsets=[8, 0])}, bytes(8), "tensor a: field 'data_offsets'=[8, 0]: must be [begin, end]"),
+    ({"a": dict(F32, data_offsets=[0, 4])}, bytes(8), "tensor a: field 'data_offsets'=[0, 4] spans 4 bytes; its shape "
+                                                      "[2] of F32 needs 8"),
+    ({"a": F32, "b": dict(F32, data_offsets=[4, 12])}, bytes(16),
+     "tensor b: field 'data_offsets'=[4, 12]: expected to begin at byte 8 (where tensor a ends)"),
+    ({"a": dict(F32, data_offsets=[-4, 4])}, bytes(8), "field 'data_offsets'=[-4, 4]: must be [begin, end]"),
+    ({"a": F32}, bytes(12), "tensor a: field 'data_offsets' ends the data at byte 8, but the file holds 12 bytes of "
+                            "data (4 stray bytes follow it)"),
+    ({"a": F32}, bytes(6), "tensor a: field 'data_offsets' ends the data at byte 8, but the file holds 6 bytes of "
+                           "data (the file is truncated)"),
+])
+def test_malformed_headers_name_the_tensor_and_field(tmp_path, header, body, message):
+  path = tmp_path / "x.safetensors"
+  path.write_bytes(_raw(header, body))
+  with pytest.raises(SafetensorsError) as e:
+    read_file(str(path))
+  assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    (["model-1.safetensors"], "field 'weight_map' is a JSON list, not an object {tensor name: shard file}"),
+    ({"a": 3}, "field 'weight_map': tensor a maps to 3, not a file name in the checkpoint directory"),
+    ({"a": "../elsewhere.safetensors"}, "tensor a maps to '../elsewhere.safetensors', not a file name"),
+])
+def test_a_malformed_index_names_its_field(tmp_path, weight_map, message):
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(SafetensorsError) as e:
+    read_checkpoint(str(tmp_path))
+  assert str(e.value).startswith(f"{tmp_path / 'model.safetensors.index.json'}: ") and message in str(e.value)

@@ -52,6 +52,12 @@ def test_train_bad_input_exits_2_and_writes_nothing(tmp_path, case):
 @pytest.mark.parametrize("flags, stray, message", [
     (["--character-coverage", "0.5"], False, r"--character-coverage=0.5: must be in \[0.98, 1\]"),
     (["--threads", "0"], False, "--threads=0: must be >= 1"),
+    (["--total-chars", "0"], False, r"--total-chars=0: must be >= 1 \(leave it out for the recipe's budget\)"),
+    (["--total-chars", "-5"], False, r"--total-chars=-5: must be >= 1 .*"),
+    (["--seed", "-1"], False, r"--seed=-1: must be an integer in \[0, 2\*\*32\)"),
+    (["--seed", str(2**32)], False, rf"--seed={2**32}: must be an integer in \[0, 2\*\*32\)"),
+    (["--vocab-size", "0"], False, "vocab_size 0: must be a multiple of 128 and at least 512"),
+    (["--character-coverage", "nan"], False, r"--character-coverage=nan: must be in \[0.98, 1\]"),
     ([], True, r"out: exists and holds other files \(a.txt, \.\.\.\); choose a new --out"),
 ])
 def test_train_flags_and_out_dir_are_checked_before_sampling(tmp_path, monkeypatch, capsys, flags, stray, message):

@@ -17,6 +17,7 @@ eval batches already follow the weights. Sources without a val split are left ou
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Sequence
 
 import numpy as np
@@ -24,9 +25,15 @@ import numpy as np
 from lmtiny.data.shards import DataError, document_index
 
 
+MAX_WEIGHT_RATIO = 1e6  # the largest weight over the smallest
+
+
 def parse_weighted(text: str, field: str, error: type[Exception] = DataError) -> list[tuple[str, float]]:
   """"a:0.7,b:0.3" -> [("a", 0.7), ("b", 0.3)]; an item without a weight counts 1.0 (so a plain
-  path, colons and all, is one source). Raises `error` naming `field`."""
+  path, colons and all, is one source). Raises `error` naming `field` for a weight that is not a
+  finite number > 0, or one under 1/MAX_WEIGHT_RATIO of the largest: a train epoch holds every
+  source whole, so such a source would make the others repeat over a million times (at 1e-300
+  the epoch's length no longer fits an index), and a sampling share that small is noise."""
   out = []
   for item in filter(None, (part.strip() for part in text.split(","))):
     spec, _, weight = item.rpartition(":")
@@ -34,11 +41,19 @@ def parse_weighted(text: str, field: str, error: type[Exception] = DataError) ->
       value = float(weight)
     except ValueError:
       spec, value = item, 1.0
-    if not spec or not value > 0 or value == float("inf"):
+    if not spec or not 0 < value < math.inf:
       raise error(f"{field}={text!r}: {item!r} needs a source and a finite weight > 0")
     out.append((spec, value))
   if not out:
     raise error(f"{field}={text!r}: no sources")
+  (small_spec, small), (_, large) = min(out, key=lambda o: o[1]), max(out, key=lambda o: o[1])
+  if large > small * MAX_WEIGHT_RATIO:
+    raise error(f"{field}={text!r}: the weight {small:g} of {small_spec!r} is under a millionth of the largest "
+                f"({large:g}); weights must lie within a factor of a million of each other: leave "
+                "that source out or raise its weight")
+  if not math.isfinite(sum(w for _, w in out)):
+    raise error(f"{field}={text!r}: the weights add up to more than a float holds; only their ratios "
+                "matter, so use smaller numbers")
   return out
 
 

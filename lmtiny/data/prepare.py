@@ -6,7 +6,9 @@ Documents are read in order, tokenized in worker processes (each holds a pickled
 tokenizer) and written in source order. Every `docs_per_shard` source documents (or
 SHARD_TEXT_BYTES of text, whichever comes first) close one train shard and one val shard, renamed
 into place, after which progress.json records them; re-running the same command after a crash
-keeps those shards and continues from the next document. manifest.json is written last.
+keeps those shards and continues from the next document. manifest.json is written last. A disk
+that fills up stops the job with one `error:` line (exit status 1) saying how many shard pairs
+are kept; the same command, run again with space freed, continues from there.
 
 The validation split takes documents evenly spaced through the source, a `val_fraction` share of
 them, starting with document 0, so any non-zero fraction gives a non-empty val split.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import fractions
 import multiprocessing
 import os
@@ -25,6 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from lmtiny.config import RunFailed
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.shards import DataError
 from lmtiny.files import atomic_write, atomic_write_json
@@ -34,6 +38,10 @@ SHARD_TEXT_BYTES = 512 << 20     # also close a shard after this much text
 _TASK_DOCS = 128                 # documents per worker task ...
 _TASK_CHARS = 2 << 20            # ... or this many characters
 _PIECE_CHARS = 8192              # longer documents are encoded in pieces of about this size
+
+
+class DiskFull(RunFailed):
+  """The disk filled up while writing shards; what was finished is kept for the re-run."""
 
 
 def is_validation(index: int, val_fraction: float) -> bool:
@@ -110,7 +118,7 @@ class _Writer:
     self.out_dir, self.dtype, self.settings = out_dir, dtype, settings
     progress = progress or {"documents": 0, "chunks": 0, "splits": {s: [] for s in shards_lib.SPLITS}}
     self.documents = progress["documents"]      # source documents handled (written)
-    self.chunks = progress["chunks"]
+    self.chunks = self.recorded = progress["chunks"]  # finished; and listed in progress.json
     self.shards = {s: list(progress["splits"][s]) for s in shards_lib.SPLITS}
     self._open, self._chunk_docs, self._chunk_bytes = {}, 0, 0
 
@@ -130,7 +138,8 @@ class _Writer:
       return
     for split in shards_lib.SPLITS:
       if split in self._open:
-        self.shards[split].append(self._open.pop(split).finish())
+        self.shards[split].append(self._open[split].finish())
+        del self._open[split]  # only once finished: a failed finish leaves its temporary to abort()
     self.chunks += 1
     self._chunk_docs = self._chunk_bytes = 0
     self.save_progress()
@@ -141,6 +150,7 @@ class _Writer:
     atomic_write_json(os.path.join(self.out_dir, shards_lib.PROGRESS_FILE), {
         "settings": self.settings, "documents": self.documents, "chunks": self.chunks,
         "splits": self.shards})
+    self.recorded = self.chunks
 
   def abort(self) -> None:
     for writer in self._open.values():
@@ -254,19 +264,35 @@ def prepare_dataset(source, tokenizer, out_dir: str, *, val_fraction: float = 0.
       writer.add(tokens, num_bytes)
       bar.update(num_bytes)
     writer.close_chunk()
-  except BaseException:
+  except BaseException as e:
     writer.abort()
     if fresh and writer.chunks == 0:  # leave nothing behind a job that wrote no shard
       shutil.rmtree(out_dir if created else os.path.join(out_dir, shards_lib.TOKENIZER_DIR), ignore_errors=True)
+    _raise_if_disk_full(e, out_dir, writer.recorded)
     raise
   finally:
     bar.close()
   manifest = dict(format=shards_lib.FORMAT, **settings, bos_id=tokenizer.bos_id,
                   undecodable=source.undecodable, null_rows=getattr(source, "null_rows", 0),
                   splits={s: shards_lib.split_totals(writer.shards[s]) for s in shards_lib.SPLITS})
-  atomic_write_json(os.path.join(out_dir, shards_lib.MANIFEST_FILE), manifest)
+  try:
+    atomic_write_json(os.path.join(out_dir, shards_lib.MANIFEST_FILE), manifest)
+  except OSError as e:  # progress.json still lists every shard: a re-run writes just the manifest
+    _raise_if_disk_full(e, out_dir, writer.recorded)
+    raise
   os.remove(os.path.join(out_dir, shards_lib.PROGRESS_FILE))
   return manifest
+
+
+def _raise_if_disk_full(error: BaseException, out_dir: str, kept_chunks: int) -> None:
+  """A full disk becomes one line (DiskFull) saying what a re-run keeps; other errors pass unchanged."""
+  # preflight imports jax: not at the top, which the spawned tokenizer workers import too
+  from lmtiny.preflight import is_disk_full  # pylint: disable=g-import-not-at-top
+  if not is_disk_full(error):
+    return
+  kept = f"the {kept_chunks} finished shard pair(s) are kept" if kept_chunks else "no finished shard was kept"
+  raise DiskFull(f"{out_dir}: disk full ({os.strerror(errno.ENOSPC)}) while writing shards; {kept}: "
+                 "free space and re-run the same command to continue") from None
 
 
 def _progress_bar(enabled: bool, writer: _Writer):
@@ -327,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
   except (DataError, SourceError, TokenizerError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except DiskFull as e:  # a fault, not bad input: status 1 (as a checkpoint save that fails)
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print(f"interrupted: re-run the same command to finish {args.out}", file=sys.stderr)
     return 130

@@ -71,7 +71,10 @@ class ShardWriter:
             "bytes": self.bytes, "file_bytes": os.path.getsize(final)}
 
   def abort(self) -> None:
-    self._writer.close()
+    try:
+      self._writer.close()
+    except (RuntimeError, OSError):  # riegeli cannot flush onto a full disk: the file goes anyway
+      pass
     if os.path.exists(self._tmp):
       os.remove(self._tmp)
 
@@ -123,23 +126,33 @@ def load_manifest(directory: str) -> dict[str, Any]:
 
 
 def _count_records(path: str) -> int:
+  return _read_shard(path, lambda reader: reader.num_records())
+
+
+def _record_bytes(path: str) -> int:
+  """The bytes of every record of a shard, added up (reads the whole shard)."""
+  return _read_shard(path, lambda reader: sum(len(r) for r in reader.read_all()))
+
+
+def _read_shard(path: str, read):
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
   try:
     reader = ArrayRecordReader(path)
-    count = reader.num_records()
+    value = read(reader)
     reader.close()  # riegeli may only notice a bad index or footer here
-    return count
+    return value
   except Exception as e:  # riegeli reports truncation / garbage as RuntimeError or ValueError
-    raise DataError(f"{path}: corrupt shard ({_first_line(e)})") from None
+    raise DataError(f"{path}: corrupt shard ({first_line(e)})") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: BaseException) -> str:
   lines = str(e).strip().splitlines()
   return lines[0][:300] if lines else type(e).__name__
 
 
 def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str] = SPLITS) -> None:
-  """Cheap checks of every listed shard: present, the recorded size, the recorded record count."""
+  """Cheap checks of every listed shard: present, the recorded size, the recorded record count;
+  and the manifest's dtype against the data (check_dtype)."""
   for split in splits:
     for shard in manifest["splits"][split]["shards"]:
       path = os.path.join(directory, shard["file"])
@@ -150,6 +163,25 @@ def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str]
       count = _count_records(path)
       _require(count == shard["documents"], path,
                f"corrupt shard ({count} records, manifest says {shard['documents']})")
+  check_dtype(directory, manifest, splits)
+
+
+def check_dtype(directory: str, manifest: dict[str, Any], splits: Sequence[str] = SPLITS) -> None:
+  """The records of the shard with the fewest tokens (but some), read whole, must add up to its
+  token count times the manifest's dtype size. array_record stores no dtype: a wrong one otherwise
+  shows only when a record's length happens not to divide (and then as a corrupt record), or
+  never, as ids of another width."""
+  shards = [s for split in splits for s in manifest["splits"][split]["shards"] if s["tokens"]]
+  if not shards:
+    return
+  shard = min(shards, key=lambda s: (s["tokens"], s["file"]))
+  total = _record_bytes(os.path.join(directory, shard["file"]))
+  itemsize = np.dtype(manifest["dtype"]).itemsize
+  if total != shard["tokens"] * itemsize:
+    fits = [d for d in DTYPES if np.dtype(d).itemsize * shard["tokens"] == total]
+    raise DataError(f"{os.path.join(directory, MANIFEST_FILE)}: field 'dtype' is {manifest['dtype']!r}, but "
+                    f"{shard['file']} holds {total} bytes for its {shard['tokens']} tokens, not "
+                    f"{shard['tokens'] * itemsize}" + (f" (the data is {fits[0]})" if fits else ""))
 
 
 def document_index(index: int, size: int) -> int:
@@ -195,7 +227,7 @@ class TokenDocs:
     try:
       record = self._records()[index]
     except Exception as e:  # riegeli hash mismatch etc.: name the file, not the C++ stack
-      raise DataError(f"{self._path_of(index)}: corrupt shard ({_first_line(e)})") from None
+      raise DataError(f"{self._path_of(index)}: corrupt shard ({first_line(e)})") from None
     return self._decode(index, record)
 
   def __getstate__(self):

@@ -14,6 +14,8 @@ reshape, so a round trip is bitwise.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lmtiny import config as config_lib
@@ -120,6 +122,8 @@ def _rope(hf: dict) -> tuple[float, str]:
 
 def model_fields(hf: dict, where: str) -> dict:
   """lmtiny `model` fields for an HF config.json (what lmtiny cannot represent is refused)."""
+  if not isinstance(hf, dict):
+    raise InteropError(f"{where}: a JSON {type(hf).__name__}, not an object of config fields")
   arch = hf.get("model_type")
   if arch not in ARCHITECTURES:
     raise InteropError(f"{where}: model_type={arch!r}; lmtiny imports {', '.join(ARCHITECTURES)}")
@@ -135,6 +139,12 @@ def model_fields(hf: dict, where: str) -> dict:
   theta, kind = _rope(hf)
   if kind != "default":
     raise InteropError(f"{where}: rope type {kind!r}: lmtiny implements plain RoPE only (no scaling)")
+  for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+    if field not in hf:
+      raise InteropError(f"{where}: field {field!r} missing")
+    need(_is_positive_int(hf[field]), field, "must be an integer > 0")
+  for field in ("head_dim", "num_key_value_heads", "max_position_embeddings"):
+    need(hf.get(field) is None or _is_positive_int(hf[field]), field, "must be an integer > 0 (or absent)")
   try:
     d, h = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     fields = dict(vocab_size=int(hf["vocab_size"]), num_layers=int(hf["num_hidden_layers"]), d_model=d,
@@ -149,6 +159,12 @@ def model_fields(hf: dict, where: str) -> dict:
     fields["head_dim"] = 0
   fields["norm_eps"] = float(hf.get("rms_norm_eps", DEFAULT_NORM_EPS))
   return fields
+
+
+def _is_positive_int(value) -> bool:
+  """An integer > 0 as JSON writes one (5, or 5.0 from some exporters), not a bool."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+          and value == int(value))
 
 
 # ---------------------------------------------------------------------------------------------

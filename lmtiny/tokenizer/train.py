@@ -23,7 +23,7 @@ def parse_args(argv):
   p.add_argument("--mixture", required=True, help="recipe file, e.g. tokenizer_data/seed.py")
   p.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 128")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--total-chars", type=int, default=0, help="override the recipe's budget")
+  p.add_argument("--total-chars", type=int, default=None, help="override the recipe's budget (> 0)")
   p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
   p.add_argument("--threads", type=int, default=2, help="sentencepiece trainer threads")
   p.add_argument("--digits", choices=DIGIT_MODES, default="pairs",
@@ -44,10 +44,14 @@ def run(args) -> dict:
     raise TokenizerError(f"--character-coverage={args.character_coverage:g}: must be in [0.98, 1]")
   if args.threads < 1:
     raise TokenizerError(f"--threads={args.threads}: must be >= 1")
+  if args.total_chars is not None and args.total_chars < 1:
+    raise TokenizerError(f"--total-chars={args.total_chars}: must be >= 1 (leave it out for the recipe's budget)")
+  if args.seed is not None and not 0 <= args.seed < 2**32:
+    raise TokenizerError(f"--seed={args.seed}: must be an integer in [0, 2**32)")
   check_output_dir(args.out, "--out")  # before the (long) training, not after it
   check_out_dir(args.out)
   recipe_file = args.mixture
-  recipe = load_recipe(recipe_file, total_chars=args.total_chars or None, seed=args.seed)
+  recipe = load_recipe(recipe_file, total_chars=args.total_chars, seed=args.seed)
   sampler = MixtureSampler(recipe, progress=not args.quiet)
   extra = dict(recipe=recipe_file, total_chars=recipe["total_chars"], sources=sampler.stats)
   tok = train_tokenizer(iter(sampler), args.vocab_size, args.out, seed=recipe["seed"],
