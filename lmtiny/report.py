@@ -6,7 +6,12 @@ Layout read (nanochat-style pipeline, as launch/speedrun.sh lays it out):
   RUN/tokenizer/report.json   tokenizer stage (vocab, characters, bytes per token if measured)
   RUN/metrics.jsonl           base pretraining; RUN/mid, RUN/sft: midtraining and SFT runs
   RUN/rl/metrics.jsonl        RL (reward, pass@k, held-out accuracy)
-  */eval.json                 `lmtiny.eval` results of any of those runs
+  */eval.json                 `lmtiny.eval` results of any of those runs (eval_int8/int4.json: quantized)
+  RUN/{mid,sft}/turn_ending.json  `lmtiny.sft --report`: replies that end their turn, before/after
+The card opens with a summary table, one row per figure, '-' where its stage did not run (or did
+not measure it): tokenizer bytes per token (the base run's shards), base val bpb, CORE, mid/SFT
+held-out loss and turn-ending rate, RL reward and held-out accuracy, GSM8K, int8/int4 against
+full precision, and wall time per stage and in total.
 Per training stage: parameters, steps, tokens, wall time, FLOPs (6N + attention convention of
 lmtiny.arch.train_flops_per_token), MFU = FLOPs / (wall time x chips x peak), estimated cost =
 wall time x chips x price per chip-hour, first/last val loss and bpb, the loss plot and the last
@@ -24,7 +29,10 @@ import sys
 
 from etils import epath
 
-from lmtiny import cli
+from lmtiny import cli, preflight
+from lmtiny.chat.report import TURN_ENDING_FILE
+from lmtiny.data import shards as shards_lib
+from lmtiny.data.mixture import parse_weighted
 from lmtiny.files import atomic_write
 
 STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
@@ -187,6 +195,136 @@ def tokenizer_section(root: str) -> list[str]:
   return lines
 
 
+_DASH = "-"
+
+
+def _change(first: float, last: float, fmt: str) -> str:
+  return f"{first:{fmt}} -> {last:{fmt}}"
+
+
+def _bytes_per_token(root: str, base_cfg: dict | None) -> str:
+  """Measured on the base run's shards (all splits; a mixture's first directory), or the figure
+  the tokenizer stage recorded."""
+  if _exists(root, "tokenizer", "report.json"):
+    measured = _read_json(root, "tokenizer", "report.json").get("bytes_per_token")
+    if isinstance(measured, (int, float)):
+      return f"{measured:.3f}"
+  spec = ((base_cfg or {}).get("data") or {}).get("shards")
+  if not spec:
+    return _DASH
+  directory = parse_weighted(spec, "config.data.shards")[0][0]  # relative: to where train ran, as here
+  if not _exists(directory, shards_lib.MANIFEST_FILE):
+    return _DASH
+  splits = _read_json(directory, shards_lib.MANIFEST_FILE).get("splits", {}).values()
+  tokens, nbytes = sum(s.get("tokens", 0) for s in splits), sum(s.get("bytes", 0) for s in splits)
+  return f"{nbytes / tokens:.3f}" if tokens else _DASH
+
+
+def _val_bpb(records) -> str:
+  val = [r for r in records or [] if r["split"] == "val" and "bpb" in r]
+  return f"{val[-1]['bpb']:.4f} (step {val[-1]['step']})" if val else _DASH
+
+
+def _held_out_loss(records) -> str:
+  val = [r for r in records or [] if r["split"] == "val"]
+  return _change(val[0]["loss"], val[-1]["loss"], ".4f") if val else _DASH
+
+
+def _core_value(root: str, records) -> str:
+  if _exists(root, "eval.json"):
+    out = _read_json(root, "eval.json")
+    if "core" in out:
+      return f"{out['core']:.4f} (lmtiny.eval, step {out['step']})"
+  core = [r for r in records or [] if r["split"] == "core"]
+  return f"{core[-1]['core']:.4f} (during training, step {core[-1]['step']})" if core else _DASH
+
+
+def _turn_ending(d: str) -> str:
+  if not _exists(d, TURN_ENDING_FILE):
+    return _DASH
+  t = _read_json(d, TURN_ENDING_FILE)
+  share = lambda x: f"{x['ended']}/{x['total']} ({100 * x['ended'] / max(x['total'], 1):.1f}%)"
+  return f"{share(t['before'])} -> {share(t['after'])} (within {t['max_new_tokens']} tokens)"
+
+
+def _rl_rows(records) -> list[tuple[str, str, str]]:
+  rl = [r for r in records or [] if r["split"] == "rl"]
+  evals = [r for r in records or [] if r["split"] == "rl_eval"]
+  return [("rl", "mean reward", _change(rl[0]["reward"], rl[-1]["reward"], ".3f") if rl else _DASH),
+          ("rl", "held-out accuracy", _change(evals[0]["accuracy"], evals[-1]["accuracy"], ".3f") if evals else _DASH)]
+
+
+def _evals(root: str, name: str = "eval.json") -> list[tuple[str, dict]]:
+  return [(title, _read_json(root, rel, name)) for title, rel in STAGES if _exists(root, rel, name)]
+
+
+def _gsm8k(root: str) -> str:
+  found = [f"{out['results']['gsm8k']['accuracy']:.4f} ({title}, {out['results']['gsm8k']['items']} problems)"
+           for title, out in _evals(root) if "gsm8k" in out.get("results", {})]
+  return "; ".join(found) or _DASH
+
+
+def _headline(out: dict) -> dict[str, float]:
+  """An eval file's figures that a quantized model is compared on."""
+  results = out.get("results", {})
+  figures = {"bpb": results.get("bpb", {}).get("bpb"), "CORE": out.get("core"),
+             "GSM8K": results.get("gsm8k", {}).get("accuracy")}
+  return {label: value for label, value in figures.items() if value is not None}
+
+
+def _quant_delta(root: str, mode: str) -> str:
+  """Each figure an eval_<mode>.json shares with the same stage's eval.json (same step), as
+  quantized minus full precision."""
+  full = dict(_evals(root))
+  parts = []
+  for title, out in _evals(root, f"eval_{mode}.json"):
+    ref = full.get(title)
+    if not ref or ref.get("step") != out.get("step"):
+      continue
+    quantized, reference = _headline(out), _headline(ref)
+    deltas = [f"{label} {round(value - reference[label], 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+              for label, value in quantized.items() if label in reference]
+    if deltas:
+      parts.append(f"{title}: {', '.join(deltas)}")
+  return "; ".join(parts) or _DASH
+
+
+def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
+  from lmtiny.metrics import wall_seconds
+  seconds = {}
+  if _exists(root, "tokenizer", "report.json"):
+    train_seconds = _read_json(root, "tokenizer", "report.json").get("train_seconds")
+    if isinstance(train_seconds, (int, float)):
+      seconds["tokenizer"] = float(train_seconds)
+  for title, _ in STAGES:
+    if records.get(title) is not None:
+      seconds[title] = wall_seconds(records[title])
+  evals = [r.get("seconds", 0.0) for name in ("eval.json", "eval_int8.json", "eval_int4.json")
+           for _, out in _evals(root, name) for r in out.get("results", {}).values()]
+  if evals:
+    seconds["eval"] = sum(evals)
+  names = ["tokenizer", *(title for title, _ in STAGES), "eval"]
+  rows = [("wall time", name, _duration(seconds[name]) if name in seconds else _DASH) for name in names]
+  return rows + [("wall time", "total", _duration(sum(seconds.values())) if seconds else _DASH)]
+
+
+def summary_section(root: str) -> list[str]:
+  """The cross-stage table at the top of the card: every row always, '-' where not measured."""
+  records = {title: _records(os.path.join(root, rel)) if _exists(root, rel, "metrics.jsonl") else None
+             for title, rel in STAGES}
+  base_cfg = _read_json(root, "config.json") if _exists(root, "config.json") else None
+  rows = [("tokenizer", "bytes per token", _bytes_per_token(root, base_cfg)),
+          ("base", "val bpb", _val_bpb(records["base"])), ("base", "CORE", _core_value(root, records["base"]))]
+  for title, rel in STAGES[1:3]:
+    rows += [(title, "held-out loss", _held_out_loss(records[title])),
+             (title, "turn-ending rate", _turn_ending(os.path.join(root, rel)))]
+  rows += _rl_rows(records["rl"])
+  rows += [("eval", "GSM8K accuracy", _gsm8k(root)),
+           *((("eval", f"{mode} vs full precision", _quant_delta(root, mode)) for mode in ("int8", "int4")))]
+  rows += _wall_rows(root, records)
+  return ["## Summary", "", "| stage | figure | value |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+
+
 def write_report(root: str, price: float | None = None) -> str:
   """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages."""
   settings_path = os.path.join(root, SETTINGS)
@@ -195,7 +333,7 @@ def write_report(root: str, price: float | None = None) -> str:
     settings["price_per_chip_hour"] = price
     atomic_write(settings_path, json.dumps(settings).encode())
   price = settings.get("price_per_chip_hour")
-  sections = [tokenizer_section(root)]
+  sections = [summary_section(root), tokenizer_section(root)]
   for title, rel in STAGES:
     d = os.path.join(root, rel)
     if title == "rl":
@@ -230,7 +368,11 @@ def run(argv: list[str]) -> int:
     raise UserError(f"--workdir={args.workdir}: no such directory")
   if args.price_per_chip_hour is not None and not args.price_per_chip_hour >= 0:
     raise UserError(f"--price-per-chip-hour={args.price_per_chip_hour:g}: must be a number >= 0")
-  print(f"wrote {write_report(report_root(args.workdir), args.price_per_chip_hour)}")
+  root = report_root(args.workdir)
+  for _, rel in STAGES:  # the card, the settings and every stage's plot: all writable, before any is written
+    if _exists(root, rel):
+      preflight.check_output_dir(os.path.join(root, rel) if rel else root, "--workdir")
+  print(f"wrote {write_report(root, args.price_per_chip_hour)}")
   return 0
 
 

@@ -1,4 +1,6 @@
 """The format report counts replies that end with <|assistant_end|> within the token budget."""
+import json
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -28,3 +30,11 @@ def test_counts_replies_that_end_their_turn():
     report = assistant_end_report(_constant_model(tok, end_logit), tok, questions, max_new_tokens=8)
     assert (report.ended, report.total) == (want, 3) and report.share == want / 3
     assert report.example[0] == questions[0] and (report.example[1] == "") == (want == 3)
+
+
+def test_turn_ending_figures_are_saved_for_the_report_card(tmp_path):
+  from lmtiny.chat.report import FormatReport, save_turn_ending
+  path = save_turn_ending(str(tmp_path), FormatReport(1, 8, ("q", "r")), FormatReport(7, 8, ("q", "r")))
+  assert json.load(open(path)) == {"max_new_tokens": 64, "before": {"ended": 1, "total": 8},
+                                   "after": {"ended": 7, "total": 8}}
+  assert path == str(tmp_path / "turn_ending.json")

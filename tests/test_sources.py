@@ -146,6 +146,7 @@ def test_hf_source_downloads_matching_shards_lazily(tmp_path, monkeypatch):
 
   hub.hf_hub_download = hf_hub_download
   monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+  monkeypatch.setattr("lmtiny.data.sources.hub_offline", lambda: None)  # as if online
   src = open_source("hf:someone/books?pattern=data/*.parquet")
   assert downloads == []                          # nothing fetched before it is read
   it = src.iter_documents()

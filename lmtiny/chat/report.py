@@ -1,10 +1,16 @@
 """Does the model end its replies? The share of sampled replies to held-out questions that end
-with <|assistant_end|> within a token budget (the embedded set's held-out functions)."""
+with <|assistant_end|> within a token budget (the embedded set's held-out functions).
+`save_turn_ending` keeps a fine-tuning run's before/after figures in RUN/<stage>/turn_ending.json,
+where the report card (lmtiny.report) reads them."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from lmtiny.chat.conversations import embedded_conversations
+from lmtiny.files import atomic_write_json
+
+TURN_ENDING_FILE = "turn_ending.json"
 
 
 @dataclasses.dataclass
@@ -36,3 +42,13 @@ def assistant_end_report(model, tokenizer, questions: list[str], *, max_new_toke
                                 stop_ids=(tokenizer.special_id("assistant_end"),))
   ended = sum(reason == "stop_token" for reason in out.finish_reasons)
   return FormatReport(ended, len(questions), (questions[0], tokenizer.decode(out.tokens[0])))
+
+
+def save_turn_ending(workdir: str, before: FormatReport, after: FormatReport, max_new_tokens: int = 64) -> str:
+  """WORKDIR/turn_ending.json: the share of replies that ended before (the init model) and after
+  fine-tuning, {"max_new_tokens": N, "before": {"ended": a, "total": n}, "after": {...}}."""
+  path = os.path.join(workdir, TURN_ENDING_FILE)
+  atomic_write_json(path, {"max_new_tokens": max_new_tokens,
+                           "before": {"ended": before.ended, "total": before.total},
+                           "after": {"ended": after.ended, "total": after.total}})
+  return path

@@ -16,7 +16,8 @@ A spec is `<type>:<location>?<key>=<value>&...` (write "&" and "%" in a value as
                               `tfds.data_source` (no TensorFlow); wiki40b markup is cleaned
   hf:<repo_id>?pattern=*.parquet&column=text&revision=main
                               parquet shards of a Hugging Face dataset, downloaded one at a time
-                              with huggingface_hub (optional dependency), then read as parquet
+                              with huggingface_hub (optional dependency), then read as parquet;
+                              offline (or HF_HUB_OFFLINE=1) it fails at once (lmtiny.data.hub)
   embedded?max_chars=N&parts=topics,docstrings,code
                               the embedded standard-library corpus (`lmtiny.data.embedded`);
                               all parts by default
@@ -41,6 +42,7 @@ from typing import Iterator
 from urllib.parse import unquote
 
 from lmtiny.config import UserError
+from lmtiny.data.hub import hub_offline, quiet_hub_logger
 
 RECORD_SEPARATOR = "\n\n\x1e\n\n"
 NAMED_DELIMITERS = {"record": RECORD_SEPARATOR, "line": "\n", "blank": "\n\n"}
@@ -295,23 +297,27 @@ class ParquetSource(Source):
 
 
 class HuggingFaceSource(ParquetSource):
-  """Parquet shards of a Hugging Face dataset repository, fetched lazily one shard at a time."""
+  """Parquet shards of a Hugging Face dataset repository, fetched lazily one shard at a time.
+  `offline_hint` is the way out an error names when the hub cannot be reached (default: a
+  parquet: spec over a local copy of the same files)."""
 
-  def __init__(self, name: str, repo_id: str, pattern: str, column: str, revision: str | None):
+  def __init__(self, name: str, repo_id: str, pattern: str, column: str, revision: str | None,
+               offline_hint: str | None = None):
     try:
       import huggingface_hub
+      list_repo_files = huggingface_hub.list_repo_files
     except ImportError:
       raise SourceError(f"{name}: needs huggingface_hub (pip install huggingface_hub)") from None
-    import logging
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # offline, its retries log a warning each: the error below says it once
+    offline = hub_offline()
+    if offline:
+      hint = offline_hint or (f"download {repo_id}'s {pattern} files where there is network and use "
+                                f"parquet:DIR/*.parquet?column={column} instead")
+      raise SourceError(f"{name}: {offline}; {hint}")
     try:
-      listed = huggingface_hub.list_repo_files(repo_id, repo_type="dataset", revision=revision)
-    except Exception as e:  # offline, unknown repo, gated repo: all user-fixable
+      with quiet_hub_logger():
+        listed = list_repo_files(repo_id, repo_type="dataset", revision=revision)
+    except Exception as e:  # unknown repo, gated repo, a network that fails mid-way: all user-fixable
       raise SourceError(f"{name}: cannot list {repo_id!r} on the hub ({type(e).__name__})") from None
-    finally:
-      hub_log.setLevel(level)
     files = sorted(f for f in listed if fnmatch.fnmatch(f, pattern))
     if not files:
       raise SourceError(f"{name}: no files in {repo_id!r} match {pattern!r}")
@@ -320,10 +326,11 @@ class HuggingFaceSource(ParquetSource):
 
   def _paths(self):
     import huggingface_hub
+    download = huggingface_hub.hf_hub_download
     for remote in self.files:
       try:
-        path = huggingface_hub.hf_hub_download(self.repo_id, remote, repo_type="dataset",
-                                               revision=self.revision)
+        with quiet_hub_logger():
+          path = download(self.repo_id, remote, repo_type="dataset", revision=self.revision)
       except Exception as e:
         raise SourceError(f"{self.name}: cannot download {remote!r} ({type(e).__name__})") from None
       self._check(path)
@@ -401,8 +408,9 @@ def _compile_regex(value: str) -> re.Pattern:
     raise ValueError(str(e)) from None
 
 
-def open_source(spec: str) -> Source:
-  """Parses a spec (see the module docstring) and opens the source it names."""
+def open_source(spec: str, offline_hint: str | None = None) -> Source:
+  """Parses a spec (see the module docstring) and opens the source it names. `offline_hint`: what
+  an `hf:` source's error tells the user to do when the hub cannot be reached."""
   spec = spec.strip()
   body, _, query = spec.partition("?")
   kind, _, location = body.partition(":")
@@ -428,7 +436,7 @@ def open_source(spec: str) -> Source:
       raise SourceError(f"{spec}: no repository id given")
     source = HuggingFaceSource(spec, location, _take(spec, options, "pattern", "*.parquet"),
                                _take(spec, options, "column", "text"),
-                               _take(spec, options, "revision"))
+                               _take(spec, options, "revision"), offline_hint)
   elif kind == "embedded":
     if location:
       raise SourceError(f"{spec}: the embedded source takes no path")

@@ -31,11 +31,17 @@ def local_file(data_dir: str, name: str) -> str | None:
   return None
 
 
+def offline_hint(name: str, flag: str = "--data-dir") -> str:
+  """The way out an error names when task `name`'s source is on an unreachable hub."""
+  return f"point {flag} at a directory holding {name}.jsonl or {name}.parquet (the source's layout)"
+
+
 def load_rows(name: str, source: str, data_dir: str | None = None, limit: int = 0,
-              flag: str = "--data-dir") -> list[dict]:
+              flag: str = "--data-dir", hint: str | None = None) -> list[dict]:
   """Up to `limit` rows (0 = all) of task `name`: DATA_DIR/<name>.jsonl|.parquet when `data_dir` is
   given, else the `source` spec (e.g. hf:openai/gsm8k?pattern=main/test-*.parquet&column=question).
-  `flag` is what an error calls `data_dir` (a command-line flag or a config field)."""
+  `flag` is what an error calls `data_dir` (a command-line flag or a config field); `hint` is the
+  way out an error names when the hub cannot be reached (default: `offline_hint(name, flag)`)."""
   from lmtiny.data.sources import ParquetSource, open_source
   if data_dir:
     path = local_file(data_dir, name)
@@ -43,7 +49,7 @@ def load_rows(name: str, source: str, data_dir: str | None = None, limit: int = 
       raise EvalDataError(f"{flag}={data_dir}: no {name}.jsonl or {name}.parquet")
     rows = _jsonl_rows(path) if path.endswith(".jsonl") else ParquetSource(path, path, _first_column(path)).iter_rows()
   else:
-    src = open_source(source)  # offline: a one-line SourceError naming the source
+    src = open_source(source, hint or offline_hint(name, flag))  # offline: one line, at once
     rows = src.iter_rows()
   out = []
   for row in rows:
