@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from tokenizers import Tokenizer as TokenizersTokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+torch = pytest.importorskip("torch")  # the "hf" extra: torch, transformers, tokenizers
+from tokenizers import Tokenizer as TokenizersTokenizer, decoders, models, pre_tokenizers, trainers # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lm_fixtures import ROOT
 from lmtiny import generate, import_hf

@@ -6,8 +6,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+
 
 from lmtiny.interop.safetensors_io import SafetensorsError, read_checkpoint, read_file, write_file
 
@@ -19,10 +18,17 @@ def _tensors():
           "c": rng.integers(-5, 5, (2, 2, 2)).astype(np.int64), "d": np.float16(2.5) * np.ones((4, 1), np.float16)}
 
 
+def _torch():
+  """torch and safetensors' torch side (the "hf" extra); the reference tests skip without them."""
+  torch = pytest.importorskip("torch")
+  return torch, pytest.importorskip("safetensors.torch")
+
+
 def test_written_files_read_back_in_torch_bit_for_bit(tmp_path):
+  torch, st = _torch()
   path = str(tmp_path / "x.safetensors")
   write_file(path, _tensors(), metadata={"format": "pt"})
-  theirs = load_file(path)
+  theirs = st.load_file(path)
   for name, x in _tensors().items():
     t = theirs[name]
     if x.dtype == ml_dtypes.bfloat16:
@@ -32,11 +38,12 @@ def test_written_files_read_back_in_torch_bit_for_bit(tmp_path):
 
 
 def test_reads_files_torch_wrote_and_sharded_checkpoints(tmp_path):
+  torch, st = _torch()
   torch.manual_seed(0)
   first = {"w": torch.randn(4, 3).to(torch.bfloat16), "v": torch.randn(2)}
   second = {"u": torch.arange(6, dtype=torch.int32).reshape(2, 3)}
-  save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
-  save_file(second, str(tmp_path / "model-00002-of-00002.safetensors"))
+  st.save_file(first, str(tmp_path / "model-00001-of-00002.safetensors"))
+  st.save_file(second, str(tmp_path / "model-00002-of-00002.safetensors"))
   weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
   weight_map.update({k: "model-00002-of-00002.safetensors" for k in second})
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
