@@ -14,7 +14,11 @@ max_new_tokens, capped at the model's context (model.max_seq_len).
 Decoding runs `chunk` steps per call inside one `lax.while_loop` (one compiled program for a
 given batch and cache length); between chunks the host streams the new tokens and may stop rows
 (stop strings). Sampling: logits / temperature, then top-k, then top-p on what is left
-(temperature 0 is greedy argmax). The random key of a row is fold_in(key(seed), row id) and each
+(temperature 0 is greedy argmax). Temperature, top-k and top-p are runtime values (arrays), not
+compile-time constants: one compiled program serves every setting (a chat server would otherwise
+compile again for each new value). The filter branch is picked at run time (`lax.switch`): no
+filter, top-k within the TOP_K_CAPS largest (a cheap partial sort, then a mask by rank), or a
+full sort of the vocabulary. The random key of a row is fold_in(key(seed), row id) and each
 token folds in its position, so a row's text does not depend on what else is in the batch.
 
 The forward pass reuses the model's own submodules (norms, project_qkv, project_out, mlp,
@@ -23,6 +27,7 @@ embed_tokens, unembed), so there is one set of weights and one implementation of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, NamedTuple, Sequence
 
@@ -39,6 +44,10 @@ from lmtiny.sharding import constrain
 Array = jax.Array
 MIN_BUCKET = 16
 MAX_STOP_IDS = 8
+# top_k (and top_p under it) sorts only this many largest logits when top_k is at most one of
+# them; a larger top_k, or top_p without top_k, sorts the whole vocabulary. A partial sort of 64
+# costs ~0.1 ms on a 64K vocabulary (CPU) where a full sort costs ~13 ms per row.
+TOP_K_CAPS = (64, 1024)
 
 
 class SamplingError(UserError):
@@ -47,7 +56,8 @@ class SamplingError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Static: a new value recompiles."""
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Passed to the compiled programs as
+  arrays (`arrays()`), so a new value does not recompile."""
   temperature: float = 0.8
   top_k: int = 50
   top_p: float = 0.95
@@ -59,6 +69,17 @@ class SamplingParams:
       raise SamplingError(f"top_k={self.top_k}: must be an integer >= 0 (0 = off)")
     if not 0 < self.top_p <= 1:
       raise SamplingError(f"top_p={self.top_p}: must be in (0, 1]")
+
+  def arrays(self) -> "SamplingArrays":
+    return SamplingArrays(np.float32(self.temperature), np.int32(min(self.top_k, 2**31 - 1)),
+                          np.float32(self.top_p))
+
+
+class SamplingArrays(NamedTuple):
+  """SamplingParams as scalar arrays: what the compiled programs take (traced, not static)."""
+  temperature: Array
+  top_k: Array
+  top_p: Array
 
 
 class KVCache(NamedTuple):
@@ -140,33 +161,52 @@ def extend(model, tokens_BxT: Array, starts_B: Array, cache: KVCache, last_B: Ar
 # Filters and the sampler.
 
 
-def filter_logits(logits_BxV: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
-  """-inf everywhere but the top_k largest logits (exactly k, ties broken by index) and then,
-  among those, the smallest set of highest-probability tokens whose mass is >= top_p."""
+def _filter_sorted(logits_BxV: Array, k: Array, top_p: Array, cap: int) -> Array:
+  """The filter from the `cap` largest logits (sorted, ties broken by index): keeps ranks < k, then
+  among those the smallest prefix whose (renormalised) mass is >= top_p (when top_p < 1)."""
   b, v = logits_BxV.shape
-  k = top_k if 0 < top_k < v else v
-  if k == v and top_p >= 1:
-    return logits_BxV
-  vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, k)  # sorted, largest first
-  if top_p < 1:
-    probs_BxC = jax.nn.softmax(vals_BxC.astype(jnp.float32), axis=-1)
-    mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
-    vals_BxC = jnp.where(mass_before_BxC < top_p, vals_BxC, -jnp.inf)
+  vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, cap)
+  vals_BxC = jnp.where(jnp.arange(cap) < k, vals_BxC, -jnp.inf)
+  probs_BxC = jax.nn.softmax(vals_BxC.astype(jnp.float32), axis=-1)
+  mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+  vals_BxC = jnp.where((mass_before_BxC < top_p) | (top_p >= 1), vals_BxC, -jnp.inf)
   return jnp.full_like(logits_BxV, -jnp.inf).at[jnp.arange(b)[:, None], idx_BxC].set(vals_BxC)
 
 
-def sample_next(logits_BxV: Array, keys_B: Array, positions_B: Array, sampling: SamplingParams) -> Array:
+def filter_logits(logits_BxV: Array, top_k=0, top_p=1.0) -> Array:
+  """-inf everywhere but the top_k largest logits (exactly k, ties broken by index) and then,
+  among those, the smallest set of highest-probability tokens whose mass is >= top_p. top_k and
+  top_p may be traced: which sort runs is decided at run time, inside one program."""
+  v = logits_BxV.shape[-1]
+  top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
+  k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+  caps = sorted({min(c, v) for c in TOP_K_CAPS} | {v})
+  branches = [lambda x, k, p: x] + [functools.partial(_filter_sorted, cap=c) for c in caps]
+  # 0: nothing to filter; else 1 + the first cap that holds k (the last one, v, always does).
+  index = jnp.where((k == v) & (top_p >= 1), 0, 1 + jnp.sum(k > jnp.asarray(caps[:-1], jnp.int32)))
+  return jax.lax.switch(index, branches, logits_BxV, k, top_p)
+
+
+def sample_next(logits_BxV: Array, keys_B: Array, positions_B: Array,
+                sampling: SamplingParams | SamplingArrays) -> Array:
   """One token per row; the row's key folded with the token's position makes the draw."""
-  if sampling.temperature == 0:
+  if isinstance(sampling, SamplingParams):
+    sampling = sampling.arrays()
+  temperature = jnp.asarray(sampling.temperature, jnp.float32)
+
+  def greedy(logits_BxV):
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / sampling.temperature, sampling.top_k,
-                             sampling.top_p)
-  keys_B = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+  def draw(logits_BxV):
+    logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / temperature, sampling.top_k, sampling.top_p)
+    keys = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
+    return jax.vmap(jax.random.categorical)(keys, logits_BxV).astype(jnp.int32)
+
+  return jax.lax.cond(temperature == 0, greedy, draw, logits_BxV)
 
 
-def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, *, cache_len: int,
-             sampling: SamplingParams) -> DecodeState:
+def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, sampling: SamplingArrays, *,
+             cache_len: int) -> DecodeState:
   model = nnx.merge(graphdef, params)
   b = tokens_BxT.shape[0]
   cache = init_cache(model.cfg, b, cache_len)
@@ -176,8 +216,8 @@ def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, *, cache_l
   return DecodeState(cache, first_B, lengths_B, ends_B, jnp.zeros((b,), bool), keys_B)
 
 
-def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, *, chunk: int,
-                  sampling: SamplingParams):
+def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, sampling: SamplingArrays, *,
+                  chunk: int):
   """Up to `chunk` steps; returns the new state, the emitted tokens [B, chunk] (-1 = none) and
   which rows are done."""
   model = nnx.merge(graphdef, params)
@@ -205,9 +245,9 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, *, c
   return state, constrain(out_BxC, (None, None)), constrain(state.done_B, (None,))
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len", "sampling"))
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len",))
 _cast_params_jit = jax.jit(cast_params, static_argnums=1)
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, static_argnames=("chunk", "sampling"),
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, static_argnames=("chunk",),
                             donate_argnames=("state",))
 
 
@@ -281,8 +321,6 @@ class Sampler:
       raise SamplingError("no prompts")
     for i, ids in enumerate(prompts):
       self.check_prompt(ids, i)
-    if sampling.temperature == 0:  # top-k / top-p do not change argmax: one program for greedy
-      sampling = SamplingParams(0.0, 0, 1.0)
     b = len(prompts)
     rows = list(range(b)) if rows is None else list(rows)
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -292,8 +330,7 @@ class Sampler:
     for i, ids in enumerate(prompts):
       tokens[i, :len(ids)] = ids
     ends = np.minimum(lengths + max_new_tokens, cache_len).astype(np.int32)
-    static = dict(cache_len=cache_len, sampling=sampling)
-    decode_static = dict(chunk=self.chunk, sampling=sampling)
+    knobs = sampling.arrays()
     stop_set = {int(s) for s in stop_ids}
     if len(stop_set) > MAX_STOP_IDS:
       raise SamplingError(f"stop_ids: {len(stop_set)} ids, at most {MAX_STOP_IDS} are supported")
@@ -302,27 +339,28 @@ class Sampler:
     result = Generation([[] for _ in range(b)], ["length"] * b, prefill_tokens=int(lengths.sum()))
 
     params = self._compute_params()
-    shape_key = (b, prompt_len, cache_len, sampling)
+    shape_key = (b, prompt_len, cache_len)
     if warmup and shape_key not in self._warm:
       t0 = time.perf_counter()
       ones = np.ones((b,), np.int32)
       state = _prefill_jit(self.graphdef, params, np.zeros_like(tokens), ones, ones + 1,
-                           _row_keys(seed, rows), **static)
-      _host(_decode_chunk_jit(self.graphdef, params, state, np.ones((b,), bool), stop_ids_N,
-                                **decode_static)[2])
+                           _row_keys(seed, rows), knobs, cache_len=cache_len)
+      _host(_decode_chunk_jit(self.graphdef, params, state, np.ones((b,), bool), stop_ids_N, knobs,
+                              chunk=self.chunk)[2])
       result.compile_seconds = time.perf_counter() - t0
     self._warm.add(shape_key)
 
     t0 = time.perf_counter()
-    state = _prefill_jit(self.graphdef, params, tokens, lengths, ends, _row_keys(seed, rows), **static)
+    state = _prefill_jit(self.graphdef, params, tokens, lengths, ends, _row_keys(seed, rows), knobs,
+                         cache_len=cache_len)
     jax.block_until_ready(state.next_B)
     result.prefill_seconds = time.perf_counter() - t0
     finished = np.zeros((b,), bool)
     emitted = 0
     t0 = time.perf_counter()
     while not finished.all():
-      state, out, done = _decode_chunk_jit(self.graphdef, params, state, finished.copy(), stop_ids_N,
-                                           **decode_static)
+      state, out, done = _decode_chunk_jit(self.graphdef, params, state, finished.copy(), stop_ids_N, knobs,
+                                           chunk=self.chunk)
       out, done = _host(out), _host(done).copy()
       for i in np.flatnonzero(~finished):
         new = [int(t) for t in out[i] if t >= 0]

@@ -1,7 +1,9 @@
 """python -m lmtiny.serve --workdir RUN [--port 8000] [--host 127.0.0.1] [--step N] [--max-batch 4]
+    [--max-queue 64]
 
 Serves a chat page for the run at http://HOST:PORT/ (lmtiny.chat.server): several tabs at once,
-replies streamed token by token, temperature / top-k / max-token controls, stop and new chat.
+replies streamed token by token, temperature / top-k / max-token controls (a new value compiles
+nothing), stop and new chat. More than --max-queue requests waiting get 503 with Retry-After.
 RUN is any run directory: a base or SFT run, a merged one, or a LoRA run (its adapters are
 folded into its base run's weights on load); without --step, the newest checkpoint that loads
 (lmtiny.rundir.load_weights). Bad input: one `error:` line, exit 2.
@@ -22,6 +24,8 @@ def parse_args(argv):
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--max-batch", type=int, default=4, help="requests generated together (1 = one at a time)")
+  p.add_argument("--max-queue", type=int, default=64,
+                 help="requests that may wait for generation; more get 503 with Retry-After")
   p.add_argument("--max-tokens", type=int, default=256,
                  help="default reply length limit (at most the context - 1; the page starts with it)")
   p.add_argument("--chunk", type=int, default=4, help="tokens decoded per call (and per streamed piece; at most the context)")
@@ -33,7 +37,8 @@ def run(argv: list[str]) -> int:
   from lmtiny.chat.server import ChatEngine, make_server
   from lmtiny.rundir import load_weights
   from lmtiny.sampling import Sampler, SamplingError
-  for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens), ("--chunk", args.chunk)):
+  for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-tokens", args.max_tokens),
+                      ("--chunk", args.chunk)):
     if value < 1:
       raise SamplingError(f"{flag}={value}: must be >= 1")
   if not 0 <= args.port <= 65535:
@@ -42,7 +47,7 @@ def run(argv: list[str]) -> int:
   context = run.cfg.model.max_seq_len
   # Decoding 4 tokens per call (not the sampler's default 16) streams text in smaller pieces.
   engine = ChatEngine(Sampler(run.model(params), chunk=args.chunk), run.tokenizer, context, max_batch=args.max_batch,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, max_queue=args.max_queue)
   try:
     server = make_server(engine, args.host, args.port, info={"workdir": args.workdir, "step": run.step})
   except OSError as e:

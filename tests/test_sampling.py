@@ -176,6 +176,80 @@ def test_greedy_is_argmax_and_draws_follow_the_tempered_softmax():
   np.testing.assert_allclose(freq, want, atol=0.015)
 
 
+def _reference_filter(logits_BxV, top_k, top_p):
+  """The filter as it was with static settings (a sort of exactly k): the semantics to keep."""
+  b, v = logits_BxV.shape
+  k = top_k if 0 < top_k < v else v
+  if k == v and top_p >= 1:
+    return logits_BxV
+  vals_BxC, idx_BxC = jax.lax.top_k(logits_BxV, k)
+  if top_p < 1:
+    probs_BxC = jax.nn.softmax(vals_BxC.astype(jnp.float32), axis=-1)
+    mass_before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+    vals_BxC = jnp.where(mass_before_BxC < top_p, vals_BxC, -jnp.inf)
+  return jnp.full_like(logits_BxV, -jnp.inf).at[jnp.arange(b)[:, None], idx_BxC].set(vals_BxC)
+
+
+def _reference_sample(logits_BxV, keys_B, positions_B, s):
+  if s.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = _reference_filter(logits_BxV.astype(jnp.float32) / s.temperature, s.top_k, s.top_p)
+  keys_B = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+
+# Every filter branch on a 3,000-token vocabulary: none, the 64 cap, the 1,024 cap, the full sort.
+RUNTIME_SETTINGS = [SamplingParams(t, k, p) for t, k, p in (
+    (0.0, 50, 0.9), (1.0, 0, 1.0), (0.7, 1, 1.0), (1.3, 5, 0.9), (1.0, 64, 0.5), (0.8, 65, 1.0),
+    (1.0, 500, 0.95), (1.1, 1024, 0.3), (1.0, 1025, 0.9), (0.9, 2999, 1.0), (1.0, 3000, 0.8),
+    (1.0, 5000, 1.0), (0.6, 0, 0.7))]
+
+
+def test_runtime_settings_sample_what_static_settings_did():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(3.0 * rng.standard_normal((6, 3000)), jnp.float32)
+  logits = logits.at[2, :40].set(5.0)  # ties across the top-k boundary
+  keys = jax.random.split(jax.random.key(1), 6)
+  pos = jnp.arange(6) + 3
+  new_filter = jax.jit(sampling.filter_logits)
+  new_sample = jax.jit(sampling.sample_next)
+  for s in RUNTIME_SETTINGS:
+    if s.temperature > 0:
+      want = _reference_filter(logits / s.temperature, s.top_k, s.top_p)
+      np.testing.assert_array_equal(new_filter(logits / s.temperature, s.top_k, s.top_p), want, err_msg=str(s))
+    for seed in range(3):
+      keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys, seed)
+      np.testing.assert_array_equal(new_sample(logits, keys_B, pos, s.arrays()),
+                                    _reference_sample(logits, keys_B, pos, s), err_msg=str(s))
+
+
+def _count_lowerings():
+  """A list that grows by one each time jax lowers a program (a cache miss: a new compile)."""
+  events = []
+
+  def listener(event, duration_secs, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      events.append(event)
+  return events, listener
+
+
+def test_new_temperature_top_k_top_p_values_do_not_recompile(model):
+  sampler = sampling.Sampler(model)
+  first = sampler.generate(PROMPTS, max_new_tokens=6, sampling=SAMPLED, seed=2)  # compiles
+  events, listener = _count_lowerings()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for s in [SamplingParams(t, k, p) for t, k, p in (
+        (0.5, 10, 1.0), (1.3, 0, 1.0), (0.0, 50, 1.0), (0.9, 100, 0.9), (0.7, 5, 0.5), (1.0, 2000, 1.0),
+        (2.0, 1, 1.0), (1.0, 20, 0.9))]:
+      sampler.generate(PROMPTS, max_new_tokens=6, sampling=s, seed=2)
+    again = sampler.generate(PROMPTS, max_new_tokens=6, sampling=SAMPLED, seed=2)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert events == []
+  assert again.tokens == first.tokens
+
+
 def test_sampling_params_reject_bad_values():
   with pytest.raises(SamplingError, match="top_p"):
     SamplingParams(top_p=0.0)

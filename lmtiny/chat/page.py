@@ -3,16 +3,23 @@
 It keeps the conversation in the page, sends it whole to POST /chat/completions, reads the
 server-sent events as they arrive (fetch + a stream reader) and appends each piece of text to
 the reply. Controls: temperature, top-k, max tokens, Stop (aborts the request: the server stops
-that reply, and the partial reply stays in the history), New chat (forgets the history).
+that reply, and the partial reply stays in the history; stopped before its first token, or failed,
+the question is left out of the history, so no empty assistant turn is ever sent), New chat
+(forgets the history).
 `document.body.dataset.state` is "idle" or "generating" (the browser test waits on it).
 The max-tokens field starts at the server's default reply limit (`render_page`), so an untouched
-page always sends a value the server accepts.
+page always sends a value the server accepts. `favicon_ico()` is the icon at /favicon.ico, drawn
+here (a 32x32 PNG inside an ICO container), so the page has no external or binary assets.
 """
+import functools
+import struct
+import zlib
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>lmtiny chat</title>
+<link rel="icon" href="/favicon.ico">
 <style>
   body { font-family: system-ui, sans-serif; margin: 0; display: flex; flex-direction: column; height: 100vh; }
   header { display: flex; gap: 1em; align-items: center; padding: .5em 1em; border-bottom: 1px solid #ddd;
@@ -24,6 +31,8 @@ PAGE = """<!doctype html>
   .user { background: #e8f0fe; }
   .assistant { background: #f3f3f3; }
   .assistant.stopped::after { content: " [stopped]"; color: #999; }
+  .unanswered { opacity: .55; }
+  .user.unanswered::after { content: " [no reply: left out of the conversation]"; color: #999; }
   footer { display: flex; gap: .5em; padding: .6em 1em; border-top: 1px solid #ddd; }
   #input { flex: 1; resize: none; height: 3em; font: inherit; }
   #status { color: #777; font-size: .85em; padding: 0 1em .4em; min-height: 1.2em; }
@@ -68,7 +77,7 @@ async function send() {
   if (!text.trim() || controller) return;
   $("input").value = "";
   history.push({role: "user", content: text});
-  bubble("user", text);
+  const question = bubble("user", text);
   const reply = bubble("assistant", "");
   controller = new AbortController();
   setBusy(true);
@@ -109,10 +118,14 @@ async function send() {
     if (e.name === "AbortError") { reply.classList.add("stopped"); $("status").textContent = "stopped"; }
     else { $("status").textContent = "error: " + e.message; }
   }
-  if (reply.textContent || reply.classList.contains("stopped")) {
+  if (reply.textContent) {
     history.push({role: "assistant", content: reply.textContent});
   } else {
-    history.pop();  // nothing came back: forget the question so the roles keep alternating
+    // No text came back (an error, or Stop before the first token): forget the question, so the
+    // roles keep alternating and no empty assistant turn is sent with the next one.
+    history.pop();
+    question.classList.add("unanswered");
+    reply.classList.add("unanswered");
   }
   controller = null;
   setBusy(false);
@@ -137,3 +150,38 @@ $("input").focus();
 def render_page(default_max_tokens: int, context: int) -> str:
   """The page with its max-tokens field set to the server's default, at most context - 1."""
   return PAGE.replace("$DEFAULT", str(default_max_tokens)).replace("$MAX", str(context - 1))
+
+
+ICON_SIZE = 32
+
+
+def _icon_pixel(x: int, y: int) -> bytes:
+  """RGBA of the icon: a blue speech bubble (rounded square and a tail) with three white dots."""
+  def inside_rounded(x, y, x0, y0, x1, y1, r):
+    cx, cy = min(max(x, x0 + r), x1 - r), min(max(y, y0 + r), y1 - r)
+    return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+  px, py = x + 0.5, y + 0.5
+  if any((px - cx) ** 2 + (py - 13) ** 2 <= 6.5 for cx in (9, 16, 23)):
+    return b"\xff\xff\xff\xff"
+  bubble = inside_rounded(px, py, 1, 2, 31, 24, 6)
+  tail = 6 <= px <= 14 and 23 <= py <= 30 and px - 6 >= (py - 23) * 0.2 and px <= 14 - (py - 23)
+  return b"\x1a\x73\xe8\xff" if bubble or tail else b"\x00\x00\x00\x00"
+
+
+def _png(width: int, height: int, rgba_rows: list[bytes]) -> bytes:
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  raw = b"".join(b"\x00" + row for row in rgba_rows)  # filter type 0 (none) on every row
+  header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)  # 8-bit RGBA
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+          + chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=1)
+def favicon_ico() -> bytes:
+  """/favicon.ico: one 32x32 PNG image in an ICO container (every current browser reads it)."""
+  rows = [b"".join(_icon_pixel(x, y) for x in range(ICON_SIZE)) for y in range(ICON_SIZE)]
+  png = _png(ICON_SIZE, ICON_SIZE, rows)
+  directory = struct.pack("<HHH", 0, 1, 1)  # reserved, type 1 = icon, one image
+  entry = struct.pack("<BBBBHHII", ICON_SIZE, ICON_SIZE, 0, 0, 1, 32, len(png), 6 + 16)
+  return directory + entry + png

@@ -1,32 +1,53 @@
 """The chat server: a standard-library HTTP server over the KV-cache sampler.
 
   GET  /                   the chat page (lmtiny.chat.page)
+  GET  /favicon.ico        its icon
   GET  /health             {"ok": true, "step": ..., "context": ..., "default_max_tokens": ...}
   POST /chat/completions   {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...],
                             "temperature": 0.8, "top_k": 50, "max_tokens": 256, "seed": 0}
                            -> text/event-stream: `data: {"token": "..."}` events as the reply is
                               generated, then `data: {"done": true, "finish_reason": ...,
-                              "tokens": n, "trimmed": k, "ttft_s": ..., "tokens_per_s": ...}`
+                              "tokens": n, "trimmed": k, "unanswered": u, "ttft_s": ...,
+                              "tokens_per_s": ...}`
 
 One process serves many tabs: HTTP threads hand requests to one generation thread, which runs
 whatever is waiting (up to max_batch requests with the same sampling settings) as one batch of
 the sampler, each row with its own random stream (seed) and stream of text, so a reply is the
-same whether it ran alone or beside others. An optional system message comes first, then user
-and assistant alternate. Conversations longer than the context lose their oldest exchanges first
-(lmtiny.tokenizer.fit_conversation, as `generate --chat` does); a reply limit longer than the
-room left stops the reply at the context's end (finish_reason "length"). A client
-that disconnects (the page's stop button) stops its row. Bad requests get a 4xx JSON error.
+same whether it ran alone or beside others. Sampling settings are runtime values of the compiled
+programs: a new temperature or top-k compiles nothing. An optional system message comes first,
+then user and assistant alternate. An exchange whose assistant message is empty (a reply stopped
+before its first token) is left out ("unanswered" counts its messages): an empty turn would teach
+the model to answer with nothing. Conversations longer than the context lose their oldest
+exchanges first (lmtiny.tokenizer.fit_conversation, as `generate --chat` does, in time linear
+in the history); a reply limit longer than the room left stops the reply at the context's end
+(finish_reason "length"). A client that disconnects (the page's stop button) stops its row.
+
+Robustness: bad requests get a 4xx JSON error (a negative or non-integer Content-Length, JSON
+nested too deeply: 400); a body that does not arrive within READ_TIMEOUT_S gets 408 and the
+connection closes; more than max_queue requests waiting for generation get 503 with Retry-After;
+the listen backlog (LISTEN_BACKLOG) holds a burst of simultaneous connections.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import queue
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from lmtiny.tokenizer import fit_conversation
+from lmtiny.chat.page import favicon_ico, render_page
+
 MAX_BODY_BYTES = 1 << 20
+# Seconds a client gets to send its headers (per read) and its whole body; a socket write that
+# blocks this long (a client that stopped reading) ends the reply too.
+READ_TIMEOUT_S = 5.0
+# Connections the kernel queues before the server accepts them (the standard library's 5 reset
+# 7 of 20 simultaneous clients); Linux caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+RETRY_AFTER_S = 1
 
 
 class RequestError(ValueError):
@@ -43,37 +64,62 @@ class Request:
   max_tokens: int
   seed: int
   trimmed: int = 0
+  unanswered: int = 0
   events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
   cancelled: bool = False
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
 
 
+def _shown(value) -> str:
+  """A short description of a client's value for an error message (never a deep or huge repr)."""
+  if isinstance(value, (str, int, float)) or value is None:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+  return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
 def _number(body: dict, key: str, default, cast, low, high):
   value = body.get(key, default)
+  if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN / Infinity (int() would raise)
+    raise RequestError(400, f"{key}: must be a finite number, got {_shown(value)}")
   if isinstance(value, bool) or not isinstance(value, (int, float)) or cast(value) != value:
-    raise RequestError(400, f"{key}: must be {'an integer' if cast is int else 'a number'}, got {value!r}")
+    raise RequestError(400, f"{key}: must be {'an integer' if cast is int else 'a number'}, got {_shown(value)}")
   if not low <= value <= high:
     raise RequestError(400, f"{key}={value}: must be in [{low}, {high}]")
   return cast(value)
 
 
+def _without_unanswered(messages: list[dict], system: int) -> list[dict]:
+  """The messages less each exchange whose assistant message is empty (a stopped reply)."""
+  kept = messages[:system]
+  for i in range(system, len(messages), 2):
+    exchange = messages[i:i + 2]
+    if len(exchange) == 2 and exchange[1]["content"] == "":
+      continue
+    kept += exchange
+  return kept
+
+
 class ChatEngine:
-  """Owns the sampler; `submit` queues a request, a worker thread generates."""
+  """Owns the sampler; `submit` queues a request (503 when max_queue are waiting already), a
+  worker thread generates."""
 
   def __init__(self, sampler, tokenizer, context: int, *, max_batch: int = 4, max_tokens: int = 256,
-               batch_window_s: float = 0.01):
+               max_queue: int = 64, batch_window_s: float = 0.01):
     self.sampler, self.tok, self.context = sampler, tokenizer, context
     self.batch_window_s = batch_window_s
     self.max_batch, self.default_max_tokens = max_batch, min(max_tokens, context - 1)
+    self.max_queue = max_queue
     self.stop_ids = (tokenizer.special_id("assistant_end"), tokenizer.bos_id)
     self._queue: queue.Queue = queue.Queue()
     self._pending: list[Request] = []
+    self._waiting = 0  # submitted, not yet in a batch
+    self._waiting_lock = threading.Lock()
     self._thread = threading.Thread(target=self._work, daemon=True, name="lmtiny-generate")
     self._thread.start()
 
   def parse(self, body) -> Request:
     """A checked request with the prompt fitted to the context (RequestError otherwise)."""
-    from lmtiny.tokenizer import fit_conversation
     if not isinstance(body, dict):
       raise RequestError(400, "body: must be a JSON object")
     messages = body.get("messages")
@@ -92,14 +138,21 @@ class ChatEngine:
     top_k = _number(body, "top_k", 50, int, 0, 1 << 20)
     max_tokens = _number(body, "max_tokens", self.default_max_tokens, int, 1, self.context - 1)
     seed = _number(body, "seed", 0, int, 0, 2**31 - 1)
-    kept, ids = fit_conversation(self.tok, messages, self.context, max_tokens)
+    answered = _without_unanswered(messages, system)
+    kept, ids = fit_conversation(self.tok, answered, self.context, max_tokens)
     if len(ids) >= self.context:
       what = "the system and last messages are" if system else "the last message is"
       raise RequestError(413, f"messages: {what} {len(ids)} tokens with the chat tokens, but the "
                               f"model's context is {self.context}; send something shorter")
-    return Request(ids, temperature, top_k, max_tokens, seed, trimmed=len(messages) - len(kept))
+    return Request(ids, temperature, top_k, max_tokens, seed, trimmed=len(answered) - len(kept),
+                   unanswered=len(messages) - len(answered))
 
   def submit(self, request: Request) -> Request:
+    """Queues the request, or raises RequestError(503) when max_queue requests wait already."""
+    with self._waiting_lock:
+      if self._waiting >= self.max_queue:
+        raise RequestError(503, f"busy: {self._waiting} requests are waiting; retry in a moment")
+      self._waiting += 1
     self._queue.put(request)
     return request
 
@@ -116,6 +169,8 @@ class ChatEngine:
     key = (first.temperature, first.top_k)
     batch = [r for r in self._pending if (r.temperature, r.top_k) == key][:self.max_batch]
     self._pending = [r for r in self._pending if r not in batch]
+    with self._waiting_lock:
+      self._waiting -= len(batch)
     return batch
 
   def _work(self):
@@ -165,7 +220,7 @@ class ChatEngine:
         reason = "stop"  # <|assistant_end|> (or a new document's <|bos|>)
       decode = now - (first[row] or now)
       r.events.put({"done": True, "finish_reason": reason, "tokens": counts[row], "trimmed": r.trimmed,
-                    "ttft_s": round((first[row] or now) - r.submitted, 4),
+                    "unanswered": r.unanswered, "ttft_s": round((first[row] or now) - r.submitted, 4),
                     "tokens_per_s": round((counts[row] - 1) / decode, 2) if decode > 0 else None})
 
     self.sampler.generate([r.ids for r in batch], max_new_tokens=max(r.max_tokens for r in batch),
@@ -178,27 +233,38 @@ class Handler(BaseHTTPRequestHandler):
   engine: ChatEngine = None   # set by make_server
   info: dict = {}
   server_version = "lmtiny"
+  timeout = READ_TIMEOUT_S    # the socket's timeout (StreamRequestHandler.setup applies it)
 
   def log_message(self, format, *args):  # quiet: one line per request is noise in a terminal
     pass
 
-  def _json(self, status: int, payload: dict):
-    data = json.dumps(payload).encode()
+  def _send(self, status: int, content_type: str, data: bytes, headers: dict | None = None):
     self.send_response(status)
-    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Type", content_type)
     self.send_header("Content-Length", str(len(data)))
+    for name, value in (headers or {}).items():
+      self.send_header(name, value)
     self.end_headers()
     self.wfile.write(data)
 
+  def _json(self, status: int, payload: dict, headers: dict | None = None):
+    self._send(status, "application/json", json.dumps(payload).encode(), headers)
+
+  def _error(self, e: RequestError):
+    headers = {}
+    if e.status == 503:
+      headers["Retry-After"] = str(RETRY_AFTER_S)
+    if e.status in (400, 404, 408, 411, 413):  # the body may be unread or half read: no reuse
+      self.close_connection = True
+      headers["Connection"] = "close"
+    self._json(e.status, {"error": str(e)}, headers)
+
   def do_GET(self):
-    from lmtiny.chat.page import render_page
     if self.path in ("/", "/index.html"):
-      data = render_page(self.engine.default_max_tokens, self.engine.context).encode()
-      self.send_response(200)
-      self.send_header("Content-Type", "text/html; charset=utf-8")
-      self.send_header("Content-Length", str(len(data)))
-      self.end_headers()
-      self.wfile.write(data)
+      page = render_page(self.engine.default_max_tokens, self.engine.context).encode()
+      self._send(200, "text/html; charset=utf-8", page)
+    elif self.path == "/favicon.ico":
+      self._send(200, "image/x-icon", favicon_ico(), {"Cache-Control": "max-age=86400"})
     elif self.path == "/health":
       self._json(200, {"ok": True, **self.info, "context": self.engine.context,
                        "default_max_tokens": self.engine.default_max_tokens})
@@ -208,15 +274,13 @@ class Handler(BaseHTTPRequestHandler):
       self._json(404, {"error": f"{self.path}: not found"})
 
   def do_POST(self):
-    if self.path != "/chat/completions":
-      self._json(404, {"error": f"{self.path}: not found"})
-      return
     try:
-      request = self.engine.parse(self._read_json())
+      if self.path != "/chat/completions":
+        raise RequestError(404, f"{self.path}: not found")
+      request = self.engine.submit(self.engine.parse(self._read_json()))
     except RequestError as e:
-      self._json(e.status, {"error": str(e)})
+      self._error(e)
       return
-    self.engine.submit(request)
     self.send_response(200)
     self.send_header("Content-Type", "text/event-stream")
     self.send_header("Cache-Control", "no-cache")
@@ -226,28 +290,70 @@ class Handler(BaseHTTPRequestHandler):
       try:
         self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
         self.wfile.flush()
-      except (BrokenPipeError, ConnectionResetError):
-        request.cancelled = True  # the page's stop button, or a closed tab: stop generating
+      except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        request.cancelled = True  # the page's stop button, a closed tab, a client that stopped reading
+        self.close_connection = True
         return
       if "done" in event or "error" in event:
         return
 
-  def _read_json(self):
+  def _content_length(self) -> int:
+    text = self.headers.get("Content-Length")
+    if text is None:
+      raise RequestError(411, "Content-Length: required")
     try:
-      length = int(self.headers.get("Content-Length", ""))
+      length = int(text)
     except ValueError:
-      raise RequestError(411, "Content-Length: required") from None
+      raise RequestError(400, f"Content-Length: {_shown(text)} is not an integer") from None
+    if length < 0:
+      raise RequestError(400, f"Content-Length={length}: must be >= 0")
     if length > MAX_BODY_BYTES:
       raise RequestError(413, f"body: {length} bytes, at most {MAX_BODY_BYTES}")
+    return length
+
+  def _read_body(self, length: int) -> bytes:
+    """The body, read within READ_TIMEOUT_S in all (not per read: a client trickling bytes gets
+    no more time than one that sends nothing)."""
+    deadline = time.monotonic() + self.timeout
+    chunks, left = [], length
     try:
-      return json.loads(self.rfile.read(length) or b"null")
+      while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          raise TimeoutError
+        self.connection.settimeout(remaining)
+        chunk = self.rfile.read1(min(left, 1 << 16))
+        if not chunk:
+          raise RequestError(400, f"body: the connection ended after {length - left} of the "
+                                  f"{length} bytes that Content-Length announced")
+        chunks.append(chunk)
+        left -= len(chunk)
+    except TimeoutError:
+      raise RequestError(408, f"body: {length - left} of {length} bytes (Content-Length) arrived in "
+                              f"{self.timeout:g} s") from None
+    finally:
+      self.connection.settimeout(self.timeout)
+    return b"".join(chunks)
+
+  def _read_json(self):
+    data = self._read_body(self._content_length())
+    try:
+      return json.loads(data or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RequestError(400, f"body: invalid JSON ({e})") from None
+    except RecursionError:
+      raise RequestError(400, "body: JSON nested too deeply") from None
 
 
-def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, info: dict | None = None):
-  """A ThreadingHTTPServer (not started: call serve_forever, or run it in a thread)."""
-  handler = type("ChatHandler", (Handler,), {"engine": engine, "info": dict(info or {})})
-  server = ThreadingHTTPServer((host, port), handler)
-  server.daemon_threads = True
-  return server
+class ChatHTTPServer(ThreadingHTTPServer):
+  """A thread per connection, a listen backlog for bursts, and threads that do not hold up exit."""
+  request_queue_size = LISTEN_BACKLOG
+  daemon_threads = True
+
+
+def make_server(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, info: dict | None = None,
+                read_timeout_s: float = READ_TIMEOUT_S):
+  """A ChatHTTPServer (not started: call serve_forever, or run it in a thread)."""
+  handler = type("ChatHandler", (Handler,), {"engine": engine, "info": dict(info or {}),
+                                             "timeout": read_timeout_s})
+  return ChatHTTPServer((host, port), handler)
