@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from typing import Callable
@@ -33,7 +34,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from lmtiny import metrics as metrics_lib, preflight, sharding
+from lmtiny import metrics as metrics_lib, preflight, runkind, sharding
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import MESH_AXES, ConfigError, UserError
 from lmtiny.evals import gsm8k
@@ -64,18 +65,38 @@ class RLSettings:
   seed: int = 0
 
 
-def check_settings(s: RLSettings, dp: int) -> None:
+def check_values(s: RLSettings) -> None:
+  """Each setting on its own: counts in range, every float finite and in range (RLError naming
+  the flag; the CLI checks these as it parses, before anything is read or written)."""
   for name in ("steps", "questions", "samples", "max_new_tokens", "log_every", "checkpoint_every"):
     if getattr(s, name) < 1:
       raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 1")
+  # 0: only at the end / no evaluation / no top-k / no warmup
+  for name in ("eval_every", "eval_questions", "top_k", "warmup_steps"):
+    if getattr(s, name) < 0:
+      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 0")
+  for name, zero_ok in (("temperature", False), ("lr", False), ("kl", True)):
+    value = getattr(s, name)  # NaN fails every comparison: `value <= 0` alone would pass it
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+      raise RLError(f"--{name}={value}: must be a finite number {'>=' if zero_ok else '>'} 0")
+
+
+def check_settings(s: RLSettings, dp: int) -> None:
+  check_values(s)
   if (s.questions * s.samples) % dp:
     raise RLError(f"--questions={s.questions} x --samples={s.samples} = {s.questions * s.samples} rows per step "
                   f"do not divide over the data-parallel size {dp}")
-  for name in ("eval_every", "eval_questions", "top_k"):  # 0: only at the end / no evaluation / no top-k
-    if getattr(s, name) < 0:
-      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 0")
-  if s.kl < 0 or s.warmup_steps < 0 or s.temperature <= 0 or s.lr <= 0:
-    raise RLError("--kl and --warmup-steps must be >= 0, --temperature and --lr > 0")
+
+
+def check_workdir(workdir: str, init_dir: str) -> None:
+  """The RL run directory is not the init run, and holds no run of another kind (lmtiny.runkind):
+  RL would take its checkpoints for its own state, rewrite its config and prune its checkpoints."""
+  same = (workdir.rstrip("/") == init_dir.rstrip("/") if "://" in workdir + init_dir
+          else os.path.realpath(workdir) == os.path.realpath(init_dir))
+  if same:
+    raise RLError(f"--workdir={workdir}: is the init run (--init); the RL run needs a directory of its own "
+                  "(e.g. RUN/rl next to RUN/sft)")
+  runkind.check_kind(workdir, "rl")
 
 
 def mesh_overrides(values: dict) -> dict[str, int]:
@@ -181,6 +202,7 @@ class Reinforce:
   def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
                log: Callable[[str], None] = print, devices=None, mesh: dict | None = None):
     from lmtiny.rundir import load_run
+    check_workdir(workdir, init_dir)
     self.init = load_run(init_dir, flags=("--init", "--init-step"))
     self.s, self.workdir, self.log = settings, workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
@@ -192,6 +214,7 @@ class Reinforce:
     self.tokenizer = self.init.tokenizer
     self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
     check_settings(settings, sharding.data_parallel_size(self.mesh))
+    preflight.config_changes(workdir, self.cfg)  # a change of shapes: one line now (again under the lock)
     self.steps = build_steps(self.cfg, self.mesh, settings.steps)
     self._losses = jax.jit(token_losses, static_argnums=0)
     from lmtiny.tokenizer import render_for_completion
@@ -250,8 +273,10 @@ class Reinforce:
     from lmtiny.trainer import _write_run_files
     s, workdir = self.s, epath.Path(self.workdir)
     with RunLock(self.workdir, log=self.log):
+      check_workdir(self.workdir, self.init.workdir)  # before any write
+      changes = preflight.config_changes(self.workdir, self.cfg)
       workdir.mkdir(parents=True, exist_ok=True)
-      _write_run_files(workdir, self.cfg, self.tokenizer)
+      _write_run_files(workdir, self.cfg, self.tokenizer, "rl")
       keep = 2
       preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state), keep, self.log)
       ckpt = Checkpointer(str(workdir / "checkpoints"), keep=keep, async_save=False)
@@ -265,6 +290,7 @@ class Reinforce:
         if found is not None:
           self.log(f"resumed from checkpoint at step {found[0]}")
         start, state = found if found is not None else (0, self._initial_state())
+        preflight.record_config_changes(self.workdir, changes, start, self.log)
         writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)  # 0: a killed first attempt's records go
         with closing_run(ckpt, writer):
           summary = self._loop(state, start, ckpt, writer, stop_after)

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-  from lmtiny.reinforce import RLSettings
+  """The flags, each RL setting checked here (finite, in range), before anything is read or written."""
+  from lmtiny.reinforce import RLSettings, check_values
   p = _Parser(prog="python -m lmtiny.rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--init", required=True, help="run to start from (its newest checkpoint), e.g. RUN/sft")
   p.add_argument("--workdir", required=True, help="where the RL run goes, e.g. RUN/rl")
@@ -44,7 +45,15 @@ def parse_args(argv):
   for axis in MESH_AXES:  # checked once by reinforce.mesh_overrides (in Reinforce), so a bad value is one line
     p.add_argument(f"--config.mesh.{axis}", dest=f"mesh_{axis}", default=None, metavar="N",
                    help=f"mesh {axis} axis size, -1 = the remaining devices (default: the init run's mesh)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  check_values(settings_of(args))
+  return args
+
+
+def settings_of(args):
+  """The RLSettings the parsed flags give."""
+  from lmtiny.reinforce import RLSettings
+  return RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
 
 
 def load_problems(data: str, data_dir: str | None):
@@ -54,7 +63,10 @@ def load_problems(data: str, data_dir: str | None):
     return toy_rows(5000, seed=1), toy_rows(500, seed=2, held_out=True)
   from lmtiny.evals import gsm8k
   from lmtiny.evals.data import load_rows
-  return load_rows("gsm8k_train", gsm8k.TRAIN_SOURCE, data_dir), load_rows("gsm8k", gsm8k.SOURCE, data_dir)
+  hint = ("use --data toy (no download), or point --data-dir at a directory holding gsm8k_train.jsonl and "
+          "gsm8k.jsonl (or .parquet)")
+  return (load_rows("gsm8k_train", gsm8k.TRAIN_SOURCE, data_dir, hint=hint),
+          load_rows("gsm8k", gsm8k.SOURCE, data_dir, hint=hint))
 
 
 def run(argv: list[str]) -> int:
@@ -66,13 +78,14 @@ def run(argv: list[str]) -> int:
 def _run(argv: list[str], early) -> int:
   from absl import logging
   from lmtiny import preflight
-  from lmtiny.reinforce import Reinforce, RLSettings
+  from lmtiny.reinforce import Reinforce
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
   preflight.check_output_dir(args.workdir, "--workdir")
-  settings = RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
+  settings = settings_of(args)
   mesh = {axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES}  # checked once, in Reinforce
-  rl = Reinforce(args.init, args.workdir, settings, [], [], mesh=mesh)  # flags, init run, mesh: before any download
+  # The workdir (not the init run, not a run of another kind or shape), init run, mesh: before any download
+  rl = Reinforce(args.init, args.workdir, settings, [], [], mesh=mesh)
   rl.train_rows, rl.eval_rows = load_problems(args.data, args.data_dir)
   if early.requested:
     print("stopped (SIGTERM) before RL started: nothing to save")

@@ -18,7 +18,7 @@ import sys
 
 from absl import flags, logging
 
-from lmtiny import cli
+from lmtiny import cli, preflight
 from lmtiny.config import ConfigError
 
 
@@ -66,7 +66,9 @@ def _run(argv: list[str]) -> int:
   from lmtiny.chat import finetune as ft
   cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
+  preflight.check_output_dir(workdir, "--workdir")  # a read-only location: one line now, not a traceback later
   ft.check_workdir(workdir, cfg.sft.init)
+  preflight.config_changes(workdir, cfg)  # a change of shapes: one line before the base weights load
   trainer, summary = ft.finetune(cfg, workdir)  # diverged or a failed save: RunFailed, exit 1
   from lmtiny.metrics import read_metrics
   train = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]  # a finished run re-run: its last
@@ -76,15 +78,19 @@ def _run(argv: list[str]) -> int:
   print(f"{done}: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "
         f"{summary['trainable_params']:,} params | optimizer state {summary['optimizer_bytes'] / 2**20:.2f} MiB | {workdir}")
   if values["report"]:
-    from lmtiny.chat.report import assistant_end_report, held_out_questions
+    from lmtiny import report as report_card
+    from lmtiny.chat.report import assistant_end_report, held_out_questions, save_turn_ending
     questions = held_out_questions()
     graphdef, steps = trainer.steps.graphdef, trainer.steps
     base = ft.restore_base_params(cfg, trainer.mesh)
     tuned = steps.model_params(trainer.state["params"])
+    reports = {}
     for name, params in (("base", base), ("sft", tuned)):
-      report = assistant_end_report(nnx.merge(graphdef, params), trainer.data.tokenizer, questions)
+      reports[name] = report = assistant_end_report(nnx.merge(graphdef, params), trainer.data.tokenizer, questions)
       print(f"{name}: replies ending with <|assistant_end|> within 64 tokens: {report} | "
             f"e.g. {report.example[0]!r} -> {report.example[1]!r}")
+    save_turn_ending(workdir, reports["base"], reports["sft"])  # the report card's turn-ending row
+    report_card.update_for(workdir)
   return 0
 
 

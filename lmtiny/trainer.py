@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import time
 from typing import Any, Callable, Iterator
@@ -25,7 +26,8 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, preflight, sharding, xla_options
+from lmtiny import arch, config as config_lib, loss_scale, metrics as metrics_lib, preflight, runkind, sharding
+from lmtiny import xla_options
 from lmtiny.checkpoint import Checkpointer, abstract_with_shardings
 from lmtiny.config import ConfigError
 from lmtiny.files import atomic_write
@@ -239,9 +241,12 @@ def closing_run(ckpt: Checkpointer, writer) -> Iterator[None]:
     writer.close()
 
 
-def _write_run_files(workdir: epath.Path, cfg, tokenizer) -> None:
-  """config.json, and the tokenizer so that sampling needs nothing but the run directory."""
-  atomic_write(workdir / "config.json", cfg.to_json_best_effort(indent=2).encode())
+def _write_run_files(workdir: epath.Path, cfg, tokenizer, kind: str | None = None) -> None:
+  """config.json, the tokenizer so that sampling needs nothing but the run directory, and the run's
+  kind (lmtiny.runkind; default: the one its config implies) when the directory is new."""
+  text = cfg.to_json_best_effort(indent=2)
+  atomic_write(workdir / "config.json", text.encode())
+  runkind.record_kind(str(workdir), kind or runkind.infer_kind(json.loads(text)))
   if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
     atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
 
@@ -254,7 +259,10 @@ class Trainer:
   lmtiny.rundir.load_weights) start a fresh run instead of a random init, and are consumed by it
   (their buffers become the state's; on a resume they are dropped); with an `adapter` (LoRA) they
   stay frozen and only the adapter's parameters train. Subclasses may replace
-  `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data)."""
+  `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data), and set `kind`
+  (lmtiny.runkind): a run directory holding another kind of run is refused before any write."""
+
+  kind = "train"
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
                schedule: optax.Schedule | None = None, init_params=None, adapter=None):
@@ -381,10 +389,10 @@ class Trainer:
     cfg, t = self.cfg, self.cfg.train
     workdir = epath.Path(self.workdir)
     with RunLock(self.workdir, log=self.log, enabled=self.main):
-      changes = main_only(lambda: preflight.config_changes(self.workdir, cfg), self.main)  # before any write
+      changes = main_only(lambda: self._check_workdir(cfg), self.main)  # before any write
       if self.main:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(workdir, cfg, self.data.tokenizer)
+        _write_run_files(workdir, cfg, self.data.tokenizer, self.kind)
         preflight.check_disk_space(self.workdir, preflight.state_bytes(self.steps.abstract_state),
                                    t.keep_checkpoints, self.log)
       ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
@@ -404,6 +412,12 @@ class Trainer:
     if self.main and t.plot:
       metrics_lib.plot_loss_curve(self.workdir)
     return summary
+
+  def _check_workdir(self, cfg) -> dict:
+    """The run directory holds no run or one of this kind, whose config changes no shape (else a
+    one-line error); returns the config's changes (preflight.config_changes)."""
+    runkind.check_kind(self.workdir, self.kind)
+    return preflight.config_changes(self.workdir, cfg)
 
   def _eval_missing(self, step: int) -> bool:
     """A resumed run at an eval step whose val record a kill (during that eval) prevented."""

@@ -131,6 +131,37 @@ def test_the_workdir_must_be_this_bases_fine_tuning_run(base, capsys):
     assert open(os.path.join(path, "config.json")).read() == before
 
 
+def test_an_rl_run_of_this_base_is_refused_untouched(base, capsys):
+  # Before: an RL run's config.json names the base in sft.init too, so sft --workdir RUN/rl passed the
+  # base check and took the RL run's checkpoints for its own (moved aside: no data-iterator state).
+  root, path, _ = base
+  rl_run = root / "rl_of_base"
+  rl_run.mkdir()
+  config = json.loads(open(os.path.join(path, "config.json")).read())
+  config["sft"]["init"], config["rl"] = os.path.abspath(path), {"steps": 2}
+  (rl_run / "config.json").write_text(json.dumps(config))  # a run from before run_kind.json: inferred
+  before = (rl_run / "config.json").read_text()
+  assert sft_cli.main(["sft", f"--init={path}", f"--workdir={rl_run}", "--config.sft.steps=1"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: --workdir={rl_run}: holds an rl run (lmtiny.rl) (inferred from {rl_run / 'config.json'}), "
+                 "not an sft run (lmtiny.sft); choose another --workdir\n")
+  assert os.listdir(rl_run) == ["config.json"] and (rl_run / "config.json").read_text() == before
+
+
+def test_a_read_only_workdir_is_one_line_up_front(base, tmp_path, capsys):
+  # Before: a traceback once the run began to write (the base weights and data loaded first).
+  from test_bad_inputs import ReadOnly
+  _, path, _ = base
+  ro = ReadOnly(tmp_path)
+  try:
+    why = ro.freeze()
+    assert sft_cli.main(["sft", f"--init={path}", f"--workdir={ro.root / 'sft'}"]) == 2
+    assert os.listdir(ro.root) == []
+  finally:
+    ro.release()
+  assert capsys.readouterr().err == f"error: --workdir={ro.root / 'sft'}: cannot write to {ro.root} ({why})\n"
+
+
 def test_rows_fit_the_model_and_sft_lr_replaces_the_matrix_lr(base):
   root, path, convs = base
   cfg = ft.read_run_config(path)

@@ -2,6 +2,7 @@
 here with transformers' own classes): imported checkpoints give transformers' logits and greedy
 text, lmtiny models exported load in AutoModelForCausalLM with lmtiny's logits, import -> export
 is bitwise, and what Llama cannot express is refused with one line and exit status 2."""
+import errno
 import json
 import os
 import re
@@ -242,37 +243,86 @@ def _snapshot(directory):
           for d, _, names in os.walk(directory) for name in names}
 
 
-EXPORT_FILES = ["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-                "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+EXPORT_FILES = ["config.json", "generation_config.json", "lmtiny_export.json", "model.safetensors",
+                "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
 
 
-def test_export_refuses_the_run_itself_and_other_runs(imported, tmp_path, capsys):
-  _, _, run = imported["llama_untied_gqa"]
+def test_export_refuses_the_run_itself_other_runs_and_directories_it_did_not_write(imported, tmp_path, capsys):
+  # Before: a non-empty --out with a Hugging Face config.json (a downloaded model, the directory a run
+  # was imported from) was deleted and replaced, exit 0.
+  _, hf_dir, run = imported["llama_untied_gqa"]
   _, _, other = imported["llama_tied_mha"]
-  before = _snapshot(run)
+  downloaded = tmp_path / "downloaded"
+  shutil.copytree(hf_dir, downloaded)
+  (downloaded / "notes.txt").write_text("mine")
   notes = tmp_path / "notes"
   notes.mkdir()
   (notes / "todo.txt").write_text("mine")
-  for out, message in ((run, "is (or holds) the run directory"), (os.path.dirname(run), "is (or holds) the run"),
-                       (other, "holds an lmtiny run (checkpoints/)"), (str(notes), "not a Hugging Face checkpoint")):
+  kept = {path: _snapshot(path) for path in (run, other, hf_dir, str(downloaded), str(notes))}
+  not_export = "not empty and not an earlier lmtiny export (no lmtiny_export.json), so not replaced"
+  for out, message in ((str(downloaded), not_export), (hf_dir, not_export), (str(notes), not_export),
+                       (run, "is (or holds) the run directory"), (os.path.dirname(run), "is (or holds) the run"),
+                       (other, "holds an lmtiny run (checkpoints/)")):
     assert export.main(["--workdir", run, "--out", out]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out={out}: ") and message in err and err.count("\n") == 1, err
-  assert _snapshot(run) == before and (notes / "todo.txt").read_text() == "mine"
-  assert load_run(other).cfg.model.tie_embeddings  # the other run is untouched too
+  assert {path: _snapshot(path) for path in kept} == kept  # nothing touched
+  assert load_run(other).cfg.model.tie_embeddings
 
 
 def test_export_replaces_an_earlier_export_whole(imported, tmp_path):
   _, hf_dir, run = imported["llama_untied_gqa"]
+  _, _, tied = imported["llama_tied_mha"]
   out = tmp_path / "hf"
-  _hf_model("llama_tied_mha").save_pretrained(str(out), max_shard_size="100KB")  # an index and shards
-  assert os.path.exists(out / "model.safetensors.index.json")
+  assert export.main(["--workdir", tied, "--out", str(out)]) == 0
+  assert json.load(open(out / "lmtiny_export.json"))["source"] == tied
+  (out / "model.safetensors.index.json").write_text("{}")  # files an earlier export's directory gained
+  (out / "notes.txt").write_text("in an export: replaced with it")
   assert export.main(["--workdir", run, "--out", str(out)]) == 0
-  assert sorted(os.listdir(out)) == EXPORT_FILES  # no stale index or shard survives
+  assert sorted(os.listdir(out)) == EXPORT_FILES  # no stale file survives
   a, b = read_checkpoint(hf_dir), read_checkpoint(str(out))
   assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
   assert "max_length" not in json.load(open(out / "generation_config.json"))  # max_new_tokens alone decides
+  record = json.load(open(out / "lmtiny_export.json"))
+  assert {k: record[k] for k in ("source", "step", "dtype", "architecture")} == {
+      "source": run, "step": 0, "dtype": "float32", "architecture": "LlamaForCausalLM"}
   assert os.listdir(tmp_path) == ["hf"]  # no temporary sibling left
+
+
+def test_export_onto_a_read_only_location_is_one_line_up_front(imported, tmp_path, capsys, monkeypatch):
+  # Before: the weights were read and converted first, then the write failed with a traceback.
+  from test_bad_inputs import ReadOnly
+  _, _, run = imported["llama_untied_gqa"]
+  monkeypatch.setattr("lmtiny.rundir.load_weights", lambda *a, **k: pytest.fail("read the weights first"))
+  ro = ReadOnly(tmp_path)
+  try:
+    why = ro.freeze()
+    assert export.main(["--workdir", run, "--out", str(ro.root / "hf")]) == 2
+    assert os.listdir(ro.root) == []
+  finally:
+    ro.release()
+  assert capsys.readouterr().err == f"error: --out={ro.root / 'hf'}: cannot write to {ro.root} ({why})\n"
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(imported, tmp_path, capsys, monkeypatch):
+  # Before: a traceback (nothing was lost: the temporary directory was removed).
+  _, _, run = imported["llama_untied_gqa"]
+  full = tmp_path / "full"
+  full.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)],  # the export is ~0.7 MB
+                           capture_output=True).returncode == 0
+  if not mounted:
+    def no_space(*args, **kwargs):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("lmtiny.interop.convert.write_file", no_space)
+  try:
+    assert export.main(["--workdir", run, "--out", str(full / "hf")]) == 1
+    assert os.listdir(full) == []  # no half-written directory, no temporary sibling
+  finally:
+    if mounted:
+      subprocess.run(["umount", "-l", str(full)], check=True)
+  assert capsys.readouterr().err == (f"error: --out={full / 'hf'}: disk full (No space left on device) while "
+                                     "writing the export; nothing was written (an earlier export there is as it was)\n")
 
 
 def test_interrupted_export_leaves_the_earlier_export_intact(imported, tmp_path, monkeypatch):
@@ -302,7 +352,8 @@ def test_interrupted_import_leaves_nothing_and_can_be_rerun(imported, tmp_path, 
   assert os.listdir(tmp_path) == []
   monkeypatch.undo()
   import_checkpoint(hf_dir, run)
-  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "hf_import.json", "tokenizer.model"]
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "hf_import.json", "run_kind.json", "tokenizer.model"]
+  assert json.load(open(os.path.join(run, "run_kind.json")))["kind"] == "import"  # no training verb writes into it
   assert load_run(run).step == 0
   with pytest.raises(RunError, match=rf"^--workdir={run}: already holds a run"):
     import_checkpoint(hf_dir, run)

@@ -246,6 +246,9 @@ PROMISES = [
         ("## Tokenizer", "## Base model", "## Midtraining", "## SFT", "## RL", "## Evaluation")]
      + ["runs/speedrun-toy/sft/config.json::toy_arithmetic"]),  # SFT sees the problems RL is rewarded on
     ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", ["== tokenizer: done already", "== rl: done already"], []),
+    ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft", ["sft: replies ending with"],
+     ["runs/tiny/sft/turn_ending.json"]),
+    ("docs/chat.md", "python -m lmtiny.report", [], ["runs/tiny/report.md::## Summary"]),
     ("docs/interop.md", "python -m lmtiny.export", ["LlamaForCausalLM"], ["hf/tiny_llama/model.safetensors"]),
     ("docs/reliability.md", "python -m lmtiny.train", ["resumed from checkpoint at step 300", "done: 310 steps"], []),
 ]

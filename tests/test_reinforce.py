@@ -296,3 +296,70 @@ def test_the_toy_sets_held_out_problems_share_no_operands_with_training():
   assert len(held) == 10 and len(train) == 71  # every pair of 1..9 on exactly one side
   sft = [c[0]["content"] for c in iter_conversations("toy_arithmetic?n=500&seed=0")]  # SFT's toy source
   assert not operands({"question": q} for q in sft) & held
+
+
+def _files(directory) -> dict:
+  """{relative path: bytes} of every file under `directory` (the run lock's file aside)."""
+  return {os.path.relpath(os.path.join(d, n), directory): open(os.path.join(d, n), "rb").read()
+          for d, _, names in os.walk(directory) for n in names if n != ".lock"}
+
+
+def test_the_init_run_and_runs_of_other_kinds_are_refused_untouched(chat_run, tmp_path, capsys):
+  # Before: --workdir == --init (or another finished run) took that run's checkpoint as the RL state,
+  # rewrote its config.json and, keeping 2, deleted its checkpoints; with --steps 1 it exited 0.
+  from lmtiny import rl
+  run = tmp_path / "run"
+  shutil.copytree(chat_run, run)
+  (run / "run_kind.json").unlink(missing_ok=True)  # a run made before the kind was recorded: inferred from config.json
+  before = _files(run)
+  small = ["--data", "toy", "--steps", "1", "--questions", "2", "--samples", "4", "--max-new-tokens", "4",
+           "--eval-questions", "0"]
+  for init, message in ((run, f"--workdir={run}: is the init run (--init)"),
+                        (chat_run, f"--workdir={run}: holds a train run (lmtiny.train) (inferred from "
+                                   f"{run / 'config.json'}), not an rl run (lmtiny.rl); choose another --workdir")):
+    assert rl.main(["--init", str(init), "--workdir", str(run), *small]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert _files(run) == before
+
+
+def test_a_run_of_other_shapes_is_refused_before_and_under_the_lock(chat_run, tmp_path):
+  # Before: rl never compared its config with the run directory's, so another model's RL run there
+  # was "resumed" (its checkpoints failed to restore and were moved aside as corrupt).
+  from lmtiny.rundir import load_run
+  from lmtiny.reinforce import rl_config
+  s = RLSettings(**SETTINGS)
+  other = rl_config(load_run(chat_run).cfg, s)
+  other.model.num_layers += 1
+  workdir = tmp_path / "rl"
+  rl = Reinforce(chat_run, str(workdir), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+  workdir.mkdir()  # another RL run appears after the checks at start-up: the run's own check refuses it
+  (workdir / "config.json").write_text(other.to_json_best_effort())
+  (workdir / "run_kind.json").write_text('{"kind": "rl"}')
+  before = _files(workdir)
+  message = rf"^{workdir} holds a run whose model or optimizer state has other shapes \(model.num_layers 3 -> 2"
+  with pytest.raises(ConfigError, match=message):
+    rl.run()
+  with pytest.raises(ConfigError, match=message):
+    Reinforce(chat_run, str(workdir), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+  assert _files(workdir) == before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr=nan: must be a finite number > 0"),
+    ("--lr", "inf", "--lr=inf: must be a finite number > 0"),
+    ("--lr", "0", "--lr=0.0: must be a finite number > 0"),
+    ("--temperature", "nan", "--temperature=nan: must be a finite number > 0"),
+    ("--temperature", "-1", "--temperature=-1.0: must be a finite number > 0"),
+    ("--kl", "nan", "--kl=nan: must be a finite number >= 0"),
+    ("--kl", "-inf", "--kl=-inf: must be a finite number >= 0"),
+    ("--warmup-steps", "-1", "--warmup-steps=-1: must be >= 0"),
+])
+def test_every_float_flag_is_checked_as_the_flags_are_parsed(tmp_path, capsys, flag, value, message):
+  # Before: --lr nan passed (`lr <= 0` is false for NaN) and --temperature nan failed only after the
+  # workdir was written. The init run here does not exist: the flag is refused before it is read.
+  from lmtiny import rl
+  argv = ["--init", str(tmp_path / "missing"), "--workdir", str(tmp_path / "rl"), "--data", "toy", f"{flag}={value}"]
+  assert rl.main(argv) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
+  assert os.listdir(tmp_path) == []

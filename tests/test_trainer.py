@@ -41,6 +41,7 @@ def test_learns_and_writes_run_files(tmp_path):
   assert {"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(train[0])
   assert os.path.exists(tmp_path / "loss.png") and os.listdir(tmp_path / "tensorboard")
   assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == VOCAB
+  assert json.load(open(tmp_path / "run_kind.json"))["kind"] == "train"
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -111,6 +112,26 @@ def test_data_vocab_must_match_model(tmp_path):
   with pytest.raises(ConfigError, match=r"model.vocab_size=128"):
     Trainer(tiny_config(), str(tmp_path / "run"), data)
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind", ["rl", "sft"])
+def test_train_refuses_a_run_of_another_kind_before_any_write(tmp_path, kind):
+  # Before: train resumed an RL (or SFT) run of the same model as its own, rewriting its config.json
+  # and pruning its checkpoints. rl: a run from before run_kind.json (inferred); sft: recorded.
+  cfg = tiny_config(steps=2)
+  run = tmp_path / "run"
+  run.mkdir()
+  config = json.loads(cfg.to_json_best_effort())
+  if kind == "rl":
+    config["rl"] = {"steps": 2}
+  else:
+    (run / "run_kind.json").write_text(json.dumps({"kind": "sft"}))
+  (run / "config.json").write_text(json.dumps(config))
+  before = {name: (run / name).read_text() for name in os.listdir(run)}
+  with pytest.raises(ConfigError, match=rf"^--workdir={run}: holds an? {kind} run \(lmtiny.{kind}\) \((inferred from|"
+                     rf"recorded in) {run}/(config|run_kind).json\), not a train run \(lmtiny.train\)"):
+    Trainer(cfg, str(run), memory_data(), log=_quiet).run()
+  assert {name: (run / name).read_text() for name in os.listdir(run) if name != ".lock"} == before
 
 
 @pytest.mark.parametrize("override,field", [

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from lmtiny import config as config_lib
+from lmtiny import config as config_lib, runkind
 from lmtiny.chat.conversations import parse_mixture
 from lmtiny.config import ConfigError
 from lmtiny.trainer import Trainer
@@ -33,6 +33,8 @@ SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", 
 
 class ChatTrainer(Trainer):
   """The trainer, fed packed conversations instead of documents."""
+
+  kind = "sft"
 
   def train_iterator(self):
     from lmtiny.chat.data import make_chat_train_iterator
@@ -123,11 +125,13 @@ def check_settings(s) -> None:
 
 
 def check_workdir(workdir: str, init: str) -> None:
-  """The fine-tuning run directory is not the base run, nor another base's fine-tuning run: a
-  re-run there would resume (or overwrite) a run that is not this one."""
+  """The fine-tuning run directory is not the base run, nor a run of another kind (lmtiny.runkind:
+  an RL run's config also names a base in sft.init), nor another base's fine-tuning run: a re-run
+  there would resume (or overwrite) a run that is not this one."""
   if os.path.abspath(workdir) == os.path.abspath(init):
     raise ConfigError(f"--workdir={workdir}: is the base run (--init); fine-tune into another "
                       "directory (default: <init>/sft)")
+  runkind.check_kind(workdir, "sft")
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return

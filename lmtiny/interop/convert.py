@@ -4,8 +4,11 @@
   import_checkpoint(hf_dir, workdir) -> summary dict
 
 Both write a new directory whole: it is built in a temporary sibling and renamed into place
-(lmtiny.rundir.new_directory), so an interruption leaves no half-written directory; an export
-replaces an earlier export in `out_dir` as a whole, so none of its files survive.
+(lmtiny.rundir.new_directory), so an interruption or a full disk leaves no half-written directory.
+An export records itself in lmtiny_export.json (EXPORT_RECORD: the source run, its step, the dtype
+and architecture) and replaces only an earlier export (a directory holding that record), as a
+whole, so none of its files survive; any other non-empty directory (a downloaded model, the source
+of an import, a user's files) is refused untouched.
 
 An imported run holds config.json (lmtiny's base config with the model fields of the HF config),
 a parameter-only checkpoint at step 0 (what `lmtiny.rundir.load_weights` reads, e.g. as an SFT
@@ -17,15 +20,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import numpy as np
 
+from lmtiny import runkind
+from lmtiny.config import RunFailed
 from lmtiny.interop import llama
 from lmtiny.interop.llama import InteropError
 from lmtiny.interop.safetensors_io import SINGLE_FILE, read_checkpoint, write_file
+from lmtiny.preflight import check_output_parent, is_disk_full
 
-IMPORT_RECORD = "hf_import.json"
+IMPORT_RECORD = runkind.IMPORT_RECORD  # an imported run's source and dtype
+EXPORT_RECORD = "lmtiny_export.json"  # marks a directory as an lmtiny export: a later export may replace it
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ExportFailed(RunFailed):
+  """The export could not be written (disk full); nothing was left half-written."""
 
 
 def _numpy_dtype(name: str):
@@ -42,35 +54,39 @@ def flat_params(model) -> dict:
   return llama.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
 
 
+def _is_export(out_dir: str) -> bool:
+  """`out_dir` holds an lmtiny export's record (EXPORT_RECORD, a JSON object naming its source)."""
+  try:
+    with open(os.path.join(out_dir, EXPORT_RECORD)) as f:
+      return "source" in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
+
+
 def check_export_dir(out_dir: str, workdir: str | None = None) -> None:
-  """InteropError unless `out_dir` may be (re)placed by an export: absent, empty, or a Hugging Face
-  checkpoint directory (config.json with a model_type), and neither the run nor holding it."""
+  """InteropError unless `out_dir` may be (re)placed by an export: absent, empty, or an earlier
+  lmtiny export (EXPORT_RECORD), and neither the run nor holding it; OutputError (one line) when
+  it cannot be written."""
   if workdir is not None:
     out, run = os.path.realpath(out_dir), os.path.realpath(workdir)
     if os.path.commonpath([out, run]) == out:
       raise InteropError(f"--out={out_dir}: is (or holds) the run directory --workdir={workdir}; "
                          "export to a directory of its own")
-  if not os.path.exists(out_dir):
-    return
-  if not os.path.isdir(out_dir):
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InteropError(f"--out={out_dir}: is a file, not a directory")
   if os.path.isdir(os.path.join(out_dir, "checkpoints")):
     raise InteropError(f"--out={out_dir}: holds an lmtiny run (checkpoints/); export to a directory of its own")
-  if not os.listdir(out_dir):
-    return
-  try:
-    with open(os.path.join(out_dir, "config.json")) as f:
-      is_hf = "model_type" in json.load(f)
-  except (OSError, ValueError, TypeError):
-    is_hf = False
-  if not is_hf:
-    raise InteropError(f"--out={out_dir}: not empty and not a Hugging Face checkpoint directory (no config.json "
-                       "with a model_type), so not replaced; export to a new directory")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_export(out_dir):
+    raise InteropError(f"--out={out_dir}: not empty and not an earlier lmtiny export (no {EXPORT_RECORD}), "
+                       "so not replaced; export to a new or empty directory")
+  check_output_parent(out_dir, "--out")  # the export is built in a sibling of out_dir and renamed into place
 
 
-def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict:
+def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source: dict | None = None) -> dict:
   """Writes `out_dir` (replacing an earlier export whole): config.json, model.safetensors,
-  generation_config.json and the tokenizer."""
+  generation_config.json, the tokenizer and EXPORT_RECORD (with `source`, e.g. the run and step).
+  ExportFailed (exit status 1) when the disk fills up: the temporary directory is removed and an
+  earlier export in `out_dir` stays as it was."""
   from lmtiny.files import atomic_write_json
   from lmtiny.interop.hf_tokenizer import write_tokenizer
   from lmtiny.rundir import new_directory
@@ -85,21 +101,30 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32") -> dict
   check_export_dir(out_dir)
   bos, eos = tokenizer.bos_id, [tokenizer.special_id("assistant_end"), tokenizer.bos_id]
   tensors = llama.to_hf_tensors(flat_params(model), m, _numpy_dtype(dtype))
-  with new_directory(out_dir, "--out", replace=True) as tmp:
-    write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
-    atomic_write_json(os.path.join(tmp, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
-    atomic_write_json(os.path.join(tmp, "generation_config.json"),
-                      {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
-                       "top_k": 50, "top_p": 0.95})
-    write_tokenizer(tmp, tokenizer, m.max_seq_len)
+  record = {"source": None, "step": None, **(source or {}), "dtype": dtype,
+            "architecture": llama.ARCHITECTURES[arch], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  try:
+    with new_directory(out_dir, "--out", replace=True) as tmp:
+      write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
+      atomic_write_json(os.path.join(tmp, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
+      atomic_write_json(os.path.join(tmp, "generation_config.json"),
+                        {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
+                         "top_k": 50, "top_p": 0.95})
+      write_tokenizer(tmp, tokenizer, m.max_seq_len)
+      atomic_write_json(os.path.join(tmp, EXPORT_RECORD), record)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    raise ExportFailed(f"--out={out_dir}: disk full (No space left on device) while writing the export; "
+                       "nothing was written (an earlier export there is as it was)") from None
   return {"architecture": llama.ARCHITECTURES[arch], "tensors": len(tensors), "dtype": dtype,
           "bytes": sum(t.nbytes for t in tensors.values())}
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> dict:
   """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
-  float32. Refuses (InteropError) before reading weights when the architecture cannot be exported
-  or `out_dir` is not a directory an export may replace (check_export_dir)."""
+  float32. Refuses (InteropError, OutputError) before reading weights when the architecture cannot
+  be exported or `out_dir` is not a directory an export may replace or write (check_export_dir)."""
   from lmtiny.rundir import load_run, load_weights
   run = load_run(workdir, step)
   llama.export_architecture(run.cfg.model)
@@ -108,7 +133,8 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str |
   if dtype is None:
     dtype = json.load(open(record))["dtype"] if os.path.exists(record) else "float32"
   run, params = load_weights(run)
-  summary = export_model(run.model(params), run.tokenizer, out_dir, dtype)
+  source = {"source": os.path.abspath(workdir) if "://" not in workdir else workdir, "step": run.step}
+  summary = export_model(run.model(params), run.tokenizer, out_dir, dtype, source)
   return dict(summary, step=run.step)
 
 
@@ -125,8 +151,9 @@ def _read_hf_config(hf_dir: str) -> dict:
 
 def write_run(workdir: str, cfg, params, tokenizer, step: int = 0, files: dict | None = None) -> None:
   """A new run directory `generate` reads: config.json, the tokenizer, a parameter-only checkpoint
-  (`params`: the nnx State of the model's Params) and `files` ({name: JSON object}), appearing
-  whole or not at all (lmtiny.rundir.new_directory; `workdir` must be absent or empty)."""
+  (`params`: the nnx State of the model's Params), `files` ({name: JSON object}) and its kind,
+  "import" (lmtiny.runkind: no training verb writes into it), appearing whole or not at all
+  (lmtiny.rundir.new_directory; `workdir` must be absent or empty)."""
   from lmtiny.checkpoint import Checkpointer
   from lmtiny.files import atomic_write, atomic_write_json
   from lmtiny.interop.hf_tokenizer import save_run_tokenizer
@@ -139,6 +166,7 @@ def write_run(workdir: str, cfg, params, tokenizer, step: int = 0, files: dict |
     save_run_tokenizer(tmp, tokenizer)
     for name, obj in (files or {}).items():
       atomic_write_json(os.path.join(tmp, name), obj)
+    runkind.record_kind(tmp, "import")
 
 
 # lmtiny model field -> the Hugging Face config.json field it comes from (for messages)
