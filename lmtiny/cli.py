@@ -34,6 +34,21 @@ def _one_line(error: BaseException) -> str:
   return " ".join(text.split())
 
 
+def _user_error_inside(error: BaseException) -> UserError | None:
+  """The innermost UserError that `error` was raised while handling. A config file's get_config()
+  that raises one reaches us as a flags.Error whose text is config_flags' flattened traceback
+  (config_flags re-raises it with the traceback as its message, absl wraps that): the original
+  already says what is wrong in one line."""
+  found, seen = None, set()
+  error = error.__cause__ or error.__context__
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, UserError):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
 def _underscored(arg: str) -> str:
   """'--target-params=3' -> '--target_params=3' (the issue's spelling); config overrides untouched."""
   if not arg.startswith("--") or arg.startswith("--config."):
@@ -103,6 +118,9 @@ def parse_flags(argv: list[str], define, usage: str):
   try:
     rest = fv(argv)
   except flags.Error as e:
+    inner = _user_error_inside(e)
+    if inner is not None:  # e.g. lmtiny.sft's --init read as a config (lmtiny/chat/run_config.py)
+      raise inner from None
     raise ConfigError(_one_line(e)) from None
   except (AttributeError, KeyError) as e:  # config_flags on an override naming no field
     if "'config_config'" in _one_line(e):  # config_flags' own name for the user's module

@@ -7,10 +7,12 @@
 `load_weights` is what generate, serve, eval, export, RL and fine-tuning all call: it restores
 only the parameters (no optimizer state), onto one local device or sharded over `mesh` by their
 logical axes, whatever mesh the run was trained on. With no step asked for it starts at the
-newest checkpoint and falls back past unusable ones (one warning line each; nothing is moved,
-since a training run may be using the directory). A LoRA run (config lora.rank > 0) holds only
-adapters: its base run (config sft.init at sft.init_step, itself loaded this way, so chains of
-LoRA runs work) is loaded and the adapters are folded in, W + alpha / rank * A @ B. `quantize`
+newest checkpoint and falls back past damaged ones (lmtiny.checkpoint.CheckpointCorrupt: one
+warning line each; nothing is moved, since a training run may be using the directory); any other
+error is not the checkpoint's and surfaces as itself. Relative paths work (lmtiny.checkpoint makes
+them absolute for orbax). A LoRA run (config lora.rank > 0) holds only adapters: its base run
+(config sft.init at sft.init_step, itself loaded this way, so chains of LoRA runs work) is loaded
+and the adapters are folded in, W + alpha / rank * A @ B. `quantize`
 (int8 | int4) makes the weight-only quantized parameters (lmtiny.quant). `new_directory` builds a
 directory (a merged or imported run, an export) in a temporary sibling and renames it into place.
 """
@@ -27,8 +29,8 @@ import jax
 from etils import epath
 from flax import nnx
 
-from lmtiny import sharding
-from lmtiny.checkpoint import abstract_with_shardings, describe_error, restore_params
+from lmtiny import runkind, sharding
+from lmtiny.checkpoint import CheckpointCorrupt, abstract_with_shardings, describe_error, restore_params
 from lmtiny.config import ConfigError, UserError
 
 
@@ -70,8 +72,7 @@ def load_run(workdir: str, step: int | None = None, flags: tuple[str, str] = ("-
   from lmtiny import config as config_lib
   from lmtiny.interop.hf_tokenizer import load_run_tokenizer
   dir_flag, step_flag = flags
-  if not os.path.isdir(workdir) and "://" not in workdir:
-    raise RunError(f"{dir_flag}={workdir}: no such directory")
+  check_run_directory(workdir, dir_flag)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise RunError(f"{dir_flag}={workdir}: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
@@ -92,6 +93,19 @@ def load_run(workdir: str, step: int | None = None, flags: tuple[str, str] = ("-
     raise RunError(f"{workdir}/tokenizer.model: {tokenizer.vocab_size} tokens, more than the model's "
                    f"vocab_size {cfg.model.vocab_size}")
   return Run(workdir, cfg, tokenizer, steps[-1] if step is None else step, asked=step is not None)
+
+
+def check_run_directory(workdir: str, flag: str = "--workdir") -> None:
+  """RunError naming `flag` unless `workdir` looks like a run directory (config.json or checkpoints/):
+  a path that is missing, a file, or a directory of something else (data shards, a tokenizer)."""
+  path = epath.Path(workdir)
+  if "://" not in workdir and not os.path.exists(workdir):
+    raise RunError(f"{flag}={workdir}: no such directory")
+  if "://" not in workdir and not os.path.isdir(workdir):
+    raise RunError(f"{flag}={workdir}: not a directory")
+  if not (path / "config.json").exists() and not (path / "checkpoints").is_dir():
+    what = "; it holds data shards (lmtiny.data.prepare)" if (path / "manifest.json").exists() else ""
+    raise RunError(f"{flag}={workdir}: not a run directory (no config.json, no checkpoints/){what}")
 
 
 def is_lora_run(cfg) -> bool:
@@ -142,7 +156,7 @@ def load_weights(run: Run | str, step: int | None = None, *, mesh=None, quantize
   for at in steps:
     try:
       params = restore(at)
-    except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, fingerprint mismatch)
+    except CheckpointCorrupt as e:
       failures.append(f"step {at}: {describe_error(e)}")
       if not run.asked:
         log(f"warning: {run.workdir}: checkpoint at step {at} is unusable ({describe_error(e)}); "
@@ -200,4 +214,5 @@ def merge_lora_run(workdir: str, out: str, step: int | None = None) -> str:
     checkpointer.close()
     save_run_tokenizer(tmp, run.tokenizer)
     atomic_write(os.path.join(tmp, "config.json"), json.dumps(cfg, indent=2).encode())
+    runkind.record_kind(tmp, "merged")
   return out

@@ -2,6 +2,7 @@
 (`main(argv)`, in-process; subprocesses only where a signal or a kill is the point): exit status,
 exactly one `error:` line naming the field or file, no traceback, nothing written."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from lm_fixtures import ROOT, xla_flags
-from lmtiny import bench, cli, generate, lr_find, train
+from lmtiny import bench, cli, generate, lr_find, sft, train
 from lmtiny.checkpoint import CheckpointSaveError
 from lmtiny.data import prepare
 from lmtiny.runlock import RunLock
@@ -47,8 +48,12 @@ def _train_argv(base, workdir, *extra):
 
 
 def _truncate_all(workdir):
+  """Every array-data file of every checkpoint cut to nothing. (Cut in half, as before, a checkpoint
+  keeps whatever arrays its async save happened to write into the files' first halves: when that
+  was every parameter, generate, which reads and verifies only the parameters, rightly loaded it;
+  see test_faults.py::test_damage_outside_the_parameters_leaves_the_weights_usable.)"""
   for f in glob.glob(f"{workdir}/checkpoints/*/state/ocdbt.process_0/d/*"):
-    os.truncate(f, os.path.getsize(f) // 2)
+    os.truncate(f, 0)
 
 
 def _one_error(capsys, status, expected_status=2):
@@ -97,6 +102,18 @@ def _cases(tmp):
       (generate.main, ["--workdir", str(tmp), "--prompt", "x", "--temperature", "inf"],
        "--temperature=inf: must be a finite number >= 0"),
   ]
+
+
+def test_sft_init_on_a_data_directory_is_one_short_line(tmp_path, capsys, monkeypatch):
+  """A shard directory (lmtiny.data.prepare) given as the base run: the error raised while the run's
+  config is read as sft's config arrives wrapped in config_flags' flattened traceback (~1,000
+  characters); one short line without it."""
+  monkeypatch.chdir(tmp_path)
+  os.makedirs("data/x")
+  (tmp_path / "data" / "x" / "manifest.json").write_text("{}")
+  line = _one_error(capsys, sft.main(["sft", "--init", "data/x"]))
+  assert line.startswith("error: --init=data/x: not a run directory") and len(line) < 160 and "File " not in line, line
+  assert os.listdir(tmp_path) == ["data"] and os.listdir("data/x") == ["manifest.json"]
 
 
 def test_bad_inputs_through_the_entry_points(tmp_path, capsys, monkeypatch):
@@ -170,6 +187,41 @@ def test_generate_falls_back_from_a_corrupt_newest_checkpoint(base, tmp_path, ca
   assert os.path.isdir(f"{workdir}/checkpoints/4")  # generate moves nothing: a run may be using it
 
 
+_LOAD_THREE_TIMES = """
+import gc, sys, time
+from lmtiny.rundir import load_weights
+for _ in range(3):
+  try:
+    load_weights(sys.argv[1])
+  except Exception as e:  # the RunError, each time: every checkpoint is damaged
+    print(f"error: {e}", file=sys.stderr)
+gc.collect()
+time.sleep(0.5)  # the reads each failed restore abandoned finish into its closed event loop
+gc.collect()
+"""
+
+
+def test_failed_restores_print_their_lines_and_nothing_else(base, tmp_path):
+  """Cut in half, the data files still serve the reads of their first halves, which are in flight
+  when one read fails: before, each left tracebacks ("Event loop is closed", unretrieved task
+  errors with their tensorstore specs; hundreds of lines here) on stderr."""
+  workdir = _copy_run(base, tmp_path)
+  for step_dir in glob.glob(f"{workdir}/checkpoints/*"):
+    for f in glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"):
+      os.truncate(f, os.path.getsize(f) // 2)
+    (path,) = [f for f in glob.glob(f"{step_dir}/fingerprint/*") if not f.endswith("commit_success.txt")]
+    saved = json.load(open(path))
+    saved["params"][0] += 1  # unusable even where the cut spares every parameter
+    json.dump(saved, open(path, "w"))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  done = subprocess.run([sys.executable, "-c", _LOAD_THREE_TIMES, workdir], capture_output=True, text=True,
+                        env=env, timeout=300)
+  lines = done.stderr.splitlines()
+  assert done.returncode == 0 and len(lines) == 9, done.stderr[-3000:]  # 3 x (2 warnings, 1 error)
+  assert [line.split(":")[0] for line in lines] == ["warning", "warning", "error"] * 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals and kills (subprocesses: the point is what a real process does).
 
@@ -186,6 +238,21 @@ def _wait_for(predicate, proc, timeout=120):
   while not predicate():
     assert proc.poll() is None and time.time() < deadline, proc.communicate()
     time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_resume_past_a_damaged_checkpoint_says_one_warning_and_nothing_else(base, tmp_path):
+  """A real `python -m lmtiny.train` resuming past a truncated newest checkpoint: one warning line
+  (in its log, stdout) and an empty stderr, not the tracebacks of the reads the failed restore left."""
+  workdir = _copy_run(base, tmp_path)
+  for f in glob.glob(f"{workdir}/checkpoints/4/state/ocdbt.process_0/d/*"):
+    os.truncate(f, 0)
+  proc = _spawn_train(base, workdir, "--config.train.steps=6")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and err == "", err[-3000:]
+  (warning,) = [line for line in out.splitlines() if "unusable" in line]
+  assert warning.startswith("warning: checkpoint at step 4 is unusable (OUT_OF_RANGE: Error reading ")
+  assert warning.endswith("resuming from step 2") and "resumed from checkpoint at step 2" in out
 
 
 def test_sigterm_before_the_loop_exits_0_and_saves_nothing(base, tmp_path):

@@ -1,7 +1,9 @@
 """The generate CLI on a real (tiny) run directory: a 2-step training run on an 8-device mesh with
 its own sentencepiece tokenizer, restored onto one device; completion, chat, and bad input."""
+import glob
 import io
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -88,10 +90,10 @@ def test_chat_keeps_the_history_and_stops_at_assistant_end(loaded):
   assert out.getvalue() == "".join(f"assistant: {m['content']}\n" for m in history[1::2])
 
 
-def _cli(*argv, stdin=None, timeout=240):
+def _cli(*argv, stdin=None, timeout=240, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
   return subprocess.run([sys.executable, "-m", "lmtiny.generate", *argv], input=stdin, capture_output=True,
-                        text=True, cwd=ROOT, env=env, timeout=timeout)
+                        text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def test_cli_completion_and_piped_chat(run_dir):
@@ -124,3 +126,48 @@ def test_cli_without_a_checkpoint_exits_2(tmp_path):
   done = _cli("--workdir", str(tmp_path), "--prompt", "hi")
   assert done.returncode == 2 and done.stderr.startswith("error: ") and "no checkpoint" in done.stderr
   assert os.listdir(tmp_path) == []  # nothing was created
+
+
+def test_cli_on_a_relative_workdir(run_dir, tmp_path):
+  """The README's next step after the demo, as typed: `--workdir runs/tiny` from the directory the
+  run was made in (orbax refuses relative paths; the loader makes them absolute)."""
+  shutil.copytree(run_dir.path, tmp_path / "runs" / "tiny")
+  done = _cli("--workdir", "runs/tiny", "--prompt", "def ", "--max-new-tokens", "3", cwd=tmp_path)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.startswith("def ") and done.stderr.startswith("runs/tiny: step 2, ")
+  assert "warning" not in done.stderr
+
+
+def _run_with_damaged(run_dir, tmp_path, damaged):
+  """A copy of the run with a second checkpoint (3, a copy of 2); every array-data file of the
+  steps in `damaged` cut to nothing (so the parameters cannot survive, whatever the file order)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run_dir.path, workdir)
+  shutil.copytree(f"{workdir}/checkpoints/2", f"{workdir}/checkpoints/3")
+  for step in damaged:
+    for f in glob.glob(f"{workdir}/checkpoints/{step}/state/ocdbt.process_0/d/*"):
+      os.truncate(f, 0)
+  return workdir
+
+
+def test_cli_falls_back_past_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
+  """One warning line for the skipped checkpoint and nothing else: the reads a failed restore
+  abandons (tracebacks of "Event loop is closed", unretrieved task errors) are not printed."""
+  workdir = _run_with_damaged(run_dir, tmp_path, [3])
+  done = _cli("--workdir", workdir, "--prompt", "def ", "--max-new-tokens", "3")
+  assert done.returncode == 0, done.stderr
+  lines = done.stderr.splitlines()
+  assert len(lines) == 3, done.stderr[-3000:]  # the warning, the run's line, the timing line
+  assert lines[0].startswith(f"warning: {workdir}: checkpoint at step 3 is unusable (OUT_OF_RANGE: Error reading ")
+  assert lines[1].startswith(f"{workdir}: step 2, ") and lines[2].startswith("prefill ")
+
+
+def test_cli_with_every_checkpoint_damaged_is_one_error_and_its_warnings(run_dir, tmp_path):
+  workdir = _run_with_damaged(run_dir, tmp_path, [2, 3])
+  done = _cli("--workdir", workdir, "--prompt", "def ")
+  assert done.returncode == 2 and done.stdout == ""
+  lines = done.stderr.splitlines()
+  assert len(lines) == 3, done.stderr[-3000:]
+  assert [line.split(" is unusable")[0] for line in lines[:2]] == [
+      f"warning: {workdir}: checkpoint at step {step}" for step in (3, 2)]
+  assert lines[2].startswith(f"error: --workdir={workdir}: no usable checkpoint (step 3: OUT_OF_RANGE: ")

@@ -1,17 +1,24 @@
-"""The one weight loader: falls back past a corrupt newest checkpoint (not past an asked-for step),
-onto one device or a mesh alike; a LoRA run whose base is missing names the field; `lora merge`
-writes its run directory whole or not at all."""
+"""The one weight loader: falls back past a corrupt newest checkpoint (not past an asked-for step,
+not for an error that is not damage), onto one device or a mesh alike, from relative paths too; a
+LoRA run whose base is missing names the field; `lora merge` writes its run directory whole or not
+at all; a directory that holds no run says so in one line."""
+import glob
 import json
 import os
 import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from lmtiny import checkpoint as checkpoint_lib
+from lmtiny.checkpoint import Checkpointer, CheckpointCorrupt, FingerprintMismatch, abstract_with_shardings
 from lmtiny.evals.loading import load_model
 from lmtiny import lora as lora_cli
-from lmtiny.rundir import RunError, load_weights, merge_lora_run
+from lmtiny import sharding
+from lmtiny.rundir import RunError, load_run, load_weights, merge_lora_run
+from lmtiny.trainer import build_steps
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_an_asked_step_does_not(chat_run, tmp_path):
@@ -65,3 +72,90 @@ def test_interrupted_lora_merge_leaves_nothing_and_can_be_rerun(lora_run, tmp_pa
   assert lora_cli.main(["merge", "--workdir", lora, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err == f"error: --out={out}: already holds a run (remove it or pick another directory)\n"
+
+
+def _same_params(a, b):
+  for got, ref in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_relative_paths_load_like_absolute_ones(chat_run, lora_run, tmp_path, monkeypatch):
+  """orbax refuses relative paths; every loader (generate, serve, eval, export, rl --init, lora merge,
+  a training run's resume) takes one as the user typed it, and messages keep that spelling."""
+  shutil.copytree(chat_run, tmp_path / "run")
+  shutil.copytree(lora_run[0], tmp_path / "lora")  # its base (sft.init) stays absolute, as sft writes it
+  monkeypatch.chdir(tmp_path)
+  lines = []
+  run, params = load_weights("run", log=lines.append)
+  assert run.workdir == "run" and run.step == 1 and lines == []
+  _same_params(params, load_weights(chat_run)[1])
+  assert load_model("run").step == 1  # eval, sharded over its mesh
+  _, merged = load_weights("lora")
+  _same_params(merged, load_weights(lora_run[1])[1])
+  assert merge_lora_run("lora", "merged") == "merged" and load_weights("merged")[0].step == 3
+  ckpt = Checkpointer("run/checkpoints")  # a training run's resume
+  assert ckpt.restore_newest(lambda step: ckpt.restore(step, _abstract_state(run)), lines.append)[0] == 1
+  ckpt.close()
+  assert lines == []
+
+
+def _abstract_state(run):
+  steps = build_steps(run.cfg, sharding.make_mesh(run.cfg.mesh), 1)
+  return abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+
+
+def test_an_error_that_is_not_damage_surfaces_as_itself(chat_run, tmp_path, monkeypatch):
+  """Only CheckpointCorrupt means "try the previous checkpoint": a path error (orbax given a relative
+  path, as before the loaders made paths absolute) or a programming error is raised as it is, not
+  reported as every checkpoint being unusable."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(chat_run, workdir)
+  shutil.copytree(f"{workdir}/checkpoints/1", f"{workdir}/checkpoints/2")
+  monkeypatch.chdir(tmp_path)
+  lines = []
+  monkeypatch.setattr(checkpoint_lib, "_absolute", lambda directory: checkpoint_lib.epath.Path(directory))
+  with pytest.raises(ValueError, match="Checkpoint path should be absolute"):
+    load_weights("run", log=lines.append)
+  monkeypatch.undo()
+
+  def broken(*args, **kwargs):
+    raise TypeError("a bug")
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", broken)
+  with pytest.raises(TypeError, match="a bug"):
+    load_weights(workdir, log=lines.append)
+  assert lines == []
+
+
+def test_fingerprints_are_checked_and_required_where_they_were_saved(chat_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(chat_run, workdir)
+  (fingerprint,) = glob.glob(f"{workdir}/checkpoints/1/fingerprint/metadata")
+  saved = json.load(open(fingerprint))
+  saved["params"][0] += 1
+  json.dump(saved, open(fingerprint, "w"))
+  with pytest.raises(FingerprintMismatch, match="parameter data does not match the fingerprint"):
+    checkpoint_lib.restore_params(f"{workdir}/checkpoints", 1, jax.tree.map(lambda x: x, _params_target(workdir)))
+  shutil.rmtree(f"{workdir}/checkpoints/1/fingerprint")  # saved with one (its _CHECKPOINT_METADATA says so)
+  with pytest.raises(RunError, match=r"\(step 1: fingerprint/ is missing \(the checkpoint was saved with one\)\)$"):
+    load_weights(workdir)
+
+
+def _params_target(workdir):
+  from flax import nnx
+  from lmtiny.model import abstract_model
+  from lmtiny.rundir import _placed
+  return _placed(nnx.state(abstract_model(load_run(workdir).cfg.model), nnx.Param), None)
+
+
+def test_a_directory_that_holds_no_run_is_one_line(tmp_path):
+  (tmp_path / "shards").mkdir()
+  (tmp_path / "shards" / "manifest.json").write_text("{}")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "a_file").write_text("x")
+  for path, message in [
+      ("shards", "not a run directory (no config.json, no checkpoints/); it holds data shards (lmtiny.data.prepare)"),
+      ("empty", "not a run directory (no config.json, no checkpoints/)"),
+      ("a_file", "not a directory"), ("gone", "no such directory")]:
+    with pytest.raises(RunError) as e:
+      load_run(str(tmp_path / path), flags=("--init", "--init-step"))
+    assert str(e.value) == f"--init={tmp_path / path}: {message}"

@@ -24,6 +24,7 @@ from etils import epath
 from lmtiny import config as config_lib, runkind
 from lmtiny.chat.conversations import parse_mixture
 from lmtiny.config import ConfigError
+from lmtiny.rundir import check_run_directory
 from lmtiny.trainer import Trainer
 
 # Model fields that decide the parameters' shapes: a --config must agree with the base run.
@@ -62,6 +63,7 @@ class ChatTrainer(Trainer):
 
 def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
   """A run's config.json over today's defaults (older runs lack the sft / lora sections)."""
+  check_run_directory(run_dir, "--init")  # not a run (a shard directory, a typo): one line saying so
   path = epath.Path(run_dir) / "config.json"
   try:
     saved = json.loads(path.read_text())
