@@ -34,6 +34,7 @@ from lmtiny.chat.report import TURN_ENDING_FILE
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.mixture import parse_weighted
 from lmtiny.files import atomic_write
+from lmtiny.metrics import wall_seconds
 
 STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
 SETTINGS = "report_settings.json"
@@ -69,7 +70,6 @@ def _duration(seconds: float) -> str:
 
 
 def _cost_lines(records: list[dict], flops: float | None, price: float | None) -> list[str]:
-  from lmtiny.metrics import wall_seconds
   seconds, runs = wall_seconds(records), [r for r in records if r["split"] == "run"]
   chips = max((r.get("chips", 1) for r in runs), default=1)
   lines = [f"- wall time: {_duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
@@ -290,7 +290,6 @@ def _quant_delta(root: str, mode: str) -> str:
 
 
 def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
-  from lmtiny.metrics import wall_seconds
   seconds = {}
   if _exists(root, "tokenizer", "report.json"):
     train_seconds = _read_json(root, "tokenizer", "report.json").get("train_seconds")
