@@ -38,7 +38,7 @@ def pytest_xdist_make_scheduler(config, log):
 # The modules that take longest (python -m pytest -n 2 tests --durations=45), handed out first:
 # xdist's default order (most tests first) left few-test, slow modules such as the speedrun
 # smoke (146 s) for last, with one worker running it while the other idled.
-_SLOW_FIRST = ("test_journey.py", "test_speedrun.py", "test_memory.py", "test_multiprocess.py", "test_gpu_suite.py",
+_SLOW_FIRST = ("test_journey.py", "test_journey_guides.py", "test_speedrun.py", "test_memory.py", "test_multiprocess.py", "test_gpu_suite.py",
                "test_train_cli.py", "test_reinforce.py", "test_chat_finetune.py", "test_trainer.py",
                "test_muon.py", "test_fault_catalogue.py", "test_loss_scale.py", "test_lowering.py")
 

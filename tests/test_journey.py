@@ -1,129 +1,40 @@
-"""The documentation is the test plan: every command that README.md and the guides in docs/ tell
-a user to type runs here verbatim, in the order a user meets them (the README, then the guides in
-the order its table lists them), from the root of a scratch copy of the repository, with relative
-paths, each command consuming what the earlier ones left (runs/tiny from the quick start, ...).
-
-What counts as a command: every line of a ```bash block (a trailing `\\` continues it). Output
-goes in ```text blocks, Python in ```python blocks; a command-looking line anywhere else in a
-fenced or indented block fails the check below, so a documented command cannot escape the test.
-Marks, as trailing comments:
-  `# needs: GPU|TPU|gcloud|network`  hardware or access CI lacks: run with `--dry-run` added
-                                    (before a ` -- `, else at the end), which prints the commands;
-  `# needs: torch|libtpu`            an optional package: run where it is installed (CI installs it);
-  `# serves until Ctrl-C`            started, asked for a chat reply over HTTP, then interrupted.
-`pip install -e ... && CMD` runs CMD once the checkout is installed (the test cannot reinstall the
-package it is running from); the README's test command is the one .ci/run types and is not run here.
+"""The documentation is the test plan: every command README.md and the guides in docs/ tell a user
+to type runs verbatim, from the root of a scratch copy of the repository, with relative paths, in
+the order a user meets them, each consuming what the earlier ones left (tests/journey.py has the
+rules). This module checks the documents' form and runs the README's chain: the quick start, the
+pipeline, then the guides that start from the quick start's run; tests/test_journey_guides.py runs
+the guides that start afresh, beside it (two chains, so two test workers share the time).
 """
-import http.client
-import importlib.util
-import json
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from lm_fixtures import ROOT, xla_flags
-
-README = "README.md"
-PREFIXES = ("python -m lmtiny", "python benchmarks/", "bash benchmarks/", "launch/", "pip install")
-DRY_RUN_NEEDS = {"GPU", "TPU", "gcloud", "network"}
-PACKAGE_NEEDS = {"torch": "torch", "libtpu": "libtpu"}
-SERVE_MARK = "# serves until Ctrl-C"
-TEST_COMMAND = 'pip install -e ".[test]" && python -m pytest -q -n 2 tests'
-
-
-def _blocks(text: str):
-  """(language, [lines]) for every fenced block, plus ('indented', lines) for indented code."""
-  blocks, lang, lines, prose_indented = [], None, [], []
-  for line in text.splitlines():
-    if line.startswith("```"):
-      if lang is None:
-        lang, lines = line[3:].strip() or "plain", []
-      else:
-        blocks.append((lang, lines))
-        lang = None
-    elif lang is not None:
-      lines.append(line)
-    elif line.startswith("    ") and line.strip():
-      prose_indented.append(line.strip())
-  if prose_indented:
-    blocks.append(("indented", prose_indented))
-  return blocks
-
-
-def commands(text: str) -> list[str]:
-  """The commands of a document's bash blocks, continuation lines joined, in order."""
-  out = []
-  for lang, lines in _blocks(text):
-    if lang != "bash":
-      continue
-    pending = ""
-    for line in lines:
-      if not line.strip() or (line.lstrip().startswith("#") and not pending):
-        continue
-      if line.rstrip().endswith("\\"):
-        pending += line.rstrip()[:-1].rstrip() + " "
-        continue
-      out.append((pending + line.strip()).strip())
-      pending = ""
-  return out
-
-
-def stray_commands(text: str) -> list[str]:
-  """Command-looking lines outside bash blocks (a command no test would run)."""
-  return [line.strip() for lang, lines in _blocks(text) if lang not in ("bash", "python")
-          for line in lines if line.strip().startswith(PREFIXES)]
-
-
-def guides() -> list[str]:
-  """The guides in the order the README's table links them."""
-  return re.findall(r"^\| \[(docs/[\w-]+\.md)\]", _read(README), re.M)
-
-
-def _read(path: str) -> str:
-  with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-    return f.read()
-
-
-def _needs(command: str) -> str | None:
-  m = re.search(r"#\s*needs:\s*([\w-]+)", command)
-  return m.group(1) if m else None
-
-
-def with_dry_run(command: str) -> str:
-  """`--dry-run` before the comment, and before a ` -- ` that hands the rest to another program."""
-  code = command.split(" #", 1)[0].rstrip()
-  if " -- " in code:
-    head, tail = code.split(" -- ", 1)
-    return f"{head} --dry-run -- {tail}"
-  return f"{code} --dry-run"
-
+from journey import (README, TEST_COMMAND, chains, commands, guides, journey_fixture, read, run_doc,
+                     stray_commands, with_dry_run)
+from lm_fixtures import ROOT
 
 # --- the documents are well formed (fast) -----------------------------------------------------
 
 def test_every_guide_in_docs_is_linked_from_the_readme_and_has_commands():
   linked = guides()
+  first, second = chains()
+  assert first[0] == README and sorted(first[1:] + second) == sorted(linked)
   on_disk = sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
   assert sorted(linked) == on_disk and len(set(linked)) == len(linked)
   for doc in linked:
-    assert commands(_read(doc)), f"{doc} tells the user no command"
+    assert commands(read(doc)), f"{doc} tells the user no command"
 
 
 @pytest.mark.parametrize("doc", [README] + sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs"))))
 def test_no_command_outside_a_runnable_block(doc):
-  assert stray_commands(_read(doc)) == [], f"{doc}: put these in a ```bash block (or make them prose)"
+  assert stray_commands(read(doc)) == [], f"{doc}: put these in a ```bash block (or make them prose)"
 
 
 def test_the_readme_has_the_two_quick_start_commands_and_ci_types_the_test_one():
-  quick = commands(_read(README))[:2]
+  quick = commands(read(README))[:2]
   assert quick == ['pip install -e . && python -m lmtiny.train --config configs/tiny.py      # train the demo model',
                    f"{TEST_COMMAND}              # run the tests"]
-  ci = [line.strip() for line in _read(".ci/run").splitlines() if line.strip() and not line.startswith("#")]
+  ci = [line.strip() for line in read(".ci/run").splitlines() if line.strip() and not line.startswith("#")]
   assert ci[-1] == TEST_COMMAND
 
 
@@ -136,139 +47,26 @@ def test_command_parsing_and_dry_run_insertion():
   assert with_dry_run("launch/speedrun.sh d20-v5e8   # needs: TPU") == "launch/speedrun.sh d20-v5e8 --dry-run"
 
 
-# --- the journey (slow: the quick start trains the demo model for real) ----------------------
-
-def _scratch_copy(dest: str) -> str:
-  """The checkout as a fresh clone has it: tracked files and untracked ones git does not ignore."""
-  files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split("\0")
-  for name in filter(None, files):
-    src = os.path.join(ROOT, name)
-    if os.path.isfile(src):
-      os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
-      shutil.copy2(src, os.path.join(dest, name))
-  return dest
-
-
-class Journey:
-  """A user at a shell in the scratch checkout: one environment, commands run in order."""
-
-  def __init__(self, root: str, home: str):
-    self.root, self.times, self.exports, self.outputs = root, [], [], []
-    self.env = dict(os.environ, HOME=home, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1), PYTHONUNBUFFERED="1",
-                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    self.env.pop("PYTHONPATH", None)  # the scratch checkout's own lmtiny, as `python -m` from its root finds it
-
-  def run(self, command: str) -> str:
-    code = command.split(" #", 1)[0].strip()
-    if code.startswith("export "):
-      self.exports.append(code)
-      return "exported"
-    if code == TEST_COMMAND:
-      return "the test suite itself (.ci/run types it)"
-    if code.startswith("pip install -e ") and " && " in code:
-      assert importlib.util.find_spec("lmtiny") is not None  # the checkout is installed
-      code = code.split(" && ", 1)[1]
-    needs = _needs(command)
-    if needs in DRY_RUN_NEEDS:
-      code = with_dry_run(command)
-    elif needs in PACKAGE_NEEDS and importlib.util.find_spec(PACKAGE_NEEDS[needs]) is None:
-      return f"skipped: needs {needs}"
-    elif needs is not None:
-      raise AssertionError(f"unknown mark '# needs: {needs}' in: {command}")
-    script = "\n".join(self.exports + [code])
-    start = time.time()
-    if SERVE_MARK in command:
-      self._serve(script)
-    else:
-      out = subprocess.run(["bash", "-c", script], cwd=self.root, env=self.env, capture_output=True, text=True,
-                           timeout=900, stdin=subprocess.DEVNULL)
-      assert out.returncode == 0, f"$ {code}\nexit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-      assert "Traceback" not in out.stderr, f"$ {code}\n{out.stderr[-4000:]}"
-      assert not re.search(r"^warning: .*unusable", out.stderr, re.M), f"$ {code}\n{out.stderr[-2000:]}"
-      self.outputs.append((code, out.stdout + out.stderr))
-    self.times.append((time.time() - start, code))
-    return "ran"
-
-  def _serve(self, script: str, port: int = 8000) -> None:
-    proc = subprocess.Popen(["bash", "-c", f"exec {script}"], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-      deadline = time.time() + 180
-      while True:
-        assert proc.poll() is None, f"$ {script}\nexited {proc.returncode}\n{proc.stderr.read()[-3000:]}"
-        try:
-          conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-          conn.request("GET", "/health")
-          if conn.getresponse().status == 200:
-            break
-        except OSError:
-          assert time.time() < deadline, "the server did not come up"
-          time.sleep(0.5)
-      conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-      body = {"messages": [{"role": "user", "content": "What does json.dumps do?"}], "max_tokens": 8, "seed": 0}
-      conn.request("POST", "/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-      reply = conn.getresponse()
-      events = [json.loads(line[6:]) for line in reply.read().decode().splitlines() if line.startswith("data: ")]
-      assert reply.status == 200 and events and events[-1].get("done"), events
-      os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-      proc.wait(timeout=60)
-    finally:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def journey(tmp_path_factory):
-  root = _scratch_copy(str(tmp_path_factory.mktemp("checkout")))
-  user = Journey(root, str(tmp_path_factory.mktemp("home")))
-  yield user
-  total = sum(t for t, _ in user.times)
-  print(f"\njourney: {len(user.times)} commands in {total:.0f} s; slowest: " +
-        "; ".join(f"{t:.0f}s {c[:60]}" for t, c in sorted(user.times, reverse=True)[:5]))
-
-
-JOURNEY = [README] + guides()
+journey = pytest.fixture(scope="module")(journey_fixture)
 
 # What a command's documentation says it prints or leaves behind: (doc, command prefix, texts in
 # its output, paths it leaves; "PATH::TEXT" for a file that must hold TEXT).
 PROMISES = [
     (README, "pip install -e . && python -m lmtiny.train --config configs/tiny.py",
-     ["done: 300 steps", "val bpb"], ["runs/tiny/checkpoints/300", "runs/tiny/loss.png", "runs/tiny/tokenizer.model"]),
+     ["done: 150 steps", "val bpb"], ["runs/tiny/checkpoints/150", "runs/tiny/loss.png", "runs/tiny/tokenizer.model"]),
     (README, "python -m lmtiny.generate --workdir runs/tiny --prompt", ["decode"], []),
     (README, "python -m lmtiny.sft", ["done: 20 steps"], ["runs/tiny/sft/config.json"]),
     (README, "python -m lmtiny.rl", [], ["runs/tiny/rl/config.json"]),
     (README, "python -m lmtiny.report", [], ["runs/tiny/report.md"]),
-    (README, "launch/speedrun.sh toy --smoke", [],
-     [f"runs/speedrun-toy/.stages/{s}.done" for s in ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval")]
-     + [f"runs/speedrun-toy/report.md::{section}" for section in
-        ("## Tokenizer", "## Base model", "## Midtraining", "## SFT", "## RL", "## Evaluation")]
-     + ["runs/speedrun-toy/sft/config.json::toy_arithmetic"]),  # SFT sees the problems RL is rewarded on
-    ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", ["== tokenizer: done already", "== rl: done already"], []),
     ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft", ["sft: replies ending with"],
      ["runs/tiny/sft/turn_ending.json"]),
     ("docs/chat.md", "python -m lmtiny.report", [], ["runs/tiny/report.md::## Summary"]),
     ("docs/interop.md", "python -m lmtiny.export", ["LlamaForCausalLM"], ["hf/tiny_llama/model.safetensors"]),
-    ("docs/reliability.md", "python -m lmtiny.train", ["resumed from checkpoint at step 300", "done: 310 steps"], []),
+    ("docs/reliability.md", "python -m lmtiny.train", ["resumed from checkpoint at step 150", "done: 160 steps"], []),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("doc", JOURNEY)
+@pytest.mark.parametrize("doc", chains()[0])
 def test_every_documented_command_runs_verbatim(journey, doc):
-  ran = len(journey.outputs)
-  for command in commands(_read(doc)):
-    journey.run(command)
-  for where, prefix, texts, paths in PROMISES:
-    if where != doc:
-      continue
-    output = next(out for code, out in journey.outputs[ran:] if code.startswith(prefix))
-    for text in texts:
-      assert text in output, f"{prefix}: '{text}' not in its output:\n{output[-3000:]}"
-    for entry in paths:
-      path, _, text = entry.partition("::")
-      assert os.path.exists(os.path.join(journey.root, path)), f"{prefix}: left no {path}"
-      if text:
-        with open(os.path.join(journey.root, path), encoding="utf-8") as f:
-          assert text in f.read(), f"{prefix}: {path} lacks '{text}'"
+  run_doc(journey, doc, PROMISES)
