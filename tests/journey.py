@@ -121,6 +121,10 @@ def scratch_copy(dest: str) -> str:
     if os.path.isfile(src):
       os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
       shutil.copy2(src, os.path.join(dest, name))
+  # A clone is a git checkout (launch/tpu.sh setup copies what git tracks from it).
+  git = ["git", "-c", "user.name=journey", "-c", "user.email=journey@localhost"]
+  for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "a fresh clone"]):
+    subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
   return dest
 
 
@@ -146,8 +150,9 @@ class Journey:
     needs = _needs(command)
     if needs in DRY_RUN_NEEDS:
       code = with_dry_run(command)
-    elif needs in PACKAGE_NEEDS and importlib.util.find_spec(PACKAGE_NEEDS[needs]) is None:
-      return f"skipped: needs {needs}"
+    elif needs in PACKAGE_NEEDS:
+      if importlib.util.find_spec(PACKAGE_NEEDS[needs]) is None:
+        return f"skipped: needs {needs}"
     elif needs is not None:
       raise AssertionError(f"unknown mark '# needs: {needs}' in: {command}")
     script = "\n".join(self.exports + [code])

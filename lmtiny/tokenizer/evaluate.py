@@ -30,8 +30,11 @@ def _named(value: str, flag: str) -> tuple[str, str]:
 
 def read_text(location: str, max_chars: int) -> str:
   """A file's text, or a source spec's documents joined by blank lines; cut at max_chars."""
-  spec = location if location.startswith(_SOURCE_KINDS) else f"txt:{location}"
-  if spec.startswith("txt:") and not os.path.isfile(spec[4:].partition("?")[0]):
+  if location.startswith(_SOURCE_KINDS):  # a spec: its source names what is missing (a txt: glob too)
+    spec = location
+  elif os.path.isfile(location):
+    spec = f"txt:{location}"
+  else:
     raise TokenizerError(f"{location}: no such file")
   parts, size = [], 0
   for doc in open_source(spec).iter_documents():
