@@ -217,7 +217,7 @@ def test_init_without_a_checkpoint_names_the_flag(tmp_path, capsys):
   from lmtiny import rl
   assert rl.main(["--init", str(tmp_path), "--workdir", str(tmp_path / "rl"), "--data", "toy"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith(f"error: --init={tmp_path}: no checkpoint") and err.count("\n") == 1
+  assert err.startswith(f"error: --init={tmp_path}: not a run directory") and err.count("\n") == 1
 
 
 def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_path):

@@ -62,7 +62,7 @@ def test_interrupted_lora_merge_leaves_nothing_and_can_be_rerun(lora_run, tmp_pa
   assert os.listdir(tmp_path) == []  # no half-written run, no temporary sibling
   monkeypatch.undo()
   assert lora_cli.main(["merge", "--workdir", lora, "--out", out]) == 0
-  assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "tokenizer.model"]
+  assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "run_kind.json", "tokenizer.model"]
   run, params = load_weights(out)
   assert run.cfg.lora.rank == 0 and run.cfg.sft.merged_from.startswith(lora)
   _, want = load_weights(merged)
