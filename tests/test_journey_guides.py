@@ -15,6 +15,7 @@ PROMISES = [
      + ["runs/speedrun-toy/sft/config.json::toy_arithmetic"]),  # SFT sees the problems RL is rewarded on
     # The same command again (the last one typed is the one a promise reads): every stage is done.
     ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", ["== tokenizer: done already", "== rl: done already"], []),
+    ("docs/interop.md", "python -m lmtiny.export", ["LlamaForCausalLM"], ["hf/tiny_llama/model.safetensors"]),
     ("docs/data.md", "python -m lmtiny.data.prepare", ["bytes/token"], ["data/stdlib/manifest.json"]),
     ("docs/performance.md", "python -m lmtiny.bench --config configs/tiny.py", ["MFU"], ["runs/bench-tiny.json"]),
 ]
