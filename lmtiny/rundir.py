@@ -29,7 +29,7 @@ import jax
 from etils import epath
 from flax import nnx
 
-from lmtiny import runkind, sharding
+from lmtiny import preflight, runkind, sharding
 from lmtiny.checkpoint import CheckpointCorrupt, abstract_with_shardings, describe_error, restore_params
 from lmtiny.config import ConfigError, UserError
 
@@ -204,6 +204,7 @@ def merge_lora_run(workdir: str, out: str, step: int | None = None) -> str:
   if not is_lora_run(run.cfg):
     raise ConfigError(f"--workdir={workdir}: not a LoRA run (config.lora.rank is 0 in its config.json)")
   check_new_directory(out, "--out")
+  preflight.check_output_parent(out, "--out")  # built beside `out` and renamed: before the weights load
   run, params = load_weights(run)
   cfg = run.cfg.to_dict()
   cfg["lora"]["rank"] = 0

@@ -5,6 +5,7 @@ at all; a directory that holds no run says so in one line."""
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -13,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lmtiny import checkpoint as checkpoint_lib
+from lmtiny.config import UserError
 from lmtiny.checkpoint import Checkpointer, CheckpointCorrupt, FingerprintMismatch, abstract_with_shardings
 from lmtiny.evals.loading import load_model
 from lmtiny import lora as lora_cli
@@ -159,3 +161,17 @@ def test_a_directory_that_holds_no_run_is_one_line(tmp_path):
     with pytest.raises(RunError) as e:
       load_run(str(tmp_path / path), flags=("--init", "--init-step"))
     assert str(e.value) == f"--init={tmp_path / path}: {message}"
+
+
+def test_lora_merge_onto_a_read_only_place_is_one_line_before_the_weights_load(lora_run, tmp_path, monkeypatch):
+  from test_bad_inputs import ReadOnly
+  from lmtiny import rundir
+  monkeypatch.setattr(rundir, "load_weights", lambda *a, **k: pytest.fail("loaded the weights before the check"))
+  ro = ReadOnly(tmp_path)
+  try:
+    why = ro.freeze()
+    with pytest.raises(UserError, match=re.escape(f"--out={ro.root / 'merged'}: cannot write to {ro.root} ({why})")):
+      merge_lora_run(lora_run[0], str(ro.root / "merged"))
+    assert os.listdir(ro.root) == []
+  finally:
+    ro.release()
