@@ -35,11 +35,9 @@ def check_output_file(path: str, flag: str) -> None:
   renamed over it): it is not a directory and its directory is (or can be created) writable."""
   if not path:
     raise OutputError(f"{flag}=: empty; name a file")
-  if "://" in path:
-    return
-  if os.path.isdir(path):
+  if "://" not in path and os.path.isdir(path):
     raise OutputError(f"{flag}={path}: is a directory; name a file")
-  _probe(_nearest_existing(os.path.dirname(os.path.abspath(path))), path, flag)
+  check_output_parent(path, flag)
 
 
 def check_output_parent(path: str, flag: str) -> None:

@@ -99,10 +99,11 @@ def check_run_directory(workdir: str, flag: str = "--workdir") -> None:
   """RunError naming `flag` unless `workdir` looks like a run directory (config.json or checkpoints/):
   a path that is missing, a file, or a directory of something else (data shards, a tokenizer)."""
   path = epath.Path(workdir)
-  if "://" not in workdir and not os.path.exists(workdir):
-    raise RunError(f"{flag}={workdir}: no such directory")
-  if "://" not in workdir and not os.path.isdir(workdir):
-    raise RunError(f"{flag}={workdir}: not a directory")
+  if "://" not in workdir:  # object stores have no directories to find first
+    if not os.path.exists(workdir):
+      raise RunError(f"{flag}={workdir}: no such directory")
+    if not os.path.isdir(workdir):
+      raise RunError(f"{flag}={workdir}: not a directory")
   if not (path / "config.json").exists() and not (path / "checkpoints").is_dir():
     what = "; it holds data shards (lmtiny.data.prepare)" if (path / "manifest.json").exists() else ""
     raise RunError(f"{flag}={workdir}: not a run directory (no config.json, no checkpoints/){what}")
