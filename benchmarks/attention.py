@@ -16,7 +16,7 @@ dq/dk/dv from the xla path relative to the xla value's largest magnitude. A fuse
 differs by more than --tolerance prints MISMATCH and the script exits 1. `--json PATH` also
 writes the rows (and the device, shapes and verdict) as JSON, for benchmarks/gpu_suite.sh.
 
-FLOPs (causal half, MaxText's convention, the one lmtiny.metrics uses): forward
+FLOPs (causal half, MaxText's convention, the one lmtiny.runs.metrics uses): forward
 2 * B * H * T^2 * Dh (QK^T and PV over the visible half), forward+backward 3x that. Packed
 rows are counted as if causal over the whole row (an upper bound on the work).
 
@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmtiny import attention as attn_lib  # noqa: E402
+from lmtiny.model import attention as attn_lib  # noqa: E402
 
 PLATFORM_BACKENDS = {"gpu": ("xla", "cudnn"), "tpu": ("xla", "splash"), "cpu": ("xla", "splash")}
 

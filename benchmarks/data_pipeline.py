@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmtiny.data import pipeline, prepare, shards  # noqa: E402
-from lmtiny.data.sources import RECORD_SEPARATOR, open_source  # noqa: E402
-from lmtiny.files import atomic_write_json  # noqa: E402
+from lmtiny.data import pipeline, shard_writer, shards  # noqa: E402
+from lmtiny.corpus.sources import RECORD_SEPARATOR, open_source  # noqa: E402
+from lmtiny.fs.atomic import atomic_write_json  # noqa: E402
 from lmtiny.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 SEQ_LEN, BATCH = 2048, 32
@@ -53,7 +53,7 @@ def bench_prepare(text_path: str, num_bytes: int, tokenizer, workdir: str) -> st
     out = os.path.join(workdir, f"shards-w{workers}")
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    manifest = prepare.prepare_dataset(open_source(f"txt:{text_path}?delimiter=record"), tokenizer, out,
+    manifest = shard_writer.prepare_dataset(open_source(f"txt:{text_path}?delimiter=record"), tokenizer, out,
                                        val_fraction=0.01, workers=workers)
     seconds = time.perf_counter() - start
     tokens = sum(manifest["splits"][s]["tokens"] for s in shards.SPLITS)

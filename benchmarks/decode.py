@@ -1,4 +1,4 @@
-"""Decode speed of lmtiny.sampling: tokens/s at batch 1 and 8 for the tiny and d4_38m configs.
+"""Decode speed of lmtiny.model.sampling: tokens/s at batch 1 and 8 for the tiny and d4_38m configs.
 
   python benchmarks/decode.py [--configs tiny d4_38m] [--batch-sizes 1 8] [--new-tokens 128]
       [--prompt-len 16] [--repeats 5]
@@ -22,9 +22,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmtiny import config as config_lib, model as model_lib  # noqa: E402
-from lmtiny.model import compute_dtype  # noqa: E402
-from lmtiny.sampling import Sampler, SamplingParams, bucket  # noqa: E402
+from lmtiny import config as config_lib  # noqa: E402
+from lmtiny.model import transformer as model_lib  # noqa: E402
+from lmtiny.model.transformer import compute_dtype  # noqa: E402
+from lmtiny.model.sampling import Sampler, SamplingParams, bucket  # noqa: E402
 
 
 def load_config(name: str):

@@ -56,7 +56,8 @@ def probe() -> dict:
     env["cudnn"] = f"unknown ({type(e).__name__})"
   try:  # the chip lmtiny's MFU divides by: a wrong or missing match makes every MFU figure wrong
     sys.path.insert(0, ROOT)
-    from lmtiny import arch, metrics
+    from lmtiny.plan import arch
+    from lmtiny.runs import metrics
     chip = metrics.chip_name()
     env.update(chip=chip, peak_tflops=arch.PEAK_FLOPS[chip] / 1e12 if chip else None)
     import lmtiny.bench  # noqa: F401  (fails here, once, if a wheel is missing)
@@ -111,8 +112,8 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
                f"cuDNN {env.get('cudnn', '-')}, flax {pk.get('flax')}, optax {pk.get('optax')}, grain {pk.get('grain')}, "
                f"torch {pk.get('torch')}, triton {pk.get('triton')}")
   peak = env.get("peak_tflops")
-  lines.append(f"MFU peak: {env.get('chip')} {peak:g} TFLOP/s dense bf16 (lmtiny.metrics)" if peak else
-               f"MFU peak: none for device_kind {kind!r}: MFU is n/a (lmtiny.metrics._DEVICE_KINDS)")
+  lines.append(f"MFU peak: {env.get('chip')} {peak:g} TFLOP/s dense bf16 (lmtiny.runs.metrics)" if peak else
+               f"MFU peak: none for device_kind {kind!r}: MFU is n/a (lmtiny.runs.metrics._DEVICE_KINDS)")
   if env.get("lmtiny_bench_imports", "ok") != "ok":
     lines.append(f"**lmtiny.bench does not import: {env['lmtiny_bench_imports']}**")
   counts = {}

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import test_interop_convert as t  # noqa: E402  (the tests' checkpoint builders)
-from lmtiny.data.embedded import iter_embedded_documents  # noqa: E402
-from lmtiny.rundir import load_weights  # noqa: E402
+from lmtiny.corpus.embedded import iter_embedded_documents  # noqa: E402
+from lmtiny.runs.directory import load_weights  # noqa: E402
 from lmtiny.interop.convert import export_run, import_checkpoint  # noqa: E402
 from lmtiny.interop.safetensors_io import read_checkpoint  # noqa: E402
 from lmtiny.tokenizer import train_tokenizer  # noqa: E402

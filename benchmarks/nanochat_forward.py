@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import nanochat_reference as ref  # noqa: E402
 
 from lmtiny import config as config_lib  # noqa: E402
-from lmtiny.model import Transformer  # noqa: E402
+from lmtiny.model.transformer import Transformer  # noqa: E402
 
 
 def main():

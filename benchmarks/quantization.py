@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 (lmtiny.quant) against full precision: validation bits per byte,
+"""Weight-only int8 / int4 (lmtiny.model.quant) against full precision: validation bits per byte,
 decode tokens/s at batch 1 and 8, and parameter memory.
 
   python benchmarks/quantization.py --run RUN [--configs d4_38m ...] [--modes none int8 int4]
@@ -31,17 +31,17 @@ from flax import nnx  # noqa: E402
 
 from decode import load_config, time_decode  # noqa: E402
 from lmtiny import cli  # noqa: E402
-from lmtiny.config import UserError  # noqa: E402
-from lmtiny.evals.bpb import evaluate_bpb  # noqa: E402
-from lmtiny.evals.loading import load_model  # noqa: E402
-from lmtiny.model import Transformer  # noqa: E402
-from lmtiny.quant import param_bytes, quantize_model  # noqa: E402
-from lmtiny.sampling import Sampler  # noqa: E402
+from lmtiny.errors import UserError  # noqa: E402
+from lmtiny.training.bpb import evaluate_bpb  # noqa: E402
+from lmtiny.tasks.model_loading import load_model  # noqa: E402
+from lmtiny.model.transformer import Transformer  # noqa: E402
+from lmtiny.model.quant import param_bytes, quantize_model  # noqa: E402
+from lmtiny.model.sampling import Sampler  # noqa: E402
 
 
 def quantized_bpb(loaded, modes, group_size: int | None = None, eval_batches: int = 0) -> dict[str, float]:
-  """{mode: val bpb} of a run's model (lmtiny.evals.loading.LoadedModel) at full precision ("none")
-  and quantized, by lmtiny.evals.bpb.evaluate_bpb on the run's eval batches."""
+  """{mode: val bpb} of a run's model (lmtiny.tasks.model_loading.LoadedModel) at full precision ("none")
+  and quantized, by lmtiny.training.bpb.evaluate_bpb on the run's eval batches."""
   return {mode: evaluate_bpb(dataclasses.replace(loaded, model=_quantized(loaded.model, mode, group_size)),
                              eval_batches=eval_batches)["bpb"] for mode in modes}
 

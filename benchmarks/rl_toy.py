@@ -8,7 +8,7 @@
    (loss on the assistant's tokens and python calls only), so the model knows the format
    (`<<a+b=...>>` as a calculator call, then `#### N`). After 100 steps greedy decoding is nearly
    always right but samples at temperature 1 are right only about half the time: room for RL.
-3. lmtiny.reinforce from that checkpoint: prints mean reward / pass@k per step, window means, and
+3. lmtiny.training.policy_gradient from that checkpoint: prints mean reward / pass@k per step, window means, and
    held-out accuracy before and after, greedy and sampled (temperature 1, what RL optimises).
    Measured (2-core CPU): reward per 10-step window 0.536 0.575 0.628 0.658 0.670 0.668; held-out
    sampled accuracy 0.480 -> 0.613, greedy 0.992 -> 1.000. At lr 5e-4 or 1e-3 the reward falls:
@@ -39,12 +39,13 @@ def main():
   p.add_argument("--out", default="/tmp/lmtiny_rl_toy")
   args = p.parse_args()
   from eval_fixtures import make_tokenizer, run_config
-  from lmtiny import sharding
-  from lmtiny.checkpoint import Checkpointer
-  from lmtiny.evals.gsm8k import to_conversation
-  from lmtiny.evals.toy import toy_rows
-  from lmtiny.reinforce import Reinforce, RLSettings
-  from lmtiny.trainer import _write_run_files, build_steps
+  from lmtiny.parallel import sharding
+  from lmtiny.runs.checkpoint import Checkpointer
+  from lmtiny.tasks.gsm8k import to_conversation
+  from lmtiny.tasks.toy import toy_rows
+  from lmtiny.training.policy_gradient import Reinforce, RLSettings
+  from lmtiny.training.loop import _write_run_files
+  from lmtiny.training.steps import build_steps
   from etils import epath
   tok = make_tokenizer(os.path.join(args.out, "tok"))
   cfg = run_config(num_layers=2, d_model=96, num_heads=4)
@@ -81,8 +82,8 @@ def main():
                         lr=args.lr, warmup_steps=args.warmup_steps, temperature=args.temperature,
                         eval_every=args.rl_steps // 2, eval_questions=64, checkpoint_every=args.rl_steps)
   rl = Reinforce(sft_dir, os.path.join(args.out, "rl"), settings, rows, toy_rows(500, seed=2, held_out=True))
-  from lmtiny.evals.gsm8k import evaluate
-  from lmtiny.sampling import SamplingParams
+  from lmtiny.tasks.gsm8k import evaluate
+  from lmtiny.model.sampling import SamplingParams
   held_out = toy_rows(256, seed=3, held_out=True)
 
   def accuracies(params):

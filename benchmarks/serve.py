@@ -39,16 +39,16 @@ QUESTIONS = ["What does os.path.join do?", "Explain json.dumps.", "What is colle
 
 def _engine(args):
   from lmtiny.chat.server import ChatEngine
-  from lmtiny.sampling import Sampler
+  from lmtiny.model.sampling import Sampler
   if args.workdir:
-    from lmtiny.rundir import load_weights
+    from lmtiny.runs.directory import load_weights
     run, params = load_weights(args.workdir)
     model, tok, context = run.model(params), run.tokenizer, run.cfg.model.max_seq_len
   else:
     from flax import nnx
     from lmtiny import config as config_lib
     from lmtiny.data.dataset import load_data
-    from lmtiny.model import Transformer
+    from lmtiny.model.transformer import Transformer
     cfg = config_lib.load_file(os.path.join(ROOT, "configs", f"{args.config}.py"))
     tok = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).tokenizer
     model, context = Transformer(cfg.model, nnx.Rngs(0)), cfg.model.max_seq_len

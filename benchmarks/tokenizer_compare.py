@@ -35,14 +35,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmtiny.data.embedded import join_documents  # noqa: E402
-from lmtiny.data.sources import open_source  # noqa: E402
+from lmtiny.corpus.embedded import join_documents  # noqa: E402
+from lmtiny.corpus.sources import open_source  # noqa: E402
 from lmtiny.tokenizer import train_tokenizer  # noqa: E402
-from lmtiny.tokenizer.compare import (compression_rows, format_table, load_references,  # noqa
-                                      token_counter)
+from lmtiny.tokenizer.compare import compression_rows, format_table, load_references, token_counter
+from lmtiny.tokenizer.mixture import held_out_documents, is_held_out, load_recipe, MixtureSampler
 from lmtiny.tokenizer.compare import _chunks  # noqa: E402
-from lmtiny.tokenizer.mixture import (MixtureSampler, held_out_documents, is_held_out,  # noqa
-                                      load_recipe)
 
 RECIPE_FILE = "tokenizer_data/shared_corpora.py"
 

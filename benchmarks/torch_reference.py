@@ -30,7 +30,7 @@ uses), one step of each in turn, so background load hits both alike; the script 
 side's median step time and the ratio torch / lmtiny (> 1 means lmtiny is faster). `--only torch`
 times the PyTorch side alone (on a GPU the two cannot share memory at d20 size; the suite takes
 lmtiny's figure from `python -m lmtiny.bench`). With any option beyond the CPU side-by-side ones
-the script also prints tokens/s, MFU in both conventions (lmtiny.arch.train_flops_per_token and
+the script also prints tokens/s, MFU in both conventions (lmtiny.plan.arch.train_flops_per_token and
 the chip's peak from lmtiny.arch.PEAK_FLOPS) and peak memory per side; `--json PATH` writes them.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def build_model(cfg, attention: str = "sdpa", compute_dtype=None):
   eps = m.get("norm_eps", 1e-6)
 
   class RMSNorm(nn.Module):
-    """In float32, back to the input's dtype (lmtiny.model.RMSNorm); no parameter without norm_scale."""
+    """In float32, back to the input's dtype (lmtiny.model.transformer.RMSNorm); no parameter without norm_scale."""
 
     def __init__(self, dim):
       super().__init__()
@@ -92,7 +92,7 @@ def build_model(cfg, attention: str = "sdpa", compute_dtype=None):
       y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
       return (y * self.scale if self.scale is not None else y).type_as(x)
 
-  def rope(x, cos, sin):  # lmtiny.model.apply_rope: first half against second half, in float32
+  def rope(x, cos, sin):  # lmtiny.model.transformer.apply_rope: first half against second half, in float32
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -148,7 +148,7 @@ def build_model(cfg, attention: str = "sdpa", compute_dtype=None):
       for p in self.parameters():
         if p.dim() >= 2:
           nn.init.normal_(p, std=m.init_std)
-      # The RoPE tables as lmtiny.model.rope_tables computes them (NumPy, float32), once.
+      # The RoPE tables as lmtiny.model.transformer.rope_tables computes them (NumPy, float32), once.
       half = dh // 2
       table_len = max(m.max_seq_len, cfg.train.seq_len)
       freqs = (np.float32(m.rope_theta) ** (-np.arange(half, dtype=np.float32) / np.float32(half))).astype(np.float32)
@@ -324,7 +324,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   import torch  # before jax: its CUDA libraries are the ones loaded first
-  from lmtiny import arch, bench, files, metrics as metrics_lib
+  from lmtiny.plan import arch
+  from lmtiny import bench
+  from lmtiny.fs import atomic as files
+  from lmtiny.runs import metrics as metrics_lib
   from lmtiny import config as config_lib
 
   torch.set_num_threads(args.threads)
@@ -365,8 +368,8 @@ def main(argv=None) -> int:
   mesh_ctx = contextlib.nullcontext()
   if "lmtiny" in sides:
     import jax
-    from lmtiny import sharding
-    from lmtiny.trainer import build_steps, device_batch
+    from lmtiny.parallel import sharding
+    from lmtiny.training.steps import build_steps, device_batch
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     steps = build_steps(cfg, mesh, total_steps=args.rounds + args.warmup + 1)
     mesh_ctx = jax.set_mesh(mesh)

@@ -3,10 +3,10 @@
   pip install -e ".[tpu]"        # libtpu: XLA:TPU compiles here, no TPU needed
   python benchmarks/tpu_plans.py [--configs d20 d32] [--plans 2] [--json PATH]
 
-For each config, `lmtiny.arch`'s 16 GB v5e plans (lmtiny.memory.fsdp_plans: the smallest FSDP
+For each config, `lmtiny.arch`'s 16 GB v5e plans (lmtiny.plan.memory.fsdp_plans: the smallest FSDP
 degrees at which the estimate stays under 60% of the chip, each with its largest
 device_batch_size) are compiled with `python -m lmtiny.bench --topology v5e:AxB` for a slice of
-that many chips (one process per compile). It prints per plan: lmtiny.memory's estimate,
+that many chips (one process per compile). It prints per plan: lmtiny.plan.memory's estimate,
 XLA:TPU's per-chip figure (arguments + outputs - aliased + temporaries), their ratio, and the
 share of the 16 GiB chip; a plan whose XLA figure does not fit prints DOES NOT FIT and the
 script exits 1.
@@ -23,7 +23,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lmtiny import config as config_lib, memory  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lmtiny import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lmtiny.plan import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = ("d4_38m", "d7_38m", "d29_38m", "d12", "d20", "d26", "d32")
 # v5e slices by chip count (libtpu topology names: chips in a 2-D torus).

@@ -37,7 +37,7 @@ presets:
 
 options:
   --workdir RUN            run directory (default runs/speedrun-PRESET)
-  --source SPEC            pretraining text (lmtiny.data.sources spec)
+  --source SPEC            pretraining text (lmtiny.corpus.sources spec)
   --eval-data DIR          CORE task files (<task>.jsonl|.parquet); default: the hub (not toy)
   --skip a,b,...           stages not to run (e.g. mid,sft)
   --price-per-chip-hour P  for the report card's cost estimate

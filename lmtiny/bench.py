@@ -3,20 +3,20 @@
 Times the jitted train step (the trainer's own, sharded over the configured mesh) on synthetic
 tokens and prints: compile time, median / min step time, tokens/s, MFU in both conventions,
 XLA's own memory figure for the compiled step (`compiled.memory_analysis()`: arguments, outputs,
-aliased (donated) bytes and temporaries, per device) next to lmtiny.memory's estimate, and the
+aliased (donated) bytes and temporaries, per device) next to lmtiny.plan.memory's estimate, and the
 peak device memory where the backend reports it. `--compile-only` lowers and compiles the step on
 abstract inputs (no parameters are allocated, nothing runs): the memory check for big configs.
 A timed run also reads the compiled step's HLO for a cuDNN fused-attention call, so the report
 says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 `--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
-the attention kernels it calls per step and any [T, T] tensor left (lmtiny.lowering).
+the attention kernels it calls per step and any [T, T] tensor left (lmtiny.training.lowering).
 `--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
 XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
     nanochat:    6 * N_matmul + 12 * L * T * H * Dh  (the full square)
-(lmtiny.arch.train_flops_per_token).
+(lmtiny.plan.arch.train_flops_per_token).
 """
 from __future__ import annotations
 
@@ -29,9 +29,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from lmtiny import arch, attention as attn_lib, cli, config as config_lib, files, memory, metrics as metrics_lib, sharding
-from lmtiny import lowering, model as model_lib, preflight
-from lmtiny.trainer import build_steps, check_batch_divisibility, device_batch
+from lmtiny import cli, config as config_lib
+from lmtiny.errors import ConfigError
+from lmtiny.fs import atomic as files, outputs
+from lmtiny.model import attention as attn_lib, transformer as model_lib
+from lmtiny.parallel import sharding
+from lmtiny.plan import arch, memory
+from lmtiny.runs import metrics as metrics_lib
+from lmtiny.training import lowering
+from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
 
 
 def synthetic_batch(cfg, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +77,7 @@ def cudnn_attention_in_hlo(compiled) -> bool | None:
 
 
 def estimate(cfg, mesh) -> dict:
-  """lmtiny.memory's estimate for the attention backend that runs on the mesh's platform."""
+  """lmtiny.plan.memory's estimate for the attention backend that runs on the mesh's platform."""
   m = cfg.model
   impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=mesh.devices.flat[0].platform,
                                seq_len=cfg.train.seq_len, packed=True)
@@ -79,8 +85,8 @@ def estimate(cfg, mesh) -> dict:
 
 
 def compile_report(cfg, topology: str | None = None) -> dict:
-  """Compile only: XLA's memory analysis and lmtiny.memory's estimate, no arrays allocated; for
-  this machine's devices, or with XLA:TPU for the TPU slice `topology` names (lmtiny.lowering)."""
+  """Compile only: XLA's memory analysis and lmtiny.plan.memory's estimate, no arrays allocated; for
+  this machine's devices, or with XLA:TPU for the TPU slice `topology` names (lmtiny.training.lowering)."""
   if topology:
     compiled, compile_s, cfg, mesh = lowering.compile_for_topology(cfg, topology)
   else:
@@ -144,7 +150,7 @@ def format_memory(r: dict) -> list[str]:
   e = r.get("estimate")
   if e is not None:
     ratio = f" ({e['total'] / x['peak']:.2f}x XLA's)" if x and x["peak"] else ""
-    lines.append(f"estimate     {_gib(e['total'])} per device{ratio} (lmtiny.memory: " +
+    lines.append(f"estimate     {_gib(e['total'])} per device{ratio} (lmtiny.plan.memory: " +
                  ", ".join(f"{k} {_gib(v)}" for k, v in e.items() if k != "total") + ")")
   return lines
 
@@ -207,9 +213,9 @@ def run(argv: list[str]) -> int:
   values, cfg = parsed
   if values["steps"] < 1 or values["warmup"] < 0:
     bad = "steps" if values["steps"] < 1 else "warmup"
-    raise config_lib.ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
+    raise ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
   if values["json"] is not None:
-    preflight.check_output_file(values["json"], "--json")  # before the benchmark, not after it
+    outputs.check_output_file(values["json"], "--json")  # before the benchmark, not after it
   if values["lower_for"]:
     print(lowering.report(cfg, values["lower_for"]))
     return 0

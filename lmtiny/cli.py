@@ -10,7 +10,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from lmtiny.config import ConfigError, RunFailed, UserError
+from lmtiny.errors import ConfigError, RunFailed, UserError
 
 
 def run_main(run: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ import math
 
 import ml_collections
 
+from lmtiny.errors import ConfigError
+
 ACTIVATIONS = ("swiglu", "relu2", "gelu", "silu")
 INITS = ("gpt2", "xavier", "kaiming", "nanochat")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
@@ -20,20 +22,6 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-class UserError(ValueError):
-  """Something the user can fix (a flag, a config field, a file): entry points print the one-line
-  message as `error: ...` and exit with status 2."""
-
-
-class RunFailed(RuntimeError):
-  """A run stopped by a fault of its own (diverged, a checkpoint failed to save): entry points
-  print the one-line message as `error: ...` and exit with status 1."""
-
-
-class ConfigError(UserError):
-  """A problem in the config or flags; the message names the field and the value."""
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -74,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
                              # (GPUs without bf16) trains with dynamic loss scaling (optim.loss_scale_*)
       remat="none",          # none | full | save_attn_out | save_qkv | minimal | dots | dots_no_batch (lmtiny.model)
       scan_layers=False,     # lax.scan over stacked layers (faster compiles for deep models)
-      attention="auto",      # auto | xla | cudnn | splash (lmtiny.attention)
+      attention="auto",      # auto | xla | cudnn | splash (lmtiny.model.attention)
       loss_chunk_tokens=4096,  # tokens per device per cross-entropy chunk (peak loss memory: chunk x V fp32)
   ))
 
@@ -93,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.1,      # masked off norms and embeddings
       grad_clip=1.0,         # global-norm clip; 0 disables
-      name="adamw",          # adamw | muon (Muon on block matrices, AdamW on the rest: lmtiny.muon)
+      name="adamw",          # adamw | muon (Muon on block matrices, AdamW on the rest: lmtiny.training.muon)
       schedule="cosine",     # cosine | wsd (warmup, stable, linear decay) | constant (after warmup)
       decay_fraction=0.2,    # wsd: the last fraction of steps decays linearly to lr * min_lr_ratio
       muon_momentum=0.95,    # Muon's Nesterov momentum, reached after muon_momentum_warmup steps
@@ -120,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpointing=True,
-      core_every=0,          # > 0: CORE-style tasks (lmtiny.evals.core) every this many steps and at the end
+      core_every=0,          # > 0: CORE-style tasks (lmtiny.tasks.core) every this many steps and at the end
       core_tasks="core",     # "core" (all six) or a comma list of task names
       core_items=500,        # items per task (nanochat's in-training CORE: 500); 0 = all
       core_data_dir="",      # local <task>.jsonl|.parquet files; "" = the tasks' sources on the HF hub
@@ -166,7 +154,7 @@ def head_dim(m) -> int:
 
 
 def attention_query_blocks(seq_len: int) -> int:
-  """Query blocks of the XLA self-attention (lmtiny.attention.xla_causal_attention): 4 when the
+  """Query blocks of the XLA self-attention (lmtiny.model.attention.xla_causal_attention): 4 when the
   sequence splits into 4 blocks of at least 32 rows, else 1. Block i attends only to keys up to
   its last row, so the scores hold (n + 1) / 2n of the [T, T] square."""
   return 4 if seq_len % 4 == 0 and seq_len >= 128 else 1
@@ -279,8 +267,7 @@ def validate(cfg) -> None:
              "must be an integer >= 0 (0 = off)")
     _require(isinstance(t.core_items, int) and t.core_items >= 0, "train.core_items", t.core_items,
              "must be an integer >= 0 (0 = every item)")
-    from lmtiny.evals.core import task_names  # pylint: disable=g-import-not-at-top
-    task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}")
+    # the task names are checked where the tasks live (lmtiny.training.loop.check_training_config)
   _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, "train.keep_checkpoints",
            t.keep_checkpoints, "must be an integer >= 1 (the newest checkpoint is what a re-run resumes)")
   _require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers",

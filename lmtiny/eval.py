@@ -20,8 +20,20 @@ import time
 from etils import epath
 
 from lmtiny import cli
-from lmtiny.config import UserError
-from lmtiny.preflight import check_output_dir, check_output_parent
+from lmtiny.errors import UserError
+from lmtiny.fs.atomic import atomic_write
+from lmtiny.fs.outputs import check_output_dir, check_output_parent
+from lmtiny.model.quant import check_flags
+from lmtiny.model.sampling import Sampler
+from lmtiny.runs import card as report
+from lmtiny.runs.directory import load_run
+from lmtiny.tasks import core, gsm8k
+from lmtiny.tasks.core import core_score, task_names, TASKS
+from lmtiny.tasks import model_loading
+from lmtiny.tasks.rows import load_rows
+from lmtiny.tasks.scoring import Scorer
+from lmtiny.tasks.toy import toy_rows
+from lmtiny.training.bpb import evaluate_bpb
 
 
 def parse_args(argv):
@@ -39,7 +51,7 @@ def parse_args(argv):
   p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: reply length")
   p.add_argument("--batch", type=int, default=32, help="rows per batch (CORE) / replies per batch (gsm8k)")
   p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                 help="score the weight-only quantized model (lmtiny.quant)")
+                 help="score the weight-only quantized model (lmtiny.model.quant)")
   p.add_argument("--group-size", type=int, default=None, help="--quantize: input rows per scale")
   return p.parse_args(argv)
 
@@ -59,24 +71,17 @@ def check_numbers(args) -> None:
 
 
 def expand_tasks(spec: str) -> list[str]:
-  from lmtiny.evals.core import task_names
   return task_names(spec, "--tasks", also=("bpb", "gsm8k"))
 
 
 def evaluate(args) -> dict:
-  from lmtiny.evals import core, gsm8k
-  from lmtiny.evals.data import load_rows
-  from lmtiny.evals.loading import load_model
   names = expand_tasks(args.tasks)
   check_numbers(args)
-  from lmtiny.quant import check_flags
   check_flags(args.quantize, args.group_size)
-  from lmtiny.rundir import load_run
   run = load_run(args.workdir, args.step)  # the run directory first (cheap), then every task's data,
   rows = {}  # then the weights: a missing file or no network fails before the model loads
   for name in names:
     if name == "gsm8k" and args.gsm8k_data == "toy":
-      from lmtiny.evals.toy import toy_rows
       rows[name] = toy_rows(args.max_items or 200, seed=2, held_out=True)
     elif name == "gsm8k":
       rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items, hint=(
@@ -84,21 +89,18 @@ def evaluate(args) -> dict:
           "(no download)"))
     elif name != "bpb":
       rows[name] = core.load_items(name, args.data_dir, args.max_items)
-  loaded = load_model(run, quantize=args.quantize, group_size=args.group_size)
+  loaded = model_loading.load_model(run, quantize=args.quantize, group_size=args.group_size)
   results = {}
   for name in names:
     t0 = time.perf_counter()
     if name == "bpb":
-      from lmtiny.evals.bpb import evaluate_bpb
       results[name] = evaluate_bpb(loaded, args.shards, args.eval_batches)
     elif name == "gsm8k":
-      from lmtiny.sampling import Sampler
       import jax
       with jax.set_mesh(loaded.mesh):
         results[name] = gsm8k.evaluate(Sampler(loaded.model), loaded.tokenizer, rows[name],
                                        max_new_tokens=args.max_new_tokens, batch=args.batch)
     else:
-      from lmtiny.evals.scoring import Scorer
       results[name] = core.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
                                          loaded.tokenizer, core.TASKS[name], rows[name], args.norm)
     results[name]["seconds"] = time.perf_counter() - t0
@@ -141,12 +143,10 @@ def _saved_results(path) -> dict:
 def save(workdir: str, out: dict, quantize: str = "none") -> str:
   """Merges into RUN/eval.json (a task evaluated again replaces its old result); a quantized
   model's scores go to RUN/eval_<int8|int4>.json beside it."""
-  from lmtiny.files import atomic_write
   path = epath.Path(workdir) / ("eval.json" if quantize == "none" else f"eval_{quantize}.json")
   old = _saved_results(path)
   merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
                                              **out["results"]}}
-  from lmtiny.evals.core import TASKS, core_score
   core_results = {n: r for n, r in merged["results"].items() if n in TASKS}
   if core_results:
     merged["core"] = core_score(core_results)
@@ -159,7 +159,6 @@ def run(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
   check_numbers(args)
-  from lmtiny import report
   # eval.json goes into the run, the report card into its pipeline's root (the parent of a stage
   # run): both known writable before the evaluation, not found unwritable after it
   check_output_dir(args.workdir, "--workdir")

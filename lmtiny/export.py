@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from lmtiny import cli
+from lmtiny.interop.convert import export_run
 
 
 def run(argv: list[str]) -> int:
@@ -31,7 +32,6 @@ def run(argv: list[str]) -> int:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: see above)")
   args = p.parse_args(argv)
-  from lmtiny.interop.convert import export_run
   s = export_run(args.workdir, args.out, args.step, args.dtype)
   print(f"{args.workdir} step {s['step']} -> {args.out}: {s['architecture']}, {s['tensors']} tensors, "
         f"{s['bytes'] / 1e6:.1f} MB {s['dtype']}, tokenizer and chat template")

@@ -6,7 +6,7 @@
   python -m lmtiny.generate --workdir RUN --chat      # reads user turns from stdin, one a line
 
 Loads RUN/config.json, RUN/tokenizer.model and the newest usable checkpoint (or --step) onto one
-local device, whatever mesh the run was trained on (lmtiny.rundir.load_weights: a LoRA run's
+local device, whatever mesh the run was trained on (lmtiny.runs.directory.load_weights: a LoRA run's
 adapters are folded into its base run's weights). Text goes to stdout as it is produced; speeds
 (prefill and decode tokens/s, compile time) go to stderr. A completion prompt starts a document
 (BOS + prompt) and ends at a generated BOS; chat ends a reply at <|assistant_end|> (or <|bos|>).
@@ -22,11 +22,13 @@ import sys
 from typing import TYPE_CHECKING, Iterable, TextIO
 
 from lmtiny import cli
-from lmtiny.config import ConfigError
-from lmtiny.sampling import SamplingError
+from lmtiny.model.quant import check_flags
+from lmtiny.model.sampling import Sampler, SamplingError, SamplingParams, TextStream
+from lmtiny.runs.directory import load_run, load_weights
+from lmtiny.tokenizer import fit_conversation
 
 if TYPE_CHECKING:
-  from lmtiny.rundir import Run
+  from lmtiny.runs.directory import Run
 
 
 def parse_args(argv):
@@ -45,7 +47,7 @@ def parse_args(argv):
   p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, as one batch")
   p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
   p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                 help="weight-only quantization: int8 per output channel, int4 in groups (lmtiny.quant)")
+                 help="weight-only quantization: int8 per output channel, int4 in groups (lmtiny.model.quant)")
   p.add_argument("--group-size", type=int, default=None,
                  help="input rows per scale (default: int8 0 = per channel, int4 64)")
   return p.parse_args(argv)
@@ -53,7 +55,6 @@ def parse_args(argv):
 
 def sampling_params(args):
   """The sampling settings, with errors naming the flag."""
-  from lmtiny.sampling import SamplingParams
   if args.max_new_tokens < 1:
     raise SamplingError(f"--max-new-tokens={args.max_new_tokens}: must be >= 1")
   if args.num_samples < 1:
@@ -88,7 +89,6 @@ def _speeds(gen, batch: int) -> str:
 def complete(sampler, run: Run, prompt: str, sampling, args, out: TextIO = sys.stdout,
              err: TextIO = sys.stderr) -> list[str]:
   """Continuations of `prompt`, streamed to `out`; returns them."""
-  from lmtiny.sampling import TextStream
   tok = run.tokenizer
   ids = [tok.bos_id] + tok.encode(prompt)
   check_prompt_fits(ids, run, "--prompt")
@@ -124,8 +124,6 @@ def chat(sampler, run: Run, sampling, args, lines: Iterable[str], out: TextIO = 
          err: TextIO = sys.stderr) -> list[dict]:
   """A conversation: each line of `lines` is a user turn; replies stream to `out`. Returns the
   history (list of messages)."""
-  from lmtiny.sampling import TextStream
-  from lmtiny.tokenizer import fit_conversation
   tok = run.tokenizer
   stop_ids = (tok.special_id("assistant_end"), tok.bos_id)
   context = run.cfg.model.max_seq_len
@@ -180,14 +178,11 @@ def _stdin_lines(interactive: bool):
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
   try:
-    from lmtiny.quant import check_flags
     check_flags(args.quantize, args.group_size)
     sampling = sampling_params(args)
-    from lmtiny.rundir import load_run, load_weights
     run = load_run(args.workdir, args.step)
     if not args.chat:
       check_prompt_fits([run.tokenizer.bos_id] + run.tokenizer.encode(args.prompt), run, "--prompt")
-    from lmtiny.sampling import Sampler
     run, params = load_weights(run, quantize=args.quantize, group_size=args.group_size)
     sampler = Sampler(run.model(params))
     print(f"{args.workdir}: step {run.step}, {run.cfg.model.num_layers} layers x {run.cfg.model.d_model}, "

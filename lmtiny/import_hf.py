@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmtiny import cli, preflight
+from lmtiny import cli
+from lmtiny.fs import outputs
+from lmtiny.interop import convert
 
 
 def run(argv: list[str]) -> int:
@@ -30,9 +32,8 @@ def run(argv: list[str]) -> int:
   args = p.parse_args(argv)
   # RUN is built in a temporary sibling and renamed into place: its parent must take new entries,
   # known before the checkpoint is read rather than after.
-  preflight.check_output_parent(args.workdir, "--workdir")
-  from lmtiny.interop.convert import import_checkpoint
-  s = import_checkpoint(args.hf, args.workdir)
+  outputs.check_output_parent(args.workdir, "--workdir")
+  s = convert.import_checkpoint(args.hf, args.workdir)
   f = s["fields"]
   print(f"{args.hf} -> {args.workdir}: {s['model_type']}, {s['params'] / 1e6:.2f}M params ({s['dtype']}), "
         f"{f['num_layers']} layers x {f['d_model']}, {f['num_heads']} heads / {f['num_kv_heads']} kv, "

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from lmtiny import cli
+from lmtiny.runs.directory import merge_lora_run
 
 
 def parse_args(argv):
@@ -27,7 +28,6 @@ def parse_args(argv):
 
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
-  from lmtiny.rundir import merge_lora_run
   out = merge_lora_run(args.workdir, args.out, args.step)
   print(f"merged {args.workdir} into {out}: sample with python -m lmtiny.generate --workdir {out} --chat")
   return 0

@@ -25,10 +25,14 @@ from typing import Callable
 
 import numpy as np
 
-from lmtiny import cli
-from lmtiny import config as config_lib
-from lmtiny.config import ConfigError
-from lmtiny.files import atomic_write, atomic_write_json
+from lmtiny import cli, config as config_lib
+from lmtiny.data.dataset import load_data
+from lmtiny.errors import ConfigError
+from lmtiny.fs.atomic import atomic_write, atomic_write_json
+from lmtiny.fs.outputs import check_output_dir
+from lmtiny.parallel import distributed
+from lmtiny.training.loop import Trainer
+from lmtiny.training.steps import device_batch
 
 DIVERGENCE_FACTOR = 4.0
 
@@ -105,7 +109,6 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
                workdir: str = "runs/lr_find", log: Callable[[str], None] = print) -> RangeTestResult:
   """Runs the LR range test for `cfg` on `data` (what lmtiny.data.dataset.load_data returns)."""
   import jax
-  from lmtiny.trainer import Trainer, device_batch
 
   lrs = lr_sweep(min_lr, max_lr, steps)
   cfg = cfg.copy_and_resolve_references()
@@ -219,13 +222,10 @@ def run(argv: list[str]) -> int:
   lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
   config_lib.validate(cfg)
   workdir = f["workdir"] or cli.default_workdir(f["config"])
-  from lmtiny.preflight import check_output_dir
   check_output_dir(workdir, "--workdir")  # before the sweep, not after it
 
-  from lmtiny import distributed
   distributed.initialize()  # before anything else touches jax
   import jax
-  from lmtiny.data.dataset import load_data
   distributed.check_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
   result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)

@@ -3,7 +3,7 @@
 On-policy RL on GSM8K (or the self-generated toy arithmetic set, `--data toy`, no download) from
 a chat run's newest usable checkpoint (a LoRA run's adapters folded into its base): k samples
 per problem, reward 1 for the right `####` answer, advantage = reward - group mean, token-level
-REINFORCE on the sharded train step (see lmtiny.reinforce). Logs mean reward and pass@k,
+REINFORCE on the sharded train step (see lmtiny.training.policy_gradient). Logs mean reward and pass@k,
 evaluates greedy accuracy on held-out problems, checkpoints, and resumes when re-run.
 
 Mesh: the init run's (as lmtiny.sft inherits its base run's); `--config.mesh.data=N`,
@@ -23,7 +23,15 @@ import dataclasses
 import sys
 
 from lmtiny import cli
-from lmtiny.config import MESH_AXES, UserError
+from lmtiny.config import MESH_AXES
+from lmtiny.errors import UserError
+from lmtiny.fs import outputs
+from lmtiny.runs import card as report
+from lmtiny.runs.preemption import Preemption
+from lmtiny.tasks import gsm8k
+from lmtiny.tasks.rows import load_rows
+from lmtiny.tasks.toy import toy_rows
+from lmtiny.training.policy_gradient import check_values, Reinforce, RLSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +41,6 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
   """The flags, each RL setting checked here (finite, in range), before anything is read or written."""
-  from lmtiny.reinforce import RLSettings, check_values
   p = _Parser(prog="python -m lmtiny.rl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--init", required=True, help="run to start from (its newest checkpoint), e.g. RUN/sft")
   p.add_argument("--workdir", required=True, help="where the RL run goes, e.g. RUN/rl")
@@ -52,17 +59,13 @@ def parse_args(argv):
 
 def settings_of(args):
   """The RLSettings the parsed flags give."""
-  from lmtiny.reinforce import RLSettings
   return RLSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLSettings)})
 
 
 def load_problems(data: str, data_dir: str | None):
   """(train rows, held-out rows) in GSM8K's layout."""
   if data == "toy":
-    from lmtiny.evals.toy import toy_rows
     return toy_rows(5000, seed=1), toy_rows(500, seed=2, held_out=True)
-  from lmtiny.evals import gsm8k
-  from lmtiny.evals.data import load_rows
   hint = ("use --data toy (no download), or point --data-dir at a directory holding gsm8k_train.jsonl and "
           "gsm8k.jsonl (or .parquet)")
   return (load_rows("gsm8k_train", gsm8k.TRAIN_SOURCE, data_dir, hint=hint),
@@ -70,18 +73,15 @@ def load_problems(data: str, data_dir: str | None):
 
 
 def run(argv: list[str]) -> int:
-  from lmtiny.preemption import Preemption
   with Preemption() as early:  # a SIGTERM during start-up (init run, compiles, download) stops cleanly
     return _run(argv, early)
 
 
 def _run(argv: list[str], early) -> int:
   from absl import logging
-  from lmtiny import preflight
-  from lmtiny.reinforce import Reinforce
   logging.set_verbosity(logging.WARNING)
   args = parse_args(argv)
-  preflight.check_output_dir(args.workdir, "--workdir")
+  outputs.check_output_dir(args.workdir, "--workdir")
   settings = settings_of(args)
   mesh = {axis: getattr(args, f"mesh_{axis}") for axis in MESH_AXES}  # checked once, in Reinforce
   # The workdir (not the init run, not a run of another kind or shape), init run, mesh: before any download
@@ -91,7 +91,6 @@ def _run(argv: list[str], early) -> int:
     print("stopped (SIGTERM) before RL started: nothing to save")
     return 0
   summary = rl.run()
-  from lmtiny import report
   report.update_for(args.workdir)
   if summary["history"]:
     first, last = summary["history"][0][1], summary["history"][-1][1]

@@ -6,7 +6,7 @@ replies streamed token by token, temperature / top-k / max-token controls (a new
 nothing), stop and new chat. More than --max-queue requests waiting get 503 with Retry-After.
 RUN is any run directory: a base or SFT run, a merged one, or a LoRA run (its adapters are
 folded into its base run's weights on load); without --step, the newest checkpoint that loads
-(lmtiny.rundir.load_weights). Bad input: one `error:` line, exit 2.
+(lmtiny.runs.directory.load_weights). Bad input: one `error:` line, exit 2.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import argparse
 import sys
 
 from lmtiny import cli
+from lmtiny.chat.server import ChatEngine, make_server
+from lmtiny.model.sampling import Sampler, SamplingError
+from lmtiny.runs.directory import load_weights
 
 
 def parse_args(argv):
@@ -34,9 +37,6 @@ def parse_args(argv):
 
 def run(argv: list[str]) -> int:
   args = parse_args(argv)
-  from lmtiny.chat.server import ChatEngine, make_server
-  from lmtiny.rundir import load_weights
-  from lmtiny.sampling import Sampler, SamplingError
   for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-tokens", args.max_tokens),
                       ("--chunk", args.chunk)):
     if value < 1:

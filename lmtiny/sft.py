@@ -18,8 +18,15 @@ import sys
 
 from absl import flags, logging
 
-from lmtiny import cli, preflight
-from lmtiny.config import ConfigError
+from lmtiny import cli
+from lmtiny.chat import finetune as ft
+from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions, save_turn_ending
+from lmtiny.errors import ConfigError
+from lmtiny.fs import outputs
+from lmtiny.runs import card as report_card
+from lmtiny.runs.metrics import read_metrics
+from lmtiny.runs.preemption import Preemption
+from lmtiny.training import resume
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -51,7 +58,6 @@ def _with_run_config(argv: list[str]) -> list[str]:
 
 
 def run(argv: list[str]) -> int:
-  from lmtiny.preemption import Preemption
   with Preemption():  # a SIGTERM during start-up stops the run cleanly: the trainer's loop inherits it
     return _run(argv)
 
@@ -63,14 +69,12 @@ def _run(argv: list[str]) -> int:
     return 0
   values, cfg = parsed
   from flax import nnx
-  from lmtiny.chat import finetune as ft
   cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
-  preflight.check_output_dir(workdir, "--workdir")  # a read-only location: one line now, not a traceback later
+  outputs.check_output_dir(workdir, "--workdir")  # a read-only location: one line now, not a traceback later
   ft.check_workdir(workdir, cfg.sft.init)
-  preflight.config_changes(workdir, cfg)  # a change of shapes: one line before the base weights load
+  resume.config_changes(workdir, cfg)  # a change of shapes: one line before the base weights load
   trainer, summary = ft.finetune(cfg, workdir)  # diverged or a failed save: RunFailed, exit 1
-  from lmtiny.metrics import read_metrics
   train = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]  # a finished run re-run: its last
   loss = train[-1] if train else float("nan")
   val = f" | held-out loss {summary['val'][0][1]:.3f} -> {summary['val'][-1][1]:.3f}" if len(summary["val"]) > 1 else ""
@@ -78,8 +82,6 @@ def _run(argv: list[str]) -> int:
   print(f"{done}: {summary['step']} steps | final train loss {loss:.4f}{val} | trainable "
         f"{summary['trainable_params']:,} params | optimizer state {summary['optimizer_bytes'] / 2**20:.2f} MiB | {workdir}")
   if values["report"]:
-    from lmtiny import report as report_card
-    from lmtiny.chat.report import assistant_end_report, held_out_questions, save_turn_ending
     questions = held_out_questions()
     graphdef, steps = trainer.steps.graphdef, trainer.steps
     base = ft.restore_base_params(cfg, trainer.mesh)

@@ -13,7 +13,13 @@ import sys
 
 from absl import flags, logging
 
-from lmtiny import cli, config as config_lib, distributed
+from lmtiny import cli
+from lmtiny.data.dataset import load_data
+from lmtiny.fs import outputs
+from lmtiny.parallel import distributed, sharding
+from lmtiny.runs import card as report, metrics
+from lmtiny.runs.preemption import Preemption
+from lmtiny.training.loop import check_training_config, Trainer
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -23,12 +29,8 @@ def _define_flags(fv: flags.FlagValues) -> dict:
 
 def train(cfg, workdir: str, preemption=None) -> int:
   """Everything after flag parsing; returns the exit status (UserError and RunFailed propagate)."""
-  from lmtiny import metrics, preflight, sharding
-  from lmtiny.data.dataset import load_data
-  from lmtiny.trainer import Trainer, check_batch_divisibility
-  config_lib.validate(cfg)
-  check_batch_divisibility(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
-  preflight.check_output_dir(workdir, "--workdir")
+  check_training_config(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
+  outputs.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)
   distributed.check_shared_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
@@ -37,7 +39,6 @@ def train(cfg, workdir: str, preemption=None) -> int:
     return 0
   trainer = Trainer(cfg, workdir, data)
   summary = trainer.run()  # diverged or a failed save: RunFailed, one line and exit 1 (cli.run_main)
-  from lmtiny import report
   report.update_for(workdir)
   # The whole run's val curve and wall time, over every segment (a resumed run starts mid-way).
   records = metrics.read_metrics(workdir) if trainer.main else []
@@ -52,7 +53,6 @@ def train(cfg, workdir: str, preemption=None) -> int:
 
 
 def run(argv: list[str]) -> int:
-  from lmtiny.preemption import Preemption
   with Preemption() as early:  # a SIGTERM during start-up stops the run cleanly (exit 0)
     return _run(argv, early)
 

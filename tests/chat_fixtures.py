@@ -18,7 +18,7 @@ TOKENIZER_VOCAB = 512
 @functools.lru_cache(maxsize=1)
 def make_tokenizer():
   """One tokenizer per test process, shared by the chat test modules."""
-  from lmtiny.data.embedded import iter_embedded_documents
+  from lmtiny.corpus.embedded import iter_embedded_documents
   from lmtiny.tokenizer import train_tokenizer
   return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB,
                          tempfile.mkdtemp(prefix="lmtiny-chat-tok-"))
@@ -32,7 +32,7 @@ def chat_config(tok, **train):
 
 def make_base_run(root: str, tok, steps: int = 2) -> str:
   """A base run directory (config.json, tokenizer.model, checkpoint)."""
-  from lmtiny.trainer import Trainer
+  from lmtiny.training.loop import Trainer
   cfg = chat_config(tok, steps=steps, checkpoint_every=steps, eval_batches=0)
   data = memory_data(vocab=tok.vocab_size)
   data.tokenizer = tok

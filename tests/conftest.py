@@ -1,4 +1,5 @@
 """Test setup: 8 emulated CPU devices and fast compiles, set before anything imports jax."""
+import collections
 import os
 import tempfile
 
@@ -35,21 +36,24 @@ def pytest_xdist_make_scheduler(config, log):
   return None
 
 
-# The modules that take longest (python -m pytest -n 2 tests --durations=45), handed out first:
-# xdist's default order (most tests first) left few-test, slow modules such as the speedrun
-# smoke (146 s) for last, with one worker running it while the other idled.
-_SLOW_FIRST = ("test_journey.py", "test_journey_guides.py", "test_speedrun.py", "test_memory.py", "test_multiprocess.py", "test_gpu_suite.py",
-               "test_train_cli.py", "test_reinforce.py", "test_chat_finetune.py", "test_trainer.py",
-               "test_muon.py", "test_fault_catalogue.py", "test_loss_scale.py", "test_lowering.py")
-
-
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: takes tens of seconds or more; `-m \"not slow\"` is the inner loop")
+  config.addinivalue_line("markers", "slow(seconds=30): takes seconds or more on 2 cores; `-m \"not slow\"` is the "
+                          "inner loop. `seconds` (measured) orders the modules that hold slow tests, longest first.")
+
+
+def _slow_seconds(item) -> float:
+  marker = item.get_closest_marker("slow")
+  return 0.0 if marker is None else float(marker.kwargs.get("seconds", marker.args[0] if marker.args else 30))
 
 
 def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: modules stay whole
+  """Modules holding the slowest tests first (by their markers' measured seconds): xdist's default
+  order (most tests first) left few-test, slow modules such as the journeys for last, with one
+  worker running them while the other idled."""
+  weight = collections.Counter()
+  for item in items:
+    weight[item.path] += _slow_seconds(item)
+  items.sort(key=lambda item: -weight[item.path])  # stable: modules stay whole
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import jax
 from etils import epath
 
 from lm_fixtures import tiny_config
-from lmtiny import sharding
-from lmtiny.checkpoint import Checkpointer
-from lmtiny.data.embedded import iter_embedded_documents
-from lmtiny.evals.toy import toy_texts
+from lmtiny.corpus.embedded import iter_embedded_documents
+from lmtiny.parallel import sharding
+from lmtiny.runs.checkpoint import Checkpointer
+from lmtiny.tasks.toy import toy_texts
 from lmtiny.tokenizer import train_tokenizer
-from lmtiny.trainer import _write_run_files, build_steps
+from lmtiny.training.loop import _write_run_files
+from lmtiny.training.steps import build_steps
 
 VOCAB = 512
 
@@ -50,8 +51,8 @@ def make_lora_run(workdir: str, base_dir: str, merged_dir: str, step: int = 3, r
   """A LoRA run over `base_dir`'s newest checkpoint as lmtiny.sft writes one (config lora.rank and
   sft.init / init_step; a checkpoint of the adapters only), with random adapters (a trained B is
   not zero); and `merged_dir`, the same model as a full run, merged here with LoRA.merge."""
-  from lmtiny.chat.lora import from_config
-  from lmtiny.rundir import load_weights
+  from lmtiny.model.lora import from_config
+  from lmtiny.runs.directory import load_weights
   base, params = load_weights(base_dir)
   cfg = base.cfg.copy_and_resolve_references()
   cfg.lora.update(rank=rank, alpha=2.0 * rank)

@@ -1,5 +1,5 @@
 """The documentation as a test plan: the commands of README.md and the guides in docs/, and a
-simulated user who types them (tests/test_journey.py and tests/test_journey_guides.py).
+simulated user who types them (tests/journeys/test_journey.py and tests/journeys/test_journey_guides.py).
 
 What counts as a command: every line of a ```bash block (a trailing `\\` continues it). Output
 goes in ```text blocks, Python in ```python blocks; a command-looking line anywhere else in a

@@ -22,7 +22,7 @@ def _has_libtpu() -> bool:
     return False
 
 
-# XLA:TPU compiles for a described slice (lmtiny.lowering.compile_for_topology) where libtpu is
+# XLA:TPU compiles for a described slice (lmtiny.training.lowering.compile_for_topology) where libtpu is
 # installed: the tpu extra brings it on Linux x86-64; .ci/run installs it, so CI runs these.
 needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[tpu]' on Linux x86-64)")
 VOCAB = 128

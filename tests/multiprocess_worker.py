@@ -1,4 +1,4 @@
-"""One process of a multi-process test run (started by tests/test_multiprocess.py, never by pytest).
+"""One process of a multi-process test run (started by tests/parallel/test_multiprocess.py, never by pytest).
 
 usage: python tests/multiprocess_worker.py OUT [WORKDIR[:STOP_AFTER][:OPTION=VALUE...] ...]
 
@@ -32,8 +32,8 @@ def _die_with_parent():
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from lmtiny import distributed  # noqa: E402  (imports jax, but runs nothing on it)
-from lmtiny.config import ConfigError  # noqa: E402
+from lmtiny.parallel import distributed  # noqa: E402  (imports jax, but runs nothing on it)
+from lmtiny.errors import ConfigError  # noqa: E402
 
 
 def multiprocess_config(steps: int = 6, mesh: str = ""):
@@ -77,7 +77,7 @@ def one_row_data(cfg):
 
 
 def train(spec: str) -> dict:
-  from lmtiny.trainer import Trainer
+  from lmtiny.training.loop import Trainer
   workdir, stop_after, options = parse_spec(spec)
   cfg = multiprocess_config(mesh=options.get("mesh", ""))
   lines = []
@@ -99,10 +99,10 @@ def train(spec: str) -> dict:
 
 
 def score_rows():
-  """Rows of the evals' scorer (lmtiny.evals.scoring): lengths that need several padded shapes."""
+  """Rows of the evals' scorer (lmtiny.tasks.scoring): lengths that need several padded shapes."""
   import numpy as np
   from lm_fixtures import VOCAB
-  from lmtiny.evals.scoring import Row
+  from lmtiny.tasks.scoring import Row
   rng = np.random.default_rng(3)
   return [Row(tuple(int(i) for i in rng.integers(1, VOCAB, n)), int(rng.integers(1, 5))) for n in rng.integers(6, 60, 11)]
 
@@ -111,9 +111,9 @@ def score(mesh: str = "") -> dict:
   """The scorer's losses for score_rows() with a freshly initialised tiny model on this mesh."""
   import jax
   from flax import nnx
-  from lmtiny import sharding
-  from lmtiny.evals.scoring import Scorer
-  from lmtiny.trainer import build_steps
+  from lmtiny.parallel import sharding
+  from lmtiny.tasks.scoring import Scorer
+  from lmtiny.training.steps import build_steps
   cfg = multiprocess_config(mesh=mesh)
   m = sharding.make_mesh(cfg.mesh)
   steps = build_steps(cfg, m, 1)

@@ -6,7 +6,8 @@ import pytest
 
 from lm_fixtures import ROOT, load_config_module
 from lmtiny import config as config_lib
-from lmtiny.config import ConfigError, validate
+from lmtiny.config import validate
+from lmtiny.errors import ConfigError
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 

@@ -8,11 +8,11 @@ A conversation is a list of messages `{"role": "system" | "user" | "assistant", 
                               download); a fixed 5% of the functions are held out (split=val)
   pretrain                    the base run's own pretraining documents (midtraining keeps some)
   toy_arithmetic[?n=2000&seed=0]
-                              the toy GSM8K-shaped arithmetic problems (lmtiny.evals.toy), answers
+                              the toy GSM8K-shaped arithmetic problems (lmtiny.tasks.toy), answers
                               with calculator tool calls as GSM8K SFT has them (no download)
   path.jsonl | jsonl:<glob>   JSON lines with a `messages` field (option `?field=...`)
   path.parquet | parquet:<glob>, hf:<repo>?pattern=...
-                              parquet with a `messages` column (lmtiny.data.sources readers)
+                              parquet with a `messages` column (lmtiny.corpus.sources readers)
 
 A mixture is "spec:weight,spec:weight,..." (a spec without a weight counts 1.0); every source
 may end in `?limit=N` (first N conversations).
@@ -29,9 +29,13 @@ import sys
 import zlib
 from typing import Iterator
 
+from lmtiny.corpus import embedded
+from lmtiny.corpus.embedded import read_python_source, stdlib_dir
+from lmtiny.corpus.sources import _expand_glob, jsonl_records, open_source, SourceError
+from lmtiny.data import dataset
 from lmtiny.data.mixture import parse_weighted
-from lmtiny.data.sources import SourceError, _expand_glob, jsonl_records, open_source
-from lmtiny.files import atomic_write_json
+from lmtiny.fs.atomic import atomic_write_json
+from lmtiny.tasks.toy import toy_conversations
 
 HELD_OUT_MODULUS = 20  # one function in 20 is held out of the embedded set (by name hash)
 _ROLES = ("system", "user", "assistant")
@@ -77,7 +81,6 @@ def iter_conversations(spec: str) -> Iterator[list[dict]]:
     yield from embedded_conversations(split)
     return
   if body == "toy_arithmetic":
-    from lmtiny.evals.toy import toy_conversations
     n, seed = options.get("n", "2000"), options.get("seed", "0")
     if not (n.isdigit() and int(n) > 0 and seed.isdigit()):
       raise SourceError(f"{spec}: n must be an integer >= 1 and seed an integer >= 0")
@@ -134,13 +137,11 @@ def stdlib_entries() -> list[dict]:
   """Public top-level functions and classes with docstrings, in sorted file order. Parsing the
   ~550 files takes 2.5 s, so the entries are kept in lmtiny's cache directory, keyed by the
   files (path, size, mtime), the Python version and this module's own source."""
-  from lmtiny.data.dataset import DEFAULT_CACHE_DIR
-  from lmtiny.data.embedded import stdlib_source_files
-  files = stdlib_source_files()
+  files = embedded.stdlib_source_files()  # read at call time: tests narrow it
   stats = [(f, st.st_size, st.st_mtime_ns) for f, st in ((f, os.stat(f)) for f in files)]
   with open(__file__, "rb") as code:
     key = hashlib.sha256(repr((sys.version, stats)).encode() + code.read()).hexdigest()[:16]
-  cached = os.path.join(os.path.expanduser(DEFAULT_CACHE_DIR), f"stdlib-entries-{key}.json")
+  cached = os.path.join(os.path.expanduser(dataset.DEFAULT_CACHE_DIR), f"stdlib-entries-{key}.json")
   try:
     with open(cached) as f:
       return json.load(f)
@@ -156,7 +157,6 @@ def stdlib_entries() -> list[dict]:
 
 
 def _parse_stdlib_entries(files: list[str]) -> list[dict]:
-  from lmtiny.data.embedded import read_python_source, stdlib_dir
   root, entries = stdlib_dir(), []
   for path in files:
     module = _module_name(os.path.relpath(path, root))
@@ -196,7 +196,7 @@ def _exchange(entry: dict, variant: int) -> tuple[str, str]:
 
 def embedded_conversations(split: str = "train") -> list[list[dict]]:
   """Deterministic conversations for this Python installation; `val` holds the held-out
-  functions' single questions (the ones lmtiny.chat.report asks)."""
+  functions' single questions (the ones lmtiny.chat.turn_ending asks)."""
   conversations = []
   if split == "train":
     conversations += [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]

@@ -21,8 +21,9 @@ import grain
 import numpy as np
 
 from lmtiny.chat.conversations import iter_conversations, parse_mixture, split_limit
+from lmtiny.corpus.sources import SourceError
 from lmtiny.data.pipeline import _READ_OPTIONS, _shuffle_seed
-from lmtiny.data.sources import SourceError
+from lmtiny.tokenizer import render_conversation, TokenizerError
 
 VAL_EVERY = 50  # conversation files hold out one conversation in 50 (if they have 100 or more)
 
@@ -46,7 +47,6 @@ class Examples(Sequence):
 
 def render_examples(conversations, tokenizer, max_len: int, where: str) -> Examples:
   """Renders conversations, dropping any with nothing to train on within max_len tokens."""
-  from lmtiny.tokenizer import TokenizerError, render_conversation
   pairs = []
   for i, messages in enumerate(conversations):
     try:

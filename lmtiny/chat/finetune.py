@@ -1,8 +1,8 @@
-"""Supervised fine-tuning and midtraining on conversations, on the one trainer (lmtiny.trainer).
+"""Supervised fine-tuning and midtraining on conversations, on the one trainer (lmtiny.training.loop).
 
   summary = finetune(cfg, workdir)      # cfg.sft.init names the base run
 
-The base run's checkpoint gives the starting weights (`lmtiny.rundir.load_weights`, onto this
+The base run's checkpoint gives the starting weights (`lmtiny.runs.directory.load_weights`, onto this
 run's mesh; a LoRA base run's adapters folded into its own base); batches come from
 lmtiny.chat.data (packed conversations with the render's loss mask, mixed with pretraining
 documents if the mixture names `pretrain`); with lora.rank > 0 the base stays frozen and only
@@ -21,11 +21,19 @@ import jax
 import ml_collections
 from etils import epath
 
-from lmtiny import config as config_lib, runkind
+from lmtiny import config as config_lib
 from lmtiny.chat.conversations import parse_mixture
-from lmtiny.config import ConfigError
-from lmtiny.rundir import check_run_directory
-from lmtiny.trainer import Trainer
+from lmtiny.chat.data import load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
+from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions
+from lmtiny.data.dataset import load_data as load_pretrain
+from lmtiny.errors import ConfigError
+from lmtiny.model.lora import from_config, parse_targets
+from lmtiny.parallel import sharding
+from lmtiny.runs import kind as runkind
+from lmtiny.runs.directory import check_run_directory, load_run, load_weights
+from lmtiny.tokenizer import Tokenizer
+from lmtiny.training.loop import Trainer
+from lmtiny.training.steps import check_batch_divisibility
 
 # Model fields that decide the parameters' shapes: a --config must agree with the base run.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "mlp_ratio",
@@ -38,7 +46,6 @@ class ChatTrainer(Trainer):
   kind = "sft"
 
   def train_iterator(self):
-    from lmtiny.chat.data import make_chat_train_iterator
     return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=self.process_batch,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
                                     process_count=jax.process_count())
@@ -46,7 +53,6 @@ class ChatTrainer(Trainer):
   def sample_pair(self, model) -> tuple[str, str]:
     """A reply to the first held-out question, as the chat template renders it (a pretraining
     prompt's continuation says nothing about a chat model)."""
-    from lmtiny.chat.report import assistant_end_report, held_out_questions
     t = self.cfg.train
     report = assistant_end_report(model, self.data.tokenizer, held_out_questions()[:1],
                                   max_new_tokens=t.sample_tokens, seed=t.seed)
@@ -54,7 +60,6 @@ class ChatTrainer(Trainer):
     return f"{question}\n", reply
 
   def eval_iterator(self):
-    from lmtiny.chat.data import make_chat_eval_iterator
     t = self.cfg.train
     return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
                                    batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
@@ -79,7 +84,6 @@ def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
 def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
   """The fine-tuning config: the base run's model, sft.* turned into train / optim settings, and
   the base run's path and checkpoint step recorded in sft.init / sft.init_step."""
-  from lmtiny.rundir import load_run
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   init = init or cfg.sft.init
   if not init:
@@ -109,7 +113,6 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
   config_lib.validate(cfg)
   if cfg.lora.rank:  # checked before any data is read
-    from lmtiny.chat.lora import parse_targets
     parse_targets(cfg.lora.targets)
     if not (isinstance(cfg.lora.rank, int) and cfg.lora.rank > 0):
       raise ConfigError(f"config.lora.rank={cfg.lora.rank!r}: must be a positive integer (0: full fine-tuning)")
@@ -127,7 +130,7 @@ def check_settings(s) -> None:
 
 
 def check_workdir(workdir: str, init: str) -> None:
-  """The fine-tuning run directory is not the base run, nor a run of another kind (lmtiny.runkind:
+  """The fine-tuning run directory is not the base run, nor a run of another kind (lmtiny.runs.kind:
   an RL run's config also names a base in sft.init), nor another base's fine-tuning run: a re-run
   there would resume (or overwrite) a run that is not this one."""
   if os.path.abspath(workdir) == os.path.abspath(init):
@@ -149,21 +152,17 @@ def check_workdir(workdir: str, init: str) -> None:
 def restore_base_params(cfg, mesh):
   """The base run's parameters (sft.init at sft.init_step; a LoRA base run's adapters folded in),
   sharded on `mesh`."""
-  from lmtiny.rundir import load_weights
   return load_weights(cfg.sft.init, cfg.sft.init_step, mesh=mesh, flags=("--init", "--init-step"))[1]
 
 
 def load_data(cfg):
   """The tokenizer of the base run and the conversation mixture rendered with it."""
-  from lmtiny.chat.data import load_chat_data
-  from lmtiny.tokenizer import Tokenizer
   tokenizer_path = epath.Path(cfg.sft.init) / "tokenizer.model"
   if not tokenizer_path.exists():
     raise ConfigError(f"--init={cfg.sft.init}: no tokenizer.model in the base run")
   tokenizer = Tokenizer(tokenizer_path.read_bytes())
   pretrain = None
   if "pretrain" in [spec for spec, _ in parse_mixture(cfg.sft.sources)]:
-    from lmtiny.data.dataset import load_data as load_pretrain
     pretrain = load_pretrain(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).train_docs
   return load_chat_data(cfg.sft.sources, tokenizer, cfg.train.seq_len, pretrain)
 
@@ -174,9 +173,6 @@ def state_bytes(tree) -> int:
 
 def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_after: int | None = None):
   """Fine-tunes (cfg from resolve_config); returns (trainer, summary)."""
-  from lmtiny import sharding
-  from lmtiny.chat.lora import from_config
-  from lmtiny.trainer import check_batch_divisibility
   mesh = sharding.make_mesh(cfg.mesh)
   check_batch_divisibility(cfg, mesh)
   data = load_data(cfg)

@@ -37,8 +37,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from lmtiny.tokenizer import fit_conversation
 from lmtiny.chat.page import favicon_ico, render_page
+from lmtiny.model.sampling import SamplingParams, TextStream
+from lmtiny.tokenizer import fit_conversation
 
 MAX_BODY_BYTES = 1 << 20
 # Seconds a client gets to send its headers (per read) and its whole body; a socket write that
@@ -183,7 +184,6 @@ class ChatEngine:
           r.events.put({"error": f"generation failed: {type(e).__name__}: {e}"})
 
   def _generate(self, batch: list[Request]):
-    from lmtiny.sampling import SamplingParams, TextStream
     real = len(batch)
     # Batches are padded to a power of two (repeats of the first request, stopped at once), so
     # at most log2(max_batch) + 1 batch sizes ever compile.

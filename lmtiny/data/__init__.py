@@ -1,1 +1,1 @@
-"""Data: streaming document sources, the embedded standard-library corpus, tokenized shards."""
+"""Tokenized data: writing array_record shards, weighted mixtures, loading and the grain pipeline."""

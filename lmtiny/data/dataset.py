@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
-from lmtiny.data import mixture, shards as shards_lib
+from lmtiny.corpus.embedded import embedded_fingerprint, iter_embedded_documents
+from lmtiny.corpus.sources import open_source
+from lmtiny.data import mixture, shard_writer, shards as shards_lib
 from lmtiny.data.shards import DataError
+from lmtiny.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 DEFAULT_CACHE_DIR = "~/.cache/lmtiny"
 
@@ -44,7 +49,6 @@ def load_data(data_cfg, *, vocab_size: int, seq_len: int) -> Data:
     field = f"config.data.shards={data_cfg.shards!r}"
     sources = [(os.path.expanduser(d), w) for d, w in mixture.parse_weighted(data_cfg.shards, "config.data.shards")]
   else:
-    from lmtiny.data.embedded import ensure_embedded_dataset  # pylint: disable=g-import-not-at-top
     cache_dir = os.path.expanduser(data_cfg.cache_dir or DEFAULT_CACHE_DIR)
     sources = [(ensure_embedded_dataset(cache_dir, vocab_size, data_cfg.embedded_max_chars), 1.0)]
     field = f"config.data.cache_dir={cache_dir!r}"
@@ -98,10 +102,46 @@ def _checked_manifest(directory: str, field: str, vocab_size: int) -> dict[str, 
 
 
 def _load_tokenizer(configured: str, directory: str):
-  from lmtiny.tokenizer import Tokenizer, TokenizerError  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(configured) if configured else os.path.join(directory, shards_lib.TOKENIZER_DIR)
   try:
     return Tokenizer.load(path)
   except TokenizerError as e:
     field = f"config.data.tokenizer={configured!r}" if configured else f"config.data.shards={directory!r}"
     raise DataError(f"{field}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached tokenizer + shards the trainer uses when no data is configured.
+
+EMBEDDED_VAL_FRACTION = 0.05
+
+
+def ensure_embedded_dataset(cache_dir: str, vocab_size: int, max_chars: int = 0) -> str:
+  """Builds (once) and returns a shard directory of the embedded corpus with its own tokenizer.
+
+  The directory is `<cache_dir>/embedded-<fingerprint>-v<vocab_size>`, keyed by content, so a
+  new Python (new corpus) or vocab size gets a new build. The build happens in a temporary
+  directory renamed into place at the end: two runs racing both succeed and one copy survives.
+  """
+  key = f"embedded-{embedded_fingerprint(max_chars)}-v{vocab_size}"
+  final = os.path.join(cache_dir, key)
+  if os.path.isfile(os.path.join(final, shards_lib.MANIFEST_FILE)):
+    return final
+  os.makedirs(cache_dir, exist_ok=True)
+  work = tempfile.mkdtemp(prefix=f".{key}-", dir=cache_dir)
+  try:
+    tok_dir, data_dir = os.path.join(work, "tokenizer"), os.path.join(work, "data")
+    tokenizer = train_tokenizer(iter_embedded_documents(max_chars), vocab_size, tok_dir, seed=0)
+    shard_writer.prepare_dataset(open_source(f"embedded?max_chars={max_chars}"), tokenizer, data_dir,
+                                 val_fraction=EMBEDDED_VAL_FRACTION, workers=0)
+    # Keep the tokenizer's full directory (vocab listing, report) next to the shards_lib.
+    shutil.rmtree(os.path.join(data_dir, shards_lib.TOKENIZER_DIR))
+    os.replace(tok_dir, os.path.join(data_dir, shards_lib.TOKENIZER_DIR))
+    try:
+      os.rename(data_dir, final)
+    except OSError:
+      if not os.path.isfile(os.path.join(final, shards_lib.MANIFEST_FILE)):  # not a finished racer
+        raise
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  return final

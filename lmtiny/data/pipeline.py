@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from lmtiny.config import ConfigError
+from lmtiny.errors import ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

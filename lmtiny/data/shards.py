@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmtiny.config import ConfigError
+from lmtiny.errors import ConfigError
 
 FORMAT = "lmtiny-shards/1"
 MANIFEST_FILE = "manifest.json"

@@ -1,2 +1,2 @@
 """Hugging Face interop: Llama/Qwen3 checkpoints <-> lmtiny runs (`convert`), the weight layout
-(`llama`), tokenizers (`hf_tokenizer`) and the safetensors format (`safetensors_io`)."""
+(`llama`) and the safetensors format (`safetensors_io`)."""

@@ -4,14 +4,14 @@
   import_checkpoint(hf_dir, workdir) -> summary dict
 
 Both write a new directory whole: it is built in a temporary sibling and renamed into place
-(lmtiny.rundir.new_directory), so an interruption or a full disk leaves no half-written directory.
+(lmtiny.runs.directory.new_directory), so an interruption or a full disk leaves no half-written directory.
 An export records itself in lmtiny_export.json (EXPORT_RECORD: the source run, its step, the dtype
 and architecture) and replaces only an earlier export (a directory holding that record), as a
 whole, so none of its files survive; any other non-empty directory (a downloaded model, the source
 of an import, a user's files) is refused untouched.
 
 An imported run holds config.json (lmtiny's base config with the model fields of the HF config),
-a parameter-only checkpoint at step 0 (what `lmtiny.rundir.load_weights` reads, e.g. as an SFT
+a parameter-only checkpoint at step 0 (what `lmtiny.runs.directory.load_weights` reads, e.g. as an SFT
 init), the tokenizer, and hf_import.json recording the source and its dtype, which export uses by
 default so that export(import(x)) writes x's tensors bit for bit.
 """
@@ -24,12 +24,19 @@ import time
 
 import numpy as np
 
-from lmtiny import runkind
-from lmtiny.config import RunFailed
+from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError, RunFailed
+from lmtiny.fs.atomic import atomic_write, atomic_write_json
+from lmtiny.fs.outputs import check_output_parent, is_disk_full
 from lmtiny.interop import llama
 from lmtiny.interop.llama import InteropError
-from lmtiny.interop.safetensors_io import SINGLE_FILE, read_checkpoint, write_file
-from lmtiny.preflight import check_output_parent, is_disk_full
+from lmtiny.interop.safetensors_io import read_checkpoint, SINGLE_FILE, write_file
+from lmtiny.model.transformer import abstract_model
+from lmtiny.runs import kind as runkind
+from lmtiny.runs.checkpoint import Checkpointer
+from lmtiny.runs import directory as rundir
+from lmtiny.tokenizer import Tokenizer
+from lmtiny.tokenizer import huggingface as hf_tokenizer
 
 IMPORT_RECORD = runkind.IMPORT_RECORD  # an imported run's source and dtype
 EXPORT_RECORD = "lmtiny_export.json"  # marks a directory as an lmtiny export: a later export may replace it
@@ -87,10 +94,6 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
   generation_config.json, the tokenizer and EXPORT_RECORD (with `source`, e.g. the run and step).
   ExportFailed (exit status 1) when the disk fills up: the temporary directory is removed and an
   earlier export in `out_dir` stays as it was."""
-  from lmtiny.files import atomic_write_json
-  from lmtiny.interop.hf_tokenizer import write_tokenizer
-  from lmtiny.rundir import new_directory
-  from lmtiny.tokenizer import Tokenizer
   m = model.cfg
   arch = llama.export_architecture(m)
   if dtype not in DTYPES:
@@ -104,13 +107,13 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
   record = {"source": None, "step": None, **(source or {}), "dtype": dtype,
             "architecture": llama.ARCHITECTURES[arch], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   try:
-    with new_directory(out_dir, "--out", replace=True) as tmp:
+    with rundir.new_directory(out_dir, "--out", replace=True) as tmp:
       write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
       atomic_write_json(os.path.join(tmp, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
       atomic_write_json(os.path.join(tmp, "generation_config.json"),
                         {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
                          "top_k": 50, "top_p": 0.95})
-      write_tokenizer(tmp, tokenizer, m.max_seq_len)
+      hf_tokenizer.write_tokenizer(tmp, tokenizer, m.max_seq_len)
       atomic_write_json(os.path.join(tmp, EXPORT_RECORD), record)
   except OSError as e:
     if not is_disk_full(e):
@@ -125,14 +128,13 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str |
   """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
   float32. Refuses (InteropError, OutputError) before reading weights when the architecture cannot
   be exported or `out_dir` is not a directory an export may replace or write (check_export_dir)."""
-  from lmtiny.rundir import load_run, load_weights
-  run = load_run(workdir, step)
+  run = rundir.load_run(workdir, step)
   llama.export_architecture(run.cfg.model)
   check_export_dir(out_dir, workdir)
   record = os.path.join(workdir, IMPORT_RECORD)
   if dtype is None:
     dtype = json.load(open(record))["dtype"] if os.path.exists(record) else "float32"
-  run, params = load_weights(run)
+  run, params = rundir.load_weights(run)
   source = {"source": os.path.abspath(workdir) if "://" not in workdir else workdir, "step": run.step}
   summary = export_model(run.model(params), run.tokenizer, out_dir, dtype, source)
   return dict(summary, step=run.step)
@@ -152,18 +154,14 @@ def _read_hf_config(hf_dir: str) -> dict:
 def write_run(workdir: str, cfg, params, tokenizer, step: int = 0, files: dict | None = None) -> None:
   """A new run directory `generate` reads: config.json, the tokenizer, a parameter-only checkpoint
   (`params`: the nnx State of the model's Params), `files` ({name: JSON object}) and its kind,
-  "import" (lmtiny.runkind: no training verb writes into it), appearing whole or not at all
-  (lmtiny.rundir.new_directory; `workdir` must be absent or empty)."""
-  from lmtiny.checkpoint import Checkpointer
-  from lmtiny.files import atomic_write, atomic_write_json
-  from lmtiny.interop.hf_tokenizer import save_run_tokenizer
-  from lmtiny.rundir import new_directory
-  with new_directory(workdir, "--workdir") as tmp:
+  "import" (lmtiny.runs.kind: no training verb writes into it), appearing whole or not at all
+  (lmtiny.runs.directory.new_directory; `workdir` must be absent or empty)."""
+  with rundir.new_directory(workdir, "--workdir") as tmp:
     ckpt = Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False)
     ckpt.save(step, {"params": params})
     ckpt.close()
     atomic_write(os.path.join(tmp, "config.json"), cfg.to_json_best_effort(indent=2).encode())
-    save_run_tokenizer(tmp, tokenizer)
+    hf_tokenizer.save_run_tokenizer(tmp, tokenizer)
     for name, obj in (files or {}).items():
       atomic_write_json(os.path.join(tmp, name), obj)
     runkind.record_kind(tmp, "import")
@@ -179,12 +177,11 @@ HF_FIELDS = {"vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "d_m
 def _validated_model(fields: dict, where: str):
   """lmtiny's base config with the imported model fields; a bad value is an InteropError naming
   the config.json field it came from (num_key_value_heads, not model.num_kv_heads)."""
-  from lmtiny import config as config_lib
   cfg = config_lib.base_config()
   cfg.model.update(**fields)
   try:
     config_lib.validate_model(cfg.model)
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     message = re.sub(r"(?:config\.)?model\.(\w+)", lambda g: HF_FIELDS.get(g[1], g[0]), str(e))
     raise InteropError(f"{where}: {message}") from None
   return cfg
@@ -194,19 +191,16 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   """Writes a new lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
   import jax.numpy as jnp
   from flax import nnx
-  from lmtiny.interop.hf_tokenizer import import_tokenizer
-  from lmtiny.model import abstract_model
-  from lmtiny.rundir import check_new_directory
   if not os.path.isdir(hf_dir):
     raise InteropError(f"--hf={hf_dir}: no such directory")
-  check_new_directory(workdir, "--workdir")
+  rundir.check_new_directory(workdir, "--workdir")
   hf = _read_hf_config(hf_dir)
   where = os.path.join(hf_dir, "config.json")
   fields = llama.model_fields(hf, where)
   cfg = _validated_model(fields, where)
   tensors = read_checkpoint(hf_dir)
   source_dtypes = sorted({str(t.dtype) for t in tensors.values()})
-  tokenizer = import_tokenizer(hf_dir, hf)
+  tokenizer = hf_tokenizer.import_tokenizer(hf_dir, hf)
   if tokenizer.vocab_size > fields["vocab_size"]:
     raise InteropError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
                        f"vocab_size={fields['vocab_size']} in config.json")

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from lmtiny import config as config_lib
-from lmtiny.config import UserError
+from lmtiny.errors import UserError
 
 DEFAULT_NORM_EPS = 1e-6  # lmtiny's default model.norm_eps (HF configs without rms_norm_eps get it)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}

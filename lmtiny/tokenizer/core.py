@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from lmtiny.config import UserError
+from lmtiny.errors import UserError
 
 SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
                   "<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>",
@@ -143,10 +143,6 @@ class Tokenizer:
       self._token_bytes = sizes
     return self._token_bytes
 
-  def render_conversation(self, messages, max_len: int = 2048) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) of a chat; see `lmtiny.tokenizer.chat`."""
-    from lmtiny.tokenizer.chat import render_conversation
-    return render_conversation(self, messages, max_len)
 
   def __getstate__(self):
     return {"model_proto": self._proto}

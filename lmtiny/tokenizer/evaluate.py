@@ -3,7 +3,7 @@
   python -m lmtiny.tokenizer.evaluate --tokenizer tokenizers/32k --tokenizer 64k=tokenizers/64k \\
       --texts english=held_out/english.txt --texts korean=held_out/ko.txt.gz
 
---texts takes a file (plain or gzip'd text) or any source spec (see lmtiny.data.sources), whose
+--texts takes a file (plain or gzip'd text) or any source spec (see lmtiny.corpus.sources), whose
 documents are joined by blank lines. Without --texts it uses samples of the embedded
 standard-library corpus, which a tokenizer trained on that corpus has already seen.
 """
@@ -14,7 +14,8 @@ import os
 import sys
 
 from lmtiny import cli
-from lmtiny.data.sources import open_source
+from lmtiny.corpus.embedded import embedded_sample_texts
+from lmtiny.corpus.sources import open_source
 from lmtiny.tokenizer.compare import compression_rows, format_table, load_references, token_counter
 from lmtiny.tokenizer.core import Tokenizer, TokenizerError
 
@@ -72,7 +73,6 @@ def run(args) -> str:
       name, location = _named(value, "--texts")
       texts[name] = read_text(location, args.max_chars)
   else:
-    from lmtiny.data.embedded import embedded_sample_texts
     print("texts: samples of the embedded standard-library corpus (seen in training by a "
           "tokenizer trained on it; pass --texts for held-out text)")
     texts = embedded_sample_texts(args.max_chars or 1_000_000)

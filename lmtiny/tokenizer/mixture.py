@@ -3,7 +3,7 @@
 A recipe is a Python file in `tokenizer_data/` that defines a dict named RECIPE:
 
   RECIPE = dict(
-      sources=[dict(spec="tfds:wiki40b/en?split=train", weight=45),     # lmtiny.data.sources
+      sources=[dict(spec="tfds:wiki40b/en?split=train", weight=45),     # lmtiny.corpus.sources
                dict(spec="txt:books/*.txt.gz?delimiter=record", weight=40, sample=0.5)],
       total_chars=400_000_000,   # characters drawn in all; source i gets total * w_i / sum(w)
       seed=0,                    # drives `sample` and sentencepiece's random generator
@@ -25,7 +25,7 @@ import runpy
 import sys
 from typing import Iterator
 
-from lmtiny.data.sources import Source, open_source
+from lmtiny.corpus.sources import open_source, Source
 from lmtiny.tokenizer.core import TokenizerError
 
 _RECIPE_KEYS = {"sources", "total_chars", "seed", "description"}

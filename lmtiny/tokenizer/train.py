@@ -13,8 +13,9 @@ import json
 import sys
 
 from lmtiny import cli
-from lmtiny.tokenizer.mixture import MixtureSampler, load_recipe
-from lmtiny.tokenizer.trainer import DIGIT_MODES, TokenizerError, check_out_dir, check_vocab_size, train_tokenizer
+from lmtiny.fs.outputs import check_output_dir
+from lmtiny.tokenizer.bpe import check_out_dir, check_vocab_size, DIGIT_MODES, TokenizerError, train_tokenizer
+from lmtiny.tokenizer.mixture import load_recipe, MixtureSampler
 
 
 def parse_args(argv):
@@ -38,7 +39,6 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-  from lmtiny.preflight import check_output_dir  # pylint: disable=g-import-not-at-top
   check_vocab_size(args.vocab_size)
   if not 0.98 <= args.character_coverage <= 1:  # sentencepiece's own bounds, checked before sampling
     raise TokenizerError(f"--character-coverage={args.character_coverage:g}: must be in [0.98, 1]")

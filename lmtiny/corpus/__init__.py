@@ -1,0 +1,1 @@
+"""Raw text: document sources (files, parquet, TFDS, hub) and the embedded standard-library corpus."""

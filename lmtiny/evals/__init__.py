@@ -1,1 +1,0 @@
-"""Evaluations: bits per byte, CORE-style likelihood tasks, generative GSM8K with a calculator tool."""

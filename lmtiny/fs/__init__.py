@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes and directories, output-path and disk-space checks made before work starts."""

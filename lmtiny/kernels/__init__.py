@@ -1,0 +1,1 @@
+"""Numeric kernels with no model knowledge: the chunked, vocabulary-parallel linear + softmax cross-entropy."""

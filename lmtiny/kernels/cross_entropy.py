@@ -1,0 +1,141 @@
+"""Memory-efficient cross-entropy straight from hidden states: never a [tokens, V] float32 array.
+
+`linear_cross_entropy(x_NxD, w_DxV, targets_N)` is `logsumexp(x @ w) - (x @ w)[target]` per
+token, computed over chunks of `chunk` tokens with a custom VJP:
+  - forward: for each chunk, logits_CxV = x_c @ w in the compute dtype with float32
+    accumulation, optional softcap, then the row max, sum of exps and target logit; only the
+    per-token logsumexp (N floats) is kept for the backward;
+  - backward: each chunk's logits are recomputed, dlogits = dce * (softmax - onehot)
+    + dlse * softmax (times the softcap's derivative), cast to the compute dtype, and
+    dx_c = dlogits @ w^T, dw += x_c^T @ dlogits (float32 accumulator), so the two backward GEMMs
+    run in the compute dtype (bf16 on accelerators) instead of float32.
+Peak memory is one chunk of logits (chunk x V float32) instead of all of them, twice. When the
+whole input is one chunk, the forward keeps its logits for the backward instead of recomputing
+them (same memory bound, one GEMM fewer): small CPU runs lose nothing.
+
+The function returns (cross_entropy_N, logsumexp_N), both float32; z-loss (PaLM: z * lse^2)
+is the caller's `z * lse**2`, and differentiates through the lse output.
+
+Vocab parallelism: with `axis_name` the function runs inside `shard_map` on one vocab slice
+(`w` holds columns vocab_start.. of the full matrix, `vocab_start` = slice index x slice width):
+max, sum of exps and target logit are finished with pmax/psum over that axis, and the backward
+is the exact transpose of that forward under `shard_map(check_vma=False)` (how lmtiny.parallel.sharding
+runs it): the cotangents of the psummed outputs are psummed, and each device returns its partial
+dx (its vocab slice's share) and dw (its rows' share), which shard_map's transpose sums over the
+mesh axes the input is not split on (dx over the vocab axis, dw over the batch axes).
+Which axes and specs to use is lmtiny.parallel.sharding's business; this module knows no mesh.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _chunk_logits(x_CxD, w_DxV, softcap: float):
+  logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
+  if softcap > 0:
+    logits_CxV = softcap * jnp.tanh(logits_CxV / softcap)
+  return logits_CxV
+
+
+def _reduce(fn, x, axis_name):
+  return x if axis_name is None else fn(x, axis_name)
+
+
+def _chunk_stats(logits_CxV, targets_C, vocab_start, axis_name):
+  """(logsumexp_C, target_logit_C) of one chunk's (local slice of) logits."""
+  v_local = logits_CxV.shape[-1]
+  top_C = _reduce(jax.lax.pmax, jnp.max(logits_CxV, axis=-1), axis_name)
+  sum_exp_C = _reduce(jax.lax.psum, jnp.sum(jnp.exp(logits_CxV - top_C[:, None]), axis=-1), axis_name)
+  local_C = targets_C - vocab_start
+  in_slice_C = (local_C >= 0) & (local_C < v_local)
+  picked_C = jnp.take_along_axis(logits_CxV, jnp.clip(local_C, 0, v_local - 1)[:, None], axis=-1)[:, 0]
+  target_C = _reduce(jax.lax.psum, jnp.where(in_slice_C, picked_C, 0.0), axis_name)
+  return jnp.log(sum_exp_C) + top_C, target_C
+
+
+def _chunked(x_NxD, targets_N, chunk: int):
+  """[N, D] -> [n, C, D] (zero-padded to a whole number of chunks) and targets alike."""
+  n = x_NxD.shape[0]
+  chunk = max(1, min(chunk, n))
+  num = -(-n // chunk)
+  pad = num * chunk - n
+  if pad:
+    x_NxD = jnp.pad(x_NxD, ((0, pad), (0, 0)))
+    targets_N = jnp.pad(targets_N, (0, pad))
+  return x_NxD.reshape(num, chunk, -1), targets_N.reshape(num, chunk), pad
+
+
+def _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
+  x_nxCxD, t_nxC, _ = _chunked(x_NxD, targets_N, chunk)
+  if x_nxCxD.shape[0] == 1:
+    logits_CxV = _chunk_logits(x_nxCxD[0], w_DxV, softcap)
+    lse_C, target_C = _chunk_stats(logits_CxV, t_nxC[0], vocab_start, axis_name)
+    lse_nxC, target_nxC, saved = lse_C[None], target_C[None], logits_CxV
+  else:
+    def body(_, xs):
+      x_CxD, t_C = xs
+      return None, _chunk_stats(_chunk_logits(x_CxD, w_DxV, softcap), t_C, vocab_start, axis_name)
+
+    _, (lse_nxC, target_nxC) = jax.lax.scan(body, None, (x_nxCxD, t_nxC))
+    saved = None
+  n = x_NxD.shape[0]
+  lse_N = lse_nxC.reshape(-1)[:n]
+  return lse_N - target_nxC.reshape(-1)[:n], lse_N, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, vocab_start: Array,
+                         softcap: float = 0.0, chunk: int = 4096, axis_name: str | None = None):
+  """(cross_entropy_N, logsumexp_N) in float32 of logits x @ w (see the module docstring)."""
+  ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
+  return ce_N, lse_N
+
+
+def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
+  ce_N, lse_N, saved = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
+  return (ce_N, lse_N), (x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved)
+
+
+def _bwd(softcap, chunk, axis_name, residuals, cotangents):
+  x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved = residuals
+  # The forward psums ce and lse over the vocab axis; its transpose psums their cotangents.
+  dce_N, dlse_N = (_reduce(jax.lax.psum, ct.astype(jnp.float32), axis_name) for ct in cotangents)
+  dtype, n, v_local = x_NxD.dtype, x_NxD.shape[0], w_DxV.shape[1]
+  x_nxCxD, t_nxC, pad = _chunked(x_NxD, targets_N, chunk)
+  per_token = jnp.stack([dce_N, dlse_N, lse_N], axis=-1)
+  per_token_nxCx3 = jnp.pad(per_token, ((0, pad), (0, 0))).reshape(*t_nxC.shape, 3)
+
+  def chunk_grads(x_CxD, t_C, g_Cx3, logits_CxV):
+    if logits_CxV is None:
+      logits_CxV = _chunk_logits(x_CxD, w_DxV, softcap)
+    dce_C, dlse_C, lse_C = g_Cx3[:, 0], g_Cx3[:, 1], g_Cx3[:, 2]
+    probs_CxV = jnp.exp(logits_CxV - lse_C[:, None])
+    onehot_CxV = (t_C - vocab_start)[:, None] == jnp.arange(v_local)[None, :]
+    dlogits_CxV = (dce_C + dlse_C)[:, None] * probs_CxV - jnp.where(onehot_CxV, dce_C[:, None], 0.0)
+    if softcap > 0:
+      dlogits_CxV = dlogits_CxV * (1.0 - jnp.square(logits_CxV / softcap))
+    dlogits_CxV = dlogits_CxV.astype(w_DxV.dtype)
+    dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
+    dw_DxV = jnp.dot(x_CxD.T.astype(w_DxV.dtype), dlogits_CxV, preferred_element_type=jnp.float32)
+    return dx_CxD.astype(dtype), dw_DxV
+
+  if saved is not None:
+    dx_CxD, dw_DxV = chunk_grads(x_nxCxD[0], t_nxC[0], per_token_nxCx3[0], saved)
+    dx_nxCxD = dx_CxD[None]
+  else:
+    def body(dw_acc, xs):
+      dx_CxD, dw_DxV = chunk_grads(*xs, None)
+      return dw_acc + dw_DxV, dx_CxD
+
+    dw_DxV, dx_nxCxD = jax.lax.scan(body, jnp.zeros(w_DxV.shape, jnp.float32),
+                                    (x_nxCxD, t_nxC, per_token_nxCx3))
+  dx_NxD = dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n]
+  return dx_NxD, dw_DxV.astype(w_DxV.dtype), None, None
+
+
+linear_cross_entropy.defvjp(_fwd, _bwd)

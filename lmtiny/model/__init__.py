@@ -1,0 +1,1 @@
+"""The model: the transformer and its attention, LoRA adapters, weight quantization, and sampling."""

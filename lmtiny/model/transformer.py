@@ -1,0 +1,365 @@
+"""Decoder-only transformer in Flax NNX: RoPE, RMSNorm, GQA, optional QK-norm and logit softcap.
+
+Tensor names carry their shape (B batch, T query length, S key length, D d_model, H query heads,
+K kv heads, G = H / K query heads per kv head, Dh head dim, F MLP hidden, V vocab, L layers).
+Every parameter carries `logical_axes` metadata; `lmtiny.parallel.sharding` maps those names to mesh
+axes, so this file never mentions the mesh. Parameters are stored in float32 and cast to the
+compute dtype where they are used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lmtiny import config as config_lib
+from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV
+from lmtiny.model.quant import QuantizedWeight
+from lmtiny.parallel.sharding import constrain, linear_cross_entropy
+
+Array = jax.Array
+
+
+def compute_dtype(m) -> Any:
+  if m.dtype == "auto":
+    return jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu") else jnp.float32
+  return jnp.dtype(m.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers. `fan_in` / `fan_out` are for the matrix as it multiplies (heads flattened).
+
+
+def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
+  """Initial values for one weight; `role` is embed, lm_head, in (q/k/v/up/gate) or out (o/down)."""
+  scheme = m.init
+  if scheme == "nanochat":
+    if role == "embed":  # std 1, except that a tied table is also the unembedding
+      return (m.init_std if m.tie_embeddings else 1.0) * jax.random.normal(key, shape)
+    if role == "lm_head":
+      return 0.001 * jax.random.normal(key, shape)
+    if role == "out":  # residual projections start at zero: every block begins as the identity
+      return jnp.zeros(shape)
+    bound = math.sqrt(3.0 / fan_in)  # uniform with std 1/sqrt(fan_in)
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+  if role == "embed" or scheme == "gpt2":
+    std = m.init_std
+    if role == "out" and scheme == "gpt2":  # GPT-2: scale residual projections by 1/sqrt(2L)
+      std /= math.sqrt(2 * m.num_layers)
+    return std * jax.random.normal(key, shape)
+  if scheme == "xavier":
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+  # kaiming (He): std sqrt(2 / fan_in), the gain for ReLU-family nonlinearities.
+  return math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape)
+
+
+def _param(m, rngs: nnx.Rngs, role: str, shape, logical_axes, fan_in: int, fan_out: int) -> nnx.Param:
+  value = _init_matrix(m, role, rngs.params(), shape, fan_in, fan_out).astype(jnp.float32)
+  return nnx.Param(value, logical_axes=logical_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm in float32; `learned_scale=False` gives the parameter-free variant (nanochat)."""
+
+  def __init__(self, dim: int, *, learned_scale: bool, logical_axis: str, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(logical_axis,)) if learned_scale else None
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...]
+    return y.astype(x.dtype)
+
+
+def dense(x: Array, w: Array, in_dims: int = 1) -> Array:
+  """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D GEMM over the flattened rows.
+
+  Why flatten: the weight gradient contracts every row dimension. Left as [B, T, ...], that
+  is a two-dimension contraction, which XLA:CPU runs by transposing the cotangent and leaving
+  its fast GEMM path (3.4x slower measured on the tiny MLP's weight gradient); one row axis
+  keeps all three GEMMs of a linear layer on it. Other backends flatten like this anyway.
+  """
+  in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
+  lead = x.shape[:x.ndim - in_dims]
+  w_IxO = w.reshape(math.prod(in_shape), math.prod(out_shape))
+  return (x.reshape(math.prod(lead), w_IxO.shape[0]) @ w_IxO).reshape(*lead, *out_shape)
+
+
+def rope_tables(positions_BxT: Array, head_dim: int, theta: float, table_len: int) -> tuple[Array, Array]:
+  """(cos, sin) [B, T, 1, Dh/2] float32 of the rotary angles of positions 0 <= p < table_len
+  (a position out of range gives NaN, loudly), computed once per forward pass for every layer.
+
+  The sines and cosines are a NumPy constant table that the positions index. Computed in the
+  graph instead, XLA fuses the sine and cosine into each consumer and recomputes them per head,
+  per layer and again in the backward pass (an optimization barrier does not survive XLA:CPU's
+  pipeline): 4.2 ms against 0.5 ms per rotation at the tiny config's q shape on CPU. The table
+  is computed in float32, as the traced formula was.
+  """
+  half = head_dim // 2
+  freqs_half = (np.float32(theta) ** (-np.arange(half, dtype=np.float32) / np.float32(half))).astype(np.float32)
+  angles_PxH = np.arange(table_len, dtype=np.float32)[:, None] * freqs_half[None, :]
+  cos_PxH, sin_PxH = (jnp.asarray(fn(angles_PxH), jnp.float32) for fn in (np.cos, np.sin))
+  return tuple(jnp.take(table, positions_BxT, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None, :]
+               for table in (cos_PxH, sin_PxH))
+
+
+def apply_rope(x_BxTxNxDh: Array, tables: tuple[Array, Array]) -> Array:
+  """Rotary embedding, rotating the first half of each head against the second half."""
+  cos, sin = tables
+  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+def rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float, table_len: int) -> Array:
+  return apply_rope(x_BxTxNxDh, rope_tables(positions_BxT, x_BxTxNxDh.shape[-1], theta, table_len))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    self.cfg = m
+    d, h, k, dh = m.d_model, m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
+    self.q = _param(m, rngs, "in", (d, h, dh), ("embed", "heads", "head_dim"), d, h * dh)
+    self.k = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
+    self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
+    self.o = _param(m, rngs, "out", (h, dh, d), ("heads", "head_dim", "embed"), h * dh, d)
+    if m.qk_norm:
+      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
+      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
+    else:
+      self.q_norm = self.k_norm = None
+
+  def project_qkv(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array]):
+    """Queries, keys and values with QK-norm and RoPE (`rope_tables`) applied (also used by the
+    KV-cache decoder)."""
+    dtype = x_BxTxD.dtype
+    q_BxTxHxDh = dense(x_BxTxD, self.q[...].astype(dtype))
+    k_BxTxKxDh = dense(x_BxTxD, self.k[...].astype(dtype))
+    v_BxTxKxDh = dense(x_BxTxD, self.v[...].astype(dtype))
+    if self.q_norm is not None:
+      q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
+    q_BxTxHxDh = constrain(apply_rope(q_BxTxHxDh, rope_BxT), ("batch", "seq", "act_heads", None))
+    k_BxTxKxDh = constrain(apply_rope(k_BxTxKxDh, rope_BxT), ("batch", "seq", "act_kv_heads", None))
+    v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
+    return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
+
+  def project_out(self, out_BxTxHxDh: Array) -> Array:
+    out_BxTxD = dense(out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype), in_dims=2)
+    return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
+
+  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None) -> Array:
+    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT))
+    out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
+                             impl=self.cfg.attention)
+    return self.project_out(out_BxTxHxDh)
+
+
+ACTIVATIONS = {
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    d, f = m.d_model, config_lib.mlp_dim(m)
+    self.activation = m.activation
+    self.up = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f)
+    self.gate = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f) if m.activation == "swiglu" else None
+    self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
+
+  def __call__(self, x_BxTxD: Array) -> Array:
+    dtype = x_BxTxD.dtype
+    up_BxTxF = dense(x_BxTxD, self.up[...].astype(dtype))
+    if self.gate is not None:
+      hidden_BxTxF = jax.nn.silu(dense(x_BxTxD, self.gate[...].astype(dtype))) * up_BxTxF
+    else:
+      hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
+    hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
+    return constrain(dense(hidden_BxTxF, self.down[...].astype(dtype)), ("batch", "seq", "act_embed"))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.attn = Attention(m, rngs)
+    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.mlp = MLP(m, rngs)
+
+  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None) -> Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT)
+    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+_POLICIES = jax.checkpoint_policies
+_SAVE_ATTN_OUT = _POLICIES.save_only_these_names(ATTN_OUT)
+# What each model.remat policy keeps for the backward pass of a block (the block input is always
+# kept); the rest is recomputed. Every policy but `full` keeps the attention output under its
+# checkpoint name, and with it a fused kernel's residuals (logsumexp), so cuDNN or splash runs
+# its forward once. "none" (no jax.checkpoint at all) keeps everything.
+REMAT_POLICIES = {
+    "full": None,                        # nothing: the whole block, attention included, reruns
+    "save_attn_out": _SAVE_ATTN_OUT,     # attention output [B,T,H,Dh]
+    "save_qkv": _POLICIES.save_only_these_names(ATTN_QKV, ATTN_OUT),  # + q, k, v after RoPE
+    # + every weight-matmul output (no batch dims; MaxText's "minimal"): only norms, RoPE and
+    # activations are recomputed. dots_no_batch is its former name, kept.
+    "minimal": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable, _SAVE_ATTN_OUT),
+    "dots_no_batch": _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable, _SAVE_ATTN_OUT),
+    # + batched matmuls too: on the xla backend that is the [B,K,G,T,S] attention scores.
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable, _SAVE_ATTN_OUT),
+}
+
+
+def _stacked_blocks(m, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading layer axis, for lax.scan over depth."""
+  keys = jax.random.split(rngs.params(), m.num_layers)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
+  stacked = jax.vmap(lambda key: nnx.split(Block(m, nnx.Rngs(key)))[1])(keys)
+  blocks = nnx.merge(graphdef, stacked)
+  for _, var in nnx.iter_graph(blocks):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+  return blocks
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] -> logits [B, T, V] in float32."""
+
+  def __init__(self, m, rngs: nnx.Rngs):
+    config_lib.validate_model(m)
+    self.cfg = m = ml_collections.FrozenConfigDict(m)  # hashable: the GraphDef can be a jit static
+    d, v = m.d_model, m.vocab_size
+    self.embed = _param(m, rngs, "embed", (v, d), ("embed_vocab", "embed"), d, d)
+    if m.scan_layers:
+      self.layers = _stacked_blocks(m, rngs)
+    else:
+      self.layers = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
+    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+                       if m.get("embed_norm", False) else None)  # get: older runs lack the field
+    self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
+
+  def embed_tokens(self, tokens_BxT: Array) -> Array:
+    # Gather the FSDP-sharded table whole first (ZeRO-3: weights are all-gathered where used);
+    # a lookup into a D-sharded table would need a costly reshard of its output instead.
+    # Gather from the float32 table, then cast: the gradient scatter-adds into the table in
+    # float32 (in bf16, 4,096 unit gradients into one row would sum to 256).
+    # (.astype(float32) is free on the float32 table; a quantized tied table dequantizes here.)
+    table_VxD = constrain(self.embed[...].astype(jnp.float32), ("embed_vocab", "act_embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
+    if self.embed_norm is not None:
+      x_BxTxD = self.embed_norm(x_BxTxD)
+    return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
+
+  def unembed_weight(self, dtype) -> Array:
+    w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return w_DxV.astype(dtype)
+
+  def unembed(self, x_BxTxD: Array) -> Array:
+    x_BxTxD = self.final_norm(x_BxTxD)
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.unembed_weight(x_BxTxD.dtype),
+                              preferred_element_type=jnp.float32)
+    if self.cfg.logit_softcap > 0:
+      cap = self.cfg.logit_softcap
+      logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
+    return constrain(logits_BxTxV, ("batch", "seq", "act_vocab"))
+
+  def __call__(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None) -> Array:
+    return self.unembed(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+
+  def token_losses(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None = None,
+                   segment_ids_BxT: Array | None = None) -> tuple[Array, Array]:
+    """Per-token (cross-entropy, logsumexp) [B, T] in float32 for the trainer: the lm_head GEMM
+    runs in the compute dtype over chunks of model.loss_chunk_tokens tokens (lmtiny.kernels.cross_entropy), so
+    the [B, T, V] logits never exist. Same values as cross-entropy of `self(tokens)`."""
+    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+    return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT,
+                                softcap=self.cfg.logit_softcap,
+                                chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+
+  def rope_tables(self, positions_BxT: Array) -> tuple[Array, Array]:
+    """RoPE tables for positions below max(model.max_seq_len, T) (packed rows restart theirs)."""
+    table_len = max(self.cfg.max_seq_len, positions_BxT.shape[1])
+    return rope_tables(positions_BxT, config_lib.head_dim(self.cfg), self.cfg.rope_theta, table_len)
+
+  def hidden(self, tokens_BxT: Array, positions_BxT: Array | None = None,
+             segment_ids_BxT: Array | None = None) -> Array:
+    """The last block's output [B, T, D] (before the final norm)."""
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    # segment_ids_BxT None: one document per row (a fused kernel then needs only its causal mask).
+    x_BxTxD = self.embed_tokens(tokens_BxT)
+    rope_BxT = self.rope_tables(positions_BxT)
+
+    def run_block(block_graphdef, block_state, x):
+      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT)
+
+    if self.cfg.remat != "none":
+      # Under scan the loop boundary already stops XLA from merging recompute into the forward.
+      run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[self.cfg.remat], static_argnums=(0,),
+                                 prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      graphdef, stacked_state = nnx.split(self.layers)
+      x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x), None), x_BxTxD, stacked_state)
+    else:
+      for block in self.layers:
+        x_BxTxD = run_block(*nnx.split(block), x_BxTxD)
+    return x_BxTxD
+
+
+# Logical axes of weight matrices (what multiplies activations); a parameter with two or more of
+# them is a matrix. Norm scales ("norm", or a lone "head_dim") and the token embedding table
+# ("embed_vocab") are not, stacked under a leading "layers" axis or not.
+MATRIX_AXES = frozenset({"embed", "heads", "kv_heads", "mlp", "head_dim", "vocab"})
+
+
+def is_matrix(logical_axes) -> bool:
+  axes = tuple(logical_axes or ())
+  return "norm" not in axes and "embed_vocab" not in axes and sum(a in MATRIX_AXES for a in axes) >= 2
+
+
+def cast_params(params, dtype):
+  """Weight matrices cast to the compute dtype; the embedding table and norm scales stay float32
+  (the lookup gathers from float32, see embed_tokens). The trainer does this once per step and
+  the sampler once per generate call, so the model's own `.astype(dtype)` calls are no-ops, not
+  a cast per micro-step or per decoded token. Gradients flow through the cast to the float32
+  master weights."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(v):
+    if (isinstance(v, nnx.Variable) and is_matrix(v.get_metadata().get("logical_axes"))
+        and not isinstance(v.get_value(), QuantizedWeight)):  # dequantizes in the compute dtype where used
+      return jax.tree.map(lambda x: x.astype(dtype), v)
+    return v
+
+  return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_model(m) -> Transformer:
+  """The model with ShapeDtypeStruct parameters: no memory, no FLOPs."""
+  return nnx.eval_shape(lambda: Transformer(m, nnx.Rngs(0)))
+
+
+def count_params(m) -> int:
+  """Parameter count of the real model (abstract init); lmtiny.arch must agree with it."""
+  state = nnx.state(abstract_model(m), nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))

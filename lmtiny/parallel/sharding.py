@@ -1,0 +1,288 @@
+"""The only module that knows mesh axis names: the mesh, the logical-axis rules, the shardings.
+
+Three layers (as in MaxText): a physical mesh with named axes (data, fsdp, tensor); logical axis
+names on every parameter (`logical_axes` metadata, set in lmtiny.model) and on key activations
+(`constrain`); and the RULES table below mapping one to the other.
+
+  data   - pure data parallelism: parameters replicated, batch split.
+  fsdp   - ZeRO-3: batch split AND every parameter's `embed` dimension split, so parameters,
+           gradients and optimizer state are sharded; XLA all-gathers weights where they are used.
+  tensor - Megatron tensor parallelism: attention heads, MLP hidden units and vocab split, so
+           the column-parallel then row-parallel matmul pair needs one reduction per block.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmtiny.config import MESH_AXES
+from lmtiny.errors import ConfigError
+from lmtiny.kernels import cross_entropy as loss_lib
+
+# Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
+RULES = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",       # lm_head columns: the logits come out vocab-parallel
+    "embed_vocab": None,     # embedding rows stay whole so the lookup is a local gather
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "layers": None,
+    # A batch of whole matrices (Muon's Newton-Schulz input): split over as many of these axes,
+    # in this order, as divide the batch (`spread_matrices`).
+    "matrix_batch": ("fsdp", "data", "tensor"),
+    "lora_rank": None,       # LoRA adapters' low-rank dimension: small, replicated
+    "seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Axis sizes with -1 filled; raises ConfigError when they cannot cover the devices."""
+  sizes = {a: mesh_cfg[a] for a in MESH_AXES}
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      if num_devices % fixed:
+        raise ConfigError(f"config.mesh={sizes}: fixed axes ({fixed}) do not divide {num_devices} devices")
+      sizes[axis] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ConfigError(f"config.mesh={sizes}: product {math.prod(sizes.values())} != {num_devices} devices")
+  return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  sizes = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways the batch is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _mesh_axes_for(name, dim: int, mesh_shape_: dict) -> str | tuple | None:
+  axes = RULES[name] if name is not None else None
+  if axes is None:
+    return None
+  names = (axes,) if isinstance(axes, str) else axes
+  names = tuple(a for a in names if mesh_shape_.get(a, 1) > 1)
+  # A dimension the mesh axes do not divide (3 heads on tensor=2, MQA's single kv head) is
+  # replicated: correct, only less sharded. Megatron does the same for kv heads.
+  if not names or dim % math.prod(mesh_shape_[a] for a in names):
+    return None
+  return names[0] if len(names) == 1 else names
+
+
+def logical_to_spec(logical_axes, shape, mesh_shape_: dict) -> P:
+  return P(*(_mesh_axes_for(name, dim, mesh_shape_) for name, dim in zip(logical_axes, shape)))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(abstract_tree, mesh: Mesh):
+  """NamedShardings, leaf for leaf, for a pytree holding nnx Variables (params, optimizer
+  moments: sharded by their logical axes) and other leaves (step, RNG: replicated)."""
+  shape = dict(mesh.shape)
+
+  def sharding(x):
+    if _is_variable(x) and not hasattr(x.get_value(), "shape"):  # optax.masked's placeholder: no array
+      return x
+    if _is_variable(x):
+      axes = x.get_metadata().get("logical_axes")
+      spec = logical_to_spec(axes, x.get_value().shape, shape) if axes is not None else P()
+      return jax.tree.map(lambda _: NamedSharding(mesh, spec), x)
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(sharding, abstract_tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, T] arrays: batch over (data, fsdp), sequence whole."""
+  return NamedSharding(mesh, logical_to_spec(("batch", "seq"), (0, 0), dict(mesh.shape)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """Pin an activation's sharding by logical names; a no-op outside a mesh (plain forward)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(logical_axes, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
+  """Pin a batch of matrices so that each device holds whole matrices, the batch split over as
+  many "matrix_batch" axes as divide it: Muon then orthogonalises each matrix on one device
+  rather than every device gathering every matrix (for a scanned d32 on fsdp=16: 75 all-gathers
+  of whole float32 layer stacks per step). A no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x_BxMxN
+  sizes, axes = dict(mesh.shape), []
+  for axis in RULES["matrix_batch"]:
+    if sizes.get(axis, 1) > 1 and x_BxMxN.shape[0] % (math.prod(sizes[a] for a in axes) * sizes[axis]) == 0:
+      axes.append(axis)
+  batch = tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+  return jax.lax.with_sharding_constraint(x_BxMxN, P(batch, *([None] * (x_BxMxN.ndim - 1))))
+
+
+def matrix_devices() -> int:
+  """How many devices `spread_matrices` splits a batch over when their count divides it: the
+  product of the "matrix_batch" mesh axes (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  sizes = dict(mesh.shape)
+  return math.prod(sizes.get(a, 1) for a in RULES["matrix_batch"])
+
+
+def global_batch_from_local(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble this process's rows of the batch into global arrays sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+  """Indices of the rows of a [global_rows, ...] batch that this process feeds to
+  `global_batch_from_local` (all of them on one process), in the order it expects them."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
+  starts = sorted({index[0].indices(global_rows)[:2] for index in index_map.values()})
+  return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+def check_process_local_batches(mesh: Mesh, global_rows: int = 1 << 20) -> None:
+  """Each process feeds only its own rows (`global_batch_from_local`), which is right only when
+  every batch shard lives on the devices of one process. A model axis spanning hosts (tensor
+  across processes, data x fsdp smaller than the process count) breaks that: refused in one line."""
+  owners: dict = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((global_rows, 1)).items():
+    owners.setdefault(index[0].indices(global_rows)[:2], set()).add(device.process_index)
+  shared = [procs for procs in owners.values() if len(procs) > 1]
+  if shared:
+    raise ConfigError(f"config.mesh={dict(mesh.shape)}: a batch shard is held by devices of processes "
+                      f"{sorted(shared[0])}; each process must hold whole batch shards (make "
+                      f"data x fsdp a multiple of the {jax.process_count()} processes and keep model "
+                      "axes within a host)")
+
+
+def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+  """Per-token cross-entropy [B, T] (float32) of vocab-sharded logits.
+
+  With a `tensor` axis the logits arrive split over the vocab (Megatron's vocab-parallel
+  lm_head). This is the one place lmtiny writes its collectives by hand, in `shard_map`: each
+  device reduces its own vocab slice, and three scalar-per-token all-reduces (max, sum of exps,
+  target logit) finish the softmax. Left to GSPMD, the target-logit gather over a sharded vocab
+  all-gathers the [B, T, V] logits, the largest activation of a small model.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  vocab = logits_BxTxV.shape[-1]
+  if mesh.empty or mesh.shape.get("tensor", 1) == 1 or vocab % mesh.shape["tensor"]:
+    return _cross_entropy_local(logits_BxTxV, targets_BxT)
+  batch = _mesh_axes_for("batch", logits_BxTxV.shape[0], dict(mesh.shape))
+
+  def vocab_parallel(logits_local, targets):
+    v_local = logits_local.shape[-1]
+    logits_local = logits_local.astype(jnp.float32)
+    # The max only keeps exp() in range; it cancels out of the loss, so no gradient through it.
+    top = jax.lax.pmax(jnp.max(jax.lax.stop_gradient(logits_local), axis=-1), "tensor")
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits_local - top[..., None]), axis=-1), "tensor")
+    local_target = targets - jax.lax.axis_index("tensor") * v_local
+    in_slice = (local_target >= 0) & (local_target < v_local)
+    picked = jnp.take_along_axis(logits_local, jnp.clip(local_target, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    target_logit = jax.lax.psum(jnp.where(in_slice, picked, 0.0), "tensor")
+    return jnp.log(sum_exp) + top - target_logit
+
+  return jax.shard_map(vocab_parallel, mesh=mesh, in_specs=(P(batch, None, "tensor"), P(batch, None)),
+                       out_specs=P(batch, None))(logits_BxTxV, targets_BxT)
+
+
+def _cross_entropy_local(logits_BxTxV, targets_BxT):
+  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: q, k and v must split their heads alike (cuDNN's partitioner and shard_map demand it).
+
+
+def _tensor_size(mesh_shape_: dict | None) -> int:
+  if mesh_shape_ is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh_shape_ = {} if mesh.empty else dict(mesh.shape)
+  return mesh_shape_.get("tensor", 1)
+
+
+def kv_head_repeats(num_heads: int, num_kv_heads: int, mesh_shape_: dict | None = None) -> int:
+  """How many copies of each kv head attention makes so k/v shard over `tensor` like q does.
+
+  The RULES shard q's H heads over `tensor` when it divides H, and replicate the K kv heads
+  when it does not divide K (GQA/MQA with few kv heads): q would be split and k/v whole, which
+  the cuDNN partitioner rejects and shard_map cannot express. Repeating each kv head
+  r = tensor / gcd(K, tensor) times gives K * r heads that `tensor` divides, with query head h
+  still reading a copy of kv head h // (H / K) (r divides H / K whenever `tensor` divides H).
+  Each device then holds K * r / tensor <= K kv heads: no more than the replicated layout.
+  1 (nothing to do) without a mesh, when `tensor` divides K, or when it does not divide H.
+  `mesh_shape_` defaults to the mesh in context.
+  """
+  tensor = _tensor_size(mesh_shape_)
+  if tensor == 1 or num_heads % tensor or num_kv_heads % tensor == 0:
+    return 1
+  return tensor // math.gcd(num_kv_heads, tensor)
+
+
+def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
+  """shard_map specs (q [B,T,H,Dh], k/v [B,S,K,Dh], segment ids [B,T]) for a fused attention
+  kernel: batch over (data, fsdp), heads over tensor, sequence and head dim whole. kv_shape is
+  after `kv_head_repeats`, so q and k/v split their heads the same way."""
+  q_spec = logical_to_spec(("batch", "seq", "act_heads", None), q_shape, mesh_shape_)
+  kv_spec = logical_to_spec(("batch", "seq", "act_kv_heads", None), kv_shape, mesh_shape_)
+  if q_spec[2] != kv_spec[2]:
+    raise ValueError(f"attention heads shard unlike: q {q_shape} as {q_spec}, k/v {kv_shape} as {kv_spec}")
+  return q_spec, kv_spec, logical_to_spec(("batch", "seq"), q_shape[:2], mesh_shape_)
+
+
+def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
+                         softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+  """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising
+  [B, T, V] (lmtiny.kernels.cross_entropy). Under a mesh it runs in `shard_map`: rows split over the batch axes,
+  vocab columns over `tensor` (Megatron's vocab-parallel loss: three per-token all-reduces),
+  chunks of `chunk_tokens` tokens per device."""
+  b, t, d = x_BxTxD.shape
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None):
+    start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
+    ce_N, lse_N = loss_lib.linear_cross_entropy(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), start,
+                                                softcap, chunk_tokens, axis_name)
+    return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
+
+  if mesh.empty:
+    return local(x_BxTxD, w_DxV, targets_BxT)
+  shape = dict(mesh.shape)
+  batch = _mesh_axes_for("batch", b, shape)
+  vocab = _mesh_axes_for("vocab", w_DxV.shape[1], shape)
+  return jax.shard_map(lambda x, w, tg: local(x, w, tg, vocab), mesh=mesh, check_vma=False,
+                       in_specs=(P(batch, None, None), P(None, vocab), P(batch, None)),
+                       out_specs=(P(batch, None), P(batch, None)))(x_BxTxD, w_DxV, targets_BxT)

@@ -1,0 +1,161 @@
+"""Architecture arithmetic: parameter breakdown, FLOPs per token, token budget and training time.
+
+The counts here are the formula the model must match (tests compare them with an abstract init of
+`lmtiny.model`): token embedding [V, D]; lm_head [D, V] unless tied; per layer q [D, H*Dh],
+k and v [D, KV*Dh], o [H*Dh, D], MLP up (and gate for SwiGLU) [D, F] and down [F, D]; no biases;
+RMSNorm scales of [D] before attention, before the MLP and at the end, plus two [Dh] scales per
+layer with QK-norm, all only when `norm_scale`. Importing this module does not import JAX.
+"""
+from __future__ import annotations
+
+from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError
+
+# Dense bf16 peak FLOP/s per chip, without sparsity. "cpu" is a rough stand-in for a whole
+# 16-core AVX2/AVX-512 host in fp32 (~60 GFLOP/s per core; a 2-core dev box measured ~0.2e12
+# with a NumPy matmul): CPU MFU figures are indicative only.
+PEAK_FLOPS = {
+    "h100": 989e12,       # H100 SXM
+    "h100_pcie": 756e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "v5e": 197e12,
+    "v5p": 459e12,
+    "v6e": 918e12,
+    "v4": 275e12,
+    "cpu": 1e12,
+}
+# Memory per chip, in bytes (HBM; GPUs' figures as their vendors state them).
+HBM_BYTES = {
+    "h100": 80e9, "h100_pcie": 80e9, "h200": 141e9, "a100": 80e9,
+    "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30, "v4": 32 * 2**30,
+}
+
+
+def _norm_params(m) -> tuple[int, int]:
+  """(norm scales per layer, final-norm scale plus the embedding norm's when model.embed_norm)."""
+  if not m.norm_scale:
+    return 0, 0
+  per_layer = 2 * m.d_model + (2 * config_lib.head_dim(m) if m.qk_norm else 0)
+  return per_layer, m.d_model * (2 if getattr(m, "embed_norm", False) else 1)  # final (+ embedding) norm
+
+
+def param_breakdown(m) -> dict[str, int]:
+  """Parameter counts of a model config (`cfg.model`), by part.
+
+  Keys: embedding, lm_head (0 when tied), attention_per_layer, mlp_per_layer, norms_per_layer,
+  layer (their sum), num_layers, blocks (num_layers * layer), final_norm, total.
+  """
+  d, v = m.d_model, m.vocab_size
+  q_width = m.num_heads * config_lib.head_dim(m)
+  kv_width = config_lib.num_kv_heads(m) * config_lib.head_dim(m)
+  attention = d * q_width + 2 * d * kv_width + q_width * d
+  mlp = (3 if m.activation == "swiglu" else 2) * d * config_lib.mlp_dim(m)
+  norms, final_norm = _norm_params(m)
+  layer = attention + mlp + norms
+  parts = dict(
+      embedding=v * d,
+      lm_head=0 if m.tie_embeddings else d * v,
+      attention_per_layer=attention,
+      mlp_per_layer=mlp,
+      norms_per_layer=norms,
+      layer=layer,
+      num_layers=m.num_layers,
+      blocks=m.num_layers * layer,
+      final_norm=final_norm,
+  )
+  parts["total"] = parts["embedding"] + parts["lm_head"] + parts["blocks"] + final_norm
+  return parts
+
+
+def count_params(m) -> int:
+  """Total parameter count of a model config."""
+  return param_breakdown(m)["total"]
+
+
+def matmul_params(m) -> int:
+  """Parameters in weight matrices that multiply activations: attention, MLP and the unembedding.
+
+  The embedding lookup is excluded; with tied embeddings the shared matrix counts once, as the
+  unembedding. Norm scales are elementwise and excluded.
+  """
+  p = param_breakdown(m)
+  return m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) + m.d_model * m.vocab_size
+
+
+def _attention_flops_per_token(m, seq_len: int) -> float:
+  """Causal QK^T and AV per token and layer, forward: 2 matmuls x 2 FLOP x T x H x Dh, halved."""
+  return 2.0 * m.num_layers * seq_len * m.num_heads * config_lib.head_dim(m)
+
+
+MFU_CONVENTIONS = ("causal-half", "nanochat")
+
+
+def train_flops_per_token(m, seq_len: int, convention: str = "causal-half") -> float:
+  """Training FLOPs per token: 6 * N_matmul + 6 * L * T * H * Dh ("causal-half", the default),
+  or 6 * N_matmul + 12 * L * T * H * Dh ("nanochat").
+
+  6 = forward (2) + backward (4) FLOPs per multiply-accumulate of a weight. The causal-half
+  convention follows MaxText: half of nanochat's 12 * L * T * H * Dh, since half the score
+  matrix is masked. nanochat counts the full square. MFU divides either by the chip's peak;
+  every printed MFU names its convention.
+  """
+  if convention not in MFU_CONVENTIONS:
+    raise ValueError(f"convention={convention!r}: one of {MFU_CONVENTIONS}")
+  attention = 3.0 if convention == "causal-half" else 6.0
+  return 6.0 * matmul_params(m) + attention * _attention_flops_per_token(m, seq_len)
+
+
+def inference_flops_per_token(m, seq_len: int) -> float:
+  """Forward FLOPs per token: 2 * N_matmul + 2 * L * T * H * Dh.
+
+  Same causal convention as training: the average token of a length-T sequence attends to T/2
+  positions (equally: one decoded token with a KV cache, averaged over positions 0..T).
+  """
+  return 2.0 * matmul_params(m) + _attention_flops_per_token(m, seq_len)
+
+
+def chinchilla_tokens(m, tokens_per_param: float = 20.0) -> float:
+  """Training-token budget: tokens_per_param x total parameters (Chinchilla: ~20)."""
+  if not tokens_per_param > 0:
+    raise ConfigError(f"--tokens-per-param={tokens_per_param:g}: must be > 0")
+  return tokens_per_param * count_params(m)
+
+
+def training_seconds(m, seq_len: int, tokens: float, chip: str, mfu: float, num_chips: int = 1) -> float:
+  """Wall-clock estimate: tokens x training FLOPs per token / (chips x peak x MFU)."""
+  if chip not in PEAK_FLOPS:
+    raise ConfigError(f"--chip={chip!r}: unknown chip; choose one of {', '.join(PEAK_FLOPS)}")
+  if not 0 < mfu <= 1:
+    raise ConfigError(f"--mfu={mfu}: must be in (0, 1]")
+  if num_chips < 1:
+    raise ConfigError(f"--chips={num_chips}: must be >= 1")
+  return tokens * train_flops_per_token(m, seq_len) / (num_chips * PEAK_FLOPS[chip] * mfu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def human(n: float) -> str:
+  """37748736 -> '37.7M'."""
+  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    if abs(n) >= scale:
+      return f"{n / scale:.1f}{suffix}"
+  return f"{n:g}"
+
+
+def _duration(seconds: float) -> str:
+  for scale, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
+    if seconds >= scale:
+      return f"{seconds / scale:.1f} {unit}"
+  return f"{seconds:.1f} seconds"
+
+
+def describe(m) -> str:
+  """One line naming the architecture."""
+  hd, kv, f = config_lib.head_dim(m), config_lib.num_kv_heads(m), config_lib.mlp_dim(m)
+  return (f"depth {m.num_layers}, width {m.d_model}, {m.num_heads} heads x {hd} ({kv} kv heads), "
+          f"{m.activation} MLP {f} ({f / m.d_model:g}x), vocab {m.vocab_size:,}, "
+          f"{'tied' if m.tie_embeddings else 'untied'}, norm scale {'on' if m.norm_scale else 'off'}, "
+          f"qk-norm {'on' if m.qk_norm else 'off'}")

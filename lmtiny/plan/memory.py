@@ -1,0 +1,189 @@
+"""Per-device memory estimate of one training step, by part (no JAX: lmtiny.arch prints it).
+
+    total = params + optimizer state + gradients + activations + loss chunk + fsdp gathers
+
+- params: float32 master weights; FSDP splits every parameter's `embed` dimension, `tensor`
+  splits heads, MLP units and vocab (lmtiny.parallel.sharding.RULES; the embedding table's rows stay whole).
+- optimizer state: AdamW's two float32 moments, sharded like the parameters (Muon: one float32
+  momentum per block matrix, AdamW's two on the rest).
+- gradients: the float32 gradient accumulator, one micro-step's compute-dtype gradient and the
+  step's compute-dtype copy of the weights (cast once per step), sharded like the parameters;
+  the optimizer's update is fused into the new params and moments in place.
+- activations: what the backward keeps per token and layer under the remat policy (model.remat),
+  for one micro-batch of device_batch_size sequences, plus one layer's full working set (the
+  layer being recomputed / differentiated; none under remat "none", which recomputes nothing). The xla attention path adds its [T, T] scores; a
+  fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps none.
+- loss chunk: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
+  float32 and their gradient in the compute dtype.
+- fsdp gathers: under FSDP each device still holds the whole vocab matrices while it uses them:
+  compute-dtype copies of the embedding and lm_head, and the embedding's float32 scatter-added
+  gradient and the lm_head's float32 gradient before they are reduce-scattered.
+Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves; unrolled
+layers on XLA:CPU keep more (its scheduler is not memory-aware), so compare with scan_layers.
+`lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one, and
+`--topology v5e:2x4` XLA:TPU's for TPU chips; tests keep them within 25% of each other.
+"""
+from __future__ import annotations
+
+import copy
+
+from lmtiny import config as config_lib
+from lmtiny.plan import arch
+
+GIB = 2 ** 30
+
+
+def _widths(m) -> dict[str, int]:
+  hd = config_lib.head_dim(m)
+  return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m),
+              gated=m.activation == "swiglu", relu2=m.activation == "relu2")
+
+
+def _layer_working_set(w: dict, c: int) -> float:
+  """Bytes per token of everything one layer's forward produces (what remat "none" keeps): its
+  compute-dtype matmul inputs and outputs, two float32 [D] norm inputs (RoPE and the other
+  float32 steps fuse into the matmuls) and relu²'s boolean mask."""
+  mlp = (3 if w["gated"] else 2) * w["f"]
+  return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * 2 * w["d"] + (w["f"] if w["relu2"] else 0)
+
+
+def _saved_per_token(policy: str, w: dict, c: int) -> float:
+  """Bytes per token and layer the backward keeps under a remat policy (beyond the block input)."""
+  matmul_outputs = c * (w["q"] + 2 * w["kv"] + 2 * w["d"] + (2 if w["gated"] else 1) * w["f"])
+  attn_out = c * w["q"]  # the attention output (the fused kernel's logsumexp is negligible)
+  table = {  # what each policy of lmtiny.model.transformer.REMAT_POLICIES saves
+      "none": _layer_working_set(w, c),
+      "full": 0.0,
+      "save_attn_out": attn_out,
+      "save_qkv": attn_out + c * (w["q"] + 2 * w["kv"]),
+      "minimal": matmul_outputs + attn_out, "dots_no_batch": matmul_outputs + attn_out,
+      "dots": matmul_outputs + attn_out,  # + the T x T scores, counted by the caller
+  }
+  return table.get(policy, matmul_outputs)  # an unknown policy: assume it keeps the matmul outputs
+
+
+def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int | None = None,
+             attention: str | None = None) -> dict[str, float]:
+  """Estimated bytes per device of one train step: params, optimizer, gradients, activations,
+  loss_chunk, fsdp_gathers and total. `mesh_shape` ({data, fsdp, tensor}) defaults to one device;
+  `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU); `attention` (the
+  backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU)."""
+  m, t = cfg.model, cfg.train
+  mesh_shape = mesh_shape or {"data": 1, "fsdp": 1, "tensor": 1}
+  fsdp, tensor = mesh_shape.get("fsdp", 1), mesh_shape.get("tensor", 1)
+  dp = mesh_shape.get("data", 1) * fsdp
+  c = compute_bytes or (4 if m.dtype == "float32" else 2)
+  p = arch.param_breakdown(m)
+  embedding = p["embedding"]
+  sharded = p["total"] - embedding
+  param_elems = embedding / fsdp + sharded / (fsdp * tensor)
+
+  resolved = config_lib.resolve_batch(cfg, dp).train
+  rows = max(1, config_lib.micro_batch_size(resolved) // dp)
+  tokens = rows * t.seq_len
+  w = _widths(m)
+  heads_local = max(1, m.num_heads // tensor) if m.num_heads % tensor == 0 else m.num_heads
+  tp_w = dict(w, q=w["q"] * heads_local // m.num_heads,
+              kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
+              f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
+  per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
+  # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
+  # gradients replace the saved tensors they consume).
+  activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
+  if (attention or m.attention) == "xla":
+    # The layer being differentiated holds float32 scores, probabilities and their gradients,
+    # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).
+    blocks = config_lib.attention_query_blocks(t.seq_len)
+    square = rows * heads_local * t.seq_len * t.seq_len * (blocks + 1) / (2 * blocks)
+    activations += square * 16
+    if m.remat == "dots":
+      per_layer += square * 4
+    if m.remat == "none":
+      per_layer += square * (4 + c)  # float32 scores, probabilities
+  activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
+  vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
+  loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
+  # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
+  # (AdamW's two on embeddings, lm_head and norms: lmtiny.training.muon).
+  block_elems = m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) / (fsdp * tensor)
+  moments = 8.0 * param_elems - (4.0 * block_elems if cfg.optim.get("name", "adamw") == "muon" else 0.0)
+  vocab_matrices = embedding * (1 if m.tie_embeddings else 2)
+  out = {
+      "params": 4.0 * param_elems,
+      "optimizer": moments,
+      "gradients": (4.0 + 2 * c) * param_elems,
+      "activations": float(activations),
+      "loss_chunk": float(loss_chunk),
+      # Whole vocab matrices in the compute dtype, and float32 gradients of them, less the
+      # shares of them counted above.
+      "fsdp_gathers": 0.0 if fsdp == 1 else (c + 4.0) * vocab_matrices * (1 - 1 / fsdp),
+  }
+  out["total"] = sum(out.values())
+  return out
+
+
+V5E_BYTES = arch.HBM_BYTES["v5e"]
+# Against XLA:TPU's own figure for every config's v5e plans (benchmarks/tpu_plans.py) the
+# estimate has read between 0.76x (d20 under FSDP) and 1.26x, so a plan keeps it under 60% of
+# the chip: an under-estimate of that size still fits (XLA <= 79% of the chip).
+PLAN_HEADROOM = 0.6
+
+
+def fsdp_plans(cfg, chip_bytes: float = V5E_BYTES, headroom: float = PLAN_HEADROOM,
+               max_fsdp: int = 256) -> list[tuple[int, int | None, int, float]]:
+  """How the config fits chips of `chip_bytes` (default a 16 GB v5e) at each FSDP degree.
+
+  For every power-of-two FSDP degree that divides the global batch's sequences (up to
+  max_fsdp): the largest device_batch_size, at most the config's, that divides the sequences
+  each device gets and whose estimate fits `headroom` of the chip, as (fsdp, device_batch_size,
+  accumulation steps, estimated bytes); (fsdp, None, 0, bytes at 1 sequence) when none fits.
+  """
+  t = cfg.train
+  sequences = config_lib.global_batch_size(t)
+  most = t.device_batch_size or config_lib.micro_batch_size(t)
+  plans, fsdp = [], 1
+  while fsdp <= min(max_fsdp, sequences) and sequences % fsdp == 0:
+    per_device = sequences // fsdp
+    mesh_shape = {"data": 1, "fsdp": fsdp, "tensor": 1}
+    plan = None
+    for dbs in (d for d in range(min(most, per_device), 0, -1) if per_device % d == 0):
+      trial = copy.deepcopy(cfg)
+      trial.train.device_batch_size = dbs
+      total = estimate(trial, mesh_shape)["total"]
+      if total <= headroom * chip_bytes:
+        plan = (fsdp, dbs, per_device // dbs, total)
+        break
+    plans.append(plan or (fsdp, None, 0, total))
+    fsdp *= 2
+  return plans
+
+
+def format_plans(cfg, chip: str = "16 GB v5e", chip_bytes: float = V5E_BYTES, rows: int = 4) -> list[str]:
+  """The smallest FSDP degrees at which the config fits `chip` chips, one line each."""
+  plans = fsdp_plans(cfg, chip_bytes)
+  fits = [p for p in plans if p[1] is not None]
+  head = (f"{chip} chips (data=1, fsdp=N; largest train.device_batch_size whose estimate stays under "
+          f"{PLAN_HEADROOM:.0%} of the chip):")
+  if not fits:
+    return [head, f"  no FSDP degree up to {plans[-1][0]} fits; lower train.seq_len or the model"]
+  lines = [head]
+  if fits[0][0] > 1:
+    lines.append(f"  mesh.fsdp < {fits[0][0]}: does not fit")
+  lines += [f"  mesh.fsdp={f:<4} train.device_batch_size={dbs:<3} accumulation {acc:<3} {total / GIB:6.2f} GiB"
+            for f, dbs, acc, total in fits[:rows]]
+  return lines
+
+
+def format_estimate(cfg, mesh_shape=None) -> list[str]:
+  """Lines for lmtiny.arch's report."""
+  e = estimate(cfg, mesh_shape)
+  t = cfg.train
+  dp = (mesh_shape or {}).get("data", 1) * (mesh_shape or {}).get("fsdp", 1)
+  resolved = config_lib.resolve_batch(cfg, dp).train
+  rows = max(1, config_lib.micro_batch_size(resolved) // max(dp, 1))
+  lines = [f"Memory per device (estimate; {rows} sequences x {t.seq_len} per micro-step, "
+           f"accumulation {config_lib.accumulation_steps(resolved)}, remat {cfg.model.remat}, "
+           f"{'float32' if cfg.model.dtype == 'float32' else 'bf16'} compute, one device):"]
+  lines += [f"  {k:<12}{v / GIB:>9.2f} GiB" for k, v in e.items()]
+  return lines + format_plans(cfg)
+

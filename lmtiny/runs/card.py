@@ -1,0 +1,350 @@
+"""The report card: RUN/report.md, rebuilt from the files every stage leaves in the run.
+
+Built by `python -m lmtiny.report` and by each stage as it ends (`update_for`).
+
+Layout read (nanochat-style pipeline, as launch/speedrun.sh lays it out):
+  RUN/tokenizer/report.json   tokenizer stage (vocab, characters, bytes per token if measured)
+  RUN/metrics.jsonl           base pretraining; RUN/mid, RUN/sft: midtraining and SFT runs
+  RUN/rl/metrics.jsonl        RL (reward, pass@k, held-out accuracy)
+  */eval.json                 `lmtiny.eval` results of any of those runs (eval_int8/int4.json: quantized)
+  RUN/{mid,sft}/turn_ending.json  `lmtiny.sft --report`: replies that end their turn, before/after
+The card opens with a summary table, one row per figure, '-' where its stage did not run (or did
+not measure it): tokenizer bytes per token (the base run's shards), base val bpb, CORE, mid/SFT
+held-out loss and turn-ending rate, RL reward and held-out accuracy, GSM8K, int8/int4 against
+full precision, and wall time per stage and in total.
+Per training stage: parameters, steps, tokens, wall time, FLOPs (6N + attention convention of
+lmtiny.plan.arch.train_flops_per_token), MFU = FLOPs / (wall time x chips x peak), estimated cost =
+wall time x chips x price per chip-hour, first/last val loss and bpb, the loss plot and the last
+sample. Wall time and chips come from the "run" records the trainer and RL write at the end of
+each (possibly resumed) segment. Each stage calls `update_for(its workdir)` when it finishes,
+which rewrites the whole card, so a stage run again replaces its own section.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from etils import epath
+
+from lmtiny.data import shards as shards_lib
+from lmtiny.data.mixture import parse_weighted
+from lmtiny.fs.atomic import atomic_write
+from lmtiny.plan import arch
+from lmtiny.runs.metrics import format_duration, plot_loss_curve, read_metrics, wall_seconds
+
+STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
+SETTINGS = "report_settings.json"
+TURN_ENDING_FILE = "turn_ending.json"  # written by lmtiny.chat.turn_ending
+_TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_fallback_fraction", "train_seconds",
+                      "hash")
+
+
+def report_root(workdir: str) -> str:
+  """The pipeline's run directory: the parent of a mid/sft/rl stage run, else the run itself."""
+  path = workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)
+  parent, name = path.rsplit("/", 1)
+  if name in {s for _, s in STAGES if s} and exists(parent, "config.json"):
+    return parent
+  return path
+
+
+def exists(*parts: str) -> bool:
+  return epath.Path(*parts).exists()
+
+
+def _read_json(*parts: str):
+  return json.loads(epath.Path(*parts).read_text())
+
+
+def _records(d: str) -> list[dict]:
+  return read_metrics(d)
+
+
+def _duration(seconds: float) -> str:
+  return format_duration(seconds) if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def _cost_lines(records: list[dict], flops: float | None, price: float | None) -> list[str]:
+  seconds, runs = wall_seconds(records), [r for r in records if r["split"] == "run"]
+  chips = max((r.get("chips", 1) for r in runs), default=1)
+  lines = [f"- wall time: {_duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
+  if flops:
+    lines.append(f"- training FLOPs: {flops:.3e} (6N + 6LTHDh per token, causal half)")
+    peak = runs[-1].get("peak_flops") if runs else None
+    if peak and seconds:
+      lines.append(f"- MFU: {100 * flops / (seconds * peak):.2f}% of {peak:.3g} FLOP/s dense bf16 peak")
+  if price is not None:
+    lines.append(f"- estimated cost: ${seconds / 3600 * chips * price:,.2f} at ${price}/chip-hour")
+  return lines
+
+
+def _last_sample(records) -> list[str]:
+  samples = [r for r in records if r["split"] == "sample"]
+  if not samples:
+    return []
+  s = samples[-1]
+  return ["", f"Sample at step {s['step']}:", "", "```", (s.get("prompt", "") + s.get("text", ""))[:600], "```"]
+
+
+def train_section(title: str, d: str, rel: str, price) -> list[str]:
+  import ml_collections
+  records = _records(d)
+  cfg = ml_collections.ConfigDict(_read_json(d, "config.json"))
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  steps = max((r["step"] for r in records), default=0)
+  tokens = steps * cfg.train.batch_tokens
+  flops = tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  lines = [f"## {title}", "", f"- model: {arch.count_params(cfg.model) / 1e6:.2f}M parameters, "
+           f"{cfg.model.num_layers} layers x {cfg.model.d_model}, context {cfg.model.max_seq_len}",
+           f"- steps: {steps}, tokens: {tokens:,} ({cfg.train.batch_tokens:,} per step)"]
+  if train:
+    lines.append(f"- train loss: {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}")
+  if val:
+    lines.append(f"- val loss: {val[0]['loss']:.4f} -> {val[-1]['loss']:.4f} | val bpb: "
+                 f"{val[0].get('bpb', float('nan')):.4f} -> {val[-1].get('bpb', float('nan')):.4f}")
+  core = [r for r in records if r["split"] == "core"]
+  if core:
+    lines.append(f"- CORE during training: {core[0]['core']:.4f} (step {core[0]['step']}) -> "
+                 f"{core[-1]['core']:.4f} (step {core[-1]['step']})")
+  lines += _cost_lines(records, flops, price)
+  if plot_loss_curve(d):
+    lines += ["", f"![{title} loss]({os.path.join(rel, 'loss.png') if rel else 'loss.png'})"]
+  return lines + _last_sample(records)
+
+
+def _plot_reward(d: str, rl) -> str | None:
+  if not rl:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="mean reward")
+  k = next((key for key in rl[0] if key.startswith("pass@")), None)
+  if k:
+    ax.plot([r["step"] for r in rl], [r[k] for r in rl], label=k)
+  ax.set_xlabel("step")
+  ax.set_ylabel("reward")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  png = io.BytesIO()
+  fig.savefig(png, dpi=100, format="png")
+  plt.close(fig)
+  atomic_write(os.path.join(d, "reward.png"), png.getvalue())
+  return "reward.png"
+
+
+def rl_section(d: str, rel: str, price) -> list[str]:
+  records = _records(d)
+  rl = [r for r in records if r["split"] == "rl"]
+  evals = [r for r in records if r["split"] == "rl_eval"]
+  lines = ["## RL", ""]
+  if rl:
+    k = next(key for key in rl[0] if key.startswith("pass@"))
+    lines += [f"- steps: {rl[-1]['step']}, sampled tokens: {sum(r.get('sampled_tokens', 0) for r in records if r['split'] == 'run'):,.0f}",
+              f"- mean reward: {rl[0]['reward']:.3f} (first step) -> {rl[-1]['reward']:.3f} (last); "
+              f"{k}: {rl[0][k]:.3f} -> {rl[-1][k]:.3f}"]
+  if evals:
+    lines.append(f"- held-out greedy accuracy: {evals[0]['accuracy']:.3f} (step {evals[0]['step']}) -> "
+                 f"{evals[-1]['accuracy']:.3f} (step {evals[-1]['step']})")
+  lines += _cost_lines(records, None, price)
+  if _plot_reward(d, rl):
+    lines += ["", f"![RL reward]({os.path.join(rel, 'reward.png')})"]
+  return lines + _last_sample(records)
+
+
+def eval_section(root: str) -> list[str]:
+  lines = []
+  for title, rel in STAGES:
+    if not exists(root, rel, "eval.json"):
+      continue
+    out = _read_json(root, rel, "eval.json")
+    lines += [f"### {title} (step {out['step']})", "", "| task | metric | value |", "|---|---|---|"]
+    for name, r in out["results"].items():
+      if name == "bpb":
+        lines.append(f"| bpb | bits per byte | {r['bpb']:.4f} |")
+      elif "centered" in r:
+        lines.append(f"| {name} | centered acc (acc {r['accuracy']:.3f}, {r['items']} items) | {r['centered']:.4f} |")
+      else:
+        lines.append(f"| {name} | accuracy ({r['items']} problems) | {r['accuracy']:.4f} |")
+    if "core" in out:
+      lines.append(f"| **CORE** | mean centered | {out['core']:.4f} |")
+    lines.append("")
+  return ["## Evaluation", ""] + lines if lines else []
+
+
+def tokenizer_section(root: str) -> list[str]:
+  if not exists(root, "tokenizer", "report.json"):
+    return []
+  rep = _read_json(root, "tokenizer", "report.json")
+  lines = ["## Tokenizer", ""]
+  for key in _TOKENIZER_FIGURES:
+    value = rep.get(key)
+    if isinstance(value, (int, float, str)):
+      shown = f"{value:,}" if isinstance(value, int) else str(value)[:16] if key == "hash" else str(value)
+      lines.append(f"- {key}: {shown}")
+  return lines
+
+
+_DASH = "-"
+
+
+def _change(first: float, last: float, fmt: str) -> str:
+  return f"{first:{fmt}} -> {last:{fmt}}"
+
+
+def _bytes_per_token(root: str, base_cfg: dict | None) -> str:
+  """Measured on the base run's shards (all splits; a mixture's first directory), or the figure
+  the tokenizer stage recorded."""
+  if exists(root, "tokenizer", "report.json"):
+    measured = _read_json(root, "tokenizer", "report.json").get("bytes_per_token")
+    if isinstance(measured, (int, float)):
+      return f"{measured:.3f}"
+  spec = ((base_cfg or {}).get("data") or {}).get("shards")
+  if not spec:
+    return _DASH
+  directory = parse_weighted(spec, "config.data.shards")[0][0]  # relative: to where train ran, as here
+  if not exists(directory, shards_lib.MANIFEST_FILE):
+    return _DASH
+  splits = _read_json(directory, shards_lib.MANIFEST_FILE).get("splits", {}).values()
+  tokens, nbytes = sum(s.get("tokens", 0) for s in splits), sum(s.get("bytes", 0) for s in splits)
+  return f"{nbytes / tokens:.3f}" if tokens else _DASH
+
+
+def _val_bpb(records) -> str:
+  val = [r for r in records or [] if r["split"] == "val" and "bpb" in r]
+  return f"{val[-1]['bpb']:.4f} (step {val[-1]['step']})" if val else _DASH
+
+
+def _held_out_loss(records) -> str:
+  val = [r for r in records or [] if r["split"] == "val"]
+  return _change(val[0]["loss"], val[-1]["loss"], ".4f") if val else _DASH
+
+
+def _core_value(root: str, records) -> str:
+  if exists(root, "eval.json"):
+    out = _read_json(root, "eval.json")
+    if "core" in out:
+      return f"{out['core']:.4f} (lmtiny.eval, step {out['step']})"
+  core = [r for r in records or [] if r["split"] == "core"]
+  return f"{core[-1]['core']:.4f} (during training, step {core[-1]['step']})" if core else _DASH
+
+
+def _turn_ending(d: str) -> str:
+  if not exists(d, TURN_ENDING_FILE):
+    return _DASH
+  t = _read_json(d, TURN_ENDING_FILE)
+  share = lambda x: f"{x['ended']}/{x['total']} ({100 * x['ended'] / max(x['total'], 1):.1f}%)"
+  return f"{share(t['before'])} -> {share(t['after'])} (within {t['max_new_tokens']} tokens)"
+
+
+def _rl_rows(records) -> list[tuple[str, str, str]]:
+  rl = [r for r in records or [] if r["split"] == "rl"]
+  evals = [r for r in records or [] if r["split"] == "rl_eval"]
+  return [("rl", "mean reward", _change(rl[0]["reward"], rl[-1]["reward"], ".3f") if rl else _DASH),
+          ("rl", "held-out accuracy", _change(evals[0]["accuracy"], evals[-1]["accuracy"], ".3f") if evals else _DASH)]
+
+
+def _evals(root: str, name: str = "eval.json") -> list[tuple[str, dict]]:
+  return [(title, _read_json(root, rel, name)) for title, rel in STAGES if exists(root, rel, name)]
+
+
+def _gsm8k(root: str) -> str:
+  found = [f"{out['results']['gsm8k']['accuracy']:.4f} ({title}, {out['results']['gsm8k']['items']} problems)"
+           for title, out in _evals(root) if "gsm8k" in out.get("results", {})]
+  return "; ".join(found) or _DASH
+
+
+def _headline(out: dict) -> dict[str, float]:
+  """An eval file's figures that a quantized model is compared on."""
+  results = out.get("results", {})
+  figures = {"bpb": results.get("bpb", {}).get("bpb"), "CORE": out.get("core"),
+             "GSM8K": results.get("gsm8k", {}).get("accuracy")}
+  return {label: value for label, value in figures.items() if value is not None}
+
+
+def _quant_delta(root: str, mode: str) -> str:
+  """Each figure an eval_<mode>.json shares with the same stage's eval.json (same step), as
+  quantized minus full precision."""
+  full = dict(_evals(root))
+  parts = []
+  for title, out in _evals(root, f"eval_{mode}.json"):
+    ref = full.get(title)
+    if not ref or ref.get("step") != out.get("step"):
+      continue
+    quantized, reference = _headline(out), _headline(ref)
+    deltas = [f"{label} {round(value - reference[label], 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+              for label, value in quantized.items() if label in reference]
+    if deltas:
+      parts.append(f"{title}: {', '.join(deltas)}")
+  return "; ".join(parts) or _DASH
+
+
+def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
+  seconds = {}
+  if exists(root, "tokenizer", "report.json"):
+    train_seconds = _read_json(root, "tokenizer", "report.json").get("train_seconds")
+    if isinstance(train_seconds, (int, float)):
+      seconds["tokenizer"] = float(train_seconds)
+  for title, _ in STAGES:
+    if records.get(title) is not None:
+      seconds[title] = wall_seconds(records[title])
+  evals = [r.get("seconds", 0.0) for name in ("eval.json", "eval_int8.json", "eval_int4.json")
+           for _, out in _evals(root, name) for r in out.get("results", {}).values()]
+  if evals:
+    seconds["eval"] = sum(evals)
+  names = ["tokenizer", *(title for title, _ in STAGES), "eval"]
+  rows = [("wall time", name, _duration(seconds[name]) if name in seconds else _DASH) for name in names]
+  return rows + [("wall time", "total", _duration(sum(seconds.values())) if seconds else _DASH)]
+
+
+def summary_section(root: str) -> list[str]:
+  """The cross-stage table at the top of the card: every row always, '-' where not measured."""
+  records = {title: _records(os.path.join(root, rel)) if exists(root, rel, "metrics.jsonl") else None
+             for title, rel in STAGES}
+  base_cfg = _read_json(root, "config.json") if exists(root, "config.json") else None
+  rows = [("tokenizer", "bytes per token", _bytes_per_token(root, base_cfg)),
+          ("base", "val bpb", _val_bpb(records["base"])), ("base", "CORE", _core_value(root, records["base"]))]
+  for title, rel in STAGES[1:3]:
+    rows += [(title, "held-out loss", _held_out_loss(records[title])),
+             (title, "turn-ending rate", _turn_ending(os.path.join(root, rel)))]
+  rows += _rl_rows(records["rl"])
+  rows += [("eval", "GSM8K accuracy", _gsm8k(root)),
+           *((("eval", f"{mode} vs full precision", _quant_delta(root, mode)) for mode in ("int8", "int4")))]
+  rows += _wall_rows(root, records)
+  return ["## Summary", "", "| stage | figure | value |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+
+
+def write_report(root: str, price: float | None = None) -> str:
+  """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages."""
+  settings_path = os.path.join(root, SETTINGS)
+  settings = _read_json(settings_path) if exists(settings_path) else {}
+  if price is not None:
+    settings["price_per_chip_hour"] = price
+    atomic_write(settings_path, json.dumps(settings).encode())
+  price = settings.get("price_per_chip_hour")
+  sections = [summary_section(root), tokenizer_section(root)]
+  for title, rel in STAGES:
+    d = os.path.join(root, rel)
+    if title == "rl":
+      if exists(d, "metrics.jsonl"):
+        sections.append(rl_section(d, rel, price))
+    elif exists(d, "config.json") and exists(d, "metrics.jsonl"):
+      sections.append(train_section({"base": "Base model", "mid": "Midtraining", "sft": "SFT"}[title], d, rel, price))
+  sections.append(eval_section(root))
+  text = f"# lmtiny report card: {root.rstrip('/').rsplit('/', 1)[-1]}\n\n" + "\n\n".join(
+      "\n".join(s) for s in sections if s) + "\n"
+  path = os.path.join(root, "report.md")
+  atomic_write(path, text.encode())
+  return path
+
+
+def update_for(workdir: str) -> str | None:
+  """Called by a stage when it ends (main process only); rewrites the card of its pipeline run."""
+  import jax
+  if jax.process_index() != 0:
+    return None
+  return write_report(report_root(workdir))

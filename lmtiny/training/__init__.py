@@ -1,0 +1,1 @@
+"""Training: the jitted steps, the one run loop (pretraining, SFT, RL), optimizers, loss scaling, lowering."""

@@ -1,0 +1,263 @@
+"""Lower the train step for a GPU or TPU this machine lacks, and say what the program calls.
+
+    python -m lmtiny.bench --config configs/d20.py --lower-for cuda     # or: --lower-for tpu
+
+Lowering (jit -> StableHLO) needs no device of the target kind; compiling and running do.
+So this shows, on any machine, what the accelerator would be handed: which attention kernel
+each layer calls (cuDNN fused attention with its mask type and packed-run bound, or splash's
+Mosaic kernels), how often (a remat policy that reruns the attention forward doubles the
+forward calls), and whether a [T, T] score tensor is left anywhere in the step.
+
+cuDNN's jax entry point asks the CUDA plugin for the cuDNN version and the GPU for its compute
+capability before it lowers; `target("cuda")` answers both as an H100 would (sm90, cuDNN 9.x)
+for the duration of the lowering, and attention resolves `auto` as it would there. Under a
+mesh, cuDNN's call is wrapped in XLA's custom partitioning and lowered per shard only when the
+program is compiled: the count of those wrappers stands for it. Splash lowers fully (Mosaic).
+
+    python -m lmtiny.bench --config configs/d20.py --topology v5e:2x4 [--config.mesh.fsdp=8 ...]
+
+goes one step further for TPUs: with libtpu installed (`pip install -e ".[tpu]"`), XLA:TPU
+compiles the step here for the devices of a slice described by name (libtpu's topology
+description, as MaxText's ahead-of-time compile does), splash kernels included, and its memory
+analysis is the real per-chip figure, no TPU needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections import Counter
+
+import jax
+import numpy as np
+
+from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError
+from lmtiny.model import attention as attn_lib
+from lmtiny.parallel import sharding
+from lmtiny.runs.checkpoint import abstract_with_shardings
+from lmtiny.training.steps import BATCH_KEYS, build_steps, check_batch_divisibility
+
+PLATFORMS = ("cuda", "tpu")
+H100_CAPABILITY = (9, 0)
+CUDNN_VERSION = 92400  # what jax.nn's cuDNN path is told; it gates features, not the lowering itself
+CUDNN_CALLS = {"__cudnn$fmhaSoftmax": "forward", "__cudnn$fmhaSoftmaxBackward": "backward"}
+DTYPE_BYTES = {"f64": 8, "f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i16": 2, "i8": 1, "ui8": 1, "i1": 1}
+
+
+def check_platform(platform: str) -> None:
+  if platform not in PLATFORMS:
+    raise ConfigError(f"--lower-for={platform!r}: must be one of {', '.join(PLATFORMS)}")
+
+
+@contextlib.contextmanager
+def target(platform: str):
+  """Attention built for `platform` ("cuda" or "tpu") while the block runs; restored after."""
+  check_platform(platform)
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  probes = {"check_cudnn_version": lambda: CUDNN_VERSION,
+            "check_compute_capability": lambda c: tuple(int(x) for x in c.split(".")) <= H100_CAPABILITY,
+            "is_cuda_compute_capability_equal": lambda c: tuple(int(x) for x in c.split(".")) == H100_CAPABILITY}
+  saved_probes = {name: getattr(cudnn_fmha, name) for name in probes}
+  saved_target = dict(attn_lib.LOWERING_TARGET)
+  attn_lib.LOWERING_TARGET.update(platform="gpu" if platform == "cuda" else "tpu",
+                                  gpu_capability=H100_CAPABILITY if platform == "cuda" else None)
+  if platform == "cuda":
+    for name, probe in probes.items():
+      setattr(cudnn_fmha, name, probe)
+  try:
+    yield
+  finally:
+    attn_lib.LOWERING_TARGET.update(saved_target)
+    for name, probe in saved_probes.items():
+      setattr(cudnn_fmha, name, probe)
+
+
+def for_platform(cfg, platform: str):
+  """A copy of cfg with the choices `auto` makes on that platform made: bf16 compute, and the
+  attention backend lmtiny.model.attention picks there for packed training rows."""
+  check_platform(platform)
+  cfg = cfg.copy_and_resolve_references()
+  m = cfg.model
+  if m.dtype == "auto":
+    m.dtype = "bfloat16"
+  m.attention = attn_lib.resolve_impl(m.attention, m.dtype, platform="gpu" if platform == "cuda" else "tpu",
+                                      seq_len=cfg.train.seq_len, packed=True,
+                                      gpu_capability=H100_CAPABILITY if platform == "cuda" else None)
+  return cfg
+
+
+def lower_train_step(cfg, platform: str, mesh=None) -> tuple[str, float, object]:
+  """(StableHLO text of the trainer's jitted step for `platform`, seconds, the config lowered)."""
+  lowered, seconds, cfg, _ = _lowered_train_step(cfg, platform, mesh)
+  return lowered.as_text(), seconds, cfg
+
+
+def _lowered_train_step(cfg, platform: str | None = None, mesh=None, devices=None):
+  """(the trainer's jitted step lowered on abstract inputs, seconds, the config, the mesh): for
+  this machine's backend, or for `platform` as `auto` resolves there; the mesh config is laid
+  over `devices` (default: this machine's) unless a mesh is given."""
+  if platform is not None:
+    cfg = for_platform(cfg, platform)
+  config_lib.validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, devices) if mesh is None else mesh
+  check_batch_divisibility(cfg, mesh)
+  t0 = time.perf_counter()
+  with target(platform) if platform is not None else contextlib.nullcontext():
+    steps = build_steps(cfg, mesh, total_steps=2)
+    rows, t = config_lib.global_batch_size(cfg.train), cfg.train.seq_len
+    batch = {k: jax.ShapeDtypeStruct((rows, t), np.float32 if k == "loss_mask" else np.int32,
+                                     sharding=steps.batch_sharding) for k in BATCH_KEYS}
+    with jax.set_mesh(mesh):
+      state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+      traced = steps.train_step.trace(state, batch)
+      lowered = traced.lower() if platform is None else traced.lower(lowering_platforms=(platform,))
+  return lowered, time.perf_counter() - t0, cfg, mesh
+
+
+def compile_train_step(cfg, platform: str | None = None, devices=None):
+  """XLA's compile of the trainer's step on abstract inputs (nothing allocated, nothing run), as
+  (compiled, seconds, the config compiled, mesh): for this machine's devices, or for `devices`
+  of `platform` (a described TPU slice: tpu_devices)."""
+  lowered, lower_s, cfg, mesh = _lowered_train_step(cfg, platform, devices=devices)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, lower_s + time.perf_counter() - t0, cfg, mesh
+
+# libtpu probes the TPU VM it expects to run on (metadata server, worker hostnames, accelerator
+# type) when it loads, and logs errors where there is none; a topology needs none of it. Its
+# lockfile keeps a second process off the chips: compiling for described ones needs no lock.
+_OFF_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+                "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+TOPOLOGY_EXAMPLES = "v5e:2x4, v5p:2x2x2, v6e:4x4, v4:2x2x1"
+
+
+def tpu_devices(topology: str) -> list:
+  """The devices of the TPU slice `topology` names (libtpu's topology description: "v5e:2x4" is
+  a v5e-8), for XLA:TPU to compile for on this machine; nothing can run on them."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise ConfigError(f"--topology={topology}: compiling for a TPU slice needs libtpu: "
+                                 "pip install -e '.[tpu]'") from None
+  for name, value in _OFF_TPU_ENV.items():
+    os.environ.setdefault(name, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    try:
+      return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
+    except Exception as e:  # pylint: disable=broad-except
+      # A slice smaller than libtpu's default host (2x2 chips), e.g. "v5e:1x1", is one host.
+      dims = re.fullmatch(r"\w+:(\d+)x(\d+)(?:x(\d+))?", topology)
+      if "chips_per_host_bounds" not in str(e) or dims is None:
+        raise
+      bounds = [int(d or 1) for d in dims.groups()]
+      return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                               chips_per_host_bounds=bounds).devices)
+  except Exception as e:  # pylint: disable=broad-except  # libtpu's own error types
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"--topology={topology!r}: libtpu cannot describe it ({reason}); "
+                                 f"names look like {TOPOLOGY_EXAMPLES}") from None
+
+
+def compile_for_topology(cfg, topology: str):
+  """XLA:TPU's compile of the trainer's step for the slice `topology` names, as
+  (compiled, seconds, the config compiled, mesh): the mesh config is laid over its devices."""
+  return compile_train_step(cfg, "tpu", tpu_devices(topology))
+
+def _tensor_bytes(shape: str) -> int:
+  *dims, dtype = shape.split("x")
+  return int(np.prod([int(d) for d in dims], dtype=np.int64)) * DTYPE_BYTES.get(dtype, 4)
+
+
+def _call_counts(text: str) -> Counter:
+  """How many times each custom call runs per step: its sites in each function, multiplied out
+  through the calls from @main (jax outlines repeated sub-programs, e.g. splash's wrapper, into
+  private functions called once per layer). A kernel is named by its Mosaic kernel_name when it
+  has one, else by its custom-call target."""
+  direct, calls = {}, {}
+  for chunk in re.split(r"\n(?=\s*func\.func )", text):
+    head = re.match(r"\s*func\.func (?:public |private )?@([\w$.]+)", chunk)
+    if head is None:
+      continue
+    name = head.group(1)
+    direct[name] = Counter()
+    for line in chunk.splitlines():
+      site = re.search(r"custom_call @([\w$]+)\(", line)
+      if site:
+        kernel = re.search(r'kernel_name = "(\w+)"', line)
+        direct[name][kernel.group(1) if kernel else site.group(1)] += 1
+    calls[name] = Counter(re.findall(r"(?<!custom_)call @([\w$.]+)\(", chunk))
+  totals: dict[str, Counter] = {}
+
+  def total(name: str) -> Counter:
+    if name not in totals:
+      out = Counter(direct.get(name, {}))
+      for callee, n in calls.get(name, {}).items():
+        for key, m in total(callee).items():
+          out[key] += n * m
+      totals[name] = out
+    return totals[name]
+
+  return total("main")
+
+
+def model_widths(m) -> set[int]:
+  """Every width a tensor of the model has besides the sequence (a [.., T, T] search is blind
+  when T is one of them: d32's [B, T, D] is [B, 2048, 2048])."""
+  h, k, dh = m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
+  return {m.d_model, config_lib.mlp_dim(m), m.vocab_size, h * dh, k * dh}
+
+
+def summarize(text: str, seq_len: int, widths: set[int] = frozenset()) -> dict:
+  """What a lowered program calls: attention kernels per step, cuDNN mask types and packed-run
+  bounds, custom-partitioned calls, tensor types with a [T, T] tail (None: not told apart,
+  T is in `widths`), and the largest types."""
+  calls = _call_counts(text)
+  tensors = Counter(re.findall(r"tensor<((?:\d+x)+[a-z]+\d+)>", text))
+  square = None if seq_len in widths else {
+      s: n for s, n in tensors.items() if re.search(rf"(^|x){seq_len}x{seq_len}x[a-z]+\d+$", s)}
+  largest = sorted(tensors, key=_tensor_bytes, reverse=True)[:4]
+  return {"cudnn": {role: calls.get(name, 0) for name, role in CUDNN_CALLS.items()},
+          "partitioned": calls.get("CustomSPMDPartitioning", 0),
+          "splash": {k: n for k, n in calls.items() if k.startswith("splash_")},
+          "mask_types": sorted(set(re.findall(r"mask_type\\22: \\22(\w+)\\22", text))),
+          "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
+          "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest]}
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict) -> str:
+  m = cfg.model
+  body = "the layer body appears once (scan)" if m.scan_layers else f"{m.num_layers} layers unrolled"
+  lines = [f"lowered      for {platform} in {seconds:.1f} s ({'sm90, cuDNN 9.x assumed' if platform == 'cuda' else 'Mosaic'}), "
+           f"mesh {mesh_shape}, attention={m.attention}, dtype {m.dtype}, remat {m.remat}; {body}"]
+  if any(s["cudnn"].values()):
+    lines.append(f"attention    cuDNN fused attention: {s['cudnn']['forward']} forward, {s['cudnn']['backward']} backward "
+                 f"calls; mask {', '.join(sorted(s['mask_types'])) or '-'}; packed runs per row <= "
+                 f"{', '.join(map(str, s['max_runs'])) or '-'}")
+  if s["splash"]:
+    lines.append("attention    splash (Mosaic): " + ", ".join(f"{k} x{v}" for k, v in sorted(s["splash"].items())))
+  if s["partitioned"]:
+    lines.append(f"partitioned  {s['partitioned']} custom-partitioned calls (cuDNN attention under a mesh, "
+                 "partitioned and lowered per shard when XLA compiles)")
+  if not (any(s["cudnn"].values()) or s["splash"] or s["partitioned"]):
+    lines.append("attention    no fused kernel: XLA attention")
+  if s["square"] is None:
+    lines.append(f"[T, T]       not checked: T = {cfg.train.seq_len} is also a model width")
+  else:
+    square = ", ".join(f"{k} x{v}" for k, v in sorted(s["square"].items()))
+    lines.append(f"[T, T]       {square or 'none'} (T = {cfg.train.seq_len})")
+  lines.append("largest      " + ", ".join(f"{shape} ({_size(n)}) x{count}" for shape, n, count in s["largest"]))
+  return "\n".join(lines)
+
+
+def report(cfg, platform: str) -> str:
+  text, seconds, lowered_cfg = lower_train_step(cfg, platform)
+  mesh_shape = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  summary = summarize(text, cfg.train.seq_len, model_widths(lowered_cfg.model))
+  return format_summary(summary, lowered_cfg, platform, seconds, mesh_shape)

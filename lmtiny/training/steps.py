@@ -1,0 +1,208 @@
+"""The jitted steps for one config on one mesh: `build_steps` creates the optimizer, the abstract
+train state and its shardings, a jitted initialiser whose outputs are born sharded, and one
+`jax.jit` train step with explicit in/out shardings and donated state (also used by the benchmark,
+the LR finder, lowering and validation bits per byte).
+
+Gradient accumulation: the global batch (train.batch_tokens) is split into micro-batches of
+train.micro_batch_size sequences that a `lax.scan` runs one after another, summing the loss and
+gradients over all loss-mask tokens before one normalisation, so the update is the same as one
+big batch regardless of how many devices there are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError
+from lmtiny.model.transformer import abstract_model, cast_params, compute_dtype, Transformer
+from lmtiny.parallel import sharding, xla_options
+from lmtiny.training import loss_scale
+from lmtiny.training.optim import make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass
+class Steps:
+  """Everything compiled for one config on one mesh."""
+  mesh: Any
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any
+  state_shardings: Any
+  init: Callable[[], Any]
+  train_step: Callable[[Any, dict], tuple[Any, dict]]
+  eval_step: Callable[[Any, dict, jax.Array], dict]
+  batch_sharding: Any
+  # The model's parameters from the trained ones (identity, or frozen base + adapters for LoRA).
+  model_params: Callable[[Any], Any] = lambda params: params
+
+
+def token_losses(graphdef, params, batch, with_lse: bool = False):
+  """Per-token cross-entropy [B, T] in float32 (and the logsumexp, for z-loss, with_lse), from
+  the model's memory-efficient loss path (no [B, T, V] logits)."""
+  model = nnx.merge(graphdef, params)
+  ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"])
+  return (ce_BxT, lse_BxT) if with_lse else ce_BxT
+
+
+def check_batch_divisibility(cfg, mesh) -> None:
+  dp = sharding.data_parallel_size(mesh)
+  t = config_lib.resolve_batch(cfg, dp).train
+  micro = config_lib.micro_batch_size(t)
+  if micro % dp:
+    field = "train.micro_batch_size" if t.micro_batch_size else "train.batch_tokens"
+    value = t.micro_batch_size or t.batch_tokens
+    raise ConfigError(f"config.{field}={value!r}: {micro} sequences per (micro-)batch do not divide over "
+                      f"the data-parallel size {dp} (mesh data x fsdp)")
+  if micro % jax.process_count():
+    raise ConfigError(f"config.train.batch_tokens={t.batch_tokens!r}: {micro} sequences per micro-batch do "
+                      f"not divide over {jax.process_count()} processes")
+  if jax.process_count() > 1:
+    sharding.check_process_local_batches(mesh)
+
+
+def _init_fns(init, state_shardings) -> Callable:
+  """init() for a fresh state; init(params) for one that starts from given parameters, which are
+  donated: the state takes over their buffers, so fine-tuning never holds its base weights twice."""
+  fresh = jax.jit(init, out_shardings=state_shardings)
+  from_params = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)
+  return lambda params=None: fresh() if params is None else from_params(params)
+
+
+def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
+                adapter=None, frozen_params=None) -> Steps:
+  """`adapter` (fine-tuning, e.g. lmtiny.model.lora.LoRA): train only what `adapter.init()` makes
+  (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
+  trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
+  saved. `init(params)` starts from given parameters instead of a fresh initialisation."""
+  cfg = config_lib.resolve_batch(cfg, sharding.data_parallel_size(mesh))
+  m, t = cfg.model, cfg.train
+  graphdef, _ = nnx.split(abstract_model(m))
+  tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
+  accum = config_lib.accumulation_steps(t)
+
+  def init(params=None):
+    if params is None and adapter is not None:
+      params = adapter.init(jax.random.key(t.seed))
+    elif params is None:
+      params = nnx.state(Transformer(m, nnx.Rngs(params=t.seed)), nnx.Param)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(t.seed + 1))}
+    if loss_scale.enabled(m):  # float16: dynamic loss-scale state, checkpointed with the rest
+      state["loss_scale"] = loss_scale.init_state(cfg.optim)
+    return state
+
+  abstract_state = jax.eval_shape(init)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+
+  def full_params(params, frozen):
+    return params if adapter is None else adapter.merge(frozen, params)
+
+  def loss_sums(compute_params, micro, frozen=None):
+    """(objective, (loss_sum, count)): the objective adds z-loss to the summed cross-entropy.
+    loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
+    loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks."""
+    mask = micro["loss_mask"].astype(jnp.float32)
+    ce_BxT, lse_BxT = token_losses(graphdef, full_params(compute_params, frozen), micro, with_lse=True)
+    loss_sum = jnp.sum(ce_BxT * mask)
+    counted = (mask != 0).astype(jnp.float32)
+    objective = loss_sum + t.z_loss * jnp.sum(jnp.square(lse_BxT) * counted) if t.z_loss else loss_sum
+    return objective, (loss_sum, jnp.sum(counted))
+
+  def train_step(state, batch, frozen=None):
+    params = state["params"]
+    scaling = state.get("loss_scale")
+    factor = loss_scale.loss_factor(scaling, batch["inputs"].size)  # 1 unless float16
+    # Weight matrices in the compute dtype once per step, not once per micro-step; the gradient
+    # of each micro-step is taken with respect to this copy and accumulated in float32, which
+    # equals the gradient through the cast into the float32 master weights.
+    compute_params = cast_params(params, compute_dtype(m))
+    compute_frozen = None if frozen is None else cast_params(frozen, compute_dtype(m))
+
+    def scaled_loss_sums(params, micro):
+      objective, aux = loss_sums(params, micro, compute_frozen)
+      return objective * factor, aux
+
+    # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
+    micro_batches = {k: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 0, 1), micro_sharding)
+        for k, v in batch.items()}
+
+    def accumulate(carry, micro):
+      grads_acc, loss_acc, count_acc = carry
+      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(compute_params, micro)
+      grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
+      return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
+    tokens, count = count, jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+               "tokens": tokens}
+    if scaling is not None:  # a step with inf/nan gradients leaves params and optimizer state as they were
+      finite = loss_scale.all_finite(grads)
+      for key in ("params", "opt_state"):
+        new_state[key] = loss_scale.apply_if_finite(finite, new_state[key], state[key])
+      new_state["loss_scale"] = loss_scale.next_state(scaling, finite, cfg.optim.loss_scale_period)
+      metrics.update(loss_scale=scaling["scale"], skipped=1 - finite.astype(jnp.int32),
+                     skipped_steps=new_state["loss_scale"]["skipped_steps"])
+    return new_state, metrics
+
+  def eval_step(params, batch, token_bytes_V, frozen=None):
+    compute = cast_params(params, compute_dtype(m))
+    losses_BxT = token_losses(graphdef, full_params(compute, None if frozen is None else
+                                                    cast_params(frozen, compute_dtype(m))), batch)
+    target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb
+    return {"loss_sum": jnp.sum(losses_BxT * mask), "tokens": jnp.sum(mask != 0).astype(jnp.float32),
+            "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
+
+  replicated = sharding.replicated(mesh)
+  # The mesh's platform, not jax's default backend: lmtiny.training.lowering compiles for TPU devices from a CPU host.
+  jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform))
+  steps = Steps(
+      mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
+      state_shardings=state_shardings,
+      init=_init_fns(init, state_shardings),
+      train_step=jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0),
+      eval_step=jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
+                        out_shardings=replicated),
+      batch_sharding=batch_sharding)
+  if adapter is not None:  # the frozen weights go in as one more (undonated) argument
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
+    train = jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                out_shardings=(state_shardings, replicated), donate_argnums=0)
+    evaluate = jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated,
+                                                frozen_shardings), out_shardings=replicated)
+    merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
+    steps.train_step = lambda state, batch: train(state, batch, frozen_params)
+    steps.eval_step = lambda params, batch, token_bytes: evaluate(params, batch, token_bytes, frozen_params)
+    steps.model_params = lambda params: merge(frozen_params, params)
+  return steps
+
+
+def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  return sharding.global_batch_from_local({k: local[k] for k in BATCH_KEYS}, mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.

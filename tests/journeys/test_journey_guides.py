@@ -1,0 +1,27 @@
+"""The guides that start from a fresh checkout (no quick-start run): every command they tell a
+user to type, verbatim and in order, from the root of a scratch copy (tests/journey.py has the
+rules; tests/journeys/test_journey.py runs the README's chain beside this one)."""
+import pytest
+
+from journey import chains, journey_fixture, run_doc
+
+journey = pytest.fixture(scope="module")(journey_fixture)
+
+PROMISES = [
+    ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", [],
+     [f"runs/speedrun-toy/.stages/{s}.done" for s in ("tokenizer", "shards", "base", "mid", "sft", "rl", "eval")]
+     + [f"runs/speedrun-toy/report.md::{section}" for section in
+        ("## Summary", "## Tokenizer", "## Base model", "## Midtraining", "## SFT", "## RL", "## Evaluation")]
+     + ["runs/speedrun-toy/sft/config.json::toy_arithmetic"]),  # SFT sees the problems RL is rewarded on
+    # The same command again (the last one typed is the one a promise reads): every stage is done.
+    ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", ["== tokenizer: done already", "== rl: done already"], []),
+    ("docs/interop.md", "python -m lmtiny.export", ["LlamaForCausalLM"], ["hf/tiny_llama/model.safetensors"]),
+    ("docs/data.md", "python -m lmtiny.data.prepare", ["bytes/token"], ["data/stdlib/manifest.json"]),
+    ("docs/performance.md", "python -m lmtiny.bench --config configs/tiny.py", ["MFU"], ["runs/bench-tiny.json"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", chains()[1])
+def test_every_documented_command_runs_verbatim(journey, doc):
+  run_doc(journey, doc, PROMISES)

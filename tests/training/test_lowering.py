@@ -1,0 +1,243 @@
+"""lmtiny.training.lowering: the train step lowered for an H100 (cuDNN) and a TPU (splash) on this CPU.
+
+Nothing here compiles or runs for the accelerator; the StableHLO is what it would be handed.
+These checks fail if attention falls back to XLA on the target, if a remat policy reruns the
+fused forward, if cuDNN gets a mask tensor instead of its causal mask type, or if q and k/v
+reach cuDNN's partitioner sharded unlike."""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lm_fixtures import needs_libtpu, tiny_config
+from lmtiny import bench
+from lmtiny.errors import ConfigError
+from lmtiny.model import attention as attn_lib
+from lmtiny.parallel import sharding
+from lmtiny.plan import arch
+from lmtiny.training import lowering
+
+T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
+
+
+def _cudnn_operands(text):
+  """The operand types of the first cuDNN forward call in the StableHLO."""
+  signature = re.search(r"custom_call @__cudnn\$fmhaSoftmax\(.*?\} : \(([^)]*)\)", text).group(1)
+  return [x.strip() for x in signature.split(",")]
+
+
+def _cfg(**model):
+  cfg = tiny_config(seq_len=T, batch_tokens=4 * T)
+  cfg.model.update(**{"max_seq_len": T, "d_model": 128, "num_heads": 2, "dtype": "auto", "attention": "auto", **model})
+  return cfg
+
+
+def _lower(cfg, platform, mesh_shape=None):
+  devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
+  if mesh_shape is not None:
+    cfg.mesh.update(**mesh_shape)
+  text, _, lowered = lowering.lower_train_step(cfg, platform, sharding.make_mesh(cfg.mesh, devices))
+  return text, lowering.summarize(text, T), lowered
+
+
+def test_auto_resolves_as_on_the_target():
+  cfg = _cfg()
+  gpu, tpu = lowering.for_platform(cfg, "cuda").model, lowering.for_platform(cfg, "tpu").model
+  assert (gpu.attention, gpu.dtype, tpu.attention, tpu.dtype) == ("cudnn", "bfloat16", "splash", "bfloat16")
+  cfg.train.seq_len = 200  # no splash tile divides it
+  assert lowering.for_platform(cfg, "tpu").model.attention == "xla"
+  assert cfg.model.attention == "auto" and cfg.model.dtype == "auto"  # the caller's config is untouched
+
+
+def test_cuda_step_calls_cudnn_once_per_layer_with_packed_causal_runs():
+  text, s, cfg = _lower(_cfg(), "cuda")
+  assert cfg.model.attention == "cudnn"
+  assert s["cudnn"] == {"forward": 2, "backward": 2}
+  assert s["mask_types"] == ["PADDING_CAUSAL"] and s["max_runs"] == [T // 64]
+  assert s["square"] == {}  # no [T, T] mask, bias or score tensor anywhere in the step
+  # q, k and v, then the run lengths [B, M] twice and the run starts [B, M + 1] twice: no bias
+  # or mask operand.
+  operands = _cudnn_operands(text)
+  assert operands[0] == operands[1] == operands[2] == f"tensor<4x{T}x2x64xbf16>"
+  assert operands[3:] == ["tensor<4x4xi32>"] * 2 + ["tensor<4x5xi32>"] * 2
+
+
+@pytest.fixture
+def kv_offset_stride(monkeypatch):
+  """Makes jax's packed kv offsets stride by the query's heads ("query", jax <= 0.11.0) or by the
+  kv heads ("kv", later jax), whichever jax is installed, and re-asks the probe."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  original = cudnn_fmha._fix_seqlen_offsets  # pylint: disable=protected-access
+
+  def use(heads):
+    def fix(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, key):
+      # With key=query every jax strides both by the query's heads; "kv" rescales to the kv heads.
+      out = original(q_seqlen, kv_seqlen, q_offsets, kv_offsets, query, query)
+      return (*out[:3], out[3] if heads == "query" else out[3] // query.shape[2] * key.shape[2])
+    monkeypatch.setattr(cudnn_fmha, "_fix_seqlen_offsets", fix)
+    attn_lib.packed_gqa_needs_repeat.cache_clear()
+
+  yield use
+  attn_lib.packed_gqa_needs_repeat.cache_clear()
+
+
+
+
+def test_gqa_packed_rows_repeat_kv_heads_only_where_jax_strides_kv_runs_by_query_heads(kv_offset_stride):
+  kv_offset_stride("query")
+  assert attn_lib.packed_gqa_needs_repeat()
+  text, s, _ = _lower(_cfg(num_heads=4, num_kv_heads=2), "cuda")
+  assert s["cudnn"] == {"forward": 2, "backward": 2}
+  assert _cudnn_operands(text)[:3] == [f"tensor<4x{T}x4x32xbf16>"] * 3
+  kv_offset_stride("kv")
+  assert not attn_lib.packed_gqa_needs_repeat()
+  text, s, _ = _lower(_cfg(num_heads=4, num_kv_heads=2), "cuda")
+  assert s["cudnn"] == {"forward": 2, "backward": 2}
+  assert _cudnn_operands(text)[:3] == [f"tensor<4x{T}x4x32xbf16>"] + [f"tensor<4x{T}x2x32xbf16>"] * 2
+
+
+def test_the_repeat_probe_answers_repeat_when_jax_offers_no_answer(monkeypatch):
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(cudnn_fmha, "_fix_seqlen_offsets")
+  attn_lib.packed_gqa_needs_repeat.cache_clear()
+  try:
+    assert attn_lib.packed_gqa_needs_repeat()
+  finally:
+    monkeypatch.undo()
+    attn_lib.packed_gqa_needs_repeat.cache_clear()
+
+
+@pytest.mark.parametrize("remat,forwards", [("save_attn_out", 2), ("minimal", 2), ("full", 4)])
+def test_remat_policies_that_save_the_attention_output_run_the_cudnn_forward_once(remat, forwards):
+  _, s, _ = _lower(_cfg(remat=remat), "cuda")
+  assert s["cudnn"] == {"forward": forwards, "backward": 2}
+
+
+def test_scanned_layers_lower_one_cudnn_call_pair_in_the_layer_body():
+  _, s, _ = _lower(_cfg(scan_layers=True, remat="save_attn_out"), "cuda")
+  assert s["cudnn"] == {"forward": 1, "backward": 1}
+
+
+def test_cudnn_without_segment_ids_uses_the_causal_mask_type_and_no_mask_operand():
+  q = jax.ShapeDtypeStruct((2, T, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, T, 2, 64), jnp.bfloat16)
+
+  def loss(q, k, v):
+    return jnp.sum(attn_lib.attention(q, k, v, impl="auto").astype(jnp.float32))
+
+  with lowering.target("cuda"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  s = lowering.summarize(text, T)
+  assert s["cudnn"] == {"forward": 1, "backward": 1} and s["mask_types"] == ["CAUSAL"] and s["square"] == {}
+  assert len(_cudnn_operands(text)) == 3  # q, k, v (k/v keep their 2 heads: cuDNN's native GQA)
+  assert attn_lib.target_platform() == "cpu"  # restored on leaving the target
+  with pytest.raises(RuntimeError, match="cuDNN"):  # and so are jax's cuDNN probes
+    attn_lib.attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), impl="cudnn")
+
+
+def test_cuda_step_under_a_tensor_mesh_hands_cudnn_to_the_partitioner():
+  _, s, _ = _lower(_cfg(num_heads=4, num_kv_heads=1), "cuda", {"data": 2, "fsdp": 1, "tensor": 4})
+  assert s["partitioned"] == 4 and s["square"] == {}  # 2 layers x (forward, backward)
+
+
+@pytest.mark.parametrize("mesh_shape,h,k", [({"data": 8}, 4, 4), ({"data": 2, "tensor": 4}, 8, 2),
+                                            ({"data": 2, "tensor": 4}, 4, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 6, 3),
+                                            ({"tensor": 2, "data": 4}, 3, 1)])
+def test_qkv_specs_pass_cudnns_own_partitioner_check(mesh_shape, h, k):
+  """jax's cuDNN partitioner demands one spec for q, k and v and no split sequence or head dim;
+  the specs lmtiny gives them (after repeating kv heads) pass its own check."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha
+  shape = {"data": 1, "fsdp": 1, "tensor": 1, **mesh_shape}
+  k_repeated = k * sharding.kv_head_repeats(h, k, shape)
+  q_spec, kv_spec, _ = sharding.attention_specs((8, T, h, 64), (8, T, k_repeated, 64), shape)
+  cudnn_fmha._check_qkv_bias_mask_spec(tuple(q_spec), tuple(kv_spec), tuple(kv_spec), None,
+                                       cudnn_fmha.AttentionLayout.BTNH.value)
+  assert q_spec[0] is not None or shape["data"] * shape["fsdp"] == 1  # the batch is split
+  # An unrepeated MQA kv head under tensor=4 is what the check rejects.
+  with pytest.raises(ValueError, match="same sharding"):
+    cudnn_fmha._check_qkv_bias_mask_spec(tuple(P("data", None, "tensor", None)), tuple(P("data", None, None, None)),
+                                         tuple(P("data", None, None, None)), None, cudnn_fmha.AttentionLayout.BTNH.value)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 1, "tensor": 4}])
+def test_tpu_step_lowers_splash_to_mosaic_once_per_layer(mesh_shape):
+  _, s, cfg = _lower(_cfg(num_heads=4, num_kv_heads=1), "tpu", mesh_shape)
+  assert cfg.model.attention == "splash"
+  assert s["splash"] == {"splash_mqa_fwd_segmented_residuals": 2, "splash_mqa_dq_segmented_no_residuals": 2,
+                         "splash_mqa_dkv_segmented_no_residuals": 2}
+  assert s["cudnn"] == {"forward": 0, "backward": 0} and s["square"] == {}
+
+
+def test_xla_attention_lowered_for_cuda_calls_no_fused_kernel():
+  _, s, _ = _lower(_cfg(attention="xla"), "cuda")
+  assert s["cudnn"] == {"forward": 0, "backward": 0} and not s["splash"] and s["partitioned"] == 0
+
+
+def test_bench_lower_for_prints_the_kernels_and_rejects_unknown_platforms(capsys):
+  from lm_fixtures import ROOT
+  config = f"{ROOT}/configs/tiny.py"
+  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={8 * T}"]
+  assert bench.main(["bench", "--config", config, *flags, "--lower-for", "cuda"]) == 0
+  out = capsys.readouterr().out  # 8 emulated devices: data=8, cuDNN behind the partitioner
+  assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, attention=cudnn, dtype bfloat16" in out, out
+  assert "partitioned  8 custom-partitioned calls" in out and "[T, T]       none" in out
+  assert bench.main(["bench", "--config", config, "--lower-for", "rocm"]) == 2
+  err = capsys.readouterr().err
+  assert "--lower-for='rocm': must be one of cuda, tpu" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dense_mask_is_what_the_square_search_finds():
+  q = jax.ShapeDtypeStruct((2, T, 4, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, T), jnp.int32)
+
+  def dense(q, seg):
+    return attn_lib.xla_attention(q, q, q, attn_lib.attention_mask(seg, seg))
+
+  text = jax.jit(dense).trace(q, seg).lower(lowering_platforms=("cuda",)).as_text()
+  square = lowering.summarize(text, T)["square"]
+  assert f"2x1x{T}x{T}xi1" in square and f"2x4x1x{T}x{T}xf32" in square
+  assert lowering.summarize(text, T, widths={T})["square"] is None  # T = a model width: not told apart
+
+
+# --- XLA:TPU compiles here for a described slice (libtpu: the test extra installs it) ---------
+
+@needs_libtpu
+def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
+  cfg = _cfg(num_heads=4, num_kv_heads=1)  # MQA: k/v replicated while q is head-sharded
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  compiled, _, compiled_cfg, mesh = lowering.compile_for_topology(cfg, "v5e:2x4")
+  assert mesh.devices.flat[0].device_kind == "TPU v5 lite" and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert compiled_cfg.model.attention == "splash" and compiled_cfg.model.dtype == "bfloat16"
+  text = compiled.as_text()  # XLA:TPU's optimised program: Mosaic kernels compiled, not interpreted
+  for kernel in ("splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
+                 "splash_mqa_dkv_segmented_no_residuals"):
+    assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
+  memory = bench.memory_analysis(compiled)
+  params = 4 * arch.count_params(compiled_cfg.model)  # float32 bytes of the whole model
+  # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
+  # bytes); replicated they would be 3x.
+  assert params / 2 < memory["argument"] < 2 * params, (memory, params)
+
+
+@needs_libtpu
+def test_bench_topology_prints_xla_tpu_memory_and_whether_it_fits(capsys, tmp_path):
+  from lm_fixtures import ROOT
+  config = f"{ROOT}/configs/tiny.py"
+  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={4 * T}"]
+  assert bench.main(["bench", "--config", config, *flags, "--topology", "v5e:1x1", "--json", str(tmp_path / "r.json")]) == 0
+  out = capsys.readouterr().out
+  assert "device       1 x TPU v5 lite, mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out, out
+  assert "dtype bfloat16" in out and "attention splash" in out
+  assert re.search(r"chip +fits: \d+% of the chip's 16.00 GiB", out), out
+  assert bench.main(["bench", "--config", config, *flags, "--topology", "v9z:2x2"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --topology='v9z:2x2': libtpu cannot describe it") and len(err.strip().splitlines()) == 1
+
+
+def test_topology_without_libtpu_says_how_to_install_it(monkeypatch):
+  import sys
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails as on a machine without it
+  with pytest.raises(ConfigError, match=r"--topology=v5e:2x4: .*needs libtpu: pip install"):
+    lowering.tpu_devices("v5e:2x4")

@@ -1,0 +1,50 @@
+"""The train command's errors (the README's main command itself runs in tests/journeys/test_journey.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm_fixtures import ROOT, xla_flags
+
+
+def _train(tmp_path, *overrides, workdir="run"):
+  cmd = [sys.executable, "-m", "lmtiny.train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
+         "--workdir", str(tmp_path / workdir), f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+
+BAD_CONFIGS = [
+    ("--config.model.num_heads=5", "config.model.num_heads=5: must divide model.d_model=192"),
+    ("--config.model.num_kv_heads=2", "config.model.num_kv_heads=2: must divide model.num_heads=3"),
+    ("--config.model.activation=tanh", "config.model.activation='tanh': must be one of"),
+    ("--config.model.attention=flash", "config.model.attention='flash': must be one of"),
+    ("--config.model.init=orthogonal", "config.model.init='orthogonal': must be one of"),
+    ("--config.train.seq_len=512", "config.train.seq_len=512: exceeds model.max_seq_len=256"),
+    ("--config.mesh.data=2", "config.mesh="),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, override, message):
+  """Through the entry point's main() in this process (the same code a process runs; one real
+  process below checks its exit status)."""
+  from lmtiny import train
+  monkeypatch.chdir(tmp_path)
+  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+          f"--config.data.cache_dir={tmp_path / 'cache'}", override]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], err[-2000:]
+  assert os.listdir(tmp_path) == []  # nothing written: no run directory, no data cache
+
+
+def test_bad_config_process_exits_2_with_one_line(tmp_path):
+  override, message = BAD_CONFIGS[0]
+  result = _train(tmp_path, override)
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
