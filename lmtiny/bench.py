@@ -35,6 +35,7 @@ from lmtiny.fs import atomic as files, outputs
 from lmtiny.model import attention as attn_lib, transformer as model_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan import arch, memory
+from lmtiny.plan.units import human, human_bytes
 from lmtiny.runs import metrics as metrics_lib
 from lmtiny.training import lowering
 from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
@@ -133,25 +134,22 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
 
 
-def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def format_memory(r: dict) -> list[str]:
   lines = []
   x = r.get("xla_memory")
   if x is not None:
-    lines.append(f"XLA memory   {_gib(x['peak'])} per device = arguments {_gib(x['argument'])} + outputs "
-                 f"{_gib(x['output'])} - aliased {_gib(x['alias'])} + temporaries {_gib(x['temp'])}")
+    lines.append(f"XLA memory   {human_bytes(x['peak'])} per device = arguments {human_bytes(x['argument'])} + "
+                 f"outputs {human_bytes(x['output'])} - aliased {human_bytes(x['alias'])} + temporaries "
+                 f"{human_bytes(x['temp'])}")
     chip = r.get("chip_bytes")
     if chip:
       verdict = "fits" if x["peak"] <= chip else "does NOT fit"
-      lines.append(f"chip         {verdict}: {100 * x['peak'] / chip:.0f}% of the chip's {_gib(chip)}")
+      lines.append(f"chip         {verdict}: {100 * x['peak'] / chip:.0f}% of the chip's {human_bytes(chip)}")
   e = r.get("estimate")
   if e is not None:
     ratio = f" ({e['total'] / x['peak']:.2f}x XLA's)" if x and x["peak"] else ""
-    lines.append(f"estimate     {_gib(e['total'])} per device{ratio} (lmtiny.plan.memory: " +
-                 ", ".join(f"{k} {_gib(v)}" for k, v in e.items() if k != "total") + ")")
+    lines.append(f"estimate     {human_bytes(e['total'])} per device{ratio} (lmtiny.plan.memory: " +
+                 ", ".join(f"{k} {human_bytes(v)}" for k, v in e.items() if k != "total") + ")")
   return lines
 
 
@@ -168,12 +166,12 @@ def format_report(r: dict, cfg) -> str:
   ]
   if "median_step_s" not in r:  # --compile-only
     return "\n".join(head + format_memory(r))
-  mem = _gib(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
+  mem = human_bytes(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
   cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
   mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
          f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
   return "\n".join(head + [
-      f"FLOPs/token  {arch.human(r['flops_per_token'])} (train, causal-half)",
+      f"FLOPs/token  {human(r['flops_per_token'])} (train, causal-half)",
       f"step         median {1e3 * r['median_step_s']:.1f} ms, min {1e3 * r['min_step_s']:.1f} ms",
       f"throughput   {r['tokens_per_s']:,.0f} tokens/s",
       f"MFU          {mfu}",

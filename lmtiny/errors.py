@@ -1,7 +1,8 @@
 """The errors lmtiny raises on purpose, at the bottom of the import graph so every layer can raise them.
 
 Entry points (lmtiny.cli.run_main) turn a `UserError` into one `error: ...` line and exit status 2,
-and a `RunFailed` into one `error: ...` line and exit status 1.
+and a `RunFailed` into one `error: ...` line and exit status 1. `first_line(e)` is how a message
+quotes another library's error (`f"{path}: corrupt shard ({first_line(e)})"`).
 """
 
 
@@ -17,3 +18,10 @@ class RunFailed(RuntimeError):
 
 class ConfigError(UserError):
   """A problem in the config or flags; the message names the field and the value."""
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of `error`'s message (at most 300 characters), or its type's name when it has
+  none: a library's error (riegeli, gcsfs, libtpu) can run to pages, and ours are one line."""
+  lines = str(error).strip().splitlines()
+  return lines[0][:300] if lines else type(error).__name__

@@ -17,7 +17,6 @@ suggested peak LR = minimum-loss LR / 10, the usual rule for a warmup + decay sc
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import sys
@@ -28,9 +27,10 @@ import numpy as np
 from lmtiny import cli, config as config_lib
 from lmtiny.data.dataset import load_data
 from lmtiny.errors import ConfigError
-from lmtiny.fs.atomic import atomic_write, atomic_write_json
+from lmtiny.fs.atomic import atomic_write_json
 from lmtiny.fs.outputs import check_output_dir
 from lmtiny.parallel import distributed
+from lmtiny.runs.figures import new_figure, save_figure
 from lmtiny.training.loop import Trainer
 from lmtiny.training.steps import device_batch
 
@@ -144,11 +144,7 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
 
 def save_plot(result: RangeTestResult, path: str, title: str = "") -> str:
   """Loss (raw and smoothed) against LR on a log axis, with the three LRs marked."""
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = new_figure(7, 4.5)
   ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
   ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
   for lr, color, name in ((result.steepest_lr, "C2", "steepest"), (result.min_loss_lr, "C3", "minimum"),
@@ -161,12 +157,7 @@ def save_plot(result: RangeTestResult, path: str, title: str = "") -> str:
   ax.set_ylabel("training loss")
   ax.set_title(title or "LR range test")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, dpi=110, format="png")
-  plt.close(fig)
-  atomic_write(path, png.getvalue())
-  return path
+  return save_figure(fig, path, dpi=110)
 
 
 def write_outputs(result: RangeTestResult, workdir: str, title: str = "") -> tuple[str, str]:

@@ -12,7 +12,6 @@ tokenizer.model, checkpoints, metrics. Re-running resumes.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Callable
@@ -30,9 +29,11 @@ from lmtiny.errors import ConfigError
 from lmtiny.model.lora import from_config, parse_targets
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
-from lmtiny.runs.directory import check_run_directory, load_run, load_weights
+from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_config
+from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tokenizer import Tokenizer
 from lmtiny.training.loop import Trainer
+from lmtiny.training.resume import state_bytes
 from lmtiny.training.steps import check_batch_divisibility
 
 # Model fields that decide the parameters' shapes: a --config must agree with the base run.
@@ -66,21 +67,6 @@ class ChatTrainer(Trainer):
                                    process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def read_run_config(run_dir: str) -> ml_collections.ConfigDict:
-  """A run's config.json over today's defaults (older runs lack the sft / lora sections)."""
-  check_run_directory(run_dir, "--init")  # not a run (a shard directory, a typo): one line saying so
-  path = epath.Path(run_dir) / "config.json"
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f"--init={run_dir}: cannot read {path} ({e})") from None
-  cfg = config_lib.base_config()
-  for section, values in saved.items():
-    if section in cfg and isinstance(values, dict):
-      cfg[section].update({k: v for k, v in values.items() if k in cfg[section]})
-  return cfg
-
-
 def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
   """The fine-tuning config: the base run's model, sft.* turned into train / optim settings, and
   the base run's path and checkpoint step recorded in sft.init / sft.init_step."""
@@ -93,7 +79,7 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
     step = cfg.sft.init_step  # a config that names this base run may pin its step; a config read
     # from an earlier fine-tuning run (sft --init RUN/mid) names *that* run's base, not this one
   step = load_run(init, None if step is None or step < 0 else step, flags=("--init", "--init-step")).step
-  base = read_run_config(init)
+  base = read_run_config(init)  # load_run checked that `init` is a run directory
   for field in SHAPE_FIELDS:
     if cfg.model[field] != base.model[field]:
       raise ConfigError(f"config.model.{field}={cfg.model[field]!r}: the base run {init} has "
@@ -137,13 +123,10 @@ def check_workdir(workdir: str, init: str) -> None:
     raise ConfigError(f"--workdir={workdir}: is the base run (--init); fine-tune into another "
                       "directory (default: <init>/sft)")
   runkind.check_kind(workdir, "sft")
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
+  saved = read_saved_config(workdir, missing_ok=True, hint=MOVE_ASIDE)
+  if saved is None:
     return
-  try:
-    recorded = json.loads(path.read_text()).get("sft", {}).get("init")
-  except (OSError, json.JSONDecodeError, AttributeError):
-    recorded = None
+  recorded = saved["sft"].get("init") if isinstance(saved.get("sft"), dict) else None
   if recorded != init:
     what = f"a fine-tuning run of {recorded}" if recorded else "a run that is not a fine-tuning run"
     raise ConfigError(f"--workdir={workdir}: holds {what}, not of --init={init}; choose another --workdir")
@@ -165,10 +148,6 @@ def load_data(cfg):
   if "pretrain" in [spec for spec, _ in parse_mixture(cfg.sft.sources)]:
     pretrain = load_pretrain(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len).train_docs
   return load_chat_data(cfg.sft.sources, tokenizer, cfg.train.seq_len, pretrain)
-
-
-def state_bytes(tree) -> int:
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_after: int | None = None):

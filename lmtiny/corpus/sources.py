@@ -43,7 +43,7 @@ from urllib.parse import unquote
 
 from lmtiny.corpus.embedded import iter_embedded_documents, PARTS as EMBEDDED_PARTS
 from lmtiny.corpus.hub import hub_offline, quiet_hub_logger
-from lmtiny.errors import UserError
+from lmtiny.errors import first_line, UserError
 
 RECORD_SEPARATOR = "\n\n\x1e\n\n"
 NAMED_DELIMITERS = {"record": RECORD_SEPARATOR, "line": "\n", "blank": "\n\n"}
@@ -360,7 +360,7 @@ class TfdsSource(Source):
     try:
       return tfds.data_source(self.dataset, split=self.split, data_dir=self.data_dir)
     except Exception as e:  # not found / not prepared / no network: one line, not a traceback
-      detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      detail = first_line(e)
       raise SourceError(f"{self.name}: cannot open TFDS dataset ({detail})") from None
 
   def _documents(self):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmtiny.errors import ConfigError
+from lmtiny.errors import ConfigError, first_line
 
 FORMAT = "lmtiny-shards/1"
 MANIFEST_FILE = "manifest.json"
@@ -143,11 +143,6 @@ def _read_shard(path: str, read):
     return value
   except Exception as e:  # riegeli reports truncation / garbage as RuntimeError or ValueError
     raise DataError(f"{path}: corrupt shard ({first_line(e)})") from None
-
-
-def first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:300] if lines else type(e).__name__
 
 
 def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str] = SPLITS) -> None:

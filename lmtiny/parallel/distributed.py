@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import jax
 
-from lmtiny.errors import ConfigError
+from lmtiny.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,13 @@ def check_workdir(workdir: str) -> None:
     fs = fsspec.filesystem("gs")
   except (ImportError, ValueError) as e:
     raise ConfigError(f"workdir {workdir}: gs:// needs the gcsfs package (pip install -e '.[tpu]' "
-                      f"or pip install gcsfs): {_first_line(e)}") from None
+                      f"or pip install gcsfs): {first_line(e)}") from None
   probe = f"{workdir.rstrip('/')}/.lmtiny_probe_{jax.process_index()}_{uuid.uuid4().hex[:8]}"
   try:
     fs.pipe_file(probe, b"lmtiny write check\n")
     fs.rm_file(probe)
   except Exception as e:  # pylint: disable=broad-except  (auth, bucket and network errors vary)
-    raise ConfigError(f"workdir {workdir}: cannot write to it ({type(e).__name__}: {_first_line(e)}); "
+    raise ConfigError(f"workdir {workdir}: cannot write to it ({type(e).__name__}: {first_line(e)}); "
                       "check the bucket exists and credentials work (gcloud auth application-default "
                       "login, or a VM service account with storage write access)") from None
 
@@ -220,8 +220,3 @@ def check_shared_workdir(workdir: str) -> None:
     hosts = [int(i) for i in np.flatnonzero(unseen)]
     raise ConfigError(f"--workdir={workdir}: not shared between hosts (process(es) {hosts} cannot see files "
                       "process 0 writes there); use gs://BUCKET/... or a filesystem every host mounts")
-
-
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return lines[0][:200] if lines else type(e).__name__

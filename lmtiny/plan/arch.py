@@ -137,21 +137,6 @@ def training_seconds(m, seq_len: int, tokens: float, chip: str, mfu: float, num_
 # Report.
 
 
-def human(n: float) -> str:
-  """37748736 -> '37.7M'."""
-  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-    if abs(n) >= scale:
-      return f"{n / scale:.1f}{suffix}"
-  return f"{n:g}"
-
-
-def _duration(seconds: float) -> str:
-  for scale, unit in ((86400, "days"), (3600, "hours"), (60, "minutes")):
-    if seconds >= scale:
-      return f"{seconds / scale:.1f} {unit}"
-  return f"{seconds:.1f} seconds"
-
-
 def describe(m) -> str:
   """One line naming the architecture."""
   hd, kv, f = config_lib.head_dim(m), config_lib.num_kv_heads(m), config_lib.mlp_dim(m)

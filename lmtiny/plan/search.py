@@ -13,6 +13,7 @@ import types
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny.plan import arch
+from lmtiny.plan.units import human
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +102,7 @@ def format_table(candidates: list[Candidate], target_params: float, tied: bool, 
   """The seed's options table: depth, width, heads, vocab, params, split %, params per layer."""
   t = _template_fields(template)
   split = "emb/transformer %" if tied else "emb/lm_head/transformer %"
-  lines = [f"Designs near {arch.human(target_params)} parameters, most balanced split first "
+  lines = [f"Designs near {human(target_params)} parameters, most balanced split first "
            f"(goal {'1/2-1/2' if tied else '1/3-1/3-1/3'}; {'tied' if tied else 'untied'}, "
            f"{t['activation']} MLP {t['mlp_ratio']:g}x, norm scale {'on' if t['norm_scale'] else 'off'}, "
            f"qk-norm {'on' if t['qk_norm'] else 'off'}):",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from lmtiny import config as config_lib
 from lmtiny.plan import memory
-from lmtiny.plan.arch import (PEAK_FLOPS, _duration, chinchilla_tokens, describe, human, inference_flops_per_token,
-                              matmul_params, param_breakdown, train_flops_per_token, training_seconds)
+from lmtiny.plan.arch import (PEAK_FLOPS, chinchilla_tokens, describe, inference_flops_per_token, matmul_params,
+                              param_breakdown, train_flops_per_token, training_seconds)
+from lmtiny.plan.units import duration, human
 
 
 def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float = 0.4,
@@ -47,7 +48,7 @@ def report(cfg, tokens_per_param: float = 20.0, chip: str = "h100", mfu: float =
       "",
       f"Token budget: {tokens_per_param:g} tokens/param x {total:,} params = {human(tokens)} tokens",
       f"  training compute {tokens * train:.3g} FLOPs; on {num_chips} x {chip} "
-      f"({PEAK_FLOPS[chip] / 1e12:g} TFLOP/s dense bf16 each) at {100 * mfu:g}% MFU: {_duration(seconds)}",
+      f"({PEAK_FLOPS[chip] / 1e12:g} TFLOP/s dense bf16 each) at {100 * mfu:g}% MFU: {duration(seconds)}",
       "",
   ]
   lines += memory.format_estimate(cfg)

@@ -21,17 +21,20 @@ which rewrites the whole card, so a stage run again replaces its own section.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 
+import ml_collections
 from etils import epath
 
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.mixture import parse_weighted
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan import arch
-from lmtiny.runs.metrics import format_duration, plot_loss_curve, read_metrics, wall_seconds
+from lmtiny.plan.units import duration
+from lmtiny.runs.config_file import read_saved_config
+from lmtiny.runs.figures import new_figure, save_figure
+from lmtiny.runs.metrics import plot_loss_curve, read_metrics, wall_seconds
 
 STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
 SETTINGS = "report_settings.json"
@@ -61,14 +64,10 @@ def _records(d: str) -> list[dict]:
   return read_metrics(d)
 
 
-def _duration(seconds: float) -> str:
-  return format_duration(seconds) if seconds >= 60 else f"{seconds:.1f}s"
-
-
 def _cost_lines(records: list[dict], flops: float | None, price: float | None) -> list[str]:
   seconds, runs = wall_seconds(records), [r for r in records if r["split"] == "run"]
   chips = max((r.get("chips", 1) for r in runs), default=1)
-  lines = [f"- wall time: {_duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
+  lines = [f"- wall time: {duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
   if flops:
     lines.append(f"- training FLOPs: {flops:.3e} (6N + 6LTHDh per token, causal half)")
     peak = runs[-1].get("peak_flops") if runs else None
@@ -88,9 +87,8 @@ def _last_sample(records) -> list[str]:
 
 
 def train_section(title: str, d: str, rel: str, price) -> list[str]:
-  import ml_collections
   records = _records(d)
-  cfg = ml_collections.ConfigDict(_read_json(d, "config.json"))
+  cfg = ml_collections.ConfigDict(read_saved_config(d))
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   steps = max((r["step"] for r in records), default=0)
@@ -117,10 +115,7 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
 def _plot_reward(d: str, rl) -> str | None:
   if not rl:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = new_figure(7, 4)
   ax.plot([r["step"] for r in rl], [r["reward"] for r in rl], label="mean reward")
   k = next((key for key in rl[0] if key.startswith("pass@")), None)
   if k:
@@ -129,11 +124,7 @@ def _plot_reward(d: str, rl) -> str | None:
   ax.set_ylabel("reward")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, dpi=100, format="png")
-  plt.close(fig)
-  atomic_write(os.path.join(d, "reward.png"), png.getvalue())
+  save_figure(fig, os.path.join(d, "reward.png"))
   return "reward.png"
 
 
@@ -297,15 +288,15 @@ def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
   if evals:
     seconds["eval"] = sum(evals)
   names = ["tokenizer", *(title for title, _ in STAGES), "eval"]
-  rows = [("wall time", name, _duration(seconds[name]) if name in seconds else _DASH) for name in names]
-  return rows + [("wall time", "total", _duration(sum(seconds.values())) if seconds else _DASH)]
+  rows = [("wall time", name, duration(seconds[name]) if name in seconds else _DASH) for name in names]
+  return rows + [("wall time", "total", duration(sum(seconds.values())) if seconds else _DASH)]
 
 
 def summary_section(root: str) -> list[str]:
   """The cross-stage table at the top of the card: every row always, '-' where not measured."""
   records = {title: _records(os.path.join(root, rel)) if exists(root, rel, "metrics.jsonl") else None
              for title, rel in STAGES}
-  base_cfg = _read_json(root, "config.json") if exists(root, "config.json") else None
+  base_cfg = read_saved_config(root, missing_ok=True)
   rows = [("tokenizer", "bytes per token", _bytes_per_token(root, base_cfg)),
           ("base", "val bpb", _val_bpb(records["base"])), ("base", "CORE", _core_value(root, records["base"]))]
   for title, rel in STAGES[1:3]:

@@ -26,6 +26,7 @@ import sys
 from typing import Any, Callable, Iterator
 
 import jax
+import ml_collections
 from etils import epath
 from flax import nnx
 
@@ -38,6 +39,7 @@ from lmtiny.model.quant import param_bytes, quantize_model
 from lmtiny.model.transformer import abstract_model
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
+from lmtiny.runs.config_file import read_saved_config
 from lmtiny.tokenizer.huggingface import load_run_tokenizer, save_run_tokenizer
 from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer, describe_error,
                                     restore_params)
@@ -75,8 +77,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def load_run(workdir: str, step: int | None = None, flags: tuple[str, str] = ("--workdir", "--step")) -> Run:
   """Config, tokenizer and checkpoint step of a run; RunError naming `flags` (the workdir's and
-  the step's) or the file that is wrong."""
-  import ml_collections
+  the step's) or the file that is wrong (a torn config.json: lmtiny.runs.config_file's ConfigError)."""
   dir_flag, step_flag = flags
   check_run_directory(workdir, dir_flag)
   steps = checkpoint_steps(workdir)
@@ -85,10 +86,10 @@ def load_run(workdir: str, step: int | None = None, flags: tuple[str, str] = ("-
   if step is not None and step not in steps:
     raise RunError(f"{step_flag}={step}: no such checkpoint in {workdir} (have {', '.join(map(str, steps))})")
   config_path = os.path.join(workdir, "config.json")
+  cfg = ml_collections.ConfigDict(read_saved_config(workdir))
   try:
-    cfg = ml_collections.ConfigDict(json.loads(epath.Path(config_path).read_text()))
     config_lib.validate_model(cfg.model)
-  except (OSError, json.JSONDecodeError, AttributeError, KeyError) as e:
+  except (AttributeError, KeyError) as e:
     raise RunError(f"{config_path}: cannot read the run's config ({e})") from None
   except ConfigError as e:
     raise RunError(f"{config_path}: {e}") from None

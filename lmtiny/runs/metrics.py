@@ -10,7 +10,6 @@ half of nanochat's 12 * L * T * H * Dh). The trainer and lmtiny.bench print both
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -19,7 +18,9 @@ from etils import epath  # local paths and gs:// alike
 
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan.arch import PEAK_FLOPS
+from lmtiny.plan.units import duration
 from lmtiny.runs import tensorboard
+from lmtiny.runs.figures import new_figure, save_figure
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
 _DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", "h100_pcie"), ("h100", "h100"), ("a100", "a100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
@@ -50,10 +51,8 @@ def bits_per_byte(loss_nats_sum: float, num_bytes: float) -> float:
 
 
 def format_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+  """The trainer's ETA (lmtiny.training.loop), a countdown: '0m12s', '1h02m'."""
+  return duration(seconds, clock=True)
 
 
 class MetricsWriter:
@@ -141,10 +140,7 @@ def plot_loss_curve(workdir: str) -> str | None:
   val = [(r["step"], r["loss"], r.get("bpb")) for r in records if r["split"] == "val"]
   if not train and not val:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = new_figure(7, 4)
   if train:
     ax.plot(*zip(*train), label="train loss", lw=1)
   if val:
@@ -158,10 +154,4 @@ def plot_loss_curve(workdir: str) -> str | None:
     ax2.set_ylabel("bits per byte")
     ax2.legend(loc="upper center")
   ax.legend(loc="upper right")
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, dpi=100, format="png")
-  plt.close(fig)
-  path = epath.Path(workdir) / "loss.png"
-  atomic_write(path, png.getvalue())
-  return str(path)
+  return save_figure(fig, epath.Path(workdir) / "loss.png")

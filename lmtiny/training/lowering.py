@@ -33,9 +33,10 @@ import jax
 import numpy as np
 
 from lmtiny import config as config_lib
-from lmtiny.errors import ConfigError
+from lmtiny.errors import ConfigError, first_line
 from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
+from lmtiny.plan.units import human_bytes
 from lmtiny.runs.checkpoint import abstract_with_shardings
 from lmtiny.training.steps import BATCH_KEYS, build_steps, check_batch_divisibility
 
@@ -156,7 +157,7 @@ def tpu_devices(topology: str) -> list:
       return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                                chips_per_host_bounds=bounds).devices)
   except Exception as e:  # pylint: disable=broad-except  # libtpu's own error types
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise ConfigError(f"--topology={topology!r}: libtpu cannot describe it ({reason}); "
                                  f"names look like {TOPOLOGY_EXAMPLES}") from None
 
@@ -227,10 +228,6 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset()) -> dict:
           "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest]}
 
 
-def _size(n: int) -> str:
-  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict) -> str:
   m = cfg.model
   body = "the layer body appears once (scan)" if m.scan_layers else f"{m.num_layers} layers unrolled"
@@ -252,7 +249,7 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   else:
     square = ", ".join(f"{k} x{v}" for k, v in sorted(s["square"].items()))
     lines.append(f"[T, T]       {square or 'none'} (T = {cfg.train.seq_len})")
-  lines.append("largest      " + ", ".join(f"{shape} ({_size(n)}) x{count}" for shape, n, count in s["largest"]))
+  lines.append("largest      " + ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["largest"]))
   return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from lmtiny.errors import ConfigError
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.model.transformer import abstract_model
+from lmtiny.runs.config_file import MOVE_ASIDE, read_saved_config
 from lmtiny.training.optim import make_optimizer
 
 
@@ -44,13 +45,9 @@ def config_changes(workdir: str, cfg) -> dict[str, tuple]:
   """{field: (old, new)} against RUN/config.json ({} for a new run). Raises ConfigError naming
   the changed fields when they change the parameters' or optimizer state's shapes (the
   checkpoints could not be restored)."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
+  old = read_saved_config(workdir, missing_ok=True, hint=MOVE_ASIDE)
+  if old is None:
     return {}
-  try:
-    old = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path}: unreadable ({e}); move it aside to start over in this directory") from None
   new = json.loads(cfg.to_json_best_effort())
   old_flat, new_flat = _flat(old), _flat(new)
   changes = {k: (old_flat.get(k), new_flat.get(k)) for k in sorted(set(old_flat) | set(new_flat))

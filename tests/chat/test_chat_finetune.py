@@ -11,6 +11,7 @@ from chat_fixtures import conversations, make_base_run, make_tokenizer, write_js
 from lmtiny import lora as lora_cli, sft as sft_cli
 from lmtiny.chat import finetune as ft
 from lmtiny.parallel import sharding
+from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.directory import load_run, load_weights
 
 STEPS = 4
@@ -26,7 +27,7 @@ def base(tmp_path_factory):
 
 
 def _cfg(path, convs, **sft):
-  cfg = ft.read_run_config(path)
+  cfg = read_run_config(path)
   cfg.sft.update(sources=convs, steps=STEPS, warmup_steps=1, lr=3e-3, **sft)
   cfg.train.update(eval_every=STEPS, checkpoint_every=2, eval_batches=2)
   return ft.resolve_config(cfg, path, None)
@@ -83,7 +84,7 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
   np.testing.assert_allclose(merged_logits, logits(work), rtol=1e-5, atol=1e-5)
   assert not np.allclose(merged_logits, logits(path), atol=1e-3)  # the adapters did something
   # Fine-tuning on from the LoRA run (sft --init RUN/lora) starts from its merged weights.
-  cfg = ft.resolve_config(ft.read_run_config(work), work, None)
+  cfg = ft.resolve_config(read_run_config(work), work, None)
   with jax.set_mesh(mesh := sharding.make_mesh(cfg.mesh)):
     start = ft.restore_base_params(cfg, mesh)
   for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(load_weights(merged)[1])):
@@ -165,7 +166,7 @@ def test_a_read_only_workdir_is_one_line_up_front(base, tmp_path, capsys):
 
 def test_rows_fit_the_model_and_sft_lr_replaces_the_matrix_lr(base):
   root, path, convs = base
-  cfg = ft.read_run_config(path)
+  cfg = read_run_config(path)
   cfg.optim.update(lr=0.02, embed_lr=0.2, unembed_lr=0.0)
   cfg.sft.update(sources=convs, lr=1e-3)
   cfg.train.update(seq_len=4 * cfg.model.max_seq_len, batch_tokens=16 * cfg.model.max_seq_len)  # an imported run's
