@@ -101,7 +101,8 @@ case $PRESET in
     MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=100)
     # SFT adds the toy arithmetic chats (calculator calls, `#### N`), so RL starts with some reward.
     SFT_ARGS=("--config.sft.sources=$TOY_SFT_SOURCES" --config.sft.steps=100)
-    RL_ARGS=(--data toy --steps 40 --questions 4 --samples 8 --max-new-tokens 48 --eval-questions 64)
+    RL_ARGS=(--config.rl.data=toy --config.rl.steps=40 --config.rl.questions=4 --config.rl.samples=8
+             --config.rl.max_new_tokens=48 --config.rl.eval_questions=64)
     CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
   d20-h100 | d20-v5e8 | d26-pod | d32-pod)
     CONFIG=configs/${PRESET%%-*}.py; MIXTURE=tokenizer_data/seed.py; VOCAB=65536
@@ -109,7 +110,7 @@ case $PRESET in
     BASE_ARGS=()
     MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3")
     SFT_ARGS=()
-    RL_ARGS=(--data gsm8k)
+    RL_ARGS=(--config.rl.data=gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
     # 16 GB chips: ZeRO-3 over the 8 chips at 4 sequences each (XLA:TPU: 7.96 GiB per chip; data
     # parallel at the config's 16 would need ~48). Midtraining, SFT and RL inherit the base run's mesh.
@@ -142,7 +143,8 @@ if [[ $SMOKE == 1 ]]; then
   if [[ $PRESET == toy ]]; then
     SFT_ARGS+=("--config.sft.sources=$TOY_SFT_SOURCES")
   fi
-  RL_ARGS=(--data toy --steps 2 --questions 2 --samples 2 --max-new-tokens 8 --eval-questions 2)
+  RL_ARGS=(--config.rl.data=toy --config.rl.steps=2 --config.rl.questions=2 --config.rl.samples=2
+           --config.rl.max_new_tokens=8 --config.rl.eval_questions=2)
   CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
   BASE_EVAL+=(--max-items 2 --eval-batches 1)
 fi

@@ -80,6 +80,41 @@ def _config_arg(argv: list[str]) -> str:
   return "?"
 
 
+def flag_value(argv: list[str], name: str) -> str | None:
+  """The value argv gives flag `--name` (`--name=V` or `--name V`; the last one), else None."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+  """The config fields argv overrides: ["rl.steps", "mesh.data"] for `--config.rl.steps=8
+  --config.mesh.data 2` (config_flags' two spellings)."""
+  return [arg[len("--config."):].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+
+
+# A config file for config_flags that reads a run's config.json: `--config RUN_CONFIG:RUN_DIR`.
+RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat", "run_config.py")
+
+
+def with_run_config(argv: list[str]) -> list[str]:
+  """argv, with `--config RUN_CONFIG:INIT` inserted when it names no --config but an --init run:
+  that run's config.json is then the config, and `--config.<section>.<field>=...` overrides it
+  (lmtiny.sft, lmtiny.rl)."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    return argv
+  init = flag_value(argv, "init")
+  if init is None:
+    return argv
+  if not os.path.isdir(init) and "://" not in init:
+    raise ConfigError(f"--init={init}: no such directory")
+  return argv[:1] + [f"--config={RUN_CONFIG}:{init}"] + argv[1:]
+
+
 def default_workdir(config_path: str) -> str:
   """runs/<config name>: where a run goes when --workdir is not given."""
   return os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])

@@ -22,6 +22,7 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
+RL_DATA = ("gsm8k", "toy")
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -142,6 +143,27 @@ def base_config() -> ml_collections.ConfigDict:
       alpha=16.0,            # adapters scale by alpha / rank
       targets="q,k,v,o,up,gate,down",  # weights that get adapters (absent ones are skipped)
   ))
+  # On-policy RL from a chat run (python -m lmtiny.rl; lmtiny.training.policy_gradient). It sets
+  # train.* / optim.* from these; only an RL run's config.json records this section.
+  c.rl = ml_collections.ConfigDict(dict(
+      init="",               # the run RL starts from (--init; its newest checkpoint)
+      data="gsm8k",          # gsm8k | toy (self-generated arithmetic problems, no download)
+      data_dir="",           # local gsm8k_train.jsonl|parquet and gsm8k.jsonl|parquet; "" = the hub
+      steps=100,
+      questions=8,           # problems per step
+      samples=8,             # replies per problem (k)
+      max_new_tokens=128,
+      temperature=1.0,
+      top_k=50,              # 0: no top-k
+      lr=1e-4,
+      warmup_steps=0,        # linear LR warmup (a fresh Adam state's first updates are ~sign(g) * lr)
+      kl=0.0,                # weight of the KL penalty to the init model; 0 = off
+      log_every=1,
+      eval_every=20,         # 0: only at the end
+      eval_questions=32,     # held-out problems per evaluation; 0 = no evaluation
+      checkpoint_every=20,
+      seed=0,
+  ))
   return c
 
 
@@ -243,9 +265,27 @@ def validate_model(m) -> None:
   _choice(m, "remat", "model", REMAT_POLICIES)
 
 
+def validate_rl(r) -> None:
+  """The rl section's fields on their own (the split of a step's rows over the devices is checked
+  with the mesh, in lmtiny.training.policy_gradient)."""
+  for name in ("steps", "questions", "samples", "max_new_tokens", "log_every", "checkpoint_every"):
+    _require(isinstance(r[name], int) and r[name] >= 1, f"rl.{name}", r[name], "must be an integer >= 1")
+  # 0: only at the end / no evaluation / no top-k / no warmup
+  for name in ("eval_every", "eval_questions", "top_k", "warmup_steps"):
+    _require(isinstance(r[name], int) and r[name] >= 0, f"rl.{name}", r[name], "must be an integer >= 0")
+  for name, zero_ok in (("temperature", False), ("lr", False), ("kl", True)):
+    value = r[name]  # NaN fails every comparison: `value <= 0` alone would pass it
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0),
+             f"rl.{name}", value, f"must be a finite number {'>=' if zero_ok else '>'} 0")
+  _require(isinstance(r.seed, int), "rl.seed", r.seed, "must be an integer")
+  _choice(r, "data", "rl", RL_DATA)
+
+
 def validate(cfg) -> None:
   """Checks that need no devices and no data; mesh and data checks live with their modules."""
   validate_model(cfg.model)
+  if "rl" in cfg:
+    validate_rl(cfg.rl)
   t, o = cfg.train, cfg.optim
   for name in ("seq_len", "batch_tokens", "log_every", "eval_every", "checkpoint_every"):
     _require(isinstance(t[name], int) and t[name] > 0, f"train.{name}", t[name], "must be a positive integer")

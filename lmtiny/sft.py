@@ -21,7 +21,6 @@ from absl import flags, logging
 from lmtiny import cli
 from lmtiny.chat import finetune as ft
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions, save_turn_ending
-from lmtiny.errors import ConfigError
 from lmtiny.fs import outputs
 from lmtiny.runs import card as report_card
 from lmtiny.runs.metrics import read_metrics
@@ -39,24 +38,6 @@ def _define_flags(fv: flags.FlagValues) -> dict:
   }
 
 
-def _with_run_config(argv: list[str]) -> list[str]:
-  """Without --config, the base run's config.json is the config (so overrides still apply)."""
-  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-    return argv
-  init = None
-  for i, a in enumerate(argv[1:], 1):
-    if a.startswith("--init="):
-      init = a.split("=", 1)[1]
-    elif a == "--init" and i + 1 < len(argv):
-      init = argv[i + 1]
-  if init is None:
-    return argv
-  if not os.path.isdir(init) and "://" not in init:
-    raise ConfigError(f"--init={init}: no such directory")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat", "run_config.py")
-  return argv[:1] + [f"--config={path}:{init}"] + argv[1:]
-
-
 def run(argv: list[str]) -> int:
   with Preemption():  # a SIGTERM during start-up stops the run cleanly: the trainer's loop inherits it
     return _run(argv)
@@ -64,7 +45,7 @@ def run(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
   logging.set_verbosity(logging.WARNING)
-  parsed = cli.parse_config_flags(_with_run_config(argv), _define_flags, __doc__)
+  parsed = cli.parse_config_flags(cli.with_run_config(argv), _define_flags, __doc__)
   if parsed is None:
     return 0
   values, cfg = parsed

@@ -13,7 +13,7 @@ from lmtiny.parallel import sharding
 from lmtiny.runs.checkpoint import Checkpointer
 from lmtiny.tasks.toy import toy_texts
 from lmtiny.tokenizer import train_tokenizer
-from lmtiny.training.loop import _write_run_files
+from lmtiny.training.loop import write_run_files
 from lmtiny.training.steps import build_steps
 
 VOCAB = 512
@@ -39,7 +39,7 @@ def make_run(workdir: str, tokenizer, cfg=None, step: int = 1):
   with jax.set_mesh(mesh):
     state = steps.init()
   os.makedirs(workdir, exist_ok=True)
-  _write_run_files(epath.Path(workdir), cfg, tokenizer)
+  write_run_files(epath.Path(workdir), cfg, tokenizer)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   ckpt.save(step, state)
   ckpt.close()
@@ -51,7 +51,7 @@ def make_lora_run(workdir: str, base_dir: str, merged_dir: str, step: int = 3, r
   """A LoRA run over `base_dir`'s newest checkpoint as lmtiny.sft writes one (config lora.rank and
   sft.init / init_step; a checkpoint of the adapters only), with random adapters (a trained B is
   not zero); and `merged_dir`, the same model as a full run, merged here with LoRA.merge."""
-  from lmtiny.model.lora import from_config
+  from lmtiny.model.adapters import from_config
   from lmtiny.runs.directory import load_weights
   base, params = load_weights(base_dir)
   cfg = base.cfg.copy_and_resolve_references()
@@ -65,7 +65,7 @@ def make_lora_run(workdir: str, base_dir: str, merged_dir: str, step: int = 3, r
   merged_cfg.lora.rank = 0
   for path, c, p in ((workdir, cfg, adapters), (merged_dir, merged_cfg, jax.jit(lora.merge)(params, adapters))):
     os.makedirs(path, exist_ok=True)
-    _write_run_files(epath.Path(path), c, base.tokenizer)
+    write_run_files(epath.Path(path), c, base.tokenizer)
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
     ckpt.save(step, {"params": p})
     ckpt.close()

@@ -26,7 +26,7 @@ from lmtiny.chat.data import load_chat_data, make_chat_eval_iterator, make_chat_
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions
 from lmtiny.data.dataset import load_data as load_pretrain
 from lmtiny.errors import ConfigError
-from lmtiny.model.lora import from_config, parse_targets
+from lmtiny.model.adapters import from_config, parse_targets
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_config

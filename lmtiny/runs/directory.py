@@ -34,7 +34,7 @@ from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError, UserError
 from lmtiny.fs import outputs
 from lmtiny.fs.atomic import atomic_directory, atomic_write
-from lmtiny.model.lora import from_config
+from lmtiny.model.adapters import from_config
 from lmtiny.model.quant import param_bytes, quantize_model
 from lmtiny.model.transformer import abstract_model
 from lmtiny.parallel import sharding

@@ -1,7 +1,7 @@
 """What kind of run a run directory holds, so that no verb writes into another verb's run.
 
   check_kind(workdir, "rl")      # before anything is written: RunKindError unless RUN is new or an rl run
-  record_kind(workdir, "rl")     # when the run directory is first written (trainer._write_run_files)
+  record_kind(workdir, "rl")     # when the run directory is first written (lmtiny.training.loop.write_run_files)
 
 Kinds: `train` (lmtiny.train), `sft` (lmtiny.sft), `rl` (lmtiny.rl), and two that no training
 verb writes into, since their checkpoints hold parameters only: `import` (lmtiny.import_hf) and
@@ -20,6 +20,7 @@ from etils import epath
 
 from lmtiny.errors import ConfigError
 from lmtiny.fs.atomic import atomic_write_json
+from lmtiny.runs.config_file import MOVE_ASIDE, read_saved_config
 
 MARKER = "run_kind.json"
 IMPORT_RECORD = "hf_import.json"  # lmtiny.interop.convert writes it into an imported run
@@ -36,8 +37,9 @@ def infer_kind(config: dict, imported: bool = False) -> str:
   sft = config.get("sft") if isinstance(config.get("sft"), dict) else {}
   if imported:
     return "import"
-  if isinstance(config.get("rl"), dict):
-    return "rl"
+  rl = config.get("rl")
+  if isinstance(rl, dict) and (rl.get("init") or "init" not in rl):  # an RL run names its init run
+    return "rl"                                                      # (runs before rl.init: any rl section)
   if sft.get("merged_from"):
     return "merged"
   return "sft" if sft.get("init") else "train"
@@ -45,7 +47,7 @@ def infer_kind(config: dict, imported: bool = False) -> str:
 
 def read_kind(workdir: str) -> tuple[str, str] | None:
   """(kind, how it is known: the file it comes from) of the run in `workdir`; None when it holds
-  no run (no config.json). RunKindError when run_kind.json or config.json cannot be read."""
+  no run (no config.json). RunKindError when run_kind.json cannot be read, ConfigError when config.json cannot."""
   root = epath.Path(workdir)
   marker, config = root / MARKER, root / "config.json"
   if marker.exists():
@@ -56,13 +58,10 @@ def read_kind(workdir: str) -> tuple[str, str] | None:
     if kind not in KINDS:
       raise RunKindError(f"{marker}: kind {kind!r} is none of {', '.join(KINDS)}")
     return kind, f"recorded in {marker}"
-  if not config.exists():
+  saved = read_saved_config(workdir, missing_ok=True, hint=MOVE_ASIDE)
+  if saved is None:
     return None
-  try:
-    saved = json.loads(config.read_text())
-    kind = infer_kind(saved, imported=(root / IMPORT_RECORD).exists())
-  except (OSError, ValueError, AttributeError) as e:
-    raise RunKindError(f"{config}: unreadable ({e}); move it aside to start over in this directory") from None
+  kind = infer_kind(saved, imported=(root / IMPORT_RECORD).exists())
   return kind, f"inferred from {config}"
 
 

@@ -18,7 +18,6 @@ from etils import epath  # local paths and gs:// alike
 
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan.arch import PEAK_FLOPS
-from lmtiny.plan.units import duration
 from lmtiny.runs import tensorboard
 from lmtiny.runs.figures import new_figure, save_figure
 
@@ -48,11 +47,6 @@ def mfu(flops_per_token: float, tokens_per_second: float) -> float | None:
 
 def bits_per_byte(loss_nats_sum: float, num_bytes: float) -> float:
   return loss_nats_sum / (math.log(2) * max(num_bytes, 1.0))
-
-
-def format_duration(seconds: float) -> str:
-  """The trainer's ETA (lmtiny.training.loop), a countdown: '0m12s', '1h02m'."""
-  return duration(seconds, clock=True)
 
 
 class MetricsWriter:

@@ -1,6 +1,7 @@
 """The one run loop: a run directory under its lock, restore or fresh start, the data iterator, the
 train step, metrics read one step late, evaluation, checkpoints on a cadence, preemption, divergence
-and closing. Pretraining uses `Trainer` as it is; SFT and RL subclass it.
+and closing. Pretraining uses `Trainer` as it is; SFT (lmtiny.chat.finetune) and RL
+(lmtiny.training.policy_gradient) subclass it and replace its hooks.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from lmtiny.fs.atomic import atomic_write
 from lmtiny.model.sampling import sample_text
 from lmtiny.parallel import sharding
 from lmtiny.plan import arch
+from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
@@ -34,9 +36,9 @@ from lmtiny.tasks.scoring import Scorer
 from lmtiny.training import resume
 from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
 
+
 class TrainingDiverged(RunFailed):
   """Loss or gradient norm became NaN/Inf; the last good checkpoint was left intact."""
-
 
 
 def check_training_config(cfg, mesh) -> None:
@@ -69,14 +71,16 @@ def closing_run(ckpt: Checkpointer, writer) -> Iterator[None]:
     writer.close()
 
 
-def _write_run_files(workdir: epath.Path, cfg, tokenizer, kind: str | None = None) -> None:
-  """config.json, the tokenizer so that sampling needs nothing but the run directory, and the run's
-  kind (lmtiny.runs.kind; default: the one its config implies) when the directory is new."""
+def write_run_files(workdir: epath.Path, cfg, tokenizer, kind: str | None = None) -> None:
+  """config.json, the tokenizer so that sampling needs nothing but the run
+  directory, and the run's kind (lmtiny.runs.kind; default: the one its config implies) when the
+  directory is new."""
   text = cfg.to_json_best_effort(indent=2)
   atomic_write(workdir / "config.json", text.encode())
   runkind.record_kind(str(workdir), kind or runkind.infer_kind(json.loads(text)))
   if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
     atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
+
 
 
 class Trainer:
@@ -88,14 +92,23 @@ class Trainer:
   (their buffers become the state's; on a resume they are dropped); with an `adapter` (LoRA) they
   stay frozen and only the adapter's parameters train. Subclasses may replace
   `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data), and set `kind`
-  (lmtiny.runs.kind): a run directory holding another kind of run is refused before any write."""
+  (lmtiny.runs.kind): a run directory holding another kind of run is refused before any write.
+
+  The run itself (`run`: lock, run files, disk check, restore, metrics, preemption, checkpoint
+  cadence, divergence, closing) is every stage's; a stage that is not fed batches from documents
+  (RL) sets the attributes `run` reads (cfg, workdir, log, main, mesh, steps, total_steps,
+  tokenizer, adapter) and replaces the loop's hooks: `train_iterator` (None: no data position to
+  checkpoint), `fresh_state`, `_check_workdir`, `_begin`, `_update`, `_after_step`, `_settle`,
+  `_periodic`, `_run_record` and `_summary`."""
 
   kind = "train"
+  stage = "training"  # divergence: "... at step N: training stopped; ..."
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
                schedule: optax.Schedule | None = None, init_params=None, adapter=None):
     self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
     self.init_params, self.adapter = init_params, adapter
+    self.tokenizer = data.tokenizer
     t = cfg.train
     self.mesh = sharding.make_mesh(cfg.mesh)
     check_training_config(cfg, self.mesh)
@@ -182,16 +195,25 @@ class Trainer:
   def _start(self, ckpt: Checkpointer, train_iter):
     """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
     found = ckpt.restore_newest(lambda step: self._restore(ckpt, step, train_iter), self.log)
+    if found is None:
+      return self.fresh_state(), 0
+    if self.adapter is None:  # full fine-tuning: the base is dropped on a resume
+      self.init_params = None
+    self.log(f"resumed from checkpoint at step {found[0]}")  # here, not in _restore: another process may yet reject that step
+    return found[::-1]
+
+  def fresh_state(self):
+    """The state of a run with no checkpoint: over `init_params` (consumed by it, unless an adapter
+    trains on them) or a random init."""
     params = None
-    if self.adapter is None:  # full fine-tuning: the base is consumed, or dropped on a resume
+    if self.adapter is None:
       params, self.init_params = self.init_params, None
-    if found is not None:  # logged here, not in _restore: another process may yet reject that step
-      self.log(f"resumed from checkpoint at step {found[0]}")
-      return found[::-1]
-    return self.steps.init(params), 0
+    return self.steps.init(params)
 
   def _restore(self, ckpt: Checkpointer, step: int, train_iter):
     target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
+    if train_iter is None:  # no data position to restore (RL draws its problems from the step)
+      return ckpt.restore(step, target)
     saved, template = ckpt.data_states(step), train_iter.get_state()
     if saved is None or (len(saved) == jax.process_count() and worker_count(saved[0]) == worker_count(template)):
       state = ckpt.restore(step, target, train_iter)
@@ -203,7 +225,7 @@ class Trainer:
       self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
     return state
 
-  # -- loop ------------------------------------------------------------------------------------
+  # -- the run -----------------------------------------------------------------------------------
 
   def run(self, stop_after: int | None = None) -> dict:
     """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
@@ -213,7 +235,7 @@ class Trainer:
       changes = main_only(lambda: self._check_workdir(cfg), self.main)  # before any write
       if self.main:
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_run_files(workdir, cfg, self.data.tokenizer, self.kind)
+        write_run_files(workdir, cfg, self.tokenizer, self.kind)
         outputs.check_disk_space(self.workdir, resume.state_bytes(self.steps.abstract_state),
                                    t.keep_checkpoints, self.log)
       ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
@@ -240,6 +262,134 @@ class Trainer:
     runkind.check_kind(self.workdir, self.kind)
     return resume.config_changes(self.workdir, cfg)
 
+  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer, stop_after) -> dict:
+    t = self.cfg.train
+    self._last_saved, self._segment, self._t0 = start, start, time.perf_counter()
+    self._begin(state, start, writer)
+    step, stop = start, False
+    with _Preemption() as preemption:
+      preemption.inherit()
+      while step < self.total_steps:
+        if step == start and (stop := preemption.decided(step)):
+          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
+          break
+        ckpt.check_errors()  # a failed async save surfaces here, one step later
+        state, step_metrics = self._update(state, step, train_iter)
+        step += 1
+        self._after_step(step, step_metrics, writer)
+        preemption.requested |= step == stop_after
+        stop = preemption.decided(step)  # agreed by all processes; a later signal waits a step
+        if step % t.checkpoint_every == 0 or step == self.total_steps or stop:
+          self._settle(writer)  # never checkpoint a state whose loss we have not seen to be finite
+          ckpt.save(step, state, train_iter)
+          self._last_saved = step
+        self._periodic(state, step, writer)
+        if stop:
+          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
+          break
+      self._settle(writer)
+    writer.write(step, "run", self._run_record(step, start))
+    self.state = state
+    return self._summary(step, stop)
+
+  def _seconds(self) -> float:
+    """Since this segment of the run (this process's part of it) started its loop."""
+    return time.perf_counter() - self._t0
+
+  def _diverged(self, what: str, step: int) -> TrainingDiverged:
+    """The error that stops a run whose step `step` went non-finite (its checkpoint is never saved)."""
+    kept = (f"the last good checkpoint is step {self._last_saved}" if self._last_saved
+            else "no checkpoint was saved")
+    return TrainingDiverged(f"{what} at step {step}: {self.stage} stopped; {kept}")
+
+  # -- the loop's hooks (pretraining and SFT: documents in, metrics read one step late) -----------
+
+  def _begin(self, state, start: int, writer) -> None:
+    """After the restore: the header line, and the validation point at the start (or one a kill lost)."""
+    t = self.cfg.train
+    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
+             f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
+    if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
+      self.log(self.data.description)
+    self._history = {"train_loss": [], "val": []}
+    self._pending, self._window_start, self._window_steps = None, time.perf_counter(), 0
+    if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
+      self._log_eval(state["params"], start, self._history, writer)
+
+  def _update(self, state, step: int, train_iter):
+    """One optimizer step on the next batch: (state, the step's metrics, still on the device)."""
+    return self.steps.train_step(state, device_batch(next(train_iter), self.mesh))
+
+  def _after_step(self, step: int, step_metrics, writer) -> None:
+    """The previous step's metrics are read now (one step late, so the host never waits on the device)."""
+    if self._pending is not None:
+      self._flush(self._pending, writer)
+    self._pending = (step, step_metrics)
+
+  def _settle(self, writer) -> None:
+    """Reads the metrics not read yet (before a checkpoint or an evaluation, and at the end)."""
+    if self._pending is not None:
+      self._flush(self._pending, writer)
+      self._pending = None
+
+  def _flush(self, pending, writer) -> None:
+    """A step's metrics: divergence (or a skipped float16 step), the history, and every
+    train.log_every steps a record and a log line."""
+    t = self.cfg.train
+    done_step, device_metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if values.get("skipped"):  # float16: non-finite gradients, update skipped, scale halved
+      self.log(f"step {done_step:>6}/{self.total_steps} | skipped: non-finite gradients at loss scale "
+               f"{values['loss_scale']:g} (halved; {values['skipped_steps']:.0f} skipped so far)")
+      if values["loss_scale"] <= 1.0:
+        raise self._diverged(f"non-finite gradients even at loss scale {values['loss_scale']:g}", done_step)
+    elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      raise self._diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", done_step)
+    self._history["train_loss"].append((done_step, values["loss"]))
+    self._window_steps += 1
+    if done_step % t.log_every == 0 or done_step == self.total_steps:
+      elapsed = time.perf_counter() - self._window_start
+      tok_s = self._window_steps * t.batch_tokens / max(elapsed, 1e-9)
+      mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
+      mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
+      eta = (self.total_steps - done_step) * elapsed / self._window_steps
+      scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
+      writer.write(done_step, "train", {"seconds": self._seconds(), "segment": self._segment,
+                                        "loss": values["loss"], "lr": values["lr"],
+                                        "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
+                                        "mfu_nanochat": mfu_nanochat, **scaling})
+      mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
+                  if mfu is not None else "")
+      if scaling:
+        mfu_text += f" | scale {scaling['loss_scale']:g} | skipped {scaling['skipped_steps']:.0f}"
+      self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+               f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
+               f"ETA {duration(eta, clock=True)}")
+      self._window_start, self._window_steps = time.perf_counter(), 0
+
+  def _periodic(self, state, step: int, writer) -> None:
+    """Validation, CORE and samples on their cadences (and at the end)."""
+    t, at_end = self.cfg.train, step == self.total_steps
+    if step % t.eval_every == 0 or at_end:
+      self._settle(writer)
+      self._log_eval(state["params"], step, self._history, writer)
+    if self.core_items is not None and (at_end or step % t.core_every == 0):
+      self.log_core(state["params"], step, writer)
+    if at_end or (t.sample_every and step % t.sample_every == 0):
+      self.sample(state["params"], step, writer)
+
+  def _run_record(self, step: int, start: int) -> dict:
+    """The "run" record closing this segment (the report card's wall time, tokens and chips)."""
+    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
+            "tokens": (step - start) * self.cfg.train.batch_tokens,
+            "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count(),
+            "chip": metrics_lib.chip_name(), "peak_flops": metrics_lib.peak_flops_total()}
+
+  def _summary(self, step: int, stop: bool) -> dict:
+    return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
+            "train_loss": self._history["train_loss"], "val": self._history["val"], "preempted": stop,
+            "seconds": self._seconds()}
+
   def _eval_missing(self, step: int) -> bool:
     """A resumed run at an eval step whose val record a kill (during that eval) prevented."""
     t = self.cfg.train
@@ -254,96 +404,3 @@ class Trainer:
       history["val"].append((step, val["loss"], val["bpb"]))
       writer.write(step, "val", val)
       self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
-
-  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer, stop_after) -> dict:
-    t = self.cfg.train
-    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
-             f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
-    if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
-      self.log(self.data.description)
-    history = {"train_loss": [], "val": []}
-    last_saved, pending, step, stop = start, None, start, False
-    window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
-
-    def flush(pending):
-      """Read a step's metrics (one step late, so the host never waits on the device)."""
-      nonlocal window_start, window_steps
-      done_step, device_metrics = pending
-      values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      if values.get("skipped"):  # float16: non-finite gradients, update skipped, scale halved
-        self.log(f"step {done_step:>6}/{self.total_steps} | skipped: non-finite gradients at loss scale "
-                 f"{values['loss_scale']:g} (halved; {values['skipped_steps']:.0f} skipped so far)")
-        if values["loss_scale"] <= 1.0:
-          raise TrainingDiverged(f"non-finite gradients even at loss scale {values['loss_scale']:g} at step "
-                                 f"{done_step}: training stopped; the last good checkpoint is step {last_saved}")
-      elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-        raise TrainingDiverged(f"loss={values['loss']} grad_norm={values['grad_norm']} at step {done_step}: "
-                               f"training stopped; the last good checkpoint is step {last_saved}")
-      history["train_loss"].append((done_step, values["loss"]))
-      window_steps += 1
-      if done_step % t.log_every == 0 or done_step == self.total_steps:
-        elapsed = time.perf_counter() - window_start
-        tok_s = window_steps * t.batch_tokens / max(elapsed, 1e-9)
-        mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
-        mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
-        eta = (self.total_steps - done_step) * elapsed / window_steps
-        scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
-        writer.write(done_step, "train", {"seconds": time.perf_counter() - t0, "segment": start,
-                                          "loss": values["loss"], "lr": values["lr"],
-                                          "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
-                                          "mfu_nanochat": mfu_nanochat, **scaling})
-        mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
-                    if mfu is not None else "")
-        if scaling:
-          mfu_text += f" | scale {scaling['loss_scale']:g} | skipped {scaling['skipped_steps']:.0f}"
-        self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-                 f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
-                 f"ETA {metrics_lib.format_duration(eta)}")
-        window_start, window_steps = time.perf_counter(), 0
-
-    if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
-      self._log_eval(state["params"], start, history, writer)
-    with _Preemption() as preemption:
-      preemption.inherit()
-      while step < self.total_steps:
-        if step == start and (stop := preemption.decided(step)):
-          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
-          break
-        ckpt.check_errors()  # a failed async save surfaces here, one step later
-        batch = device_batch(next(train_iter), self.mesh)
-        state, step_metrics = self.steps.train_step(state, batch)
-        step += 1
-        preemption.requested |= step == stop_after
-        stop = preemption.decided(step)  # agreed by all processes; a later signal waits a step
-        if pending is not None:
-          flush(pending)
-        pending = (step, step_metrics)
-        at_end = step == self.total_steps
-        if step % t.checkpoint_every == 0 or at_end or stop:
-          flush(pending)  # never checkpoint a state whose loss we have not seen to be finite
-          pending = None
-          ckpt.save(step, state, train_iter)
-          last_saved = step
-        if step % t.eval_every == 0 or at_end:
-          if pending is not None:
-            flush(pending)
-            pending = None
-          self._log_eval(state["params"], step, history, writer)
-        if self.core_items is not None and (at_end or step % t.core_every == 0):
-          self.log_core(state["params"], step, writer)
-        if at_end or (t.sample_every and step % t.sample_every == 0):
-          self.sample(state["params"], step, writer)
-        if stop:
-          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
-          break
-      if pending is not None:
-        flush(pending)
-    seconds = time.perf_counter() - t0
-    writer.write(step, "run", {"seconds": seconds, "segment": start, "steps": step - start, "tokens": (step - start) * t.batch_tokens,
-                               "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count(),
-                               "chip": metrics_lib.chip_name(),
-                               "peak_flops": metrics_lib.peak_flops_total()})  # for the report card
-    self.state = state
-    return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
-            "train_loss": history["train_loss"], "val": history["val"], "preempted": stop,
-            "seconds": time.perf_counter() - t0}

@@ -1,15 +1,20 @@
 """On-policy RL on GSM8K-shaped problems, as nanochat's chat_rl: REINFORCE with a group baseline.
 
-Each step takes `questions` problems (a fixed, seeded order over the training rows, epoch by
-epoch) and samples `samples` replies to each with the KV-cache sampler and the calculator tool
-(`lmtiny.tasks.gsm8k.generate_with_tools`). Reward: 1 if the reply's `####` answer is right.
-Advantage: reward minus the mean reward of the question's group. The update is the trainer's
-own sharded train step on rows [prompt + reply], whose float `loss_mask` holds each sampled
-token's advantage (0 on the prompt and on forced tool output), so the loss is
+Settings: the config's rl section (lmtiny.config; `--config.rl.<field>=...` on lmtiny.rl), which
+names the init run in rl.init. Each step takes `questions` problems (a fixed, seeded order over
+the training rows, epoch by epoch) and samples `samples` replies to each with the KV-cache sampler
+and the calculator tool (`lmtiny.tasks.gsm8k.generate_with_tools`). Reward: 1 if the reply's `####`
+answer is right. Advantage: reward minus the mean reward of the question's group. The update is
+the trainer's own sharded train step on rows [prompt + reply], whose float `loss_mask` holds each
+sampled token's advantage (0 on the prompt and on forced tool output), so the loss is
     sum_t adv_t * CE_t / #(adv_t != 0)
 and its gradient is token-level REINFORCE. A step where every group's rewards are equal carries no
-signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to the initial model (`kl`), folded into
-the per-token weight as a reward penalty: adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
+signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to
+the initial model (`kl`), folded into the per-token weight as a reward penalty:
+adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
+
+The run is the one run loop's (lmtiny.training.loop.Trainer: lock, run files, restore, metrics,
+preemption, checkpoint cadence, divergence, closing); `Reinforce` supplies its hooks.
 
 Mesh: the init run's (data / fsdp / tensor, as lmtiny.sft inherits its base run's), so a model
 that needed FSDP or tensor parallelism to fit is RL-trained sharded the same way; the sampler and
@@ -22,78 +27,51 @@ and losses as an uninterrupted one.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
-import time
 from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
+from flax import nnx
 
+from lmtiny import config as config_lib
 from lmtiny.config import MESH_AXES
-from lmtiny.errors import ConfigError, UserError
-from lmtiny.fs import outputs
+from lmtiny.errors import ConfigError
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind, metrics as metrics_lib
-from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.directory import load_run, load_weights
-from lmtiny.runs.lock import RunLock
-from lmtiny.runs.preemption import Preemption
 from lmtiny.tasks import gsm8k
 from lmtiny.tokenizer import render_for_completion
 from lmtiny.training import resume
-from lmtiny.training.loop import _write_run_files, closing_run, TrainingDiverged
+from lmtiny.training.loop import Trainer
 from lmtiny.training.steps import build_steps, token_losses
 
-
-class RLError(UserError):
-  """A bad RL flag or init run."""
+INIT_FLAGS = ("--init", "--init-step")  # how messages about the init run name it
 
 
-@dataclasses.dataclass
-class RLSettings:
-  steps: int = 100
-  questions: int = 8          # problems per step
-  samples: int = 8            # replies per problem (k)
-  max_new_tokens: int = 128
-  temperature: float = 1.0
-  top_k: int = 50
-  lr: float = 1e-4
-  warmup_steps: int = 0       # linear LR warmup (a fresh Adam state's first updates are ~sign(g) * lr)
-  kl: float = 0.0
-  log_every: int = 1
-  eval_every: int = 20        # 0: only at the end
-  eval_questions: int = 32   # 0: no held-out evaluation
-  checkpoint_every: int = 20
-  seed: int = 0
+class RLError(ConfigError):
+  """A bad RL setting or init run."""
 
 
-def check_values(s: RLSettings) -> None:
-  """Each setting on its own: counts in range, every float finite and in range (RLError naming
-  the flag; the CLI checks these as it parses, before anything is read or written)."""
-  for name in ("steps", "questions", "samples", "max_new_tokens", "log_every", "checkpoint_every"):
-    if getattr(s, name) < 1:
-      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 1")
-  # 0: only at the end / no evaluation / no top-k / no warmup
-  for name in ("eval_every", "eval_questions", "top_k", "warmup_steps"):
-    if getattr(s, name) < 0:
-      raise RLError(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 0")
-  for name, zero_ok in (("temperature", False), ("lr", False), ("kl", True)):
-    value = getattr(s, name)  # NaN fails every comparison: `value <= 0` alone would pass it
-    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
-      raise RLError(f"--{name}={value}: must be a finite number {'>=' if zero_ok else '>'} 0")
+def rl_settings(init: str, **fields) -> ml_collections.ConfigDict:
+  """The base config's rl section with `fields` set, starting from the run in `init` (scripts,
+  notebooks and tests; lmtiny.rl parses it from `--config.rl.*`)."""
+  rl = config_lib.base_config().rl
+  rl.update(init=init, **fields)
+  return rl
 
 
-def check_settings(s: RLSettings, dp: int) -> None:
-  check_values(s)
-  if (s.questions * s.samples) % dp:
-    raise RLError(f"--questions={s.questions} x --samples={s.samples} = {s.questions * s.samples} rows per step "
-                  f"do not divide over the data-parallel size {dp}")
+def check_settings(rl, dp: int) -> None:
+  """The rl section's fields (lmtiny.config.validate_rl), and a step's rows over the `dp`
+  data-parallel devices."""
+  config_lib.validate_rl(rl)
+  if (rl.questions * rl.samples) % dp:
+    raise RLError(f"config.rl.questions={rl.questions} x config.rl.samples={rl.samples} = "
+                  f"{rl.questions * rl.samples} rows per step do not divide over the data-parallel size {dp}")
 
 
 def check_workdir(workdir: str, init_dir: str) -> None:
@@ -160,19 +138,24 @@ def rl_mesh(init_mesh, overrides: dict[str, int], num_devices: int) -> tuple[dic
   return mesh, note
 
 
-def rl_config(init_cfg, s: RLSettings, mesh: dict[str, int] | None = None):
-  """The init run's config with the RL batch (one row per sample, the model's context long) and LR,
-  on `mesh` (rl_mesh; default: the init run's mesh); not a LoRA run even when the init run is one."""
+def rl_config(init_cfg, rl, mesh: dict[str, int] | None = None):
+  """The init run's config with the rl section `rl` and the train / optim settings it gives: the
+  RL batch (one row per sample, the model's context long), LR, cadences; on `mesh` (rl_mesh;
+  default: the init run's mesh); not a LoRA run even when the init run is one."""
   cfg = init_cfg.copy_and_resolve_references()
+  rl = ml_collections.ConfigDict(dict(rl))
+  if rl.init and "://" not in rl.init:
+    rl.init = os.path.abspath(rl.init)  # the init run, as sft.init records its base
   seq_len = cfg.model.max_seq_len
-  cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * s.questions * s.samples, micro_batch_size=0,
-                   steps=s.steps, tokens_per_param=0.0, seed=s.seed)
-  cfg.optim.update(lr=s.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=s.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
+  cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * rl.questions * rl.samples, micro_batch_size=0,
+                   steps=rl.steps, tokens_per_param=0.0, seed=rl.seed, checkpoint_every=rl.checkpoint_every,
+                   keep_checkpoints=2, async_checkpointing=False)
+  cfg.optim.update(lr=rl.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=rl.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
   if mesh is not None or "mesh" not in cfg:
     cfg.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
   if "lora" in cfg:
     cfg.lora.rank = 0  # RL trains every weight of the (merged) init model: its checkpoints are full runs'
-  cfg.rl = dataclasses.asdict(s)
+  cfg.rl = rl
   return cfg
 
 
@@ -203,40 +186,43 @@ def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
   return out
 
 
-class Reinforce:
-  """An RL run in `workdir`, starting from the run in `init_dir` (its newest checkpoint), on the
-  init run's mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes."""
+class Reinforce(Trainer):
+  """An RL run in `workdir` with the settings `rl` (the config's rl section: rl_settings, or what
+  lmtiny.rl parses), starting from the run in rl.init (its newest checkpoint), on the init run's
+  mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes. The run loop is
+  Trainer's; this class supplies its hooks."""
 
-  def __init__(self, init_dir: str, workdir: str, settings: RLSettings, train_rows, eval_rows, *,
+  kind = "rl"
+  stage = "RL"
+
+  def __init__(self, rl, workdir: str, train_rows, eval_rows, *,
                log: Callable[[str], None] = print, devices=None, mesh: dict | None = None):
-    check_workdir(workdir, init_dir)
-    self.init = load_run(init_dir, flags=("--init", "--init-step"))
-    self.s, self.workdir, self.log = settings, workdir, log
+    config_lib.validate_rl(rl)
+    check_workdir(workdir, rl.init)
+    self.init = load_run(rl.init, flags=INIT_FLAGS)
+    self.workdir, self.log = workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
     devices = jax.devices() if devices is None else devices
     mesh_cfg, note = rl_mesh(self.init.cfg.get("mesh"), mesh_overrides(mesh or {}), len(devices))
     if note:
       log(note)
-    self.cfg = rl_config(self.init.cfg, settings, mesh_cfg)
-    self.tokenizer = self.init.tokenizer
+    self.cfg = rl_config(self.init.cfg, rl, mesh_cfg)
+    self.s, self.tokenizer, self.adapter = self.cfg.rl, self.init.tokenizer, None
     self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
-    check_settings(settings, sharding.data_parallel_size(self.mesh))
+    self.main = jax.process_index() == 0
+    check_settings(self.s, sharding.data_parallel_size(self.mesh))
     resume.config_changes(workdir, self.cfg)  # a change of shapes: one line now (again under the lock)
-    self.steps = build_steps(self.cfg, self.mesh, settings.steps)
+    self.total_steps = self.s.steps
+    self.steps = build_steps(self.cfg, self.mesh, self.total_steps)
     self._losses = jax.jit(token_losses, static_argnums=0)
     self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
 
   def _init_params(self):
     """The init run's parameters on this mesh (a LoRA run's merged; its newest usable checkpoint)."""
-    self.init, params = load_weights(self.init, mesh=self.mesh, log=self.log, flags=("--init", "--init-step"))
+    self.init, params = load_weights(self.init, mesh=self.mesh, log=self.log, flags=INIT_FLAGS)
     return params
 
-  def _initial_state(self):
-    """A fresh state (Adam's zeros, step 0) over the init run's parameters, which it takes over."""
-    return self.steps.init(self._init_params())
-
   def _sampler(self, params):
-    from flax import nnx
     return Sampler(nnx.merge(self.steps.graphdef, params))
 
   def rollout(self, params, step: int):
@@ -262,89 +248,76 @@ class Reinforce:
       weights = weights - sampled * self.s.kl * (ce_ref - ce)  # log pi - log pi_init = ce_ref - ce
     return weights.astype(np.float32)
 
-  def evaluate(self, params, step: int, writer) -> dict:
+  def evaluate_held_out(self, params, step: int, writer) -> dict:
+    """Greedy accuracy on the first eval_questions held-out problems (split "rl_eval")."""
     result = gsm8k.evaluate(self._sampler(params), self.tokenizer, self.eval_rows[:self.s.eval_questions],
                             max_new_tokens=self.s.max_new_tokens, sampling=SamplingParams(0.0, 0, 1.0))
     writer.write(step, "rl_eval", {"accuracy": result["accuracy"], "items": result["items"]})
     self.log(f"step {step:>5}/{self.s.steps} | eval accuracy {result['accuracy']:.3f} on {result['items']} problems")
     return result
 
-  def run(self, stop_after: int | None = None) -> dict:
-    """RL to `steps`, or (as a SIGTERM would) checkpoint and return after `stop_after` steps. Holds
-    the run directory's lock; resumes from the newest checkpoint that restores (corrupt ones moved aside)."""
-    s, workdir = self.s, epath.Path(self.workdir)
-    with RunLock(self.workdir, log=self.log):
-      check_workdir(self.workdir, self.init.workdir)  # before any write
-      changes = resume.config_changes(self.workdir, self.cfg)
-      workdir.mkdir(parents=True, exist_ok=True)
-      _write_run_files(workdir, self.cfg, self.tokenizer, "rl")
-      keep = 2
-      outputs.check_disk_space(self.workdir, resume.state_bytes(self.steps.abstract_state), keep, self.log)
-      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=keep, async_save=False)
-      with jax.set_mesh(self.mesh):
-        try:
-          target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
-          found = ckpt.restore_newest(lambda step: ckpt.restore(step, target), self.log)
-        except BaseException:
-          ckpt.close()
-          raise
-        if found is not None:
-          self.log(f"resumed from checkpoint at step {found[0]}")
-        start, state = found if found is not None else (0, self._initial_state())
-        resume.record_config_changes(self.workdir, changes, start, self.log)
-        writer = metrics_lib.MetricsWriter(self.workdir, resume_step=start)  # 0: a killed first attempt's records go
-        with closing_run(ckpt, writer):
-          summary = self._loop(state, start, ckpt, writer, stop_after)
-    return summary
+  # -- the run loop's hooks (lmtiny.training.loop.Trainer) ---------------------------------------
 
-  def _loop(self, state, start: int, ckpt: Checkpointer, writer, stop_after) -> dict:
-    s = self.s
+  def train_iterator(self):
+    return None  # no data position: a step's problems are a function of (seed, step)
+
+  def fresh_state(self):
+    """A fresh state (Adam's zeros, step 0) over the init run's parameters, which it takes over."""
+    return self.steps.init(self._init_params())
+
+  def _check_workdir(self, cfg) -> dict:
+    check_workdir(self.workdir, self.init.workdir)
+    return super()._check_workdir(cfg)
+
+  def _begin(self, state, start: int, writer) -> None:
     self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
              f"{self.mesh.size} devices")
-    ref_params = self._init_params() if s.kl else None  # the KL reference: weights only, no optimizer state
-    history, step, sampled_tokens, stop, t0 = [], start, 0, False, time.perf_counter()
-    last_saved = start
-    with Preemption() as preemption:
-      preemption.inherit()
-      while step < s.steps:
-        if step == start and (stop := preemption.decided(step)):
-          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
-          break
-        rows, prompts, gens, rewards = self.rollout(state["params"], step)
-        adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
-        sampled_tokens += sum(sum(g.sampled) for g in gens)
-        batch = build_batch(prompts, gens, self.cfg.train.seq_len)
-        batch["loss_mask"] = self._token_weights(batch, state["params"], ref_params, adv)
-        if np.any(batch["loss_mask"]):
-          state, m = self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
-        else:  # every group all right or all wrong: no signal, and Adam's momentum must not replay
-          m = {"loss": 0.0, "tokens": 0.0}
-        step += 1
-        if not math.isfinite(float(m["loss"])):  # never checkpoint (or keep sampling from) a broken policy
-          kept = f"the last good checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
-          raise TrainingDiverged(f"loss={float(m['loss'])} at step {step}: RL stopped; {kept}")
-        record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
-                  "loss": float(m["loss"]), "tokens": float(m["tokens"]),
-                  "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": time.perf_counter() - t0,
-                  "segment": start}
-        history.append((step, record["reward"], record["loss"]))
-        if step % s.log_every == 0 or step == s.steps:
-          writer.write(step, "rl", record)
-          self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
-                   f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
-        preemption.requested |= step == stop_after
-        stop = preemption.decided(step)
-        if step % s.checkpoint_every == 0 or step == s.steps or stop:
-          ckpt.save(step, state)
-          last_saved = step
-        if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-          self.evaluate(state["params"], step, writer)
-          writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
-        if stop:
-          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
-          break
-    writer.write(step, "run", {"seconds": time.perf_counter() - t0, "segment": start, "steps": step - start,
-                               "sampled_tokens": sampled_tokens, "chip": metrics_lib.chip_name(),
-                               "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()})
-    self.state = state
-    return {"step": step, "history": history, "preempted": stop, "seconds": time.perf_counter() - t0}
+    self._ref_params = self._init_params() if self.s.kl else None  # the KL reference: weights only
+    self._history, self._sampled_tokens, self._rollout = [], 0, None
+
+  def _update(self, state, step: int, train_iter):
+    """Samples the step's replies, weights their tokens and trains on them (no update without signal)."""
+    rows, prompts, gens, rewards = self.rollout(state["params"], step)
+    adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
+    self._sampled_tokens += sum(sum(g.sampled) for g in gens)
+    self._rollout = rows, gens, rewards
+    batch = build_batch(prompts, gens, self.cfg.train.seq_len)
+    batch["loss_mask"] = self._token_weights(batch, state["params"], self._ref_params, adv)
+    if np.any(batch["loss_mask"]):
+      return self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+    return state, {"loss": 0.0, "tokens": 0.0}  # every group all right or all wrong: Adam's momentum must not replay
+
+  def _after_step(self, step: int, step_metrics, writer) -> None:
+    """Read at once (the next rollout waits on the parameters anyway): never checkpoint (or keep
+    sampling from) a broken policy."""
+    s, (_, gens, rewards) = self.s, self._rollout
+    loss = float(step_metrics["loss"])
+    if not math.isfinite(loss):
+      raise self._diverged(f"loss={loss}", step)
+    record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
+              "loss": loss, "tokens": float(step_metrics["tokens"]),
+              "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": self._seconds(),
+              "segment": self._segment}
+    self._history.append((step, record["reward"], record["loss"]))
+    if step % s.log_every == 0 or step == s.steps:
+      writer.write(step, "rl", record)
+      self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
+               f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
+
+  def _settle(self, writer) -> None:
+    pass  # every step's metrics are read in _after_step
+
+  def _periodic(self, state, step: int, writer) -> None:
+    s = self.s
+    if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
+      self.evaluate_held_out(state["params"], step, writer)
+      rows, gens, _ = self._rollout
+      writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
+
+  def _run_record(self, step: int, start: int) -> dict:
+    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
+            "sampled_tokens": self._sampled_tokens, "chip": metrics_lib.chip_name(),
+            "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()}
+
+  def _summary(self, step: int, stop: bool) -> dict:
+    return {"step": step, "history": self._history, "preempted": stop, "seconds": self._seconds()}

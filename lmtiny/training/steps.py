@@ -81,7 +81,7 @@ def _init_fns(init, state_shardings) -> Callable:
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
                 adapter=None, frozen_params=None) -> Steps:
-  """`adapter` (fine-tuning, e.g. lmtiny.model.lora.LoRA): train only what `adapter.init()` makes
+  """`adapter` (fine-tuning, e.g. lmtiny.model.adapters.LoRA): train only what `adapter.init()` makes
   (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
   trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
   saved. `init(params)` starts from given parameters instead of a fresh initialisation."""

@@ -13,6 +13,7 @@ from lmtiny.chat import finetune as ft
 from lmtiny.parallel import sharding
 from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.directory import load_run, load_weights
+from readonly import ReadOnly
 
 STEPS = 4
 
@@ -37,6 +38,7 @@ def _quiet(_):
   pass
 
 
+@pytest.mark.slow(seconds=14)
 def test_starts_from_the_base_and_resumes_exactly(base):
   root, path, convs = base
   cfg = _cfg(path, convs)
@@ -57,6 +59,7 @@ def test_starts_from_the_base_and_resumes_exactly(base):
   assert run.step == STEPS and run.tokenizer.vocab_size == 512
 
 
+@pytest.mark.slow(seconds=10)
 def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
   root, path, convs = base
   work, merged = str(root / "lora"), str(root / "merged")
@@ -152,7 +155,6 @@ def test_an_rl_run_of_this_base_is_refused_untouched(base, capsys):
 
 def test_a_read_only_workdir_is_one_line_up_front(base, tmp_path, capsys):
   # Before: a traceback once the run began to write (the base weights and data loaded first).
-  from test_bad_inputs import ReadOnly
   _, path, _ = base
   ro = ReadOnly(tmp_path)
   try:

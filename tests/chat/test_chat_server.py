@@ -107,6 +107,7 @@ def test_stream_is_the_samplers_reply(served):
     assert done["tokens"] <= 10 and done["finish_reason"] in ("stop", "length") and done["trimmed"] == 0
 
 
+@pytest.mark.slow(seconds=6)
 def test_concurrent_requests_give_the_sequential_replies(served):
   port = served[0]
   # The stream test's settings, so the batch-1 programs are compiled already.

@@ -110,7 +110,7 @@ def test_rl_offline_is_one_line_naming_data_dir(chat_run, tmp_path, no_network, 
   assert rl.main(["--init", chat_run, "--workdir", str(tmp_path / "rl")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: hf:openai/gsm8k") and err.count("\n") == 1
-  assert "no network (cannot resolve huggingface.co)" in err and "--data-dir" in err and "--data toy" in err
+  assert "no network (cannot resolve huggingface.co)" in err and "--config.rl.data_dir" in err and "--config.rl.data=toy" in err
   assert hub_client == [] and not (tmp_path / "rl").exists()
 
 

@@ -209,6 +209,7 @@ def test_a_mixture_needs_one_tokenizer(prepared, tmp_path):
     load_data(data_config(shards=f"{shard_dir}:1,{tmp_path / 'shards'}:1"), vocab_size=512, seq_len=64)
 
 
+@pytest.mark.slow(seconds=8)
 def test_training_on_a_mixture_from_the_command_line(prepared, second, tmp_path, capsys, monkeypatch):
   from lm_fixtures import ROOT
   from lmtiny import train

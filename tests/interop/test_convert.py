@@ -29,6 +29,7 @@ from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.model.transformer import Transformer
 from lmtiny.runs.directory import load_run, load_weights, RunError
 from lmtiny.tokenizer import train_tokenizer
+from readonly import ReadOnly
 
 TOKENS = np.array([[1, 300, 301, 12, 450, 77, 8, 9, 260, 33, 100, 500],
                    [1, 5, 17, 280, 281, 282, 40, 41, 42, 300, 311, 1]])
@@ -95,6 +96,7 @@ def imported(tmp_path_factory, tok):
   return out
 
 
+@pytest.mark.slow(seconds=7)
 @pytest.mark.parametrize("name", HF_VARIANTS)
 def test_imported_checkpoint_gives_transformers_logits_and_greedy_text(imported, name):
   hf, _, run = imported[name]
@@ -291,7 +293,6 @@ def test_export_replaces_an_earlier_export_whole(imported, tmp_path):
 
 def test_export_onto_a_read_only_location_is_one_line_up_front(imported, tmp_path, capsys, monkeypatch):
   # Before: the weights were read and converted first, then the write failed with a traceback.
-  from test_bad_inputs import ReadOnly
   _, _, run = imported["llama_untied_gqa"]
   monkeypatch.setattr("lmtiny.runs.directory.load_weights", lambda *a, **k: pytest.fail("read the weights first"))
   ro = ReadOnly(tmp_path)

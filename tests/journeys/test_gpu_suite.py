@@ -74,6 +74,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow(seconds=36)
 def test_smoke_run_leaves_logs_and_a_summary_with_tokens_per_second(tmp_path):
   proc, out = _suite(tmp_path)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -104,6 +105,7 @@ def test_smoke_run_leaves_logs_and_a_summary_with_tokens_per_second(tmp_path):
   assert not list(tmp_path.glob("gpu-suite-work.*"))  # the scratch (per-run JSONs, XLA cache) is gone
 
 
+@pytest.mark.slow(seconds=5)
 def test_a_failing_run_is_reported_and_the_next_part_still_runs(tmp_path):
   proc, out = _suite(tmp_path, "bench-d4", "bench-d20", EXTRA_BENCH_FLAGS="--config.train.seq_len=0")
   assert proc.returncode == 1

@@ -65,7 +65,7 @@ PROMISES = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=425)
 @pytest.mark.parametrize("doc", chains()[0])
 def test_every_documented_command_runs_verbatim(journey, doc):
   run_doc(journey, doc, PROMISES)

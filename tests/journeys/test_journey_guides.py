@@ -21,7 +21,7 @@ PROMISES = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=355)
 @pytest.mark.parametrize("doc", chains()[1])
 def test_every_documented_command_runs_verbatim(journey, doc):
   run_doc(journey, doc, PROMISES)

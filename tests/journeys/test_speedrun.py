@@ -27,7 +27,7 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
   assert ("python3 -m lmtiny.sft --init runs/x --workdir runs/x/mid "
           "--config.sft.sources=embedded_chat:1.0,pretrain:0.3") in lines  # midtraining keeps pretraining text
   assert "python3 -m lmtiny.sft --init runs/x/mid --workdir runs/x/sft" in lines
-  assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --data gsm8k" in lines
+  assert "python3 -m lmtiny.rl --init runs/x/sft --workdir runs/x/rl --config.rl.data=gsm8k" in lines
   assert "python3 -m lmtiny.eval --workdir runs/x --tasks bpb,core --data-dir evals/" in lines
   assert lines[-1] == "python3 -m lmtiny.report --workdir runs/x"
   # A skipped stage is never a later one's start: sft then starts from the base, eval reads sft.

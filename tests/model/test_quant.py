@@ -99,6 +99,7 @@ def test_weights_match_the_numpy_quantizer_and_its_error_bound(mode, group):
   np.testing.assert_allclose(emb_T, _reference(np.asarray(model.embed[...]).T, 1, bits, g)[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow(seconds=7)
 @pytest.mark.parametrize("mode,kw", [("int8", dict()), ("int4", dict(tie_embeddings=True)),
                                      ("int4", dict(scan_layers=True))], ids=["int8", "int4_tied", "int4_scanned"])
 def test_quantized_model_is_the_float_model_with_dequantized_weights(mode, kw):

@@ -205,6 +205,7 @@ RUNTIME_SETTINGS = [SamplingParams(t, k, p) for t, k, p in (
     (1.0, 5000, 1.0), (0.6, 0, 0.7))]
 
 
+@pytest.mark.slow(seconds=7)
 def test_runtime_settings_sample_what_static_settings_did():
   rng = np.random.default_rng(4)
   logits = jnp.asarray(3.0 * rng.standard_normal((6, 3000)), jnp.float32)

@@ -139,6 +139,7 @@ def test_bfloat16_autocast_runs_the_same_model():
   assert all(p.grad.dtype == torch.float32 for p in bf16.model.parameters())
 
 
+@pytest.mark.slow(seconds=5)
 def test_compiled_model_equals_eager():
   """torch.compile traces the model (what the GPU suite runs with --compile); the tiniest size:
   compiling costs ~20 s on a 2-core CPU."""

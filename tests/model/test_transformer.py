@@ -479,6 +479,7 @@ def test_embedding_gradient_is_exact_in_bfloat16():
   assert not np.any(np.delete(many, 5, axis=0))
 
 
+@pytest.mark.slow(seconds=6)
 def test_cast_params_casts_matrices_only_and_passes_gradients_to_float32():
   m = _cfg(dtype="bfloat16", qk_norm=True, scan_layers=True)
   model = _random_model(m)

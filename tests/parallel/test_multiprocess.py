@@ -25,6 +25,8 @@ import pytest
 from lm_fixtures import ROOT, xla_flags
 
 HERE = os.path.join(ROOT, "tests")
+# Every test here starts two processes that join one mesh (about 100 s on 2 cores in all).
+pytestmark = pytest.mark.slow(seconds=100)
 import multiprocess_worker as worker  # noqa: E402  (tests/ is on the path: conftest.py)
 
 WORKER = os.path.join(HERE, "multiprocess_worker.py")

@@ -47,6 +47,7 @@ def reference():
   return cfg, batch, _loss_and_grads(cfg, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], batch)
 
 
+@pytest.mark.slow(seconds=26)
 @pytest.mark.parametrize("mesh_cfg", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items() if v > 1))
 def test_same_loss_and_grads_as_one_device(reference, mesh_cfg):
   cfg, batch, (ref_loss, ref_grads, ref_step_loss, ref_gnorm, _) = reference

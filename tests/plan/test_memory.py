@@ -14,6 +14,7 @@ def _config(remat: str, **model):
   return cfg
 
 
+@pytest.mark.slow(seconds=95)
 @needs_libtpu
 @pytest.mark.parametrize("remat", ["none", "dots_no_batch"])  # the 38M configs' and nanochat's
 def test_estimate_within_25_percent_of_xla_tpu(remat):

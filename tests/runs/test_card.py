@@ -8,6 +8,7 @@ from lm_fixtures import tiny_config
 from lmtiny.plan import arch
 from lmtiny import report as report_cli
 from lmtiny.runs import card as report
+from readonly import ReadOnly
 
 
 def _write_metrics(d, records):
@@ -190,7 +191,6 @@ def test_summary_of_a_base_run_alone(tmp_path):
 
 
 def test_report_onto_a_read_only_run_is_one_line_and_writes_nothing(tmp_path, capsys):
-  from test_bad_inputs import ReadOnly
   ro = ReadOnly(tmp_path)
   try:
     run = ro.root

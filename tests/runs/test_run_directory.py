@@ -22,6 +22,7 @@ from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, 
 from lmtiny.runs.directory import load_run, load_weights, merge_lora_run, RunError
 from lmtiny.tasks.model_loading import load_model
 from lmtiny.training.steps import build_steps
+from readonly import ReadOnly
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_an_asked_step_does_not(chat_run, tmp_path):
@@ -165,7 +166,6 @@ def test_a_directory_that_holds_no_run_is_one_line(tmp_path):
 
 
 def test_lora_merge_onto_a_read_only_place_is_one_line_before_the_weights_load(lora_run, tmp_path, monkeypatch):
-  from test_bad_inputs import ReadOnly
   from lmtiny.runs import directory as rundir
   monkeypatch.setattr(rundir, "load_weights", lambda *a, **k: pytest.fail("loaded the weights before the check"))
   ro = ReadOnly(tmp_path)

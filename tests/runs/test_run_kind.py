@@ -8,7 +8,7 @@ from etils import epath
 from lm_fixtures import memory_data, tiny_config
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.kind import check_kind, infer_kind, read_kind, record_kind, RunKindError
-from lmtiny.training.loop import _write_run_files
+from lmtiny.training.loop import write_run_files
 
 
 @pytest.mark.parametrize("config, imported, kind", [
@@ -54,7 +54,7 @@ def test_the_shared_run_files_record_the_kind(tmp_path):
   cfg, tokenizer = tiny_config(), memory_data().tokenizer
   for name in ("a", "b"):
     (tmp_path / name).mkdir()
-  _write_run_files(epath.Path(tmp_path / "a"), cfg, tokenizer)
+  write_run_files(epath.Path(tmp_path / "a"), cfg, tokenizer)
   assert read_kind(str(tmp_path / "a"))[0] == "train"  # the config's kind when none is given
-  _write_run_files(epath.Path(tmp_path / "b"), cfg, tokenizer, "sft")
+  write_run_files(epath.Path(tmp_path / "b"), cfg, tokenizer, "sft")
   assert json.loads((tmp_path / "b" / runkind.MARKER).read_text())["kind"] == "sft"

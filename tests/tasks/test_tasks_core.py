@@ -38,6 +38,7 @@ def _items(name):
   return task, core.convert_rows(name, task, load_rows(name, task.source, FIXTURES))
 
 
+@pytest.mark.slow(seconds=4)
 def test_per_item_log_likelihoods_equal_a_float64_numpy_scorer(loaded):
   params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
@@ -96,6 +97,7 @@ def test_char_norm_scores_each_option_whole(loaded):
   assert not core.item_correct(task, items[0], scores, "token")  # 11/3 > 16/5
 
 
+@pytest.mark.slow(seconds=4)
 def test_eval_cli_writes_results_and_the_report(run_dir, capsys):
   args = ["--workdir", run_dir, "--tasks", "core,gsm8k", "--data-dir", FIXTURES, "--max-new-tokens", "8"]
   assert eval_cli.main(args) == 0
@@ -120,6 +122,7 @@ def test_eval_quantized_scores_close_to_full_precision_and_kept_apart(run_dir):
     assert abs(int8[name]["accuracy"] - full[name]["accuracy"]) <= 1 / full[name]["items"] + 1e-9
 
 
+@pytest.mark.slow(seconds=7)
 def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
   # eval loads a LoRA run (adapters only) through the one loader: its base with the adapters folded in.
   lora_dir, merged_dir = lora_run

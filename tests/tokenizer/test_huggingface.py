@@ -110,6 +110,7 @@ def test_wrapper_counts_bytes_of_a_byte_level_bpe(byte_level):
     wrapped.special_id("assistant_end")
 
 
+@pytest.mark.slow(seconds=11)
 def test_imported_byte_level_checkpoint_samples_through_generate(byte_level, tmp_path, capfd):
   hf_dir, run = tmp_path / "hf", str(tmp_path / "run")
   torch.manual_seed(0)

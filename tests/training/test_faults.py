@@ -83,6 +83,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow(seconds=14)
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_corrupt_newest_checkpoint_falls_back(reference, tmp_path, kind):
   workdir = _copy(reference, tmp_path)
@@ -259,6 +260,7 @@ def test_changed_model_shape_is_refused_before_anything_is_written(reference, tm
   assert {f: os.path.getmtime(f) for f in before} == before and not os.path.exists(f"{workdir}/config_history.jsonl")
 
 
+@pytest.mark.slow(seconds=4)
 def test_schedule_edits_are_allowed_and_recorded(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   cfg = _cfg(steps=10)

@@ -26,6 +26,7 @@ def _quiet(_):
   pass
 
 
+@pytest.mark.slow(seconds=7)
 def test_learns_and_writes_run_files(tmp_path):
   cfg = tiny_config(steps=24, eval_every=12, plot=True)
   summary = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet).run()
@@ -44,8 +45,10 @@ def test_learns_and_writes_run_files(tmp_path):
   assert os.path.exists(tmp_path / "loss.png") and os.listdir(tmp_path / "tensorboard")
   assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == VOCAB
   assert json.load(open(tmp_path / "run_kind.json"))["kind"] == "train"
+  assert json.load(open(tmp_path / "config.json"))["rl"]["init"] == ""  # every section, RL's unset
 
 
+@pytest.mark.slow(seconds=8)
 def test_resume_equals_uninterrupted_run(tmp_path):
   cfg = tiny_config(steps=8, checkpoint_every=4)
   cfg.mesh.update(data=2, tensor=4)
@@ -60,6 +63,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert steps_logged == sorted(steps_logged)  # the resumed run replaced, not duplicated, records
 
 
+@pytest.mark.slow(seconds=11)
 def test_restore_onto_a_different_mesh(tmp_path):
   cfg = tiny_config(steps=6)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
@@ -70,6 +74,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   np.testing.assert_allclose(_losses(resumed), _losses(full, after=3), rtol=2e-5)
 
 
+@pytest.mark.slow(seconds=7)
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   whole = Trainer(tiny_config(steps=3), str(tmp_path / "a"), memory_data(), log=_quiet).run()
   accumulated = Trainer(tiny_config(steps=3, micro_batch_size=8), str(tmp_path / "b"), memory_data(),
@@ -182,6 +187,7 @@ def _eqns(jaxpr):
           yield from _eqns(inner)
 
 
+@pytest.mark.slow(seconds=4)
 def test_weights_cast_once_per_step_and_z_loss_changes_only_the_gradient():
   """bf16 compute with 16 micro-steps: no float32 -> bf16 cast of a weight matrix inside the
   accumulation scan (one cast per step, before it); z-loss adds to the gradient, not to the
@@ -231,6 +237,7 @@ def test_full_fine_tuning_takes_over_the_base_weights_instead_of_copying_them(tm
   assert fine_tune.init_params is None and all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.slow(seconds=6)
 def test_core_during_training_equals_the_eval_cli_on_the_checkpoint(tmp_path, capsys):
   # train.core_every scores the CORE tasks with the live parameters; the eval CLI, from the saved
   # checkpoint, must find the same accuracies (same items, same tokenizer, same weights).

@@ -35,6 +35,7 @@ def test_scale_doubles_after_period_and_halves_on_overflow():
   assert loss_scale.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, 3e38])})
 
 
+@pytest.mark.slow(seconds=6)
 def test_forced_overflow_skips_and_halves_until_finite(tmp_path):
   cfg = _fp16_config(steps=14, log_every=1, eval_every=14, checkpoint_every=14)
   cfg.optim.update(loss_scale_init=2.0 ** 26)  # per-token backward seed 2^26 / 512 tokens: overflows
@@ -74,6 +75,7 @@ def test_forced_overflow_skips_and_halves_until_finite(tmp_path):
   assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.3  # float16 compute learns once steps apply
 
 
+@pytest.mark.slow(seconds=9)
 def test_resume_reproduces_losses_and_scale_on_8_devices(tmp_path):
   # A period of 2 doubles the scale every second finite step, before and after the resume point:
   # the counter must resume mid-period for the scales to agree.

@@ -203,6 +203,7 @@ def test_a_dense_mask_is_what_the_square_search_finds():
 
 # --- XLA:TPU compiles here for a described slice (libtpu: the test extra installs it) ---------
 
+@pytest.mark.slow(seconds=4)
 @needs_libtpu
 def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   cfg = _cfg(num_heads=4, num_kv_heads=1)  # MQA: k/v replicated while q is head-sharded
@@ -221,6 +222,7 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)
 
 
+@pytest.mark.slow(seconds=17)
 @needs_libtpu
 def test_bench_topology_prints_xla_tpu_memory_and_whether_it_fits(capsys, tmp_path):
   from lm_fixtures import ROOT

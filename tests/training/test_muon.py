@@ -124,6 +124,7 @@ def one_device():
   return cfg, batches, _run(cfg, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], batches)
 
 
+@pytest.mark.slow(seconds=11)
 @pytest.mark.parametrize("mesh_cfg", [dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)],
                          ids=["fsdp8", "data2xfsdp2xtensor2"])
 def test_sharded_muon_equals_one_device(one_device, mesh_cfg):
@@ -157,6 +158,7 @@ def test_d20_config_builds_nanochats_optimizer():
   assert [float(schedule(s)) for s in (0, 800, 900, 1000)] == pytest.approx([0.02, 0.02, 0.01, 0.0])
 
 
+@pytest.mark.slow(seconds=26)
 @pytest.mark.parametrize("layers,scan", [(8, True), (10, True), (4, False)], ids=["scan8", "scan10", "unscanned4"])
 def test_fsdp_splits_matrices_over_devices_for_newton_schulz(one_device, layers, scan):
   """Under FSDP, each device orthogonalises whole matrices of its share of each same-shape batch

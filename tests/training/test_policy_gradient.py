@@ -1,6 +1,6 @@
 """RL: exact resume (same rewards and losses after a SIGTERM and restart; a corrupt checkpoint moved
 aside), one run per directory, the init run's mesh (FSDP + tensor
-parallel matches data parallel; overrides; fallback), the batch layout, bad flags."""
+parallel matches data parallel; overrides; fallback), the batch layout, the rl config section and bad flags."""
 import dataclasses
 import glob
 import json
@@ -19,8 +19,7 @@ from lmtiny.tasks import gsm8k
 from lmtiny.tasks.gsm8k import ToolGeneration
 from lmtiny.tasks.toy import toy_rows
 from lmtiny.training.loop import TrainingDiverged
-from lmtiny.training.policy_gradient import (build_batch, Reinforce, rl_mesh, RLError, RLSettings,
-                                             step_questions)
+from lmtiny.training.policy_gradient import build_batch, Reinforce, rl_mesh, rl_settings, RLError, step_questions
 
 SETTINGS = dict(steps=2, questions=2, samples=4, max_new_tokens=10, lr=3e-3, eval_every=0, eval_questions=0,
                 checkpoint_every=10)
@@ -44,10 +43,11 @@ def data_parallel_run(chat_run, tmp_path_factory):
   """The reference RL run: 2 steps on 2 devices, 2-way data parallel (chat_run's data=-1 mesh)."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(gsm8k, "reward", _length_reward)
-    rl = Reinforce(chat_run, str(tmp_path_factory.mktemp("rl_dp")), RLSettings(**SETTINGS), TRAIN, HELD_OUT,
+    rl = Reinforce(rl_settings(chat_run, **SETTINGS), str(tmp_path_factory.mktemp("rl_dp")), TRAIN, HELD_OUT,
                    log=_quiet, devices=jax.devices()[:2])
     assert dict(rl.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
-    return rl.run()
+    summary = rl.run()
+    return dict(summary, params=jax.device_get(rl.state["params"]))
 
 
 def _init_run_with_mesh(chat_run, path, **mesh) -> str:
@@ -59,14 +59,15 @@ def _init_run_with_mesh(chat_run, path, **mesh) -> str:
   return str(path)
 
 
+@pytest.mark.slow(seconds=14)
 def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, chat_run, tmp_path, monkeypatch):
   # A SIGTERM during step 1 saves step 1 and returns; the re-run repeats the uninterrupted step 2.
   # Then, with step 2's checkpoint corrupt, a third run moves it aside and redoes step 2 from step 1.
   monkeypatch.setattr(gsm8k, "reward", _length_reward)
-  s = RLSettings(**SETTINGS)
+  s = rl_settings(chat_run, **SETTINGS)
 
   def rl(log=_quiet):
-    return Reinforce(chat_run, str(tmp_path / "b"), s, TRAIN, HELD_OUT, log=log, devices=jax.devices()[:2])
+    return Reinforce(s, str(tmp_path / "b"), TRAIN, HELD_OUT, log=log, devices=jax.devices()[:2])
 
   def sigterm_at_step_1(line):
     if line.startswith("step     1/"):
@@ -75,9 +76,12 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, 
   full = data_parallel_run
   first = rl(sigterm_at_step_1).run()
   assert first["preempted"] and first["step"] == 1
-  second = rl().run()
+  resumed = rl()
+  second = resumed.run()
   assert [h[0] for h in full["history"]] == [1, 2]
   assert first["history"] + second["history"] == full["history"]  # exact on CPU
+  for got, want in zip(jax.tree.leaves(jax.device_get(resumed.state["params"])), jax.tree.leaves(full["params"])):
+    np.testing.assert_array_equal(got, want)  # the same state as the uninterrupted run's
   assert any(loss != 0 for _, _, loss in full["history"])
   rewards = [r for _, r, _ in full["history"]]
   assert 0 < np.mean(rewards) < 1
@@ -96,7 +100,7 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat_run, tmp_path, monkeypatch):
   monkeypatch.setattr(gsm8k, "reward", _length_reward)
-  rl = Reinforce(chat_run, str(tmp_path / "rl"), RLSettings(**{**SETTINGS, "steps": 3, "checkpoint_every": 1}),
+  rl = Reinforce(rl_settings(chat_run, **{**SETTINGS, "steps": 3, "checkpoint_every": 1}), str(tmp_path / "rl"),
                  TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
   real, calls = rl.steps.train_step, []
 
@@ -116,13 +120,14 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat
 
 
 def test_a_second_run_in_the_same_directory_is_refused(chat_run, tmp_path):
-  rl = Reinforce(chat_run, str(tmp_path / "rl"), RLSettings(**SETTINGS), TRAIN, HELD_OUT, log=_quiet,
+  rl = Reinforce(rl_settings(chat_run, **SETTINGS), str(tmp_path / "rl"), TRAIN, HELD_OUT, log=_quiet,
                  devices=jax.devices()[:2])
   with RunLock(str(tmp_path / "rl")), pytest.raises(WorkdirBusy, match="another training run"):
     rl.run()
   assert not (tmp_path / "rl" / "checkpoints").exists()
 
 
+@pytest.mark.slow(seconds=12)
 def test_keeps_an_fsdp_and_tensor_parallel_init_mesh_and_matches_data_parallel(
     data_parallel_run, chat_run, tmp_path, monkeypatch):
   # An init run that needed FSDP / tensor parallelism is RL-trained on its own mesh: the sampler
@@ -130,13 +135,16 @@ def test_keeps_an_fsdp_and_tensor_parallel_init_mesh_and_matches_data_parallel(
   # 2-way data-parallel run's (same batch split: data x fsdp = 2).
   monkeypatch.setattr(gsm8k, "reward", _length_reward)
   init = _init_run_with_mesh(chat_run, tmp_path / "init", data=1, fsdp=2, tensor=2)
-  rl = Reinforce(init, str(tmp_path / "rl"), RLSettings(**SETTINGS), TRAIN, HELD_OUT, log=_quiet,
+  rl = Reinforce(rl_settings(init, **SETTINGS), str(tmp_path / "rl"), TRAIN, HELD_OUT, log=_quiet,
                  devices=jax.devices()[:4])
   assert dict(rl.mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
   got = rl.run()
   specs = {tuple(x.sharding.spec) for x in jax.tree.leaves(rl.state["params"])}
   assert any("fsdp" in spec and "tensor" in spec for spec in specs)  # really sharded both ways
-  assert json.loads((tmp_path / "rl" / "config.json").read_text())["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  recorded = json.loads((tmp_path / "rl" / "config.json").read_text())
+  assert recorded["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert recorded["rl"]["init"] == init and recorded["rl"]["steps"] == 2  # the settings, as config fields
+  assert json.loads((tmp_path / "rl" / "run_kind.json").read_text())["kind"] == "rl"
   want = data_parallel_run["history"]
   assert [h[:2] for h in got["history"]] == [h[:2] for h in want]  # same samples, so same rewards
   np.testing.assert_allclose([h[2] for h in got["history"]], [h[2] for h in want], rtol=1e-4, atol=1e-6)
@@ -160,19 +168,20 @@ def test_mesh_overrides_and_fallback(chat_run, tmp_path):
     rl_mesh(dp, {"fsdp": -1, "tensor": -1}, 8)
   lines = []
   init = _init_run_with_mesh(chat_run, tmp_path / "init", data=8, fsdp=1, tensor=1)
-  rl = Reinforce(init, str(tmp_path / "rl"), RLSettings(**SETTINGS), [], [], log=lines.append, devices=jax.devices()[:2])
+  rl = Reinforce(rl_settings(init, **SETTINGS), str(tmp_path / "rl"), [], [], log=lines.append, devices=jax.devices()[:2])
   assert dict(rl.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1}
   assert len(lines) == 1 and "does not fit" in lines[0]
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.mesh.fsdp=x", "error: --config.mesh.fsdp=x: must be -1 or a positive integer"),
+    ("--config.mesh.fsdp=x", "error: flag --config.mesh.fsdp=x: invalid literal for int() with base 10: 'x'"),
+    ("--config.mesh.fsdp=0", "error: --config.mesh.fsdp=0: must be -1 or a positive integer"),
     ("--config.mesh.fsdp=3", "error: config.mesh={'data': -1, 'fsdp': 3, 'tensor': 1}: fixed axes (3) do not divide 8"),
-    ("--config.mesh.fsdp", "error: argument --config.mesh.fsdp: expected one argument"),  # argparse's own, one line too
+    ("--config.mesh.fsdp", "error: Missing value for flag --config.mesh.fsdp"),  # absl's own, one line too
 ])
 def test_a_bad_mesh_override_is_one_line(chat_run, tmp_path, capsys, flag, message):
   from lmtiny import rl
-  assert rl.main(["--init", chat_run, "--workdir", str(tmp_path / "rl"), "--data", "toy", flag]) == 2
+  assert rl.main(["--init", chat_run, "--workdir", str(tmp_path / "rl"), "--config.rl.data=toy", flag]) == 2
   err = capsys.readouterr().err
   assert err.startswith(message) and err.count("\n") == 1
   assert not (tmp_path / "rl").exists()
@@ -181,10 +190,10 @@ def test_a_bad_mesh_override_is_one_line(chat_run, tmp_path, capsys, flag, messa
 def test_starts_from_a_lora_run_with_its_adapters_merged(lora_run, tmp_path):
   from lmtiny.runs.directory import load_weights
   lora_dir, merged_dir = lora_run
-  s = RLSettings(**{**SETTINGS, "steps": 1})
-  rl = Reinforce(lora_dir, str(tmp_path / "rl"), s, toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
+  s = rl_settings(lora_dir, **{**SETTINGS, "steps": 1})
+  rl = Reinforce(s, str(tmp_path / "rl"), toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
   with jax.set_mesh(rl.mesh):
-    params = rl._initial_state()["params"]
+    params = rl.fresh_state()["params"]
   _, merged = load_weights(merged_dir)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -210,13 +219,14 @@ def test_questions_cover_each_epoch_once():
 
 
 def test_rows_must_divide_over_devices(chat_run, tmp_path):
-  with pytest.raises(RLError, match="--questions=3 x --samples=3"):
-    Reinforce(chat_run, str(tmp_path), RLSettings(**{**SETTINGS, "questions": 3, "samples": 3}), [], [])
+  with pytest.raises(RLError, match=r"^config.rl.questions=3 x config.rl.samples=3 = 9 rows per step do not divide"):
+    Reinforce(rl_settings(chat_run, **{**SETTINGS, "questions": 3, "samples": 3}), str(tmp_path / "rl"), [], [],
+              devices=jax.devices()[:2])
 
 
 def test_init_without_a_checkpoint_names_the_flag(tmp_path, capsys):
   from lmtiny import rl
-  assert rl.main(["--init", str(tmp_path), "--workdir", str(tmp_path / "rl"), "--data", "toy"]) == 2
+  assert rl.main(["--init", str(tmp_path), "--workdir", str(tmp_path / "rl"), "--config.rl.data=toy"]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: --init={tmp_path}: not a run directory") and err.count("\n") == 1
 
@@ -228,10 +238,10 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
   # before it, and its weight's log-prob must be that logit's log-softmax (no off-by-one).
   from flax import nnx
   from lmtiny.parallel import sharding
-  s = RLSettings(**{**SETTINGS, "temperature": 1.0, "top_k": 0, "max_new_tokens": 12})
-  rl = Reinforce(chat_run, str(tmp_path / "rl"), s, toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
+  s = rl_settings(chat_run, **{**SETTINGS, "temperature": 1.0, "top_k": 0, "max_new_tokens": 12})
+  rl = Reinforce(s, str(tmp_path / "rl"), toy_rows(8, seed=1), [], log=_quiet, devices=jax.devices()[:2])
   with jax.set_mesh(rl.mesh):
-    params = rl._initial_state()["params"]
+    params = rl.fresh_state()["params"]
     _, prompts, gens, _ = rl.rollout(params, step=0)
     batch = build_batch(prompts, gens, rl.cfg.train.seq_len)
     device_batch = sharding.global_batch_from_local(batch, rl.mesh)
@@ -249,9 +259,9 @@ def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_pa
   log_softmax = logits[rows, cols] - np.log(np.exp(logits[rows, cols]).sum(-1, keepdims=True))
   np.testing.assert_allclose(-ce[rows, cols], log_softmax[np.arange(len(rows)), batch["targets"][rows, cols]],
                              rtol=1e-4, atol=1e-4)
-  # --kl: each sampled token's weight drops by kl * (log pi - log pi_ref), computed here from the
+  # rl.kl: each sampled token's weight drops by kl * (log pi - log pi_ref), computed here from the
   # log-softmax of two models' logits (pi: these params scaled, pi_ref: the init run's).
-  rl.s = dataclasses.replace(s, kl=0.5)
+  rl.s.kl = 0.5
   with jax.set_mesh(rl.mesh):
     ref = rl._init_params()  # the KL reference: the init run's weights alone
     moved = jax.tree.map(lambda x: x * 1.1, params)
@@ -271,20 +281,20 @@ def test_warmup_steps_ramp_the_rl_learning_rate_from_zero():
   from eval_fixtures import run_config
   from lmtiny.training.optim import lr_schedule
   from lmtiny.training.policy_gradient import check_settings, rl_config
-  cfg = rl_config(run_config(), RLSettings(steps=40, lr=5e-4, warmup_steps=10))
+  cfg = rl_config(run_config(), rl_settings("", steps=40, lr=5e-4, warmup_steps=10))
   schedule = lr_schedule(cfg.optim, 40)
   assert cfg.optim.warmup_steps == 10 and cfg.optim.weight_decay == 0.0
   assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(2.5e-4) and float(schedule(10)) == pytest.approx(5e-4)
-  with pytest.raises(RLError, match="--warmup-steps"):
-    check_settings(RLSettings(warmup_steps=-1), dp=1)
+  with pytest.raises(ConfigError, match=r"^config.rl.warmup_steps=-1: must be an integer >= 0$"):
+    check_settings(rl_settings("", warmup_steps=-1), dp=1)
 
 
 @pytest.mark.parametrize("field", ["eval_every", "eval_questions", "top_k"])
 def test_a_negative_count_is_refused(field):
   # Before: --eval-every -1 evaluated every step and --eval-questions -1 all but one problem.
   from lmtiny.training.policy_gradient import check_settings
-  with pytest.raises(RLError, match=f"^--{field.replace('_', '-')}=-1: must be >= 0$"):
-    check_settings(RLSettings(**{field: -1}), dp=1)
+  with pytest.raises(ConfigError, match=f"^config.rl.{field}=-1: must be an integer >= 0$"):
+    check_settings(rl_settings("", **{field: -1}), dp=1)
 
 
 def test_the_toy_sets_held_out_problems_share_no_operands_with_training():
@@ -313,8 +323,8 @@ def test_the_init_run_and_runs_of_other_kinds_are_refused_untouched(chat_run, tm
   shutil.copytree(chat_run, run)
   (run / "run_kind.json").unlink(missing_ok=True)  # a run made before the kind was recorded: inferred from config.json
   before = _files(run)
-  small = ["--data", "toy", "--steps", "1", "--questions", "2", "--samples", "4", "--max-new-tokens", "4",
-           "--eval-questions", "0"]
+  small = ["--config.rl.data=toy", "--config.rl.steps=1", "--config.rl.questions=2", "--config.rl.samples=4",
+           "--config.rl.max_new_tokens=4", "--config.rl.eval_questions=0"]
   for init, message in ((run, f"--workdir={run}: is the init run (--init)"),
                         (chat_run, f"--workdir={run}: holds a train run (lmtiny.train) (inferred from "
                                    f"{run / 'config.json'}), not an rl run (lmtiny.rl); choose another --workdir")):
@@ -329,11 +339,11 @@ def test_a_run_of_other_shapes_is_refused_before_and_under_the_lock(chat_run, tm
   # was "resumed" (its checkpoints failed to restore and were moved aside as corrupt).
   from lmtiny.runs.directory import load_run
   from lmtiny.training.policy_gradient import rl_config
-  s = RLSettings(**SETTINGS)
+  s = rl_settings(chat_run, **SETTINGS)
   other = rl_config(load_run(chat_run).cfg, s)
   other.model.num_layers += 1
   workdir = tmp_path / "rl"
-  rl = Reinforce(chat_run, str(workdir), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+  rl = Reinforce(s, str(workdir), TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
   workdir.mkdir()  # another RL run appears after the checks at start-up: the run's own check refuses it
   (workdir / "config.json").write_text(other.to_json_best_effort())
   (workdir / "run_kind.json").write_text('{"kind": "rl"}')
@@ -342,25 +352,61 @@ def test_a_run_of_other_shapes_is_refused_before_and_under_the_lock(chat_run, tm
   with pytest.raises(ConfigError, match=message):
     rl.run()
   with pytest.raises(ConfigError, match=message):
-    Reinforce(chat_run, str(workdir), s, TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
+    Reinforce(s, str(workdir), TRAIN, HELD_OUT, log=_quiet, devices=jax.devices()[:2])
   assert _files(workdir) == before
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "nan", "--lr=nan: must be a finite number > 0"),
-    ("--lr", "inf", "--lr=inf: must be a finite number > 0"),
-    ("--lr", "0", "--lr=0.0: must be a finite number > 0"),
-    ("--temperature", "nan", "--temperature=nan: must be a finite number > 0"),
-    ("--temperature", "-1", "--temperature=-1.0: must be a finite number > 0"),
-    ("--kl", "nan", "--kl=nan: must be a finite number >= 0"),
-    ("--kl", "-inf", "--kl=-inf: must be a finite number >= 0"),
-    ("--warmup-steps", "-1", "--warmup-steps=-1: must be >= 0"),
+    ("lr", "nan", "config.rl.lr=nan: must be a finite number > 0"),
+    ("lr", "inf", "config.rl.lr=inf: must be a finite number > 0"),
+    ("lr", "0", "config.rl.lr=0.0: must be a finite number > 0"),
+    ("temperature", "nan", "config.rl.temperature=nan: must be a finite number > 0"),
+    ("temperature", "-1", "config.rl.temperature=-1.0: must be a finite number > 0"),
+    ("kl", "nan", "config.rl.kl=nan: must be a finite number >= 0"),
+    ("kl", "-inf", "config.rl.kl=-inf: must be a finite number >= 0"),
+    ("warmup_steps", "-1", "config.rl.warmup_steps=-1: must be an integer >= 0"),
+    ("steps", "0", "config.rl.steps=0: must be an integer >= 1"),
+    ("data", "squad", "config.rl.data='squad': must be one of gsm8k, toy"),
+    ("steps", "1.5", "flag --config.rl.steps=1.5: invalid literal for int() with base 10: '1.5'"),
+    ("stepz", "1", "--config override: 'stepz' Did you mean \"steps\" instead of \"stepz\"?"),
 ])
-def test_every_float_flag_is_checked_as_the_flags_are_parsed(tmp_path, capsys, flag, value, message):
+def test_every_rl_field_is_checked_as_the_flags_are_parsed(chat_run, tmp_path, capsys, flag, value, message):
   # Before: --lr nan passed (`lr <= 0` is false for NaN) and --temperature nan failed only after the
-  # workdir was written. The init run here does not exist: the flag is refused before it is read.
+  # workdir was written. Now each is one line naming the config field, before the init run's
+  # weights are read or anything is written.
   from lmtiny import rl
-  argv = ["--init", str(tmp_path / "missing"), "--workdir", str(tmp_path / "rl"), "--data", "toy", f"{flag}={value}"]
+  argv = ["--init", chat_run, "--workdir", str(tmp_path / "rl"), "--config.rl.data=toy", f"--config.rl.{flag}={value}"]
   assert rl.main(argv) == 2
   assert capsys.readouterr().err == f"error: {message}\n"
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "2"], "--steps: RL's settings are config fields: --config.rl.steps=VALUE"),
+    (["--data-dir=x"], "--data-dir: RL's settings are config fields: --config.rl.data_dir=VALUE"),
+    (["--config.model.num_layers=8"], "--config.model.num_layers: lmtiny.rl sets only --config.rl.* and --config.mesh.*"),
+    (["--config.rl.init=x"], "--config.rl.init: lmtiny.rl sets only"),
+    (["--config", "configs/tiny.py"], "--config: RL's config is the init run's (--init)"),
+    ([], "--workdir is required"),
+])
+def test_what_rl_does_not_take_is_one_line(chat_run, tmp_path, capsys, argv, message):
+  from lmtiny import rl
+  workdir = [] if not argv else ["--workdir", str(tmp_path / "rl")]
+  assert rl.main(["--init", chat_run, *workdir, *argv]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+  assert os.listdir(tmp_path) == []
+
+
+def test_the_command_line_sets_the_rl_section_and_only_the_mesh_axes_it_names(chat_run, tmp_path):
+  # The settings start from the init run's config (an RL run's own rl section, when RL continues
+  # one); --config.mesh.* names the axes laid over the init run's mesh (rl_mesh), no others.
+  from lmtiny import rl
+  workdir, settings, mesh = rl.parse(["lmtiny.rl", "--init", chat_run, "--workdir", str(tmp_path / "rl"),
+                                      "--config.rl.data=toy", "--config.rl.steps", "3", "--config.mesh.fsdp=-1"])
+  assert workdir == str(tmp_path / "rl") and mesh == {"fsdp": -1}
+  assert (settings.init, settings.data, settings.steps, settings.samples) == (chat_run, "toy", 3, 8)
+  from lmtiny.training.policy_gradient import rl_config
+  from lmtiny.runs.directory import load_run
+  cfg = rl_config(load_run(chat_run).cfg, settings)
+  assert cfg.rl.init == os.path.abspath(chat_run) and cfg.train.steps == 3 and cfg.train.keep_checkpoints == 2

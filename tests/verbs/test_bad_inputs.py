@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lm_fixtures import ROOT
+from readonly import ReadOnly
 from lmtiny import bench, eval as eval_cli, import_hf
 from lmtiny.fs import outputs
 from lmtiny.interop import convert
@@ -25,38 +26,6 @@ def _one_error(capsys, status):
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert status == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
   return errors[0]
-
-
-class ReadOnly:
-  """A directory to fill and then make read-only, for root too: a tmpfs remounted read-only (file
-  permission bits do not stop root); for other users, the permission bits."""
-
-  def __init__(self, tmp_path):
-    self.root, self.mounts = tmp_path / "ro", []
-    self.root.mkdir()
-    self.writable(self.root)
-
-  def writable(self, path):
-    """`path` (a directory under root) stays writable when root is frozen."""
-    path.mkdir(exist_ok=True)
-    if os.geteuid() == 0:
-      if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-      self.mounts.append(path)
-
-  def freeze(self) -> str:
-    """Makes root read-only; returns why a write there fails, as the error line says it."""
-    if os.geteuid() == 0:
-      subprocess.run(["mount", "-o", "remount,ro", str(self.root)], check=True)
-      return "Read-only file system"
-    os.chmod(self.root, 0o555)
-    return "Permission denied"
-
-  def release(self):
-    for path in reversed(self.mounts):
-      subprocess.run(["umount", str(path)], check=True)
-    if os.geteuid() != 0:
-      os.chmod(self.root, 0o755)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ def _run(capsys, *flags):
   return capsys.readouterr().out
 
 
+@pytest.mark.slow(seconds=6)
 def test_timed_run_names_both_mfu_conventions_and_memory(capsys, tmp_path):
   out = _run(capsys, "--steps=2", "--warmup=0", f"--json={tmp_path / 'r.json'}")
   mfu = re.search(r"MFU +([\d.e-]+)% causal-half \(6\*N \+ 6\*L\*T\*H\*Dh\), ([\d.e-]+)% nanochat \(6\*N \+ 12\*L\*T\*H\*Dh\)", out)

@@ -150,6 +150,7 @@ def test_a_run_that_fails_on_its_own_is_one_line_and_exit_1(error, capsys):
   assert capsys.readouterr().err == f"error: {error}\n"
 
 
+@pytest.mark.slow(seconds=11)
 def test_second_run_in_a_busy_workdir_is_one_line(base, tmp_path, capsys):
   workdir = _copy_run(base, tmp_path)
   before = sorted(os.listdir(workdir))
@@ -266,6 +267,7 @@ def test_sigterm_before_the_loop_exits_0_and_saves_nothing(base, tmp_path):
   assert not glob.glob(f"{workdir}/checkpoints/[0-9]*")
 
 
+@pytest.mark.slow(seconds=10)
 def test_kill_9_mid_save_then_resume_repeats_the_same_losses(base, tmp_path, capsys):
   """kill -9 while the step-4 checkpoint is being written (async save in flight): the re-run
   resumes from step 2 and reproduces the uninterrupted run's losses and final val loss."""

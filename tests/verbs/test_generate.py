@@ -41,6 +41,7 @@ def _args(**kw):
   return SimpleNamespace(**{**base, **kw})
 
 
+@pytest.mark.slow(seconds=10)
 def test_restores_trained_params_onto_one_device(run_dir):
   run, restored = load_weights(run_dir.path)
   assert run.step == 2 and run.tokenizer.vocab_size == 512
@@ -96,6 +97,7 @@ def _cli(*argv, stdin=None, timeout=240, cwd=ROOT):
                         text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+@pytest.mark.slow(seconds=24)
 def test_cli_completion_and_piped_chat(run_dir):
   done = _cli("--workdir", run_dir.path, "--prompt", "import os", "--max-new-tokens", "5", "--num-samples", "2",
               "--seed", "3")
@@ -107,6 +109,7 @@ def test_cli_completion_and_piped_chat(run_dir):
   assert chat.stdout.count("assistant: ") == 2
 
 
+@pytest.mark.slow(seconds=24)
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", ""], "--prompt: empty"),
     (["--prompt", "hi", "--top-p", "0"], "--top-p=0.0: must be in (0, 1]"),

@@ -79,6 +79,7 @@ def test_sweep_schedule_lists_the_sweep():
                              lr_find.lr_sweep(1e-6, 1.0, 7), rtol=1e-12)
 
 
+@pytest.mark.slow(seconds=10)
 def test_swept_step_equals_the_trainer_step_at_that_lr():
   """Step i of the sweep is the trainer's own update at constant LR lr_i, group ratios kept."""
   low, high = 1e-2, 3e-1  # a 2-step sweep: step 0 at 1e-2, step 1 at 3e-1
@@ -105,6 +106,7 @@ def test_swept_step_equals_the_trainer_step_at_that_lr():
                    state["params"], ref_state["params"])
 
 
+@pytest.mark.slow(seconds=6)
 def test_range_test_on_a_learnable_task(tmp_path):
   cfg = lm_fixtures.tiny_config()
   result = lr_find.range_test(cfg, lm_fixtures.memory_data(), min_lr=1e-4, max_lr=30.0, steps=36,
@@ -125,6 +127,7 @@ def test_range_test_on_a_learnable_task(tmp_path):
   assert "steepest descent" in text and f"--config.optim.lr={result.suggested_lr:.2g}" in text
 
 
+@pytest.mark.slow(seconds=10)
 def test_cli_runs_on_real_batches(tmp_path, capsys, monkeypatch):
   """The entry point end to end on the embedded corpus (a small slice, built into tmp_path)."""
   monkeypatch.chdir(REPO)

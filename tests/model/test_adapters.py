@@ -8,7 +8,7 @@ from flax import nnx
 import reference_numpy as ref
 from lm_fixtures import memory_data, tiny_config
 from lmtiny.errors import ConfigError
-from lmtiny.model.lora import LoRA, parse_targets
+from lmtiny.model.adapters import LoRA, parse_targets
 from lmtiny.model.transformer import abstract_model, Transformer
 from lmtiny.parallel import sharding
 from lmtiny.training.loop import Trainer
@@ -36,6 +36,7 @@ def _random_adapters(lora_params):
 TOKENS = np.random.default_rng(0).integers(1, 128, (2, 12)).astype(np.int32)
 
 
+@pytest.mark.slow(seconds=8)
 @pytest.mark.parametrize("scan, activation", [(False, "relu2"), (True, "swiglu")])
 def test_untrained_adapter_is_the_base_and_merge_matches_numpy(scan, activation):
   cfg, graphdef, params = _model(scan, activation)
@@ -101,6 +102,7 @@ def _steps(cfg, mesh, base, lora):
   return build_steps(cfg, mesh, 10, adapter=lora, frozen_params=frozen), frozen
 
 
+@pytest.mark.slow(seconds=5)
 def test_only_adapters_train_and_sharded_equals_one_device():
   cfg, _, base = _model()
   lora = LoRA(base, 4, 8.0, ALL)
