@@ -325,7 +325,7 @@ def main(argv=None) -> int:
 
   import torch  # before jax: its CUDA libraries are the ones loaded first
   from lmtiny.plan import arch
-  from lmtiny import bench
+  from lmtiny.training import benchmark as bench
   from lmtiny.fs import atomic as files
   from lmtiny.runs import metrics as metrics_lib
   from lmtiny import config as config_lib

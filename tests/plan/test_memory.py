@@ -2,7 +2,7 @@
 import pytest
 
 from lm_fixtures import needs_libtpu, tiny_config
-from lmtiny import bench
+from lmtiny.training import benchmark as bench
 from lmtiny.plan import memory
 
 

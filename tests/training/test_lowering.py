@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from lm_fixtures import needs_libtpu, tiny_config
 from lmtiny import bench
+from lmtiny.training import benchmark
 from lmtiny.errors import ConfigError
 from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
@@ -215,7 +216,7 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   for kernel in ("splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
                  "splash_mqa_dkv_segmented_no_residuals"):
     assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
-  memory = bench.memory_analysis(compiled)
+  memory = benchmark.memory_analysis(compiled)
   params = 4 * arch.count_params(compiled_cfg.model)  # float32 bytes of the whole model
   # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
   # bytes); replicated they would be 3x.

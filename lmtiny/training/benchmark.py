@@ -1,0 +1,175 @@
+"""The train-step benchmark behind `python -m lmtiny.bench`: the jitted train step (the trainer's own,
+sharded over the configured mesh) timed on synthetic tokens, XLA's memory analysis of the compiled
+step next to lmtiny.plan.memory's estimate, and whether a cuDNN fused-attention call is in its HLO.
+
+MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
+    causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
+    nanochat:    6 * N_matmul + 12 * L * T * H * Dh  (the full square)
+(lmtiny.plan.arch.train_flops_per_token).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from lmtiny import config as config_lib
+from lmtiny.model import attention as attn_lib, transformer as model_lib
+from lmtiny.parallel import sharding
+from lmtiny.plan import arch, memory
+from lmtiny.plan.units import human, human_bytes
+from lmtiny.runs import metrics as metrics_lib
+from lmtiny.training import lowering
+from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
+
+
+def synthetic_batch(cfg, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+  t = cfg.train
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, cfg.model.vocab_size, size=(rows, t.seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((rows, t.seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(t.seq_len, dtype=np.int32), (rows, t.seq_len)).copy(),
+          "loss_mask": np.ones((rows, t.seq_len), np.float32)}
+
+
+def peak_memory_bytes() -> int | None:
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use") is not None]
+  return max(peaks) if peaks else None
+
+
+def memory_analysis(compiled) -> dict | None:
+  """XLA's per-device figures for a compiled program, in bytes; `peak` = arguments + outputs -
+  aliased (donated buffers reused for outputs) + temporaries."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def cudnn_attention_in_hlo(compiled) -> bool | None:
+  """Whether the compiled program calls cuDNN's fused attention (custom call `__cudnn$fmha...`):
+  what `model.attention=auto` resolved to, after any fallback to xla. None if XLA gives no text."""
+  try:
+    return "__cudnn$fmha" in (compiled.as_text() or "")
+  except Exception:  # as_text is best effort on some backends  # pylint: disable=broad-except
+    return None
+
+
+def estimate(cfg, mesh) -> dict:
+  """lmtiny.plan.memory's estimate for the attention backend that runs on the mesh's platform."""
+  m = cfg.model
+  impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=mesh.devices.flat[0].platform,
+                               seq_len=cfg.train.seq_len, packed=True)
+  return memory.estimate(cfg, dict(mesh.shape), attention=impl)
+
+
+def compile_report(cfg, topology: str | None = None) -> dict:
+  """Compile only: XLA's memory analysis and lmtiny.plan.memory's estimate, no arrays allocated; for
+  this machine's devices, or with XLA:TPU for the TPU slice `topology` names (lmtiny.training.lowering)."""
+  if topology:
+    compiled, compile_s, cfg, mesh = lowering.compile_for_topology(cfg, topology)
+  else:
+    compiled, compile_s, cfg, mesh = lowering.compile_train_step(cfg)
+  device = mesh.devices.flat[0]
+  return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
+          "estimate": estimate(cfg, mesh), "device": device.device_kind,
+          "chip_bytes": arch.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
+          "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype}
+
+
+def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
+  """Compile once, run `warmup` untimed steps, then time `steps` steps one by one."""
+  config_lib.validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_divisibility(cfg, mesh)
+  bench_steps = build_steps(cfg, mesh, total_steps=max(steps + warmup, 2))
+  rows = config_lib.global_batch_size(cfg.train) // jax.process_count()
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    state = bench_steps.init()
+    batch = device_batch(synthetic_batch(cfg, rows), mesh)
+    compiled = bench_steps.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    xla_memory = memory_analysis(compiled)
+    cudnn_attention = cudnn_attention_in_hlo(compiled)
+    times = []
+    for i in range(warmup + steps):
+      t0 = time.perf_counter()
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m["loss"])
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  tokens_per_s = cfg.train.batch_tokens / median
+  flops = arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  flops_nanochat = arch.train_flops_per_token(cfg.model, cfg.train.seq_len, "nanochat")
+  return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "median_step_s": median,
+          "min_step_s": min(times), "tokens_per_s": tokens_per_s, "mfu": metrics_lib.mfu(flops, tokens_per_s),
+          "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
+          "estimate": estimate(cfg, mesh), "step_times": times,
+          "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
+          "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
+          "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+
+
+def format_memory(r: dict) -> list[str]:
+  lines = []
+  x = r.get("xla_memory")
+  if x is not None:
+    lines.append(f"XLA memory   {human_bytes(x['peak'])} per device = arguments {human_bytes(x['argument'])} + "
+                 f"outputs {human_bytes(x['output'])} - aliased {human_bytes(x['alias'])} + temporaries "
+                 f"{human_bytes(x['temp'])}")
+    chip = r.get("chip_bytes")
+    if chip:
+      verdict = "fits" if x["peak"] <= chip else "does NOT fit"
+      lines.append(f"chip         {verdict}: {100 * x['peak'] / chip:.0f}% of the chip's {human_bytes(chip)}")
+  e = r.get("estimate")
+  if e is not None:
+    ratio = f" ({e['total'] / x['peak']:.2f}x XLA's)" if x and x["peak"] else ""
+    lines.append(f"estimate     {human_bytes(e['total'])} per device{ratio} (lmtiny.plan.memory: " +
+                 ", ".join(f"{k} {human_bytes(v)}" for k, v in e.items() if k != "total") + ")")
+  return lines
+
+
+def format_report(r: dict, cfg) -> str:
+  t = cfg.train
+  resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
+  head = [
+      f"model        {r['params'] / 1e6:.2f}M params",
+      f"device       {r['devices']} x {r['device']}, mesh {r['mesh']}",
+      f"batch        {t.batch_tokens} tokens = {config_lib.global_batch_size(t)} x {t.seq_len}"
+      f" (accumulation {config_lib.accumulation_steps(resolved)}), dtype {r.get('dtype', cfg.model.dtype)}, "
+      f"remat {cfg.model.remat}, attention {r.get('attention', cfg.model.attention)}",
+      f"compile      {r['compile_s']:.1f} s",
+  ]
+  if "median_step_s" not in r:  # --compile-only
+    return "\n".join(head + format_memory(r))
+  mem = human_bytes(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
+  cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
+  mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "
+         f"(6*N + 12*L*T*H*Dh)" if r["mfu"] is not None else "n/a (unknown chip)")
+  return "\n".join(head + [
+      f"FLOPs/token  {human(r['flops_per_token'])} (train, causal-half)",
+      f"step         median {1e3 * r['median_step_s']:.1f} ms, min {1e3 * r['min_step_s']:.1f} ms",
+      f"throughput   {r['tokens_per_s']:,.0f} tokens/s",
+      f"MFU          {mfu}",
+      f"attention    model.attention={r['attention']}; cuDNN fused attention in the compiled step: {cudnn}",
+      f"peak memory  {mem} (runtime)",
+  ] + format_memory(r))
+
+
+def report_json(r: dict, cfg) -> dict:
+  """The report plus the run's shape, for tools that collect several runs (benchmarks/gpu_suite.sh)."""
+  t = cfg.train
+  resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
+  out = dict(r, seq_len=t.seq_len, batch_tokens=t.batch_tokens, global_batch=config_lib.global_batch_size(t),
+             accumulation=config_lib.accumulation_steps(resolved), dtype=cfg.model.dtype, remat=cfg.model.remat,
+             attention=cfg.model.attention)
+  return json.loads(json.dumps(out, default=float))  # numpy scalars -> float
