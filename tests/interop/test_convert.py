@@ -150,6 +150,7 @@ def _lmtiny_run(tmp_path, tok, **model):
   return run, run.model(params)
 
 
+@pytest.mark.slow(seconds=8)
 @pytest.mark.parametrize("model,arch", [
     (dict(num_kv_heads=2, tie_embeddings=False), "LlamaForCausalLM"),
     (dict(tie_embeddings=True), "LlamaForCausalLM"),

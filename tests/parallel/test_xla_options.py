@@ -4,7 +4,7 @@ import re
 import jax
 
 from lm_fixtures import tiny_config
-from lmtiny.bench import synthetic_batch
+from lmtiny.training.benchmark import synthetic_batch
 from lmtiny.parallel import sharding, xla_options
 from lmtiny.training.steps import build_steps, device_batch
 

@@ -10,7 +10,7 @@ import pytest
 
 from lm_fixtures import VOCAB, memory_data, tiny_config, ROOT
 from lmtiny import config as config_lib
-from lmtiny.bench import synthetic_batch
+from lmtiny.training.benchmark import synthetic_batch
 from lmtiny.errors import ConfigError, UserError
 from lmtiny.parallel import sharding
 from lmtiny.runs.checkpoint import Checkpointer
@@ -88,6 +88,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
   assert json.load(open(tmp_path / "c" / "config.json"))["train"]["device_batch_size"] == 1
 
 
+@pytest.mark.slow(seconds=6)
 def test_sigterm_saves_and_stops(tmp_path):
   def log(line):
     if line.startswith("step      2/"):

@@ -98,6 +98,7 @@ def test_resume_repeats_the_uninterrupted_rewards_and_losses(data_parallel_run, 
   assert glob.glob(str(tmp_path / "b" / "checkpoints" / "corrupt-2-*"))
 
 
+@pytest.mark.slow(seconds=8)
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat_run, tmp_path, monkeypatch):
   monkeypatch.setattr(gsm8k, "reward", _length_reward)
   rl = Reinforce(rl_settings(chat_run, **{**SETTINGS, "steps": 3, "checkpoint_every": 1}), str(tmp_path / "rl"),
@@ -231,6 +232,7 @@ def test_init_without_a_checkpoint_names_the_flag(tmp_path, capsys):
   assert err.startswith(f"error: --init={tmp_path}: not a run directory") and err.count("\n") == 1
 
 
+@pytest.mark.slow(seconds=4)
 def test_train_step_weights_exactly_the_tokens_the_sampler_drew(chat_run, tmp_path):
   # REINFORCE is only unbiased if the rows the train step differentiates are the sampled rows:
   # at temperature 1 without top-k, each weighted target must be the draw the sampler's key

@@ -256,6 +256,7 @@ def test_resume_past_a_damaged_checkpoint_says_one_warning_and_nothing_else(base
   assert warning.endswith("resuming from step 2") and "resumed from checkpoint at step 2" in out
 
 
+@pytest.mark.slow(seconds=5)
 def test_sigterm_before_the_loop_exits_0_and_saves_nothing(base, tmp_path):
   workdir = str(tmp_path / "fresh")
   proc = _spawn_train(base, workdir)
