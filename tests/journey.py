@@ -170,8 +170,15 @@ class Journey:
     return "ran"
 
   def _serve(self, script: str, port: int = 8000) -> None:
-    proc = subprocess.Popen(["bash", "-c", f"exec {script}"], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A command typed in a terminal stops on Ctrl-C. A test run started in the background of a
+    # non-interactive shell has SIGINT ignored, and an ignored signal stays ignored through exec:
+    # the server would never see the Ctrl-C below. A handler here is reset to the default in the child.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+      proc = subprocess.Popen(["bash", "-c", f"exec {script}"], cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+      signal.signal(signal.SIGINT, ignored)
     try:
       deadline = time.time() + 180
       while True:
