@@ -98,7 +98,7 @@ def config_overrides(argv: list[str]) -> list[str]:
 
 
 # A config file for config_flags that reads a run's config.json: `--config RUN_CONFIG:RUN_DIR`.
-RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat", "run_config.py")
+RUN_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs", "run_config.py")
 
 
 def with_run_config(argv: list[str]) -> list[str]:
@@ -154,7 +154,7 @@ def parse_flags(argv: list[str], define, usage: str):
     rest = fv(argv)
   except flags.Error as e:
     inner = _user_error_inside(e)
-    if inner is not None:  # e.g. lmtiny.sft's --init read as a config (lmtiny/chat/run_config.py)
+    if inner is not None:  # e.g. lmtiny.sft's --init read as a config (lmtiny/runs/run_config.py)
       raise inner from None
     raise ConfigError(_one_line(e)) from None
   except (AttributeError, KeyError) as e:  # config_flags on an override naming no field

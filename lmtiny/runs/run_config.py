@@ -1,7 +1,7 @@
 """A config file for config_flags that reads an existing run's config.json:
 
-  --config lmtiny/chat/run_config.py:RUN_DIR   (lmtiny.sft inserts it when only --init is given,
-                                                so --config.sft.*=... overrides still apply)
+  --config lmtiny/runs/run_config.py:RUN_DIR   (lmtiny.sft and lmtiny.rl insert it when only --init
+                                                is given, so --config.<section>.* overrides apply)
 """
 from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.directory import check_run_directory
