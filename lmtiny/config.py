@@ -144,7 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
       targets="q,k,v,o,up,gate,down",  # weights that get adapters (absent ones are skipped)
   ))
   # On-policy RL from a chat run (python -m lmtiny.rl; lmtiny.training.policy_gradient). It sets
-  # train.* / optim.* from these; only an RL run's config.json records this section.
+  # train.* / optim.* from these; an RL run names its init run in rl.init (lmtiny.runs.kind).
   c.rl = ml_collections.ConfigDict(dict(
       init="",               # the run RL starts from (--init; its newest checkpoint)
       data="gsm8k",          # gsm8k | toy (self-generated arithmetic problems, no download)

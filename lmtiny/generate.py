@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Iterable, TextIO
+from typing import Iterable, TextIO
 
 from lmtiny import cli
 from lmtiny.model.quant import check_flags
 from lmtiny.model.sampling import Sampler, SamplingError, SamplingParams, TextStream
-from lmtiny.runs.directory import load_run, load_weights
+from lmtiny.runs.directory import load_run, load_weights, Run
 from lmtiny.tokenizer import fit_conversation
-
-if TYPE_CHECKING:
-  from lmtiny.runs.directory import Run
 
 
 def parse_args(argv):

@@ -31,13 +31,15 @@ def chip_name(device=None) -> str | None:
   return next((name for key, name in _DEVICE_KINDS if key in kind), None)
 
 
+def chip_count() -> int:
+  """Chips in the job; CPU counts as one host however many emulated devices."""
+  return 1 if chip_name() == "cpu" else jax.device_count()
+
+
 def peak_flops_total() -> float | None:
-  """Dense bf16 peak of all chips in the job; CPU counts as one host however many emulated devices."""
+  """Dense bf16 peak of all chips in the job."""
   name = chip_name()
-  if name is None:
-    return None
-  chips = 1 if name == "cpu" else jax.device_count()
-  return PEAK_FLOPS[name] * chips
+  return None if name is None else PEAK_FLOPS[name] * chip_count()
 
 
 def mfu(flops_per_token: float, tokens_per_second: float) -> float | None:

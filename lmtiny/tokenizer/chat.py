@@ -16,12 +16,9 @@ Tool output comes from the tool, not the model, so it is never trained on. `mask
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from lmtiny.tokenizer.core import TokenizerError
-
-if TYPE_CHECKING:
-  from lmtiny.tokenizer.core import Tokenizer
+from lmtiny.tokenizer.core import Tokenizer, TokenizerError
 
 _PART_TOKENS = {"python": ("python_start", "python_end", 1),
                 "python_output": ("output_start", "output_end", 0)}
@@ -54,7 +51,7 @@ def _assistant_parts(content) -> list[dict]:
   return list(content)
 
 
-def render_conversation(tok: "Tokenizer", messages: Sequence[dict],
+def render_conversation(tok: Tokenizer, messages: Sequence[dict],
                         max_len: int = 2048) -> tuple[list[int], list[int]]:
   """Token ids of a conversation and their loss mask, both truncated to `max_len`."""
   ids, mask = [], []
@@ -85,7 +82,7 @@ def render_conversation(tok: "Tokenizer", messages: Sequence[dict],
   return ids[:max_len], mask[:max_len]
 
 
-def render_for_completion(tok: "Tokenizer", messages: Sequence[dict]) -> list[int]:
+def render_for_completion(tok: Tokenizer, messages: Sequence[dict]) -> list[int]:
   """Prompt ids for sampling the next assistant reply: drops a trailing assistant message and
   ends with <|assistant_start|>."""
   messages = list(messages)
@@ -103,7 +100,7 @@ def _rendered_len(tok, messages: Sequence[dict]) -> int:
   return len(render_conversation(tok, messages, max_len=_NO_LIMIT)[0]) - 1
 
 
-def fit_conversation(tok: "Tokenizer", messages: Sequence[dict], context: int,
+def fit_conversation(tok: Tokenizer, messages: Sequence[dict], context: int,
                      max_new_tokens: int) -> tuple[list[dict], list[int]]:
   """The prompt for the next reply within a context of `context` tokens: the oldest exchanges
   (a user and an assistant message; a leading system message stays) are dropped until

@@ -378,12 +378,15 @@ class Trainer:
     if at_end or (t.sample_every and step % t.sample_every == 0):
       self.sample(state["params"], step, writer)
 
+  def _segment_record(self, step: int, start: int) -> dict:
+    """What every stage's "run" record holds: this segment's wall time, steps and chips."""
+    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
+            "chips": metrics_lib.chip_count(), "chip": metrics_lib.chip_name()}
+
   def _run_record(self, step: int, start: int) -> dict:
     """The "run" record closing this segment (the report card's wall time, tokens and chips)."""
-    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
-            "tokens": (step - start) * self.cfg.train.batch_tokens,
-            "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count(),
-            "chip": metrics_lib.chip_name(), "peak_flops": metrics_lib.peak_flops_total()}
+    return {**self._segment_record(step, start), "tokens": (step - start) * self.cfg.train.batch_tokens,
+            "peak_flops": metrics_lib.peak_flops_total()}
 
   def _summary(self, step: int, stop: bool) -> dict:
     return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,

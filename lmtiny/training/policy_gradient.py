@@ -42,7 +42,7 @@ from lmtiny.config import MESH_AXES
 from lmtiny.errors import ConfigError
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.parallel import sharding
-from lmtiny.runs import kind as runkind, metrics as metrics_lib
+from lmtiny.runs import kind as runkind
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import gsm8k
 from lmtiny.tokenizer import render_for_completion
@@ -74,14 +74,19 @@ def check_settings(rl, dp: int) -> None:
                   f"{rl.questions * rl.samples} rows per step do not divide over the data-parallel size {dp}")
 
 
-def check_workdir(workdir: str, init_dir: str) -> None:
-  """The RL run directory is not the init run, and holds no run of another kind (lmtiny.runs.kind):
-  RL would take its checkpoints for its own state, rewrite its config and prune its checkpoints."""
+def check_not_the_init_run(workdir: str, init_dir: str) -> None:
+  """RL in its init run's directory would take its checkpoints for its own state, rewrite its
+  config and prune its checkpoints."""
   same = (workdir.rstrip("/") == init_dir.rstrip("/") if "://" in workdir + init_dir
           else os.path.realpath(workdir) == os.path.realpath(init_dir))
   if same:
     raise RLError(f"--workdir={workdir}: is the init run (--init); the RL run needs a directory of its own "
                   "(e.g. RUN/rl next to RUN/sft)")
+
+
+def check_workdir(workdir: str, init_dir: str) -> None:
+  """The RL run directory is not the init run, and holds no run of another kind (lmtiny.runs.kind)."""
+  check_not_the_init_run(workdir, init_dir)
   runkind.check_kind(workdir, "rl")
 
 
@@ -266,7 +271,7 @@ class Reinforce(Trainer):
     return self.steps.init(self._init_params())
 
   def _check_workdir(self, cfg) -> dict:
-    check_workdir(self.workdir, self.init.workdir)
+    check_not_the_init_run(self.workdir, self.init.workdir)  # again, under the lock; the loop checks the kind
     return super()._check_workdir(cfg)
 
   def _begin(self, state, start: int, writer) -> None:
@@ -315,9 +320,7 @@ class Reinforce(Trainer):
       writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
 
   def _run_record(self, step: int, start: int) -> dict:
-    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
-            "sampled_tokens": self._sampled_tokens, "chip": metrics_lib.chip_name(),
-            "chips": 1 if metrics_lib.chip_name() == "cpu" else jax.device_count()}
+    return {**self._segment_record(step, start), "sampled_tokens": self._sampled_tokens}
 
   def _summary(self, step: int, stop: bool) -> dict:
     return {"step": step, "history": self._history, "preempted": stop, "seconds": self._seconds()}
