@@ -7,8 +7,10 @@ backend checked against the xla path on the device this runs on.
 
 Backends tried per platform: GPU xla + cudnn, TPU xla + splash, CPU xla + splash (Pallas
 interpret mode: slow, for checking only). Layouts: `causal` (one document per row, no segment
-ids: cuDNN's causal mask type) and `packed` (segment ids with several documents per row and a
-padding tail: cuDNN's packed-sequence runs, splash's SegmentIds). For every (backend, layout)
+ids: cuDNN's causal mask type), `packed` (segment ids with several documents per row and a
+padding tail: cuDNN's packed-sequence runs, splash's SegmentIds) and `packed1` (segment ids, but
+one document filling every row: the packed kernels' cost over the causal one with the work held
+equal, which isolates what the run bound T // 64 costs). For every (backend, layout)
 it prints the median time of a jitted value_and_grad of sum(attention(q, k, v) * w), the
 achieved TFLOP/s, XLA's temp-buffer figure (`compiled.memory_analysis()`), whether the compiled
 HLO holds the cuDNN fused-attention call, and the largest difference of the output and of
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
   p.add_argument("--head-dim", type=int, default=128 if accel else 64)
   p.add_argument("--dtype", default="bfloat16" if accel else "float32", choices=("bfloat16", "float16", "float32"))
   p.add_argument("--backends", nargs="+", default=None, help="default: xla plus the platform's fused backend")
-  p.add_argument("--layouts", nargs="+", default=["causal", "packed"], choices=("causal", "packed"))
+  p.add_argument("--layouts", nargs="+", default=["causal", "packed"], choices=("causal", "packed", "packed1"))
   p.add_argument("--repeats", type=int, default=10 if accel else 2)
   p.add_argument("--tolerance", type=float, default=None, help="relative; default 2e-2 (half) / 1e-4 (fp32)")
   p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
@@ -125,7 +127,9 @@ def main(argv=None) -> int:
   print(f"{'backend':8} {'layout':7} {'ms':>9} {'TFLOP/s':>8} {'temp MiB':>9} {'cudnn':>5} "
         f"{'out diff':>9} {'dq':>9} {'dk':>9} {'dv':>9}")
   for layout in a.layouts:
-    segments = None if layout == "causal" else jnp.asarray(packed_segments(a.batch, a.seq))
+    segments = {"causal": None, "packed": lambda: jnp.asarray(packed_segments(a.batch, a.seq)),
+                "packed1": lambda: jnp.ones((a.batch, a.seq), jnp.int32)}[layout]
+    segments = segments() if segments else None
     reference = None
     for impl in backends:
       try:

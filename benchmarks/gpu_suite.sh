@@ -12,7 +12,7 @@ usage: benchmarks/gpu_suite.sh [PART ...] [--dry-run]
 
 PARTs (default: all), run in the order given:
   attention   python benchmarks/attention.py at its GPU defaults (B=8 T=2048 H=16 K=4 Dh=128 bf16):
-              xla and cudnn, causal and packed; time, TFLOP/s, memory, cuDNN in HLO, diffs vs xla
+              xla and cudnn; causal, packed and packed1 (one run per packed row); time, TFLOP/s, memory, cuDNN in HLO, diffs vs xla
   bench-d4    python -m lmtiny.bench, configs/d4_38m.py at seq 2048 (device_batch_size 32: its 64
               was sized for seq 1024), bf16, 10 steps after 2 warmup, once per backend
   bench-d20   the same for configs/d20.py (seq 2048, its full 524,288-token batch), 5 steps after 1
@@ -208,7 +208,7 @@ setup() {
 }
 
 part_attention() {
-  local args=(--json "$WORK/attention.json")
+  local args=(--json "$WORK/attention.json" --layouts causal packed packed1)
   [[ "$SMOKE" == 1 ]] && args+=(--backends xla)
   # Exit 1 is a fused backend that MISMATCHes xla: recorded as failed, and the suite goes on.
   step attention attention 240 "$WORK/attention.json" "$PYTHON" benchmarks/attention.py "${args[@]}"

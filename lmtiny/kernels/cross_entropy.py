@@ -101,11 +101,30 @@ def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
   return (ce_N, lse_N), (x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved)
 
 
+def _dlogits(logits_CxV, targets_C, vocab_start, dce_C, dlse_C, lse_C, softcap: float, dtype):
+  """d(objective)/d(logits) of one chunk, given d/dce and d/dlse per token, in `dtype`:
+  (dce + dlse) * softmax - dce * onehot (times the softcap's derivative)."""
+  probs_CxV = jnp.exp(logits_CxV - lse_C[:, None])
+  onehot_CxV = (targets_C - vocab_start)[:, None] == jnp.arange(logits_CxV.shape[-1])[None, :]
+  dlogits_CxV = (dce_C + dlse_C)[:, None] * probs_CxV - jnp.where(onehot_CxV, dce_C[:, None], 0.0)
+  if softcap > 0:
+    dlogits_CxV = dlogits_CxV * (1.0 - jnp.square(logits_CxV / softcap))
+  return dlogits_CxV.astype(dtype)
+
+
+def _input_grads(x_CxD, w_DxV, dlogits_CxV):
+  """(dx [C, D] in x's dtype, dw [D, V] float32) of one chunk: the two backward GEMMs, in the
+  compute dtype with float32 accumulation."""
+  dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
+  dw_DxV = jnp.dot(x_CxD.T.astype(w_DxV.dtype), dlogits_CxV, preferred_element_type=jnp.float32)
+  return dx_CxD.astype(x_CxD.dtype), dw_DxV
+
+
 def _bwd(softcap, chunk, axis_name, residuals, cotangents):
   x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved = residuals
   # The forward psums ce and lse over the vocab axis; its transpose psums their cotangents.
   dce_N, dlse_N = (_reduce(jax.lax.psum, ct.astype(jnp.float32), axis_name) for ct in cotangents)
-  dtype, n, v_local = x_NxD.dtype, x_NxD.shape[0], w_DxV.shape[1]
+  n = x_NxD.shape[0]
   x_nxCxD, t_nxC, pad = _chunked(x_NxD, targets_N, chunk)
   per_token = jnp.stack([dce_N, dlse_N, lse_N], axis=-1)
   per_token_nxCx3 = jnp.pad(per_token, ((0, pad), (0, 0))).reshape(*t_nxC.shape, 3)
@@ -113,16 +132,8 @@ def _bwd(softcap, chunk, axis_name, residuals, cotangents):
   def chunk_grads(x_CxD, t_C, g_Cx3, logits_CxV):
     if logits_CxV is None:
       logits_CxV = _chunk_logits(x_CxD, w_DxV, softcap)
-    dce_C, dlse_C, lse_C = g_Cx3[:, 0], g_Cx3[:, 1], g_Cx3[:, 2]
-    probs_CxV = jnp.exp(logits_CxV - lse_C[:, None])
-    onehot_CxV = (t_C - vocab_start)[:, None] == jnp.arange(v_local)[None, :]
-    dlogits_CxV = (dce_C + dlse_C)[:, None] * probs_CxV - jnp.where(onehot_CxV, dce_C[:, None], 0.0)
-    if softcap > 0:
-      dlogits_CxV = dlogits_CxV * (1.0 - jnp.square(logits_CxV / softcap))
-    dlogits_CxV = dlogits_CxV.astype(w_DxV.dtype)
-    dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
-    dw_DxV = jnp.dot(x_CxD.T.astype(w_DxV.dtype), dlogits_CxV, preferred_element_type=jnp.float32)
-    return dx_CxD.astype(dtype), dw_DxV
+    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, g_Cx3[:, 0], g_Cx3[:, 1], g_Cx3[:, 2], softcap, w_DxV.dtype)
+    return _input_grads(x_CxD, w_DxV, dlogits_CxV)
 
   if saved is not None:
     dx_CxD, dw_DxV = chunk_grads(x_nxCxD[0], t_nxC[0], per_token_nxCx3[0], saved)
@@ -139,3 +150,77 @@ def _bwd(softcap, chunk, axis_name, residuals, cotangents):
 
 
 linear_cross_entropy.defvjp(_fwd, _bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused: the gradient formed in the forward pass (three GEMMs instead of four).
+
+
+def _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
+  """One pass over the chunks: logits, their statistics and, since the per-token weights of the
+  objective are inputs, d(objective)/d(logits) and from it dx and dw, while the chunk's logits
+  are at hand. Returns (objective, ce_N, lse_N, dx_NxD, dw_DxV float32)."""
+  n = x_NxD.shape[0]
+  x_nxCxD, t_nxC, pad = _chunked(x_NxD, targets_N, chunk)
+  weights_nxCx2 = jnp.pad(jnp.stack([ce_weights_N, z_weights_N], -1).astype(jnp.float32),
+                          ((0, pad), (0, 0))).reshape(*t_nxC.shape, 2)
+
+  def body(dw_acc, xs):
+    x_CxD, t_C, w_Cx2 = xs
+    logits_CxV = _chunk_logits(x_CxD, w_DxV, softcap)
+    lse_C, target_C = _chunk_stats(logits_CxV, t_C, vocab_start, axis_name)
+    dlse_C = 2.0 * w_Cx2[:, 1] * lse_C  # d(z * lse^2) / d lse
+    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, w_Cx2[:, 0], dlse_C, lse_C, softcap, w_DxV.dtype)
+    dx_CxD, dw_DxV = _input_grads(x_CxD, w_DxV, dlogits_CxV)
+    return dw_acc + dw_DxV, (lse_C - target_C, lse_C, dx_CxD)
+
+  dw_DxV, (ce_nxC, lse_nxC, dx_nxCxD) = jax.lax.scan(
+      body, jnp.zeros(w_DxV.shape, jnp.float32), (x_nxCxD, t_nxC, weights_nxCx2))
+  ce_N, lse_N = ce_nxC.reshape(-1)[:n], lse_nxC.reshape(-1)[:n]
+  objective = _objective(ce_N, lse_N, ce_weights_N, z_weights_N)
+  return objective, ce_N, lse_N, dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n], dw_DxV
+
+
+def _objective(ce_N, lse_N, ce_weights_N, z_weights_N):
+  return (jnp.sum(ce_weights_N.astype(jnp.float32) * ce_N)
+          + jnp.sum(z_weights_N.astype(jnp.float32) * jnp.square(lse_N)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
+  # Not differentiated: the forward GEMM alone.
+  ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
+  return _objective(ce_N, lse_N, ce_weights_N, z_weights_N), ce_N, lse_N
+
+
+def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
+  objective, ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N,
+                                                          vocab_start, softcap, chunk, axis_name)
+  return (objective, ce_N, lse_N), (dx_NxD, dw_DxV.astype(w_DxV.dtype))
+
+
+def _fused_bwd(softcap, chunk, axis_name, residuals, cotangents):
+  dx_NxD, dw_DxV = residuals
+  # Only the objective is differentiable (the wrapper stops ce and lse). Like ce and lse in the
+  # unfused loss, it is the same on every vocab slice, and its cotangent is psummed.
+  g = _reduce(jax.lax.psum, cotangents[0].astype(jnp.float32), axis_name)
+  return (dx_NxD * g.astype(dx_NxD.dtype), dw_DxV * g.astype(dw_DxV.dtype), None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Array,
+                               z_weights_N: Array, vocab_start: Array, softcap: float = 0.0, chunk: int = 4096,
+                               axis_name: str | None = None):
+  """(objective, cross_entropy_N, logsumexp_N) of logits x @ w, where
+  objective = sum(ce_weights * ce) + sum(z_weights * lse^2) (a loss sum with per-token weights
+  plus z-loss): the training loss, in three GEMMs per chunk instead of `linear_cross_entropy`'s
+  four. The per-token weights are inputs, so d(objective)/d(logits) is known while each chunk's
+  logits are: dx and dw are formed in the forward pass (logits, dx, dw), never recomputing the
+  logits, and the backward only scales them by the objective's cotangent. Only the objective
+  has a gradient (ce and lse come back stopped, for metrics); the weights get none. Evaluated
+  without a gradient it runs the forward GEMM alone."""
+  objective, ce_N, lse_N = _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk,
+                                  axis_name)
+  return objective, jax.lax.stop_gradient(ce_N), jax.lax.stop_gradient(lse_N)

@@ -138,7 +138,8 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
   """The backend that runs: `impl` unless it is auto, and xla wherever a fused kernel cannot.
 
   self_attention=False (decode against a cache, T != S) always gives xla. A requested fused
-  backend the shape rules out (splash needs seq_len % 128 == 0) also falls back to xla.
+  backend the shape rules out (splash needs seq_len % 128 == 0; packed cuDNN rows need room for
+  two runs, T >= 128) also falls back to xla.
   """
   platform = platform or target_platform()
   if not self_attention:
@@ -153,6 +154,8 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
       impl = "xla"
   if impl == "splash" and seq_len is not None and splash_block(seq_len) is None:
     return "xla"
+  if impl == "cudnn" and packed and seq_len is not None and cudnn_max_runs(seq_len) < 2:
+    return "xla"  # T < 128: a bound of one run per row would drop the document mask
   return impl
 
 
@@ -346,7 +349,7 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   if impl == "cudnn":
     try:
       out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
-    except (ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+    except (AttributeError, ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as e:
       if requested != "auto":  # asked for by name: the user sees why it cannot run
         raise
       # auto: a cuDNN build or a jax version whose (partly private) API refuses these inputs

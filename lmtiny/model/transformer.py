@@ -8,6 +8,7 @@ compute dtype where they are used.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -19,9 +20,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
-from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV
+from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
-from lmtiny.parallel.sharding import constrain, linear_cross_entropy
+from lmtiny.parallel.sharding import constrain, fused_linear_cross_entropy, linear_cross_entropy
 
 Array = jax.Array
 
@@ -34,6 +35,15 @@ def compute_dtype(m) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Initialisers. `fan_in` / `fan_out` are for the matrix as it multiplies (heads flattened).
+
+
+def loss_kernel(m) -> str:
+  """The training loss's kernel (model.loss_kernel): auto = fused on GPU and TPU (the platform
+  being compiled for, lmtiny.model.attention.target_platform), chunked on CPU."""
+  kernel = m.get("loss_kernel", "auto")  # get: older runs lack the field
+  if kernel == "auto":
+    return "chunked" if target_platform() == "cpu" else "fused"
+  return kernel
 
 
 def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
@@ -67,6 +77,36 @@ def _param(m, rngs: nnx.Rngs, role: str, shape, logical_axes, fan_in: int, fan_o
 
 # ---------------------------------------------------------------------------------------------
 # Layers.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table_VxD: Array, tokens_BxT: Array, dtype) -> Array:
+  """Rows of the float32 table in the compute dtype, with a float32 gradient.
+
+  The FSDP-sharded table is gathered whole first (ZeRO-3: weights are all-gathered where used; a
+  lookup into a D-sharded table would need a costly reshard of its output instead), and it is
+  gathered as a compute-dtype copy: under FSDP that all-gather runs in every micro-step, and in
+  bf16 it moves half the bytes (d20: 168 MB, not 335). The rows are the same either way (cast,
+  then gather = gather, then cast). The gradient scatter-adds the rows' cotangents into a
+  float32 table (in bf16, 4,096 unit gradients into one row would sum to 256).
+  """
+  return jnp.take(constrain(table_VxD.astype(dtype), ("embed_vocab", "act_embed")), tokens_BxT, axis=0)
+
+
+def _embed_lookup_fwd(table_VxD, tokens_BxT, dtype):
+  # The table's row count rides along in an empty [V, 0] array; the table itself is not kept.
+  rows_Vx0 = jnp.zeros((table_VxD.shape[0], 0), table_VxD.dtype)
+  return embed_lookup(table_VxD, tokens_BxT, dtype), (tokens_BxT, rows_Vx0)
+
+
+def _embed_lookup_bwd(dtype, residuals, g_BxTxD):
+  tokens_BxT, rows_Vx0 = residuals
+  d_table_VxD = jnp.zeros((rows_Vx0.shape[0], g_BxTxD.shape[-1]), rows_Vx0.dtype)
+  d_table_VxD = d_table_VxD.at[tokens_BxT.reshape(-1)].add(g_BxTxD.reshape(-1, g_BxTxD.shape[-1]).astype(rows_Vx0.dtype))
+  return constrain(d_table_VxD, ("embed_vocab", "embed")), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -257,13 +297,8 @@ class Transformer(nnx.Module):
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
 
   def embed_tokens(self, tokens_BxT: Array) -> Array:
-    # Gather the FSDP-sharded table whole first (ZeRO-3: weights are all-gathered where used);
-    # a lookup into a D-sharded table would need a costly reshard of its output instead.
-    # Gather from the float32 table, then cast: the gradient scatter-adds into the table in
-    # float32 (in bf16, 4,096 unit gradients into one row would sum to 256).
     # (.astype(float32) is free on the float32 table; a quantized tied table dequantizes here.)
-    table_VxD = constrain(self.embed[...].astype(jnp.float32), ("embed_vocab", "act_embed"))
-    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(compute_dtype(self.cfg))
+    x_BxTxD = embed_lookup(self.embed[...].astype(jnp.float32), tokens_BxT, compute_dtype(self.cfg))
     if self.embed_norm is not None:
       x_BxTxD = self.embed_norm(x_BxTxD)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
@@ -294,6 +329,22 @@ class Transformer(nnx.Module):
     return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT,
                                 softcap=self.cfg.logit_softcap,
                                 chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+
+  def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
+                 segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array):
+    """(objective, cross-entropy [B, T], logsumexp [B, T]) for training, with objective =
+    sum(ce_weights * ce) + sum(z_weights * lse^2). model.loss_kernel picks the kernel: `fused`
+    forms the gradient in the forward pass (three GEMMs; lmtiny.kernels.cross_entropy), `chunked`
+    is today's loss (four GEMMs under a gradient; the reference), `auto` = fused on GPU and TPU,
+    chunked on CPU. Only the objective is to be differentiated."""
+    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+    w_DxV = self.unembed_weight(x_BxTxD.dtype)
+    options = dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+    if loss_kernel(self.cfg) == "fused":
+      return fused_linear_cross_entropy(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, **options)
+    ce_BxT, lse_BxT = linear_cross_entropy(x_BxTxD, w_DxV, targets_BxT, **options)
+    objective = jnp.sum(ce_BxT * ce_weights_BxT) + jnp.sum(jnp.square(lse_BxT) * z_weights_BxT)
+    return objective, ce_BxT, lse_BxT
 
   def rope_tables(self, positions_BxT: Array) -> tuple[Array, Array]:
     """RoPE tables for positions below max(model.max_seq_len, T) (packed rows restart theirs)."""

@@ -263,6 +263,37 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
   return q_spec, kv_spec, logical_to_spec(("batch", "seq"), q_shape[:2], mesh_shape_)
 
 
+def fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
+                               ce_weights_BxT: jax.Array, z_weights_BxT: jax.Array, *, softcap: float = 0.0,
+                               chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(objective, cross-entropy [B, T], logsumexp [B, T]) with objective = sum(ce_weights * ce) +
+  sum(z_weights * lse^2), its gradient formed in the forward pass (lmtiny.kernels.cross_entropy's
+  fused loss: three GEMMs). Sharded as `linear_cross_entropy`; each batch shard returns its own
+  partial objective, summed here."""
+  b, t, d = x_BxTxD.shape
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, axis_name=None):
+    start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
+    objective, ce_N, lse_N = loss_lib.fused_linear_cross_entropy(
+        x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), ce_weights_BxT.reshape(-1),
+        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name)
+    return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
+
+  if mesh.empty:
+    objective, ce_BxT, lse_BxT = local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT)
+    return objective[0], ce_BxT, lse_BxT
+  shape = dict(mesh.shape)
+  batch = _mesh_axes_for("batch", b, shape)
+  vocab = _mesh_axes_for("vocab", w_DxV.shape[1], shape)
+  rows = P(batch, None)
+  objectives, ce_BxT, lse_BxT = jax.shard_map(
+      lambda x, w, tg, cw, zw: local(x, w, tg, cw, zw, vocab), mesh=mesh, check_vma=False,
+      in_specs=(P(batch, None, None), P(None, vocab), rows, rows, rows),
+      out_specs=(P(batch), rows, rows))(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT)
+  return jnp.sum(objectives), ce_BxT, lse_BxT
+
+
 def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
                          softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
   """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising

@@ -172,11 +172,13 @@ def _tensor_bytes(shape: str) -> int:
   return int(np.prod([int(d) for d in dims], dtype=np.int64)) * DTYPE_BYTES.get(dtype, 4)
 
 
-def _call_counts(text: str) -> Counter:
+def _call_counts(text: str, vocab: int = 0) -> Counter:
   """How many times each custom call runs per step: its sites in each function, multiplied out
   through the calls from @main (jax outlines repeated sub-programs, e.g. splash's wrapper, into
   private functions called once per layer). A kernel is named by its Mosaic kernel_name when it
-  has one, else by its custom-call target."""
+  has one, else by its custom-call target. With `vocab`, "lm_head_gemm" counts the sites of
+  dot_generals with a vocab-wide operand or result (a loop body's site counts once: the loss's
+  GEMMs, whatever its chunking)."""
   direct, calls = {}, {}
   for chunk in re.split(r"\n(?=\s*func\.func )", text):
     head = re.match(r"\s*func\.func (?:public |private )?@([\w$.]+)", chunk)
@@ -189,6 +191,8 @@ def _call_counts(text: str) -> Counter:
       if site:
         kernel = re.search(r'kernel_name = "(\w+)"', line)
         direct[name][kernel.group(1) if kernel else site.group(1)] += 1
+      if vocab and "stablehlo.dot_general" in line and re.search(rf"tensor<(\d+x)*{vocab}x", line):
+        direct[name]["lm_head_gemm"] += 1
     calls[name] = Counter(re.findall(r"(?<!custom_)call @([\w$.]+)\(", chunk))
   totals: dict[str, Counter] = {}
 
@@ -211,12 +215,15 @@ def model_widths(m) -> set[int]:
   return {m.d_model, config_lib.mlp_dim(m), m.vocab_size, h * dh, k * dh}
 
 
-def summarize(text: str, seq_len: int, widths: set[int] = frozenset()) -> dict:
+def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: int = 0) -> dict:
   """What a lowered program calls: attention kernels per step, cuDNN mask types and packed-run
   bounds, custom-partitioned calls, tensor types with a [T, T] tail (None: not told apart,
-  T is in `widths`), and the largest types."""
-  calls = _call_counts(text)
+  T is in `widths`), the lm_head GEMMs and the largest float32 [.., V] type (with `vocab`), and
+  the largest types."""
+  calls = _call_counts(text, vocab)
   tensors = Counter(re.findall(r"tensor<((?:\d+x)+[a-z]+\d+)>", text))
+  vocab_f32 = sorted((s for s in tensors if vocab and re.search(rf"(^|x){vocab}xf32$", s) and s.count("x") > 1),
+                     key=_tensor_bytes, reverse=True)
   square = None if seq_len in widths else {
       s: n for s, n in tensors.items() if re.search(rf"(^|x){seq_len}x{seq_len}x[a-z]+\d+$", s)}
   largest = sorted(tensors, key=_tensor_bytes, reverse=True)[:4]
@@ -225,7 +232,9 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset()) -> dict:
           "splash": {k: n for k, n in calls.items() if k.startswith("splash_")},
           "mask_types": sorted(set(re.findall(r"mask_type\\22: \\22(\w+)\\22", text))),
           "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
-          "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest]}
+          "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest],
+          "lm_head_gemms": calls.get("lm_head_gemm", 0),
+          "vocab_f32": [(s, _tensor_bytes(s), tensors[s]) for s in vocab_f32[:1]]}
 
 
 def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict) -> str:
@@ -249,6 +258,10 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   else:
     square = ", ".join(f"{k} x{v}" for k, v in sorted(s["square"].items()))
     lines.append(f"[T, T]       {square or 'none'} (T = {cfg.train.seq_len})")
+  if s.get("lm_head_gemms"):
+    widest = ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["vocab_f32"]) or "none"
+    lines.append(f"loss         {m.get('loss_kernel', 'auto')} kernel: {s['lm_head_gemms']} lm_head GEMMs; largest "
+                 f"float32 [.., V] {widest}")
   lines.append("largest      " + ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["largest"]))
   return "\n".join(lines)
 
@@ -256,5 +269,5 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
 def report(cfg, platform: str) -> str:
   text, seconds, lowered_cfg = lower_train_step(cfg, platform)
   mesh_shape = sharding.mesh_shape(cfg.mesh, jax.device_count())
-  summary = summarize(text, cfg.train.seq_len, model_widths(lowered_cfg.model))
+  summary = summarize(text, cfg.train.seq_len, model_widths(lowered_cfg.model), lowered_cfg.model.vocab_size)
   return format_summary(summary, lowered_cfg, platform, seconds, mesh_shape)

@@ -87,7 +87,7 @@ def test_smoke_run_leaves_logs_and_a_summary_with_tokens_per_second(tmp_path):
   assert [(r["part"], r["run"], r["status"]) for r in runs] == [
       ("attention", "attention", "ok"), ("bench-d4", "tiny-xla", "ok"), ("bench-d20", "tiny-xla", "ok"),
       ("torch-d4", "tiny-torch", "ok"), ("torch-d20", "tiny-torch", "ok")]
-  assert [row["layout"] for row in runs[0]["result"]["rows"]] == ["causal", "packed"]
+  assert [row["layout"] for row in runs[0]["result"]["rows"]] == ["causal", "packed", "packed1"]
   for r in runs[3:]:  # the PyTorch side alone, on the bench smoke's batch
     assert list(r["result"]["sides"]) == ["torch"] and r["result"]["sides"]["torch"]["tokens_per_s"] > 0
     assert (r["result"]["global_batch"], r["result"]["seq_len"], r["result"]["dtype"]) == (8, 64, "float32")

@@ -371,3 +371,32 @@ def test_cudnn_by_name_reaches_cudnn_and_auto_falls_back_with_a_warning(monkeypa
   monkeypatch.undo()
   want = attn_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="xla")
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_auto_falls_back_with_a_warning_when_a_newer_jax_lacks_a_private_name(monkeypatch):
+  """jax's cuDNN entry point is partly private: a version that renamed it raises AttributeError at
+  trace time. Under auto that costs speed (one warning naming it), not the run."""
+  q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in _qkv(1, 128, 128, 4, 2, 16, seed=12))
+
+  def renamed(*args):
+    raise AttributeError("module 'jax._src.cudnn.fused_attention_stablehlo' has no attribute 'MaskType'")
+  monkeypatch.setattr(attn_lib, "_cudnn_attention", renamed)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.warns(UserWarning, match=r"cuDNN attention unavailable \(AttributeError: .*MaskType'\); using xla"):
+    got = attn_lib.attention(q, k, v, impl="auto")
+  with pytest.raises(AttributeError, match="MaskType"):  # asked for by name: the error surfaces
+    attn_lib.attention(q, k, v, impl="cudnn")
+  monkeypatch.undo()
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(attn_lib.attention(q, k, v, impl="xla"), np.float32))
+
+
+def test_packed_rows_shorter_than_two_cudnn_runs_go_to_xla_not_to_an_unmasked_kernel():
+  """For T < 128 cuDNN's packed bound (T // 64) is one run per row: packed rows would lose their
+  document mask, so they run xla; unpacked rows (plain causal) keep cuDNN."""
+  for impl in ("auto", "cudnn"):
+    assert attn_lib.resolve_impl(impl, jnp.bfloat16, platform="gpu", seq_len=64, packed=True,
+                                 gpu_capability=(9, 0)) == "xla"
+    assert attn_lib.resolve_impl(impl, jnp.bfloat16, platform="gpu", seq_len=64, packed=False) == "cudnn"
+    assert attn_lib.resolve_impl(impl, jnp.bfloat16, platform="gpu", seq_len=128, packed=True,
+                                 gpu_capability=(9, 0)) == "cudnn"

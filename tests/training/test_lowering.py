@@ -171,6 +171,18 @@ def test_tpu_step_lowers_splash_to_mosaic_once_per_layer(mesh_shape):
   assert s["cudnn"] == {"forward": 0, "backward": 0} and s["square"] == {}
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_the_step_lowered_for_an_accelerator_runs_the_fused_loss_in_three_lm_head_gemms(platform):
+  """auto picks the fused loss on the target (logits, dx, dw once each); the chunked loss, over
+  several chunks, recomputes the logits in the backward: four. Neither holds [tokens, V] in f32."""
+  vocab, tokens = 320, 4 * T  # a vocab no other width shares
+  for kernel, gemms in (("auto", 3), ("chunked", 4)):
+    text, _, cfg = _lower(_cfg(loss_kernel=kernel, loss_chunk_tokens=T, vocab_size=vocab), platform)
+    s = lowering.summarize(text, T, vocab=vocab)
+    assert s["lm_head_gemms"] == gemms, kernel
+    assert s["vocab_f32"][0][0] == f"{T}x{vocab}xf32" and f"{tokens}x{vocab}xf32" not in text
+
+
 def test_xla_attention_lowered_for_cuda_calls_no_fused_kernel():
   _, s, _ = _lower(_cfg(attention="xla"), "cuda")
   assert s["cudnn"] == {"forward": 0, "backward": 0} and not s["splash"] and s["partitioned"] == 0
