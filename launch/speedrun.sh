@@ -38,7 +38,7 @@ presets:
 options:
   --workdir RUN            run directory (default runs/speedrun-PRESET)
   --source SPEC            pretraining text (lmtiny.corpus.sources spec)
-  --eval-data DIR          CORE task files (<task>.jsonl|.parquet); default: the hub (not toy)
+  --eval-data DIR          holds the DCLM eval_bundle/; default: downloaded once into ~/.cache/lmtiny/eval_bundle (not toy)
   --skip a,b,...           stages not to run (e.g. mid,sft)
   --price-per-chip-hour P  for the report card's cost estimate
   --smoke                  a few steps per stage (the CI test)

@@ -1,10 +1,14 @@
 """python -m lmtiny.eval --workdir RUN [--step N] --tasks bpb,core,gsm8k [flags]
 
-Tasks: `bpb` (val split of the run's data or --shards DIR), `core` (every CORE-style task:
-hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada) or any of those by name, and
-`gsm8k` (generative, chat template, calculator tool; `--gsm8k-data toy` for the self-made
-arithmetic set). Task data comes from the tasks' public sources on the Hugging Face hub, or from
---data-dir DIR holding <task>.jsonl|.parquet in the source's layout. Prints a table and merges
+Tasks: `bpb` (val split of the run's data or --shards DIR), `core` (DCLM CORE as published: the 22
+tasks of the DCLM eval bundle, from --data-dir DIR holding eval_bundle/, else downloaded once into
+~/.cache/lmtiny/eval_bundle), `hf6` (six CORE-style tasks from their Hugging Face sources:
+hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada; their mean is "HF6", not CORE) or
+any of those six by name (from --data-dir DIR's <task>.jsonl|.parquet in the source's layout, else
+the hub), and `gsm8k` (generative, chat template, calculator tool; `--gsm8k-data toy` for the
+self-made arithmetic set). `--chat` runs nanochat's chat suite on a chat run instead
+(lmtiny.tasks.chat_suite: ARC-Easy/Challenge and MMLU through the chat template, GSM8K, HumanEval
+in a sandbox, spelling; `--chat-tasks` picks some). Prints a table and merges
 the results into RUN/eval.json; the run's report card gets an eval section. A numeric flag out of
 range, or a RUN (or the pipeline directory holding its report card) that cannot be written, is
 refused in one line before anything is loaded.
@@ -27,8 +31,8 @@ from lmtiny.model.quant import check_flags
 from lmtiny.model.sampling import Sampler
 from lmtiny.runs import card as report
 from lmtiny.runs.directory import load_run
-from lmtiny.tasks import core, gsm8k
-from lmtiny.tasks.core import core_score, task_names, TASKS
+from lmtiny.tasks import chat_suite, core, dclm, gsm8k
+from lmtiny.tasks.core import HF6, mean_centered, task_names, TASKS
 from lmtiny.tasks import model_loading
 from lmtiny.tasks.rows import load_rows
 from lmtiny.tasks.scoring import Scorer
@@ -41,18 +45,22 @@ def parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-  p.add_argument("--tasks", default="bpb,core", help="comma list: bpb, core, gsm8k or CORE task names")
+  p.add_argument("--tasks", default="bpb,core", help="comma list: bpb, core (DCLM CORE), hf6 or its task names, gsm8k")
   p.add_argument("--shards", default=None, help="bpb: shard directory (default: the run's data)")
   p.add_argument("--eval-batches", type=int, default=0, help="bpb: batches (default: the run's train.eval_batches)")
-  p.add_argument("--data-dir", default=None, help="local task files <task>.jsonl|.parquet instead of the hub")
+  p.add_argument("--data-dir", default=None, help="core: a directory holding eval_bundle/ (or being it); "
+                 "hf6 tasks and gsm8k: <task>.jsonl|.parquet files instead of the hub")
   p.add_argument("--max-items", type=int, default=0, help="items per task (0 = all)")
-  p.add_argument("--norm", choices=("token", "char"), default="token", help="CORE: loss normalisation")
+  p.add_argument("--norm", choices=("token", "char"), default="token",
+                 help="hf6 tasks: loss normalisation (CORE is per token, as published)")
   p.add_argument("--gsm8k-data", choices=("gsm8k", "toy"), default="gsm8k")
   p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: reply length")
-  p.add_argument("--batch", type=int, default=32, help="rows per batch (CORE) / replies per batch (gsm8k)")
+  p.add_argument("--batch", type=int, default=32, help="rows per batch (core, hf6) / replies per batch (gsm8k)")
   p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                  help="score the weight-only quantized model (lmtiny.model.quant)")
   p.add_argument("--group-size", type=int, default=None, help="--quantize: input rows per scale")
+  p.add_argument("--chat", action="store_true", help="nanochat's chat evaluations on a chat run, instead of --tasks")
+  p.add_argument("--chat-tasks", default="all", help="--chat: all or a comma list of " + ", ".join(chat_suite.TASKS))
   return p.parse_args(argv)
 
 
@@ -71,10 +79,25 @@ def check_numbers(args) -> None:
 
 
 def expand_tasks(spec: str) -> list[str]:
-  return task_names(spec, "--tasks", also=("bpb", "gsm8k"))
+  return task_names(spec, "--tasks", also=("bpb", dclm.CORE, "gsm8k"))
+
+
+def evaluate_chat(args) -> dict:
+  """--chat: the chat suite; the run, then every task's data, then the weights (as `evaluate`)."""
+  names = chat_suite.chat_task_names(args.chat_tasks, "--chat-tasks")
+  check_numbers(args)
+  check_flags(args.quantize, args.group_size)
+  run = load_run(args.workdir, args.step)
+  rows = chat_suite.load_chat_rows(names, args.data_dir, args.max_items)
+  loaded = model_loading.load_model(run, quantize=args.quantize, group_size=args.group_size)
+  results = chat_suite.evaluate_chat_model(loaded.model, loaded.mesh, loaded.tokenizer, rows,
+                                           max_new_tokens=args.max_new_tokens, batch=args.batch)
+  return {"step": loaded.step, "results": {}, "chat": results}
 
 
 def evaluate(args) -> dict:
+  if args.chat:
+    return evaluate_chat(args)
   names = expand_tasks(args.tasks)
   check_numbers(args)
   check_flags(args.quantize, args.group_size)
@@ -87,12 +110,20 @@ def evaluate(args) -> dict:
       rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items, hint=(
           "point --data-dir at a directory holding gsm8k.jsonl or gsm8k.parquet, or use --gsm8k-data toy "
           "(no download)"))
+    elif name == dclm.CORE:
+      rows[name] = dclm.load_suite(args.data_dir, args.max_items)
     elif name != "bpb":
       rows[name] = core.load_items(name, args.data_dir, args.max_items)
   loaded = model_loading.load_model(run, quantize=args.quantize, group_size=args.group_size)
-  results = {}
+  results, out = {}, {"step": loaded.step}
   for name in names:
     t0 = time.perf_counter()
+    if name == dclm.CORE:  # one result per bundle task, each timed
+      suite = dclm.evaluate_core(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch), loaded.tokenizer,
+                                 rows[name], clock=time.perf_counter)
+      results.update(suite["results"])
+      out["core"] = suite["core"]
+      continue
     if name == "bpb":
       results[name] = evaluate_bpb(loaded, args.shards, args.eval_batches)
     elif name == "gsm8k":
@@ -104,24 +135,33 @@ def evaluate(args) -> dict:
       results[name] = core.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
                                          loaded.tokenizer, core.TASKS[name], rows[name], args.norm)
     results[name]["seconds"] = time.perf_counter() - t0
-  core_names = [n for n in names if n in core.TASKS]
-  out = {"step": loaded.step, "results": results}
-  if core_names:
-    out["core"] = core.core_score({n: results[n] for n in core_names})
+  out["results"] = results
+  hf6 = {n: results[n] for n in names if n in TASKS}
+  if hf6:
+    out[HF6] = mean_centered(hf6)
   return out
 
 
+def _hf6_label(results: dict) -> str:
+  n = sum(name in TASKS for name in results)
+  return "HF6 mean" if n == len(TASKS) else f"HF6 mean ({n}/{len(TASKS)})"
+
+
 def table(out: dict) -> str:
-  lines = [f"{'task':<14} {'metric':<10} {'value':>8} {'items':>7}"]
+  lines = [f"{'task':<38} {'metric':<10} {'value':>8} {'items':>7} {'seconds':>8}"]
   for name, r in out["results"].items():
+    seconds = f"{r['seconds']:>8.2f}" if "seconds" in r else f"{'':>8}"
     if name == "bpb":
-      lines.append(f"{name:<14} {'bpb':<10} {r['bpb']:>8.4f} {'':>7}")
+      lines.append(f"{name:<38} {'bpb':<10} {r['bpb']:>8.4f} {'':>7} {seconds}")
     elif name == "gsm8k":
-      lines.append(f"{name:<14} {'accuracy':<10} {r['accuracy']:>8.4f} {r['items']:>7}")
+      lines.append(f"{name:<38} {'accuracy':<10} {r['accuracy']:>8.4f} {r['items']:>7} {seconds}")
     else:
-      lines.append(f"{name:<14} {'centered':<10} {r['centered']:>8.4f} {r['items']:>7}  (accuracy {r['accuracy']:.4f})")
+      lines.append(f"{name:<38} {'centered':<10} {r['centered']:>8.4f} {r['items']:>7} {seconds}"
+                   f"  (accuracy {r['accuracy']:.4f})")
+  if HF6 in out:
+    lines.append(f"{_hf6_label(out['results']):<38} {'centered':<10} {out[HF6]:>8.4f}")
   if "core" in out:
-    lines.append(f"{'CORE':<14} {'mean':<10} {out['core']:>8.4f}")
+    lines.append(f"{f'CORE (DCLM, {len(_core_tasks(out))} tasks)':<38} {'centered':<10} {out['core']:>8.4f}")
   return "\n".join(lines)
 
 
@@ -140,16 +180,33 @@ def _saved_results(path) -> dict:
   return old
 
 
+def _core_tasks(out: dict) -> list[str]:
+  return [n for n in out["results"] if n.startswith(dclm.KEY_PREFIX)]
+
+
 def save(workdir: str, out: dict, quantize: str = "none") -> str:
-  """Merges into RUN/eval.json (a task evaluated again replaces its old result); a quantized
-  model's scores go to RUN/eval_<int8|int4>.json beside it."""
+  """Merges into RUN/eval.json (a task evaluated again replaces its old result; "hf6": the mean of
+  the HF6 tasks held, "core": DCLM CORE); a quantized model's scores go to RUN/eval_<int8|int4>.json
+  beside it."""
   path = epath.Path(workdir) / ("eval.json" if quantize == "none" else f"eval_{quantize}.json")
   old = _saved_results(path)
   merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
                                              **out["results"]}}
-  core_results = {n: r for n, r in merged["results"].items() if n in TASKS}
-  if core_results:
-    merged["core"] = core_score(core_results)
+  hf6 = {n: r for n, r in merged["results"].items() if n in TASKS}
+  if hf6:
+    merged[HF6] = mean_centered(hf6)
+  # CORE only as one evaluation of the whole bundle computed it: kept from before while no CORE task
+  # of this evaluation replaced one of its results
+  if "core" in out:
+    merged["core"] = out["core"]
+  elif "core" in old and old.get("step") == out["step"] and _core_tasks(merged) and not _core_tasks(out):
+    merged["core"] = old["core"]
+  # chat results under their own key: the chat arc_easy is not the likelihood task of that name
+  chat = {**(old.get("chat", {}) if old.get("step") == out["step"] else {}), **out.get("chat", {})}
+  if chat:
+    merged["chat"] = chat
+    if chat_suite.chat_core(chat) is not None:
+      merged["chatcore"] = chat_suite.chat_core(chat)
   atomic_write(path, json.dumps(merged, indent=2).encode())
   return str(path)
 
@@ -165,7 +222,7 @@ def run(argv: list[str]) -> int:
   if report.report_root(args.workdir) != os.path.abspath(args.workdir):
     check_output_parent(args.workdir, "--workdir")
   out = evaluate(args)
-  print(table(out))
+  print(chat_suite.chat_table(out["chat"]) if args.chat else table(out))
   print(f"wrote {save(args.workdir, out, args.quantize)}")
   report.update_for(args.workdir)
   return 0

@@ -9,16 +9,23 @@ documents if the mixture names `pretrain`); with lora.rank > 0 the base stays fr
 the adapters train (their optimizer state is all there is). The run directory is a normal run
 directory: config.json (which records the base run's path and step in sft.init / sft.init_step),
 tokenizer.model, checkpoints, metrics. Re-running resumes.
+
+With sft.chat_eval_every > 0 the chat suite (lmtiny.tasks.chat_suite: ARC, MMLU, GSM8K, HumanEval,
+spelling; sft.chat_eval_tasks) scores the model every that many steps and at the end, as
+train.core_every does CORE in pretraining: logged, and kept in metrics.jsonl as split "chat" (each
+task's accuracy, ChatCORE when all six ran, seconds). Its data is read before training starts.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable
 
 import jax
 import ml_collections
 from etils import epath
+from flax import nnx
 
 from lmtiny import config as config_lib
 from lmtiny.chat.conversations import parse_mixture
@@ -31,6 +38,7 @@ from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_config
 from lmtiny.runs.directory import load_run, load_weights
+from lmtiny.tasks import chat_suite
 from lmtiny.tokenizer import Tokenizer
 from lmtiny.training.loop import Trainer
 from lmtiny.training.resume import state_bytes
@@ -45,6 +53,36 @@ class ChatTrainer(Trainer):
   """The trainer, fed packed conversations instead of documents."""
 
   kind = "sft"
+
+  def __init__(self, cfg, workdir: str, data, **kwargs):
+    super().__init__(cfg, workdir, data, **kwargs)
+    s = cfg.sft
+    self.chat_rows = (chat_suite.load_chat_rows(chat_eval_tasks(s), s.chat_eval_data_dir or None, s.chat_eval_items,
+                                                flag="config.sft.chat_eval_data_dir")
+                      if s.get("chat_eval_every", 0) else None)
+
+  def _periodic(self, state, step: int, writer) -> None:
+    """The loop's cadences, then the chat suite on sft.chat_eval_every (and at the end)."""
+    super()._periodic(state, step, writer)
+    if self.chat_rows is not None and (step == self.total_steps or step % self.cfg.sft.chat_eval_every == 0):
+      self.log_chat(state["params"], step, writer)
+
+  def log_chat(self, params, step: int, writer) -> None:
+    """The chat suite on the current parameters (every process runs it: the programs span the mesh)."""
+    t0 = time.perf_counter()
+    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
+    results = chat_suite.evaluate_chat_model(model, self.mesh, self.data.tokenizer, self.chat_rows,
+                                             batch=4 * sharding.data_parallel_size(self.mesh),
+                                             max_new_tokens=self.cfg.sft.chat_eval_max_new_tokens)
+    seconds = time.perf_counter() - t0
+    record = {name: r["accuracy"] for name, r in results.items()}
+    score = chat_suite.chat_core(results)
+    if score is not None:
+      record["chatcore"] = score
+    writer.write(step, "chat", {**record, "seconds": seconds})
+    tasks = " ".join(f"{name} {r['accuracy']:.3f}" for name, r in results.items())
+    summary = f" | ChatCORE {score:.4f}" if score is not None else ""
+    self.log(f"step {step:>6}/{self.total_steps} | chat: {tasks}{summary} | {seconds:.0f}s")
 
   def train_iterator(self):
     return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=self.process_batch,
@@ -107,12 +145,25 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
 
 def check_settings(s) -> None:
   """The sft.* fields, named as the user set them (they become train.* / optim.* fields)."""
+  def count(name, low):
+    return isinstance(s.get(name, low), int) and not isinstance(s.get(name, low), bool) and s.get(name, low) >= low
+
   for name, ok, why in (("steps", isinstance(s.steps, int) and s.steps > 0, "must be a positive integer"),
                         ("lr", s.lr > 0, "must be > 0"),
                         ("warmup_steps", isinstance(s.warmup_steps, int) and s.warmup_steps >= 0,
-                         "must be an integer >= 0")):
+                         "must be an integer >= 0"),
+                        ("chat_eval_every", count("chat_eval_every", 0), "must be an integer >= 0 (0 = off)"),
+                        ("chat_eval_items", count("chat_eval_items", 0), "must be an integer >= 0 (0 = every item)"),
+                        ("chat_eval_max_new_tokens", count("chat_eval_max_new_tokens", 1), "must be an integer >= 1")):
     if not ok:
       raise ConfigError(f"config.sft.{name}={s[name]!r}: {why}")
+  if s.get("chat_eval_every", 0):
+    chat_eval_tasks(s)
+
+
+def chat_eval_tasks(s) -> list[str]:
+  """sft.chat_eval_tasks as task names (lmtiny.tasks.chat_suite); a UserError names the field."""
+  return chat_suite.chat_task_names(s.chat_eval_tasks, "config.sft.chat_eval_tasks")
 
 
 def check_workdir(workdir: str, init: str) -> None:

@@ -9,7 +9,9 @@ Layout read (nanochat-style pipeline, as launch/speedrun.sh lays it out):
   */eval.json                 `lmtiny.eval` results of any of those runs (eval_int8/int4.json: quantized)
   RUN/{mid,sft}/turn_ending.json  `lmtiny.sft --report`: replies that end their turn, before/after
 The card opens with a summary table, one row per figure, '-' where its stage did not run (or did
-not measure it): tokenizer bytes per token (the base run's shards), base val bpb, CORE, mid/SFT
+not measure it): tokenizer bytes per token (the base run's shards), base val bpb, DCLM CORE (the
+22-task metric; split "core" / eval.json "core") and the HF6 mean (six tasks from Hugging Face
+sources, not CORE; split "hf6" / eval.json "hf6"), mid/SFT
 held-out loss and turn-ending rate, RL reward and held-out accuracy, GSM8K, int8/int4 against
 full precision, and wall time per stage and in total.
 Per training stage: parameters, steps, tokens, wall time, FLOPs (6N + attention convention of
@@ -41,6 +43,7 @@ SETTINGS = "report_settings.json"
 TURN_ENDING_FILE = "turn_ending.json"  # written by lmtiny.chat.turn_ending
 _TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_fallback_fraction", "train_seconds",
                       "hash")
+_SUITES = (("core", "DCLM CORE"), ("hf6", "HF6 mean"))  # metrics split / eval.json key -> the card's label
 
 
 def report_root(workdir: str) -> str:
@@ -102,10 +105,12 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   if val:
     lines.append(f"- val loss: {val[0]['loss']:.4f} -> {val[-1]['loss']:.4f} | val bpb: "
                  f"{val[0].get('bpb', float('nan')):.4f} -> {val[-1].get('bpb', float('nan')):.4f}")
-  core = [r for r in records if r["split"] == "core"]
-  if core:
-    lines.append(f"- CORE during training: {core[0]['core']:.4f} (step {core[0]['step']}) -> "
-                 f"{core[-1]['core']:.4f} (step {core[-1]['step']})")
+  for split, label in _SUITES:
+    kept = [r for r in records if r["split"] == split]
+    if kept:
+      lines.append(f"- {label} during training: {kept[0][split]:.4f} (step {kept[0]['step']}) -> "
+                   f"{kept[-1][split]:.4f} (step {kept[-1]['step']})")
+  lines += _chat_while_training(records)
   lines += _cost_lines(records, flops, price)
   if plot_loss_curve(d):
     lines += ["", f"![{title} loss]({os.path.join(rel, 'loss.png') if rel else 'loss.png'})"]
@@ -161,10 +166,35 @@ def eval_section(root: str) -> list[str]:
         lines.append(f"| {name} | centered acc (acc {r['accuracy']:.3f}, {r['items']} items) | {r['centered']:.4f} |")
       else:
         lines.append(f"| {name} | accuracy ({r['items']} problems) | {r['accuracy']:.4f} |")
+    if "hf6" in out:
+      lines.append(f"| **HF6 mean** (not CORE) | mean centered | {out['hf6']:.4f} |")
     if "core" in out:
-      lines.append(f"| **CORE** | mean centered | {out['core']:.4f} |")
+      n = sum(name.startswith("core:") for name in out["results"])
+      lines.append(f"| **DCLM CORE** ({n} tasks) | mean centered | {out['core']:.4f} |")
+    lines += _chat_rows(out)
     lines.append("")
   return ["## Evaluation", ""] + lines if lines else []
+
+
+def _chat_rows(out: dict) -> list[str]:
+  """`lmtiny.eval --chat` results: one row per chat task, and ChatCORE when all six ran."""
+  if not out.get("chat"):
+    return []
+  lines = ["", "| chat task | metric | value |", "|---|---|---|"]
+  lines += [f"| {n} | accuracy ({r['items']} items) | {r['accuracy']:.4f} |" for n, r in out["chat"].items()]
+  if "chatcore" in out:
+    lines.append(f"| **ChatCORE** ({len(out['chat'])} tasks) | mean centered | {out['chatcore']:.4f} |")
+  return lines
+
+
+def _chat_while_training(records) -> list[str]:
+  """Chat evaluations during SFT (sft.chat_eval_every; split "chat" in metrics.jsonl), first -> last."""
+  chat = [r for r in records if r["split"] == "chat"]
+  if not chat:
+    return []
+  tasks = [k for k in chat[-1] if k not in ("step", "split", "seconds", "chatcore") and k in chat[0]]
+  return ["- chat evals during training: " + ", ".join(f"{k} {chat[0][k]:.3f} -> {chat[-1][k]:.3f}" for k in tasks)
+          + f" (step {chat[0]['step']} -> {chat[-1]['step']})"]
 
 
 def tokenizer_section(root: str) -> list[str]:
@@ -215,13 +245,14 @@ def _held_out_loss(records) -> str:
   return _change(val[0]["loss"], val[-1]["loss"], ".4f") if val else _DASH
 
 
-def _core_value(root: str, records) -> str:
+def _suite_value(root: str, records, split: str) -> str:
+  """The base run's DCLM CORE ("core") or HF6 mean ("hf6"): lmtiny.eval's, else during training's."""
   if exists(root, "eval.json"):
     out = _read_json(root, "eval.json")
-    if "core" in out:
-      return f"{out['core']:.4f} (lmtiny.eval, step {out['step']})"
-  core = [r for r in records or [] if r["split"] == "core"]
-  return f"{core[-1]['core']:.4f} (during training, step {core[-1]['step']})" if core else _DASH
+    if split in out:
+      return f"{out[split]:.4f} (lmtiny.eval, step {out['step']})"
+  kept = [r for r in records or [] if r["split"] == split]
+  return f"{kept[-1][split]:.4f} (during training, step {kept[-1]['step']})" if kept else _DASH
 
 
 def _turn_ending(d: str) -> str:
@@ -252,7 +283,7 @@ def _gsm8k(root: str) -> str:
 def _headline(out: dict) -> dict[str, float]:
   """An eval file's figures that a quantized model is compared on."""
   results = out.get("results", {})
-  figures = {"bpb": results.get("bpb", {}).get("bpb"), "CORE": out.get("core"),
+  figures = {"bpb": results.get("bpb", {}).get("bpb"), "DCLM CORE": out.get("core"), "HF6": out.get("hf6"),
              "GSM8K": results.get("gsm8k", {}).get("accuracy")}
   return {label: value for label, value in figures.items() if value is not None}
 
@@ -284,7 +315,7 @@ def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
     if records.get(title) is not None:
       seconds[title] = wall_seconds(records[title])
   evals = [r.get("seconds", 0.0) for name in ("eval.json", "eval_int8.json", "eval_int4.json")
-           for _, out in _evals(root, name) for r in out.get("results", {}).values()]
+           for _, out in _evals(root, name) for r in [*out.get("results", {}).values(), *out.get("chat", {}).values()]]
   if evals:
     seconds["eval"] = sum(evals)
   names = ["tokenizer", *(title for title, _ in STAGES), "eval"]
@@ -298,7 +329,8 @@ def summary_section(root: str) -> list[str]:
              for title, rel in STAGES}
   base_cfg = read_saved_config(root, missing_ok=True)
   rows = [("tokenizer", "bytes per token", _bytes_per_token(root, base_cfg)),
-          ("base", "val bpb", _val_bpb(records["base"])), ("base", "CORE", _core_value(root, records["base"]))]
+          ("base", "val bpb", _val_bpb(records["base"])),
+          *((("base", label, _suite_value(root, records["base"], split)) for split, label in _SUITES))]
   for title, rel in STAGES[1:3]:
     rows += [(title, "held-out loss", _held_out_loss(records[title])),
              (title, "turn-ending rate", _turn_ending(os.path.join(root, rel)))]

@@ -1,4 +1,6 @@
-"""CORE-style likelihood tasks (DCLM's "core" suite as nanochat evaluates it).
+"""CORE-style likelihood tasks: the scoring under DCLM CORE (lmtiny.tasks.dclm, the 22 tasks of
+the DCLM eval bundle) and HF6, six of those tasks read from their Hugging Face sources (TASKS:
+hellaswag, arc_easy, arc_challenge, piqa, winogrande, lambada). HF6's mean is not CORE.
 
 Three kinds of item, each scored by the log-likelihood of continuations given a few-shot context:
   multiple_choice  one context, several continuations (HellaSwag, ARC, PIQA): the choice with the
@@ -7,14 +9,16 @@ Three kinds of item, each scored by the log-likelihood of continuations given a 
   schema           several contexts, one continuation (Winogrande): the context under which the
                    shared continuation is likeliest wins; the scored part is the common suffix
   language_model   one context, one continuation (LAMBADA): correct iff greedy decoding would
-                   produce every continuation token
+                   produce every continuation token; the scored part starts where the prompt's
+                   tokens end (with `strip_prefix`, the prompt with its trailing whitespace
+                   stripped, as nanochat renders DCLM's language-modelling tasks)
 Normalisation: "token" divides the continuation's loss by its token count (mean loss, as
 nanochat and LLM Foundry do), "char" by its character count (lm-eval-harness's acc_norm). Under
 "char" a multiple-choice option is scored whole, from the end of the context, so that the loss
 and the character count cover the same text; a common first word would otherwise be left out
 of one and kept in the other. Few-shot examples are drawn from
 the same task, never the item itself, with a generator seeded per item (deterministic).
-Accuracy is centered by chance: (acc - chance) / (1 - chance); CORE is the mean over tasks.
+Accuracy is centered by chance: (acc - chance) / (1 - chance); HF6 is the mean over its tasks.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class Task:
   source: str                    # public source spec (lmtiny.corpus.sources)
   convert: Callable[[dict], Item]
   delimiter: str = " "
+  strip_prefix: bool = False     # language_model: score from the end of the rstripped prompt
 
 
 def _hellaswag(r):
@@ -70,6 +75,7 @@ def _lambada(r):
 
 
 _HF = "hf:{}?pattern={}&column={}"
+HF6 = "hf6"  # the six tasks below, by one name in --tasks / train.core_tasks
 TASKS = {
     "hellaswag": Task("multiple_choice", 10, 0.25, _HF.format("Rowan/hellaswag", "data/validation-*.parquet", "ctx"),
                       _hellaswag),
@@ -96,13 +102,13 @@ def convert_rows(name: str, task: Task, rows: Sequence[dict]) -> list[Item]:
 
 
 def task_names(spec: str, field: str, also: Sequence[str] = ()) -> list[str]:
-  """"core" (every task) or a comma list of TASKS' names (and of `also`) -> the names, in order,
+  """"hf6" (its six tasks) or a comma list of TASKS' names (and of `also`) -> the names, in order,
   once each."""
   names = []
   for name in filter(None, (t.strip() for t in spec.split(","))):
-    for n in list(TASKS) if name == "core" else [name]:
+    for n in list(TASKS) if name == HF6 else [name]:
       if n not in TASKS and n not in also:
-        raise EvalDataError(f"{field}: unknown task {n!r} ({', '.join([*also, 'core', *TASKS])})")
+        raise EvalDataError(f"{field}: unknown task {n!r} ({', '.join([*also, HF6, *TASKS])})")
       if n not in names:
         names.append(n)
   if not names:
@@ -153,7 +159,7 @@ def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len:
     start = min(_common_prefix(seqs), min(map(len, seqs)) - 1)
     n_cont = [len(s) - start for s in seqs]
   else:  # from the context's end: where its last token and the option's first do not merge
-    context = [tokenizer.bos_id] + tokenizer.encode(prefix)
+    context = [tokenizer.bos_id] + tokenizer.encode(prefix.rstrip() if task.strip_prefix else prefix)
     n_cont = [len(s) - min(_common_prefix([context, s]), len(s) - 1) for s in seqs]
   return [fit_row(s, max(k, 1), max_len) for s, k in zip(seqs, n_cont)]
 
@@ -183,12 +189,12 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], 
           "shots": task.shots}
 
 
-def core_score(results: dict[str, dict]) -> float:
+def mean_centered(results: dict[str, dict]) -> float:
   return sum(r["centered"] for r in results.values()) / len(results)
 
 
-def evaluate_core(scorer: Scorer, tokenizer, items: dict[str, Sequence[Item]], norm: str = "token") -> dict:
-  """{"core": mean centered accuracy, "results": {task: evaluate_task's dict}} over `items` by task."""
+def evaluate_hf6(scorer: Scorer, tokenizer, items: dict[str, Sequence[Item]], norm: str = "token") -> dict:
+  """{"hf6": mean centered accuracy, "results": {task: evaluate_task's dict}} over `items` by task."""
   results = {name: evaluate_task(scorer, tokenizer, TASKS[name], task_items, norm)
              for name, task_items in items.items()}
-  return {"core": core_score(results), "results": results}
+  return {HF6: mean_centered(results), "results": results}

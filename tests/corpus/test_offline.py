@@ -11,8 +11,8 @@ import pytest
 from lmtiny import eval as eval_cli
 from lmtiny.corpus import hub
 from lmtiny.corpus.sources import open_source, SourceError
-from lmtiny.tasks import core, gsm8k
-from lmtiny.tasks.rows import load_rows
+from lmtiny.tasks import core, dclm, gsm8k
+from lmtiny.tasks.rows import EvalDataError, load_rows
 
 
 @pytest.fixture(autouse=True)
@@ -84,11 +84,27 @@ def test_hf_source_offline_names_a_local_spec(no_network, hub_client):
 
 
 def test_eval_tasks_core_offline_is_one_line_naming_data_dir(chat_run, no_network, hub_client, capsys,
-                                                             monkeypatch, caplog):
+                                                             monkeypatch, caplog, tmp_path):
+  # DCLM CORE: the bundle is neither cached nor downloadable; the probe goes to the bundle's host.
+  from lmtiny.tasks import model_loading as loading
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
+  monkeypatch.setattr(dclm, "CACHE_DIR", str(tmp_path / "eval_bundle"))
+  with caplog.at_level(logging.WARNING):
+    assert eval_cli.main(["--workdir", chat_run, "--tasks", "core"]) == 2
+  out = capsys.readouterr()
+  assert out.err == (f"error: the DCLM eval bundle is not in {tmp_path / 'eval_bundle'} and cannot be downloaded: "
+                     "no network (cannot resolve karpathy-public.s3.us-west-2.amazonaws.com); point --data-dir at a "
+                     f"directory holding eval_bundle/ (unzipped from {dclm.BUNDLE_URL})\n")
+  assert no_network == [("karpathy-public.s3.us-west-2.amazonaws.com", 443)]
+  assert hub_client == [] and not caplog.records and out.out == "" and not (tmp_path / "eval_bundle").exists()
+
+
+def test_eval_tasks_hf6_offline_is_one_line_naming_data_dir(chat_run, no_network, hub_client, capsys,
+                                                            monkeypatch, caplog):
   from lmtiny.tasks import model_loading as loading
   monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
   with caplog.at_level(logging.WARNING):
-    assert eval_cli.main(["--workdir", chat_run, "--tasks", "core"]) == 2
+    assert eval_cli.main(["--workdir", chat_run, "--tasks", "hf6"]) == 2
   out = capsys.readouterr()
   assert out.err == ("error: hf:Rowan/hellaswag?pattern=data/validation-*.parquet&column=ctx: no network "
                      "(cannot resolve huggingface.co); point --data-dir at a directory holding hellaswag.jsonl "
@@ -114,8 +130,11 @@ def test_rl_offline_is_one_line_naming_data_dir(chat_run, tmp_path, no_network, 
   assert hub_client == [] and not (tmp_path / "rl").exists()
 
 
-def test_training_core_offline_names_the_config_field(no_network, hub_client):
-  # As lmtiny.training.loop reads the CORE tasks before training starts.
+def test_training_core_offline_names_the_config_field(no_network, hub_client, tmp_path):
+  # As lmtiny.training.loop reads the CORE / HF6 tasks before training starts.
+  with pytest.raises(EvalDataError, match=r"no network \(cannot resolve karpathy-public.s3.us-west-2.amazonaws.com\); "
+                                          r"point config.train.core_data_dir at a directory holding eval_bundle/"):
+    dclm.bundle_dir(None, "config.train.core_data_dir", cache=str(tmp_path / "eval_bundle"))
   with pytest.raises(SourceError, match=r"no network \(cannot resolve huggingface.co\); point "
                                         r"config.train.core_data_dir at a directory holding piqa.jsonl"):
     core.load_items("piqa", None, 10, flag="config.train.core_data_dir")

@@ -25,7 +25,8 @@ def pipeline(tmp_path):
       {"step": 0, "split": "val", "loss": 4.8, "bpb": 3.0},
       {"step": 5, "split": "train", "loss": 4.0}, {"step": 10, "split": "train", "loss": 3.0},
       {"step": 10, "split": "val", "loss": 3.1, "bpb": 2.0},
-      {"step": 5, "split": "core", "core": 0.0123, "hellaswag": 0.01}, {"step": 10, "split": "core", "core": 0.0456},
+      {"step": 5, "split": "core", "core": 0.0123, "core:hellaswag": 0.01}, {"step": 10, "split": "core", "core": 0.0456},
+      {"step": 10, "split": "hf6", "hf6": 0.2, "hellaswag": 0.3},
       {"step": 10, "split": "sample", "prompt": "def ", "text": "foo():"},
       {"step": 6, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15},
       {"step": 10, "split": "run", "seconds": 1800.0, "chips": 8, "chip": "h100", "peak_flops": 8e15}])
@@ -56,7 +57,8 @@ def test_sections_figures_and_cost(pipeline):
   assert f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
   assert "estimated cost: $16.00 at $2.0/chip-hour" in text  # 1 h x 8 chips x $2
   assert "val bpb: 3.0000 -> 2.0000" in text and "def foo():" in text
-  assert "- CORE during training: 0.0123 (step 5) -> 0.0456 (step 10)" in text
+  assert "- DCLM CORE during training: 0.0123 (step 5) -> 0.0456 (step 10)" in text
+  assert "- HF6 mean during training: 0.2000 (step 10) -> 0.2000 (step 10)" in text
   assert "mean reward: 0.100 (first step) -> 0.500 (last)" in text and "pass@8: 0.400 -> 0.900" in text
   assert "![RL reward](rl/reward.png)" in text and os.path.exists(os.path.join(root, "rl", "reward.png"))
   assert "| gsm8k | accuracy (4 problems) | 0.5000 |" in text
@@ -143,9 +145,9 @@ def full_pipeline(pipeline, tmp_path):
               {"max_new_tokens": 64, "before": {"ended": 0, "total": 10}, "after": {"ended": 9, "total": 10}})
   hellaswag = {"accuracy": 0.3, "centered": 0.0667, "items": 100}
   _write_json(os.path.join(root, "eval.json"), {"step": 10, "core": 0.0667, "results": {
-      "bpb": {"bpb": 2.0, "seconds": 5.0}, "hellaswag": {**hellaswag, "seconds": 10.0}}})
+      "bpb": {"bpb": 2.0, "seconds": 5.0}, "core:hellaswag": {**hellaswag, "seconds": 10.0}}})
   _write_json(os.path.join(root, "eval_int8.json"), {"step": 10, "core": 0.0567, "results": {
-      "bpb": {"bpb": 2.0012, "seconds": 5.0}, "hellaswag": {**hellaswag, "centered": 0.0567}}})
+      "bpb": {"bpb": 2.0012, "seconds": 5.0}, "core:hellaswag": {**hellaswag, "centered": 0.0567}}})
   _write_json(os.path.join(root, "eval_int4.json"), {"step": 9, "results": {"bpb": {"bpb": 2.1}}})  # another step
   return root
 
@@ -155,7 +157,8 @@ def test_summary_table_of_every_stage(full_pipeline):
   assert summary == {
       ("tokenizer", "bytes per token"): "4.009",             # 4410 bytes / 1100 tokens of the base run's shards
       ("base", "val bpb"): "2.0000 (step 10)",
-      ("base", "CORE"): "0.0667 (lmtiny.eval, step 10)",
+      ("base", "DCLM CORE"): "0.0667 (lmtiny.eval, step 10)",
+      ("base", "HF6 mean"): "0.2000 (during training, step 10)",  # eval.json has no hf6: training's
       ("mid", "held-out loss"): "2.5000 -> 2.0000",
       ("mid", "turn-ending rate"): "0/10 (0.0%) -> 9/10 (90.0%) (within 64 tokens)",
       ("sft", "held-out loss"): "2.2000 -> 1.8000",
@@ -163,7 +166,7 @@ def test_summary_table_of_every_stage(full_pipeline):
       ("rl", "mean reward"): "0.100 -> 0.500",
       ("rl", "held-out accuracy"): "0.250 -> 0.250",
       ("eval", "GSM8K accuracy"): "0.5000 (rl, 4 problems)",
-      ("eval", "int8 vs full precision"): "base: bpb +0.0012, CORE -0.0100",
+      ("eval", "int8 vs full precision"): "base: bpb +0.0012, DCLM CORE -0.0100",
       ("eval", "int4 vs full precision"): "-",                 # scored at another step than eval.json
       ("wall time", "tokenizer"): "6.0s",
       ("wall time", "base"): "1h00m",
@@ -184,10 +187,10 @@ def test_summary_of_a_base_run_alone(tmp_path):
     f.write(tiny_config(steps=4).to_json())
   summary = _summary(open(report.write_report(root)).read())
   assert summary[("base", "val bpb")] == "2.4567 (step 4)"
-  assert summary[("base", "CORE")] == "0.0123 (during training, step 4)"
+  assert summary[("base", "DCLM CORE")] == "0.0123 (during training, step 4)"
   assert summary[("wall time", "base")] == "12.5s" and summary[("wall time", "total")] == "12.5s"
-  measured = {("base", "val bpb"), ("base", "CORE"), ("wall time", "base"), ("wall time", "total")}
-  assert len(summary) == 19 and all(v == "-" for k, v in summary.items() if k not in measured)
+  measured = {("base", "val bpb"), ("base", "DCLM CORE"), ("wall time", "base"), ("wall time", "total")}
+  assert len(summary) == 20 and all(v == "-" for k, v in summary.items() if k not in measured)
 
 
 def test_report_onto_a_read_only_run_is_one_line_and_writes_nothing(tmp_path, capsys):

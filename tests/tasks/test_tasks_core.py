@@ -1,5 +1,6 @@
 """CORE-style scoring: per-item log-likelihoods against an independent float64 NumPy scorer,
-the task layouts of the fixtures, few-shot selection, and the eval CLI end to end."""
+the HF6 task layouts of the fixtures, few-shot selection, and the eval CLI end to end (DCLM CORE
+itself: test_tasks_dclm.py)."""
 import collections
 import json
 import os
@@ -99,17 +100,19 @@ def test_char_norm_scores_each_option_whole(loaded):
 
 @pytest.mark.slow(seconds=4)
 def test_eval_cli_writes_results_and_the_report(run_dir, capsys):
-  args = ["--workdir", run_dir, "--tasks", "core,gsm8k", "--data-dir", FIXTURES, "--max-new-tokens", "8"]
+  args = ["--workdir", run_dir, "--tasks", "hf6,gsm8k", "--data-dir", FIXTURES, "--max-new-tokens", "8"]
   assert eval_cli.main(args) == 0
   out = json.load(open(os.path.join(run_dir, "eval.json")))
   assert set(out["results"]) == set(core.TASKS) | {"gsm8k"}
   for name in core.TASKS:
     r = out["results"][name]
     assert r["centered"] == pytest.approx((r["accuracy"] - core.TASKS[name].chance) / (1 - core.TASKS[name].chance))
-  assert out["core"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in core.TASKS]))
+  assert out["hf6"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in core.TASKS]))
+  assert "core" not in out  # the six tasks' mean is not CORE (lmtiny.tasks.dclm is)
   assert out["results"]["gsm8k"]["items"] == 2
-  assert "CORE" in capsys.readouterr().out
-  assert "| **CORE** |" in open(os.path.join(run_dir, "report.md")).read()
+  printed = capsys.readouterr().out
+  assert "HF6 mean " in printed and "CORE" not in printed
+  assert "| **HF6 mean** (not CORE) |" in open(os.path.join(run_dir, "report.md")).read()
 
 
 def test_eval_quantized_scores_close_to_full_precision_and_kept_apart(run_dir):
