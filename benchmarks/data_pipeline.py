@@ -2,6 +2,7 @@
 
   python benchmarks/data_pipeline.py [--corpus ../shared/corpora/train/gutenberg_en_200MB.txt.gz]
       [--prepare-mb 50] [--vocab 32768] [--workdir /tmp/lmtiny_data_bench]
+  python benchmarks/data_pipeline.py --prefetch-only [--step-ms 8]
 
 1. Takes the first --prepare-mb MB of the books corpus (whole books, record-separated), trains a
    tokenizer on its first few MB, and times `prepare_dataset` with 1 process, with sentencepiece
@@ -10,6 +11,11 @@
    timed windows after a warm-up) on: in-memory documents, the book shards (long documents), and
    shards of the same tokens cut into ~1K-token documents (web-like) -- each in-process and with
    grain worker processes.
+3. The prefetch thread (data.prefetch): tokens/s a training loop gets with prefetch 0 and 2, when
+   the loop only pulls batches and when each batch is followed by a simulated device step of
+   --step-ms (the host waits, holding no GIL, as it does for a step's metrics), idle and while
+   another process compiles XLA programs on the same cores. With --prefetch-only this part runs
+   alone on synthetic ~1K-token documents (no corpus needed).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import gzip
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -81,9 +88,10 @@ def chop_into_short_docs(shard_dir: str, out_dir: str, doc_tokens: int = 1000) -
   atomic_write_json(os.path.join(out_dir, shards.MANIFEST_FILE), m)
 
 
-def time_iterator(docs, num_workers: int, windows: int = 5, per_window: int = 20) -> float:
+def time_iterator(docs, num_workers: int, windows: int = 5, per_window: int = 20, prefetch: int = 0,
+                  step_seconds: float = 0.0) -> float:
   it = pipeline.make_train_iterator(docs, seq_len=SEQ_LEN, batch_size=BATCH, bos_id=1, seed=0,
-                                    num_workers=num_workers)
+                                    num_workers=num_workers, prefetch=prefetch)
   try:
     for _ in range(5):
       next(it)
@@ -92,6 +100,8 @@ def time_iterator(docs, num_workers: int, windows: int = 5, per_window: int = 20
       start = time.perf_counter()
       for _ in range(per_window):
         batch = next(it)
+        if step_seconds:
+          time.sleep(step_seconds)  # the device step: the host waits without the GIL
       rates.append(per_window * batch["inputs"].size / (time.perf_counter() - start))
   finally:
     it.close()
@@ -111,6 +121,52 @@ def bench_pipeline(book_dir: str, short_dir: str, workers: int) -> None:
       print(f"  {label:38s} workers={num_workers}: {rate / 1e6:6.2f} M tokens/s")
 
 
+# Compiles one XLA program after another (each new, so nothing is cached) until killed: the
+# CPU load of a step or evaluation compile sharing the cores with the data pipeline.
+_COMPILE_LOAD = """
+import jax, jax.numpy as jnp
+i = 0
+while True:
+  def f(x, i=i):
+    for k in range(60):
+      x = jnp.tanh(x @ x.T + k + i)[:, :64] * jnp.cos(x)
+    return x.sum()
+  jax.jit(f).lower(jnp.ones((64, 64))).compile()
+  i += 1
+"""
+
+
+def synthetic_docs(num_tokens: int = 20_000_000, mean_tokens: int = 1000, vocab: int = 32768) -> list:
+  """~1K-token documents (exponential lengths, as web text) of random ids, in memory."""
+  rng = np.random.default_rng(0)
+  docs, total = [], 0
+  while total < num_tokens:
+    n = int(rng.exponential(mean_tokens)) + 1
+    docs.append(rng.integers(2, vocab, n, dtype=np.uint16))
+    total += n
+  return docs
+
+
+def bench_prefetch(docs, step_ms: float, windows: int = 7, per_window: int = 20) -> None:
+  print(f"prefetch: seq_len {SEQ_LEN}, batch {BATCH}, tokens/s a loop gets (median of {windows} windows x "
+        f"{per_window} batches; {os.cpu_count()} cores)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for load in ("idle", "compiling"):
+    loader = subprocess.Popen([sys.executable, "-c", _COMPILE_LOAD], env=env) if load == "compiling" else None
+    try:
+      if loader:
+        time.sleep(5)  # past jax's import: compiling
+      for step_seconds in (0.0, step_ms / 1000):
+        for prefetch in (0, 2):
+          rate = time_iterator(docs, 0, windows, per_window, prefetch=prefetch, step_seconds=step_seconds)
+          step = f"step {step_ms:g} ms" if step_seconds else "no step"
+          print(f"  {load:9s} {step:12s} prefetch={prefetch}: {rate / 1e6:6.2f} M tokens/s")
+    finally:
+      if loader:
+        loader.kill()
+        loader.wait()
+
+
 def book_docs_mean(docs) -> int:
   return round(sum(docs[i].size for i in range(len(docs))) / len(docs) / 1000)
 
@@ -124,7 +180,12 @@ def main():
   parser.add_argument("--vocab", type=int, default=32768)
   parser.add_argument("--workers", type=int, default=2, help="grain worker processes for the pipeline case")
   parser.add_argument("--workdir", default="/tmp/lmtiny_data_bench")
+  parser.add_argument("--prefetch-only", action="store_true", help="only part 3, on synthetic documents")
+  parser.add_argument("--step-ms", type=float, default=8.0, help="the simulated device step of part 3")
   args = parser.parse_args()
+  if args.prefetch_only:
+    bench_prefetch(synthetic_docs(), args.step_ms)
+    return
   os.makedirs(args.workdir, exist_ok=True)
   text_path = os.path.join(args.workdir, "books.txt")
   num_bytes = slice_corpus(args.corpus, text_path, args.prepare_mb)
@@ -141,6 +202,8 @@ def main():
   shutil.rmtree(short_dir, ignore_errors=True)
   chop_into_short_docs(book_dir, short_dir)
   bench_pipeline(book_dir, short_dir, args.workers)
+  short_docs = shards.open_split(short_dir, shards.load_manifest(short_dir), "train")
+  bench_prefetch(short_docs, args.step_ms)
 
 
 if __name__ == "__main__":

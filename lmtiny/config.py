@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False,     # lax.scan over stacked layers (faster compiles for deep models)
       attention="auto",      # auto | xla | cudnn | splash (lmtiny.model.attention)
       loss_chunk_tokens=4096,  # tokens per device per cross-entropy chunk (peak loss memory: chunk x V fp32)
+      loss_kernel="auto",    # auto (fused on GPU/TPU, chunked on CPU) | fused (3 GEMMs) | chunked (lmtiny.kernels)
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. Product must equal the device count.
@@ -109,10 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpointing=True,
-      core_every=0,          # > 0: CORE-style tasks (lmtiny.tasks.core) every this many steps and at the end
-      core_tasks="core",     # "core" (all six) or a comma list of task names
+      core_every=0,          # > 0: score core_tasks every this many steps and at the end
+      core_tasks="core",     # "core" (DCLM CORE, lmtiny.tasks.dclm) and/or "hf6" or its task names
       core_items=500,        # items per task (nanochat's in-training CORE: 500); 0 = all
-      core_data_dir="",      # local <task>.jsonl|.parquet files; "" = the tasks' sources on the HF hub
+      core_data_dir="",      # holds eval_bundle/ (core) and <task>.jsonl|.parquet (hf6); "" = cache / HF hub
       sample_every=0,        # 0: only at the end of training
       sample_tokens=48,
       sample_prompt="",
@@ -126,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir="",          # where the embedded corpus's tokenizer and shards are cached
       embedded_max_chars=0,  # cap on embedded corpus size (0 = all of it)
       num_workers=0,         # grain worker processes; 0 = in-process
+      prefetch=2,            # batches a background thread keeps ready while the step runs; 0 = none
+      max_docs_per_row=0,    # cap on documents per packed row (the rest of a full row is padding); 0 = none.
+                             # Bounds the runs packed cuDNN attention sizes for (pipeline.max_runs_per_row)
+      document_mask=True,    # False: documents attend across their boundaries (nanochat); plain causal attention
       shuffle_seed=0,
   ))
 
@@ -137,6 +142,13 @@ def base_config() -> ml_collections.ConfigDict:
       steps=150,
       lr=1e-3,               # peak matrix LR (replaces optim.lr; embed/unembed LRs stay), optim's schedule
       warmup_steps=10,
+      # nanochat's chat evaluations (lmtiny.tasks.chat_suite) while fine-tuning, as train.core_every
+      # does CORE: metrics.jsonl split "chat", per-task accuracy
+      chat_eval_every=0,     # > 0: every this many steps and at the end; 0 = off
+      chat_eval_tasks="arc_easy,mmlu",  # "all" or a comma list (nanochat's SFT watches these two)
+      chat_eval_items=1024,  # items per task (nanochat's SFT: 1024); 0 = all
+      chat_eval_data_dir="",  # local <task>.jsonl|.parquet (spelling: words_alpha.txt); "" = public sources
+      chat_eval_max_new_tokens=256,  # reply length for the generative tasks
   ))
   c.lora = ml_collections.ConfigDict(dict(
       rank=0,                # 0: full fine-tuning; > 0: train rank-r adapters on a frozen base
@@ -299,6 +311,8 @@ def validate(cfg) -> None:
   _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
   _require(t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0")
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
+  _require(cfg.model.get("loss_kernel", "auto") in ("auto", "fused", "chunked"), "model.loss_kernel",
+           cfg.model.get("loss_kernel"), "must be auto, fused or chunked")
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
@@ -316,6 +330,12 @@ def validate(cfg) -> None:
            cfg.data.shuffle_seed, "must be an integer in [0, 2**32)")
   _require(isinstance(cfg.data.embedded_max_chars, int) and cfg.data.embedded_max_chars >= 0,
            "data.embedded_max_chars", cfg.data.embedded_max_chars, "must be an integer >= 0 (0 = all of it)")
+  _require(isinstance(cfg.data.prefetch, int) and cfg.data.prefetch >= 0, "data.prefetch", cfg.data.prefetch,
+           "must be an integer >= 0 (0 = no prefetch thread)")
+  _require(isinstance(cfg.data.max_docs_per_row, int) and cfg.data.max_docs_per_row >= 0, "data.max_docs_per_row",
+           cfg.data.max_docs_per_row, "must be an integer >= 0 (0 = no cap)")
+  _require(isinstance(cfg.data.document_mask, bool), "data.document_mask", cfg.data.document_mask,
+           "must be True or False")
   for name in ("b1", "b2"):
     _require(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
   _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")

@@ -3,7 +3,8 @@
 documents (any random-access sequence of 1-D token arrays: an in-memory list, or the shards'
 `TokenDocs`) -> this process's slice `[process_index::process_count]` -> seeded shuffle, a new
 order every epoch -> a BOS in front of each document -> packing into rows of seq_len + 1 tokens
--> batches -> optionally grain worker processes that prefetch batches.
+-> batches -> optionally grain worker processes that prefetch batches -> optionally a thread that
+keeps a few batches ready (`prefetch`), so the host packs the next batch while the step runs.
 
 Packing is concat-then-split, vectorised over a whole batch: documents follow each other with
 no padding, and a document that does not fit is cut at the row end and continues at the start of
@@ -12,12 +13,25 @@ pairs never trained are the ones straddling a row boundary (the last token of a 
 input, the first token of the next row is not a target). The finite evaluation iterator pads the
 tail of its last batch instead.
 
+`max_docs_per_row` > 0 caps the segments of a row (a continuation counts as one): once a row holds
+that many, the rest of it is padding (segment 0, loss-masked) and the next document starts the
+next row. It bounds the document runs per row that packed attention kernels must size for
+(`max_runs_per_row`); 0 = no cap.
+
+`document_mask=False` lets documents attend across their boundaries (nanochat's layout): every
+non-padding token of a row has segment id 1 and positions run 0..T-1 along the row, so attention
+is plain causal; the step from one document into the next is trained (its target is the BOS).
+
 Each batch is a dict of [B, T] numpy arrays (T = seq_len):
   inputs, targets  int32   row[:-1], row[1:]
-  segment_ids      int32   1..k for the documents of a row, 0 on padding
+  segment_ids      int32   1..k for the documents of a row, 0 on padding (document_mask=False: 1)
   positions        int32   restart at 0 where a document (or its continuation) starts
+                           (document_mask=False: 0..T-1)
   loss_mask        float32 1 where input and target belong to the same segment, 0 otherwise
                            (padding, and the step from one document into the next)
+
+Resuming from a state is exact with every option: a prefetching iterator's state is that of the
+last batch handed out, not of the batches made ahead.
 """
 from __future__ import annotations
 
@@ -33,7 +47,22 @@ from lmtiny.errors import ConfigError
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len: int) -> dict[str, np.ndarray]:
+def max_runs_per_row(max_docs_per_row: int, document_mask: bool = True) -> int:
+  """A static bound on the runs of equal segment ids in a packed row, for attention kernels that
+  size per-row state by it (cuDNN's packed layout); 0 = no bound the packer guarantees.
+
+  A padding tail adds one run after the last document; a kernel that merges runs past its bound
+  into the last one may merge it away (the padding then attends to that document, which never
+  attends forward to it under the causal mask, and padding carries no loss), so the cap is the
+  bound. Without the document mask a row is one causal sequence: 1.
+  """
+  if not document_mask:
+    return 1
+  return max(0, int(max_docs_per_row))
+
+
+def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len: int,
+               document_mask: bool = True) -> dict[str, np.ndarray]:
   """Lays out consecutive segments as a batch of rows; see the module docstring for the keys.
 
   Args:
@@ -42,6 +71,7 @@ def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len:
     starts: increasing start offsets of the segments in `tokens`, starts[0] == 0.
     batch_size: rows per batch.
     row_len: tokens per row, seq_len + 1.
+    document_mask: False lays the rows out as one segment each (module docstring).
   """
   need = batch_size * row_len
   n = tokens.size
@@ -58,7 +88,14 @@ def pack_batch(tokens: np.ndarray, starts: np.ndarray, batch_size: int, row_len:
     out.reshape(-1)[:n] = x
     return out
 
-  tok, seg, pos = rows(tokens), rows(segments), rows(positions)
+  return _layout(rows(tokens), rows(segments), rows(positions), document_mask)
+
+
+def _layout(tok: np.ndarray, seg: np.ndarray, pos: np.ndarray, document_mask: bool) -> dict[str, np.ndarray]:
+  """Full [B, seq_len + 1] rows of tokens, segment ids and positions -> the batch's [B, T] arrays."""
+  if not document_mask:
+    seg = (seg > 0).astype(np.int32)
+    pos = np.broadcast_to(np.arange(seg.shape[1], dtype=np.int32), seg.shape)
   return {
       "inputs": tok[:, :-1].copy(),
       "targets": tok[:, 1:].copy(),
@@ -72,16 +109,19 @@ class PackedBatchDataset(grain.IterDataset):
   """Packs an iterator of token documents into batches (concat-then-split, BOS per document)."""
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, bos_id: int,
-               pad_final: bool = False):
+               pad_final: bool = False, max_docs_per_row: int = 0, document_mask: bool = True):
     super().__init__(parent)
     self._seq_len = seq_len
     self._batch_size = batch_size
     self._bos_id = bos_id
     self._pad_final = pad_final
+    self._max_docs_per_row = max_docs_per_row
+    self._document_mask = document_mask
 
   def __iter__(self) -> grain.DatasetIterator:
     return _PackedBatchIterator(self._parent.__iter__(), seq_len=self._seq_len, batch_size=self._batch_size,
-                                bos_id=self._bos_id, pad_final=self._pad_final)
+                                bos_id=self._bos_id, pad_final=self._pad_final,
+                                max_docs_per_row=self._max_docs_per_row, document_mask=self._document_mask)
 
   def __str__(self) -> str:
     return f"PackedBatchDataset(seq_len={self._seq_len}, batch_size={self._batch_size})"
@@ -91,16 +131,19 @@ class _PackedBatchIterator(grain.DatasetIterator):
   """State = (parent state before the partly used document, tokens of it already emitted).
 
   A batch stops pulling documents as soon as it is full, so at most one document is partly used.
+  Every batch starts a new row, so the cap on documents per row needs no more state.
   """
 
   def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, batch_size: int, bos_id: int,
-               pad_final: bool):
+               pad_final: bool, max_docs_per_row: int = 0, document_mask: bool = True):
     super().__init__(parent)
     self._row_len = seq_len + 1
     self._batch_size = batch_size
     self._need = batch_size * self._row_len
     self._bos = np.array([bos_id], np.int32)
     self._pad_final = pad_final
+    self._cap = max_docs_per_row
+    self._document_mask = document_mask
     self._rest = None          # unused suffix of the partly used document (BOS included)
     self._rest_state = None    # parent state from before that document was read
     self._rest_offset = 0      # tokens of it (BOS included) already emitted
@@ -109,6 +152,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     if self._done:
       raise StopIteration
+    if self._cap:
+      return self._next_capped()
     pieces, starts, total = [], [], 0
     if self._rest is not None:
       pieces.append(self._rest)
@@ -140,7 +185,44 @@ class _PackedBatchIterator(grain.DatasetIterator):
       tokens = tokens[:self._need]
     else:
       self._rest, self._rest_state, self._rest_offset = None, None, 0
-    return pack_batch(tokens, np.asarray(starts, np.int64), self._batch_size, self._row_len)
+    return pack_batch(tokens, np.asarray(starts, np.int64), self._batch_size, self._row_len, self._document_mask)
+
+  def _next_capped(self) -> dict[str, np.ndarray]:
+    """The next batch with at most `self._cap` segments per row, filled segment by segment."""
+    shape = (self._batch_size, self._row_len)
+    tok, seg, pos = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    piece, used, carried, last_state = self._rest, 0, self._rest is not None, None
+    row = col = docs = 0
+    while row < self._batch_size:
+      if piece is None:
+        state = self._parent.get_state()
+        try:
+          doc = next(self._parent)
+        except StopIteration:
+          if not self._pad_final or (row == 0 and col == 0):
+            raise
+          self._done = True
+          break
+        piece, used, carried, last_state = np.concatenate([self._bos, np.asarray(doc)], dtype=np.int32), 0, False, state
+      n = min(piece.size - used, self._row_len - col)
+      docs += 1
+      tok[row, col:col + n] = piece[used:used + n]
+      seg[row, col:col + n] = docs
+      pos[row, col:col + n] = np.arange(n, dtype=np.int32)
+      used, col = used + n, col + n
+      if used == piece.size:
+        piece = None
+      if col == self._row_len or (piece is None and docs == self._cap):
+        row, col, docs = row + 1, 0, 0
+    if piece is None:
+      self._rest, self._rest_state, self._rest_offset = None, None, 0
+    else:
+      if carried:  # the carried-over document still does not end in this batch
+        self._rest_offset += used
+      else:
+        self._rest_state, self._rest_offset = last_state, used
+      self._rest = piece[used:].copy()
+    return _layout(tok, seg, pos, self._document_mask)
 
   def get_state(self) -> dict[str, Any]:
     if self._rest is None:
@@ -183,39 +265,51 @@ def _ensure_absl_flags_parsed():
 
 def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        num_workers: int = 0) -> grain.DatasetIterator:
+                        num_workers: int = 0, prefetch: int = 0, max_docs_per_row: int = 0,
+                        document_mask: bool = True) -> grain.DatasetIterator:
   """Infinite iterator of packed batches over this process's slice, reshuffled every epoch.
 
   `batch_size` is this process's rows per step. The iterator supports get_state()/set_state()
   (and grain.checkpoint.CheckpointSave/Restore). A state belongs to this process count and
-  `num_workers`; `map_train_state` converts saved states to other counts.
+  `num_workers` (not to `prefetch`: the state is the same with or without it);
+  `map_train_state` converts saved states to other counts.
+
+  `prefetch` > 0: a background thread keeps up to that many batches ready (grain's thread
+  prefetch: the state is that of the last batch consumed, an error in the thread is raised by
+  next(), and close() or dropping the iterator stops the thread). `max_docs_per_row` and
+  `document_mask`: the module docstring.
   """
   ds = _process_slice(docs, process_index, process_count)
   if len(ds) == 0:
     raise ConfigError(f"no training documents for process {process_index} of {process_count} "
                       f"(the split has {len(docs)} documents)")
   ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-  packed = PackedBatchDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len,
-                              batch_size=batch_size, bos_id=bos_id)
+  packed = PackedBatchDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size,
+                              bos_id=bos_id, max_docs_per_row=max_docs_per_row, document_mask=document_mask)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     packed = packed.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  if prefetch > 0:
+    packed = grain.experimental.ThreadPrefetchIterDataset(packed, prefetch_buffer_size=prefetch)
   return iter(packed)
 
 
 def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, num_batches: int,
-                       process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                       process_index: int = 0, process_count: int = 1, max_docs_per_row: int = 0,
+                       document_mask: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic, finite iterator: documents in order, no shuffle, the last batch padded.
 
   num_batches > 0: exactly that many batches; once this process's slice is used up the rest are
   all padding (loss_mask 0), so every process runs the same number of steps. num_batches <= 0:
-  one pass over the slice (the count may then differ between processes).
+  one pass over the slice (the count may then differ between processes). `max_docs_per_row` and
+  `document_mask` as for training, so evaluation sees the layout the model trains on.
   """
   ds = _process_slice(docs, process_index, process_count).to_iter_dataset(_READ_OPTIONS)
-  batches = iter(PackedBatchDataset(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, pad_final=True))
+  batches = iter(PackedBatchDataset(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, pad_final=True,
+                                    max_docs_per_row=max_docs_per_row, document_mask=document_mask))
   if num_batches <= 0:
     return batches
-  empty = pack_batch(np.zeros(0, np.int32), np.zeros(0, np.int64), batch_size, seq_len + 1)
+  empty = pack_batch(np.zeros(0, np.int32), np.zeros(0, np.int64), batch_size, seq_len + 1, document_mask)
   padding = (dict((k, v.copy()) for k, v in empty.items()) for _ in itertools.count())
   return itertools.islice(itertools.chain(batches, padding), num_batches)
 

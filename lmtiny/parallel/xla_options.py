@@ -5,18 +5,74 @@ this codebase's shapes its Eigen path is faster (2 threads, N x K x M GFLOP/s YN
 Eigen: 4096x192x192 189 vs 267, 4096x192x768 208 vs 297, the lm_head's 4096x4096x192 253 vs
 259), while YNNPACK's reductions beat Eigen's (softmax and norm sums). So on CPU the steps keep
 YNNPACK for reductions only: the tiny config's train step is 5% faster
-(benchmarks/torch_reference.py, 547 -> 521 ms). Accelerators get no options.
+(benchmarks/torch_reference.py, 547 -> 521 ms).
+
+GPU and TPU: the collective-overlap options MaxText sets for FSDP and data-parallel training
+(its GPU recipes' XLA_FLAGS and its TPU LIBTPU_INIT_ARGS), so the weight all-gathers and gradient
+reduce-scatters / all-reduces run while compute goes on instead of between layers. On one device
+they change nothing. Each is passed as a compiler option of the step's jit, for the platform the
+step compiles for only, and any option the user names in XLA_FLAGS (GPU) or LIBTPU_INIT_ARGS /
+XLA_FLAGS (TPU) is left out, so the user's own setting always wins. Their names are checked
+against this jaxlib (GPU names compile on CPU too) and libtpu by tests/parallel/test_xla_options.py.
 
 JAX accepts compiler options only on an outermost jit: trace a step's Python function
 (`step.__wrapped__`) to nest it inside another transformation.
 """
 from __future__ import annotations
 
+import os
+import re
+from typing import Mapping
+
 import jax
 
 _CPU = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
+_GPU = {
+    # Lets the scheduler move collectives' starts early and their ends late, around independent compute.
+    "xla_gpu_enable_latency_hiding_scheduler": True,
+    # Runs collectives on a high-priority stream, so they are not queued behind compute kernels.
+    "xla_gpu_enable_highest_priority_async_stream": True,
+    # Unrolls loops by two so that collective pipelining (on by default: FSDP's next-layer
+    # all-gather and last-layer reduce-scatter inside the scan) can cross an iteration boundary.
+    # MaxText also sets xla_gpu_enable_pipelined_{all_gather,reduce_scatter,all_reduce}: their
+    # default is already true, and jaxlib 0.12 no longer accepts those names as options.
+    "xla_gpu_enable_while_loop_double_buffering": True,
+}
 
-def compiler_options(platform: str | None = None) -> dict[str, str]:
-  """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: jax's backend)."""
-  return dict(_CPU) if (platform or jax.default_backend()) == "cpu" else {}
+_TPU = {
+    # Fuses collectives into asynchronous fusions that overlap with compute on the TensorCore.
+    "xla_tpu_enable_async_collective_fusion": True,
+    # ... all-gathers included (FSDP's weight gathers),
+    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": True,
+    # ... and spread over several steps of the schedule, to hide longer transfers.
+    "xla_tpu_enable_async_collective_fusion_multiple_steps": True,
+    # Overlaps those collectives with the TensorCore's compute.
+    "xla_tpu_overlap_compute_collective_tc": True,
+    # Issues all-gathers and all-reduces asynchronously (start/done pairs the scheduler can move).
+    "xla_enable_async_all_gather": True,
+    "xla_enable_async_all_reduce": True,
+    # Data parallel: optimises the gradient all-reduce, also when the reduced arrays differ in size.
+    "xla_tpu_enable_data_parallel_all_reduce_opt": True,
+    "xla_tpu_data_parallel_opt_different_sized_ops": True,
+}
+
+_PLATFORMS = {"cpu": _CPU, "gpu": _GPU, "cuda": _GPU, "rocm": _GPU, "tpu": _TPU}
+# Where a user sets XLA options per platform; ours yield to any option named there.
+_USER_VARIABLES = {"gpu": ("XLA_FLAGS",), "cuda": ("XLA_FLAGS",), "rocm": ("XLA_FLAGS",),
+                   "tpu": ("LIBTPU_INIT_ARGS", "XLA_FLAGS")}
+
+
+def user_flag_names(platform: str, environ: Mapping[str, str] | None = None) -> set[str]:
+  """The XLA option names the user set for `platform` in its environment variables."""
+  environ = os.environ if environ is None else environ
+  text = " ".join(environ.get(name, "") for name in _USER_VARIABLES.get(platform, ()))
+  return set(re.findall(r"--([A-Za-z0-9_]+)", text))
+
+
+def compiler_options(platform: str | None = None, environ: Mapping[str, str] | None = None) -> dict:
+  """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: jax's backend),
+  less any the user set in the environment (`environ`, default os.environ)."""
+  platform = platform or jax.default_backend()
+  user = user_flag_names(platform, environ)
+  return {name: value for name, value in _PLATFORMS.get(platform, {}).items() if name not in user}

@@ -30,8 +30,7 @@ from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
 from lmtiny.runs.preemption import Preemption as _Preemption
-from lmtiny.tasks import core
-from lmtiny.tasks.core import evaluate_core
+from lmtiny.tasks import core, dclm
 from lmtiny.tasks.scoring import Scorer
 from lmtiny.training import resume
 from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
@@ -48,7 +47,7 @@ def check_training_config(cfg, mesh) -> None:
   check_batch_divisibility(cfg, mesh)
   t = cfg.train
   if t.get("core_every", 0):
-    core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}")
+    core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}", also=(dclm.CORE,))
 
 
 @contextlib.contextmanager
@@ -127,19 +126,26 @@ class Trainer:
 
   # -- data ----------------------------------------------------------------------------------
 
+  def _row_layout(self) -> dict:
+    """How the packer lays out rows (data.max_docs_per_row, data.document_mask; get: older runs
+    lack the fields)."""
+    d = self.cfg.data
+    return dict(max_docs_per_row=d.get("max_docs_per_row", 0), document_mask=d.get("document_mask", True))
+
   def train_iterator(self):
-    t = self.cfg.train
+    t, d = self.cfg.train, self.cfg.data
     return make_train_iterator(self.data.train_docs, seq_len=t.seq_len, batch_size=self.process_batch,
-                               bos_id=self.data.tokenizer.bos_id, seed=self.cfg.data.shuffle_seed,
+                               bos_id=self.data.tokenizer.bos_id, seed=d.shuffle_seed,
                                process_index=jax.process_index(), process_count=jax.process_count(),
-                               num_workers=self.cfg.data.num_workers)
+                               num_workers=d.num_workers, prefetch=d.get("prefetch", 0), **self._row_layout())
 
   def eval_iterator(self):
     t = config_lib.resolve_batch(self.cfg, sharding.data_parallel_size(self.mesh)).train
     return make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
                               batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
                               bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              **self._row_layout())
 
   def evaluate(self, params) -> dict | None:
     t = self.cfg.train
@@ -156,24 +162,40 @@ class Trainer:
             "tokens": float(totals["tokens"])}
 
   def _load_core_items(self) -> dict:
-    """The CORE tasks' items, read before training starts (a missing file or no network fails now)."""
+    """train.core_tasks' items, read before training starts (a missing file or no network fails now):
+    {"core": the DCLM bundle's Suite} and/or {"hf6": {task: items}}."""
     t = self.cfg.train
-    names = core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}")
-    return {name: core.load_items(name, t.core_data_dir or None, t.core_items, flag="config.train.core_data_dir")
-            for name in names}
+    names = core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}", also=(dclm.CORE,))
+    data_dir, flag = t.core_data_dir or None, "config.train.core_data_dir"
+    out = {}
+    if dclm.CORE in names:
+      out[dclm.CORE] = dclm.load_suite(data_dir, t.core_items, flag=flag)
+    hf6 = [name for name in names if name != dclm.CORE]
+    if hf6:
+      out[core.HF6] = {name: core.load_items(name, data_dir, t.core_items, flag=flag) for name in hf6}
+    return out
 
   def log_core(self, params, step: int, writer) -> None:
-    """CORE (lmtiny.tasks.core, the eval CLI's scoring) of the current parameters: logged, and kept
-    in metrics.jsonl as split "core" (all processes score, since the programs span the mesh)."""
-    t0 = time.perf_counter()
+    """DCLM CORE (lmtiny.tasks.dclm) and/or the HF6 tasks' mean (lmtiny.tasks.core), the eval CLI's
+    scoring, of the current parameters: logged, and kept in metrics.jsonl as splits "core" (CORE and
+    each task's centered accuracy as core:<label>) and "hf6" (all processes score, since the
+    programs span the mesh)."""
     model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
     scorer = Scorer(model, self.mesh, rows_per_batch=4 * sharding.data_parallel_size(self.mesh))
-    out = evaluate_core(scorer, self.data.tokenizer, self.core_items)
-    seconds = time.perf_counter() - t0
-    writer.write(step, "core", {"core": out["core"], "seconds": seconds,
-                                **{name: r["centered"] for name, r in out["results"].items()}})
-    tasks = " ".join(f"{name} {r['accuracy']:.3f}" for name, r in out["results"].items())
-    self.log(f"step {step:>6}/{self.total_steps} | CORE {out['core']:.4f} | accuracy: {tasks} | {seconds:.0f}s")
+    for suite, items in self.core_items.items():
+      t0 = time.perf_counter()
+      if suite == dclm.CORE:
+        out = dclm.evaluate_core(scorer, self.data.tokenizer, items)
+        label = f"CORE (DCLM, {len(out['results'])} tasks)"
+      else:
+        out = core.evaluate_hf6(scorer, self.data.tokenizer, items)
+        label = "HF6 mean" if len(items) == len(core.TASKS) else f"HF6 mean ({len(items)}/{len(core.TASKS)})"
+      seconds = time.perf_counter() - t0
+      writer.write(step, suite, {suite: out[suite], "seconds": seconds,
+                                 **{name: r["centered"] for name, r in out["results"].items()}})
+      tasks = " ".join(f"{name.removeprefix(dclm.KEY_PREFIX)} {r['accuracy']:.3f}"
+                       for name, r in out["results"].items())
+      self.log(f"step {step:>6}/{self.total_steps} | {label} {out[suite]:.4f} | accuracy: {tasks} | {seconds:.0f}s")
 
   def sample(self, params, step: int, writer) -> None:
     """Continuations of train.sample_prompt, logged and kept in metrics.jsonl (all processes
@@ -277,8 +299,8 @@ class Trainer:
         state, step_metrics = self._update(state, step, train_iter)
         step += 1
         self._after_step(step, step_metrics, writer)
-        preemption.requested |= step == stop_after
-        stop = preemption.decided(step)  # agreed by all processes; a later signal waits a step
+        # stop_after stops every process at once; a SIGTERM is agreed one step late (never a host sync)
+        stop = preemption.decided(step, now=step == stop_after)
         if step % t.checkpoint_every == 0 or step == self.total_steps or stop:
           self._settle(writer)  # never checkpoint a state whose loss we have not seen to be finite
           ckpt.save(step, state, train_iter)
@@ -368,7 +390,7 @@ class Trainer:
       self._window_start, self._window_steps = time.perf_counter(), 0
 
   def _periodic(self, state, step: int, writer) -> None:
-    """Validation, CORE and samples on their cadences (and at the end)."""
+    """Validation, CORE / HF6 and samples on their cadences (and at the end)."""
     t, at_end = self.cfg.train, step == self.total_steps
     if step % t.eval_every == 0 or at_end:
       self._settle(writer)

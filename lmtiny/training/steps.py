@@ -47,12 +47,20 @@ class Steps:
   model_params: Callable[[Any], Any] = lambda params: params
 
 
-def token_losses(graphdef, params, batch, with_lse: bool = False):
+def token_losses(graphdef, params, batch, with_lse: bool = False, document_mask: bool = True):
   """Per-token cross-entropy [B, T] in float32 (and the logsumexp, for z-loss, with_lse), from
-  the model's memory-efficient loss path (no [B, T, V] logits)."""
+  the model's memory-efficient loss path (no [B, T, V] logits). document_mask: `segment_ids`."""
   model = nnx.merge(graphdef, params)
-  ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"], batch["segment_ids"])
+  ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"],
+                                       segment_ids(batch, document_mask))
   return (ce_BxT, lse_BxT) if with_lse else ce_BxT
+
+
+def segment_ids(batch, document_mask: bool = True):
+  """The batch's segment ids for the model; None when config.data.document_mask is False (a static
+  choice): the packer then makes each row one causal sequence, and the model runs the plain causal
+  attention kernel instead of a packed one."""
+  return batch["segment_ids"] if document_mask else None
 
 
 def check_batch_divisibility(cfg, mesh) -> None:
@@ -90,6 +98,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   graphdef, _ = nnx.split(abstract_model(m))
   tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
   accum = config_lib.accumulation_steps(t)
+  document_mask = cfg.data.document_mask
 
   def init(params=None):
     if params is None and adapter is not None:
@@ -116,11 +125,11 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
     loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks."""
     mask = micro["loss_mask"].astype(jnp.float32)
-    ce_BxT, lse_BxT = token_losses(graphdef, full_params(compute_params, frozen), micro, with_lse=True)
-    loss_sum = jnp.sum(ce_BxT * mask)
     counted = (mask != 0).astype(jnp.float32)
-    objective = loss_sum + t.z_loss * jnp.sum(jnp.square(lse_BxT) * counted) if t.z_loss else loss_sum
-    return objective, (loss_sum, jnp.sum(counted))
+    model = nnx.merge(graphdef, full_params(compute_params, frozen))
+    objective, ce_BxT, _ = model.loss_terms(micro["inputs"], micro["targets"], micro["positions"],
+                                            segment_ids(micro, document_mask), mask, t.z_loss * counted)
+    return objective, (jnp.sum(ce_BxT * mask), jnp.sum(counted))
 
   def train_step(state, batch, frozen=None):
     params = state["params"]
@@ -168,7 +177,8 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   def eval_step(params, batch, token_bytes_V, frozen=None):
     compute = cast_params(params, compute_dtype(m))
     losses_BxT = token_losses(graphdef, full_params(compute, None if frozen is None else
-                                                    cast_params(frozen, compute_dtype(m))), batch)
+                                                    cast_params(frozen, compute_dtype(m))), batch,
+                              document_mask=document_mask)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb

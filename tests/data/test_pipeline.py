@@ -281,3 +281,198 @@ def test_map_train_state_handles_worker_states():
   # One worker behind: rewinds to epoch 0.
   state, note = pipeline.map_train_state([worker_state(7, 5), worker_state(6, 6)], 25, 0, 1)
   assert state["parent"]["next_index"] == 0 and note.startswith("warning: data position mapped to the start of epoch 0")
+
+
+# -- a cap on documents per row, rows without the document mask, and the prefetch thread ----------
+
+def reference_capped_batches(docs, seq_len, batch_size, cap):
+  """One pass with at most `cap` segments per row, the obvious way: fill rows token by token."""
+  row_len = seq_len + 1
+  rows, row, segs = [], [], 0
+  for d, doc in enumerate(docs):
+    piece = [BOS] + [int(t) for t in doc]
+    while piece:
+      if not row:
+        segs = 0
+      segs += 1
+      take_n = min(len(piece), row_len - len(row))
+      row += [(t, segs, i) for i, t in enumerate(piece[:take_n])]
+      piece = piece[take_n:]
+      if len(row) == row_len or (not piece and segs == cap):
+        rows.append(row + [(0, 0, 0)] * (row_len - len(row)))
+        row = []
+  if row:
+    rows.append(row + [(0, 0, 0)] * (row_len - len(row)))
+  rows += [[(0, 0, 0)] * row_len] * (-len(rows) % batch_size)
+  batches = []
+  for b in range(0, len(rows), batch_size):
+    tok, seg, pos = (np.array([[x[k] for x in r] for r in rows[b:b + batch_size]]) for k in range(3))
+    batches.append({"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": seg[:, :-1],
+                    "positions": pos[:, :-1],
+                    "loss_mask": ((seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)).astype(np.float32)})
+  return batches
+
+
+def runs_per_row(segment_ids):
+  return (np.diff(segment_ids, axis=1) != 0).sum(axis=1) + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=25), seq_len=st.integers(1, 12),
+       batch_size=st.integers(1, 3), cap=st.integers(1, 4))
+def test_capped_rows_match_the_reference_packer(lengths, seq_len, batch_size, cap):
+  docs = make_docs(lengths)
+  got = list(pipeline.make_eval_iterator(docs, seq_len=seq_len, batch_size=batch_size, bos_id=BOS, num_batches=0,
+                                         max_docs_per_row=cap))
+  assert_same_batches(got, reference_capped_batches(docs, seq_len, batch_size, cap))
+
+
+def row_stream(batches):
+  """The tokens of the rows one after another, padding left out (it only ever ends a row)."""
+  stream = []
+  for b in batches:
+    rows = np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)
+    for row in rows:
+      stream += row[row != 0].tolist()  # no document token is 0
+  return stream
+
+
+def test_capped_training_rows_hold_at_most_cap_documents_and_lose_nothing():
+  docs = make_docs([3, 1, 30, 2, 5, 0, 8, 4, 61, 2, 2, 7] * 3)
+  kw = dict(seq_len=16, batch_size=4, bos_id=BOS, seed=3)
+  capped = take(pipeline.make_train_iterator(docs, **kw, max_docs_per_row=3), 12)
+  for b in capped:
+    assert b["segment_ids"].max() <= 3 and np.all(runs_per_row(b["segment_ids"]) <= 3 + 1)
+    padding = b["segment_ids"] == 0
+    assert np.all(b["loss_mask"][padding] == 0) and np.all(b["inputs"][padding] == 0)
+  assert sum(int((b["segment_ids"] == 0).sum()) for b in capped) > 20
+  # The same documents in the same order as without the cap (which loses and repeats nothing),
+  # each token once: only padding was added.
+  stream = row_stream(capped)
+  plain = row_stream(take(pipeline.make_train_iterator(docs, **kw), 12))
+  assert len(stream) > sum(1 + d.size for d in docs) and stream == plain[:len(stream)]  # past an epoch
+
+
+@pytest.mark.parametrize("lengths", [[7] * 40, [200, 5, 300, 9, 1000, 3], [3, 1, 9, 0, 2] * 8],
+                         ids=["short", "longer-than-a-batch", "many-per-row"])
+def test_capped_iterator_resumes_identically(lengths):
+  docs = make_docs(lengths)
+  kw = dict(seq_len=16, batch_size=4, bos_id=BOS, seed=5, max_docs_per_row=2)
+  it = pipeline.make_train_iterator(docs, **kw)
+  take(it, 3)
+  state = it.get_state()
+  want = take(it, 8)
+  fresh = pipeline.make_train_iterator(docs, **kw)
+  fresh.set_state(state)
+  assert_same_batches(take(fresh, 8), want)
+
+
+def test_no_cap_packs_as_before_and_a_large_cap_changes_nothing():
+  docs = make_docs([5, 3, 8, 2, 9, 1, 4] * 3)
+  kw = dict(seq_len=12, batch_size=3, bos_id=BOS, seed=1)
+  plain = take(pipeline.make_train_iterator(docs, **kw), 6)
+  assert_same_batches(take(pipeline.make_train_iterator(docs, **kw, max_docs_per_row=13 + 1), 6), plain)
+
+
+def test_without_the_document_mask_rows_are_one_causal_sequence():
+  docs = make_docs([5, 3, 8, 2, 9, 1, 4] * 3)
+  kw = dict(seq_len=12, batch_size=3, bos_id=BOS, seed=1)
+  masked = take(pipeline.make_train_iterator(docs, **kw), 4)
+  merged = take(pipeline.make_train_iterator(docs, **kw, document_mask=False), 4)
+  for a, b in zip(masked, merged):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    np.testing.assert_array_equal(a["targets"], b["targets"])
+    assert np.all(b["segment_ids"] == 1) and np.all(b["loss_mask"] == 1)
+    np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(12), (3, 12)))
+  # With a cap and at the end of evaluation there is padding: segment 0, no loss, positions still 0..T-1.
+  capped = next(pipeline.make_train_iterator(docs, **kw, max_docs_per_row=1, document_mask=False))
+  padding = capped["segment_ids"] == 0
+  assert padding.any() and set(np.unique(capped["segment_ids"])) == {0, 1}
+  assert np.all(capped["loss_mask"][padding] == 0)
+  assert np.all(runs_per_row(capped["segment_ids"]) <= 2)
+  last = list(pipeline.make_eval_iterator(docs[:2], seq_len=12, batch_size=2, bos_id=BOS, num_batches=2,
+                                          document_mask=False))
+  assert np.all(last[1]["segment_ids"] == 0) and np.all(last[1]["loss_mask"] == 0)
+  np.testing.assert_array_equal(last[1]["positions"], np.broadcast_to(np.arange(12), (2, 12)))
+
+
+def test_max_runs_per_row():
+  assert pipeline.max_runs_per_row(0) == 0 and pipeline.max_runs_per_row(4) == 4
+  assert pipeline.max_runs_per_row(0, document_mask=False) == 1 == pipeline.max_runs_per_row(4, False)
+
+
+def _prefetch_threads():
+  import threading
+  return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")]
+
+
+def test_prefetch_delivers_the_same_batches_and_saves_the_consumed_position():
+  docs = make_docs([200, 5, 300, 9, 1000, 3, 17, 40])
+  kw = dict(seq_len=16, batch_size=4, bos_id=BOS, seed=5)
+  plain = pipeline.make_train_iterator(docs, **kw)
+  ahead = pipeline.make_train_iterator(docs, **kw, prefetch=3)
+  try:
+    for _ in range(6):
+      assert_same_batches([next(ahead)], [next(plain)])
+      assert ahead.get_state() == plain.get_state()  # the last batch handed out, not the ones made ahead
+    state = ahead.get_state()
+    want = take(plain, 5)
+    resumed = pipeline.make_train_iterator(docs, **kw, prefetch=2)
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 5), want)
+    ahead.set_state(state)  # a running thread is stopped, its batches dropped
+    assert_same_batches(take(ahead, 5), want)
+    resumed.close()
+  finally:
+    ahead.close()
+  assert not _prefetch_threads()
+
+
+def test_prefetch_state_survives_an_orbax_checkpoint_and_restores_without_prefetch(tmp_path):
+  docs = make_docs([11, 250, 3, 40, 77, 5, 19])
+  kw = dict(seq_len=32, batch_size=2, bos_id=BOS, seed=9)
+  it = pipeline.make_train_iterator(docs, **kw, prefetch=2)
+  take(it, 5)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  want = take(it, 6)
+  it.close()
+  restored = pipeline.make_train_iterator(docs, **kw)  # the state does not depend on prefetch
+  with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+    mngr.restore(mngr.latest_step(), args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored)))
+  assert_same_batches(take(restored, 6), want)
+
+
+class _Broken:
+  """Documents whose read of index `bad` fails, as a corrupt shard would."""
+
+  def __init__(self, docs, bad):
+    self.docs, self.bad = docs, bad
+
+  def __len__(self):
+    return len(self.docs)
+
+  def __getitem__(self, i):
+    if i == self.bad:
+      raise OSError(f"cannot read document {i}")
+    return self.docs[i]
+
+
+def test_prefetch_raises_the_threads_error_and_a_dropped_iterator_stops_its_thread():
+  import gc
+  import time
+  it = pipeline.make_train_iterator(_Broken(make_docs([30] * 6), bad=4), seq_len=16, batch_size=1, bos_id=BOS,
+                                    seed=0, prefetch=2)
+  with pytest.raises(OSError, match="cannot read document 4"):
+    take(it, 20)
+  it.close()
+  it = pipeline.make_train_iterator(make_docs([30] * 6), seq_len=16, batch_size=1, bos_id=BOS, seed=0, prefetch=2)
+  next(it)
+  assert len(_prefetch_threads()) == 1
+  del it
+  gc.collect()
+  deadline = time.monotonic() + 5
+  while _prefetch_threads() and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert not _prefetch_threads()

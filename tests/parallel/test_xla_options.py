@@ -3,15 +3,58 @@ import re
 
 import jax
 
-from lm_fixtures import tiny_config
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm_fixtures import needs_libtpu, tiny_config
 from lmtiny.training.benchmark import synthetic_batch
 from lmtiny.parallel import sharding, xla_options
 from lmtiny.training.steps import build_steps, device_batch
 
 
-def test_only_cpu_gets_options():
-  assert xla_options.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-  assert xla_options.compiler_options("gpu") == {} and xla_options.compiler_options("tpu") == {}
+def test_options_per_platform():
+  env = {}
+  assert xla_options.compiler_options("cpu", env) == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  gpu, tpu = xla_options.compiler_options("gpu", env), xla_options.compiler_options("tpu", env)
+  assert gpu["xla_gpu_enable_latency_hiding_scheduler"] and gpu["xla_gpu_enable_while_loop_double_buffering"]
+  assert all(name.startswith("xla_gpu_") for name in gpu)
+  assert tpu["xla_tpu_enable_async_collective_fusion"] and tpu["xla_enable_async_all_gather"]
+  assert not any(name.startswith("xla_gpu_") for name in tpu)
+  assert xla_options.compiler_options("cuda", env) == gpu
+  assert xla_options.compiler_options("metal", env) == {}
+
+
+def test_the_users_flags_win():
+  env = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/x",
+         "LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=false TPU_MEGACORE=MEGACORE_DENSE"}
+  gpu, tpu = xla_options.compiler_options("gpu", env), xla_options.compiler_options("tpu", env)
+  assert "xla_gpu_enable_latency_hiding_scheduler" not in gpu and "xla_gpu_enable_while_loop_double_buffering" in gpu
+  assert "xla_tpu_enable_async_collective_fusion" not in tpu and "xla_tpu_overlap_compute_collective_tc" in tpu
+  assert len(gpu) == len(xla_options.compiler_options("gpu", {})) - 1
+  # XLA_FLAGS also reach libtpu; LIBTPU_INIT_ARGS never reach a GPU.
+  assert "xla_enable_async_all_gather" not in xla_options.compiler_options(
+      "tpu", {"XLA_FLAGS": "--xla_enable_async_all_gather=false"})
+  assert xla_options.compiler_options("gpu", {"LIBTPU_INIT_ARGS": env["XLA_FLAGS"]}) == \
+      xla_options.compiler_options("gpu", {})
+  assert xla_options.user_flag_names("gpu", env) == {"xla_gpu_enable_latency_hiding_scheduler", "xla_dump_to"}
+
+
+def test_gpu_option_names_exist_in_this_jaxlib():
+  # XLA:CPU compiles with any DebugOptions field (GPU ones included) and refuses unknown names.
+  options = xla_options.compiler_options("gpu", {})
+  jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  with pytest.raises(Exception, match="No such compile option"):
+    jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_no_such_option": True}).lower(1.0).compile()
+
+
+@needs_libtpu
+def test_tpu_option_names_exist_in_libtpu():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from lmtiny.training.lowering import tpu_devices
+  mesh = Mesh(np.array(tpu_devices("v5e:2x2")), ("x",))
+  x = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("x")))
+  jax.jit(lambda a: (a @ a.T).sum(), compiler_options=xla_options.compiler_options("tpu", {})).lower(x).compile()
 
 
 def test_cpu_train_step_runs_its_matmuls_outside_ynnpack_and_keeps_its_reductions_there():

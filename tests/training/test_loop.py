@@ -238,40 +238,49 @@ def test_full_fine_tuning_takes_over_the_base_weights_instead_of_copying_them(tm
   assert fine_tune.init_params is None and all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
 
 
-@pytest.mark.slow(seconds=6)
+@pytest.mark.slow(seconds=8)
 def test_core_during_training_equals_the_eval_cli_on_the_checkpoint(tmp_path, capsys):
-  # train.core_every scores the CORE tasks with the live parameters; the eval CLI, from the saved
-  # checkpoint, must find the same accuracies (same items, same tokenizer, same weights).
+  # train.core_every scores DCLM CORE and the HF6 tasks with the live parameters; the eval CLI, from
+  # the saved checkpoint, must find the same accuracies (same items, same tokenizer, same weights).
   import eval_fixtures
   from lmtiny import eval as eval_cli
-  from lmtiny.tasks import core
+  from lmtiny.tasks import core, dclm
   fixtures = os.path.join(ROOT, "tests", "fixtures", "evals")
   tok = eval_fixtures.make_tokenizer(str(tmp_path / "tok"))
   cfg = eval_fixtures.run_config()
-  cfg.train.update(steps=2, eval_every=2, core_every=1, core_items=3, core_data_dir=fixtures, sample_tokens=4)
+  cfg.train.update(steps=2, eval_every=2, core_every=1, core_tasks="core,hf6", core_items=3, core_data_dir=fixtures,
+                   sample_tokens=4)
   data = memory_data(vocab=eval_fixtures.VOCAB)
   data.tokenizer = tok
   workdir = str(tmp_path / "run")
   Trainer(cfg, workdir, data).run()
   out = capsys.readouterr().out
-  assert "step      1/2 | CORE " in out and "step      2/2 | CORE " in out and "hellaswag " in out
+  assert "step      1/2 | CORE (DCLM, 22 tasks) " in out and "step      2/2 | CORE (DCLM, 22 tasks) " in out
+  assert "step      2/2 | HF6 mean " in out and "hellaswag " in out and "bigbench_operators " in out
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  logged = [r for r in logged if r["split"] == "core"]
-  assert [r["step"] for r in logged] == [1, 2] and set(core.TASKS) < set(logged[-1])
-  assert eval_cli.main(["--workdir", workdir, "--tasks", "core", "--data-dir", fixtures, "--max-items", "3"]) == 0
+  by_split = {split: [r for r in logged if r["split"] == split] for split in ("core", "hf6")}
+  assert [r["step"] for r in by_split["core"]] == [1, 2] and [r["step"] for r in by_split["hf6"]] == [1, 2]
+  assert "hellaswag" not in by_split["core"][-1] and "core" not in by_split["hf6"][-1]
+  assert eval_cli.main(["--workdir", workdir, "--tasks", "core,hf6", "--data-dir", fixtures, "--max-items", "3"]) == 0
   evaluated = json.load(open(os.path.join(workdir, "eval.json")))
-  assert evaluated["step"] == 2 and logged[-1]["core"] == pytest.approx(evaluated["core"], abs=1e-9)
-  for name in core.TASKS:
-    assert logged[-1][name] == pytest.approx(evaluated["results"][name]["centered"], abs=1e-9)
+  assert evaluated["step"] == 2
+  for split in ("core", "hf6"):
+    assert by_split[split][-1][split] == pytest.approx(evaluated[split], abs=1e-9)
+  keys = [k for k in evaluated["results"] if k.startswith(dclm.KEY_PREFIX)] + list(core.TASKS)
+  assert len(keys) == 28
+  for name in keys:
+    split = "core" if name.startswith(dclm.KEY_PREFIX) else "hf6"
+    assert by_split[split][-1][name] == pytest.approx(evaluated["results"][name]["centered"], abs=1e-9)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("core_tasks", "core,nope", "config.train.core_tasks='core,nope': unknown task 'nope'"),
-    ("core_data_dir", "/nonexistent", "config.train.core_data_dir=/nonexistent: no hellaswag"),
+@pytest.mark.parametrize("overrides, message", [
+    ({"core_tasks": "core,nope"}, "config.train.core_tasks='core,nope': unknown task 'nope'"),
+    ({"core_data_dir": "/nonexistent"}, "config.train.core_data_dir=/nonexistent: no eval_bundle/core.yaml"),
+    ({"core_tasks": "hf6", "core_data_dir": "/nonexistent"}, "config.train.core_data_dir=/nonexistent: no hellaswag"),
 ])
-def test_core_during_training_fails_before_the_first_step(tmp_path, field, value, message):
+def test_core_during_training_fails_before_the_first_step(tmp_path, overrides, message):
   fixtures = os.path.join(ROOT, "tests", "fixtures", "evals")
-  cfg = tiny_config(core_every=1, **{"core_data_dir": fixtures, field: value})
+  cfg = tiny_config(core_every=1, **{"core_data_dir": fixtures, **overrides})
   with pytest.raises(UserError, match=message):
     config_lib.validate(cfg)
     Trainer(cfg, str(tmp_path / "run"), memory_data(), log=_quiet)
