@@ -326,9 +326,10 @@ class Transformer(nnx.Module):
     runs in the compute dtype over chunks of model.loss_chunk_tokens tokens (lmtiny.kernels.cross_entropy), so
     the [B, T, V] logits never exist. Same values as cross-entropy of `self(tokens)`."""
     x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
-    return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT,
-                                softcap=self.cfg.logit_softcap,
-                                chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+    return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT, **self._loss_options())
+
+  def _loss_options(self) -> dict:
+    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
 
   def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
                  segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array):
@@ -337,12 +338,11 @@ class Transformer(nnx.Module):
     forms the gradient in the forward pass (three GEMMs; lmtiny.kernels.cross_entropy), `chunked`
     is today's loss (four GEMMs under a gradient; the reference), `auto` = fused on GPU and TPU,
     chunked on CPU. Only the objective is to be differentiated."""
-    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
-    w_DxV = self.unembed_weight(x_BxTxD.dtype)
-    options = dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
     if loss_kernel(self.cfg) == "fused":
-      return fused_linear_cross_entropy(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, **options)
-    ce_BxT, lse_BxT = linear_cross_entropy(x_BxTxD, w_DxV, targets_BxT, **options)
+      x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
+      return fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT, ce_weights_BxT,
+                                        z_weights_BxT, **self._loss_options())
+    ce_BxT, lse_BxT = self.token_losses(tokens_BxT, targets_BxT, positions_BxT, segment_ids_BxT)
     objective = jnp.sum(ce_BxT * ce_weights_BxT) + jnp.sum(jnp.square(lse_BxT) * z_weights_BxT)
     return objective, ce_BxT, lse_BxT
 

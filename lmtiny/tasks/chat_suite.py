@@ -33,6 +33,7 @@ import numpy as np
 from lmtiny.errors import UserError
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.tasks import gsm8k, humaneval, sandbox, spelling
+from lmtiny.tasks.core import centered, mean_centered
 from lmtiny.tasks.rows import EvalDataError, load_rows
 from lmtiny.tasks.scoring import fit_row, Scorer
 from lmtiny.tokenizer import render_for_completion
@@ -241,7 +242,7 @@ def evaluate_chat(tokenizer, rows_by_task: dict[str, list[dict]], *, scorer=None
                       limits=limits, workers=workers)
     accuracy = r["correct"] / max(len(rows), 1)
     results[name] = {"accuracy": accuracy, "items": len(rows), "baseline": task.baseline,
-                     "centered": (accuracy - task.baseline) / (1.0 - task.baseline), **r,
+                     "centered": centered(accuracy, task.baseline), **r,
                      "seconds": time.perf_counter() - t0}
     if log:
       log(f"{name}: accuracy {accuracy:.4f} ({r['correct']}/{len(rows)}) in {results[name]['seconds']:.1f}s")
@@ -260,7 +261,7 @@ def chat_core(results: dict[str, dict]) -> float | None:
   """nanochat's ChatCORE: the mean centered accuracy over all six tasks; None unless all were run."""
   if any(name not in results for name in TASKS):
     return None
-  return float(np.mean([(results[n]["accuracy"] - TASKS[n].baseline) / (1.0 - TASKS[n].baseline) for n in TASKS]))
+  return mean_centered({n: results[n] for n in TASKS})
 
 
 def chat_table(results: dict[str, dict]) -> str:

@@ -185,8 +185,13 @@ def evaluate_task(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], 
     correct += item_correct(task, item, scores[at:at + len(rows)], norm)
     at += len(rows)
   acc = correct / len(items)
-  return {"accuracy": acc, "centered": (acc - task.chance) / (1 - task.chance), "items": len(items),
+  return {"accuracy": acc, "centered": centered(acc, task.chance), "items": len(items),
           "shots": task.shots}
+
+
+def centered(accuracy: float, chance: float) -> float:
+  """Accuracy centered by the accuracy of guessing: 0 at chance, 1 when every item is right."""
+  return (accuracy - chance) / (1 - chance)
 
 
 def mean_centered(results: dict[str, dict]) -> float:

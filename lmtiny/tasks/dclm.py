@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -44,7 +43,7 @@ from lmtiny.corpus.hub import probe
 from lmtiny.data.dataset import DEFAULT_CACHE_DIR
 from lmtiny.fs.atomic import atomic_directory
 from lmtiny.tasks import core
-from lmtiny.tasks.rows import EvalDataError
+from lmtiny.tasks.rows import EvalDataError, jsonl_rows
 from lmtiny.tasks.scoring import Scorer
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -76,7 +75,7 @@ def result_key(label: str) -> str:
 
 def centered(accuracy: float, baseline: float) -> float:
   """DCLM's centering of an accuracy by its random baseline (percent)."""
-  return (accuracy - 0.01 * baseline) / (1.0 - 0.01 * baseline)
+  return core.centered(accuracy, 0.01 * baseline)
 
 
 def core_metric(centered_values: Sequence[float]) -> float:
@@ -243,14 +242,7 @@ def read_bundle(directory: str) -> list[BundleTask]:
 def _read_jsonl(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise EvalDataError(f"{path}: missing (named by core.yaml's dataset_uri)")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise EvalDataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+  rows = list(jsonl_rows(path))
   if not rows:
     raise EvalDataError(f"{path}: no items")
   return rows

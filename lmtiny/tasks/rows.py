@@ -14,7 +14,7 @@ class EvalDataError(UserError):
   """Missing or malformed task data; the message names the file or source."""
 
 
-def _jsonl_rows(path: str) -> Iterator[dict]:
+def jsonl_rows(path: str) -> Iterator[dict]:
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if line.strip():
@@ -47,7 +47,7 @@ def load_rows(name: str, source: str, data_dir: str | None = None, limit: int = 
     path = local_file(data_dir, name)
     if path is None:
       raise EvalDataError(f"{flag}={data_dir}: no {name}.jsonl or {name}.parquet")
-    rows = _jsonl_rows(path) if path.endswith(".jsonl") else ParquetSource(path, path, _first_column(path)).iter_rows()
+    rows = jsonl_rows(path) if path.endswith(".jsonl") else ParquetSource(path, path, _first_column(path)).iter_rows()
   else:
     src = open_source(source, hint or offline_hint(name, flag))  # offline: one line, at once
     rows = src.iter_rows()
