@@ -20,8 +20,8 @@ from lmtiny.plan.summary import report
 
 def _define_flags(fv: flags.FlagValues) -> dict:
   return dict(
-      tokens_per_param=flags.DEFINE_float("tokens_per_param", 20.0, "Training tokens per parameter.",
-                                          flag_values=fv),
+      tokens_per_param=flags.DEFINE_float("tokens_per_param", None, "Training tokens per parameter (default: "
+                                          "the config's train.tokens_per_param, or 20).", flag_values=fv),
       chip=flags.DEFINE_string("chip", "h100", f"Accelerator: {' | '.join(PEAK_FLOPS)}.", flag_values=fv),
       chips=flags.DEFINE_integer("chips", 1, "Number of chips for the time estimate.", flag_values=fv),
       mfu=flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the time estimate.", flag_values=fv),

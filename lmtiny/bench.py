@@ -26,6 +26,7 @@ from absl import flags
 from etils import epath
 
 from lmtiny import cli
+from lmtiny.plan import recipe
 from lmtiny.errors import ConfigError
 from lmtiny.fs import atomic as files, outputs
 from lmtiny.training import lowering
@@ -50,6 +51,7 @@ def run(argv: list[str]) -> int:
   if parsed is None:
     return 0
   values, cfg = parsed
+  cfg = recipe.resolve(cfg)  # the batch size a run of this config would use
   if values["steps"] < 1 or values["warmup"] < 0:
     bad = "steps" if values["steps"] < 1 else "warmup"
     raise ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")

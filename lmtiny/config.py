@@ -15,11 +15,17 @@ import ml_collections
 from lmtiny.errors import ConfigError
 
 ACTIVATIONS = ("swiglu", "relu2", "gelu", "silu")
-INITS = ("gpt2", "xavier", "kaiming", "nanochat")
+INITS = ("gpt2", "xavier", "kaiming", "nanochat", "nanochat_2026")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon", "normuon")
+SCHEDULES = ("cosine", "wsd", "constant", "warmdown")
+WEIGHT_DECAY_SCHEDULES = ("constant", "cosine")
+MATMUL_DTYPES = ("default", "fp8")
+# Channels of a block's normed input that drive nanochat 2026's value-embedding gate, and of the
+# normed embedding that drive its smear gate.
+VE_GATE_CHANNELS = 12
+SMEAR_CHANNELS = 24
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
 RL_DATA = ("gsm8k", "toy")
@@ -66,6 +72,17 @@ def base_config() -> ml_collections.ConfigDict:
       attention="auto",      # auto | xla | cudnn | splash (lmtiny.model.attention)
       loss_chunk_tokens=4096,  # tokens per device per cross-entropy chunk (peak loss memory: chunk x V fp32)
       loss_kernel="auto",    # auto (fused on GPU/TPU, chunked on CPU) | fused (3 GEMMs) | chunked (lmtiny.kernels)
+      # nanochat's 2026 architecture (lmtiny.model.transformer; all off by default). The per-layer
+      # ones (window_pattern, value_embeds, residual_scalars, backout) need scan_layers=False.
+      window_pattern="",     # sliding windows by layer, tiled: "SSSL" (S short, L full; the last layer is full); "" = all full
+      short_window=0,        # S layers' window in tokens; 0 = max_seq_len / 4 rounded up to a multiple of 128
+      value_embeds=False,    # per-layer value embeddings on alternate layers (the last included), gated into v
+      residual_scalars=False,  # per-layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before each block
+      smear=False,           # mix the previous token's embedding into each position through a learned gate
+      backout=False,         # subtract backout_lambda x the mid-depth residual before the final norm
+      qk_scale=1.0,          # queries and keys x this after QK-norm (nanochat 2026: 1.2)
+      vocab_multiple=1,      # embedding and lm_head rows padded to a multiple of this (logits cropped)
+      matmul_dtype="default",  # default (the compute dtype) | fp8 (tensorwise-scaled e4m3/e5m2 GEMMs in the blocks)
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. Product must equal the device count.
@@ -84,13 +101,22 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,      # masked off norms and embeddings
       grad_clip=1.0,         # global-norm clip; 0 disables
       name="adamw",          # adamw | muon (Muon on block matrices, AdamW on the rest: lmtiny.training.muon)
+                             # | normuon (nanochat's 2026 Muon variant and AdamW groups: lmtiny.training.normuon)
       schedule="cosine",     # cosine | wsd (warmup, stable, linear decay) | constant (after warmup)
+                             # | warmdown (nanochat's: warmup (step + 1) / warmup_steps, stable, linear decay)
       decay_fraction=0.2,    # wsd: the last fraction of steps decays linearly to lr * min_lr_ratio
       muon_momentum=0.95,    # Muon's Nesterov momentum, reached after muon_momentum_warmup steps
       muon_momentum_start=0.85,
       muon_momentum_warmup=300,
       muon_ns_steps=5,       # Newton-Schulz iterations
       muon_ns_dtype="bfloat16",  # dtype of the Newton-Schulz iteration (nanochat: bfloat16)
+      # normuon only (lmtiny.training.normuon):
+      scalar_lr=0.5,         # x0_lambdas' LR; resid_lambdas get 1% of it
+      smear_lr=0.2,          # smear gate, smear and backout scalars (and norm scales, if any)
+      muon_beta2=0.9,        # NorMuon: decay of the factored second moment
+      muon_momentum_warmdown=0.0,  # momentum reached at the end of the LR warmdown; 0 = stay at muon_momentum
+      weight_decay_schedule="constant",  # constant | cosine (Muon's weight decay to 0 at the last step)
+      cautious_weight_decay=True,  # decay a weight only where the update has its sign
       loss_scale_init=2.0 ** 16,  # float16 only: initial dynamic loss scale
       loss_scale_period=1000,     # float16 only: double the scale after this many finite steps
   ))
@@ -103,6 +129,14 @@ def base_config() -> ml_collections.ConfigDict:
       z_loss=0.0,            # weight of PaLM's z-loss, z * logsumexp(logits)^2 per token; 0 = off
       steps=1000,
       tokens_per_param=0.0,  # > 0 sets steps from a Chinchilla-style budget (20 is Chinchilla)
+      horizon_params="all",  # what tokens_per_param counts: all | scaling (block matrices + lm_head, nanochat 2026)
+      # nanochat's automatic batch size (lmtiny.plan.recipe): batch_tokens = batch_reference_size x
+      # (horizon / the reference depth's horizon) ** 0.383, rounded to a power of two
+      auto_batch=False,
+      batch_reference_depth=12,   # the depth whose horizon batch_reference_size is tuned for
+      batch_reference_size=524288,
+      lr_batch_scaling=False,     # optim LRs (not smear_lr) x sqrt(batch / batch_reference_size)
+      weight_decay_scaling=False,  # optim.weight_decay x sqrt(batch / reference) x reference horizon / horizon
       seed=0,
       log_every=10,
       eval_every=200,
@@ -183,6 +217,33 @@ def base_config() -> ml_collections.ConfigDict:
 # Derived quantities (one place, so the model, calculator and trainer agree).
 
 
+def padded_vocab(m) -> int:
+  """Rows of the embedding and columns of lm_head: vocab_size rounded up to model.vocab_multiple."""
+  multiple = getattr(m, "vocab_multiple", 1)  # getattr: older runs lack the field
+  return -(-m.vocab_size // multiple) * multiple
+
+
+def short_window(m) -> int:
+  """The S layers' window: model.short_window, or a quarter of max_seq_len rounded up to 128."""
+  return getattr(m, "short_window", 0) or -(-m.max_seq_len // 4 // 128) * 128
+
+
+def layer_windows(m) -> tuple[int, ...]:
+  """Each layer's attention window in tokens before the query (0 = the full causal context):
+  model.window_pattern tiled over the layers, the last layer always full."""
+  pattern = getattr(m, "window_pattern", "")
+  if not pattern:
+    return (0,) * m.num_layers
+  windows = [short_window(m) if pattern[i % len(pattern)] == "S" else 0 for i in range(m.num_layers)]
+  windows[-1] = 0
+  return tuple(windows)
+
+
+def has_value_embed(m, layer: int) -> bool:
+  """Value embeddings sit on alternate layers, the last one included."""
+  return bool(getattr(m, "value_embeds", False)) and layer % 2 == (m.num_layers - 1) % 2
+
+
 def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.num_heads
 
@@ -235,10 +296,12 @@ def resolve_batch(cfg, data_parallel: int):
 
 
 def total_steps(cfg, num_params: int) -> int:
-  """Training horizon: explicit steps, or tokens_per_param * params / batch_tokens."""
+  """Training horizon: explicit steps, or tokens_per_param * params / batch_tokens (rounded up;
+  down under nanochat's horizon_params="scaling", as nanochat rounds)."""
   t = cfg.train
   if t.tokens_per_param > 0:
-    return max(1, math.ceil(t.tokens_per_param * num_params / t.batch_tokens))
+    steps = t.tokens_per_param * num_params / t.batch_tokens
+    return max(1, math.floor(steps) if t.get("horizon_params", "all") == "scaling" else math.ceil(steps))
   return t.steps
 
 
@@ -275,6 +338,27 @@ def validate_model(m) -> None:
   _choice(m, "attention", "model", ATTENTION_IMPLS)
   _choice(m, "dtype", "model", DTYPES)
   _choice(m, "remat", "model", REMAT_POLICIES)
+  _validate_2026(m)
+
+
+def _validate_2026(m) -> None:
+  pattern = m.get("window_pattern", "")
+  _require(isinstance(pattern, str) and set(pattern) <= {"S", "L"}, "model.window_pattern", pattern,
+           'must be a string of S (short window) and L (full context), e.g. "SSSL"; "" = all full')
+  _require(isinstance(m.get("short_window", 0), int) and m.get("short_window", 0) >= 0, "model.short_window",
+           m.get("short_window"), "must be an integer >= 0 (0 = max_seq_len / 4 rounded up to 128)")
+  _require(isinstance(m.get("vocab_multiple", 1), int) and m.get("vocab_multiple", 1) >= 1, "model.vocab_multiple",
+           m.get("vocab_multiple"), "must be an integer >= 1")
+  _require(m.get("qk_scale", 1.0) > 0, "model.qk_scale", m.get("qk_scale"), "must be > 0")
+  _require(m.get("matmul_dtype", "default") in MATMUL_DTYPES, "model.matmul_dtype", m.get("matmul_dtype"),
+           f"must be one of {', '.join(MATMUL_DTYPES)}")
+  if m.get("value_embeds", False) or m.get("smear", False):
+    _require(m.d_model >= 24, "model.d_model", m.d_model,
+             "is too narrow for the smear gate (24 channels) and value-embedding gate (12 channels)")
+  per_layer = [name for name in ("window_pattern", "value_embeds", "residual_scalars", "backout") if m.get(name)]
+  if m.scan_layers and per_layer:
+    raise ConfigError(f"config.model.scan_layers=True: model.{per_layer[0]} differs from layer to layer; "
+                      "set model.scan_layers=False")
 
 
 def validate_rl(r) -> None:
@@ -316,6 +400,14 @@ def validate(cfg) -> None:
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
+  _require(t.get("horizon_params", "all") in ("all", "scaling"), "train.horizon_params", t.get("horizon_params"),
+           "must be all or scaling")
+  _require(isinstance(t.get("batch_reference_depth", 12), int) and t.get("batch_reference_depth", 12) >= 1,
+           "train.batch_reference_depth", t.get("batch_reference_depth"), "must be an integer >= 1")
+  _require(isinstance(t.get("batch_reference_size", 1), int) and t.get("batch_reference_size", 1) >= 1,
+           "train.batch_reference_size", t.get("batch_reference_size"), "must be a positive number of tokens")
+  if t.get("auto_batch", False):
+    _require(t.tokens_per_param > 0, "train.auto_batch", True, "needs train.tokens_per_param > 0 (the horizon it sizes for)")
   if t.get("core_every", 0):
     _require(isinstance(t.core_every, int) and t.core_every > 0, "train.core_every", t.core_every,
              "must be an integer >= 0 (0 = off)")
@@ -352,6 +444,17 @@ def validate(cfg) -> None:
   _require(o.muon_ns_steps > 0, "optim.muon_ns_steps", o.muon_ns_steps, "must be > 0")
   _require(o.muon_ns_dtype in ("float32", "bfloat16"), "optim.muon_ns_dtype", o.muon_ns_dtype,
            "must be one of float32, bfloat16")
+  for name in ("scalar_lr", "smear_lr"):
+    _require(isinstance(o[name], (int, float)) and math.isfinite(o[name]) and o[name] > 0, f"optim.{name}",
+             o[name], "must be a finite number > 0")
+  _require(0 <= o.muon_beta2 < 1, "optim.muon_beta2", o.muon_beta2, "must be in [0, 1)")
+  _require(0 <= o.muon_momentum_warmdown < 1, "optim.muon_momentum_warmdown", o.muon_momentum_warmdown,
+           "must be in [0, 1) (0 = stay at optim.muon_momentum)")
+  _choice(o, "weight_decay_schedule", "optim", WEIGHT_DECAY_SCHEDULES)
+  _require(isinstance(o.cautious_weight_decay, bool), "optim.cautious_weight_decay", o.cautious_weight_decay,
+           "must be True or False")
+  if o.name == "normuon":  # Polar Express has one coefficient triple per iteration, five in all
+    _require(o.muon_ns_steps <= 5, "optim.muon_ns_steps", o.muon_ns_steps, "must be <= 5 with optim.name=normuon")
   _require(o.loss_scale_init > 0, "optim.loss_scale_init", o.loss_scale_init, "must be > 0")
   _require(o.loss_scale_period > 0, "optim.loss_scale_period", o.loss_scale_period, "must be > 0")
   for axis in MESH_AXES:
@@ -362,6 +465,50 @@ def validate(cfg) -> None:
 
 # torch.nn.functional.rms_norm with eps=None uses the machine epsilon of float32.
 FLOAT32_EPS = 2.0 ** -23
+
+
+def nanochat_width(depth: int, head_dim_: int = 128, aspect: int = 64) -> tuple[int, int]:
+  """nanochat's (width, heads) at a depth: aspect x depth rounded up to a whole number of heads."""
+  width = -(-depth * aspect // head_dim_) * head_dim_
+  return width, width // head_dim_
+
+
+def nanochat_2026_config(depth: int, tokens_per_param: float = 12.0) -> ml_collections.ConfigDict:
+  """nanochat's leaderboard recipe (karpathy/nanochat at 92d63d4, 2026: d24 reaches GPT-2's CORE in
+  99 min on 8 x H100), at depth `depth` (configs/d12_2026.py, d24_2026.py).
+
+  Model: width 64 x depth rounded to 128-wide heads, vocab 32,768 padded to a multiple of 64,
+  relu^2 4x MLP, untied, parameter-free RMSNorm (after the embedding too), QK-norm with q and k
+  x 1.2, RoPE base 100,000, logit softcap 15, sliding windows "SSSL" (S = a quarter of the
+  2,048-token context, rounded up to 128; the last layer full), value embeddings on alternate
+  layers, per-layer residual scalars, smear, backout, nanochat's 2026 init.
+  Optimizer (lmtiny.training.normuon): Muon with Polar Express, NorMuon and cautious weight decay
+  0.28 (cosine to 0) on the block matrices at lr 0.02, momentum 0.85 -> 0.97 over 400 steps and
+  0.90 by the end; AdamW on lm_head (0.008), embedding (0.3), value embeddings (0.15), scalars
+  (0.5) and smear (0.2), the first three x (768 / width) ** 0.5; 40 warmup steps, constant, then
+  a linear warmdown over the last 65% to 5%. Horizon `tokens_per_param` (base_train's default 12;
+  the leaderboard's d24 runs 8) tokens per scaling parameter; batch size
+  from nanochat's rule (524,288 tokens at d12, x (horizon ratio) ** 0.383), LRs x sqrt of the
+  batch ratio and weight decay rescaled with it (lmtiny.plan.recipe).
+  """
+  c = base_config()
+  width, heads = nanochat_width(depth)
+  c.model.update(vocab_size=32768, vocab_multiple=64, num_layers=depth, d_model=width, num_heads=heads,
+                 head_dim=128, activation="relu2", mlp_ratio=4.0, tie_embeddings=False, norm_scale=False,
+                 qk_norm=True, embed_norm=True, norm_eps=FLOAT32_EPS, logit_softcap=15.0, init="nanochat_2026",
+                 rope_theta=100000.0, max_seq_len=2048, window_pattern="SSSL", value_embeds=True,
+                 residual_scalars=True, smear=True, backout=True, qk_scale=1.2, remat="dots_no_batch",
+                 scan_layers=False)
+  c.train.update(seq_len=2048, batch_tokens=524288, tokens_per_param=tokens_per_param, horizon_params="scaling",
+                 auto_batch=True, batch_reference_depth=12, batch_reference_size=524288, lr_batch_scaling=True,
+                 weight_decay_scaling=True, eval_every=250, device_batch_size=32 if depth <= 12 else 16)
+  c.optim.update(name="normuon", lr=0.02, embed_lr=0.3, unembed_lr=0.008, scalar_lr=0.5, smear_lr=0.2,
+                 scale_lr_by_width=True, weight_decay=0.28, weight_decay_schedule="cosine",
+                 cautious_weight_decay=True, grad_clip=0.0, schedule="warmdown", warmup_steps=40,
+                 decay_fraction=0.65, min_lr_ratio=0.05, muon_momentum_start=0.85, muon_momentum=0.97,
+                 muon_momentum_warmup=400, muon_momentum_warmdown=0.90, muon_beta2=0.9, muon_ns_steps=5,
+                 muon_ns_dtype="bfloat16")
+  return c
 
 
 def nanochat_config(depth: int) -> ml_collections.ConfigDict:

@@ -4,6 +4,14 @@ A query at index i may attend a key at index j when j <= i + offset and both car
 segment id (packed rows hold several documents as contiguous runs of ids 1..k; segment 0 is
 padding and attends only to itself). `segment_ids=None` means one document per row.
 
+Sliding window (`window=w > 0`, a static int per layer; FlashAttention's window_size=(w, 0)):
+query i + offset also needs j >= i + offset - w, so it sees w + 1 keys at most. Every backend
+takes it, packed rows included: xla cuts more, smaller query blocks and skips the key blocks
+wholly outside the window; cuDNN gets jax.nn's local_window_size=(w, 0) (its sliding window
+length w + 1) and, packed, the same length per run (a run is its own sequence, and the window
+is relative, so it is the same mask); splash swaps CausalMask for LocalMask((w, 0)); decode
+masks the full-length cache (`attention_mask`). w >= T - 1 in self-attention is plain causal.
+
 Backends (`model.attention`):
   xla    - einsum + float32 softmax; runs anywhere. Self-attention skips the blocks above the
            diagonal and builds its mask inside each block (`xla_causal_attention`); decode
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 
 import jax
@@ -60,13 +69,29 @@ Array = jax.Array
 ATTN_OUT = "attn_out"   # checkpoint name of the attention output (and fused kernels' residuals)
 ATTN_QKV = "attn_qkv"   # checkpoint name of q, k, v after RoPE (set by lmtiny.model)
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+KEY_ALIGN = 16  # windowed xla blocks start their keys at multiples of this (aligned slices)
 
 
-def attention_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Array, q_offset: Array | int = 0) -> Array:
-  """Boolean [B, 1, T, S]: causal (key index <= query index + q_offset) and same segment."""
+def static_window(window) -> int:
+  """The window as a Python int >= 0 (it shapes the program: a traced value cannot)."""
+  try:
+    window = operator.index(window)
+  except TypeError:
+    raise ValueError(f"attention window must be a static int >= 0 (0: full context), got {window!r}") from None
+  if window < 0:
+    raise ValueError(f"attention window must be >= 0 (0: full context), got {window}")
+  return window
+
+
+def attention_mask(q_segment_ids_BxT: Array, kv_segment_ids_BxS: Array, q_offset: Array | int = 0,
+                   window: int = 0) -> Array:
+  """Boolean [B, 1, T, S]: causal (key index <= query index + q_offset), same segment and, with
+  window w > 0, key index >= query index + q_offset - w."""
   t, s = q_segment_ids_BxT.shape[1], kv_segment_ids_BxS.shape[1]
   q_index_BxT = jnp.arange(t)[None, :] + jnp.reshape(q_offset, (-1, 1))
   causal_BxTxS = jnp.arange(s)[None, None, :] <= q_index_BxT[:, :, None]
+  if window:
+    causal_BxTxS = causal_BxTxS & (jnp.arange(s)[None, None, :] >= q_index_BxT[:, :, None] - window)
   same_doc_BxTxS = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
   return (causal_BxTxS & same_doc_BxTxS)[:, None, :, :]
 
@@ -84,21 +109,55 @@ def xla_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, mask_
   return out_BxTxKxGxDh.reshape(b, t, h, dh)
 
 
-def xla_causal_attention(q_BxTxHxDh: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array,
-                         segment_ids_BxT: Array | None) -> Array:
-  """Causal (and document-masked) self-attention in plain XLA, skipping the masked-out blocks.
+def xla_query_blocks(seq_len: int, window: int = 0) -> int:
+  """Query blocks of `xla_causal_attention`: `config.attention_query_blocks` without a window; with
+  one, the most of 16/8/4/2 that leave blocks of at least max(32, window / 2) rows (never fewer
+  than without a window), so each block reads about its own rows plus the window."""
+  full = config_lib.attention_query_blocks(seq_len)
+  if not 0 < window < seq_len - 1:
+    return full
+  min_rows = max(32, -(-window // 2))
+  return max(full, next((n for n in (16, 8, 4, 2) if seq_len % n == 0 and seq_len // n >= min_rows), 1))
 
-  The queries are cut into `config.attention_query_blocks` row blocks; block i attends only to
-  the keys up to its last row, so with 4 blocks the scores hold 10/16 of the [T, T] square
-  (FLOPs and memory), and each block's mask is built from iotas and segment ids inside its
-  select (no [B, 1, T, S] tensor). Queries are laid out block-major, [blocks, B, K, G*rows, Dh],
-  so each block is a contiguous operand and each matmul one batched GEMM over (B, K) whose G
-  query heads share their kv head. Same values as `xla_attention` with `attention_mask`; on the
-  tiny config's shapes on CPU its forward+backward takes 29 ms against 84 ms (one thread).
+
+def xla_key_starts(seq_len: int, window: int = 0) -> list[int]:
+  """First key each query block of `xla_causal_attention` reads (it reads up to its last row):
+  0 without a window, else the block's first row minus the window, rounded down to a multiple
+  of KEY_ALIGN (aligned slices) and clipped at 0."""
+  rows = seq_len // xla_query_blocks(seq_len, window)
+  if not 0 < window < seq_len - 1:
+    return [0] * (seq_len // rows)
+  return [max(0, (start - window) // KEY_ALIGN * KEY_ALIGN) for start in range(0, seq_len, rows)]
+
+
+def xla_score_fraction(seq_len: int, window: int = 0) -> float:
+  """The part of the [T, T] score square `xla_causal_attention` computes (FLOPs and memory)."""
+  rows = seq_len // xla_query_blocks(seq_len, window)
+  return sum(rows * (start + rows - key_start)
+             for start, key_start in zip(range(0, seq_len, rows), xla_key_starts(seq_len, window))) / seq_len ** 2
+
+
+def xla_causal_attention(q_BxTxHxDh: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array,
+                         segment_ids_BxT: Array | None, window: int = 0) -> Array:
+  """Causal (and document-masked, and windowed) self-attention in plain XLA, skipping masked blocks.
+
+  The queries are cut into `xla_query_blocks` row blocks; block i attends only to the keys up
+  to its last row, so with 4 blocks the scores hold 10/16 of the [T, T] square (FLOPs and
+  memory). With a window w, block i also starts at key (first row - w) rounded down to a multiple
+  of KEY_ALIGN, and more, smaller blocks are cut: about (rows + w) / T of the square is computed
+  (`xla_score_fraction`: T=2048, w=512 -> 8 blocks, 0.33 against 0.625 without; T=256, w=7 -> 0.18).
+  Each block's mask is built from iotas and segment ids inside its select (no [B, 1, T, S]
+  tensor). Queries are laid out block-major, [blocks, B, K, G*rows, Dh], so each block is a
+  contiguous operand and each matmul one batched GEMM over (B, K) whose G query heads share
+  their kv head. Same values as `xla_attention` with `attention_mask`; on the tiny config's
+  shapes on CPU its forward+backward takes 29 ms against 84 ms (one thread).
   """
   b, t, h, dh = q_BxTxHxDh.shape
   kv = k_BxTxKxDh.shape[2]
-  g, blocks = h // kv, config_lib.attention_query_blocks(t)
+  window = static_window(window)
+  if window >= t - 1:
+    window = 0  # the window holds every earlier key: plain causal
+  g, blocks = h // kv, xla_query_blocks(t, window)
   rows = t // blocks
   # Block-major queries [blocks, B, K, G x rows, Dh]: each block is one contiguous operand.
   q_NxBxKxRxDh = (q_BxTxHxDh.reshape(b, blocks, rows, kv, g, dh).transpose(1, 0, 3, 4, 2, 5)
@@ -106,20 +165,25 @@ def xla_causal_attention(q_BxTxHxDh: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array
   k_BxKxTxDh, v_BxKxTxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxTxKxDh, v_BxTxKxDh))
   scale = 1.0 / math.sqrt(dh)
   outs = []
-  for i in range(blocks):
-    start, end = i * rows, (i + 1) * rows  # this block's queries; keys 0 .. end - 1
-    scores_BxKxRxS = jnp.einsum("bkrd,bksd->bkrs", q_NxBxKxRxDh[i], k_BxKxTxDh[:, :, :end],
+  for i, key_start in enumerate(xla_key_starts(t, window)):
+    start, end = i * rows, (i + 1) * rows  # this block's queries; keys key_start .. end - 1
+    scores_BxKxRxS = jnp.einsum("bkrd,bksd->bkrs", q_NxBxKxRxDh[i], k_BxKxTxDh[:, :, key_start:end],
                                 preferred_element_type=jnp.float32) * scale
-    allowed_1xRxS = (jax.lax.broadcasted_iota(jnp.int32, (1, rows, end), 2)
-                     <= jax.lax.broadcasted_iota(jnp.int32, (1, rows, end), 1) + start)
+    key_1xRxS, query_1xRxS = (jax.lax.broadcasted_iota(jnp.int32, (1, rows, end - key_start), d) for d in (2, 1))
+    if window:
+      key_1xRxS = key_1xRxS + key_start
+      allowed_1xRxS = (key_1xRxS <= query_1xRxS + start) & (key_1xRxS >= query_1xRxS + (start - window))
+    else:
+      allowed_1xRxS = key_1xRxS <= query_1xRxS + start
     if segment_ids_BxT is not None:
-      allowed_1xRxS = allowed_1xRxS & (segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, :end])
+      allowed_1xRxS = allowed_1xRxS & (segment_ids_BxT[:, start:end, None]
+                                       == segment_ids_BxT[:, None, key_start:end])
     # Scores stay 4-D (G folded into the rows, the mask tiled to match): 1.2x faster on CPU
     # than splitting G out again.
     allowed_1x1xRxS = jnp.tile(allowed_1xRxS, (1, g, 1))[:, None]
     scores_BxKxRxS = jnp.where(allowed_1x1xRxS, scores_BxKxRxS, jnp.finfo(jnp.float32).min)
     probs_BxKxRxS = jax.nn.softmax(scores_BxKxRxS, axis=-1).astype(v_BxKxTxDh.dtype)
-    outs.append(jnp.einsum("bkrs,bksd->bkrd", probs_BxKxRxS, v_BxKxTxDh[:, :, :end]))
+    outs.append(jnp.einsum("bkrs,bksd->bkrd", probs_BxKxRxS, v_BxKxTxDh[:, :, key_start:end]))
   out_NxBxKxGxRxDh = jnp.stack(outs).reshape(blocks, b, kv, g, rows, dh)
   return out_NxBxKxGxRxDh.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, h, dh)
 
@@ -254,10 +318,13 @@ def packed_gqa_needs_repeat() -> bool:
     return True
 
 
-def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None) -> Array:
+def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None,
+                     window: int = 0) -> Array:
+  # jax.nn's (w, 0) becomes cuDNN's sliding_window_length w + 1: keys (i - w - 1, i], i.e. i - w .. i.
+  local = {"local_window_size": (window, 0)} if window else {}
   if segment_ids_BxT is None or cudnn_max_runs(q_BxTxHxDh.shape[1]) == 1:  # one run per row: causal type alone
     causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                             implementation="cudnn"))
+                                                                             implementation="cudnn", **local))
     return causal(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, None)
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fmha  # pylint: disable=g-import-not-at-top
   b, t, h, dh = q_BxTxHxDh.shape
@@ -267,10 +334,11 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(x, ("batch", "seq", "act_heads", None)) for x in (k_BxSxKxDh, v_BxSxKxDh))
   lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, cudnn_max_runs(t)))
 
-  def packed(q, k, v, runs):
+  def packed(q, k, v, runs):  # each run is its own sequence: a window within it is the same i - w .. i
     return cudnn_fmha.dot_product_attention(
         q, k, v, q_seqlen=runs[0], kv_seqlen=runs[0], q_offsets=runs[1], kv_offsets=runs[1],
-        scale=1.0 / math.sqrt(dh), mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL)
+        scale=1.0 / math.sqrt(dh), mask_type=cudnn_fmha.MaskType.PADDING_CAUSAL,
+        sliding_window_length=window + 1 if window else None)
 
   return named_residuals(packed)(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, (lengths_BxM, starts_BxM1))
 
@@ -279,7 +347,7 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
 # Splash (TPU Pallas; interpret mode elsewhere).
 
 
-def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool):
+def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool, window: int = 0):
   """Splash attention on one device's shard: batch rows and kv heads vmapped over the MQA kernel."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # pylint: disable=g-import-not-at-top
@@ -289,9 +357,12 @@ def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interp
   blk = splash_block(t)
   sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                             block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-  kernel = splash.make_splash_mqa_single_device(
-      splash_mask.MultiHeadMask([splash_mask.CausalMask((t, s))] * g), block_sizes=sizes,
-      interpret=interpret)
+  # LocalMask((w, 0), offset 0): key j visible to query i iff i - w <= j <= i; blocks wholly
+  # outside it are skipped like those above the diagonal.
+  head_mask = (splash_mask.LocalMask((t, s), window_size=(window, 0), offset=0) if window
+               else splash_mask.CausalMask((t, s)))
+  kernel = splash.make_splash_mqa_single_device(splash_mask.MultiHeadMask([head_mask] * g), block_sizes=sizes,
+                                                interpret=interpret)
   scaled_q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(dh), q_BxTxHxDh.dtype)
   q_BxKxGxTxDh = scaled_q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4)
   k_BxKxSxDh, v_BxKxSxDh = (x.transpose(0, 2, 1, 3) for x in (k_BxSxKxDh, v_BxSxKxDh))
@@ -307,9 +378,10 @@ def _splash_local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interp
   return out_BxKxGxTxDh.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool) -> Array:
+def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, interpret: bool,
+                      window: int = 0) -> Array:
   def local(q, k, v, seg):
-    return _splash_local(q, k, v, seg, interpret=interpret)
+    return _splash_local(q, k, v, seg, interpret=interpret, window=window)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -327,16 +399,21 @@ def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, in
 
 
 def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segment_ids: Array | None = None,
-              kv_segment_ids: Array | None = None, q_offset: Array | int = 0, impl: str = "auto") -> Array:
+              kv_segment_ids: Array | None = None, q_offset: Array | int = 0, impl: str = "auto",
+              window: int = 0) -> Array:
   """Multi-head / grouped-query attention; K kv heads serve H // K query heads each.
 
   Fused backends run self-attention only (T == S, q_offset == 0, the same segment ids for
-  queries and keys); anything else, the KV-cache decode path included, runs xla.
+  queries and keys); anything else, the KV-cache decode path included, runs xla. `window` (a
+  static int, 0 = unlimited) lets query position i see keys i - window .. i only.
   """
+  window = static_window(window)
   b, t, h, _ = q_BxTxHxDh.shape
   s, kv = k_BxSxKxDh.shape[1], k_BxSxKxDh.shape[2]
   self_attention = (t == s and isinstance(q_offset, int) and q_offset == 0
                     and q_segment_ids is kv_segment_ids)
+  if self_attention and window >= t - 1:
+    window = 0  # every earlier key is inside the window: plain causal, no mask to apply
   platform, requested = target_platform(), impl
   packed = q_segment_ids is not None
   impl = resolve_impl(impl, q_BxTxHxDh.dtype, platform=platform, self_attention=self_attention, seq_len=t,
@@ -348,7 +425,7 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   out_BxTxHxDh = None
   if impl == "cudnn":
     try:
-      out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
+      out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, window)
     except (AttributeError, ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as e:
       if requested != "auto":  # asked for by name: the user sees why it cannot run
         raise
@@ -356,14 +433,15 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
       # at trace time costs speed, not the run.
       warnings.warn(f"model.attention=auto: cuDNN attention unavailable ({type(e).__name__}: {e}); using xla")
   elif impl == "splash":
-    out_BxTxHxDh = _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, interpret=platform != "tpu")
+    out_BxTxHxDh = _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, interpret=platform != "tpu",
+                                     window=window)
   if out_BxTxHxDh is None and self_attention:
-    out_BxTxHxDh = xla_causal_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids)
+    out_BxTxHxDh = xla_causal_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, window)
   if out_BxTxHxDh is None:
     if q_segment_ids is None:
       q_segment_ids = jnp.ones((b, t), jnp.int32)
     if kv_segment_ids is None:
       kv_segment_ids = jnp.ones((b, s), jnp.int32)
-    mask_Bx1xTxS = attention_mask(q_segment_ids, kv_segment_ids, q_offset)
+    mask_Bx1xTxS = attention_mask(q_segment_ids, kv_segment_ids, q_offset, window)
     out_BxTxHxDh = xla_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_Bx1xTxS)
   return checkpoint_name(out_BxTxHxDh, ATTN_OUT)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
+from lmtiny.kernels.fp8 import fp8_eligible, fp8_matmul
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
 from lmtiny.parallel.sharding import constrain, fused_linear_cross_entropy, linear_cross_entropy
@@ -47,16 +48,21 @@ def loss_kernel(m) -> str:
 
 
 def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
-  """Initial values for one weight; `role` is embed, lm_head, in (q/k/v/up/gate) or out (o/down)."""
+  """Initial values for one weight; `role` is embed, lm_head, in (q/k/v, value embeddings), up
+  (MLP up/gate), out (o/down) or gate (the value-embedding and smear gates)."""
   scheme = m.init
-  if scheme == "nanochat":
-    if role == "embed":  # std 1, except that a tied table is also the unembedding
-      return (m.init_std if m.tie_embeddings else 1.0) * jax.random.normal(key, shape)
+  if role == "gate":  # small positive weights: gates start slightly above neutral (nanochat)
+    return jax.random.uniform(key, shape, minval=0.0, maxval=0.02)
+  if scheme in ("nanochat", "nanochat_2026"):
+    if role == "embed":  # std 1 (0.8 in 2026), except that a tied table is also the unembedding
+      return (m.init_std if m.tie_embeddings else 0.8 if scheme == "nanochat_2026" else 1.0) * jax.random.normal(key, shape)
     if role == "lm_head":
       return 0.001 * jax.random.normal(key, shape)
     if role == "out":  # residual projections start at zero: every block begins as the identity
       return jnp.zeros(shape)
     bound = math.sqrt(3.0 / fan_in)  # uniform with std 1/sqrt(fan_in)
+    if role == "up" and scheme == "nanochat_2026":
+      bound *= 0.4
     return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
   if role == "embed" or scheme == "gpt2":
     std = m.init_std
@@ -124,18 +130,25 @@ class RMSNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def dense(x: Array, w: Array, in_dims: int = 1) -> Array:
+def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -> Array:
   """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D GEMM over the flattened rows.
 
   Why flatten: the weight gradient contracts every row dimension. Left as [B, T, ...], that
   is a two-dimension contraction, which XLA:CPU runs by transposing the cotangent and leaving
   its fast GEMM path (3.4x slower measured on the tiny MLP's weight gradient); one row axis
   keeps all three GEMMs of a linear layer on it. Other backends flatten like this anyway.
+  `matmul_dtype="fp8"` runs the GEMM in fp8 with tensorwise scales (lmtiny.kernels.fp8) where
+  the matrix is big enough for it (nanochat's rule, `fp8_eligible`).
   """
   in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
   w_IxO = w.reshape(math.prod(in_shape), math.prod(out_shape))
-  return (x.reshape(math.prod(lead), w_IxO.shape[0]) @ w_IxO).reshape(*lead, *out_shape)
+  x_MxI = x.reshape(math.prod(lead), w_IxO.shape[0])
+  if matmul_dtype == "fp8" and fp8_eligible(*w_IxO.shape):
+    out_MxO = fp8_matmul(x_MxI, w_IxO)
+  else:
+    out_MxO = x_MxI @ w_IxO
+  return out_MxO.reshape(*lead, *out_shape)
 
 
 def rope_tables(positions_BxT: Array, head_dim: int, theta: float, table_len: int) -> tuple[Array, Array]:
@@ -169,10 +182,15 @@ def rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float, table_len: int) 
 
 
 class Attention(nnx.Module):
+  """Self-attention of layer `layer`: its window (config.layer_windows) and, on value-embedding
+  layers (config.has_value_embed), a [V, K*Dh] table whose rows are added to v through a gate
+  of 3 * sigmoid per kv head, driven by the first config_lib.VE_GATE_CHANNELS channels of the input
+  (ResFormer-style value residuals, as nanochat)."""
 
-  def __init__(self, m, rngs: nnx.Rngs):
+  def __init__(self, m, rngs: nnx.Rngs, layer: int = 0):
     self.cfg = m
     d, h, k, dh = m.d_model, m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
+    self.window = config_lib.layer_windows(m)[layer]
     self.q = _param(m, rngs, "in", (d, h, dh), ("embed", "heads", "head_dim"), d, h * dh)
     self.k = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
     self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
@@ -182,30 +200,54 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
     else:
       self.q_norm = self.k_norm = None
+    if config_lib.has_value_embed(m, layer):
+      v_rows = config_lib.padded_vocab(m)  # the table is uniform like v's weights (fan-in d)
+      # [V, K*Dh], laid out and sharded like the token embedding (a lookup table, not a matrix)
+      self.value_embed = _param(m, rngs, "in", (v_rows, k * dh), ("embed_vocab", "embed"), d, k * dh)
+      self.ve_gate = _param(m, rngs, "gate", (config_lib.VE_GATE_CHANNELS, k), ("gate_in", "kv_heads"), config_lib.VE_GATE_CHANNELS, k)
+    else:
+      self.value_embed = self.ve_gate = None
 
-  def project_qkv(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array]):
-    """Queries, keys and values with QK-norm and RoPE (`rope_tables`) applied (also used by the
-    KV-cache decoder)."""
+  def project_qkv(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], tokens_BxT: Array | None = None):
+    """Queries, keys and values with QK-norm and RoPE (`rope_tables`) applied, and the value
+    embedding of `tokens_BxT` mixed into v on value-embedding layers (also used by the KV-cache
+    decoder)."""
     dtype = x_BxTxD.dtype
-    q_BxTxHxDh = dense(x_BxTxD, self.q[...].astype(dtype))
-    k_BxTxKxDh = dense(x_BxTxD, self.k[...].astype(dtype))
-    v_BxTxKxDh = dense(x_BxTxD, self.v[...].astype(dtype))
+    q_BxTxHxDh = self._dense(x_BxTxD, self.q[...].astype(dtype))
+    k_BxTxKxDh = self._dense(x_BxTxD, self.k[...].astype(dtype))
+    v_BxTxKxDh = self._dense(x_BxTxD, self.v[...].astype(dtype))
+    if self.value_embed is not None:
+      ve_BxTxKxDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype).reshape(v_BxTxKxDh.shape)
+      gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...].astype(dtype)))
+      v_BxTxKxDh = v_BxTxKxDh + gate_BxTxK[..., None] * ve_BxTxKxDh
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
+    if self.cfg.get("qk_scale", 1.0) != 1.0:  # sharper attention, split between q and k (nanochat 2026)
+      scale = jnp.asarray(self.cfg.qk_scale, dtype)
+      q_BxTxHxDh, k_BxTxKxDh = q_BxTxHxDh * scale, k_BxTxKxDh * scale
     q_BxTxHxDh = constrain(apply_rope(q_BxTxHxDh, rope_BxT), ("batch", "seq", "act_heads", None))
     k_BxTxKxDh = constrain(apply_rope(k_BxTxKxDh, rope_BxT), ("batch", "seq", "act_kv_heads", None))
     v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
+  def _dense(self, x: Array, w: Array, in_dims: int = 1) -> Array:
+    return dense(x, w, in_dims, matmul_dtype=self.cfg.get("matmul_dtype", "default"))
+
   def project_out(self, out_BxTxHxDh: Array) -> Array:
-    out_BxTxD = dense(out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype), in_dims=2)
+    out_BxTxD = self._dense(out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype), in_dims=2)
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
-  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None) -> Array:
-    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT))
+  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
+               tokens_BxT: Array | None = None) -> Array:
+    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT, tokens_BxT))
     out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
-                             impl=self.cfg.attention)
+                             impl=self.cfg.attention, **self.window_kwargs())
     return self.project_out(out_BxTxHxDh)
+
+  def window_kwargs(self) -> dict:
+    """attention()'s window argument, passed only for windowed layers (full layers build the same
+    program as before windows existed)."""
+    return {"window": self.window} if self.window else {}
 
 
 ACTIVATIONS = {
@@ -220,31 +262,36 @@ class MLP(nnx.Module):
   def __init__(self, m, rngs: nnx.Rngs):
     d, f = m.d_model, config_lib.mlp_dim(m)
     self.activation = m.activation
-    self.up = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f)
-    self.gate = _param(m, rngs, "in", (d, f), ("embed", "mlp"), d, f) if m.activation == "swiglu" else None
+    self.matmul_dtype = m.get("matmul_dtype", "default")
+    self.up = _param(m, rngs, "up", (d, f), ("embed", "mlp"), d, f)
+    self.gate = _param(m, rngs, "up", (d, f), ("embed", "mlp"), d, f) if m.activation == "swiglu" else None
     self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
 
   def __call__(self, x_BxTxD: Array) -> Array:
     dtype = x_BxTxD.dtype
-    up_BxTxF = dense(x_BxTxD, self.up[...].astype(dtype))
+    up_BxTxF = self._dense(x_BxTxD, self.up[...].astype(dtype))
     if self.gate is not None:
-      hidden_BxTxF = jax.nn.silu(dense(x_BxTxD, self.gate[...].astype(dtype))) * up_BxTxF
+      hidden_BxTxF = jax.nn.silu(self._dense(x_BxTxD, self.gate[...].astype(dtype))) * up_BxTxF
     else:
       hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
     hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
-    return constrain(dense(hidden_BxTxF, self.down[...].astype(dtype)), ("batch", "seq", "act_embed"))
+    return constrain(self._dense(hidden_BxTxF, self.down[...].astype(dtype)), ("batch", "seq", "act_embed"))
+
+  def _dense(self, x: Array, w: Array) -> Array:
+    return dense(x, w, matmul_dtype=self.matmul_dtype)
 
 
 class Block(nnx.Module):
 
-  def __init__(self, m, rngs: nnx.Rngs):
+  def __init__(self, m, rngs: nnx.Rngs, layer: int = 0):
     self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
-    self.attn = Attention(m, rngs)
+    self.attn = Attention(m, rngs, layer)
     self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
     self.mlp = MLP(m, rngs)
 
-  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None) -> Array:
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT)
+  def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
+               tokens_BxT: Array | None = None) -> Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT, tokens_BxT)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
@@ -285,16 +332,58 @@ class Transformer(nnx.Module):
   def __init__(self, m, rngs: nnx.Rngs):
     config_lib.validate_model(m)
     self.cfg = m = ml_collections.FrozenConfigDict(m)  # hashable: the GraphDef can be a jit static
-    d, v = m.d_model, m.vocab_size
+    d, v = m.d_model, config_lib.padded_vocab(m)
     self.embed = _param(m, rngs, "embed", (v, d), ("embed_vocab", "embed"), d, d)
     if m.scan_layers:
       self.layers = _stacked_blocks(m, rngs)
     else:
-      self.layers = nnx.List([Block(m, rngs) for _ in range(m.num_layers)])
+      self.layers = nnx.List([Block(m, rngs, layer) for layer in range(m.num_layers)])
+    self._init_2026_scalars(m, rngs)
     self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
     self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
                        if m.get("embed_norm", False) else None)  # get: older runs lack the field
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
+
+  def _init_2026_scalars(self, m, rngs: nnx.Rngs) -> None:
+    """nanochat 2026's learned scalars, each only when its knob is on: per-layer residual and
+    input-mixing weights (stronger residual and more input early, their depth schedules), the
+    smear gate and weight (smear starts off), and the backout weight (0.2)."""
+    depth = jnp.arange(m.num_layers, dtype=jnp.float32) / max(m.num_layers - 1, 1)
+    residual, smear, backout = (m.get(name, False) for name in ("residual_scalars", "smear", "backout"))
+    self.resid_lambdas = nnx.Param(1.15 - 0.10 * depth, logical_axes=("layers",)) if residual else None
+    self.x0_lambdas = nnx.Param(0.20 - 0.15 * depth, logical_axes=("layers",)) if residual else None
+    self.smear_gate = (_param(m, rngs, "gate", (config_lib.SMEAR_CHANNELS, 1), ("gate_in", None), config_lib.SMEAR_CHANNELS, 1)
+                       if smear else None)
+    self.smear_lambda = nnx.Param(jnp.zeros((1,), jnp.float32), logical_axes=(None,)) if smear else None
+    self.backout_lambda = nnx.Param(jnp.full((1,), 0.2, jnp.float32), logical_axes=(None,)) if backout else None
+
+  def smear(self, x_BxTxD: Array, positions_BxT: Array, previous_Bx1xD: Array | None = None) -> Array:
+    """x[t] += smear_lambda * sigmoid(x[t, :config_lib.SMEAR_CHANNELS] @ smear_gate) * x[t - 1] at every
+    position > 0 of a document (packed rows restart their positions, so a document's first token
+    takes nothing from the one before it). `previous_Bx1xD` is the embedding before the first
+    token (the KV-cache decoder's last token); None = zeros."""
+    if previous_Bx1xD is None:
+      previous_Bx1xD = jnp.zeros_like(x_BxTxD[:, :1])
+    x_prev_BxTxD = jnp.concatenate([previous_Bx1xD.astype(x_BxTxD.dtype), x_BxTxD[:, :-1]], axis=1)
+    dtype = x_BxTxD.dtype
+    gate_BxTx1 = self.smear_lambda[...].astype(dtype) * jax.nn.sigmoid(
+        dense(x_BxTxD[..., :config_lib.SMEAR_CHANNELS], self.smear_gate[...].astype(dtype)))
+    return x_BxTxD + jnp.where(positions_BxT[..., None] > 0, gate_BxTx1 * x_prev_BxTxD, 0).astype(dtype)
+
+  def run_layers(self, x_BxTxD: Array, run_layer: Callable[[int, Block, Array], Array]) -> Array:
+    """The trunk: each layer's `run_layer(i, block, x)`, with nanochat 2026's residual scalars
+    (x = resid_lambdas[i] * x + x0_lambdas[i] * x0, x0 the embedded input) and backout (minus
+    backout_lambda x the output of layer L // 2) where on. Unrolled layers only."""
+    x0_BxTxD, dtype, backout_BxTxD = x_BxTxD, x_BxTxD.dtype, None
+    for i, block in enumerate(self.layers):
+      if self.resid_lambdas is not None:
+        x_BxTxD = self.resid_lambdas[i].astype(dtype) * x_BxTxD + self.x0_lambdas[i].astype(dtype) * x0_BxTxD
+      x_BxTxD = run_layer(i, block, x_BxTxD)
+      if i == self.cfg.num_layers // 2:
+        backout_BxTxD = x_BxTxD
+    if self.backout_lambda is not None:
+      x_BxTxD = x_BxTxD - self.backout_lambda[...].astype(dtype) * backout_BxTxD
+    return x_BxTxD
 
   def embed_tokens(self, tokens_BxT: Array) -> Array:
     # (.astype(float32) is free on the float32 table; a quantized tied table dequantizes here.)
@@ -304,7 +393,11 @@ class Transformer(nnx.Module):
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
   def unembed_weight(self, dtype) -> Array:
+    """[D, V] in `dtype`: the padded rows of model.vocab_multiple are cropped off (they never
+    get a logit, so they get no gradient either)."""
     w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    if w_DxV.shape[1] != self.cfg.vocab_size:
+      w_DxV = w_DxV[:, :self.cfg.vocab_size]
     return w_DxV.astype(dtype)
 
   def unembed(self, x_BxTxD: Array) -> Array:
@@ -359,10 +452,12 @@ class Transformer(nnx.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     # segment_ids_BxT None: one document per row (a fused kernel then needs only its causal mask).
     x_BxTxD = self.embed_tokens(tokens_BxT)
+    if self.smear_gate is not None:
+      x_BxTxD = self.smear(x_BxTxD, positions_BxT)
     rope_BxT = self.rope_tables(positions_BxT)
 
     def run_block(block_graphdef, block_state, x):
-      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT)
+      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, tokens_BxT)
 
     if self.cfg.remat != "none":
       # Under scan the loop boundary already stops XLA from merging recompute into the forward.
@@ -371,10 +466,8 @@ class Transformer(nnx.Module):
     if self.cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
       x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x), None), x_BxTxD, stacked_state)
-    else:
-      for block in self.layers:
-        x_BxTxD = run_block(*nnx.split(block), x_BxTxD)
-    return x_BxTxD
+      return x_BxTxD
+    return self.run_layers(x_BxTxD, lambda _, block, x: run_block(*nnx.split(block), x))
 
 
 # Logical axes of weight matrices (what multiplies activations); a parameter with two or more of

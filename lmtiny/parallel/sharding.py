@@ -36,6 +36,7 @@ RULES = {
     "head_dim": None,
     "norm": None,
     "layers": None,
+    "gate_in": None,         # the few input channels that drive a gate (value embeddings, smear)
     # A batch of whole matrices (Muon's Newton-Schulz input): split over as many of these axes,
     # in this order, as divide the batch (`spread_matrices`).
     "matrix_batch": ("fsdp", "data", "tensor"),

@@ -44,15 +44,18 @@ def param_breakdown(m) -> dict[str, int]:
   """Parameter counts of a model config (`cfg.model`), by part.
 
   Keys: embedding, lm_head (0 when tied), attention_per_layer, mlp_per_layer, norms_per_layer,
-  layer (their sum), num_layers, blocks (num_layers * layer), final_norm, total.
+  layer (their sum), num_layers, blocks (num_layers * layer + the value-embedding gates),
+  value_embeds, scalars (residual scalars, smear, backout), final_norm, total.
   """
-  d, v = m.d_model, m.vocab_size
+  d, v = m.d_model, config_lib.padded_vocab(m)
   q_width = m.num_heads * config_lib.head_dim(m)
   kv_width = config_lib.num_kv_heads(m) * config_lib.head_dim(m)
   attention = d * q_width + 2 * d * kv_width + q_width * d
   mlp = (3 if m.activation == "swiglu" else 2) * d * config_lib.mlp_dim(m)
   norms, final_norm = _norm_params(m)
   layer = attention + mlp + norms
+  ve_layers = sum(config_lib.has_value_embed(m, i) for i in range(m.num_layers))
+  smear = getattr(m, "smear", False)
   parts = dict(
       embedding=v * d,
       lm_head=0 if m.tie_embeddings else d * v,
@@ -61,10 +64,14 @@ def param_breakdown(m) -> dict[str, int]:
       norms_per_layer=norms,
       layer=layer,
       num_layers=m.num_layers,
-      blocks=m.num_layers * layer,
+      blocks=m.num_layers * layer + ve_layers * config_lib.VE_GATE_CHANNELS * config_lib.num_kv_heads(m),
+      value_embeds=ve_layers * v * kv_width,
+      scalars=(2 * m.num_layers * bool(getattr(m, "residual_scalars", False)) + (config_lib.SMEAR_CHANNELS + 1) * bool(smear)
+               + bool(getattr(m, "backout", False))),
       final_norm=final_norm,
   )
-  parts["total"] = parts["embedding"] + parts["lm_head"] + parts["blocks"] + final_norm
+  parts["total"] = (parts["embedding"] + parts["lm_head"] + parts["blocks"] + parts["value_embeds"]
+                    + parts["scalars"] + final_norm)
   return parts
 
 
@@ -73,19 +80,39 @@ def count_params(m) -> int:
   return param_breakdown(m)["total"]
 
 
-def matmul_params(m) -> int:
-  """Parameters in weight matrices that multiply activations: attention, MLP and the unembedding.
+def scaling_params(m) -> int:
+  """nanochat's count for its horizon and batch-size rules: the blocks' matrices and lm_head
+  (its cleanest scaling laws; embeddings, value embeddings and scalars excluded)."""
+  p = param_breakdown(m)
+  return p["blocks"] - m.num_layers * p["norms_per_layer"] + (p["lm_head"] or p["embedding"])
 
-  The embedding lookup is excluded; with tied embeddings the shared matrix counts once, as the
+
+def matmul_params(m) -> int:
+  """Parameters in weight matrices that multiply activations: attention, MLP, the gates and the
+  unembedding (its vocab_size columns: padded ones get no logit).
+
+  The embedding lookups are excluded; with tied embeddings the shared matrix counts once, as the
   unembedding. Norm scales are elementwise and excluded.
   """
   p = param_breakdown(m)
-  return m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) + m.d_model * m.vocab_size
+  gates = config_lib.SMEAR_CHANNELS * bool(getattr(m, "smear", False))
+  return p["blocks"] - m.num_layers * p["norms_per_layer"] + gates + m.d_model * m.vocab_size
 
 
-def _attention_flops_per_token(m, seq_len: int) -> float:
-  """Causal QK^T and AV per token and layer, forward: 2 matmuls x 2 FLOP x T x H x Dh, halved."""
-  return 2.0 * m.num_layers * seq_len * m.num_heads * config_lib.head_dim(m)
+def _attended_keys(seq_len: int, window: int, convention: str) -> float:
+  """Keys one query of a length-T row attends to, on average: T / 2 causal (T under nanochat's
+  full-square convention); a window w caps it at w + 1 (nanochat counts min(w, T))."""
+  if convention == "nanochat":
+    return min(window, seq_len) if window else seq_len
+  if not window or window >= seq_len:
+    return seq_len / 2
+  return (window + 1) - window * (window + 1) / (2 * seq_len)  # ramp to w + 1 keys, then flat
+
+
+def _attention_flops_per_token(m, seq_len: int, convention: str = "causal-half") -> float:
+  """QK^T and AV per token over the layers, forward: 2 matmuls x 2 FLOP x keys x H x Dh."""
+  keys = sum(_attended_keys(seq_len, w, convention) for w in config_lib.layer_windows(m))
+  return 4.0 * keys * m.num_heads * config_lib.head_dim(m)
 
 
 MFU_CONVENTIONS = ("causal-half", "nanochat")
@@ -102,8 +129,7 @@ def train_flops_per_token(m, seq_len: int, convention: str = "causal-half") -> f
   """
   if convention not in MFU_CONVENTIONS:
     raise ValueError(f"convention={convention!r}: one of {MFU_CONVENTIONS}")
-  attention = 3.0 if convention == "causal-half" else 6.0
-  return 6.0 * matmul_params(m) + attention * _attention_flops_per_token(m, seq_len)
+  return 6.0 * matmul_params(m) + 3.0 * _attention_flops_per_token(m, seq_len, convention)
 
 
 def inference_flops_per_token(m, seq_len: int) -> float:

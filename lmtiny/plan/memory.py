@@ -104,9 +104,11 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
   loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
   # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
-  # (AdamW's two on embeddings, lm_head and norms: lmtiny.training.muon).
+  # (AdamW's two on embeddings, lm_head and norms: lmtiny.training.muon; normuon's factored second
+  # moment is one row or column per matrix, not counted).
   block_elems = m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) / (fsdp * tensor)
-  moments = 8.0 * param_elems - (4.0 * block_elems if cfg.optim.get("name", "adamw") == "muon" else 0.0)
+  muon = cfg.optim.get("name", "adamw") in ("muon", "normuon")
+  moments = 8.0 * param_elems - (4.0 * block_elems if muon else 0.0)
   vocab_matrices = embedding * (1 if m.tie_embeddings else 2)
   out = {
       "params": 4.0 * param_elems,

@@ -24,7 +24,7 @@ from lmtiny.fs import outputs
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.model.sampling import sample_text
 from lmtiny.parallel import sharding
-from lmtiny.plan import arch
+from lmtiny.plan import arch, recipe
 from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
@@ -105,6 +105,7 @@ class Trainer:
 
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
                schedule: optax.Schedule | None = None, init_params=None, adapter=None):
+    cfg = recipe.resolve(cfg)  # nanochat's batch-size rules, when the config asks for them
     self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
     self.init_params, self.adapter = init_params, adapter
     self.tokenizer = data.tokenizer
@@ -115,7 +116,7 @@ class Trainer:
       raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the data's tokenizer has "
                         f"{data.tokenizer.vocab_size} tokens")
     self.num_params = arch.count_params(cfg.model)
-    self.total_steps = config_lib.total_steps(cfg, self.num_params)
+    self.total_steps = config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t))
     self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
     self.flops_per_token_nanochat = arch.train_flops_per_token(cfg.model, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0

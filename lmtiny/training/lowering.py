@@ -232,6 +232,7 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: in
           "splash": {k: n for k, n in calls.items() if k.startswith("splash_")},
           "mask_types": sorted(set(re.findall(r"mask_type\\22: \\22(\w+)\\22", text))),
           "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
+          "windows": sorted({int(x) for x in re.findall(r"sliding_window_length\\22: (\d+)", text)} - {0}),
           "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest],
           "lm_head_gemms": calls.get("lm_head_gemm", 0),
           "vocab_f32": [(s, _tensor_bytes(s), tensors[s]) for s in vocab_f32[:1]]}
@@ -245,7 +246,8 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   if any(s["cudnn"].values()):
     lines.append(f"attention    cuDNN fused attention: {s['cudnn']['forward']} forward, {s['cudnn']['backward']} backward "
                  f"calls; mask {', '.join(sorted(s['mask_types'])) or '-'}; packed runs per row <= "
-                 f"{', '.join(map(str, s['max_runs'])) or '-'}")
+                 f"{', '.join(map(str, s['max_runs'])) or '-'}"
+                 + (f"; sliding windows of {', '.join(map(str, s['windows']))} keys" if s.get("windows") else ""))
   if s["splash"]:
     lines.append("attention    splash (Mosaic): " + ", ".join(f"{k} x{v}" for k, v in sorted(s["splash"].items())))
   if s["partitioned"]:

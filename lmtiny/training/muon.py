@@ -32,7 +32,7 @@ bias-corrects the momentum (nanochat does not), and its AdamW half has a single 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Parameter name -> (dimensions of one matrix, whether its last dimension is the output: o and
 # down map heads/hidden units back to the model width).
 _MATRICES = {"q": (3, False), "k": (3, False), "v": (3, False), "o": (3, True),
-             "up": (2, False), "gate": (2, False), "down": (2, True)}
+             "up": (2, False), "gate": (2, False), "down": (2, True), "ve_gate": (2, False)}
 
 
 class MuonState(NamedTuple):
@@ -73,17 +73,25 @@ def _name(path) -> str:
   return [n for n in names if n != "value"][-1]
 
 
+def matrix_axes(path, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """(batch axes, fan-in axes, fan-out axes) of a block weight with `ndim` dimensions: the axes
+  `matrix_view` flattens into [batch, fan_in, fan_out]."""
+  dims, out_last = _MATRICES.get(_name(path), (2, False))
+  first = ndim - dims
+  split = ndim - 1 if out_last else first + 1
+  return tuple(range(first)), tuple(range(first, split)), tuple(range(split, ndim))
+
+
 def matrix_view(path, shape) -> tuple[tuple[int, int, int], float]:
   """([batch, fan_in, fan_out] the weight is orthogonalised as, Muon's shape LR factor)."""
-  ndim, out_last = _MATRICES.get(_name(path), (2, False))
-  batch, dims = shape[:len(shape) - ndim], shape[len(shape) - ndim:]
-  fan_in = math.prod(dims[:-1]) if out_last else dims[0]
-  fan_out = math.prod(dims) // fan_in
-  return (math.prod(batch), fan_in, fan_out), max(1.0, fan_out / fan_in) ** 0.5
+  batch, fan_in, fan_out = (math.prod(shape[a] for a in axes) for axes in matrix_axes(path, len(shape)))
+  return (batch, fan_in, fan_out), max(1.0, fan_out / fan_in) ** 0.5
 
 
-def orthogonalise_by_shape(tree, steps: int, dtype) -> Any:
-  """Newton-Schulz of every matrix in `tree` times its shape LR factor, one batch per matrix shape,
+def orthogonalise_by_shape(tree, orthogonalise: Callable[[jax.Array], jax.Array], dtype,
+                           shape_factor: bool = True) -> Any:
+  """`orthogonalise` (a batch of wide [B, M <= N] matrices in `dtype` -> the same) of every matrix
+  in `tree`, times its shape LR factor unless `shape_factor` is False, one batch per matrix shape,
   each batch split over the devices (zero-padded to a multiple of them)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   views = [matrix_view(path, g.shape) for path, g in leaves]
@@ -100,10 +108,11 @@ def orthogonalise_by_shape(tree, steps: int, dtype) -> Any:
     pad = -batch.shape[0] % sharding.matrix_devices()
     if pad:
       batch = jnp.concatenate([batch, jnp.zeros((pad, *batch.shape[1:]), batch.dtype)])
-    ortho = newton_schulz(sharding.spread_matrices(batch), steps, dtype)
+    ortho = orthogonalise(sharding.spread_matrices(batch))
     start = 0
     for i in members:
       (count, fan_in, fan_out), factor = views[i]
+      factor = factor if shape_factor else 1.0
       part = ortho[start:start + count]
       start += count
       part = jnp.swapaxes(part, 1, 2) if fan_in > fan_out else part
@@ -131,14 +140,15 @@ def scale_by_muon(o) -> optax.GradientTransformation:
     buffers = jax.tree.map(lambda buf, g: m * buf + (1 - m) * g, state.momentum, grads)
 
     nesterov = jax.tree.map(lambda g, buf: (1 - m) * g + m * buf, grads, buffers)
-    updates = orthogonalise_by_shape(nesterov, o.muon_ns_steps, ns_dtype)
+    updates = orthogonalise_by_shape(nesterov, lambda x: newton_schulz(x, o.muon_ns_steps, ns_dtype), ns_dtype)
     return updates, MuonState(count=state.count + 1, momentum=buffers)
 
   return optax.GradientTransformation(init, update)
 
 
 def is_muon_param(path, p) -> bool:
-  """Block matrices (attention q/k/v/o, MLP up/gate/down, stacked or not); not norm scales."""
+  """Block matrices (attention q/k/v/o, MLP up/gate/down, the value-embedding gate ve_gate;
+  stacked or not); not norm scales."""
   return _name(path) in _MATRICES and p.ndim >= 2 and param_groups.group_of(path) == "matrix"
 
 

@@ -360,6 +360,7 @@ def test_every_init_builds_with_its_scale(init):
       "kaiming": dict(embed=0.02, lm_head=math.sqrt(2 / d), q=math.sqrt(2 / d), o=math.sqrt(2 / d),
                       up=math.sqrt(2 / d), down=math.sqrt(2 / f)),
       "nanochat": dict(embed=1.0, lm_head=0.001, q=1 / math.sqrt(d), up=1 / math.sqrt(d), o=0.0, down=0.0),
+      "nanochat_2026": dict(embed=0.8, lm_head=0.001, q=1 / math.sqrt(d), up=0.4 / math.sqrt(d), o=0.0, down=0.0),
   }[init]
   for name, std in want.items():
     assert stds[name] == pytest.approx(std, rel=0.1, abs=1e-12), name

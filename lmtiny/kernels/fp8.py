@@ -1,0 +1,107 @@
+"""fp8 matmuls with tensorwise dynamic scaling, the recipe nanochat trains with on H100s.
+
+`fp8_matmul(x_MxK, w_KxN)` is `x @ w` with all three GEMMs of a linear layer run on fp8 operands,
+as a `jax.custom_vjp`:
+  - forward: x and w are each quantized to float8_e4m3fn (3 mantissa bits, range +-448) with one
+    scale per tensor, scale = 448 / max|t| (max|t| floored at AMAX_FLOOR, so an all-zero tensor
+    quantizes to zeros instead of NaN), by a saturating cast: t * scale clipped to +-448 first,
+    because a float32 -> e4m3fn convert past the range gives NaN (e4m3fn has no infinity) and
+    t * scale can round a hair above 448. The dot runs on the fp8 operands with float32
+    accumulation, and its result is multiplied by the product of the inverse scales and cast to
+    x's dtype.
+  - backward: the output gradient g is quantized to float8_e5m2 (2 mantissa bits, range +-57344:
+    gradients need range more than precision) with its own scale; dx = g @ w^T and dw = x^T @ g
+    reuse the fp8 x and w saved by the forward (no second quantization, and the saved
+    activation is 1 byte an element), each rescaled by its two operands' inverse scales.
+    dx comes back in x's dtype, dw in w's (from the float32 accumulator).
+Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor.
+
+Where XLA fuses it (XLA:GPU, Hopper or Ada): the GEMM rewriter matches a dot whose operands are
+fp8 and whose result is multiplied by a broadcast scalar, and calls cuBLASLt's fp8 matmul
+(custom call `__cublas$lt$matmul$f8`) with that scalar as the operand scale; the cast to bf16 of
+the output is folded into the call's output type, and it transposes the fp8 operands (1 byte an
+element) into the layout cuBLASLt's fp8 kernels take. cuBLASLt needs one e4m3 operand at least:
+the backward's e5m2 x e4m3 pairs qualify. The precision of the dot chooses its accumulation:
+DEFAULT (the forward here) lets cuBLASLt accumulate fast in its lower-precision mode, HIGHEST (the
+two backward GEMMs) keeps a split float32 accumulator, the same choice as nanochat. The
+quantizations themselves (an abs-max reduction, a multiply, a clamp, a convert) are ordinary XLA
+fusions around the call; under a mesh the abs-max is one all-reduced scalar per tensor.
+
+On CPU: XLA:CPU has the fp8 types but no fp8 GEMM, it converts the fp8 operands to float32 and
+runs a float32 dot. The products of two fp8 numbers are exact in float32, so the numerics are
+those of the fp8 GEMM up to the float32 summation order, and they can be checked there.
+
+`fp8_eligible(k, n)` is nanochat's rule for which linear layers run in fp8: both dimensions
+divisible by 16 (the fp8 GEMM's alignment) and the smaller one at least 128 (below that the
+quantization costs more than the faster GEMM saves).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+FORWARD_DTYPE = jnp.float8_e4m3fn   # activations and weights: precision
+GRADIENT_DTYPE = jnp.float8_e5m2    # output gradients: range
+AMAX_FLOOR = 1e-12                  # as nanochat: keeps the scale finite and the inverse scales' product > 0
+FAST_ACCUMULATION = jax.lax.Precision.DEFAULT
+FULL_ACCUMULATION = jax.lax.Precision.HIGHEST
+
+
+def fp8_eligible(k: int, n: int) -> bool:
+  """Whether a [k, n] weight's GEMMs run in fp8: both dims divisible by 16, the smaller >= 128."""
+  return k % 16 == 0 and n % 16 == 0 and min(k, n) >= 128
+
+
+def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
+  """(t in fp8_dtype scaled so its largest magnitude lands on the format's max, the float32 inverse
+  scale that turns it back): tensorwise dynamic scaling with a saturating cast."""
+  fp8_max = float(jnp.finfo(fp8_dtype).max)
+  t_f32 = t.astype(jnp.float32)
+  amax = jnp.maximum(jnp.max(jnp.abs(t_f32)), jnp.float32(AMAX_FLOOR))
+  scale = jnp.float32(fp8_max) / amax
+  t_fp8 = jnp.clip(t_f32 * scale, -fp8_max, fp8_max).astype(fp8_dtype)
+  return t_fp8, 1.0 / scale
+
+
+def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
+  """dot(a, b) on fp8 operands, float32 accumulation, times the inverse scales: the pattern
+  XLA:GPU rewrites to one cuBLASLt fp8 GEMM."""
+  acc = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)
+  return (acc * (a_inv * b_inv)).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul(x_MxK, w_KxN, w_dtype):
+  return _forward(x_MxK, w_KxN, w_dtype)[0]
+
+
+def _forward(x_MxK, w_KxN, w_dtype):
+  del w_dtype
+  x_fp8, x_inv = quantize(x_MxK, FORWARD_DTYPE)
+  w_fp8, w_inv = quantize(w_KxN, FORWARD_DTYPE)
+  out_MxN = _scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
+  return out_MxN, (x_fp8, x_inv, w_fp8, w_inv)
+
+
+def _backward(w_dtype, residuals, g_MxN):
+  x_fp8, x_inv, w_fp8, w_inv = residuals
+  g_fp8, g_inv = quantize(g_MxN, GRADIENT_DTYPE)
+  dx_MxK = _scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
+  dw_KxN = _scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
+  return dx_MxK, dw_KxN
+
+
+_fp8_matmul.defvjp(_forward, _backward)
+
+
+def fp8_matmul(x_MxK: Array, w_KxN: Array) -> Array:
+  """x [M, K] @ w [K, N] -> [M, N] in x's dtype, the three GEMMs on fp8 operands (module doc)."""
+  if x_MxK.ndim != 2 or w_KxN.ndim != 2 or x_MxK.shape[1] != w_KxN.shape[0]:
+    raise ValueError(f"fp8_matmul: x [M, K] @ w [K, N] expected, got {x_MxK.shape} @ {w_KxN.shape}")
+  return _fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype))
