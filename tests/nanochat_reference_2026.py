@@ -54,6 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanochat_reference import rotary_tables, rotate  # RoPE is unchanged since January (its base is an argument)
+
 SMEAR_CHANNELS = 24
 VE_GATE_CHANNELS = 12
 
@@ -82,18 +84,6 @@ def window_sizes(n_layer: int, pattern: str, sequence_len: int) -> list[int]:
 
 def has_value_embed(layer: int, n_layer: int) -> bool:
   return layer % 2 == (n_layer - 1) % 2
-
-
-def rotary_tables(seq_len: int, head_dim: int, base: float, dtype=torch.float32):
-  inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-  angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-  return angles.cos().to(dtype)[None, :, None, :], angles.sin().to(dtype)[None, :, None, :]
-
-
-def rotate(x, cos, sin):
-  half = x.shape[-1] // 2
-  x1, x2 = x[..., :half], x[..., half:]
-  return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], dim=-1)
 
 
 def attention(q, k, v, window: int):

@@ -191,7 +191,9 @@ def _call_counts(text: str, vocab: int = 0) -> Counter:
       if site:
         kernel = re.search(r'kernel_name = "(\w+)"', line)
         direct[name][kernel.group(1) if kernel else site.group(1)] += 1
-      if vocab and "stablehlo.dot_general" in line and re.search(rf"tensor<(\d+x)*{vocab}x", line):
+      # vocab-wide after some other dimension: a [tokens, D] operand whose token count happens to
+      # equal the vocab (d24_2026: 16 x 2048 = 32,768) is a block GEMM, not the lm_head's
+      if vocab and "stablehlo.dot_general" in line and re.search(rf"tensor<(\d+x)+{vocab}x", line):
         direct[name]["lm_head_gemm"] += 1
     calls[name] = Counter(re.findall(r"(?<!custom_)call @([\w$.]+)\(", chunk))
   totals: dict[str, Counter] = {}

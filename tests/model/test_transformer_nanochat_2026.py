@@ -163,3 +163,21 @@ def test_kv_cache_decode_equals_the_full_forward_with_every_knob_on():
       logits = np.asarray(forward(model, jnp.asarray([seq])))[0, -1]
       assert token == int(np.argmax(logits))
       seq.append(token)
+
+
+def test_fp8_matmuls_run_in_the_blocks_and_stay_close():
+  """model.matmul_dtype=fp8: the blocks' eligible GEMMs (both sides >= 128, nanochat's rule) run
+  through lmtiny.kernels.fp8; the logits move by fp8 rounding, not more (measured: 13.5% relative
+  through 5 layers of large random weights, where each fp8 GEMM alone is off by ~4%)."""
+  m = _small_2026(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False)
+  base = _randomize(Transformer(m, nnx.Rngs(0)))
+  m8 = _small_2026(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False,
+                   matmul_dtype="fp8")
+  fp8 = Transformer(m8, nnx.Rngs(0))
+  nnx.update(fp8, nnx.state(base, nnx.Param))
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 200, (2, 64)))
+  ours, theirs = (np.asarray(forward(x, tokens)) for x in (fp8, base))
+  relative = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+  assert 1e-2 < relative < 0.3, relative
+  text = jax.jit(lambda t: forward(fp8, t)).lower(tokens).as_text()
+  assert text.count("f8E4M3FN") > 0
