@@ -148,7 +148,7 @@ def test_nanochat_2026_init_scales():
   assert model.smear_lambda[...] == 0 and model.backout_lambda[...] == pytest.approx(0.2)
 
 
-@pytest.mark.slow(seconds=10)
+@pytest.mark.slow(seconds=5)
 def test_kv_cache_decode_equals_the_full_forward_with_every_knob_on():
   """Greedy decoding through the KV cache (sliding windows as masks over it, smear from the cached
   last token, value embeddings, backout) gives the full forward's argmax at every step."""
@@ -158,11 +158,10 @@ def test_kv_cache_decode_equals_the_full_forward_with_every_knob_on():
   out = sampling.Sampler(model, chunk=4).generate(prompts, max_new_tokens=12,
                                                  sampling=sampling.SamplingParams(0.0, 0, 1.0)).tokens
   for prompt, new in zip(prompts, out):
-    seq = list(prompt)
-    for token in new:
-      logits = np.asarray(forward(model, jnp.asarray([seq])))[0, -1]
-      assert token == int(np.argmax(logits))
-      seq.append(token)
+    # causal: the full forward over the final sequence has every step's logits at its positions
+    assert len(new) == 12
+    logits = np.asarray(forward(model, jnp.asarray([list(prompt) + list(new)])))[0]
+    np.testing.assert_array_equal(new, np.argmax(logits[len(prompt) - 1:-1], axis=-1))
 
 
 def test_fp8_matmuls_run_in_the_blocks_and_stay_close():
