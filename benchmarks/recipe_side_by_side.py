@@ -97,6 +97,11 @@ from lmtiny.tokenizer.bpe import train_tokenizer
 from lmtiny.tokenizer.core import Tokenizer
 from lmtiny.training import steps as steps_lib
 
+# base_train's three schedules (get_lr_multiplier, get_muon_momentum, get_weight_decay at 92d63d4),
+# as the tests' PyTorch reference writes them (checked there against nanochat's own figures).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import nanochat_optim_reference as schedules  # noqa: E402
+
 RECIPES = ("jan", "new", "nanochat")
 DOC_SEPARATOR = "\n\n\x1e\n\n"
 WIKI_TITLE = re.compile(r"(?m)^(?== [^=].* =$)")  # zero-width: the title line starts the article
@@ -404,34 +409,6 @@ def lmtiny_runner(name: str, args) -> Runner:
   return Runner(train_step, token_losses, settings, close)
 
 
-# nanochat's schedules, from scripts/base_train.py at 92d63d4 (get_lr_multiplier, get_muon_momentum,
-# get_weight_decay), with its argument defaults.
-def nc_lr_multiplier(it: int, num_iterations: int) -> float:
-  warmdown_iters = round(NC_WARMDOWN_RATIO * num_iterations)
-  if it < NC_WARMUP:
-    return (it + 1) / NC_WARMUP
-  elif it <= num_iterations - warmdown_iters:
-    return 1.0
-  progress = (num_iterations - it) / warmdown_iters
-  return progress * 1.0 + (1 - progress) * NC_FINAL_LR_FRAC
-
-
-def nc_muon_momentum(it: int, num_iterations: int) -> float:
-  warmdown_iters = round(NC_WARMDOWN_RATIO * num_iterations)
-  warmdown_start = num_iterations - warmdown_iters
-  if it < 400:
-    frac = it / 400
-    return (1 - frac) * 0.85 + frac * 0.97
-  elif it >= warmdown_start:
-    progress = (it - warmdown_start) / warmdown_iters
-    return 0.97 * (1 - progress) + 0.90 * progress
-  return 0.97
-
-
-def nc_weight_decay(it: int, num_iterations: int, weight_decay_scaled: float) -> float:
-  return weight_decay_scaled * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
-
-
 def nc_config(gpt, depth: int):
   """base_train's build_model_meta(depth) config at this shape (aspect 64, head dim 64)."""
   base_dim = depth * NC_ASPECT
@@ -494,8 +471,9 @@ def nanochat_runner(args) -> Runner:
     loss = model(x, y)
     loss.backward()
     it = state["step"]
-    lrm, momentum = nc_lr_multiplier(it, num_iterations), nc_muon_momentum(it, num_iterations)
-    wd = nc_weight_decay(it, num_iterations, weight_decay)
+    lrm = schedules.lr_multiplier(it, num_iterations, NC_WARMUP, NC_WARMDOWN_RATIO, NC_FINAL_LR_FRAC)
+    momentum = schedules.muon_momentum(it, num_iterations, NC_WARMDOWN_RATIO)
+    wd = schedules.muon_weight_decay(it, num_iterations, weight_decay)
     for group in optimizer.param_groups:
       group["lr"] = group["initial_lr"] * lrm
       if group["kind"] == "muon":

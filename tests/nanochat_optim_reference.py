@@ -2,8 +2,10 @@
 (karpathy/nanochat at 92d63d4e8bb4df75c3b71618f31ddde2378b2bcd, 2026-07-03: nanochat/optim.py's
 MuonAdamW on one rank, gpt.py's setup_optimizer, scripts/base_train.py's get_lr_multiplier,
 get_muon_momentum and get_weight_decay), written here from their description, on torch tensors
-in nanochat's layout (nn.Linear weights [out, in]), and the mapping of lmtiny parameters into it.
-It imports nothing from nanochat nor from lmtiny.
+in nanochat's layout (nn.Linear weights [out, in]); lmtiny's parameters map into it with
+tests/nanochat_reference.py's lmtiny_to_nanochat (its sign flips of q/k half-heads commute with
+every step here: each piece is equivariant under flipping a matrix's columns). It imports nothing
+from nanochat nor from lmtiny.
 
 Per Muon matrix X [out, in] with gradient G (nanochat stacks same-shape matrices; each matrix is
 independent, so here they are stepped one by one), momentum m, lr, weight decay wd:
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 POLAR_EXPRESS = [
@@ -179,39 +180,3 @@ def set_schedules(groups: list[dict], it: int, *, num_iterations: int, warmup_st
     if g["kind"] == "muon":
       g["momentum"] = muon_momentum(it, num_iterations, warmdown_ratio, **momentum)
       g["weight_decay"] = muon_weight_decay(it, num_iterations, weight_decay) if cosine_decay else weight_decay
-
-
-# ----------------------------------------------------------------------------- layouts
-
-_LINEAR = {"attn/q": "attn.c_q", "attn/k": "attn.c_k", "attn/v": "attn.c_v", "attn/o": "attn.c_proj",
-           "attn/ve_gate": "attn.ve_gate", "mlp/up": "mlp.c_fc", "mlp/gate": "mlp.c_gate", "mlp/down": "mlp.c_proj"}
-_OUT_LAST = ("attn/o", "mlp/down")  # [fan-in dims..., out]: o is [H, Dh, D]
-
-
-def to_nanochat(flat: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-  """lmtiny parameters ('/'-joined paths, layers unrolled; x @ W) -> nanochat's names and layout:
-  block weights flattened to [fan_in, fan_out] and transposed, lm_head [D, V] and smear_gate
-  [24, 1] transposed, value_embed [V, K, Dh] -> value_embeds.i [V, K*Dh], the rest as is."""
-  out = {}
-  for path, w in flat.items():
-    w = np.asarray(w, np.float32)
-    if path == "embed":
-      out["transformer.wte.weight"] = w
-    elif path == "lm_head":
-      out["lm_head.weight"] = w.T
-    elif path == "smear_gate":
-      out["smear_gate.weight"] = w.T
-    elif path in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
-      out[path] = w
-    else:
-      _, i, rest = path.split("/", 2)
-      if rest == "attn/value_embed":
-        out[f"value_embeds.{i}.weight"] = w.reshape(w.shape[0], -1)
-        continue
-      fan_in = int(np.prod(w.shape[:-1])) if rest in _OUT_LAST else w.shape[0]
-      out[f"transformer.h.{i}.{_LINEAR[rest]}.weight"] = w.reshape(fan_in, -1).T
-  return {k: torch.tensor(np.ascontiguousarray(v)) for k, v in out.items()}
-
-
-def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), math.ulp(1.0)))

@@ -77,25 +77,38 @@ def forward(w: dict, idx: torch.Tensor, *, n_head: int, n_kv_head: int, softcap:
   return softcap * torch.tanh(logits / softcap)
 
 
+def _heads_to_rows(w_DxNxDh, negate_second_half: bool) -> np.ndarray:
+  w = np.array(w_DxNxDh, dtype=np.float32)  # a copy
+  if negate_second_half:
+    w[..., w.shape[-1] // 2:] *= -1
+  return w.reshape(w.shape[0], -1).T
+
+
 def lmtiny_to_nanochat(params: dict) -> dict[str, torch.Tensor]:
-  """lmtiny parameters as a nested dict of arrays (nnx.to_pure_dict(state)) -> nanochat's names."""
-
-  def heads_to_rows(w_DxNxDh, negate_second_half: bool):
-    w = np.array(w_DxNxDh, dtype=np.float32)  # a copy
-    if negate_second_half:
-      w[..., w.shape[-1] // 2:] *= -1
-    return w.reshape(w.shape[0], -1).T
-
+  """lmtiny parameters as a nested dict of arrays (nnx.to_pure_dict(state), layers unrolled:
+  params["layers"][i]) -> nanochat's names. Also maps the newer revision's parameters where the
+  model has them (value embeddings, their gates, the residual / smear / backout scalars; the
+  table in tests/nanochat_reference_2026.py); parameters lmtiny lacks are left out."""
   out = {"transformer.wte.weight": np.asarray(params["embed"]), "lm_head.weight": np.asarray(params["lm_head"]).T}
+  for name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
+    if name in params:
+      out[name] = np.asarray(params[name])
+  if "smear_gate" in params:
+    out["smear_gate.weight"] = np.asarray(params["smear_gate"]).T
   for i, layer in sorted(params["layers"].items()):
     p, attn, mlp = f"transformer.h.{i}.", layer["attn"], layer["mlp"]
-    out[p + "attn.c_q.weight"] = heads_to_rows(attn["q"], True)
-    out[p + "attn.c_k.weight"] = heads_to_rows(attn["k"], True)
-    out[p + "attn.c_v.weight"] = heads_to_rows(attn["v"], False)
+    out[p + "attn.c_q.weight"] = _heads_to_rows(attn["q"], True)
+    out[p + "attn.c_k.weight"] = _heads_to_rows(attn["k"], True)
+    out[p + "attn.c_v.weight"] = _heads_to_rows(attn["v"], False)
     o = np.asarray(attn["o"])
     out[p + "attn.c_proj.weight"] = o.reshape(-1, o.shape[-1]).T
     out[p + "mlp.c_fc.weight"] = np.asarray(mlp["up"]).T
     out[p + "mlp.c_proj.weight"] = np.asarray(mlp["down"]).T
+    if "value_embed" in attn:
+      table = np.asarray(attn["value_embed"])
+      out[f"value_embeds.{i}.weight"] = table.reshape(table.shape[0], -1)
+    if "ve_gate" in attn:
+      out[p + "attn.ve_gate.weight"] = np.asarray(attn["ve_gate"]).T
   return {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
 
 

@@ -48,13 +48,12 @@ commutes with both. v and the value embeddings are not rotated and keep their si
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanochat_reference import rotary_tables, rotate  # RoPE is unchanged since January (its base is an argument)
+# Unchanged since January: RoPE (its base is an argument), and the weight mapping, which covers the
+# newer parameters too.
+from nanochat_reference import lmtiny_to_nanochat, relative_difference, rotary_tables, rotate  # noqa: F401
 
 SMEAR_CHANNELS = 24
 VE_GATE_CHANNELS = 12
@@ -184,40 +183,6 @@ def with_neutral_extras(w: dict[str, torch.Tensor], *, n_kv_head: int) -> dict[s
   return out
 
 
-def _heads_to_rows(w_DxNxDh, negate_second_half: bool) -> np.ndarray:
-  w = np.array(w_DxNxDh, dtype=np.float32)  # a copy
-  if negate_second_half:
-    w[..., w.shape[-1] // 2:] *= -1
-  return w.reshape(w.shape[0], -1).T
-
-
-def lmtiny_to_nanochat(params: dict) -> dict[str, torch.Tensor]:
-  """lmtiny parameters as a nested dict of arrays (nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-  layers unrolled: params["layers"][i]) -> nanochat's names and layouts (table above). Parameters
-  lmtiny does not have are left out (with_neutral_extras fills them in)."""
-  out = {"transformer.wte.weight": np.asarray(params["embed"]), "lm_head.weight": np.asarray(params["lm_head"]).T}
-  for name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
-    if name in params:
-      out[name] = np.asarray(params[name])
-  if "smear_gate" in params:
-    out["smear_gate.weight"] = np.asarray(params["smear_gate"]).T
-  for i, layer in sorted(params["layers"].items()):
-    p, attn, mlp = f"transformer.h.{i}.", layer["attn"], layer["mlp"]
-    out[p + "attn.c_q.weight"] = _heads_to_rows(attn["q"], True)
-    out[p + "attn.c_k.weight"] = _heads_to_rows(attn["k"], True)
-    out[p + "attn.c_v.weight"] = _heads_to_rows(attn["v"], False)
-    o = np.asarray(attn["o"])
-    out[p + "attn.c_proj.weight"] = o.reshape(-1, o.shape[-1]).T
-    out[p + "mlp.c_fc.weight"] = np.asarray(mlp["up"]).T
-    out[p + "mlp.c_proj.weight"] = np.asarray(mlp["down"]).T
-    if "value_embed" in attn:
-      table = np.asarray(attn["value_embed"])
-      out[f"value_embeds.{i}.weight"] = table.reshape(table.shape[0], -1)
-    if "ve_gate" in attn:
-      out[p + "attn.ve_gate.weight"] = np.asarray(attn["ve_gate"]).T
-  return {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
-
-
 def param_groups(names) -> dict[str, str]:
   """Each nanochat parameter name -> its group in nanochat's setup_optimizer: AdamW groups lm_head,
   wte, value_embeds, resid, x0, smear (smear_gate.weight, smear_lambda, backout_lambda); the Muon
@@ -235,7 +200,3 @@ def param_groups(names) -> dict[str, str]:
     raise KeyError(f"not a nanochat parameter: {name}")
 
   return {name: group(name) for name in names}
-
-
-def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), math.ulp(1.0)))

@@ -191,6 +191,7 @@ class Attention(nnx.Module):
     self.cfg = m
     d, h, k, dh = m.d_model, m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
     self.window = config_lib.layer_windows(m)[layer]
+    self.matmul_dtype = m.get("matmul_dtype", "default")
     self.q = _param(m, rngs, "in", (d, h, dh), ("embed", "heads", "head_dim"), d, h * dh)
     self.k = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
     self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
@@ -231,7 +232,7 @@ class Attention(nnx.Module):
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
   def _dense(self, x: Array, w: Array, in_dims: int = 1) -> Array:
-    return dense(x, w, in_dims, matmul_dtype=self.cfg.get("matmul_dtype", "default"))
+    return dense(x, w, in_dims, matmul_dtype=self.matmul_dtype)
 
   def project_out(self, out_BxTxHxDh: Array) -> Array:
     out_BxTxD = self._dense(out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype), in_dims=2)

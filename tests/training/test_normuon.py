@@ -20,6 +20,7 @@ from lmtiny.training.steps import build_steps, device_batch
 
 torch = pytest.importorskip("torch")
 import nanochat_optim_reference as ref  # noqa: E402  (needs torch)
+import nanochat_reference as mapping  # noqa: E402
 
 # fp32 on CPU: the largest |ours - reference| over a tensor's largest |reference| entry, over
 # every tensor and every step of the 12-step trajectory. Measured: 3.4e-6 (backout_lambda as it
@@ -81,8 +82,10 @@ def _grads(tree, steps=STEPS, seed=1):
   return [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), tree) for _ in range(steps)]
 
 
-def _flat(tree) -> dict[str, np.ndarray]:
-  return {name: np.asarray(x) for name, x in zip(normuon.group_names(tree), jax.tree.leaves(tree))}
+def _nanochat(tree) -> dict:
+  """The tree in nanochat's names and layout (as torch tensors)."""
+  return mapping.lmtiny_to_nanochat(jax.tree.map(lambda v: np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v),
+                                                 tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def _ours(o, tree, grads):
@@ -97,27 +100,27 @@ def _ours(o, tree, grads):
   params, state, out = tree, tx.init(tree), []
   for g in grads:
     params, state = step(params, state, g)
-    out.append(ref.to_nanochat(_flat(params)))
+    out.append(_nanochat(params))
   return out
 
 
 def _theirs(tree, grads, *, momentum=MOMENTUM, cosine_decay=True, **switches):
   torch.set_num_threads(1)
-  named = ref.to_nanochat(_flat(tree))
+  named = _nanochat(tree)
   groups = ref.param_groups(named, model_dim=D, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02,
                             weight_decay=0.5, scalar_lr=0.5)
   opt, out = ref.MuonAdamW(named, groups, **switches), []
   for it, g in enumerate(grads):
     ref.set_schedules(groups, it, num_iterations=TOTAL, warmup_steps=3, warmdown_ratio=0.5, final_lr_frac=0.05,
                       weight_decay=0.5, momentum=momentum, cosine_decay=cosine_decay)
-    opt.step(ref.to_nanochat(_flat(g)))
+    opt.step(_nanochat(g))
     out.append({k: v.numpy().copy() for k, v in named.items()})
   return out
 
 
 def _difference(ours, theirs) -> float:
   """The largest relative difference over every tensor and step."""
-  return max(ref.relative_difference(np.asarray(a[k]), b[k]) for a, b in zip(ours, theirs) for k in b)
+  return max(mapping.relative_difference(np.asarray(a[k]), b[k]) for a, b in zip(ours, theirs) for k in b)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +132,8 @@ def trajectory():
 
 def test_trajectory_equals_nanochat_reference(trajectory):
   tree, _, ours, theirs = trajectory
-  start = ref.to_nanochat(_flat(tree))
-  moved = min(ref.relative_difference(theirs[-1][k], start[k].numpy()) for k in start)
+  start = _nanochat(tree)
+  moved = min(mapping.relative_difference(theirs[-1][k], start[k].numpy()) for k in start)
   assert moved > 1e-2  # every tensor moved well beyond the tolerance
   assert len(theirs[-1]) == len(start) == 4 * 6 + 2 * 2 + 7  # 24 block matrices, 2 tables + 2 gates, 7 others
   assert _difference(ours, theirs) < TOLERANCE
@@ -199,7 +202,7 @@ def test_groups_and_learning_rates_are_nanochats():
       "smear_gate": "smear", "smear_lambda": "smear", "backout_lambda": "smear", "final_norm/scale": "smear",
       "layers/0/attn/q_lora/a": "other"}
   lrs = normuon.group_lrs(_optim(), D)
-  named = ref.to_nanochat(_flat(_tree()))
+  named = _nanochat(_tree())
   theirs = {name: g["lr"] for g in ref.param_groups(named, model_dim=D, unembedding_lr=0.008, embedding_lr=0.3,
                                                      matrix_lr=0.02, weight_decay=0.5, scalar_lr=0.5)
             for name in g["names"]}
@@ -244,7 +247,7 @@ def _sharded_steps(mesh_cfg, devices, steps=3):
 
     for g in _grads(tree, steps):
       params, state = step(params, state, jax.device_put(g, sharding.tree_shardings(g, mesh)))
-    return ref.to_nanochat(_flat(jax.device_get(params)))
+    return _nanochat(jax.device_get(params))
 
 
 @pytest.mark.slow(seconds=4)
