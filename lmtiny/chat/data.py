@@ -136,11 +136,14 @@ def pack_rows(examples: Sequence[tuple[np.ndarray, np.ndarray]], rows: Sequence[
 
 
 class PackedExamples(grain.IterDataset):
-  """Packs an iterator of (ids, mask) examples into batches of whole examples."""
+  """Packs an iterator of (ids, mask) examples into batches of whole examples, at most
+  `max_per_row` to a row when it is > 0 (data.max_docs_per_row: the bound packed attention
+  kernels size their per-run state by, lmtiny.training.steps.packed_runs)."""
 
-  def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, pad_final: bool = False):
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, pad_final: bool = False,
+               max_per_row: int = 0):
     super().__init__(parent)
-    self._kw = dict(row_len=seq_len + 1, batch_size=batch_size, pad_final=pad_final)
+    self._kw = dict(row_len=seq_len + 1, batch_size=batch_size, pad_final=pad_final, max_per_row=max_per_row)
 
   def __iter__(self):
     return _PackedExamplesIterator(self._parent.__iter__(), **self._kw)
@@ -149,9 +152,10 @@ class PackedExamples(grain.IterDataset):
 class _PackedExamplesIterator(grain.DatasetIterator):
   """State = (parent state before the example held over for the next batch, 1 if one is held)."""
 
-  def __init__(self, parent, *, row_len: int, batch_size: int, pad_final: bool):
+  def __init__(self, parent, *, row_len: int, batch_size: int, pad_final: bool, max_per_row: int = 0):
     super().__init__(parent)
     self._row_len, self._batch_size, self._pad_final = row_len, batch_size, pad_final
+    self._max_per_row = max_per_row
     self._held, self._held_state, self._done = None, None, False
 
   def _next_example(self):
@@ -162,7 +166,7 @@ class _PackedExamplesIterator(grain.DatasetIterator):
   def __next__(self):
     if self._done:
       raise StopIteration
-    examples, rows, row, fill = [], [], 0, 0
+    examples, rows, row, fill, in_row = [], [], 0, 0, 0
     while True:
       if self._held is not None:
         example, state = self._held, self._held_state
@@ -175,14 +179,15 @@ class _PackedExamplesIterator(grain.DatasetIterator):
             raise
           self._done = True
           break
-      if fill + len(example[0]) > self._row_len:
-        row, fill = row + 1, 0
+      if fill + len(example[0]) > self._row_len or in_row == self._max_per_row > 0:
+        row, fill, in_row = row + 1, 0, 0
       if row == self._batch_size:
         self._held, self._held_state = example, state
         break
       examples.append(example)
       rows.append(row)
       fill += len(example[0])
+      in_row += 1
     return pack_rows(examples, rows, self._batch_size, self._row_len)
 
   def get_state(self):
@@ -198,8 +203,10 @@ class _PackedExamplesIterator(grain.DatasetIterator):
 
 
 def make_chat_train_iterator(data: ChatData, *, seq_len: int, batch_size: int, seed: int,
-                             process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite, shuffled (every epoch anew), weighted mixture of the sources, packed."""
+                             process_index: int = 0, process_count: int = 1,
+                             max_per_row: int = 0) -> grain.DatasetIterator:
+  """Infinite, shuffled (every epoch anew), weighted mixture of the sources, packed (at most
+  `max_per_row` examples to a row, when > 0)."""
   datasets, weights = [], []
   for i, (items, weight, spec) in enumerate(data.train):
     ds = grain.MapDataset.source(items)[process_index::process_count]
@@ -208,14 +215,16 @@ def make_chat_train_iterator(data: ChatData, *, seq_len: int, batch_size: int, s
     datasets.append(ds.shuffle(seed=_shuffle_seed(seed + 1000 * i)).repeat(None))
     weights.append(weight)
   mixed = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-  return iter(PackedExamples(mixed.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size))
+  return iter(PackedExamples(mixed.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size,
+                             max_per_row=max_per_row))
 
 
 def make_chat_eval_iterator(examples: Examples, *, seq_len: int, batch_size: int, num_batches: int,
-                            process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                            process_index: int = 0, process_count: int = 1,
+                            max_per_row: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """The held-out conversations in order; exactly num_batches batches (padding after the end)."""
   ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset(_READ_OPTIONS)
-  batches = iter(PackedExamples(ds, seq_len=seq_len, batch_size=batch_size, pad_final=True))
+  batches = iter(PackedExamples(ds, seq_len=seq_len, batch_size=batch_size, pad_final=True, max_per_row=max_per_row))
   empty = pack_rows([], [], batch_size, seq_len + 1)
   padding = ({k: v.copy() for k, v in empty.items()} for _ in itertools.count())
   return itertools.islice(itertools.chain(batches, padding), max(num_batches, 1))

@@ -87,7 +87,8 @@ class ChatTrainer(Trainer):
   def train_iterator(self):
     return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=self.process_batch,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(),
+                                    max_per_row=self.cfg.data.get("max_docs_per_row", 0))
 
   def sample_pair(self, model) -> tuple[str, str]:
     """A reply to the first held-out question, as the chat template renders it (a pretraining
@@ -102,7 +103,8 @@ class ChatTrainer(Trainer):
     t = self.cfg.train
     return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
                                    batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   max_per_row=self.cfg.data.get("max_docs_per_row", 0))
 
 
 def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:

@@ -24,6 +24,13 @@ runs it): the cotangents of the psummed outputs are psummed, and each device ret
 dx (its vocab slice's share) and dw (its rows' share), which shard_map's transpose sums over the
 mesh axes the input is not split on (dx over the vocab axis, dw over the batch axes).
 Which axes and specs to use is lmtiny.parallel.sharding's business; this module knows no mesh.
+
+The weight comes in as stored (float32 under mixed precision) and the GEMMs run on a copy in x's
+dtype, made inside the custom VJP so that dw leaves in float32: a bf16 cotangent of a cast would
+round every device's partial dw to bf16 and be reduced across devices in bf16 (per-token
+gradients of ~1e-4 summed over a million tokens lose most of their bits that way). With
+`gather_axes` the weight is this device's FSDP slice of rows: the forward all-gathers the compute
+copy (half the bytes of gathering float32) and the backward reduce-scatters dw in float32.
 """
 from __future__ import annotations
 
@@ -58,6 +65,22 @@ def _chunk_stats(logits_CxV, targets_C, vocab_start, axis_name):
   return jnp.log(sum_exp_C) + top_C, target_C
 
 
+def _compute_weight(w_DxV, dtype, gather_axes):
+  """The weight as the GEMMs use it: cast to the compute dtype, then whole along D (gathered over
+  `gather_axes` when each device holds a slice of the rows)."""
+  w_DxV = w_DxV.astype(dtype)
+  return w_DxV if gather_axes is None else jax.lax.all_gather(w_DxV, gather_axes, axis=0, tiled=True)
+
+
+def _weight_grad(dw_DxV, like_0, gather_axes):
+  """The float32 dw [D, V] of this device's tokens as the gradient of its weight input: summed
+  over `gather_axes` onto its slice of rows in float32, then cast to the stored dtype (`like_0`,
+  an empty array of it)."""
+  if gather_axes is not None:
+    dw_DxV = jax.lax.psum_scatter(dw_DxV, gather_axes, scatter_dimension=0, tiled=True)
+  return dw_DxV.astype(like_0.dtype)
+
+
 def _chunked(x_NxD, targets_N, chunk: int):
   """[N, D] -> [n, C, D] (zero-padded to a whole number of chunks) and targets alike."""
   n = x_NxD.shape[0]
@@ -88,17 +111,21 @@ def _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
   return lse_N - target_nxC.reshape(-1)[:n], lse_N, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, vocab_start: Array,
-                         softcap: float = 0.0, chunk: int = 4096, axis_name: str | None = None):
+                         softcap: float = 0.0, chunk: int = 4096, axis_name: str | None = None,
+                         gather_axes=None):
   """(cross_entropy_N, logsumexp_N) in float32 of logits x @ w (see the module docstring)."""
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
   ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
   return ce_N, lse_N
 
 
-def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
+def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name, gather_axes):
+  like_0 = jnp.zeros((0,), w_DxV.dtype)
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
   ce_N, lse_N, saved = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
-  return (ce_N, lse_N), (x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved)
+  return (ce_N, lse_N), (x_NxD, w_DxV, like_0, targets_N, vocab_start, lse_N, saved)
 
 
 def _dlogits(logits_CxV, targets_C, vocab_start, dce_C, dlse_C, lse_C, softcap: float, dtype):
@@ -120,8 +147,8 @@ def _input_grads(x_CxD, w_DxV, dlogits_CxV):
   return dx_CxD.astype(x_CxD.dtype), dw_DxV
 
 
-def _bwd(softcap, chunk, axis_name, residuals, cotangents):
-  x_NxD, w_DxV, targets_N, vocab_start, lse_N, saved = residuals
+def _bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
+  x_NxD, w_DxV, like_0, targets_N, vocab_start, lse_N, saved = residuals
   # The forward psums ce and lse over the vocab axis; its transpose psums their cotangents.
   dce_N, dlse_N = (_reduce(jax.lax.psum, ct.astype(jnp.float32), axis_name) for ct in cotangents)
   n = x_NxD.shape[0]
@@ -146,7 +173,7 @@ def _bwd(softcap, chunk, axis_name, residuals, cotangents):
     dw_DxV, dx_nxCxD = jax.lax.scan(body, jnp.zeros(w_DxV.shape, jnp.float32),
                                     (x_nxCxD, t_nxC, per_token_nxCx3))
   dx_NxD = dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n]
-  return dx_NxD, dw_DxV.astype(w_DxV.dtype), None, None
+  return dx_NxD, _weight_grad(dw_DxV, like_0, gather_axes), None, None
 
 
 linear_cross_entropy.defvjp(_fwd, _bwd)
@@ -186,20 +213,24 @@ def _objective(ce_N, lse_N, ce_weights_N, z_weights_N):
           + jnp.sum(z_weights_N.astype(jnp.float32) * jnp.square(lse_N)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name, gather_axes):
   # Not differentiated: the forward GEMM alone.
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
   ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
   return _objective(ce_N, lse_N, ce_weights_N, z_weights_N), ce_N, lse_N
 
 
-def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
-  objective, ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N,
-                                                          vocab_start, softcap, chunk, axis_name)
-  return (objective, ce_N, lse_N), (dx_NxD, dw_DxV.astype(w_DxV.dtype))
+def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name,
+               gather_axes):
+  like_0 = jnp.zeros((0,), w_DxV.dtype)
+  objective, ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(
+      x_NxD, _compute_weight(w_DxV, x_NxD.dtype, gather_axes), targets_N, ce_weights_N, z_weights_N,
+      vocab_start, softcap, chunk, axis_name)
+  return (objective, ce_N, lse_N), (dx_NxD, _weight_grad(dw_DxV, like_0, gather_axes))
 
 
-def _fused_bwd(softcap, chunk, axis_name, residuals, cotangents):
+def _fused_bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
   dx_NxD, dw_DxV = residuals
   # Only the objective is differentiable (the wrapper stops ce and lse). Like ce and lse in the
   # unfused loss, it is the same on every vocab slice, and its cotangent is psummed.
@@ -212,7 +243,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Array,
                                z_weights_N: Array, vocab_start: Array, softcap: float = 0.0, chunk: int = 4096,
-                               axis_name: str | None = None):
+                               axis_name: str | None = None, gather_axes=None):
   """(objective, cross_entropy_N, logsumexp_N) of logits x @ w, where
   objective = sum(ce_weights * ce) + sum(z_weights * lse^2) (a loss sum with per-token weights
   plus z-loss): the training loss, in three GEMMs per chunk instead of `linear_cross_entropy`'s
@@ -222,5 +253,5 @@ def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_
   has a gradient (ce and lse come back stopped, for metrics); the weights get none. Evaluated
   without a gradient it runs the forward GEMM alone."""
   objective, ce_N, lse_N = _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk,
-                                  axis_name)
+                                  axis_name, gather_axes)
   return objective, jax.lax.stop_gradient(ce_N), jax.lax.stop_gradient(lse_N)

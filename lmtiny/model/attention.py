@@ -23,9 +23,11 @@ Backends (`model.attention`):
            `jax.nn.dot_product_attention` takes only one length per row (padding, not packing),
            so packed rows go through `jax._src.cudnn.fused_attention_stablehlo`, the function
            jax.nn itself calls. Its packed layout needs Hopper (sm90+) and a static bound on runs
-           per row (`cudnn_max_runs`: T // 64); runs past the bound merge into the last one,
-           which then attends causally across those documents (nanochat attends across all of
-           them). jax up to 0.11.0 scaled the kv offsets by the *query* head count (fixed in
+           per row: `max_runs` when the packer guarantees one (data.max_docs_per_row, see
+           lmtiny.data.pipeline.max_runs_per_row), else `cudnn_max_runs` (T // 64). The bound
+           sizes the kernel's per-run state (softmax statistics, grid), so a tight one saves
+           work; runs past it merge into the last one, which then attends causally across those
+           documents (nanochat attends across all of them). jax up to 0.11.0 scaled the kv offsets by the *query* head count (fixed in
            jax's be78ee0f, 2026-07-30): `packed_gqa_needs_repeat` asks the installed jax, and
            only where it still does so are k/v repeated to H heads for packed GQA.
   splash - Pallas splash attention (TPU): causal MultiHeadMask + SegmentIds, GQA as the MQA
@@ -198,12 +200,13 @@ def splash_block(seq_len: int) -> int | None:
 
 
 def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attention: bool = True,
-                 seq_len: int | None = None, packed: bool = False, gpu_capability: tuple | None = None) -> str:
+                 seq_len: int | None = None, packed: bool = False, gpu_capability: tuple | None = None,
+                 max_runs: int = 0) -> str:
   """The backend that runs: `impl` unless it is auto, and xla wherever a fused kernel cannot.
 
   self_attention=False (decode against a cache, T != S) always gives xla. A requested fused
-  backend the shape rules out (splash needs seq_len % 128 == 0; packed cuDNN rows need room for
-  two runs, T >= 128) also falls back to xla.
+  backend the shape rules out (splash needs seq_len % 128 == 0; packed cuDNN rows with no bound
+  from the packer need room for two runs under T // 64, T >= 128) also falls back to xla.
   """
   platform = platform or target_platform()
   if not self_attention:
@@ -218,7 +221,7 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
       impl = "xla"
   if impl == "splash" and seq_len is not None and splash_block(seq_len) is None:
     return "xla"
-  if impl == "cudnn" and packed and seq_len is not None and cudnn_max_runs(seq_len) < 2:
+  if impl == "cudnn" and packed and not max_runs and seq_len is not None and cudnn_max_runs(seq_len) < 2:
     return "xla"  # T < 128: a bound of one run per row would drop the document mask
   return impl
 
@@ -270,9 +273,10 @@ def named_residuals(kernel):
 # cuDNN.
 
 
-def cudnn_max_runs(seq_len: int) -> int:
-  """Static bound on document runs per packed row for cuDNN's packed layout (T // 64, >= 1)."""
-  return max(1, seq_len // 64)
+def cudnn_max_runs(seq_len: int, max_runs: int = 0) -> int:
+  """Static bound on document runs per packed row for cuDNN's packed layout: the packer's
+  guarantee `max_runs` when it gives one (never more than T), else T // 64 (>= 1)."""
+  return min(max_runs, seq_len) if max_runs > 0 else max(1, seq_len // 64)
 
 
 def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
@@ -319,10 +323,11 @@ def packed_gqa_needs_repeat() -> bool:
 
 
 def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, segment_ids_BxT: Array | None,
-                     window: int = 0) -> Array:
+                     window: int = 0, max_runs: int = 0) -> Array:
   # jax.nn's (w, 0) becomes cuDNN's sliding_window_length w + 1: keys (i - w - 1, i], i.e. i - w .. i.
   local = {"local_window_size": (window, 0)} if window else {}
-  if segment_ids_BxT is None or cudnn_max_runs(q_BxTxHxDh.shape[1]) == 1:  # one run per row: causal type alone
+  runs = cudnn_max_runs(q_BxTxHxDh.shape[1], max_runs)
+  if segment_ids_BxT is None or runs == 1:  # one run per row: causal type alone
     causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                              implementation="cudnn", **local))
     return causal(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, None)
@@ -332,7 +337,7 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
   if group > 1 and packed_gqa_needs_repeat():  # this jax strides kv runs by the query's heads
     k_BxSxKxDh, v_BxSxKxDh = (jnp.repeat(x, group, axis=2) for x in (k_BxSxKxDh, v_BxSxKxDh))
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(x, ("batch", "seq", "act_heads", None)) for x in (k_BxSxKxDh, v_BxSxKxDh))
-  lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, cudnn_max_runs(t)))
+  lengths_BxM, starts_BxM1 = (sharding.constrain(x, ("batch", None)) for x in segment_runs(segment_ids_BxT, runs))
 
   def packed(q, k, v, runs):  # each run is its own sequence: a window within it is the same i - w .. i
     return cudnn_fmha.dot_product_attention(
@@ -400,12 +405,14 @@ def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, in
 
 def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segment_ids: Array | None = None,
               kv_segment_ids: Array | None = None, q_offset: Array | int = 0, impl: str = "auto",
-              window: int = 0) -> Array:
+              window: int = 0, max_runs: int = 0) -> Array:
   """Multi-head / grouped-query attention; K kv heads serve H // K query heads each.
 
   Fused backends run self-attention only (T == S, q_offset == 0, the same segment ids for
   queries and keys); anything else, the KV-cache decode path included, runs xla. `window` (a
-  static int, 0 = unlimited) lets query position i see keys i - window .. i only.
+  static int, 0 = unlimited) lets query position i see keys i - window .. i only. `max_runs` (a
+  static int, 0 = unknown) bounds the runs of equal segment ids per row, as the packer guarantees
+  it: packed cuDNN sizes its per-run state by it.
   """
   window = static_window(window)
   b, t, h, _ = q_BxTxHxDh.shape
@@ -417,7 +424,8 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   platform, requested = target_platform(), impl
   packed = q_segment_ids is not None
   impl = resolve_impl(impl, q_BxTxHxDh.dtype, platform=platform, self_attention=self_attention, seq_len=t,
-                      packed=packed, gpu_capability=_gpu_capability() if platform == "gpu" and packed else None)
+                      packed=packed, gpu_capability=_gpu_capability() if platform == "gpu" and packed else None,
+                      max_runs=max_runs)
   repeats = sharding.kv_head_repeats(h, kv)
   if repeats > 1:  # q and k/v must shard their heads alike (see lmtiny.parallel.sharding)
     k_BxSxKxDh, v_BxSxKxDh = (sharding.constrain(jnp.repeat(x, repeats, axis=2), ("batch", "seq", "act_kv_heads", None))
@@ -425,7 +433,7 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, q_segm
   out_BxTxHxDh = None
   if impl == "cudnn":
     try:
-      out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, window)
+      out_BxTxHxDh = _cudnn_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_segment_ids, window, max_runs)
     except (AttributeError, ImportError, RuntimeError, TypeError, ValueError, NotImplementedError) as e:
       if requested != "auto":  # asked for by name: the user sees why it cannot run
         raise

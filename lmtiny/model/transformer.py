@@ -131,7 +131,8 @@ class RMSNorm(nnx.Module):
 
 
 def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -> Array:
-  """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D GEMM over the flattened rows.
+  """x [..., *in] @ w [*in, *out] -> [..., *out] in x's dtype, as one 2-D GEMM over the flattened
+  rows; w comes as stored (float32, or a QuantizedWeight) and the GEMM runs on a copy in x's dtype.
 
   Why flatten: the weight gradient contracts every row dimension. Left as [B, T, ...], that
   is a two-dimension contraction, which XLA:CPU runs by transposing the cotangent and leaving
@@ -140,6 +141,8 @@ def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -
   `matmul_dtype="fp8"` runs the GEMM in fp8 with tensorwise scales (lmtiny.kernels.fp8) where
   the matrix is big enough for it (nanochat's rule, `fp8_eligible`).
   """
+  if isinstance(w, QuantizedWeight):  # inference only: dequantized where used
+    w = w.astype(x.dtype)
   in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
   w_IxO = w.reshape(math.prod(in_shape), math.prod(out_shape))
@@ -147,8 +150,35 @@ def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -
   if matmul_dtype == "fp8" and fp8_eligible(*w_IxO.shape):
     out_MxO = fp8_matmul(x_MxI, w_IxO)
   else:
-    out_MxO = x_MxI @ w_IxO
+    out_MxO = matmul(x_MxI, w_IxO)
   return out_MxO.reshape(*lead, *out_shape)
+
+
+@jax.custom_vjp
+def matmul(x_MxI: Array, w_IxO: Array) -> Array:
+  """x @ w.astype(x.dtype), with dw in float32 straight from the GEMM's accumulator.
+
+  Autodiff through the cast would give dw in the compute dtype: each device's partial weight
+  gradient rounded to bf16 and then reduced across the data and FSDP axes in bf16. Here the
+  weight-gradient GEMM returns float32 (the accumulator, not a rounding of it), so XLA's
+  all-reduce / reduce-scatter of it runs in float32. dx stays in x's dtype.
+  """
+  return x_MxI @ w_IxO.astype(x_MxI.dtype)
+
+
+def _matmul_fwd(x_MxI, w_IxO):
+  w_compute_IxO = w_IxO.astype(x_MxI.dtype)
+  return x_MxI @ w_compute_IxO, (x_MxI, w_compute_IxO, jnp.zeros((0,), w_IxO.dtype))
+
+
+def _matmul_bwd(residuals, g_MxO):
+  x_MxI, w_compute_IxO, like_0 = residuals
+  dx_MxI = g_MxO @ w_compute_IxO.T
+  dw_IxO = jnp.dot(x_MxI.T, g_MxO, preferred_element_type=jnp.float32)
+  return dx_MxI, dw_IxO.astype(like_0.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def rope_tables(positions_BxT: Array, head_dim: int, theta: float, table_len: int) -> tuple[Array, Array]:
@@ -214,12 +244,12 @@ class Attention(nnx.Module):
     embedding of `tokens_BxT` mixed into v on value-embedding layers (also used by the KV-cache
     decoder)."""
     dtype = x_BxTxD.dtype
-    q_BxTxHxDh = self._dense(x_BxTxD, self.q[...].astype(dtype))
-    k_BxTxKxDh = self._dense(x_BxTxD, self.k[...].astype(dtype))
-    v_BxTxKxDh = self._dense(x_BxTxD, self.v[...].astype(dtype))
+    q_BxTxHxDh = self._dense(x_BxTxD, self.q[...])
+    k_BxTxKxDh = self._dense(x_BxTxD, self.k[...])
+    v_BxTxKxDh = self._dense(x_BxTxD, self.v[...])
     if self.value_embed is not None:
       ve_BxTxKxDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype).reshape(v_BxTxKxDh.shape)
-      gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...].astype(dtype)))
+      gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]))
       v_BxTxKxDh = v_BxTxKxDh + gate_BxTxK[..., None] * ve_BxTxKxDh
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
@@ -235,14 +265,15 @@ class Attention(nnx.Module):
     return dense(x, w, in_dims, matmul_dtype=self.matmul_dtype)
 
   def project_out(self, out_BxTxHxDh: Array) -> Array:
-    out_BxTxD = self._dense(out_BxTxHxDh, self.o[...].astype(out_BxTxHxDh.dtype), in_dims=2)
+    out_BxTxD = self._dense(out_BxTxHxDh, self.o[...], in_dims=2)
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
-               tokens_BxT: Array | None = None) -> Array:
+               tokens_BxT: Array | None = None, max_runs: int = 0) -> Array:
     q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT, tokens_BxT))
+    packing = {"max_runs": max_runs} if max_runs else {}
     out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
-                             impl=self.cfg.attention, **self.window_kwargs())
+                             impl=self.cfg.attention, **self.window_kwargs(), **packing)
     return self.project_out(out_BxTxHxDh)
 
   def window_kwargs(self) -> dict:
@@ -269,14 +300,13 @@ class MLP(nnx.Module):
     self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
 
   def __call__(self, x_BxTxD: Array) -> Array:
-    dtype = x_BxTxD.dtype
-    up_BxTxF = self._dense(x_BxTxD, self.up[...].astype(dtype))
+    up_BxTxF = self._dense(x_BxTxD, self.up[...])
     if self.gate is not None:
-      hidden_BxTxF = jax.nn.silu(self._dense(x_BxTxD, self.gate[...].astype(dtype))) * up_BxTxF
+      hidden_BxTxF = jax.nn.silu(self._dense(x_BxTxD, self.gate[...])) * up_BxTxF
     else:
       hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
     hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
-    return constrain(self._dense(hidden_BxTxF, self.down[...].astype(dtype)), ("batch", "seq", "act_embed"))
+    return constrain(self._dense(hidden_BxTxF, self.down[...]), ("batch", "seq", "act_embed"))
 
   def _dense(self, x: Array, w: Array) -> Array:
     return dense(x, w, matmul_dtype=self.matmul_dtype)
@@ -291,8 +321,8 @@ class Block(nnx.Module):
     self.mlp = MLP(m, rngs)
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
-               tokens_BxT: Array | None = None) -> Array:
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT, tokens_BxT)
+               tokens_BxT: Array | None = None, max_runs: int = 0) -> Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT, tokens_BxT, max_runs)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
@@ -368,7 +398,7 @@ class Transformer(nnx.Module):
     x_prev_BxTxD = jnp.concatenate([previous_Bx1xD.astype(x_BxTxD.dtype), x_BxTxD[:, :-1]], axis=1)
     dtype = x_BxTxD.dtype
     gate_BxTx1 = self.smear_lambda[...].astype(dtype) * jax.nn.sigmoid(
-        dense(x_BxTxD[..., :config_lib.SMEAR_CHANNELS], self.smear_gate[...].astype(dtype)))
+        dense(x_BxTxD[..., :config_lib.SMEAR_CHANNELS], self.smear_gate[...]))
     return x_BxTxD + jnp.where(positions_BxT[..., None] > 0, gate_BxTx1 * x_prev_BxTxD, 0).astype(dtype)
 
   def run_layers(self, x_BxTxD: Array, run_layer: Callable[[int, Block, Array], Array]) -> Array:
@@ -393,13 +423,16 @@ class Transformer(nnx.Module):
       x_BxTxD = self.embed_norm(x_BxTxD)
     return constrain(x_BxTxD, ("batch", "seq", "act_embed"))
 
-  def unembed_weight(self, dtype) -> Array:
-    """[D, V] in `dtype`: the padded rows of model.vocab_multiple are cropped off (they never
+  def unembed_weight(self, dtype=None) -> Array:
+    """[D, V] in `dtype`, or as stored for the loss kernels (None: they cast it themselves, so its
+    gradient stays float32); the padded rows of model.vocab_multiple are cropped off (they never
     get a logit, so they get no gradient either)."""
     w_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    if isinstance(w_DxV, QuantizedWeight):
+      w_DxV = w_DxV.astype(dtype or jnp.float32)
     if w_DxV.shape[1] != self.cfg.vocab_size:
       w_DxV = w_DxV[:, :self.cfg.vocab_size]
-    return w_DxV.astype(dtype)
+    return w_DxV if dtype is None else w_DxV.astype(dtype)
 
   def unembed(self, x_BxTxD: Array) -> Array:
     x_BxTxD = self.final_norm(x_BxTxD)
@@ -415,28 +448,28 @@ class Transformer(nnx.Module):
     return self.unembed(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
 
   def token_losses(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None = None,
-                   segment_ids_BxT: Array | None = None) -> tuple[Array, Array]:
+                   segment_ids_BxT: Array | None = None, max_runs: int = 0) -> tuple[Array, Array]:
     """Per-token (cross-entropy, logsumexp) [B, T] in float32 for the trainer: the lm_head GEMM
     runs in the compute dtype over chunks of model.loss_chunk_tokens tokens (lmtiny.kernels.cross_entropy), so
     the [B, T, V] logits never exist. Same values as cross-entropy of `self(tokens)`."""
-    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
-    return linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT, **self._loss_options())
+    x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT, max_runs))
+    return linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
 
   def _loss_options(self) -> dict:
     return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
 
   def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
-                 segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array):
+                 segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array, max_runs: int = 0):
     """(objective, cross-entropy [B, T], logsumexp [B, T]) for training, with objective =
     sum(ce_weights * ce) + sum(z_weights * lse^2). model.loss_kernel picks the kernel: `fused`
     forms the gradient in the forward pass (three GEMMs; lmtiny.kernels.cross_entropy), `chunked`
     is today's loss (four GEMMs under a gradient; the reference), `auto` = fused on GPU and TPU,
-    chunked on CPU. Only the objective is to be differentiated."""
+    chunked on CPU. Only the objective is to be differentiated. `max_runs`: as `hidden`."""
     if loss_kernel(self.cfg) == "fused":
-      x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT))
-      return fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(x_BxTxD.dtype), targets_BxT, ce_weights_BxT,
+      x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT, max_runs))
+      return fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, ce_weights_BxT,
                                         z_weights_BxT, **self._loss_options())
-    ce_BxT, lse_BxT = self.token_losses(tokens_BxT, targets_BxT, positions_BxT, segment_ids_BxT)
+    ce_BxT, lse_BxT = self.token_losses(tokens_BxT, targets_BxT, positions_BxT, segment_ids_BxT, max_runs)
     objective = jnp.sum(ce_BxT * ce_weights_BxT) + jnp.sum(jnp.square(lse_BxT) * z_weights_BxT)
     return objective, ce_BxT, lse_BxT
 
@@ -446,8 +479,9 @@ class Transformer(nnx.Module):
     return rope_tables(positions_BxT, config_lib.head_dim(self.cfg), self.cfg.rope_theta, table_len)
 
   def hidden(self, tokens_BxT: Array, positions_BxT: Array | None = None,
-             segment_ids_BxT: Array | None = None) -> Array:
-    """The last block's output [B, T, D] (before the final norm)."""
+             segment_ids_BxT: Array | None = None, max_runs: int = 0) -> Array:
+    """The last block's output [B, T, D] (before the final norm). `max_runs` (static, 0 = none
+    known) is the packer's bound on runs of equal segment ids per row (lmtiny.model.attention)."""
     b, t = tokens_BxT.shape
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -458,7 +492,7 @@ class Transformer(nnx.Module):
     rope_BxT = self.rope_tables(positions_BxT)
 
     def run_block(block_graphdef, block_state, x):
-      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, tokens_BxT)
+      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, tokens_BxT, max_runs)
 
     if self.cfg.remat != "none":
       # Under scan the loop boundary already stops XLA from merging recompute into the forward.

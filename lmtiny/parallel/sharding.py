@@ -274,25 +274,31 @@ def fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT
   b, t, d = x_BxTxD.shape
   mesh = jax.sharding.get_abstract_mesh()
 
-  def local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, axis_name=None):
+  def local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     objective, ce_N, lse_N = loss_lib.fused_linear_cross_entropy(
         x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), ce_weights_BxT.reshape(-1),
-        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name)
+        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes)
     return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh.empty:
     objective, ce_BxT, lse_BxT = local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT)
     return objective[0], ce_BxT, lse_BxT
-  shape = dict(mesh.shape)
-  batch = _mesh_axes_for("batch", b, shape)
-  vocab = _mesh_axes_for("vocab", w_DxV.shape[1], shape)
+  batch, rows_axes, vocab = _loss_axes(b, w_DxV.shape, dict(mesh.shape))
   rows = P(batch, None)
   objectives, ce_BxT, lse_BxT = jax.shard_map(
-      lambda x, w, tg, cw, zw: local(x, w, tg, cw, zw, vocab), mesh=mesh, check_vma=False,
-      in_specs=(P(batch, None, None), P(None, vocab), rows, rows, rows),
+      lambda x, w, tg, cw, zw: local(x, w, tg, cw, zw, vocab, rows_axes), mesh=mesh, check_vma=False,
+      in_specs=(P(batch, None, None), P(rows_axes, vocab), rows, rows, rows),
       out_specs=(P(batch), rows, rows))(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT)
   return jnp.sum(objectives), ce_BxT, lse_BxT
+
+
+def _loss_axes(batch_size: int, w_shape, mesh_shape_: dict):
+  """Mesh axes of the loss's shard_map: (token rows, the weight's D rows, its V columns). The
+  weight enters as stored, its D rows split like the parameter's (FSDP), and the loss kernel
+  gathers a compute-dtype copy inside and reduce-scatters dw in float32 (lmtiny.kernels.cross_entropy)."""
+  return (_mesh_axes_for("batch", batch_size, mesh_shape_), _mesh_axes_for("embed", w_shape[0], mesh_shape_),
+          _mesh_axes_for("vocab", w_shape[1], mesh_shape_))
 
 
 def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
@@ -304,17 +310,15 @@ def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.
   b, t, d = x_BxTxD.shape
   mesh = jax.sharding.get_abstract_mesh()
 
-  def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None):
+  def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     ce_N, lse_N = loss_lib.linear_cross_entropy(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), start,
-                                                softcap, chunk_tokens, axis_name)
+                                                softcap, chunk_tokens, axis_name, gather_axes)
     return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh.empty:
     return local(x_BxTxD, w_DxV, targets_BxT)
-  shape = dict(mesh.shape)
-  batch = _mesh_axes_for("batch", b, shape)
-  vocab = _mesh_axes_for("vocab", w_DxV.shape[1], shape)
-  return jax.shard_map(lambda x, w, tg: local(x, w, tg, vocab), mesh=mesh, check_vma=False,
-                       in_specs=(P(batch, None, None), P(None, vocab), P(batch, None)),
+  batch, rows_axes, vocab = _loss_axes(b, w_DxV.shape, dict(mesh.shape))
+  return jax.shard_map(lambda x, w, tg: local(x, w, tg, vocab, rows_axes), mesh=mesh, check_vma=False,
+                       in_specs=(P(batch, None, None), P(rows_axes, vocab), P(batch, None)),
                        out_specs=(P(batch, None), P(batch, None)))(x_BxTxD, w_DxV, targets_BxT)

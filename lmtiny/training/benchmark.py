@@ -81,7 +81,9 @@ def compile_report(cfg, topology: str | None = None) -> dict:
   return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
           "estimate": estimate(cfg, mesh), "device": device.device_kind,
           "chip_bytes": arch.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
-          "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype}
+          "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype,
+          "reductions": dict(lowering.gradient_reductions(compiled.as_text())),
+          "ring_steps": dict(lowering.ring_steps(compiled.as_text()))}
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
@@ -138,6 +140,19 @@ def format_memory(r: dict) -> list[str]:
   return lines
 
 
+def format_reductions(r: dict) -> list[str]:
+  """The compiled step's cross-device sums of weight-sized arrays by dtype, and its ring steps
+  (none on one device)."""
+  by_dtype = lambda counts: ", ".join(f"{n} {dtype}" for dtype, n in sorted(counts.items()))
+  sums, ring = r.get("reductions"), r.get("ring_steps")
+  if not (sums or ring):
+    return []
+  line = f"reductions   {by_dtype(sums) or 'none'} (all-reduce / reduce-scatter of weight-sized arrays: the gradients)"
+  if ring:
+    line += f"; ring steps {by_dtype(ring)} (collective-permutes: XLA's decomposed gathers and reduce-scatters)"
+  return [line]
+
+
 def format_report(r: dict, cfg) -> str:
   t = cfg.train
   resolved = config_lib.resolve_batch(cfg, r["mesh"]["data"] * r["mesh"]["fsdp"]).train
@@ -150,7 +165,7 @@ def format_report(r: dict, cfg) -> str:
       f"compile      {r['compile_s']:.1f} s",
   ]
   if "median_step_s" not in r:  # --compile-only
-    return "\n".join(head + format_memory(r))
+    return "\n".join(head + format_memory(r) + format_reductions(r))
   mem = human_bytes(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
   cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
   mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "

@@ -210,6 +210,37 @@ def _call_counts(text: str, vocab: int = 0) -> Counter:
   return total("main")
 
 
+# XLA's cross-device sums in a compiled (HLO) module, async forms and TPU's fused all-reduce-scatter
+# included; and its collective-permutes, the ring steps it decomposes some all-gathers and
+# reduce-scatters into (XLA:TPU does so for scanned layers under FSDP).
+_REDUCTION_OP = re.compile(r"\s*(?:ROOT )?%\S+ = (.*?) (?:(?:all-reduce|reduce-scatter)(?:-start)?\(|fusion\(.*calls=%all-reduce-scatter)")
+_PERMUTE_OP = re.compile(r"\s*(?:ROOT )?%\S+ = (.*?) collective-permute(?:-start)?\(")
+
+
+def _weight_sized(pattern, hlo_text: str) -> Counter:
+  """Element types of the rank >= 2 results (weight-sized: scalar sums are left out) of the ops
+  `pattern` matches, counted."""
+  counts = Counter()
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if m:
+      counts.update(dtype for dtype, dims in re.findall(r"\b([a-z]+\d+)\[([\d,]+)\]", m.group(1)) if "," in dims)
+  return counts
+
+
+def gradient_reductions(hlo_text: str) -> Counter:
+  """How many weight-sized arrays XLA's compiled step sums across devices (all-reduce,
+  reduce-scatter), by element type. Under data or FSDP parallelism these are the weight
+  gradients; a bf16 count means gradients rounded to bf16 before they are summed."""
+  return _weight_sized(_REDUCTION_OP, hlo_text)
+
+
+def ring_steps(hlo_text: str) -> Counter:
+  """Weight-sized collective-permutes by element type: the steps of the rings XLA builds for
+  all-gathers (of bf16 weights) and reduce-scatters (of gradients) it decomposes."""
+  return _weight_sized(_PERMUTE_OP, hlo_text)
+
+
 def model_widths(m) -> set[int]:
   """Every width a tensor of the model has besides the sequence (a [.., T, T] search is blind
   when T is one of them: d32's [B, T, D] is [B, 2048, 2048])."""

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from lmtiny import config as config_lib
+from lmtiny.data.pipeline import max_runs_per_row
 from lmtiny.errors import ConfigError
 from lmtiny.model.transformer import abstract_model, cast_params, compute_dtype, Transformer
 from lmtiny.parallel import sharding, xla_options
@@ -47,12 +48,13 @@ class Steps:
   model_params: Callable[[Any], Any] = lambda params: params
 
 
-def token_losses(graphdef, params, batch, with_lse: bool = False, document_mask: bool = True):
+def token_losses(graphdef, params, batch, with_lse: bool = False, document_mask: bool = True, max_runs: int = 0):
   """Per-token cross-entropy [B, T] in float32 (and the logsumexp, for z-loss, with_lse), from
-  the model's memory-efficient loss path (no [B, T, V] logits). document_mask: `segment_ids`."""
+  the model's memory-efficient loss path (no [B, T, V] logits). document_mask: `segment_ids`;
+  max_runs: the packer's bound on runs per row (`packed_runs`)."""
   model = nnx.merge(graphdef, params)
   ce_BxT, lse_BxT = model.token_losses(batch["inputs"], batch["targets"], batch["positions"],
-                                       segment_ids(batch, document_mask))
+                                       segment_ids(batch, document_mask), max_runs)
   return (ce_BxT, lse_BxT) if with_lse else ce_BxT
 
 
@@ -61,6 +63,14 @@ def segment_ids(batch, document_mask: bool = True):
   choice): the packer then makes each row one causal sequence, and the model runs the plain causal
   attention kernel instead of a packed one."""
   return batch["segment_ids"] if document_mask else None
+
+
+def packed_runs(data_cfg) -> int:
+  """The bound on runs of equal segment ids per row that the packers guarantee for this data
+  config (data.max_docs_per_row; 0 = none), for attention kernels that size per-run state by it.
+  Every packer that feeds these steps applies the cap: pretraining's, SFT's and RL's (one
+  sequence per row)."""
+  return max_runs_per_row(data_cfg.get("max_docs_per_row", 0), data_cfg.get("document_mask", True))
 
 
 def check_batch_divisibility(cfg, mesh) -> None:
@@ -98,7 +108,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   graphdef, _ = nnx.split(abstract_model(m))
   tx, schedule = make_optimizer(cfg.optim, m.d_model, total_steps, schedule)
   accum = config_lib.accumulation_steps(t)
-  document_mask = cfg.data.document_mask
+  document_mask, max_runs = cfg.data.document_mask, packed_runs(cfg.data)
 
   def init(params=None):
     if params is None and adapter is not None:
@@ -120,25 +130,27 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   def full_params(params, frozen):
     return params if adapter is None else adapter.merge(frozen, params)
 
-  def loss_sums(compute_params, micro, frozen=None):
+  def loss_sums(params, micro, frozen=None):
     """(objective, (loss_sum, count)): the objective adds z-loss to the summed cross-entropy.
     loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
     loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks."""
     mask = micro["loss_mask"].astype(jnp.float32)
     counted = (mask != 0).astype(jnp.float32)
-    model = nnx.merge(graphdef, full_params(compute_params, frozen))
+    model = nnx.merge(graphdef, full_params(params, frozen))
     objective, ce_BxT, _ = model.loss_terms(micro["inputs"], micro["targets"], micro["positions"],
-                                            segment_ids(micro, document_mask), mask, t.z_loss * counted)
+                                            segment_ids(micro, document_mask), mask, t.z_loss * counted, max_runs)
     return objective, (jnp.sum(ce_BxT * mask), jnp.sum(counted))
 
   def train_step(state, batch, frozen=None):
     params = state["params"]
     scaling = state.get("loss_scale")
     factor = loss_scale.loss_factor(scaling, batch["inputs"].size)  # 1 unless float16
-    # Weight matrices in the compute dtype once per step, not once per micro-step; the gradient
-    # of each micro-step is taken with respect to this copy and accumulated in float32, which
-    # equals the gradient through the cast into the float32 master weights.
-    compute_params = cast_params(params, compute_dtype(m))
+    # Each micro-step differentiates the float32 master weights: the model casts a weight to the
+    # compute dtype where it multiplies, inside a custom VJP whose weight gradient leaves the GEMM
+    # in float32 (model.transformer.matmul, kernels.cross_entropy), so it is reduced across
+    # devices and accumulated in float32. The gradient of a bf16 copy made once per step would be
+    # bf16, rounded on each device and all-reduced / reduce-scattered in bf16. Frozen weights
+    # (LoRA's base) take no gradient and are cast once per step.
     compute_frozen = None if frozen is None else cast_params(frozen, compute_dtype(m))
 
     def scaled_loss_sums(params, micro):
@@ -152,7 +164,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     def accumulate(carry, micro):
       grads_acc, loss_acc, count_acc = carry
-      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(compute_params, micro)
+      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(params, micro)
       grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
       return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
@@ -178,7 +190,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     compute = cast_params(params, compute_dtype(m))
     losses_BxT = token_losses(graphdef, full_params(compute, None if frozen is None else
                                                     cast_params(frozen, compute_dtype(m))), batch,
-                              document_mask=document_mask)
+                              document_mask=document_mask, max_runs=max_runs)
     target_bytes_BxT = token_bytes_V[batch["targets"]].astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     byte_mask = mask * (target_bytes_BxT > 0)  # special tokens have no bytes: out of bpb

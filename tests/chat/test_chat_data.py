@@ -38,6 +38,12 @@ def _segments(batch):
   return out
 
 
+def _whole(batch, b, idx):
+  """A segment's tokens, its last one included when the segment fills its row (it is no input)."""
+  ids = tuple(batch["inputs"][b, idx])
+  return ids + (batch["targets"][b, -1],) if idx[-1] == batch["inputs"].shape[1] - 1 else ids
+
+
 def test_packing_keeps_conversations_whole_with_their_mask(tok, examples):
   it = make_chat_train_iterator(ChatData([(examples, 1.0, "x")], Examples([]), tok, None, SEQ + 1),
                                 seq_len=SEQ, batch_size=4, seed=0)
@@ -60,6 +66,24 @@ def test_packing_keeps_conversations_whole_with_their_mask(tok, examples):
   boundary = np.zeros_like(pad)
   boundary[:, :-1] = batch["segment_ids"][:, 1:] != batch["segment_ids"][:, :-1]
   assert not batch["loss_mask"][boundary].any()
+
+
+def test_a_row_holds_at_most_max_per_row_conversations_and_the_same_ones_in_order(tok, examples):
+  """data.max_docs_per_row caps SFT rows too: packed attention sizes its per-run state by the cap
+  (lmtiny.training.steps.packed_runs), so a row with more runs would merge conversations."""
+  data = ChatData([(examples, 1.0, "x")], Examples([]), tok, None, SEQ + 1)
+  capped = make_chat_train_iterator(data, seq_len=SEQ, batch_size=4, seed=0, max_per_row=1)
+  free = make_chat_train_iterator(data, seq_len=SEQ, batch_size=4, seed=0)
+  ids, most = {"capped": [], "free": []}, {"capped": 0, "free": 0}
+  for _ in range(3):
+    for name, it in (("capped", capped), ("free", free)):
+      batch = next(it)
+      segments = _segments(batch)
+      ids[name] += [_whole(batch, b, idx) for b, idx, _ in segments]
+      most[name] = max(most[name], max(np.bincount([b for b, _, _ in segments])))
+  assert most == {"capped": 1, "free": 2}  # conversations of 32-67 tokens, rows of 96
+  n = len(ids["capped"])
+  assert ids["capped"] == ids["free"][:n]  # the same conversations, in the same order
 
 
 def test_render_mask_trains_only_on_assistant_text(tok, examples):

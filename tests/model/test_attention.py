@@ -5,6 +5,7 @@ interpret mode against the XLA path (values and gradients, also under an 8-devic
 cuDNN cannot run on a CPU-only install: tests/training/test_lowering.py lowers it for an H100 (the kernel
 calls, mask types and operands it would get) and benchmarks/attention.py checks its values
 against xla on a GPU."""
+import functools
 import math
 
 import jax
@@ -234,6 +235,16 @@ def test_segment_runs_layout():
   np.testing.assert_array_equal(lengths, [[3, 2, 3, -1], [8, -1, -1, -1]])
   np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
   assert attn_lib.cudnn_max_runs(2048) == 32 and attn_lib.cudnn_max_runs(32) == 1
+  # The packer's cap (data.max_docs_per_row) is the bound when there is one, never above T.
+  assert attn_lib.cudnn_max_runs(2048, 4) == 4 and attn_lib.cudnn_max_runs(64, 2) == 2
+  assert attn_lib.cudnn_max_runs(100, 500) == 100
+
+
+def test_short_packed_rows_run_cudnn_only_with_a_bound_from_the_packer():
+  resolve = functools.partial(attn_lib.resolve_impl, "cudnn", jnp.bfloat16, platform="gpu", packed=True)
+  assert resolve(seq_len=64) == "xla"  # T // 64 = 1 run would drop the document mask
+  assert resolve(seq_len=64, max_runs=3) == "cudnn"
+  assert resolve(seq_len=64, max_runs=1) == "cudnn"  # one document a row: the causal mask is exact
 
 
 def test_segment_runs_reproduce_the_document_mask():

@@ -495,8 +495,16 @@ def test_cast_params_casts_matrices_only_and_passes_gradients_to_float32():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (2, T + 1)), jnp.int32)
   loss = lambda p, cast_first: jnp.mean(nnx.merge(graphdef, model_lib.cast_params(p, jnp.bfloat16) if cast_first
                                                   else p).token_losses(tokens[:, :-1], tokens[:, 1:])[0])
-  grads_cast = jax.jit(jax.grad(loss), static_argnums=1)(params, True)
+  grads_cast = jax.jit(jax.grad(loss), static_argnums=1)(params, True)   # of a bf16 copy
   grads_plain = jax.jit(jax.grad(loss), static_argnums=1)(params, False)  # the model's own per-use casts
-  for g, r in zip(jax.tree.leaves(grads_cast), jax.tree.leaves(grads_plain)):
-    assert g.dtype == jnp.float32
-    np.testing.assert_array_equal(g, r)
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(grads_plain)[0]]
+  for path, g, r in zip(paths, jax.tree.leaves(grads_cast), jax.tree.leaves(grads_plain)):
+    assert g.dtype == r.dtype == jnp.float32
+    np.testing.assert_allclose(g, r, rtol=0.05, atol=1e-3 * np.abs(r).max())
+    name = "/".join(str(getattr(k, "key", k)) for k in path if getattr(k, "name", None) != "value")
+    if name.split("/")[-1] in ("q", "k", "v", "o", "up", "down", "lm_head"):
+      # Through a cast copy a matrix's gradient is the bf16 GEMM's result; through the per-use
+      # casts it leaves the GEMM's float32 accumulator unrounded (what the trainer reduces).
+      as_bf16 = lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32)
+      np.testing.assert_array_equal(g, as_bf16(g), err_msg=name)
+      assert np.mean(np.asarray(r) != as_bf16(r)) > 0.5, name

@@ -121,6 +121,13 @@ def test_scanned_layers_lower_one_cudnn_call_pair_in_the_layer_body():
   assert s["cudnn"] == {"forward": 1, "backward": 1}
 
 
+def test_packed_cudnn_is_sized_by_the_packers_cap_on_documents_per_row():
+  cfg = _cfg()
+  cfg.data.max_docs_per_row = 3
+  _, s, _ = _lower(cfg, "cuda")
+  assert s["mask_types"] == ["PADDING_CAUSAL"] and s["max_runs"] == [3]  # not T // 64 = 4
+
+
 def test_cudnn_without_segment_ids_uses_the_causal_mask_type_and_no_mask_operand():
   q = jax.ShapeDtypeStruct((2, T, 4, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, T, 2, 64), jnp.bfloat16)
@@ -233,6 +240,36 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
   # bytes); replicated they would be 3x.
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)
+
+
+@pytest.mark.slow(seconds=6)
+@needs_libtpu
+def test_weight_gradients_are_summed_across_devices_in_float32():
+  """Autodiff through a bf16 cast of a weight hands XLA bf16 gradients, which it then sums over
+  the data and fsdp axes in bf16. XLA:TPU's program has every weight-sized sum in float32."""
+  cfg = _cfg()
+  cfg.mesh.update(data=2, fsdp=4, tensor=1)  # no tensor parallelism: no activation sums
+  cfg.train.batch_tokens = 8 * T
+  compiled, _, compiled_cfg, _ = lowering.compile_for_topology(cfg, "v5e:2x4")
+  assert compiled_cfg.model.dtype == "bfloat16"
+  reductions = lowering.gradient_reductions(compiled.as_text())
+  assert reductions["bf16"] == 0 and reductions["f32"] >= 8, reductions  # 2 layers x 4 matrices at least
+
+
+def test_gradient_reductions_count_weight_sized_sums_by_dtype():
+  hlo = """
+  %all-reduce.1 = (bf16[512,2048]{1,0}, f32[8,64]{1,0}) all-reduce(%a, %b), channel_id=1
+  %all-reduce.2 = f32[]{:T(128)} all-reduce(%c), channel_id=2
+  %reduce-scatter.3 = f32[128,512]{1,0} reduce-scatter(%d), dimensions={0}
+  %all-reduce-start.4 = bf16[64,64]{1,0} all-reduce-start(%e)
+  %fusion.5 = f32[256,64]{1,0} fusion(%f), kind=kCustom, calls=%all-reduce-scatter.4.clone
+  %all-gather.6 = bf16[512,2048]{1,0} all-gather(%g), dimensions={0}
+  %fusion.7 = f32[256,64]{1,0} fusion(%h), kind=kLoop, calls=%fused_add
+  %collective-permute-start.8 = (bf16[160,5120]{1,0}, bf16[160,5120]{1,0}) collective-permute-start(%i)
+  %collective-permute.9 = f32[160,5120]{1,0} collective-permute(%j), source_target_pairs={{0,1}}
+  """
+  assert lowering.gradient_reductions(hlo) == {"bf16": 2, "f32": 3}
+  assert lowering.ring_steps(hlo) == {"bf16": 2, "f32": 1}
 
 
 @pytest.mark.slow(seconds=17)
