@@ -173,8 +173,9 @@ def _matmul_fwd(x_MxI, w_IxO):
 
 def _matmul_bwd(residuals, g_MxO):
   x_MxI, w_compute_IxO, like_0 = residuals
-  dx_MxI = g_MxO @ w_compute_IxO.T
-  dw_IxO = jnp.dot(x_MxI.T, g_MxO, preferred_element_type=jnp.float32)
+  # The contractions autodiff of x @ w writes (no transposes for XLA to fold away).
+  dx_MxI = jax.lax.dot_general(g_MxO, w_compute_IxO, (((1,), (1,)), ((), ())))
+  dw_IxO = jax.lax.dot_general(x_MxI, g_MxO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
   return dx_MxI, dw_IxO.astype(like_0.dtype)
 
 

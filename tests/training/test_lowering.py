@@ -272,18 +272,12 @@ def test_gradient_reductions_count_weight_sized_sums_by_dtype():
   assert lowering.ring_steps(hlo) == {"bf16": 2, "f32": 1}
 
 
-@pytest.mark.slow(seconds=17)
 @needs_libtpu
-def test_bench_topology_prints_xla_tpu_memory_and_whether_it_fits(capsys, tmp_path):
+def test_bench_topology_names_a_slice_libtpu_cannot_describe(capsys):
+  """(What `--topology` prints for a real slice is the training guide's promise, typed by the
+  journey test: tests/journeys/test_journey_guides.py.)"""
   from lm_fixtures import ROOT
-  config = f"{ROOT}/configs/tiny.py"
-  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={4 * T}"]
-  assert bench.main(["bench", "--config", config, *flags, "--topology", "v5e:1x1", "--json", str(tmp_path / "r.json")]) == 0
-  out = capsys.readouterr().out
-  assert "device       1 x TPU v5 lite, mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out, out
-  assert "dtype bfloat16" in out and "attention splash" in out
-  assert re.search(r"chip +fits: \d+% of the chip's 16.00 GiB", out), out
-  assert bench.main(["bench", "--config", config, *flags, "--topology", "v9z:2x2"]) == 2
+  assert bench.main(["bench", "--config", f"{ROOT}/configs/tiny.py", "--topology", "v9z:2x2"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: --topology='v9z:2x2': libtpu cannot describe it") and len(err.strip().splitlines()) == 1
 
