@@ -272,9 +272,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
                tokens_BxT: Array | None = None, max_runs: int = 0) -> Array:
     q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT, tokens_BxT))
-    packing = {"max_runs": max_runs} if max_runs else {}
     out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
-                             impl=self.cfg.attention, **self.window_kwargs(), **packing)
+                             impl=self.cfg.attention, max_runs=max_runs, **self.window_kwargs())
     return self.project_out(out_BxTxHxDh)
 
   def window_kwargs(self) -> dict:
