@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       attention="auto",      # auto | xla | cudnn | splash (lmtiny.model.attention)
       loss_chunk_tokens=4096,  # tokens per device per cross-entropy chunk (peak loss memory: chunk x V fp32)
       loss_kernel="auto",    # auto (fused on GPU/TPU, chunked on CPU) | fused (3 GEMMs) | chunked (lmtiny.kernels)
+                             # | pallas (fused, logits kept on chip: TPU)
       # nanochat's 2026 architecture (lmtiny.model.transformer; all off by default). The per-layer
       # ones (window_pattern, value_embeds, residual_scalars, backout) need scan_layers=False.
       window_pattern="",     # sliding windows by layer, tiled: "SSSL" (S short, L full; the last layer is full); "" = all full
@@ -395,8 +396,8 @@ def validate(cfg) -> None:
   _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
   _require(t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0")
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
-  _require(cfg.model.get("loss_kernel", "auto") in ("auto", "fused", "chunked"), "model.loss_kernel",
-           cfg.model.get("loss_kernel"), "must be auto, fused or chunked")
+  _require(cfg.model.get("loss_kernel", "auto") in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
+           cfg.model.get("loss_kernel"), "must be auto, fused, chunked or pallas")
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")

@@ -52,6 +52,19 @@ def apply_jitted(graphdef, state, *args):
   return _jitted_apply()(graphdef, state, *args)
 
 
+def full_logits_loss(x, w, targets, ce_weights, z_weights, softcap):
+  """The loss kernels' reference, from the whole [B, T, V] float32 logits: (objective, (ce, lse)),
+  objective = sum(ce_weights * ce) + sum(z_weights * lse^2)."""
+  import jax
+  import jax.numpy as jnp
+  logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), w.astype(jnp.float32))
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(ce * ce_weights + z_weights * lse ** 2), (ce, lse)
+
+
 def forward(model, *args):
   """model(*args), compiled whole (apply_jitted)."""
   from flax import nnx

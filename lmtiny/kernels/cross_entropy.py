@@ -39,7 +39,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lmtiny.kernels import pallas_cross_entropy
+
 Array = jax.Array
+
+# How the fused loss runs: "xla" (chunks, logits through HBM), "mosaic" (lmtiny.kernels.
+# pallas_cross_entropy on TPU, logits on chip) or "interpret" (the same kernels interpreted on CPU).
+FUSED_IMPLS = ("xla", "mosaic", "interpret")
 
 
 def _chunk_logits(x_CxD, w_DxV, softcap: float):
@@ -186,7 +192,7 @@ linear_cross_entropy.defvjp(_fwd, _bwd)
 def _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name):
   """One pass over the chunks: logits, their statistics and, since the per-token weights of the
   objective are inputs, d(objective)/d(logits) and from it dx and dw, while the chunk's logits
-  are at hand. Returns (objective, ce_N, lse_N, dx_NxD, dw_DxV float32)."""
+  are at hand. Returns (ce_N, lse_N, dx_NxD, dw_DxV float32)."""
   n = x_NxD.shape[0]
   x_nxCxD, t_nxC, pad = _chunked(x_NxD, targets_N, chunk)
   weights_nxCx2 = jnp.pad(jnp.stack([ce_weights_N, z_weights_N], -1).astype(jnp.float32),
@@ -203,9 +209,7 @@ def _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_sta
 
   dw_DxV, (ce_nxC, lse_nxC, dx_nxCxD) = jax.lax.scan(
       body, jnp.zeros(w_DxV.shape, jnp.float32), (x_nxCxD, t_nxC, weights_nxCx2))
-  ce_N, lse_N = ce_nxC.reshape(-1)[:n], lse_nxC.reshape(-1)[:n]
-  objective = _objective(ce_N, lse_N, ce_weights_N, z_weights_N)
-  return objective, ce_N, lse_N, dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n], dw_DxV
+  return ce_nxC.reshape(-1)[:n], lse_nxC.reshape(-1)[:n], dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n], dw_DxV
 
 
 def _objective(ce_N, lse_N, ce_weights_N, z_weights_N):
@@ -213,8 +217,9 @@ def _objective(ce_N, lse_N, ce_weights_N, z_weights_N):
           + jnp.sum(z_weights_N.astype(jnp.float32) * jnp.square(lse_N)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name, gather_axes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name, gather_axes,
+           impl):
   # Not differentiated: the forward GEMM alone.
   w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
   ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
@@ -222,15 +227,19 @@ def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, soft
 
 
 def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name,
-               gather_axes):
+               gather_axes, impl):
   like_0 = jnp.zeros((0,), w_DxV.dtype)
-  objective, ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(
-      x_NxD, _compute_weight(w_DxV, x_NxD.dtype, gather_axes), targets_N, ce_weights_N, z_weights_N,
-      vocab_start, softcap, chunk, axis_name)
+  inputs = (x_NxD, _compute_weight(w_DxV, x_NxD.dtype, gather_axes), targets_N, ce_weights_N, z_weights_N,
+            vocab_start, softcap)
+  if impl == "xla":
+    ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(*inputs, chunk, axis_name)
+  else:
+    ce_N, lse_N, dx_NxD, dw_DxV = pallas_cross_entropy.fused_forward(*inputs, axis_name, impl == "interpret")
+  objective = _objective(ce_N, lse_N, ce_weights_N, z_weights_N)
   return (objective, ce_N, lse_N), (dx_NxD, _weight_grad(dw_DxV, like_0, gather_axes))
 
 
-def _fused_bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
+def _fused_bwd(softcap, chunk, axis_name, gather_axes, impl, residuals, cotangents):
   dx_NxD, dw_DxV = residuals
   # Only the objective is differentiable (the wrapper stops ce and lse). Like ce and lse in the
   # unfused loss, it is the same on every vocab slice, and its cotangent is psummed.
@@ -243,7 +252,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Array,
                                z_weights_N: Array, vocab_start: Array, softcap: float = 0.0, chunk: int = 4096,
-                               axis_name: str | None = None, gather_axes=None):
+                               axis_name: str | None = None, gather_axes=None, impl: str = "xla"):
   """(objective, cross_entropy_N, logsumexp_N) of logits x @ w, where
   objective = sum(ce_weights * ce) + sum(z_weights * lse^2) (a loss sum with per-token weights
   plus z-loss): the training loss, in three GEMMs per chunk instead of `linear_cross_entropy`'s
@@ -251,7 +260,10 @@ def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_
   logits are: dx and dw are formed in the forward pass (logits, dx, dw), never recomputing the
   logits, and the backward only scales them by the objective's cotangent. Only the objective
   has a gradient (ce and lse come back stopped, for metrics); the weights get none. Evaluated
-  without a gradient it runs the forward GEMM alone."""
+  without a gradient it runs the forward GEMM alone. `impl` (FUSED_IMPLS): "xla" forms it in
+  chunks of `chunk` tokens; "mosaic"/"interpret" in Pallas kernels that keep the logits on chip."""
+  if impl not in FUSED_IMPLS:
+    raise ValueError(f"impl={impl!r}: must be one of {FUSED_IMPLS}")
   objective, ce_N, lse_N = _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk,
-                                  axis_name, gather_axes)
+                                  axis_name, gather_axes, impl)
   return objective, jax.lax.stop_gradient(ce_N), jax.lax.stop_gradient(lse_N)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError
 from lmtiny.kernels.fp8 import fp8_eligible, fp8_matmul
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
@@ -40,11 +41,23 @@ def compute_dtype(m) -> Any:
 
 def loss_kernel(m) -> str:
   """The training loss's kernel (model.loss_kernel): auto = fused on GPU and TPU (the platform
-  being compiled for, lmtiny.model.attention.target_platform), chunked on CPU."""
+  being compiled for, lmtiny.model.attention.target_platform), chunked on CPU. `pallas` is TPU's
+  (Mosaic; interpreted on CPU, for tests): GPU grids cannot run its sequential reductions."""
   kernel = m.get("loss_kernel", "auto")  # get: older runs lack the field
+  platform = target_platform()
   if kernel == "auto":
-    return "chunked" if target_platform() == "cpu" else "fused"
+    return "chunked" if platform == "cpu" else "fused"
+  if kernel == "pallas" and platform == "gpu":
+    raise ConfigError("model.loss_kernel=pallas: its kernels are TPU's (Mosaic) or interpreted on CPU; "
+                      "on GPU use fused")
   return kernel
+
+
+def _fused_impl(kernel: str) -> str:
+  """lmtiny.kernels.cross_entropy's fused `impl` for model.loss_kernel fused or pallas."""
+  if kernel == "fused":
+    return "xla"
+  return "interpret" if target_platform() == "cpu" else "mosaic"
 
 
 def _init_matrix(m, role: str, key, shape, fan_in: int, fan_out: int) -> Array:
@@ -464,11 +477,13 @@ class Transformer(nnx.Module):
     sum(ce_weights * ce) + sum(z_weights * lse^2). model.loss_kernel picks the kernel: `fused`
     forms the gradient in the forward pass (three GEMMs; lmtiny.kernels.cross_entropy), `chunked`
     is today's loss (four GEMMs under a gradient; the reference), `auto` = fused on GPU and TPU,
-    chunked on CPU. Only the objective is to be differentiated. `max_runs`: as `hidden`."""
-    if loss_kernel(self.cfg) == "fused":
+    chunked on CPU; `pallas` is the fused loss with its logits kept on chip (TPU). Only the
+    objective is to be differentiated. `max_runs`: as `hidden`."""
+    kernel = loss_kernel(self.cfg)
+    if kernel in ("fused", "pallas"):
       x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT, max_runs))
       return fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, ce_weights_BxT,
-                                        z_weights_BxT, **self._loss_options())
+                                        z_weights_BxT, impl=_fused_impl(kernel), **self._loss_options())
     ce_BxT, lse_BxT = self.token_losses(tokens_BxT, targets_BxT, positions_BxT, segment_ids_BxT, max_runs)
     objective = jnp.sum(ce_BxT * ce_weights_BxT) + jnp.sum(jnp.square(lse_BxT) * z_weights_BxT)
     return objective, ce_BxT, lse_BxT

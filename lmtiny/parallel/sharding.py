@@ -266,11 +266,11 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
 
 def fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
                                ce_weights_BxT: jax.Array, z_weights_BxT: jax.Array, *, softcap: float = 0.0,
-                               chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array, jax.Array]:
+                               chunk_tokens: int = 4096, impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
   """(objective, cross-entropy [B, T], logsumexp [B, T]) with objective = sum(ce_weights * ce) +
   sum(z_weights * lse^2), its gradient formed in the forward pass (lmtiny.kernels.cross_entropy's
-  fused loss: three GEMMs). Sharded as `linear_cross_entropy`; each batch shard returns its own
-  partial objective, summed here."""
+  fused loss; `impl` as there). Sharded as `linear_cross_entropy`; each batch shard returns its
+  own partial objective, summed here."""
   b, t, d = x_BxTxD.shape
   mesh = jax.sharding.get_abstract_mesh()
 
@@ -278,7 +278,7 @@ def fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     objective, ce_N, lse_N = loss_lib.fused_linear_cross_entropy(
         x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), ce_weights_BxT.reshape(-1),
-        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes)
+        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl)
     return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh.empty:

@@ -14,7 +14,8 @@
   layer being recomputed / differentiated; none under remat "none", which recomputes nothing). The xla attention path adds its [T, T] scores; a
   fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps none.
 - loss chunk: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
-  float32 and their gradient in the compute dtype.
+  float32 and their gradient in the compute dtype; none with model.loss_kernel=pallas (its logits
+  stay in the kernels' VMEM).
 - fsdp gathers: under FSDP each device still holds the whole vocab matrices while it uses them:
   compute-dtype copies of the embedding and lm_head, and the embedding's float32 scatter-added
   gradient and the lm_head's float32 gradient before they are reduce-scattered.
@@ -103,6 +104,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
   loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
+  if m.get("loss_kernel") == "pallas":
+    loss_chunk = 0
   # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
   # (AdamW's two on embeddings, lm_head and norms: lmtiny.training.muon; normuon's factored second
   # moment is one row or column per matrix, not counted).

@@ -123,7 +123,14 @@ def compile_train_step(cfg, platform: str | None = None, devices=None):
   of `platform` (a described TPU slice: tpu_devices)."""
   lowered, lower_s, cfg, mesh = _lowered_train_step(cfg, platform, devices=devices)
   t0 = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):  # only the compiler's "it does not fit" is the config's
+      raise
+    raise ConfigError(f"the step does not fit the chip (mesh {dict(mesh.shape)}): {first_line(e).rstrip('.')}; shard "
+                      "it further (mesh.fsdp), run fewer sequences per micro-step (train.device_batch_size) "
+                      "or rematerialise (model.remat)") from None
   return compiled, lower_s + time.perf_counter() - t0, cfg, mesh
 
 # libtpu probes the TPU VM it expects to run on (metadata server, worker hostnames, accelerator
@@ -248,6 +255,10 @@ def model_widths(m) -> set[int]:
   return {m.d_model, config_lib.mlp_dim(m), m.vocab_size, h * dh, k * dh}
 
 
+# lmtiny.kernels.pallas_cross_entropy's Mosaic kernels (the fused loss with logits on chip).
+LOSS_KERNELS = ("loss_stats", "loss_dx", "loss_dw")
+
+
 def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: int = 0) -> dict:
   """What a lowered program calls: attention kernels per step, cuDNN mask types and packed-run
   bounds, custom-partitioned calls, tensor types with a [T, T] tail (None: not told apart,
@@ -263,6 +274,7 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: in
   return {"cudnn": {role: calls.get(name, 0) for name, role in CUDNN_CALLS.items()},
           "partitioned": calls.get("CustomSPMDPartitioning", 0),
           "splash": {k: n for k, n in calls.items() if k.startswith("splash_")},
+          "loss_kernels": {k: n for k, n in calls.items() if k in LOSS_KERNELS},
           "mask_types": sorted(set(re.findall(r"mask_type\\22: \\22(\w+)\\22", text))),
           "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
           "windows": sorted({int(x) for x in re.findall(r"sliding_window_length\\22: (\d+)", text)} - {0}),
@@ -293,10 +305,11 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   else:
     square = ", ".join(f"{k} x{v}" for k, v in sorted(s["square"].items()))
     lines.append(f"[T, T]       {square or 'none'} (T = {cfg.train.seq_len})")
-  if s.get("lm_head_gemms"):
+  if s.get("lm_head_gemms") or s.get("loss_kernels"):
     widest = ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["vocab_f32"]) or "none"
-    lines.append(f"loss         {m.get('loss_kernel', 'auto')} kernel: {s['lm_head_gemms']} lm_head GEMMs; largest "
-                 f"float32 [.., V] {widest}")
+    kernels = "".join(f", {k} x{n}" for k, n in sorted(s.get("loss_kernels", {}).items()))
+    lines.append(f"loss         {m.get('loss_kernel', 'auto')} kernel: {s['lm_head_gemms']} lm_head GEMMs{kernels}; "
+                 f"largest float32 [.., V] {widest}")
   lines.append("largest      " + ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["largest"]))
   return "\n".join(lines)
 

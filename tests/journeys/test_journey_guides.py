@@ -18,6 +18,9 @@ PROMISES = [
     ("docs/interop.md", "python -m lmtiny.export", ["LlamaForCausalLM"], ["hf/tiny_llama/model.safetensors"]),
     ("docs/data.md", "python -m lmtiny.data.prepare", ["bytes/token"], ["data/stdlib/manifest.json"]),
     ("docs/performance.md", "python -m lmtiny.bench --config configs/tiny.py", ["MFU"], ["runs/bench-tiny.json"]),
+    ("docs/performance.md", "python -m lmtiny.bench --config configs/d4_38m.py --lower-for tpu --config.model.loss_kernel=pallas",
+     ["loss         pallas kernel: 0 lm_head GEMMs, loss_dw x1, loss_dx x1, loss_stats x1; largest float32 [.., V] "
+      "512x24576xf32"], []),
     ("docs/training.md", "python -m lmtiny.bench --config configs/d4_38m.py --topology v5e:2x2",
      ["device       4 x TPU v5 lite, mesh {'data': 1, 'fsdp': 4, 'tensor': 1}", "dtype bfloat16", "attention splash",
       "chip         fits: ", "reductions   "], []),

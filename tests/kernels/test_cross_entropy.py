@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_fixtures import memory_data, tiny_config
+from lm_fixtures import full_logits_loss as _reference, memory_data, tiny_config
 from lmtiny.data.pipeline import make_train_iterator
 from lmtiny.parallel import sharding
 from lmtiny.training.steps import build_steps, device_batch
@@ -25,15 +25,6 @@ def _inputs(seed=0, dtype=jnp.float32):
   ce_weights = ce_weights.at[0, :2].set(0.0)                          # and masked tokens
   z_weights = 0.01 * (ce_weights != 0)
   return x, w, targets, ce_weights, z_weights
-
-
-def _reference(x, w, targets, ce_weights, z_weights, softcap):
-  logits = jnp.einsum("btd,dv->btv", x.astype(jnp.float32), w.astype(jnp.float32))
-  if softcap:
-    logits = softcap * jnp.tanh(logits / softcap)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(ce * ce_weights + z_weights * lse ** 2), (ce, lse)
 
 
 def _chunked(x, w, targets, ce_weights, z_weights, softcap):
@@ -120,15 +111,18 @@ def _train(kernel, mesh_cfg, batches):
     return losses, jax.device_get(state["params"])
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["one_device", "data2xfsdp2xtensor2"])
-def test_the_trainer_steps_alike_with_either_kernel(mesh_cfg):
-  """Three optimizer steps (z-loss, softcap, accumulation) with model.loss_kernel=fused against
-  chunked, the reference: the same losses and weights to float32 rounding."""
+@pytest.mark.parametrize("mesh_cfg,kernel", [(dict(data=1, fsdp=1, tensor=1), "fused"),
+                                             (dict(data=2, fsdp=2, tensor=2), "fused"),
+                                             (dict(data=2, fsdp=2, tensor=2), "pallas")],
+                         ids=["one_device-fused", "data2xfsdp2xtensor2-fused", "data2xfsdp2xtensor2-pallas"])
+def test_the_trainer_steps_alike_with_either_kernel(mesh_cfg, kernel):
+  """Three optimizer steps (z-loss, softcap, accumulation) with model.loss_kernel=fused or pallas
+  (its Mosaic kernels interpreted on CPU) against chunked, the reference: the same losses and
+  weights to float32 rounding."""
   it = make_train_iterator(memory_data().train_docs, seq_len=32, batch_size=16, bos_id=0, seed=0)
   batches = [next(it) for _ in range(3)]
   want_losses, want = _train("chunked", mesh_cfg, batches)
-  got_losses, got = _train("fused", mesh_cfg, batches)
+  got_losses, got = _train(kernel, mesh_cfg, batches)
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

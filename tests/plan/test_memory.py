@@ -45,6 +45,15 @@ def test_estimate_parts_scale_with_sharding_and_batch():
   assert memory.estimate(cfg)["activations"] < one["activations"]  # 2 rows per micro-step, not 8
 
 
+def test_the_on_chip_loss_holds_no_logits_chunk():
+  cfg = _config("dots_no_batch")
+  fused = memory.estimate(cfg)
+  cfg.model.loss_kernel = "pallas"
+  pallas = memory.estimate(cfg)
+  assert fused["loss_chunk"] > 0 and pallas["loss_chunk"] == 0
+  assert pallas["total"] == pytest.approx(fused["total"] - fused["loss_chunk"])
+
+
 def test_fsdp_plans_pick_the_largest_batch_that_fits_each_degree():
   cfg = _config("dots_no_batch")
   cfg.train.device_batch_size = 8

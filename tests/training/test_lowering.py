@@ -190,6 +190,18 @@ def test_the_step_lowered_for_an_accelerator_runs_the_fused_loss_in_three_lm_hea
     assert s["vocab_f32"][0][0] == f"{T}x{vocab}xf32" and f"{tokens}x{vocab}xf32" not in text
 
 
+def test_the_pallas_loss_lowers_for_tpu_as_three_mosaic_kernels_and_is_refused_for_cuda():
+  """model.loss_kernel=pallas: no lm_head GEMM left to XLA, and the only float32 [.., V] array is
+  the weight's gradient [D, V] (the logits stay in the kernels' VMEM). GPU grids cannot run it."""
+  vocab = 320
+  text, _, cfg = _lower(_cfg(loss_kernel="pallas", vocab_size=vocab), "tpu")
+  s = lowering.summarize(text, T, vocab=vocab)
+  assert s["lm_head_gemms"] == 0 and s["loss_kernels"] == {"loss_stats": 1, "loss_dx": 1, "loss_dw": 1}, s
+  assert s["vocab_f32"][0][0] == f"{cfg.model.d_model}x{vocab}xf32"
+  with pytest.raises(ConfigError, match="model.loss_kernel=pallas: .* on GPU use fused"):
+    _lower(_cfg(loss_kernel="pallas"), "cuda")
+
+
 def test_xla_attention_lowered_for_cuda_calls_no_fused_kernel():
   _, s, _ = _lower(_cfg(attention="xla"), "cuda")
   assert s["cudnn"] == {"forward": 0, "backward": 0} and not s["splash"] and s["partitioned"] == 0
@@ -240,6 +252,22 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
   # bytes); replicated they would be 3x.
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)
+
+
+@pytest.mark.slow(seconds=6)
+@needs_libtpu
+def test_topology_compile_runs_the_pallas_loss_vocab_sharded_under_fsdp():
+  """XLA:TPU compiles the on-chip loss inside the loss's shard_map (vocab over tensor, the lm_head
+  gathered over fsdp) into Mosaic kernels; a step too big for the chips is one error line."""
+  cfg = _cfg(loss_kernel="pallas")
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  compiled, _, compiled_cfg, _ = lowering.compile_for_topology(cfg, "v5e:2x4")
+  text = compiled.as_text()
+  for kernel in ("loss_stats", "loss_dx", "loss_dw"):
+    assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
+  cfg.train.batch_tokens = 2 ** 18 * T  # 2^18 sequences: terabytes of activations
+  with pytest.raises(ConfigError, match=r"^the step does not fit the chip \(mesh .*\): RESOURCE_EXHAUSTED"):
+    lowering.compile_for_topology(cfg, "v5e:2x4")
 
 
 @pytest.mark.slow(seconds=6)
