@@ -7,7 +7,8 @@ dw. The XLA form writes each chunk's float32 logits to HBM and reads them back a
 tile, at the price of two more GEMMs (five instead of three). On TPU, whose HBM feeds fewer bytes
 per FLOP than a GPU's, that pays at lmtiny's sizes: on a v6e (918 TFLOP/s, 1.6 TB/s) the two
 extra GEMMs cost 4D/918e12 s per logit against 9-11 ps of HBM traffic saved, so the five GEMMs
-win while D < ~2,000-2,600 (d20's D is 1,280).
+win while D < ~2,000-2,600 (d20's D is 1,280); on a v5e (197 TFLOP/s, 0.82 TB/s) while
+D < ~850-1,100. The memory it saves (the float32 logits chunks) it saves everywhere.
 
 Three kernels over tiles of tokens x vocab columns (`_tiles`), each a grid whose
 last axis is a sequential reduction (its accumulator in VMEM scratch):
