@@ -45,14 +45,14 @@ TILE_BUDGET = 512 * 256 * 1280
 
 def _tiles(n: int, v: int, d: int) -> tuple[int, int]:
   """(token tile, vocab tile) for n tokens, v vocab columns and width d; a tile never exceeds the
-  (8- or 128-aligned) size it covers."""
+  size it covers, rounded up to 16 rows (bf16 packs 16 per sublane tile) or 128 lanes."""
   tm, tv = MAX_TILE, MAX_TILE
   while tm * tv * d > TILE_BUDGET and max(tm, tv) > 128:
     if tv >= tm:
       tv //= 2
     else:
       tm //= 2
-  return min(tm, -(-n // 8) * 8), min(tv, -(-v // 128) * 128)
+  return min(tm, -(-n // 16) * 16), min(tv, -(-v // 128) * 128)
 
 
 def _pad_to(a: Array, size: int, axis: int, value=0) -> Array:
@@ -138,7 +138,7 @@ def _dw_kernel(x_ref, w_ref, t_ref, dce_ref, dsum_ref, lse_ref, dw_ref, dw_acc, 
 
   dlogits = _tile_dlogits(x_ref, w_ref, t_ref, dce_ref, dsum_ref, lse_ref, j, v_local, softcap)
   # x [tm, D] . dlogits [tm, tv] over tm
-  dw_acc[...] += jax.lax.dot_general(x_ref[...].astype(dlogits.dtype), dlogits, (((0,), (0,)), ((), ())),
+  dw_acc[...] += jax.lax.dot_general(x_ref[...], dlogits, (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 
   @pl.when(i == pl.num_programs(1) - 1)

@@ -84,7 +84,7 @@ def test_tiles_shrink_with_the_width_and_never_exceed_what_they_cover():
   assert pallas_cross_entropy._tiles(16384, 24576, 512) == (512, 512)
   assert pallas_cross_entropy._tiles(16384, 65536, 1280) == (512, 256)
   assert pallas_cross_entropy._tiles(16384, 65536, 2048) == (256, 256)
-  assert pallas_cross_entropy._tiles(24, 120, 16) == (24, 128)  # 8- and 128-aligned cover
+  assert pallas_cross_entropy._tiles(24, 120, 16) == (32, 128)  # 16-row, 128-lane aligned cover
 
 
 @pytest.mark.slow(seconds=5)
