@@ -131,14 +131,21 @@ def _walk(tb):
 _UNAWAITED = re.compile(r"^(\w+ exception was never retrieved|Task was destroyed but it is pending)")
 
 
+# tensorstore's own words for a failed read of a checkpoint's array store (orbax writes OCDBT).
+_CHECKPOINT_STORE_READ = re.compile(r'Error reading "[^"]*" in OCDBT database')
+
+
 def _not_an_abandoned_task(record) -> bool:
   """asyncio-logger filter: drops "Task (_GatheringFuture, Future) exception was never retrieved" /
   "Task was destroyed but it is pending!" for orbax's reads (the siblings of a read that failed):
-  those whose error passed through orbax's code, or whose task runs it."""
-  if not _UNAWAITED.match(record.getMessage()):
+  those whose error passed through orbax's code, whose task runs it, or (a bare Future that
+  tensorstore completed from C++, with no Python frames) whose error is a checkpoint store read's."""
+  message = record.getMessage()
+  if not _UNAWAITED.match(message):
     return True
   error = record.exc_info[1] if record.exc_info else None
-  return not (_ORBAX_CODE in record.getMessage() or _passed_through_orbax(error))
+  return not (_ORBAX_CODE in message or _passed_through_orbax(error)
+              or _CHECKPOINT_STORE_READ.search(f"{message} {error}"))
 
 
 def _passed_through_orbax(error: BaseException | None) -> bool:
