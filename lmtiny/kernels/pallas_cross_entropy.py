@@ -42,6 +42,9 @@ Array = jax.Array
 MAX_TILE = 512
 TILE_BUDGET = 512 * 256 * 1280
 
+# The kernels' names in a compiled program (lmtiny.training.lowering counts them).
+STATS, DX, DW = KERNEL_NAMES = ("loss_stats", "loss_dx", "loss_dw")
+
 
 def _tiles(n: int, v: int, d: int) -> tuple[int, int]:
   """(token tile, vocab tile) for n tokens, v vocab columns and width d; a tile never exceeds the
@@ -146,6 +149,11 @@ def _dw_kernel(x_ref, w_ref, t_ref, dce_ref, dsum_ref, lse_ref, dw_ref, dw_acc, 
     dw_ref[...] = dw_acc[...]
 
 
+def _grid_transposed(spec):
+  """The same block of the same array for a grid whose two axes are swapped."""
+  return pl.BlockSpec(spec.block_shape, lambda j, i: spec.index_map(i, j))
+
+
 def _call(name, kernel, grid, in_specs, out_specs, out_shape, scratch, interpret: bool):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -179,7 +187,7 @@ def fused_forward(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Ar
   options = dict(v_local=v_local, softcap=softcap)
 
   top, sum_exp, target = _call(
-      "loss_stats", functools.partial(_stats_kernel, **options), grid, [x_i, w_j, rows_i], [rows_i] * 3, [per_token] * 3,
+      STATS, functools.partial(_stats_kernel, **options), grid, [x_i, w_j, rows_i], [rows_i] * 3, [per_token] * 3,
       [(tm, 1)] * 3, interpret)(x, w, t_Nx1)
   if axis_name is not None:  # finish across the vocab shards
     all_top = jax.lax.pmax(top, axis_name)
@@ -190,13 +198,12 @@ def fused_forward(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Ar
   dsum = dce + 2.0 * _pad_to(z_weights_N.astype(jnp.float32), n_pad, 0)[:, None] * lse  # dce + d(z lse^2)/d lse
   grad_inputs = (x, w, t_Nx1, dce, dsum, lse)
 
-  dx = _call("loss_dx", functools.partial(_dx_kernel, **options), grid, [x_i, w_j] + [rows_i] * 4, x_i,
+  grad_specs = [x_i, w_j] + [rows_i] * 4
+  dx = _call(DX, functools.partial(_dx_kernel, **options), grid, grad_specs, x_i,
              jax.ShapeDtypeStruct((n_pad, d), x_NxD.dtype), [(tm, d)], interpret)(*grad_inputs)
-  rows_i_inner = pl.BlockSpec((tm, 1), lambda j, i: (i, 0))
-  dw = _call("loss_dw", functools.partial(_dw_kernel, **options), grid[::-1],
-             [pl.BlockSpec((tm, d), lambda j, i: (i, 0)), pl.BlockSpec((d, tv), lambda j, i: (0, j))]
-             + [rows_i_inner] * 4,
-             pl.BlockSpec((d, tv), lambda j, i: (0, j)), jax.ShapeDtypeStruct((d, v_pad), jnp.float32),
-             [(d, tv)], interpret)(*grad_inputs)
+  # dw's grid runs the token tiles innermost (its accumulator is one vocab tile's [D, tv])
+  dw = _call(DW, functools.partial(_dw_kernel, **options), grid[::-1], [_grid_transposed(s) for s in grad_specs],
+             _grid_transposed(w_j), jax.ShapeDtypeStruct((d, v_pad), jnp.float32), [(d, tv)],
+             interpret)(*grad_inputs)
   lse_N = lse[:n, 0]
   return lse_N - target[:n, 0], lse_N, dx[:n], dw[:, :v_local]

@@ -34,6 +34,7 @@ import numpy as np
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError, first_line
+from lmtiny.kernels import pallas_cross_entropy
 from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan.units import human_bytes
@@ -255,10 +256,6 @@ def model_widths(m) -> set[int]:
   return {m.d_model, config_lib.mlp_dim(m), m.vocab_size, h * dh, k * dh}
 
 
-# lmtiny.kernels.pallas_cross_entropy's Mosaic kernels (the fused loss with logits on chip).
-LOSS_KERNELS = ("loss_stats", "loss_dx", "loss_dw")
-
-
 def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: int = 0) -> dict:
   """What a lowered program calls: attention kernels per step, cuDNN mask types and packed-run
   bounds, custom-partitioned calls, tensor types with a [T, T] tail (None: not told apart,
@@ -274,7 +271,7 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: in
   return {"cudnn": {role: calls.get(name, 0) for name, role in CUDNN_CALLS.items()},
           "partitioned": calls.get("CustomSPMDPartitioning", 0),
           "splash": {k: n for k, n in calls.items() if k.startswith("splash_")},
-          "loss_kernels": {k: n for k, n in calls.items() if k in LOSS_KERNELS},
+          "loss_kernels": {k: n for k, n in calls.items() if k in pallas_cross_entropy.KERNEL_NAMES},
           "mask_types": sorted(set(re.findall(r"mask_type\\22: \\22(\w+)\\22", text))),
           "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
           "windows": sorted({int(x) for x in re.findall(r"sliding_window_length\\22: (\d+)", text)} - {0}),
