@@ -320,7 +320,33 @@ def _choice(section, name: str, prefix: str, choices):
   _require(value in choices, f"{prefix}.{name}", value, f"must be one of {', '.join(choices)}")
 
 
+# The float fields (a float in base_config(): LRs, scales, decays, stds, epsilons, ratios) for
+# which 0 means nothing; every other float field may be 0 (off, or "same as optim.lr").
+POSITIVE_FLOATS = {
+    "model": ("init_std", "norm_eps", "qk_scale", "rope_theta"),  # mlp_ratio 0: mlp_dim decides
+    "optim": ("lr", "eps", "loss_scale_init", "scalar_lr", "smear_lr"),
+    "lora": ("alpha",),
+    "rl": ("lr", "temperature"),
+    "sft": ("lr",),
+}
+
+
+def check_float_fields(section, name: str) -> None:
+  """Every float field of config section `name` is a finite number, > 0 where POSITIVE_FLOATS lists
+  it, else >= 0 (none may be negative). NaN fails every comparison, so `x <= 0` checks pass it; a
+  NaN or infinite LR, decay or scale would be accepted and make the first step's loss NaN."""
+  positive = POSITIVE_FLOATS.get(name, ())
+  for field, default in base_config()[name].items():
+    if not isinstance(default, float) or field not in section:  # older runs' configs lack newer fields
+      continue
+    value, bound = section[field], ">" if field in positive else ">="
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > 0 if bound == ">" else value >= 0))
+    _require(ok, f"{name}.{field}", value, f"must be a finite number {bound} 0")
+
+
 def validate_model(m) -> None:
+  check_float_fields(m, "model")
   for name in ("vocab_size", "num_layers", "d_model", "num_heads", "max_seq_len"):
     _require(isinstance(m[name], int) and m[name] > 0, f"model.{name}", m[name], "must be a positive integer")
   if not m.head_dim:
@@ -331,9 +357,6 @@ def validate_model(m) -> None:
   _require(m.num_heads % num_kv_heads(m) == 0, "model.num_kv_heads", m.num_kv_heads,
            f"must divide model.num_heads={m.num_heads}")
   _require(mlp_dim(m) > 0, "model.mlp_ratio", m.mlp_ratio, "gives an empty MLP")
-  _require(m.logit_softcap >= 0, "model.logit_softcap", m.logit_softcap, "must be >= 0")
-  _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
-  _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
   _choice(m, "activation", "model", ACTIVATIONS)
   _choice(m, "init", "model", INITS)
   _choice(m, "attention", "model", ATTENTION_IMPLS)
@@ -350,7 +373,6 @@ def _validate_2026(m) -> None:
            m.get("short_window"), "must be an integer >= 0 (0 = max_seq_len / 4 rounded up to 128)")
   _require(isinstance(m.get("vocab_multiple", 1), int) and m.get("vocab_multiple", 1) >= 1, "model.vocab_multiple",
            m.get("vocab_multiple"), "must be an integer >= 1")
-  _require(m.get("qk_scale", 1.0) > 0, "model.qk_scale", m.get("qk_scale"), "must be > 0")
   _require(m.get("matmul_dtype", "default") in MATMUL_DTYPES, "model.matmul_dtype", m.get("matmul_dtype"),
            f"must be one of {', '.join(MATMUL_DTYPES)}")
   if m.get("value_embeds", False) or m.get("smear", False):
@@ -365,15 +387,12 @@ def _validate_2026(m) -> None:
 def validate_rl(r) -> None:
   """The rl section's fields on their own (the split of a step's rows over the devices is checked
   with the mesh, in lmtiny.training.policy_gradient)."""
+  check_float_fields(r, "rl")  # temperature, lr, kl
   for name in ("steps", "questions", "samples", "max_new_tokens", "log_every", "checkpoint_every"):
     _require(isinstance(r[name], int) and r[name] >= 1, f"rl.{name}", r[name], "must be an integer >= 1")
   # 0: only at the end / no evaluation / no top-k / no warmup
   for name in ("eval_every", "eval_questions", "top_k", "warmup_steps"):
     _require(isinstance(r[name], int) and r[name] >= 0, f"rl.{name}", r[name], "must be an integer >= 0")
-  for name, zero_ok in (("temperature", False), ("lr", False), ("kl", True)):
-    value = r[name]  # NaN fails every comparison: `value <= 0` alone would pass it
-    _require(isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0),
-             f"rl.{name}", value, f"must be a finite number {'>=' if zero_ok else '>'} 0")
   _require(isinstance(r.seed, int), "rl.seed", r.seed, "must be an integer")
   _choice(r, "data", "rl", RL_DATA)
 
@@ -383,6 +402,9 @@ def validate(cfg) -> None:
   validate_model(cfg.model)
   if "rl" in cfg:
     validate_rl(cfg.rl)
+  for section in ("train", "optim", "lora"):
+    if section in cfg:
+      check_float_fields(cfg[section], section)
   t, o = cfg.train, cfg.optim
   for name in ("seq_len", "batch_tokens", "log_every", "eval_every", "checkpoint_every"):
     _require(isinstance(t[name], int) and t[name] > 0, f"train.{name}", t[name], "must be a positive integer")
@@ -394,7 +416,6 @@ def validate(cfg) -> None:
            "train.micro_batch_size", t.micro_batch_size,
            f"must divide the global batch of {global_batch_size(t)} sequences")
   _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
-  _require(t.z_loss >= 0, "train.z_loss", t.z_loss, "must be >= 0")
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
   _require(cfg.model.get("loss_kernel", "auto") in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
            cfg.model.get("loss_kernel"), "must be auto, fused, chunked or pallas")
@@ -431,11 +452,8 @@ def validate(cfg) -> None:
            "must be True or False")
   for name in ("b1", "b2"):
     _require(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
-  _require(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-  _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
   _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-  _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
   _choice(o, "name", "optim", OPTIMIZERS)
   _choice(o, "schedule", "optim", SCHEDULES)
   _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction, "must be in [0, 1]")
@@ -445,9 +463,6 @@ def validate(cfg) -> None:
   _require(o.muon_ns_steps > 0, "optim.muon_ns_steps", o.muon_ns_steps, "must be > 0")
   _require(o.muon_ns_dtype in ("float32", "bfloat16"), "optim.muon_ns_dtype", o.muon_ns_dtype,
            "must be one of float32, bfloat16")
-  for name in ("scalar_lr", "smear_lr"):
-    _require(isinstance(o[name], (int, float)) and math.isfinite(o[name]) and o[name] > 0, f"optim.{name}",
-             o[name], "must be a finite number > 0")
   _require(0 <= o.muon_beta2 < 1, "optim.muon_beta2", o.muon_beta2, "must be in [0, 1)")
   _require(0 <= o.muon_momentum_warmdown < 1, "optim.muon_momentum_warmdown", o.muon_momentum_warmdown,
            "must be in [0, 1) (0 = stay at optim.muon_momentum)")
@@ -456,7 +471,6 @@ def validate(cfg) -> None:
            "must be True or False")
   if o.name == "normuon":  # Polar Express has one coefficient triple per iteration, five in all
     _require(o.muon_ns_steps <= 5, "optim.muon_ns_steps", o.muon_ns_steps, "must be <= 5 with optim.name=normuon")
-  _require(o.loss_scale_init > 0, "optim.loss_scale_init", o.loss_scale_init, "must be > 0")
   _require(o.loss_scale_period > 0, "optim.loss_scale_period", o.loss_scale_period, "must be > 0")
   for axis in MESH_AXES:
     size = cfg.mesh[axis]

@@ -1,11 +1,13 @@
 """Config schema: validation messages name the field and value; derived sizes; horizons."""
 import glob
+import math
 import os
 
 import pytest
 
 from lm_fixtures import ROOT, load_config_module
 from lmtiny import config as config_lib
+from lmtiny.chat.finetune import check_settings as check_sft_settings
 from lmtiny.config import validate
 from lmtiny.errors import ConfigError
 
@@ -50,3 +52,42 @@ def test_derived_sizes_and_horizon():
   assert config_lib.accumulation_steps(t) == 8 and config_lib.micro_batch_size(t) == 32
   t.update(tokens_per_param=0.0, steps=123)
   assert config_lib.total_steps(cfg, 560_988_160) == 123
+
+
+# Every float field (a float in base_config) must be finite: NaN passes every `<`/`>` check, and a
+# NaN or infinite LR, decay or scale is accepted and turns the first step's loss into NaN. Those
+# for which 0 means nothing (an LR, a scale, a std, an epsilon) must be > 0; the rest (0 = off or
+# "same as optim.lr") >= 0.
+FLOAT_FIELDS = [(section, name) for section, fields in config_lib.base_config().items()
+                for name, value in fields.items() if isinstance(value, float)]
+
+
+def test_the_float_rule_names_these_fields():
+  # the fields of the issue, by their real paths, are among those the rule covers
+  for field in ("model.qk_scale", "model.init_std", "optim.weight_decay", "optim.unembed_lr", "optim.embed_lr",
+                "train.tokens_per_param", "rl.lr", "sft.lr", "lora.alpha"):
+    assert tuple(field.split(".")) in FLOAT_FIELDS
+
+
+@pytest.mark.parametrize("section,name", FLOAT_FIELDS)
+def test_every_float_field_must_be_finite_and_not_negative(section, name):
+  positive = name in config_lib.POSITIVE_FLOATS.get(section, ())
+  bound = ">" if positive else ">="
+  for value in [math.nan, math.inf, -math.inf, -1.0] + ([0.0] if positive else []):
+    cfg = load_config_module("tiny").get_config()
+    cfg[section][name] = value
+    with pytest.raises(ConfigError) as e:
+      config_lib.check_float_fields(cfg[section], section)
+    assert str(e.value) == f"config.{section}.{name}={value!r}: must be a finite number {bound} 0"
+    if section != "sft":  # sft.* is checked by lmtiny.chat.finetune.check_settings
+      with pytest.raises(ConfigError, match=rf"^config\.{section}\.{name}="):
+        validate(cfg)
+  validate(load_config_module("tiny").get_config())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_sft_lr_must_be_finite_and_positive(value):
+  s = config_lib.base_config().sft
+  s.lr = float(value)
+  with pytest.raises(ConfigError, match=rf"^config\.sft\.lr={value}(\.0)?: must be "):
+    check_sft_settings(s)

@@ -159,6 +159,7 @@ def check_settings(s) -> None:
                         ("chat_eval_max_new_tokens", count("chat_eval_max_new_tokens", 1), "must be an integer >= 1")):
     if not ok:
       raise ConfigError(f"config.sft.{name}={s[name]!r}: {why}")
+  config_lib.check_float_fields(s, "sft")  # finite too: lr=inf passed `> 0`
   if s.get("chat_eval_every", 0):
     chat_eval_tasks(s)
 

@@ -23,13 +23,16 @@ in the history); a reply limit longer than the room left stops the reply at the 
 (finish_reason "length"). A client that disconnects (the page's stop button) stops its row.
 
 Robustness: bad requests get a 4xx JSON error (a negative or non-integer Content-Length, JSON
-nested too deeply: 400); a body that does not arrive within READ_TIMEOUT_S gets 408 and the
-connection closes; more than max_queue requests waiting for generation get 503 with Retry-After;
-the listen backlog (LISTEN_BACKLOG) holds a burst of simultaneous connections.
+nested too deeply, a message holding a lone surrogate: 400); a request's headers and body get
+READ_TIMEOUT_S in all from its start (headers that do not arrive: the connection closes; a body:
+408, then the connection closes); more than max_queue requests waiting for generation get 503
+with Retry-After; the listen backlog (LISTEN_BACKLOG) holds a burst of simultaneous connections;
+a client that hangs up (before or during its reply) ends its request quietly.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import queue
@@ -42,8 +45,9 @@ from lmtiny.model.sampling import SamplingParams, TextStream
 from lmtiny.tokenizer import fit_conversation
 
 MAX_BODY_BYTES = 1 << 20
-# Seconds a client gets to send its headers (per read) and its whole body; a socket write that
-# blocks this long (a client that stopped reading) ends the reply too.
+# Seconds a client gets to send a request, its headers and body together (not per read: bytes
+# trickled one at a time buy no time); a socket write that blocks this long (a client that stopped
+# reading) ends the reply too.
 READ_TIMEOUT_S = 5.0
 # Connections the kernel queues before the server accepts them (the standard library's 5 reset
 # 7 of 20 simultaneous clients); Linux caps it at net.core.somaxconn (4096 by default).
@@ -90,6 +94,15 @@ def _number(body: dict, key: str, default, cast, low, high):
   return cast(value)
 
 
+def _check_unicode(text: str, where: str) -> None:
+  """JSON's "\\ud800" decodes to a lone surrogate, which no tokenizer can encode."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RequestError(400, f"{where}: not valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at "
+                            f"character {e.start})") from None
+
+
 def _without_unanswered(messages: list[dict], system: int) -> list[dict]:
   """The messages less each exchange whose assistant message is empty (a stopped reply)."""
   kept = messages[:system]
@@ -133,6 +146,7 @@ class ChatEngine:
         raise RequestError(400, f"messages[{i}]: must be {{\"role\": \"{role}\", \"content\": <string>}} "
                                 "(an optional system message first, then user and assistant alternate, "
                                 "starting with user)")
+      _check_unicode(m["content"], f"messages[{i}].content")
     if (len(messages) - system) % 2 == 0:
       raise RequestError(400, "messages: the last message must be the user's")
     temperature = _number(body, "temperature", 0.8, float, 0.0, 10.0)
@@ -229,6 +243,30 @@ class ChatEngine:
                           on_finish=on_finish)
 
 
+class _DeadlineReads(io.RawIOBase):
+  """A connection's reads, each allowed only the time left until `deadline` (time.monotonic()), so a
+  request trickled a byte at a time gets no more time in all than one that sends nothing."""
+
+  def __init__(self, raw, sock):
+    super().__init__()
+    self.raw, self.sock, self.deadline = raw, sock, None
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    if self.deadline is not None:
+      left = self.deadline - time.monotonic()
+      if left <= 0:
+        raise TimeoutError("the request's deadline passed")
+      self.sock.settimeout(left)
+    return self.raw.readinto(buffer)
+
+  def close(self) -> None:
+    self.raw.close()
+    super().close()
+
+
 class Handler(BaseHTTPRequestHandler):
   engine: ChatEngine = None   # set by make_server
   info: dict = {}
@@ -237,6 +275,26 @@ class Handler(BaseHTTPRequestHandler):
 
   def log_message(self, format, *args):  # quiet: one line per request is noise in a terminal
     pass
+
+  def setup(self):
+    super().setup()
+    self._reads = _DeadlineReads(self.rfile.detach(), self.connection)
+    self.rfile = io.BufferedReader(self._reads)
+
+  def handle_one_request(self):
+    """One request, its request line, headers and body read within READ_TIMEOUT_S in all (the
+    standard library's TimeoutError handling then closes the connection; a late body gets 408).
+    A client gone before or during the reply (a closed tab, a reset) ends it without a traceback."""
+    self._reads.deadline = time.monotonic() + self.timeout
+    try:
+      super().handle_one_request()
+    except (BrokenPipeError, ConnectionResetError):
+      self.close_connection = True  # nobody to answer
+
+  def parse_request(self) -> bool:
+    ok = super().parse_request()  # the headers are read
+    self.connection.settimeout(self.timeout)  # a reply's writes get the whole timeout
+    return ok
 
   def _send(self, status: int, content_type: str, data: bytes, headers: dict | None = None):
     self.send_response(status)
@@ -281,21 +339,20 @@ class Handler(BaseHTTPRequestHandler):
     except RequestError as e:
       self._error(e)
       return
-    self.send_response(200)
-    self.send_header("Content-Type", "text/event-stream")
-    self.send_header("Cache-Control", "no-cache")
-    self.end_headers()
-    while True:
-      event = request.events.get()
-      try:
+    try:
+      self.send_response(200)
+      self.send_header("Content-Type", "text/event-stream")
+      self.send_header("Cache-Control", "no-cache")
+      self.end_headers()
+      while True:
+        event = request.events.get()
         self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
         self.wfile.flush()
-      except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        request.cancelled = True  # the page's stop button, a closed tab, a client that stopped reading
-        self.close_connection = True
-        return
-      if "done" in event or "error" in event:
-        return
+        if "done" in event or "error" in event:
+          return
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+      request.cancelled = True  # the page's stop button, a closed tab, a client that stopped reading
+      self.close_connection = True
 
   def _content_length(self) -> int:
     text = self.headers.get("Content-Length")
@@ -312,16 +369,10 @@ class Handler(BaseHTTPRequestHandler):
     return length
 
   def _read_body(self, length: int) -> bytes:
-    """The body, read within READ_TIMEOUT_S in all (not per read: a client trickling bytes gets
-    no more time than one that sends nothing)."""
-    deadline = time.monotonic() + self.timeout
+    """The body, read by the request's deadline (READ_TIMEOUT_S from its start, headers included)."""
     chunks, left = [], length
     try:
       while left:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-          raise TimeoutError
-        self.connection.settimeout(remaining)
         chunk = self.rfile.read1(min(left, 1 << 16))
         if not chunk:
           raise RequestError(400, f"body: the connection ended after {length - left} of the "

@@ -19,6 +19,7 @@ import copy
 import math
 
 from lmtiny import config as config_lib
+from lmtiny.errors import ConfigError
 from lmtiny.plan import arch
 
 BATCH_EXPONENT = 0.383
@@ -44,10 +45,32 @@ def reference_model(m, depth: int):
   return ref
 
 
+def _check_auto_batch_fields(t) -> None:
+  """The fields auto_batch_tokens divides by or takes the log of (resolve runs before config.validate)."""
+  if not t.tokens_per_param > 0:
+    raise ConfigError("config.train.auto_batch=True: needs train.tokens_per_param > 0 (the horizon it sizes for)")
+  for name in ("batch_reference_depth", "batch_reference_size"):
+    if not (isinstance(t[name], int) and t[name] >= 1):
+      raise ConfigError(f"config.train.{name}={t[name]!r}: must be an integer >= 1")
+
+
 def auto_batch_tokens(m, t) -> int:
-  """nanochat's batch size for this horizon, in tokens (a power of two)."""
+  """nanochat's batch size for this horizon, in tokens: a power of two, and a whole number of
+  train.seq_len rows (else a ConfigError naming the field to change)."""
+  _check_auto_batch_fields(t)
   ratio = horizon_tokens(m, t) / horizon_tokens(reference_model(m, t.batch_reference_depth), t)
-  return 2 ** round(math.log2(t.batch_reference_size * ratio ** BATCH_EXPONENT))
+  growth = ratio ** BATCH_EXPONENT
+  batch = 2 ** round(math.log2(t.batch_reference_size * growth))
+  if batch < t.seq_len:
+    # the exponent rounds up to log2(seq_len) or more once B_ref x growth > seq_len / sqrt(2)
+    minimum = math.floor(t.seq_len / (math.sqrt(2) * growth)) + 1
+    raise ConfigError(f"config.train.batch_reference_size={t.batch_reference_size!r}: train.auto_batch gives a batch "
+                      f"of {batch:g} tokens for this horizon, less than one row of train.seq_len={t.seq_len}; "
+                      f"needs >= {minimum} here")
+  if batch % t.seq_len:
+    raise ConfigError(f"config.train.seq_len={t.seq_len}: train.auto_batch gives a batch of {batch} tokens (a power "
+                      "of two), not a whole number of rows; use a power-of-two seq_len")
+  return batch
 
 
 def resolve(cfg):

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 # CheckpointCorrupt and FingerprintMismatch are raised here and imported from here by the loaders.
 from lmtiny.errors import RunFailed, UserError
-from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_line, reading
+from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_line, quiet_abandoned_io, reading
 
 
 class CheckpointError(UserError):
@@ -95,6 +95,7 @@ class Checkpointer:
     absl_logger = logging.getLogger("absl")
     if _drop_orbax_save_tracebacks not in absl_logger.filters:
       absl_logger.addFilter(_drop_orbax_save_tracebacks)
+    quiet_abandoned_io()  # a save that fails (a full disk) leaves its writes in flight, as a failed read does
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -7,7 +7,8 @@ CheckpointCorrupt is raised for a damaged checkpoint only: a tensorstore read er
 says the data is missing, cut short or undecodable, an undecodable JSON file, a missing file, a
 fingerprint mismatch (FingerprintMismatch). The fallbacks to an older checkpoint catch that and
 nothing else. `reading` also silences, once per process, the noise a failed orbax restore leaves on
-stderr (_quiet_abandoned_reads), so a skipped checkpoint is one warning line.
+stderr (quiet_abandoned_io), so a skipped checkpoint is one warning line; lmtiny.runs.checkpoint's
+Checkpointer does the same for a failed save (a full disk is one error line).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _tensorstore_line(text: str) -> str:
 def reading() -> Iterator[None]:
   """Reads of one checkpoint: an error that means it is damaged becomes CheckpointCorrupt (raised
   from it); anything else propagates unchanged."""
-  _quiet_abandoned_reads()
+  quiet_abandoned_io()
   try:
     yield
   except CheckpointCorrupt:
@@ -83,15 +84,16 @@ def reading() -> Iterator[None]:
     raise CheckpointCorrupt(why) from e
 
 
-def _quiet_abandoned_reads() -> None:
-  """Silences what a failed orbax read leaves behind, and only that. orbax runs each restore in an
-  event loop of its own and closes it as soon as one array read fails; the reads still in flight
-  in tensorstore then complete into the closed loop ("RuntimeError: Event loop is closed", one
-  traceback each through sys.unraisablehook), their coroutines are collected half-done (orbax's
-  re-raise inside them, unraisable again; the read coroutines not yet started: "never awaited"
-  warnings), and asyncio logs each failed task or gather nobody awaited any more with its whole
-  tensorstore spec. The failure itself is reported once, by whoever catches it. Installed once per
-  process (the hook again if something, such as pytest, puts its own back)."""
+def quiet_abandoned_io() -> None:
+  """Silences what a failed orbax read or write leaves behind, and only that. orbax runs each
+  restore (and each async save) in an event loop of its own and closes it as soon as one array
+  read (write: a full disk) fails; the operations still in flight in tensorstore then complete
+  into the closed loop ("RuntimeError: Event loop is closed", one traceback each through
+  sys.unraisablehook), their coroutines are collected half-done (orbax's re-raise inside them,
+  unraisable again; the read coroutines not yet started: "never awaited" warnings), and asyncio
+  logs each failed task or gather nobody awaited any more with its whole tensorstore spec. The
+  failure itself is reported once, by whoever catches it. Installed once per process (the hook
+  again if something, such as pytest, puts its own back)."""
   if not getattr(sys.unraisablehook, "lmtiny_quiet_reads", False):
     previous = sys.unraisablehook
 
@@ -113,7 +115,7 @@ _ORBAX_CODE = f"{os.sep}orbax{os.sep}"
 
 
 def _abandoned_read(unraisable) -> bool:
-  """An unraisable exception from a read that a failed orbax restore left behind."""
+  """An unraisable exception from a read (or write) that a failed orbax restore (or save) left behind."""
   e = unraisable.exc_value
   if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":  # a late result for a closed loop
     frames = [frame.f_code.co_name for frame, _ in _walk(e.__traceback__)]

@@ -34,7 +34,7 @@ from lmtiny.errors import UserError
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.tasks import gsm8k, humaneval, sandbox, spelling
 from lmtiny.tasks.core import centered, mean_centered
-from lmtiny.tasks.rows import EvalDataError, load_rows
+from lmtiny.tasks.rows import EvalDataError, load_rows, local_file
 from lmtiny.tasks.scoring import fit_row, Scorer
 from lmtiny.tokenizer import render_for_completion
 
@@ -83,35 +83,46 @@ def chat_task_names(spec: str, flag: str) -> list[str]:
 # -- rows --------------------------------------------------------------------------------------
 
 def _arc(row) -> Choice:
-  letters = tuple(row["choices"]["label"])
+  letters, texts = tuple(row["choices"]["label"]), tuple(row["choices"]["text"])
+  if len(letters) != len(texts):
+    raise ValueError(f"{len(letters)} labels for {len(texts)} texts")
   if row["answerKey"] not in letters:
     raise ValueError(f"answerKey {row['answerKey']!r} is not one of {letters}")
-  return Choice(row["question"], letters, tuple(row["choices"]["text"]), row["answerKey"])
+  return Choice(row["question"], letters, texts, row["answerKey"])
 
 
 def _mmlu(row) -> Choice:
   if len(row["choices"]) != len(MMLU_LETTERS):
     raise ValueError(f"{len(row['choices'])} choices, expected {len(MMLU_LETTERS)}")
-  return Choice(row["question"], MMLU_LETTERS, tuple(row["choices"]), MMLU_LETTERS[int(row["answer"])])
+  answer = int(row["answer"])
+  if not 0 <= answer < len(MMLU_LETTERS):  # -1 would index the last letter
+    raise ValueError(f"answer {answer} is not the index of one of the {len(MMLU_LETTERS)} choices")
+  return Choice(row["question"], MMLU_LETTERS, tuple(row["choices"]), MMLU_LETTERS[answer])
 
 
 _CHOICE = {"arc_easy": _arc, "arc_challenge": _arc, "mmlu": _mmlu}
-_FIELDS = {"gsm8k": ("question", "answer"), "humaneval": humaneval.FIELDS}
 
 
-def choice_item(name: str, row: dict, index: int = 0) -> Choice:
-  """Row `index` of a multiple-choice task in its source's layout, as a Choice."""
+def choice_item(name: str, row: dict, index: int = 0, where: str | None = None) -> Choice:
+  """Row `index` of a multiple-choice task in its source's layout, as a Choice; an error names
+  `where` (the file or source; default: the task)."""
   try:
     return _CHOICE[name](row)
   except (KeyError, TypeError, ValueError, IndexError) as e:
-    raise EvalDataError(f"{name}: row {index} is not in the source's layout ({type(e).__name__}: {e})") from None
+    raise EvalDataError(f"{where or name}: row {index} is not in the source's layout "
+                        f"({type(e).__name__}: {e})") from None
 
 
-def _check_fields(name: str, rows: Sequence[dict]) -> None:
+def _check_fields(where: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
   for i, row in enumerate(rows):
-    missing = [f for f in _FIELDS[name] if not isinstance(row.get(f), str)]
+    missing = [f for f in fields if not (isinstance(row, dict) and isinstance(row.get(f), str))]
     if missing:
-      raise EvalDataError(f"{name}: row {i} has no text field {', '.join(missing)}")
+      raise EvalDataError(f"{where}: row {i} has no text field {', '.join(missing)}")
+
+
+def _rows_source(name: str, data_dir: str | None) -> str:
+  """What an error about task `name`'s rows names: DATA_DIR's file, else the public source."""
+  return (local_file(data_dir, name) if data_dir else None) or TASKS[name].source
 
 
 def load_chat_rows(names: Sequence[str], data_dir: str | None = None, limit: int = 0,
@@ -126,11 +137,14 @@ def load_chat_rows(names: Sequence[str], data_dir: str | None = None, limit: int
       rows[name] = spelling.make_rows(spelling.load_words(data_dir, flag), n)
       continue
     rows[name] = load_rows(name, TASKS[name].source, data_dir, limit, flag=flag)
+    where = _rows_source(name, data_dir)
     if name in _CHOICE:
       for i, row in enumerate(rows[name]):
-        choice_item(name, row, i)
+        choice_item(name, row, i, where)
+    elif name == "gsm8k":
+      gsm8k.check_problems(rows[name], where)
     else:
-      _check_fields(name, rows[name])
+      _check_fields(where, rows[name], humaneval.FIELDS)
   return rows
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import random
 import shutil
@@ -43,7 +44,7 @@ from lmtiny.corpus.hub import probe
 from lmtiny.data.dataset import DEFAULT_CACHE_DIR
 from lmtiny.fs.atomic import atomic_directory
 from lmtiny.tasks import core
-from lmtiny.tasks.rows import EvalDataError, jsonl_rows
+from lmtiny.tasks.rows import EvalDataError, jsonl_rows, read_text
 from lmtiny.tasks.scoring import Scorer
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -161,8 +162,7 @@ def download(cache: str, flag: str = "--data-dir", url: str = BUNDLE_URL) -> Non
 
 def _read_yaml_tasks(path: str) -> list[dict]:
   try:
-    with open(path, encoding="utf-8") as f:
-      doc = yaml.safe_load(f)
+    doc = yaml.safe_load(read_text(path))
   except yaml.YAMLError as e:
     raise EvalDataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
   tasks = doc.get("icl_tasks") if isinstance(doc, dict) else None
@@ -174,8 +174,7 @@ def _read_yaml_tasks(path: str) -> list[dict]:
 def _read_baselines(path: str) -> dict[str, float]:
   if not os.path.isfile(path):
     raise EvalDataError(f"{path}: missing (each task's random baseline)")
-  with open(path, encoding="utf-8", newline="") as f:
-    rows = list(csv.DictReader(f))
+  rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
   if not rows or "Eval Task" not in rows[0] or "Random baseline" not in rows[0]:
     raise EvalDataError(f"{path}: needs the columns 'Eval Task' and 'Random baseline'")
   out = {}
@@ -194,16 +193,34 @@ def _shots(value, where: str) -> int:
   return first
 
 
+def _text(r, key: str) -> str:
+  if not isinstance(r[key], str):
+    raise TypeError(f"{key} must be text, not {type(r[key]).__name__}")
+  return r[key]
+
+
+def _texts(r, key: str) -> tuple[str, ...]:
+  if not isinstance(r[key], list) or not all(isinstance(t, str) for t in r[key]):
+    raise TypeError(f"{key} must be a list of texts, not {r[key]!r:.60}")
+  return tuple(r[key])
+
+
+def _gold(r) -> int:
+  if isinstance(r["gold"], bool) or not isinstance(r["gold"], int):
+    raise TypeError(f"gold must be an integer, not {r['gold']!r}")
+  return r["gold"]
+
+
 def _multiple_choice(r):
-  return _checked(core.Item((r["query"],), tuple(r["choices"]), int(r["gold"])))
+  return _checked(core.Item((_text(r, "query"),), _texts(r, "choices"), _gold(r)))
 
 
 def _schema(r):
-  return _checked(core.Item(tuple(r["context_options"]), (r["continuation"],), int(r["gold"])))
+  return _checked(core.Item(_texts(r, "context_options"), (_text(r, "continuation"),), _gold(r)))
 
 
 def _language_model(r):
-  return core.Item((r["context"].strip(),), (r["continuation"],))
+  return core.Item((_text(r, "context").strip(),), (_text(r, "continuation"),))
 
 
 def _checked(item: core.Item) -> core.Item:
@@ -240,7 +257,7 @@ def read_bundle(directory: str) -> list[BundleTask]:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise EvalDataError(f"{path}: missing (named by core.yaml's dataset_uri)")
   rows = list(jsonl_rows(path))
   if not rows:
@@ -249,10 +266,11 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def task_items(bt: BundleTask, limit: int = 0) -> list[core.Item]:
-  """The task's items in nanochat's order (shuffled with SHUFFLE_SEED), the first `limit` (0 = all)."""
-  rows = _read_jsonl(bt.task.source)
-  random.Random(SHUFFLE_SEED).shuffle(rows)
-  return core.convert_rows(f"{bt.task.source} ({bt.label})", bt.task, rows[:limit] if limit else rows)
+  """The task's items in nanochat's order (shuffled with SHUFFLE_SEED), the first `limit` (0 = all).
+  Every item is checked, in file order (an error names its row there), before the shuffle."""
+  items = core.convert_rows(f"{bt.task.source} ({bt.label})", bt.task, _read_jsonl(bt.task.source))
+  random.Random(SHUFFLE_SEED).shuffle(items)  # the permutation depends on the length alone
+  return items[:limit] if limit else items
 
 
 def load_suite(data_dir: str | None, limit: int = 0, flag: str = "--data-dir") -> Suite:

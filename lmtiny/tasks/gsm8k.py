@@ -21,6 +21,7 @@ import numpy as np
 
 from lmtiny.model.sampling import SamplingParams
 from lmtiny.tasks import calculator
+from lmtiny.tasks.rows import EvalDataError
 from lmtiny.tokenizer import render_for_completion
 
 _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -33,6 +34,20 @@ def extract_answer(text: str) -> str | None:
   """The number after the first `####`, commas and a trailing period dropped; None if absent."""
   m = _ANSWER.search(text)
   return m.group(1).replace(",", "").rstrip(".") if m else None
+
+
+def check_problems(rows: Sequence[dict], where: str) -> None:
+  """Rows {"question": text, "answer": text with a `#### <number>` line}, else an EvalDataError
+  naming `where` (the file) and the first bad row: a reference answer without `####` scores 0
+  whatever the reply (RL would train at reward 0 throughout). Counts the rows that lack one."""
+  for i, row in enumerate(rows):
+    missing = [f for f in ("question", "answer") if not (isinstance(row, dict) and isinstance(row.get(f), str))]
+    if missing:
+      raise EvalDataError(f"{where}: row {i} has no text field {', '.join(missing)}")
+  unanswered = [i for i, row in enumerate(rows) if extract_answer(row["answer"]) is None]
+  if unanswered:
+    raise EvalDataError(f"{where}: row {unanswered[0]}: the answer has no '#### <number>' line, so no reply could "
+                        f"score ({len(unanswered)} of {len(rows)} rows lack one)")
 
 
 def to_conversation(question: str, answer: str) -> list[dict]:

@@ -7,21 +7,53 @@ import os
 from typing import Iterator
 
 from lmtiny.corpus.sources import open_source, ParquetSource
-from lmtiny.errors import UserError
+from lmtiny.errors import first_line, UserError
 
 
 class EvalDataError(UserError):
   """Missing or malformed task data; the message names the file or source."""
 
 
+def _unreadable(path: str, error: OSError) -> EvalDataError:
+  return EvalDataError(f"{path}: cannot read ({error.strerror or first_line(error)})")
+
+
+def _not_utf8(where: str, error: UnicodeDecodeError, position: str) -> EvalDataError:
+  return EvalDataError(f"{where}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at {position})")
+
+
 def jsonl_rows(path: str) -> Iterator[dict]:
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  """The JSON value of each non-blank line of `path`; a line that is not UTF-8 or not JSON, or a
+  path that cannot be read (a directory), is an EvalDataError naming the file (and line)."""
+  try:
+    f = open(path, "rb")  # decoded line by line, so that an error names its line
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  with f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise _not_utf8(f"{path}:{lineno}", e, f"column {e.start + 1}") from None
       if line.strip():
         try:
           yield json.loads(line)
         except json.JSONDecodeError as e:
           raise EvalDataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_text(path: str) -> str:
+  """The whole of `path` as UTF-8 text (line endings as they are); an EvalDataError naming the file
+  when it cannot be read or is not UTF-8."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise _unreadable(path, e) from None
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, e, f"offset {e.start}") from None
 
 
 def local_file(data_dir: str, name: str) -> str | None:

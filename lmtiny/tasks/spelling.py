@@ -21,7 +21,7 @@ from lmtiny.corpus.hub import probe
 from lmtiny.data.dataset import DEFAULT_CACHE_DIR
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.tasks.gsm8k import extract_answer
-from lmtiny.tasks.rows import EvalDataError
+from lmtiny.tasks.rows import EvalDataError, read_text
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 WORD_LIST_FILE = "words_alpha.txt"
@@ -67,8 +67,7 @@ def load_words(data_dir: str | None = None, flag: str = "--data-dir", cache_dir:
     path = os.path.join(os.path.expanduser(cache_dir), WORD_LIST_FILE)
     if not os.path.exists(path):
       _download(path, flag)
-  with open(path, encoding="utf-8", errors="replace") as f:
-    words = [line.strip() for line in f if line.strip()]
+  words = [line.strip() for line in read_text(path).splitlines() if line.strip()]
   if not words:
     raise EvalDataError(f"{path}: no words")
   return words

@@ -45,6 +45,7 @@ from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import gsm8k
+from lmtiny.tasks.rows import local_file
 from lmtiny.tokenizer import render_for_completion
 from lmtiny.training import resume
 from lmtiny.training.loop import Trainer
@@ -88,6 +89,16 @@ def check_workdir(workdir: str, init_dir: str) -> None:
   """The RL run directory is not the init run, and holds no run of another kind (lmtiny.runs.kind)."""
   check_not_the_init_run(workdir, init_dir)
   runkind.check_kind(workdir, "rl")
+
+
+def problems_source(rl, split: str) -> str:
+  """What an error about RL's `split` problems ("gsm8k_train" or "gsm8k", held out) names: the file
+  in rl.data_dir, else the public source (lmtiny.rl reads them from there), or the toy set."""
+  if rl.data == "toy":
+    return f"the toy problems ({split})"
+  if rl.data_dir:
+    return local_file(rl.data_dir, split) or os.path.join(rl.data_dir, split)
+  return gsm8k.TRAIN_SOURCE if split == "gsm8k_train" else gsm8k.SOURCE
 
 
 def mesh_overrides(values: dict) -> dict[str, int]:
@@ -260,6 +271,13 @@ class Reinforce(Trainer):
     writer.write(step, "rl_eval", {"accuracy": result["accuracy"], "items": result["items"]})
     self.log(f"step {step:>5}/{self.s.steps} | eval accuracy {result['accuracy']:.3f} on {result['items']} problems")
     return result
+
+  def run(self, stop_after: int | None = None) -> dict:
+    """The run loop's run, once every problem has a question and a `####` answer: a bad row is one
+    line naming its file, before the run directory is written or the init run's weights are read."""
+    for split, rows in (("gsm8k_train", self.train_rows), ("gsm8k", self.eval_rows)):
+      gsm8k.check_problems(rows, problems_source(self.s, split))
+    return super().run(stop_after)
 
   # -- the run loop's hooks (lmtiny.training.loop.Trainer) ---------------------------------------
 

@@ -377,6 +377,84 @@ def test_favicon(served):
   assert 'rel="icon" href="/favicon.ico"' in _get(served[0], "/")
 
 
+def test_a_lone_surrogate_in_a_message_is_400(served):
+  # JSON's "\ud800" decodes to a str no tokenizer can encode: before, the connection was dropped.
+  raw = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+  status, headers, body = _raw(served[0], _post_head(str(len(raw)), raw))
+  assert status == 400 and headers["Connection"] == "close"
+  assert json.loads(body) == {"error": "messages[0].content: not valid Unicode (a lone surrogate U+D800 at character 3)"}
+
+
+def _own_server(served, read_timeout_s):
+  """A second server on the module's engine, with its own read timeout."""
+  server = make_server(_handler(served).engine, port=0, read_timeout_s=read_timeout_s)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server
+
+
+def test_headers_trickled_a_byte_at_a_time_get_no_more_than_the_deadline(served):
+  # Before: each byte reset a per-read timeout, so one header byte every 0.5 s held a thread for
+  # ever. Now headers and body together have READ_TIMEOUT_S (here 1.5 s) from the request's start.
+  server = _own_server(served, 1.5)
+  try:
+    with socket.create_connection(server.server_address, timeout=1) as conn:
+      started = time.monotonic()
+      conn.sendall(b"POST /chat/completions HTTP/1.1\r\n")
+      closed_after = None
+      for byte in b"X-Slow: " + b"x" * 20:  # at most ~10 s, then the test fails by itself
+        try:
+          conn.sendall(bytes([byte]))
+          conn.settimeout(0.5)
+          if conn.recv(65536) == b"":  # the server closed its side
+            closed_after = time.monotonic() - started
+            break
+        except TimeoutError:
+          continue  # still open: send the next byte
+        except (BrokenPipeError, ConnectionResetError):
+          closed_after = time.monotonic() - started
+          break
+    assert closed_after is not None and closed_after < 1.5 + 1.0, closed_after
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def _request_threads() -> int:
+  return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+
+def _hang_up(port, data: bytes, *, reset: bool, read_first: int = 0):
+  """Sends `data`, reads `read_first` bytes of the reply, and closes: with a reset (RST) or a FIN."""
+  conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+  conn.sendall(data)
+  if read_first:
+    conn.recv(read_first)
+  if reset:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+  conn.close()
+
+
+def test_clients_that_hang_up_before_or_during_the_reply_leave_no_traceback(served, capfd):
+  # Before: each left a traceback (BrokenPipeError, ConnectionResetError) on the server's stderr.
+  port = served[0]
+  body = json.dumps(dict(messages=_chat("Hi"), temperature=0.0, max_tokens=2)).encode()
+  before = _request_threads()
+  for _ in range(3):
+    for reset in (True, False):
+      _hang_up(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", reset=reset)
+      _hang_up(port, _post_head(str(len(body)), body), reset=reset)
+      _hang_up(port, _post_head(str(len(body)), body), reset=reset, read_first=1)  # mid-stream
+      _hang_up(port, _post_head("100", b"{"), reset=reset)  # mid-body
+  for _ in range(500):  # every handler thread is done
+    if _request_threads() <= before:
+      break
+    time.sleep(0.02)
+  status, events = _post(port, dict(messages=_chat("Hi"), max_tokens=2))  # still serving
+  assert status == 200 and events[-1]["done"]
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "Exception" not in err, err[-3000:]
+
+
 class _BlockedSampler:
   """Generates nothing until released: requests pile up in the queue."""
 

@@ -70,3 +70,35 @@ def test_auto_batch_needs_a_horizon():
   cfg.train.tokens_per_param = 0.0
   with pytest.raises(config_lib.ConfigError, match="config.train.auto_batch=True: needs train.tokens_per_param"):
     config_lib.validate(cfg)
+
+
+def test_auto_batch_under_one_row_names_the_reference_size_and_its_minimum():
+  # Before: a TypeError traceback (2 ** round(log2(...)) is a float below 1, written into an int field).
+  cfg = config_lib.nanochat_2026_config(12)
+  cfg.train.batch_reference_size = 1
+  with pytest.raises(config_lib.ConfigError) as e:
+    recipe.resolve(cfg)
+  message = str(e.value)
+  assert message.startswith("config.train.batch_reference_size=1: train.auto_batch gives a batch of ")
+  minimum = int(message.rsplit(">= ", 1)[1].split(" ")[0])
+  cfg.train.batch_reference_size = minimum  # the minimum it names works; one less does not
+  assert recipe.resolve(cfg).train.batch_tokens == cfg.train.seq_len
+  cfg.train.batch_reference_size = minimum - 1
+  with pytest.raises(config_lib.ConfigError):
+    recipe.resolve(cfg)
+
+
+def test_auto_batch_needs_rows_that_divide_a_power_of_two():
+  cfg = config_lib.nanochat_2026_config(12)
+  cfg.update_from_flattened_dict({"train.seq_len": 1536})
+  with pytest.raises(config_lib.ConfigError, match=r"^config.train.seq_len=1536: train.auto_batch gives a batch of "
+                                                   r"524288 tokens \(a power of two\), not a whole number of rows"):
+    recipe.resolve(cfg)
+
+
+def test_auto_batch_without_a_horizon_is_one_line_before_validation():
+  # resolve runs before config.validate (lmtiny.training.loop.Trainer): before, a ZeroDivisionError.
+  cfg = config_lib.nanochat_2026_config(12)
+  cfg.train.tokens_per_param = 0.0
+  with pytest.raises(config_lib.ConfigError, match="config.train.auto_batch=True: needs train.tokens_per_param"):
+    recipe.resolve(cfg)

@@ -65,11 +65,53 @@ def test_missing_or_malformed_data_is_one_line_naming_the_flag(tmp_path, monkeyp
     chat_suite.load_chat_rows(["spelling"], str(tmp_path), flag="config.sft.chat_eval_data_dir")
   (tmp_path / "arc_easy.jsonl").write_text(json.dumps({"question": "q", "choices": {"text": ["a"], "label": ["A"]},
                                                         "answerKey": "B"}) + "\n")
-  with pytest.raises(EvalDataError, match=r"^arc_easy: row 0 is not in the source's layout \(ValueError"):
+  with pytest.raises(EvalDataError, match=rf"^{tmp_path}/arc_easy.jsonl: row 0 is not in the source's layout \(ValueError"):
     chat_suite.load_chat_rows(["arc_easy"], str(tmp_path))
   (tmp_path / "humaneval.jsonl").write_text(json.dumps({"prompt": "def f():\n", "test": "x"}) + "\n")
-  with pytest.raises(EvalDataError, match=r"^humaneval: row 0 has no text field entry_point$"):
+  with pytest.raises(EvalDataError, match=rf"^{tmp_path}/humaneval.jsonl: row 0 has no text field entry_point$"):
     chat_suite.load_chat_rows(["humaneval"], str(tmp_path))
+
+
+def _first_row_changed(tmp_path, name, change):
+  """DATA_DIR/<name>.jsonl: the fixture with `change` applied to its first row."""
+  rows = _fixture(name)
+  change(rows[0])
+  (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("name, change, message", [
+    # Before, scored as if valid: MMLU_LETTERS[-1] is "D"; zip() dropped the texts without a label
+    ("mmlu", lambda r: r.update(answer=-1), "row 0 is not in the source's layout (ValueError: answer -1 is not "
+     "the index of one of the 4 choices)"),
+    ("mmlu", lambda r: r.update(answer=4), "row 0 is not in the source's layout (ValueError: answer 4 is not "),
+    ("arc_easy", lambda r: r["choices"]["label"].pop(), "row 0 is not in the source's layout (ValueError: 3 labels "
+     "for 4 texts)"),
+    ("arc_challenge", lambda r: r["choices"]["text"].pop(), "row 0 is not in the source's layout (ValueError: 4 "
+     "labels for 3 texts)"),
+    # Before, scored 0 whatever the reply (the reference has no answer to match)
+    ("gsm8k", lambda r: r.update(answer="7 apples"), "row 0: the answer has no '#### <number>' line, so no "
+     "reply could score (1 of 2 rows lack one)"),
+    ("gsm8k", lambda r: r.update(answer=7), "row 0 has no text field answer"),
+])
+def test_a_row_that_would_be_scored_wrongly_is_one_line_naming_the_file_and_row(tmp_path, name, change, message):
+  _first_row_changed(tmp_path, name, change)
+  with pytest.raises(EvalDataError) as e:
+    chat_suite.load_chat_rows([name], str(tmp_path))
+  assert str(e.value).startswith(f"{tmp_path / name}.jsonl: {message}"), str(e.value)
+
+
+def test_a_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tmp_path):
+  # Before, a UnicodeDecodeError / IsADirectoryError traceback (every jsonl task: one shared reader).
+  text = open(os.path.join(FIXTURES, "mmlu.jsonl"), "rb").read()
+  (tmp_path / "mmlu.jsonl").write_bytes(text.replace(b"Mercury", b"Merc\xfcry"))
+  with pytest.raises(EvalDataError, match=rf"^{tmp_path}/mmlu.jsonl:2: not UTF-8 text \(byte 0xfc at column \d+\)$"):
+    chat_suite.load_chat_rows(["mmlu"], str(tmp_path))
+  (tmp_path / "gsm8k.jsonl").mkdir()
+  with pytest.raises(EvalDataError, match=rf"^{tmp_path}/gsm8k.jsonl: cannot read \(Is a directory\)$"):
+    chat_suite.load_chat_rows(["gsm8k"], str(tmp_path))
+  (tmp_path / "words_alpha.txt").mkdir()  # the spelling task's word list
+  with pytest.raises(EvalDataError, match=rf"^{tmp_path}/words_alpha.txt: cannot read \(Is a directory\)$"):
+    spelling.load_words(str(tmp_path))
 
 
 def test_offline_without_a_data_dir_is_one_line_naming_the_flag(monkeypatch, tmp_path):

@@ -6,12 +6,25 @@ import pytest
 
 from lmtiny.model.sampling import Generation, SamplingParams
 from lmtiny.tasks import gsm8k
+from lmtiny.tasks.rows import EvalDataError
+from lmtiny.tasks.toy import toy_rows
 
 
 def test_answer_extraction_and_reward():
   assert gsm8k.extract_answer("so 3 + 4 = 7\n#### 1,234.") == "1234"
   assert gsm8k.extract_answer("#### -5") == "-5" and gsm8k.extract_answer("no answer") is None
   assert gsm8k.reward("x #### 72", "y\n#### 72") == 1.0 and gsm8k.reward("#### 7", "#### 72") == 0.0
+
+
+def test_problems_are_checked_for_a_question_and_a_numbered_answer():
+  gsm8k.check_problems(toy_rows(200), "toy")  # the project's own set passes
+  rows = [{"question": "q", "answer": "#### 1"}, {"question": "q", "answer": "one"}, "not a row",
+          {"question": "q", "answer": "none"}]
+  with pytest.raises(EvalDataError, match=r"^f.jsonl: row 2 has no text field question, answer$"):
+    gsm8k.check_problems(rows, "f.jsonl")
+  with pytest.raises(EvalDataError, match=r"^f.jsonl: row 1: the answer has no '#### <number>' line, so no reply "
+                                          r"could score \(2 of 3 rows lack one\)$"):
+    gsm8k.check_problems(rows[:2] + rows[3:], "f.jsonl")
 
 
 def test_annotations_become_tool_parts():

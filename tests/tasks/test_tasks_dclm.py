@@ -5,13 +5,15 @@ end to end, and the ways to the bundle (--data-dir, the cache, a download, offli
 import json
 import os
 import random
+import re
+import shutil
 import zipfile
 
 import numpy as np
 import pytest
 
 from lmtiny import eval as eval_cli
-from lmtiny.tasks import core, dclm
+from lmtiny.tasks import core, dclm, model_loading
 from lmtiny.tasks.model_loading import load_model
 from lmtiny.tasks.rows import EvalDataError
 from lm_fixtures import ROOT
@@ -146,7 +148,6 @@ def test_language_modelling_prompts(loaded):
 
 @pytest.fixture(scope="module")
 def run_dir(chat_run, tmp_path_factory):
-  import shutil
   copy = str(tmp_path_factory.mktemp("dclm") / "run")
   shutil.copytree(chat_run, copy)
   return copy
@@ -195,8 +196,7 @@ def test_no_bundle_is_one_line_and_exit_2(run_dir, tmp_path, capsys, monkeypatch
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   cache = str(tmp_path / "cache" / "eval_bundle")
   monkeypatch.setattr(dclm, "CACHE_DIR", cache)
-  from lmtiny.tasks import model_loading as loading
-  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
+  monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
   assert eval_cli.main(["--workdir", run_dir, *args]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and message.format(cache=cache) in err and err.count("\n") == 1
@@ -241,6 +241,22 @@ def test_a_cache_directory_lmtiny_did_not_fill_is_left_alone(tmp_path, monkeypat
   assert os.listdir(cache) == ["notes.txt"]
 
 
+COPA = os.path.join("eval_data", "commonsense_reasoning", "copa.jsonl")
+
+
+def _spoil(path, head: bytes):
+  """`path` with its first bytes replaced by `head` (bytes that are not UTF-8 text)."""
+  path.write_bytes(head + path.read_bytes()[len(head):])
+
+
+def _items(bundle, **fields):
+  """copa.jsonl with its first item's `fields` replaced (the items in file order: row 0 is the first)."""
+  path = bundle / COPA
+  items = [json.loads(line) for line in path.read_text().splitlines()]
+  items[0].update(fields)
+  path.write_text("".join(json.dumps(item) + "\n" for item in items))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda b: (b / "core.yaml").write_text("icl_tasks: [{label: x}]\n"), "needs label, dataset_uri and icl_task_type"),
     (lambda b: (b / "core.yaml").write_text((b / "core.yaml").read_text().replace("icl_task_type: schema", "icl_task_type: cloze", 1)),
@@ -249,11 +265,35 @@ def test_a_cache_directory_lmtiny_did_not_fill_is_left_alone(tmp_path, monkeypat
     (lambda b: os.remove(b / "eval_data" / "reading_comprehension" / "squad.jsonl"), "squad.jsonl: missing"),
     (lambda b: (b / "eval_data" / "commonsense_reasoning" / "copa.jsonl").write_text('{"query": "x", "choices": ["a"], "gold": 0}\n'),
      "copa.jsonl (copa): row 0 is not in the task's layout (ValueError: gold=0 with 1 options)"),
+    # Before, a UnicodeDecodeError traceback (the three kinds of file the bundle has)
+    (lambda b: _spoil(b / COPA, b'{"query": "caf\xe9"'), f"{COPA}:1: not UTF-8 text (byte 0xe9 at column 15)"),
+    (lambda b: _spoil(b / "core.yaml", b"# \xff\n"), "core.yaml: not UTF-8 text (byte 0xff at offset"),
+    (lambda b: _spoil(b / "eval_meta_data.csv", b"\xfe"), "eval_meta_data.csv: not UTF-8 text (byte 0xfe at offset"),
+    (lambda b: (os.remove(b / COPA), os.mkdir(b / COPA)), f"{COPA}: cannot read (Is a directory)"),
+    # Before, a crash once the model had loaded (numbers), or scored as if valid (a string's letters as choices)
+    (lambda b: _items(b, query=7), "copa.jsonl (copa): row 0 is not in the task's layout (TypeError: query must be "
+     "text, not int)"),
+    (lambda b: _items(b, choices=[1, 2]), "copa.jsonl (copa): row 0 is not in the task's layout (TypeError: choices "
+     "must be a list of texts, not [1, 2])"),
+    (lambda b: _items(b, choices="ab"), "copa.jsonl (copa): row 0 is not in the task's layout (TypeError: choices "
+     "must be a list of texts, not 'ab')"),
+    (lambda b: _items(b, gold=True), "copa.jsonl (copa): row 0 is not in the task's layout (TypeError: gold must be "
+     "an integer, not True)"),
 ])
 def test_a_damaged_bundle_is_one_line_naming_the_file(tmp_path, edit, message):
-  import shutil
   bundle = tmp_path / "eval_bundle"
   shutil.copytree(BUNDLE, bundle)
   edit(bundle)
-  with pytest.raises(EvalDataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(EvalDataError, match=re.escape(message)):
     dclm.load_suite(str(tmp_path))
+
+
+@pytest.mark.parametrize("edit", [lambda b: _items(b, query=7), lambda b: _spoil(b / COPA, b"\xff")])
+def test_eval_refuses_a_damaged_bundle_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch, edit):
+  bundle = tmp_path / "eval_bundle"
+  shutil.copytree(BUNDLE, bundle)
+  edit(bundle)
+  monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
+  assert eval_cli.main(["--workdir", run_dir, "--tasks", "core", "--data-dir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {bundle / COPA}") and err.count("\n") == 1, err

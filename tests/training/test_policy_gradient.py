@@ -13,11 +13,13 @@ import jax
 import numpy as np
 import pytest
 
+from lmtiny import rl as rl_cli
 from lmtiny.errors import ConfigError
 from lmtiny.runs.lock import RunLock, WorkdirBusy
 from lmtiny.tasks import gsm8k
 from lmtiny.tasks.gsm8k import ToolGeneration
 from lmtiny.tasks.toy import toy_rows
+from lmtiny.training import policy_gradient
 from lmtiny.training.loop import TrainingDiverged
 from lmtiny.training.policy_gradient import build_batch, Reinforce, rl_mesh, rl_settings, RLError, step_questions
 
@@ -381,6 +383,29 @@ def test_every_rl_field_is_checked_as_the_flags_are_parsed(chat_run, tmp_path, c
   assert rl.main(argv) == 2
   assert capsys.readouterr().err == f"error: {message}\n"
   assert os.listdir(tmp_path) == []
+
+
+GOOD_ROW = {"question": "Ann has 2 pens and gets 3 more. How many pens?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"answer": "#### 5"}, "row 1 has no text field question"),
+    ({"question": "q", "answer": 5}, "row 1 has no text field answer"),
+    ({"question": "q", "answer": "five"}, "row 1: the answer has no '#### <number>' line, so no reply could score "
+     "(1 of 3 rows lack one)"),
+])
+def test_problems_without_a_question_or_a_numbered_answer_are_refused_before_the_run(
+    chat_run, tmp_path, capsys, monkeypatch, bad_row, message):
+  # Before: a KeyError / TypeError mid-run, or (no ####) training at reward 0 throughout, silently.
+  monkeypatch.setattr(policy_gradient, "load_weights", lambda *a, **k: pytest.fail("read the init run's weights"))
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "gsm8k_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (GOOD_ROW, bad_row, GOOD_ROW)))
+  (data / "gsm8k.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+  argv = ["--init", chat_run, "--workdir", str(tmp_path / "rl"), f"--config.rl.data_dir={data}"]
+  assert rl_cli.main(argv) == 2
+  assert capsys.readouterr().err == f"error: {data / 'gsm8k_train.jsonl'}: {message}\n"
+  assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,13 +7,14 @@ import json
 import os
 import struct
 import subprocess
+import types
 
 import numpy as np
 import pytest
 
 from lm_fixtures import ROOT
 from readonly import ReadOnly
-from lmtiny import bench, eval as eval_cli, import_hf
+from lmtiny import bench, eval as eval_cli, import_hf, train
 from lmtiny.fs import outputs
 from lmtiny.interop import convert
 from lmtiny.interop.safetensors_io import write_file
@@ -121,6 +122,38 @@ def test_the_write_probe_leaves_nothing_on_a_full_disk(tmp_path, monkeypatch):
       check(str(tmp_path / "out"), "--out")
     assert str(e.value) == f"--out={tmp_path / 'out'}: cannot write to {tmp_path} (No space left on device)"
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values accepted before and then NaN (or a traceback) once the run had started.
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.qk_scale=inf", "config.model.qk_scale=inf: must be a finite number > 0"),
+    ("optim.weight_decay=nan", "config.optim.weight_decay=nan: must be a finite number >= 0"),
+    ("optim.unembed_lr=nan", "config.optim.unembed_lr=nan: must be a finite number >= 0"),
+    ("optim.embed_lr=-0.1", "config.optim.embed_lr=-0.1: must be a finite number >= 0"),
+    ("model.init_std=-0.02", "config.model.init_std=-0.02: must be a finite number > 0"),
+    ("train.tokens_per_param=-20", "config.train.tokens_per_param=-20.0: must be a finite number >= 0"),
+])
+def test_train_refuses_a_nan_or_negative_float_field_before_anything(tmp_path, capsys, monkeypatch, override,
+                                                                     message):
+  monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("built the data before the check"))
+  workdir = tmp_path / "run"
+  line = _one_error(capsys, train.main(["train", "--config", TINY, f"--config.{override}", f"--workdir={workdir}"]))
+  assert line == f"error: {message}"
+  assert os.listdir(tmp_path) == []
+
+
+def test_train_auto_batch_with_a_reference_batch_under_one_row_is_one_line(tmp_path, capsys, monkeypatch):
+  # Before: a TypeError traceback (a batch of 0.25 tokens written into the int field batch_tokens).
+  monkeypatch.setattr(train, "load_data", lambda *a, **k: types.SimpleNamespace())
+  workdir = tmp_path / "run"
+  argv = ["train", "--config", TINY, "--config.train.auto_batch=True", "--config.train.tokens_per_param=20",
+          "--config.train.batch_reference_size=1", f"--workdir={workdir}"]
+  line = _one_error(capsys, train.main(argv))
+  assert line.startswith("error: config.train.batch_reference_size=1: train.auto_batch gives a batch of 0.25 tokens")
+  assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------
