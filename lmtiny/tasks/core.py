@@ -13,10 +13,10 @@ Three kinds of item, each scored by the log-likelihood of continuations given a 
                    tokens end (with `strip_prefix`, the prompt with its trailing whitespace
                    stripped, as nanochat renders DCLM's language-modelling tasks)
 Normalisation: "token" divides the continuation's loss by its token count (mean loss, as
-nanochat and LLM Foundry do), "char" by its character count (lm-eval-harness's acc_norm). Under
-"char" a multiple-choice option is scored whole, from the end of the context, so that the loss
-and the character count cover the same text; a common first word would otherwise be left out
-of one and kept in the other. Few-shot examples are drawn from
+nanochat and LLM Foundry do), "char" as lm-eval-harness's acc_norm does: the loss of the whole
+option, scored from the end of the context (its leading delimiter included, as lm-eval scores
+`delimiter + option`), over the option's own characters (len(option), the delimiter not counted).
+Scoring the option whole keeps a common first word in the loss as it is in the count. Few-shot examples are drawn from
 the same task, never the item itself, with a generator seeded per item (deterministic).
 Accuracy is centered by chance: (acc - chance) / (1 - chance); HF6 is the mean over its tasks.
 """
@@ -168,8 +168,8 @@ def item_correct(task: Task, item: Item, scores, norm: str = "token") -> bool:
   if task.kind == "language_model":
     return scores[0].greedy_match
   if norm == "char":
-    d = task.delimiter  # the scored text starts with it (the option scored whole, see item_rows)
-    lengths = [len(d + c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
+    # lm-eval's acc_norm: the loss of delimiter + option over len(option) (see the module docstring)
+    lengths = [len(c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
     losses = [s.loss_sum / max(n, 1) for s, n in zip(scores, lengths)]
   else:
     losses = [s.loss_sum / max(s.tokens, 1) for s in scores]

@@ -91,11 +91,23 @@ def test_char_norm_scores_each_option_whole(loaded):
   assert [scored(r) for r in by_char] == list(items[0].choices)
   assert [scored(r) for r in by_token] == ["cat sat", "dog ran far"]
   assert [r.ids for r in by_char] == [r.ids for r in by_token]  # same text, only the span differs
-  # The char norm divides by the characters scored: the delimiter and the option.
+  # The char norm divides by the option's characters, as lm-eval-harness's acc_norm does
+  # (len(choice): the delimiter is scored but not counted).
   Score = collections.namedtuple("Score", "loss_sum tokens greedy_match")
   scores = [Score(11.0, 3, False), Score(16.0, 5, False)]
-  assert core.item_correct(task, items[0], scores, "char")  # 11/12 < 16/16: the gold option
+  assert core.item_correct(task, items[0], scores, "char")  # 11/11 < 16/15: the gold option
   assert not core.item_correct(task, items[0], scores, "token")  # 11/3 > 16/5
+
+
+def test_char_norm_picks_what_lm_eval_acc_norm_picks():
+  # Options "a" and "bb": lm-eval divides by 1 and 2 (1.0 > 0.95: "bb"); dividing by the
+  # delimiter too (1.0/2 < 1.9/3) would pick "a".
+  task = core.TASKS["arc_easy"]
+  item = core.Item(("Question: q\nAnswer:",), ("a", "bb"), 1)
+  Score = collections.namedtuple("Score", "loss_sum tokens greedy_match")
+  scores = [Score(1.0, 1, False), Score(1.9, 1, False)]
+  assert [s.loss_sum / len(c) for s, c in zip(scores, item.choices)] == [1.0, 0.95]
+  assert core.item_correct(task, item, scores, "char")
 
 
 @pytest.mark.slow(seconds=4)
