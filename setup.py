@@ -22,6 +22,7 @@ setup(
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "pyarrow>=15",        # parquet sources (FineWeb-Edu shards)
+        "huggingface_hub>=0.24",  # hf: sources (eval tasks, RL and SFT data, FineWeb-Edu); ~5 MB with hf-xet
         "matplotlib>=3.8",    # loss-curve and LR-finder plots
         "tqdm>=4.66",         # progress bars
     ],

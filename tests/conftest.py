@@ -22,6 +22,8 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN
 
 import pytest  # noqa: E402
 
+pytest_plugins = ["skip_log"]  # LMTINY_SKIPPED_LOG: what .ci/run runs again with the optional packages
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):

@@ -76,6 +76,7 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.slow(seconds=36)
 def test_smoke_run_leaves_logs_and_a_summary_with_tokens_per_second(tmp_path):
+  pytest.importorskip("torch")  # its torch parts time PyTorch's side of the comparison
   proc, out = _suite(tmp_path)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   files = sorted(p.name for p in out.iterdir())

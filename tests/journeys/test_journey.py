@@ -34,8 +34,11 @@ def test_the_readme_has_the_two_quick_start_commands_and_ci_types_the_test_one()
   quick = commands(read(README))[:2]
   assert quick == ['pip install -e . && python -m lmtiny.train --config configs/tiny.py      # train the demo model',
                    f"{TEST_COMMAND}              # run the tests"]
-  ci = [line.strip() for line in read(".ci/run").splitlines() if line.strip() and not line.startswith("#")]
-  assert ci[-1] == TEST_COMMAND
+  # .ci/run types it first, in a fresh venv, with nothing pip-installed before it
+  ci = [line.strip() for line in read(".ci/run").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+  typed = ci.index(TEST_COMMAND)
+  assert not [line for line in ci[:typed] if "pip " in line or "pytest" in line], ci[:typed]
+  assert any(line.startswith("python3 -m venv ") for line in ci[:typed])
 
 
 def test_command_parsing_and_dry_run_insertion():

@@ -6,7 +6,6 @@ tests/nanochat_optim_reference.py) give the same losses and weights, fp32 on CPU
 import jax
 import numpy as np
 import pytest
-import torch.nn.functional as F  # noqa: F401  (torch is needed; importorskip below guards the rest)
 from flax import nnx
 
 from lmtiny import config as config_lib
