@@ -31,7 +31,7 @@ from lmtiny.model.quant import check_flags
 from lmtiny.model.sampling import Sampler
 from lmtiny.runs import card as report
 from lmtiny.runs.directory import load_run
-from lmtiny.tasks import chat_suite, core, dclm, gsm8k
+from lmtiny.tasks import chat_suite, core, dclm, gsm8k, sandbox
 from lmtiny.tasks.core import HF6, mean_centered, task_names, TASKS
 from lmtiny.tasks import model_loading
 from lmtiny.tasks.rows import load_rows
@@ -61,6 +61,9 @@ def parse_args(argv):
   p.add_argument("--group-size", type=int, default=None, help="--quantize: input rows per scale")
   p.add_argument("--chat", action="store_true", help="nanochat's chat evaluations on a chat run, instead of --tasks")
   p.add_argument("--chat-tasks", default="all", help="--chat: all or a comma list of " + ", ".join(chat_suite.TASKS))
+  p.add_argument("--allow-unisolated-code", action="store_true",
+                 help="--chat HumanEval: where the kernel allows no user namespaces, run the model's code with "
+                 "only rlimits and seccomp instead of refusing (lmtiny.tasks.sandbox)")
   return p.parse_args(argv)
 
 
@@ -87,11 +90,14 @@ def evaluate_chat(args) -> dict:
   names = chat_suite.chat_task_names(args.chat_tasks, "--chat-tasks")
   check_numbers(args)
   check_flags(args.quantize, args.group_size)
+  limits = sandbox.Limits(allow_unisolated_code=args.allow_unisolated_code)
+  if "humaneval" in names:
+    sandbox.check_isolation(limits)  # a kernel that cannot isolate its code: refused before anything loads
   run = load_run(args.workdir, args.step)
   rows = chat_suite.load_chat_rows(names, args.data_dir, args.max_items)
   loaded = model_loading.load_model(run, quantize=args.quantize, group_size=args.group_size)
   results = chat_suite.evaluate_chat_model(loaded.model, loaded.mesh, loaded.tokenizer, rows,
-                                           max_new_tokens=args.max_new_tokens, batch=args.batch)
+                                           max_new_tokens=args.max_new_tokens, batch=args.batch, limits=limits)
   return {"step": loaded.step, "results": {}, "chat": results}
 
 

@@ -1,149 +1,329 @@
-"""The sandbox's child process (lmtiny.tasks.sandbox starts it; nothing imports it).
+"""The sandbox's trusted side inside (lmtiny.tasks.sandbox starts it; nothing imports it).
 
-  python -I -S -X utf8 sandbox_child.py DIR REPORT_FD MEMORY_BYTES CPU_SECONDS FILE_BYTES NETNS
+  python -I -S -X utf8 sandbox_child.py < config.json   # run one program (and its checker)
+  python -I -S sandbox_child.py --libraries             # the shared libraries the stdlib loads, as JSON
 
-Runs DIR/program.py after closing every way out it can, in this order: a new network namespace
-(unshare(CLONE_NEWUSER | CLONE_NEWNET) through libc, when NETNS is 1 and the kernel allows it:
-the process then sees only a loopback device that is down), resource limits (address space, CPU
-time, file size, no core files), then an audit hook that refuses, for the rest of the process:
-sockets, starting processes (subprocess, os.system, exec*, spawn*, fork, posix_spawn, pty),
-signals to other processes, ctypes, and file system access outside DIR (writes, deletions,
-renames, links and mode changes anywhere outside DIR; reads outside DIR and the standard library).
-Standard library only: with -I -S nothing but the standard library can be imported.
-
-What it writes to REPORT_FD (one line each): `netns <ok|why not>` at the start, `refused <event>
-<detail>` at the first refusal, `done` when the program ran to its end. The parent's verdict
-needs `done` and exit status 0, so code that exits early (sys.exit, os._exit) has not passed.
-This is a guard against the accidents of generated code, not a wall against an adversary who
-writes Python to defeat it; the namespace and the limits are the kernel's.
+The processes, each started by the one above it:
+  setup    this script: reads its config from stdin, enters new namespaces and pivots into a private
+           root (lmtiny.tasks.isolation), reports on the trusted fd, starts `init` and waits for it;
+  init     PID 1 of the new PID namespace: starts `program` (and `checker`), waits, reports their
+           exits on the trusted fd; when it exits the kernel kills whatever is left in the namespace;
+  program  runs the untrusted source, then (with a checker) answers calls to its functions, taking
+           arguments and giving results as data only (lmtiny.tasks.sandbox_wire); writes its own
+           account (errors, "done") on the report fd, which only the parent's verdict on a whole
+           program, and statuses other than passed, listen to;
+  checker  reads the trusted checker source (a problem's tests) from its own fd, which no other
+           process here reads (so the program's memory never holds the tests), runs it with
+           `__program__.<name>` calling the program's functions, and writes the verdict on the
+           trusted fd, which `program` never has.
+`program` and `checker` keep only their own fds, get rlimits, drop every capability, and run under
+the seccomp filter (lmtiny.tasks.seccomp) before any code of theirs runs. Nothing untrusted runs in
+`setup` or `init`. Standard library only: -I -S puts nothing else on the path.
 """
+import builtins
+import ctypes
+import fcntl
+import json
 import os
+import resource
+import signal
 import sys
+import traceback
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
-_ALWAYS_REFUSED = ("subprocess.Popen", "os.system", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-                   "os.forkpty", "os.kill", "os.killpg", "pty.spawn", "os.startfile", "signal.pthread_kill",
-                   "sys.remote_exec")
-_REFUSED_PREFIXES = ("socket.", "ctypes.", "_winapi.", "winreg.")
-_REFUSED_IMPORTS = ("_posixsubprocess", "_ctypes", "ctypes", "_xxsubinterpreters", "_posixshmem")
-# os.* events whose path arguments only read (listing a directory); every other os.* path event changes the
-# file system and must stay inside the sandbox's directory
-_READ_EVENTS = ("os.listdir", "os.scandir", "os.chdir", "os.getxattr", "os.listxattr", "os.walk", "os.fwalk",
-                "glob.glob", "glob.glob/2")
-_PATH_ARGS = {"os.rename": 2, "os.link": 2, "os.symlink": 2}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the stdlib: its names win
+import isolation  # noqa: E402  pylint: disable=wrong-import-position
+import sandbox_wire as wire  # noqa: E402  pylint: disable=wrong-import-position
+import seccomp  # noqa: E402  pylint: disable=wrong-import-position
+
+sys.path.pop()
+# the fds the program and the checker see (_confine moves their pipes there)
+PROGRAM_REPORT, CALLS, ANSWERS = 3, 4, 5   # the program: its own account; calls in; answers out
+VERDICT, CHECKER_SOURCE = 3, 6             # the checker: the trusted channel; its source (also CALLS, ANSWERS)
+_FIRST_FREE_FD = 64  # above every number _confine hands out
+_MAX_FDS = 256  # open files (and pipes, whose buffers are kernel memory) per process
+_REFUSED_ERRNOS = (1, 13, 30)  # EPERM, EACCES, EROFS: what the sandbox answers to what it refuses
+# extension modules whose libraries no program here needs (terminals, GUIs, test helpers)
+_UNNEEDED = ("_test", "_xx", "xx", "_tkinter", "_curses", "readline", "nis", "ossaudiodev", "_dbm", "_gdbm")
 
 
-def _report(fd: int, line: str) -> None:
+def tell(fd: int, message: dict) -> None:
+  """One JSON line (control characters escaped, so a message is exactly one line)."""
   try:
-    os.write(fd, (line.replace("\n", " ")[:300] + "\n").encode("utf-8", "replace"))
+    os.write(fd, json.dumps(message, ensure_ascii=True).encode() + b"\n")
   except OSError:
     pass
 
 
-def enter_network_namespace() -> str:
-  """'ok', or why a new network namespace could not be entered (the audit hook still refuses
-  sockets). Loads libc through ctypes before the hook exists; the hook refuses ctypes afterwards."""
+def one_line(error: BaseException) -> str:
+  text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+  return " ".join(text.split())[:300]
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+def _binds(config: dict) -> list[str]:
+  """The stdlib's directories on sys.path and the libraries it loads; none inside another."""
+  paths = sorted({os.path.realpath(p) for p in sys.path if os.path.exists(p)} | set(config["libraries"]))
+  kept: list[str] = []
+  for path in paths:
+    if not any(path.startswith(k + os.sep) for k in kept):
+      kept.append(path)
+  return kept
+
+
+def isolate(config: dict) -> str:
+  """'namespaces', or (where allowed) 'none: <why>'; exits after one `unavailable` line otherwise."""
   try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-      return f"unshare failed: {os.strerror(ctypes.get_errno())}"
-    return "ok"
-  except (OSError, AttributeError, ImportError) as e:
-    return f"unshare unavailable: {type(e).__name__}"
+    if config["refuse_user_namespaces"]:  # a test's stand-in for a kernel that refuses them
+      if seccomp.ARCH is None:
+        raise isolation.IsolationError(1, "unshare: Operation not permitted (simulated)")
+      seccomp.install(os.getpid(), refused=("unshare",), threads_only=False)
+    isolation.enter_namespaces()
+    stdlib = os.path.dirname(os.__file__)
+    isolation.build_root(config["root"], _binds(config), config["work_bytes"],
+                         hide=(os.path.join(stdlib, "site-packages"),))
+    return "namespaces"
+  except OSError as e:
+    why = e.strerror if isinstance(e, isolation.IsolationError) else one_line(e)
+    if not config["allow_unisolated"]:
+      tell(config["trusted_fd"], {"unavailable": why})
+      sys.exit(3)
+    return f"none: {why}"
+
+
+# -- init --------------------------------------------------------------------------------------
+
+def _describe(status: int | None) -> dict:
+  if status is None:
+    return {}
+  if os.WIFSIGNALED(status):
+    return {"signal": os.WTERMSIG(status)}
+  return {"code": os.waitstatus_to_exitcode(status)}
+
+
+def init(config: dict, isolated: bool) -> int:
+  isolation.die_with_parent()
+  checked = config["checked"]
+  calls, answers = (os.pipe(), os.pipe()) if checked else ((-1, -1), (-1, -1))
+  keep = {1: 1, 2: 2, config["report_fd"]: PROGRAM_REPORT}
+  if checked:
+    keep.update({calls[0]: CALLS, answers[1]: ANSWERS})
+  program = _start(lambda: run_program(config), keep=keep, cwd=config["work"], config=config, isolated=isolated)
+  checker = None
+  if checked:
+    keep = {config["trusted_fd"]: VERDICT, calls[1]: CALLS, answers[0]: ANSWERS, config["checker_fd"]: CHECKER_SOURCE}
+    checker = _start(run_checker, keep=keep, cwd="/" if isolated else config["work"], config=config,
+                     isolated=isolated)
+    for fd in calls + answers:
+      os.close(fd)
+  last = checker or program
+  statuses: dict[int, int] = {}
+  while last not in statuses:
+    pid, status = os.wait()
+    statuses[pid] = status
+  if program not in statuses:  # the checker is done: the program has nothing left to do
+    os.kill(program, signal.SIGKILL)
+    os.waitpid(program, 0)
+  tell(config["trusted_fd"], {"exits": {"program": _describe(statuses.get(program)),
+                                        "checker": _describe(statuses.get(checker))}})
+  return 0
+
+
+def _start(role, keep: dict, cwd: str, config: dict, isolated: bool) -> int:
+  pid = os.fork()
+  if pid:
+    return pid
+  code = 1
+  try:
+    _confine(keep, cwd, config, isolated)
+    code = role()
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
   finally:
-    for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.") or m == "_ctypes"]:
-      del sys.modules[name]
+    _flush()
+    os._exit(code)  # pylint: disable=protected-access
 
 
-def set_limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
-  import resource
-  for kind, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
-                      (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_CORE, 0)):
-    if value >= 0:
-      resource.setrlimit(kind, (value, value))
-
-
-def _roots_for_reading() -> tuple[str, ...]:
-  import sysconfig
-  paths = sysconfig.get_paths()
-  return tuple(sorted({os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if paths.get(k)}))
-
-
-def install_guard(directory: str, fd: int) -> None:
-  """The audit hook (refusals raise PermissionError in the code that tried, and the first is reported)."""
-  home = os.path.realpath(directory)
-  readable = (home, os.path.realpath(__file__)) + _roots_for_reading()  # this file: for tracebacks
-  realpath, fspath, join, getcwd = os.path.realpath, os.fsdecode, os.path.join, os.getcwd
-  state = {"busy": False, "reported": False}
-
-  def inside(path, roots) -> bool:
-    if isinstance(path, int) or path is None:  # an open file descriptor: already allowed when opened
-      return True
-    full = realpath(join(getcwd(), fspath(path)))
-    return any(full == r or full.startswith(r + os.sep) for r in roots)
-
-  def refuse(event, detail):
-    if not state["reported"]:
-      state["reported"] = True
-      _report(fd, f"refused {event} {detail}")
-    raise PermissionError(f"sandbox: {event} refused ({detail})")
-
-  def verdict(event, args):
-    if event in _ALWAYS_REFUSED or event.startswith(_REFUSED_PREFIXES):
-      refuse(event, "not allowed in the sandbox")
-    if event == "import" and args and str(args[0]).split(".")[0] in _REFUSED_IMPORTS:
-      refuse(event, str(args[0]))
-    if event == "open":
-      path, mode, flags = (tuple(args) + (None, None, None))[:3]
-      writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                (isinstance(flags, int) and flags & _WRITE_FLAGS)
-      if not inside(path, (home,) if writing else readable):
-        refuse(event, f"{'writing' if writing else 'reading'} {fspath(path)} outside the sandbox")
-    elif event.startswith(("os.", "shutil.", "glob.")) and args:
-      roots = readable if event in _READ_EVENTS else (home,)
-      for path in args[:_PATH_ARGS.get(event, 1)]:
-        if isinstance(path, (str, bytes, os.PathLike)) and not inside(path, roots):
-          refuse(event, f"{fspath(path)} outside the sandbox")
-
-  def hook(event, args):
-    if state["busy"]:  # events raised while judging one (realpath's own calls) are ours
-      return
-    state["busy"] = True
+def _flush() -> None:
+  for stream in (sys.stdout, sys.stderr):
     try:
-      verdict(event, args)
-    finally:
-      state["busy"] = False
-
-  sys.addaudithook(hook)
+      stream.flush()
+    except BaseException:  # pylint: disable=broad-except
+      pass
 
 
-def main(argv) -> int:
-  directory, fd = argv[1], int(argv[2])
-  memory_bytes, cpu_seconds, file_bytes, netns = (int(a) for a in argv[3:7])
-  _report(fd, "netns " + (enter_network_namespace() if netns else "not requested"))
-  set_limits(memory_bytes, cpu_seconds, file_bytes)
-  path = os.path.join(directory, "program.py")
-  with open(path, encoding="utf-8") as f:
-    source = f.read()
-  import builtins
-  import traceback
-  install_guard(directory, fd)
+def _confine(keep: dict, cwd: str, config: dict, isolated: bool) -> None:
+  """Only the fds in `keep` (moved to their new numbers; stdin /dev/null), limits, no
+  capabilities, the seccomp filter: in that order, before the role's code runs."""
+  isolation.die_with_parent()
+  moved = {old: fcntl.fcntl(old, fcntl.F_DUPFD, _FIRST_FREE_FD) for old in keep}  # clear of the new numbers
+  os.dup2(os.open("/dev/null", os.O_RDWR), 0)
+  for old, new in keep.items():
+    os.dup2(moved[old], new)
+  os.closerange(max(keep.values()) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+  for fd in (1, 2):
+    if fd not in keep.values():
+      os.dup2(0, fd)
+  os.chdir(cwd)
+  for kind, value in ((resource.RLIMIT_AS, config["memory_bytes"]), (resource.RLIMIT_CPU, config["cpu_seconds"]),
+                      (resource.RLIMIT_FSIZE, config["file_bytes"]), (resource.RLIMIT_CORE, 0),
+                      (resource.RLIMIT_NOFILE, _MAX_FDS)):
+    resource.setrlimit(kind, (value, value))
+  if isolated:
+    isolation.drop_capabilities()
+  if seccomp.ARCH:
+    seccomp.install(os.getpid())
+
+
+# -- program and checker -------------------------------------------------------------------------
+
+def _kind(error: BaseException) -> str:
+  """memory, refused (an OSError the sandbox answers with, or one wrapped in it: URLError) or error."""
+  if isinstance(error, MemoryError):
+    return "memory"
+  seen = 0
+  while isinstance(error, BaseException) and seen < 8:
+    if isinstance(error, OSError) and error.errno in _REFUSED_ERRNOS:
+      return "refused"
+    error, seen = getattr(error, "reason", None) or error.__cause__ or error.__context__, seen + 1
+  return "error"
+
+
+def run_program(config: dict, report: int = PROGRAM_REPORT) -> int:
+  namespace = {"__name__": "__main__", "__builtins__": builtins}
   try:
-    code = compile(source, path, "exec")
-    exec(code, {"__name__": "__main__", "__builtins__": builtins})  # pylint: disable=exec-used
+    exec(compile(config["program"], "program.py", "exec"), namespace)  # pylint: disable=exec-used
   except SystemExit as e:
-    print(f"SystemExit: the program exited ({e.code!r}) before it finished", file=sys.stderr)
+    tell(report, {"kind": "error", "at": "top",
+                  "error": f"SystemExit: the program exited ({e.code!r}) before it finished"})
     return 1
-  except MemoryError:
-    print("MemoryError: the program ran out of memory", file=sys.stderr)
-    return 1
-  except BaseException:  # the program's own failure: its traceback is the reason
+  except BaseException as e:  # pylint: disable=broad-except
+    tell(report, {"kind": _kind(e), "at": "top", "error": one_line(e)})
     traceback.print_exc()
     return 1
-  _report(fd, "done")
+  if not config["checked"]:
+    tell(report, {"done": True})
+    return 0
+  serve(namespace, CALLS, ANSWERS, report)
+  return 0
+
+
+def serve(namespace: dict, calls: int, answers: int, report: int) -> None:
+  """Answers ["call", name, args, kwargs] with ["return", value] or ["raise", "Type: message"]."""
+  while True:
+    _flush()  # the program is killed, not exited, once the checker is done: its output goes first
+    try:
+      message = wire.receive(calls)
+    except wire.WireError:
+      return
+    if message is None:
+      return
+    try:
+      _, name, args, kwargs = message
+      if name not in namespace:
+        raise NameError(f"name {name!r} is not defined")
+      reply = ["return", wire.encode(namespace[name](*wire.decode(args), **wire.decode(kwargs)))]
+    except BaseException as e:  # pylint: disable=broad-except
+      tell(report, {"kind": _kind(e), "at": name, "error": one_line(e)})
+      reply = ["raise", one_line(e)]
+    try:
+      try:
+        wire.send(answers, reply)
+      except TypeError as e:  # too large to cross
+        wire.send(answers, ["raise", one_line(e)])
+    except OSError:  # the checker is gone
+      return
+
+
+class RemoteError(Exception):
+  """The program's function raised, answered with something that is not plain data, or is gone."""
+
+
+class RemoteFunction:
+  def __init__(self, name: str, calls: int, answers: int):
+    self.name, self._calls, self._answers = name, calls, answers
+
+  def __call__(self, *args, **kwargs):
+    try:
+      wire.send(self._calls, ["call", self.name, wire.encode(list(args)), wire.encode(kwargs)])
+      reply = wire.receive(self._answers)
+    except OSError as e:
+      raise RemoteError(f"{self.name}: the program is gone ({one_line(e)})") from None
+    if reply is None:
+      raise RemoteError(f"{self.name}: the program exited before it answered")
+    if isinstance(reply, list) and len(reply) == 2 and reply[0] == "return":
+      return wire.decode(reply[1])
+    if isinstance(reply, list) and len(reply) == 2 and reply[0] == "raise" and isinstance(reply[1], str):
+      raise RemoteError(f"{self.name} raised {reply[1][:300]}")
+    raise wire.WireError(f"{self.name}: not an answer")
+
+  def __repr__(self):
+    return f"<the sandboxed program's {self.name}>"
+
+
+class Program:
+  """`__program__` in the checker: its attributes are the program's functions, called remotely."""
+
+  def __init__(self, calls: int, answers: int):
+    self._calls, self._answers = calls, answers
+
+  def __getattr__(self, name: str) -> RemoteFunction:
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return RemoteFunction(name, self._calls, self._answers)
+
+
+def _read_all(fd: int) -> str:
+  chunks = []
+  while chunk := os.read(fd, 1 << 20):
+    chunks.append(chunk)
+  return b"".join(chunks).decode("utf-8")
+
+
+def run_checker(verdict: int = VERDICT, source: int = CHECKER_SOURCE) -> int:
+  namespace = {"__name__": "__main__", "__builtins__": builtins, "__program__": Program(CALLS, ANSWERS)}
+  try:
+    exec(compile(_read_all(source), "checker.py", "exec"), namespace)  # pylint: disable=exec-used
+  except BaseException as e:  # pylint: disable=broad-except
+    tell(verdict, {"verdict": "failed", "reason": one_line(e)})
+    return 1
+  tell(verdict, {"verdict": "passed"})
+  return 0
+
+
+# -- entry ------------------------------------------------------------------------------------
+
+def list_libraries() -> list[str]:
+  """Loads every extension module's shared object (without running it) and lists what got loaded."""
+  dynload = next((p for p in sys.path if p.endswith("lib-dynload")), None)
+  for name in sorted(os.listdir(dynload)) if dynload else ():
+    if name.endswith(".so") and not name.startswith(_UNNEEDED):
+      try:
+        ctypes.CDLL(os.path.join(dynload, name), mode=os.RTLD_LAZY | os.RTLD_LOCAL)
+      except OSError:
+        pass  # a module whose libraries are missing fails here and in the sandbox alike
+  return [p for p in isolation.loaded_libraries() if not (dynload and p.startswith(dynload + os.sep))]
+
+
+def main(argv: list[str]) -> int:
+  if argv[1:] == ["--libraries"]:
+    print(json.dumps(list_libraries()))
+    return 0
+  config = json.loads(sys.stdin.buffer.read())
+  isolation.die_with_parent()
+  state = isolate(config)
+  isolated = state == "namespaces"
+  config["work"] = isolation.WORK if isolated else config["root"]
+  os.environ.update(HOME=config["work"], TMPDIR=config["work"])
+  tell(config["trusted_fd"], {"isolation": state, "seccomp": seccomp.ARCH})
+  pid = os.fork()
+  if pid == 0:
+    code = 1
+    try:
+      code = init(config, isolated)
+    finally:
+      os._exit(code)  # pylint: disable=protected-access
+  os.waitpid(pid, 0)
   return 0
 
 
