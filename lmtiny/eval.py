@@ -34,7 +34,7 @@ from lmtiny.runs.directory import load_run
 from lmtiny.tasks import chat_suite, core, dclm, gsm8k, sandbox
 from lmtiny.tasks.core import HF6, mean_centered, task_names, TASKS
 from lmtiny.tasks import model_loading
-from lmtiny.tasks.rows import load_rows
+from lmtiny.tasks.rows import load_rows, local_file
 from lmtiny.tasks.scoring import Scorer
 from lmtiny.tasks.toy import toy_rows
 from lmtiny.training.bpb import evaluate_bpb
@@ -116,6 +116,7 @@ def evaluate(args) -> dict:
       rows[name] = load_rows("gsm8k", gsm8k.SOURCE, args.data_dir, args.max_items, hint=(
           "point --data-dir at a directory holding gsm8k.jsonl or gsm8k.parquet, or use --gsm8k-data toy "
           "(no download)"))
+      gsm8k.check_problems(rows[name], local_file(args.data_dir, "gsm8k") if args.data_dir else gsm8k.SOURCE)
     elif name == dclm.CORE:
       rows[name] = dclm.load_suite(args.data_dir, args.max_items)
     elif name != "bpb":

@@ -44,6 +44,7 @@ def check_training_config(cfg, mesh) -> None:
   """The config's own checks, then those that need the mesh or the evaluation tasks: before any
   data is built or anything is written."""
   config_lib.validate(cfg)
+  cfg = recipe.resolve(cfg)  # nanochat's batch-size rules may set the batch: check the one that will run
   check_batch_divisibility(cfg, mesh)
   t = cfg.train
   if t.get("core_every", 0):

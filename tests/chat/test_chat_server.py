@@ -15,7 +15,6 @@ import threading
 import time
 import zlib
 
-import numpy as np
 import pytest
 from flax import nnx
 

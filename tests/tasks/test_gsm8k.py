@@ -1,11 +1,13 @@
 """GSM8K: conversion, answer extraction, and the tool loop (calculator output forced into the
 sequence, marked as not sampled), driven by a scripted sampler."""
+import json
 from types import SimpleNamespace
 
 import pytest
 
+from lmtiny import eval as eval_cli
 from lmtiny.model.sampling import Generation, SamplingParams
-from lmtiny.tasks import gsm8k
+from lmtiny.tasks import gsm8k, model_loading
 from lmtiny.tasks.rows import EvalDataError
 from lmtiny.tasks.toy import toy_rows
 
@@ -91,3 +93,14 @@ def test_tool_loop_forces_calculator_output(tok):
   # The refused expression gets no output block; the row goes on and ends.
   assert g2.ids == bad + [s("assistant_end")] and all(g2.sampled)
   assert len(sampler.calls) == 2 and sampler.calls[1][0] == prompt + first[:n1] + output
+
+
+def test_eval_refuses_gsm8k_rows_without_an_answer_before_the_model_loads(chat_run, tmp_path, capsys, monkeypatch):
+  # Before, a row without '####' scored 0 whatever the reply, and one without a question crashed
+  # after the model had loaded.
+  (tmp_path / "gsm8k.jsonl").write_text(json.dumps({"question": "2+2?", "answer": "four"}) + "\n")
+  monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data"))
+  assert eval_cli.main(["--workdir", chat_run, "--tasks", "gsm8k", "--data-dir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err == f"error: {tmp_path / 'gsm8k.jsonl'}: row 0: the answer has no '#### <number>' line, so no reply " \
+                "could score (1 of 1 rows lack one)\n"

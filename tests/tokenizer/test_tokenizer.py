@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from lmtiny.corpus.embedded import iter_embedded_documents
 from lmtiny.tokenizer import core, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
 from lmtiny.tokenizer.compare import token_counter
-from lm_fixtures import ROOT
 
 CORPUS_CHARS = 300_000
 

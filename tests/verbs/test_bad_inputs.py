@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import struct
-import subprocess
-import types
 
 import numpy as np
 import pytest
@@ -146,8 +144,9 @@ def test_train_refuses_a_nan_or_negative_float_field_before_anything(tmp_path, c
 
 
 def test_train_auto_batch_with_a_reference_batch_under_one_row_is_one_line(tmp_path, capsys, monkeypatch):
-  # Before: a TypeError traceback (a batch of 0.25 tokens written into the int field batch_tokens).
-  monkeypatch.setattr(train, "load_data", lambda *a, **k: types.SimpleNamespace())
+  # Before: a TypeError traceback (a batch of 0.25 tokens written into the int field batch_tokens),
+  # after the data was built.
+  monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("the data was built before the check"))
   workdir = tmp_path / "run"
   argv = ["train", "--config", TINY, "--config.train.auto_batch=True", "--config.train.tokens_per_param=20",
           "--config.train.batch_reference_size=1", f"--workdir={workdir}"]
