@@ -209,24 +209,6 @@ def test_a_mixture_needs_one_tokenizer(prepared, tmp_path):
     load_data(data_config(shards=f"{shard_dir}:1,{tmp_path / 'shards'}:1"), vocab_size=512, seq_len=64)
 
 
-@pytest.mark.slow(seconds=8)
-def test_training_on_a_mixture_from_the_command_line(prepared, second, tmp_path, capsys, monkeypatch):
-  from lm_fixtures import ROOT
-  from lmtiny import train
-  shard_dir, _ = prepared
-  monkeypatch.chdir(tmp_path)
-  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
-          f"--config.data.shards={shard_dir}:0.8,{second}:0.2", "--config.model.vocab_size=512",
-          "--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.num_heads=2",
-          "--config.train.seq_len=64", "--config.train.steps=2", "--config.train.batch_tokens=512",
-          "--config.train.eval_every=2",
-          "--config.train.eval_batches=1", "--config.train.sample_tokens=4", "--config.train.plot=False"]
-  assert train.main(argv) == 0
-  out = capsys.readouterr().out
-  assert f"mixture: {shard_dir} 80% of tokens" in out and f"{second} 20% of tokens" in out
-  assert "done: 2 steps" in out
-
-
 def test_a_weight_too_small_for_an_epoch_writes_no_run(prepared, second, tmp_path, capsys):
   # Before: OverflowError from grain (the epoch's length no longer fits an index) after the run
   # directory had been written.

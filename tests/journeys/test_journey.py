@@ -58,7 +58,7 @@ PROMISES = [
     (README, "pip install -e . && python -m lmtiny.train --config configs/tiny.py",
      ["done: 150 steps", "val bpb"], ["runs/tiny/checkpoints/150", "runs/tiny/loss.png", "runs/tiny/tokenizer.model"]),
     (README, "python -m lmtiny.generate --workdir runs/tiny --prompt", ["decode"], []),
-    (README, "python -m lmtiny.sft", ["done: 10 steps"], ["runs/tiny/sft/config.json"]),
+    (README, "python -m lmtiny.sft", ["done: 4 steps"], ["runs/tiny/sft/config.json"]),
     (README, "python -m lmtiny.rl", [], ["runs/tiny/rl/config.json"]),
     (README, "python -m lmtiny.report", [], ["runs/tiny/report.md"]),
     ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft", ["sft: replies ending with"],
