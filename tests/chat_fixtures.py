@@ -2,9 +2,11 @@
 and a jsonl file of conversations."""
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -20,8 +22,9 @@ def make_tokenizer():
   """One tokenizer per test process, shared by the chat test modules."""
   from lmtiny.corpus.embedded import iter_embedded_documents
   from lmtiny.tokenizer import train_tokenizer
-  return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB,
-                         tempfile.mkdtemp(prefix="lmtiny-chat-tok-"))
+  directory = tempfile.mkdtemp(prefix="lmtiny-chat-tok-")
+  atexit.register(shutil.rmtree, directory, True)  # this process made it: gone when the process is
+  return train_tokenizer(iter_embedded_documents(TOKENIZER_CHARS), TOKENIZER_VOCAB, directory)
 
 
 def chat_config(tok, **train):

@@ -1,6 +1,8 @@
 """Test setup: 8 emulated CPU devices and fast compiles, set before anything imports jax."""
+import atexit
 import collections
 import os
+import shutil
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -15,6 +17,7 @@ import jax  # noqa: E402  (after the environment is set)
 # hand it to the subprocesses tests start (README and speedrun smokes, signal tests), whose
 # stages and re-runs compile the same programs as each other.
 _CACHE_DIR = tempfile.mkdtemp(prefix="lmtiny-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, True)  # each test process removes the cache it made
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
