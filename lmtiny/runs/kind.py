@@ -9,7 +9,8 @@ verb writes into, since their checkpoints hold parameters only: `import` (lmtiny
 written, records it as {"kind": "rl"}. Runs made before that file existed have their kind
 inferred from what they hold: hf_import.json -> import; a config.json with an `rl` section -> rl;
 with sft.merged_from -> merged; with sft.init -> sft; any other config.json -> train. A directory
-without config.json holds no run (an attempt killed before writing one): any verb may use it.
+without config.json holds no run (an attempt killed before writing one): any verb may use it,
+unless it holds a file a run would write (RUN_OUTPUTS: a user's own metrics.jsonl, report.md, ...).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from lmtiny.fs.atomic import atomic_write_json
 from lmtiny.runs.config_file import MOVE_ASIDE, read_saved_config
 
 MARKER = "run_kind.json"
+# What train, sft and rl write into a run directory besides config.json and MARKER (TensorBoard
+# event files get new names; eval.json and report.md have their own checks).
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "reward.png", "report.md", "tokenizer.model", "config_history.jsonl",
+               "turn_ending.json", "checkpoints")
 IMPORT_RECORD = "hf_import.json"  # lmtiny.interop.convert writes it into an imported run
 KINDS = {"train": "a train run (lmtiny.train)", "sft": "an sft run (lmtiny.sft)", "rl": "an rl run (lmtiny.rl)",
          "import": "an imported model (lmtiny.import_hf)", "merged": "a merged LoRA run (lmtiny.lora merge)"}
@@ -66,12 +71,27 @@ def read_kind(workdir: str) -> tuple[str, str] | None:
 
 
 def check_kind(workdir: str, kind: str, flag: str = "--workdir") -> None:
-  """RunKindError (one line naming `flag`) when `workdir` holds a run of another kind than `kind`."""
+  """RunKindError (one line naming `flag`) when `workdir` holds a run of another kind than `kind`,
+  or holds no run but a file a run would write over (check_no_run_outputs)."""
   found = read_kind(workdir)
-  if found is None or found[0] == kind:
+  if found is None:
+    check_no_run_outputs(workdir, flag)
+    return
+  if found[0] == kind:
     return
   held, how = found
   raise RunKindError(f"{flag}={workdir}: holds {KINDS[held]} ({how}), not {KINDS[kind]}; choose another {flag}")
+
+
+def check_no_run_outputs(workdir: str, flag: str = "--workdir") -> None:
+  """RunKindError when `workdir` holds no run (no config.json) but one of the files a run writes
+  (RUN_OUTPUTS): a user's metrics.jsonl or report.md, which the run would replace. Other files (a
+  speedrun's tokenizer/ and shards/, an attempt's .lock) are left alone and allowed."""
+  root = epath.Path(workdir)
+  taken = [name for name in RUN_OUTPUTS if (root / name).exists()]
+  if taken:
+    raise RunKindError(f"{flag}={workdir}: holds {taken[0]} but no lmtiny run (no config.json); a run would "
+                       f"replace it: choose a new or empty {flag}")
 
 
 def record_kind(workdir: str, kind: str) -> None:

@@ -4,12 +4,14 @@
       --out tokenizers/embedded32k
 
 Writes DIR/tokenizer.model, tokenizer.vocab, token_bytes.npy and report.json (all at once, at the
-end). Bad input prints one `error:` line and exits with status 2.
+end); a DIR that holds a tokenizer already is refused (shards made with it need it unchanged). Bad
+input prints one `error:` line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lmtiny import cli
@@ -50,6 +52,9 @@ def run(args) -> dict:
     raise TokenizerError(f"--seed={args.seed}: must be an integer in [0, 2**32)")
   check_output_dir(args.out, "--out")  # before the (long) training, not after it
   check_out_dir(args.out)
+  if os.path.exists(os.path.join(args.out, "tokenizer.model")):  # shards made with it would stop matching
+    raise TokenizerError(f"--out={args.out}: holds a tokenizer already; shards and runs made with it need it "
+                         "unchanged: choose a new --out (or remove it yourself first)")
   recipe_file = args.mixture
   recipe = load_recipe(recipe_file, total_chars=args.total_chars, seed=args.seed)
   sampler = MixtureSampler(recipe, progress=not args.quiet)

@@ -1,6 +1,7 @@
 """What kind of run a directory holds: recorded once in run_kind.json, inferred for older runs,
 and a run of another kind refused in one line naming the flag."""
 import json
+import os
 
 import pytest
 from etils import epath
@@ -58,3 +59,32 @@ def test_the_shared_run_files_record_the_kind(tmp_path):
   assert read_kind(str(tmp_path / "a"))[0] == "train"  # the config's kind when none is given
   write_run_files(epath.Path(tmp_path / "b"), cfg, tokenizer, "sft")
   assert json.loads((tmp_path / "b" / runkind.MARKER).read_text())["kind"] == "sft"
+
+
+@pytest.mark.parametrize("name", runkind.RUN_OUTPUTS)
+def test_a_directory_with_a_users_run_file_but_no_run_is_refused(tmp_path, name):
+  # Before: "no config.json, no run: any verb may use it"; train, sft and rl truncated a user's
+  # metrics.jsonl and replaced their loss.png and report.md.
+  (tmp_path / name).write_text("mine")
+  with pytest.raises(RunKindError, match=rf"^--workdir={tmp_path}: holds {name} but no lmtiny run \(no config.json\); "
+                                         r"a run would replace it: choose a new or empty --workdir$"):
+    check_kind(str(tmp_path), "train")
+
+
+def test_what_a_killed_attempt_or_a_speedrun_leaves_is_no_obstacle(tmp_path):
+  for name in (".lock", ".run_marker.json", "notes.txt"):
+    (tmp_path / name).write_text("")
+  (tmp_path / "tokenizer").mkdir()  # launch/speedrun.sh puts RUN/tokenizer and RUN/shards there first
+  (tmp_path / "shards").mkdir()
+  check_kind(str(tmp_path), "train")
+
+
+def test_sft_into_a_directory_holding_a_users_metrics_writes_nothing(chat_run, tmp_path, capsys):
+  # The issue's reproduction: mkdir D; echo mine > D/metrics.jsonl; python -m lmtiny.sft --init RUN --workdir D
+  from lmtiny import sft
+  (tmp_path / "metrics.jsonl").write_text("mine\n")
+  assert sft.main(["sft", "--init", chat_run, "--workdir", str(tmp_path), "--config.sft.steps=2"]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"error: --workdir={tmp_path}: holds metrics.jsonl but no lmtiny run (no config.json); a run "
+                 "would replace it: choose a new or empty --workdir\n")
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"] and (tmp_path / "metrics.jsonl").read_text() == "mine\n"

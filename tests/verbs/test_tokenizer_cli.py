@@ -130,3 +130,18 @@ def test_read_text_caps_and_joins(tmp_path):
 def test_evaluate_rejects_a_negative_max_chars(capsys):
   assert evaluate.main(["--tokenizer", "x", "--max-chars", "-1"]) == 2
   assert capsys.readouterr().err == "error: --max-chars=-1: must be >= 0 (0: no cap)\n"
+
+
+def test_train_refuses_an_out_that_holds_a_tokenizer_already(tmp_path, monkeypatch, capsys):
+  # Before: replaced silently; pointed at the tokenizer a shard set was made with, it broke the shards.
+  from lmtiny.tokenizer import train
+  monkeypatch.setattr(train, "MixtureSampler", lambda *a, **k: pytest.fail("sampled before the check"))
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "tokenizer.model").write_bytes(b"the shards' tokenizer")
+  recipe = write_recipe(tmp_path, [dict(spec=f"txt:{tmp_path}/a.txt", weight=1)])
+  assert train.main(["--mixture", str(recipe), "--vocab-size", "512", "--out", str(tmp_path / "out")]) == 2
+  assert capsys.readouterr().err == (f"error: --out={tmp_path / 'out'}: holds a tokenizer already; shards and runs "
+                                     "made with it need it unchanged: choose a new --out (or remove it yourself "
+                                     "first)\n")
+  assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"the shards' tokenizer"
