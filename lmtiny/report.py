@@ -13,7 +13,7 @@ from etils import epath
 from lmtiny import cli
 from lmtiny.errors import UserError
 from lmtiny.fs import outputs
-from lmtiny.runs.card import exists, report_root, STAGES, write_report
+from lmtiny.runs.card import check_card, exists, is_run, report_root, ReportError, STAGES, write_report
 
 
 def run(argv: list[str]) -> int:
@@ -27,6 +27,10 @@ def run(argv: list[str]) -> int:
   if args.price_per_chip_hour is not None and not args.price_per_chip_hour >= 0:
     raise UserError(f"--price-per-chip-hour={args.price_per_chip_hour:g}: must be a number >= 0")
   root = report_root(args.workdir)
+  if not is_run(root):
+    raise ReportError(f"--workdir={args.workdir}: not an lmtiny run (no run_kind.json, no config.json with "
+                      "metrics or checkpoints): nothing to report")
+  check_card(root)  # someone else's report.md: one line, nothing written
   for _, rel in STAGES:  # the card, the settings and every stage's plot: all writable, before any is written
     if exists(root, rel):
       outputs.check_output_dir(os.path.join(root, rel) if rel else root, "--workdir")

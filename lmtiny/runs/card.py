@@ -25,20 +25,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 from etils import epath
 
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.mixture import parse_weighted
+from lmtiny.errors import UserError
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan import arch
 from lmtiny.plan.units import duration
+from lmtiny.runs import kind as runkind
 from lmtiny.runs.config_file import read_saved_config
 from lmtiny.runs.figures import new_figure, save_figure
 from lmtiny.runs.metrics import plot_loss_curve, read_metrics, wall_seconds
 
 STAGES = (("base", ""), ("mid", "mid"), ("sft", "sft"), ("rl", "rl"))
+CARD_TITLE = "# lmtiny report card: "  # the first line of every card: what marks a report.md as lmtiny's
 SETTINGS = "report_settings.json"
 TURN_ENDING_FILE = "turn_ending.json"  # written by lmtiny.chat.turn_ending
 _TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_fallback_fraction", "train_seconds",
@@ -46,12 +50,36 @@ _TOKENIZER_FIGURES = ("vocab_size", "recipe", "documents", "characters", "byte_f
 _SUITES = (("core", "DCLM CORE"), ("hf6", "HF6 mean"))  # metrics split / eval.json key -> the card's label
 
 
+class ReportError(UserError):
+  """A report card that cannot be written without replacing what lmtiny did not write."""
+
+
+def is_run(d: str) -> bool:
+  """`d` holds an lmtiny run: its kind recorded (lmtiny.runs.kind), or, for runs from before the
+  record, a config.json beside metrics or checkpoints (a config.json alone is anybody's)."""
+  return exists(d, runkind.MARKER) or (exists(d, "config.json") and (exists(d, "metrics.jsonl") or exists(d, "checkpoints")))
+
+
 def report_root(workdir: str) -> str:
-  """The pipeline's run directory: the parent of a mid/sft/rl stage run, else the run itself."""
+  """The pipeline's run directory: the parent of a mid/sft/rl stage run when the parent is an
+  lmtiny run itself, else the run itself."""
   path = workdir.rstrip("/") if "://" in workdir else os.path.abspath(workdir)
   parent, name = path.rsplit("/", 1)
-  if name in {s for _, s in STAGES if s} and exists(parent, "config.json"):
+  if name in {s for _, s in STAGES if s} and is_run(parent):
     return parent
+  return path
+
+
+def check_card(root: str) -> str:
+  """RUN/report.md's path; ReportError when it exists and is not a card lmtiny wrote (every card
+  opens with CARD_TITLE, older ones too)."""
+  path = os.path.join(root, "report.md")
+  if exists(path):
+    with epath.Path(path).open("rb") as f:
+      first = f.readline()
+    if not first.startswith(CARD_TITLE.encode()):
+      raise ReportError(f"{path}: not a report card lmtiny wrote (its first line is not '{CARD_TITLE}...'); "
+                        "left as it is: move it to have the card rebuilt")
   return path
 
 
@@ -342,7 +370,9 @@ def summary_section(root: str) -> list[str]:
 
 
 def write_report(root: str, price: float | None = None) -> str:
-  """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages."""
+  """Rebuilds RUN/report.md; `price` (per chip-hour) is remembered for later stages. ReportError,
+  before anything is written, when RUN/report.md is someone else's (check_card)."""
+  check_card(root)
   settings_path = os.path.join(root, SETTINGS)
   settings = _read_json(settings_path) if exists(settings_path) else {}
   if price is not None:
@@ -358,16 +388,21 @@ def write_report(root: str, price: float | None = None) -> str:
     elif exists(d, "config.json") and exists(d, "metrics.jsonl"):
       sections.append(train_section({"base": "Base model", "mid": "Midtraining", "sft": "SFT"}[title], d, rel, price))
   sections.append(eval_section(root))
-  text = f"# lmtiny report card: {root.rstrip('/').rsplit('/', 1)[-1]}\n\n" + "\n\n".join(
+  text = f"{CARD_TITLE}{root.rstrip('/').rsplit('/', 1)[-1]}\n\n" + "\n\n".join(
       "\n".join(s) for s in sections if s) + "\n"
-  path = os.path.join(root, "report.md")
+  path = check_card(root)
   atomic_write(path, text.encode())
   return path
 
 
 def update_for(workdir: str) -> str | None:
-  """Called by a stage when it ends (main process only); rewrites the card of its pipeline run."""
+  """Called by a stage when it ends (main process only); rewrites the card of its pipeline run, or
+  says in one warning line why it left a report.md that is not its own (the stage still succeeds)."""
   import jax
   if jax.process_index() != 0:
     return None
-  return write_report(report_root(workdir))
+  try:
+    return write_report(report_root(workdir))
+  except ReportError as e:
+    print(f"warning: {e}", file=sys.stderr)
+    return None

@@ -96,7 +96,7 @@ def test_cli(pipeline, capsys):
 
 def test_an_object_store_stage_finds_its_pipeline(monkeypatch):
   # A pod's stages write to gs://: the card's root is found by path text (abspath mangled it).
-  monkeypatch.setattr(report, "exists", lambda *parts: "/".join(parts) == "gs://b/run/config.json")
+  monkeypatch.setattr(report, "exists", lambda *parts: "/".join(parts) == "gs://b/run/run_kind.json")
   assert report.report_root("gs://b/run/sft") == "gs://b/run"
   assert report.report_root("gs://b/run/") == "gs://b/run"
 
@@ -205,3 +205,35 @@ def test_report_onto_a_read_only_run_is_one_line_and_writes_nothing(tmp_path, ca
     assert sorted(os.listdir(run)) == ["config.json", "metrics.jsonl"]
   finally:
     ro.release()
+
+
+def test_a_hand_written_report_md_is_never_replaced(pipeline, capsys):
+  # Before: every stage and `report` rewrote RUN/report.md whatever it held.
+  root, _ = pipeline
+  mine = os.path.join(root, "report.md")
+  with open(mine, "w") as f:
+    f.write("# My notes on this run\n")
+  assert report_cli.main(["--workdir", root]) == 2
+  assert capsys.readouterr().err == (f"error: {mine}: not a report card lmtiny wrote (its first line is not "
+                                     f"'{report.CARD_TITLE}...'); left as it is: move it to have the card rebuilt\n")
+  assert report.update_for(os.path.join(root, "rl")) is None  # a stage ends with one warning, and succeeds
+  assert capsys.readouterr().err.startswith(f"warning: {mine}: not a report card lmtiny wrote")
+  assert open(mine).read() == "# My notes on this run\n"
+  os.remove(mine)  # a card lmtiny wrote (first line CARD_TITLE, as every card so far) is rebuilt
+  report.write_report(root)
+  assert report.write_report(root) == mine
+
+
+def test_a_directory_with_a_config_json_is_not_taken_for_a_pipeline(tmp_path, capsys):
+  # Before: any parent with a config.json was the pipeline's root: `eval --workdir PROJECT/sft`
+  # replaced PROJECT/report.md; `report --workdir` on a plain directory wrote a card into it.
+  project = tmp_path / "project"
+  (project / "sft").mkdir(parents=True)
+  (project / "config.json").write_text('{"name": "my web app"}')
+  (project / "report.md").write_text("mine")
+  assert report.report_root(str(project / "sft")) == str(project / "sft")
+  assert report_cli.main(["--workdir", str(project)]) == 2
+  assert capsys.readouterr().err == (f"error: --workdir={project}: not an lmtiny run (no run_kind.json, no "
+                                     "config.json with metrics or checkpoints): nothing to report\n")
+  assert sorted(os.listdir(project)) == ["config.json", "report.md", "sft"]
+  assert (project / "report.md").read_text() == "mine"

@@ -89,11 +89,12 @@ def test_eval_of_a_stage_run_needs_its_report_card_root_writable(read_only, caps
   monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
   root = read_only.root
   (root / "config.json").write_text("{}")
+  (root / "run_kind.json").write_text('{"kind": "train"}')  # a run (a bare config.json is anybody's)
   read_only.writable(root / "sft")
   why = read_only.freeze()
   line = _one_error(capsys, eval_cli.main(["--workdir", str(root / "sft"), "--tasks", "bpb"]))
   assert line == f"error: --workdir={root / 'sft'}: cannot write to {root} ({why})"
-  assert sorted(os.listdir(root)) == ["config.json", "sft"] and os.listdir(root / "sft") == []
+  assert sorted(os.listdir(root)) == ["config.json", "run_kind.json", "sft"] and os.listdir(root / "sft") == []
 
 
 def test_the_write_probe_leaves_nothing_on_a_full_disk(tmp_path, monkeypatch):
