@@ -172,18 +172,35 @@ def table(out: dict) -> str:
   return "\n".join(lines)
 
 
-def _saved_results(path) -> dict:
-  """The results saved before: none if absent, and none (with a warning) if the file does not parse,
-  so a damaged file costs its old entries, not the evaluation just run."""
+EVAL_FORMAT = "lmtiny-eval/1"
+# The keys of one step's view; any other top-level key (a user's own) is kept as it is
+_VIEW_KEYS = ("step", "results", HF6, "core", "chat", "chatcore")
+
+
+class EvalFileError(UserError):
+  """An eval.json lmtiny did not write (or cannot read): never replaced."""
+
+
+def eval_path(workdir: str, quantize: str = "none") -> epath.Path:
+  return epath.Path(workdir) / ("eval.json" if quantize == "none" else f"eval_{quantize}.json")
+
+
+def read_eval_file(path) -> dict:
+  """What RUN/eval.json holds ({} when absent); EvalFileError naming the file when it is not one
+  lmtiny wrote: not JSON, or neither this format's mark nor the step and results every earlier
+  lmtiny wrote. Checked before the model loads, so nothing is evaluated for a file that stays."""
   if not path.exists():
     return {}
   try:
     old = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    old = None
-  if not isinstance(old, dict):
-    print(f"warning: {path}: not an evaluation file; replaced by this evaluation's results", file=sys.stderr)
-    return {}
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+    raise EvalFileError(f"{path}: not an evaluation file lmtiny wrote ({type(e).__name__}); left as it is: "
+                        "move it to keep this evaluation's results") from None
+  ours = isinstance(old, dict) and (old.get("format") == EVAL_FORMAT or (
+      isinstance(old.get("step"), int) and isinstance(old.get("results"), dict)))
+  if not ours:
+    raise EvalFileError(f"{path}: not an evaluation file lmtiny wrote (no '{EVAL_FORMAT}' format, no step and "
+                        "results); left as it is: move it to keep this evaluation's results")
   return old
 
 
@@ -191,14 +208,9 @@ def _core_tasks(out: dict) -> list[str]:
   return [n for n in out["results"] if n.startswith(dclm.KEY_PREFIX)]
 
 
-def save(workdir: str, out: dict, quantize: str = "none") -> str:
-  """Merges into RUN/eval.json (a task evaluated again replaces its old result; "hf6": the mean of
-  the HF6 tasks held, "core": DCLM CORE); a quantized model's scores go to RUN/eval_<int8|int4>.json
-  beside it."""
-  path = epath.Path(workdir) / ("eval.json" if quantize == "none" else f"eval_{quantize}.json")
-  old = _saved_results(path)
-  merged = {"step": out["step"], "results": {**(old.get("results", {}) if old.get("step") == out["step"] else {}),
-                                             **out["results"]}}
+def _merge_view(old: dict, out: dict) -> dict:
+  """One step's results: `old` (that step's earlier view, or {}) with this evaluation's over it."""
+  merged = {"step": out["step"], "results": {**old.get("results", {}), **out["results"]}}
   hf6 = {n: r for n, r in merged["results"].items() if n in TASKS}
   if hf6:
     merged[HF6] = mean_centered(hf6)
@@ -206,15 +218,33 @@ def save(workdir: str, out: dict, quantize: str = "none") -> str:
   # of this evaluation replaced one of its results
   if "core" in out:
     merged["core"] = out["core"]
-  elif "core" in old and old.get("step") == out["step"] and _core_tasks(merged) and not _core_tasks(out):
+  elif "core" in old and _core_tasks(merged) and not _core_tasks(out):
     merged["core"] = old["core"]
   # chat results under their own key: the chat arc_easy is not the likelihood task of that name
-  chat = {**(old.get("chat", {}) if old.get("step") == out["step"] else {}), **out.get("chat", {})}
+  chat = {**old.get("chat", {}), **out.get("chat", {})}
   if chat:
     merged["chat"] = chat
     if chat_suite.chat_core(chat) is not None:
       merged["chatcore"] = chat_suite.chat_core(chat)
-  atomic_write(path, json.dumps(merged, indent=2).encode())
+  return merged
+
+
+def save(workdir: str, out: dict, quantize: str = "none") -> str:
+  """Merges into RUN/eval.json: the top level is the newest evaluated step's view (a task
+  evaluated again replaces its old result; "hf6": the mean of the HF6 tasks held, "core": DCLM
+  CORE); other steps' views stay under "steps"; keys lmtiny does not write stay as they are. A
+  quantized model's scores go to RUN/eval_<int8|int4>.json beside it."""
+  path = eval_path(workdir, quantize)
+  old = read_eval_file(path)
+  steps = dict(old.get("steps", {}))
+  if "step" in old:
+    steps[str(old["step"])] = {k: old[k] for k in _VIEW_KEYS if k in old}
+  merged = _merge_view(steps.pop(str(out["step"]), {}), out)
+  extra = {k: v for k, v in old.items() if k not in _VIEW_KEYS + ("format", "steps")}
+  record = {"format": EVAL_FORMAT, **merged, **extra}
+  if steps:
+    record["steps"] = steps
+  atomic_write(path, json.dumps(record, indent=2).encode())
   return str(path)
 
 
@@ -228,6 +258,7 @@ def run(argv: list[str]) -> int:
   check_output_dir(args.workdir, "--workdir")
   if report.report_root(args.workdir) != os.path.abspath(args.workdir):
     check_output_parent(args.workdir, "--workdir")
+  read_eval_file(eval_path(args.workdir, args.quantize))  # someone else's eval.json: refused before the model loads
   out = evaluate(args)
   print(chat_suite.chat_table(out["chat"]) if args.chat else table(out))
   print(f"wrote {save(args.workdir, out, args.quantize)}")

@@ -186,14 +186,9 @@ def eval_section(root: str) -> list[str]:
     if not exists(root, rel, "eval.json"):
       continue
     out = _read_json(root, rel, "eval.json")
-    lines += [f"### {title} (step {out['step']})", "", "| task | metric | value |", "|---|---|---|"]
-    for name, r in out["results"].items():
-      if name == "bpb":
-        lines.append(f"| bpb | bits per byte | {r['bpb']:.4f} |")
-      elif "centered" in r:
-        lines.append(f"| {name} | centered acc (acc {r['accuracy']:.3f}, {r['items']} items) | {r['centered']:.4f} |")
-      else:
-        lines.append(f"| {name} | accuracy ({r['items']} problems) | {r['accuracy']:.4f} |")
+    lines += [f"### {title} (step {out.get('step', '?')})", "", "| task | metric | value |", "|---|---|---|"]
+    for name, r in out.get("results", {}).items():
+      lines.append(_result_row(name, r))
     if "hf6" in out:
       lines.append(f"| **HF6 mean** (not CORE) | mean centered | {out['hf6']:.4f} |")
     if "core" in out:
@@ -202,6 +197,19 @@ def eval_section(root: str) -> list[str]:
     lines += _chat_rows(out)
     lines.append("")
   return ["## Evaluation", ""] + lines if lines else []
+
+
+def _result_row(name: str, r) -> str:
+  """One eval.json result as a table row; an entry lmtiny did not write that way (a hand edit)
+  is shown as such instead of failing the whole card."""
+  try:
+    if name == "bpb":
+      return f"| bpb | bits per byte | {r['bpb']:.4f} |"
+    if "centered" in r:
+      return f"| {name} | centered acc (acc {r['accuracy']:.3f}, {r['items']} items) | {r['centered']:.4f} |"
+    return f"| {name} | accuracy ({r['items']} problems) | {r['accuracy']:.4f} |"
+  except (KeyError, TypeError, ValueError):
+    return f"| {name} | (not an lmtiny result) | {_DASH} |"
 
 
 def _chat_rows(out: dict) -> list[str]:
@@ -303,8 +311,8 @@ def _evals(root: str, name: str = "eval.json") -> list[tuple[str, dict]]:
 
 
 def _gsm8k(root: str) -> str:
-  found = [f"{out['results']['gsm8k']['accuracy']:.4f} ({title}, {out['results']['gsm8k']['items']} problems)"
-           for title, out in _evals(root) if "gsm8k" in out.get("results", {})]
+  found = [f"{r['accuracy']:.4f} ({title}, {r.get('items', '?')} problems)" for title, out in _evals(root)
+           if isinstance(r := out.get("results", {}).get("gsm8k"), dict) and isinstance(r.get("accuracy"), (int, float))]
   return "; ".join(found) or _DASH
 
 
@@ -343,7 +351,8 @@ def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
     if records.get(title) is not None:
       seconds[title] = wall_seconds(records[title])
   evals = [r.get("seconds", 0.0) for name in ("eval.json", "eval_int8.json", "eval_int4.json")
-           for _, out in _evals(root, name) for r in [*out.get("results", {}).values(), *out.get("chat", {}).values()]]
+           for _, out in _evals(root, name) for r in [*out.get("results", {}).values(), *out.get("chat", {}).values()]
+           if isinstance(r, dict) and isinstance(r.get("seconds", 0.0), (int, float))]
   if evals:
     seconds["eval"] = sum(evals)
   names = ["tokenizer", *(title for title, _ in STAGES), "eval"]

@@ -237,3 +237,12 @@ def test_a_directory_with_a_config_json_is_not_taken_for_a_pipeline(tmp_path, ca
                                      "config.json with metrics or checkpoints): nothing to report\n")
   assert sorted(os.listdir(project)) == ["config.json", "report.md", "sft"]
   assert (project / "report.md").read_text() == "mine"
+
+
+def test_a_hand_edited_eval_json_does_not_break_the_card(pipeline):
+  # Before: KeyError 'items' (runs/card.py) when a result lacked a key lmtiny writes.
+  root, _ = pipeline
+  with open(os.path.join(root, "rl", "eval.json"), "w") as f:
+    json.dump({"step": 2, "results": {"gsm8k": {"accuracy": 0.5}, "mine": "looked fine"}, "note": "x"}, f)
+  text = open(report.write_report(root)).read()
+  assert "| mine | (not an lmtiny result) | - |" in text and "| eval | GSM8K accuracy | 0.5000 (rl, ? problems) |" in text

@@ -4,6 +4,7 @@ itself: test_tasks_dclm.py)."""
 import collections
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -23,7 +24,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "evals")
 
 @pytest.fixture(scope="module")
 def run_dir(chat_run, tmp_path_factory):
-  import shutil
   copy = str(tmp_path_factory.mktemp("core") / "run")
   shutil.copytree(chat_run, copy)  # the CLI writes eval.json and report.md into it
   return copy
@@ -180,15 +180,34 @@ def test_parquet_task_files_read_as_whole_rows(tmp_path):
   assert load_rows("arc_easy", "", str(tmp_path), limit=2) == rows[:2]
 
 
-def test_a_damaged_eval_json_costs_its_old_entries_not_the_new_results(tmp_path, capsys):
-  # Before: json.load raised after every task had been scored, and the new results were lost.
-  (tmp_path / "eval.json").write_text('{"step": 30, "res')
-  out = {"step": 30, "results": {"bpb": {"bpb": 1.5}}}
-  path = eval_cli.save(str(tmp_path), out)
-  assert json.load(open(path)) == out
-  assert capsys.readouterr().err.startswith(f"warning: {tmp_path / 'eval.json'}: not an evaluation file")
-  eval_cli.save(str(tmp_path), {"step": 30, "results": {"gsm8k": {"accuracy": 0.5, "items": 2}}})
-  assert set(json.load(open(path))["results"]) == {"bpb", "gsm8k"}  # merged as before
+@pytest.mark.parametrize("text", ['{"step": 30, "res', '{"name": "my notes"}', '[1, 2]'])
+def test_an_eval_json_lmtiny_did_not_write_is_refused_before_the_model_loads(run_dir, tmp_path, capsys,
+                                                                            monkeypatch, text):
+  # Before: a user's eval.json (or a damaged one) was replaced by this evaluation's results.
+  from lmtiny.tasks import model_loading as loading
+  monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  (run / "eval.json").write_text(text)
+  assert eval_cli.main(["--workdir", str(run), "--tasks", "bpb"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {run / 'eval.json'}: not an evaluation file lmtiny wrote") and err.count("\n") == 1
+  assert (run / "eval.json").read_text() == text
+
+
+def test_eval_json_keeps_every_step_and_keys_it_did_not_write(tmp_path):
+  # Before: evaluating another step dropped the earlier step's results, and a user's extra keys.
+  path = tmp_path / "eval.json"
+  path.write_text(json.dumps({"step": 30, "results": {"bpb": {"bpb": 1.5}}, "my_note": "baseline"}))  # an older file
+  eval_cli.save(str(tmp_path), {"step": 40, "results": {"bpb": {"bpb": 1.25}}})
+  eval_cli.save(str(tmp_path), {"step": 40, "results": {"gsm8k": {"accuracy": 0.5, "items": 2}}})
+  saved = json.loads(path.read_text())
+  assert saved["format"] == eval_cli.EVAL_FORMAT and saved["step"] == 40 and saved["my_note"] == "baseline"
+  assert set(saved["results"]) == {"bpb", "gsm8k"}  # the same step merges
+  assert saved["steps"] == {"30": {"step": 30, "results": {"bpb": {"bpb": 1.5}}}}
+  eval_cli.save(str(tmp_path), {"step": 30, "results": {"gsm8k": {"accuracy": 0.25, "items": 2}}})
+  saved = json.loads(path.read_text())  # step 30 again: its earlier results come back to the top, merged
+  assert saved["step"] == 30 and set(saved["results"]) == {"bpb", "gsm8k"} and set(saved["steps"]) == {"40"}
 
 
 @pytest.mark.parametrize("flag, value, message", [
