@@ -6,11 +6,12 @@ Writes DIR/config.json, model.safetensors, generation_config.json, tokenizer.jso
 tokenizer.model, tokenizer_config.json (chat tokens as special tokens, chat template) and
 special_tokens_map.json; `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` load them without trust_remote_code, and lmtiny_export.json
-(the source run, step, dtype and architecture), which marks DIR as an lmtiny export. DIR is built
-in a temporary sibling and renamed into place, replacing an earlier lmtiny export there as a whole
-(no stale file survives; an interruption or a full disk leaves it as it was). Any other non-empty
-DIR (a downloaded model, your files), the run itself or a DIR holding a run is refused with one
-line, exit status 2, nothing touched; so is a DIR that cannot be written. A full disk is one line,
+(the source run, step, dtype, architecture and the files it wrote), which marks DIR as an lmtiny
+export. DIR is built in a temporary sibling and renamed into place, replacing an earlier lmtiny
+export there as a whole (no stale file survives; an interruption or a full disk leaves it as it
+was) when DIR holds nothing but what that export wrote. Any other non-empty DIR (a downloaded
+model, an earlier export with your files in it), the run itself or a DIR holding a run is refused
+with one line naming what is in the way, exit status 2, nothing touched; so is a DIR that cannot be written. A full disk is one line,
 exit status 1. --dtype defaults to the source's dtype for an imported run, else float32. A
 model Llama cannot express (model.activation other than swiglu, model.logit_softcap,
 model.embed_norm) is refused with one line naming the field, exit status 2.

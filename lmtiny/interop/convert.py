@@ -61,13 +61,25 @@ def flat_params(model) -> dict:
   return llama.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
 
 
-def _is_export(out_dir: str) -> bool:
-  """`out_dir` holds an lmtiny export's record (EXPORT_RECORD, a JSON object naming its source)."""
+# What exports wrote before EXPORT_RECORD listed its files
+_EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                 "tokenizer_config.json", "special_tokens_map.json", EXPORT_RECORD)
+
+
+def _export_record(out_dir: str) -> dict | None:
+  """`out_dir`'s export record (EXPORT_RECORD, a JSON object naming its source), or None."""
   try:
     with open(os.path.join(out_dir, EXPORT_RECORD)) as f:
-      return "source" in json.load(f)
+      record = json.load(f)
   except (OSError, ValueError, TypeError):
-    return False
+    return None
+  return record if isinstance(record, dict) and "source" in record else None
+
+
+def _files_not_exported(out_dir: str, record: dict) -> list[str]:
+  """What `out_dir` holds beyond the files its export wrote (the record's "files"): a user's."""
+  written = record.get("files") if isinstance(record.get("files"), list) else _EXPORT_FILES
+  return sorted(set(os.listdir(out_dir)) - set(written))
 
 
 def check_export_dir(out_dir: str, workdir: str | None = None) -> None:
@@ -83,9 +95,15 @@ def check_export_dir(out_dir: str, workdir: str | None = None) -> None:
     raise InteropError(f"--out={out_dir}: is a file, not a directory")
   if os.path.isdir(os.path.join(out_dir, "checkpoints")):
     raise InteropError(f"--out={out_dir}: holds an lmtiny run (checkpoints/); export to a directory of its own")
-  if os.path.isdir(out_dir) and os.listdir(out_dir) and not _is_export(out_dir):
-    raise InteropError(f"--out={out_dir}: not empty and not an earlier lmtiny export (no {EXPORT_RECORD}), "
-                       "so not replaced; export to a new or empty directory")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    record = _export_record(out_dir)
+    if record is None:
+      raise InteropError(f"--out={out_dir}: not empty and not an earlier lmtiny export (no {EXPORT_RECORD}), "
+                         "so not replaced; export to a new or empty directory")
+    foreign = _files_not_exported(out_dir, record)
+    if foreign:  # replacing the earlier export whole would delete them
+      raise InteropError(f"--out={out_dir}: holds {foreign[0]}, which the earlier export there did not write; "
+                         "move it, or export to a new directory")
   check_output_parent(out_dir, "--out")  # the export is built in a sibling of out_dir and renamed into place
 
 
@@ -114,6 +132,7 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
                         {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
                          "top_k": 50, "top_p": 0.95})
       hf_tokenizer.write_tokenizer(tmp, tokenizer, m.max_seq_len)
+      record["files"] = sorted(os.listdir(tmp) + [EXPORT_RECORD])  # what a later export may replace
       atomic_write_json(os.path.join(tmp, EXPORT_RECORD), record)
   except OSError as e:
     if not is_disk_full(e):

@@ -281,8 +281,11 @@ def test_export_replaces_an_earlier_export_whole(imported, tmp_path):
   out = tmp_path / "hf"
   assert export.main(["--workdir", tied, "--out", str(out)]) == 0
   assert json.load(open(out / "lmtiny_export.json"))["source"] == tied
-  (out / "model.safetensors.index.json").write_text("{}")  # files an earlier export's directory gained
-  (out / "notes.txt").write_text("in an export: replaced with it")
+  assert "lmtiny_export.json" in json.load(open(out / "lmtiny_export.json"))["files"]
+  (out / "MY_NOTES.txt").write_text("mine")  # a file the export did not write: never deleted
+  assert export.main(["--workdir", run, "--out", str(out)]) == 2
+  assert (out / "MY_NOTES.txt").read_text() == "mine" and json.load(open(out / "lmtiny_export.json"))["source"] == tied
+  os.remove(out / "MY_NOTES.txt")
   assert export.main(["--workdir", run, "--out", str(out)]) == 0
   assert sorted(os.listdir(out)) == EXPORT_FILES  # no stale file survives
   a, b = read_checkpoint(hf_dir), read_checkpoint(str(out))
