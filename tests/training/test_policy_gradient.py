@@ -113,6 +113,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(chat
     return state, {**m, "loss": m["loss"] + (np.nan if len(calls) == 2 else 0)}
   rl.steps = dataclasses.replace(rl.steps, train_step=second_update_diverges)
   (tmp_path / "rl").mkdir()  # records of an attempt killed before its first checkpoint: dropped at the start
+  (tmp_path / "rl" / "run_kind.json").write_text('{"kind": "rl"}')  # (an attempt records its kind first)
   (tmp_path / "rl" / "metrics.jsonl").write_text('{"step": 1, "split": "rl", "stale": 1}\n')
   with pytest.raises(TrainingDiverged, match=r"^loss=nan at step (\d): RL stopped; the last good checkpoint is step") as e:
     rl.run()
