@@ -125,6 +125,11 @@ def load_manifest(directory: str) -> dict[str, Any]:
   return m
 
 
+# Shard sets up to this size (the CPU demo's, small experiments') are read whole by check_shards;
+# a larger one would cost a pass over the data at every start, and is checked by size and count.
+FULL_READ_BYTES = 256 * 2**20
+
+
 def _count_records(path: str) -> int:
   return _read_shard(path, lambda reader: reader.num_records())
 
@@ -146,8 +151,11 @@ def _read_shard(path: str, read):
 
 
 def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str] = SPLITS) -> None:
-  """Cheap checks of every listed shard: present, the recorded size, the recorded record count;
-  and the manifest's dtype against the data (check_dtype)."""
+  """Checks of every listed shard before anything uses them: present, the recorded size, the
+  recorded record count; a set of at most FULL_READ_BYTES is read whole, so a record damaged in
+  place (same size, same count) is found here, before a run writes anything, rather than when a
+  batch reaches it; and the manifest's dtype against the data (check_dtype)."""
+  paths = []
   for split in splits:
     for shard in manifest["splits"][split]["shards"]:
       path = os.path.join(directory, shard["file"])
@@ -158,6 +166,10 @@ def check_shards(directory: str, manifest: dict[str, Any], splits: Sequence[str]
       count = _count_records(path)
       _require(count == shard["documents"], path,
                f"corrupt shard ({count} records, manifest says {shard['documents']})")
+      paths.append(path)
+  if sum(os.path.getsize(p) for p in paths) <= FULL_READ_BYTES:
+    for path in paths:
+      _record_bytes(path)  # every record read: riegeli checks each chunk's hash
   check_dtype(directory, manifest, splits)
 
 

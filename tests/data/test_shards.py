@@ -126,12 +126,15 @@ def test_missing_truncated_and_corrupt_shards(tmp_path):
   with pytest.raises(DataError, match=r"train-00000.array_record: missing shard \(listed in manifest.json\)"):
     shards.check_shards(str(tmp_path), manifest)
 
-  # Same size, garbage inside: caught when the records are read, naming the file.
+  # Same size, garbage inside: a set this small is read whole by the check (before, the damage
+  # was found only when a batch reached the record: after a run had written its directory).
   garbled = bytearray(data)
   garbled[200:260] = bytes(60)
   path.write_bytes(bytes(garbled))
-  shards.check_shards(str(tmp_path), manifest)   # size and footer still look right
-  docs = shards.open_split(str(tmp_path), manifest, "train")
+  with pytest.raises(DataError, match=r"train-00000.array_record: corrupt shard \(") as e:
+    shards.check_shards(str(tmp_path), manifest)
+  assert "\n" not in str(e.value)
+  docs = shards.open_split(str(tmp_path), manifest, "train")  # a larger set: found when the record is read
   with pytest.raises(DataError, match=r"train-00000.array_record: corrupt shard \(") as e:
     for i in range(len(docs)):
       docs[i]
