@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -24,7 +25,7 @@ def _suite(tmp_path, *args, **env):
   e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OUT", "BACKENDS", "LIMIT_S", "BUDGET_S")}
   # One CPU device (the conftest's 8 emulated ones only slow a subprocess down); no wheels to install.
   e.update({"SMOKE": "1", "WHEELS": "", "OUT": str(out), "TMPDIR": str(tmp_path), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(),
-            "PYTHON": shutil.which("python3") or "python3", **env})
+            "PYTHON": sys.executable, **env})  # this interpreter: its packages (torch, in CI's extras venv)
   proc = subprocess.run(["bash", SUITE, *args], env=e, capture_output=True, text=True, timeout=120)
   return proc, out
 
