@@ -397,14 +397,37 @@ def validate_rl(r) -> None:
   _choice(r, "data", "rl", RL_DATA)
 
 
+def validate_sft(s) -> None:
+  """The sft section's fields, named as the user set them (they become train.* / optim.* fields)."""
+  for name, low, why in (("steps", 1, "must be a positive integer"),
+                         ("lr", None, "must be > 0"),
+                         ("warmup_steps", 0, "must be an integer >= 0"),
+                         ("chat_eval_every", 0, "must be an integer >= 0 (0 = off)"),
+                         ("chat_eval_items", 0, "must be an integer >= 0 (0 = every item)"),
+                         ("chat_eval_max_new_tokens", 1, "must be an integer >= 1")):
+    value = s[name]
+    if low is None:  # a float: its type and finiteness are check_float_fields'
+      _require(not isinstance(value, (int, float)) or value > 0 or math.isnan(value), f"sft.{name}", value, why)
+      continue
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"sft.{name}", value, why)
+  check_float_fields(s, "sft")  # finite too: lr=inf passed `> 0`
+
+
+def validate_lora(lora) -> None:
+  check_float_fields(lora, "lora")
+  _require(isinstance(lora.rank, int) and not isinstance(lora.rank, bool) and lora.rank >= 0, "lora.rank",
+           lora.rank, "must be an integer >= 0 (0: full fine-tuning)")
+
+
 def validate(cfg) -> None:
-  """Checks that need no devices and no data; mesh and data checks live with their modules."""
+  """Every section's checks that need no devices and no data (the mesh's, the data's and the
+  task names' are lmtiny.training.resolved's)."""
   validate_model(cfg.model)
-  if "rl" in cfg:
-    validate_rl(cfg.rl)
-  for section in ("train", "optim", "lora"):
-    if section in cfg:
-      check_float_fields(cfg[section], section)
+  validate_rl(cfg.rl)
+  validate_sft(cfg.sft)
+  validate_lora(cfg.lora)
+  for section in ("train", "optim"):
+    check_float_fields(cfg[section], section)
   t, o = cfg.train, cfg.optim
   for name in ("seq_len", "batch_tokens", "log_every", "eval_every", "checkpoint_every"):
     _require(isinstance(t[name], int) and t[name] > 0, f"train.{name}", t[name], "must be a positive integer")
@@ -435,7 +458,7 @@ def validate(cfg) -> None:
              "must be an integer >= 0 (0 = off)")
     _require(isinstance(t.core_items, int) and t.core_items >= 0, "train.core_items", t.core_items,
              "must be an integer >= 0 (0 = every item)")
-    # the task names are checked where the tasks live (lmtiny.training.loop.check_training_config)
+    # the task names are checked where the tasks live (lmtiny.training.resolved)
   _require(isinstance(t.keep_checkpoints, int) and t.keep_checkpoints >= 1, "train.keep_checkpoints",
            t.keep_checkpoints, "must be an integer >= 1 (the newest checkpoint is what a re-run resumes)")
   _require(isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0, "data.num_workers",

@@ -14,11 +14,12 @@ import sys
 import jax
 from absl import flags
 
-from lmtiny import cli, config as config_lib
+from lmtiny import cli
 from lmtiny.data.dataset import load_data
 from lmtiny.fs.outputs import check_output_dir
 from lmtiny.parallel import distributed
-from lmtiny.training.lr_range import lr_sweep, range_test, summary, write_outputs
+from lmtiny.training.lr_range import lr_sweep, range_test, summary, sweep_config, write_outputs
+from lmtiny.training.resolved import resolve
 
 
 def _define_flags(fv):
@@ -37,14 +38,13 @@ def run(argv: list[str]) -> int:
     return 0
   f, cfg = parsed
   lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
-  config_lib.validate(cfg)
+  distributed.initialize()  # before anything else touches jax's devices
+  run = resolve(sweep_config(cfg, f["steps"]))  # a bad config, too
   workdir = f["workdir"] or cli.default_workdir(f["config"])
   check_output_dir(workdir, "--workdir")  # before the sweep, not after it
-
-  distributed.initialize()  # before anything else touches jax's devices
   distributed.check_workdir(workdir)
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
-  result = range_test(cfg, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
+  result = range_test(run, data, min_lr=f["min"], max_lr=f["max"], steps=f["steps"], workdir=workdir)
   print(summary(result, cfg.optim))
   if jax.process_index() == 0:
     png, path = write_outputs(result, workdir, title=f"LR range test: {os.path.basename(f['config'])}")

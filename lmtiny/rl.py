@@ -33,7 +33,7 @@ from lmtiny import cli, config as config_lib
 from lmtiny.config import MESH_AXES
 from lmtiny.errors import ConfigError
 from lmtiny.fs import outputs
-from lmtiny.runs import card as report
+from lmtiny.runs import card
 from lmtiny.runs.preemption import Preemption
 from lmtiny.tasks import gsm8k
 from lmtiny.tasks.rows import load_rows
@@ -69,8 +69,8 @@ def _check_argv(argv: list[str]) -> None:
 
 
 def parse(argv: list[str]):
-  """(workdir, the rl section, mesh overrides {axis: size}) from the command line, every rl field
-  checked (lmtiny.config.validate_rl) before anything is written; None after --help."""
+  """(workdir, the rl section, mesh overrides {axis: size}) from the command line (checked with the
+  rest of the RL config, once, when Reinforce resolves it); None after --help."""
   _check_argv(argv)
   parsed = cli.parse_flags(cli.with_run_config(argv), _define_flags, __doc__)
   if parsed is None:
@@ -80,7 +80,6 @@ def parse(argv: list[str]):
     if not values[name]:
       raise ConfigError(f"--{name} is required (e.g. --{name} {example})")
   cfg.rl.init = values["init"]
-  config_lib.validate_rl(cfg.rl)
   given = cli.config_overrides(argv)
   mesh = {axis: cfg.mesh[axis] for axis in MESH_AXES if f"mesh.{axis}" in given}  # checked in Reinforce
   return values["workdir"], cfg.rl, mesh
@@ -115,7 +114,7 @@ def _run(argv: list[str], early) -> int:
     print("stopped (SIGTERM) before RL started: nothing to save")
     return 0
   summary = rl.run()
-  report.update_for(workdir)
+  card.update_for(workdir)
   if summary["history"]:
     first, last = summary["history"][0][1], summary["history"][-1][1]
     done = "stopped (SIGTERM): re-run to resume" if summary["preempted"] else "done"

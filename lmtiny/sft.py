@@ -17,15 +17,17 @@ import os
 import sys
 
 from absl import flags, logging
+from flax import nnx
 
 from lmtiny import cli
 from lmtiny.chat import finetune as ft
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions, save_turn_ending
 from lmtiny.fs import outputs
-from lmtiny.runs import card as report_card
+from lmtiny.runs import card
 from lmtiny.runs.metrics import read_metrics
 from lmtiny.runs.preemption import Preemption
 from lmtiny.training import resume
+from lmtiny.training.resolved import resolve
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -49,13 +51,13 @@ def _run(argv: list[str]) -> int:
   if parsed is None:
     return 0
   values, cfg = parsed
-  from flax import nnx
-  cfg = ft.resolve_config(cfg, values["init"], values["init_step"])
+  run = resolve(ft.sft_config(cfg, values["init"], values["init_step"]))  # checked once, before anything loads
+  cfg = run.cfg
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
   outputs.check_output_dir(workdir, "--workdir")  # a read-only location: one line now, not a traceback later
-  ft.check_workdir(workdir, cfg.sft.init)
+  ft.check_sft_workdir(workdir, cfg.sft.init)
   resume.config_changes(workdir, cfg)  # a change of shapes: one line before the base weights load
-  trainer, summary = ft.finetune(cfg, workdir)  # diverged or a failed save: RunFailed, exit 1
+  trainer, summary = ft.finetune(run, workdir)  # diverged or a failed save: RunFailed, exit 1
   train = [r["loss"] for r in read_metrics(workdir) if r.get("split") == "train"]  # a finished run re-run: its last
   loss = train[-1] if train else float("nan")
   val = f" | held-out loss {summary['val'][0][1]:.3f} -> {summary['val'][-1][1]:.3f}" if len(summary["val"]) > 1 else ""
@@ -73,7 +75,7 @@ def _run(argv: list[str]) -> int:
       print(f"{name}: replies ending with <|assistant_end|> within 64 tokens: {report} | "
             f"e.g. {report.example[0]!r} -> {report.example[1]!r}")
     save_turn_ending(workdir, reports["base"], reports["sft"])  # the report card's turn-ending row
-    report_card.update_for(workdir)
+    card.update_for(workdir)
   return 0
 
 

@@ -16,10 +16,11 @@ from absl import flags, logging
 from lmtiny import cli
 from lmtiny.data.dataset import load_data
 from lmtiny.fs import outputs
-from lmtiny.parallel import distributed, sharding
-from lmtiny.runs import card as report, metrics
+from lmtiny.parallel import distributed
+from lmtiny.runs import card, metrics
 from lmtiny.runs.preemption import Preemption
-from lmtiny.training.loop import check_training_config, Trainer
+from lmtiny.training.resolved import resolve
+from lmtiny.training.trainer import Trainer
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -29,7 +30,8 @@ def _define_flags(fv: flags.FlagValues) -> dict:
 
 def train(cfg, workdir: str, preemption=None) -> int:
   """Everything after flag parsing; returns the exit status (UserError and RunFailed propagate)."""
-  check_training_config(cfg, sharding.make_mesh(cfg.mesh))  # before any data is built
+  run = resolve(cfg)  # checked once, before any data is built
+  cfg = run.cfg
   outputs.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)
   distributed.check_shared_workdir(workdir)
@@ -37,9 +39,9 @@ def train(cfg, workdir: str, preemption=None) -> int:
   if preemption is not None and preemption.requested and distributed.process_count() == 1:
     print("stopped (SIGTERM) before training started: nothing to save")
     return 0
-  trainer = Trainer(cfg, workdir, data)
+  trainer = Trainer(run, workdir, data)
   summary = trainer.run()  # diverged or a failed save: RunFailed, one line and exit 1 (cli.run_main)
-  report.update_for(workdir)
+  card.update_for(workdir)
   # The whole run's val curve and wall time, over every segment (a resumed run starts mid-way).
   records = metrics.read_metrics(workdir) if trainer.main else []
   val = [r for r in records if r.get("split") == "val"]

@@ -35,7 +35,7 @@ def chat_config(tok, **train):
 
 def make_base_run(root: str, tok, steps: int = 2) -> str:
   """A base run directory (config.json, tokenizer.model, checkpoint)."""
-  from lmtiny.training.loop import Trainer
+  from lmtiny.training.trainer import Trainer
   cfg = chat_config(tok, steps=steps, checkpoint_every=steps, eval_batches=0)
   data = memory_data(vocab=tok.vocab_size)
   data.tokenizer = tok

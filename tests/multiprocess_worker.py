@@ -77,7 +77,7 @@ def one_row_data(cfg):
 
 
 def train(spec: str) -> dict:
-  from lmtiny.training.loop import Trainer
+  from lmtiny.training.trainer import Trainer
   workdir, stop_after, options = parse_spec(spec)
   cfg = multiprocess_config(mesh=options.get("mesh", ""))
   lines = []

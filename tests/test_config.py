@@ -7,7 +7,6 @@ import pytest
 
 from lm_fixtures import ROOT, load_config_module
 from lmtiny import config as config_lib
-from lmtiny.chat.finetune import check_settings as check_sft_settings
 from lmtiny.config import validate
 from lmtiny.errors import ConfigError
 
@@ -79,9 +78,8 @@ def test_every_float_field_must_be_finite_and_not_negative(section, name):
     with pytest.raises(ConfigError) as e:
       config_lib.check_float_fields(cfg[section], section)
     assert str(e.value) == f"config.{section}.{name}={value!r}: must be a finite number {bound} 0"
-    if section != "sft":  # sft.* is checked by lmtiny.chat.finetune.check_settings
-      with pytest.raises(ConfigError, match=rf"^config\.{section}\.{name}="):
-        validate(cfg)
+    with pytest.raises(ConfigError, match=rf"^config\.{section}\.{name}="):
+      validate(cfg)
   validate(load_config_module("tiny").get_config())
 
 
@@ -90,4 +88,4 @@ def test_sft_lr_must_be_finite_and_positive(value):
   s = config_lib.base_config().sft
   s.lr = float(value)
   with pytest.raises(ConfigError, match=rf"^config\.sft\.lr={value}(\.0)?: must be "):
-    check_sft_settings(s)
+    config_lib.validate_sft(s)

@@ -1,6 +1,8 @@
-"""Supervised fine-tuning and midtraining on conversations, on the one trainer (lmtiny.training.loop).
+"""Supervised fine-tuning and midtraining on conversations: the next-token stage
+(lmtiny.training.trainer) fed chat batches, with the chat suite as one more evaluation.
 
-  summary = finetune(cfg, workdir)      # cfg.sft.init names the base run
+  cfg = sft_config(cfg, init, init_step)   # the base run's model, sft.* as train / optim settings
+  trainer, summary = finetune(cfg, workdir)
 
 The base run's checkpoint gives the starting weights (`lmtiny.runs.directory.load_weights`, onto this
 run's mesh; a LoRA base run's adapters folded into its own base); batches come from
@@ -25,70 +27,46 @@ from typing import Callable
 import jax
 import ml_collections
 from etils import epath
-from flax import nnx
 
-from lmtiny import config as config_lib
 from lmtiny.chat.conversations import parse_mixture
-from lmtiny.chat.data import load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
+from lmtiny.chat.data import ChatData, load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions
 from lmtiny.data.dataset import load_data as load_pretrain
 from lmtiny.errors import ConfigError
-from lmtiny.model.adapters import from_config, parse_targets
+from lmtiny.model.adapters import from_config
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_config
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import chat_suite
 from lmtiny.tokenizer import Tokenizer
-from lmtiny.training.loop import Trainer
+from lmtiny.training.resolved import resolve, ResolvedRun
 from lmtiny.training.resume import state_bytes
-from lmtiny.training.steps import check_batch_divisibility
+from lmtiny.training.trainer import Trainer
 
 # Model fields that decide the parameters' shapes: a --config must agree with the base run.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "mlp_ratio",
                 "mlp_dim", "activation", "tie_embeddings", "qk_norm", "norm_scale", "scan_layers")
+INIT_FLAGS = ("--init", "--init-step")  # how messages about the base run name it
 
 
-class ChatTrainer(Trainer):
-  """The trainer, fed packed conversations instead of documents."""
+class ChatBatches:
+  """SFT's rows: rendered conversations (and pretraining documents, if the mixture names
+  `pretrain`) packed with the render's loss mask (lmtiny.chat.data)."""
 
-  kind = "sft"
+  def __init__(self, cfg, data: ChatData):
+    self.cfg, self.data = cfg, data
 
-  def __init__(self, cfg, workdir: str, data, **kwargs):
-    super().__init__(cfg, workdir, data, **kwargs)
-    s = cfg.sft
-    self.chat_rows = (chat_suite.load_chat_rows(chat_eval_tasks(s), s.chat_eval_data_dir or None, s.chat_eval_items,
-                                                flag="config.sft.chat_eval_data_dir")
-                      if s.get("chat_eval_every", 0) else None)
-
-  def _periodic(self, state, step: int, writer) -> None:
-    """The loop's cadences, then the chat suite on sft.chat_eval_every (and at the end)."""
-    super()._periodic(state, step, writer)
-    if self.chat_rows is not None and (step == self.total_steps or step % self.cfg.sft.chat_eval_every == 0):
-      self.log_chat(state["params"], step, writer)
-
-  def log_chat(self, params, step: int, writer) -> None:
-    """The chat suite on the current parameters (every process runs it: the programs span the mesh)."""
-    t0 = time.perf_counter()
-    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
-    results = chat_suite.evaluate_chat_model(model, self.mesh, self.data.tokenizer, self.chat_rows,
-                                             batch=4 * sharding.data_parallel_size(self.mesh),
-                                             max_new_tokens=self.cfg.sft.chat_eval_max_new_tokens)
-    seconds = time.perf_counter() - t0
-    record = {name: r["accuracy"] for name, r in results.items()}
-    score = chat_suite.chat_core(results)
-    if score is not None:
-      record["chatcore"] = score
-    writer.write(step, "chat", {**record, "seconds": seconds})
-    tasks = " ".join(f"{name} {r['accuracy']:.3f}" for name, r in results.items())
-    summary = f" | ChatCORE {score:.4f}" if score is not None else ""
-    self.log(f"step {step:>6}/{self.total_steps} | chat: {tasks}{summary} | {seconds:.0f}s")
-
-  def train_iterator(self):
-    return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=self.process_batch,
+  def train_iterator(self, batch_size: int):
+    return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=batch_size,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
-                                    max_per_row=self.cfg.data.get("max_docs_per_row", 0))
+                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
+
+  def eval_iterator(self, batch_size: int):
+    t = self.cfg.train
+    return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
+                                   batch_size=batch_size, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
 
   def sample_pair(self, model) -> tuple[str, str]:
     """A reply to the first held-out question, as the chat template renders it (a pretraining
@@ -99,17 +77,44 @@ class ChatTrainer(Trainer):
     question, reply = report.example
     return f"{question}\n", reply
 
-  def eval_iterator(self):
-    t = self.cfg.train
-    return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
-                                   batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
-                                   process_index=jax.process_index(), process_count=jax.process_count(),
-                                   max_per_row=self.cfg.data.get("max_docs_per_row", 0))
+
+class ChatSuiteEvaluation:
+  """The chat suite (lmtiny.tasks.chat_suite: ARC, MMLU, GSM8K, HumanEval, spelling;
+  sft.chat_eval_tasks) every sft.chat_eval_every steps and at the end: logged, and kept in
+  metrics.jsonl as split "chat" (each task's accuracy, ChatCORE when all six ran, seconds). Its
+  rows are read when it is made, before training starts."""
+
+  def __init__(self, cfg, tokenizer, mesh, total_steps: int, log: Callable[[str], None]):
+    s = cfg.sft
+    self.every, self.max_new_tokens = s.chat_eval_every, s.chat_eval_max_new_tokens
+    self.tokenizer, self.mesh, self.total_steps, self.log = tokenizer, mesh, total_steps, log
+    self.rows = chat_suite.load_chat_rows(chat_eval_tasks(s), s.chat_eval_data_dir or None, s.chat_eval_items,
+                                          flag="config.sft.chat_eval_data_dir")
+
+  def due(self, step: int, at_end: bool) -> bool:
+    return at_end or step % self.every == 0
+
+  def run(self, model, step: int, writer) -> None:
+    """Every process runs it (the programs span the mesh); the main one writes."""
+    t0 = time.perf_counter()
+    results = chat_suite.evaluate_chat_model(model, self.mesh, self.tokenizer, self.rows,
+                                             batch=4 * sharding.data_parallel_size(self.mesh),
+                                             max_new_tokens=self.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    record = {name: r["accuracy"] for name, r in results.items()}
+    score = chat_suite.chat_core(results)
+    if score is not None:
+      record["chatcore"] = score
+    writer.write(step, "chat", {**record, "seconds": seconds})
+    tasks = " ".join(f"{name} {r['accuracy']:.3f}" for name, r in results.items())
+    summary = f" | ChatCORE {score:.4f}" if score is not None else ""
+    self.log(f"step {step:>6}/{self.total_steps} | chat: {tasks}{summary} | {seconds:.0f}s")
 
 
-def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
+def sft_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDict:
   """The fine-tuning config: the base run's model, sft.* turned into train / optim settings, and
-  the base run's path and checkpoint step recorded in sft.init / sft.init_step."""
+  the base run's path and checkpoint step recorded in sft.init / sft.init_step. Checked with the
+  rest of the config when it is resolved (lmtiny.training.resolved)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   init = init or cfg.sft.init
   if not init:
@@ -118,14 +123,13 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   if step is None and cfg.sft.init and os.path.abspath(cfg.sft.init) == os.path.abspath(init):
     step = cfg.sft.init_step  # a config that names this base run may pin its step; a config read
     # from an earlier fine-tuning run (sft --init RUN/mid) names *that* run's base, not this one
-  step = load_run(init, None if step is None or step < 0 else step, flags=("--init", "--init-step")).step
+  step = load_run(init, None if step is None or step < 0 else step, flags=INIT_FLAGS).step
   base = read_run_config(init)  # load_run checked that `init` is a run directory
   for field in SHAPE_FIELDS:
     if cfg.model[field] != base.model[field]:
       raise ConfigError(f"config.model.{field}={cfg.model[field]!r}: the base run {init} has "
                         f"{base.model[field]!r} (the config must describe the base model)")
   s = cfg.sft
-  check_settings(s)
   s.init, s.init_step = os.path.abspath(init) if "://" not in init else init, step
   cfg.model.max_seq_len = base.model.max_seq_len
   # An imported run's config keeps the defaults' 1024-token rows; rows cannot outgrow the model.
@@ -137,31 +141,7 @@ def resolve_config(cfg, init: str, init_step: int | None) -> ml_collections.Conf
   # sft.lr (nanochat's SFT, which follows a midtraining at full LRs), tiny's demo ended 6/109
   # replies with <|assistant_end|> instead of 109/109.
   cfg.optim.update(lr=s.lr, warmup_steps=s.warmup_steps)
-  config_lib.validate(cfg)
-  if cfg.lora.rank:  # checked before any data is read
-    parse_targets(cfg.lora.targets)
-    if not (isinstance(cfg.lora.rank, int) and cfg.lora.rank > 0):
-      raise ConfigError(f"config.lora.rank={cfg.lora.rank!r}: must be a positive integer (0: full fine-tuning)")
   return cfg
-
-
-def check_settings(s) -> None:
-  """The sft.* fields, named as the user set them (they become train.* / optim.* fields)."""
-  def count(name, low):
-    return isinstance(s.get(name, low), int) and not isinstance(s.get(name, low), bool) and s.get(name, low) >= low
-
-  for name, ok, why in (("steps", isinstance(s.steps, int) and s.steps > 0, "must be a positive integer"),
-                        ("lr", s.lr > 0, "must be > 0"),
-                        ("warmup_steps", isinstance(s.warmup_steps, int) and s.warmup_steps >= 0,
-                         "must be an integer >= 0"),
-                        ("chat_eval_every", count("chat_eval_every", 0), "must be an integer >= 0 (0 = off)"),
-                        ("chat_eval_items", count("chat_eval_items", 0), "must be an integer >= 0 (0 = every item)"),
-                        ("chat_eval_max_new_tokens", count("chat_eval_max_new_tokens", 1), "must be an integer >= 1")):
-    if not ok:
-      raise ConfigError(f"config.sft.{name}={s[name]!r}: {why}")
-  config_lib.check_float_fields(s, "sft")  # finite too: lr=inf passed `> 0`
-  if s.get("chat_eval_every", 0):
-    chat_eval_tasks(s)
 
 
 def chat_eval_tasks(s) -> list[str]:
@@ -169,7 +149,7 @@ def chat_eval_tasks(s) -> list[str]:
   return chat_suite.chat_task_names(s.chat_eval_tasks, "config.sft.chat_eval_tasks")
 
 
-def check_workdir(workdir: str, init: str) -> None:
+def check_sft_workdir(workdir: str, init: str) -> None:
   """The fine-tuning run directory is not the base run, nor a run of another kind (lmtiny.runs.kind:
   an RL run's config also names a base in sft.init), nor another base's fine-tuning run: a re-run
   there would resume (or overwrite) a run that is not this one."""
@@ -180,7 +160,7 @@ def check_workdir(workdir: str, init: str) -> None:
   saved = read_saved_config(workdir, missing_ok=True, hint=MOVE_ASIDE)
   if saved is None:
     return
-  recorded = saved["sft"].get("init") if isinstance(saved.get("sft"), dict) else None
+  recorded = saved["sft"].get("init") if isinstance(saved.get("sft"), dict) else None  # a JSON record
   if recorded != init:
     what = f"a fine-tuning run of {recorded}" if recorded else "a run that is not a fine-tuning run"
     raise ConfigError(f"--workdir={workdir}: holds {what}, not of --init={init}; choose another --workdir")
@@ -189,10 +169,10 @@ def check_workdir(workdir: str, init: str) -> None:
 def restore_base_params(cfg, mesh):
   """The base run's parameters (sft.init at sft.init_step; a LoRA base run's adapters folded in),
   sharded on `mesh`."""
-  return load_weights(cfg.sft.init, cfg.sft.init_step, mesh=mesh, flags=("--init", "--init-step"))[1]
+  return load_weights(cfg.sft.init, cfg.sft.init_step, mesh=mesh, flags=INIT_FLAGS)[1]
 
 
-def load_data(cfg):
+def load_sft_data(cfg) -> ChatData:
   """The tokenizer of the base run and the conversation mixture rendered with it."""
   tokenizer_path = epath.Path(cfg.sft.init) / "tokenizer.model"
   if not tokenizer_path.exists():
@@ -205,14 +185,17 @@ def load_data(cfg):
 
 
 def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_after: int | None = None):
-  """Fine-tunes (cfg from resolve_config); returns (trainer, summary)."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  check_batch_divisibility(cfg, mesh)
-  data = load_data(cfg)
+  """Fine-tunes (cfg from sft_config, or that config resolved); returns (trainer, summary)."""
+  run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
+  cfg = run.cfg
+  data = load_sft_data(cfg)
   log(f"sft data: {data.describe()}")
   adapter = from_config(cfg.model, cfg.lora)
+  total = run.total_steps
+  chat = [ChatSuiteEvaluation(cfg, data.tokenizer, run.mesh, total, log)] if cfg.sft.chat_eval_every else []
   # No reference kept here: a full fine-tune's state takes over the base's buffers.
-  trainer = ChatTrainer(cfg, workdir, data, log=log, init_params=restore_base_params(cfg, mesh), adapter=adapter)
+  trainer = Trainer(run, workdir, data, log=log, init_params=restore_base_params(cfg, run.mesh), adapter=adapter,
+                    kind="sft", name="SFT", batches=ChatBatches(cfg, data), evaluations=chat)
   abstract = trainer.steps.abstract_state
   trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
   log(f"base {cfg.sft.init} step {cfg.sft.init_step} | "

@@ -18,12 +18,12 @@ import numpy as np
 
 from lmtiny import config as config_lib
 from lmtiny.model import attention as attn_lib, transformer as model_lib
-from lmtiny.parallel import sharding
 from lmtiny.plan import arch, memory
 from lmtiny.plan.units import human, human_bytes
 from lmtiny.runs import metrics as metrics_lib
 from lmtiny.training import lowering
-from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
+from lmtiny.training.resolved import resolve
+from lmtiny.training.steps import build_steps, device_batch
 
 
 def synthetic_batch(cfg, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -87,9 +87,8 @@ def compile_report(cfg, topology: str | None = None) -> dict:
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
   """Compile once, run `warmup` untimed steps, then time `steps` steps one by one."""
-  config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
-  check_batch_divisibility(cfg, mesh)
+  run = resolve(cfg)
+  cfg, mesh = run.cfg, run.mesh
   bench_steps = build_steps(cfg, mesh, total_steps=max(steps + warmup, 2))
   rows = config_lib.global_batch_size(cfg.train) // jax.process_count()
   with jax.set_mesh(mesh):

@@ -1,9 +1,12 @@
 """Bits per byte on a shard set's val split: the trainer's own measure (`Trainer.evaluate`)."""
 from __future__ import annotations
 
+import jax
+from flax import nnx
+
 from lmtiny.data.dataset import load_data
 from lmtiny.errors import UserError
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 
 
 def evaluate_bpb(loaded, shards: str | None = None, eval_batches: int = 0) -> dict:
@@ -21,8 +24,6 @@ def evaluate_bpb(loaded, shards: str | None = None, eval_batches: int = 0) -> di
   if not len(data.val_docs):
     raise UserError(f"--shards={shards or data.directory}: the val split is empty")
   trainer = Trainer(cfg, "", data, log=lambda _: None)
-  from flax import nnx
-  import jax
   with jax.set_mesh(trainer.mesh):
     result = trainer.evaluate(nnx.state(loaded.model, nnx.Param))
   return {"loss": result["loss"], "bpb": result["bpb"], "tokens": result["tokens"], "shards": data.directory}

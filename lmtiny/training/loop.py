@@ -1,54 +1,118 @@
-"""The one run loop: a run directory under its lock, restore or fresh start, the data iterator, the
-train step, metrics read one step late, evaluation, checkpoints on a cadence, preemption, divergence
-and closing. Pretraining uses `Trainer` as it is; SFT (lmtiny.chat.finetune) and RL
-(lmtiny.training.policy_gradient) subclass it and replace its hooks.
+"""The one run loop. `run(stage)` owns what every run does the same way: the run directory under
+its lock, the run files, the disk check, restore or fresh start, the metrics writer, preemption
+agreed across processes, the checkpoint cadence, the "run" record and closing. What is trained
+and how comes from a `Stage`: pretraining and SFT (lmtiny.training.trainer), RL
+(lmtiny.training.policy_gradient). The loop never asks which stage it runs.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import math
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
-import jax.numpy as jnp
-import optax
 from etils import epath
-from flax import nnx
 
-from lmtiny import config as config_lib
-from lmtiny.data.pipeline import make_eval_iterator, make_train_iterator, map_train_state, worker_count
-from lmtiny.errors import ConfigError, RunFailed
+from lmtiny.data.pipeline import worker_count
+from lmtiny.errors import RunFailed
 from lmtiny.fs import outputs
 from lmtiny.fs.atomic import atomic_write
-from lmtiny.model.sampling import sample_text
-from lmtiny.parallel import sharding
-from lmtiny.plan import arch, recipe
-from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
-from lmtiny.runs.preemption import Preemption as _Preemption
-from lmtiny.tasks import core, dclm
-from lmtiny.tasks.scoring import Scorer
+from lmtiny.runs.preemption import Preemption
 from lmtiny.training import resume
-from lmtiny.training.steps import build_steps, check_batch_divisibility, device_batch
 
 
 class TrainingDiverged(RunFailed):
   """Loss or gradient norm became NaN/Inf; the last good checkpoint was left intact."""
 
 
-def check_training_config(cfg, mesh) -> None:
-  """The config's own checks, then those that need the mesh or the evaluation tasks: before any
-  data is built or anything is written."""
-  config_lib.validate(cfg)
-  cfg = recipe.resolve(cfg)  # nanochat's batch-size rules may set the batch: check the one that will run
-  check_batch_divisibility(cfg, mesh)
-  t = cfg.train
-  if t.get("core_every", 0):
-    core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}", also=(dclm.CORE,))
+@dataclasses.dataclass
+class Progress:
+  """What the loop tells a stage about this segment of the run (one start of the command)."""
+  name: str  # the stage's name in messages ("training", "SFT", "RL")
+  writer: metrics_lib.MetricsWriter
+  start: int  # the step this segment began at (0, or the restored checkpoint's)
+  last_saved: int
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def seconds(self) -> float:
+    """Since this segment (this process's part of it) entered the loop."""
+    return time.perf_counter() - self.t0
+
+  def diverged(self, what: str, step: int) -> TrainingDiverged:
+    """The error that stops a run whose step `step` went non-finite (that state is never saved)."""
+    kept = (f"the last good checkpoint is step {self.last_saved}" if self.last_saved
+            else "no checkpoint was saved")
+    return TrainingDiverged(f"{what} at step {step}: {self.name} stopped; {kept}")
+
+
+class Stage(Protocol):
+  """What the loop drives. Attributes: `kind` (lmtiny.runs.kind: the run kind it records, and the
+  only one whose directory it resumes), `name` (in messages), `cfg` (resolved; written as
+  config.json), `workdir`, `mesh`, `steps` (lmtiny.training.steps.Steps: the abstract state and
+  shardings a checkpoint restores into), `total_steps`, `tokenizer` (saved with the run), `log`,
+  `main` (this is process 0, which writes the run's files)."""
+  kind: str
+  name: str
+  cfg: Any
+  workdir: str
+  mesh: Any
+  steps: Any
+  total_steps: int
+  tokenizer: Any
+  log: Callable[[str], None]
+  main: bool
+
+  def prepare(self) -> dict:
+    """Under the run's lock, before anything is written (process 0 only): refuse a directory this
+    run must not use, with one line; return the config's allowed changes (resume.config_changes)."""
+
+  def data_iterator(self) -> Any | None:
+    """The batch iterator whose position checkpoints save (get_state / set_state), or None when
+    each step makes its own data (RL: a step's problems are a function of (seed, step))."""
+
+  def map_data_state(self, saved: list, template: dict) -> tuple[dict, str]:
+    """A data position saved by another number of processes or workers, mapped onto this one:
+    (state, one-line note). Only asked of stages whose `data_iterator()` is not None."""
+
+  def fresh_state(self) -> dict:
+    """The train state when no checkpoint restores."""
+
+  def begin(self, state: dict, progress: Progress) -> None:
+    """After the restore (progress.start > 0) or the fresh start: header lines, first evaluation."""
+
+  def update(self, state: dict, step: int, data) -> tuple[dict, dict]:
+    """One optimizer step: (the new state, its metrics, which may still be on the device)."""
+
+  def after_step(self, step: int, metrics: dict, progress: Progress) -> None:
+    """Step `step` is done: check and record its metrics (now, or later in `settle`)."""
+
+  def settle(self, progress: Progress) -> None:
+    """Read every metric not read yet: before a checkpoint (never save a state not seen to be
+    finite), before an evaluation, and at the end."""
+
+  def periodic(self, state: dict, step: int, progress: Progress) -> None:
+    """Work on the stage's cadences after step `step` (evaluations, samples)."""
+
+  def run_record(self, step: int, progress: Progress) -> dict:
+    """The stage's fields of the "run" record that closes this segment."""
+
+  def summary(self, step: int, progress: Progress) -> dict:
+    """The stage's fields of what `run` returns."""
+
+
+def write_run_files(workdir: epath.Path, cfg, tokenizer, kind: str | None = None) -> None:
+  """config.json, the tokenizer so that sampling needs nothing but the run directory, and the
+  run's kind (lmtiny.runs.kind; default: the one its config implies) when the directory is new."""
+  text = cfg.to_json_best_effort(indent=2)
+  atomic_write(workdir / "config.json", text.encode())
+  runkind.record_kind(str(workdir), kind or runkind.infer_kind(json.loads(text)))
+  if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
+    atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
 
 
 @contextlib.contextmanager
@@ -71,363 +135,87 @@ def closing_run(ckpt: Checkpointer, writer) -> Iterator[None]:
     writer.close()
 
 
-def write_run_files(workdir: epath.Path, cfg, tokenizer, kind: str | None = None) -> None:
-  """config.json, the tokenizer so that sampling needs nothing but the run
-  directory, and the run's kind (lmtiny.runs.kind; default: the one its config implies) when the
-  directory is new."""
-  text = cfg.to_json_best_effort(indent=2)
-  atomic_write(workdir / "config.json", text.encode())
-  runkind.record_kind(str(workdir), kind or runkind.infer_kind(json.loads(text)))
-  if hasattr(tokenizer, "model_proto") and not (workdir / "tokenizer.model").exists():
-    atomic_write(workdir / "tokenizer.model", tokenizer.model_proto)
+def run(stage: Stage, stop_after: int | None = None) -> tuple[dict, dict]:
+  """Runs `stage` to its last step, or (as a preemption would) checkpoints and returns after step
+  `stop_after`; returns (the final state, the summary: step, preempted, seconds and the stage's)."""
+  cfg, t = stage.cfg, stage.cfg.train
+  workdir = epath.Path(stage.workdir)
+  with RunLock(stage.workdir, log=stage.log, enabled=stage.main):
+    changes = main_only(stage.prepare, stage.main)  # before any write
+    if stage.main:
+      workdir.mkdir(parents=True, exist_ok=True)
+      write_run_files(workdir, cfg, stage.tokenizer, stage.kind)
+      outputs.check_disk_space(stage.workdir, resume.state_bytes(stage.steps.abstract_state),
+                               t.keep_checkpoints, stage.log)
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpointing)
+    data = stage.data_iterator()
+    with jax.set_mesh(stage.mesh):
+      try:
+        state, start = _start(stage, ckpt, data)
+      except BaseException:
+        ckpt.close()
+        raise
+      if stage.main:
+        resume.record_config_changes(stage.workdir, changes or {}, start, stage.log)
+      writer = metrics_lib.MetricsWriter(stage.workdir, enabled=stage.main, resume_step=start)
+      with closing_run(ckpt, writer):
+        progress = Progress(stage.name, writer, start=start, last_saved=start)
+        state, summary = _steps(stage, state, ckpt, data, progress, stop_after)
+  if stage.main and t.plot:
+    metrics_lib.plot_loss_curve(stage.workdir)
+  return state, summary
 
 
+def _start(stage: Stage, ckpt: Checkpointer, data) -> tuple[dict, int]:
+  """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
+  found = ckpt.restore_newest(lambda step: _restore(stage, ckpt, step, data), stage.log)
+  if found is None:
+    return stage.fresh_state(), 0
+  stage.log(f"resumed from checkpoint at step {found[0]}")  # here: another process may yet reject a step
+  return found[1], found[0]
 
-class Trainer:
-  """One training run in `workdir`; `data` has train_docs, val_docs, token_bytes and tokenizer
-  (lmtiny.data.dataset.Data; tests pass in-memory documents with the same attributes).
 
-  Fine-tuning hooks: `init_params` (sharded model parameters, e.g. another run's checkpoint via
-  lmtiny.runs.directory.load_weights) start a fresh run instead of a random init, and are consumed by it
-  (their buffers become the state's; on a resume they are dropped); with an `adapter` (LoRA) they
-  stay frozen and only the adapter's parameters train. Subclasses may replace
-  `train_iterator` / `eval_iterator` with other packed batches (lmtiny.chat.data), and set `kind`
-  (lmtiny.runs.kind): a run directory holding another kind of run is refused before any write.
+def _restore(stage: Stage, ckpt: Checkpointer, step: int, data) -> dict:
+  target = abstract_with_shardings(stage.steps.abstract_state, stage.steps.state_shardings)
+  if data is None:
+    return ckpt.restore(step, target)
+  saved, template = ckpt.data_states(step), data.get_state()
+  if saved is None or (len(saved) == jax.process_count() and worker_count(saved[0]) == worker_count(template)):
+    return ckpt.restore(step, target, data)
+  state = ckpt.restore(step, target)  # another process or worker count: the state as is, the data mapped
+  data_state, note = stage.map_data_state(saved, template)
+  data.set_state(data_state)
+  stage.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
+  return state
 
-  The run itself (`run`: lock, run files, disk check, restore, metrics, preemption, checkpoint
-  cadence, divergence, closing) is every stage's; a stage that is not fed batches from documents
-  (RL) sets the attributes `run` reads (cfg, workdir, log, main, mesh, steps, total_steps,
-  tokenizer, adapter) and replaces the loop's hooks: `train_iterator` (None: no data position to
-  checkpoint), `fresh_state`, `_check_workdir`, `_begin`, `_update`, `_after_step`, `_settle`,
-  `_periodic`, `_run_record` and `_summary`."""
 
-  kind = "train"
-  stage = "training"  # divergence: "... at step N: training stopped; ..."
-
-  def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
-               schedule: optax.Schedule | None = None, init_params=None, adapter=None):
-    cfg = recipe.resolve(cfg)  # nanochat's batch-size rules, when the config asks for them
-    self.cfg, self.workdir, self.data, self.log = cfg, workdir, data, log
-    self.init_params, self.adapter = init_params, adapter
-    self.tokenizer = data.tokenizer
-    t = cfg.train
-    self.mesh = sharding.make_mesh(cfg.mesh)
-    check_training_config(cfg, self.mesh)
-    if int(data.tokenizer.vocab_size) != cfg.model.vocab_size:
-      raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size}: the data's tokenizer has "
-                        f"{data.tokenizer.vocab_size} tokens")
-    self.num_params = arch.count_params(cfg.model)
-    self.total_steps = config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t))
-    self.flops_per_token = arch.train_flops_per_token(cfg.model, t.seq_len)
-    self.flops_per_token_nanochat = arch.train_flops_per_token(cfg.model, t.seq_len, "nanochat")
-    self.main = jax.process_index() == 0
-    self.steps = build_steps(cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
-                             frozen_params=init_params if adapter is not None else None)
-    self.process_batch = config_lib.global_batch_size(t) // jax.process_count()
-    self.core_items = self._load_core_items() if t.get("core_every", 0) else None
-
-  # -- data ----------------------------------------------------------------------------------
-
-  def _row_layout(self) -> dict:
-    """How the packer lays out rows (data.max_docs_per_row, data.document_mask; get: older runs
-    lack the fields)."""
-    d = self.cfg.data
-    return dict(max_docs_per_row=d.get("max_docs_per_row", 0), document_mask=d.get("document_mask", True))
-
-  def train_iterator(self):
-    t, d = self.cfg.train, self.cfg.data
-    return make_train_iterator(self.data.train_docs, seq_len=t.seq_len, batch_size=self.process_batch,
-                               bos_id=self.data.tokenizer.bos_id, seed=d.shuffle_seed,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               num_workers=d.num_workers, prefetch=d.get("prefetch", 0), **self._row_layout())
-
-  def eval_iterator(self):
-    t = config_lib.resolve_batch(self.cfg, sharding.data_parallel_size(self.mesh)).train
-    return make_eval_iterator(self.data.val_docs, seq_len=t.seq_len,
-                              batch_size=config_lib.micro_batch_size(t) // jax.process_count(),
-                              bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              **self._row_layout())
-
-  def evaluate(self, params) -> dict | None:
-    t = self.cfg.train
-    if not t.eval_batches or not len(self.data.val_docs):
-      return None
-    batches = self.eval_iterator()
-    token_bytes = jnp.asarray(self.data.token_bytes, jnp.int32)
-    totals = None
-    for local in batches:
-      out = jax.device_get(self.steps.eval_step(params, device_batch(local, self.mesh), token_bytes))
-      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
-    loss = float(totals["loss_sum"] / max(totals["tokens"], 1.0))
-    return {"loss": loss, "bpb": metrics_lib.bits_per_byte(float(totals["bpb_loss_sum"]), float(totals["bytes"])),
-            "tokens": float(totals["tokens"])}
-
-  def _load_core_items(self) -> dict:
-    """train.core_tasks' items, read before training starts (a missing file or no network fails now):
-    {"core": the DCLM bundle's Suite} and/or {"hf6": {task: items}}."""
-    t = self.cfg.train
-    names = core.task_names(t.core_tasks, f"config.train.core_tasks={t.core_tasks!r}", also=(dclm.CORE,))
-    data_dir, flag = t.core_data_dir or None, "config.train.core_data_dir"
-    out = {}
-    if dclm.CORE in names:
-      out[dclm.CORE] = dclm.load_suite(data_dir, t.core_items, flag=flag)
-    hf6 = [name for name in names if name != dclm.CORE]
-    if hf6:
-      out[core.HF6] = {name: core.load_items(name, data_dir, t.core_items, flag=flag) for name in hf6}
-    return out
-
-  def log_core(self, params, step: int, writer) -> None:
-    """DCLM CORE (lmtiny.tasks.dclm) and/or the HF6 tasks' mean (lmtiny.tasks.core), the eval CLI's
-    scoring, of the current parameters: logged, and kept in metrics.jsonl as splits "core" (CORE and
-    each task's centered accuracy as core:<label>) and "hf6" (all processes score, since the
-    programs span the mesh)."""
-    model = nnx.merge(self.steps.graphdef, self.steps.model_params(params))
-    scorer = Scorer(model, self.mesh, rows_per_batch=4 * sharding.data_parallel_size(self.mesh))
-    for suite, items in self.core_items.items():
-      t0 = time.perf_counter()
-      if suite == dclm.CORE:
-        out = dclm.evaluate_core(scorer, self.data.tokenizer, items)
-        label = f"CORE (DCLM, {len(out['results'])} tasks)"
-      else:
-        out = core.evaluate_hf6(scorer, self.data.tokenizer, items)
-        label = "HF6 mean" if len(items) == len(core.TASKS) else f"HF6 mean ({len(items)}/{len(core.TASKS)})"
-      seconds = time.perf_counter() - t0
-      writer.write(step, suite, {suite: out[suite], "seconds": seconds,
-                                 **{name: r["centered"] for name, r in out["results"].items()}})
-      tasks = " ".join(f"{name.removeprefix(dclm.KEY_PREFIX)} {r['accuracy']:.3f}"
-                       for name, r in out["results"].items())
-      self.log(f"step {step:>6}/{self.total_steps} | {label} {out[suite]:.4f} | accuracy: {tasks} | {seconds:.0f}s")
-
-  def sample(self, params, step: int, writer) -> None:
-    """Continuations of train.sample_prompt, logged and kept in metrics.jsonl (all processes
-    run the sampler, since its programs span the mesh; the main one writes)."""
-    if not hasattr(self.data.tokenizer, "decode"):  # in-memory token data has no text
-      return
-    prompt, text = self.sample_pair(nnx.merge(self.steps.graphdef, self.steps.model_params(params)))
-    writer.write(step, "sample", {"prompt": prompt, "text": text})
-    self.log(f"step {step:>6}/{self.total_steps} | sample: {prompt + text!r}")
-
-  def sample_pair(self, model) -> tuple[str, str]:
-    """(prompt, sampled text): train.sample_prompt and its continuation (a chat run: a reply)."""
-    t = self.cfg.train
-    (text,) = sample_text(model, self.data.tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens, seed=t.seed)
-    return t.sample_prompt, text
-
-  # -- state -----------------------------------------------------------------------------------
-
-  def _start(self, ckpt: Checkpointer, train_iter):
-    """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
-    found = ckpt.restore_newest(lambda step: self._restore(ckpt, step, train_iter), self.log)
-    if found is None:
-      return self.fresh_state(), 0
-    if self.adapter is None:  # full fine-tuning: the base is dropped on a resume
-      self.init_params = None
-    self.log(f"resumed from checkpoint at step {found[0]}")  # here, not in _restore: another process may yet reject that step
-    return found[::-1]
-
-  def fresh_state(self):
-    """The state of a run with no checkpoint: over `init_params` (consumed by it, unless an adapter
-    trains on them) or a random init."""
-    params = None
-    if self.adapter is None:
-      params, self.init_params = self.init_params, None
-    return self.steps.init(params)
-
-  def _restore(self, ckpt: Checkpointer, step: int, train_iter):
-    target = abstract_with_shardings(self.steps.abstract_state, self.steps.state_shardings)
-    if train_iter is None:  # no data position to restore (RL draws its problems from the step)
-      return ckpt.restore(step, target)
-    saved, template = ckpt.data_states(step), train_iter.get_state()
-    if saved is None or (len(saved) == jax.process_count() and worker_count(saved[0]) == worker_count(template)):
-      state = ckpt.restore(step, target, train_iter)
-    else:  # another process or worker count: model state as is, data position mapped
-      state = ckpt.restore(step, target)
-      data_state, note = map_train_state(saved, len(self.data.train_docs), jax.process_index(),
-                                         jax.process_count(), template=template)
-      train_iter.set_state(data_state)
-      self.log(f"{note} (checkpoint written by {len(saved)} processes, resuming with {jax.process_count()})")
-    return state
-
-  # -- the run -----------------------------------------------------------------------------------
-
-  def run(self, stop_after: int | None = None) -> dict:
-    """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
-    cfg, t = self.cfg, self.cfg.train
-    workdir = epath.Path(self.workdir)
-    with RunLock(self.workdir, log=self.log, enabled=self.main):
-      changes = main_only(lambda: self._check_workdir(cfg), self.main)  # before any write
-      if self.main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_run_files(workdir, cfg, self.tokenizer, self.kind)
-        outputs.check_disk_space(self.workdir, resume.state_bytes(self.steps.abstract_state),
-                                   t.keep_checkpoints, self.log)
-      ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints,
-                          async_save=t.async_checkpointing)
-      train_iter = self.train_iterator()
-      with jax.set_mesh(self.mesh):
-        try:
-          state, start = self._start(ckpt, train_iter)
-        except BaseException:
-          ckpt.close()
-          raise
-        if self.main:
-          resume.record_config_changes(self.workdir, changes or {}, start, self.log)
-        writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.main, resume_step=start)
-        with closing_run(ckpt, writer):
-          summary = self._loop(state, start, ckpt, train_iter, writer, stop_after)
-    if self.main and t.plot:
-      metrics_lib.plot_loss_curve(self.workdir)
-    return summary
-
-  def _check_workdir(self, cfg) -> dict:
-    """The run directory holds no run or one of this kind, whose config changes no shape (else a
-    one-line error); returns the config's changes (resume.config_changes)."""
-    runkind.check_kind(self.workdir, self.kind)
-    return resume.config_changes(self.workdir, cfg)
-
-  def _loop(self, state, start: int, ckpt: Checkpointer, train_iter, writer, stop_after) -> dict:
-    t = self.cfg.train
-    self._last_saved, self._segment, self._t0 = start, start, time.perf_counter()
-    self._begin(state, start, writer)
-    step, stop = start, False
-    with _Preemption() as preemption:
-      preemption.inherit()
-      while step < self.total_steps:
-        if step == start and (stop := preemption.decided(step)):
-          self.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
-          break
-        ckpt.check_errors()  # a failed async save surfaces here, one step later
-        state, step_metrics = self._update(state, step, train_iter)
-        step += 1
-        self._after_step(step, step_metrics, writer)
-        # stop_after stops every process at once; a SIGTERM is agreed one step late (never a host sync)
-        stop = preemption.decided(step, now=step == stop_after)
-        if step % t.checkpoint_every == 0 or step == self.total_steps or stop:
-          self._settle(writer)  # never checkpoint a state whose loss we have not seen to be finite
-          ckpt.save(step, state, train_iter)
-          self._last_saved = step
-        self._periodic(state, step, writer)
-        if stop:
-          self.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
-          break
-      self._settle(writer)
-    writer.write(step, "run", self._run_record(step, start))
-    self.state = state
-    return self._summary(step, stop)
-
-  def _seconds(self) -> float:
-    """Since this segment of the run (this process's part of it) started its loop."""
-    return time.perf_counter() - self._t0
-
-  def _diverged(self, what: str, step: int) -> TrainingDiverged:
-    """The error that stops a run whose step `step` went non-finite (its checkpoint is never saved)."""
-    kept = (f"the last good checkpoint is step {self._last_saved}" if self._last_saved
-            else "no checkpoint was saved")
-    return TrainingDiverged(f"{what} at step {step}: {self.stage} stopped; {kept}")
-
-  # -- the loop's hooks (pretraining and SFT: documents in, metrics read one step late) -----------
-
-  def _begin(self, state, start: int, writer) -> None:
-    """After the restore: the header line, and the validation point at the start (or one a kill lost)."""
-    t = self.cfg.train
-    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
-             f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
-    if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
-      self.log(self.data.description)
-    self._history = {"train_loss": [], "val": []}
-    self._pending, self._window_start, self._window_steps = None, time.perf_counter(), 0
-    if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
-      self._log_eval(state["params"], start, self._history, writer)
-
-  def _update(self, state, step: int, train_iter):
-    """One optimizer step on the next batch: (state, the step's metrics, still on the device)."""
-    return self.steps.train_step(state, device_batch(next(train_iter), self.mesh))
-
-  def _after_step(self, step: int, step_metrics, writer) -> None:
-    """The previous step's metrics are read now (one step late, so the host never waits on the device)."""
-    if self._pending is not None:
-      self._flush(self._pending, writer)
-    self._pending = (step, step_metrics)
-
-  def _settle(self, writer) -> None:
-    """Reads the metrics not read yet (before a checkpoint or an evaluation, and at the end)."""
-    if self._pending is not None:
-      self._flush(self._pending, writer)
-      self._pending = None
-
-  def _flush(self, pending, writer) -> None:
-    """A step's metrics: divergence (or a skipped float16 step), the history, and every
-    train.log_every steps a record and a log line."""
-    t = self.cfg.train
-    done_step, device_metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if values.get("skipped"):  # float16: non-finite gradients, update skipped, scale halved
-      self.log(f"step {done_step:>6}/{self.total_steps} | skipped: non-finite gradients at loss scale "
-               f"{values['loss_scale']:g} (halved; {values['skipped_steps']:.0f} skipped so far)")
-      if values["loss_scale"] <= 1.0:
-        raise self._diverged(f"non-finite gradients even at loss scale {values['loss_scale']:g}", done_step)
-    elif not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-      raise self._diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", done_step)
-    self._history["train_loss"].append((done_step, values["loss"]))
-    self._window_steps += 1
-    if done_step % t.log_every == 0 or done_step == self.total_steps:
-      elapsed = time.perf_counter() - self._window_start
-      tok_s = self._window_steps * t.batch_tokens / max(elapsed, 1e-9)
-      mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
-      mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
-      eta = (self.total_steps - done_step) * elapsed / self._window_steps
-      scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
-      writer.write(done_step, "train", {"seconds": self._seconds(), "segment": self._segment,
-                                        "loss": values["loss"], "lr": values["lr"],
-                                        "grad_norm": values["grad_norm"], "tokens_per_sec": tok_s, "mfu": mfu,
-                                        "mfu_nanochat": mfu_nanochat, **scaling})
-      mfu_text = (f" | MFU {100 * mfu:.2f}% causal-half, {100 * mfu_nanochat:.2f}% nanochat"
-                  if mfu is not None else "")
-      if scaling:
-        mfu_text += f" | scale {scaling['loss_scale']:g} | skipped {scaling['skipped_steps']:.0f}"
-      self.log(f"step {done_step:>6}/{self.total_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-               f"gnorm {values['grad_norm']:.3f} | {tok_s:,.0f} tok/s{mfu_text} | "
-               f"ETA {duration(eta, clock=True)}")
-      self._window_start, self._window_steps = time.perf_counter(), 0
-
-  def _periodic(self, state, step: int, writer) -> None:
-    """Validation, CORE / HF6 and samples on their cadences (and at the end)."""
-    t, at_end = self.cfg.train, step == self.total_steps
-    if step % t.eval_every == 0 or at_end:
-      self._settle(writer)
-      self._log_eval(state["params"], step, self._history, writer)
-    if self.core_items is not None and (at_end or step % t.core_every == 0):
-      self.log_core(state["params"], step, writer)
-    if at_end or (t.sample_every and step % t.sample_every == 0):
-      self.sample(state["params"], step, writer)
-
-  def _segment_record(self, step: int, start: int) -> dict:
-    """What every stage's "run" record holds: this segment's wall time, steps and chips."""
-    return {"seconds": self._seconds(), "segment": start, "steps": step - start,
-            "chips": metrics_lib.chip_count(), "chip": metrics_lib.chip_name()}
-
-  def _run_record(self, step: int, start: int) -> dict:
-    """The "run" record closing this segment (the report card's wall time, tokens and chips)."""
-    return {**self._segment_record(step, start), "tokens": (step - start) * self.cfg.train.batch_tokens,
-            "peak_flops": metrics_lib.peak_flops_total()}
-
-  def _summary(self, step: int, stop: bool) -> dict:
-    return {"step": step, "num_params": self.num_params, "total_steps": self.total_steps,
-            "train_loss": self._history["train_loss"], "val": self._history["val"], "preempted": stop,
-            "seconds": self._seconds()}
-
-  def _eval_missing(self, step: int) -> bool:
-    """A resumed run at an eval step whose val record a kill (during that eval) prevented."""
-    t = self.cfg.train
-    if step % t.eval_every and step != self.total_steps:
-      return False
-    return bool(main_only(lambda: not any(r.get("split") == "val" and r.get("step") == step
-                                          for r in metrics_lib.read_metrics(self.workdir)), self.main))
-
-  def _log_eval(self, params, step: int, history: dict, writer) -> None:
-    val = self.evaluate(params)
-    if val is not None:
-      history["val"].append((step, val["loss"], val["bpb"]))
-      writer.write(step, "val", val)
-      self.log(f"step {step:>6}/{self.total_steps} | val loss {val['loss']:.4f} | val bpb {val['bpb']:.4f}")
+def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, stop_after) -> tuple[dict, dict]:
+  """The steps of this segment: update, record, checkpoint on the cadence or a stop, periodic work."""
+  t, start = stage.cfg.train, progress.start
+  stage.begin(state, progress)
+  step, stop = start, False
+  with Preemption() as preemption:
+    preemption.inherit()
+    while step < stage.total_steps:
+      if step == start and (stop := preemption.decided(step)):
+        stage.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
+        break
+      ckpt.check_errors()  # a failed async save surfaces here, one step later
+      state, step_metrics = stage.update(state, step, data)
+      step += 1
+      stage.after_step(step, step_metrics, progress)
+      # stop_after stops every process at once; a SIGTERM is agreed one step late (never a host sync)
+      stop = preemption.decided(step, now=step == stop_after)
+      if step % t.checkpoint_every == 0 or step == stage.total_steps or stop:
+        stage.settle(progress)  # never checkpoint a state whose loss we have not seen to be finite
+        ckpt.save(step, state, data)
+        progress.last_saved = step
+      stage.periodic(state, step, progress)
+      if stop:
+        stage.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
+        break
+    stage.settle(progress)
+  progress.writer.write(step, "run", {"seconds": progress.seconds(), "segment": start, "steps": step - start,
+                                      "chips": metrics_lib.chip_count(), "chip": metrics_lib.chip_name(),
+                                      **stage.run_record(step, progress)})
+  return state, {"step": step, "preempted": stop, "seconds": progress.seconds(), **stage.summary(step, progress)}

@@ -39,7 +39,9 @@ from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan.units import human_bytes
 from lmtiny.runs.checkpoint import abstract_with_shardings
-from lmtiny.training.steps import BATCH_KEYS, build_steps, check_batch_divisibility
+from lmtiny.training.objectives import TOKEN_KEYS
+from lmtiny.training.resolved import resolve
+from lmtiny.training.steps import build_steps
 
 PLATFORMS = ("cuda", "tpu")
 H100_CAPABILITY = (9, 0)
@@ -102,15 +104,14 @@ def _lowered_train_step(cfg, platform: str | None = None, mesh=None, devices=Non
   over `devices` (default: this machine's) unless a mesh is given."""
   if platform is not None:
     cfg = for_platform(cfg, platform)
-  config_lib.validate(cfg)
-  mesh = sharding.make_mesh(cfg.mesh, devices) if mesh is None else mesh
-  check_batch_divisibility(cfg, mesh)
+  run = resolve(cfg, mesh, devices=devices)
+  cfg, mesh = run.cfg, run.mesh
   t0 = time.perf_counter()
   with target(platform) if platform is not None else contextlib.nullcontext():
     steps = build_steps(cfg, mesh, total_steps=2)
     rows, t = config_lib.global_batch_size(cfg.train), cfg.train.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, t), np.float32 if k == "loss_mask" else np.int32,
-                                     sharding=steps.batch_sharding) for k in BATCH_KEYS}
+                                     sharding=steps.batch_sharding) for k in TOKEN_KEYS}
     with jax.set_mesh(mesh):
       state = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
       traced = steps.train_step.trace(state, batch)

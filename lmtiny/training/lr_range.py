@@ -19,13 +19,15 @@ import math
 import os
 from typing import Callable
 
+import jax
 import numpy as np
 
 from lmtiny.errors import ConfigError
 from lmtiny.fs.atomic import atomic_write_json
 from lmtiny.runs.figures import new_figure, save_figure
-from lmtiny.training.loop import Trainer
+from lmtiny.training.resolved import resolve, ResolvedRun
 from lmtiny.training.steps import device_batch
+from lmtiny.training.trainer import Trainer
 
 DIVERGENCE_FACTOR = 4.0
 
@@ -98,19 +100,24 @@ def sweep_schedule(min_lr: float, max_lr: float, steps: int):
   return lambda count: min_lr * ratio ** (count / (steps - 1))
 
 
-def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 200,
-               workdir: str = "runs/lr_find", log: Callable[[str], None] = print) -> RangeTestResult:
-  """Runs the LR range test for `cfg` on `data` (what lmtiny.data.dataset.load_data returns)."""
-  import jax
-
-  lrs = lr_sweep(min_lr, max_lr, steps)
+def sweep_config(cfg, steps: int):
+  """The config of a sweep of `steps` steps (its horizon: the sweep, not the config's)."""
   cfg = cfg.copy_and_resolve_references()
   cfg.train.update(steps=steps, tokens_per_param=0.0)
-  trainer = Trainer(cfg, workdir, data, log=log, schedule=sweep_schedule(min_lr, max_lr, steps))
+  return cfg
+
+
+def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: int = 200,
+               workdir: str = "runs/lr_find", log: Callable[[str], None] = print) -> RangeTestResult:
+  """Runs the LR range test for `cfg` (a config, or sweep_config's resolved) on `data` (what
+  lmtiny.data.dataset.load_data returns)."""
+  lrs = lr_sweep(min_lr, max_lr, steps)
+  run = cfg if isinstance(cfg, ResolvedRun) else resolve(sweep_config(cfg, steps))
+  trainer = Trainer(run, workdir, data, log=log, schedule=sweep_schedule(min_lr, max_lr, steps))
   built, mesh = trainer.steps, trainer.mesh
   beta = default_beta(steps)
   log(f"LR range test: {steps} steps from {min_lr:g} to {max_lr:g} | {trainer.num_params / 1e6:.2f}M params | "
-      f"{cfg.train.batch_tokens} tokens per step")
+      f"{run.cfg.train.batch_tokens} tokens per step")
   losses, best, running, stopped_early = [], math.inf, 0.0, False
   train_iter = trainer.train_iterator()
   with jax.set_mesh(mesh):

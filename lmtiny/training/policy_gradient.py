@@ -5,16 +5,17 @@ names the init run in rl.init. Each step takes `questions` problems (a fixed, se
 the training rows, epoch by epoch) and samples `samples` replies to each with the KV-cache sampler
 and the calculator tool (`lmtiny.tasks.gsm8k.generate_with_tools`). Reward: 1 if the reply's `####`
 answer is right. Advantage: reward minus the mean reward of the question's group. The update is
-the trainer's own sharded train step on rows [prompt + reply], whose float `loss_mask` holds each
-sampled token's advantage (0 on the prompt and on forced tool output), so the loss is
+the sharded train step with the policy-gradient objective (lmtiny.training.objectives) on rows
+[prompt + reply] whose `advantages` hold each sampled token's advantage (0 on the prompt, on forced
+tool output and on padding), so the loss is
     sum_t adv_t * CE_t / #(adv_t != 0)
 and its gradient is token-level REINFORCE. A step where every group's rewards are equal carries no
 signal and makes no update (Adam's momentum would otherwise repeat the last one). Optional KL to
 the initial model (`kl`), folded into the per-token weight as a reward penalty:
 adv_t - kl * (log pi(a_t) - log pi_init(a_t)).
 
-The run is the one run loop's (lmtiny.training.loop.Trainer: lock, run files, restore, metrics,
-preemption, checkpoint cadence, divergence, closing); `Reinforce` supplies its hooks.
+`Reinforce` is a stage of the one run loop (lmtiny.training.loop: lock, run files, restore,
+metrics, preemption, checkpoint cadence, closing).
 
 Mesh: the init run's (data / fsdp / tensor, as lmtiny.sft inherits its base run's), so a model
 that needed FSDP or tensor parallelism to fit is RL-trained sharded the same way; the sampler and
@@ -47,9 +48,10 @@ from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import gsm8k
 from lmtiny.tasks.rows import local_file
 from lmtiny.tokenizer import render_for_completion
-from lmtiny.training import resume
-from lmtiny.training.loop import Trainer
-from lmtiny.training.steps import build_steps, token_losses
+from lmtiny.training import loop, resume
+from lmtiny.training.objectives import POLICY_GRADIENT
+from lmtiny.training.resolved import resolve
+from lmtiny.training.steps import build_steps, device_batch, token_losses
 
 INIT_FLAGS = ("--init", "--init-step")  # how messages about the init run name it
 
@@ -66,10 +68,10 @@ def rl_settings(init: str, **fields) -> ml_collections.ConfigDict:
   return rl
 
 
-def check_settings(rl, dp: int) -> None:
-  """The rl section's fields (lmtiny.config.validate_rl), and a step's rows over the `dp`
-  data-parallel devices."""
-  config_lib.validate_rl(rl)
+def check_rows(cfg, mesh) -> None:
+  """A step's rows (questions x samples) split evenly over the data-parallel devices (a check
+  `resolve` runs once the config's own have passed)."""
+  rl, dp = cfg.rl, sharding.data_parallel_size(mesh)
   if (rl.questions * rl.samples) % dp:
     raise RLError(f"config.rl.questions={rl.questions} x config.rl.samples={rl.samples} = "
                   f"{rl.questions * rl.samples} rows per step do not divide over the data-parallel size {dp}")
@@ -85,7 +87,7 @@ def check_not_the_init_run(workdir: str, init_dir: str) -> None:
                   "(e.g. RUN/rl next to RUN/sft)")
 
 
-def check_workdir(workdir: str, init_dir: str) -> None:
+def check_rl_workdir(workdir: str, init_dir: str) -> None:
   """The RL run directory is not the init run, and holds no run of another kind (lmtiny.runs.kind)."""
   check_not_the_init_run(workdir, init_dir)
   runkind.check_kind(workdir, "rl")
@@ -186,7 +188,7 @@ def step_questions(num_rows: int, step: int, count: int, seed: int) -> list[int]
 
 def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
   """Rows [prompt + reply] cut to seq_len + 1; loss_mask 1 on the tokens the model sampled (the
-  caller turns it into per-token weights), 0 on prompts, forced tool output and padding."""
+  caller weights them with their advantages), 0 on prompts, forced tool output and padding."""
   b = len(prompts)
   out = {k: np.zeros((b, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
   out["loss_mask"] = np.zeros((b, seq_len), np.float32)
@@ -202,36 +204,41 @@ def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
   return out
 
 
-class Reinforce(Trainer):
+class Reinforce:
   """An RL run in `workdir` with the settings `rl` (the config's rl section: rl_settings, or what
   lmtiny.rl parses), starting from the run in rl.init (its newest checkpoint), on the init run's
-  mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes. The run loop is
-  Trainer's; this class supplies its hooks."""
+  mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes: a stage of the
+  run loop (lmtiny.training.loop), which `run` drives."""
 
   kind = "rl"
-  stage = "RL"
+  name = "RL"
 
   def __init__(self, rl, workdir: str, train_rows, eval_rows, *,
                log: Callable[[str], None] = print, devices=None, mesh: dict | None = None):
-    config_lib.validate_rl(rl)
-    check_workdir(workdir, rl.init)
+    check_rl_workdir(workdir, rl.init)
     self.init = load_run(rl.init, flags=INIT_FLAGS)
     self.workdir, self.log = workdir, log
     self.train_rows, self.eval_rows = train_rows, eval_rows
     devices = jax.devices() if devices is None else devices
-    mesh_cfg, note = rl_mesh(self.init.cfg.get("mesh"), mesh_overrides(mesh or {}), len(devices))
+    mesh_cfg, note = rl_mesh(self.init.cfg.mesh, mesh_overrides(mesh or {}), len(devices))
     if note:
       log(note)
-    self.cfg = rl_config(self.init.cfg, rl, mesh_cfg)
-    self.s, self.tokenizer, self.adapter = self.cfg.rl, self.init.tokenizer, None
-    self.mesh = sharding.make_mesh(self.cfg.mesh, devices)
+    run = resolve(rl_config(self.init.cfg, rl, mesh_cfg), devices=devices, checks=(check_rows,))
+    self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
+    self.s, self.tokenizer = self.cfg.rl, self.init.tokenizer
     self.main = jax.process_index() == 0
-    check_settings(self.s, sharding.data_parallel_size(self.mesh))
     resume.config_changes(workdir, self.cfg)  # a change of shapes: one line now (again under the lock)
-    self.total_steps = self.s.steps
-    self.steps = build_steps(self.cfg, self.mesh, self.total_steps)
+    self.steps = build_steps(self.cfg, self.mesh, self.total_steps, objective=POLICY_GRADIENT)
     self._losses = jax.jit(token_losses, static_argnums=0)
     self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
+
+  def run(self, stop_after: int | None = None) -> dict:
+    """The run loop's run, once every problem has a question and a `####` answer: a bad row is one
+    line naming its file, before the run directory is written or the init run's weights are read."""
+    for split, rows in (("gsm8k_train", self.train_rows), ("gsm8k", self.eval_rows)):
+      gsm8k.check_problems(rows, problems_source(self.s, split))
+    self.state, summary = loop.run(self, stop_after)
+    return summary
 
   def _init_params(self):
     """The init run's parameters on this mesh (a LoRA run's merged; its newest usable checkpoint)."""
@@ -254,7 +261,7 @@ class Reinforce(Trainer):
     return rows, prompts, gens, rewards
 
   def _token_weights(self, batch, params, ref_params, adv_B):
-    """Each sampled token's weight: its reply's advantage, minus the KL penalty when kl > 0."""
+    """Each sampled token's advantage: its reply's, minus the KL penalty when kl > 0."""
     sampled = batch["loss_mask"]
     weights = sampled * adv_B[:, None]
     if self.s.kl:
@@ -272,73 +279,66 @@ class Reinforce(Trainer):
     self.log(f"step {step:>5}/{self.s.steps} | eval accuracy {result['accuracy']:.3f} on {result['items']} problems")
     return result
 
-  def run(self, stop_after: int | None = None) -> dict:
-    """The run loop's run, once every problem has a question and a `####` answer: a bad row is one
-    line naming its file, before the run directory is written or the init run's weights are read."""
-    for split, rows in (("gsm8k_train", self.train_rows), ("gsm8k", self.eval_rows)):
-      gsm8k.check_problems(rows, problems_source(self.s, split))
-    return super().run(stop_after)
+  # -- the stage (lmtiny.training.loop.Stage) -------------------------------------------------
 
-  # -- the run loop's hooks (lmtiny.training.loop.Trainer) ---------------------------------------
+  def prepare(self) -> dict:
+    check_rl_workdir(self.workdir, self.init.workdir)  # again, under the lock
+    return resume.config_changes(self.workdir, self.cfg)
 
-  def train_iterator(self):
+  def data_iterator(self):
     return None  # no data position: a step's problems are a function of (seed, step)
 
   def fresh_state(self):
     """A fresh state (Adam's zeros, step 0) over the init run's parameters, which it takes over."""
     return self.steps.init(self._init_params())
 
-  def _check_workdir(self, cfg) -> dict:
-    check_not_the_init_run(self.workdir, self.init.workdir)  # again, under the lock; the loop checks the kind
-    return super()._check_workdir(cfg)
-
-  def _begin(self, state, start: int, writer) -> None:
+  def begin(self, state, progress: loop.Progress) -> None:
     self.log(f"rl from {self.init.workdir} step {self.init.step} | mesh {dict(self.mesh.shape)} | "
              f"{self.mesh.size} devices")
     self._ref_params = self._init_params() if self.s.kl else None  # the KL reference: weights only
-    self._history, self._sampled_tokens, self._rollout = [], 0, None
+    self.history, self._sampled_tokens, self._rollout = [], 0, None
 
-  def _update(self, state, step: int, train_iter):
+  def update(self, state, step: int, data):
     """Samples the step's replies, weights their tokens and trains on them (no update without signal)."""
     rows, prompts, gens, rewards = self.rollout(state["params"], step)
     adv = (rewards - rewards.mean(axis=1, keepdims=True)).reshape(-1)
     self._sampled_tokens += sum(sum(g.sampled) for g in gens)
     self._rollout = rows, gens, rewards
     batch = build_batch(prompts, gens, self.cfg.train.seq_len)
-    batch["loss_mask"] = self._token_weights(batch, state["params"], self._ref_params, adv)
-    if np.any(batch["loss_mask"]):
-      return self.steps.train_step(state, sharding.global_batch_from_local(batch, self.mesh))
+    batch["advantages"] = self._token_weights(batch, state["params"], self._ref_params, adv)
+    if np.any(batch["advantages"]):
+      return self.steps.train_step(state, device_batch(batch, self.mesh, POLICY_GRADIENT.batch_keys))
     return state, {"loss": 0.0, "tokens": 0.0}  # every group all right or all wrong: Adam's momentum must not replay
 
-  def _after_step(self, step: int, step_metrics, writer) -> None:
+  def after_step(self, step: int, step_metrics, progress: loop.Progress) -> None:
     """Read at once (the next rollout waits on the parameters anyway): never checkpoint (or keep
     sampling from) a broken policy."""
     s, (_, gens, rewards) = self.s, self._rollout
     loss = float(step_metrics["loss"])
     if not math.isfinite(loss):
-      raise self._diverged(f"loss={loss}", step)
+      raise progress.diverged(f"loss={loss}", step)
     record = {"reward": float(rewards.mean()), f"pass@{s.samples}": float(rewards.max(axis=1).mean()),
               "loss": loss, "tokens": float(step_metrics["tokens"]),
-              "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": self._seconds(),
-              "segment": self._segment}
-    self._history.append((step, record["reward"], record["loss"]))
+              "reply_tokens": float(np.mean([len(g.ids) for g in gens])), "seconds": progress.seconds(),
+              "segment": progress.start}
+    self.history.append((step, record["reward"], record["loss"]))
     if step % s.log_every == 0 or step == s.steps:
-      writer.write(step, "rl", record)
+      progress.writer.write(step, "rl", record)
       self.log(f"step {step:>5}/{s.steps} | reward {record['reward']:.3f} | pass@{s.samples} "
                f"{record[f'pass@{s.samples}']:.3f} | loss {record['loss']:+.4f} | {record['tokens']:.0f} tokens")
 
-  def _settle(self, writer) -> None:
-    pass  # every step's metrics are read in _after_step
+  def settle(self, progress: loop.Progress) -> None:
+    pass  # every step's metrics are read in after_step
 
-  def _periodic(self, state, step: int, writer) -> None:
+  def periodic(self, state, step: int, progress: loop.Progress) -> None:
     s = self.s
     if s.eval_questions and ((s.eval_every and step % s.eval_every == 0) or step == s.steps):
-      self.evaluate_held_out(state["params"], step, writer)
+      self.evaluate_held_out(state["params"], step, progress.writer)
       rows, gens, _ = self._rollout
-      writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
+      progress.writer.write(step, "sample", {"prompt": rows[0]["question"], "text": gens[0].text})
 
-  def _run_record(self, step: int, start: int) -> dict:
-    return {**self._segment_record(step, start), "sampled_tokens": self._sampled_tokens}
+  def run_record(self, step: int, progress: loop.Progress) -> dict:
+    return {"sampled_tokens": self._sampled_tokens}
 
-  def _summary(self, step: int, stop: bool) -> dict:
-    return {"step": step, "history": self._history, "preempted": stop, "seconds": self._seconds()}
+  def summary(self, step: int, progress: loop.Progress) -> dict:
+    return {"history": self.history}

@@ -5,8 +5,8 @@ the LR finder, lowering and validation bits per byte).
 
 Gradient accumulation: the global batch (train.batch_tokens) is split into micro-batches of
 train.micro_batch_size sequences that a `lax.scan` runs one after another, summing the loss and
-gradients over all loss-mask tokens before one normalisation, so the update is the same as one
-big batch regardless of how many devices there are.
+gradients over all weighted tokens before one normalisation (lmtiny.training.objectives), so the
+update is the same as one big batch regardless of how many devices there are.
 """
 from __future__ import annotations
 
@@ -26,9 +26,8 @@ from lmtiny.errors import ConfigError
 from lmtiny.model.transformer import abstract_model, cast_params, compute_dtype, Transformer
 from lmtiny.parallel import sharding, xla_options
 from lmtiny.training import loss_scale
+from lmtiny.training.objectives import CROSS_ENTROPY, Objective, TOKEN_KEYS
 from lmtiny.training.optim import make_optimizer
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 @dataclasses.dataclass
@@ -98,8 +97,9 @@ def _init_fns(init, state_shardings) -> Callable:
 
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
-                adapter=None, frozen_params=None) -> Steps:
-  """`adapter` (fine-tuning, e.g. lmtiny.model.adapters.LoRA): train only what `adapter.init()` makes
+                adapter=None, frozen_params=None, objective: Objective = CROSS_ENTROPY) -> Steps:
+  """The train step minimises `objective` (lmtiny.training.objectives; its batches hold its
+  batch_keys); evaluation is always the plain masked cross-entropy. `adapter` (fine-tuning, e.g. lmtiny.model.adapters.LoRA): train only what `adapter.init()` makes
   (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
   trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
   saved. `init(params)` starts from given parameters instead of a fresh initialisation."""
@@ -124,22 +124,22 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   abstract_state = jax.eval_shape(init)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  batch_shardings = {k: batch_sharding for k in objective.batch_keys}
+  eval_shardings = {k: batch_sharding for k in TOKEN_KEYS}
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
 
   def full_params(params, frozen):
     return params if adapter is None else adapter.merge(frozen, params)
 
   def loss_sums(params, micro, frozen=None):
-    """(objective, (loss_sum, count)): the objective adds z-loss to the summed cross-entropy.
-    loss_mask may hold float per-token weights (RL: the advantage of each sampled token); the
-    loss is normalised by the count of nonzero weights, which is the token count for 0/1 masks."""
-    mask = micro["loss_mask"].astype(jnp.float32)
-    counted = (mask != 0).astype(jnp.float32)
+    """(objective, (loss_sum, count)): sum_t w_t CE_t plus z-loss on the weighted tokens, and
+    the objective's normaliser N (lmtiny.training.objectives)."""
+    weights_BxT, count = objective.token_weights(micro)
     model = nnx.merge(graphdef, full_params(params, frozen))
-    objective, ce_BxT, _ = model.loss_terms(micro["inputs"], micro["targets"], micro["positions"],
-                                            segment_ids(micro, document_mask), mask, t.z_loss * counted, max_runs)
-    return objective, (jnp.sum(ce_BxT * mask), jnp.sum(counted))
+    z_weights_BxT = t.z_loss * (weights_BxT != 0).astype(jnp.float32)
+    total, ce_BxT, _ = model.loss_terms(micro["inputs"], micro["targets"], micro["positions"],
+                                        segment_ids(micro, document_mask), weights_BxT, z_weights_BxT, max_runs)
+    return total, (jnp.sum(ce_BxT * weights_BxT), count)
 
   def train_step(state, batch, frozen=None):
     params = state["params"]
@@ -206,14 +206,14 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       init=_init_fns(init, state_shardings),
       train_step=jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0),
-      eval_step=jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated),
+      eval_step=jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated),
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
   if adapter is not None:  # the frozen weights go in as one more (undonated) argument
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
     train = jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                 out_shardings=(state_shardings, replicated), donate_argnums=0)
-    evaluate = jit(eval_step, in_shardings=(state_shardings["params"], batch_shardings, replicated,
+    evaluate = jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated,
                                                 frozen_shardings), out_shardings=replicated)
     merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
     steps.train_step = lambda state, batch: train(state, batch, frozen_params)
@@ -222,9 +222,6 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   return steps
 
 
-def device_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  return sharding.global_batch_from_local({k: local[k] for k in BATCH_KEYS}, mesh)
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop.
+def device_batch(local: dict[str, np.ndarray], mesh, keys: tuple[str, ...] = TOKEN_KEYS) -> dict[str, jax.Array]:
+  """The process's rows of a batch's `keys` as global arrays sharded over the mesh's batch axes."""
+  return sharding.global_batch_from_local({k: local[k] for k in keys}, mesh)

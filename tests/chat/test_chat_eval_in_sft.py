@@ -11,6 +11,7 @@ from lmtiny.chat import finetune as ft
 from lmtiny.errors import UserError
 from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.metrics import read_metrics
+from lmtiny.training.resolved import resolve
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "evals", "chat")
 
@@ -26,7 +27,7 @@ def _cfg(path, convs, **sft):
   cfg = read_run_config(path)
   cfg.sft.update(sources=convs, steps=3, warmup_steps=1, **sft)
   cfg.train.update(eval_every=3, checkpoint_every=3, eval_batches=1)
-  return ft.resolve_config(cfg, path, None)
+  return ft.sft_config(cfg, path, None)
 
 
 @pytest.mark.slow(seconds=25)
@@ -53,7 +54,7 @@ def test_chat_records_on_the_cadence_and_at_the_end(base):
 def test_bad_settings_are_one_line_naming_the_field(base, sft, message):
   _, path, convs = base
   with pytest.raises(UserError) as e:
-    _cfg(path, convs, **sft)
+    resolve(_cfg(path, convs, **sft))
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

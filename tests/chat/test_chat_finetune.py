@@ -31,7 +31,7 @@ def _cfg(path, convs, **sft):
   cfg = read_run_config(path)
   cfg.sft.update(sources=convs, steps=STEPS, warmup_steps=1, lr=3e-3, **sft)
   cfg.train.update(eval_every=STEPS, checkpoint_every=2, eval_batches=2)
-  return ft.resolve_config(cfg, path, None)
+  return ft.sft_config(cfg, path, None)
 
 
 def _quiet(_):
@@ -87,7 +87,7 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
   np.testing.assert_allclose(merged_logits, logits(work), rtol=1e-5, atol=1e-5)
   assert not np.allclose(merged_logits, logits(path), atol=1e-3)  # the adapters did something
   # Fine-tuning on from the LoRA run (sft --init RUN/lora) starts from its merged weights.
-  cfg = ft.resolve_config(read_run_config(work), work, None)
+  cfg = ft.sft_config(read_run_config(work), work, None)
   with jax.set_mesh(mesh := sharding.make_mesh(cfg.mesh)):
     start = ft.restore_base_params(cfg, mesh)
   for got, want in zip(jax.tree.leaves(start), jax.tree.leaves(load_weights(merged)[1])):
@@ -172,7 +172,7 @@ def test_rows_fit_the_model_and_sft_lr_replaces_the_matrix_lr(base):
   cfg.optim.update(lr=0.02, embed_lr=0.2, unembed_lr=0.0)
   cfg.sft.update(sources=convs, lr=1e-3)
   cfg.train.update(seq_len=4 * cfg.model.max_seq_len, batch_tokens=16 * cfg.model.max_seq_len)  # an imported run's
-  got = ft.resolve_config(cfg, path, None)
+  got = ft.sft_config(cfg, path, None)
   assert got.train.seq_len == cfg.model.max_seq_len  # it failed validation before
-  # The chat tokens' embedding rows are new: they keep the config's embedding LR (see resolve_config).
+  # The chat tokens' embedding rows are new: they keep the config's embedding LR (see sft_config).
   assert (got.optim.lr, got.optim.embed_lr, got.optim.unembed_lr) == (1e-3, 0.2, 0.0)

@@ -11,7 +11,7 @@ from lmtiny.errors import ConfigError
 from lmtiny.model.adapters import LoRA, parse_targets
 from lmtiny.model.transformer import abstract_model, Transformer
 from lmtiny.parallel import sharding
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 from lmtiny.training.steps import build_steps, device_batch
 
 ALL = ("q", "k", "v", "o", "up", "gate", "down")

@@ -9,7 +9,7 @@ from lm_fixtures import memory_data, tiny_config
 from lmtiny.data import pipeline
 from lmtiny.parallel import sharding
 from lmtiny.training.benchmark import synthetic_batch
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 from lmtiny.training.steps import build_steps, device_batch
 
 

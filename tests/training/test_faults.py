@@ -19,7 +19,7 @@ from lmtiny.fs import outputs
 from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer,
                                     CheckpointError, CheckpointSaveError, FingerprintMismatch, restore_params)
 from lmtiny.runs.lock import RunLock, WorkdirBusy
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 
 
 def _cfg(**train):

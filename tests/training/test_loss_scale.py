@@ -9,7 +9,7 @@ import pytest
 
 from lm_fixtures import memory_data, tiny_config
 from lmtiny.training import loss_scale
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 
 
 def _quiet(_):

@@ -285,21 +285,22 @@ def test_warmup_steps_ramp_the_rl_learning_rate_from_zero():
   # policy gradient a full-LR first step hurt the toy model (reward 0.50 -> 0.28 at lr 1e-3).
   from eval_fixtures import run_config
   from lmtiny.training.optim import lr_schedule
-  from lmtiny.training.policy_gradient import check_settings, rl_config
+  from lmtiny.config import validate_rl
+  from lmtiny.training.policy_gradient import rl_config
   cfg = rl_config(run_config(), rl_settings("", steps=40, lr=5e-4, warmup_steps=10))
   schedule = lr_schedule(cfg.optim, 40)
   assert cfg.optim.warmup_steps == 10 and cfg.optim.weight_decay == 0.0
   assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(2.5e-4) and float(schedule(10)) == pytest.approx(5e-4)
   with pytest.raises(ConfigError, match=r"^config.rl.warmup_steps=-1: must be an integer >= 0$"):
-    check_settings(rl_settings("", warmup_steps=-1), dp=1)
+    validate_rl(rl_settings("", warmup_steps=-1))
 
 
 @pytest.mark.parametrize("field", ["eval_every", "eval_questions", "top_k"])
 def test_a_negative_count_is_refused(field):
   # Before: --eval-every -1 evaluated every step and --eval-questions -1 all but one problem.
-  from lmtiny.training.policy_gradient import check_settings
+  from lmtiny.config import validate_rl
   with pytest.raises(ConfigError, match=f"^config.rl.{field}=-1: must be an integer >= 0$"):
-    check_settings(rl_settings("", **{field: -1}), dp=1)
+    validate_rl(rl_settings("", **{field: -1}))
 
 
 def test_the_toy_sets_held_out_problems_share_no_operands_with_training():

@@ -18,7 +18,7 @@ from lmtiny.corpus.embedded import iter_embedded_documents
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.runs.directory import load_run, load_weights, RunError
 from lmtiny.tokenizer import render_for_completion, train_tokenizer
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

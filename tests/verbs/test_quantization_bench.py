@@ -14,7 +14,7 @@ from lmtiny.data import shard_writer
 from lmtiny.data.dataset import load_data
 from lmtiny.tasks.model_loading import load_model
 from lmtiny.training.bpb import evaluate_bpb
-from lmtiny.training.loop import Trainer
+from lmtiny.training.trainer import Trainer
 
 MAX_CHARS = 120_000
 
