@@ -91,11 +91,11 @@ import torch
 
 from lmtiny import cli, config as config_lib
 from lmtiny.errors import UserError
-from lmtiny.parallel import sharding
 from lmtiny.plan import recipe as recipe_lib
 from lmtiny.tokenizer.bpe import train_tokenizer
 from lmtiny.tokenizer.core import Tokenizer
 from lmtiny.training import steps as steps_lib
+from lmtiny.training.resolved import resolve
 
 # base_train's three schedules (get_lr_multiplier, get_muon_momentum, get_weight_decay at 92d63d4),
 # as the tests' PyTorch reference writes them (checked there against nanochat's own figures).
@@ -377,9 +377,8 @@ def lmtiny_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def lmtiny_runner(name: str, args) -> Runner:
-  cfg = lmtiny_config(name, args.steps, args.batch_scaling == "on")
-  mesh = sharding.make_mesh(cfg.mesh)
-  steps_lib.check_batch_divisibility(cfg, mesh)
+  run = resolve(lmtiny_config(name, args.steps, args.batch_scaling == "on"))
+  cfg, mesh = run.cfg, run.mesh
   built = steps_lib.build_steps(cfg, mesh, total_steps=args.steps)
   document_mask = cfg.data.document_mask
   mesh_ctx = jax.set_mesh(mesh)

@@ -22,7 +22,6 @@ from flax import nnx
 
 from lmtiny import config as config_lib
 from lmtiny.data.pipeline import max_runs_per_row
-from lmtiny.errors import ConfigError
 from lmtiny.model.transformer import abstract_model, cast_params, compute_dtype, Transformer
 from lmtiny.parallel import sharding, xla_options
 from lmtiny.training import loss_scale
@@ -70,22 +69,6 @@ def packed_runs(data_cfg) -> int:
   Every packer that feeds these steps applies the cap: pretraining's, SFT's and RL's (one
   sequence per row)."""
   return max_runs_per_row(data_cfg.get("max_docs_per_row", 0), data_cfg.get("document_mask", True))
-
-
-def check_batch_divisibility(cfg, mesh) -> None:
-  dp = sharding.data_parallel_size(mesh)
-  t = config_lib.resolve_batch(cfg, dp).train
-  micro = config_lib.micro_batch_size(t)
-  if micro % dp:
-    field = "train.micro_batch_size" if t.micro_batch_size else "train.batch_tokens"
-    value = t.micro_batch_size or t.batch_tokens
-    raise ConfigError(f"config.{field}={value!r}: {micro} sequences per (micro-)batch do not divide over "
-                      f"the data-parallel size {dp} (mesh data x fsdp)")
-  if micro % jax.process_count():
-    raise ConfigError(f"config.train.batch_tokens={t.batch_tokens!r}: {micro} sequences per micro-batch do "
-                      f"not divide over {jax.process_count()} processes")
-  if jax.process_count() > 1:
-    sharding.check_process_local_batches(mesh)
 
 
 def _init_fns(init, state_shardings) -> Callable:
