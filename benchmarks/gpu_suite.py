@@ -56,10 +56,10 @@ def probe() -> dict:
     env["cudnn"] = f"unknown ({type(e).__name__})"
   try:  # the chip lmtiny's MFU divides by: a wrong or missing match makes every MFU figure wrong
     sys.path.insert(0, ROOT)
-    from lmtiny.plan import arch
+    from lmtiny.plan import counts
     from lmtiny.runs import metrics
     chip = metrics.chip_name()
-    env.update(chip=chip, peak_tflops=arch.PEAK_FLOPS[chip] / 1e12 if chip else None)
+    env.update(chip=chip, peak_tflops=counts.PEAK_FLOPS[chip] / 1e12 if chip else None)
     import lmtiny.bench  # noqa: F401  (fails here, once, if a wheel is missing)
     env["lmtiny_bench_imports"] = "ok"
   except Exception as e:  # pylint: disable=broad-except

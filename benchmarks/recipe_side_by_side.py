@@ -14,7 +14,7 @@ The shape, for every recipe: depth 4, width 256, 4 heads x 64, MLP 4x relu^2, se
 sequence (documents meet inside a row with a BOS between them and attend across it, as in nanochat).
   jan       lmtiny.config.nanochat_config(4) (nanochat at 962b6bf, 2026-01-04: Muon + AdamW, WSD with a
             20% linear warmdown to 0, no warmup), at the shape above.
-  new       lmtiny.config.nanochat_2026_config(4) (nanochat at 92d63d4: SSSL windows, short window 128
+  new       lmtiny.config.nanochat_leaderboard_config(4) (nanochat at 92d63d4: SSSL windows, short window 128
             at seq 512, value embeddings, residual scalars, smear, backout, NorMuon with cautious
             weight decay, warmup 40 / warmdown 65% to 5%), train.auto_batch off, then
             lmtiny.plan.recipe.resolve. --batch-scaling on applies nanochat's LR rule (x sqrt(8192 /
@@ -93,9 +93,9 @@ from lmtiny import cli, config as config_lib
 from lmtiny.errors import UserError
 from lmtiny.plan import recipe as recipe_lib
 from lmtiny.tokenizer.bpe import train_tokenizer
-from lmtiny.tokenizer.core import Tokenizer
+from lmtiny.tokenizer.spm import Tokenizer
 from lmtiny.training import steps as steps_lib
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 
 # base_train's three schedules (get_lr_multiplier, get_muon_momentum, get_weight_decay at 92d63d4),
 # as the tests' PyTorch reference writes them (checked there against nanochat's own figures).
@@ -356,7 +356,7 @@ class Runner:
 
 
 def lmtiny_config(name: str, steps: int, batch_scaling: bool):
-  cfg = config_lib.nanochat_config(SHAPE["depth"]) if name == "jan" else config_lib.nanochat_2026_config(SHAPE["depth"])
+  cfg = config_lib.nanochat_config(SHAPE["depth"]) if name == "jan" else config_lib.nanochat_leaderboard_config(SHAPE["depth"])
   cfg.model.update(d_model=SHAPE["width"], num_heads=SHAPE["heads"], head_dim=SHAPE["head_dim"],
                    vocab_size=SHAPE["vocab"], max_seq_len=SHAPE["seq_len"], dtype="float32", scan_layers=False,
                    remat="none")
@@ -377,7 +377,7 @@ def lmtiny_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def lmtiny_runner(name: str, args) -> Runner:
-  run = resolve(lmtiny_config(name, args.steps, args.batch_scaling == "on"))
+  run = resolve_run(lmtiny_config(name, args.steps, args.batch_scaling == "on"))
   cfg, mesh = run.cfg, run.mesh
   built = steps_lib.build_steps(cfg, mesh, total_steps=args.steps)
   document_mask = cfg.data.document_mask

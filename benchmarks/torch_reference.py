@@ -30,7 +30,7 @@ uses), one step of each in turn, so background load hits both alike; the script 
 side's median step time and the ratio torch / lmtiny (> 1 means lmtiny is faster). `--only torch`
 times the PyTorch side alone (on a GPU the two cannot share memory at d20 size; the suite takes
 lmtiny's figure from `python -m lmtiny.bench`). With any option beyond the CPU side-by-side ones
-the script also prints tokens/s, MFU in both conventions (lmtiny.plan.arch.train_flops_per_token and
+the script also prints tokens/s, MFU in both conventions (lmtiny.plan.counts.train_flops_per_token and
 the chip's peak from lmtiny.arch.PEAK_FLOPS) and peak memory per side; `--json PATH` writes them.
 """
 from __future__ import annotations
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   import torch  # before jax: its CUDA libraries are the ones loaded first
-  from lmtiny.plan import arch
+  from lmtiny.plan import counts
   from lmtiny.training import benchmark as bench
   from lmtiny.fs import atomic as files
   from lmtiny.runs import metrics as metrics_lib
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
   t = cfg.train
   rows = config_lib.global_batch_size(t)
   local = bench.synthetic_batch(cfg, rows)
-  flops = (arch.train_flops_per_token(cfg.model, t.seq_len), arch.train_flops_per_token(cfg.model, t.seq_len, "nanochat"))
+  flops = (counts.train_flops_per_token(cfg.model, t.seq_len), counts.train_flops_per_token(cfg.model, t.seq_len, "nanochat"))
 
   runners, devices, peaks = {}, {}, {}
   losses, times, first = {}, {name: [] for name in sides}, {}
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     targets_pt = torch.from_numpy(local["targets"].astype(np.int64)).to(args.device)
     devices["torch"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     chip = metrics_lib.chip_name(SimpleNamespace(device_kind=devices["torch"]))  # "NVIDIA H100 80GB HBM3" -> h100
-    peaks["torch"] = arch.PEAK_FLOPS[chip] if chip else None
+    peaks["torch"] = counts.PEAK_FLOPS[chip] if chip else None
     if args.device == "cuda":
       torch.cuda.reset_peak_memory_stats()
     runners["torch"] = lambda: trainer.step(tokens_pt, targets_pt)
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     mesh_ctx = jax.set_mesh(mesh)
     devices["lmtiny"] = jax.devices()[0].device_kind
     chip = metrics_lib.chip_name()  # one device's peak: the step runs on jax.devices()[0] alone
-    peaks["lmtiny"] = arch.PEAK_FLOPS[chip] if chip else None
+    peaks["lmtiny"] = counts.PEAK_FLOPS[chip] if chip else None
     with mesh_ctx:
       lm = {"state": steps.init()}
       batch = device_batch(local, mesh)
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
   if args.json:
     out = {"config": args.config, "overrides": args.set, "seq_len": t.seq_len, "batch_tokens": t.batch_tokens,
            "global_batch": rows, "dtype": args.dtype, "device": args.device, "compile": args.compile,
-           "attention": args.attention, "optimizer": "adamw", "params": arch.count_params(cfg.model),
+           "attention": args.attention, "optimizer": "adamw", "params": counts.count_params(cfg.model),
            "flops_per_token": flops[0], "flops_per_token_nanochat": flops[1], "warmup": args.warmup,
            "steps": args.rounds, "sides": report,
            "ratio_torch_over_lmtiny": med["torch"] / med["lmtiny"] if len(sides) == 2 else None}

@@ -1,9 +1,9 @@
-"""nanochat's 2026 leaderboard recipe at depth 12, where it was tuned (lmtiny.config.nanochat_2026_config): sliding windows, value
+"""nanochat's 2026 leaderboard recipe at depth 12, where it was tuned (lmtiny.config.nanochat_leaderboard_config): sliding windows, value
 embeddings, residual scalars, smear and backout; NorMuon + AdamW; batch size and horizon by nanochat's rules."""
-from lmtiny.config import nanochat_2026_config
+from lmtiny.config import nanochat_leaderboard_config
 
 NUM_PARAMS = 286_261_730
 
 
 def get_config():
-  return nanochat_2026_config(12)
+  return nanochat_leaderboard_config(12)

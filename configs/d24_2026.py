@@ -1,11 +1,11 @@
-"""nanochat's 2026 leaderboard model (lmtiny.config.nanochat_2026_config): depth 24, sliding windows, value
+"""nanochat's 2026 leaderboard model (lmtiny.config.nanochat_leaderboard_config): depth 24, sliding windows, value
 embeddings, residual scalars, smear and backout; NorMuon + AdamW; nanochat's batch-size rules; the leaderboard's
 horizon of 8 tokens per scaling parameter (runs/speedrun.sh, which also trains in fp8:
 --config.model.matmul_dtype=fp8 on H100s)."""
-from lmtiny.config import nanochat_2026_config
+from lmtiny.config import nanochat_leaderboard_config
 
 NUM_PARAMS = 1_384_122_122
 
 
 def get_config():
-  return nanochat_2026_config(24, tokens_per_param=8.0)
+  return nanochat_leaderboard_config(24, tokens_per_param=8.0)

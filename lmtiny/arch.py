@@ -14,7 +14,7 @@ from absl import flags
 from lmtiny import cli, config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny.plan import search as arch_search
-from lmtiny.plan.arch import PEAK_FLOPS
+from lmtiny.plan.counts import PEAK_FLOPS
 from lmtiny.plan.summary import report
 
 
@@ -59,7 +59,7 @@ def run(argv: list[str]) -> int:
         vocabs=arch_search.parse_int_list(f["vocab"], "--vocab"),
         depths=arch_search.parse_int_list(f["depth"], "--depth"), tied=f["tied"],
         kv_group=f["gqa"], tolerance=f["tolerance"], template=template)
-    print(arch_search.format_table(candidates[:f["top"]], f["target_params"], f["tied"],
+    print(arch_search.format_candidates(candidates[:f["top"]], f["target_params"], f["tied"],
                                    template))
     return 0
 

@@ -16,7 +16,7 @@ XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
     nanochat:    6 * N_matmul + 12 * L * T * H * Dh  (the full square)
-(lmtiny.plan.arch.train_flops_per_token).
+(lmtiny.plan.counts.train_flops_per_token).
 """
 from __future__ import annotations
 

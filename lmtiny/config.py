@@ -362,10 +362,10 @@ def validate_model(m) -> None:
   _choice(m, "attention", "model", ATTENTION_IMPLS)
   _choice(m, "dtype", "model", DTYPES)
   _choice(m, "remat", "model", REMAT_POLICIES)
-  _validate_2026(m)
+  _validate_layer_features(m)
 
 
-def _validate_2026(m) -> None:
+def _validate_layer_features(m) -> None:
   pattern = m.get("window_pattern", "")
   _require(isinstance(pattern, str) and set(pattern) <= {"S", "L"}, "model.window_pattern", pattern,
            'must be a string of S (short window) and L (full context), e.g. "SSSL"; "" = all full')
@@ -511,7 +511,7 @@ def nanochat_width(depth: int, head_dim_: int = 128, aspect: int = 64) -> tuple[
   return width, width // head_dim_
 
 
-def nanochat_2026_config(depth: int, tokens_per_param: float = 12.0) -> ml_collections.ConfigDict:
+def nanochat_leaderboard_config(depth: int, tokens_per_param: float = 12.0) -> ml_collections.ConfigDict:
   """nanochat's leaderboard recipe (karpathy/nanochat at 92d63d4, 2026: d24 reaches GPT-2's CORE in
   99 min on 8 x H100), at depth `depth` (configs/d12_2026.py, d24_2026.py).
 

@@ -31,8 +31,8 @@ from lmtiny.model.quant import check_flags
 from lmtiny.model.sampling import Sampler
 from lmtiny.runs import card as report
 from lmtiny.runs.directory import load_run
-from lmtiny.tasks import chat_suite, core, dclm, gsm8k, sandbox
-from lmtiny.tasks.core import HF6, mean_centered, task_names, TASKS
+from lmtiny.tasks import chat_suite, dclm, gsm8k, hf6, sandbox
+from lmtiny.tasks.hf6 import HF6, mean_centered, task_names, TASKS
 from lmtiny.tasks import model_loading
 from lmtiny.tasks.rows import load_rows, local_file
 from lmtiny.tasks.scoring import Scorer
@@ -120,7 +120,7 @@ def evaluate(args) -> dict:
     elif name == dclm.CORE:
       rows[name] = dclm.load_suite(args.data_dir, args.max_items)
     elif name != "bpb":
-      rows[name] = core.load_items(name, args.data_dir, args.max_items)
+      rows[name] = hf6.load_items(name, args.data_dir, args.max_items)
   loaded = model_loading.load_model(run, quantize=args.quantize, group_size=args.group_size)
   results, out = {}, {"step": loaded.step}
   for name in names:
@@ -139,13 +139,13 @@ def evaluate(args) -> dict:
         results[name] = gsm8k.evaluate(Sampler(loaded.model), loaded.tokenizer, rows[name],
                                        max_new_tokens=args.max_new_tokens, batch=args.batch)
     else:
-      results[name] = core.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
-                                         loaded.tokenizer, core.TASKS[name], rows[name], args.norm)
+      results[name] = hf6.evaluate_task(Scorer(loaded.model, loaded.mesh, rows_per_batch=args.batch),
+                                         loaded.tokenizer, hf6.TASKS[name], rows[name], args.norm)
     results[name]["seconds"] = time.perf_counter() - t0
   out["results"] = results
-  hf6 = {n: results[n] for n in names if n in TASKS}
-  if hf6:
-    out[HF6] = mean_centered(hf6)
+  hf6_results = {n: results[n] for n in names if n in TASKS}
+  if hf6_results:
+    out[HF6] = mean_centered(hf6_results)
   return out
 
 
@@ -211,9 +211,9 @@ def _core_tasks(out: dict) -> list[str]:
 def _merge_view(old: dict, out: dict) -> dict:
   """One step's results: `old` (that step's earlier view, or {}) with this evaluation's over it."""
   merged = {"step": out["step"], "results": {**old.get("results", {}), **out["results"]}}
-  hf6 = {n: r for n, r in merged["results"].items() if n in TASKS}
-  if hf6:
-    merged[HF6] = mean_centered(hf6)
+  hf6_results = {n: r for n, r in merged["results"].items() if n in TASKS}
+  if hf6_results:
+    merged[HF6] = mean_centered(hf6_results)
   # CORE only as one evaluation of the whole bundle computed it: kept from before while no CORE task
   # of this evaluation replaced one of its results
   if "core" in out:

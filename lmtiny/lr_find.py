@@ -19,7 +19,7 @@ from lmtiny.data.dataset import load_data
 from lmtiny.fs.outputs import check_output_dir
 from lmtiny.parallel import distributed
 from lmtiny.training.lr_range import lr_sweep, range_test, summary, sweep_config, write_outputs
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 
 
 def _define_flags(fv):
@@ -39,7 +39,7 @@ def run(argv: list[str]) -> int:
   f, cfg = parsed
   lr_sweep(f["min"], f["max"], f["steps"])  # bad ranges fail before anything is loaded
   distributed.initialize()  # before anything else touches jax's devices
-  run = resolve(sweep_config(cfg, f["steps"]))  # a bad config, too
+  run = resolve_run(sweep_config(cfg, f["steps"]))  # a bad config, too
   workdir = f["workdir"] or cli.default_workdir(f["config"])
   check_output_dir(workdir, "--workdir")  # before the sweep, not after it
   distributed.check_workdir(workdir)

@@ -27,7 +27,7 @@ from lmtiny.runs import card
 from lmtiny.runs.metrics import read_metrics
 from lmtiny.runs.preemption import Preemption
 from lmtiny.training import resume
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -51,7 +51,7 @@ def _run(argv: list[str]) -> int:
   if parsed is None:
     return 0
   values, cfg = parsed
-  run = resolve(ft.sft_config(cfg, values["init"], values["init_step"]))  # checked once, before anything loads
+  run = resolve_run(ft.sft_config(cfg, values["init"], values["init_step"]))  # checked once, before anything loads
   cfg = run.cfg
   workdir = values["workdir"] or os.path.join(values["init"] or cfg.sft.init, "sft")
   outputs.check_output_dir(workdir, "--workdir")  # a read-only location: one line now, not a traceback later

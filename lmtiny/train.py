@@ -19,7 +19,7 @@ from lmtiny.fs import outputs
 from lmtiny.parallel import distributed
 from lmtiny.runs import card, metrics
 from lmtiny.runs.preemption import Preemption
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 from lmtiny.training.trainer import Trainer
 
 
@@ -30,7 +30,7 @@ def _define_flags(fv: flags.FlagValues) -> dict:
 
 def train(cfg, workdir: str, preemption=None) -> int:
   """Everything after flag parsing; returns the exit status (UserError and RunFailed propagate)."""
-  run = resolve(cfg)  # checked once, before any data is built
+  run = resolve_run(cfg)  # checked once, before any data is built
   cfg = run.cfg
   outputs.check_output_dir(workdir, "--workdir")
   distributed.check_workdir(workdir)

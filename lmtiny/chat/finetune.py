@@ -40,7 +40,7 @@ from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_conf
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import chat_suite
 from lmtiny.tokenizer import Tokenizer
-from lmtiny.training.resolved import resolve, ResolvedRun
+from lmtiny.training.resolved import resolve_run, ResolvedRun
 from lmtiny.training.resume import state_bytes
 from lmtiny.training.trainer import Trainer
 
@@ -186,7 +186,7 @@ def load_sft_data(cfg) -> ChatData:
 
 def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_after: int | None = None):
   """Fine-tunes (cfg from sft_config, or that config resolved); returns (trainer, summary)."""
-  run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
+  run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(cfg)
   cfg = run.cfg
   data = load_sft_data(cfg)
   log(f"sft data: {data.describe()}")

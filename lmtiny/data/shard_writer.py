@@ -30,7 +30,7 @@ from lmtiny.data.shards import DataError
 from lmtiny.errors import RunFailed
 from lmtiny.fs.atomic import atomic_write, atomic_write_json
 from lmtiny.fs.outputs import is_disk_full
-from lmtiny.tokenizer.core import MODEL_FILE
+from lmtiny.tokenizer.spm import MODEL_FILE
 
 DEFAULT_DOCS_PER_SHARD = 50_000
 SHARD_TEXT_BYTES = 512 << 20     # also close a shard after this much text

@@ -24,7 +24,7 @@ from lmtiny.errors import ConfigError
 from lmtiny.kernels.fp8 import fp8_eligible, fp8_matmul
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
-from lmtiny.parallel.sharding import constrain, fused_linear_cross_entropy, linear_cross_entropy
+from lmtiny.parallel.sharding import constrain, sharded_fused_linear_cross_entropy, sharded_linear_cross_entropy
 
 Array = jax.Array
 
@@ -382,13 +382,13 @@ class Transformer(nnx.Module):
       self.layers = _stacked_blocks(m, rngs)
     else:
       self.layers = nnx.List([Block(m, rngs, layer) for layer in range(m.num_layers)])
-    self._init_2026_scalars(m, rngs)
+    self._init_block_scalars(m, rngs)
     self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
     self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
                        if m.get("embed_norm", False) else None)  # get: older runs lack the field
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
 
-  def _init_2026_scalars(self, m, rngs: nnx.Rngs) -> None:
+  def _init_block_scalars(self, m, rngs: nnx.Rngs) -> None:
     """nanochat 2026's learned scalars, each only when its knob is on: per-layer residual and
     input-mixing weights (stronger residual and more input early, their depth schedules), the
     smear gate and weight (smear starts off), and the backout weight (0.2)."""
@@ -466,7 +466,7 @@ class Transformer(nnx.Module):
     runs in the compute dtype over chunks of model.loss_chunk_tokens tokens (lmtiny.kernels.cross_entropy), so
     the [B, T, V] logits never exist. Same values as cross-entropy of `self(tokens)`."""
     x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT, max_runs))
-    return linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
+    return sharded_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
 
   def _loss_options(self) -> dict:
     return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
@@ -482,7 +482,7 @@ class Transformer(nnx.Module):
     kernel = loss_kernel(self.cfg)
     if kernel in ("fused", "pallas"):
       x_BxTxD = self.final_norm(self.hidden(tokens_BxT, positions_BxT, segment_ids_BxT, max_runs))
-      return fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, ce_weights_BxT,
+      return sharded_fused_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, ce_weights_BxT,
                                         z_weights_BxT, impl=_fused_impl(kernel), **self._loss_options())
     ce_BxT, lse_BxT = self.token_losses(tokens_BxT, targets_BxT, positions_BxT, segment_ids_BxT, max_runs)
     objective = jnp.sum(ce_BxT * ce_weights_BxT) + jnp.sum(jnp.square(lse_BxT) * z_weights_BxT)

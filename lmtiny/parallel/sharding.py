@@ -187,7 +187,7 @@ def check_process_local_batches(mesh: Mesh, global_rows: int = 1 << 20) -> None:
                       "axes within a host)")
 
 
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+def vocab_parallel_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
   """Per-token cross-entropy [B, T] (float32) of vocab-sharded logits.
 
   With a `tensor` axis the logits arrive split over the vocab (Megatron's vocab-parallel
@@ -264,12 +264,12 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
   return q_spec, kv_spec, logical_to_spec(("batch", "seq"), q_shape[:2], mesh_shape_)
 
 
-def fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
+def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
                                ce_weights_BxT: jax.Array, z_weights_BxT: jax.Array, *, softcap: float = 0.0,
                                chunk_tokens: int = 4096, impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
   """(objective, cross-entropy [B, T], logsumexp [B, T]) with objective = sum(ce_weights * ce) +
   sum(z_weights * lse^2), its gradient formed in the forward pass (lmtiny.kernels.cross_entropy's
-  fused loss; `impl` as there). Sharded as `linear_cross_entropy`; each batch shard returns its
+  fused loss; `impl` as there). Sharded as `sharded_linear_cross_entropy`; each batch shard returns its
   own partial objective, summed here."""
   b, t, d = x_BxTxD.shape
   mesh = jax.sharding.get_abstract_mesh()
@@ -301,7 +301,7 @@ def _loss_axes(batch_size: int, w_shape, mesh_shape_: dict):
           _mesh_axes_for("vocab", w_shape[1], mesh_shape_))
 
 
-def linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
+def sharded_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
                          softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
   """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising
   [B, T, V] (lmtiny.kernels.cross_entropy). Under a mesh it runs in `shard_map`: rows split over the batch axes,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 
 from lmtiny import config as config_lib
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 
 GIB = 2 ** 30
 
@@ -74,7 +74,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   fsdp, tensor = mesh_shape.get("fsdp", 1), mesh_shape.get("tensor", 1)
   dp = mesh_shape.get("data", 1) * fsdp
   c = compute_bytes or (4 if m.dtype == "float32" else 2)
-  p = arch.param_breakdown(m)
+  p = counts.param_breakdown(m)
   embedding = p["embedding"]
   sharded = p["total"] - embedding
   param_elems = embedding / fsdp + sharded / (fsdp * tensor)
@@ -127,7 +127,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   return out
 
 
-V5E_BYTES = arch.HBM_BYTES["v5e"]
+V5E_BYTES = counts.HBM_BYTES["v5e"]
 # Against XLA:TPU's own figure for every config's v5e plans (benchmarks/tpu_plans.py) the
 # estimate has read between 0.76x (d20 under FSDP) and 1.26x, so a plan keeps it under 60% of
 # the chip: an under-estimate of that size still fits (XLA <= 79% of the chip).

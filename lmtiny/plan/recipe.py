@@ -2,7 +2,7 @@
 train.auto_batch, train.lr_batch_scaling, train.weight_decay_scaling).
 
 The horizon is train.tokens_per_param x the parameters it counts: all of them, or (nanochat 2026)
-the "scaling" parameters, the block matrices and lm_head (lmtiny.plan.arch.scaling_params). The
+the "scaling" parameters, the block matrices and lm_head (lmtiny.plan.counts.scaling_params). The
 reference is the same recipe at train.batch_reference_depth (nanochat: d12, where
 train.batch_reference_size = 524,288 tokens was measured best), at the same width per layer:
 
@@ -20,7 +20,7 @@ import math
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 
 BATCH_EXPONENT = 0.383
 SCALED_LRS = ("lr", "embed_lr", "unembed_lr", "scalar_lr")  # optim.smear_lr stays as given (nanochat)
@@ -28,7 +28,7 @@ SCALED_LRS = ("lr", "embed_lr", "unembed_lr", "scalar_lr")  # optim.smear_lr sta
 
 def horizon_params(m, t) -> int:
   """The parameters train.tokens_per_param counts (train.horizon_params)."""
-  return arch.scaling_params(m) if t.get("horizon_params", "all") == "scaling" else arch.count_params(m)
+  return counts.scaling_params(m) if t.get("horizon_params", "all") == "scaling" else counts.count_params(m)
 
 
 def horizon_tokens(m, t) -> float:

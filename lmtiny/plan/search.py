@@ -12,7 +12,7 @@ import types
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 from lmtiny.plan.units import human
 
 
@@ -77,7 +77,7 @@ def search(target_params: float, head_dim: int, vocabs, depths, tied: bool = Fal
         heads += 1
         m = types.SimpleNamespace(**dict(fields, vocab_size=vocab, num_layers=depth, d_model=heads * head_dim,
                                          num_heads=heads, num_kv_heads=max(1, heads // kv_group)))
-        p = arch.param_breakdown(m)
+        p = counts.param_breakdown(m)
         if p["total"] > hi:
           break
         if p["total"] < lo or heads % kv_group:
@@ -98,7 +98,7 @@ def search(target_params: float, head_dim: int, vocabs, depths, tied: bool = Fal
   return found
 
 
-def format_table(candidates: list[Candidate], target_params: float, tied: bool, template=None) -> str:
+def format_candidates(candidates: list[Candidate], target_params: float, tied: bool, template=None) -> str:
   """The seed's options table: depth, width, heads, vocab, params, split %, params per layer."""
   t = _template_fields(template)
   split = "emb/transformer %" if tied else "emb/lm_head/transformer %"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmtiny import config as config_lib
 from lmtiny.plan import memory, recipe
-from lmtiny.plan.arch import (PEAK_FLOPS, chinchilla_tokens, describe, inference_flops_per_token, matmul_params,
+from lmtiny.plan.counts import (PEAK_FLOPS, chinchilla_tokens, describe, inference_flops_per_token, matmul_params,
                               param_breakdown, train_flops_per_token, training_seconds)
 from lmtiny.plan.units import duration, human
 

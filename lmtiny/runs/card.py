@@ -15,7 +15,7 @@ sources, not CORE; split "hf6" / eval.json "hf6"), mid/SFT
 held-out loss and turn-ending rate, RL reward and held-out accuracy, GSM8K, int8/int4 against
 full precision, and wall time per stage and in total.
 Per training stage: parameters, steps, tokens, wall time, FLOPs (6N + attention convention of
-lmtiny.plan.arch.train_flops_per_token), MFU = FLOPs / (wall time x chips x peak), estimated cost =
+lmtiny.plan.counts.train_flops_per_token), MFU = FLOPs / (wall time x chips x peak), estimated cost =
 wall time x chips x price per chip-hour, first/last val loss and bpb, the loss plot and the last
 sample. Wall time and chips come from the "run" records the trainer and RL write at the end of
 each (possibly resumed) segment. Each stage calls `update_for(its workdir)` when it finishes,
@@ -34,7 +34,7 @@ from lmtiny.data import shards as shards_lib
 from lmtiny.data.mixture import parse_weighted
 from lmtiny.errors import UserError
 from lmtiny.fs.atomic import atomic_write
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.config_file import read_saved_config
@@ -124,8 +124,8 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   val = [r for r in records if r["split"] == "val"]
   steps = max((r["step"] for r in records), default=0)
   tokens = steps * cfg.train.batch_tokens
-  flops = tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
-  lines = [f"## {title}", "", f"- model: {arch.count_params(cfg.model) / 1e6:.2f}M parameters, "
+  flops = tokens * counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  lines = [f"## {title}", "", f"- model: {counts.count_params(cfg.model) / 1e6:.2f}M parameters, "
            f"{cfg.model.num_layers} layers x {cfg.model.d_model}, context {cfg.model.max_seq_len}",
            f"- steps: {steps}, tokens: {tokens:,} ({cfg.train.batch_tokens:,} per step)"]
   if train:

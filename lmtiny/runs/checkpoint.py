@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 # CheckpointCorrupt and FingerprintMismatch are raised here and imported from here by the loaders.
 from lmtiny.errors import RunFailed, UserError
-from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_line, quiet_abandoned_io, reading
+from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_nonblank_line, quiet_abandoned_io, reading
 
 
 class CheckpointError(UserError):
@@ -62,7 +62,7 @@ def _fingerprint_list(state) -> list[int]:
 def describe_error(e: BaseException) -> str:
   """'Type: first line' of an exception, at most 160 characters (a CheckpointCorrupt: its first
   line, which says what is damaged)."""
-  line = first_line(str(e))[:160]
+  line = first_nonblank_line(str(e))[:160]
   return line if isinstance(e, CheckpointCorrupt) else f"{type(e).__name__}: {line}".rstrip(": ")
 
 

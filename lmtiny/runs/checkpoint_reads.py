@@ -47,23 +47,24 @@ def damage(e: BaseException | None) -> str | None:
     if isinstance(e, CheckpointCorrupt):
       return text
     if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
-      return f"undecodable file ({type(e).__name__}: {first_line(text)})"
+      return f"undecodable file ({type(e).__name__}: {first_nonblank_line(text)})"
     if isinstance(e, FileNotFoundError):
-      return f"missing file ({first_line(text)})"
+      return f"missing file ({first_nonblank_line(text)})"
     if isinstance(e, ValueError) and _DAMAGE_STATUS.match(text):
       return _tensorstore_line(text)
     e = e.__cause__
   return None
 
 
-def first_line(text: str) -> str:
+def first_nonblank_line(text: str) -> str:
+  """The first line of `text` with anything but whitespace on it (an error text, of any length)."""
   return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def _tensorstore_line(text: str) -> str:
   """'OUT_OF_RANGE: Error reading "params.embed.value/0.0": Requested byte range ...': tensorstore's
   error without its driver chain, the database's path and the JSON spec it appends."""
-  text = re.sub(r'Error opening "\w+" driver: ', "", first_line(text))
+  text = re.sub(r'Error opening "\w+" driver: ', "", first_nonblank_line(text))
   text = re.sub(r' in OCDBT database at [^"]*"[^"]*"', "", text)
   return re.sub(r"\s*\[tensorstore_spec.*$", "", text)
 

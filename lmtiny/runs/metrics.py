@@ -1,7 +1,7 @@
 """Where training figures go: stdout, metrics.jsonl, TensorBoard events and a loss-curve PNG.
 
 MFU (model FLOPs utilisation) = achieved training FLOP/s / (chips x dense bf16 peak), with
-training FLOPs per token from `lmtiny.plan.arch.train_flops_per_token`:
+training FLOPs per token from `lmtiny.plan.counts.train_flops_per_token`:
     6 * N_matmul + 6 * L * T * H * Dh
 (N_matmul: every weight matrix that multiplies, lm_head included, the embedding lookup
 excluded; the attention term counts the causal half of the score matrix, MaxText's convention,
@@ -17,7 +17,7 @@ import jax
 from etils import epath  # local paths and gs:// alike
 
 from lmtiny.fs.atomic import atomic_write
-from lmtiny.plan.arch import PEAK_FLOPS
+from lmtiny.plan.counts import PEAK_FLOPS
 from lmtiny.runs import tensorboard
 from lmtiny.runs.figures import new_figure, save_figure
 

@@ -33,7 +33,7 @@ import numpy as np
 from lmtiny.errors import UserError
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.tasks import gsm8k, humaneval, sandbox, spelling
-from lmtiny.tasks.core import centered, mean_centered
+from lmtiny.tasks.hf6 import centered, mean_centered
 from lmtiny.tasks.rows import EvalDataError, load_rows, local_file
 from lmtiny.tasks.scoring import fit_row, Scorer
 from lmtiny.tokenizer import render_for_completion

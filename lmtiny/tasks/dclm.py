@@ -1,5 +1,5 @@
 """DCLM CORE as published: the 22 tasks of the DCLM eval bundle, read in the bundle's own layout
-(nanochat's copy, as its scripts/base_eval.py reads it), scored by lmtiny.tasks.core's rows.
+(nanochat's copy, as its scripts/base_eval.py reads it), scored by lmtiny.tasks.hf6's rows.
 
 Layout of eval_bundle/:
   core.yaml            `icl_tasks`: label, dataset_uri (under eval_data/), num_fewshot (a list; its
@@ -43,7 +43,7 @@ import yaml
 from lmtiny.corpus.hub import probe
 from lmtiny.data.dataset import DEFAULT_CACHE_DIR
 from lmtiny.fs.atomic import atomic_directory
-from lmtiny.tasks import core
+from lmtiny.tasks import hf6
 from lmtiny.tasks.rows import EvalDataError, jsonl_rows, read_text
 from lmtiny.tasks.scoring import Scorer
 
@@ -59,7 +59,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 @dataclasses.dataclass(frozen=True)
 class BundleTask:
   label: str
-  task: core.Task      # kind, shots, chance = 0.01 * baseline, delimiter; source = the jsonl path
+  task: hf6.Task      # kind, shots, chance = 0.01 * baseline, delimiter; source = the jsonl path
   baseline: float      # random baseline, percent (eval_meta_data.csv)
 
 
@@ -67,7 +67,7 @@ class BundleTask:
 class Suite:
   bundle: str                                   # the eval_bundle directory read
   tasks: tuple[BundleTask, ...]                 # in core.yaml's order
-  items: dict[str, list[core.Item]]             # by label
+  items: dict[str, list[hf6.Item]]             # by label
 
 
 def result_key(label: str) -> str:
@@ -76,7 +76,7 @@ def result_key(label: str) -> str:
 
 def centered(accuracy: float, baseline: float) -> float:
   """DCLM's centering of an accuracy by its random baseline (percent)."""
-  return core.centered(accuracy, 0.01 * baseline)
+  return hf6.centered(accuracy, 0.01 * baseline)
 
 
 def core_metric(centered_values: Sequence[float]) -> float:
@@ -212,18 +212,18 @@ def _gold(r) -> int:
 
 
 def _multiple_choice(r):
-  return _checked(core.Item((_text(r, "query"),), _texts(r, "choices"), _gold(r)))
+  return _checked(hf6.Item((_text(r, "query"),), _texts(r, "choices"), _gold(r)))
 
 
 def _schema(r):
-  return _checked(core.Item(_texts(r, "context_options"), (_text(r, "continuation"),), _gold(r)))
+  return _checked(hf6.Item(_texts(r, "context_options"), (_text(r, "continuation"),), _gold(r)))
 
 
 def _language_model(r):
-  return core.Item((_text(r, "context").strip(),), (_text(r, "continuation"),))
+  return hf6.Item((_text(r, "context").strip(),), (_text(r, "continuation"),))
 
 
-def _checked(item: core.Item) -> core.Item:
+def _checked(item: hf6.Item) -> hf6.Item:
   options = max(len(item.contexts), len(item.choices))
   if options < 2 or not 0 <= item.gold < options:
     raise ValueError(f"gold={item.gold} with {options} options")
@@ -249,7 +249,7 @@ def read_bundle(directory: str) -> list[BundleTask]:
     if label not in baselines:
       raise EvalDataError(f"{os.path.join(directory, 'eval_meta_data.csv')}: no random baseline for {label!r}")
     path = os.path.join(directory, "eval_data", str(spec["dataset_uri"]))
-    task = core.Task(kind, _shots(spec.get("num_fewshot", [0]), f"{where} ({label})"), 0.01 * baselines[label],
+    task = hf6.Task(kind, _shots(spec.get("num_fewshot", [0]), f"{where} ({label})"), 0.01 * baselines[label],
                      path, _CONVERT[kind], str(spec.get("continuation_delimiter", " ")),
                      strip_prefix=kind == "language_model")
     out.append(BundleTask(label, task, baselines[label]))
@@ -265,10 +265,10 @@ def _read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def task_items(bt: BundleTask, limit: int = 0) -> list[core.Item]:
+def task_items(bt: BundleTask, limit: int = 0) -> list[hf6.Item]:
   """The task's items in nanochat's order (shuffled with SHUFFLE_SEED), the first `limit` (0 = all).
   Every item is checked, in file order (an error names its row there), before the shuffle."""
-  items = core.convert_rows(f"{bt.task.source} ({bt.label})", bt.task, _read_jsonl(bt.task.source))
+  items = hf6.convert_rows(f"{bt.task.source} ({bt.label})", bt.task, _read_jsonl(bt.task.source))
   random.Random(SHUFFLE_SEED).shuffle(items)  # the permutation depends on the length alone
   return items[:limit] if limit else items
 
@@ -288,7 +288,7 @@ def evaluate_core(scorer: Scorer, tokenizer, suite: Suite, clock=None) -> dict:
   results = {}
   for bt in suite.tasks:
     start = clock() if clock else 0.0
-    r = core.evaluate_task(scorer, tokenizer, bt.task, suite.items[bt.label])
+    r = hf6.evaluate_task(scorer, tokenizer, bt.task, suite.items[bt.label])
     r["centered"] = centered(r["accuracy"], bt.baseline)  # DCLM's expression, to the last bit
     r["baseline"] = bt.baseline
     if clock:

@@ -41,7 +41,7 @@ def _score_batch(graphdef, params, inputs_BxT, targets_BxT, mask_BxT):
   b, t = inputs_BxT.shape
   positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   logits_BxTxV = model(inputs_BxT, positions_BxT, jnp.ones((b, t), jnp.int32))
-  losses_BxT = sharding.cross_entropy(logits_BxTxV, targets_BxT)
+  losses_BxT = sharding.vocab_parallel_cross_entropy(logits_BxTxV, targets_BxT)
   hit_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
   mask_BxT = mask_BxT.astype(bool)
   return (jnp.sum(jnp.where(mask_BxT, losses_BxT, 0.0), axis=-1), jnp.sum(mask_BxT, axis=-1),

@@ -18,7 +18,7 @@ _NAMES = ("Ann", "Bob", "Cai", "Dee", "Eli", "Fay")
 _THINGS = ("apples", "books", "coins", "pens", "cards")
 
 
-def is_held_out(a: int, b: int) -> bool:
+def is_held_out_problem(a: int, b: int) -> bool:
   """Operand pairs (10 of the 81) that no training set holds (SFT's toy_arithmetic, RL's
   problems): held-out problems ask for sums the model never saw, not a memorised question."""
   return (3 * a + b) % 8 == 0
@@ -27,7 +27,7 @@ def is_held_out(a: int, b: int) -> bool:
 def toy_rows(n: int, seed: int = 0, max_operand: int = 9, held_out: bool = False) -> list[dict]:
   """`n` rows {"question", "answer"} in GSM8K's layout, over the training operand pairs or (with
   `held_out`) the held-out ones; subtraction never goes below zero."""
-  if not any(is_held_out(a, b) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1)):
+  if not any(is_held_out_problem(a, b) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1)):
     raise ValueError(f"max_operand={max_operand}: no held-out operand pair")
   rng = random.Random(seed)
   rows = []
@@ -36,7 +36,7 @@ def toy_rows(n: int, seed: int = 0, max_operand: int = 9, held_out: bool = False
     a, b = rng.randint(1, max_operand), rng.randint(1, max_operand)
     if op(a, b) < 0:
       a, b = b, a
-    if is_held_out(a, b) != held_out:
+    if is_held_out_problem(a, b) != held_out:
       continue
     fields = dict(name=rng.choice(_NAMES), thing=rng.choice(_THINGS), a=a, b=b, r=op(a, b))
     rows.append({"question": question.format(**fields), "answer": answer.format(**fields) + f"\n#### {op(a, b)}"})

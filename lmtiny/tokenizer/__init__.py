@@ -7,7 +7,7 @@
 """
 from lmtiny.tokenizer.bpe import train_tokenizer
 from lmtiny.tokenizer.chat import fit_conversation, render_conversation, render_for_completion
-from lmtiny.tokenizer.core import SPECIAL_TOKENS, Tokenizer, TokenizerError
+from lmtiny.tokenizer.spm import SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 __all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerError", "fit_conversation", "render_conversation",
            "render_for_completion", "train_tokenizer"]

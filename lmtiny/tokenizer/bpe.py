@@ -30,7 +30,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lmtiny.fs.atomic import atomic_directory
-from lmtiny.tokenizer.core import (MODEL_FILE, NEWLINE_PIECES, NUM_RESERVED_IDS, REPORT_FILE, SPACE_SYMBOL,
+from lmtiny.tokenizer.spm import (MODEL_FILE, NEWLINE_PIECES, NUM_RESERVED_IDS, REPORT_FILE, SPACE_SYMBOL,
                                    SPECIAL_TOKENS, TOKEN_BYTES_FILE, Tokenizer, TokenizerError, VOCAB_FILE)
 
 DIGIT_MODES = ("pairs", "single")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmtiny.tokenizer.core import Tokenizer, TokenizerError
+from lmtiny.tokenizer.spm import Tokenizer, TokenizerError
 
 _PART_TOKENS = {"python": ("python_start", "python_end", 1),
                 "python_output": ("output_start", "output_end", 0)}

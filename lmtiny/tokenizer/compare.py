@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from lmtiny.tokenizer.core import Tokenizer
+from lmtiny.tokenizer.spm import Tokenizer
 
 REFERENCES = (("gpt2", "gpt2"), ("gpt4", "cl100k_base"))   # (column name, tiktoken encoding)
 _CHUNK_CHARS = 1 << 16

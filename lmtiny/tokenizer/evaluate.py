@@ -17,7 +17,7 @@ from lmtiny import cli
 from lmtiny.corpus.embedded import embedded_sample_texts
 from lmtiny.corpus.sources import open_source
 from lmtiny.tokenizer.compare import compression_rows, format_table, load_references, token_counter
-from lmtiny.tokenizer.core import Tokenizer, TokenizerError
+from lmtiny.tokenizer.spm import Tokenizer, TokenizerError
 
 _SOURCE_KINDS = ("txt:", "jsonl:", "parquet:", "tfds:", "hf:", "embedded")
 

@@ -24,7 +24,7 @@ import numpy as np
 from etils import epath
 
 from lmtiny.fs.atomic import atomic_write, atomic_write_json
-from lmtiny.tokenizer.core import (MODEL_FILE, NEWLINE_ID, NEWLINE_PIECES, SPACE_SYMBOL, SPECIAL_TOKENS,
+from lmtiny.tokenizer.spm import (MODEL_FILE, NEWLINE_ID, NEWLINE_PIECES, SPACE_SYMBOL, SPECIAL_TOKENS,
                                    Tokenizer, TokenizerError, UNK_ID)
 
 HF_TOKENIZER_DIR = "hf_tokenizer"  # in a run directory: tokenizer.json + lmtiny.json (bos id)

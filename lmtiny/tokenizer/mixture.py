@@ -26,7 +26,7 @@ import sys
 from typing import Iterator
 
 from lmtiny.corpus.sources import open_source, Source
-from lmtiny.tokenizer.core import TokenizerError
+from lmtiny.tokenizer.spm import TokenizerError
 
 _RECIPE_KEYS = {"sources", "total_chars", "seed", "description"}
 _SOURCE_KEYS = {"spec", "weight", "sample", "hold_out_every", "hold_out_pattern"}

@@ -5,7 +5,7 @@ step next to lmtiny.plan.memory's estimate, and whether a cuDNN fused-attention 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
     nanochat:    6 * N_matmul + 12 * L * T * H * Dh  (the full square)
-(lmtiny.plan.arch.train_flops_per_token).
+(lmtiny.plan.counts.train_flops_per_token).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import numpy as np
 
 from lmtiny import config as config_lib
 from lmtiny.model import attention as attn_lib, transformer as model_lib
-from lmtiny.plan import arch, memory
+from lmtiny.plan import counts, memory
 from lmtiny.plan.units import human, human_bytes
 from lmtiny.runs import metrics as metrics_lib
 from lmtiny.training import lowering
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps, device_batch
 
 
@@ -78,16 +78,16 @@ def compile_report(cfg, topology: str | None = None) -> dict:
   else:
     compiled, compile_s, cfg, mesh = lowering.compile_train_step(cfg)
   device, hlo_text = mesh.devices.flat[0], compiled.as_text()  # the text of a d20 step is megabytes: once
-  return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
+  return {"params": counts.count_params(cfg.model), "compile_s": compile_s, "xla_memory": memory_analysis(compiled),
           "estimate": estimate(cfg, mesh), "device": device.device_kind,
-          "chip_bytes": arch.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
+          "chip_bytes": counts.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
           "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype,
           "reductions": dict(lowering.gradient_reductions(hlo_text)), "ring_steps": dict(lowering.ring_steps(hlo_text))}
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
   """Compile once, run `warmup` untimed steps, then time `steps` steps one by one."""
-  run = resolve(cfg)
+  run = resolve_run(cfg)
   cfg, mesh = run.cfg, run.mesh
   bench_steps = build_steps(cfg, mesh, total_steps=max(steps + warmup, 2))
   rows = config_lib.global_batch_size(cfg.train) // jax.process_count()
@@ -108,9 +108,9 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
         times.append(time.perf_counter() - t0)
   median = statistics.median(times)
   tokens_per_s = cfg.train.batch_tokens / median
-  flops = arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
-  flops_nanochat = arch.train_flops_per_token(cfg.model, cfg.train.seq_len, "nanochat")
-  return {"params": arch.count_params(cfg.model), "compile_s": compile_s, "median_step_s": median,
+  flops = counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  flops_nanochat = counts.train_flops_per_token(cfg.model, cfg.train.seq_len, "nanochat")
+  return {"params": counts.count_params(cfg.model), "compile_s": compile_s, "median_step_s": median,
           "min_step_s": min(times), "tokens_per_s": tokens_per_s, "mfu": metrics_lib.mfu(flops, tokens_per_s),
           "mfu_nanochat": metrics_lib.mfu(flops_nanochat, tokens_per_s), "xla_memory": xla_memory,
           "estimate": estimate(cfg, mesh), "step_times": times,

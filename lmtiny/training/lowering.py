@@ -40,7 +40,7 @@ from lmtiny.parallel import sharding
 from lmtiny.plan.units import human_bytes
 from lmtiny.runs.checkpoint import abstract_with_shardings
 from lmtiny.training.objectives import TOKEN_KEYS
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps
 
 PLATFORMS = ("cuda", "tpu")
@@ -104,7 +104,7 @@ def _lowered_train_step(cfg, platform: str | None = None, mesh=None, devices=Non
   over `devices` (default: this machine's) unless a mesh is given."""
   if platform is not None:
     cfg = for_platform(cfg, platform)
-  run = resolve(cfg, mesh, devices=devices)
+  run = resolve_run(cfg, mesh, devices=devices)
   cfg, mesh = run.cfg, run.mesh
   t0 = time.perf_counter()
   with target(platform) if platform is not None else contextlib.nullcontext():
@@ -147,7 +147,7 @@ def tpu_devices(topology: str) -> list:
   """The devices of the TPU slice `topology` names (libtpu's topology description: "v5e:2x4" is
   a v5e-8), for XLA:TPU to compile for on this machine; nothing can run on them."""
   try:
-    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+    import libtpu  # noqa: F401  (only whether it imports)
   except ImportError:
     raise ConfigError(f"--topology={topology}: compiling for a TPU slice needs libtpu: "
                                  "pip install -e '.[tpu]'") from None

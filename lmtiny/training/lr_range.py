@@ -25,7 +25,7 @@ import numpy as np
 from lmtiny.errors import ConfigError
 from lmtiny.fs.atomic import atomic_write_json
 from lmtiny.runs.figures import new_figure, save_figure
-from lmtiny.training.resolved import resolve, ResolvedRun
+from lmtiny.training.resolved import resolve_run, ResolvedRun
 from lmtiny.training.steps import device_batch
 from lmtiny.training.trainer import Trainer
 
@@ -112,7 +112,7 @@ def range_test(cfg, data, *, min_lr: float = 1e-6, max_lr: float = 1.0, steps: i
   """Runs the LR range test for `cfg` (a config, or sweep_config's resolved) on `data` (what
   lmtiny.data.dataset.load_data returns)."""
   lrs = lr_sweep(min_lr, max_lr, steps)
-  run = cfg if isinstance(cfg, ResolvedRun) else resolve(sweep_config(cfg, steps))
+  run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(sweep_config(cfg, steps))
   trainer = Trainer(run, workdir, data, log=log, schedule=sweep_schedule(min_lr, max_lr, steps))
   built, mesh = trainer.steps, trainer.mesh
   beta = default_beta(steps)

@@ -50,7 +50,7 @@ from lmtiny.tasks.rows import local_file
 from lmtiny.tokenizer import render_for_completion
 from lmtiny.training import loop, resume
 from lmtiny.training.objectives import POLICY_GRADIENT
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps, device_batch, token_losses
 
 INIT_FLAGS = ("--init", "--init-step")  # how messages about the init run name it
@@ -70,7 +70,7 @@ def rl_settings(init: str, **fields) -> ml_collections.ConfigDict:
 
 def check_rows(cfg, mesh) -> None:
   """A step's rows (questions x samples) split evenly over the data-parallel devices (a check
-  `resolve` runs once the config's own have passed)."""
+  `resolve_run` runs once the config's own have passed)."""
   rl, dp = cfg.rl, sharding.data_parallel_size(mesh)
   if (rl.questions * rl.samples) % dp:
     raise RLError(f"config.rl.questions={rl.questions} x config.rl.samples={rl.samples} = "
@@ -223,7 +223,7 @@ class Reinforce:
     mesh_cfg, note = rl_mesh(self.init.cfg.mesh, mesh_overrides(mesh or {}), len(devices))
     if note:
       log(note)
-    run = resolve(rl_config(self.init.cfg, rl, mesh_cfg), devices=devices, checks=(check_rows,))
+    run = resolve_run(rl_config(self.init.cfg, rl, mesh_cfg), devices=devices, checks=(check_rows,))
     self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
     self.s, self.tokenizer = self.cfg.rl, self.init.tokenizer
     self.main = jax.process_index() == 0

@@ -1,8 +1,8 @@
 """A run's config, checked once and resolved once, at the edge.
 
-  run = resolve(cfg)          # or resolve(cfg, mesh), resolve(cfg, devices=...)
+  run = resolve_run(cfg)          # or resolve_run(cfg, mesh), resolve_run(cfg, devices=...)
 
-`resolve` checks every section (lmtiny.config.validate: model, train, optim, data, mesh, lora,
+`resolve_run` checks every section (lmtiny.config.validate: model, train, optim, data, mesh, lora,
 sft, rl), applies nanochat's batch-size rules (lmtiny.plan.recipe), builds the mesh, sets the
 micro-batch for it (train.device_batch_size), checks that the batch divides over the devices and
 processes and that the evaluation tasks exist, and derives the horizon. Everything downstream
@@ -21,7 +21,7 @@ from lmtiny.errors import ConfigError
 from lmtiny.model.adapters import parse_targets
 from lmtiny.parallel import sharding
 from lmtiny.plan import recipe
-from lmtiny.tasks import chat_suite, core as hf6, dclm  # MERGE: renamed module
+from lmtiny.tasks import chat_suite, dclm, hf6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ResolvedRun:
   micro_batch: int  # sequences per micro-step, all processes together
 
 
-def resolve(cfg, mesh=None, *, devices: Sequence | None = None,
+def resolve_run(cfg, mesh=None, *, devices: Sequence | None = None,
             checks: Sequence[Callable[[Any, Any], None]] = ()) -> ResolvedRun:
   """`cfg` checked and resolved for `mesh` (default: made from cfg.mesh over `devices`, default
   all). `checks` (cfg, mesh) are a stage's own checks that need the mesh, run after the config's

@@ -30,14 +30,14 @@ from lmtiny.data.pipeline import make_eval_iterator, make_train_iterator, map_tr
 from lmtiny.errors import ConfigError
 from lmtiny.model.sampling import sample_text
 from lmtiny.parallel import sharding
-from lmtiny.plan import arch as flops  # MERGE: renamed module
+from lmtiny.plan import counts
 from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.lock import main_only
-from lmtiny.tasks import core as hf6, dclm  # MERGE: renamed module
+from lmtiny.tasks import dclm, hf6
 from lmtiny.tasks.scoring import Scorer
 from lmtiny.training import loop, resume
-from lmtiny.training.resolved import resolve, ResolvedRun
+from lmtiny.training.resolved import resolve_run, ResolvedRun
 from lmtiny.training.steps import build_steps, device_batch
 
 
@@ -141,7 +141,7 @@ class Trainer:
                schedule: optax.Schedule | None = None, init_params=None, adapter=None,
                kind: str = "train", name: str = "training", batches: Batches | None = None,
                evaluations: Sequence[Evaluation] = ()):
-    run = cfg if isinstance(cfg, ResolvedRun) else resolve(cfg)
+    run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(cfg)
     self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
     self.process_batch, self.micro_batch = run.process_batch, run.micro_batch
     self.workdir, self.data, self.log, self.kind, self.name = workdir, data, log, kind, name
@@ -151,9 +151,9 @@ class Trainer:
     if int(data.tokenizer.vocab_size) != m.vocab_size:
       raise ConfigError(f"config.model.vocab_size={m.vocab_size}: the data's tokenizer has "
                         f"{data.tokenizer.vocab_size} tokens")
-    self.num_params = flops.count_params(m)
-    self.flops_per_token = flops.train_flops_per_token(m, t.seq_len)
-    self.flops_per_token_nanochat = flops.train_flops_per_token(m, t.seq_len, "nanochat")
+    self.num_params = counts.count_params(m)
+    self.flops_per_token = counts.train_flops_per_token(m, t.seq_len)
+    self.flops_per_token_nanochat = counts.train_flops_per_token(m, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0
     self.steps = build_steps(self.cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
                              frozen_params=init_params if adapter is not None else None)

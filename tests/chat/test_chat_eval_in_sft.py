@@ -11,7 +11,7 @@ from lmtiny.chat import finetune as ft
 from lmtiny.errors import UserError
 from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.metrics import read_metrics
-from lmtiny.training.resolved import resolve
+from lmtiny.training.resolved import resolve_run
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "evals", "chat")
 
@@ -54,7 +54,7 @@ def test_chat_records_on_the_cadence_and_at_the_end(base):
 def test_bad_settings_are_one_line_naming_the_field(base, sft, message):
   _, path, convs = base
   with pytest.raises(UserError) as e:
-    resolve(_cfg(path, convs, **sft))
+    resolve_run(_cfg(path, convs, **sft))
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 

@@ -11,7 +11,7 @@ import pytest
 from lmtiny import eval as eval_cli
 from lmtiny.corpus import hub
 from lmtiny.corpus.sources import open_source, SourceError
-from lmtiny.tasks import core, dclm, gsm8k
+from lmtiny.tasks import dclm, hf6, gsm8k
 from lmtiny.tasks.rows import EvalDataError, load_rows
 
 
@@ -137,7 +137,7 @@ def test_training_core_offline_names_the_config_field(no_network, hub_client, tm
     dclm.bundle_dir(None, "config.train.core_data_dir", cache=str(tmp_path / "eval_bundle"))
   with pytest.raises(SourceError, match=r"no network \(cannot resolve huggingface.co\); point "
                                         r"config.train.core_data_dir at a directory holding piqa.jsonl"):
-    core.load_items("piqa", None, 10, flag="config.train.core_data_dir")
+    hf6.load_items("piqa", None, 10, flag="config.train.core_data_dir")
   assert hub_client == []
 
 

@@ -28,12 +28,12 @@ def _inputs(seed=0, dtype=jnp.float32):
 
 
 def _chunked(x, w, targets, ce_weights, z_weights, softcap):
-  ce, lse = sharding.linear_cross_entropy(x, w, targets, softcap=softcap, chunk_tokens=5)
+  ce, lse = sharding.sharded_linear_cross_entropy(x, w, targets, softcap=softcap, chunk_tokens=5)
   return jnp.sum(ce * ce_weights + z_weights * lse ** 2), (ce, lse)
 
 
 def _fused(x, w, targets, ce_weights, z_weights, softcap):
-  objective, ce, lse = sharding.fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights, softcap=softcap,
+  objective, ce, lse = sharding.sharded_fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights, softcap=softcap,
                                                            chunk_tokens=5)
   return objective, (ce, lse)
 
@@ -79,7 +79,7 @@ def test_only_the_objective_carries_a_gradient():
   x, w, targets, ce_weights, z_weights = _inputs()
 
   def through_ce(x):
-    _, ce, lse = sharding.fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights)
+    _, ce, lse = sharding.sharded_fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights)
     return jnp.sum(ce) + jnp.sum(lse)
   assert not np.any(jax.grad(through_ce)(x))
 

@@ -39,7 +39,7 @@ def _inputs(seed=0, dtype=jnp.float32):
 
 
 def _fused(x, w, targets, ce_weights, z_weights, softcap, impl):
-  objective, ce, lse = sharding.fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights, softcap=softcap,
+  objective, ce, lse = sharding.sharded_fused_linear_cross_entropy(x, w, targets, ce_weights, z_weights, softcap=softcap,
                                                            chunk_tokens=5, impl=impl)
   return objective, (ce, lse)
 

@@ -8,7 +8,7 @@ from flax import nnx
 from lm_fixtures import forward
 from lmtiny import config as config_lib
 from lmtiny.model.transformer import count_params, Transformer
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 
 torch = pytest.importorskip("torch")
 import nanochat_reference as ref  # noqa: E402  (needs torch)
@@ -54,12 +54,12 @@ def test_each_nanochat_choice_matters():
 
 def test_embed_norm_params_counted():
   m = _small_nanochat()
-  assert count_params(m) == arch.count_params(m)  # parameter-free: no extra weights
+  assert count_params(m) == counts.count_params(m)  # parameter-free: no extra weights
   m.update(norm_scale=True)
   scaled = count_params(m)
-  assert scaled == arch.count_params(m)
+  assert scaled == counts.count_params(m)
   m.update(embed_norm=False)
-  assert arch.count_params(m) == count_params(m) == scaled - m.d_model
+  assert counts.count_params(m) == count_params(m) == scaled - m.d_model
 
 
 def test_nanochat_config_is_nanochats_d20():

@@ -12,7 +12,7 @@ from lm_fixtures import forward
 from lmtiny import config as config_lib
 from lmtiny.model import sampling
 from lmtiny.model.transformer import count_params, Transformer
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 
 torch = pytest.importorskip("torch")
 import nanochat_reference_2026 as ref  # noqa: E402  (needs torch)
@@ -20,9 +20,9 @@ import nanochat_reference_2026 as ref  # noqa: E402  (needs torch)
 SEQ = 512  # the short window is then 128 (a quarter, rounded up to 128): rows of 300 cross it
 
 
-def _small_2026(**model):
+def _small_leaderboard_model(**model):
   """nanochat 2026's choices at a small size: 5 layers (S S S L L), GQA, a vocab that pads."""
-  m = config_lib.nanochat_2026_config(4).model
+  m = config_lib.nanochat_leaderboard_config(4).model
   m.update(vocab_size=200, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=5, max_seq_len=SEQ,
            dtype="float32", remat="none")
   m.update(**model)
@@ -51,7 +51,7 @@ def _theirs(model, tokens):
 @pytest.mark.slow(seconds=6)
 def test_logits_equal_nanochat_2026_forward_with_every_knob_on():
   torch.set_num_threads(1)
-  model = _randomize(Transformer(_small_2026(), nnx.Rngs(0)))
+  model = _randomize(Transformer(_small_leaderboard_model(), nnx.Rngs(0)))
   assert config_lib.layer_windows(model.cfg) == (128, 128, 128, 0, 0)
   assert config_lib.layer_windows(model.cfg)[:4] == tuple(
       0 if w == SEQ else w for w in ref.window_sizes(5, "SSSL", SEQ)[:4])
@@ -74,8 +74,8 @@ def test_each_knob_matters_and_still_matches_when_switched_off(knob):
   off = {"window_pattern": "L", "value_embeds": False, "residual_scalars": False, "smear": False,
          "backout": False, "qk_scale": 1.0, "rope_theta": 10000.0}[knob]
   tokens = np.random.default_rng(1).integers(0, 200, (1, 300))
-  on_model = _randomize(Transformer(_small_2026(), nnx.Rngs(0)))
-  off_model = Transformer(_small_2026(**{knob: off}), nnx.Rngs(0))
+  on_model = _randomize(Transformer(_small_leaderboard_model(), nnx.Rngs(0)))
+  off_model = Transformer(_small_leaderboard_model(**{knob: off}), nnx.Rngs(0))
   # the same values for every parameter both models have
   on_params = nnx.to_pure_dict(nnx.state(on_model, nnx.Param))
   off_state = nnx.state(off_model, nnx.Param)
@@ -108,7 +108,7 @@ def test_old_configs_build_the_same_model_and_params():
 
 
 def test_padded_vocab_rows_are_stored_but_get_no_logit_and_no_gradient():
-  m = _small_2026()
+  m = _small_leaderboard_model()
   model = Transformer(m, nnx.Rngs(0))
   assert model.embed.shape == (256, 64) and model.lm_head.shape == (64, 256)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 200, (1, 32)))
@@ -122,18 +122,18 @@ def test_padded_vocab_rows_are_stored_but_get_no_logit_and_no_gradient():
 
 
 def test_param_count_matches_the_calculator_and_nanochat():
-  m = _small_2026()
+  m = _small_leaderboard_model()
   model = Transformer(m, nnx.Rngs(0))
-  assert count_params(m) == arch.count_params(m)
+  assert count_params(m) == counts.count_params(m)
   names = ref.lmtiny_to_nanochat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert sum(w.numel() for w in names.values()) == count_params(m)
   # nanochat's horizon counts the block matrices and lm_head
   groups = ref.param_groups(names)
-  assert arch.scaling_params(m) == sum(w.numel() for n, w in names.items() if groups[n] in ("matrix", "lm_head"))
+  assert counts.scaling_params(m) == sum(w.numel() for n, w in names.items() if groups[n] in ("matrix", "lm_head"))
 
 
 def test_nanochat_2026_init_scales():
-  m = _small_2026(d_model=256, num_heads=2, num_kv_heads=0, head_dim=128, vocab_size=4096)
+  m = _small_leaderboard_model(d_model=256, num_heads=2, num_kv_heads=0, head_dim=128, vocab_size=4096)
   model = Transformer(m, nnx.Rngs(0))
   s = (3 / 256) ** 0.5
   assert np.std(model.embed[...]) == pytest.approx(0.8, rel=0.02)
@@ -152,7 +152,7 @@ def test_nanochat_2026_init_scales():
 def test_kv_cache_decode_equals_the_full_forward_with_every_knob_on():
   """Greedy decoding through the KV cache (sliding windows as masks over it, smear from the cached
   last token, value embeddings, backout) gives the full forward's argmax at every step."""
-  m = _small_2026(max_seq_len=256, short_window=8)
+  m = _small_leaderboard_model(max_seq_len=256, short_window=8)
   model = _randomize(Transformer(m, nnx.Rngs(0)), seed=3)
   prompts = [[5, 9, 3, 7, 1, 2, 8, 4, 6, 11, 12], [17, 3]]
   out = sampling.Sampler(model, chunk=4).generate(prompts, max_new_tokens=12,
@@ -168,9 +168,9 @@ def test_fp8_matmuls_run_in_the_blocks_and_stay_close():
   """model.matmul_dtype=fp8: the blocks' eligible GEMMs (both sides >= 128, nanochat's rule) run
   through lmtiny.kernels.fp8; the logits move by fp8 rounding, not more (measured: 13.5% relative
   through 5 layers of large random weights, where each fp8 GEMM alone is off by ~4%)."""
-  m = _small_2026(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False)
+  m = _small_leaderboard_model(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False)
   base = _randomize(Transformer(m, nnx.Rngs(0)))
-  m8 = _small_2026(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False,
+  m8 = _small_leaderboard_model(d_model=128, num_heads=2, num_kv_heads=0, head_dim=64, window_pattern="L", value_embeds=False,
                    matmul_dtype="fp8")
   fp8 = Transformer(m8, nnx.Rngs(0))
   nnx.update(fp8, nnx.state(base, nnx.Param))

@@ -119,17 +119,17 @@ def test_vocab_parallel_cross_entropy_matches_plain_one():
   expected = jax.jit(optax.softmax_cross_entropy_with_integer_labels)(logits, targets)
   expected_grad = jax.jit(jax.grad(lambda l: optax.softmax_cross_entropy_with_integer_labels(l, targets).sum()))(logits)
   with jax.set_mesh(mesh):
-    fn = jax.jit(lambda l: sharding.cross_entropy(l, targets))
+    fn = jax.jit(lambda l: sharding.vocab_parallel_cross_entropy(l, targets))
     assert "shard_map" in str(jax.make_jaxpr(fn)(logits))  # the explicit-collective path is taken
     np.testing.assert_allclose(fn(logits), expected, rtol=1e-5)
-    grad = jax.jit(jax.grad(lambda l: sharding.cross_entropy(l, targets).sum()))(logits)
+    grad = jax.jit(jax.grad(lambda l: sharding.vocab_parallel_cross_entropy(l, targets).sum()))(logits)
   np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=1, tensor=8)],
                          ids=["data2xfsdp2xtensor2", "tensor8"])
 def test_linear_cross_entropy_vocab_parallel_matches_logits(mesh_cfg):
-  """sharding.linear_cross_entropy (chunked, vocab-parallel in shard_map, softcap) against the
+  """sharding.sharded_linear_cross_entropy (chunked, vocab-parallel in shard_map, softcap) against the
   plain log-softmax of full logits on one device: values, logsumexp and gradients."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 6, 16)), jnp.float32)
@@ -144,7 +144,7 @@ def test_linear_cross_entropy_vocab_parallel_matches_logits(mesh_cfg):
     return jnp.sum(ce * weights + 0.01 * lse ** 2)
 
   def chunked(x, w):
-    ce, lse = sharding.linear_cross_entropy(x, w, targets, softcap=3.0, chunk_tokens=5)
+    ce, lse = sharding.sharded_linear_cross_entropy(x, w, targets, softcap=3.0, chunk_tokens=5)
     return jnp.sum(ce * weights + 0.01 * lse ** 2)
 
   ref, ref_grads = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)))(x, w)

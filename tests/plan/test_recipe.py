@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lmtiny import config as config_lib
-from lmtiny.plan import arch, recipe
+from lmtiny.plan import counts, recipe
 
 
 def _nanochat_scaling_params(depth: int, vocab: int = 32768) -> int:
@@ -26,8 +26,8 @@ def _nanochat_batch(depth: int, ratio: float) -> int:
 
 @pytest.mark.parametrize("depth,ratio", [(12, 12.0), (24, 8.0), (24, 12.0), (26, 8.25), (8, 12.0)])
 def test_auto_batch_and_horizon_are_nanochats(depth, ratio):
-  cfg = config_lib.nanochat_2026_config(depth, tokens_per_param=ratio)
-  assert arch.scaling_params(cfg.model) == _nanochat_scaling_params(depth)
+  cfg = config_lib.nanochat_leaderboard_config(depth, tokens_per_param=ratio)
+  assert counts.scaling_params(cfg.model) == _nanochat_scaling_params(depth)
   resolved = recipe.resolve(cfg)
   batch = _nanochat_batch(depth, ratio)
   assert resolved.train.batch_tokens == batch
@@ -48,7 +48,7 @@ def test_d24_is_the_leaderboard_run():
 
 
 def test_resolve_is_idempotent_and_leaves_other_configs_alone():
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   once = recipe.resolve(cfg)
   assert recipe.resolve(once).to_dict() == once.to_dict()
   assert not (once.train.auto_batch or once.train.lr_batch_scaling or once.train.weight_decay_scaling)
@@ -58,7 +58,7 @@ def test_resolve_is_idempotent_and_leaves_other_configs_alone():
 
 
 def test_lr_scaling_alone_keeps_the_batch():
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   cfg.train.update(auto_batch=False, batch_tokens=131072, weight_decay_scaling=False)
   resolved = recipe.resolve(cfg)
   assert resolved.train.batch_tokens == 131072
@@ -66,7 +66,7 @@ def test_lr_scaling_alone_keeps_the_batch():
 
 
 def test_auto_batch_needs_a_horizon():
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   cfg.train.tokens_per_param = 0.0
   with pytest.raises(config_lib.ConfigError, match="config.train.auto_batch=True: needs train.tokens_per_param"):
     config_lib.validate(cfg)
@@ -74,7 +74,7 @@ def test_auto_batch_needs_a_horizon():
 
 def test_auto_batch_under_one_row_names_the_reference_size_and_its_minimum():
   # Before: a TypeError traceback (2 ** round(log2(...)) is a float below 1, written into an int field).
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   cfg.train.batch_reference_size = 1
   with pytest.raises(config_lib.ConfigError) as e:
     recipe.resolve(cfg)
@@ -89,7 +89,7 @@ def test_auto_batch_under_one_row_names_the_reference_size_and_its_minimum():
 
 
 def test_auto_batch_needs_rows_that_divide_a_power_of_two():
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   cfg.update_from_flattened_dict({"train.seq_len": 1536})
   with pytest.raises(config_lib.ConfigError, match=r"^config.train.seq_len=1536: train.auto_batch gives a batch of "
                                                    r"524288 tokens \(a power of two\), not a whole number of rows"):
@@ -98,7 +98,7 @@ def test_auto_batch_needs_rows_that_divide_a_power_of_two():
 
 def test_auto_batch_without_a_horizon_is_one_line_before_validation():
   # resolve runs before config.validate (lmtiny.training.loop.Trainer): before, a ZeroDivisionError.
-  cfg = config_lib.nanochat_2026_config(12)
+  cfg = config_lib.nanochat_leaderboard_config(12)
   cfg.train.tokens_per_param = 0.0
   with pytest.raises(config_lib.ConfigError, match="config.train.auto_batch=True: needs train.tokens_per_param"):
     recipe.resolve(cfg)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from lm_fixtures import tiny_config
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 from lmtiny import report as report_cli
 from lmtiny.runs import card as report
 from readonly import ReadOnly
@@ -51,7 +51,7 @@ def test_sections_figures_and_cost(pipeline):
   assert text.index("## Tokenizer") < text.index("## Base model") < text.index("## RL") < text.index("## Evaluation")
   assert "- vocab_size: 4,096" in text and "- characters: 123,456" in text and "sources" not in text
   tokens = 10 * cfg.train.batch_tokens
-  flops = tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  flops = tokens * counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
   assert f"tokens: {tokens:,}" in text and f"training FLOPs: {flops:.3e}" in text
   assert "wall time: 1h00m on 8 x h100" in text
   assert f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
@@ -73,7 +73,7 @@ def test_a_segment_ended_by_kill_9_counts_in_wall_time_and_mfu(pipeline):
       {"step": 10, "split": "train", "loss": 3.0, "seconds": 1100.0, "segment": 5},
       {"step": 10, "split": "run", "seconds": 1200.0, "segment": 5, "chips": 8, "chip": "h100", "peak_flops": 8e15}])
   text = open(report.write_report(root)).read()
-  flops = 10 * cfg.train.batch_tokens * arch.train_flops_per_token(cfg.model, cfg.train.seq_len)
+  flops = 10 * cfg.train.batch_tokens * counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
   assert "wall time: 1h00m on 8 x h100" in text and f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
 
 

@@ -17,7 +17,7 @@ from lmtiny import lora as lora_cli
 from lmtiny.errors import UserError
 from lmtiny.parallel import sharding
 from lmtiny.runs import checkpoint as checkpoint_lib
-from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer,
+from lmtiny.runs.checkpoint import (abstract_with_shardings, Checkpointer,
                                     FingerprintMismatch)
 from lmtiny.runs.directory import load_run, load_weights, merge_lora_run, RunError
 from lmtiny.tasks.model_loading import load_model

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lmtiny import eval as eval_cli
-from lmtiny.tasks import core, dclm, model_loading
+from lmtiny.tasks import dclm, hf6, model_loading
 from lmtiny.tasks.model_loading import load_model
 from lmtiny.tasks.rows import EvalDataError
 from lm_fixtures import ROOT
@@ -82,7 +82,7 @@ def test_items_are_shuffled_as_nanochat_orders_them_before_the_cut():
   # few-shot picks: nanochat's random.Random(1234 + index).sample(other indices, k)
   for index in range(4):
     want = random.Random(1234 + index).sample([i for i in range(4) if i != index], 3)
-    assert core.fewshot_indices(4, index, 3) == want
+    assert hf6.fewshot_indices(4, index, 3) == want
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +110,22 @@ def test_multiple_choice_prompts(loaded):
   tok, suite = loaded.tokenizer, _suite()
   bt = _task(suite, "arc_easy")
   items, d = suite.items["arc_easy"], "\nAnswer: "
-  rows = core.item_rows(bt.task, items, 1, tok, 512)
-  shots = [items[j] for j in core.fewshot_indices(4, 1, 10)]
+  rows = hf6.item_rows(bt.task, items, 1, tok, 512)
+  shots = [items[j] for j in hf6.fewshot_indices(4, 1, 10)]
   prefix = "".join(f"{s.contexts[0]}{d}{s.choices[s.gold]}\n\n" for s in shots) + items[1].contexts[0] + d
   assert [_text(tok, r) for r in rows] == [prefix + c for c in items[1].choices]
   # the scored part: what follows the options' common prefix (here each option whole)
   assert [_scored(tok, r).strip() for r in rows] == list(items[1].choices)
   zero = _task(suite, "hellaswag_zeroshot")
   first = suite.items["hellaswag_zeroshot"][0]
-  assert _text(tok, core.item_rows(zero.task, suite.items["hellaswag_zeroshot"], 0, tok, 512)[0]) == \
+  assert _text(tok, hf6.item_rows(zero.task, suite.items["hellaswag_zeroshot"], 0, tok, 512)[0]) == \
       first.contexts[0] + " " + first.choices[0]
 
 
 def test_schema_prompts(loaded):
   tok, suite = loaded.tokenizer, _suite()
   bt, items = _task(suite, "winograd"), suite.items["winograd"]
-  rows = core.item_rows(bt.task, items, 0, tok, 512)
+  rows = hf6.item_rows(bt.task, items, 0, tok, 512)
   assert [_text(tok, r) for r in rows] == [c + " " + items[0].choices[0] for c in items[0].contexts]
   assert all(_scored(tok, r).strip() == items[0].choices[0] for r in rows)  # the shared continuation
 
@@ -133,8 +133,8 @@ def test_schema_prompts(loaded):
 def test_language_modelling_prompts(loaded):
   tok, suite = loaded.tokenizer, _suite()
   bt, items = _task(suite, "jeopardy"), suite.items["jeopardy"]
-  rows = core.item_rows(bt.task, items, 2, tok, 512)
-  shots = [items[j] for j in core.fewshot_indices(4, 2, 10)]
+  rows = hf6.item_rows(bt.task, items, 2, tok, 512)
+  shots = [items[j] for j in hf6.fewshot_indices(4, 2, 10)]
   want = "".join(f"{s.contexts[0]}\nAnswer: {s.choices[0]}\n\n" for s in shots) + \
       f"{items[2].contexts[0]}\nAnswer: {items[2].choices[0]}"
   assert len(rows) == 1 and _text(tok, rows[0]) == want and want.count("\n\n") == 3
@@ -158,14 +158,14 @@ def test_eval_cli_computes_dclm_core_and_keeps_hf6_apart(run_dir, capsys):
   assert eval_cli.main(["--workdir", run_dir, "--tasks", "core,hf6", "--data-dir", FIXTURES]) == 0
   out = json.load(open(os.path.join(run_dir, "eval.json")))
   keys = [dclm.result_key(label) for label in QWEN2_7B]
-  assert set(out["results"]) == set(keys) | set(core.TASKS)  # hellaswag and core:hellaswag side by side
+  assert set(out["results"]) == set(keys) | set(hf6.TASKS)  # hellaswag and core:hellaswag side by side
   baselines = {bt.label: bt.baseline for bt in dclm.read_bundle(BUNDLE)}
   for label, baseline in baselines.items():
     r = out["results"][dclm.result_key(label)]
     assert r["items"] == 4 and r["baseline"] == baseline and r["seconds"] > 0
     assert r["centered"] == (r["accuracy"] - 0.01 * baseline) / (1 - 0.01 * baseline)
   assert out["core"] == sum(out["results"][k]["centered"] for k in keys) / 22
-  assert out["hf6"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in core.TASKS]))
+  assert out["hf6"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in hf6.TASKS]))
   printed = capsys.readouterr().out
   assert "CORE (DCLM, 22 tasks)" in printed and "HF6 mean " in printed and "core:bigbench_operators" in printed
   card = open(os.path.join(run_dir, "report.md")).read()

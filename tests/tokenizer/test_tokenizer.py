@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmtiny.corpus.embedded import iter_embedded_documents
-from lmtiny.tokenizer import core, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from lmtiny.tokenizer import SPECIAL_TOKENS, spm, Tokenizer, TokenizerError, train_tokenizer
 from lmtiny.tokenizer.compare import token_counter
 
 CORPUS_CHARS = 300_000
@@ -52,14 +52,14 @@ def test_round_trip_property(tok, text):
   ids = tok.encode(text)
   assert tok.decode(ids) == text
   assert not set(ids) & set(tok.special_ids.values())
-  assert core.UNK_ID not in ids
+  assert spm.UNK_ID not in ids
 
 
 def test_fixed_ids_and_special_tokens_never_parsed(tok):
   assert tok.bos_id == 1 and tok.special_id("bos") == 1
   assert [tok.special_id(t) for t in SPECIAL_TOKENS] == list(range(1, 10))
   assert tok.special_id("<|output_end|>") == 9
-  assert tok.id_to_piece(core.NEWLINE_ID) == "\n" and tok.id_to_piece(core.FIRST_BYTE_ID) == "<0x00>"
+  assert tok.id_to_piece(spm.NEWLINE_ID) == "\n" and tok.id_to_piece(spm.FIRST_BYTE_ID) == "<0x00>"
   typed = "".join(SPECIAL_TOKENS)
   ids = tok.encode(typed)
   assert not set(ids) & set(range(10)) and tok.decode(ids) == typed
@@ -72,15 +72,15 @@ def test_newline_pieces_take_the_indentation(tok):
   ids = tok.encode("if x:\n    y\n\n\tz\n")
   pieces = [tok.id_to_piece(i) for i in ids]
   assert "\n\u2581\u2581\u2581\u2581" in pieces and "\n\n" in pieces and "\n" in pieces
-  assert [tok.id_to_piece(core.NEWLINE_ID + k) for k in range(len(core.NEWLINE_PIECES))] == [
-      p.replace(" ", "\u2581") for p in core.NEWLINE_PIECES]
+  assert [tok.id_to_piece(spm.NEWLINE_ID + k) for k in range(len(spm.NEWLINE_PIECES))] == [
+      p.replace(" ", "\u2581") for p in spm.NEWLINE_PIECES]
   assert tok.token_bytes[tok.encode("\n" + " " * 16)].sum() == 17
 
 
 def test_token_bytes_sum_to_utf8_length(tok):
   tb = tok.token_bytes
   assert tb.dtype == np.int32 and tb.shape == (tok.vocab_size,)
-  assert (tb[:10] == 0).all() and (tb[core.FIRST_BYTE_ID:core.FIRST_BYTE_ID + 256] == 1).all()
+  assert (tb[:10] == 0).all() and (tb[spm.FIRST_BYTE_ID:spm.FIRST_BYTE_ID + 256] == 1).all()
   for text in TRICKY + ["Some English prose, with punctuation; and numbers 3.14159."]:
     ids = tok.encode(text)
     assert int(tb[ids].sum()) == len(tok.decode(ids).encode("utf-8"))
@@ -89,17 +89,17 @@ def test_token_bytes_sum_to_utf8_length(tok):
 
 
 def test_saved_token_bytes_and_report(tok, tok_dir, corpus):
-  np.testing.assert_array_equal(np.load(os.path.join(tok_dir, core.TOKEN_BYTES_FILE)),
+  np.testing.assert_array_equal(np.load(os.path.join(tok_dir, spm.TOKEN_BYTES_FILE)),
                                 tok.token_bytes)
-  report = json.load(open(os.path.join(tok_dir, core.REPORT_FILE)))
+  report = json.load(open(os.path.join(tok_dir, spm.REPORT_FILE)))
   assert report["vocab_size"] == 1024 and report["hash"] == tok.hash
   assert report["characters"] == CORPUS_CHARS
   # Independent count: encode the corpus and count byte pieces that start a UTF-8 character.
   ids = np.concatenate([tok.encode(doc) for doc in corpus])
-  byte_values = ids[(ids >= core.FIRST_BYTE_ID) & (ids < core.NUM_RESERVED_IDS)] - core.FIRST_BYTE_ID
+  byte_values = ids[(ids >= spm.FIRST_BYTE_ID) & (ids < spm.NUM_RESERVED_IDS)] - spm.FIRST_BYTE_ID
   expected = int(((byte_values & 0xC0) != 0x80).sum())
   assert report["byte_fallback_chars"] == expected > 0
-  vocab_lines = open(os.path.join(tok_dir, core.VOCAB_FILE), encoding="utf-8").read()
+  vocab_lines = open(os.path.join(tok_dir, spm.VOCAB_FILE), encoding="utf-8").read()
   assert vocab_lines.count("\n") == 1024
 
 
@@ -119,14 +119,14 @@ def test_pickle_carries_the_model_not_a_path(tok, tok_dir, tmp_path):
 
 def test_hash_is_content_of_model_file(tok, tok_dir):
   import hashlib
-  with open(os.path.join(tok_dir, core.MODEL_FILE), "rb") as f:
+  with open(os.path.join(tok_dir, spm.MODEL_FILE), "rb") as f:
     assert tok.hash == hashlib.sha256(f.read()).hexdigest()
 
 
 def test_training_is_deterministic(corpus, tmp_path, tok, tok_dir):
   again = train_tokenizer(corpus, 1024, str(tmp_path / "again"))
   assert again.model_proto == tok.model_proto
-  for name in (core.MODEL_FILE, core.VOCAB_FILE, core.TOKEN_BYTES_FILE):
+  for name in (spm.MODEL_FILE, spm.VOCAB_FILE, spm.TOKEN_BYTES_FILE):
     assert open(tmp_path / "again" / name, "rb").read() == open(
         os.path.join(tok_dir, name), "rb").read()
 
@@ -136,7 +136,7 @@ def test_digit_pieces_hold_at_most_two_digits(tok, corpus, tmp_path):
   for digits, longest in (("pairs", 2), ("single", 1)):
     t = tok if digits == "pairs" else train_tokenizer(corpus[:10] + numbers, 512,
                                                       str(tmp_path / digits), digits=digits)
-    learned = [t.id_to_piece(i) for i in range(core.NUM_RESERVED_IDS, t.vocab_size)]
+    learned = [t.id_to_piece(i) for i in range(spm.NUM_RESERVED_IDS, t.vocab_size)]
     runs = [len(r) for p in learned for r in re.findall(r"[0-9]+", p)]
     assert max(runs) == longest
     ids = t.encode("31415926535")

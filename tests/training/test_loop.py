@@ -226,7 +226,7 @@ def test_core_during_training_equals_the_eval_cli_on_the_checkpoint(tmp_path, ca
   # the saved checkpoint, must find the same accuracies (same items, same tokenizer, same weights).
   import eval_fixtures
   from lmtiny import eval as eval_cli
-  from lmtiny.tasks import core, dclm
+  from lmtiny.tasks import dclm, hf6
   fixtures = os.path.join(ROOT, "tests", "fixtures", "evals")
   tok = eval_fixtures.make_tokenizer(str(tmp_path / "tok"))
   cfg = eval_fixtures.run_config()
@@ -248,7 +248,7 @@ def test_core_during_training_equals_the_eval_cli_on_the_checkpoint(tmp_path, ca
   assert evaluated["step"] == 2
   for split in ("core", "hf6"):
     assert by_split[split][-1][split] == pytest.approx(evaluated[split], abs=1e-9)
-  keys = [k for k in evaluated["results"] if k.startswith(dclm.KEY_PREFIX)] + list(core.TASKS)
+  keys = [k for k in evaluated["results"] if k.startswith(dclm.KEY_PREFIX)] + list(hf6.TASKS)
   assert len(keys) == 28
   for name in keys:
     split = "core" if name.startswith(dclm.KEY_PREFIX) else "hf6"

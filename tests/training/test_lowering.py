@@ -17,7 +17,7 @@ from lmtiny.training import benchmark
 from lmtiny.errors import ConfigError
 from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 from lmtiny.training import lowering
 
 T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
@@ -248,7 +248,7 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
                  "splash_mqa_dkv_segmented_no_residuals"):
     assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
   memory = benchmark.memory_analysis(compiled)
-  params = 4 * arch.count_params(compiled_cfg.model)  # float32 bytes of the whole model
+  params = 4 * counts.count_params(compiled_cfg.model)  # float32 bytes of the whole model
   # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
   # bytes); replicated they would be 3x.
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)

@@ -29,9 +29,9 @@ def _difference(a, b) -> float:
 
 
 def _config():
-  """nanochat_2026_config's recipe at a small size where every schedule moves within 8 steps and
+  """nanochat_leaderboard_config's recipe at a small size where every schedule moves within 8 steps and
   the short window (128) cuts the 256-token rows."""
-  cfg = config_lib.nanochat_2026_config(4)
+  cfg = config_lib.nanochat_leaderboard_config(4)
   cfg.model.update(vocab_size=VOCAB, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=5,
                    max_seq_len=512, dtype="float32", remat="none")
   cfg.train.update(seq_len=SEQ, batch_tokens=ROWS * SEQ, steps=STEPS, tokens_per_param=0.0, auto_batch=False,

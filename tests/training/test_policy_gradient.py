@@ -305,11 +305,11 @@ def test_a_negative_count_is_refused(field):
 
 def test_the_toy_sets_held_out_problems_share_no_operands_with_training():
   # 56% of the old eval rows were training questions verbatim; now no operand pair is shared.
-  from lmtiny.tasks.toy import is_held_out
+  from lmtiny.tasks.toy import is_held_out_problem
   from lmtiny.chat.conversations import iter_conversations
   operands = lambda rows: {tuple(map(int, re.findall(r"\d+", r["question"])[:2])) for r in rows}
   train, held = operands(toy_rows(3000, seed=1)), operands(toy_rows(500, seed=2, held_out=True))
-  assert held and not train & held and all(is_held_out(*p) for p in held)
+  assert held and not train & held and all(is_held_out_problem(*p) for p in held)
   assert len(held) == 10 and len(train) == 71  # every pair of 1..9 on exactly one side
   sft = [c[0]["content"] for c in iter_conversations("toy_arithmetic?n=500&seed=0")]  # SFT's toy source
   assert not operands({"question": q} for q in sft) & held

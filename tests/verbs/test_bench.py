@@ -6,7 +6,7 @@ import re
 import pytest
 from lm_fixtures import ROOT
 from lmtiny import bench
-from lmtiny.plan import arch
+from lmtiny.plan import counts
 
 SMALL = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
          "--config.model.vocab_size=256", "--config.train.seq_len=32", "--config.train.batch_tokens=256"]
@@ -44,6 +44,6 @@ def test_compile_only_runs_nothing_and_reports_memory(capsys):
 def test_flops_conventions_differ_by_the_attention_half():
   from lm_fixtures import load_config_module
   m = load_config_module("d20").get_config().model
-  half, full = arch.train_flops_per_token(m, 2048), arch.train_flops_per_token(m, 2048, "nanochat")
+  half, full = counts.train_flops_per_token(m, 2048), counts.train_flops_per_token(m, 2048, "nanochat")
   assert full - half == 6 * m.num_layers * 2048 * m.num_heads * 128
-  assert arch.PEAK_FLOPS["h100_pcie"] == 756e12 and arch.PEAK_FLOPS["a100"] == 312e12
+  assert counts.PEAK_FLOPS["h100_pcie"] == 756e12 and counts.PEAK_FLOPS["a100"] == 312e12

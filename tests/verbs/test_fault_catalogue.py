@@ -14,7 +14,7 @@ import pytest
 
 from lm_fixtures import ROOT, xla_flags
 from lmtiny import bench, cli, generate, lr_find, sft, train
-from lmtiny.data import prepare, shard_writer
+from lmtiny.data import prepare
 from lmtiny.runs.checkpoint import CheckpointSaveError
 from lmtiny.runs.lock import RunLock
 from lmtiny.tokenizer import train as tokenizer_train

@@ -13,7 +13,7 @@ from flax import nnx
 
 import reference_numpy
 from lmtiny import eval as eval_cli
-from lmtiny.tasks import core
+from lmtiny.tasks import hf6
 from lmtiny.tasks.model_loading import load_model
 from lmtiny.tasks.rows import load_rows
 from lmtiny.tasks.scoring import Scorer
@@ -35,8 +35,8 @@ def loaded(run_dir):
 
 
 def _items(name):
-  task = core.TASKS[name]
-  return task, core.convert_rows(name, task, load_rows(name, task.source, FIXTURES))
+  task = hf6.TASKS[name]
+  return task, hf6.convert_rows(name, task, load_rows(name, task.source, FIXTURES))
 
 
 @pytest.mark.slow(seconds=4)
@@ -44,9 +44,9 @@ def test_per_item_log_likelihoods_equal_a_float64_numpy_scorer(loaded):
   params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
   params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
   rows = []
-  for name in core.TASKS:
+  for name in hf6.TASKS:
     task, items = _items(name)
-    rows += [r for i in range(len(items)) for r in core.item_rows(task, items, i, loaded.tokenizer, 128)]
+    rows += [r for i in range(len(items)) for r in hf6.item_rows(task, items, i, loaded.tokenizer, 128)]
   assert len(rows) > 40 and max(len(r.ids) for r in rows) > 100  # few-shot contexts make long rows
   got = Scorer(loaded.model, loaded.mesh, rows_per_batch=16).score(rows)
   for row, score in zip(rows, got):
@@ -69,10 +69,10 @@ def test_task_layouts_and_fewshot_contexts(loaded):
   assert items[0].choices == ("is too big.",) and items[2].gold == 1
   _, arc = _items("arc_easy")
   assert arc[2].gold == 2 and arc[2].contexts[0].startswith("Question: Which state")
-  shots = core.fewshot_indices(4, 1, 10)
-  assert sorted(shots) == [0, 2, 3] and shots == core.fewshot_indices(4, 1, 10)
+  shots = hf6.fewshot_indices(4, 1, 10)
+  assert sorted(shots) == [0, 2, 3] and shots == hf6.fewshot_indices(4, 1, 10)
   task, items = _items("hellaswag")
-  rows = core.item_rows(task, items, 0, loaded.tokenizer, 128)
+  rows = hf6.item_rows(task, items, 0, loaded.tokenizer, 128)
   text = loaded.tokenizer.decode(list(rows[0].ids))
   assert text.count("\n\n") == 3 and text.endswith(items[0].choices[0])  # 3 other items as shots
   # Multiple choice scores what follows the options' common prefix: the choice itself.
@@ -82,12 +82,12 @@ def test_task_layouts_and_fewshot_contexts(loaded):
 def test_char_norm_scores_each_option_whole(loaded):
   # Options sharing a first word: "token" norm scores what follows it (nanochat), "char" norm must
   # score the whole option, else the loss would miss text that the character count includes.
-  task = core.TASKS["arc_easy"]
-  items = [core.Item(("Question: What sat on the mat?\nAnswer:",), ("the cat sat", "the dog ran far"), 0)]
+  task = hf6.TASKS["arc_easy"]
+  items = [hf6.Item(("Question: What sat on the mat?\nAnswer:",), ("the cat sat", "the dog ran far"), 0)]
   tok = loaded.tokenizer
   scored = lambda r: tok.decode(list(r.ids[-r.n_cont:])).strip()
-  by_token = core.item_rows(task, items, 0, tok, 128)
-  by_char = core.item_rows(task, items, 0, tok, 128, norm="char")
+  by_token = hf6.item_rows(task, items, 0, tok, 128)
+  by_char = hf6.item_rows(task, items, 0, tok, 128, norm="char")
   assert [scored(r) for r in by_char] == list(items[0].choices)
   assert [scored(r) for r in by_token] == ["cat sat", "dog ran far"]
   assert [r.ids for r in by_char] == [r.ids for r in by_token]  # same text, only the span differs
@@ -95,19 +95,19 @@ def test_char_norm_scores_each_option_whole(loaded):
   # (len(choice): the delimiter is scored but not counted).
   Score = collections.namedtuple("Score", "loss_sum tokens greedy_match")
   scores = [Score(11.0, 3, False), Score(16.0, 5, False)]
-  assert core.item_correct(task, items[0], scores, "char")  # 11/11 < 16/15: the gold option
-  assert not core.item_correct(task, items[0], scores, "token")  # 11/3 > 16/5
+  assert hf6.item_correct(task, items[0], scores, "char")  # 11/11 < 16/15: the gold option
+  assert not hf6.item_correct(task, items[0], scores, "token")  # 11/3 > 16/5
 
 
 def test_char_norm_picks_what_lm_eval_acc_norm_picks():
   # Options "a" and "bb": lm-eval divides by 1 and 2 (1.0 > 0.95: "bb"); dividing by the
   # delimiter too (1.0/2 < 1.9/3) would pick "a".
-  task = core.TASKS["arc_easy"]
-  item = core.Item(("Question: q\nAnswer:",), ("a", "bb"), 1)
+  task = hf6.TASKS["arc_easy"]
+  item = hf6.Item(("Question: q\nAnswer:",), ("a", "bb"), 1)
   Score = collections.namedtuple("Score", "loss_sum tokens greedy_match")
   scores = [Score(1.0, 1, False), Score(1.9, 1, False)]
   assert [s.loss_sum / len(c) for s, c in zip(scores, item.choices)] == [1.0, 0.95]
-  assert core.item_correct(task, item, scores, "char")
+  assert hf6.item_correct(task, item, scores, "char")
 
 
 @pytest.mark.slow(seconds=4)
@@ -115,11 +115,11 @@ def test_eval_cli_writes_results_and_the_report(run_dir, capsys):
   args = ["--workdir", run_dir, "--tasks", "hf6,gsm8k", "--data-dir", FIXTURES, "--max-new-tokens", "8"]
   assert eval_cli.main(args) == 0
   out = json.load(open(os.path.join(run_dir, "eval.json")))
-  assert set(out["results"]) == set(core.TASKS) | {"gsm8k"}
-  for name in core.TASKS:
+  assert set(out["results"]) == set(hf6.TASKS) | {"gsm8k"}
+  for name in hf6.TASKS:
     r = out["results"][name]
-    assert r["centered"] == pytest.approx((r["accuracy"] - core.TASKS[name].chance) / (1 - core.TASKS[name].chance))
-  assert out["hf6"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in core.TASKS]))
+    assert r["centered"] == pytest.approx((r["accuracy"] - hf6.TASKS[name].chance) / (1 - hf6.TASKS[name].chance))
+  assert out["hf6"] == pytest.approx(np.mean([out["results"][n]["centered"] for n in hf6.TASKS]))
   assert "core" not in out  # the six tasks' mean is not CORE (lmtiny.tasks.dclm is)
   assert out["results"]["gsm8k"]["items"] == 2
   printed = capsys.readouterr().out
@@ -149,7 +149,7 @@ def test_a_lora_run_evaluates_as_its_merged_model(lora_run, chat_run):
   assert lora_out == merged_out and lora_out["step"] == 3
   models = {d: load_model(d) for d in (lora_dir, merged_dir, chat_run)}
   task, items = _items("hellaswag")
-  rows = [r for i in range(len(items)) for r in core.item_rows(task, items, i, models[chat_run].tokenizer, 128)]
+  rows = [r for i in range(len(items)) for r in hf6.item_rows(task, items, i, models[chat_run].tokenizer, 128)]
   losses = {d: np.array([s.loss_sum for s in Scorer(m.model, m.mesh, rows_per_batch=16).score(rows)])
             for d, m in models.items()}
   np.testing.assert_allclose(losses[lora_dir], losses[merged_dir], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny import arch as arch_cli
-from lmtiny.plan import arch, search as arch_search
+from lmtiny.plan import counts, search as arch_search
 from lm_fixtures import ROOT
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -63,7 +63,7 @@ def _brute_force_count(m):
 
 
 def test_d4_512_vocab_24576_is_37_7m_split_exactly_in_thirds():
-  p = arch.param_breakdown(_seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576))
+  p = counts.param_breakdown(_seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576))
   assert p["total"] == 37_748_736
   assert round(p["total"] / 1e6, 1) == 37.7
   assert p["embedding"] == p["lm_head"] == p["blocks"] == p["total"] // 3
@@ -74,21 +74,21 @@ def test_d4_512_vocab_24576_is_37_7m_split_exactly_in_thirds():
 def test_seed_alternatives(depth, width, heads, vocab, millions):
   m = _seed(num_layers=depth, d_model=width, num_heads=heads, vocab_size=vocab)
   assert config_lib.head_dim(m) == 64
-  assert round(arch.count_params(m) / 1e6, 1) == millions
+  assert round(counts.count_params(m) / 1e6, 1) == millions
 
 
 @pytest.mark.parametrize("depth,expected", [(20, 560_988_160), (32, 1_879_048_192)])
 def test_nanochat_sizes(depth, expected):
   m = _seed(num_layers=depth, d_model=64 * depth, num_heads=depth // 2, head_dim=128, vocab_size=65536)
-  assert arch.count_params(m) == expected
+  assert counts.count_params(m) == expected
   # nanochat's own config (QK-norm, which has no weights without norm scales) agrees.
-  assert arch.count_params(config_lib.nanochat_config(depth).model) == expected
+  assert counts.count_params(config_lib.nanochat_config(depth).model) == expected
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_config_files_state_the_calculator_count(path):
   module = _load(path)
-  assert arch.count_params(module.get_config().model) == module.NUM_PARAMS
+  assert counts.count_params(module.get_config().model) == module.NUM_PARAMS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,21 +121,21 @@ def _arch_model(a):
 @hypothesis.given(_ARCHS)
 def test_count_matches_brute_force_shapes(a):
   m = _arch_model(a)
-  p = arch.param_breakdown(m)
+  p = counts.param_breakdown(m)
   assert p["total"] == _brute_force_count(m)
   assert p["total"] == p["embedding"] + p["lm_head"] + p["num_layers"] * p["layer"] + p["final_norm"]
 
 
 def test_each_knob_changes_the_count_as_expected():
   base = _model(num_layers=2, d_model=64, num_heads=4, vocab_size=100, norm_scale=False, qk_norm=False)
-  n = arch.count_params(base)
-  assert arch.count_params(_model(**dict(base, tie_embeddings=True))) == n - 64 * 100
-  assert arch.count_params(_model(**dict(base, norm_scale=True))) == n + 2 * (2 * 64) + 64
-  assert arch.count_params(_model(**dict(base, norm_scale=True, qk_norm=True))) == n + 2 * (2 * 64 + 2 * 16) + 64
-  assert arch.count_params(_model(**dict(base, qk_norm=True))) == n  # parameter-free norms
-  assert arch.count_params(_model(**dict(base, num_kv_heads=1))) == n - 2 * 2 * (64 * 3 * 16)
-  assert arch.count_params(_model(**dict(base, activation="swiglu"))) == n + 2 * 64 * 256
-  assert arch.count_params(_model(**dict(base, head_dim=32))) == n + 2 * 4 * 64 * 4 * 16
+  n = counts.count_params(base)
+  assert counts.count_params(_model(**dict(base, tie_embeddings=True))) == n - 64 * 100
+  assert counts.count_params(_model(**dict(base, norm_scale=True))) == n + 2 * (2 * 64) + 64
+  assert counts.count_params(_model(**dict(base, norm_scale=True, qk_norm=True))) == n + 2 * (2 * 64 + 2 * 16) + 64
+  assert counts.count_params(_model(**dict(base, qk_norm=True))) == n  # parameter-free norms
+  assert counts.count_params(_model(**dict(base, num_kv_heads=1))) == n - 2 * 2 * (64 * 3 * 16)
+  assert counts.count_params(_model(**dict(base, activation="swiglu"))) == n + 2 * 64 * 256
+  assert counts.count_params(_model(**dict(base, head_dim=32))) == n + 2 * 4 * 64 * 4 * 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,38 +144,38 @@ def test_each_knob_changes_the_count_as_expected():
 
 def test_matmul_params_counts_unembedding_once_and_no_lookup():
   untied = _seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576)
-  assert arch.matmul_params(untied) == 2 * 12_582_912
+  assert counts.matmul_params(untied) == 2 * 12_582_912
   tied = _seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576, tie_embeddings=True)
-  assert arch.matmul_params(tied) == arch.matmul_params(untied)
+  assert counts.matmul_params(tied) == counts.matmul_params(untied)
   scaled = _model(num_layers=4, d_model=512, num_heads=8, vocab_size=24576, norm_scale=True, qk_norm=True)
-  assert arch.matmul_params(scaled) == arch.matmul_params(untied)  # norm scales do not multiply
+  assert counts.matmul_params(scaled) == counts.matmul_params(untied)  # norm scales do not multiply
 
 
 def test_flops_per_token_formulas():
   m = _seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576)
   n, t = 25_165_824, 1024
-  assert arch.train_flops_per_token(m, t) == 6 * n + 6 * 4 * t * 8 * 64
-  assert arch.inference_flops_per_token(m, t) == 2 * n + 2 * 4 * t * 8 * 64
+  assert counts.train_flops_per_token(m, t) == 6 * n + 6 * 4 * t * 8 * 64
+  assert counts.inference_flops_per_token(m, t) == 2 * n + 2 * 4 * t * 8 * 64
   # nanochat d20 at T=2048: nanochat's own estimate counts 12*L*T*H*Dh for attention, twice ours.
   d20 = config_lib.nanochat_config(20).model
   nanochat_estimate = 6 * (560_988_160 - 83_886_080) + 12 * 20 * 2048 * 1280
   attention_ours = 6 * 20 * 2048 * 1280
-  assert arch.train_flops_per_token(d20, 2048) == nanochat_estimate - attention_ours
+  assert counts.train_flops_per_token(d20, 2048) == nanochat_estimate - attention_ours
 
 
 def test_training_time_and_budget():
   m = _seed(num_layers=4, d_model=512, num_heads=8, vocab_size=24576)
-  tokens = arch.chinchilla_tokens(m, 20)
+  tokens = counts.chinchilla_tokens(m, 20)
   assert tokens == 20 * 37_748_736
-  seconds = arch.training_seconds(m, 1024, tokens, "v5e", 0.5, num_chips=4)
-  assert seconds == pytest.approx(tokens * arch.train_flops_per_token(m, 1024) / (4 * 197e12 * 0.5))
-  assert arch.PEAK_FLOPS["h100"] == 989e12 and arch.PEAK_FLOPS["v6e"] == 918e12
+  seconds = counts.training_seconds(m, 1024, tokens, "v5e", 0.5, num_chips=4)
+  assert seconds == pytest.approx(tokens * counts.train_flops_per_token(m, 1024) / (4 * 197e12 * 0.5))
+  assert counts.PEAK_FLOPS["h100"] == 989e12 and counts.PEAK_FLOPS["v6e"] == 918e12
   with pytest.raises(ConfigError, match="--chip='tpu9'"):
-    arch.training_seconds(m, 1024, tokens, "tpu9", 0.4)
+    counts.training_seconds(m, 1024, tokens, "tpu9", 0.4)
   with pytest.raises(ConfigError, match="--tokens-per-param=0"):
-    arch.chinchilla_tokens(m, 0)
+    counts.chinchilla_tokens(m, 0)
   with pytest.raises(ConfigError, match="--mfu"):
-    arch.training_seconds(m, 1024, tokens, "h100", 0.0)
+    counts.training_seconds(m, 1024, tokens, "h100", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def test_search_tied_aims_at_halves_and_gqa_sets_kv_heads():
     assert len(c.shares) == 2 and c.heads % 2 == 0 and c.kv_heads == c.heads // 2
     m = _seed(num_layers=c.depth, d_model=c.width, num_heads=c.heads, num_kv_heads=c.kv_heads,
               vocab_size=c.vocab, tie_embeddings=True)
-    assert arch.count_params(m) == c.params
+    assert counts.count_params(m) == c.params
     assert c.imbalance == pytest.approx(abs(c.shares[0] - 0.5))
 
 
@@ -291,7 +291,7 @@ def test_cli_subprocess_exit_status(tmp_path):
 def test_calculator_equals_model_for_config_files(path):
   from lmtiny.model import transformer as model_lib
   m = _load(path).get_config().model
-  assert arch.count_params(m) == model_lib.count_params(m)
+  assert counts.count_params(m) == model_lib.count_params(m)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
@@ -300,4 +300,4 @@ def test_calculator_equals_model_for_random_architectures(a, scan_layers):
   from lmtiny.model import transformer as model_lib
   m = _arch_model(a)
   m.scan_layers = scan_layers
-  assert arch.count_params(m) == model_lib.count_params(m)
+  assert counts.count_params(m) == model_lib.count_params(m)
