@@ -239,7 +239,7 @@ def lmtiny_vs_torch(runs: list[dict]) -> list[dict]:
 def summarize(work: str, out: str) -> None:
   env = _load(os.path.join(work, "env.json")) or {}
   runs = read_runs(work)
-  meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+  meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
           "wall_s": int(os.environ.get("SUITE_WALL_S", "0")), "budget_s": int(os.environ.get("SUITE_BUDGET_S", "0")),
           "smoke": os.environ.get("SMOKE", "0") == "1"}
   os.makedirs(out, exist_ok=True)

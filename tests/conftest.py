@@ -42,7 +42,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow(seconds=30): takes seconds or more on 2 cores; `-m \"not slow\"` is the "
+  config.addinivalue_line("markers", 'slow(seconds=30): takes seconds or more on 2 cores; `-m "not slow"` is the '
                           "inner loop. `seconds` (measured) orders the modules that hold slow tests, longest first.")
 
 

@@ -143,7 +143,7 @@ class ChatEngine:
     for i, m in enumerate(messages):
       role = "system" if i < system else "user" if (i - system) % 2 == 0 else "assistant"
       if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
-        raise RequestError(400, f"messages[{i}]: must be {{\"role\": \"{role}\", \"content\": <string>}} "
+        raise RequestError(400, f'messages[{i}]: must be {{"role": "{role}", "content": <string>}} '
                                 "(an optional system message first, then user and assistant alternate, "
                                 "starting with user)")
       _check_unicode(m["content"], f"messages[{i}].content")

@@ -35,7 +35,7 @@ def hub_address() -> tuple[str, int]:
   return host, url.port or (80 if url.scheme == "http" else 443)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(host: str, port: int) -> str | None:
   """None if a TCP connection to host:port opens within PROBE_SECONDS, else why not. In a thread,
   so a hanging name lookup (which has no timeout of its own) is bounded too; cached per address."""

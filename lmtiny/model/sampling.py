@@ -64,7 +64,7 @@ class SamplingParams:
     if not 0 < self.top_p <= 1:
       raise SamplingError(f"top_p={self.top_p}: must be in (0, 1]")
 
-  def arrays(self) -> "SamplingArrays":
+  def arrays(self) -> SamplingArrays:
     return SamplingArrays(np.float32(self.temperature), np.int32(min(self.top_k, 2**31 - 1)),
                           np.float32(self.top_p))
 

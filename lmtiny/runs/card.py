@@ -373,7 +373,7 @@ def summary_section(root: str) -> list[str]:
              (title, "turn-ending rate", _turn_ending(os.path.join(root, rel)))]
   rows += _rl_rows(records["rl"])
   rows += [("eval", "GSM8K accuracy", _gsm8k(root)),
-           *((("eval", f"{mode} vs full precision", _quant_delta(root, mode)) for mode in ("int8", "int4")))]
+           *(("eval", f"{mode} vs full precision", _quant_delta(root, mode)) for mode in ("int8", "int4"))]
   rows += _wall_rows(root, records)
   return ["## Summary", "", "| stage | figure | value |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
 

@@ -141,7 +141,7 @@ class HFTokenizer:
     self.hash = hashlib.sha256(tokenizer_json.encode()).hexdigest()
 
   @classmethod
-  def load(cls, directory) -> "HFTokenizer":
+  def load(cls, directory) -> HFTokenizer:
     directory = epath.Path(directory)
     info = json.loads((directory / "lmtiny.json").read_text())
     return cls((directory / "tokenizer.json").read_text(), info["bos_id"])

@@ -62,7 +62,7 @@ class Tokenizer:
     self.hash = hashlib.sha256(self._proto).hexdigest()
 
   @classmethod
-  def load(cls, path: str) -> "Tokenizer":
+  def load(cls, path: str) -> Tokenizer:
     """Loads from a tokenizer directory (as `train_tokenizer` writes) or a .model file."""
     model = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
     try:

@@ -32,7 +32,7 @@ def test_no_command_outside_a_runnable_block(doc):
 
 def test_the_readme_has_the_two_quick_start_commands_and_ci_types_the_test_one():
   quick = commands(read(README))[:2]
-  assert quick == ['pip install -e . && python -m lmtiny.train --config configs/tiny.py      # train the demo model',
+  assert quick == ["pip install -e . && python -m lmtiny.train --config configs/tiny.py      # train the demo model",
                    f"{TEST_COMMAND}              # run the tests"]
   # .ci/run types it first, in a fresh venv, with nothing pip-installed before it
   ci = [line.strip() for line in read(".ci/run").splitlines() if line.strip() and not line.lstrip().startswith("#")]

@@ -377,7 +377,7 @@ echo "uv $*" >> {tmp_path}/uv.log
 if [ "$1" = venv ]; then mkdir -p .venv/bin && cp {tmp_path}/bin/python .venv/bin/python; fi
 """
   _write_exe(tmp_path / "bin" / "uv", uv)
-  _write_exe(tmp_path / "bin" / "python", f"#!/bin/sh\necho \"python $*\" >> {tmp_path}/uv.log\n")
+  _write_exe(tmp_path / "bin" / "python", f'#!/bin/sh\necho "python $*" >> {tmp_path}/uv.log\n')
   env = dict(os.environ, HOME=str(home), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
   for _ in range(2):  # a second setup reuses the clone
     ran = subprocess.run(["bash", "-c", _remote_command(ssh)], cwd=home, env=env, capture_output=True, text=True)

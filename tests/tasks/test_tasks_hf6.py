@@ -180,7 +180,7 @@ def test_parquet_task_files_read_as_whole_rows(tmp_path):
   assert load_rows("arc_easy", "", str(tmp_path), limit=2) == rows[:2]
 
 
-@pytest.mark.parametrize("text", ['{"step": 30, "res', '{"name": "my notes"}', '[1, 2]'])
+@pytest.mark.parametrize("text", ['{"step": 30, "res', '{"name": "my notes"}', "[1, 2]"])
 def test_an_eval_json_lmtiny_did_not_write_is_refused_before_the_model_loads(run_dir, tmp_path, capsys,
                                                                             monkeypatch, text):
   # Before: a user's eval.json (or a damaged one) was replaced by this evaluation's results.
