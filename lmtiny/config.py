@@ -173,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict(dict(
       init="",               # base run directory (--init); its checkpoint gives the starting weights
       init_step=-1,          # its checkpoint step; -1 = the newest
+      merged_from="",        # set by `lmtiny.lora merge`: the LoRA run and step this full run was merged from
       sources="embedded_chat:1.0",  # weighted mixture "spec:weight,..." (lmtiny.chat.conversations)
       steps=150,
       lr=1e-3,               # peak matrix LR (replaces optim.lr; embed/unembed LRs stay), optim's schedule
@@ -220,19 +221,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 def padded_vocab(m) -> int:
   """Rows of the embedding and columns of lm_head: vocab_size rounded up to model.vocab_multiple."""
-  multiple = getattr(m, "vocab_multiple", 1)  # getattr: older runs lack the field
-  return -(-m.vocab_size // multiple) * multiple
+  return -(-m.vocab_size // m.vocab_multiple) * m.vocab_multiple
 
 
 def short_window(m) -> int:
   """The S layers' window: model.short_window, or a quarter of max_seq_len rounded up to 128."""
-  return getattr(m, "short_window", 0) or -(-m.max_seq_len // 4 // 128) * 128
+  return m.short_window or -(-m.max_seq_len // 4 // 128) * 128
 
 
 def layer_windows(m) -> tuple[int, ...]:
   """Each layer's attention window in tokens before the query (0 = the full causal context):
   model.window_pattern tiled over the layers, the last layer always full."""
-  pattern = getattr(m, "window_pattern", "")
+  pattern = m.window_pattern
   if not pattern:
     return (0,) * m.num_layers
   windows = [short_window(m) if pattern[i % len(pattern)] == "S" else 0 for i in range(m.num_layers)]
@@ -242,7 +242,7 @@ def layer_windows(m) -> tuple[int, ...]:
 
 def has_value_embed(m, layer: int) -> bool:
   """Value embeddings sit on alternate layers, the last one included."""
-  return bool(getattr(m, "value_embeds", False)) and layer % 2 == (m.num_layers - 1) % 2
+  return bool(m.value_embeds) and layer % 2 == (m.num_layers - 1) % 2
 
 
 def head_dim(m) -> int:
@@ -302,7 +302,7 @@ def total_steps(cfg, num_params: int) -> int:
   t = cfg.train
   if t.tokens_per_param > 0:
     steps = t.tokens_per_param * num_params / t.batch_tokens
-    return max(1, math.floor(steps) if t.get("horizon_params", "all") == "scaling" else math.ceil(steps))
+    return max(1, math.floor(steps) if t.horizon_params == "scaling" else math.ceil(steps))
   return t.steps
 
 
@@ -366,19 +366,19 @@ def validate_model(m) -> None:
 
 
 def _validate_layer_features(m) -> None:
-  pattern = m.get("window_pattern", "")
+  pattern = m.window_pattern
   _require(isinstance(pattern, str) and set(pattern) <= {"S", "L"}, "model.window_pattern", pattern,
            'must be a string of S (short window) and L (full context), e.g. "SSSL"; "" = all full')
-  _require(isinstance(m.get("short_window", 0), int) and m.get("short_window", 0) >= 0, "model.short_window",
-           m.get("short_window"), "must be an integer >= 0 (0 = max_seq_len / 4 rounded up to 128)")
-  _require(isinstance(m.get("vocab_multiple", 1), int) and m.get("vocab_multiple", 1) >= 1, "model.vocab_multiple",
-           m.get("vocab_multiple"), "must be an integer >= 1")
-  _require(m.get("matmul_dtype", "default") in MATMUL_DTYPES, "model.matmul_dtype", m.get("matmul_dtype"),
+  _require(isinstance(m.short_window, int) and m.short_window >= 0, "model.short_window",
+           m.short_window, "must be an integer >= 0 (0 = max_seq_len / 4 rounded up to 128)")
+  _require(isinstance(m.vocab_multiple, int) and m.vocab_multiple >= 1, "model.vocab_multiple",
+           m.vocab_multiple, "must be an integer >= 1")
+  _require(m.matmul_dtype in MATMUL_DTYPES, "model.matmul_dtype", m.matmul_dtype,
            f"must be one of {', '.join(MATMUL_DTYPES)}")
-  if m.get("value_embeds", False) or m.get("smear", False):
+  if m.value_embeds or m.smear:
     _require(m.d_model >= 24, "model.d_model", m.d_model,
              "is too narrow for the smear gate (24 channels) and value-embedding gate (12 channels)")
-  per_layer = [name for name in ("window_pattern", "value_embeds", "residual_scalars", "backout") if m.get(name)]
+  per_layer = [name for name in ("window_pattern", "value_embeds", "residual_scalars", "backout") if m[name]]
   if m.scan_layers and per_layer:
     raise ConfigError(f"config.model.scan_layers=True: model.{per_layer[0]} differs from layer to layer; "
                       "set model.scan_layers=False")
@@ -440,20 +440,20 @@ def validate(cfg) -> None:
            f"must divide the global batch of {global_batch_size(t)} sequences")
   _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
-  _require(cfg.model.get("loss_kernel", "auto") in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
-           cfg.model.get("loss_kernel"), "must be auto, fused, chunked or pallas")
+  _require(cfg.model.loss_kernel in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
+           cfg.model.loss_kernel, "must be auto, fused, chunked or pallas")
   _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
            "must be > 0 (or set train.tokens_per_param)")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
-  _require(t.get("horizon_params", "all") in ("all", "scaling"), "train.horizon_params", t.get("horizon_params"),
+  _require(t.horizon_params in ("all", "scaling"), "train.horizon_params", t.horizon_params,
            "must be all or scaling")
-  _require(isinstance(t.get("batch_reference_depth", 12), int) and t.get("batch_reference_depth", 12) >= 1,
-           "train.batch_reference_depth", t.get("batch_reference_depth"), "must be an integer >= 1")
-  _require(isinstance(t.get("batch_reference_size", 1), int) and t.get("batch_reference_size", 1) >= 1,
-           "train.batch_reference_size", t.get("batch_reference_size"), "must be a positive number of tokens")
-  if t.get("auto_batch", False):
+  _require(isinstance(t.batch_reference_depth, int) and t.batch_reference_depth >= 1,
+           "train.batch_reference_depth", t.batch_reference_depth, "must be an integer >= 1")
+  _require(isinstance(t.batch_reference_size, int) and t.batch_reference_size >= 1,
+           "train.batch_reference_size", t.batch_reference_size, "must be a positive number of tokens")
+  if t.auto_batch:
     _require(t.tokens_per_param > 0, "train.auto_batch", True, "needs train.tokens_per_param > 0 (the horizon it sizes for)")
-  if t.get("core_every", 0):
+  if t.core_every:
     _require(isinstance(t.core_every, int) and t.core_every > 0, "train.core_every", t.core_every,
              "must be an integer >= 0 (0 = off)")
     _require(isinstance(t.core_items, int) and t.core_items >= 0, "train.core_items", t.core_items,

@@ -86,7 +86,7 @@ def export_architecture(m) -> str:
                        "train with model.activation='swiglu' to export")
   if m.logit_softcap:
     raise InteropError(f"model.logit_softcap={m.logit_softcap}: Llama has no logit softcap")
-  if m.get("embed_norm", False):
+  if m.embed_norm:
     raise InteropError("model.embed_norm=True: Llama has no norm after the token embedding")
   return "qwen3" if m.qk_norm else "llama"
 
@@ -100,7 +100,7 @@ def hf_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
       "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
       "num_key_value_heads": config_lib.num_kv_heads(m), "head_dim": config_lib.head_dim(m),
       "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
-      "rms_norm_eps": float(m.get("norm_eps", DEFAULT_NORM_EPS)),
+      "rms_norm_eps": float(m.norm_eps),
       "rope_theta": float(m.rope_theta), "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_theta)},
       "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
       "tie_word_embeddings": bool(m.tie_embeddings), "bos_token_id": bos_id, "eos_token_id": eos_ids,

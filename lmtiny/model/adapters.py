@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtiny.errors import ConfigError
-from lmtiny.model.transformer import abstract_model
+from lmtiny.model.transformer import abstract_model, path_names
 
 # Target name -> how many of the weight's axes (after a layer axis) are input axes.
 TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "gate": 1, "down": 1}
@@ -28,10 +28,6 @@ TARGETS = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "gate": 1, "down": 1}
 
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
-
-
-def _names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
@@ -52,7 +48,7 @@ class LoRA:
     self.rank, self.scale = rank, float(alpha) / rank
     self.specs = {}  # path names -> (shape, logical axes, leading axes, input axes)
     for path, var in jax.tree_util.tree_flatten_with_path(abstract_params, is_leaf=_is_variable)[0]:
-      names = _names(path)
+      names = tuple(path_names(path))
       if names[-1] in targets and len(names) >= 2 and names[-2] in ("attn", "mlp"):
         axes = tuple(var.get_metadata()["logical_axes"])
         lead = 1 if axes[0] == "layers" else 0
@@ -91,7 +87,7 @@ class LoRA:
     """The base parameters with every adapter folded in (same structure as `base_params`)."""
 
     def fold(path, var):
-      names = _names(path)
+      names = tuple(path_names(path))
       if names not in self.specs:
         return var
       shape, _, lead, n_in = self.specs[names]

@@ -43,7 +43,7 @@ def loss_kernel(m) -> str:
   """The training loss's kernel (model.loss_kernel): auto = fused on GPU and TPU (the platform
   being compiled for, lmtiny.model.attention.target_platform), chunked on CPU. `pallas` is TPU's
   (Mosaic; interpreted on CPU, for tests): GPU grids cannot run its sequential reductions."""
-  kernel = m.get("loss_kernel", "auto")  # get: older runs lack the field
+  kernel = m.loss_kernel
   platform = target_platform()
   if kernel == "auto":
     return "chunked" if platform == "cpu" else "fused"
@@ -235,14 +235,14 @@ class Attention(nnx.Module):
     self.cfg = m
     d, h, k, dh = m.d_model, m.num_heads, config_lib.num_kv_heads(m), config_lib.head_dim(m)
     self.window = config_lib.layer_windows(m)[layer]
-    self.matmul_dtype = m.get("matmul_dtype", "default")
+    self.matmul_dtype = m.matmul_dtype
     self.q = _param(m, rngs, "in", (d, h, dh), ("embed", "heads", "head_dim"), d, h * dh)
     self.k = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
     self.v = _param(m, rngs, "in", (d, k, dh), ("embed", "kv_heads", "head_dim"), d, k * dh)
     self.o = _param(m, rngs, "out", (h, dh, d), ("heads", "head_dim", "embed"), h * dh, d)
     if m.qk_norm:
-      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
-      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.get("norm_eps", 1e-6))
+      self.q_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.norm_eps)
+      self.k_norm = RMSNorm(dh, learned_scale=m.norm_scale, logical_axis="head_dim", eps=m.norm_eps)
     else:
       self.q_norm = self.k_norm = None
     if config_lib.has_value_embed(m, layer):
@@ -267,7 +267,7 @@ class Attention(nnx.Module):
       v_BxTxKxDh = v_BxTxKxDh + gate_BxTxK[..., None] * ve_BxTxKxDh
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
-    if self.cfg.get("qk_scale", 1.0) != 1.0:  # sharper attention, split between q and k (nanochat 2026)
+    if self.cfg.qk_scale != 1.0:  # sharper attention, split between q and k (nanochat 2026)
       scale = jnp.asarray(self.cfg.qk_scale, dtype)
       q_BxTxHxDh, k_BxTxKxDh = q_BxTxHxDh * scale, k_BxTxKxDh * scale
     q_BxTxHxDh = constrain(apply_rope(q_BxTxHxDh, rope_BxT), ("batch", "seq", "act_heads", None))
@@ -307,7 +307,7 @@ class MLP(nnx.Module):
   def __init__(self, m, rngs: nnx.Rngs):
     d, f = m.d_model, config_lib.mlp_dim(m)
     self.activation = m.activation
-    self.matmul_dtype = m.get("matmul_dtype", "default")
+    self.matmul_dtype = m.matmul_dtype
     self.up = _param(m, rngs, "up", (d, f), ("embed", "mlp"), d, f)
     self.gate = _param(m, rngs, "up", (d, f), ("embed", "mlp"), d, f) if m.activation == "swiglu" else None
     self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
@@ -328,9 +328,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, m, rngs: nnx.Rngs, layer: int = 0):
-    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.attn_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)
     self.attn = Attention(m, rngs, layer)
-    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
+    self.mlp_norm = RMSNorm(m.d_model, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)
     self.mlp = MLP(m, rngs)
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
@@ -383,9 +383,9 @@ class Transformer(nnx.Module):
     else:
       self.layers = nnx.List([Block(m, rngs, layer) for layer in range(m.num_layers)])
     self._init_block_scalars(m, rngs)
-    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
-    self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.get("norm_eps", 1e-6))
-                       if m.get("embed_norm", False) else None)  # get: older runs lack the field
+    self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)
+    self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)
+                       if m.embed_norm else None)
     self.lm_head = None if m.tie_embeddings else _param(m, rngs, "lm_head", (d, v), ("embed", "vocab"), d, v)
 
   def _init_block_scalars(self, m, rngs: nnx.Rngs) -> None:
@@ -393,7 +393,7 @@ class Transformer(nnx.Module):
     input-mixing weights (stronger residual and more input early, their depth schedules), the
     smear gate and weight (smear starts off), and the backout weight (0.2)."""
     depth = jnp.arange(m.num_layers, dtype=jnp.float32) / max(m.num_layers - 1, 1)
-    residual, smear, backout = (m.get(name, False) for name in ("residual_scalars", "smear", "backout"))
+    residual, smear, backout = m.residual_scalars, m.smear, m.backout
     self.resid_lambdas = nnx.Param(1.15 - 0.10 * depth, logical_axes=("layers",)) if residual else None
     self.x0_lambdas = nnx.Param(0.20 - 0.15 * depth, logical_axes=("layers",)) if residual else None
     self.smear_gate = (_param(m, rngs, "gate", (config_lib.SMEAR_CHANNELS, 1), ("gate_in", None), config_lib.SMEAR_CHANNELS, 1)
@@ -469,7 +469,7 @@ class Transformer(nnx.Module):
     return sharded_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
 
   def _loss_options(self) -> dict:
-    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.get("loss_chunk_tokens", 4096))
+    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.loss_chunk_tokens)
 
   def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
                  segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array, max_runs: int = 0):
@@ -524,6 +524,12 @@ class Transformer(nnx.Module):
 # them is a matrix. Norm scales ("norm", or a lone "head_dim") and the token embedding table
 # ("embed_vocab") are not, stacked under a leading "layers" axis or not.
 MATRIX_AXES = frozenset({"embed", "heads", "kv_heads", "mlp", "head_dim", "vocab"})
+
+
+def path_names(path) -> list[str]:
+  """The names along a pytree or nnx path (a DictKey's key, a GetAttrKey's name, else the entry),
+  without nnx's `value` leaf: ["layers", "0", "attn", "q"]."""
+  return [n for n in (str(getattr(k, "key", getattr(k, "name", k))) for k in path) if n != "value"]
 
 
 def is_matrix(logical_axes) -> bool:

@@ -37,7 +37,7 @@ def _norm_params(m) -> tuple[int, int]:
   if not m.norm_scale:
     return 0, 0
   per_layer = 2 * m.d_model + (2 * config_lib.head_dim(m) if m.qk_norm else 0)
-  return per_layer, m.d_model * (2 if getattr(m, "embed_norm", False) else 1)  # final (+ embedding) norm
+  return per_layer, m.d_model * (2 if m.embed_norm else 1)  # final (+ embedding) norm
 
 
 def param_breakdown(m) -> dict[str, int]:
@@ -55,7 +55,7 @@ def param_breakdown(m) -> dict[str, int]:
   norms, final_norm = _norm_params(m)
   layer = attention + mlp + norms
   ve_layers = sum(config_lib.has_value_embed(m, i) for i in range(m.num_layers))
-  smear = getattr(m, "smear", False)
+  smear = m.smear
   parts = dict(
       embedding=v * d,
       lm_head=0 if m.tie_embeddings else d * v,
@@ -66,8 +66,8 @@ def param_breakdown(m) -> dict[str, int]:
       num_layers=m.num_layers,
       blocks=m.num_layers * layer + ve_layers * config_lib.VE_GATE_CHANNELS * config_lib.num_kv_heads(m),
       value_embeds=ve_layers * v * kv_width,
-      scalars=(2 * m.num_layers * bool(getattr(m, "residual_scalars", False)) + (config_lib.SMEAR_CHANNELS + 1) * bool(smear)
-               + bool(getattr(m, "backout", False))),
+      scalars=(2 * m.num_layers * bool(m.residual_scalars) + (config_lib.SMEAR_CHANNELS + 1) * bool(smear)
+               + bool(m.backout)),
       final_norm=final_norm,
   )
   parts["total"] = (parts["embedding"] + parts["lm_head"] + parts["blocks"] + parts["value_embeds"]
@@ -95,7 +95,7 @@ def matmul_params(m) -> int:
   unembedding. Norm scales are elementwise and excluded.
   """
   p = param_breakdown(m)
-  gates = config_lib.SMEAR_CHANNELS * bool(getattr(m, "smear", False))
+  gates = config_lib.SMEAR_CHANNELS * bool(m.smear)
   return p["blocks"] - m.num_layers * p["norms_per_layer"] + gates + m.d_model * m.vocab_size
 
 

@@ -63,6 +63,12 @@ def _saved_per_token(policy: str, w: dict, c: int) -> float:
   return table.get(policy, matmul_outputs)  # an unknown policy: assume it keeps the matmul outputs
 
 
+def mesh_axes(mesh_shape: dict[str, int] | None) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes of a mesh shape; an axis it leaves out (or no shape) is 1."""
+  shape = mesh_shape or {}
+  return shape.get("data", 1), shape.get("fsdp", 1), shape.get("tensor", 1)
+
+
 def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int | None = None,
              attention: str | None = None) -> dict[str, float]:
   """Estimated bytes per device of one train step: params, optimizer, gradients, activations,
@@ -70,9 +76,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU); `attention` (the
   backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU)."""
   m, t = cfg.model, cfg.train
-  mesh_shape = mesh_shape or {"data": 1, "fsdp": 1, "tensor": 1}
-  fsdp, tensor = mesh_shape.get("fsdp", 1), mesh_shape.get("tensor", 1)
-  dp = mesh_shape.get("data", 1) * fsdp
+  data, fsdp, tensor = mesh_axes(mesh_shape)
+  dp = data * fsdp
   c = compute_bytes or (4 if m.dtype == "float32" else 2)
   p = counts.param_breakdown(m)
   embedding = p["embedding"]
@@ -103,14 +108,14 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
       per_layer += square * (4 + c)  # float32 scores, probabilities
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
-  loss_chunk = min(m.get("loss_chunk_tokens", 4096), tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
-  if m.get("loss_kernel") == "pallas":
+  loss_chunk = min(m.loss_chunk_tokens, tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
+  if m.loss_kernel == "pallas":
     loss_chunk = 0
   # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix
   # (AdamW's two on embeddings, lm_head and norms: lmtiny.training.muon; normuon's factored second
   # moment is one row or column per matrix, not counted).
   block_elems = m.num_layers * (p["attention_per_layer"] + p["mlp_per_layer"]) / (fsdp * tensor)
-  muon = cfg.optim.get("name", "adamw") in ("muon", "normuon")
+  muon = cfg.optim.name in ("muon", "normuon")
   moments = 8.0 * param_elems - (4.0 * block_elems if muon else 0.0)
   vocab_matrices = embedding * (1 if m.tie_embeddings else 2)
   out = {
@@ -183,7 +188,8 @@ def format_estimate(cfg, mesh_shape=None) -> list[str]:
   """Lines for lmtiny.arch's report."""
   e = estimate(cfg, mesh_shape)
   t = cfg.train
-  dp = (mesh_shape or {}).get("data", 1) * (mesh_shape or {}).get("fsdp", 1)
+  data, fsdp, _ = mesh_axes(mesh_shape)
+  dp = data * fsdp
   resolved = config_lib.resolve_batch(cfg, dp).train
   rows = max(1, config_lib.micro_batch_size(resolved) // max(dp, 1))
   lines = [f"Memory per device (estimate; {rows} sequences x {t.seq_len} per micro-step, "

@@ -28,7 +28,7 @@ SCALED_LRS = ("lr", "embed_lr", "unembed_lr", "scalar_lr")  # optim.smear_lr sta
 
 def horizon_params(m, t) -> int:
   """The parameters train.tokens_per_param counts (train.horizon_params)."""
-  return counts.scaling_params(m) if t.get("horizon_params", "all") == "scaling" else counts.count_params(m)
+  return counts.scaling_params(m) if t.horizon_params == "scaling" else counts.count_params(m)
 
 
 def horizon_tokens(m, t) -> float:

@@ -62,7 +62,7 @@ def report(cfg, tokens_per_param: float | None = None, chip: str = "h100", mfu: 
   t = cfg.train
   if tokens_per_param is None and t.tokens_per_param > 0:
     tokens_per_param, counted = t.tokens_per_param, recipe.horizon_params(m, t)
-    what = "scaling params (block matrices + lm_head)" if t.get("horizon_params", "all") == "scaling" else "params"
+    what = "scaling params (block matrices + lm_head)" if t.horizon_params == "scaling" else "params"
   else:
     tokens_per_param, counted, what = tokens_per_param or 20.0, total, "params"
   tokens = chinchilla_tokens(m, tokens_per_param) * counted / total

@@ -27,7 +27,6 @@ import json
 import os
 import sys
 
-import ml_collections
 from etils import epath
 
 from lmtiny.data import shards as shards_lib
@@ -37,7 +36,7 @@ from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan import counts
 from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind
-from lmtiny.runs.config_file import read_saved_config
+from lmtiny.runs.config_file import read_run_config, read_saved_config
 from lmtiny.runs.figures import new_figure, save_figure
 from lmtiny.runs.metrics import plot_loss_curve, read_metrics, wall_seconds
 
@@ -119,7 +118,7 @@ def _last_sample(records) -> list[str]:
 
 def train_section(title: str, d: str, rel: str, price) -> list[str]:
   records = _records(d)
-  cfg = ml_collections.ConfigDict(read_saved_config(d))
+  cfg = read_run_config(d)
   train = [r for r in records if r["split"] == "train"]
   val = [r for r in records if r["split"] == "val"]
   steps = max((r["step"] for r in records), default=0)

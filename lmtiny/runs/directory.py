@@ -26,7 +26,6 @@ import sys
 from typing import Any, Callable, Iterator
 
 import jax
-import ml_collections
 from etils import epath
 from flax import nnx
 
@@ -39,7 +38,7 @@ from lmtiny.model.quant import param_bytes, quantize_model
 from lmtiny.model.transformer import abstract_model
 from lmtiny.parallel import sharding
 from lmtiny.runs import kind as runkind
-from lmtiny.runs.config_file import read_saved_config
+from lmtiny.runs.config_file import over_defaults, read_saved_config
 from lmtiny.tokenizer.huggingface import load_run_tokenizer, save_run_tokenizer
 from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer, describe_error,
                                     restore_params)
@@ -86,11 +85,15 @@ def load_run(workdir: str, step: int | None = None, flags: tuple[str, str] = ("-
   if step is not None and step not in steps:
     raise RunError(f"{step_flag}={step}: no such checkpoint in {workdir} (have {', '.join(map(str, steps))})")
   config_path = os.path.join(workdir, "config.json")
-  cfg = ml_collections.ConfigDict(read_saved_config(workdir))
+  saved = read_saved_config(workdir)
+  if not isinstance(saved.get("model"), dict):
+    raise RunError(f"{config_path}: cannot read the run's config (no model section)")
+  try:
+    cfg = over_defaults(saved, where=config_path)  # its errors name the file
+  except ConfigError as e:
+    raise RunError(str(e)) from None
   try:
     config_lib.validate_model(cfg.model)
-  except (AttributeError, KeyError) as e:
-    raise RunError(f"{config_path}: cannot read the run's config ({e})") from None
   except ConfigError as e:
     raise RunError(f"{config_path}: {e}") from None
   tokenizer = load_run_tokenizer(workdir)  # tokenizer.model, or hf_tokenizer/ of an imported model
@@ -118,7 +121,7 @@ def check_run_directory(workdir: str, flag: str = "--workdir") -> None:
 
 def is_lora_run(cfg) -> bool:
   """A run directory whose checkpoints hold LoRA adapters over its base run (sft.init)."""
-  return bool(cfg.get("lora", {}).get("rank", 0))
+  return bool(cfg.lora.rank)
 
 
 def _placed(abstract, mesh):

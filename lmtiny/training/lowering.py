@@ -306,7 +306,7 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   if s.get("lm_head_gemms") or s.get("loss_kernels"):
     widest = ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["vocab_f32"]) or "none"
     kernels = "".join(f", {k} x{n}" for k, n in sorted(s.get("loss_kernels", {}).items()))
-    lines.append(f"loss         {m.get('loss_kernel', 'auto')} kernel: {s['lm_head_gemms']} lm_head GEMMs{kernels}; "
+    lines.append(f"loss         {m.loss_kernel} kernel: {s['lm_head_gemms']} lm_head GEMMs{kernels}; "
                  f"largest float32 [.., V] {widest}")
   lines.append("largest      " + ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["largest"]))
   return "\n".join(lines)

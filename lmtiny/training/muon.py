@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmtiny.model.transformer import path_names
 from lmtiny.parallel import sharding
 from lmtiny.training import param_groups
 
@@ -69,8 +70,7 @@ def newton_schulz(g_BxMxN: jax.Array, steps: int, dtype=jnp.bfloat16) -> jax.Arr
 
 
 def _name(path) -> str:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return [n for n in names if n != "value"][-1]
+  return path_names(path)[-1]
 
 
 def matrix_axes(path, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmtiny.model.transformer import path_names
 from lmtiny.training.muon import is_muon_param, matrix_axes, matrix_view, orthogonalise_by_shape
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932) coefficients for 5
@@ -94,13 +95,9 @@ class NorMuonState(NamedTuple):
   second_moment: Any  # NorMuon's factored second moment: the matrix's shape, 1 on the reduced axes
 
 
-def _names(path) -> list[str]:
-  return [n for n in (str(getattr(k, "key", getattr(k, "name", k))) for k in path) if n != "value"]
-
-
 def group_of(path, p) -> str:
   """The normuon group of one parameter (see the module docstring)."""
-  names = _names(path)
+  names = path_names(path)
   leaf = names[-1]
   if is_muon_param(path, p):
     return "muon"
@@ -274,4 +271,4 @@ def make_normuon_optimizer(o, d_model: int, total_steps: int, schedule: optax.Sc
 
 def group_names(params) -> dict[str, str]:
   """'/'-joined parameter path -> normuon group (for reports and tests)."""
-  return {"/".join(_names(path)): group_of(path, p) for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {"/".join(path_names(path)): group_of(path, p) for path, p in jax.tree_util.tree_flatten_with_path(params)[0]}

@@ -21,9 +21,9 @@ from lmtiny.training.param_groups import decay_mask, group_lr_multipliers, scale
 def lr_schedule(o, total_steps: int) -> optax.Schedule:
   """Linear warmup to `o.lr`, then (optim.schedule) cosine decay to `o.lr * o.min_lr_ratio` at
   `total_steps`, or wsd / constant (`wsd_schedule`), or nanochat's warmdown (`warmdown_schedule`)."""
-  if o.get("schedule", "cosine") == "warmdown":
+  if o.schedule == "warmdown":
     return warmdown_schedule(o, total_steps)
-  if o.get("schedule", "cosine") != "cosine":
+  if o.schedule != "cosine":
     return wsd_schedule(o, total_steps)
   warmup = min(o.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -73,9 +73,9 @@ def make_optimizer(o, d_model: int, total_steps: int, schedule: optax.Schedule |
   "normuon" nanochat's 2026 optimizer (lmtiny.training.normuon). The schedule returned (logged as
   "lr") is the matrix LR's."""
   schedule = schedule or lr_schedule(o, total_steps)
-  if o.get("name", "adamw") == "muon":
+  if o.name == "muon":
     return make_muon_optimizer(o, d_model, schedule), schedule
-  if o.get("name", "adamw") == "normuon":
+  if o.name == "normuon":
     return make_normuon_optimizer(o, d_model, total_steps, schedule), schedule
   parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
   parts += [

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lmtiny.model.transformer import is_matrix
+from lmtiny.model.transformer import is_matrix, path_names
 
 
 def group_of(path) -> str:
-  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  names = path_names(path)
   if "embed" in names:
     return "embed"
   if "lm_head" in names:
@@ -64,6 +64,5 @@ def param_groups(params: nnx.State) -> dict[str, str]:
   """'/'-joined parameter path -> group name (for reports and tests)."""
   out = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    out["/".join(n for n in names if n != "value")] = group_of(path)
+    out["/".join(path_names(path))] = group_of(path)
   return out

@@ -68,7 +68,7 @@ def packed_runs(data_cfg) -> int:
   config (data.max_docs_per_row; 0 = none), for attention kernels that size per-run state by it.
   Every packer that feeds these steps applies the cap: pretraining's, SFT's and RL's (one
   sequence per row)."""
-  return max_runs_per_row(data_cfg.get("max_docs_per_row", 0), data_cfg.get("document_mask", True))
+  return max_runs_per_row(data_cfg.max_docs_per_row, data_cfg.document_mask)
 
 
 def _init_fns(init, state_shardings) -> Callable:
