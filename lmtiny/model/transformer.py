@@ -27,6 +27,10 @@ from lmtiny.model.quant import QuantizedWeight
 from lmtiny.parallel.sharding import constrain, sharded_fused_linear_cross_entropy, sharded_linear_cross_entropy
 
 Array = jax.Array
+# Scalar mixes of bf16 activations (residual scalars, smear, backout, gates, q/k scale) run in
+# float32 inside their fusion: a scalar cast to bf16 would make its gradient a sum over B x T x D
+# with a bf16 accumulator, and 1.2 as a bf16 constant is 1.203125.
+F32 = jnp.float32
 
 
 def compute_dtype(m) -> Any:
@@ -263,13 +267,14 @@ class Attention(nnx.Module):
     v_BxTxKxDh = self._dense(x_BxTxD, self.v[...])
     if self.value_embed is not None:
       ve_BxTxKxDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype).reshape(v_BxTxKxDh.shape)
-      gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]))
-      v_BxTxKxDh = v_BxTxKxDh + gate_BxTxK[..., None] * ve_BxTxKxDh
+      gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]).astype(F32))
+      v_BxTxKxDh = (v_BxTxKxDh.astype(F32) + gate_BxTxK[..., None] * ve_BxTxKxDh.astype(F32)).astype(dtype)
     if self.q_norm is not None:
       q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
     if self.cfg.qk_scale != 1.0:  # sharper attention, split between q and k (nanochat 2026)
-      scale = jnp.asarray(self.cfg.qk_scale, dtype)
-      q_BxTxHxDh, k_BxTxKxDh = q_BxTxHxDh * scale, k_BxTxKxDh * scale
+      # in float32: 1.2 as a bf16 constant would be 1.203125
+      scale = self.cfg.qk_scale
+      q_BxTxHxDh, k_BxTxKxDh = ((y.astype(F32) * scale).astype(dtype) for y in (q_BxTxHxDh, k_BxTxKxDh))
     q_BxTxHxDh = constrain(apply_rope(q_BxTxHxDh, rope_BxT), ("batch", "seq", "act_heads", None))
     k_BxTxKxDh = constrain(apply_rope(k_BxTxKxDh, rope_BxT), ("batch", "seq", "act_kv_heads", None))
     v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
@@ -409,10 +414,10 @@ class Transformer(nnx.Module):
     if previous_Bx1xD is None:
       previous_Bx1xD = jnp.zeros_like(x_BxTxD[:, :1])
     x_prev_BxTxD = jnp.concatenate([previous_Bx1xD.astype(x_BxTxD.dtype), x_BxTxD[:, :-1]], axis=1)
-    dtype = x_BxTxD.dtype
-    gate_BxTx1 = self.smear_lambda[...].astype(dtype) * jax.nn.sigmoid(
-        dense(x_BxTxD[..., :config_lib.SMEAR_CHANNELS], self.smear_gate[...]))
-    return x_BxTxD + jnp.where(positions_BxT[..., None] > 0, gate_BxTx1 * x_prev_BxTxD, 0).astype(dtype)
+    gate_BxTx1 = self.smear_lambda[...] * jax.nn.sigmoid(
+        dense(x_BxTxD[..., :config_lib.SMEAR_CHANNELS], self.smear_gate[...]).astype(F32))
+    mixed_BxTxD = jnp.where(positions_BxT[..., None] > 0, gate_BxTx1 * x_prev_BxTxD.astype(F32), 0)
+    return (x_BxTxD.astype(F32) + mixed_BxTxD).astype(x_BxTxD.dtype)
 
   def run_layers(self, x_BxTxD: Array, run_layer: Callable[[int, Block, Array], Array]) -> Array:
     """The trunk: each layer's `run_layer(i, block, x)`, with nanochat 2026's residual scalars
@@ -421,12 +426,12 @@ class Transformer(nnx.Module):
     x0_BxTxD, dtype, backout_BxTxD = x_BxTxD, x_BxTxD.dtype, None
     for i, block in enumerate(self.layers):
       if self.resid_lambdas is not None:
-        x_BxTxD = self.resid_lambdas[i].astype(dtype) * x_BxTxD + self.x0_lambdas[i].astype(dtype) * x0_BxTxD
+        x_BxTxD = (self.resid_lambdas[i] * x_BxTxD.astype(F32) + self.x0_lambdas[i] * x0_BxTxD.astype(F32)).astype(dtype)
       x_BxTxD = run_layer(i, block, x_BxTxD)
       if i == self.cfg.num_layers // 2:
         backout_BxTxD = x_BxTxD
     if self.backout_lambda is not None:
-      x_BxTxD = x_BxTxD - self.backout_lambda[...].astype(dtype) * backout_BxTxD
+      x_BxTxD = (x_BxTxD.astype(F32) - self.backout_lambda[...] * backout_BxTxD.astype(F32)).astype(dtype)
     return x_BxTxD
 
   def embed_tokens(self, tokens_BxT: Array) -> Array:

@@ -250,6 +250,16 @@ def ring_steps(hlo_text: str) -> Counter:
   return _weight_sized(_PERMUTE_OP, hlo_text)
 
 
+_BF16_SUM = re.compile(r"stablehlo\.reduce\(.*applies stablehlo\.add.*: \(tensor<((?:\d+x){3,})bf16>, tensor<bf16>\)")
+
+
+def bf16_sums(text: str) -> list[str]:
+  """The reduce-adds in lowered StableHLO that sum a rank >= 3 tensor into a bf16 accumulator: in
+  a bf16 train step, a scalar's gradient summed over batch x sequence x width at bf16 precision
+  (a float32 scalar cast to bf16 before it multiplies an activation makes one)."""
+  return [line.strip() for line in text.splitlines() if _BF16_SUM.search(line)]
+
+
 def model_widths(m) -> set[int]:
   """Every width a tensor of the model has besides the sequence (a [.., T, T] search is blind
   when T is one of them: d32's [B, T, D] is [B, 2048, 2048])."""
@@ -277,7 +287,7 @@ def summarize(text: str, seq_len: int, widths: set[int] = frozenset(), vocab: in
           "max_runs": sorted({int(x) for x in re.findall(r"max_seg_per_batch\\22: (?:\\22)?(\d+)", text)}),
           "windows": sorted({int(x) for x in re.findall(r"sliding_window_length\\22: (\d+)", text)} - {0}),
           "square": square, "largest": [(s, _tensor_bytes(s), tensors[s]) for s in largest],
-          "lm_head_gemms": calls.get("lm_head_gemm", 0),
+          "lm_head_gemms": calls.get("lm_head_gemm", 0), "bf16_sums": len(bf16_sums(text)),
           "vocab_f32": [(s, _tensor_bytes(s), tensors[s]) for s in vocab_f32[:1]]}
 
 
@@ -308,6 +318,8 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
     kernels = "".join(f", {k} x{n}" for k, n in sorted(s.get("loss_kernels", {}).items()))
     lines.append(f"loss         {m.loss_kernel} kernel: {s['lm_head_gemms']} lm_head GEMMs{kernels}; "
                  f"largest float32 [.., V] {widest}")
+  lines.append(f"bf16 sums    {s['bf16_sums']} reductions of rank >= 3 tensors with a bf16 accumulator"
+               + ("" if not s["bf16_sums"] else " (gradients summed at bf16 precision)"))
   lines.append("largest      " + ", ".join(f"{shape} ({human_bytes(n)}) x{count}" for shape, n, count in s["largest"]))
   return "\n".join(lines)
 

@@ -4,6 +4,7 @@ Nothing here compiles or runs for the accelerator; the StableHLO is what it woul
 These checks fail if attention falls back to XLA on the target, if a remat policy reruns the
 fused forward, if cuDNN gets a mask tensor instead of its causal mask type, or if q and k/v
 reach cuDNN's partitioner sharded unlike."""
+import os
 import re
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm_fixtures import needs_libtpu, tiny_config
+from lm_fixtures import load_config_module, needs_libtpu, ROOT, tiny_config
 from lmtiny import bench
 from lmtiny.training import benchmark
 from lmtiny.errors import ConfigError
@@ -315,3 +316,34 @@ def test_topology_without_libtpu_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails as on a machine without it
   with pytest.raises(ConfigError, match=r"--topology=v5e:2x4: .*needs libtpu: pip install"):
     lowering.tpu_devices("v5e:2x4")
+
+
+SHIPPED = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "configs")) if name.endswith(".py"))
+
+
+@pytest.mark.slow(seconds=20)
+@pytest.mark.parametrize("platform", lowering.PLATFORMS)
+def test_no_shipped_config_sums_a_gradient_in_bf16(platform):
+  """Every configs/*.py, its train step lowered for the platform in bf16 (4 layers at most, one
+  row: the knobs, not the size, decide the program's reductions): no sum over a rank >= 3
+  tensor keeps a bf16 accumulator. Before the scalar mixes ran in float32, d24_2026's step held
+  77 (tiny_2026's 17)."""
+  found = {}
+  for name in SHIPPED:
+    cfg = load_config_module(name).get_config()
+    cfg.model.num_layers = min(cfg.model.num_layers, 4)
+    cfg.train.update(batch_tokens=cfg.train.seq_len, micro_batch_size=0, device_batch_size=0, tokens_per_param=0.0,
+                     auto_batch=False, steps=2)
+    cfg.mesh.update(data=1, fsdp=1, tensor=1)
+    text, _, lowered = lowering.lower_train_step(cfg, platform, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    assert lowered.model.dtype == "bfloat16"
+    found[name] = lowering.bf16_sums(text)
+  assert len(found) >= 12 and not any(found.values()), {k: v[:2] for k, v in found.items() if v}
+
+
+def test_bf16_sums_finds_a_bf16_accumulator_over_activations_only():
+  line = ("%1 = stablehlo.reduce(%0 init: %c) applies stablehlo.add across dimensions = [0, 1, 2] : "
+          "(tensor<16x2048x1536xbf16>, tensor<bf16>) -> tensor<bf16>")
+  assert lowering.bf16_sums(line) == [line]
+  assert lowering.bf16_sums(line.replace("xbf16>, tensor<bf16>", "xf32>, tensor<f32>")) == []
+  assert lowering.bf16_sums(line.replace("16x2048x1536xbf16", "1536xbf16")) == []  # a vector: not a token sum

@@ -1,0 +1,104 @@
+"""The model in bfloat16, as users train it on GPUs and TPUs: the scalar mixes of nanochat 2026
+(residual scalars, backout, smear, the value-embedding gate, the q/k scale) keep their gradients
+summed in float32 and their constants exact. Float32 tests cannot see either: the reference here
+is float64 NumPy over the very bf16 activations the model saw, and the lowered program."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lmtiny import config as config_lib
+from lmtiny.model.transformer import Transformer
+from lmtiny.training import lowering
+
+B, T, D = 8, 512, 192  # 786,432 products per scalar's gradient
+
+
+def _model(num_layers=4, **model):
+  m = config_lib.nanochat_leaderboard_config(4).model
+  m.update(vocab_size=512, d_model=D, num_heads=3, head_dim=64, num_kv_heads=3, max_seq_len=T, dtype="bfloat16",
+           remat="none", num_layers=num_layers, window_pattern="L")
+  m.update(**model)
+  return Transformer(m, nnx.Rngs(0))
+
+
+def _bf16(key, shape):
+  """|N(0, 1)| in bf16: positive terms, so a sum of them cancels nothing and its float32 value
+  is accurate to ~1e-6 (a bf16 accumulator stalls once the sum is 256 x a term)."""
+  return jnp.abs(jax.random.normal(jax.random.key(key), shape)).astype(jnp.bfloat16)
+
+
+def _f64(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def _relative(ours, reference) -> float:
+  return float(np.max(np.abs(np.asarray(ours, np.float64) - reference)) / np.max(np.abs(reference)))
+
+
+def test_residual_scalar_and_backout_gradients_sum_in_float32():
+  """One layer with an identity block: out = (1 - b) (r x0 + s x0), loss = sum(c * out). The
+  gradients of r, s and b are sums over B x T x D, here against float64 over the same inputs."""
+  model = _model(num_layers=1)
+  x0, c = _bf16(1, (B, T, D)), _f64(_bf16(2, (B, T, D)))
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    mixed = nnx.merge(graph, params, rest).run_layers(x0, lambda i, block, x: x)
+    return jnp.sum(mixed.astype(jnp.float32) * c)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  r, s, b = (float(params[k][...][0]) for k in ("resid_lambdas", "x0_lambdas", "backout_lambda"))
+  x1 = _f64((r * x0.astype(jnp.float32) + s * x0.astype(jnp.float32)).astype(jnp.bfloat16))  # as the model rounds it
+  into_x0 = (1 - b) * np.sum(c * _f64(x0))
+  assert _relative(grads["resid_lambdas"][...], into_x0) < 1e-4
+  assert _relative(grads["x0_lambdas"][...], into_x0) < 1e-4
+  assert _relative(grads["backout_lambda"][...], -np.sum(c * x1)) < 1e-4
+
+
+def test_smear_gradient_sums_in_float32():
+  model = _model(num_layers=1)
+  x, c = _bf16(3, (B, T, D)), _f64(_bf16(4, (B, T, D)))
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  params["smear_lambda"][...] = jnp.full((1,), 0.5)
+  params["smear_gate"][...] = jax.random.normal(jax.random.key(5), params["smear_gate"][...].shape)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graph, params, rest).smear(x, positions).astype(jnp.float32) * c)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  xs = _f64(x)
+  gate_logit = _f64(x[..., :config_lib.SMEAR_CHANNELS] @ params["smear_gate"][...].astype(jnp.bfloat16))
+  gate = 1 / (1 + np.exp(-gate_logit))  # [B, T, 1]
+  previous = np.concatenate([np.zeros_like(xs[:, :1]), xs[:, :-1]], axis=1)
+  assert _relative(grads["smear_lambda"][...], np.sum(c * gate * previous)) < 1e-3
+
+
+@pytest.mark.slow(seconds=8)
+def test_the_bf16_gradient_has_no_bf16_accumulated_sum():
+  """Every knob on (value embeddings, residual scalars, smear, backout): no reduction over the
+  batch's tokens in the lowered gradient keeps a bf16 accumulator (there were 17)."""
+  model = _model(num_layers=4, window_pattern="SSSL", max_seq_len=256)
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jax.random.randint(jax.random.key(6), (4, 257), 0, 512)
+
+  def loss(params):
+    ce, _ = nnx.merge(graph, params, rest).token_losses(tokens[:, :-1], tokens[:, 1:])
+    return ce.mean()
+
+  hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+  assert "stablehlo.reduce" in hlo and "bf16" in hlo  # the scan can see what it looks for
+  assert lowering.bf16_sums(hlo) == []
+
+
+def test_qk_scale_is_exactly_its_value_in_bf16():
+  """q and k grow by 1.2 (nanochat's float multiply), not by 1.2 rounded to bf16 (1.203125)."""
+  x = _bf16(7, (B, 64, D)) - 0.75
+  scaled, plain = (_model(num_layers=1, qk_scale=scale, value_embeds=False) for scale in (1.2, 1.0))  # same weights
+  rope_BxT = scaled.rope_tables(jnp.broadcast_to(jnp.arange(64), (B, 64)))
+  (q1, k1, _), (q0, k0, _) = (m.layers[0].attn.project_qkv(x, rope_BxT) for m in (scaled, plain))
+  for ours, base in ((q1, q0), (k1, k0)):
+    ratio = np.sum(np.abs(_f64(ours))) / np.sum(np.abs(_f64(base)))
+    assert abs(ratio - 1.2) < 2e-4, ratio  # 1.203125 is 3.1e-3 away
