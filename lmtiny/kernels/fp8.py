@@ -16,6 +16,11 @@ as a `jax.custom_vjp`:
     dx comes back in x's dtype, dw in w's (from the float32 accumulator).
 Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor.
 
+Under rematerialisation the output is what a block keeps, by its checkpoint name FP8_OUT, in x's
+dtype: the forward's dot has fp8 operands and a float32 result, and a policy that saves weight
+GEMMs' outputs (model.remat=minimal) would otherwise keep that float32 accumulator, twice the
+bytes of the bf16 path's saved output. `is_fp8_dot` tells such policies which dots these are.
+
 Where XLA fuses it (XLA:GPU, Hopper or Ada): the GEMM rewriter matches a dot whose operands are
 fp8 and whose result is multiplied by a broadcast scalar, and calls cuBLASLt's fp8 matmul
 (custom call `__cublas$lt$matmul$f8`) with that scalar as the operand scale; the cast to bf16 of
@@ -42,6 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -50,11 +56,18 @@ GRADIENT_DTYPE = jnp.float8_e5m2    # output gradients: range
 AMAX_FLOOR = 1e-12                  # as nanochat: keeps the scale finite and the inverse scales' product > 0
 FAST_ACCUMULATION = jax.lax.Precision.DEFAULT
 FULL_ACCUMULATION = jax.lax.Precision.HIGHEST
+FP8_OUT = "fp8_matmul_out"          # the checkpoint name of fp8_matmul's output
 
 
 def fp8_eligible(k: int, n: int) -> bool:
   """Whether a [k, n] weight's GEMMs run in fp8: both dims divisible by 16, the smaller >= 128."""
   return k % 16 == 0 and n % 16 == 0 and min(k, n) >= 128
+
+
+def is_fp8_dot(prim, *avals) -> bool:
+  """A dot_general on fp8 operands (this module's GEMMs), for remat policies."""
+  return prim is jax.lax.dot_general_p and any(jnp.dtype(a.dtype).itemsize == 1 and jnp.issubdtype(a.dtype, jnp.floating)
+                                              for a in avals)
 
 
 def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
@@ -104,4 +117,4 @@ def fp8_matmul(x_MxK: Array, w_KxN: Array) -> Array:
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, the three GEMMs on fp8 operands (module doc)."""
   if x_MxK.ndim != 2 or w_KxN.ndim != 2 or x_MxK.shape[1] != w_KxN.shape[0]:
     raise ValueError(f"fp8_matmul: x [M, K] @ w [K, N] expected, got {x_MxK.shape} @ {w_KxN.shape}")
-  return _fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype))
+  return checkpoint_name(_fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype)), FP8_OUT)
