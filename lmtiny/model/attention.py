@@ -388,8 +388,8 @@ def _splash_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT, *, in
   def local(q, k, v, seg):
     return _splash_local(q, k, v, seg, interpret=interpret, window=window)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = sharding.traced_mesh()
+  if mesh is None:
     return local(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, segment_ids_BxT)
   q_spec, kv_spec, seg_spec = sharding.attention_specs(q_BxTxHxDh.shape, k_BxSxKxDh.shape, dict(mesh.shape))
   if segment_ids_BxT is None:

@@ -123,10 +123,42 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def traced_mesh():
+  """The abstract mesh being traced under, or None: outside a mesh, and inside
+  `sum_over_batch_shards`, where every axis is manual (arrays are one device's own, so constraints
+  and shard_maps no longer apply)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or set(mesh.manual_axes) >= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def accumulates_per_device(mesh: Mesh) -> bool:
+  """Whether a step's micro-batch gradients can be summed on each device and reduced once per
+  step (sum_over_batch_shards): on a pure data-parallel mesh, where every parameter is replicated.
+  With fsdp or tensor axes the gradients are sharded, and XLA reduce-scatters them per micro-step."""
+  sizes = dict(mesh.shape)
+  return sizes.get("data", 1) > 1 and all(n == 1 for axis, n in sizes.items() if axis != "data")
+
+
+def sum_over_batch_shards(fn, mesh: Mesh, replicated, batch):
+  """fn(replicated, batch) -> a pytree of sums, run on each device's rows of `batch` ([micro-steps,
+  rows, ...], rows split over the batch axes) with no collective inside, then summed across the
+  devices once: one all-reduce per step instead of one per micro-step. For a mesh where
+  accumulates_per_device holds."""
+  rows = _mesh_axes_for("batch", jax.tree.leaves(batch)[0].shape[1], dict(mesh.shape))
+
+  def local(replicated, batch):
+    return jax.lax.psum(fn(replicated, batch), tuple(mesh.axis_names))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, rows)), out_specs=P(),
+                       check_vma=False)(replicated, batch)
+
+
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
   """Pin an activation's sharding by logical names; a no-op outside a mesh (plain forward)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = traced_mesh()
+  if mesh is None:
     return x
   spec = logical_to_spec(logical_axes, x.shape, dict(mesh.shape))
   return jax.lax.with_sharding_constraint(x, spec)
@@ -137,8 +169,8 @@ def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
   many "matrix_batch" axes as divide it: Muon then orthogonalises each matrix on one device
   rather than every device gathering every matrix (for a scanned d32 on fsdp=16: 75 all-gathers
   of whole float32 layer stacks per step). A no-op outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = traced_mesh()
+  if mesh is None:
     return x_BxMxN
   sizes, axes = dict(mesh.shape), []
   for axis in RULES["matrix_batch"]:
@@ -151,8 +183,8 @@ def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
 def matrix_devices() -> int:
   """How many devices `spread_matrices` splits a batch over when their count divides it: the
   product of the "matrix_batch" mesh axes (1 outside a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  mesh = traced_mesh()
+  if mesh is None:
     return 1
   sizes = dict(mesh.shape)
   return math.prod(sizes.get(a, 1) for a in RULES["matrix_batch"])
@@ -196,9 +228,9 @@ def vocab_parallel_cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array
   target logit) finish the softmax. Left to GSPMD, the target-logit gather over a sharded vocab
   all-gathers the [B, T, V] logits, the largest activation of a small model.
   """
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = traced_mesh()
   vocab = logits_BxTxV.shape[-1]
-  if mesh.empty or mesh.shape.get("tensor", 1) == 1 or vocab % mesh.shape["tensor"]:
+  if mesh is None or mesh.shape.get("tensor", 1) == 1 or vocab % mesh.shape["tensor"]:
     return _cross_entropy_local(logits_BxTxV, targets_BxT)
   batch = _mesh_axes_for("batch", logits_BxTxV.shape[0], dict(mesh.shape))
 
@@ -230,8 +262,8 @@ def _cross_entropy_local(logits_BxTxV, targets_BxT):
 
 def _tensor_size(mesh_shape_: dict | None) -> int:
   if mesh_shape_ is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh_shape_ = {} if mesh.empty else dict(mesh.shape)
+    mesh = traced_mesh()
+    mesh_shape_ = {} if mesh is None else dict(mesh.shape)
   return mesh_shape_.get("tensor", 1)
 
 
@@ -272,7 +304,7 @@ def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, tar
   fused loss; `impl` as there). Sharded as `sharded_linear_cross_entropy`; each batch shard returns its
   own partial objective, summed here."""
   b, t, d = x_BxTxD.shape
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = traced_mesh()
 
   def local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
@@ -281,7 +313,7 @@ def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, tar
         z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl)
     return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
-  if mesh.empty:
+  if mesh is None:
     objective, ce_BxT, lse_BxT = local(x_BxTxD, w_DxV, targets_BxT, ce_weights_BxT, z_weights_BxT)
     return objective[0], ce_BxT, lse_BxT
   batch, rows_axes, vocab = _loss_axes(b, w_DxV.shape, dict(mesh.shape))
@@ -308,7 +340,7 @@ def sharded_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_B
   vocab columns over `tensor` (Megatron's vocab-parallel loss: three per-token all-reduces),
   chunks of `chunk_tokens` tokens per device."""
   b, t, d = x_BxTxD.shape
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh = traced_mesh()
 
   def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
@@ -316,7 +348,7 @@ def sharded_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_B
                                                 softcap, chunk_tokens, axis_name, gather_axes)
     return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
-  if mesh.empty:
+  if mesh is None:
     return local(x_BxTxD, w_DxV, targets_BxT)
   batch, rows_axes, vocab = _loss_axes(b, w_DxV.shape, dict(mesh.shape))
   return jax.shard_map(lambda x, w, tg: local(x, w, tg, vocab, rows_axes), mesh=mesh, check_vma=False,

@@ -82,7 +82,8 @@ def compile_report(cfg, topology: str | None = None) -> dict:
           "estimate": estimate(cfg, mesh), "device": device.device_kind,
           "chip_bytes": counts.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
           "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype,
-          "reductions": dict(lowering.gradient_reductions(hlo_text)), "ring_steps": dict(lowering.ring_steps(hlo_text))}
+          "reductions": dict(lowering.gradient_reductions(hlo_text)), "ring_steps": dict(lowering.ring_steps(hlo_text)),
+          "reductions_in_loops": dict(lowering.gradient_reductions(lowering.loop_bodies(hlo_text)))}
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
@@ -146,6 +147,9 @@ def format_reductions(r: dict) -> list[str]:
   if not (sums or ring):
     return []
   line = f"reductions   {by_dtype(sums) or 'none'} (all-reduce / reduce-scatter of weight-sized arrays: the gradients)"
+  if sums:
+    looped = sum(r.get("reductions_in_loops", {}).values())
+    line += f", {looped} of them in loop bodies (per micro-step or layer)" if looped else ", none in a loop body"
   if ring:
     line += f"; ring steps {by_dtype(ring)} (collective-permutes: XLA's decomposed gathers and reduce-scatters)"
   return [line]

@@ -244,6 +244,15 @@ def gradient_reductions(hlo_text: str) -> Counter:
   return _weight_sized(_REDUCTION_OP, hlo_text)
 
 
+def loop_bodies(hlo_text: str) -> str:
+  """The text of the computations a compiled (HLO) module runs as `while` bodies: what runs once
+  per iteration (the step's micro-step loop, scanned layers)."""
+  bodies = set(re.findall(r"\bwhile\(.*?\bbody=%([\w.\-]+)", hlo_text))
+  chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
+  names = [re.match(r"(?:ENTRY )?%?([\w.\-]+)", chunk) for chunk in chunks]
+  return "\n".join(chunk for chunk, name in zip(chunks, names) if name and name.group(1) in bodies)
+
+
 def ring_steps(hlo_text: str) -> Counter:
   """Weight-sized collective-permutes by element type: the steps of the rings XLA builds for
   all-gathers (of bf16 weights) and reduce-scatters (of gradients) it decomposes."""

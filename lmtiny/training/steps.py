@@ -110,6 +110,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   batch_shardings = {k: batch_sharding for k in objective.batch_keys}
   eval_shardings = {k: batch_sharding for k in TOKEN_KEYS}
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+  per_device = sharding.accumulates_per_device(mesh)
 
   def full_params(params, frozen):
     return params if adapter is None else adapter.merge(frozen, params)
@@ -151,8 +152,14 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
       return (grads_acc, loss_acc + loss_sum, count_acc + count), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grad_sums, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
+    def sums(params, micro_batches):
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      return jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)[0]
+
+    if per_device:  # each device sums its rows' gradients over the micro-steps; one all-reduce per step
+      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, params, micro_batches)
+    else:  # sharded gradients: XLA reduce-scatters each micro-step's
+      grad_sums, loss_sum, count = sums(params, micro_batches)
     tokens, count = count, jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
