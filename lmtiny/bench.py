@@ -9,7 +9,8 @@ abstract inputs (no parameters are allocated, nothing runs): the memory check fo
 A timed run also reads the compiled step's HLO for a cuDNN fused-attention call, so the report
 says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 `--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
-the attention kernels it calls per step and any [T, T] tensor left (lmtiny.training.lowering).
+the attention kernels it calls per step and any [T, T] tensor left (lmtiny.training.lowering);
+`--hlo-out FILE` also writes the lowered step's StableHLO there, so anyone can count what it does.
 `--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
 XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
 
@@ -43,7 +44,9 @@ def _define_flags(fv):
           "topology": flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x4 (libtpu's topology "
                                           "names): compile the step with XLA:TPU for its chips, here, and print "
                                           "XLA's memory figure (implies --compile-only).", flag_values=fv),
-          "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv)}
+          "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv),
+          "hlo_out": flags.DEFINE_string("hlo_out", None, "With --lower-for: also write the lowered step's "
+                                         "StableHLO text to this file.", flag_values=fv)}
 
 
 def run(argv: list[str]) -> int:
@@ -57,8 +60,16 @@ def run(argv: list[str]) -> int:
     raise ConfigError(f"--{bad}={values[bad]}: must be {'>= 1' if bad == 'steps' else '>= 0'}")
   if values["json"] is not None:
     outputs.check_output_file(values["json"], "--json")  # before the benchmark, not after it
+  if values["hlo_out"] is not None:
+    if not values["lower_for"]:
+      raise ConfigError("--hlo-out needs --lower-for cuda|tpu (it writes the lowered step)")
+    outputs.check_output_file(values["hlo_out"], "--hlo-out")
   if values["lower_for"]:
-    print(lowering.report(cfg, values["lower_for"]))
+    text, summary = lowering.report(cfg, values["lower_for"])
+    print(summary)
+    if values["hlo_out"]:
+      epath.Path(values["hlo_out"]).parent.mkdir(parents=True, exist_ok=True)
+      files.atomic_write(values["hlo_out"], text.encode())
     return 0
   report = (compile_report(cfg, values["topology"]) if values["compile_only"] or values["topology"]
             else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))

@@ -333,8 +333,9 @@ def format_summary(s: dict, cfg, platform: str, seconds: float, mesh_shape: dict
   return "\n".join(lines)
 
 
-def report(cfg, platform: str) -> str:
+def report(cfg, platform: str) -> tuple[str, str]:
+  """(the lowered step's StableHLO text, the summary bench --lower-for prints)."""
   text, seconds, lowered_cfg = lower_train_step(cfg, platform)
   mesh_shape = sharding.mesh_shape(cfg.mesh, jax.device_count())
   summary = summarize(text, cfg.train.seq_len, model_widths(lowered_cfg.model), lowered_cfg.model.vocab_size)
-  return format_summary(summary, lowered_cfg, platform, seconds, mesh_shape)
+  return text, format_summary(summary, lowered_cfg, platform, seconds, mesh_shape)

@@ -350,3 +350,17 @@ def test_bf16_sums_finds_a_bf16_accumulator_over_activations_only():
   assert lowering.bf16_sums(line) == [line]
   assert lowering.bf16_sums(line.replace("xbf16>, tensor<bf16>", "xf32>, tensor<f32>")) == []
   assert lowering.bf16_sums(line.replace("16x2048x1536xbf16", "1536xbf16")) == []  # a vector: not a token sum
+
+
+def test_bench_hlo_out_writes_the_lowered_step_and_needs_lower_for(tmp_path, capsys):
+  config = f"{ROOT}/configs/tiny.py"
+  out = tmp_path / "sub" / "step.stablehlo"
+  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={8 * T}"]
+  assert bench.main(["bench", "--config", config, *flags, "--lower-for", "tpu", "--hlo-out", str(out)]) == 0
+  text = out.read_text()
+  assert "func.func public @main" in text and "splash_" in text  # the kernels the summary counted
+  capsys.readouterr()
+  assert bench.main(["bench", "--config", config, "--hlo-out", str(tmp_path / "x")]) == 2
+  err = capsys.readouterr().err
+  assert err.strip() == "error: --hlo-out needs --lower-for cuda|tpu (it writes the lowered step)"
+  assert not (tmp_path / "x").exists()
