@@ -138,7 +138,7 @@ def accumulates_per_device(mesh: Mesh) -> bool:
   step (sum_over_batch_shards): on a pure data-parallel mesh, where every parameter is replicated.
   With fsdp or tensor axes the gradients are sharded, and XLA reduce-scatters them per micro-step."""
   sizes = dict(mesh.shape)
-  return sizes.get("data", 1) > 1 and all(n == 1 for axis, n in sizes.items() if axis != "data")
+  return sizes["data"] > 1 and sizes["fsdp"] == 1 and sizes["tensor"] == 1
 
 
 def sum_over_batch_shards(fn, mesh: Mesh, replicated, batch):
