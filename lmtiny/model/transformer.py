@@ -24,7 +24,8 @@ from lmtiny.errors import ConfigError
 from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible, fp8_matmul, is_fp8_dot
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
-from lmtiny.parallel.sharding import constrain, sharded_fused_linear_cross_entropy, sharded_linear_cross_entropy
+from lmtiny.parallel.sharding import (constrain, gathers_weights, sharded_fused_linear_cross_entropy,
+                                     sharded_linear_cross_entropy)
 
 Array = jax.Array
 # Scalar mixes of bf16 activations (residual scalars, smear, backout, gates, q/k scale) run in
@@ -109,10 +110,14 @@ def embed_lookup(table_VxD: Array, tokens_BxT: Array, dtype) -> Array:
   The FSDP-sharded table is gathered whole first (ZeRO-3: weights are all-gathered where used; a
   lookup into a D-sharded table would need a costly reshard of its output instead), and it is
   gathered as a compute-dtype copy: under FSDP that all-gather runs in every micro-step, and in
-  bf16 it moves half the bytes (d20: 168 MB, not 335). The rows are the same either way (cast,
-  then gather = gather, then cast). The gradient scatter-adds the rows' cotangents into a
-  float32 table (in bf16, 4,096 unit gradients into one row would sum to 256).
+  bf16 it moves half the bytes (d20: 168 MB, not 335). A table held whole (one device, data or
+  tensor parallelism) casts only the rows it gathers, not all V x D entries each micro-step. The
+  rows are the same either way (cast, then gather = gather, then cast). The gradient scatter-adds
+  the rows' cotangents into a float32 table (in bf16, 4,096 unit gradients into one row would sum
+  to 256).
   """
+  if not gathers_weights():
+    return jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype)
   return jnp.take(constrain(table_VxD.astype(dtype), ("embed_vocab", "act_embed")), tokens_BxT, axis=0)
 
 

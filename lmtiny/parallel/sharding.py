@@ -133,6 +133,13 @@ def traced_mesh():
   return mesh
 
 
+def gathers_weights() -> bool:
+  """Whether the traced mesh splits parameters over `fsdp`, so a weight is all-gathered where it
+  is used (ZeRO-3)."""
+  mesh = traced_mesh()
+  return mesh is not None and mesh.shape["fsdp"] > 1
+
+
 def accumulates_per_device(mesh: Mesh) -> bool:
   """Whether a step's micro-batch gradients can be summed on each device and reduced once per
   step (sum_over_batch_shards): on a pure data-parallel mesh, where every parameter is replicated.

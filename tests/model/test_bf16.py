@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm_fixtures import load_config_module
 from lmtiny import config as config_lib
 from lmtiny.model.transformer import REMAT_POLICIES, Transformer
+from lmtiny.parallel import sharding
 from lmtiny.training import lowering
 
 B, T, D = 8, 512, 192  # 786,432 products per scalar's gradient
@@ -143,3 +145,22 @@ def test_fp8_blocks_save_no_more_than_bf16_blocks(remat):
   assert remat in REMAT_POLICIES
   bf16, fp8 = _saved_activation_bytes("default", remat), _saved_activation_bytes("fp8", remat)
   assert bf16 > 0 and fp8 <= bf16, (fp8, bf16)
+
+
+def _table_casts(mesh_shape: dict) -> int:
+  """f32 -> bf16 converts of a whole [V, D] table in tiny_2026's train step lowered for cuda (the
+  token embedding and the value embeddings are all 4,096 x 192)."""
+  cfg = load_config_module("tiny_2026").get_config()
+  cfg.train.update(batch_tokens=8 * cfg.train.seq_len)
+  cfg.mesh.update(**mesh_shape)
+  text, _, _ = lowering.lower_train_step(cfg, "cuda", sharding.make_mesh(cfg.mesh, jax.devices()))
+  return len(re.findall(r"stablehlo\.convert .*\(tensor<4096x192xf32>\) -> tensor<4096x192xbf16>", text))
+
+
+@pytest.mark.slow(seconds=6)
+def test_a_table_held_whole_casts_the_rows_it_gathers_not_the_table():
+  """Per micro-step, a lookup cast all V x D entries of each embedding table to bf16 (3 tables in
+  tiny_2026) where it needs B x T rows. Under FSDP the table is all-gathered, as a bf16 copy on
+  purpose (half the bytes), which is what the second count shows."""
+  assert _table_casts(dict(data=8, fsdp=1, tensor=1)) == 0
+  assert _table_casts(dict(data=1, fsdp=8, tensor=1)) >= 3
