@@ -115,6 +115,7 @@ def _train(kernel, mesh_cfg, batches):
                                              (dict(data=2, fsdp=2, tensor=2), "fused"),
                                              (dict(data=2, fsdp=2, tensor=2), "pallas")],
                          ids=["one_device-fused", "data2xfsdp2xtensor2-fused", "data2xfsdp2xtensor2-pallas"])
+@pytest.mark.slow(seconds=7)
 def test_the_trainer_steps_alike_with_either_kernel(mesh_cfg, kernel):
   """Three optimizer steps (z-loss, softcap, accumulation) with model.loss_kernel=fused or pallas
   (its Mosaic kernels interpreted on CPU) against chunked, the reference: the same losses and

@@ -367,6 +367,7 @@ def test_xla_path_under_a_mesh_with_kv_heads_repeated_matches_numpy():
   np.testing.assert_allclose(np.asarray(got), _numpy_attention(q, k, v, allowed), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow(seconds=4)
 def test_cudnn_by_name_reaches_cudnn_and_auto_falls_back_with_a_warning(monkeypatch):
   """On this CPU-only install cuDNN stops at "cuDNN is not detected": asked for by name the error
   surfaces (so the cuDNN branch, segment runs included, really ran up to the kernel); under auto

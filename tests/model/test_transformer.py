@@ -244,6 +244,7 @@ def _loss_and_grads(model, tokens):
   return np.asarray(logits), nnx.to_pure_dict(grads)
 
 
+@pytest.mark.slow(seconds=4)
 def test_scan_and_remat_match_plain_loop_in_value_and_gradient():
   """The same seed gives different parameters in the two layouts (one key per layer from a
   split, versus a running stream), so the plain model's parameters are stacked explicitly."""

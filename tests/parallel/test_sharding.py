@@ -59,6 +59,7 @@ def test_same_loss_and_grads_as_one_device(reference, mesh_cfg):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow(seconds=9)
 def test_parameters_carry_declared_shardings(reference):
   cfg = reference[0].copy_and_resolve_references()
   *_, state = _loss_and_grads(cfg, dict(data=2, fsdp=2, tensor=2), jax.devices(), reference[1])

@@ -28,6 +28,7 @@ def _packed_batch(cfg, **options):
                                            **options))
 
 
+@pytest.mark.slow(seconds=7)
 def test_the_step_without_the_document_mask_is_plain_causal_attention():
   masked, causal = tiny_config(steps=2), tiny_config(steps=2)
   causal.data.document_mask = False

@@ -34,6 +34,7 @@ def _target_log_probs(graphdef, params, batch):
 
 
 @pytest.mark.parametrize("objective", [CROSS_ENTROPY, POLICY_GRADIENT], ids=lambda o: o.name)
+@pytest.mark.slow(seconds=11)
 def test_the_step_minimises_the_objective_written_out(objective):
   rng = np.random.default_rng(0)
   cfg = tiny_config(steps=2)

@@ -191,6 +191,7 @@ def test_a_bad_mesh_override_is_one_line(chat_run, tmp_path, capsys, flag, messa
   assert not (tmp_path / "rl").exists()
 
 
+@pytest.mark.slow(seconds=8)
 def test_starts_from_a_lora_run_with_its_adapters_merged(lora_run, tmp_path):
   from lmtiny.runs.directory import load_weights
   lora_dir, merged_dir = lora_run
