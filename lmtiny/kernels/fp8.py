@@ -66,8 +66,7 @@ def fp8_eligible(k: int, n: int) -> bool:
 
 def is_fp8_dot(prim, *avals) -> bool:
   """A dot_general on fp8 operands (this module's GEMMs), for remat policies."""
-  return prim is jax.lax.dot_general_p and any(jnp.dtype(a.dtype).itemsize == 1 and jnp.issubdtype(a.dtype, jnp.floating)
-                                              for a in avals)
+  return prim is jax.lax.dot_general_p and any(a.dtype in (FORWARD_DTYPE, GRADIENT_DTYPE) for a in avals)
 
 
 def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:

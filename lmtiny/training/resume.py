@@ -15,7 +15,7 @@ from flax import nnx
 from lmtiny.errors import ConfigError
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.model.transformer import abstract_model
-from lmtiny.runs.config_file import MOVE_ASIDE, over_defaults, read_saved_config
+from lmtiny.runs.config_file import FILE, MOVE_ASIDE, over_defaults, read_saved_config
 from lmtiny.training.optim import make_optimizer
 
 
@@ -48,7 +48,8 @@ def config_changes(workdir: str, cfg) -> dict[str, tuple]:
   old = read_saved_config(workdir, missing_ok=True, hint=MOVE_ASIDE)
   if old is None:
     return {}
-  old = json.loads(over_defaults(old).to_json_best_effort())  # a field added since reads as its default
+  # a field added since the run was recorded reads as its default, not as a change
+  old = json.loads(over_defaults(old, where=str(epath.Path(workdir) / FILE)).to_json_best_effort())
   new = json.loads(cfg.to_json_best_effort())
   old_flat, new_flat = _flat(old), _flat(new)
   changes = {k: (old_flat.get(k), new_flat.get(k)) for k in sorted(set(old_flat) | set(new_flat))

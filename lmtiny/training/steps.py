@@ -137,29 +137,34 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     # (LoRA's base) take no gradient and are cast once per step.
     compute_frozen = None if frozen is None else cast_params(frozen, compute_dtype(m))
 
-    def scaled_loss_sums(params, micro):
-      objective, aux = loss_sums(params, micro, compute_frozen)
-      return objective * factor, aux
-
     # [B, T] -> [A, B/A, T] taking every A-th row, so each micro-batch spans all data shards.
     micro_batches = {k: jax.lax.with_sharding_constraint(
         jnp.swapaxes(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 0, 1), micro_sharding)
         for k, v in batch.items()}
 
-    def accumulate(carry, micro):
-      grads_acc, loss_acc, count_acc = carry
-      (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(params, micro)
-      grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
-      return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+    def sums(replicated, micro_batches):
+      """(gradient sums, loss sum, weighted-token count) over the micro-steps; `replicated` is
+      (params, frozen weights in the compute dtype, loss factor)."""
+      params, frozen, factor = replicated
 
-    def sums(params, micro_batches):
+      def scaled_loss_sums(params, micro):
+        objective, aux = loss_sums(params, micro, frozen)
+        return objective * factor, aux
+
+      def accumulate(carry, micro):
+        grads_acc, loss_acc, count_acc = carry
+        (_, (loss_sum, count)), grads = jax.value_and_grad(scaled_loss_sums, has_aux=True)(params, micro)
+        grads_acc = jax.tree.map(lambda acc, g: acc + g.astype(acc.dtype), grads_acc, grads)
+        return (grads_acc, loss_acc + loss_sum, count_acc + count), None
+
       zeros = jax.tree.map(jnp.zeros_like, params)
       return jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)[0]
 
+    replicated = (params, compute_frozen, factor)
     if per_device:  # each device sums its rows' gradients over the micro-steps; one all-reduce per step
-      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, params, micro_batches)
+      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, replicated, micro_batches)
     else:  # sharded gradients: XLA reduce-scatters each micro-step's
-      grad_sums, loss_sum, count = sums(params, micro_batches)
+      grad_sums, loss_sum, count = sums(replicated, micro_batches)
     tokens, count = count, jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
