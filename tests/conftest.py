@@ -15,7 +15,9 @@ import jax  # noqa: E402  (after the environment is set)
 # Many tests build the same small programs again (a resumed trainer, the same config on another
 # run): a session-wide compilation cache turns those recompiles into cache reads. The variables
 # hand it to the subprocesses tests start (README and speedrun smokes, signal tests), whose
-# stages and re-runs compile the same programs as each other.
+# stages and re-runs compile the same programs as each other. Each test process has its own:
+# JAX writes an entry in place, so a worker reading what the other is writing aborted (a shared
+# cache crashed a worker in a full run); a process and the subprocesses it waits for never overlap.
 _CACHE_DIR = tempfile.mkdtemp(prefix="lmtiny-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE_DIR, True)  # each test process removes the cache it made
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)

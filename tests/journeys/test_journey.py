@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from journey import (README, TEST_COMMAND, chains, commands, guides, journey_fixture, read, run_doc,
-                     stray_commands, with_dry_run)
+from journey import (LONG_RUNNING, README, TEST_COMMAND, chains, commands, guides, journey_fixture, read,
+                     run_doc, stray_commands, with_dry_run)
 from lm_fixtures import ROOT
 
 # --- the documents are well formed (fast) -----------------------------------------------------
@@ -39,6 +39,12 @@ def test_the_readme_has_the_two_quick_start_commands_and_ci_types_the_test_one()
   typed = ci.index(TEST_COMMAND)
   assert not [line for line in ci[:typed] if "pip " in line or "pytest" in line], ci[:typed]
   assert any(line.startswith("python3 -m venv ") for line in ci[:typed])
+
+
+def test_commands_run_with_default_flags_are_documented_ones():
+  typed = {c.split(" #", 1)[0].strip().removeprefix("pip install -e . && ") for doc in [README] + guides()
+           for c in commands(read(doc))}
+  assert LONG_RUNNING <= typed, LONG_RUNNING - typed
 
 
 def test_command_parsing_and_dry_run_insertion():

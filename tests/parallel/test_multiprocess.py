@@ -46,7 +46,9 @@ def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, 
   port = _free_port()
   base = {k: v for k, v in os.environ.items() if not k.startswith(("LMTINY_", "JAX_COORD", "SLURM_", "OMPI_"))}
   # Later launches reuse the first one's compiled programs (same mesh, same layout) through the
-  # session's compilation cache, which tests/conftest.py puts in the environment.
+  # session's compilation cache, which tests/conftest.py puts in the environment: a directory per
+  # process index, since the processes of one launch compile the same programs at once and JAX
+  # writes an entry in place (one could read the other's half-written file).
   base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), LMTINY_CPU_DEVICES="4", LMTINY_INIT_TIMEOUT="60",
               LMTINY_COORDINATOR=f"127.0.0.1:{port}", LMTINY_TEST_PARENT=str(os.getpid()))
   base.update(env or {})
@@ -55,6 +57,8 @@ def run_processes(tmp_path, name, run_specs, *, num_processes=2, declared=None, 
   try:
     for i in range(num_processes):
       env = dict(base, LMTINY_PROCESS_ID=str(i), LMTINY_NUM_PROCESSES=str((declared or {}).get(i, num_processes)))
+      if "JAX_COMPILATION_CACHE_DIR" in base:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(base["JAX_COMPILATION_CACHE_DIR"], f"process{i}")
       log = open(tmp_path / f"{name}.log{i}", "w+")
       logs.append(log)
       procs.append(subprocess.Popen([sys.executable, WORKER, str(out), *run_specs], env=env, cwd=HERE,

@@ -10,6 +10,7 @@ from lmtiny import lr_find
 from lmtiny.training import lr_range
 from lmtiny.errors import ConfigError
 from lmtiny.parallel import sharding
+from lmtiny.training.param_groups import param_groups
 from lmtiny.training.steps import build_steps, device_batch
 
 import lm_fixtures
@@ -103,8 +104,15 @@ def test_swept_step_equals_the_trainer_step_at_that_lr():
       moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
                                            state["params"], before["params"]))
       assert min(moved) > 0.5 * 0.4 * (low, high)[i]  # every tensor moved by about its group's LR
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
-                   state["params"], ref_state["params"])
+      # The swept LR is a traced scalar, the reference's a constant XLA folds in: the same update
+      # to float32 rounding, measured against the update's own size. Adam's first step is about
+      # lr * g / (|g| + eps), so an entry whose gradient is near eps (a token seen once) turns
+      # a rounding of g into up to 1e-3 of the step: a few such entries, none further off.
+      for name, a, b, b0 in zip(param_groups(state["params"]), jax.tree.leaves(state["params"]),
+                                jax.tree.leaves(ref_state["params"]), jax.tree.leaves(before["params"])):
+        ref_update = np.asarray(b) - b0
+        off = np.abs((np.asarray(a) - b0) - ref_update) / np.abs(ref_update).max()
+        assert off.max() <= 1e-3 and np.mean(off > 1e-5) <= 1e-3, (name, off.max(), np.mean(off > 1e-5))
 
 
 @pytest.mark.slow(seconds=6)

@@ -228,7 +228,9 @@ def test_failed_restores_print_their_lines_and_nothing_else(base, tmp_path):
 
 
 def _spawn_train(base, workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
+  # No compilation cache: JAX writes an entry in place, and a process killed while writing one
+  # would leave a truncated entry for the next reader of the session's cache (an abort, not a miss).
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu", JAX_ENABLE_COMPILATION_CACHE="false",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.Popen([sys.executable, "-m", "lmtiny.train", *_train_argv(base, workdir, *extra)[1:]],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
