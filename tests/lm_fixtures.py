@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,13 +34,25 @@ VOCAB = 128
 # for fusions halves it again (those two directories: 273 -> 130 s of compiling, 259 -> 187 s on 2
 # cores). Both change code generation only: XLA's HLO passes (fusion, SPMD partitioning, buffer
 # assignment) still run, so the programs, their collectives and memory figures are the ones users get.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+ELEMENTAL_FUSIONS = "--xla_cpu_use_fusion_emitters=false"  # jaxlib 0.10; 0.12 dropped it
+_KNOWN = "LMTINY_TEST_XLA_FLAGS"  # the probe's answer, inherited by test workers and subprocesses
+
+
+def fast_compile_flags() -> str:
+  """FAST_COMPILE, plus ELEMENTAL_FUSIONS where this jaxlib has that flag: XLA aborts the process
+  on a flag it does not know, so a subprocess asks once per session."""
+  if _KNOWN not in os.environ:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ELEMENTAL_FUSIONS), timeout=120)
+    os.environ[_KNOWN] = FAST_COMPILE + (f" {ELEMENTAL_FUSIONS}" if probe.returncode == 0 else "")
+  return os.environ[_KNOWN]
 
 
 def xla_flags(devices: int | None = None) -> str:
   """XLA_FLAGS for the tests (tests/conftest.py) and the processes they start: fast compiles, and
   `devices` emulated CPU devices."""
-  return FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  return fast_compile_flags() + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
 
 
 @functools.cache
