@@ -111,6 +111,11 @@ def _needs(command: str) -> str | None:
   return m.group(1) if m else None
 
 
+def installed(code: str) -> str:
+  """What `pip install -e ... && CMD` runs once the checkout is installed: CMD (other code as is)."""
+  return code.split(" && ", 1)[1] if code.startswith("pip install -e ") and " && " in code else code
+
+
 def with_dry_run(command: str) -> str:
   """`--dry-run` before the comment, and before a ` -- ` that hands the rest to another program."""
   code = command.split(" #", 1)[0].rstrip()
@@ -153,9 +158,9 @@ class Journey:
       return "exported"
     if code == TEST_COMMAND:
       return "the test suite itself (.ci/run types it)"
-    if code.startswith("pip install -e ") and " && " in code:
+    if code != installed(code):
       assert importlib.util.find_spec("lmtiny") is not None  # the checkout is installed
-      code = code.split(" && ", 1)[1]
+      code = installed(code)
     needs = _needs(command)
     if needs in DRY_RUN_NEEDS:
       code = with_dry_run(command)

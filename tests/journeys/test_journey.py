@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from journey import (LONG_RUNNING, README, TEST_COMMAND, chains, commands, guides, journey_fixture, read,
-                     run_doc, stray_commands, with_dry_run)
+from journey import (LONG_RUNNING, README, TEST_COMMAND, chains, commands, guides, installed, journey_fixture,
+                     read, run_doc, stray_commands, with_dry_run)
 from lm_fixtures import ROOT
 
 # --- the documents are well formed (fast) -----------------------------------------------------
@@ -42,8 +42,7 @@ def test_the_readme_has_the_two_quick_start_commands_and_ci_types_the_test_one()
 
 
 def test_commands_run_with_default_flags_are_documented_ones():
-  typed = {c.split(" #", 1)[0].strip().removeprefix("pip install -e . && ") for doc in [README] + guides()
-           for c in commands(read(doc))}
+  typed = {installed(c.split(" #", 1)[0].strip()) for doc in [README] + guides() for c in commands(read(doc))}
   assert LONG_RUNNING <= typed, LONG_RUNNING - typed
 
 
