@@ -1,4 +1,5 @@
-"""Import a local Hugging Face Llama-family checkpoint (Llama, Qwen3) into an lmtiny run directory.
+"""Import a local Hugging Face checkpoint (Llama, Qwen3, NanoChat, or an lmtiny export with its
+modeling file) into an lmtiny run directory.
 
   python -m lmtiny.import_hf --hf DIR --workdir RUN
 
@@ -9,7 +10,8 @@ one; any other is wrapped from its tokenizer.json) and hf_import.json, built in 
 sibling and renamed into place, so an interrupted import leaves no RUN behind. Then
 `python -m lmtiny.generate --workdir RUN --prompt ...` samples from it, its checkpoint initialises
 SFT, and `python -m lmtiny.export` writes the same tensors back. Unsupported checkpoints (biases,
-rope scaling, sliding windows, other activations, bad head counts) and malformed files (a
+rope scaling, Llama's sliding windows, other activations, bad head counts, an lmtiny config.json
+whose windows, value embeddings or backout lmtiny's model cannot hold) and malformed files (a
 safetensors header or index that is not what the format says) are refused with one line naming
 the file and field, exit status 2, before anything is written; so is a RUN whose directory
 cannot be written.

@@ -28,8 +28,8 @@ from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError, RunFailed
 from lmtiny.fs.atomic import atomic_write, atomic_write_json
 from lmtiny.fs.outputs import check_output_parent, is_disk_full
-from lmtiny.interop import llama
-from lmtiny.interop.llama import InteropError
+from lmtiny.interop import architectures, tensors as tensors_lib
+from lmtiny.interop.tensors import InteropError
 from lmtiny.interop.safetensors_io import read_checkpoint, SINGLE_FILE, write_file
 from lmtiny.model.transformer import abstract_model
 from lmtiny.runs import kind as runkind
@@ -58,7 +58,7 @@ def flat_params(model) -> dict:
   from flax import nnx
   state = jax.device_get(nnx.state(model, nnx.Param))
   flat = {path: np.asarray(var.get_value()) for path, var in state.flat_state()}
-  return llama.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
+  return tensors_lib.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
 
 
 # What exports wrote before EXPORT_RECORD listed its files
@@ -108,26 +108,32 @@ def check_export_dir(out_dir: str, workdir: str | None = None) -> None:
 
 
 def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source: dict | None = None) -> dict:
-  """Writes `out_dir` (replacing an earlier export whole): config.json, model.safetensors,
-  generation_config.json, the tokenizer and EXPORT_RECORD (with `source`, e.g. the run and step).
+  """Writes `out_dir` (replacing an earlier export whole) in the first architecture that computes
+  the model (lmtiny.interop.architectures): config.json, model.safetensors, modeling_lmtiny.py when
+  no transformers class does, generation_config.json, the tokenizer and EXPORT_RECORD (with
+  `source`, e.g. the run and step).
   ExportFailed (exit status 1) when the disk fills up: the temporary directory is removed and an
   earlier export in `out_dir` stays as it was."""
   m = model.cfg
-  arch = llama.export_architecture(m)
-  if dtype not in DTYPES:
-    raise InteropError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
+  arch = architectures.export_architecture(m)
+  _check_dtype(dtype)
   if not isinstance(tokenizer, Tokenizer):
     raise InteropError("tokenizer: only an lmtiny sentencepiece tokenizer can be exported "
                        "(this run was imported with a Hugging Face tokenizer)")
   check_export_dir(out_dir)
   bos, eos = tokenizer.bos_id, [tokenizer.special_id("assistant_end"), tokenizer.bos_id]
-  tensors = llama.to_hf_tensors(flat_params(model), m, _numpy_dtype(dtype))
+  cast = _numpy_dtype(dtype)
+  tensors = {name: np.ascontiguousarray(x.astype(cast))
+             for name, x in architectures.hf_tensors(arch, flat_params(model), m).items()}
   record = {"source": None, "step": None, **(source or {}), "dtype": dtype,
-            "architecture": llama.ARCHITECTURES[arch], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "architecture": architectures.CLASSES[arch], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   try:
     with rundir.new_directory(out_dir, "--out", replace=True) as tmp:
       write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
-      atomic_write_json(os.path.join(tmp, "config.json"), llama.hf_config(m, dtype=dtype, bos_id=bos, eos_ids=eos))
+      atomic_write_json(os.path.join(tmp, "config.json"),
+                        architectures.hf_config(arch, m, dtype=dtype, bos_id=bos, eos_ids=eos))
+      for name, text in architectures.remote_files(arch).items():
+        atomic_write(os.path.join(tmp, name), text)
       atomic_write_json(os.path.join(tmp, "generation_config.json"),
                         {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
                          "top_k": 50, "top_p": 0.95})
@@ -139,16 +145,22 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
       raise
     raise ExportFailed(f"--out={out_dir}: disk full (No space left on device) while writing the export; "
                        "nothing was written (an earlier export there is as it was)") from None
-  return {"architecture": llama.ARCHITECTURES[arch], "tensors": len(tensors), "dtype": dtype,
-          "bytes": sum(t.nbytes for t in tensors.values())}
+  return {"architecture": architectures.CLASSES[arch], "tensors": len(tensors), "dtype": dtype,
+          "bytes": sum(t.nbytes for t in tensors.values()), "remote_code": sorted(architectures.remote_files(arch))}
+
+
+def _check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise InteropError(f"--dtype={dtype}: must be one of {', '.join(DTYPES)}")
 
 
 def export_run(workdir: str, out_dir: str, step: int | None = None, dtype: str | None = None) -> dict:
   """Exports a run's checkpoint (newest, or `step`); dtype defaults to the imported source's, else
-  float32. Refuses (InteropError, OutputError) before reading weights when the architecture cannot
-  be exported or `out_dir` is not a directory an export may replace or write (check_export_dir)."""
+  float32. Refuses (InteropError, OutputError) before reading weights when the dtype is not one of
+  DTYPES or `out_dir` is not a directory an export may replace or write (check_export_dir)."""
   run = rundir.load_run(workdir, step)
-  llama.export_architecture(run.cfg.model)
+  if dtype is not None:
+    _check_dtype(dtype)
   check_export_dir(out_dir, workdir)
   record = os.path.join(workdir, IMPORT_RECORD)
   if dtype is None:
@@ -193,7 +205,7 @@ HF_FIELDS = {"vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "d_m
              "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
 
 
-def _validated_model(fields: dict, where: str):
+def validated_model_config(fields: dict, where: str):
   """lmtiny's base config with the imported model fields; a bad value is an InteropError naming
   the config.json field it came from (num_key_value_heads, not model.num_kv_heads)."""
   cfg = config_lib.base_config()
@@ -207,7 +219,7 @@ def _validated_model(fields: dict, where: str):
 
 
 def import_checkpoint(hf_dir: str, workdir: str) -> dict:
-  """Writes a new lmtiny run directory from a local Llama/Qwen3 checkpoint directory."""
+  """Writes a new lmtiny run directory from a local Llama, Qwen3, NanoChat or lmtiny checkpoint directory."""
   import jax.numpy as jnp
   from flax import nnx
   if not os.path.isdir(hf_dir):
@@ -215,8 +227,8 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   rundir.check_new_directory(workdir, "--workdir")
   hf = _read_hf_config(hf_dir)
   where = os.path.join(hf_dir, "config.json")
-  fields = llama.model_fields(hf, where)
-  cfg = _validated_model(fields, where)
+  model_type, fields, names = architectures.import_fields(hf, where)
+  cfg = validated_model_config(fields, where)
   tensors = read_checkpoint(hf_dir)
   source_dtypes = sorted({str(t.dtype) for t in tensors.values()})
   tokenizer = hf_tokenizer.import_tokenizer(hf_dir, hf)
@@ -226,12 +238,13 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   abstract = abstract_model(cfg.model)
   state = nnx.state(abstract, nnx.Param)
   shapes = {path: var.get_value().shape for path, var in state.flat_state()}
-  arrays = llama.from_hf_tensors(tensors, shapes, hf_dir)
+  arrays = tensors_lib.import_tensors(tensors, shapes, names, fields["vocab_size"], hf_dir,
+                                     ignored=architectures.IGNORED_HF_TENSORS)
   params = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])))
                                      for path, var in state.flat_state()])
   dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
   write_run(workdir, cfg, params, tokenizer, files={IMPORT_RECORD: {
-      "source": os.path.abspath(hf_dir), "model_type": hf.get("model_type"), "dtype": dtype,
+      "source": os.path.abspath(hf_dir), "model_type": model_type, "dtype": dtype,
       "tokenizer": type(tokenizer).__name__}})
-  return {"model_type": hf.get("model_type"), "params": int(sum(a.size for a in arrays.values())),
+  return {"model_type": model_type, "params": int(sum(a.size for a in arrays.values())),
           "dtype": dtype, "tokenizer": repr(tokenizer), "fields": fields}
