@@ -52,11 +52,18 @@ def fingerprint(state):
     else:
       x = x.astype(jnp.uint32)
     return jnp.sum(x, dtype=jnp.uint32)
-  return [bits(x) for x in jax.tree.leaves(state)]
+  return jax.tree.map(bits, state)
 
 
 def _fingerprint_list(state) -> list[int]:
-  return [int(v) for v in jax.device_get(fingerprint(state))]
+  return [int(v) for v in jax.tree.leaves(jax.device_get(fingerprint(state)))]
+
+
+def _saved_fingerprint(state) -> dict:
+  """What a save records: the state's fingerprint and, within it, the parameters' (what a
+  weights-only read checks), from one program."""
+  sums = jax.device_get(fingerprint(state))
+  return {"state": [int(v) for v in jax.tree.leaves(sums)], "params": [int(v) for v in jax.tree.leaves(sums["params"])]}
 
 
 def describe_error(e: BaseException) -> str:
@@ -112,8 +119,7 @@ class Checkpointer:
       raise self._save_error(self._saving, e) from None
     self.check_errors()
     items = {"state": ocp.args.StandardSave(state),
-             "fingerprint": ocp.args.JsonSave({"state": _fingerprint_list(state),
-                                               "params": _fingerprint_list(state["params"])})}
+             "fingerprint": ocp.args.JsonSave(_saved_fingerprint(state))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     try:
