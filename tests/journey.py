@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -173,7 +174,7 @@ class Journey:
       raise AssertionError(f"unknown mark '# needs: {needs}' in: {command}")
     script = "\n".join(self.exports + [code])
     env = dict(self.env, XLA_FLAGS="") if code in LONG_RUNNING else self.env
-    start = time.time()
+    start, cpu = time.time(), _children_cpu_seconds()
     if SERVE_MARK in command:
       self._serve(script)
     else:
@@ -183,7 +184,7 @@ class Journey:
       assert "Traceback" not in out.stderr, f"$ {code}\n{out.stderr[-4000:]}"
       assert not re.search(r"^warning: .*unusable", out.stderr, re.M), f"$ {code}\n{out.stderr[-2000:]}"
       self.outputs.append((command.split(" #", 1)[0].strip(), out.stdout + out.stderr))
-    self.times.append((time.time() - start, code))
+    self.times.append((time.time() - start, _children_cpu_seconds() - cpu, code))
     return "ran"
 
   def _serve(self, script: str, port: int = 8000) -> None:
@@ -222,6 +223,13 @@ class Journey:
         proc.wait()
 
 
+def _children_cpu_seconds() -> float:
+  """User + system CPU seconds of the finished child processes: a command's cost, whatever else
+  shares the machine (its wall time doubles when the other test worker is busy)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def run_doc(user: Journey, doc: str, promises) -> None:
   """Every command of `doc`, in order, then what `promises` say those commands print or leave:
   (doc, command prefix, texts in its output, paths it leaves; "PATH::TEXT" for a file holding TEXT).
@@ -253,9 +261,9 @@ def journey_fixture(tmp_path_factory):
   root = scratch_copy(str(tmp_path_factory.mktemp("checkout")))
   user = Journey(root, str(tmp_path_factory.mktemp("home")))
   yield user
-  total = sum(t for t, _ in user.times)
-  print(f"\njourney: {len(user.times)} commands in {total:.0f} s; slowest: " +
-        "; ".join(f"{t:.0f}s {c[:60]}" for t, c in sorted(user.times, reverse=True)[:8]))
+  wall, cpu = sum(t for t, _, _ in user.times), sum(c for _, c, _ in user.times)
+  print(f"\njourney: {len(user.times)} commands in {wall:.0f} s ({cpu:.0f} CPU s); slowest: " +
+        "; ".join(f"{t:.0f}s {c[:60]}" for t, _, c in sorted(user.times, reverse=True)[:8]))
   if os.environ.get(TIMES_ENV):  # .ci/run prints every command's seconds at the end of its log
     with open(os.environ[TIMES_ENV], "a", encoding="utf-8") as f:
-      f.writelines(f"{t:6.1f}s  {c}\n" for t, c in user.times)
+      f.writelines(f"{cpu:6.1f} CPU s {t:6.1f} s  {c}\n" for t, cpu, c in user.times)
