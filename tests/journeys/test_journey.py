@@ -69,11 +69,15 @@ PROMISES = [
     ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft", ["sft: replies ending with"],
      ["runs/tiny/sft/turn_ending.json"]),
     ("docs/chat.md", "python -m lmtiny.report", [], ["runs/tiny/report.md::## Summary"]),
+    ("docs/interop.md", "python -m lmtiny.export --workdir runs/tiny --out", ["LmtinyForCausalLM", "modeling_lmtiny.py"],
+     ["hf/tiny/model.safetensors", "hf/tiny/modeling_lmtiny.py"]),
+    ("docs/interop.md", "python -m lmtiny.export --workdir runs/tiny/sft", [],
+     ["hf/tiny_sft/tokenizer_config.json::chat_template"]),
     ("docs/reliability.md", "python -m lmtiny.train", ["resumed from checkpoint at step 150", "done: 160 steps"], []),
 ]
 
 
-@pytest.mark.slow(seconds=425)
+@pytest.mark.slow(seconds=470)
 @pytest.mark.parametrize("doc", chains()[0])
 def test_every_documented_command_runs_verbatim(journey, doc):
   run_doc(journey, doc, PROMISES)
