@@ -39,5 +39,7 @@ setup(
         "bench": ["torch>=2.4"],  # benchmarks/torch_reference.py
         "tpu": ["jax[tpu]>=0.10.2,<0.13", "gcsfs", "google-cloud-storage"],  # gs:// workdirs
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
+        # Real clients of lmtiny.serve: tests/chat/test_openai_client.py, test_lm_eval_client.py.
+        "serve": ["openai>=1.40", "lm_eval[api]>=0.4.13"],
     },
 )

@@ -210,11 +210,14 @@ class Journey:
           assert time.time() < deadline, "the server did not come up"
           time.sleep(0.5)
       conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-      body = {"messages": [{"role": "user", "content": "What does json.dumps do?"}], "max_tokens": 8, "seed": 0}
-      conn.request("POST", "/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+      body = {"messages": [{"role": "user", "content": "What does json.dumps do?"}], "max_tokens": 8, "seed": 0,
+              "stream": True}
+      conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
       reply = conn.getresponse()
-      events = [json.loads(line[6:]) for line in reply.read().decode().splitlines() if line.startswith("data: ")]
-      assert reply.status == 200 and events and events[-1].get("done"), events
+      events = [line[6:] for line in reply.read().decode().splitlines() if line.startswith("data: ")]
+      assert reply.status == 200 and events[-1:] == ["[DONE]"], events
+      finished = [c for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+      assert [c["finish_reason"] in ("stop", "length") for c in finished] == [True], events
       os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
       proc.wait(timeout=60)
     finally:

@@ -1,8 +1,11 @@
 """The chat page lmtiny.serve returns at `/`: one self-contained HTML file (no external assets).
 
-It keeps the conversation in the page, sends it whole to POST /chat/completions, reads the
-server-sent events as they arrive (fetch + a stream reader) and appends each piece of text to
-the reply. Controls: temperature, top-k, max tokens, Stop (aborts the request: the server stops
+It keeps the conversation in the page, sends it whole to POST /v1/chat/completions (OpenAI's
+API, `stream: true` with usage), reads the server-sent chunks as they arrive (fetch + a stream
+reader) and appends each delta's text to the reply; the status line shows the tokens (usage),
+time to first token and tokens/s measured in the page, the finish reason and how many old
+messages the server left out (the reply's `lmtiny.trimmed`). Controls: temperature, top-k, max
+tokens, an API key field (only when the server needs one, `render_page(needs_key=True)`), Stop (aborts the request: the server stops
 that reply, and the partial reply stays in the history; stopped before its first token, or failed,
 the question is left out of the history, so no empty assistant turn is ever sent), New chat
 (forgets the history).
@@ -43,6 +46,7 @@ PAGE = """<!doctype html>
   <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
   <label>top-k <input id="top_k" type="number" min="0" step="1" value="50"></label>
   <label>max tokens <input id="max_tokens" type="number" min="1" max="$MAX" step="1" value="$DEFAULT"></label>
+  <label$KEY_HIDDEN>API key <input id="api_key" type="password" autocomplete="off"></label>
   <button id="new">New chat</button>
 </header>
 <div id="log"></div>
@@ -82,16 +86,19 @@ async function send() {
   controller = new AbortController();
   setBusy(true);
   $("status").textContent = "waiting...";
-  let done = null;
+  let done = null, usage = null, trimmed = 0, first = null, pieces = 0;
+  const started = performance.now();
   try {
-    const response = await fetch("/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, signal: controller.signal,
-      body: JSON.stringify({messages: history, temperature: Number($("temperature").value),
-                            top_k: Number($("top_k").value), max_tokens: Number($("max_tokens").value),
-                            seed: Math.floor(Math.random() * 1e9)})});
+    const headers = {"Content-Type": "application/json"};
+    if ($("api_key").value) headers["Authorization"] = "Bearer " + $("api_key").value;
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers, signal: controller.signal,
+      body: JSON.stringify({messages: history, stream: true, stream_options: {include_usage: true},
+                            temperature: Number($("temperature").value), top_k: Number($("top_k").value),
+                            max_tokens: Number($("max_tokens").value), seed: Math.floor(Math.random() * 1e9)})});
     if (!response.ok) {
       const error = await response.json();
-      throw new Error(error.error || response.statusText);
+      throw new Error((error.error && error.error.message) || response.statusText);
     }
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -104,16 +111,28 @@ async function send() {
       while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
         const line = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
-        if (!line.startsWith("data: ")) continue;
-        const event = JSON.parse(line.slice(6));
-        if (event.token) { reply.textContent += event.token; $("log").scrollTop = $("log").scrollHeight; }
-        if (event.error) throw new Error(event.error);
-        if (event.done) done = event;
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const chunk = JSON.parse(line.slice(6));
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) usage = chunk.usage;
+        if (chunk.lmtiny) trimmed = chunk.lmtiny.trimmed;
+        for (const choice of chunk.choices || []) {
+          if (choice.delta && choice.delta.content) {
+            if (first === null) first = performance.now();
+            pieces += 1;
+            reply.textContent += choice.delta.content;
+            $("log").scrollTop = $("log").scrollHeight;
+          }
+          if (choice.finish_reason) done = choice.finish_reason;
+        }
       }
     }
-    const trimmed = done && done.trimmed ? ` | ${done.trimmed} oldest messages left out (context)` : "";
-    $("status").textContent = done ? `${done.tokens} tokens | first token ${done.ttft_s}s | ` +
-        `${done.tokens_per_s || "-"} tok/s | ${done.finish_reason}${trimmed}` : "";
+    const now = performance.now();
+    const tokens = usage ? usage.completion_tokens : pieces;
+    const rate = first !== null && now > first && tokens > 1 ? ((tokens - 1) / ((now - first) / 1000)).toFixed(1) : "-";
+    const ttft = first !== null ? ((first - started) / 1000).toFixed(2) : "-";
+    const left = trimmed ? ` | ${trimmed} oldest messages left out (context)` : "";
+    $("status").textContent = done ? `${tokens} tokens | first token ${ttft}s | ${rate} tok/s | ${done}${left}` : "";
   } catch (e) {
     if (e.name === "AbortError") { reply.classList.add("stopped"); $("status").textContent = "stopped"; }
     else { $("status").textContent = "error: " + e.message; }
@@ -147,9 +166,11 @@ $("input").focus();
 """
 
 
-def render_page(default_max_tokens: int, context: int) -> str:
-  """The page with its max-tokens field set to the server's default, at most context - 1."""
-  return PAGE.replace("$DEFAULT", str(default_max_tokens)).replace("$MAX", str(context - 1))
+def render_page(default_max_tokens: int, context: int, needs_key: bool = False) -> str:
+  """The page with its max-tokens field set to the server's default, at most context - 1, and
+  an API key field when the server needs one."""
+  return (PAGE.replace("$DEFAULT", str(default_max_tokens)).replace("$MAX", str(context - 1))
+          .replace("$KEY_HIDDEN", "" if needs_key else " hidden"))
 
 
 ICON_SIZE = 32

@@ -10,12 +10,16 @@ max_new_tokens, capped at the model's context (model.max_seq_len).
 Decoding runs `chunk` steps per call inside one `lax.while_loop` (one compiled program for a
 given batch and cache length); between chunks the host streams the new tokens and may stop rows
 (stop strings). Sampling: logits / temperature, then top-k, then top-p on what is left
-(temperature 0 is greedy argmax). Temperature, top-k and top-p are runtime values (arrays), not
-compile-time constants: one compiled program serves every setting (a chat server would otherwise
-compile again for each new value). The filter branch is picked at run time (`lax.switch`): no
-filter, top-k within the TOP_K_CAPS largest (a cheap partial sort, then a mask by rank), or a
-full sort of the vocabulary. The random key of a row is fold_in(key(seed), row id) and each
-token folds in its position, so a row's text does not depend on what else is in the batch.
+(temperature 0 is greedy argmax). Temperature, top-k and top-p are runtime values (arrays, a
+scalar for every row or one value per row), not compile-time constants: one compiled program
+serves every setting (a chat server would otherwise compile again for each new value; the
+continuous-batching engine, lmtiny.chat.batching, mixes settings in one batch). The filter
+branch is picked at run time (`lax.switch`): no filter, top-k within the TOP_K_CAPS largest (a
+cheap partial sort, then a mask by rank), or a full sort of the vocabulary. The random key of a
+row is fold_in(key(seed), row id) and each token folds in its position, so a row's text does not
+depend on what else is in the batch. The decode loop can also return each emitted token's
+log-probability and the most likely alternatives (DecodeState.logprobs), as an OpenAI-style API
+reports them.
 
 """
 from __future__ import annotations
@@ -76,6 +80,14 @@ class SamplingArrays(NamedTuple):
   top_p: Array
 
 
+class TokenLogprobs(NamedTuple):
+  """Log-probabilities of tokens under the model: [B] (and [B, N]) per step, or [B, C] (and
+  [B, C, N]) for a chunk of steps."""
+  logprob: Array   # the token's
+  top_ids: Array   # int32: the N most likely tokens, most likely first
+  top_logprobs: Array
+
+
 class DecodeState(NamedTuple):
   """Everything the decode loop carries; `next_B` is sampled but not yet emitted or fed."""
   cache: KVCache
@@ -84,6 +96,9 @@ class DecodeState(NamedTuple):
   end_B: Array    # a row stops after emitting the token at position end_B - 1
   done_B: Array   # bool
   keys_B: Array   # typed PRNG keys, one per row
+  # next_B's log-probabilities, when the caller wants them (the decode loop then returns them for
+  # every emitted token); None costs nothing.
+  logprobs: TokenLogprobs | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,33 +120,49 @@ def _filter_sorted(logits_BxV: Array, k: Array, top_p: Array, cap: int) -> Array
 def filter_logits(logits_BxV: Array, top_k=0, top_p=1.0) -> Array:
   """-inf everywhere but the top_k largest logits (exactly k, ties broken by index) and then,
   among those, the smallest set of highest-probability tokens whose mass is >= top_p. top_k and
-  top_p may be traced: which sort runs is decided at run time, inside one program."""
-  v = logits_BxV.shape[-1]
-  top_k, top_p = jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)
-  k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+  top_p may be traced, and scalars or one value per row ([B]): which sort runs is decided at run
+  time, inside one program (the one that holds every row's k; a row that filters nothing is
+  passed through)."""
+  b, v = logits_BxV.shape
+  top_k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (b,))
+  top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+  k_B = jnp.where((top_k > 0) & (top_k < v), top_k, v)
   caps = sorted({min(c, v) for c in TOP_K_CAPS} | {v})
   branches = [lambda x, k, p: x] + [functools.partial(_filter_sorted, cap=c) for c in caps]
   # 0: nothing to filter; else 1 + the first cap that holds k (the last one, v, always does).
-  index = jnp.where((k == v) & (top_p >= 1), 0, 1 + jnp.sum(k > jnp.asarray(caps[:-1], jnp.int32)))
-  return jax.lax.switch(index, branches, logits_BxV, k, top_p)
+  index_B = jnp.where((k_B == v) & (top_p >= 1), 0,
+                      1 + jnp.sum(k_B[:, None] > jnp.asarray(caps[:-1], jnp.int32)[None, :], axis=-1))
+  filtered_BxV = jax.lax.switch(jnp.max(index_B), branches, logits_BxV, k_B[:, None], top_p[:, None])
+  return jnp.where((index_B == 0)[:, None], logits_BxV, filtered_BxV)
 
 
 def sample_next(logits_BxV: Array, keys_B: Array, positions_B: Array,
                 sampling: SamplingParams | SamplingArrays) -> Array:
-  """One token per row; the row's key folded with the token's position makes the draw."""
+  """One token per row; the row's key folded with the token's position makes the draw. The
+  sampling values are scalars or one per row ([B]): a row with temperature 0 is greedy."""
   if isinstance(sampling, SamplingParams):
     sampling = sampling.arrays()
-  temperature = jnp.asarray(sampling.temperature, jnp.float32)
-
-  def greedy(logits_BxV):
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  b = logits_BxV.shape[0]
+  temperature_B = jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), (b,))
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
   def draw(logits_BxV):
-    logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / temperature, sampling.top_k, sampling.top_p)
+    scaled_BxV = logits_BxV.astype(jnp.float32) / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
+    logits_BxV = filter_logits(scaled_BxV, sampling.top_k, sampling.top_p)
     keys = jax.vmap(jax.random.fold_in)(keys_B, positions_B)
-    return jax.vmap(jax.random.categorical)(keys, logits_BxV).astype(jnp.int32)
+    drawn_B = jax.vmap(jax.random.categorical)(keys, logits_BxV).astype(jnp.int32)
+    return jnp.where(temperature_B == 0, greedy_B, drawn_B)
 
-  return jax.lax.cond(temperature == 0, greedy, draw, logits_BxV)
+  return jax.lax.cond(jnp.all(temperature_B == 0), lambda x: greedy_B, draw, logits_BxV)
+
+
+def token_logprobs(logits_BxV: Array, tokens_B: Array, n: int) -> TokenLogprobs:
+  """Each row's token's log-probability under the model (the logits before temperature and
+  filters) and the row's n most likely tokens with theirs."""
+  logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  top_BxN, ids_BxN = jax.lax.top_k(logprobs_BxV, n)
+  chosen_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  return TokenLogprobs(chosen_B, ids_BxN.astype(jnp.int32), top_BxN)
 
 
 def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, sampling: SamplingArrays, *,
@@ -145,19 +176,20 @@ def _prefill(graphdef, params, tokens_BxT, lengths_B, ends_B, keys_B, sampling: 
   return DecodeState(cache, first_B, lengths_B, ends_B, jnp.zeros((b,), bool), keys_B)
 
 
-def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, sampling: SamplingArrays, *,
-                  chunk: int):
-  """Up to `chunk` steps; returns the new state, the emitted tokens [B, chunk] (-1 = none) and
-  which rows are done."""
+def decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, sampling: SamplingArrays, *,
+                 chunk: int):
+  """Up to `chunk` steps; returns the new state, the emitted tokens [B, chunk] (-1 = none), which
+  rows are done, and the emitted tokens' TokenLogprobs ([B, chunk, ...]) when the state carries
+  them (else None). The sampling values are scalars or one per row."""
   model = nnx.merge(graphdef, params)
   b = state.next_B.shape[0]
 
   def cond(carry):
-    i, st, _ = carry
+    i, st, _, _ = carry
     return (i < chunk) & ~jnp.all(st.done_B)
 
   def body(carry):
-    i, st, out_BxC = carry
+    i, st, out_BxC, lp_out = carry
     tok_B, active_B = st.next_B, ~st.done_B
     out_BxC = out_BxC.at[:, i].set(jnp.where(active_B, tok_B, -1))
     is_stop_B = jnp.any(tok_B[:, None] == stop_ids_N[None, :], axis=-1)
@@ -165,22 +197,32 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, samp
     logits_BxV, cache = extend(model, tok_B[:, None], st.pos_B, st.cache, last_B=jnp.zeros((b,), jnp.int32))
     pos_B = jnp.where(done_B, st.pos_B, st.pos_B + 1)
     next_B = jnp.where(done_B, tok_B, sample_next(logits_BxV, st.keys_B, pos_B, sampling))
-    return i + 1, DecodeState(cache, next_B, pos_B, st.end_B, done_B, st.keys_B), out_BxC
+    logprobs = st.logprobs
+    if logprobs is not None:
+      lp_out = jax.tree.map(lambda out, x: out.at[:, i].set(x), lp_out, logprobs)
+      logprobs = token_logprobs(logits_BxV, next_B, logprobs.top_ids.shape[-1])
+    return i + 1, DecodeState(cache, next_B, pos_B, st.end_B, done_B, st.keys_B, logprobs), out_BxC, lp_out
 
   state = state._replace(done_B=state.done_B | stop_B)
   out_BxC = jnp.full((b, chunk), -1, jnp.int32)
-  _, state, out_BxC = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out_BxC))
+  lp_out = None
+  if state.logprobs is not None:
+    lp_out = jax.tree.map(lambda x: jnp.zeros((b, chunk) + x.shape[1:], x.dtype), state.logprobs)
+  _, state, out_BxC, lp_out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out_BxC, lp_out))
   # Replicated, so that every process can read them.
-  return state, constrain(out_BxC, (None, None)), constrain(state.done_B, (None,))
+  if lp_out is not None:
+    lp_out = jax.tree.map(lambda x: constrain(x, (None,) * x.ndim), lp_out)
+  return state, constrain(out_BxC, (None, None)), constrain(state.done_B, (None,)), lp_out
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len",))
 _cast_params_jit = jax.jit(cast_params, static_argnums=1)
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=0, static_argnames=("chunk",),
-                            donate_argnames=("state",))
+decode_chunk_jit = jax.jit(decode_chunk, static_argnums=0, static_argnames=("chunk",),
+                           donate_argnames=("state",))
 
 
-def _host(x: Array) -> np.ndarray:
+def host_array(x: Array) -> np.ndarray:
+  """x as a numpy array on this host."""
   if not x.is_fully_addressable:  # multi-process: the array is replicated, any local copy will do
     return np.asarray(x.addressable_data(0))
   return np.asarray(x)
@@ -217,7 +259,7 @@ class Sampler:
     self.chunk = max(1, min(chunk, self.cfg.max_seq_len))
     self._warm = set()
 
-  def _compute_params(self):
+  def compute_params(self):
     """Weight matrices cast to the compute dtype once per generate call (not per decoded token);
     float32 compute needs no copy."""
     dtype = compute_dtype(self.cfg)
@@ -267,14 +309,14 @@ class Sampler:
     stop_ids_N[:len(stop_set)] = sorted(stop_set)
     result = Generation([[] for _ in range(b)], ["length"] * b, prefill_tokens=int(lengths.sum()))
 
-    params = self._compute_params()
+    params = self.compute_params()
     shape_key = (b, prompt_len, cache_len)
     if warmup and shape_key not in self._warm:
       t0 = time.perf_counter()
       ones = np.ones((b,), np.int32)
       state = _prefill_jit(self.graphdef, params, np.zeros_like(tokens), ones, ones + 1,
                            _row_keys(seed, rows), knobs, cache_len=cache_len)
-      _host(_decode_chunk_jit(self.graphdef, params, state, np.ones((b,), bool), stop_ids_N, knobs,
+      host_array(decode_chunk_jit(self.graphdef, params, state, np.ones((b,), bool), stop_ids_N, knobs,
                               chunk=self.chunk)[2])
       result.compile_seconds = time.perf_counter() - t0
     self._warm.add(shape_key)
@@ -288,9 +330,9 @@ class Sampler:
     emitted = 0
     t0 = time.perf_counter()
     while not finished.all():
-      state, out, done = _decode_chunk_jit(self.graphdef, params, state, finished.copy(), stop_ids_N, knobs,
+      state, out, done, _ = decode_chunk_jit(self.graphdef, params, state, finished.copy(), stop_ids_N, knobs,
                                            chunk=self.chunk)
-      out, done = _host(out), _host(done).copy()
+      out, done = host_array(out), host_array(done).copy()
       for i in np.flatnonzero(~finished):
         new = [int(t) for t in out[i] if t >= 0]
         emitted += len(new)

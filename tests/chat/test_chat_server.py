@@ -1,5 +1,7 @@
-"""The chat server over HTTP: streamed replies equal the sampler's, concurrent requests equal
-sequential ones, new sampling settings compile nothing, bad requests get 4xx JSON (bad
+"""The chat server's OpenAI API over HTTP: streamed and whole chat replies equal the sampler's,
+concurrent requests equal sequential ones, n choices, stop strings, usage, completions with
+logprobs and echo (max_tokens 0: the prompt's log-probabilities), /v1/models, the API key, new
+sampling settings compile nothing, bad requests get OpenAI's error shape with 4xx (bad
 Content-Length, deep JSON, slow bodies), long chats lose their oldest turns, stopped-empty replies
 are left out, the favicon, a full queue answers 503, 100 simultaneous clients are all answered,
 the page's default reply limit is one the server accepts; `python -m lmtiny.serve` flag checks;
@@ -15,27 +17,34 @@ import threading
 import time
 import zlib
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 from chat_fixtures import chat_config, make_tokenizer
 from lmtiny import serve
+from lmtiny.chat.batching import BatchEngine, EngineBusy
 from lmtiny.chat.page import render_page
-from lmtiny.chat.server import ChatEngine, make_server
+from lmtiny.chat.replies import Service
+from lmtiny.chat.server import make_server
 from lmtiny.model.sampling import Sampler, SamplingParams
 from lmtiny.model.transformer import Transformer
 from lmtiny.tokenizer import render_for_completion
 
 CONTEXT = 64
+CHAT = "/v1/chat/completions"
+TEXT = "/v1/completions"
 
 
-def _serve(context, **engine_kw):
+def _serve(context, api_key=None, **service_kw):
   tok = make_tokenizer()
   cfg = chat_config(tok)
   cfg.model.max_seq_len = context
   sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)  # as lmtiny.serve streams
-  engine = ChatEngine(sampler, tok, context, max_batch=4, **engine_kw)
-  server = make_server(engine, port=0, info={"step": 0})
+  engine = BatchEngine(sampler, max_batch=4, stop_ids=(tok.special_id("assistant_end"), tok.bos_id))
+  service = Service(engine, tok, model="tiny", **service_kw)
+  server = make_server(service, port=0, info={"step": 0}, api_key=api_key)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   return server, tok, sampler
 
@@ -51,74 +60,188 @@ def served():
 @pytest.fixture(scope="module")
 def served_256():
   """The README's demo shape: a 256-token context and lmtiny.serve's default --max-tokens 256."""
-  server, tok, sampler = _serve(256)
+  server, tok, sampler = _serve(256, max_tokens=256)
   yield server.server_address[1], tok, sampler
   server.shutdown()
   server.server_close()
 
 
-def _get(port, path):
+def _get(port, path, headers=None):
   conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-  conn.request("GET", path)
+  conn.request("GET", path, headers=headers or {})
   data = conn.getresponse().read().decode()
   conn.close()
   return data
 
 
-def _post(port, body, raw=None):
+def _post(port, body, raw=None, path=CHAT, headers=None):
+  """(status, payload): the JSON reply, or for a stream the list of its chunks (the final
+  `[DONE]` checked and left out)."""
   conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
   data = raw if raw is not None else json.dumps(body).encode()
-  conn.request("POST", "/chat/completions", body=data, headers={"Content-Type": "application/json"})
+  conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
   response = conn.getresponse()
   payload = response.read().decode()
   conn.close()
   if response.getheader("Content-Type") == "text/event-stream":
-    events = [json.loads(chunk[6:]) for chunk in payload.split("\n\n") if chunk.startswith("data: ")]
-    return response.status, events
+    events = [chunk[6:] for chunk in payload.split("\n\n") if chunk.startswith("data: ")]
+    assert events[-1] == "[DONE]" and payload.endswith("data: [DONE]\n\n")
+    return response.status, [json.loads(e) for e in events[:-1]]
   return response.status, json.loads(payload)
 
 
-def _reply(events):
-  return "".join(e.get("token", "") for e in events), events[-1]
+def _reply(chunks, index=0):
+  """A streamed choice's text and its last chunk (the one with its finish_reason)."""
+  mine = [c for c in chunks if c["choices"] and c["choices"][0]["index"] == index]
+  text = "".join(c["choices"][0]["delta"].get("content", "") for c in mine)
+  assert mine[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+  return text, mine[-1]
 
 
-def _expected(tok, sampler, messages, *, temperature, top_k, max_tokens, seed):
-  ids = render_for_completion(tok, messages)
-  out = sampler.generate([ids], max_new_tokens=max_tokens, sampling=SamplingParams(temperature, top_k, 1.0),
-                         seed=0, rows=[seed], stop_ids=(tok.special_id("assistant_end"), tok.bos_id))
-  return tok.decode(out.tokens[0])
+def _expected_ids(tok, sampler, ids, *, temperature, top_k=0, top_p=1.0, max_tokens, seed, row=0):
+  out = sampler.generate([ids], max_new_tokens=max_tokens, sampling=SamplingParams(temperature, top_k, top_p),
+                         seed=seed, rows=[row], stop_ids=(tok.special_id("assistant_end"), tok.bos_id))
+  return out.tokens[0], "stop" if out.finish_reasons[0] == "stop_token" else "length"
+
+
+def _expected(tok, sampler, messages, **kw):
+  return tok.decode(_expected_ids(tok, sampler, render_for_completion(tok, messages), **kw)[0])
 
 
 def _chat(text):
   return [{"role": "user", "content": text}]
 
 
-def test_stream_is_the_samplers_reply(served):
+def _message(payload) -> str:
+  assert set(payload["error"]) == {"message", "type", "param", "code"}
+  return payload["error"]["message"]
+
+
+def test_stream_and_whole_replies_are_the_samplers(served):
   port, tok, sampler = served[:3]
-  for temperature, seed in ((0.0, 0), (0.9, 7)):
+  for temperature, seed, stream in ((0.0, 0, True), (0.9, 7, True), (0.9, 7, False)):
     body = dict(messages=_chat("What does os.path.join do?"), temperature=temperature, top_k=20,
-                max_tokens=10, seed=seed)
-    status, events = _post(port, body)
-    text, done = _reply(events)
-    assert status == 200 and done["done"] and len(events) > 2  # streamed in pieces
-    assert text == _expected(tok, sampler, body["messages"], temperature=temperature, top_k=20,
-                             max_tokens=10, seed=seed)
-    assert done["tokens"] <= 10 and done["finish_reason"] in ("stop", "length") and done["trimmed"] == 0
+                max_tokens=10, seed=seed, stream=stream)
+    status, payload = _post(port, body)
+    want_ids, want_reason = _expected_ids(tok, sampler, render_for_completion(tok, body["messages"]),
+                                          temperature=temperature, top_k=20, max_tokens=10, seed=seed)
+    if stream:
+      text, last = _reply(payload)
+      assert len(payload) > 3  # streamed in pieces
+      assert last["object"] == "chat.completion.chunk" and last["model"] == "tiny"
+      assert last["choices"][0]["finish_reason"] == want_reason and last["lmtiny"]["trimmed"] == 0
+      assert len({c["id"] for c in payload}) == 1 and payload[0]["id"].startswith("chatcmpl-")
+    else:
+      choice = payload["choices"][0]
+      text = choice["message"]["content"]
+      assert payload["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+      assert choice["finish_reason"] == want_reason
+      prompt = len(render_for_completion(tok, body["messages"]))
+      assert payload["usage"] == {"prompt_tokens": prompt, "completion_tokens": len(want_ids),
+                                  "total_tokens": prompt + len(want_ids)}
+    assert text == tok.decode(want_ids)
 
 
-@pytest.mark.slow(seconds=6)
+def test_n_choices_stop_strings_and_usage_in_a_stream(served):
+  port, tok, sampler = served[:3]
+  messages = _chat("Name a module.")
+  ids = render_for_completion(tok, messages)
+  wants = [tok.decode(_expected_ids(tok, sampler, ids, temperature=1.0, max_tokens=10, seed=5, row=i)[0])
+           for i in range(3)]
+  assert len(set(wants)) == 3
+  status, chunks = _post(port, dict(messages=messages, n=3, max_tokens=10, seed=5, stream=True,
+                                    stream_options={"include_usage": True}))
+  assert status == 200 and [_reply(chunks, i)[0] for i in range(3)] == wants
+  usage = chunks[-1]
+  assert usage["choices"] == [] and usage["usage"]["prompt_tokens"] == len(ids)
+  # A stop string: the reply ends before it, finish_reason "stop".
+  cut = wants[0][3:5]
+  status, payload = _post(port, dict(messages=messages, max_tokens=10, seed=5, stop=[cut, "never"]))
+  choice = payload["choices"][0]
+  assert choice["message"]["content"] == wants[0][:wants[0].index(cut)] and choice["finish_reason"] == "stop"
+
+
+def test_completions_logprobs_and_echo(served):
+  port, tok, sampler = served[:3]
+  engine = _handler(served).service.engine
+  prompt = "The json module"
+  ids = [tok.bos_id] + tok.encode(prompt)
+  # Echo with max_tokens 0 (lm-eval's log-likelihood request): the prompt's tokens and their logprobs.
+  status, payload = _post(port, dict(prompt=[prompt, ids[1:]], max_tokens=0, echo=True, logprobs=1), path=TEXT)
+  assert status == 200 and payload["object"] == "text_completion"
+  text, tokens = payload["choices"]
+  scored = engine.score(ids)
+  assert text["text"] == prompt and text["finish_reason"] == "length"
+  assert "".join(text["logprobs"]["tokens"]) == prompt
+  np.testing.assert_allclose(text["logprobs"]["token_logprobs"], scored.logprob, rtol=1e-6)
+  assert text["logprobs"]["text_offset"][0] == 0 and len(text["logprobs"]["top_logprobs"][1]) == 1
+  assert tokens["logprobs"]["token_logprobs"][0] is None  # token ids: the first has nothing before it
+  np.testing.assert_allclose(tokens["logprobs"]["token_logprobs"][1:], engine.score(ids[1:]).logprob, rtol=1e-6)
+  assert payload["usage"]["completion_tokens"] == 0
+  # Generated tokens: the greedy continuation and its logprobs, which a full forward pass agrees with.
+  status, payload = _post(port, dict(prompt=prompt, max_tokens=6, temperature=0, logprobs=3), path=TEXT)
+  choice = payload["choices"][0]
+  want_ids, reason = _expected_ids(tok, sampler, ids, temperature=0.0, max_tokens=6, seed=0)
+  assert choice["text"] == tok.decode(want_ids) and choice["finish_reason"] == reason
+  logprobs = choice["logprobs"]
+  np.testing.assert_allclose(logprobs["token_logprobs"], engine.score(ids + want_ids).logprob[len(ids) - 1:],
+                             atol=2e-4)
+  for top, lp in zip(logprobs["top_logprobs"], logprobs["token_logprobs"]):  # greedy: the top token
+    assert len(top) == 3 and max(top.values()) == pytest.approx(lp, abs=2e-4), (top, lp)
+  assert logprobs["text_offset"][0] == len(prompt) and payload["usage"]["completion_tokens"] == len(want_ids)
+
+
+def test_tokenizer_endpoints(served):
+  """vLLM's /tokenizer_info, /tokenize and /detokenize, which lm-eval's remote tokenizer uses."""
+  port, tok = served[:2]
+  info = json.loads(_get(port, "/tokenizer_info"))
+  assert info["eos_token"] == info["bos_token"] == "<|bos|>" and info["model_max_length"] == CONTEXT
+  status, payload = _post(port, {"prompt": "import json", "add_special_tokens": False}, path="/tokenize")
+  assert status == 200 and payload["tokens"] == tok.encode("import json")
+  status, payload = _post(port, {"prompt": "import json", "add_special_tokens": True}, path="/tokenize")
+  assert payload["tokens"] == [tok.bos_id] + tok.encode("import json")
+  status, payload = _post(port, {"prompt": "<|bos|>"}, path="/tokenize")  # exactly a chat token: its id
+  assert payload["tokens"] == [tok.bos_id]
+  status, payload = _post(port, {"prompt": "say <|bos|>"}, path="/tokenize")  # inside text: never parsed
+  assert tok.bos_id not in payload["tokens"]
+  status, payload = _post(port, {"tokens": tok.encode("import json")}, path="/detokenize")
+  assert status == 200 and payload == {"prompt": "import json"}
+  status, payload = _post(port, {"tokens": [-1]}, path="/detokenize")
+  assert status == 400 and payload["error"]["param"] == "tokens"
+
+
+def test_models_and_the_api_key():
+  server, tok, _ = _serve(CONTEXT, api_key="sesame", max_tokens=4)
+  port = server.server_address[1]
+  try:
+    status, payload = _post(port, dict(messages=_chat("hi")))
+    assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+    status, payload = _post(port, dict(messages=_chat("hi")), headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and payload["error"]["type"] == "authentication_error"
+    key = {"Authorization": "Bearer sesame"}
+    status, payload = _post(port, dict(messages=_chat("hi"), max_tokens=2), headers=key)
+    assert status == 200 and payload["choices"][0]["finish_reason"] in ("stop", "length")
+    models = json.loads(_get(port, "/v1/models", headers=key))
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["object"] == "list"
+    assert json.loads(_get(port, "/v1/models"))["error"]["code"] == "invalid_api_key"
+    assert json.loads(_get(port, "/health"))["ok"]  # the page and /health stay open
+    assert 'id="api_key"' in _get(port, "/") and "hidden>API key" not in _get(port, "/")
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
 def test_concurrent_requests_give_the_sequential_replies(served):
   port = served[0]
-  # The stream test's settings, so the batch-1 programs are compiled already.
-  bodies = [dict(messages=_chat(f"Question number {i}?" + " more" * i), temperature=0.9, top_k=20,
-                 max_tokens=10, seed=i) for i in range(4)]
-  sequential = [_reply(_post(port, b)[1])[0] for b in bodies]
+  bodies = [dict(messages=_chat(f"Question number {i}?" + " more" * i), temperature=0.9, top_k=20 * i,
+                 top_p=1 - 0.1 * i, max_tokens=10 + i, seed=i) for i in range(4)]
+  sequential = [_post(port, b)[1]["choices"][0]["message"]["content"] for b in bodies]
   results = [None] * 4
   barrier = threading.Barrier(4)
 
   def client(i):
     barrier.wait()
-    results[i] = _reply(_post(port, bodies[i])[1])[0]
+    results[i] = _post(port, bodies[i])[1]["choices"][0]["message"]["content"]
 
   threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
   for t in threads:
@@ -136,12 +259,13 @@ def test_long_chats_lose_their_oldest_exchanges(served):
   for i in range(4):
     messages += [{"role": "user", "content": f"{i} {long}"}, {"role": "assistant", "content": f"answer {i} {long}"}]
   messages += _chat("last question")
-  status, events = _post(port, dict(messages=messages, temperature=0.0, max_tokens=8))
-  text, done = _reply(events)
-  assert status == 200 and done["trimmed"] >= 2 and done["trimmed"] % 2 == 0
-  kept = messages[done["trimmed"]:]
-  assert len(render_for_completion(tok, kept)) <= CONTEXT - 8 < len(render_for_completion(tok, messages[done["trimmed"] - 2:]))
-  assert text == _expected(tok, sampler, kept, temperature=0.0, top_k=50, max_tokens=8, seed=0)
+  status, payload = _post(port, dict(messages=messages, temperature=0.0, max_tokens=8))
+  trimmed = payload["lmtiny"]["trimmed"]
+  assert status == 200 and trimmed >= 2 and trimmed % 2 == 0
+  kept = messages[trimmed:]
+  assert len(render_for_completion(tok, kept)) <= CONTEXT - 8 < len(render_for_completion(tok, messages[trimmed - 2:]))
+  assert payload["choices"][0]["message"]["content"] == _expected(tok, sampler, kept, temperature=0.0, max_tokens=8,
+                                                                  seed=0)
 
 
 def test_the_pages_default_reply_limit_works_and_keeps_the_history(served_256):
@@ -154,62 +278,86 @@ def test_the_pages_default_reply_limit_works_and_keeps_the_history(served_256):
   messages = _chat("What does os.path.join do?") + [{"role": "assistant", "content": "It joins paths."}] + \
       _chat("And os.path.split?")
   ids = render_for_completion(tok, messages)
-  status, events = _post(port, dict(messages=messages, temperature=0.0, max_tokens=page_max_tokens))
-  text, done = _reply(events)
-  assert status == 200 and done["trimmed"] == 0
+  status, chunks = _post(port, dict(messages=messages, temperature=0.0, top_k=50, max_tokens=page_max_tokens,
+                                    stream=True, stream_options={"include_usage": True}))
+  text, last = _reply(chunks)
+  assert status == 200 and last["lmtiny"]["trimmed"] == 0
   assert text == _expected(tok, sampler, messages, temperature=0.0, top_k=50, max_tokens=255, seed=0)
-  assert done["tokens"] <= 256 - len(ids)
-  assert (done["finish_reason"] == "length") == (len(ids) + done["tokens"] == 256)
+  tokens = chunks[-1]["usage"]["completion_tokens"]
+  assert tokens <= 256 - len(ids)
+  assert (last["choices"][0]["finish_reason"] == "length") == (len(ids) + tokens == 256)
   # An explicit limit past the context is still the client's error.
   status, payload = _post(port, dict(messages=messages, max_tokens=256))
-  assert status == 400 and payload["error"].startswith("max_tokens=256: must be in [1, 255]")
+  assert status == 400 and _message(payload).startswith("max_tokens=256: must be in [1, 255]")
+  assert payload["error"]["param"] == "max_tokens"
 
 
 def test_a_system_message_comes_first(served):
   port, tok, sampler = served[:3]
   messages = [{"role": "system", "content": "Answer briefly."}] + _chat("What does os.path.join do?")
-  status, events = _post(port, dict(messages=messages, temperature=0.0, top_k=20, max_tokens=10))
-  text, done = _reply(events)
-  assert status == 200 and done["done"] and done["trimmed"] == 0
-  assert text == _expected(tok, sampler, messages, temperature=0.0, top_k=20, max_tokens=10, seed=0)
+  parts = [{"role": "system", "content": [{"type": "text", "text": "Answer "}, {"type": "text", "text": "briefly."}]}]
+  for sent in (messages, parts + messages[1:]):
+    status, payload = _post(port, dict(messages=sent, temperature=0.0, top_k=20, max_tokens=10))
+    assert status == 200 and payload["lmtiny"]["trimmed"] == 0
+    assert payload["choices"][0]["message"]["content"] == _expected(tok, sampler, messages, temperature=0.0,
+                                                                    top_k=20, max_tokens=10, seed=0)
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"{nope", 400, "invalid JSON"),
-    (b"[1, 2]", 400, "JSON object"),
-    ({"messages": []}, 400, "messages: must be a non-empty list"),
-    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages\\[0\\]"),
-    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages\\[0\\]"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages\\[0\\]"),
-    ({"messages": _chat("a") + [{"role": "system", "content": "s"}] + _chat("b")}, 400, "messages\\[1\\]"),
+@pytest.mark.parametrize("body, status, message, path", [
+    (b"{nope", 400, "invalid JSON", CHAT),
+    (b"[1, 2]", 400, "JSON object", CHAT),
+    ({"messages": []}, 400, "messages: must be a non-empty list", CHAT),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages\\[0\\]", CHAT),
+    ({"messages": [{"role": "user", "content": 3}]}, 400, "messages\\[0\\]", CHAT),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages\\[0\\]", CHAT),
+    ({"messages": _chat("a") + [{"role": "system", "content": "s"}] + _chat("b")}, 400, "messages\\[1\\]", CHAT),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}]}, 400,
-     'messages\\[1\\]: must be {"role": "user"'),
-    ({"messages": [{"role": "system", "content": "s"}]}, 400, "last message must be the user's"),
-    ({"messages": _chat("a") + [{"role": "assistant", "content": "b"}]}, 400, "last message must be the user's"),
-    ({"messages": _chat("a"), "temperature": "hot"}, 400, "temperature: must be a number"),
-    ({"messages": _chat("a"), "top_k": 2.5}, 400, "top_k: must be an integer"),
-    ({"messages": _chat("a"), "max_tokens": CONTEXT}, 400, f"max_tokens={CONTEXT}"),
-    ({"messages": _chat("word " * 200)}, 413, "context is 64"),
+     'messages\\[1\\]: must be {"role": "user"', CHAT),
+    ({"messages": [{"role": "system", "content": "s"}]}, 400, "last message must be the user's", CHAT),
+    ({"messages": _chat("a") + [{"role": "assistant", "content": "b"}]}, 400, "last message must be the user's", CHAT),
+    ({"messages": _chat("a"), "temperature": "hot"}, 400, "temperature: must be a number", CHAT),
+    ({"messages": _chat("a"), "temperature": 2.5}, 400, "temperature=2.5: must be in", CHAT),
+    ({"messages": _chat("a"), "top_k": 2.5}, 400, "top_k: must be an integer", CHAT),
+    ({"messages": _chat("a"), "top_p": 0}, 400, "top_p=0", CHAT),
+    ({"messages": _chat("a"), "n": 17}, 400, "n=17: must be in \\[1, 16\\]", CHAT),
+    ({"messages": _chat("a"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop: must be", CHAT),
+    ({"messages": _chat("a"), "stream": "yes"}, 400, "stream: must be true or false", CHAT),
+    ({"messages": _chat("a"), "max_tokens": CONTEXT}, 400, f"max_tokens={CONTEXT}", CHAT),
+    ({"messages": _chat("a"), "max_completion_tokens": 0}, 400, "max_completion_tokens=0", CHAT),
+    ({"messages": _chat("word " * 200)}, 413, "context is 64", CHAT),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens=0: must be in \\[1,", TEXT),
+    ({"prompt": "a", "logprobs": 6}, 400, "logprobs=6: must be in \\[0, 5\\]", TEXT),
+    ({"prompt": "a", "logprobs": 1, "stream": True}, 400, "logprobs: not available with stream", TEXT),
+    ({"prompt": [[1, 2], 3]}, 400, "prompt: must be a string", TEXT),
+    ({"prompt": ["a"] * 9, "n": 8}, 400, "n x prompts: 72 sequences, but at most 64 may wait", TEXT),
+    ({"prompt": [[1, 1 << 20]]}, 400, "prompt\\[0\\]: token ids must be in", TEXT),
+    ({"prompt": "word " * 200, "max_tokens": 0, "echo": True}, 413, "prompt\\[0\\]: .* context is 64", TEXT),
 ])
-def test_bad_requests_get_a_4xx_json_error(served, body, status, message):
+def test_bad_requests_get_an_openai_error(served, body, status, message, path):
   port = served[0]
-  got_status, payload = _post(port, None, raw=body if isinstance(body, bytes) else json.dumps(body).encode())
+  raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+  got_status, payload = _post(port, None, raw=raw, path=path)
   assert got_status == status
-  assert pytest.importorskip("re").search(message, payload["error"])
+  assert re.search(message, _message(payload))
+  assert payload["error"]["type"] == "invalid_request_error"
 
 
 def test_other_paths_and_methods(served):
   port = served[0]
   conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-  for method, path, status in (("GET", "/nope", 404), ("GET", "/chat/completions", 405), ("POST", "/x", 404)):
+  for method, path, status in (("GET", "/nope", 404), ("GET", CHAT, 405), ("GET", TEXT, 405), ("POST", "/x", 404),
+                               ("POST", "/chat/completions", 404)):  # the old protocol is gone
     conn.request(method, path, body=b"{}" if method == "POST" else None)
     response = conn.getresponse()
-    assert response.status == status and "error" in json.loads(response.read())
+    assert response.status == status and path in _message(json.loads(response.read()))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
   conn.request("GET", "/health")
   assert json.loads(conn.getresponse().read()) == {"ok": True, "step": 0, "context": CONTEXT, "default_max_tokens": 12}
+  conn.request("GET", "/v1/models")
+  assert json.loads(conn.getresponse().read())["data"][0]["id"] == "tiny"
   conn.request("GET", "/")
   page = conn.getresponse().read().decode()
-  assert "/chat/completions" in page and 'id="stop"' in page
+  assert CHAT in page and 'id="stop"' in page and "hidden>API key" in page
   assert f'id="max_tokens" type="number" min="1" max="{CONTEXT - 1}" step="1" value="12"' in page
   conn.close()
 
@@ -241,7 +389,7 @@ def _expected_size(reply: bytes) -> int:
 
 
 def _post_head(length: str, body: bytes = b"") -> bytes:
-  return (f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+  return (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
           f"Content-Length: {length}\r\n\r\n").encode() + body
 
 
@@ -254,18 +402,17 @@ def _post_head(length: str, body: bytes = b"") -> bytes:
 def test_a_bad_content_length_is_400_at_once(served, length, message):
   # The client keeps its side open: the old server read (length -1: until the client hung up).
   status, headers, body = _raw(served[0], _post_head(length), timeout=5)
-  assert status == 400 and json.loads(body) == {"error": message} and headers["Connection"] == "close"
+  assert status == 400 and _message(json.loads(body)) == message and headers["Connection"] == "close"
 
 
 def test_a_body_shorter_than_its_content_length_times_out_with_408(served):
-  engine = _handler(served).engine
-  server = make_server(engine, port=0, read_timeout_s=0.5)
+  server = make_server(_handler(served).service, port=0, read_timeout_s=0.5)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   try:
     port = server.server_address[1]
     started = time.monotonic()
     status, _, body = _raw(port, _post_head("100", b'{"messages": '), timeout=10)
-    assert status == 408 and json.loads(body)["error"] == "body: 13 of 100 bytes (Content-Length) arrived in 0.5 s"
+    assert status == 408 and _message(json.loads(body)) == "body: 13 of 100 bytes (Content-Length) arrived in 0.5 s"
     # Trickling bytes buys no time: the limit is for the whole body.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
       conn.sendall(_post_head("100"))
@@ -285,7 +432,7 @@ def test_a_body_shorter_than_its_content_length_times_out_with_408(served):
       assert replied.startswith(b"HTTP/1.0 408 ")
     # A client that hangs up early gets a 400 (the body ended), not a hung thread.
     status, _, body = _raw(port, _post_head("100", b'{"mess'), shut_write=True)
-    assert status == 400 and "ended after 6 of the 100 bytes" in json.loads(body)["error"]
+    assert status == 400 and "ended after 6 of the 100 bytes" in _message(json.loads(body))
     assert time.monotonic() - started < 9  # no read waited for the 10 s client timeout
   finally:
     server.shutdown()
@@ -306,7 +453,7 @@ def _handler(served):
 ], ids=["deep-array", "deep-messages", "infinite-top-k", "nan-temperature", "deep-seed"])
 def test_deep_or_non_finite_json_is_400(served, raw, message):
   status, headers, body = _raw(served[0], _post_head(str(len(raw)), raw))
-  assert status == 400 and json.loads(body)["error"].startswith(message)
+  assert status == 400 and _message(json.loads(body)).startswith(message)
 
 
 def test_an_exchange_with_an_empty_reply_is_left_out(served):
@@ -314,34 +461,36 @@ def test_an_exchange_with_an_empty_reply_is_left_out(served):
   stopped = _chat("first question") + [{"role": "assistant", "content": ""}]
   answered = _chat("second question") + [{"role": "assistant", "content": "an answer"}]
   messages = stopped + answered + stopped + _chat("third question")
-  status, events = _post(port, dict(messages=messages, temperature=0.0, max_tokens=8))
-  text, done = _reply(events)
-  assert status == 200 and done["unanswered"] == 4 and done["trimmed"] == 0
+  status, payload = _post(port, dict(messages=messages, temperature=0.0, max_tokens=8))
+  assert status == 200 and payload["lmtiny"] == {"unanswered": 4, "trimmed": 0}
   want_messages = answered + _chat("third question")
-  assert text == _expected(tok, sampler, want_messages, temperature=0.0, top_k=50, max_tokens=8, seed=0)
+  assert payload["choices"][0]["message"]["content"] == _expected(tok, sampler, want_messages, temperature=0.0,
+                                                                  max_tokens=8, seed=0)
   # With a system message too; a final empty reply is still refused (the last message is the user's).
   system = [{"role": "system", "content": "Be brief."}]
-  status, events = _post(port, dict(messages=system + stopped + _chat("q"), temperature=0.0, max_tokens=8))
-  assert status == 200 and _reply(events)[1]["unanswered"] == 2
+  status, payload = _post(port, dict(messages=system + stopped + _chat("q"), temperature=0.0, max_tokens=8))
+  assert status == 200 and payload["lmtiny"]["unanswered"] == 2
   status, payload = _post(port, dict(messages=_chat("q") + [{"role": "assistant", "content": ""}]))
-  assert status == 400 and "last message must be the user's" in payload["error"]
+  assert status == 400 and "last message must be the user's" in _message(payload)
 
 
-def test_new_sampling_settings_compile_nothing(served):
+def test_new_settings_and_prompt_lengths_compile_nothing(served):
   port = served[0]
-  messages = _chat("Which module reads CSV files?")
-  _post(port, dict(messages=messages, temperature=0.8, top_k=50, max_tokens=6))  # compiles (if needed)
   lowered = []
 
   def listener(event, duration_secs, **kwargs):
     if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
       lowered.append(event)
-  jax = pytest.importorskip("jax")
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    for temperature, top_k in ((0.3, 5), (1.7, 0), (0.0, 50), (1.0, 200), (0.55, 1), (0.8, 999), (2.5, 64)):
-      status, events = _post(port, dict(messages=messages, temperature=temperature, top_k=top_k, max_tokens=6))
-      assert status == 200 and _reply(events)[1]["done"]
+    for i, (temperature, top_k, top_p) in enumerate(((0.3, 5, 1.0), (1.7, 0, 0.5), (0.0, 50, 1.0), (1.0, 200, 0.9),
+                                                     (0.55, 1, 1.0), (0.8, 999, 0.99))):
+      status, payload = _post(port, dict(messages=_chat("Which module reads CSV files?" + " and" * 4 * i),
+                                         temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=6, seed=i))
+      assert status == 200 and payload["choices"][0]["finish_reason"]
+    status, payload = _post(port, dict(prompt="a b c d e f g h i j k l m n o p q", max_tokens=0, echo=True,
+                                       logprobs=2), path=TEXT)
+    assert status == 200
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert lowered == []
@@ -381,12 +530,12 @@ def test_a_lone_surrogate_in_a_message_is_400(served):
   raw = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
   status, headers, body = _raw(served[0], _post_head(str(len(raw)), raw))
   assert status == 400 and headers["Connection"] == "close"
-  assert json.loads(body) == {"error": "messages[0].content: not valid Unicode (a lone surrogate U+D800 at character 3)"}
+  assert _message(json.loads(body)) == "messages[0].content: not valid Unicode (a lone surrogate U+D800 at character 3)"
 
 
 def _own_server(served, read_timeout_s):
   """A second server on the module's engine, with its own read timeout."""
-  server = make_server(_handler(served).engine, port=0, read_timeout_s=read_timeout_s)
+  server = make_server(_handler(served).service, port=0, read_timeout_s=read_timeout_s)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   return server
 
@@ -398,7 +547,7 @@ def test_headers_trickled_a_byte_at_a_time_get_no_more_than_the_deadline(served)
   try:
     with socket.create_connection(server.server_address, timeout=1) as conn:
       started = time.monotonic()
-      conn.sendall(b"POST /chat/completions HTTP/1.1\r\n")
+      conn.sendall(f"POST {CHAT} HTTP/1.1\r\n".encode())
       closed_after = None
       for byte in b"X-Slow: " + b"x" * 20:  # at most ~10 s, then the test fails by itself
         try:
@@ -448,46 +597,30 @@ def test_clients_that_hang_up_before_or_during_the_reply_leave_no_traceback(serv
     if _request_threads() <= before:
       break
     time.sleep(0.02)
-  status, events = _post(port, dict(messages=_chat("Hi"), max_tokens=2))  # still serving
-  assert status == 200 and events[-1]["done"]
+  status, payload = _post(port, dict(messages=_chat("Hi"), max_tokens=2))  # still serving
+  assert status == 200 and payload["choices"][0]["finish_reason"]
   err = capfd.readouterr().err
   assert "Traceback" not in err and "Exception" not in err, err[-3000:]
 
 
-class _BlockedSampler:
-  """Generates nothing until released: requests pile up in the queue."""
+class _FullEngine:
+  """An engine whose queue is full."""
+  context, max_queue = CONTEXT, 2
 
-  def __init__(self):
-    self.release = threading.Event()
-
-  def generate(self, prompts, *, on_finish, **kwargs):
-    self.release.wait(60)
-    for row in range(len(prompts)):
-      on_finish(row)
+  def submit(self, jobs):
+    raise EngineBusy("busy: 2 requests are waiting; retry in a moment")
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-  tok = make_tokenizer()
-  sampler = _BlockedSampler()
-  engine = ChatEngine(sampler, tok, CONTEXT, max_batch=1, max_queue=2)
-  server = make_server(engine, port=0)
+  server = make_server(Service(_FullEngine(), make_tokenizer(), max_tokens=4), port=0)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   try:
-    first = engine.submit(engine.parse({"messages": _chat("a")}))
-    for _ in range(500):  # the worker takes it into a batch (and blocks there)
-      if engine._waiting == 0:
-        break
-      time.sleep(0.01)
-    waiting = [engine.submit(engine.parse({"messages": _chat(c)})) for c in "bc"]
     body = json.dumps({"messages": _chat("d")}).encode()
     status, headers, payload = _raw(server.server_address[1], _post_head(str(len(body)), body))
     assert status == 503 and headers["Retry-After"] == "1"
-    assert json.loads(payload) == {"error": "busy: 2 requests are waiting; retry in a moment"}
-    sampler.release.set()
-    for request in [first] + waiting:
-      assert request.events.get(timeout=30)["done"]
+    assert json.loads(payload) == {"error": {"message": "busy: 2 requests are waiting; retry in a moment",
+                                             "type": "server_error", "param": None, "code": "overloaded"}}
   finally:
-    sampler.release.set()
     server.shutdown()
     server.server_close()
 
@@ -499,13 +632,13 @@ def test_a_hundred_simultaneous_clients_are_all_answered(served):
   clients = 100
   results = [None] * clients
   barrier = threading.Barrier(clients)
-  body = json.dumps(dict(messages=_chat("Hi"), temperature=0.0, max_tokens=2)).encode()
+  body = json.dumps(dict(messages=_chat("Hi"), temperature=0.0, max_tokens=2, stream=True)).encode()
 
   def client(i):
     try:
       barrier.wait(timeout=30)
       conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-      conn.request("POST", "/chat/completions", body=body, headers={"Content-Type": "application/json"})
+      conn.request("POST", CHAT, body=body, headers={"Content-Type": "application/json"})
       response = conn.getresponse()
       payload = response.read().decode()
       conn.close()
@@ -522,9 +655,9 @@ def test_a_hundred_simultaneous_clients_are_all_answered(served):
   assert errors == []
   for status, retry_after, payload in results:
     if status == 200:
-      assert '"done": true' in payload.split("\n\n")[-2]
+      assert '"finish_reason": "' in payload and payload.endswith("data: [DONE]\n\n")
     else:
-      assert retry_after == "1" and json.loads(payload)["error"].startswith("busy:")
+      assert retry_after == "1" and _message(json.loads(payload)).startswith("busy:")
   assert sum(r[0] == 200 for r in results) >= 4
 
 
@@ -553,10 +686,12 @@ function fetch(url, options) {
   });
 }
 const context = vm.createContext({document, fetch, AbortController, TextDecoder, TextEncoder, JSON, Number, Math,
-                                  Error, Object, Promise, console});
+                                  Error, Object, Promise, console, performance});
 vm.runInContext(require("fs").readFileSync(0, "utf8"), context);
 const tick = () => new Promise((r) => setTimeout(r, 10));
-const done = 'data: {"done": true, "finish_reason": "stop", "tokens": 1, "trimmed": 0, "ttft_s": 0.1, "tokens_per_s": null}\n\n';
+const done = 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "lmtiny": {"trimmed": 0}}\n\n' +
+             'data: {"choices": [], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n';
+const piece = (text) => 'data: {"choices": [{"index": 0, "delta": {"content": "' + text + '"}, "finish_reason": null}]}\n\n';
 async function ask(text, reply, stopEarly) {
   replies.push(reply);
   document.getElementById("input").value = text;
@@ -567,12 +702,13 @@ async function ask(text, reply, stopEarly) {
 }
 (async () => {
   await ask("first", null, true);                                  // Stop before the first token
-  await ask("second", 'data: {"token": "Hi"}\n\n' + done, false);  // a reply
+  await ask("second", piece("Hi") + done, false);  // a reply
   await ask("third", null, true);                                  // stopped before its first token again
   await ask("fourth", done, false);                                // a reply with no text
-  await ask("fifth", 'data: {"token": "Yes"}\n\n' + done, false);
+  await ask("fifth", piece("Yes") + done, false);
   const log = document.getElementById("log").children.map((c) => [c.className, c.textContent]);
-  console.log(JSON.stringify({sent: sent.map((b) => b.messages), log}));
+  console.log(JSON.stringify({sent: sent.map((b) => b.messages), log, status: document.getElementById("status").textContent,
+                              stream: sent.every((b) => b.stream === true && b.stream_options.include_usage === true)}));
 })();
 """
 
@@ -589,6 +725,7 @@ def test_the_pages_script_never_sends_an_empty_reply():
                                                                   user("third")],
                             [user("second"), {"role": "assistant", "content": "Hi"}, user("fourth")],
                             [user("second"), {"role": "assistant", "content": "Hi"}, user("fifth")]]
+  assert result["stream"] and result["status"].startswith("1 tokens | first token ") and result["status"].endswith(" stop")
   classes = [c for c, _ in result["log"]]
   assert classes[:2] == ["message user unanswered", "message assistant stopped unanswered"]
   assert classes[2:4] == ["message user", "message assistant"]
@@ -600,6 +737,7 @@ def test_the_pages_script_never_sends_an_empty_reply():
     ("--max-batch", "-1", "--max-batch=-1: must be >= 1"),
     ("--max-queue", "0", "--max-queue=0: must be >= 1"),
     ("--port", "70000", "--port=70000: must be in [0, 65535]"),
+    ("--api-key", " x", "--api-key: must be non-empty, without leading or trailing spaces"),
 ])
 def test_serve_rejects_bad_flags_before_loading(tmp_path, capsys, flag, value, message):
   # The run directory does not exist: a flag that got past the checks would fail on it instead.
