@@ -6,4 +6,6 @@ NUM_PARAMS = 286_261_730
 
 
 def get_config():
-  return nanochat_leaderboard_config(12)
+  c = nanochat_leaderboard_config(12)
+  c.data.packing = "bestfit"  # nanochat's BOS-aligned best-fit rows (lmtiny.data.bestfit)
+  return c

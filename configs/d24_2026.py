@@ -8,4 +8,6 @@ NUM_PARAMS = 1_384_122_122
 
 
 def get_config():
-  return nanochat_leaderboard_config(24, tokens_per_param=8.0)
+  c = nanochat_leaderboard_config(24, tokens_per_param=8.0)
+  c.data.packing = "bestfit"  # nanochat's BOS-aligned best-fit rows (lmtiny.data.bestfit)
+  return c

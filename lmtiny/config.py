@@ -29,6 +29,7 @@ SMEAR_CHANNELS = 24
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
 MESH_AXES = ("data", "fsdp", "tensor")
 RL_DATA = ("gsm8k", "toy")
+PACKINGS = ("concat", "bestfit")  # data.packing (lmtiny.data.pipeline)
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -166,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_docs_per_row=0,    # cap on documents per packed row (the rest of a full row is padding); 0 = none.
                              # Bounds the runs packed cuDNN attention sizes for (pipeline.max_runs_per_row)
       document_mask=True,    # False: documents attend across their boundaries (nanochat); plain causal attention
+      packing="concat",      # concat: documents back to back, continued in the next row | bestfit: every row starts
+                             # with BOS, documents placed best-fit, the overflow cropped (nanochat; lmtiny.data.bestfit)
+      bestfit_buffer=1000,   # bestfit: documents the best-fit choice searches (nanochat: 1000)
       shuffle_seed=0,
   ))
 
@@ -473,6 +477,13 @@ def validate(cfg) -> None:
            cfg.data.max_docs_per_row, "must be an integer >= 0 (0 = no cap)")
   _require(isinstance(cfg.data.document_mask, bool), "data.document_mask", cfg.data.document_mask,
            "must be True or False")
+  _choice(cfg.data, "packing", "data", PACKINGS)
+  _require(isinstance(cfg.data.bestfit_buffer, int) and not isinstance(cfg.data.bestfit_buffer, bool)
+           and cfg.data.bestfit_buffer >= 1, "data.bestfit_buffer", cfg.data.bestfit_buffer,
+           "must be an integer >= 1 (documents the best-fit choice searches)")
+  if cfg.data.packing == "bestfit":
+    _require(cfg.data.max_docs_per_row == 0, "data.max_docs_per_row", cfg.data.max_docs_per_row,
+             "must be 0 with data.packing=bestfit (best-fit rows have no padding to cap documents with)")
   for name in ("b1", "b2"):
     _require(0 <= o[name] < 1, f"optim.{name}", o[name], "must be in [0, 1)")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")

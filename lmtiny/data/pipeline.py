@@ -30,11 +30,18 @@ Each batch is a dict of [B, T] numpy arrays (T = seq_len):
   loss_mask        float32 1 where input and target belong to the same segment, 0 otherwise
                            (padding, and the step from one document into the next)
 
+`packing="bestfit"` builds the rows another way (lmtiny.data.bestfit, nanochat's dataloader): every
+row starts with a document's BOS, documents are placed whole, best fit first, and the one that
+fills the rest of a row is cropped; nothing continues into the next row. Its batches carry the
+same keys: each document of a row its own segment (positions from 0 at its BOS), or with
+`document_mask=False` one causal sequence per row, every target trained (nanochat's layout).
+
 Resuming from a state is exact with every option: a prefetching iterator's state is that of the
 last batch handed out, not of the batches made ahead.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from typing import Any, Iterator, Sequence
@@ -42,6 +49,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from lmtiny.config import PACKINGS
+from lmtiny.data import bestfit
 from lmtiny.errors import ConfigError
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -263,29 +272,58 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, seed: int,
-                        process_index: int = 0, process_count: int = 1,
-                        num_workers: int = 0, prefetch: int = 0, max_docs_per_row: int = 0,
-                        document_mask: bool = True) -> grain.DatasetIterator:
-  """Infinite iterator of packed batches over this process's slice, reshuffled every epoch.
+def _rows_to_batch(rows: dict[str, np.ndarray], document_mask: bool) -> dict[str, np.ndarray]:
+  return _layout(rows["tokens"], rows["segments"], rows["positions"], document_mask)
 
-  `batch_size` is this process's rows per step. The iterator supports get_state()/set_state()
-  (and grain.checkpoint.CheckpointSave/Restore). A state belongs to this process count and
-  `num_workers` (not to `prefetch`: the state is the same with or without it);
-  `map_train_state` converts saved states to other counts.
 
-  `prefetch` > 0: a background thread keeps up to that many batches ready (grain's thread
-  prefetch: the state is that of the last batch consumed, an error in the thread is raised by
-  next(), and close() or dropping the iterator stops the thread). `max_docs_per_row` and
-  `document_mask`: the module docstring.
-  """
+def _packed(docs: grain.MapDataset, *, seq_len: int, batch_size: int, bos_id: int, packing: str,
+            bestfit_buffer: int, max_docs_per_row: int, document_mask: bool, pad_final: bool) -> grain.IterDataset:
+  """Batches of `docs` packed as `packing` says (module docstring)."""
+  if packing == "concat":
+    return PackedBatchDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size,
+                              bos_id=bos_id, pad_final=pad_final, max_docs_per_row=max_docs_per_row,
+                              document_mask=document_mask)
+  if packing != "bestfit":
+    raise ValueError(f"packing={packing!r} must be one of {', '.join(PACKINGS)}")
+  if max_docs_per_row:
+    raise ValueError(f"max_docs_per_row={max_docs_per_row}: best-fit rows have no padding to cap documents with")
+  rows = bestfit.BestFitRowsDataset(docs, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id,
+                                    buffer_size=bestfit_buffer)
+  return rows.map(functools.partial(_rows_to_batch, document_mask=document_mask))
+
+
+def train_stream(docs: Sequence, seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This process's endless stream of training documents, the packers' input: its slice,
+  reshuffled every epoch (stream index e * len(slice) + i is the i-th document of epoch e)."""
   ds = _process_slice(docs, process_index, process_count)
   if len(ds) == 0:
     raise ConfigError(f"no training documents for process {process_index} of {process_count} "
                       f"(the split has {len(docs)} documents)")
-  ds = ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
-  packed = PackedBatchDataset(ds.to_iter_dataset(_READ_OPTIONS), seq_len=seq_len, batch_size=batch_size,
-                              bos_id=bos_id, max_docs_per_row=max_docs_per_row, document_mask=document_mask)
+  return ds.shuffle(seed=_shuffle_seed(seed)).repeat(None)
+
+
+def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, seed: int,
+                        process_index: int = 0, process_count: int = 1,
+                        num_workers: int = 0, prefetch: int = 0, max_docs_per_row: int = 0,
+                        document_mask: bool = True, packing: str = "concat",
+                        bestfit_buffer: int = bestfit.NANOCHAT_BUFFER) -> grain.DatasetIterator:
+  """Infinite iterator of packed batches over this process's slice, reshuffled every epoch.
+
+  `batch_size` is this process's rows per step. The iterator supports get_state()/set_state()
+  (and grain.checkpoint.CheckpointSave/Restore). A state belongs to this process count,
+  `num_workers` and `packing` (not to `prefetch`: the state is the same with or without it);
+  `map_train_state` converts saved states to other counts.
+
+  `prefetch` > 0: a background thread keeps up to that many batches ready (grain's thread
+  prefetch: the state is that of the last batch consumed, an error in the thread is raised by
+  next(), and close() or dropping the iterator stops the thread). `max_docs_per_row`,
+  `document_mask`, `packing` and `bestfit_buffer` (documents the best-fit choice searches): the
+  module docstring.
+  """
+  ds = train_stream(docs, seed, process_index, process_count)
+  packed = _packed(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, packing=packing,
+                   bestfit_buffer=bestfit_buffer, max_docs_per_row=max_docs_per_row, document_mask=document_mask,
+                   pad_final=False)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     packed = packed.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
@@ -296,17 +334,20 @@ def make_train_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id
 
 def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id: int, num_batches: int,
                        process_index: int = 0, process_count: int = 1, max_docs_per_row: int = 0,
-                       document_mask: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                       document_mask: bool = True, packing: str = "concat",
+                       bestfit_buffer: int = bestfit.NANOCHAT_BUFFER) -> Iterator[dict[str, np.ndarray]]:
   """Deterministic, finite iterator: documents in order, no shuffle, the last batch padded.
 
   num_batches > 0: exactly that many batches; once this process's slice is used up the rest are
   all padding (loss_mask 0), so every process runs the same number of steps. num_batches <= 0:
-  one pass over the slice (the count may then differ between processes). `max_docs_per_row` and
-  `document_mask` as for training, so evaluation sees the layout the model trains on.
+  one pass over the slice (the count may then differ between processes). `max_docs_per_row`,
+  `document_mask`, `packing` and `bestfit_buffer` as for training, so evaluation sees the layout
+  the model trains on (best-fit evaluation rows crop as training rows do, as nanochat's do).
   """
-  ds = _process_slice(docs, process_index, process_count).to_iter_dataset(_READ_OPTIONS)
-  batches = iter(PackedBatchDataset(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, pad_final=True,
-                                    max_docs_per_row=max_docs_per_row, document_mask=document_mask))
+  ds = _process_slice(docs, process_index, process_count)
+  batches = iter(_packed(ds, seq_len=seq_len, batch_size=batch_size, bos_id=bos_id, packing=packing,
+                         bestfit_buffer=bestfit_buffer, max_docs_per_row=max_docs_per_row,
+                         document_mask=document_mask, pad_final=True))
   if num_batches <= 0:
     return batches
   empty = pack_batch(np.zeros(0, np.int32), np.zeros(0, np.int64), batch_size, seq_len + 1, document_mask)
@@ -314,15 +355,33 @@ def make_eval_iterator(docs: Sequence, *, seq_len: int, batch_size: int, bos_id:
   return itertools.islice(itertools.chain(batches, padding), num_batches)
 
 
-def _packer_positions(state: dict[str, Any]) -> tuple[list[tuple[int, int]], int]:
-  """[(documents consumed, offset)] per packer in a train-iterator state, and the worker count.
+def _packer_positions(state: dict[str, Any]) -> tuple[list[tuple[int, int, bool]], int]:
+  """[(first unused position, positions used, clean)] per packer in a train-iterator state, and
+  the worker count. Positions count the packer's own document stream: with W workers, worker w
+  packs positions w, w+W, ... of this process's (shuffled, repeated) stream.
 
-  The packer's parent state is from before a partly used document, so `next_index` counts the
-  documents fully consumed either way. With W workers, worker w consumed positions w, w+W, ...
-  of this process's (shuffled, repeated) document stream.
+  concat: the parent state is from before a partly used document, so `next_index` is both; clean
+  = no document partly used. bestfit: the buffered documents are read but unused; clean = none
+  buffered.
   """
   packers = state["iterators_in_use_states"] if "iterators_in_use_states" in state else [state]
-  return [(int(p["parent"]["next_index"]), int(p["offset"])) for p in packers], len(packers)
+  out = []
+  for p in packers:
+    if "buffer" in p:
+      read, buffered = int(p["next_index"]), [int(i) for i in p["buffer"]]
+      out.append((min(buffered, default=read), read - len(buffered), not buffered))
+    else:
+      k = int(p["parent"]["next_index"])
+      out.append((k, k, not int(p["offset"])))
+  return out, len(packers)
+
+
+def _start_at(packer: dict[str, Any], position: int) -> None:
+  """Sets a packer's state (either packing's) to a fresh start at `position` of its stream."""
+  if "buffer" in packer:
+    packer["next_index"], packer["buffer"] = position, []
+  else:
+    packer["parent"]["next_index"], packer["offset"] = position, 0
 
 
 def worker_count(state: dict[str, Any]) -> int:
@@ -347,21 +406,25 @@ def map_train_state(saved: list[dict[str, Any]], num_docs: int, process_index: i
   for i, state in enumerate(saved):
     size = len(range(i, num_docs, old_count))
     packers, workers = _packer_positions(state)
-    consumed = min(w + workers * k for w, (k, _) in enumerate(packers))   # the stream before this is used
-    epochs.append(consumed // size)
-    seen += sum(k for k, _ in packers)
+    unused = min(w + workers * k for w, (k, _, _) in enumerate(packers))   # the stream before this is used
+    epochs.append(unused // size)
+    seen += sum(used for _, used, _ in packers)
   epoch = min(epochs)
   for i, state in enumerate(saved):
     start = epoch * len(range(i, num_docs, old_count))
     packers, workers = _packer_positions(state)
-    exact &= all(k == -(-(start - w) // workers) and not offset for w, (k, offset) in enumerate(packers))
+    exact &= all(k == -(-(start - w) // workers) and clean for w, (k, _, clean) in enumerate(packers))
     seen -= start
   position = epoch * len(range(process_index, num_docs, process_count))
-  new = json.loads(json.dumps(template)) if template is not None else {"parent": {"next_index": 0}, "offset": 0}
+  if template is not None:
+    new = json.loads(json.dumps(template))
+  else:
+    bestfit_rows = "buffer" in (saved[0]["iterators_in_use_states"][0] if "iterators_in_use_states" in saved[0]
+                                else saved[0])
+    new = {"next_index": 0, "buffer": []} if bestfit_rows else {"parent": {"next_index": 0}, "offset": 0}
   packers = new["iterators_in_use_states"] if "iterators_in_use_states" in new else [new]
   for w, packer in enumerate(packers):
-    packer["parent"]["next_index"] = -(-(position - w) // len(packers))
-    packer["offset"] = 0
+    _start_at(packer, -(-(position - w) // len(packers)))
   if exact:
     return new, f"data position mapped exactly: epoch {epoch} starts on every process"
   return new, (f"warning: data position mapped to the start of epoch {epoch}; {seen} documents of the "

@@ -1,6 +1,6 @@
 """What a re-run checks against the run directory it resumes: the config's changes (edits that
-change the parameters' or optimizer state's shapes are refused in one line; others are recorded in
-config_history.jsonl), and the bytes of the state each checkpoint holds (for the disk check)."""
+change the parameters' or optimizer state's shapes, or data.packing, are refused in one line; others
+are recorded in config_history.jsonl), and the bytes of the state each checkpoint holds (for the disk check)."""
 from __future__ import annotations
 
 import json
@@ -54,6 +54,11 @@ def config_changes(workdir: str, cfg) -> dict[str, tuple]:
   old_flat, new_flat = _flat(old), _flat(new)
   changes = {k: (old_flat.get(k), new_flat.get(k)) for k in sorted(set(old_flat) | set(new_flat))
              if old_flat.get(k) != new_flat.get(k)}
+  if "data.packing" in changes:  # the saved data position is a position of the other packer
+    was, now = changes["data.packing"]
+    raise ConfigError(f"config.data.packing={now!r}: {workdir} holds a run trained with data.packing={was!r}, "
+                      f"and its saved data position is a position of those rows; keep {was!r} to resume it, or "
+                      "choose another --workdir")
   structural = [k for k in changes if k.startswith(("model.", "optim."))]
   if not structural:
     return changes

@@ -63,14 +63,15 @@ class Evaluation(Protocol):
 
 
 class DocumentBatches:
-  """Pretraining's rows: documents packed with BOS, at most data.max_docs_per_row to a row."""
+  """Pretraining's rows: documents packed with BOS as data.packing says, at most data.max_docs_per_row to a row."""
 
   def __init__(self, cfg, data):
     self.cfg, self.data = cfg, data
 
   def _layout(self) -> dict:
     d = self.cfg.data
-    return dict(max_docs_per_row=d.max_docs_per_row, document_mask=d.document_mask)
+    return dict(max_docs_per_row=d.max_docs_per_row, document_mask=d.document_mask, packing=d.packing,
+                bestfit_buffer=d.bestfit_buffer)
 
   def train_iterator(self, batch_size: int):
     t, d = self.cfg.train, self.cfg.data
