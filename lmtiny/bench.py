@@ -9,7 +9,10 @@ abstract inputs (no parameters are allocated, nothing runs): the memory check fo
 A timed run also reads the compiled step's HLO for a cuDNN fused-attention call, so the report
 says which kernel `model.attention=auto` really ran; `--json PATH` writes the report as JSON too.
 `--lower-for cuda|tpu` lowers the step for a GPU or TPU this machine need not have and prints
-the attention kernels it calls per step and any [T, T] tensor left (lmtiny.training.lowering);
+the attention kernels it calls per step and any [T, T] tensor left (lmtiny.training.lowering),
+then per token of the global batch the FLOPs, bytes and collective bytes the lowered step moves
+(lmtiny.training.hlo_cost, lmtiny.training.step_cost) and the MFU they bound on an H100, a v5p and a v6e
+(lmtiny.plan.roofline); `--json PATH` writes those figures;
 `--hlo-out FILE` also writes the lowered step's StableHLO there, so anyone can count what it does.
 `--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
 XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
@@ -30,7 +33,7 @@ from lmtiny import cli
 from lmtiny.plan import recipe
 from lmtiny.errors import ConfigError
 from lmtiny.fs import atomic as files, outputs
-from lmtiny.training import lowering
+from lmtiny.training import lowering, step_cost
 from lmtiny.training.benchmark import benchmark, compile_report, format_report, report_json
 
 
@@ -66,10 +69,14 @@ def run(argv: list[str]) -> int:
     outputs.check_output_file(values["hlo_out"], "--hlo-out")
   if values["lower_for"]:
     text, summary = lowering.report(cfg, values["lower_for"])
-    print(summary)
+    figures = step_cost.report(text, cfg, values["lower_for"])
+    print(summary + "\n" + step_cost.format_per_token(figures))
     if values["hlo_out"]:
       epath.Path(values["hlo_out"]).parent.mkdir(parents=True, exist_ok=True)
       files.atomic_write(values["hlo_out"], text.encode())
+    if values["json"]:
+      epath.Path(values["json"]).parent.mkdir(parents=True, exist_ok=True)
+      files.atomic_write_json(values["json"], {"platform": values["lower_for"], "per_token": figures})
     return 0
   report = (compile_report(cfg, values["topology"]) if values["compile_only"] or values["topology"]
             else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))

@@ -119,14 +119,14 @@ def _lowered_train_step(cfg, platform: str | None = None, mesh=None, devices=Non
   return lowered, time.perf_counter() - t0, cfg, mesh
 
 
-def compile_train_step(cfg, platform: str | None = None, devices=None):
+def compile_train_step(cfg, platform: str | None = None, devices=None, compiler_options=None):
   """XLA's compile of the trainer's step on abstract inputs (nothing allocated, nothing run), as
   (compiled, seconds, the config compiled, mesh): for this machine's devices, or for `devices`
-  of `platform` (a described TPU slice: tpu_devices)."""
+  of `platform` (a described TPU slice: tpu_devices); `compiler_options` go to XLA."""
   lowered, lower_s, cfg, mesh = _lowered_train_step(cfg, platform, devices=devices)
   t0 = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=compiler_options)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):  # only the compiler's "it does not fit" is the config's
       raise

@@ -364,3 +364,23 @@ def test_bench_hlo_out_writes_the_lowered_step_and_needs_lower_for(tmp_path, cap
   err = capsys.readouterr().err
   assert err.strip() == "error: --hlo-out needs --lower-for cuda|tpu (it writes the lowered step)"
   assert not (tmp_path / "x").exists()
+
+
+def test_bench_lower_for_prints_the_per_token_block_and_writes_it_as_json(tmp_path, capsys):
+  import json
+  config = f"{ROOT}/configs/tiny.py"
+  flags = [f"--config.train.seq_len={T}", f"--config.train.batch_tokens={8 * T}"]
+  out = tmp_path / "lowered.json"
+  assert bench.main(["bench", "--config", config, *flags, "--lower-for", "cuda", "--json", str(out)]) == 0
+  printed = capsys.readouterr().out
+  for head in ("per token    ", "bytes        ", "collectives  ", "MFU bound    h100 <= "):
+    assert f"\n{head}" in printed, printed
+  assert "6N + attention" in printed and "v5p <= " in printed and "v6e <= " in printed
+  figures = json.loads(out.read_text())
+  assert figures["platform"] == "cuda" and figures["per_token"]["tokens_per_step"] == 8 * T
+  p = figures["per_token"]
+  assert p["flops"]["total"] >= p["flops"]["matmul"] > 0 and p["chips"] == 8
+  # 8 emulated devices, data=8: the partitioner sums the float32 gradients across them once a step
+  assert p["collectives_source"] == "partitioned" and p["collectives_per_step"].get("all_reduce", 0) >= 1
+  line = printed.split("collectives  ")[1].splitlines()[0]
+  assert p["link_bytes"] > 0 and re.search(r"all_reduce \S+B payload, \S+B over links \(\d+ per step\)", line), line
