@@ -3,15 +3,22 @@ and a jsonl file of conversations."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
 import shutil
 import tempfile
+import threading
 
+import jax
 import numpy as np
+from flax import nnx
 
 from lm_fixtures import memory_data, tiny_config
+from lmtiny.chat.server import make_server
+from lmtiny.model.sampling import Sampler
+from lmtiny.model.transformer import Transformer
 
 TOKENIZER_CHARS = 60_000
 TOKENIZER_VOCAB = 512
@@ -31,6 +38,35 @@ def chat_config(tok, **train):
   cfg = tiny_config(**train)
   cfg.model.update(vocab_size=tok.vocab_size, max_seq_len=64)
   return cfg
+
+
+def random_sampler(tok, context: int) -> Sampler:
+  """A random-weight chat model of `context` tokens that decodes 4 tokens per call, as lmtiny.serve streams."""
+  cfg = chat_config(tok)
+  cfg.model.max_seq_len = context
+  return Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)
+
+
+def serve_in_thread(service, **server_kw):
+  """lmtiny.chat.server on a free port, answering from a daemon thread (shut down by the caller)."""
+  server = make_server(service, port=0, **server_kw)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server
+
+
+@contextlib.contextmanager
+def counting_lowerings():
+  """A list that gets an entry for every program lowered (to be compiled) while the block runs."""
+  lowered = []
+
+  def listener(event, duration_secs, **kwargs):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield lowered
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def make_base_run(root: str, tok, steps: int = 2) -> str:

@@ -63,6 +63,14 @@ def tensor_name(path: tuple) -> tuple[str, str]:
 NANOCHAT_2026_FIELDS = ("window_pattern", "value_embeds", "residual_scalars", "smear", "backout")
 
 
+def unexpressed_2026_feature(m, architecture: str) -> str | None:
+  """Why `architecture` cannot hold the first 2026 per-layer feature the model config turns on, or None."""
+  for field in NANOCHAT_2026_FIELDS:
+    if m[field]:
+      return f"model.{field}={m[field]!r}: {architecture} has no {field.replace('_', ' ')}"
+  return None
+
+
 def unexpressed(m) -> str | None:
   """Why Llama / Qwen3 cannot compute an lmtiny model config's function (naming the field), or None."""
   if m.activation != "swiglu":
@@ -73,10 +81,7 @@ def unexpressed(m) -> str | None:
     return "model.embed_norm=True: Llama has no norm after the token embedding"
   if m.qk_scale != 1.0:
     return f"model.qk_scale={m.qk_scale}: Qwen3 does not scale q and k after their norm"
-  for field in NANOCHAT_2026_FIELDS:
-    if m[field]:
-      return f"model.{field}={m[field]!r}: Llama has no {field.replace('_', ' ')}"
-  return None
+  return unexpressed_2026_feature(m, "Llama")
 
 
 def export_architecture(m) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from lmtiny import config as config_lib
-from lmtiny.interop.llama import NANOCHAT_2026_FIELDS
+from lmtiny.interop.llama import unexpressed_2026_feature
 from lmtiny.interop.tensors import InteropError
 
 NANOCHAT = "NanoChatForCausalLM"
@@ -103,10 +103,7 @@ def nanochat_unexpressed(m) -> str | None:
     return "model.embed_norm=False: NanoChat always norms the embedding"
   if m.qk_scale != 1.0:
     return f"model.qk_scale={m.qk_scale}: NanoChat does not scale q and k"
-  for field in NANOCHAT_2026_FIELDS:
-    if m[field]:
-      return f"model.{field}={m[field]!r}: NanoChat has no {field.replace('_', ' ')}"
-  return None
+  return unexpressed_2026_feature(m, "NanoChat")
 
 
 def _common_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:

@@ -9,12 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from chat_fixtures import chat_config, make_tokenizer
+from chat_fixtures import counting_lowerings, make_tokenizer, random_sampler
 from lmtiny.chat.batching import BatchEngine, EngineBusy, Failed, Finished, Job, Tokens
-from lmtiny.model.sampling import filter_logits, sample_next, Sampler, SamplingArrays, SamplingParams
-from lmtiny.model.transformer import Transformer
+from lmtiny.model.sampling import filter_logits, sample_next, SamplingArrays, SamplingParams
 
 CONTEXT = 64
 GREEDY = SamplingParams(0.0, 0, 1.0)
@@ -23,10 +21,7 @@ GREEDY = SamplingParams(0.0, 0, 1.0)
 @pytest.fixture(scope="module")
 def engine():
   tok = make_tokenizer()
-  cfg = chat_config(tok)
-  cfg.model.max_seq_len = CONTEXT
-  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)
-  return BatchEngine(sampler, max_batch=4, max_queue=16, stop_ids=(tok.bos_id,)), tok
+  return BatchEngine(random_sampler(tok, CONTEXT), max_batch=4, max_queue=16, stop_ids=(tok.bos_id,)), tok
 
 
 def _collect(job: Job, on_first=None):
@@ -83,13 +78,7 @@ def test_tokens_equal_the_sampler_alone_while_other_jobs_come_and_go(engine):
 
 def test_nothing_compiles_after_warmup(engine):
   engine, tok = engine
-  lowered = []
-
-  def listener(event, duration_secs, **kwargs):
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      lowered.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with counting_lowerings() as lowered:
     jobs = [Job([tok.bos_id] + list(range(5, 5 + n)), max_tokens, SamplingParams(t, k, p), seed=n)
             for n, max_tokens, t, k, p in ((0, 2, 0.0, 0, 1.0), (5, 9, 1.3, 0, 0.5), (12, 4, 0.7, 3, 1.0),
                                            (30, 20, 2.0, 2000, 0.9), (55, 5, 0.1, 64, 0.99), (8, 1, 1.0, 1, 1.0))]
@@ -98,8 +87,6 @@ def test_nothing_compiles_after_warmup(engine):
       _collect(job)
     for n in (2, 17, 40, CONTEXT):
       engine.score(list(range(1, n + 1)))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert lowered == []
 
 

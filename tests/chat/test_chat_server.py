@@ -17,19 +17,16 @@ import threading
 import time
 import zlib
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from chat_fixtures import chat_config, make_tokenizer
+from chat_fixtures import counting_lowerings, make_tokenizer, random_sampler, serve_in_thread
 from lmtiny import serve
 from lmtiny.chat.batching import BatchEngine, EngineBusy
 from lmtiny.chat.page import render_page
 from lmtiny.chat.replies import Service
 from lmtiny.chat.server import make_server
-from lmtiny.model.sampling import Sampler, SamplingParams
-from lmtiny.model.transformer import Transformer
+from lmtiny.model.sampling import SamplingParams
 from lmtiny.tokenizer import render_for_completion
 
 CONTEXT = 64
@@ -39,13 +36,9 @@ TEXT = "/v1/completions"
 
 def _serve(context, api_key=None, **service_kw):
   tok = make_tokenizer()
-  cfg = chat_config(tok)
-  cfg.model.max_seq_len = context
-  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)  # as lmtiny.serve streams
+  sampler = random_sampler(tok, context)
   engine = BatchEngine(sampler, max_batch=4, stop_ids=(tok.special_id("assistant_end"), tok.bos_id))
-  service = Service(engine, tok, model="tiny", **service_kw)
-  server = make_server(service, port=0, info={"step": 0}, api_key=api_key)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
+  server = serve_in_thread(Service(engine, tok, model="tiny", **service_kw), info={"step": 0}, api_key=api_key)
   return server, tok, sampler
 
 
@@ -476,13 +469,7 @@ def test_an_exchange_with_an_empty_reply_is_left_out(served):
 
 def test_new_settings_and_prompt_lengths_compile_nothing(served):
   port = served[0]
-  lowered = []
-
-  def listener(event, duration_secs, **kwargs):
-    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-      lowered.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with counting_lowerings() as lowered:
     for i, (temperature, top_k, top_p) in enumerate(((0.3, 5, 1.0), (1.7, 0, 0.5), (0.0, 50, 1.0), (1.0, 200, 0.9),
                                                      (0.55, 1, 1.0), (0.8, 999, 0.99))):
       status, payload = _post(port, dict(messages=_chat("Which module reads CSV files?" + " and" * 4 * i),
@@ -491,8 +478,6 @@ def test_new_settings_and_prompt_lengths_compile_nothing(served):
     status, payload = _post(port, dict(prompt="a b c d e f g h i j k l m n o p q", max_tokens=0, echo=True,
                                        logprobs=2), path=TEXT)
     assert status == 200
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert lowered == []
 
 

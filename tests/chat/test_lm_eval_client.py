@@ -2,18 +2,14 @@
 with the server's own tokenizer (vLLM's /tokenizer_info, /tokenize and /detokenize endpoints,
 tokenizer_backend="remote"), its log-likelihoods and greedy flags equal the engine's scores of the
 same tokens, and generate_until stops where asked."""
-import threading
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from chat_fixtures import chat_config, make_tokenizer
+from chat_fixtures import make_tokenizer, random_sampler, serve_in_thread
 from lmtiny.chat.batching import BatchEngine
 from lmtiny.chat.replies import Service
-from lmtiny.chat.server import make_server
-from lmtiny.model.sampling import Sampler, SamplingParams
-from lmtiny.model.transformer import Transformer
+from lmtiny.model.sampling import SamplingParams
 
 pytest.importorskip("tenacity")  # lm_eval[api]
 completions = pytest.importorskip("lm_eval.models.openai_completions")
@@ -25,12 +21,9 @@ CONTEXT = 64
 @pytest.fixture(scope="module")
 def served():
   tok = make_tokenizer()
-  cfg = chat_config(tok)
-  cfg.model.max_seq_len = CONTEXT
-  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)
+  sampler = random_sampler(tok, CONTEXT)
   engine = BatchEngine(sampler, max_batch=4, stop_ids=(tok.bos_id,))
-  server = make_server(Service(engine, tok, max_tokens=16, model="tiny"), port=0)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
+  server = serve_in_thread(Service(engine, tok, max_tokens=16, model="tiny"))
   lm = completions.LocalCompletionsAPI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1/completions",
                                        model="tiny", tokenizer_backend="remote", num_concurrent=2,
                                        max_length=CONTEXT)

@@ -5,14 +5,11 @@ import threading
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from chat_fixtures import chat_config, make_tokenizer
+from chat_fixtures import make_tokenizer, random_sampler, serve_in_thread
 from lmtiny.chat.batching import BatchEngine
 from lmtiny.chat.replies import Service
-from lmtiny.chat.server import make_server
-from lmtiny.model.sampling import Sampler, SamplingParams
-from lmtiny.model.transformer import Transformer
+from lmtiny.model.sampling import SamplingParams
 from lmtiny.tokenizer import render_for_completion
 
 openai = pytest.importorskip("openai")
@@ -24,12 +21,9 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def served():
   tok = make_tokenizer()
-  cfg = chat_config(tok)
-  cfg.model.max_seq_len = CONTEXT
-  sampler = Sampler(Transformer(cfg.model, nnx.Rngs(0)), chunk=4)
+  sampler = random_sampler(tok, CONTEXT)
   engine = BatchEngine(sampler, max_batch=8, stop_ids=(tok.special_id("assistant_end"), tok.bos_id))
-  server = make_server(Service(engine, tok, max_tokens=16, model="tiny"), port=0, api_key=KEY)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
+  server = serve_in_thread(Service(engine, tok, max_tokens=16, model="tiny"), api_key=KEY)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key=KEY, max_retries=0)
   yield client, tok, sampler, engine
   server.shutdown()
