@@ -23,7 +23,16 @@ nanochat's forward (training mode, no KV cache), every tensor float32:
     after layer i == L // 2 (0-based) the residual x is kept as x_mid.
   x = x - backout_lambda * x_mid; logits = lm_head(norm(x))[..., :vocab]; 15 * tanh(logits / 15).
 nanochat keeps cos/sin in its compute dtype: float32 on CPU (bfloat16 on recent GPUs); `rope_dtype`
-defaults to float32.
+defaults to the compute dtype.
+
+In bfloat16 (`dtype=torch.bfloat16`; nanochat's COMPUTE_DTYPE, NANOCHAT_DTYPE=bfloat16, which
+replaced autocast): master weights stay float32 and every Linear casts its weight to the
+activation's dtype; the embedding and value-embedding rows are bf16 (nanochat stores those tables
+in bf16); the residual stream, norms (F.rms_norm on bf16), RoPE (bf16 tables), attention and MLP are
+bf16; resid_lambdas[i] and x0_lambdas[i] multiply bf16 activations as float32 0-dim tensors (torch
+reads the scalar at float precision and rounds the product once), smear_lambda and backout_lambda
+are cast to bf16 first, q and k are scaled by the Python float 1.2; the logits become float32 after
+the lm_head GEMM, for the softcap and the loss. Every float32 forward is unchanged by these casts.
 
 Weight mapping, lmtiny (Flax, x @ W) -> nanochat (torch.nn.Linear, x @ W.T), H heads and K kv heads
 of Dh, the model width D, the MLP width F, the padded vocab Vp, L layers:
@@ -61,6 +70,11 @@ VE_GATE_CHANNELS = 12
 
 def norm(x):
   return F.rms_norm(x, (x.size(-1),))
+
+
+def linear(x, weight):
+  """nanochat's Linear: the float32 master weight cast to the activation's dtype."""
+  return F.linear(x, weight.to(x.dtype))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -103,27 +117,27 @@ def attention(q, k, v, window: int):
 
 def smear(x, w):
   """x[t] += smear_lambda * sigmoid(smear_gate . x[t, :24]) * x[t - 1] for t >= 1, both x before the smear."""
-  gate = w["smear_lambda"] * torch.sigmoid(F.linear(x[:, 1:, :SMEAR_CHANNELS], w["smear_gate.weight"]))
+  gate = w["smear_lambda"].to(x.dtype) * torch.sigmoid(linear(x[:, 1:, :SMEAR_CHANNELS], w["smear_gate.weight"]))
   return torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
 
 
 def _attention_block(w, p, h, idx, ve_name, cos, sin, *, n_head, n_kv_head, qk_scale, window):
   b, t, d = h.shape
   dh = w[p + "attn.c_q.weight"].shape[0] // n_head
-  q = F.linear(h, w[p + "attn.c_q.weight"]).view(b, t, n_head, dh)
-  k = F.linear(h, w[p + "attn.c_k.weight"]).view(b, t, n_kv_head, dh)
-  v = F.linear(h, w[p + "attn.c_v.weight"]).view(b, t, n_kv_head, dh)
+  q = linear(h, w[p + "attn.c_q.weight"]).view(b, t, n_head, dh)
+  k = linear(h, w[p + "attn.c_k.weight"]).view(b, t, n_kv_head, dh)
+  v = linear(h, w[p + "attn.c_v.weight"]).view(b, t, n_kv_head, dh)
   if ve_name is not None:
-    ve = F.embedding(idx, w[ve_name]).view(b, t, n_kv_head, dh)
-    gate = 3 * torch.sigmoid(F.linear(h[..., :VE_GATE_CHANNELS], w[p + "attn.ve_gate.weight"]))
+    ve = F.embedding(idx, w[ve_name]).to(h.dtype).view(b, t, n_kv_head, dh)
+    gate = 3 * torch.sigmoid(linear(h[..., :VE_GATE_CHANNELS], w[p + "attn.ve_gate.weight"]))
     v = v + gate[..., None] * ve
   q, k = norm(rotate(q, cos, sin)) * qk_scale, norm(rotate(k, cos, sin)) * qk_scale
   y = attention(q, k, v, window).reshape(b, t, n_head * dh)
-  return F.linear(y, w[p + "attn.c_proj.weight"])
+  return linear(y, w[p + "attn.c_proj.weight"])
 
 
 def _mlp_block(w, p, h):
-  return F.linear(F.relu(F.linear(h, w[p + "mlp.c_fc.weight"])).square(), w[p + "mlp.c_proj.weight"])
+  return linear(F.relu(linear(h, w[p + "mlp.c_fc.weight"])).square(), w[p + "mlp.c_proj.weight"])
 
 
 def count_layers(w: dict) -> int:
@@ -135,19 +149,20 @@ def count_layers(w: dict) -> int:
 
 def forward(w: dict[str, torch.Tensor], idx: torch.Tensor, *, n_head: int, n_kv_head: int,
             window_pattern: str = "SSSL", sequence_len: int, vocab_size: int, softcap: float = 15.0,
-            rope_base: float = 100000.0, qk_scale: float = 1.2, rope_dtype=torch.float32,
-            windows: list[int] | None = None) -> torch.Tensor:
-  """Logits [B, T, vocab_size] in float32 of nanochat's GPT with weights `w` (nanochat's names, see
-  above). `windows` overrides the per-layer windows that window_sizes(...) would give (a test may
-  want a short last layer, which nanochat's rule never makes)."""
+            rope_base: float = 100000.0, qk_scale: float = 1.2, rope_dtype=None,
+            windows: list[int] | None = None, dtype=torch.float32) -> torch.Tensor:
+  """Logits [B, T, vocab_size] in float32 of nanochat's GPT with float32 weights `w` (nanochat's
+  names, see above), computed in `dtype` as nanochat's COMPUTE_DTYPE (see above; RoPE tables in
+  `rope_dtype`, None = `dtype`). `windows` overrides the per-layer windows that window_sizes(...)
+  would give (a test may want a short last layer, which nanochat's rule never makes)."""
   b, t = idx.shape
   n_layer = count_layers(w)
   if windows is None:
     windows = window_sizes(n_layer, window_pattern, sequence_len)
   assert len(windows) == n_layer and w["lm_head.weight"].shape[0] >= vocab_size
   dh = w["transformer.h.0.attn.c_q.weight"].shape[0] // n_head
-  cos, sin = rotary_tables(t, dh, rope_base, dtype=rope_dtype)
-  x = smear(norm(F.embedding(idx, w["transformer.wte.weight"])), w)
+  cos, sin = rotary_tables(t, dh, rope_base, dtype=rope_dtype or dtype)
+  x = smear(norm(F.embedding(idx, w["transformer.wte.weight"]).to(dtype)), w)
   x0, x_mid = x, None
   for i in range(n_layer):
     p = f"transformer.h.{i}."
@@ -158,8 +173,8 @@ def forward(w: dict[str, torch.Tensor], idx: torch.Tensor, *, n_head: int, n_kv_
     x = x + _mlp_block(w, p, norm(x))
     if i == n_layer // 2:
       x_mid = x
-  x = x - w["backout_lambda"] * x_mid
-  logits = F.linear(norm(x), w["lm_head.weight"])[..., :vocab_size].float()
+  x = x - w["backout_lambda"].to(x.dtype) * x_mid
+  logits = linear(norm(x), w["lm_head.weight"])[..., :vocab_size].float()
   return softcap * torch.tanh(logits / softcap)
 
 

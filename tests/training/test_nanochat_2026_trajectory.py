@@ -93,7 +93,8 @@ def _theirs(cfg, start, batches):
   for it, batch in enumerate(batches):
     logits = model_ref.forward(named, torch.from_numpy(batch["inputs"]).long(), n_head=m.num_heads,
                                n_kv_head=m.num_kv_heads, window_pattern=m.window_pattern, sequence_len=m.max_seq_len,
-                               vocab_size=m.vocab_size, rope_base=m.rope_theta, qk_scale=m.qk_scale)
+                               vocab_size=m.vocab_size, rope_base=m.rope_theta, qk_scale=m.qk_scale,
+                               dtype=getattr(torch, m.dtype))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(batch["targets"]).long().reshape(-1))
     grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     optim_ref.set_schedules(groups, it, num_iterations=STEPS, warmup_steps=o.warmup_steps,
