@@ -22,7 +22,11 @@ import os
 import re
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError, RunFailed
@@ -48,14 +52,11 @@ class ExportFailed(RunFailed):
 
 
 def _numpy_dtype(name: str):
-  import ml_dtypes
   return {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name]
 
 
 def flat_params(model) -> dict:
   """{path: NumPy array} of a Transformer's parameters, per layer."""
-  import jax
-  from flax import nnx
   state = jax.device_get(nnx.state(model, nnx.Param))
   flat = {path: np.asarray(var.get_value()) for path, var in state.flat_state()}
   return tensors_lib.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
@@ -220,8 +221,6 @@ def validated_model_config(fields: dict, where: str):
 
 def import_checkpoint(hf_dir: str, workdir: str) -> dict:
   """Writes a new lmtiny run directory from a local Llama, Qwen3, NanoChat or lmtiny checkpoint directory."""
-  import jax.numpy as jnp
-  from flax import nnx
   if not os.path.isdir(hf_dir):
     raise InteropError(f"--hf={hf_dir}: no such directory")
   rundir.check_new_directory(workdir, "--workdir")
