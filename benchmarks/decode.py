@@ -7,21 +7,24 @@ Weights are random (a fresh init: speed does not depend on what the model learne
 tokens, so every row decodes all --new-tokens. Each setting is compiled first (warm-up), then
 timed --repeats times; the medians are printed. Decode tokens/s counts every generated token
 of every row after the first (which prefill samples); prefill tokens/s counts prompt tokens.
+The timing is benchmarks/infer.py's, which also sweeps prompt lengths and reports time to first
+token and memory-bandwidth utilisation.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from infer import measure  # noqa: E402
 from lmtiny import config as config_lib  # noqa: E402
 from lmtiny.model import transformer as model_lib  # noqa: E402
 from lmtiny.model.transformer import compute_dtype  # noqa: E402
@@ -49,17 +52,10 @@ def bench(name: str, batch_sizes, new_tokens: int, prompt_len: int, repeats: int
 
 
 def time_decode(sampler, m, b: int, new_tokens: int, prompt_len: int, repeats: int, rng):
-  """(median decode tok/s, median prefill tok/s, compile seconds) of `sampler` at batch b."""
-  sampling = SamplingParams(temperature=0.8, top_k=50, top_p=0.95)
-  prompts = [list(rng.integers(10, m.vocab_size, prompt_len)) for _ in range(b)]
-  decode, prefill = [], []
-  compile_s = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, warmup=True).compile_seconds
-  for seed in range(repeats):
-    gen = sampler.generate(prompts, max_new_tokens=new_tokens, sampling=sampling, seed=seed)
-    assert gen.decode_tokens == b * (new_tokens - 1)
-    decode.append(gen.decode_tokens / gen.decode_seconds)
-    prefill.append(gen.prefill_tokens / gen.prefill_seconds)
-  return statistics.median(decode), statistics.median(prefill), compile_s
+  """(decode tok/s, prefill tok/s, compile seconds) of `sampler` at batch b: benchmarks/infer.py's
+  measure (a warm-up compile, then medians of --repeats timings)."""
+  t = measure(sampler, b, prompt_len, new_tokens, repeats, SamplingParams(temperature=0.8, top_k=50, top_p=0.95), rng)
+  return t["decode_tokens"] / t["decode_s"], b * prompt_len / t["ttft_s"], t["compile_s"]
 
 
 def main():

@@ -6,10 +6,11 @@
 `summary` reads what the shell half left in WORK: runs.tsv (one line per run: part, run, exit
 status or "skip", seconds, time limit, the run's JSON, its last line of output), env.json, and the JSON each
 benchmark wrote (`benchmarks/attention.py --json`, `python -m lmtiny.bench --json`,
-`benchmarks/torch_reference.py --only torch --json`), and pairs each bench-CONFIG part with its
-torch-CONFIG part: lmtiny's best tokens/s over backends / PyTorch's. It imports
-nothing but the standard library and never fails on a missing or broken file: the suite calls
-it after every run, so a call cut off at its time limit still leaves the figures so far.
+`benchmarks/torch_reference.py --only torch --json`, `benchmarks/infer.py --json`), and pairs
+each bench-CONFIG part with its torch-CONFIG part: lmtiny's best tokens/s over backends /
+PyTorch's. It imports nothing but the standard library and never fails on a missing or broken
+file: the suite calls it after every run, so a call cut off at its time limit still leaves the
+figures so far.
 """
 from __future__ import annotations
 
@@ -197,11 +198,39 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
       lines.append(f"| {q['config']} | {best} | {torch_s} | {ratio} |")
     lines.append("")
 
+  lines += infer_lines([r for r in runs if r["part"] == "infer"])
   lines += ["## runs", "", "| part | run | status | seconds | last line of output (failures) |",
             "|---|---|---|---:|---|"]
   lines += [f"| {r['part']} | {r['run']} | {r['status']} | {r['seconds']} | "
             f"{'' if r['rc'] == '0' else r['last_line'].replace('|', '/')} |" for r in runs]
   return "\n".join(lines) + "\n"
+
+
+def _percent(x) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def infer_lines(runs: list[dict]) -> list[str]:
+  """The infer part's table: one line per (model, prompt, batch) point its runs measured."""
+  if not runs:
+    return []
+  sources = {(r["result"] or {}).get("bandwidth_source") for r in runs} - {None}
+  lines = ["## inference (benchmarks/infer.py): medians after a warm-up compile; TTFT = prefill of the batch + its "
+           "first token; util = (weights + live KV bytes per decode step) / step time / bandwidth; as run: the whole "
+           "bucketed cache; bandwidth: " + ("; ".join(sorted(sources)) or "-"), "",
+           "| run | status | model | dtype | batch | prompt | TTFT ms | decode tok/s | per request | step ms | GB/s | "
+           "util | util as run |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in runs:
+    points = [(m, p) for m in (r["result"] or {}).get("models", []) for p in m.get("rows", [])]
+    if not points:
+      lines.append(f"| {r['run']} | {r['status']} | | | | | | | | | | | |")
+    for m, p in points:
+      lines.append(f"| {r['run']} | {r['status']} | {m['name']} | {m['compute_dtype']} | {p['batch']} | "
+                   f"{p['prompt_len']} | {p['ttft_s'] * 1e3:,.1f} | {p['decode_tokens_per_s']:,.0f} | "
+                   f"{p['decode_tokens_per_s_per_request']:,.1f} | {p['step_s'] * 1e3:.2f} | "
+                   f"{p['bytes_per_s'] / 1e9:,.1f} | {_percent(p['bandwidth_utilisation'])} | "
+                   f"{_percent(p['bandwidth_utilisation_as_run'])} |")
+  return lines + [""]
 
 
 def _torch_side(run: dict) -> dict | None:

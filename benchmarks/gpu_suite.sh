@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# lmtiny's GPU figures (attention kernels, train-step throughput and MFU, and a nanochat-style
-# PyTorch baseline of the same train step) in one command, made for
+# lmtiny's GPU figures (attention kernels, train-step throughput and MFU, a nanochat-style
+# PyTorch baseline of the same train step, and inference speed) in one command, made for
 # a bare, offline GPU box reached for a few minutes at a time: every run has its own time limit
 # inside one overall budget, a failure never stops the next run, and a summary is rewritten
 # after every run, so whatever happens $OUT holds the figures so far.
@@ -23,6 +23,10 @@ PARTs (default: all), run in the order given:
   torch-d20   the same as bench-d20 (d20 at 16 sequences per micro-step), 5 steps after 2
   torch       torch-d4 then torch-d20
   all         attention, bench-d4, bench-d20, torch-d4, torch-d20
+  infer       python benchmarks/infer.py (not in all: all's logs and summary already fill the 8 files
+              a device call brings back): time to first token, decode tokens/s per request and in
+              total, memory-bandwidth utilisation against the chip's HBM figure; d4_38m then d20 at
+              random weights, batch 1 8 32 128, prompt 16 and 512, 128 new tokens, median of 3
 Backends per bench run: cudnn, auto (on a GPU in bf16 lmtiny picks cudnn; the summary records
 whether the compiled step really calls cuDNN), xla. The summary divides lmtiny's best tokens/s
 (over backends) by PyTorch's for each config both ran.
@@ -44,15 +48,16 @@ environment:
                       torch-d20 5/2: its first step compiles)
   D20_BATCH_TOKENS=N  d20's batch in tokens (default its config's 524288)
   LIMIT_S=N           cap every run's time limit (defaults: attention 240, d4 150, d20 300,
-                      torch-d4 180, torch-d20 300 s)
+                      torch-d4 180, torch-d20 300, infer d4_38m 120 and d20 300 s)
   EXTRA_BENCH_FLAGS   more flags for every bench run, e.g. "--config.model.remat=full"
   EXTRA_TORCH_FLAGS   more flags for every torch run, e.g. "--set train.device_batch_size=32"
                       (nanochat's own d20 micro-batch; the last --set wins)
+  EXTRA_INFER_FLAGS   more flags for every infer run, e.g. "--new-tokens 256" (the last one wins)
   PYTHON=python3      the interpreter; WHEELS=.whl (empty: install nothing); SITE=/tmp/site
   SMOKE=1             the same code paths on CPU in seconds: JAX_PLATFORMS=cpu, attention.py at
                       its CPU sizes with xla only, every bench run a 1-layer configs/tiny.py at
                       seq 64 for 1 step, backend xla; every torch run the same model on CPU in
-                      float32, eager
+                      float32, eager; the infer run configs/tiny.py at batch 1 and 2, prompt 8, 4 new tokens
 options:
   --dry-run   print the commands, run nothing
   -h, --help
@@ -73,8 +78,8 @@ while (($#)); do
     all) PARTS+=(attention bench-d4 bench-d20 torch-d4 torch-d20) ;;
     bench) PARTS+=(bench-d4 bench-d20) ;;
     torch) PARTS+=(torch-d4 torch-d20) ;;
-    attention|bench-d4|bench-d20|torch-d4|torch-d20) PARTS+=("$1") ;;
-    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench torch-d4 torch-d20 torch all;" \
+    attention|bench-d4|bench-d20|torch-d4|torch-d20|infer) PARTS+=("$1") ;;
+    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench torch-d4 torch-d20 torch all infer;" \
          "see --help)" ;;
   esac
   shift
@@ -106,6 +111,7 @@ for b in "${BACKEND_LIST[@]}"; do
 done
 read -r -a EXTRA <<<"${EXTRA_BENCH_FLAGS:-}"
 read -r -a EXTRA_TORCH <<<"${EXTRA_TORCH_FLAGS:-}"
+read -r -a EXTRA_INFER <<<"${EXTRA_INFER_FLAGS:-}"
 
 if ((DRY)); then  # create nothing
   OUT="${OUT:-OUT}" WORK="WORK"
@@ -280,6 +286,26 @@ part_torch_d20() {
   torch_part torch-d20 d20 300 5 2 "${flags[@]}"
 }
 
+# infer_run NAME LIMIT_S FLAGS...: one benchmarks/infer.py run, its figures in $WORK/infer-NAME.json
+# (rewritten after every point, so a run cut off at its limit keeps the points so far).
+infer_run() {
+  local name=$1 limit=$2
+  shift 2
+  local result="$WORK/infer-$name.json"
+  step infer "$name" "$limit" "$result" "$PYTHON" benchmarks/infer.py "$@" --json "$result" \
+    ${EXTRA_INFER[@]+"${EXTRA_INFER[@]}"}
+}
+
+part_infer() {
+  if [[ "$SMOKE" == 1 ]]; then
+    infer_run tiny 120 --configs tiny --batch-sizes 1 2 --prompt-lens 8 --new-tokens 4 --repeats 1
+    return 0
+  fi
+  local sweep=(--batch-sizes 1 8 32 128 --prompt-lens 16 512 --new-tokens 128 --repeats 3)
+  infer_run d4_38m 120 --configs d4_38m "${sweep[@]}"
+  infer_run d20 300 --configs d20 "${sweep[@]}"
+}
+
 setup
 for part in "${PARTS[@]}"; do
   case "$part" in
@@ -288,6 +314,7 @@ for part in "${PARTS[@]}"; do
     bench-d20) part_bench_d20 ;;
     torch-d4) part_torch_d4 ;;
     torch-d20) part_torch_d20 ;;
+    infer) part_infer ;;
   esac
 done
 trap - EXIT
