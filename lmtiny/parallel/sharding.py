@@ -143,20 +143,28 @@ def gathers_weights() -> bool:
 def accumulates_per_device(mesh: Mesh) -> bool:
   """Whether a step's micro-batch gradients can be summed on each device and reduced once per
   step (sum_over_batch_shards): on a pure data-parallel mesh, where every parameter is replicated.
-  With fsdp or tensor axes the gradients are sharded, and XLA reduce-scatters them per micro-step."""
-  sizes = dict(mesh.shape)
+  With fsdp or tensor axes the gradients are sharded, and XLA sums them per micro-step (XLA:CPU's
+  partition: an all-reduce of the whole weight gradients of the weights it gathered before the
+  loop, then each device keeps its shard)."""
+  return _data_parallel_only(dict(mesh.shape))
+
+
+def _data_parallel_only(sizes: dict) -> bool:
+  """A mesh of more than one device that splits only the batch: every parameter replicated."""
   return sizes["data"] > 1 and sizes["fsdp"] == 1 and sizes["tensor"] == 1
 
 
-def sum_over_batch_shards(fn, mesh: Mesh, replicated, batch):
+def sum_over_batch_shards(fn, mesh: Mesh, replicated, batch, scope: str = "batch_shard_sum"):
   """fn(replicated, batch) -> a pytree of sums, run on each device's rows of `batch` ([micro-steps,
   rows, ...], rows split over the batch axes) with no collective inside, then summed across the
   devices once: one all-reduce per step instead of one per micro-step. For a mesh where
-  accumulates_per_device holds."""
+  accumulates_per_device holds. `scope`: the jax.named_scope of that sum (its ops' op_name)."""
   rows = _mesh_axes_for("batch", jax.tree.leaves(batch)[0].shape[1], dict(mesh.shape))
 
   def local(replicated, batch):
-    return jax.lax.psum(fn(replicated, batch), tuple(mesh.axis_names))
+    sums = fn(replicated, batch)
+    with jax.named_scope(scope):
+      return jax.lax.psum(sums, tuple(mesh.axis_names))
 
   return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, rows)), out_specs=P(),
                        check_vma=False)(replicated, batch)
@@ -185,6 +193,29 @@ def spread_matrices(x_BxMxN: jax.Array) -> jax.Array:
       axes.append(axis)
   batch = tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
   return jax.lax.with_sharding_constraint(x_BxMxN, P(batch, *([None] * (x_BxMxN.ndim - 1))))
+
+
+def map_matrices(fn, x_BxMxN: jax.Array) -> jax.Array:
+  """fn (a batch of whole matrices -> the same shape) of each matrix, each device running it on its
+  share (`spread_matrices`). Under a pure data-parallel mesh, where the batch is replicated, every
+  device slices its share and all-gathers the results, once: left to the partitioner, the way back
+  from shares to replicated weights is an all-reduce of zero-padded shares (twice an all-gather's
+  link bytes) with all-to-alls and permutes around it, as much traffic again as the gradients'
+  all-reduce for d24_2026. Other meshes (and a batch the devices do not divide: pad it to
+  `matrix_devices`) take the partitioner's way."""
+  mesh = traced_mesh()
+  if mesh is None:
+    return fn(x_BxMxN)
+  sizes = dict(mesh.shape)
+  if not _data_parallel_only(sizes) or x_BxMxN.shape[0] % sizes["data"]:
+    return fn(spread_matrices(x_BxMxN))
+
+  def share(x_BxMxN):
+    count = x_BxMxN.shape[0] // sizes["data"]
+    mine = jax.lax.dynamic_slice_in_dim(x_BxMxN, jax.lax.axis_index("data") * count, count)
+    return jax.lax.all_gather(fn(mine), "data", tiled=True)
+
+  return jax.shard_map(share, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)(x_BxMxN)
 
 
 def matrix_devices() -> int:

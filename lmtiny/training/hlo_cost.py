@@ -25,7 +25,10 @@ once per device of their manual axes):
   all-gather and reduce-scatter (n-1)/n x the gathered size, all-to-all (n-1)/n, permute 1x, n the
   group size. Only the program's own collectives (shard_map's) are in the lowered text: the SPMD
   partitioner adds the sharded step's gradient reductions when XLA compiles it, which
-  `compiled_collectives` counts in a compiled module (lmtiny.training.step_cost compiles one).
+  `compiled_collectives` counts in a compiled module (lmtiny.training.step_cost compiles one),
+  by role: the gradients' reductions, the optimizer's collectives (Muon's matrices gathered back
+  from the devices that orthogonalised them), the rest; and how many of each run inside loops
+  (per micro-step), from the jax op names (named scopes) XLA keeps in the ops' metadata.
 
 Custom calls without a FLOP rule (a kernel under XLA's custom partitioning, which it lowers only
 when compiling) are listed by name in `uncounted`. Importing this module does not import JAX.
@@ -62,14 +65,23 @@ class Cost:
   links: Counter = field(default_factory=Counter)
   uncounted: Counter = field(default_factory=Counter)
   unknown_loops: int = 0
+  # A compiled step's collectives by role (`collective_role`): "{role}_{kind}_payload" and
+  # "{role}_{kind}_ops" per step, and in `in_loops` the part of them run inside `while` loops.
+  roles: Counter = field(default_factory=Counter)
+  in_loops: Counter = field(default_factory=Counter)
 
-  def add(self, other: Cost, reps: float, shards: float = 1.0) -> None:
+  def add(self, other: Cost, reps: float, shards: float = 1.0, loop: bool = False) -> None:
+    """Adds `other` run `reps` times (on `shards` devices); `loop`: as a `while` body."""
     for key, value in other.work.items():
       self.work[key] += value * reps * shards
     for key, value in other.links.items():
       self.links[key] += value * reps
     for key, value in other.uncounted.items():
       self.uncounted[key] += value * reps
+    for key, value in other.roles.items():
+      self.roles[key] += value * reps
+    for key, value in (other.roles if loop else other.in_loops).items():
+      self.in_loops[key] += value * reps
     self.unknown_loops += other.unknown_loops
 
 
@@ -328,9 +340,40 @@ def count(text: str, keys_fraction: float = 0.5) -> Cost:
 
 # --- a compiled (HLO) module's collectives: what XLA's SPMD partitioner put in the step ----------
 
+# Named scopes (jax.named_scope) the train step wraps its phases in (lmtiny.training.steps), read
+# back from the compiled ops' op_name metadata to tell a collective's role.
+GRADIENT_SCOPE = "gradient_sum"  # the step's one cross-device sum of per-device gradient sums
+OPTIMIZER_SCOPE = "optimizer"    # the optimizer's update (Muon's split of its matrices over devices)
+ROLES = ("gradient", "optimizer", "other")
+
 _HLO_COLLECTIVE = re.compile(r"\s*(?:ROOT )?%\S+ = (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
                              r"collective-permute)(?:-start)?\(")
 _HLO_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_REDUCTIONS = ("all_reduce", "reduce_scatter")
+
+
+def collective_role(kind: str, op_name: str) -> str:
+  """What a collective (`kind` as in COLLECTIVES) made from the jax op `op_name` does:
+  "optimizer" inside OPTIMIZER_SCOPE; "gradient" for a reduction in GRADIENT_SCOPE or in the
+  backward pass (`transpose(...)`: the partitioner's sums of sharded or replicated weights'
+  gradients; under a tensor axis also those of the activations); "other" otherwise (weight
+  all-gathers, the forward's collectives, metrics)."""
+  scopes = op_name.split("/")
+  if OPTIMIZER_SCOPE in scopes:
+    return "optimizer"
+  if kind in _REDUCTIONS and (GRADIENT_SCOPE in scopes or any(p.startswith("transpose(") for p in scopes)):
+    return "gradient"
+  return "other"
+
+
+def operand_op_names(op_name: str, operands: int) -> list[str]:
+  """The jax op name of each operand of an op: XLA's combiners join those of the ops they merge as
+  `prefix/(name1:name2:...)`, one per operand in order; otherwise all share `op_name`."""
+  for opening in (i for i, c in enumerate(op_name) if c == "(" and op_name.endswith(")")):
+    parts = op_name[opening + 1:-1].split(":")
+    if len(parts) == operands and opening > 0 and op_name[opening - 1] == "/":
+      return [op_name[:opening] + part for part in parts]
+  return [op_name] * operands
 
 
 def _hlo_group_size(line: str) -> int:
@@ -343,11 +386,30 @@ def _hlo_group_size(line: str) -> int:
   return 2 if "source_target_pairs" in line else 1
 
 
+def _hlo_collective(kind: str, types: str, line: str, cost: Cost) -> None:
+  """Adds one compiled collective to `cost`: its payload (the array reduced or gathered: a
+  reduce-scatter's operand, n times its result) and link bytes by kind, and by role per operand."""
+  n = _hlo_group_size(line)
+  sizes = [math.prod(int(d) for d in dims.split(",") if d) * dtype_bytes(dtype) * (n if kind == "reduce_scatter" else 1)
+           for dtype, dims in _HLO_SHAPE.findall(types) if dtype not in ("token", "u32", "s32")]
+  factor = {"all_reduce": 2.0 * (n - 1) / n, "collective_permute": 1.0 if n > 1 else 0.0}.get(kind, (n - 1) / n)
+  cost.links[f"{kind}_payload"] += sum(sizes)
+  cost.links[kind] += factor * sum(sizes)
+  cost.work[kind] += 1
+  op_name = re.search(r'op_name="([^"]*)"', line)
+  names = operand_op_names(op_name.group(1) if op_name else "", len(sizes))
+  for role in {collective_role(kind, name) for name in names}:
+    cost.roles[f"{role}_{kind}_ops"] += 1
+  for size, name in zip(sizes, names):
+    cost.roles[f"{collective_role(kind, name)}_{kind}_payload"] += size
+
+
 def compiled_collectives(hlo_text: str) -> Cost:
   """The cross-device ops of a compiled HLO module per step, by kind (`links`: payload and bytes
-  over one chip's links as in `count`; `work`: how many ops run, by kind), multiplied out through
-  `while` bodies (XLA's known trip count; else once, counted in `unknown_loops`) and the
-  computations ops call. Async pairs count once (their start)."""
+  over one chip's links as in `count`; `work`: how many ops run, by kind; `roles`: payload and
+  ops by role and kind, `collective_role`, with `in_loops` the part inside `while` loops: the
+  micro-step loop's), multiplied out through `while` bodies (XLA's known trip count; else once,
+  counted in `unknown_loops`) and the computations ops call. Async pairs count once (their start)."""
   chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
   own, edges, entry = {}, {}, None
   for chunk in chunks:
@@ -359,20 +421,13 @@ def compiled_collectives(hlo_text: str) -> Cost:
     for line in chunk.splitlines()[1:]:
       op = _HLO_COLLECTIVE.match(line)
       if op:
-        kind = op.group(2).replace("-", "_")
-        sizes = [math.prod(int(d) for d in dims.split(",") if d) * dtype_bytes(dtype)
-                 for dtype, dims in _HLO_SHAPE.findall(op.group(1)) if dtype not in ("token", "u32", "s32")]
-        payload, n = sum(sizes), _hlo_group_size(line)
-        factor = {"all_reduce": 2.0 * (n - 1) / n, "collective_permute": 1.0 if n > 1 else 0.0}.get(kind, (n - 1) / n)
-        cost.links[f"{kind}_payload"] += payload
-        cost.links[kind] += factor * payload
-        cost.work[kind] += 1
+        _hlo_collective(op.group(2).replace("-", "_"), op.group(1), line, cost)
       body = re.search(r"\bbody=%([\w.\-]+)", line)
       if body:
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         cost.unknown_loops += trips is None
-        out.append((body.group(1), float(trips.group(1)) if trips else 1.0))
-      out.extend((callee, 1.0) for callee in re.findall(r"\b(?:calls|to_apply)=%([\w.\-]+)", line))
+        out.append((body.group(1), float(trips.group(1)) if trips else 1.0, True))
+      out.extend((callee, 1.0, False) for callee in re.findall(r"\b(?:calls|to_apply)=%([\w.\-]+)", line))
     own[name], edges[name] = cost, out
   totals: dict[str, Cost] = {}
 
@@ -380,8 +435,8 @@ def compiled_collectives(hlo_text: str) -> Cost:
     if name not in totals:
       totals[name] = Cost()
       totals[name].add(own.get(name, Cost()), 1.0)
-      for callee, reps in edges.get(name, []):
-        totals[name].add(total(callee), reps)
+      for callee, reps, loop in edges.get(name, []):
+        totals[name].add(total(callee), reps, loop=loop)
     return totals[name]
 
   return total(entry) if entry else Cost()

@@ -19,7 +19,7 @@ import jax
 from lmtiny import config as config_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan import counts, roofline
-from lmtiny.plan.units import human
+from lmtiny.plan.units import human, human_bytes
 from lmtiny.training import hlo_cost, lowering
 
 
@@ -66,8 +66,21 @@ def per_token(text: str, cfg, chips: int, collectives: hlo_cost.Cost | None = No
           "bytes": {**moved, "total": sum(moved.values())},
           "collectives_source": "partitioned" if collectives is not None else "lowered",
           "collectives": links, "collectives_per_step": dict(collectives.work) if collectives is not None else {},
+          "collectives_by_role": by_role(collectives) if collectives is not None else {},
           "link_bytes": link_bytes, "mfu_bound": bounds, "uncounted_kernels": dict(cost.uncounted),
           "loops_of_unknown_length": cost.unknown_loops + (collectives.unknown_loops if collectives else 0)}
+
+
+def by_role(collectives: hlo_cost.Cost) -> dict:
+  """Per step, each role's collectives (hlo_cost.collective_role: the gradients' reductions, the
+  optimizer's, the rest) summed over kinds: payload bytes and ops, and how much of each runs
+  inside `while` loops (the micro-step loop: once per micro-step)."""
+  out = {role: {"payload": 0.0, "ops": 0.0, "payload_in_loops": 0.0, "ops_in_loops": 0.0} for role in hlo_cost.ROLES}
+  for key, value in collectives.roles.items():
+    role, measure = key.split("_", 1)[0], "payload" if key.endswith("_payload") else "ops"
+    out[role][measure] += value
+    out[role][measure + "_in_loops"] += collectives.in_loops[key]
+  return out
 
 
 def report(text: str, cfg, platform: str) -> dict:
@@ -89,7 +102,19 @@ def _collective_line(p: dict) -> str:
                     + (f" ({per_step[k]:g} per step)" if k in per_step else "") for k in kinds)
   where = ("XLA:CPU's partition of this sharded step, XLA attention" if p["collectives_source"] == "partitioned"
            else "the program's own; a sharded step's partitioner adds its own when XLA compiles it")
-  return f"collectives  {found or 'none'} per token per chip ({where})"
+  line = f"collectives  {found or 'none'} per token per chip ({where})"
+  return f"{line}\n{_role_line(p['collectives_by_role'])}" if p["collectives_by_role"] else line
+
+
+def _role_part(name: str, r: dict) -> str:
+  loops = f", {r['ops_in_loops']:g} of them in loops ({human_bytes(r['payload_in_loops'])})" if r["ops_in_loops"] else ""
+  return f"{name} {human_bytes(r['payload'])} in {r['ops']:g} ops{loops}"
+
+
+def _role_line(roles: dict) -> str:
+  """Per step, by role: gradient reductions, the optimizer's collectives, the rest (payloads)."""
+  return "by role      per step: " + "; ".join(_role_part(name, roles[role]) for role, name in (
+      ("gradient", "gradient reductions"), ("optimizer", "optimizer"), ("other", "other")))
 
 
 def format_per_token(p: dict) -> str:

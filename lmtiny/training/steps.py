@@ -25,6 +25,7 @@ from lmtiny.data.pipeline import max_runs_per_row
 from lmtiny.model.transformer import abstract_model, cast_params, compute_dtype, Transformer
 from lmtiny.parallel import sharding, xla_options
 from lmtiny.training import loss_scale
+from lmtiny.training.hlo_cost import GRADIENT_SCOPE, OPTIMIZER_SCOPE
 from lmtiny.training.objectives import CROSS_ENTROPY, Objective, TOKEN_KEYS
 from lmtiny.training.optim import make_optimizer
 
@@ -162,14 +163,16 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     replicated = (params, compute_frozen, factor)
     if per_device:  # each device sums its rows' gradients over the micro-steps; one all-reduce per step
-      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, replicated, micro_batches)
-    else:  # sharded gradients: XLA reduce-scatters each micro-step's
+      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, replicated, micro_batches,
+                                                                  scope=GRADIENT_SCOPE)
+    else:  # sharded gradients: XLA sums each micro-step's, inside the loop (hlo_cost counts them there)
       grad_sums, loss_sum, count = sums(replicated, micro_batches)
     tokens, count = count, jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    with jax.named_scope(OPTIMIZER_SCOPE):  # its collectives are told from the gradients' by this name (hlo_cost)
+      updates, opt_state = tx.update(grads, state["opt_state"], params)
+      new_params = optax.apply_updates(params, updates)
+    new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": tokens}
     if scaling is not None:  # a step with inf/nan gradients leaves params and optimizer state as they were
