@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from lmtiny import config as config_lib
 from lmtiny.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +86,27 @@ def forward(model, *args):
   """model(*args), compiled whole (apply_jitted)."""
   from flax import nnx
   return apply_jitted(*nnx.split(model), *args)
+
+
+def train_on_mesh(cfg, devices, steps: int):
+  """(losses, parameters) of `steps` train steps of cfg on the mesh cfg.mesh lays over `devices`,
+  the batches drawn from memory_data() (lmtiny.training.steps directly: no run directory). Imports
+  jax when called, as the helpers above do: tests/conftest.py imports this module before jax."""
+  import jax
+  from lmtiny.data.pipeline import make_train_iterator
+  from lmtiny.parallel import sharding
+  from lmtiny.training.steps import build_steps, device_batch
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  built = build_steps(cfg, mesh, total_steps=steps)
+  batches = make_train_iterator(memory_data().train_docs, seq_len=cfg.train.seq_len,
+                                batch_size=config_lib.global_batch_size(cfg.train), bos_id=0, seed=0)
+  losses = []
+  with jax.set_mesh(mesh):
+    state = built.init()
+    for _ in range(steps):
+      state, metrics = built.train_step(state, device_batch(next(batches), mesh))
+      losses.append(float(metrics["loss"]))  # blocks every step (the emulated devices' rendezvous)
+    return losses, jax.device_get(state["params"])
 
 
 def load_config_module(name: str):

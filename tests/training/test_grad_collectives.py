@@ -19,14 +19,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_fixtures import load_config_module, memory_data
+from lm_fixtures import load_config_module, train_on_mesh
 from lmtiny import config as config_lib
-from lmtiny.data.pipeline import make_train_iterator
 from lmtiny.model.transformer import abstract_model
 from lmtiny.parallel import sharding
 from lmtiny.training import hlo_cost, lowering, step_cost
 from lmtiny.training.muon import is_muon_param, matrix_view
-from lmtiny.training.steps import build_steps, device_batch
 
 F32 = 4
 ROWS, T = 32, 64
@@ -99,16 +97,7 @@ def test_fsdp_2026_step_reduces_its_gradients_once_per_micro_step(mesh):
 
 def _losses(cfg, devices, steps=3):
   """The losses of `steps` train steps on the mesh cfg.mesh lays over `devices`."""
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  built = build_steps(cfg, mesh, total_steps=steps)
-  batches = make_train_iterator(memory_data().train_docs, seq_len=T, batch_size=ROWS, bos_id=0, seed=0)
-  losses = []
-  with jax.set_mesh(mesh):
-    state = built.init()
-    for _ in range(steps):
-      state, metrics = built.train_step(state, device_batch(next(batches), mesh))
-      losses.append(float(metrics["loss"]))  # blocks every step (the emulated devices' rendezvous)
-  return losses
+  return train_on_mesh(cfg, devices, steps)[0]
 
 
 @pytest.mark.slow(seconds=10)

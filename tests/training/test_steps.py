@@ -5,12 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from lm_fixtures import memory_data, tiny_config
+from lm_fixtures import tiny_config, train_on_mesh
 from lmtiny import config as config_lib
-from lmtiny.data.pipeline import make_train_iterator
-from lmtiny.parallel import sharding
 from lmtiny.training import lowering
-from lmtiny.training.steps import build_steps, device_batch
 
 
 def _cfg(**mesh):
@@ -41,17 +38,7 @@ def test_loop_bodies_are_the_while_bodies_only():
 
 
 def _train(cfg, devices, steps=2):
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  built = build_steps(cfg, mesh, total_steps=steps)
-  batches = make_train_iterator(memory_data().train_docs, seq_len=cfg.train.seq_len,
-                                batch_size=config_lib.global_batch_size(cfg.train), bos_id=0, seed=0)
-  losses = []
-  with jax.set_mesh(mesh):
-    state = built.init()
-    for _ in range(steps):
-      state, metrics = built.train_step(state, device_batch(next(batches), mesh))
-      losses.append(float(metrics["loss"]))  # blocks every step (the emulated devices' rendezvous)
-    return losses, jax.device_get(state["params"])
+  return train_on_mesh(cfg, devices, steps)
 
 
 @pytest.mark.slow(seconds=5)
