@@ -380,6 +380,11 @@ def _hlo_group_size(line: str) -> int:
   iota = re.search(r"replica_groups=\[\d+,(\d+)\]<=", line)
   if iota:
     return int(iota.group(1))
+  # newer XLA (jax 0.12): the mesh's axes and those the group spans, e.g. mesh['data'=2,'fsdp'=4] {'fsdp'}
+  axes = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+  if axes:
+    sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", axes.group(1))}
+    return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", axes.group(2)))
   groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
   if groups:
     return len(groups.group(1).split(","))

@@ -159,6 +159,15 @@ def test_compiled_collectives_multiply_out_through_the_loops_xla_knows_the_lengt
   assert unknown.work["all_reduce"] == 1 and unknown.unknown_loops == 1
 
 
+def test_newer_xlas_mesh_axis_groups_are_sized_by_the_axes_they_span():
+  """jax 0.12's XLA writes a group as the mesh's axes and those it spans: a 2 x 4 mesh's fsdp group is 4."""
+  mesh_form = COMPILED.replace("replica_groups=[1,8]<=[8]", "replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}")
+  reduced = 64 * 32 * 4 + 4
+  assert hlo_cost.compiled_collectives(mesh_form).links["all_reduce"] == pytest.approx(4 * 2 * 3 / 4 * reduced)
+  both = COMPILED.replace("replica_groups=[1,8]<=[8]", "replica_groups=mesh['data'=2,'fsdp'=4] {'data','fsdp'}")
+  assert hlo_cost.compiled_collectives(both).links["all_reduce"] == pytest.approx(4 * 2 * 7 / 8 * reduced)
+
+
 def test_the_pallas_loss_kernels_count_their_lm_head_gemms():
   """Statistics 1, dx 2 (logits again, then dx), dw 2 GEMMs of N x D x V: tokens [1024, 128],
   lm_head [128, 384] (the vocab padded to the kernel's tile)."""
