@@ -39,6 +39,7 @@ from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan.units import human_bytes
 from lmtiny.runs.checkpoint import abstract_with_shardings
+from lmtiny.training import hlo_cost
 from lmtiny.training.objectives import TOKEN_KEYS
 from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps
@@ -47,7 +48,6 @@ PLATFORMS = ("cuda", "tpu")
 H100_CAPABILITY = (9, 0)
 CUDNN_VERSION = 92400  # what jax.nn's cuDNN path is told; it gates features, not the lowering itself
 CUDNN_CALLS = {"__cudnn$fmhaSoftmax": "forward", "__cudnn$fmhaSoftmaxBackward": "backward"}
-DTYPE_BYTES = {"f64": 8, "f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i16": 2, "i8": 1, "ui8": 1, "i1": 1}
 
 
 def check_platform(platform: str) -> None:
@@ -178,7 +178,7 @@ def compile_for_topology(cfg, topology: str):
 
 def _tensor_bytes(shape: str) -> int:
   *dims, dtype = shape.split("x")
-  return int(np.prod([int(d) for d in dims], dtype=np.int64)) * DTYPE_BYTES.get(dtype, 4)
+  return int(np.prod([int(d) for d in dims], dtype=np.int64) * hlo_cost.dtype_bytes(dtype))
 
 
 def _call_counts(text: str, vocab: int = 0) -> Counter:
