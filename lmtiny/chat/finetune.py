@@ -60,13 +60,15 @@ class ChatBatches:
   def train_iterator(self, batch_size: int):
     return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=batch_size,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
+                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
+                                    document_mask=self.cfg.data.document_mask)
 
   def eval_iterator(self, batch_size: int):
     t = self.cfg.train
     return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
                                    batch_size=batch_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
+                                   process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
+                                   data=self.data, document_mask=self.cfg.data.document_mask)
 
   def sample_pair(self, model) -> tuple[str, str]:
     """A reply to the first held-out question, as the chat template renders it (a pretraining
