@@ -13,19 +13,23 @@ rows of MMLU test and the first 420 of GSM8K test (after their shuffles). As nan
   python_output parts (split on `<<...>>`, the result after the last "=", "" if none:
   `gsm8k_conversation`); SmolTalk rows are their `messages`.
 The rows come from DIR (files named as in LOCAL_NAMES, .jsonl or .parquet, the source's own
-columns; `mmlu` and `gsm8k` are the chat suite's test files) or, without data_dir, from the hub.
+columns; `mmlu` and `gsm8k` are the chat suite's test files), or from nanochat's own download when
+DIR is its base directory (DIR/task_data/<org--name>/<subset>/<split>/, NANOCHAT_CACHE), or,
+without data_dir, from the hub.
 lmtiny.chat.bestfit_pad turns the mixture into nanochat's rows.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
 import re
 from typing import Sequence
 
 import numpy as np
 
-from lmtiny.corpus.sources import SourceError
+from lmtiny.corpus.sources import ParquetSource, SourceError
 from lmtiny.tasks import gsm8k
 from lmtiny.tasks.chat_suite import MMLU_LETTERS, TASKS
 from lmtiny.tasks.rows import EvalDataError, load_rows
@@ -45,6 +49,16 @@ SOURCES = {
     "gsm8k": gsm8k.SOURCE,
 }
 LOCAL_NAMES = tuple(SOURCES)
+# local file name -> (repository slug, subset, split) in nanochat's task cache:
+# <base>/task_data/<slug>/<subset>/<split>/ with its shards listed in manifest.json
+NANOCHAT_CACHE = {
+    "smoltalk_train": ("HuggingFaceTB--smol-smoltalk", "default", "train"),
+    "smoltalk_test": ("HuggingFaceTB--smol-smoltalk", "default", "test"),
+    "mmlu_auxiliary_train": ("cais--mmlu", "all", "auxiliary_train"),
+    "mmlu": ("cais--mmlu", "all", "test"),
+    "gsm8k_train": ("openai--gsm8k", "main", "train"),
+    "gsm8k": ("openai--gsm8k", "main", "test"),
+}
 _OPTIONS = ("data_dir", "mmlu_epochs", "gsm8k_epochs")
 _ANNOTATION_SPLIT = re.compile(r"(<<[^>]+>>)")
 
@@ -100,7 +114,10 @@ class Task:
 
   @classmethod
   def load(cls, name: str, data_dir: str | None, stop: int = 0) -> Task:
-    rows = load_rows(name, SOURCES[name], data_dir, flag="config.sft.sources data_dir")
+    if data_dir and os.path.isdir(os.path.join(os.path.expanduser(data_dir), "task_data")):
+      rows = nanochat_cache_rows(os.path.expanduser(data_dir), name)
+    else:
+      rows = load_rows(name, SOURCES[name], data_dir, flag="config.sft.sources data_dir")
     order = np.random.default_rng(SEED).permutation(len(rows))
     if stop:
       order = order[:stop]
@@ -139,6 +156,27 @@ class Mixture(Sequence):
     for task in self.tasks:
       out[task.name] = out.get(task.name, 0) + len(task)
     return out
+
+
+def nanochat_cache_rows(base: str, name: str) -> list[dict]:
+  """Task `name`'s rows from nanochat's download under `base`, its shards in manifest order."""
+  directory = os.path.join(base, "task_data", *NANOCHAT_CACHE[name])
+  manifest = os.path.join(directory, "manifest.json")
+  try:
+    with open(manifest) as f:
+      shards = json.load(f)
+  except (OSError, ValueError) as e:
+    raise EvalDataError(f"{manifest}: cannot read nanochat's shard list ({type(e).__name__})") from None
+  rows = []
+  for shard in shards:
+    path = os.path.join(directory, shard)
+    try:
+      rows.extend(ParquetSource(name, None, "", files=[path]).iter_rows())
+    except (OSError, ValueError) as e:  # missing, or not parquet (pyarrow's ArrowInvalid is a ValueError)
+      raise EvalDataError(f"{path}: cannot read ({type(e).__name__})") from None
+  if not rows:
+    raise EvalDataError(f"{directory}: no rows")
+  return rows
 
 
 def parse_options(spec: str) -> dict:

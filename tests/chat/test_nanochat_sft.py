@@ -142,6 +142,20 @@ def test_validation_rows_start_over_each_time(task_dir, tok):
   np.testing.assert_array_equal(batches[0]["inputs"], ref_first[0])
 
 
+def test_nanochat_own_download_reads_as_the_same_rows(task_dir, tmp_path):
+  """DIR/task_data/<org--name>/<subset>/<split>/ (nanochat's cache): shards in manifest order."""
+  for name, (slug, subset, split) in nanochat_sft.NANOCHAT_CACHE.items():
+    rows, shard_dir = _read(next(task_dir.glob(name + ".*"))), tmp_path / "task_data" / slug / subset / split
+    shard_dir.mkdir(parents=True)
+    half = len(rows) // 2
+    for shard, part in (("b.parquet", rows[:half]), ("a.parquet", rows[half:])):  # the manifest's order, not sorted
+      pq.write_table(pa.Table.from_pylist(part), shard_dir / shard)
+    (shard_dir / "manifest.json").write_text(json.dumps(["b.parquet", "a.parquet"]))
+  for got, want in zip(nanochat_sft.load_mixtures(f"nanochat?data_dir={tmp_path}"),
+                       nanochat_sft.load_mixtures(f"nanochat?data_dir={task_dir}")):
+    assert list(got) == list(want)
+
+
 def test_nanochat_spec_errors(task_dir, tok):
   with pytest.raises(SourceError, match="cannot be mixed"):
     load_chat_data(f"nanochat?data_dir={task_dir}:1.0,embedded_chat:1.0", tok, SEQ)
