@@ -117,7 +117,8 @@ class Task:
     if data_dir and os.path.isdir(os.path.join(os.path.expanduser(data_dir), "task_data")):
       rows = nanochat_cache_rows(os.path.expanduser(data_dir), name)
     else:
-      rows = load_rows(name, SOURCES[name], data_dir, flag="config.sft.sources data_dir")
+      hint = f"add ?data_dir=DIR to the {SPEC} source, DIR holding {name}.jsonl or {name}.parquet (or nanochat's download)"
+      rows = load_rows(name, SOURCES[name], data_dir, flag=f"{SPEC}?data_dir", hint=hint)
     order = np.random.default_rng(SEED).permutation(len(rows))
     if stop:
       order = order[:stop]
