@@ -21,18 +21,10 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from lmtiny.data.bestfit import choose
 from lmtiny.data.pipeline import _layout
 
 NANOCHAT_BUFFER = 100  # conversations the best-fit choice searches (nanochat's SFT buffer_size)
-
-
-def fit_index(lengths: Sequence[int], space: int) -> int:
-  """The buffer index of the longest conversation of at most `space` tokens (the first of equals), or -1."""
-  best, best_len = -1, 0
-  for i, n in enumerate(lengths):
-    if best_len < n <= space:
-      best, best_len = i, n
-  return best
 
 
 def pack_rows(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], row_len: int, bos_id: int,
@@ -97,9 +89,9 @@ class _BestFitPadIterator(grain.DatasetIterator):
     row, space = [], self._row_len
     while space > 0:
       self._top_up()
-      i = fit_index(self._lengths, space)
-      if i < 0:
-        break  # nothing fits: the rest is padding
+      i, whole = choose(np.asarray(self._lengths), space)  # pretraining's best fit (lmtiny.data.bestfit)
+      if not whole:
+        break  # nothing fits: the rest is padding, where pretraining would crop
       del self._reads[i], self._lengths[i]
       item = self._items.pop(i)
       row.append(item)
