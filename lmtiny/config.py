@@ -182,6 +182,9 @@ def base_config() -> ml_collections.ConfigDict:
       steps=150,
       lr=1e-3,               # peak matrix LR (replaces optim.lr; embed/unembed LRs stay), optim's schedule
       warmup_steps=10,
+      init_lr_frac=1.0,      # every group's LR schedule x this (nanochat's SFT: 0.8 of the base's LRs)
+      load_optimizer=False,  # start from the base run's optimizer state (Adam moments, Muon momentum), not a
+                             # fresh one; its schedules' step counts restart (nanochat's --load-optimizer=1)
       # nanochat's chat evaluations (lmtiny.tasks.chat_suite) while fine-tuning, as train.core_every
       # does CORE: metrics.jsonl split "chat", per-task accuracy
       chat_eval_every=0,     # > 0: every this many steps and at the end; 0 = off
@@ -415,6 +418,9 @@ def validate_sft(s) -> None:
       continue
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"sft.{name}", value, why)
   check_float_fields(s, "sft")  # finite too: lr=inf passed `> 0`
+  _require(isinstance(s.init_lr_frac, (int, float)) and s.init_lr_frac > 0, "sft.init_lr_frac", s.init_lr_frac,
+           "must be > 0 (nanochat: 0.8)")
+  _require(isinstance(s.load_optimizer, bool), "sft.load_optimizer", s.load_optimizer, "must be True or False")
 
 
 def validate_lora(lora) -> None:

@@ -4,10 +4,12 @@
 Fine-tunes the base run RUN (its newest checkpoint, or --init-step) on conversations: the
 weighted mixture config.sft.sources (default: the embedded standard-library question set, no
 download; add `pretrain:0.2` for midtraining, `path.jsonl:0.5` or `hf:...` for SmolTalk-style
-`messages` rows). Without --config the base run's own config.json is the config. With
-config.lora.rank > 0 only LoRA adapters train (merge them with `python -m lmtiny.lora merge`).
-Re-running resumes. --report then samples replies to held-out questions from the base and the
-fine-tuned model and prints the share that end with <|assistant_end|> within 64 tokens.
+`messages` rows; `nanochat?data_dir=DIR` for nanochat's SFT mixture and rows, with
+--config.sft.load_optimizer=True --config.sft.init_lr_frac=0.8 for its warm start). Without
+--config the base run's own config.json is the config. With config.lora.rank > 0 only LoRA
+adapters train (merge them with `python -m lmtiny.lora merge`). Re-running resumes. --report
+then samples replies to held-out questions from the base and the fine-tuned model and prints the
+share that end with <|assistant_end|> within 64 tokens.
 Exit status: 0 done or stopped by SIGTERM (checkpoint saved: re-run to resume), 1 training
 diverged or a checkpoint failed to save, 2 bad config, flags or data.
 """

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
+from lmtiny.chat import nanochat_sft
+from lmtiny.chat.bestfit_pad import BestFitPadDataset
 from lmtiny.chat.conversations import iter_conversations, parse_mixture, split_limit
 from lmtiny.corpus.sources import SourceError
 from lmtiny.data.pipeline import _READ_OPTIONS, _shuffle_seed
@@ -80,8 +82,14 @@ class ChatData:
   token_bytes: np.ndarray
   max_len: int
   train_docs: Sequence = ()              # all training examples (its length is what resume reads)
+  render: Any = None                     # the `nanochat` source: conversation -> (ids, mask), rendered as read
 
   def describe(self) -> str:
+    if self.render is not None:
+      (mixture, _, spec), = self.train
+      counts = ", ".join(f"{name} {n:,}" for name, n in mixture.counts().items())
+      return (f"{spec}: {len(mixture):,} conversations ({counts}), best-fit rows padded with BOS | held out: "
+              f"{len(self.val_docs):,} conversations")
     parts = [f"{spec} x{weight:g} ({len(items):,} {'documents' if spec == 'pretrain' else 'conversations'})"
              for items, weight, spec in self.train]
     return "; ".join(parts) + f" | held out: {len(self.val_docs):,} conversations"
@@ -90,8 +98,14 @@ class ChatData:
 def load_chat_data(sources: str, tokenizer, seq_len: int, pretrain_docs: Sequence | None = None) -> ChatData:
   """Reads and renders every source of the mixture `sources` (config.sft.sources)."""
   max_len = seq_len + 1
+  mixture = parse_mixture(sources)
+  if any(nanochat_sft.is_nanochat(spec) for spec, _ in mixture):
+    if len(mixture) > 1:
+      raise SourceError(f"config.sft.sources={sources}: {nanochat_sft.SPEC} is a whole mixture of its own; "
+                        "it cannot be mixed with other sources")
+    return load_nanochat_data(mixture[0][0], tokenizer, seq_len)
   train, val = [], []
-  for spec, weight in parse_mixture(sources):
+  for spec, weight in mixture:
     if spec == "pretrain":
       if pretrain_docs is None or not len(pretrain_docs):
         raise SourceError("config.sft.sources: 'pretrain' needs the base run's training data")
@@ -114,6 +128,29 @@ def load_chat_data(sources: str, tokenizer, seq_len: int, pretrain_docs: Sequenc
   all_train = sum((len(items) for items, _, _ in train), 0)
   return ChatData(train=train, val_docs=Examples(val), tokenizer=tokenizer,
                   token_bytes=np.asarray(tokenizer.token_bytes), max_len=max_len, train_docs=range(all_train))
+
+
+class NanochatRender:
+  """nanochat's render of one conversation (cut at its 2,048 tokens, or at a row when rows are
+  shorter); an error names the conversation."""
+
+  def __init__(self, tokenizer, seq_len: int, where: str):
+    self.tokenizer, self.max_len, self.where = tokenizer, min(nanochat_sft.MAX_TOKENS, seq_len + 1), where
+
+  def __call__(self, messages):
+    try:
+      return render_conversation(self.tokenizer, messages, max_len=self.max_len)
+    except (TokenizerError, KeyError, TypeError, AttributeError) as e:
+      raise SourceError(f"{self.where}: {e}") from None
+
+
+def load_nanochat_data(spec: str, tokenizer, seq_len: int) -> ChatData:
+  """The `nanochat` source (lmtiny.chat.nanochat_sft): its training and held-out mixtures, every
+  conversation rendered when the packer reads it (lmtiny.chat.bestfit_pad)."""
+  train, val = nanochat_sft.load_mixtures(spec)
+  return ChatData(train=[(train, 1.0, spec)], val_docs=val, tokenizer=tokenizer,
+                  token_bytes=np.asarray(tokenizer.token_bytes), max_len=seq_len + 1, train_docs=range(len(train)),
+                  render=NanochatRender(tokenizer, seq_len, spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,9 +241,13 @@ class _PackedExamplesIterator(grain.DatasetIterator):
 
 def make_chat_train_iterator(data: ChatData, *, seq_len: int, batch_size: int, seed: int,
                              process_index: int = 0, process_count: int = 1,
-                             max_per_row: int = 0) -> grain.DatasetIterator:
+                             max_per_row: int = 0, document_mask: bool = True) -> grain.DatasetIterator:
   """Infinite, shuffled (every epoch anew), weighted mixture of the sources, packed (at most
-  `max_per_row` examples to a row, when > 0)."""
+  `max_per_row` examples to a row, when > 0); the `nanochat` source: its own order, best-fit rows."""
+  if data.render is not None:
+    return iter(BestFitPadDataset(data.train[0][0], data.render, seq_len=seq_len, batch_size=batch_size,
+                                  bos_id=data.tokenizer.bos_id, document_mask=document_mask,
+                                  process_index=process_index, process_count=process_count))
   datasets, weights = [], []
   for i, (items, weight, spec) in enumerate(data.train):
     ds = grain.MapDataset.source(items)[process_index::process_count]
@@ -220,9 +261,17 @@ def make_chat_train_iterator(data: ChatData, *, seq_len: int, batch_size: int, s
 
 
 def make_chat_eval_iterator(examples: Examples, *, seq_len: int, batch_size: int, num_batches: int,
-                            process_index: int = 0, process_count: int = 1,
-                            max_per_row: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """The held-out conversations in order; exactly num_batches batches (padding after the end)."""
+                            process_index: int = 0, process_count: int = 1, max_per_row: int = 0,
+                            data: ChatData | None = None, document_mask: bool = True
+                            ) -> Iterator[dict[str, np.ndarray]]:
+  """The held-out conversations in order; exactly num_batches batches (padding after the end). The
+  `nanochat` source (`data.render` set): its held-out mixture's best-fit rows from the start, as
+  nanochat's validation loader (wrapping around)."""
+  if data is not None and data.render is not None:
+    rows = BestFitPadDataset(data.val_docs, data.render, seq_len=seq_len, batch_size=batch_size,
+                             bos_id=data.tokenizer.bos_id, document_mask=document_mask,
+                             process_index=process_index, process_count=process_count)
+    return itertools.islice(iter(rows), max(num_batches, 1))
   ds = grain.MapDataset.source(examples)[process_index::process_count].to_iter_dataset(_READ_OPTIONS)
   batches = iter(PackedExamples(ds, seq_len=seq_len, batch_size=batch_size, pad_final=True, max_per_row=max_per_row))
   empty = pack_rows([], [], batch_size, seq_len + 1)

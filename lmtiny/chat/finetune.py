@@ -31,6 +31,7 @@ from etils import epath
 from lmtiny.chat.conversations import parse_mixture
 from lmtiny.chat.data import ChatData, load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions
+from lmtiny.chat.warm_start import BaseOptimizerState, check_base_optimizer, scaled_schedule
 from lmtiny.data.dataset import load_data as load_pretrain
 from lmtiny.errors import ConfigError
 from lmtiny.model.adapters import from_config
@@ -60,13 +61,15 @@ class ChatBatches:
   def train_iterator(self, batch_size: int):
     return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=batch_size,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
+                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
+                                    document_mask=self.cfg.data.document_mask)
 
   def eval_iterator(self, batch_size: int):
     t = self.cfg.train
     return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
                                    batch_size=batch_size, process_index=jax.process_index(),
-                                   process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row)
+                                   process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
+                                   data=self.data, document_mask=self.cfg.data.document_mask)
 
   def sample_pair(self, model) -> tuple[str, str]:
     """A reply to the first held-out question, as the chat template renders it (a pretraining
@@ -188,18 +191,23 @@ def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_afte
   """Fine-tunes (cfg from sft_config, or that config resolved); returns (trainer, summary)."""
   run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(cfg)
   cfg = run.cfg
+  check_base_optimizer(cfg)  # sft.load_optimizer: one line now if the base's state cannot be this run's
   data = load_sft_data(cfg)
   log(f"sft data: {data.describe()}")
   adapter = from_config(cfg.model, cfg.lora)
   total = run.total_steps
   chat = [ChatSuiteEvaluation(cfg, data.tokenizer, run.mesh, total, log)] if cfg.sft.chat_eval_every else []
   # No reference kept here: a full fine-tune's state takes over the base's buffers.
+  warm = BaseOptimizerState(cfg, log) if cfg.sft.load_optimizer else None
   trainer = Trainer(run, workdir, data, log=log, init_params=restore_base_params(cfg, run.mesh), adapter=adapter,
-                    kind="sft", name="SFT", batches=ChatBatches(cfg, data), evaluations=chat)
+                    kind="sft", name="SFT", batches=ChatBatches(cfg, data), evaluations=chat,
+                    schedule=scaled_schedule(cfg, total), init_opt_state=warm)
   abstract = trainer.steps.abstract_state
   trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
   log(f"base {cfg.sft.init} step {cfg.sft.init_step} | "
       + (f"LoRA rank {cfg.lora.rank} on {len(adapter.specs)} weights" if adapter else "full fine-tuning")
+      + (f" | LRs x{cfg.sft.init_lr_frac:g}" if cfg.sft.init_lr_frac != 1 else "")
+      + (" | optimizer state from the base run" if warm else "")
       + f" | trainable {trainable:,} of {trainer.num_params:,} params | optimizer state "
         f"{state_bytes(abstract['opt_state']) / 2**20:.2f} MiB")
   summary = trainer.run(stop_after=stop_after)

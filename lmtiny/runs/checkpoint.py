@@ -372,14 +372,23 @@ def restore_params(directory: str, step: int, abstract_params):
   mesh restores onto one device or onto another mesh (used for sampling). Checked against the
   parameters' own fingerprint: damage elsewhere in the checkpoint (the optimizer state) leaves
   them usable. CheckpointCorrupt (FingerprintMismatch) when they are damaged."""
+  return restore_part(directory, step, "params", abstract_params, "parameter")
+
+
+def restore_part(directory: str, step: int, key: str, abstract, what: str):
+  """One entry of the checkpoint's state ("params", "opt_state"), as restore_params does the
+  parameters; CheckpointError when the checkpoint does not hold it."""
   step_dir = _absolute(directory) / str(step)
-  target = {"params": abstract_params}
+  target = {key: abstract}
   args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                 partial_restore=True)
   with reading():
     saved = _check_items(step_dir, ("state",), directory)
     with ocp.PyTreeCheckpointer() as checkpointer:
-      params = checkpointer.restore(step_dir / "state", args=args)["params"]
+      try:
+        restored = checkpointer.restore(step_dir / "state", args=args)[key]
+      except KeyError:
+        raise CheckpointError(f"{step_dir}: holds no {what} state ({key})") from None
     fingerprints = _saved_fingerprints(step_dir, saved)
-  _verify(params, fingerprints and fingerprints.get("params"), "parameter")
-  return params
+  _verify(restored, fingerprints and fingerprints.get(key), what)
+  return restored

@@ -13,6 +13,8 @@ in-memory documents with the same attributes). What a Trainer is made of:
   start a fresh run instead of a random init and are consumed by it (their buffers become the
   state's; a resume drops them); with an `adapter` (LoRA) they stay frozen and only the adapter's
   parameters train.
+- `init_opt_state` (fresh optimizer state -> the one to start with, e.g. the base run's for SFT:
+  lmtiny.chat.warm_start) replaces a fresh run's optimizer state; a resume never calls it.
 Metrics are read one step late, so the host never waits on the device.
 """
 from __future__ import annotations
@@ -141,12 +143,12 @@ class Trainer:
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
                schedule: optax.Schedule | None = None, init_params=None, adapter=None,
                kind: str = "train", name: str = "training", batches: Batches | None = None,
-               evaluations: Sequence[Evaluation] = ()):
+               evaluations: Sequence[Evaluation] = (), init_opt_state: Callable | None = None):
     run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(cfg)
     self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
     self.process_batch, self.micro_batch = run.process_batch, run.micro_batch
     self.workdir, self.data, self.log, self.kind, self.name = workdir, data, log, kind, name
-    self.init_params, self.adapter = init_params, adapter
+    self.init_params, self.adapter, self.init_opt_state = init_params, adapter, init_opt_state
     self.tokenizer = data.tokenizer
     m, t = self.cfg.model, self.cfg.train
     if int(data.tokenizer.vocab_size) != m.vocab_size:
@@ -210,7 +212,10 @@ class Trainer:
     params = None
     if self.adapter is None:
       params, self.init_params = self.init_params, None
-    return self.steps.init(params)
+    state = self.steps.init(params)
+    if self.init_opt_state is not None:
+      state = {**state, "opt_state": self.init_opt_state(state["opt_state"])}
+    return state
 
   def begin(self, state, progress: loop.Progress) -> None:
     """The header line, and the validation point at the start (or one a kill lost)."""

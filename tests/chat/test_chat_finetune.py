@@ -2,6 +2,7 @@
 exactly; the sft / lora CLIs: full and LoRA runs, merge, generate on the results, bad input."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from chat_fixtures import conversations, make_base_run, make_tokenizer, write_jsonl
 from lmtiny import lora as lora_cli, sft as sft_cli
 from lmtiny.chat import finetune as ft
+from lmtiny.errors import ConfigError
 from lmtiny.parallel import sharding
 from lmtiny.runs.config_file import read_run_config
 from lmtiny.runs.directory import load_run, load_weights
@@ -176,3 +178,56 @@ def test_rows_fit_the_model_and_sft_lr_replaces_the_matrix_lr(base):
   assert got.train.seq_len == cfg.model.max_seq_len  # it failed validation before
   # The chat tokens' embedding rows are new: they keep the config's embedding LR (see sft_config).
   assert (got.optim.lr, got.optim.embed_lr, got.optim.unembed_lr) == (1e-3, 0.2, 0.0)
+
+
+def _warm_cfg(path, convs, **sft):
+  cfg = read_run_config(path)
+  cfg.sft.update(sources=convs, steps=1, warmup_steps=0, lr=3e-3, **sft)
+  cfg.train.update(eval_every=1, eval_batches=0)
+  return ft.sft_config(cfg, path, None)
+
+
+@pytest.mark.slow(seconds=8)
+def test_warm_start_is_one_more_base_step_at_the_sft_lr(base):
+  """sft.load_optimizer + init_lr_frac: SFT's first step equals the base run's state (weights and
+  optimizer state) continued by one step on SFT's first batch at LR sft.lr x init_lr_frac."""
+  from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
+  from lmtiny.training.resolved import resolve_run
+  from lmtiny.training.steps import build_steps, device_batch
+  root, path, convs = base
+  cfg = _warm_cfg(path, convs, load_optimizer=True, init_lr_frac=0.5)
+  lines = []
+  trainer, _ = ft.finetune(cfg, str(root / "warm"), log=lines.append)
+  assert any("optimizer state from the base run's step 2" in line for line in lines)
+  assert any("LRs x0.5" in line for line in lines)
+  run = resolve_run(cfg)
+  steps = build_steps(cfg, run.mesh, 1, schedule=lambda _: 3e-3 * 0.5)
+  target = abstract_with_shardings(steps.abstract_state, steps.state_shardings)
+  ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+  batch = next(ft.ChatBatches(cfg, trainer.data).train_iterator(run.process_batch))
+  with jax.set_mesh(run.mesh):
+    want = steps.train_step(ckpt.restore(2, target), device_batch(batch, run.mesh))[0]["params"]
+    fresh = ckpt.restore(2, target)
+    cold = steps.train_step({**fresh, "opt_state": steps.tx.init(fresh["params"])},
+                            device_batch(batch, run.mesh))[0]["params"]
+  ckpt.close()
+  got = trainer.state["params"]
+  for g, w, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(cold)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+  assert max(float(np.abs(np.asarray(w) - np.asarray(c)).max()) for w, c in
+             zip(jax.tree.leaves(want), jax.tree.leaves(cold))) > 1e-4  # the restored moments matter
+
+
+def test_warm_start_refuses_another_optimizer_in_one_line(base):
+  root, path, convs = base
+  for override, words in (({"lora.rank": 4}, "a LoRA run (config.lora.rank=4)"),
+                          ({"optim.name": "muon"}, "used optim.name='adamw', this run 'muon'")):
+    cfg = _warm_cfg(path, convs, load_optimizer=True)
+    for key, value in override.items():
+      section, field = key.split(".")
+      cfg[section][field] = value
+    with pytest.raises(ConfigError, match="config.sft.load_optimizer=True: .*" + re.escape(words)):
+      ft.finetune(cfg, str(root / "refused"), log=_quiet)
+    assert not os.path.exists(root / "refused")
+  with pytest.raises(ConfigError, match=r"^config.sft.init_lr_frac=0.0: must be > 0"):
+    ft.finetune(_warm_cfg(path, convs, init_lr_frac=0.0), str(root / "refused"), log=_quiet)

@@ -68,6 +68,8 @@ PROMISES = [
     (README, "python -m lmtiny.report", [], ["runs/tiny/report.md"]),
     ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft", ["sft: replies ending with"],
      ["runs/tiny/sft/turn_ending.json"]),
+    ("docs/chat.md", "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/nanochat_sft",
+     ["best-fit rows padded with BOS", "optimizer state from the base run's step"], ["runs/tiny/nanochat_sft/config.json"]),
     ("docs/chat.md", "python -m lmtiny.report", [], ["runs/tiny/report.md::## Summary"]),
     ("docs/interop.md", "python -m lmtiny.export --workdir runs/tiny --out", ["LmtinyForCausalLM", "modeling_lmtiny.py"],
      ["hf/tiny/model.safetensors", "hf/tiny/modeling_lmtiny.py"]),
