@@ -27,6 +27,7 @@ MATMUL_DTYPES = ("default", "fp8")
 VE_GATE_CHANNELS = 12
 SMEAR_CHANNELS = 24
 REMAT_POLICIES = ("none", "full", "save_attn_out", "save_qkv", "minimal", "dots", "dots_no_batch")
+GRAD_REDUCE = ("auto", "step", "micro_step")  # train.grad_reduce
 MESH_AXES = ("data", "fsdp", "tensor")
 RL_DATA = ("gsm8k", "toy")
 PACKINGS = ("concat", "bestfit")  # data.packing (lmtiny.data.pipeline)
@@ -128,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
       batch_tokens=524288,   # global batch per optimizer step, in tokens
       micro_batch_size=0,    # global sequences per accumulation micro-step; 0 = no accumulation
       device_batch_size=0,   # sequences per device per micro-step (nanochat/MaxText); > 0 overrides micro_batch_size
+      # When the data-parallel gradient sum happens under accumulation (lmtiny.parallel.sharding):
+      # step = each device sums its micro-batches' gradients, then one reduction (reduce-scatter
+      # under fsdp) per step, at the price of whole float32 weights and gradients on every device
+      # for the step (ZeRO-2's memory, not ZeRO-3's); micro_step = XLA's partition, which sums the
+      # gradients inside every micro-step; auto = step unless the mesh shards the weights.
+      grad_reduce="auto",
       z_loss=0.0,            # weight of PaLM's z-loss, z * logsumexp(logits)^2 per token; 0 = off
       steps=1000,
       tokens_per_param=0.0,  # > 0 sets steps from a Chinchilla-style budget (20 is Chinchilla)
@@ -449,6 +456,10 @@ def validate(cfg) -> None:
            "train.micro_batch_size", t.micro_batch_size,
            f"must divide the global batch of {global_batch_size(t)} sequences")
   _require(t.device_batch_size >= 0, "train.device_batch_size", t.device_batch_size, "must be >= 0")
+  _choice(t, "grad_reduce", "train", GRAD_REDUCE)
+  _require(t.grad_reduce != "step" or cfg.mesh.tensor == 1, "train.grad_reduce", t.grad_reduce,
+           f"needs mesh.tensor=1 (tensor parallelism reduces activations inside every micro-step; "
+           f"mesh.tensor={cfg.mesh.tensor})")
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
   _require(cfg.model.loss_kernel in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
            cfg.model.loss_kernel, "must be auto, fused, chunked or pallas")

@@ -28,6 +28,7 @@ def test_every_config_validates(name):
     ("train", dict(seq_len=300), "config.train.seq_len=300: exceeds model.max_seq_len=256"),
     ("train", dict(batch_tokens=1000), "config.train.batch_tokens=1000: must be a multiple of train.seq_len=256"),
     ("train", dict(micro_batch_size=5), "config.train.micro_batch_size=5: must divide the global batch of 16"),
+    ("train", dict(grad_reduce="never"), "config.train.grad_reduce='never': must be one of auto, step, micro_step"),
     ("optim", dict(min_lr_ratio=2.0), "config.optim.min_lr_ratio=2.0"),
     ("mesh", dict(data=-1, fsdp=-1), "at most one axis may be -1"),
     ("mesh", dict(tensor=0), "config.mesh.tensor=0"),
@@ -38,6 +39,15 @@ def test_validation_names_field_and_value(section, override, message):
   with pytest.raises(ConfigError) as e:
     validate(cfg)
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_one_gradient_reduction_per_step_refuses_a_tensor_axis():
+  cfg = load_config_module("tiny").get_config()
+  cfg.train.grad_reduce, cfg.mesh.tensor = "step", 2
+  with pytest.raises(ConfigError, match=r"config.train.grad_reduce='step': needs mesh.tensor=1"):
+    validate(cfg)
+  cfg.mesh.tensor = 1
+  validate(cfg)
 
 
 def test_derived_sizes_and_horizon():

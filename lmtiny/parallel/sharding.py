@@ -140,13 +140,21 @@ def gathers_weights() -> bool:
   return mesh is not None and mesh.shape["fsdp"] > 1
 
 
-def accumulates_per_device(mesh: Mesh) -> bool:
-  """Whether a step's micro-batch gradients can be summed on each device and reduced once per
-  step (sum_over_batch_shards): on a pure data-parallel mesh, where every parameter is replicated.
-  With fsdp or tensor axes the gradients are sharded, and XLA sums them per micro-step (XLA:CPU's
-  partition: an all-reduce of the whole weight gradients of the weights it gathered before the
-  loop, then each device keeps its shard)."""
-  return _data_parallel_only(dict(mesh.shape))
+def accumulates_per_device(mesh: Mesh, grad_reduce: str = "auto") -> bool:
+  """Whether a step's micro-batch gradients are summed on each device and reduced once per step
+  (sum_over_batch_shards), as train.grad_reduce asks: "auto" does so on a pure data-parallel mesh,
+  where every parameter is replicated anyway; "step" also under fsdp (weights gathered whole once
+  per step, gradients reduce-scattered once per step). Otherwise the gradients stay sharded and XLA
+  sums them inside every micro-step (XLA:CPU's partition: an all-reduce of the whole weight
+  gradients of the weights it gathered before the loop, then each device keeps its shard)."""
+  sizes = dict(mesh.shape)
+  if grad_reduce == "micro_step" or math.prod(sizes.values()) == 1:
+    return False
+  if grad_reduce == "step":
+    if sizes["tensor"] > 1:
+      raise ConfigError(f"config.train.grad_reduce='step': needs mesh.tensor=1, not {sizes['tensor']}")
+    return True
+  return _data_parallel_only(sizes)
 
 
 def _data_parallel_only(sizes: dict) -> bool:
@@ -154,20 +162,56 @@ def _data_parallel_only(sizes: dict) -> bool:
   return sizes["data"] > 1 and sizes["fsdp"] == 1 and sizes["tensor"] == 1
 
 
-def sum_over_batch_shards(fn, mesh: Mesh, replicated, batch, scope: str = "batch_shard_sum"):
-  """fn(replicated, batch) -> a pytree of sums, run on each device's rows of `batch` ([micro-steps,
+def specs(shardings):
+  """The PartitionSpecs of a pytree of NamedShardings (nnx Variables kept as they are)."""
+  return jax.tree.map(lambda s: s.spec, shardings)
+
+
+def _spec_axes(spec: P) -> list[str]:
+  return [a for entry in spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+
+
+def _gather_whole(x: jax.Array, spec: P) -> jax.Array:
+  """A device's shard of x (laid out as spec, inside shard_map) -> the whole array."""
+  for dim, axes in enumerate(spec):
+    if axes is not None:
+      x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+  return x
+
+
+def _sum_to_shard(x: jax.Array, spec: P, sizes: dict) -> jax.Array:
+  """Every device's whole partial sum x -> this device's shard (laid out as spec) of their total:
+  a psum over the (non-trivial) axes spec does not split x over, a reduce-scatter over those it does."""
+  for dim, axes in enumerate(spec):  # first, so the psum below moves a shard, not the whole
+    if axes is not None:
+      x = jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)
+  rest = tuple(a for a, n in sizes.items() if n > 1 and a not in _spec_axes(spec))
+  return jax.lax.psum(x, rest) if rest else x
+
+
+def sum_over_batch_shards(fn, mesh: Mesh, weights, batch, *, weight_specs=P(), sum_specs=P(),
+                          scope: str = "batch_shard_sum"):
+  """fn(weights, batch) -> a pytree of sums, run on each device's rows of `batch` ([micro-steps,
   rows, ...], rows split over the batch axes) with no collective inside, then summed across the
-  devices once: one all-reduce per step instead of one per micro-step. For a mesh where
-  accumulates_per_device holds. `scope`: the jax.named_scope of that sum (its ops' op_name)."""
-  rows = _mesh_axes_for("batch", jax.tree.leaves(batch)[0].shape[1], dict(mesh.shape))
+  devices once: one reduction per step instead of one per micro-step. `weights` arrive laid out
+  as `weight_specs` (a pytree prefix of PartitionSpecs; P() = replicated) and are gathered whole
+  once, before fn; each sum leaves laid out as its `sum_specs` entry (a reduce-scatter where that
+  splits it). For a mesh where accumulates_per_device holds. `scope`: the jax.named_scope of the
+  reductions (their ops' op_name)."""
+  sizes = dict(mesh.shape)
+  rows = _mesh_axes_for("batch", jax.tree.leaves(batch)[0].shape[1], sizes)
+  is_spec = lambda x: isinstance(x, P)  # noqa: E731  (a PartitionSpec is a tuple: a leaf here)
 
-  def local(replicated, batch):
-    sums = fn(replicated, batch)
+  def local(weights, batch):
+    whole = jax.tree.map(lambda spec, w: jax.tree.map(lambda x: _gather_whole(x, spec), w), weight_specs, weights,
+                         is_leaf=is_spec)
+    sums = fn(whole, batch)
     with jax.named_scope(scope):
-      return jax.lax.psum(sums, tuple(mesh.axis_names))
+      return jax.tree.map(lambda spec, s: jax.tree.map(lambda x: _sum_to_shard(x, spec, sizes), s),
+                          sum_specs, sums, is_leaf=is_spec)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, rows)), out_specs=P(),
-                       check_vma=False)(replicated, batch)
+  return jax.shard_map(local, mesh=mesh, in_specs=(weight_specs, P(None, rows)), out_specs=sum_specs,
+                       check_vma=False)(weights, batch)
 
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:

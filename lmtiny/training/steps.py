@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lmtiny import config as config_lib
 from lmtiny.data.pipeline import max_runs_per_row
@@ -107,11 +108,13 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
   abstract_state = jax.eval_shape(init)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
+  frozen_shardings = None if frozen_params is None else jax.tree.map(lambda x: x.sharding, frozen_params)
+  frozen_specs = P() if frozen_shardings is None else sharding.specs(frozen_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch_sharding for k in objective.batch_keys}
   eval_shardings = {k: batch_sharding for k in TOKEN_KEYS}
   micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
-  per_device = sharding.accumulates_per_device(mesh)
+  per_device = sharding.accumulates_per_device(mesh, t.grad_reduce)
 
   def full_params(params, frozen):
     return params if adapter is None else adapter.merge(frozen, params)
@@ -162,9 +165,11 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       return jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)[0]
 
     replicated = (params, compute_frozen, factor)
-    if per_device:  # each device sums its rows' gradients over the micro-steps; one all-reduce per step
-      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(sums, mesh, replicated, micro_batches,
-                                                                  scope=GRADIENT_SCOPE)
+    if per_device:  # each device sums its rows' gradients over the micro-steps, reduced once per step
+      param_specs = sharding.specs(state_shardings["params"])
+      grad_sums, loss_sum, count = sharding.sum_over_batch_shards(
+          sums, mesh, replicated, micro_batches, weight_specs=(param_specs, frozen_specs, P()),
+          sum_specs=(param_specs, P(), P()), scope=GRADIENT_SCOPE)
     else:  # sharded gradients: XLA sums each micro-step's, inside the loop (hlo_cost counts them there)
       grad_sums, loss_sum, count = sums(replicated, micro_batches)
     tokens, count = count, jnp.maximum(count, 1.0)
@@ -208,7 +213,6 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
   if adapter is not None:  # the frozen weights go in as one more (undonated) argument
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen_params)
     train = jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                 out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluate = jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated,

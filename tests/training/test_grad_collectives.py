@@ -82,9 +82,9 @@ def test_data_parallel_2026_step_reduces_one_gradient_per_step_and_counts_the_op
 
 @pytest.mark.slow(seconds=10)
 @pytest.mark.parametrize("mesh", [{"fsdp": 8}, {"data": 2, "fsdp": 4}])
-def test_fsdp_2026_step_reduces_its_gradients_once_per_micro_step(mesh):
-  """Sharded weights: XLA gathers them once per step (out of the loop) and sums every micro-step's
-  full weight gradients inside the loop (fix 3 for FSDP is open: issue 42). The counter says so."""
+def test_fsdp_2026_step_reduces_its_gradients_once_per_micro_step_by_default(mesh):
+  """Sharded weights under train.grad_reduce=auto (ZeRO-3's memory): XLA gathers them once per step
+  (out of the loop) and sums every micro-step's full weight gradients inside the loop."""
   cfg = _cfg(**mesh)
   _, matrices, _ = _values(cfg)
   collectives, accum = _collectives(cfg)
@@ -93,6 +93,35 @@ def test_fsdp_2026_step_reduces_its_gradients_once_per_micro_step(mesh):
   assert accum == 2 and gradient["ops_in_loops"] > 0
   assert gradient["payload_in_loops"] == gradient["payload"] >= accum * F32 * matrices, gradient
   assert roles["other"]["payload"] > 0 and roles["other"]["payload_in_loops"] < roles["other"]["payload"]
+
+
+def _fsdp_sharded(cfg) -> int:
+  """Parameters whose weights the mesh splits over fsdp (the rest are replicated)."""
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices())
+  state = nnx.state(abstract_model(cfg.model), nnx.Param)
+  specs = jax.tree.leaves(sharding.specs(sharding.tree_shardings(state, mesh)),
+                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return sum(math.prod(p.shape) for p, spec in zip(jax.tree.leaves(state), specs) if "fsdp" in str(spec))
+
+
+@pytest.mark.slow(seconds=12)
+@pytest.mark.parametrize("mesh", [{"fsdp": 8}, {"data": 2, "fsdp": 4}])
+def test_fsdp_with_grad_reduce_step_reduce_scatters_once_per_step_with_one_devices_losses(mesh):
+  """train.grad_reduce=step: each device sums its micro-batches' whole gradients, then one
+  reduce-scatter over fsdp (and, on data x fsdp, an all-reduce of the shard over data) per step:
+  no gradient collective inside the micro-step loop, and the losses of one device."""
+  cfg = _cfg(**mesh)
+  cfg.train.grad_reduce = "step"
+  params, _, _ = _values(cfg)
+  collectives, accum = _collectives(cfg)
+  gradient = step_cost.by_role(collectives)["gradient"]
+  sharded, data = _fsdp_sharded(cfg), mesh.get("data", 1)
+  assert accum == 2 and 0 < sharded < params and gradient["ops_in_loops"] == 0, gradient
+  assert collectives.roles["gradient_reduce_scatter_payload"] == F32 * sharded, collectives.roles
+  # the rest (replicated weights, loss sum, token count) whole, and each shard over data
+  all_reduced = (params - sharded + 2) + (sharded // mesh["fsdp"] if data > 1 else 0)
+  assert gradient["payload"] == F32 * (sharded + all_reduced), gradient
+  np.testing.assert_allclose(_losses(cfg, jax.devices()), _losses(_cfg(), jax.devices()[:1]), rtol=1e-5)
 
 
 def _losses(cfg, devices, steps=3):
