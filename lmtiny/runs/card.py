@@ -8,8 +8,9 @@ Layout read (nanochat-style pipeline, as launch/speedrun.sh lays it out):
   RUN/rl/metrics.jsonl        RL (reward, pass@k, held-out accuracy)
   */eval.json                 `lmtiny.eval` results of any of those runs (eval_int8/int4.json: quantized)
   RUN/{mid,sft}/turn_ending.json  `lmtiny.sft --report`: replies that end their turn, before/after
-The card opens with a summary table, one row per figure, '-' where its stage did not run (or did
-not measure it): tokenizer bytes per token (the base run's shards), base val bpb, DCLM CORE (the
+The card opens with the run as one row of nanochat's leaderboard (lmtiny.runs.leaderboard, from
+the summary's figures), then a summary table, one row per figure, '-' where its stage did not run
+(or did not measure it): tokenizer bytes per token (the base run's shards), base val bpb, DCLM CORE (the
 22-task metric; split "core" / eval.json "core") and the HF6 mean (six tasks from Hugging Face
 sources, not CORE; split "hf6" / eval.json "hf6"), mid/SFT
 held-out loss and turn-ending rate, RL reward and held-out accuracy, GSM8K, int8/int4 against
@@ -36,6 +37,7 @@ from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan import counts
 from lmtiny.plan.units import duration
 from lmtiny.runs import kind as runkind
+from lmtiny.runs import leaderboard
 from lmtiny.runs.config_file import read_run_config, read_saved_config
 from lmtiny.runs.figures import new_figure, save_figure
 from lmtiny.runs.metrics import plot_loss_curve, read_metrics, wall_seconds
@@ -94,17 +96,24 @@ def _records(d: str) -> list[dict]:
   return read_metrics(d)
 
 
+def _chips(records: list[dict]) -> tuple[int, str]:
+  """The most chips a "run" record names, and their kind (the last such record's): (1, '?') if none."""
+  runs = [r for r in records if r["split"] == "run"]
+  top = max(reversed(runs), key=lambda r: r.get("chips", 1), default={})
+  return top.get("chips", 1), top.get("chip", "?")
+
+
 def _cost_lines(records: list[dict], flops: float | None, price: float | None) -> list[str]:
   seconds, runs = wall_seconds(records), [r for r in records if r["split"] == "run"]
-  chips = max((r.get("chips", 1) for r in runs), default=1)
-  lines = [f"- wall time: {duration(seconds)} on {chips} x {runs[-1].get('chip', '?') if runs else '?'}"]
+  chips, chip = _chips(records)
+  lines = [f"- wall time: {duration(seconds)} on {chips} x {chip}"]
   if flops:
     lines.append(f"- training FLOPs: {flops:.3e} (6N + 6LTHDh per token, causal half)")
     peak = runs[-1].get("peak_flops") if runs else None
     if peak and seconds:
       lines.append(f"- MFU: {100 * flops / (seconds * peak):.2f}% of {peak:.3g} FLOP/s dense bf16 peak")
   if price is not None:
-    lines.append(f"- estimated cost: ${seconds / 3600 * chips * price:,.2f} at ${price}/chip-hour")
+    lines.append(f"- estimated cost: {leaderboard.cost(seconds, chips, price)}")
   return lines
 
 
@@ -245,7 +254,7 @@ def tokenizer_section(root: str) -> list[str]:
   return lines
 
 
-_DASH = "-"
+_DASH = leaderboard.DASH
 
 
 def _change(first: float, last: float, fmt: str) -> str:
@@ -340,7 +349,8 @@ def _quant_delta(root: str, mode: str) -> str:
   return "; ".join(parts) or _DASH
 
 
-def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
+def _wall_seconds(root: str, records: dict) -> dict[str, float]:
+  """Seconds per stage that left a time: tokenizer, base, mid, sft, rl, eval (every eval file's tasks)."""
   seconds = {}
   if exists(root, "tokenizer", "report.json"):
     train_seconds = _read_json(root, "tokenizer", "report.json").get("train_seconds")
@@ -354,15 +364,17 @@ def _wall_rows(root: str, records: dict) -> list[tuple[str, str, str]]:
            if isinstance(r, dict) and isinstance(r.get("seconds", 0.0), (int, float))]
   if evals:
     seconds["eval"] = sum(evals)
+  return seconds
+
+
+def _wall_rows(seconds: dict[str, float]) -> list[tuple[str, str, str]]:
   names = ["tokenizer", *(title for title, _ in STAGES), "eval"]
   rows = [("wall time", name, duration(seconds[name]) if name in seconds else _DASH) for name in names]
   return rows + [("wall time", "total", duration(sum(seconds.values())) if seconds else _DASH)]
 
 
-def summary_section(root: str) -> list[str]:
+def summary_section(root: str, records: dict) -> list[str]:
   """The cross-stage table at the top of the card: every row always, '-' where not measured."""
-  records = {title: _records(os.path.join(root, rel)) if exists(root, rel, "metrics.jsonl") else None
-             for title, rel in STAGES}
   base_cfg = read_saved_config(root, missing_ok=True)
   rows = [("tokenizer", "bytes per token", _bytes_per_token(root, base_cfg)),
           ("base", "val bpb", _val_bpb(records["base"])),
@@ -373,7 +385,7 @@ def summary_section(root: str) -> list[str]:
   rows += _rl_rows(records["rl"])
   rows += [("eval", "GSM8K accuracy", _gsm8k(root)),
            *(("eval", f"{mode} vs full precision", _quant_delta(root, mode)) for mode in ("int8", "int4"))]
-  rows += _wall_rows(root, records)
+  rows += _wall_rows(_wall_seconds(root, records))
   return ["## Summary", "", "| stage | figure | value |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
 
 
@@ -387,7 +399,13 @@ def write_report(root: str, price: float | None = None) -> str:
     settings["price_per_chip_hour"] = price
     atomic_write(settings_path, json.dumps(settings).encode())
   price = settings.get("price_per_chip_hour")
-  sections = [summary_section(root), tokenizer_section(root)]
+  records = {title: _records(os.path.join(root, rel)) if exists(root, rel, "metrics.jsonl") else None
+             for title, rel in STAGES}
+  name = root.rstrip("/").rsplit("/", 1)[-1]
+  row = leaderboard.section(name, core=_suite_value(root, records["base"], "core"),
+                            bpb=_val_bpb(records["base"]), evals=_evals(root), seconds=_wall_seconds(root, records),
+                            chips=_chips([r for stage in records.values() for r in stage or []]), price=price)
+  sections = [row, summary_section(root, records), tokenizer_section(root)]
   for title, rel in STAGES:
     d = os.path.join(root, rel)
     if title == "rl":
@@ -396,7 +414,7 @@ def write_report(root: str, price: float | None = None) -> str:
     elif exists(d, "config.json") and exists(d, "metrics.jsonl"):
       sections.append(train_section({"base": "Base model", "mid": "Midtraining", "sft": "SFT"}[title], d, rel, price))
   sections.append(eval_section(root))
-  text = f"{CARD_TITLE}{root.rstrip('/').rsplit('/', 1)[-1]}\n\n" + "\n\n".join(
+  text = f"{CARD_TITLE}{name}\n\n" + "\n\n".join(
       "\n".join(s) for s in sections if s) + "\n"
   path = check_card(root)
   atomic_write(path, text.encode())

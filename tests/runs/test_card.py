@@ -246,3 +246,51 @@ def test_a_hand_edited_eval_json_does_not_break_the_card(pipeline):
     json.dump({"step": 2, "results": {"gsm8k": {"accuracy": 0.5}, "mine": "looked fine"}, "note": "x"}, f)
   text = open(report.write_report(root)).read()
   assert "| mine | (not an lmtiny result) | - |" in text and "| eval | GSM8K accuracy | 0.5000 (rl, ? problems) |" in text
+
+
+def _leaderboard_row(text):
+  """{column: cell} of the card's one-row leaderboard table, which must come before the summary."""
+  assert text.index("## Leaderboard row") < text.index("## Summary")
+  table = text.split("## Leaderboard row\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+  assert len(table) == 3 and table[1] == "|---|---|---|---|---|---|---|"
+  header, cells = ([c.strip() for c in line.strip("|").split(" | ")] for line in (table[0], table[2]))
+  return dict(zip(header, cells, strict=True))
+
+
+_REFERENCE = "Reference (nanochat HEAD's speedrun, not this run): d24 on 8 x H100, 99 min, CORE 0.2565."
+
+
+def test_leaderboard_row_of_a_whole_run(full_pipeline):
+  root = full_pipeline
+  chat = {"arc_easy": {"accuracy": 0.5, "items": 10}}
+  _write_json(os.path.join(root, "sft", "eval.json"), {"step": 5, "chat": chat, "chatcore": 0.1234})
+  _write_json(os.path.join(root, "rl", "eval.json"),  # rl's chat tasks did not all run: no ChatCORE of its own
+              {"step": 2, "results": {"gsm8k": {"accuracy": 0.5, "items": 4}}, "chat": chat})
+  text = open(report.write_report(root, price=2.0)).read()
+  row, summary = _leaderboard_row(text), _summary(text)
+  seconds = 6 + 3600 + 120 + 30 + 60 + 20  # tokenizer, base, mid, sft, rl, eval: the summary's total
+  assert row == {"run": "run", "DCLM CORE": "0.0667 (lmtiny.eval, step 10)", "val bpb": "2.0000 (step 10)",
+                 "ChatCORE": "0.1234 (sft)", "wall time (all stages)": "1h03m", "chips": "8 x h100",
+                 "cost": f"${seconds / 3600 * 8 * 2.0:,.2f} at $2.0/chip-hour"}
+  assert row["cost"] == "$17.05 at $2.0/chip-hour"
+  assert row["wall time (all stages)"] == summary[("wall time", "total")]
+  assert row["DCLM CORE"] == summary[("base", "DCLM CORE")] and row["val bpb"] == summary[("base", "val bpb")]
+  assert text.split("## Leaderboard row\n\n", 1)[1].split("\n\n")[1] == _REFERENCE  # quoted, not in the row
+
+
+def test_leaderboard_row_without_core_chatcore_or_price(tmp_path):
+  root = str(tmp_path / "d4")
+  _write_metrics(root, [{"step": 4, "split": "val", "loss": 3.9, "bpb": 2.4567},
+                        {"step": 4, "split": "hf6", "hf6": 0.3141},
+                        {"step": 4, "split": "run", "seconds": 90.0, "chips": 4, "chip": "v5e"}])
+  with open(os.path.join(root, "config.json"), "w") as f:
+    f.write(tiny_config(steps=4).to_json())
+  _write_json(os.path.join(root, "eval.json"), {"step": 4, "hf6": 0.2718, "results": {}, "chat": {
+      "arc_easy": {"accuracy": 0.5, "items": 10}}})  # one chat task of six: no ChatCORE
+  text = open(report.write_report(root)).read()
+  row = _leaderboard_row(text)
+  assert row == {"run": "d4", "DCLM CORE": "-", "val bpb": "2.4567 (step 4)", "ChatCORE": "-",
+                 "wall time (all stages)": "1m30s", "chips": "4 x v5e", "cost": "- (pass --price-per-chip-hour)"}
+  assert _summary(text)[("base", "HF6 mean")] == "0.2718 (lmtiny.eval, step 4)"  # measured, shown as HF6 only
+  assert "HF6" not in text.split("## Leaderboard row", 1)[1].split("## Summary", 1)[0]
+  assert _leaderboard_row(open(report.write_report(root, price=1.5)).read())["cost"] == "$0.15 at $1.5/chip-hour"
