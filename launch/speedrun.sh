@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on one host: tokenizer -> shards -> base -> midtrain -> SFT -> RL -> eval -> report.
+# The whole pipeline on one host: tokenizer -> shards -> base -> midtrain -> SFT -> RL -> eval -> report
+# (the d24 presets: nanochat HEAD's, without midtraining and RL).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -8,9 +9,10 @@ usage() {
   cat <<'EOF'
 usage: launch/speedrun.sh PRESET [options]
 
-Runs every stage of the pipeline in order; a stage whose output is complete (RUN/.stages/NAME.done)
-is skipped, so re-running the same command resumes where it stopped (each training stage also
-resumes from its own checkpoints).
+Prints the run's plan (parameters, tokens, steps, FLOPs, time at 40% and 55% MFU: python -m lmtiny.arch
+--brief), then runs every stage of the pipeline in order; a stage whose output is complete
+(RUN/.stages/NAME.done) is skipped, so re-running the same command resumes where it stopped (each
+training stage also resumes from its own checkpoints).
 
   tokenizer  python -m lmtiny.tokenizer.train  -> RUN/tokenizer
   shards     python -m lmtiny.data.prepare     -> RUN/shards
@@ -23,8 +25,19 @@ resumes from its own checkpoints).
   report     python -m lmtiny.report --workdir RUN                -> RUN/report.md (always rebuilt)
 
 presets:
-  toy        CPU, minutes: configs/tiny.py on the embedded standard-library corpus; SFT (with the
-             embedded chats), RL and GSM8K on the self-generated toy arithmetic set (no download)
+  toy        CPU, minutes: configs/tiny_2026.py (nanochat's 2026 recipe at CPU size) on the embedded
+             standard-library corpus; SFT (with the embedded chats), RL and GSM8K on the
+             self-generated toy arithmetic set (no download)
+  d24-8xh100 nanochat HEAD's runs/speedrun.sh: configs/d24_2026.py (data:param 8) in fp8 on ClimbMix
+             (--source, default climbmix?shards=170, as many shards as nanochat downloads), tokenizer
+             vocab 32,768 on its first 2B characters, 8 GPUs data parallel (mesh.data=8, 16
+             sequences each, 4 accumulation steps to the 1M-token batch); base eval (bpb + CORE), SFT
+             on nanochat's mixture from the base run's optimizer state at 0.8 of its LRs, chat eval;
+             no midtraining or RL
+  d24-h100   the same on one H100 (32 accumulation steps to the same batch)
+  d24-v6e8   the same in bf16 on a v6e-8 TPU VM: mesh.fsdp=8, train.device_batch_size=8 (lmtiny.plan.memory
+             for 32 GB chips)
+  d24-v5p8   the same in bf16 on a v5p-8 TPU VM (4 chips): mesh.fsdp=4, train.device_batch_size=16
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
              train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 7.96 GiB per chip)
@@ -37,9 +50,10 @@ presets:
 
 options:
   --workdir RUN            run directory (default runs/speedrun-PRESET)
-  --source SPEC            pretraining text (lmtiny.corpus.sources spec)
+  --source SPEC            pretraining text (lmtiny.corpus.sources spec; a local ClimbMix copy:
+                           climbmix?data_dir=DIR); the d24 presets train the tokenizer on it too
   --eval-data DIR          holds the DCLM eval_bundle/; default: downloaded once into ~/.cache/lmtiny/eval_bundle (not toy)
-  --skip a,b,...           stages not to run (e.g. mid,sft)
+  --skip a,b,...           stages not to run (e.g. mid,sft; the d24 presets have no mid and rl)
   --price-per-chip-hour P  for the report card's cost estimate
   --smoke                  a few steps per stage (the CI test)
   --python PY              interpreter (default python3)
@@ -83,7 +97,8 @@ while (($#)); do
   esac
   shift
 done
-[[ -n $PRESET ]] || die "a preset is required: toy, d20-h100, d20-v5e8, d26-pod or d32-pod (see --help)"
+PRESETS="toy, d20-h100, d20-v5e8, d26-pod, d32-pod, d24-8xh100, d24-h100, d24-v6e8, d24-v5p8"
+[[ -n $PRESET ]] || die "a preset is required: $PRESETS (see --help)"
 STAGES="tokenizer shards base mid sft rl eval report"
 for s in ${SKIP//,/ }; do
   [[ " $STAGES " == *" $s "* ]] || die "--skip '$s': not a stage ($STAGES)"
@@ -91,11 +106,15 @@ done
 RUN_DIR=${RUN_DIR:-runs/speedrun-$PRESET}
 
 POD=0
+OMIT=''          # stages a preset does not have (the d24 presets: nanochat HEAD runs no mid or RL)
+TOK_FROM_SOURCE=0  # 1: the tokenizer trains on the pretraining source, not a mixture recipe
+PLAN_CHIP=''; PLAN_CHIPS=1; REFERENCE=''
 TOY_SFT_SOURCES=embedded_chat:1.0,toy_arithmetic:1.0
 FINEWEB='hf:HuggingFaceFW/fineweb-edu?pattern=sample/10BT/*.parquet&column=text'
+CLIMBMIX='climbmix?shards=170'
 case $PRESET in
   toy)
-    CONFIG=configs/tiny.py; MIXTURE=tokenizer_data/embedded.py; VOCAB=4096
+    CONFIG=configs/tiny_2026.py; MIXTURE=tokenizer_data/embedded.py; VOCAB=4096; PLAN_CHIP=cpu
     SOURCE=${SOURCE:-embedded?max_chars=4000000}; TOK_CHARS=4000000
     BASE_ARGS=(--config.train.steps=300)
     MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=100)
@@ -104,6 +123,25 @@ case $PRESET in
     RL_ARGS=(--config.rl.data=toy --config.rl.steps=40 --config.rl.questions=4 --config.rl.samples=8
              --config.rl.max_new_tokens=48 --config.rl.eval_questions=64)
     CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
+  d24-8xh100 | d24-h100 | d24-v6e8 | d24-v5p8)
+    CONFIG=configs/d24_2026.py; VOCAB=32768; TOK_FROM_SOURCE=1; OMIT=mid,rl
+    SOURCE=${SOURCE:-$CLIMBMIX}; TOK_CHARS=2000000000
+    MID_ARGS=(); RL_ARGS=()
+    SFT_ARGS=(--config.sft.sources=nanochat --config.sft.load_optimizer=True --config.sft.init_lr_frac=0.8)
+    CHAT_EVAL=(--chat)
+    REFERENCE="nanochat reports: d24 in 99 min on 8 x H100 to CORE 0.2565 (runs/speedrun.sh, fp8); nanochat-jax: d24 in 7.33 h on a v6e-8 at ~24% MFU to CORE 0.274"
+    case $PRESET in
+      d24-8xh100) PLAN_CHIP=h100; PLAN_CHIPS=8
+        BASE_ARGS=(--config.model.matmul_dtype=fp8 --config.mesh.data=8) ;;  # one process, the host's 8 GPUs
+      d24-h100) PLAN_CHIP=h100
+        BASE_ARGS=(--config.model.matmul_dtype=fp8 --config.mesh.data=1) ;;
+      # lmtiny.plan.memory.fsdp_plans for the chips' HBM (v6e 32 GiB: 17.9 GiB estimated at fsdp=8 x 8
+      # sequences; v5p 95 GiB, 4 chips: 34.6 GiB at fsdp=4 x 16); bf16 matmuls, as nanochat-jax ran.
+      d24-v6e8) PLAN_CHIP=v6e; PLAN_CHIPS=8
+        BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=8) ;;
+      d24-v5p8) PLAN_CHIP=v5p; PLAN_CHIPS=4
+        BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=4 --config.train.device_batch_size=16) ;;
+    esac ;;
   d20-h100 | d20-v5e8 | d26-pod | d32-pod)
     CONFIG=configs/${PRESET%%-*}.py; MIXTURE=tokenizer_data/seed.py; VOCAB=65536
     SOURCE=${SOURCE:-$FINEWEB}; TOK_CHARS=2000000000
@@ -114,6 +152,8 @@ case $PRESET in
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
     # 16 GB chips: ZeRO-3 over the 8 chips at 4 sequences each (XLA:TPU: 7.96 GiB per chip; data
     # parallel at the config's 16 would need ~48). Midtraining, SFT and RL inherit the base run's mesh.
+    [[ $PRESET == d20-h100 ]] && PLAN_CHIP=h100
+    [[ $PRESET == d20-v5e8 ]] && { PLAN_CHIP=v5e; PLAN_CHIPS=8; }
     [[ $PRESET == d20-v5e8 ]] && BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=4)
     if [[ $PRESET == *-pod ]]; then
       POD=1
@@ -121,7 +161,7 @@ case $PRESET in
       # optimizer state on every chip (d32: ~56 GiB at its 4 sequences per chip).
       BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=-1)
     fi ;;
-  *) die "unknown preset '$PRESET' (toy, d20-h100, d20-v5e8, d26-pod, d32-pod)" ;;
+  *) die "unknown preset '$PRESET' ($PRESETS)" ;;
 esac
 BASE_EVAL=(--tasks bpb)
 if [[ -n $EVAL_DATA ]]; then
@@ -134,7 +174,8 @@ if [[ $SMOKE == 1 ]]; then
   BASE_ARGS=(--config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=2
              --config.model.max_seq_len=128 --config.train.seq_len=128 --config.train.batch_tokens=1024
              --config.train.steps=4 --config.train.eval_every=4 --config.train.eval_batches=1
-             --config.train.checkpoint_every=4 --config.train.sample_tokens=8)
+             --config.train.checkpoint_every=4 --config.train.sample_tokens=8
+             --config.train.tokens_per_param=0 --config.train.auto_batch=False)  # the steps, not a horizon
   MID_ARGS=("--config.sft.sources=embedded_chat:1.0,pretrain:0.3" --config.sft.steps=2
             --config.train.eval_every=2 --config.train.eval_batches=1 --config.train.checkpoint_every=2
             --config.train.sample_tokens=8)
@@ -159,11 +200,16 @@ if [[ $POD == 1 ]]; then
   SKIP="tokenizer,shards${SKIP:+,$SKIP}"
 fi
 
-skipped() { [[ ",$SKIP," == *",$1,"* ]]; }
+omitted() { [[ ",$OMIT," == *",$1,"* ]]; }
+skipped() { [[ ",$SKIP," == *",$1,"* ]] || omitted "$1"; }
 done_marker() { printf '%s/%s.done' "$MARKS" "$1"; }
 
 # wanted NAME: true unless the stage is skipped or already done (says which on stderr).
 wanted() {
+  if omitted "$1"; then
+    note "== $1: not in the $PRESET preset"
+    return 1
+  fi
   if skipped "$1"; then
     note "== $1: skipped (--skip)"
     return 1
@@ -205,13 +251,35 @@ newest_run() {
   printf '%s' "$RUN_DIR"
 }
 
+TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data.shards=$SHARDS"
+            --workdir "$RUN_DIR" ${BASE_ARGS[@]+"${BASE_ARGS[@]}"})
+if [[ $TOK_FROM_SOURCE == 1 ]]; then
+  TOK_TEXT=(--source "$SOURCE")  # nanochat trains its tokenizer on the head of the pretraining text
+else
+  TOK_TEXT=(--mixture "$MIXTURE")
+fi
+
+# print_plan: the base run's plan (python -m lmtiny.arch --brief, on the config and overrides the
+# base stage trains) and nanochat's figures for the same run, on stderr, before any stage.
+print_plan() {
+  local plan
+  if ! plan=$("$PYTHON" -m lmtiny.arch --brief --config "$CONFIG" "--config.model.vocab_size=$VOCAB" \
+      ${BASE_ARGS[@]+"${BASE_ARGS[@]}"} --chip "$PLAN_CHIP" --chips "$PLAN_CHIPS" --mfu 0.4 --mfu 0.55 2>&1); then
+    die "the plan: $PYTHON -m lmtiny.arch failed: ${plan##*$'\n'} (is lmtiny installed for it? --python PY)"
+  fi
+  note "== plan: $PRESET"
+  note "$plan"
+  [[ -z $REFERENCE ]] || note "  $REFERENCE"
+}
+
 cd "$REPO_ROOT"
-stage tokenizer "$PYTHON" -m lmtiny.tokenizer.train --mixture "$MIXTURE" --vocab-size "$VOCAB" \
+if [[ -n $PLAN_CHIP ]]; then
+  print_plan
+fi
+stage tokenizer "$PYTHON" -m lmtiny.tokenizer.train "${TOK_TEXT[@]}" --vocab-size "$VOCAB" \
   --total-chars "$TOK_CHARS" --out "$RUN_DIR/tokenizer" --quiet
 stage shards "$PYTHON" -m lmtiny.data.prepare --source "$SOURCE" --tokenizer "$RUN_DIR/tokenizer" \
   --out "$RUN_DIR/shards" --no-progress
-TRAIN_ARGS=(--config "$CONFIG" "--config.model.vocab_size=$VOCAB" "--config.data.shards=$SHARDS"
-            --workdir "$RUN_DIR" ${BASE_ARGS[@]+"${BASE_ARGS[@]}"})
 if [[ $POD == 1 && $BASE_DONE == 0 ]] && ! skipped base; then
   run "$LAUNCH_DIR/tpu.sh" train --name "$TPU_NAME" --zone "$ZONE" -- "${TRAIN_ARGS[@]}"
   if [[ $DRY_RUN == 0 ]]; then
@@ -224,9 +292,9 @@ if [[ $POD == 1 ]]; then
 else
   stage base "$PYTHON" -m lmtiny.train "${TRAIN_ARGS[@]}"
 fi
-stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid" "${MID_ARGS[@]}"
+stage mid "$PYTHON" -m lmtiny.sft --init "$RUN_DIR" --workdir "$RUN_DIR/mid" ${MID_ARGS[@]+"${MID_ARGS[@]}"}
 stage sft "$PYTHON" -m lmtiny.sft --init "$(newest_run mid)" --workdir "$RUN_DIR/sft" ${SFT_ARGS[@]+"${SFT_ARGS[@]}"}
-stage rl "$PYTHON" -m lmtiny.rl --init "$(newest_run sft mid)" --workdir "$RUN_DIR/rl" "${RL_ARGS[@]}"
+stage rl "$PYTHON" -m lmtiny.rl --init "$(newest_run sft mid)" --workdir "$RUN_DIR/rl" ${RL_ARGS[@]+"${RL_ARGS[@]}"}
 if wanted eval; then
   run "$PYTHON" -m lmtiny.eval --workdir "$RUN_DIR" "${BASE_EVAL[@]}"
   CHAT_MODEL=$(newest_run rl sft mid)

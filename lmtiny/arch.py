@@ -2,6 +2,8 @@
 
     python -m lmtiny.arch --config configs/d4_38m.py [--config.model.num_layers=8]
         [--tokens-per-param 20] [--chip h100] [--chips 1] [--mfu 0.4]
+    python -m lmtiny.arch --config configs/d24_2026.py --brief --chip h100 --chips 8 --mfu 0.4 --mfu 0.55
+        (--brief: the run's parameters, tokens, steps, FLOPs and time at each --mfu, in four lines)
     python -m lmtiny.arch --search --target-params 38e6 --head-dim 64 [--tied]
         [--vocab 8192,16384,24576,32768,65536] [--depth 2..32] [--config configs/x.py]
 """
@@ -15,7 +17,7 @@ from lmtiny import cli, config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny.plan import search as arch_search
 from lmtiny.plan.counts import PEAK_FLOPS
-from lmtiny.plan.summary import report
+from lmtiny.plan.summary import report, run_plan
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -24,7 +26,10 @@ def _define_flags(fv: flags.FlagValues) -> dict:
                                           "the config's train.tokens_per_param, or 20).", flag_values=fv),
       chip=flags.DEFINE_string("chip", "h100", f"Accelerator: {' | '.join(PEAK_FLOPS)}.", flag_values=fv),
       chips=flags.DEFINE_integer("chips", 1, "Number of chips for the time estimate.", flag_values=fv),
-      mfu=flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation for the time estimate.", flag_values=fv),
+      mfu=flags.DEFINE_multi_float("mfu", [0.4], "Model FLOPs utilisation for the time estimate (--brief: "
+                                   "repeat it for several).", flag_values=fv),
+      brief=flags.DEFINE_bool("brief", False, "Only the run's plan: parameters, tokens, steps, FLOPs and "
+                              "time at each --mfu.", flag_values=fv),
       search=flags.DEFINE_bool("search", False, "Enumerate architectures near --target-params.", flag_values=fv),
       target_params=flags.DEFINE_float("target_params", None, "Search: target parameter count.", flag_values=fv),
       head_dim=flags.DEFINE_integer("head_dim", 64, "Search: head dimension (even).", flag_values=fv),
@@ -66,8 +71,13 @@ def run(argv: list[str]) -> int:
   if cfg is None:
     raise ConfigError("give --config configs/<size>.py (or --search --target-params N)")
   config_lib.validate(cfg)
+  if f["brief"]:
+    print("\n".join(run_plan(cfg, chip=f["chip"], num_chips=f["chips"], mfus=tuple(f["mfu"]))))
+    return 0
+  if len(f["mfu"]) > 1:
+    raise ConfigError(f"--mfu given {len(f['mfu'])} times: the full report takes one (--brief prints several)")
   print(report(cfg, tokens_per_param=f["tokens_per_param"], chip=f["chip"],
-               mfu=f["mfu"], num_chips=f["chips"]))
+               mfu=f["mfu"][0], num_chips=f["chips"]))
   return 0
 
 

@@ -21,6 +21,12 @@ A spec is `<type>:<location>?<key>=<value>&...` (write "&" and "%" in a value as
   embedded?max_chars=N&parts=topics,docstrings,code
                               the embedded standard-library corpus (`lmtiny.corpus.embedded`);
                               all parts by default
+  climbmix?shards=N&data_dir=DIR
+                              ClimbMix (nanochat's pretraining text since 2026): the hf: source
+                              over karpathy/climbmix-400b-shuffle's shard_NNNNN.parquet files,
+                              or, with data_dir, the parquet: source over DIR/shard_*.parquet
+                              (offline; nanochat's base_data_climbmix directory is one); the
+                              first N shards in name order when shards=N (default all)
 
 The first "?" starts the options (write a literal "?" in a glob as "[?]").
 `open_source(spec)` checks what it can up front (files exist, parquet columns) and returns a
@@ -46,6 +52,10 @@ from lmtiny.corpus.hub import hub_offline, quiet_hub_logger
 from lmtiny.errors import first_line, UserError
 
 RECORD_SEPARATOR = "\n\n\x1e\n\n"
+# ClimbMix as nanochat HEAD downloads it (nanochat/dataset.py): shard_00000 ... shard_06542.parquet
+# at the repository's root, text in column `text`; nanochat keeps the last shard for validation.
+CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
+CLIMBMIX_PATTERN = "shard_*.parquet"
 NAMED_DELIMITERS = {"record": RECORD_SEPARATOR, "line": "\n", "blank": "\n\n"}
 _CHUNK_BYTES = 1 << 20
 _PARQUET_BATCH_ROWS = 512
@@ -242,15 +252,16 @@ def _may_hold_text(kind) -> bool:
 class ParquetSource(Source):
   """Parquet files with a string (or binary) column, streamed in record batches."""
 
-  def __init__(self, name: str, pattern: str | None, column: str, files: list[str] | None = None):
+  def __init__(self, name: str, pattern: str | None, column: str, files: list[str] | None = None,
+               max_files: int = 0):
     super().__init__(name)
     self.column = column
     if files is None:
-      self.files = _expand_glob(name, pattern)
+      self.files = _expand_glob(name, pattern)[:max_files or None]
       for path in self.files:
         self._check(path)
     else:
-      self.files = files
+      self.files = files[:max_files or None]
 
   def _check(self, path: str):
     import pyarrow.parquet as pq
@@ -302,7 +313,7 @@ class HuggingFaceSource(ParquetSource):
   parquet: spec over a local copy of the same files)."""
 
   def __init__(self, name: str, repo_id: str, pattern: str, column: str, revision: str | None,
-               offline_hint: str | None = None):
+               offline_hint: str | None = None, max_files: int = 0):
     try:
       import huggingface_hub
       list_repo_files = huggingface_hub.list_repo_files
@@ -321,7 +332,7 @@ class HuggingFaceSource(ParquetSource):
     files = sorted(f for f in listed if fnmatch.fnmatch(f, pattern))
     if not files:
       raise SourceError(f"{name}: no files in {repo_id!r} match {pattern!r}")
-    super().__init__(name, None, column, files=files)
+    super().__init__(name, None, column, files=files, max_files=max_files)
     self.repo_id, self.revision = repo_id, revision
 
   def _paths(self):
@@ -407,6 +418,25 @@ def _compile_regex(value: str) -> re.Pattern:
     raise ValueError(str(e)) from None
 
 
+def open_climbmix(spec: str, options: dict, offline_hint: str | None = None) -> Source:
+  """`climbmix?shards=N&data_dir=DIR` (see the module docstring): the hub's shards, or DIR's."""
+  shards = _take(spec, options, "shards", 0, int)
+  if shards < 0:
+    raise SourceError(f"{spec}: shards={shards}: must be >= 0 (0: all)")
+  data_dir = _take(spec, options, "data_dir")
+  if data_dir is None:
+    hint = offline_hint or (f"download {CLIMBMIX_REPO}'s {CLIMBMIX_PATTERN} files where there is network "
+                            "(nanochat: python -m nanochat.dataset -n 170) and use climbmix?data_dir=DIR")
+    return HuggingFaceSource(spec, CLIMBMIX_REPO, CLIMBMIX_PATTERN, "text", None, hint, max_files=shards)
+  if not os.path.isdir(os.path.expanduser(data_dir)):
+    raise SourceError(f"{spec}: data_dir {data_dir!r} is not a directory")
+  pattern = os.path.join(glob_lib.escape(os.path.expanduser(data_dir)), CLIMBMIX_PATTERN)
+  if not glob_lib.glob(pattern):
+    raise SourceError(f"{spec}: data_dir {data_dir!r} holds no {CLIMBMIX_PATTERN} files "
+                      f"(ClimbMix's shards, from {CLIMBMIX_REPO})")
+  return ParquetSource(spec, pattern, "text", max_files=shards)
+
+
 def open_source(spec: str, offline_hint: str | None = None) -> Source:
   """Parses a spec (see the module docstring) and opens the source it names. `offline_hint`: what
   an `hf:` source's error tells the user to do when the hub cannot be reached."""
@@ -444,9 +474,13 @@ def open_source(spec: str, offline_hint: str | None = None) -> Source:
     if not parts or set(parts) - set(EMBEDDED_PARTS):
       raise SourceError(f"{spec}: parts must be a comma list of {', '.join(EMBEDDED_PARTS)}")
     source = EmbeddedSource(spec, _take(spec, options, "max_chars", 0, int), parts)
+  elif kind == "climbmix":
+    if location:
+      raise SourceError(f"{spec}: the climbmix source takes no path (a local copy: climbmix?data_dir=DIR)")
+    source = open_climbmix(spec, options, offline_hint)
   else:
     raise SourceError(f"{spec}: unknown source type {kind!r} "
-                      "(expected txt, jsonl, parquet, tfds, hf or embedded)")
+                      "(expected txt, jsonl, parquet, tfds, hf, embedded or climbmix)")
   if options:
     raise SourceError(f"{spec}: unknown option(s) {', '.join(sorted(options))} for {kind}")
   return source

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lmtiny import config as config_lib
 from lmtiny.plan import memory, recipe
-from lmtiny.plan.counts import (PEAK_FLOPS, chinchilla_tokens, describe, inference_flops_per_token, matmul_params,
-                              param_breakdown, train_flops_per_token, training_seconds)
+from lmtiny.plan.counts import (PEAK_FLOPS, chinchilla_tokens, count_params, describe, inference_flops_per_token,
+                              matmul_params, param_breakdown, train_flops_per_token, training_seconds)
 from lmtiny.plan.units import duration, human
 
 
@@ -79,3 +79,23 @@ def report(cfg, tokens_per_param: float | None = None, chip: str = "h100", mfu: 
   ]
   lines += memory.format_estimate(cfg)
   return "\n".join(lines)
+
+
+def run_plan(cfg, chip: str = "h100", num_chips: int = 1, mfus: tuple[float, ...] = (0.4,)) -> list[str]:
+  """What a run of this config trains, in four lines (`python -m lmtiny.arch --brief`): its parameters,
+  tokens and steps (train.steps, or the horizon train.tokens_per_param sets, as the trainer counts
+  them), training FLOPs (6N + attention, causal-half) and the time on `num_chips` x `chip` at each MFU."""
+  cfg = recipe.resolve(cfg)
+  m, t = cfg.model, cfg.train
+  steps = config_lib.total_steps(cfg, recipe.horizon_params(m, t))
+  tokens = steps * t.batch_tokens
+  flops = tokens * train_flops_per_token(m, t.seq_len)
+  times = "; ".join(f"{duration(training_seconds(m, t.seq_len, tokens, chip, mfu, num_chips))} at {100 * mfu:g}% MFU"
+                    for mfu in mfus)
+  return [
+      f"plan: {count_params(m):,} parameters ({human(count_params(m))}), depth {m.num_layers}, width {m.d_model}, "
+      f"vocab {m.vocab_size:,}",
+      f"  {tokens:,} tokens ({human(tokens)}) = {steps:,} steps x {t.batch_tokens:,} tokens",
+      f"  training compute {flops:.3g} FLOPs ({train_flops_per_token(m, t.seq_len):.4g} per token, causal-half)",
+      f"  on {num_chips} x {chip} ({PEAK_FLOPS[chip] / 1e12:g} TFLOP/s dense bf16 each): {times}",
+  ]

@@ -100,6 +100,12 @@ def load_recipe(path: str, total_chars: int | None = None, seed: int | None = No
   return validate_recipe(recipe, path if name == "RECIPE" else f"{path}:{name}")
 
 
+def single_source_recipe(spec: str, total_chars: int | None = None, seed: int | None = None) -> dict:
+  """The recipe of one source (`--source SPEC`): the recipe defaults for what is None."""
+  recipe = dict(sources=[dict(spec=spec)], total_chars=total_chars, seed=seed)
+  return validate_recipe({k: v for k, v in recipe.items() if v is not None}, f"--source {spec}")
+
+
 def is_held_out(entry: dict, index: int, doc: str) -> bool:
   """Whether document `index` of a recipe source is kept out of training."""
   every, pattern = entry.get("hold_out_every", 0), entry.get("hold_out_pattern")

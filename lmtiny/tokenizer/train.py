@@ -2,6 +2,10 @@
 
   python -m lmtiny.tokenizer.train --mixture tokenizer_data/embedded.py --vocab-size 32768 \\
       --out tokenizers/embedded32k
+  python -m lmtiny.tokenizer.train --source climbmix --total-chars 2000000000 --out tokenizers/climbmix32k
+
+`--source SPEC` trains on one source (lmtiny.corpus.sources) instead of a recipe, as nanochat trains
+its tokenizer on the head of its pretraining text.
 
 Writes DIR/tokenizer.model, tokenizer.vocab, token_bytes.npy and report.json (all at once, at the
 end); a DIR that holds a tokenizer already is refused (shards made with it need it unchanged). Bad
@@ -17,13 +21,15 @@ import sys
 from lmtiny import cli
 from lmtiny.fs.outputs import check_output_dir
 from lmtiny.tokenizer.bpe import check_out_dir, check_vocab_size, DIGIT_MODES, TokenizerError, train_tokenizer
-from lmtiny.tokenizer.mixture import load_recipe, MixtureSampler
+from lmtiny.tokenizer.mixture import load_recipe, MixtureSampler, single_source_recipe
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m lmtiny.tokenizer.train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--mixture", required=True, help="recipe file, e.g. tokenizer_data/seed.py")
+  text = p.add_mutually_exclusive_group(required=True)
+  text.add_argument("--mixture", help="recipe file, e.g. tokenizer_data/seed.py")
+  text.add_argument("--source", help="one source spec instead of a recipe, e.g. climbmix (lmtiny.corpus.sources)")
   p.add_argument("--vocab-size", type=int, default=32768, help="a multiple of 128")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--total-chars", type=int, default=None, help="override the recipe's budget (> 0)")
@@ -55,8 +61,12 @@ def run(args) -> dict:
   if os.path.exists(os.path.join(args.out, "tokenizer.model")):  # shards made with it would stop matching
     raise TokenizerError(f"--out={args.out}: holds a tokenizer already; shards and runs made with it need it "
                          "unchanged: choose a new --out (or remove it yourself first)")
-  recipe_file = args.mixture
-  recipe = load_recipe(recipe_file, total_chars=args.total_chars, seed=args.seed)
+  if args.source is not None:
+    recipe_file = f"--source {args.source}"
+    recipe = single_source_recipe(args.source, total_chars=args.total_chars, seed=args.seed)
+  else:
+    recipe_file = args.mixture
+    recipe = load_recipe(recipe_file, total_chars=args.total_chars, seed=args.seed)
   sampler = MixtureSampler(recipe, progress=not args.quiet)
   extra = dict(recipe=recipe_file, total_chars=recipe["total_chars"], sources=sampler.stats)
   tok = train_tokenizer(iter(sampler), args.vocab_size, args.out, seed=recipe["seed"],

@@ -204,3 +204,68 @@ def test_embedded_docstrings_match_the_imported_modules():
     text = embedded.module_docstring(embedded.read_python_source(module.__file__))
     assert text == inspect.cleandoc(module.__doc__)
   assert not any("/test/" in p or "site-packages" in p for p in files)
+
+
+def _climbmix_dir(tmp_path, shards=3):
+  """A local copy of ClimbMix as nanochat downloads it: shard_NNNNN.parquet, text in `text`."""
+  for i in range(shards):
+    _write_parquet(tmp_path / f"shard_{i:05d}.parquet", text=[f"climbmix shard {i}"])
+  (tmp_path / "shard_00009.parquet.tmp").write_text("a download in progress")  # not a shard
+  return tmp_path
+
+
+def test_climbmix_reads_a_local_copy_in_shard_order(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: a data_dir needs no hub
+  data = _climbmix_dir(tmp_path)
+  assert docs_of(f"climbmix?data_dir={data}") == [f"climbmix shard {i}" for i in range(3)]
+  assert docs_of(f"climbmix?data_dir={data}&shards=2") == ["climbmix shard 0", "climbmix shard 1"]
+  with pytest.raises(SourceError, match="unknown option.*column for climbmix"):
+    open_source(f"climbmix?data_dir={data}&column=body")
+
+
+def test_climbmix_from_the_hub_lists_its_shards(tmp_path, monkeypatch):
+  data = _climbmix_dir(tmp_path)
+  hub = types.ModuleType("huggingface_hub")
+  listed = []
+
+  def list_repo_files(repo, repo_type, revision):
+    listed.append(repo)
+    return ["README.md", "shard_00001.parquet", "shard_00000.parquet", "shard_00002.parquet"]
+
+  hub.list_repo_files = list_repo_files
+  hub.hf_hub_download = lambda repo, filename, repo_type, revision: str(data / filename)
+  monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+  monkeypatch.setattr("lmtiny.corpus.sources.hub_offline", lambda: None)
+  src = open_source("climbmix?shards=2")
+  assert listed == ["karpathy/climbmix-400b-shuffle"] and src.files == ["shard_00000.parquet", "shard_00001.parquet"]
+  assert list(src.iter_documents()) == ["climbmix shard 0", "climbmix shard 1"]
+
+
+def test_climbmix_offline_names_the_local_way(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setitem(sys.modules, "huggingface_hub", types.ModuleType("huggingface_hub"))
+  sys.modules["huggingface_hub"].list_repo_files = lambda *a, **k: pytest.fail("listed offline")
+  with pytest.raises(SourceError, match=r"^climbmix: offline .*karpathy/climbmix-400b-shuffle's shard_\*\.parquet.*"
+                                        r"use climbmix\?data_dir=DIR$"):
+    open_source("climbmix")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("climbmix?data_dir={tmp}/nope", r"^climbmix\?data_dir=.*/nope: data_dir '.*/nope' is not a directory$"),
+    ("climbmix?data_dir={tmp}", r"data_dir '.*' holds no shard_\*\.parquet files \(ClimbMix's shards"),
+    ("climbmix?data_dir={tmp}&shards=-1", r"shards=-1: must be >= 0"),
+    ("climbmix?data_dir={tmp}&shards=some", "bad value for shards"),
+    ("climbmix:{tmp}", "takes no path"),
+])
+def test_climbmix_bad_input_is_one_line(tmp_path, spec, message):
+  with pytest.raises(SourceError, match=message) as info:
+    open_source(spec.format(tmp=tmp_path))
+  assert "\n" not in str(info.value)
+
+
+def test_climbmix_bad_data_dir_is_one_error_line_exit_2(tmp_path, capsys):
+  """As the d24 speedrun presets train their tokenizer: on the pretraining source itself."""
+  from lmtiny.tokenizer import train
+  assert train.main(["--source", f"climbmix?data_dir={tmp_path}/nope", "--out", str(tmp_path / "tok"), "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: climbmix?data_dir=") and "is not a directory" in err and err.count("\n") == 1

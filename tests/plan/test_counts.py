@@ -240,6 +240,17 @@ def test_cli_report(capsys):
   assert "10 tokens/param" in out and "377.5M tokens" in out and "1 x v5e" in out and "50% MFU" in out
 
 
+def test_cli_brief_plan_times_each_mfu(capsys):
+  path = os.path.join(ROOT, "configs", "d4_38m.py")
+  assert arch_cli.main(["arch", "--config", path, "--brief", "--chip", "v5e", "--chips", "8", "--mfu", "0.4",
+                        "--mfu", "0.55"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 4 and out[0].startswith("plan: 37,748,736 parameters (37.7M)") and "on 8 x v5e" in out[3]
+  assert "at 40% MFU; " in out[3] and out[3].endswith("at 55% MFU")
+  assert arch_cli.main(["arch", "--config", path, "--mfu", "0.4", "--mfu", "0.5"]) == 2
+  assert "--mfu given 2 times" in capsys.readouterr().err
+
+
 def test_cli_overrides_and_search(capsys):
   path = os.path.join(ROOT, "configs", "d4_38m.py")
   assert arch_cli.main(["arch", f"--config={path}", "--config.model.tie_embeddings=True"]) == 0

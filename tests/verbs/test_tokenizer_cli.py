@@ -145,3 +145,17 @@ def test_train_refuses_an_out_that_holds_a_tokenizer_already(tmp_path, monkeypat
                                      "made with it need it unchanged: choose a new --out (or remove it yourself "
                                      "first)\n")
   assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"the shards' tokenizer"
+
+
+def test_train_on_one_source_instead_of_a_recipe(tmp_path, capsys):
+  from lmtiny.tokenizer import train
+  out = tmp_path / "tok"
+  assert train.main(["--source", "embedded?max_chars=200000", "--vocab-size", "512", "--total-chars", "100000",
+                     "--out", str(out), "--quiet"]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert report["recipe"] == "--source embedded?max_chars=200000" and report["total_chars"] == 100000
+  (tmp_path / "a.txt").write_text("x")
+  recipe = write_recipe(tmp_path, [dict(spec=f"txt:{tmp_path}/a.txt", weight=1)])
+  with pytest.raises(SystemExit) as info:  # argparse's usage error
+    train.main(["--source", "embedded", "--mixture", str(recipe), "--out", str(tmp_path / "x")])
+  assert info.value.code == 2 and "not allowed with argument --source" in capsys.readouterr().err
