@@ -20,7 +20,6 @@ D24_STAGES = ("tokenizer", "shards", "base", "sft", "eval")
 D24_PRESETS = [
     ("d24-8xh100", "h100", 8, ["--config.model.matmul_dtype=fp8", "--config.mesh.data=8"]),
     ("d24-h100", "h100", 1, ["--config.model.matmul_dtype=fp8", "--config.mesh.data=1"]),
-    ("d24-v6e8", "v6e", 8, ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.device_batch_size=8"]),
     ("d24-v5p8", "v5p", 4, ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.train.device_batch_size=16"]),
 ]
 
@@ -106,8 +105,7 @@ def test_d24_presets_run_nanochat_heads_pipeline(preset, chip, chips, overrides)
   assert local.count("--source 'climbmix?data_dir=data/climbmix'") == 2  # the tokenizer's text and the shards'
 
 
-@pytest.mark.parametrize("preset, chip_bytes, fsdp", [("d24-v6e8", counts.HBM_BYTES["v6e"], 8),
-                                                      ("d24-v5p8", counts.HBM_BYTES["v5p"], 4)])
+@pytest.mark.parametrize("preset, chip_bytes, fsdp", [("d24-v5p8", counts.HBM_BYTES["v5p"], 4)])
 def test_d24_tpu_presets_train_at_the_memory_plan_for_their_chips(preset, chip_bytes, fsdp):
   cfg = recipe.resolve(load_config_module("d24_2026").get_config())
   plan = next(p for p in memory.fsdp_plans(cfg, chip_bytes) if p[0] == fsdp)
@@ -158,17 +156,18 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
   assert _stage_lines(out.stderr) == ["tokenizer", "shards", "base", "mid", "sft", "rl", "eval"]
 
 
-@pytest.mark.slow(seconds=120)
+@pytest.mark.slow(seconds=230)
 @needs_libtpu
-@pytest.mark.parametrize("preset, topology", [("d24-v6e8", "v6e:2x4"), ("d24-v5p8", "v5p:2x2x1")])
-def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset, topology):
-  """XLA:TPU's own memory figure for d24's train step at the preset's mesh and per-chip batch."""
+def test_d24_v5p_preset_fits_its_chips_in_xla_tpu():
+  """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 224 s to compile
+  here) at the preset's mesh and per-chip batch. (A v6e-8 preset was dropped: at fsdp=8 the same
+  step's figure grows 2.3 GiB a layer at 8 sequences per chip, past 28 GiB of the 32.)"""
   from lmtiny.training import benchmark as bench
+  preset, topology, chip = "d24-v5p8", "v5p:2x2x1", "v5p"
   cfg = load_config_module("d24_2026").get_config()
   for override in OVERRIDES[preset]:
     name, value = override.removeprefix("--config.").split("=")
     section, field = name.split(".")
     cfg[section][field] = int(value)
   report = bench.compile_report(copy.deepcopy(cfg), topology)
-  chip = preset.split("-")[1][:3]
   assert report["xla_memory"]["peak"] < 0.9 * counts.HBM_BYTES[chip], report["xla_memory"]
