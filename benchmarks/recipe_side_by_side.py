@@ -39,6 +39,14 @@ Same batches: the training rows are one token stream (BOS + document, documents 
 into contiguous 513-token rows, shuffled once with a fixed seed; step s of every recipe trains on
 rows [16 s, 16 s + 16) of that order (inputs = row[:-1], targets = row[1:]). The rows are built for
 max(--steps, 900) steps, so a shorter run sees the prefix of the long run's batches; no row repeats.
+--rows bestfit: nanochat's BOS-aligned best-fit rows instead (lmtiny.data.bestfit, checked equal to
+nanochat's dataloader in tests/data/test_bestfit.py; buffer 1,000). The documents here are books and
+long articles, so the same training documents, in the same order, are first cut at paragraph breaks
+into web-page-sized pieces (log-normal lengths, median PIECE_CHARS characters); the pieces holding
+BESTFIT_TEXT_MARGIN x the rows' tokens are tokenized, shuffled once with a fixed seed and packed
+(every row starts with a BOS, whole pieces placed best-fit, the one that overflows cropped and its
+tail never trained on); step s of every recipe trains on the packer's s-th batch. The tokenizer and
+the validation rows are the same for both --rows.
 
 Data (../shared/corpora, never copied into the repo): Project Gutenberg books and Wikipedia
 articles. Validation, held out before anything else: Wikipedia articles (a seeded permutation)
@@ -76,6 +84,7 @@ import dataclasses
 import gzip
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -83,13 +92,15 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
+import grain
 import jax
 import numpy as np
 import torch
 
 from lmtiny import cli, config as config_lib
+from lmtiny.data import bestfit
 from lmtiny.errors import UserError
 from lmtiny.plan import recipe as recipe_lib
 from lmtiny.tokenizer.bpe import train_tokenizer
@@ -103,6 +114,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import nanochat_optim_reference as schedules  # noqa: E402
 
 RECIPES = ("jan", "new", "nanochat")
+ROWS = ("contiguous", "bestfit")
 DOC_SEPARATOR = "\n\n\x1e\n\n"
 WIKI_TITLE = re.compile(r"(?m)^(?== [^=].* =$)")  # zero-width: the title line starts the article
 BOOKS = "gutenberg_en_200MB.txt.gz"
@@ -115,6 +127,8 @@ TOKENIZER_BOOK_CHARS = 32_000  # each training book gives this much to the token
 WARMUP_STEPS_UNTIMED = 3
 SEED = 0
 DATA_VERSION = 2
+PIECE_CHARS, PIECE_SIGMA = 2_000, 1.0  # --rows bestfit: web-page-sized pieces, log-normal lengths (chars)
+BESTFIT_TEXT_MARGIN = 3                # --rows bestfit: tokenize this many times the tokens the rows hold
 
 # base_train.py's defaults at 92d63d4
 NC_LRS = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5)
@@ -132,6 +146,8 @@ def parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--recipes", default=",".join(RECIPES), help="comma list of jan, new, nanochat")
   p.add_argument("--steps", type=int, default=900)
+  p.add_argument("--rows", choices=ROWS, default="contiguous",
+                 help="training rows: contiguous slices of one token stream, or nanochat's best-fit rows")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-rows", type=int, default=384,
                  help="validation rows of 513 tokens scored at each eval (a multiple of 16; 0 = all)")
@@ -246,27 +262,56 @@ def tokenizer_sample(split: Split, mb: float) -> list[str]:
   return out
 
 
-def token_stream(tok: Tokenizer, docs: list[str], need: int | None, threads: int) -> tuple[np.ndarray, int]:
-  """BOS + document tokens, documents back to back, until `need` tokens (None: all); and the
-  number of documents used."""
-  parts, total, used = [], 0, 0
-  chunk = 8
-  for start in range(0, len(docs), chunk):
-    for ids in tok.encode_batch(docs[start:start + chunk], num_threads=threads):
-      parts.append(np.asarray([tok.bos_id] + ids, np.int32))
-      total += len(parts[-1])
-      used += 1
+def encode_documents(tok: Tokenizer, docs: Iterable[str], need: int | None, threads: int) -> list[np.ndarray]:
+  """BOS + tokens of each document, in order, until they hold `need` tokens (None: all)."""
+  out, total, docs = [], 0, iter(docs)
+  while chunk := list(itertools.islice(docs, 8)):
+    for ids in tok.encode_batch(chunk, num_threads=threads):
+      out.append(np.asarray([tok.bos_id] + ids, np.int32))
+      total += out[-1].size
       if need is not None and total >= need:
-        return np.concatenate(parts), used
+        return out
   if need is not None:
     raise UserError(f"--steps: the training text holds {total:,} tokens, fewer than the {need:,} needed")
-  return np.concatenate(parts), used
+  return out
 
 
 def shuffled_rows(stream: np.ndarray, num_rows: int, seed: int) -> np.ndarray:
   width = SHAPE["seq_len"] + 1
   rows = stream[:num_rows * width].reshape(num_rows, width)
   return rows[np.random.default_rng(seed).permutation(num_rows)]
+
+
+def web_pieces(docs: Iterable[str], seed: int) -> Iterable[str]:
+  """Each document cut at paragraph breaks into pieces of web-page length: a piece ends at the first
+  paragraph break after a log-normal number of characters (median PIECE_CHARS)."""
+  rng = np.random.default_rng(seed)
+  for doc in docs:
+    start = 0
+    while start < len(doc):
+      cut = doc.find("\n\n", start + 1 + int(rng.lognormal(math.log(PIECE_CHARS), PIECE_SIGMA)))
+      end = len(doc) if cut < 0 else cut
+      if piece := doc[start:end].strip():
+        yield piece
+      start = end
+
+
+def bestfit_rows(docs: list[np.ndarray], num_rows: int, bos_id: int, seed: int) -> tuple[np.ndarray, dict]:
+  """nanochat's BOS-aligned best-fit rows (lmtiny.data.bestfit, nanochat's buffer of 1,000) over
+  `docs` (BOS + tokens each) in a seeded order; and what they used."""
+  docs = [docs[i][1:] for i in np.random.default_rng(seed).permutation(len(docs))]  # the packer adds the BOS
+  it = iter(bestfit.BestFitRowsDataset(grain.MapDataset.source(docs), seq_len=SHAPE["seq_len"],
+                                       batch_size=SHAPE["rows"], bos_id=bos_id))
+  batches = [next(it, None) for _ in range(num_rows // SHAPE["rows"])]
+  state = it.get_state()
+  if state["next_index"] == len(docs):  # the buffer ran short (or out): no longer nanochat's rows
+    raise UserError(f"--rows bestfit: {len(docs):,} pieces are too few for {num_rows:,} rows "
+                    f"(raise BESTFIT_TEXT_MARGIN)")
+  used = sum(d.size + 1 for d in docs[:state["next_index"]]) - sum(docs[i].size + 1 for i in state["buffer"])
+  rows = np.concatenate([b["tokens"] for b in batches])
+  return rows, {"pieces": len(docs), "pieces_used": state["next_index"] - len(state["buffer"]),
+                "piece_tokens_mean": round(sum(d.size + 1 for d in docs) / len(docs), 1),
+                "cropped_fraction": round(1 - rows.size / used, 4)}
 
 
 @dataclasses.dataclass
@@ -282,8 +327,8 @@ def load_data(args) -> Data:
   key = dict(version=DATA_VERSION, seed=SEED, steps=data_steps, val_mb=args.val_mb, tokenizer_mb=args.tokenizer_mb,
              vocab=SHAPE["vocab"], seq_len=SHAPE["seq_len"], rows=SHAPE["rows"])
   tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-  base = os.path.join(args.cache, f"data_{tag}")
-  tok_dir = os.path.join(args.cache, f"tokenizer_{tag}")
+  base = os.path.join(args.cache, f"data_{tag}" + ("" if args.rows == "contiguous" else f"_{args.rows}"))
+  tok_dir = os.path.join(args.cache, f"tokenizer_{tag}")  # the same tokenizer and validation rows for both --rows
   if os.path.isfile(base + ".json"):
     with open(base + ".json") as f:
       meta = json.load(f)
@@ -294,24 +339,33 @@ def load_data(args) -> Data:
   print(f"data: reading {BOOKS} and {WIKI} ...", flush=True)
   split = split_documents(read_documents(os.path.join(args.corpora, BOOKS)),
                           read_documents(os.path.join(args.corpora, WIKI)), args.val_mb)
-  sample = tokenizer_sample(split, args.tokenizer_mb)
-  print(f"data: training the {SHAPE['vocab']}-token BPE on {sum(map(utf8_len, sample)) / 1e6:.1f} MB ...", flush=True)
-  tok = train_tokenizer(sample, SHAPE["vocab"], tok_dir, seed=SEED, num_threads=args.threads)
+  if os.path.isdir(tok_dir):
+    tok = Tokenizer.load(tok_dir)
+  else:
+    sample = tokenizer_sample(split, args.tokenizer_mb)
+    print(f"data: training the {SHAPE['vocab']}-token BPE on {sum(map(utf8_len, sample)) / 1e6:.1f} MB ...", flush=True)
+    tok = train_tokenizer(sample, SHAPE["vocab"], tok_dir, seed=SEED, num_threads=args.threads)
   train_rows_needed = data_steps * SHAPE["rows"]
   width = SHAPE["seq_len"] + 1
-  print(f"data: tokenizing {train_rows_needed:,} training rows of {width} ...", flush=True)
+  print(f"data: tokenizing {train_rows_needed:,} training rows of {width} ({args.rows}) ...", flush=True)
   train_docs = split.train_wiki + split.train_books
-  train_stream, train_docs_used = token_stream(tok, train_docs, train_rows_needed * width, args.threads)
-  val_stream, _ = token_stream(tok, split.val, None, args.threads)
-  train_rows = shuffled_rows(train_stream, train_rows_needed, SEED)
+  if args.rows == "contiguous":
+    docs = encode_documents(tok, train_docs, train_rows_needed * width, args.threads)
+    train_stream, used_text = np.concatenate(docs), train_docs[:len(docs)]
+    train_rows = shuffled_rows(train_stream, train_rows_needed, SEED)
+    rows_meta = dict(train_docs=len(docs), train_wiki_docs=min(len(docs), len(split.train_wiki)),
+                     train_text_mb=round(sum(map(utf8_len, used_text)) / 1e6, 2),
+                     train_tokens_per_byte_hint=round(len(train_stream) / sum(map(utf8_len, used_text)), 4))
+  else:
+    docs = encode_documents(tok, web_pieces(train_docs, SEED), BESTFIT_TEXT_MARGIN * train_rows_needed * width,
+                            args.threads)
+    train_rows, rows_meta = bestfit_rows(docs, train_rows_needed, tok.bos_id, SEED)
+  val_stream = np.concatenate(encode_documents(tok, split.val, None, args.threads))
   val_rows = shuffled_rows(val_stream, len(val_stream) // width, SEED + 1)
-  used_text = train_docs[:train_docs_used]
-  meta = dict(key, tag=tag, tokenizer=tok_dir, tokenizer_hash=tok.hash, val_bytes_raw=split.val_bytes,
-              val_rows=len(val_rows), val_tokens=len(val_stream), train_rows=len(train_rows),
-              train_docs=train_docs_used, train_wiki_docs=min(train_docs_used, len(split.train_wiki)),
-              train_text_mb=round(sum(map(utf8_len, used_text)) / 1e6, 2),
-              train_tokens_per_byte_hint=round(len(train_stream) / sum(map(utf8_len, used_text)), 4),
-              build_s=round(time.perf_counter() - t0, 1))
+  meta = dict(key, tag=tag, train_row_layout=args.rows, tokenizer=tok_dir, tokenizer_hash=tok.hash,
+              val_bytes_raw=split.val_bytes, val_rows=len(val_rows), val_tokens=len(val_stream),
+              val_rows_sha256=hashlib.sha256(val_rows.tobytes()).hexdigest()[:12], train_rows=len(train_rows),
+              **rows_meta, build_s=round(time.perf_counter() - t0, 1))
   np.save(base + "_train.npy", train_rows)
   np.save(base + "_val.npy", val_rows)
   with open(base + ".json", "w") as f:
@@ -565,8 +619,8 @@ def run(argv) -> int:
     raise UserError(f"--eval-rows={args.eval_rows}: only {len(data.val_rows)} validation rows")
   val_rows = val_rows[:len(val_rows) // SHAPE["rows"] * SHAPE["rows"]]
   print(f"threads: {threads_note}", flush=True)
-  print(f"data: {len(data.train_rows):,} training rows, {len(val_rows)} of {len(data.val_rows)} validation rows "
-        f"scored ({len(val_rows) * SHAPE['seq_len']:,} tokens)", flush=True)
+  print(f"data: {len(data.train_rows):,} training rows ({args.rows}), {len(val_rows)} of {len(data.val_rows)} "
+        f"validation rows scored ({len(val_rows) * SHAPE['seq_len']:,} tokens)", flush=True)
   results = []
   for name in args.recipes:
     print(f"{name}: {args.steps} steps of {BATCH_TOKENS} tokens", flush=True)
