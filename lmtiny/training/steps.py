@@ -109,11 +109,12 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
   abstract_state = jax.eval_shape(init)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = None if frozen_params is None else jax.tree.map(lambda x: x.sharding, frozen_params)
+  param_specs = sharding.specs(state_shardings["params"])
   frozen_specs = P() if frozen_shardings is None else sharding.specs(frozen_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   batch_shardings = {k: batch_sharding for k in objective.batch_keys}
   eval_shardings = {k: batch_sharding for k in TOKEN_KEYS}
-  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+  micro_sharding = jax.sharding.NamedSharding(mesh, P(None, *batch_sharding.spec))
   per_device = sharding.accumulates_per_device(mesh, t.grad_reduce)
 
   def full_params(params, frozen):
@@ -166,7 +167,6 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
     replicated = (params, compute_frozen, factor)
     if per_device:  # each device sums its rows' gradients over the micro-steps, reduced once per step
-      param_specs = sharding.specs(state_shardings["params"])
       grad_sums, loss_sum, count = sharding.sum_over_batch_shards(
           sums, mesh, replicated, micro_batches, weight_specs=(param_specs, frozen_specs, P()),
           sum_specs=(param_specs, P(), P()), scope=GRADIENT_SCOPE)
