@@ -7,7 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
-usage: launch/speedrun.sh PRESET [options]
+usage: launch/speedrun.sh PRESET [options] [-- --config.FIELD=VALUE ...]
 
 Prints the run's plan (parameters, tokens, steps, FLOPs, time at 40% and 55% MFU: python -m lmtiny.arch
 --brief), then runs every stage of the pipeline in order; a stage whose output is complete
@@ -63,6 +63,9 @@ options:
   --base-done              pod presets: base training has finished
   --dry-run                print the commands, run nothing
   -h, --help
+  -- OVERRIDES             config overrides for base training (and its printed plan), after the
+                           preset's own, e.g. the best plan of
+                           python -m lmtiny.arch --config CONFIG --fit CHIP
 EOF
 }
 
@@ -78,9 +81,17 @@ TPU_NAME=''
 ZONE=''
 BASE_DONE=0
 POD_SHARDS=''
+EXTRA_ARGS=()
 while (($#)); do
   case $1 in
     -h | --help) usage; exit 0 ;;
+    --)
+      shift
+      for a in "$@"; do
+        [[ $a == --config.* ]] || die "after --: config overrides only (--config.FIELD=VALUE), got '$a'"
+      done
+      EXTRA_ARGS=("$@")
+      break ;;
     --dry-run) DRY_RUN=1 ;;
     --smoke) SMOKE=1 ;;
     --base-done) BASE_DONE=1 ;;
@@ -189,6 +200,7 @@ if [[ $SMOKE == 1 ]]; then
   CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 2 --max-new-tokens 8)
   BASE_EVAL+=(--max-items 2 --eval-batches 1)
 fi
+BASE_ARGS+=(${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})  # after the preset's: the last of a field wins
 SHARDS=$RUN_DIR/shards
 MARKS=$RUN_DIR/.stages
 if [[ $POD == 1 ]]; then

@@ -11,23 +11,37 @@ from __future__ import annotations
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
 
-# Dense bf16 peak FLOP/s per chip, without sparsity. "cpu" is a rough stand-in for a whole
+# Dense bf16 peak FLOP/s per chip, without sparsity (vendors print sparse figures at twice these),
+# with float32 accumulation where a datasheet gives both. "cpu" is a rough stand-in for a whole
 # 16-core AVX2/AVX-512 host in fp32 (~60 GFLOP/s per core; a 2-core dev box measured ~0.2e12
-# with a NumPy matmul): CPU MFU figures are indicative only.
+# with a NumPy matmul): CPU MFU figures are indicative only. Sources: NVIDIA's H100 and A100
+# datasheets (989 and 312 TFLOPS BF16 Tensor Core; 1,979 / 624 with sparsity), the L4 datasheet
+# (242 TFLOPS BF16 with sparsity: 121 dense), the Ada Lovelace whitepaper (RTX 4090: 165.2 peak BF16
+# Tensor TFLOPS with FP32 accumulate, 330.4 sparse), the Ampere GA102 whitepaper (RTX 3090: 71,
+# RTX 3080: 59.5 BF16 with FP32 accumulate; GeForce cards accumulate in FP32 at half the FP16-accumulate
+# rate), Google Cloud's TPU system architecture pages (v5e 197, v5p 459, v6e 918, v4 275 TFLOPS bf16).
 PEAK_FLOPS = {
     "h100": 989e12,       # H100 SXM
     "h100_pcie": 756e12,
     "h200": 989e12,
-    "a100": 312e12,
+    "a100": 312e12,       # A100 80 GB (SXM)
+    "a100_40": 312e12,    # A100 40 GB
+    "l4": 121e12,
+    "rtx4090": 165.2e12,
+    "rtx3090": 71e12,
+    "rtx3080": 59.5e12,   # the 10 GB card
     "v5e": 197e12,
     "v5p": 459e12,
     "v6e": 918e12,
     "v4": 275e12,
     "cpu": 1e12,
 }
-# Memory per chip, in bytes (HBM; GPUs' figures as their vendors state them).
+# Memory per chip, in bytes (HBM, or the GeForce and L4 cards' GDDR; GPUs' figures as their vendors
+# state them, in GB of 10^9 bytes: H100 80 GB, A100 40 / 80 GB, L4, RTX 4090 and 3090 24 GB, RTX 3080
+# 10 GB; TPUs' in GiB as Google states them: v5e 16, v5p 95, v6e 32, v4 32).
 HBM_BYTES = {
-    "h100": 80e9, "h100_pcie": 80e9, "h200": 141e9, "a100": 80e9,
+    "h100": 80e9, "h100_pcie": 80e9, "h200": 141e9, "a100": 80e9, "a100_40": 40e9, "l4": 24e9,
+    "rtx4090": 24e9, "rtx3090": 24e9, "rtx3080": 10e9,
     "v5e": 16 * 2**30, "v5p": 95 * 2**30, "v6e": 32 * 2**30, "v4": 32 * 2**30,
 }
 

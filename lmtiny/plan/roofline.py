@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from lmtiny.plan.counts import PEAK_FLOPS
 
-# HBM bandwidth per chip, bytes/s (vendor figures: H100 SXM HBM3, H200 HBM3e, TPU system specs).
-HBM_BANDWIDTH = {"h100": 3.35e12, "h200": 4.8e12, "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
+# Memory bandwidth per chip, bytes/s (vendor figures: H100 SXM HBM3, H200 HBM3e, A100 80 GB SXM
+# 2,039 and 40 GB 1,555 GB/s, L4 300, RTX 4090 1,008, RTX 3090 936, RTX 3080 760 GB/s; TPU system specs).
+HBM_BANDWIDTH = {"h100": 3.35e12, "h200": 4.8e12, "a100": 2.039e12, "a100_40": 1.555e12, "l4": 300e9,
+                 "rtx4090": 1.008e12, "rtx3090": 936e9, "rtx3080": 760e9,
+                 "v5e": 819e9, "v5p": 2765e9, "v6e": 1640e9}
 # Interconnect bandwidth per chip, bytes/s, one direction: NVLink 4 (900 GB/s both ways) on
 # H100/H200; TPU inter-chip interconnect as Google states it (v5e 1,600, v5p 4,800, v6e 3,584 Gbit/s).
 LINK_BANDWIDTH = {"h100": 450e9, "h200": 450e9, "v5e": 200e9, "v5p": 600e9, "v6e": 448e9}

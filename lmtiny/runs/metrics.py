@@ -22,8 +22,11 @@ from lmtiny.runs import tensorboard
 from lmtiny.runs.figures import new_figure, save_figure
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
-_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", "h100_pcie"), ("h100", "h100"), ("a100", "a100"), ("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"),
-                 ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("cpu", "cpu"))
+# The GeForce Ti cards have other peaks: no key (None), not their base card's.
+_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", "h100_pcie"), ("h100", "h100"), ("a100-sxm4-40gb", "a100_40"),
+                 ("a100-pcie-40gb", "a100_40"), ("a100", "a100"), ("rtx 4090", "rtx4090"), ("rtx 3090 ti", None),
+                 ("rtx 3090", "rtx3090"), ("rtx 3080 ti", None), ("rtx 3080", "rtx3080"), ("v6", "v6e"),
+                 ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("cpu", "cpu"))
 
 
 def chip_name(device=None) -> str | None:

@@ -70,10 +70,24 @@ def test_dry_run_of_a_gpu_preset_names_every_stage():
     (["d26-pod"], "--tpu-name and --zone are required"), (["toy", "--price-per-chip-hour", "x"], "must be a number"),
     (["d24-h100", "--skip", "midtrain"], "--skip 'midtrain'"),
     (["d24-8xh100", "--python", "false"], "the plan: false -m lmtiny.arch failed"),
+    (["toy", "--", "--workdir", "x"], "after --: config overrides only (--config.FIELD=VALUE), got '--workdir'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
   out = _run(*args, "--dry-run")
   assert out.returncode == 2 and out.stdout == "" and message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_overrides_after_dashes_reach_base_training_and_its_plan():
+  """`-- --config...` (lmtiny.arch --fit's best plan): after the preset's own overrides in the base
+  stage's command, so the last of a field wins there, and in the plan printed first."""
+  plan = ["--config.train.device_batch_size=8", "--config.model.remat=minimal", "--config.mesh.data=1",
+          "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
+  out = _run("d24-8xh100", "--dry-run", "--workdir", "runs/x", "--", *plan)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines()[2].endswith(" ".join(OVERRIDES["d24-8xh100"] + plan))
+  assert "on 8 x h100" in out.stderr  # the plan ran with them (mesh.data=1 is a field the plan does not read)
+  sft = [l for l in out.stdout.splitlines() if "lmtiny.sft" in l]
+  assert sft and "device_batch_size" not in sft[0]  # base training only
 
 
 def _stage_lines(stderr: str) -> list[str]:

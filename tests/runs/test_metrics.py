@@ -10,7 +10,10 @@ from lmtiny.runs import metrics
 
 @pytest.mark.parametrize("kind,chip", [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"),
                                        ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v6 lite", "v6e"),
-                                       ("TPU v4", "v4"), ("cpu", "cpu"), ("NVIDIA A10G", None)])
+                                       ("TPU v4", "v4"), ("cpu", "cpu"), ("NVIDIA A10G", None),
+                                       ("NVIDIA A100-SXM4-40GB", "a100_40"), ("NVIDIA A100-SXM4-80GB", "a100"),
+                                       ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3080", "rtx3080"),
+                                       ("NVIDIA GeForce RTX 3080 Ti", None), ("NVIDIA GeForce RTX 3090", "rtx3090")])
 def test_chip_from_device_kind(kind, chip):
   assert metrics.chip_name(SimpleNamespace(device_kind=kind)) == chip
 
