@@ -72,7 +72,7 @@ def plot_loss_vs_flops(workdir: str, runs: list[ChildRun], rows: list[dict], key
     colour = colours.setdefault(config, f"C{len(colours) % 10}")
     curve = _curve(workdir, child)
     if curve:
-      ax.plot(*zip(*curve), color=colour, lw=1, alpha=0.8, label=label)
+      ax.plot(*zip(*curve), ".-", color=colour, lw=1, ms=3, alpha=0.8, label=label)
     if row[key] is not None and row["flops"]:
       ax.plot(row["flops"], row[key], "o", color=colour, ms=5, label=None if curve else label)
   return _save(fig, ax, "training FLOPs (6N + attention, causal-half)", "loss (nats/token): train lines, final points",
