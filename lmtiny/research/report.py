@@ -145,7 +145,7 @@ def report_text(workdir: str, rows: list[dict], points: list[dict], which: str, 
       if "why" in p:
         lines.append(f"| {p['budget']:.3g} | {p['sizes']} | | | | {p['why']} |")
       else:
-        note = "" if p["inside"] else "minimum outside the sizes tried (extrapolated)"
+        note = "" if p["inside"] else "minimum outside the sizes tried (extrapolated; not in the power law)"
         lines.append(f"| {p['budget']:.3g} | {p['sizes']} | {p['params']:.4g} | {p['tokens']:.4g} | "
                      f"{p['loss']:.4f} | {note} |")
     lines.append("")

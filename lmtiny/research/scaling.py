@@ -7,7 +7,8 @@
   approach1(points)                Chinchilla's approach 1: the frontier's N and D per budget,
                                    fitted as N_opt ~ C**a and D_opt ~ C**b
   approach2(points)                Chinchilla's approach 2 (IsoFLOP): per budget, a parabola in
-                                   ln N, its minimum N*, then N* ~ C**a and D* ~ C**b
+                                   ln N, its minimum N*, then N* ~ C**a and D* ~ C**b over the
+                                   budgets whose minimum lies within the sizes tried
 
 A point is a dict with `flops` (C, training FLOPs), `params` (N), `tokens` (D), `loss` and
 `budget` (the FLOPs budget it was trained for; 0 when none). Too few points for a fit raise
@@ -191,7 +192,7 @@ def approach2(points: list[dict]) -> tuple[list[dict], PowerLaw | TooFew, PowerL
     except TooFew as e:
       entry["why"] = str(e)
     profiles.append(entry)
-  usable = [p for p in profiles if "why" not in p]
+  usable = [p for p in profiles if "why" not in p and p["inside"]]  # an extrapolated minimum is no measurement
   if not budgets:
     none = TooFew("no run has a FLOPs budget (train.flops_budget): IsoFLOP profiles need runs at fixed budgets")
     return profiles, none, none

@@ -15,7 +15,7 @@ SIZES = ("32", "64", "96")
 
 def _fake_sweep(workdir, budgets):
   """A sweep directory whose children look finished: a last checkpoint and metrics.jsonl records
-  with a Chinchilla-style loss 1.7 + 40 / N^0.3 + 60 / D^0.3 of each child's own N and D."""
+  with a Chinchilla-style loss 1.7 + 60 / N^0.3 + 40 / D^0.3 of each child's own N and D."""
   base = tiny_config()
   children = plan.expand(plan.parse_grid([f"model.d_model={','.join(SIZES)}",
                                           "train.flops_budget=" + ",".join(f"{b:g}" for b in budgets)]), [])
@@ -25,7 +25,7 @@ def _fake_sweep(workdir, budgets):
     root, cfg, steps = sweep.child_dir(workdir, child.child.name), child.run.cfg, child.run.total_steps
     os.makedirs(os.path.join(root, "checkpoints", str(steps), "state"))
     n, d = counts.count_params(cfg.model), steps * cfg.train.batch_tokens
-    loss = 1.7 + 40 / n ** 0.3 + 60 / d ** 0.3
+    loss = 1.7 + 60 / n ** 0.3 + 40 / d ** 0.3
     with open(os.path.join(root, "metrics.jsonl"), "w") as f:
       for record in ({"step": steps, "split": "train", "loss": loss + 0.05, "seconds": 1.0, "segment": 0},
                      {"step": steps, "split": "val", "loss": loss, "bpb": loss / 2}):

@@ -50,16 +50,19 @@ def test_frontier_is_the_best_per_budget_or_the_pareto_front():
 PA, PB, CA, CB = 406.4, 410.7, 0.34, 0.28
 
 
+def n_opt(budget):
+  return (CA * PA / (CB * PB)) ** (1 / (CA + CB)) * (budget / 6) ** (CB / (CA + CB))
+
+
+def chinchilla_point(budget, n, noise=0.0):
+  d = budget / (6 * n)
+  return dict(flops=budget, budget=budget, params=n, tokens=d, loss=1.69 + PA / n ** CA + PB / d ** CB + noise)
+
+
 def chinchilla_points(sizes_per_budget=41, noise=0.0, seed=0):
   rng = np.random.default_rng(seed)
-  points = []
-  for budget in np.logspace(18, 22, 5):
-    n_opt = (CA * PA / (CB * PB)) ** (1 / (CA + CB)) * (budget / 6) ** (CB / (CA + CB))
-    for n in n_opt * np.logspace(-1, 1, sizes_per_budget):  # a decade either side of the optimum
-      d = budget / (6 * n)
-      loss = 1.69 + PA / n ** CA + PB / d ** CB
-      points.append(dict(flops=budget, budget=budget, params=n, tokens=d, loss=loss + noise * rng.standard_normal()))
-  return points
+  return [chinchilla_point(budget, n, noise * rng.standard_normal()) for budget in np.logspace(18, 22, 5)
+          for n in n_opt(budget) * np.logspace(-1, 1, sizes_per_budget)]  # a decade either side of the optimum
 
 
 def test_approach1_recovers_the_optimal_exponents():
@@ -76,6 +79,13 @@ def test_approach2_recovers_the_optimal_exponents_through_noise():
   a, b = CB / (CA + CB), CA / (CA + CB)
   assert n_law.p == pytest.approx(a, abs=0.03) and d_law.p == pytest.approx(b, abs=0.03)
   assert abs(n_law.p - a) < 4 * n_law.se_p + 0.01
+
+
+def test_approach2_leaves_an_extrapolated_minimum_out_of_the_power_law():
+  points = [p for p in chinchilla_points(sizes_per_budget=9) if p["budget"] != 1e18]
+  points += [chinchilla_point(1e18, n_opt(1e18) * k) for k in (3, 5, 9)]  # every size above the optimum
+  profiles, n_law, _ = scaling.approach2(points)
+  assert [p["inside"] for p in profiles] == [False, True, True, True, True] and n_law.n == 4
 
 
 def test_approach2_says_why_a_budget_has_no_minimum():
