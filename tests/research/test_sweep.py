@@ -1,5 +1,5 @@
 """lmtiny.research.sweep with real tiny training runs: the horizon from a FLOPs budget, a finished
-child never trained again, an interrupted one resumed, a diverged one recorded, bad sweeps refused."""
+child never trained again, an interrupted one resumed, a diverged one recorded; bad sweeps refused."""
 import json
 import os
 
@@ -43,40 +43,32 @@ def _snapshot(root):
   return out
 
 
-@pytest.mark.slow(seconds=5)
-def test_finished_children_are_left_alone_and_an_interrupted_one_resumes(tmp_path):
+@pytest.mark.slow(seconds=6)
+def test_finished_children_are_left_alone_an_interrupted_one_resumes_a_diverged_one_is_skipped(tmp_path):
   base = tiny_config(eval_every=100, eval_batches=0)
-  children = plan.expand(plan.parse_grid([f"train.flops_budget={_budget(base, 2):g},{_budget(base, 4):g}"]), [])
+  two, four = f"{_budget(base, 2):g}", f"{_budget(base, 4):g}"
+  children = plan.expand([], [plan.parse_run(f"model.init_std=1e30,train.flops_budget={two}"),
+                              plan.parse_run(f"train.flops_budget={two}"), plan.parse_run(f"train.flops_budget={four}")])
   runs = sweep.child_configs(base, children, _one_device)
-  assert [r.run.total_steps for r in runs] == [2, 4]  # the horizon comes from the budget
+  assert [r.run.total_steps for r in runs] == [2, 2, 4]  # the horizon comes from the budget
   workdir = str(tmp_path / "sweep")
-  short, long = (c.name for c in children)
+  diverged, short, long = (c.name for c in children)
   happened = sweep.run_children(runs, workdir, load=_load, log=_quiet, stop_after={long: 2})
-  assert happened == {short: "trained", long: "stopped"}
-  assert [sweep.status(workdir, r) for r in runs] == ["done", "partial"]
+  assert happened == {diverged: "diverged", short: "trained", long: "stopped"}  # the sweep went on past it
+  with open(os.path.join(workdir, diverged, sweep.FAILED_FILE)) as f:
+    assert "loss=" in json.load(f)["error"]
+  assert [sweep.status(workdir, r) for r in runs] == ["diverged", "done", "partial"]
   finished = _snapshot(sweep.child_dir(workdir, short))
 
   lines = []
   happened = sweep.run_children(runs, workdir, load=_load, log=lines.append)
-  assert happened == {short: "done already", long: "trained"}
+  assert happened == {diverged: "diverged already", short: "done already", long: "trained"}
   assert _snapshot(sweep.child_dir(workdir, short)) == finished  # not one file touched
   assert "resumed from checkpoint at step 2" in lines
   records = metrics.read_metrics(sweep.child_dir(workdir, long))
   assert [r["segment"] for r in records if r["split"] == "run"] == [0, 2]
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
-  assert [sweep.status(workdir, r) for r in runs] == ["done", "done"]
-
-
-def test_a_diverged_child_is_recorded_and_the_sweep_goes_on(tmp_path):
-  base = tiny_config(steps=2, eval_every=100, eval_batches=0)
-  children = plan.expand(plan.parse_grid(["model.init_std=1e30,0.02"]), [])
-  runs = sweep.child_configs(base, children, _one_device)
-  workdir = str(tmp_path / "sweep")
-  assert sweep.run_children(runs, workdir, load=_load, log=_quiet) == {"init_std-1e30": "diverged", "init_std-0.02": "trained"}
-  with open(os.path.join(workdir, "init_std-1e30", sweep.FAILED_FILE)) as f:
-    assert "loss=" in json.load(f)["error"]
-  assert sweep.run_children(runs, workdir, load=_load, log=_quiet) == {"init_std-1e30": "diverged already",
-                                                                     "init_std-0.02": "done already"}
+  assert [sweep.status(workdir, r) for r in runs] == ["diverged", "done", "done"]
 
 
 def _main(args, capsys):
