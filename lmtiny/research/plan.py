@@ -207,10 +207,12 @@ def record_plan(workdir: str, plan: dict) -> bool:
   """Writes WORKDIR/sweep.json for a new sweep (True), or checks that the one there is this plan
   (False: a resume). ConfigError when it differs, or when WORKDIR holds something else."""
   old = read_plan(workdir)
-  if old is None:
-    if os.path.isdir(workdir) and os.listdir(workdir):
+  if old is None and os.path.isdir(workdir) and os.listdir(workdir):
+    old = read_plan(workdir)  # another host's part may have written it since
+    if old is None:
       raise ConfigError(f"--workdir={workdir}: exists, is not empty and holds no {PLAN_FILE}: not a sweep this "
                         "command made; choose a new or empty --workdir")
+  if old is None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(epath.Path(workdir) / PLAN_FILE, plan)
     return True

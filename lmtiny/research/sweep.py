@@ -109,5 +109,7 @@ def run_children(runs: list[ChildRun], workdir: str, *, load: Callable = load_da
       log(f"== {name}: stopped at step {summary['step']}: re-run the same command to resume the sweep")
       happened[name] = "stopped"
       return happened
+    last = summary["val"][-1] if summary["val"] else None  # (step, loss, bpb) of this segment's last evaluation
+    log(f"== {name}: done, {summary['step']} steps" + (f" | val loss {last[1]:.4f}, bpb {last[2]:.4f}" if last else ""))
     happened[name] = "trained"
   return happened
