@@ -17,6 +17,9 @@ usage: launch/gpu.sh [run | stop | logs] [options] [-- training args]
     (the coordinator defaults to H0's ssh name and --port; give --coordinator when the other
     hosts reach H0 under another address, e.g. its cluster-network IP)
     launch/gpu.sh logs --hosts h0,h1,h2,h3 [--lines N]     launch/gpu.sh stop --hosts h0,h1,h2,h3
+  A sweep (python -m lmtiny.sweep) instead of one run: --sweep; with --hosts each host trains
+    its own share of the children (the sweep's arguments must include --part auto):
+    launch/gpu.sh --sweep --hosts h0,h1 -- --config C --workdir /shared/sweep --grid ... --part auto
   Under Slurm, no script is needed: srun python -m lmtiny.train ARGS (jax reads SLURM_*).
     jax gives each Slurm task the GPU numbered SLURM_LOCALID, so start one task per GPU:
     srun --nodes=N --ntasks-per-node=GPUS_PER_NODE python -m lmtiny.train ARGS
@@ -31,6 +34,7 @@ options:
   --hosts H0,H1,...    hosts to ssh to; H0 runs process 0 and the coordinator
   --port PORT          coordinator port on H0 (default 8476)
   --dir DIR            the checkout on every host (default: this checkout's path)
+  --sweep              run python -m lmtiny.sweep instead of lmtiny.train
   --lines N            logs: lines per host (default 100)
   --dry-run            print the exact commands, run nothing
   -h, --help
@@ -52,6 +56,7 @@ COORDINATOR=''
 NUM_PROCESSES=''
 PROCESS_ID=''
 LINES=100
+MODULE=lmtiny.train
 ENVS=()
 ARGS=()
 while (($#)); do
@@ -68,6 +73,7 @@ while (($#)); do
     --num-processes) need_value "$1" "${2-}"; check_int "$1" "$2"; NUM_PROCESSES=$2; shift ;;
     --process-id) need_value "$1" "${2-}"; check_int "$1" "$2"; PROCESS_ID=$2; shift ;;
     --lines) need_value "$1" "${2-}"; check_int "$1" "$2"; LINES=$2; shift ;;
+    --sweep) MODULE=lmtiny.sweep ;;
     --) shift; ARGS=("$@"); break ;;
     *) die "unknown option '$1' (training arguments go after --; see --help)" ;;
   esac
@@ -101,7 +107,7 @@ if [[ -z $HOSTS ]]; then
   ((${#ARGS[@]})) || die "training arguments go after --, e.g. -- --config configs/d20.py --workdir runs/d20"
   [[ -d $DIR ]] || die "--dir $DIR: no such directory"
   run cd "$DIR"
-  run env ${ENVS[@]+"${ENVS[@]}"} "$PYTHON" -m lmtiny.train "${ARGS[@]}"
+  run env ${ENVS[@]+"${ENVS[@]}"} "$PYTHON" -m "$MODULE" "${ARGS[@]}"
   exit 0
 fi
 
@@ -129,6 +135,13 @@ case $VERB in
 esac
 
 ((${#ARGS[@]})) || die "training arguments go after --, e.g. -- --config configs/d20.py --workdir runs/d20"
+module_flags=()
+if [[ $MODULE == lmtiny.sweep ]]; then
+  part=0
+  for a in "${ARGS[@]}"; do [[ $a == --part || $a == --part=* ]] && part=1; done
+  ((part)) || die "--sweep --hosts: give the sweep --part auto, so that each host trains its own share of the children"
+  module_flags=(--module "$MODULE")
+fi
 for h in "${HOST_LIST[@]}"; do host_run "$h" check-idle; done
 started=()
 for i in "${!HOST_LIST[@]}"; do
@@ -138,7 +151,7 @@ for i in "${!HOST_LIST[@]}"; do
     ${ENVS[@]+"${ENVS[@]}"}; do
     env_flags+=(--env "$e")
   done
-  if ! host_run "$h" start --python "$PYTHON" "${env_flags[@]}" -- "${ARGS[@]}"; then
+  if ! host_run "$h" start --python "$PYTHON" ${module_flags[@]+"${module_flags[@]}"} "${env_flags[@]}" -- "${ARGS[@]}"; then
     note "error: training did not start on $h; stopping it on ${started[*]-no other host}"
     for s in ${started[@]+"${started[@]}"}; do host_run "$s" stop || true; done
     exit 1

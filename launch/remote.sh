@@ -13,8 +13,9 @@ this script; logs and pid files go to DIR/logs/, one per host.
 verbs:
   setup       [--python-version 3.11] [--extras tpu]   venv in DIR/.venv (via uv), pip install -e .[EXTRAS]
   check-idle                           exit 2 if a training run started here is still alive
-  start       [--python PY] [--env NAME=VALUE]... -- ARGS
-                                       python -m lmtiny.train ARGS, detached (own session, nohup)
+  start       [--python PY] [--module lmtiny.sweep] [--env NAME=VALUE]... -- ARGS
+                                       python -m lmtiny.train (or the --module) ARGS, detached
+                                       (own session, nohup)
   stop        [--grace SECONDS]        SIGTERM the run's process group, SIGKILL after the grace (120)
   logs        [--lines N] [--follow]   tail this host's log
   cleanup     [--devices 'GLOB ...'] [--lockfile PATH]
@@ -76,7 +77,7 @@ verb_start() {
   # the inner bash records its pid (= the group id) and execs the trainer with argv untouched.
   # shellcheck disable=SC2016  # $$ and $1 belong to the inner bash
   local cmd=(setsid nohup bash -c 'echo $$ > "$1"; shift; exec "$@"' lmtiny-train "$PIDFILE"
-    env PYTHONUNBUFFERED=1 ${ENVS[@]+"${ENVS[@]}"} "$PYTHON" -m lmtiny.train ${ARGS[@]+"${ARGS[@]}"})
+    env PYTHONUNBUFFERED=1 ${ENVS[@]+"${ENVS[@]}"} "$PYTHON" -m "$MODULE" ${ARGS[@]+"${ARGS[@]}"})
   if [[ $DRY_RUN == 1 ]]; then
     printf '%s > %q 2>&1 < /dev/null &\n' "$(quote_words "${cmd[@]}")" "$LOG"
     return 0
@@ -185,6 +186,7 @@ DIR=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=.venv/bin/python
 PYTHON_VERSION=3.11
 EXTRAS=tpu
+MODULE=lmtiny.train
 GRACE=120
 LINES=100
 FOLLOW=0
@@ -200,6 +202,8 @@ while (($#)); do
     --python) [[ -n ${2-} ]] || die "--python needs a value"; PYTHON=$2; shift ;;
     --python-version) [[ -n ${2-} ]] || die "--python-version needs a value"; PYTHON_VERSION=$2; shift ;;
     --extras) [[ -n ${2-} ]] || die "--extras needs a value"; EXTRAS=$2; shift ;;
+    --module) [[ ${2-} == lmtiny.train || ${2-} == lmtiny.sweep ]] || die "--module '${2-}': lmtiny.train or lmtiny.sweep"
+      MODULE=$2; shift ;;
     --env)
       [[ ${2-} =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '${2-}': must be NAME=VALUE"
       ENVS+=("$2"); shift ;;

@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       z_loss=0.0,            # weight of PaLM's z-loss, z * logsumexp(logits)^2 per token; 0 = off
       steps=1000,
       tokens_per_param=0.0,  # > 0 sets steps from a Chinchilla-style budget (20 is Chinchilla)
+      flops_budget=0.0,      # > 0 sets steps from a training-FLOPs budget (FLOPs per token: lmtiny.plan.counts)
       horizon_params="all",  # what tokens_per_param counts: all | scaling (block matrices + lm_head, nanochat 2026)
       # nanochat's automatic batch size (lmtiny.plan.recipe): batch_tokens = batch_reference_size x
       # (horizon / the reference depth's horizon) ** 0.383, rounded to a power of two
@@ -310,10 +311,16 @@ def resolve_batch(cfg, data_parallel: int):
   return cfg
 
 
-def total_steps(cfg, num_params: int) -> int:
+def total_steps(cfg, num_params: int, flops_per_token: float = 0.0) -> int:
   """Training horizon: explicit steps, or tokens_per_param * params / batch_tokens (rounded up;
-  down under nanochat's horizon_params="scaling", as nanochat rounds)."""
+  down under nanochat's horizon_params="scaling", as nanochat rounds), or flops_budget /
+  (flops_per_token * batch_tokens) rounded to the nearest step (flops_per_token: training FLOPs
+  per token, lmtiny.plan.counts.train_flops_per_token)."""
   t = cfg.train
+  if t.flops_budget > 0:
+    if not flops_per_token > 0:
+      raise ValueError("train.flops_budget needs the training FLOPs per token")
+    return max(1, round(t.flops_budget / (flops_per_token * t.batch_tokens)))
   if t.tokens_per_param > 0:
     steps = t.tokens_per_param * num_params / t.batch_tokens
     return max(1, math.floor(steps) if t.horizon_params == "scaling" else math.ceil(steps))
@@ -463,8 +470,10 @@ def validate(cfg) -> None:
   _require(cfg.model.loss_chunk_tokens > 0, "model.loss_chunk_tokens", cfg.model.loss_chunk_tokens, "must be > 0")
   _require(cfg.model.loss_kernel in ("auto", "fused", "chunked", "pallas"), "model.loss_kernel",
            cfg.model.loss_kernel, "must be auto, fused, chunked or pallas")
-  _require(t.steps > 0 or t.tokens_per_param > 0, "train.steps", t.steps,
-           "must be > 0 (or set train.tokens_per_param)")
+  _require(t.steps > 0 or t.tokens_per_param > 0 or t.flops_budget > 0, "train.steps", t.steps,
+           "must be > 0 (or set train.tokens_per_param or train.flops_budget)")
+  _require(not (t.flops_budget > 0 and t.tokens_per_param > 0), "train.flops_budget", t.flops_budget,
+           f"sets the horizon, as train.tokens_per_param={t.tokens_per_param!r} does: set one of them")
   _require(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0")
   _require(t.horizon_params in ("all", "scaling"), "train.horizon_params", t.horizon_params,
            "must be all or scaling")

@@ -3,12 +3,15 @@ import glob
 import math
 import os
 
+import jax
 import pytest
 
 from lm_fixtures import ROOT, load_config_module
 from lmtiny import config as config_lib
 from lmtiny.config import validate
 from lmtiny.errors import ConfigError
+from lmtiny.plan import counts
+from lmtiny.training.resolved import resolve_run
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
@@ -61,6 +64,26 @@ def test_derived_sizes_and_horizon():
   assert config_lib.accumulation_steps(t) == 8 and config_lib.micro_batch_size(t) == 32
   t.update(tokens_per_param=0.0, steps=123)
   assert config_lib.total_steps(cfg, 560_988_160) == 123
+
+
+def test_a_flops_budget_sets_the_horizon():
+  """train.flops_budget / (training FLOPs per token x batch tokens) steps, to the nearest step,
+  as resolve_run derives it; exclusive with tokens_per_param; negative is one line naming it."""
+  cfg = load_config_module("tiny").get_config()
+  cfg.mesh.data = 1
+  per_step = counts.train_flops_per_token(cfg.model, cfg.train.seq_len) * cfg.train.batch_tokens  # 4096 tokens
+  cfg.train.flops_budget = 37.4 * per_step
+  assert config_lib.total_steps(cfg, 0, per_step / cfg.train.batch_tokens) == 37
+  assert resolve_run(cfg, devices=jax.devices()[:1]).total_steps == 37  # train.steps=150 is overruled
+  cfg.train.flops_budget = 0.2 * per_step
+  assert config_lib.total_steps(cfg, 0, per_step / cfg.train.batch_tokens) == 1  # at least one step
+  cfg.train.update(flops_budget=1e15, tokens_per_param=20.0)
+  with pytest.raises(ConfigError, match=r"^config.train.flops_budget=1000000000000000.0: sets the horizon, as "
+                                        r"train.tokens_per_param=20.0 does: set one of them$"):
+    validate(cfg)
+  cfg.train.update(flops_budget=-1.0, tokens_per_param=0.0)
+  with pytest.raises(ConfigError, match=r"^config.train.flops_budget=-1.0: must be a finite number >= 0$"):
+    validate(cfg)
 
 
 # Every float field (a float in base_config) must be finite: NaN passes every `<`/`>` check, and a

@@ -16,12 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `python -m lmtiny.<verb>`: parse flags, call the library, exit codes. Nothing imports a verb.
 VERBS = ("lmtiny.train", "lmtiny.sft", "lmtiny.rl", "lmtiny.eval", "lmtiny.generate", "lmtiny.serve",
          "lmtiny.export", "lmtiny.import_hf", "lmtiny.lora", "lmtiny.arch", "lmtiny.bench", "lmtiny.lr_find",
+         "lmtiny.sweep",
          "lmtiny.report", "lmtiny.data.prepare", "lmtiny.tokenizer.train", "lmtiny.tokenizer.evaluate")
 
 # Top to bottom. Packages in one layer are independent of each other.
 LAYERS = (
     ("lmtiny.cli",),                                      # the verbs' flag parsing and exit codes
-    ("lmtiny.chat", "lmtiny.interop"),                    # chat stages and serving; Hugging Face in and out
+    ("lmtiny.chat", "lmtiny.interop", "lmtiny.research"),  # chat stages and serving; Hugging Face in and out;
+                                                          # sweeps and scaling laws
     ("lmtiny.training",),                                 # steps, the one run loop, optimizers, RL
     ("lmtiny.tasks",),                                    # evaluation tasks and their scoring
     ("lmtiny.runs",),                                     # run directories, checkpoints, metrics, report card

@@ -87,7 +87,7 @@ def run_plan(cfg, chip: str = "h100", num_chips: int = 1, mfus: tuple[float, ...
   them), training FLOPs (6N + attention, causal-half) and the time on `num_chips` x `chip` at each MFU."""
   cfg = recipe.resolve(cfg)
   m, t = cfg.model, cfg.train
-  steps = config_lib.total_steps(cfg, recipe.horizon_params(m, t))
+  steps = config_lib.total_steps(cfg, recipe.horizon_params(m, t), train_flops_per_token(m, t.seq_len))
   tokens = steps * t.batch_tokens
   flops = tokens * train_flops_per_token(m, t.seq_len)
   times = "; ".join(f"{duration(training_seconds(m, t.seq_len, tokens, chip, mfu, num_chips))} at {100 * mfu:g}% MFU"

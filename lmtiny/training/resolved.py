@@ -20,7 +20,7 @@ from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny.model.adapters import parse_targets
 from lmtiny.parallel import sharding
-from lmtiny.plan import recipe
+from lmtiny.plan import counts, recipe
 from lmtiny.tasks import chat_suite, dclm, hf6
 
 
@@ -56,7 +56,8 @@ def resolve_run(cfg, mesh=None, *, devices: Sequence | None = None,
   check_batch_divisibility(split, mesh)
   t = cfg.train
   return ResolvedRun(cfg=cfg, mesh=mesh,
-                     total_steps=config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t)),
+                     total_steps=config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t),
+                                                        counts.train_flops_per_token(cfg.model, t.seq_len)),
                      process_batch=config_lib.global_batch_size(t) // jax.process_count(),
                      micro_batch=config_lib.micro_batch_size(split.train))
 

@@ -584,6 +584,33 @@ def test_gpu_dry_run_runs_nothing(sandbox):
   assert out.returncode == 0 and out.stdout.splitlines()[-1] == "env /nonexistent/python -m lmtiny.train --config c.py"
 
 
+def test_gpu_sweep_runs_the_sweep_verb_and_each_host_its_part(sandbox, tmp_path):
+  trainer = tmp_path / "fake-python"
+  _write_exe(trainer, FAKE_TRAINER)
+  record = tmp_path / "rec.json"
+  out = sandbox.run("gpu.sh", "--sweep", "--python", str(trainer), "--", "--config", "c.py", "--workdir", "w",
+                    extra_env=dict(FAKE_RECORD=str(record)))
+  assert out.returncode == 0, out.stderr
+  assert json.loads(record.read_text())["argv"] == ["-m", "lmtiny.sweep", "--config", "c.py", "--workdir", "w"]
+  line = _one_error_line(sandbox.run("gpu.sh", "--sweep", "--hosts", "h0,h1", "--", "--config", "c.py"))
+  assert "give the sweep --part auto" in line and sandbox.calls() == []
+  out = sandbox.run("gpu.sh", "--sweep", "--hosts", "h0,h1", "--", "--config", "c.py", "--part", "auto")
+  assert out.returncode == 0, out.stderr
+  for i, c in enumerate(sandbox.calls("ssh")[2:]):  # after the two idle checks
+    words = shlex.split(c[3])
+    assert words[words.index("start") + 1:words.index("start") + 5] == ["--python", "python3", "--module", "lmtiny.sweep"]
+    assert f"LMTINY_PROCESS_ID={i}" in words and words[-2:] == ["--part", "auto"]
+
+
+def test_remote_start_runs_the_module_asked_for(tmp_path):
+  home = _worker_home(tmp_path)
+  d = ["--dir", str(home / "lmtiny"), "--dry-run"]
+  out = _run_remote("start", *d, "--module", "lmtiny.sweep", "--", "--workdir", "w")
+  assert out.returncode == 0 and "-m lmtiny.sweep --workdir w" in out.stdout, out.stderr
+  out = _run_remote("start", *d, "--module", "os", "--", "x")
+  assert out.returncode == 2 and "--module 'os': lmtiny.train or lmtiny.sweep" in out.stderr
+
+
 def test_create_survives_transient_describe_failures(sandbox):
   out = sandbox.run("tpu.sh", "create", *TPU, "--accelerator", "v4-128",
                     extra_env=dict(FAKE_QR_STATES="PROVISIONING,FAIL,FAIL,ACTIVE"))

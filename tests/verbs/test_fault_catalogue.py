@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lm_fixtures import ROOT, xla_flags
-from lmtiny import bench, cli, generate, lr_find, sft, train
+from lmtiny import bench, cli, generate, lr_find, sft, sweep, train
 from lmtiny.data import prepare
 from lmtiny.runs.checkpoint import CheckpointSaveError
 from lmtiny.runs.lock import RunLock
@@ -95,6 +95,10 @@ def _cases(tmp):
       (train.main, ["train", *cfg, "--workdir", str(a_file / "run")], f"--workdir={a_file / 'run'}: {a_file} is a file"),
       (bench.main, ["bench", *cfg, "--steps", "0"], "--steps=0: must be >= 1"),
       (lr_find.main, ["lr_find", *cfg, "--workdir", str(a_file)], f"--workdir={a_file}: exists and is not a directory"),
+      (sweep.main, ["sweep", *cfg, "--workdir", str(a_file), "--grid", "model.num_layers=1,2"],
+       f"--workdir={a_file}: exists and is not a directory"),
+      (sweep.main, ["sweep", *cfg, "--workdir", str(tmp / "s"), "--grid", "train.flops_budget=-1"],
+       "sweep child flops_budget--1: config.train.flops_budget=-1.0: must be a finite number >= 0"),
       (prepare.main, [*tok, "--out", str(tmp / "out"), "--workers", "-3"], "--workers -3: must be >= 0"),
       (prepare.main, [*tok, "--out", str(a_file)], f"--out={a_file}: exists and is not a directory"),
       (tokenizer_train.main, ["--mixture", os.path.join(ROOT, "tokenizer_data", "embedded.py"), "--out", str(a_file)],

@@ -1,0 +1,1 @@
+"""Research over many runs: sweeps of config overrides, their results table and scaling-law fits."""
