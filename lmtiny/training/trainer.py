@@ -326,6 +326,8 @@ class Trainer:
     mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
     mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
     eta = (self.total_steps - done_step) * elapsed / self._window_steps
+    if progress.budget.active:  # train.time_budget: the training seconds left, when fewer
+      eta = min(eta, progress.budget.seconds * (1 - progress.budget.progress(done_step)))
     scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
     progress.writer.write(done_step, "train", {"seconds": progress.seconds(), "segment": progress.start,
                                                "loss": values["loss"], "lr": values["lr"],
