@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
       tokens_per_param=0.0,  # > 0 sets steps from a Chinchilla-style budget (20 is Chinchilla)
       flops_budget=0.0,      # > 0 sets steps from a training-FLOPs budget (FLOPs per token: lmtiny.plan.counts)
       horizon_params="all",  # what tokens_per_param counts: all | scaling (block matrices + lm_head, nanochat 2026)
+      # > 0: pretraining stops at this many seconds of training (not compile, evals or saves), and the
+      # LR schedule follows it (lmtiny.training.budget); the step horizon above stays an upper bound
+      time_budget=0.0,
       # nanochat's automatic batch size (lmtiny.plan.recipe): batch_tokens = batch_reference_size x
       # (horizon / the reference depth's horizon) ** 0.383, rounded to a power of two
       auto_batch=False,

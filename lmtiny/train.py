@@ -49,7 +49,9 @@ def train(cfg, workdir: str, preemption=None) -> int:
     print(f"stopped (SIGTERM) at step {summary['step']}: re-run the same command to resume | {workdir}")
   elif val and summary["val"]:
     first, last = val[0], val[-1]
-    print(f"done: {summary['step']} steps in {metrics.wall_seconds(records):.0f}s | val loss {first['loss']:.3f} -> "
+    ended = summary["ended_by"] + (f" ({summary['train_seconds']:.1f}s of training)" if "train_seconds" in summary else "")
+    print(f"done: {summary['step']} steps in {metrics.wall_seconds(records):.0f}s, ended by {ended} | "
+          f"val loss {first['loss']:.3f} -> "
           f"{last['loss']:.3f} | val bpb {first['bpb']:.3f} -> {last['bpb']:.3f} | {workdir}")
   return 0
 

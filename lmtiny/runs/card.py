@@ -125,6 +125,17 @@ def _last_sample(records) -> list[str]:
   return ["", f"Sample at step {s['step']}:", "", "```", (s.get("prompt", "") + s.get("text", ""))[:600], "```"]
 
 
+def _ended_by(records) -> str:
+  """What ended the run (its last "run" record's ended_by: steps, tokens_per_param, time_budget...),
+  with its training seconds under train.time_budget; "" for runs recorded before the field."""
+  runs = [r for r in records if r["split"] == "run" and "ended_by" in r]
+  if not runs:
+    return ""
+  last = runs[-1]
+  timed = f" after {duration(last['train_seconds'])} of training" if "train_seconds" in last else ""
+  return f"; ended by {last['ended_by']}{timed}"
+
+
 def train_section(title: str, d: str, rel: str, price) -> list[str]:
   records = _records(d)
   cfg = read_run_config(d)
@@ -135,7 +146,7 @@ def train_section(title: str, d: str, rel: str, price) -> list[str]:
   flops = tokens * counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
   lines = [f"## {title}", "", f"- model: {counts.count_params(cfg.model) / 1e6:.2f}M parameters, "
            f"{cfg.model.num_layers} layers x {cfg.model.d_model}, context {cfg.model.max_seq_len}",
-           f"- steps: {steps}, tokens: {tokens:,} ({cfg.train.batch_tokens:,} per step)"]
+           f"- steps: {steps}, tokens: {tokens:,} ({cfg.train.batch_tokens:,} per step){_ended_by(records)}"]
   if train:
     lines.append(f"- train loss: {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}")
   if val:

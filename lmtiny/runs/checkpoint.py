@@ -110,9 +110,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_iter=None) -> None:
+  def save(self, step: int, state, data_iter=None, progress: dict | None = None) -> None:
     """Starts a save; a failure (this one's start, or an earlier async one) raises CheckpointSaveError.
-    Waits for the previous save first (orbax would, inside save()), so its failure names its step."""
+    Waits for the previous save first (orbax would, inside save()), so its failure names its step.
+    `progress`: small JSON the run needs back on resume (e.g. train_seconds, lmtiny.training.budget)."""
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -122,6 +123,8 @@ class Checkpointer:
              "fingerprint": ocp.args.JsonSave(_saved_fingerprint(state))}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    if progress is not None:
+      items["progress"] = ocp.args.JsonSave(progress)
     try:
       self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # pylint: disable=broad-except  (ENOSPC, EACCES, tensorstore errors)
@@ -166,6 +169,21 @@ class Checkpointer:
       return None
     with reading():
       return [json.loads(found[i][1].read_text()) for i in sorted(found)]
+
+  def saved_progress(self, step: int) -> dict:
+    """The `progress` saved at `step` ({} if none was); CheckpointCorrupt if it is undecodable."""
+    path = self._root / str(step) / "progress"
+    files = [f for f in path.glob("*") if f.name != "commit_success.txt"] if path.is_dir() else []
+    if not files:
+      return {}
+    with reading():
+      try:
+        value = json.loads(files[0].read_text())
+      except ValueError:
+        raise CheckpointCorrupt(f"progress/{files[0].name} is not JSON") from None
+    if not isinstance(value, dict):
+      raise CheckpointCorrupt(f"progress/{files[0].name} is malformed")
+    return value
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restore onto the shardings in `abstract_state`; `data_iter` is restored in place. A damaged

@@ -23,7 +23,7 @@ from lmtiny.runs import kind as runkind, metrics as metrics_lib
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
 from lmtiny.runs.preemption import Preemption
-from lmtiny.training import resume
+from lmtiny.training import budget as budget_lib, resume
 
 
 class TrainingDiverged(RunFailed):
@@ -38,6 +38,10 @@ class Progress:
   start: int  # the step this segment began at (0, or the restored checkpoint's)
   last_saved: int
   t0: float = dataclasses.field(default_factory=time.perf_counter)
+  # train.time_budget's clock (lmtiny.training.budget): stages run work that is not training in
+  # `budget.paused()`; `ended` is set before the checkpoint and periodic work of the run's last step.
+  budget: budget_lib.Budget = dataclasses.field(default_factory=budget_lib.Budget)
+  ended: bool = False
 
   def seconds(self) -> float:
     """Since this segment (this process's part of it) entered the loop."""
@@ -135,9 +139,10 @@ def closing_run(ckpt: Checkpointer, writer) -> Iterator[None]:
     writer.close()
 
 
-def run(stage: Stage, stop_after: int | None = None) -> tuple[dict, dict]:
-  """Runs `stage` to its last step, or (as a preemption would) checkpoints and returns after step
-  `stop_after`; returns (the final state, the summary: step, preempted, seconds and the stage's)."""
+def run(stage: Stage, stop_after: int | None = None, clock: budget_lib.Clock | None = None) -> tuple[dict, dict]:
+  """Runs `stage` to its last step or train.time_budget (pretraining), or (as a preemption would)
+  checkpoints and returns after step `stop_after`; returns (the final state, the summary: step,
+  preempted, ended_by, seconds and the stage's). `clock`: the budget's (tests)."""
   cfg, t = stage.cfg, stage.cfg.train
   workdir = epath.Path(stage.workdir)
   with RunLock(stage.workdir, log=stage.log, enabled=stage.main):
@@ -151,7 +156,7 @@ def run(stage: Stage, stop_after: int | None = None) -> tuple[dict, dict]:
     data = stage.data_iterator()
     with jax.set_mesh(stage.mesh):
       try:
-        state, start = _start(stage, ckpt, data)
+        state, start, saved = _start(stage, ckpt, data)
       except BaseException:
         ckpt.close()
         raise
@@ -159,20 +164,25 @@ def run(stage: Stage, stop_after: int | None = None) -> tuple[dict, dict]:
         resume.record_config_changes(stage.workdir, changes or {}, start, stage.log)
       writer = metrics_lib.MetricsWriter(stage.workdir, enabled=stage.main, resume_step=start)
       with closing_run(ckpt, writer):
-        progress = Progress(stage.name, writer, start=start, last_saved=start)
+        seconds = t.time_budget if stage.kind == "train" else 0.0
+        progress = Progress(stage.name, writer, start=start, last_saved=start,
+                            budget=budget_lib.Budget(seconds, saved.get("train_seconds", 0.0), clock))
         state, summary = _steps(stage, state, ckpt, data, progress, stop_after)
   if stage.main and t.plot:
     metrics_lib.plot_loss_curve(stage.workdir)
   return state, summary
 
 
-def _start(stage: Stage, ckpt: Checkpointer, data) -> tuple[dict, int]:
-  """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh state."""
-  found = ckpt.restore_newest(lambda step: _restore(stage, ckpt, step, data), stage.log)
+def _start(stage: Stage, ckpt: Checkpointer, data) -> tuple[dict, int, dict]:
+  """The newest checkpoint that restores cleanly (corrupt ones are moved aside), else a fresh
+  state: (state, step, the progress saved with it, e.g. train_seconds)."""
+  found = ckpt.restore_newest(lambda step: (_restore(stage, ckpt, step, data), ckpt.saved_progress(step)),
+                              stage.log)
   if found is None:
-    return stage.fresh_state(), 0
+    return stage.fresh_state(), 0, {}
   stage.log(f"resumed from checkpoint at step {found[0]}")  # here: another process may yet reject a step
-  return found[1], found[0]
+  (state, saved), step = found[1], found[0]
+  return state, step, saved
 
 
 def _restore(stage: Stage, ckpt: Checkpointer, step: int, data) -> dict:
@@ -191,31 +201,47 @@ def _restore(stage: Stage, ckpt: Checkpointer, step: int, data) -> dict:
 
 def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, stop_after) -> tuple[dict, dict]:
   """The steps of this segment: update, record, checkpoint on the cadence or a stop, periodic work."""
-  t, start = stage.cfg.train, progress.start
+  t, start, budget = stage.cfg.train, progress.start, progress.budget
   stage.begin(state, progress)
-  step, stop = start, False
+  step, stop, ended_by = start, False, budget_lib.horizon(stage.kind, t)
   with Preemption() as preemption:
     preemption.inherit()
     while step < stage.total_steps:
       if step == start and (stop := preemption.decided(step)):
         stage.log(f"stopped (SIGTERM) before step {step + 1}: nothing new to save")
         break
+      if step == start and budget.exhausted():
+        stage.log(f"train.time_budget={budget.seconds:g}s was spent before step {step + 1}: nothing to train")
+        ended_by = budget_lib.TIME_BUDGET
+        break
       ckpt.check_errors()  # a failed async save surfaces here, one step later
       state, step_metrics = stage.update(state, step, data)
       step += 1
+      budget.stepped(step, step_metrics)
       stage.after_step(step, step_metrics, progress)
       # stop_after stops every process at once; a SIGTERM is agreed one step late (never a host sync)
       stop = preemption.decided(step, now=step == stop_after)
-      if step % t.checkpoint_every == 0 or step == stage.total_steps or stop:
-        stage.settle(progress)  # never checkpoint a state whose loss we have not seen to be finite
-        ckpt.save(step, state, data)
+      if budget.reached():
+        ended_by = budget_lib.TIME_BUDGET
+      progress.ended = step == stage.total_steps or ended_by == budget_lib.TIME_BUDGET
+      if step % t.checkpoint_every == 0 or progress.ended or stop:
+        with budget.paused():
+          stage.settle(progress)  # never checkpoint a state whose loss we have not seen to be finite
+          ckpt.save(step, state, data, progress={"train_seconds": budget.spent()} if budget.active else None)
         progress.last_saved = step
       stage.periodic(state, step, progress)
       if stop:
         stage.log(f"stopped early (SIGTERM or stop_after): saved checkpoint at step {step}")
         break
+      if ended_by == budget_lib.TIME_BUDGET:
+        stage.log(f"train.time_budget={budget.seconds:g}s reached after step {step} "
+                  f"({budget.spent():.1f}s of training): saved checkpoint at step {step}")
+        break
     stage.settle(progress)
+  ended_by = budget_lib.PREEMPTED if stop and not progress.ended else ended_by
+  timed = {"train_seconds": budget.spent()} if budget.active else {}
   progress.writer.write(step, "run", {"seconds": progress.seconds(), "segment": start, "steps": step - start,
                                       "chips": metrics_lib.chip_count(), "chip": metrics_lib.chip_name(),
-                                      **stage.run_record(step, progress)})
-  return state, {"step": step, "preempted": stop, "seconds": progress.seconds(), **stage.summary(step, progress)}
+                                      "ended_by": ended_by, **timed, **stage.run_record(step, progress)})
+  return state, {"step": step, "preempted": stop, "ended_by": ended_by,
+                 "seconds": progress.seconds(), **timed, **stage.summary(step, progress)}

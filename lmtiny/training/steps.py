@@ -82,12 +82,16 @@ def _init_fns(init, state_shardings) -> Callable:
 
 
 def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = None, *,
-                adapter=None, frozen_params=None, objective: Objective = CROSS_ENTROPY) -> Steps:
+                adapter=None, frozen_params=None, objective: Objective = CROSS_ENTROPY,
+                lr_scaled: bool = False) -> Steps:
   """The train step minimises `objective` (lmtiny.training.objectives; its batches hold its
   batch_keys); evaluation is always the plain masked cross-entropy. `adapter` (fine-tuning, e.g. lmtiny.model.adapters.LoRA): train only what `adapter.init()` makes
   (nnx Params with logical axes), with the model's parameters `adapter.merge(frozen_params,
   trained)`; `frozen_params` (sharded arrays) are an input of every step, never updated nor
-  saved. `init(params)` starts from given parameters instead of a fresh initialisation."""
+  saved. `init(params)` starts from given parameters instead of a fresh initialisation.
+  `lr_scaled`: the train step takes a third argument, a float32 scalar multiplying the update (and
+  the logged LR) as a multiplier of the schedule's LR: a traced value, so its changes never
+  recompile (lmtiny.training.budget drives the LR this way)."""
   cfg = config_lib.resolve_batch(cfg, sharding.data_parallel_size(mesh))
   m, t = cfg.model, cfg.train
   graphdef, _ = nnx.split(abstract_model(m))
@@ -130,7 +134,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
                                         segment_ids(micro, document_mask), weights_BxT, z_weights_BxT, max_runs)
     return total, (jnp.sum(ce_BxT * weights_BxT), count)
 
-  def train_step(state, batch, frozen=None):
+  def train_step(state, batch, frozen=None, lr_scale=None):
     params = state["params"]
     scaling = state.get("loss_scale")
     factor = loss_scale.loss_factor(scaling, batch["inputs"].size)  # 1 unless float16
@@ -176,9 +180,12 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
     grads = jax.tree.map(lambda g: g / (count * factor), grad_sums)
     with jax.named_scope(OPTIMIZER_SCOPE):  # its collectives are told from the gradients' by this name (hlo_cost)
       updates, opt_state = tx.update(grads, state["opt_state"], params)
+      if lr_scale is not None:  # every update is linear in the LR: the scale is the LR's
+        updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
       new_params = optax.apply_updates(params, updates)
     new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
+    lr = schedule(state["step"]) if lr_scale is None else schedule(state["step"]) * lr_scale
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": lr,
                "tokens": tokens}
     if scaling is not None:  # a step with inf/nan gradients leaves params and optimizer state as they were
       finite = loss_scale.all_finite(grads)
@@ -212,13 +219,21 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
       eval_step=jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated),
                         out_shardings=replicated),
       batch_sharding=batch_sharding)
+  def scaled_train_step(state, batch, lr_scale, frozen=None):
+    return train_step(state, batch, frozen, lr_scale)
+
+  scale_sharding = (replicated,) if lr_scaled else ()
+  if lr_scaled and adapter is None:
+    steps.train_step = jit(scaled_train_step, in_shardings=(state_shardings, batch_shardings, replicated),
+                           out_shardings=(state_shardings, replicated), donate_argnums=0)
   if adapter is not None:  # the frozen weights go in as one more (undonated) argument
-    train = jit(train_step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+    train = jit(scaled_train_step if lr_scaled else train_step,
+                in_shardings=(state_shardings, batch_shardings, *scale_sharding, frozen_shardings),
                 out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluate = jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated,
                                                 frozen_shardings), out_shardings=replicated)
     merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
-    steps.train_step = lambda state, batch: train(state, batch, frozen_params)
+    steps.train_step = lambda state, batch, *scale: train(state, batch, *scale, frozen_params)
     steps.eval_step = lambda params, batch, token_bytes: evaluate(params, batch, token_bytes, frozen_params)
     steps.model_params = lambda params: merge(frozen_params, params)
   return steps

@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -154,19 +155,29 @@ class Trainer:
     if int(data.tokenizer.vocab_size) != m.vocab_size:
       raise ConfigError(f"config.model.vocab_size={m.vocab_size}: the data's tokenizer has "
                         f"{data.tokenizer.vocab_size} tokens")
+    if t.time_budget > 0 and kind == "train" and jax.process_count() > 1:
+      raise ConfigError(f"config.train.time_budget={t.time_budget:g}: one process only (each host's clock would "
+                        f"give its own learning rate and stop); use train.steps or tokens_per_param on "
+                        f"{jax.process_count()} processes")
     self.num_params = counts.count_params(m)
     self.flops_per_token = counts.train_flops_per_token(m, t.seq_len)
     self.flops_per_token_nanochat = counts.train_flops_per_token(m, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0
+    # train.time_budget: the LR follows the budget's progress, as a multiplier of a constant optim.lr
+    self.lr_follows_budget = kind == "train" and schedule is None and t.time_budget > 0
+    if self.lr_follows_budget:
+      schedule = optax.constant_schedule(self.cfg.optim.lr)
     self.steps = build_steps(self.cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
-                             frozen_params=init_params if adapter is not None else None)
+                             frozen_params=init_params if adapter is not None else None,
+                             lr_scaled=self.lr_follows_budget)
     self.batches = batches or DocumentBatches(self.cfg, data)
     self.core = CoreEvaluation(self.cfg, self.tokenizer, self.mesh, self.total_steps, log) if t.core_every else None
     self.evaluations = list(evaluations)
 
-  def run(self, stop_after: int | None = None) -> dict:
-    """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`."""
-    self.state, summary = loop.run(self, stop_after)
+  def run(self, stop_after: int | None = None, clock=None) -> dict:
+    """Train to the end, or (as a preemption would) checkpoint and return after `stop_after`.
+    `clock`: train.time_budget's (lmtiny.training.budget.Clock; tests)."""
+    self.state, summary = loop.run(self, stop_after, clock)
     return summary
 
   # -- batches and evaluation ----------------------------------------------------------------
@@ -222,17 +233,22 @@ class Trainer:
     t, start = self.cfg.train, progress.start
     if start and self.adapter is None:  # full fine-tuning resumed: its base is not needed
       self.init_params = None
-    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps of "
+    budget = f" (or {t.time_budget:g}s of training first)" if progress.budget.active else ""
+    self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps{budget} of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
     if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
       self.log(self.data.description)
     self.history = {"train_loss": [], "val": []}
     self._pending, self._window_start, self._window_steps = None, time.perf_counter(), 0
+    self._budget = progress.budget
     if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
       self._log_eval(state["params"], start, progress.writer)
 
   def update(self, state, step: int, data):
-    return self.steps.train_step(state, device_batch(next(data), self.mesh))
+    batch = device_batch(next(data), self.mesh)
+    if self.lr_follows_budget:
+      return self.steps.train_step(state, batch, np.float32(self._budget.lr_scale(self.cfg.optim, step)))
+    return self.steps.train_step(state, batch)
 
   def after_step(self, step: int, step_metrics, progress: loop.Progress) -> None:
     """The previous step's metrics are read now (one step late, so the host never waits)."""
@@ -247,13 +263,21 @@ class Trainer:
 
   def periodic(self, state, step: int, progress: loop.Progress) -> None:
     """Validation, CORE / HF6, a sample and the given evaluations on their cadences (and at the end)."""
-    t, at_end, writer = self.cfg.train, step == self.total_steps, progress.writer
-    if step % t.eval_every == 0 or at_end:
-      self.settle(progress)
-      self._log_eval(state["params"], step, writer)
+    t, at_end = self.cfg.train, progress.ended
+    validate = step % t.eval_every == 0 or at_end
     core = self.core is not None and self.core.due(step, at_end)
     sample = hasattr(self.data.tokenizer, "decode") and (at_end or (t.sample_every and step % t.sample_every == 0))
     due = [e for e in self.evaluations if e.due(step, at_end)]
+    if validate or core or sample or due:
+      with progress.budget.paused():  # not training time (train.time_budget)
+        self._periodic(state, step, progress, validate, core, sample, due)
+
+  def _periodic(self, state, step: int, progress: loop.Progress, validate: bool, core: bool, sample: bool,
+                due: list) -> None:
+    writer = progress.writer
+    if validate:
+      self.settle(progress)
+      self._log_eval(state["params"], step, writer)
     if not (core or sample or due):
       return
     model = self.model(state["params"])  # every process runs these: their programs span the mesh
@@ -302,6 +326,8 @@ class Trainer:
     mfu = metrics_lib.mfu(self.flops_per_token, tok_s)
     mfu_nanochat = metrics_lib.mfu(self.flops_per_token_nanochat, tok_s)
     eta = (self.total_steps - done_step) * elapsed / self._window_steps
+    if progress.budget.active:  # train.time_budget: the training seconds left, when fewer
+      eta = min(eta, progress.budget.seconds * (1 - progress.budget.progress(done_step)))
     scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
     progress.writer.write(done_step, "train", {"seconds": progress.seconds(), "segment": progress.start,
                                                "loss": values["loss"], "lr": values["lr"],

@@ -30,6 +30,9 @@ PROMISES = [
     ("docs/performance.md", "python -m lmtiny.bench --config configs/d4_38m.py --lower-for tpu --config.model.loss_kernel=pallas",
      ["loss         pallas kernel: 0 lm_head GEMMs, loss_dw x1, loss_dx x1, loss_stats x1; largest float32 [.., V] "
       "512x24576xf32"], []),
+    ("docs/training.md", "python -m lmtiny.train --config configs/tiny.py --workdir runs/budget",
+     ["train.time_budget=1s reached after step", "ended by time_budget ("],
+     ['runs/budget/metrics.jsonl::"ended_by": "time_budget"']),
     ("docs/training.md", "python -m lmtiny.lr_find", ["steepest descent at lr", "suggested peak LR"],
      ["runs/lr_find/lr_find.png", 'runs/lr_find/lr_find.json::"losses"']),
     ("docs/training.md", "python -m lmtiny.sweep --config configs/tiny.py --workdir runs/sweep",

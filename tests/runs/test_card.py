@@ -77,6 +77,16 @@ def test_a_segment_ended_by_kill_9_counts_in_wall_time_and_mfu(pipeline):
   assert "wall time: 1h00m on 8 x h100" in text and f"MFU: {100 * flops / (3600 * 8e15):.2f}%" in text
 
 
+def test_the_card_says_what_ended_a_run(pipeline):
+  root, cfg = pipeline  # segment 0 preempted, segment 6 ended by train.time_budget
+  _write_metrics(root, [
+      {"step": 10, "split": "train", "loss": 3.0},
+      {"step": 6, "split": "run", "seconds": 100.0, "segment": 0, "ended_by": "preempted", "train_seconds": 90.0},
+      {"step": 10, "split": "run", "seconds": 300.0, "segment": 6, "ended_by": "time_budget", "train_seconds": 300.0}])
+  text = open(report.write_report(root)).read()
+  assert f"({cfg.train.batch_tokens:,} per step); ended by time_budget after 5m00s of training" in text
+
+
 def test_a_stage_updates_the_card_of_its_pipeline_and_keeps_the_price(pipeline):
   root, _ = pipeline
   report.write_report(root, price=3.0)

@@ -22,6 +22,7 @@ BAD_CONFIGS = [
     ("--config.model.attention=flash", "config.model.attention='flash': must be one of"),
     ("--config.model.init=orthogonal", "config.model.init='orthogonal': must be one of"),
     ("--config.train.seq_len=512", "config.train.seq_len=512: exceeds model.max_seq_len=256"),
+    ("--config.train.time_budget=-5", "config.train.time_budget=-5.0: must be a finite number >= 0"),
     ("--config.mesh.data=2", "config.mesh="),
 ]
 
