@@ -90,10 +90,13 @@ class StepProfiler:
       self.log(f"profile: no perfetto_trace.json.gz appeared under {self.logdir}")
       return
     steps = step - self.first + 1
-    summary = trace_summary.summarize(trace_summary.load_trace(new[-1]))
+    span = f"steps {self.first}-{step}" if steps > 1 else f"step {step}"
+    planes = glob.glob(os.path.join(os.path.dirname(new[-1]), "*.xplane.pb"))
+    hlo = trace_summary.hlo_ops(epath.Path(planes[0]).read_bytes()) if planes else None
+    summary = trace_summary.summarize(trace_summary.load_trace(new[-1]), hlo=hlo)
     summary.update(first_step=self.first, last_step=step, trace=new[-1], backend=jax.default_backend())
     lines = trace_summary.format_summary(summary, steps=steps,
-                                         header=f"profile: steps {self.first}-{step} on {jax.default_backend()}: ")
+                                         header=f"profile: {span} on {jax.default_backend()}: ")
     md = os.path.join(self.logdir, "summary.md")
     atomic_write(md, ("# Profile\n\n```text\n" + "\n".join(lines) + f"\n```\n\ntrace: {new[-1]}\n").encode())
     atomic_write_json(os.path.join(self.logdir, "summary.json"), summary)

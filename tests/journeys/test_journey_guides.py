@@ -19,6 +19,11 @@ PROMISES = [
     ("docs/data.md", "python -m lmtiny.train --config configs/tiny.py --workdir runs/tiny8k-mix",
      ["mixture: ", "stdlib 90% of tokens", "code 10% of tokens", "done: 4 steps"], []),
     ("docs/performance.md", "python -m lmtiny.bench --config configs/tiny.py", ["MFU"], ["runs/bench-tiny.json"]),
+    ("docs/performance.md", "JAX_NUM_CPU_DEVICES=2 python -m lmtiny.train --config configs/tiny.py --workdir runs/tiny_profile",
+     ["profile: step 2 on cpu: 2 devices", "share of device time: matmul ", "@ jit_train_step"],
+     ["runs/tiny_profile/profile/summary.md::share of device time", "runs/tiny_profile/profile/summary.json"]),
+    ("docs/training.md", "python -m lmtiny.train --config configs/tiny.py --workdir runs/tiny_wandb", [],
+     ["runs/tiny_wandb/tracking.json::wandb_id", "runs/tiny_wandb/wandb"]),  # needs: wandb (skipped without)
     ("docs/performance.md", "python -m lmtiny.bench --config configs/d20.py --lower-for tpu --hlo-out",
      ["attention    splash (Mosaic)", "bf16 sums    0 reductions", "per token    ", "MFU bound    h100 <= "],
      ["runs/d20-tpu.stablehlo::func.func public @main"]),

@@ -2,6 +2,7 @@
 streams, a TPU's XLA Ops line, XLA:CPU's host events, each with the lines that must not count."""
 import gzip
 import json
+import struct
 
 import pytest
 
@@ -39,6 +40,8 @@ def gpu_trace():
       _op(7, compute, "gemm_fusion_dot_1", 300, 10, hlo_op="gemm_fusion_dot.1", hlo_module="jit_train_step"),
       _op(7, modules, "jit_train_step(12)", 0, 310),  # the module's span: not an operation
   ]
+  events += _meta(701, "/host:CPU", {4: "tf_XLAGpuClient"})  # the host's launch of a kernel: not device time
+  events += [_op(701, 4, "custom-call.3", 0, 5, hlo_op="custom-call.3", hlo_module="jit_train_step", device_ordinal="0")]
   return {"traceEvents": events}
 
 
@@ -110,7 +113,7 @@ def test_top_operations_rank_exclusive_time_and_name_the_module():
 
 @pytest.mark.parametrize("name, args, expected", [
     ("all-gather-start.2", {}, "collectives"), ("reduce-scatter.1", {}, "collectives"),
-    ("all-to-all.3", {}, "collectives"), ("collective-permute-done", {}, "collectives"),
+    ("all-to-all.3", {}, "collectives"), ("all_gather.7", {}, "collectives"), ("collective-permute-done", {}, "collectives"),
     ("ncclDevKernel_AllGather_RING_LL", {"hlo_op": "all-gather-start"}, "collectives"),
     ("fusion.9", {"hlo_category": "all-reduce fusion"}, "collectives"),
     ("custom-call.2", {"long_name": '%custom-call.2 = (bf16[2,8,4,64]{3,2,1,0}) custom-call(%q, %k, %v), '
@@ -137,3 +140,61 @@ def test_reads_gzipped_traces_and_ignores_a_trace_without_device_operations(tmp_
   assert summarize(trace_summary.load_trace(str(path)))["window_us"] == pytest.approx(150)
   empty = summarize({"traceEvents": _meta(1, "/host:CPU", {1: "python"}) + [_op(1, 1, "f", 0, 5)]})
   assert empty["devices"] == 0 and trace_summary.format_summary(empty) == ["no device operations in the trace"]
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _msg(*fields) -> bytes:
+  """A protobuf message: (number, bytes or str) length-delimited, (number, int) varint, (number, float) fixed64."""
+  out = b""
+  for number, value in fields:
+    if isinstance(value, int):
+      out += _varint(number << 3) + _varint(value)
+    elif isinstance(value, float):
+      out += _varint(number << 3 | 1) + struct.pack("<d", value)
+    else:
+      value = value.encode() if isinstance(value, str) else value
+      out += _varint(number << 3 | 2) + _varint(len(value)) + value
+  return out
+
+
+def _xspace(module: str, instructions) -> bytes:
+  """An XSpace as jax.profiler writes it: the HLO of `module` in the "/host:metadata" plane (one of
+  its event metadata's stats), beside a device plane whose event metadata is not HLO."""
+  computation = _msg((1, "main.3_spmd"), *[(2, _msg((1, name), (2, opcode), (3, _msg((2, 11))),
+                                                    (7, _msg((1, "op"), (2, op_name))))) for name, opcode, op_name in instructions])
+  hlo = _msg((1, _msg((1, module), (2, "main.3_spmd"), (3, computation))))
+  metadata = _msg((1, 7), (2, f"{module}(7)"), (5, _msg((1, 4), (2, 0.5))), (5, _msg((1, 4), (6, hlo))))
+  plane = _msg((1, 3), (2, "/host:metadata"), (4, _msg((1, 7), (2, metadata))))
+  device = _msg((1, 4), (2, "/host:CPU"), (4, _msg((1, 9), (2, _msg((1, 9), (2, "ynn_fusion.3"))))))
+  return _msg((1, device), (1, plane))
+
+
+def test_the_profiles_hlo_settles_what_xla_cpus_library_fusions_hold():
+  """lmtiny's CPU steps hand reductions to YNNPACK (lmtiny.parallel.xla_options), XLA's default hands
+  it dots: the fusions' names are the same, the op_name their HLO records is not."""
+  instructions = [("ynn_fusion.3", "fusion", "jit(train_step)/jvp()/reduce_sum"),
+                  ("ynn_fusion.4", "fusion", "jit(train_step)/bkrd,bksd->bkrs/dot_general"),
+                  ("fusion.9", "fusion", "jit(train_step)/dot_general"),
+                  ("exponential.2", "exponential", "jit(train_step)/exp")]
+  hlo = trace_summary.hlo_ops(_xspace("jit_train_step", instructions))
+  assert hlo == {("jit_train_step", name): (opcode, op_name) for name, opcode, op_name in instructions}
+  events = _meta(701, "/host:CPU", {2: "tf_XLAPjRtCpuClient/1"})
+  events += [_op(701, 2, name, 10 * i, 10, hlo_op=name, hlo_module="jit_train_step", device_ordinal="0")
+             for i, (name, _, _) in enumerate(instructions)]
+  def categories(**kw):
+    return {t["op"].split(" @ ")[0]: t["category"] for t in summarize({"traceEvents": events}, **kw)["top"]}
+
+  assert categories(hlo=hlo) == {"ynn_fusion.3": "elementwise", "ynn_fusion.4": "matmul", "fusion.9": "matmul",
+                                 "exponential.2": "elementwise"}
+  assert categories() == {"ynn_fusion.3": "matmul", "ynn_fusion.4": "matmul", "fusion.9": "elementwise",
+                          "exponential.2": "elementwise"}  # by name alone: YNNPACK fusions are XLA's dots
+  assert category("ynn_fusion.3", {}) == "matmul"
+  assert category("ynn_fusion.3", {"op_name": "jit(f)/reduce_max"}) == "elementwise"
