@@ -152,13 +152,13 @@ def device_ops(trace: dict, hlo: dict | None = None) -> dict[str, list[dict]]:
   processes, threads = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
-      processes[e.get("pid")] = str(e.get("args", {}).get("name", ""))
+      processes[e.get("pid")] = str((e.get("args") or {}).get("name") or "")
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
-      threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
+      threads[(e.get("pid"), e.get("tid"))] = str((e.get("args") or {}).get("name") or "")
   with_ops_line = {pid for (pid, _), name in threads.items() if name == "XLA Ops"}
   out, host = collections.defaultdict(list), collections.defaultdict(list)
   for e in events:
-    if e.get("ph") != "X" or not e.get("dur") or str(e.get("name", "")).startswith("end: "):
+    if e.get("ph") != "X" or not e.get("dur") or str(e.get("name") or "").startswith("end: "):
       continue
     pid, args = e.get("pid"), e.get("args") or {}
     if hlo and (args.get("hlo_module"), args.get("hlo_op")) in hlo:

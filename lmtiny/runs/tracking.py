@@ -20,6 +20,7 @@ import uuid
 from etils import epath
 
 from lmtiny.config import tracker_names
+from lmtiny.errors import first_line, UserError
 from lmtiny.fs.atomic import atomic_write_json
 
 STATE_FILE = "tracking.json"
@@ -57,9 +58,14 @@ class WandbWriter:
   def __init__(self, cfg, workdir: str, kind: str):
     import wandb  # pylint: disable=g-import-not-at-top  (optional: the "track" extra; lmtiny.config checks it)
     t, path = cfg.train, epath.Path(workdir)
-    self.run = wandb.init(project=t.wandb_project, group=t.tracker_group or None, job_type=kind,
-                          name=run_name(workdir), id=_run_id(path), resume="allow", dir=str(path),
-                          mode=t.wandb_mode or None, config=json.loads(cfg.to_json_best_effort()))
+    run_id = _run_id(path)
+    try:
+      self.run = wandb.init(project=t.wandb_project, group=t.tracker_group or None, job_type=kind,
+                            name=run_name(workdir), id=run_id, resume="allow", dir=str(path),
+                            mode=t.wandb_mode or None, config=json.loads(cfg.to_json_best_effort()))
+    except Exception as e:  # pylint: disable=broad-except  (no login, no network, a bad project name)
+      raise UserError(f"config.train.trackers={t.trackers!r}: Weights & Biases did not start ({first_line(e)}); "
+                      "`wandb login`, or --config.train.wandb_mode=offline") from None
     # every record carries its training step; W&B's own counter only orders them, so the steps a
     # resume writes again are kept too
     self.run.define_metric("step")

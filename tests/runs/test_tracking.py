@@ -4,6 +4,7 @@ the same W&B run. Skips without wandb (the "track" extra; .ci/run's second step 
 import glob
 import json
 import struct
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402  (after the importorskip)
 
 from lm_fixtures import memory_data, tiny_config  # noqa: E402
+from lmtiny.errors import UserError  # noqa: E402
 from lmtiny.runs import metrics, tracking  # noqa: E402
 from lmtiny.training.trainer import Trainer  # noqa: E402
 
@@ -41,10 +43,23 @@ def wandb_records(path: str):
       yield record
 
 
-def offline_runs(workdir) -> list[dict]:
-  """Each offline run directory's run record (id, group, job type, config) and history rows, oldest first."""
+def _finished(path: str) -> bool:
+  return any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path))
+
+
+def offline_runs(workdir, count: int) -> list[dict]:
+  """Each of the `count` offline run directories' run record (id, group, job type, config) and
+  history rows, oldest first. wandb's own process writes the file: run.finish() can return before
+  it has (measured: 5 ms, the file still its 7-byte header), so this waits for each run's exit record."""
+  paths, deadline = [], time.time() + 60
+  while time.time() < deadline:
+    paths = sorted(glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb")))
+    if len(paths) == count and all(_finished(p) for p in paths):
+      break
+    time.sleep(0.2)
+  assert len(paths) == count, paths
   out = []
-  for path in sorted(glob.glob(str(workdir / "wandb" / "offline-run-*" / "run-*.wandb"))):
+  for path in paths:
     run, history = None, []
     for r in wandb_records(path):
       kind = r.WhichOneof("record_type")
@@ -75,8 +90,8 @@ def test_offline_wandb_run_holds_the_metrics_config_and_group_and_a_resume_conti
                     tracker_group="sweep-lr")
   Trainer(cfg, str(tmp_path), memory_data(), log=lambda _: None).run(stop_after=3)
   Trainer(cfg, str(tmp_path), memory_data(), log=lambda _: None).run()  # resumes at 3
-  runs = offline_runs(tmp_path)
-  assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == json.load(open(tmp_path / "tracking.json"))["wandb_id"]
+  runs = offline_runs(tmp_path, 2)
+  assert runs[0]["id"] == runs[1]["id"] == json.load(open(tmp_path / "tracking.json"))["wandb_id"]
   assert {(r["group"], r["job_type"], r["project"]) for r in runs} == {("sweep-lr", "train", "lmtiny")}
   assert runs[1]["config"] == json.load(open(tmp_path / "config.json"))
   records = metrics.read_metrics(str(tmp_path))
@@ -95,9 +110,21 @@ def test_sample_texts_and_records_reach_wandb_as_the_metrics_writer_writes_them(
   writer.write(5, "sample", {"prompt": "def ", "text": "def f(x):"})
   writer.write(5, "chat", {"arc_easy": 0.25, "items": 8, "skipped": None})
   writer.close()
-  (run,) = offline_runs(tmp_path)
+  (run,) = offline_runs(tmp_path, 1)
   assert (run["job_type"], run["project"], run["group"]) == ("sft", "lmtiny-test", "")
   rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in run["history"]]
   assert rows == [{"step": 5, "sample/prompt": "def ", "sample/text": "def f(x):"},
                   {"step": 5, "chat/arc_easy": 0.25, "chat/items": 8}]
   assert not (tmp_path / "tensorboard").exists()
+
+
+def test_wandb_online_without_a_login_is_one_line_naming_the_way_out(tmp_path, monkeypatch):
+  for name in ("WANDB_API_KEY", "WANDB_MODE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home"))
+  monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+  cfg = tiny_config(trackers="wandb", wandb_mode="online")
+  with pytest.raises(UserError, match=r"^config.train.trackers='wandb': Weights & Biases did not start \(.*\); "
+                                      r"`wandb login`, or --config.train.wandb_mode=offline$"):
+    tracking.open_trackers(cfg, str(tmp_path), "train")

@@ -11,10 +11,10 @@ from lmtiny.training.profiling import StepProfiler
 from lmtiny.training.trainer import Trainer
 
 
-@pytest.mark.slow(seconds=8)
+@pytest.mark.slow(seconds=6)
 def test_profile_traces_the_steps_after_warm_up_and_summarizes_them(tmp_path):
   lines = []
-  cfg = tiny_config(steps=4, eval_every=4, checkpoint_every=4, profile_steps=2)
+  cfg = tiny_config(steps=3, eval_every=3, checkpoint_every=3, profile_steps=2)
   Trainer(cfg, str(tmp_path), memory_data(), log=lines.append).run()
   summary = json.load(open(tmp_path / "profile" / "summary.json"))
   assert (summary["first_step"], summary["last_step"], summary["devices"]) == (2, 3, 8)
