@@ -84,7 +84,7 @@ def _scalars(rows) -> dict:
   return out
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=7)
 def test_offline_wandb_run_holds_the_metrics_config_and_group_and_a_resume_continues_it(tmp_path):
   cfg = tiny_config(steps=6, eval_every=3, checkpoint_every=3, trackers="tensorboard,wandb", wandb_mode="offline",
                     tracker_group="sweep-lr")
