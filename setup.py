@@ -41,5 +41,8 @@ setup(
         "cuda": ["jax[cuda12]>=0.10.2,<0.13"],
         # Real clients of lmtiny.serve: tests/chat/test_openai_client.py, test_lm_eval_client.py.
         "serve": ["openai>=1.40", "lm_eval[api]>=0.4.13"],
+        # Weights & Biases beside TensorBoard (train.trackers=tensorboard,wandb; lmtiny.runs.tracking);
+        # tests/runs/test_tracking.py reads its offline runs back.
+        "track": ["wandb>=0.17"],
     },
 )

@@ -8,6 +8,7 @@ and the value; entry points print it and exit with status 2.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 
 import ml_collections
@@ -31,12 +32,13 @@ GRAD_REDUCE = ("auto", "step", "micro_step")  # train.grad_reduce
 MESH_AXES = ("data", "fsdp", "tensor")
 RL_DATA = ("gsm8k", "toy")
 PACKINGS = ("concat", "bestfit")  # data.packing (lmtiny.data.pipeline)
+TRACKERS = ("tensorboard", "wandb")  # train.trackers (lmtiny.runs.tracking)
+WANDB_MODES = ("", "online", "offline")
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
   """The ConfigDict a `configs/<size>.py` file's get_config() returns (scripts and notebooks;
   entry points parse --config with ml_collections' config_flags)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location("lmtiny_config_" + path.rsplit("/", 1)[-1][:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -165,6 +167,15 @@ def base_config() -> ml_collections.ConfigDict:
       sample_tokens=48,
       sample_prompt="",
       plot=True,             # loss-curve PNG at the end
+      # Where metrics go besides metrics.jsonl (lmtiny.runs.tracking): a comma list of tensorboard
+      # and wandb (Weights & Biases: pip install -e ".[track]"); "" = metrics.jsonl only
+      trackers="tensorboard",
+      tracker_group="",      # the W&B group of this run ("" = none): a sweep names one for all its runs
+      wandb_project="lmtiny",
+      wandb_mode="",         # online | offline (no network; `wandb sync` uploads later); "" = $WANDB_MODE, else online
+      # A jax.profiler trace into RUN/profile and a summary of the device time (lmtiny.training.profiling)
+      profile_steps=0,       # > 0: trace this many steps of each start of the run; 0 = off
+      profile_skip=1,        # steps each start runs before the trace (the first compiles)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -440,6 +451,27 @@ def validate_sft(s) -> None:
   _require(isinstance(s.load_optimizer, bool), "sft.load_optimizer", s.load_optimizer, "must be True or False")
 
 
+def tracker_names(t) -> tuple[str, ...]:
+  """train.trackers as names: "tensorboard,wandb" -> ("tensorboard", "wandb")."""
+  return tuple(name.strip() for name in str(t.trackers).split(",") if name.strip())
+
+
+def validate_tracking(t) -> None:
+  """train.trackers (wandb installed when named: one line with the pip command, before any training),
+  the W&B fields and train.profile_*."""
+  for name in tracker_names(t):
+    _require(name in TRACKERS, "train.trackers", t.trackers, f"{name!r} is not one of {', '.join(TRACKERS)}")
+  if "wandb" in tracker_names(t) and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"config.train.trackers={t.trackers!r}: wandb is not installed: pip install -e '.[track]' "
+                      "(or pip install wandb)")
+  _require(t.wandb_mode in WANDB_MODES, "train.wandb_mode", t.wandb_mode, 'must be online, offline or ""')
+  for name in ("tracker_group", "wandb_project"):
+    _require(isinstance(t[name], str), f"train.{name}", t[name], "must be a string")
+  for name, why in (("profile_steps", "must be an integer >= 0 (0 = off)"),
+                    ("profile_skip", "must be an integer >= 0 (steps before the trace)")):
+    _require(isinstance(t[name], int) and not isinstance(t[name], bool) and t[name] >= 0, f"train.{name}", t[name], why)
+
+
 def validate_lora(lora) -> None:
   check_float_fields(lora, "lora")
   _require(isinstance(lora.rank, int) and not isinstance(lora.rank, bool) and lora.rank >= 0, "lora.rank",
@@ -453,6 +485,7 @@ def validate(cfg) -> None:
   validate_rl(cfg.rl)
   validate_sft(cfg.sft)
   validate_lora(cfg.lora)
+  validate_tracking(cfg.train)
   for section in ("train", "optim"):
     check_float_fields(cfg[section], section)
   t, o = cfg.train, cfg.optim

@@ -11,7 +11,9 @@ Config: the init run's config.json, its rl section set with `--config.rl.<field>
 lmtiny.config: steps, questions, samples, max_new_tokens, temperature, top_k, lr, warmup_steps, kl,
 log_every, eval_every, eval_questions, checkpoint_every, seed; data gsm8k|toy, data_dir for local
 gsm8k_train.jsonl|parquet and gsm8k.jsonl|parquet instead of the hub). The RL run's config.json
-records it. Only config.rl.* and config.mesh.* are set here: the rest is the init run's.
+records it. Only config.rl.*, config.mesh.* and the train fields of trackers and profiles
+(train.trackers, tracker_group, wandb_project, wandb_mode, profile_steps, profile_skip) are set
+here: the rest is the init run's.
 
 Mesh: the init run's (as lmtiny.sft inherits its base run's); `--config.mesh.data=N`,
 `--config.mesh.fsdp=N`, `--config.mesh.tensor=N` override axes, spelled as train and sft spell
@@ -38,9 +40,10 @@ from lmtiny.runs.preemption import Preemption
 from lmtiny.tasks import gsm8k
 from lmtiny.tasks.rows import load_rows
 from lmtiny.tasks.toy import toy_rows
-from lmtiny.training.policy_gradient import Reinforce
+from lmtiny.training.policy_gradient import Reinforce, TRAIN_FIELDS
 
 RL_FIELDS = tuple(config_lib.base_config().rl)
+TRAIN_OVERRIDES = tuple(f"train.{name}" for name in TRAIN_FIELDS)  # trackers and profile: the RL run's own
 
 
 def _define_flags(fv: flags.FlagValues) -> dict:
@@ -63,14 +66,16 @@ def _check_argv(argv: list[str]) -> None:
                         "--config.rl.<field>=VALUE")
   for field in cli.config_overrides(argv):
     section = field.split(".", 1)[0]
-    if section not in ("rl", "mesh") or field == "rl.init":
-      raise ConfigError(f"--config.{field}: lmtiny.rl sets only --config.rl.* and --config.mesh.* (the rest "
-                        "is the init run's config; the init run is --init)")
+    if (section not in ("rl", "mesh") or field == "rl.init") and field not in TRAIN_OVERRIDES:
+      raise ConfigError(f"--config.{field}: lmtiny.rl sets only --config.rl.*, --config.mesh.* and "
+                        f"{', '.join('--config.' + f for f in TRAIN_OVERRIDES)} (the rest is the init run's config; "
+                        "the init run is --init)")
 
 
 def parse(argv: list[str]):
-  """(workdir, the rl section, mesh overrides {axis: size}) from the command line (checked with the
-  rest of the RL config, once, when Reinforce resolves it); None after --help."""
+  """(workdir, the rl section, mesh overrides {axis: size}, train fields {field: value}: trackers and
+  profile, TRAIN_FIELDS) from the command line (checked with the rest of the RL config, once, when
+  Reinforce resolves it); None after --help."""
   _check_argv(argv)
   parsed = cli.parse_flags(cli.with_run_config(argv), _define_flags, __doc__)
   if parsed is None:
@@ -82,7 +87,8 @@ def parse(argv: list[str]):
   cfg.rl.init = values["init"]
   given = cli.config_overrides(argv)
   mesh = {axis: cfg.mesh[axis] for axis in MESH_AXES if f"mesh.{axis}" in given}  # checked in Reinforce
-  return values["workdir"], cfg.rl, mesh
+  train = {name: cfg.train[name] for name in TRAIN_FIELDS if f"train.{name}" in given}
+  return values["workdir"], cfg.rl, mesh, train
 
 
 def load_problems(data: str, data_dir: str | None):
@@ -105,10 +111,10 @@ def _run(argv: list[str], early) -> int:
   parsed = parse(argv)
   if parsed is None:
     return 0
-  workdir, settings, mesh = parsed
+  workdir, settings, mesh, train = parsed
   outputs.check_output_dir(workdir, "--workdir")
   # The workdir (not the init run, not a run of another kind or shape), init run, mesh: before any download
-  rl = Reinforce(settings, workdir, [], [], mesh=mesh)
+  rl = Reinforce(settings, workdir, [], [], mesh=mesh, train=train)
   rl.train_rows, rl.eval_rows = load_problems(settings.data, settings.data_dir or None)
   if early.requested:
     print("stopped (SIGTERM) before RL started: nothing to save")

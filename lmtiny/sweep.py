@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from absl import flags, logging
+from etils import epath
 
 from lmtiny import cli
 from lmtiny.errors import ConfigError
@@ -79,6 +80,8 @@ def run(argv: list[str]) -> int:
       raise ConfigError('nothing to sweep: give --grid FIELD=V1,V2 and/or --run "FIELD=V,FIELD=V" or --runs FILE')
     part = plan_lib.parse_part(f["part"])
     children = plan_lib.expand(grid, runs)
+    if not cfg.train.tracker_group:  # W&B shows a sweep's runs as one group (train.trackers=...,wandb)
+      cfg.train.tracker_group = epath.Path(f["workdir"]).name
     checked = child_configs(cfg, children)  # every child's config, before anything is written
     outputs.check_output_dir(f["workdir"], "--workdir")
     fresh = plan_lib.record_plan(f["workdir"], plan_lib.make_plan(cfg, children, f["config"]))

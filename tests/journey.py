@@ -7,7 +7,7 @@ fenced or indented block fails a check, so a documented command cannot escape th
 Marks, as trailing comments:
   `# needs: GPU|TPU|gcloud|network`  hardware or access CI lacks: run with `--dry-run` added
                                     (before a ` -- `, else at the end), which prints the commands;
-  `# needs: torch|libtpu`            an optional package: run where it is installed (CI installs it);
+  `# needs: torch|libtpu|wandb`      an optional package: run where it is installed (CI installs it);
   `# serves until Ctrl-C`            started, asked for a chat reply over HTTP, then interrupted.
 `pip install -e ... && CMD` runs CMD once the checkout is installed (the test cannot reinstall the
 package it is running from); the README's test command is the one .ci/run types and is not run.
@@ -30,7 +30,7 @@ from skip_log import record_partial_skip
 README = "README.md"
 PREFIXES = ("python -m lmtiny", "python benchmarks/", "bash benchmarks/", "launch/", "pip install")
 DRY_RUN_NEEDS = {"GPU", "TPU", "gcloud", "network"}
-PACKAGE_NEEDS = {"torch": "torch", "libtpu": "libtpu"}
+PACKAGE_NEEDS = {"torch": "torch", "libtpu": "libtpu", "wandb": "wandb"}
 # The journeys compile fast (lm_fixtures.FAST_COMPILE): most commands are a compile and a few
 # steps. Two spend their time running instead, so they run with XLA's default flags, as users run
 # them: the quick start's 150 steps (176 s against 105 s, measured on 2 cores) and the evaluation

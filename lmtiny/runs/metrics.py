@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Sequence
 
 import jax
 from etils import epath  # local paths and gs:// alike
 
 from lmtiny.fs.atomic import atomic_write
 from lmtiny.plan.counts import PEAK_FLOPS
-from lmtiny.runs import tensorboard
+from lmtiny.runs import tensorboard as tensorboard_lib
 from lmtiny.runs.figures import new_figure, save_figure
 
 # Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
@@ -55,19 +56,22 @@ def bits_per_byte(loss_nats_sum: float, num_bytes: float) -> float:
 
 
 class MetricsWriter:
-  """Writes only on the main process; every other process gets a silent writer."""
+  """Writes only on the main process; every other process gets a silent writer. `tensorboard`:
+  TensorBoard event files too; `trackers`: more writers given every record, write(step, split,
+  values) and close() (lmtiny.runs.tracking: Weights & Biases)."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
+               tensorboard: bool = True, trackers: Sequence = ()):
     self.enabled = enabled
     self.path = epath.Path(workdir) / "metrics.jsonl"
-    self.tb = None
+    self.tb, self.trackers = None, list(trackers)
     if not enabled:
       return
     if resume_step is not None:
       self._truncate_after(resume_step)
-    # The steps after the checkpoint are written again (all of them from scratch: step 0 included).
-    self.tb = tensorboard.EventWriter(str(epath.Path(workdir) / "tensorboard"),
-                                      drop_from=None if resume_step is None else (resume_step + 1 if resume_step else 0))
+    if tensorboard:  # the steps after the checkpoint are written again (all of them from scratch: step 0 included)
+      self.tb = tensorboard_lib.EventWriter(str(epath.Path(workdir) / "tensorboard"),
+                                            drop_from=None if resume_step is None else (resume_step + 1 if resume_step else 0))
 
   def _truncate_after(self, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: drop their old records (all of
@@ -81,7 +85,8 @@ class MetricsWriter:
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
       return
-    record = {"step": step, "split": split, **{k: v for k, v in values.items() if v is not None}}
+    values = {k: v for k, v in values.items() if v is not None}
+    record = {"step": step, "split": split, **values}
     line = json.dumps(record) + "\n"
     if "://" in str(self.path):  # object stores cannot append: rewrite the whole (small) file
       old = self.path.read_text() if self.path.exists() else ""
@@ -91,8 +96,12 @@ class MetricsWriter:
         f.write(line)
     if self.tb is not None:
       self.tb.scalars(step, {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+    for tracker in self.trackers:
+      tracker.write(step, split, values)
 
   def close(self) -> None:
+    for tracker in self.trackers:
+      tracker.close()
     if self.tb is not None:
       self.tb.close()
 

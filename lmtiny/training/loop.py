@@ -19,11 +19,11 @@ from lmtiny.data.pipeline import worker_count
 from lmtiny.errors import RunFailed
 from lmtiny.fs import outputs
 from lmtiny.fs.atomic import atomic_write
-from lmtiny.runs import kind as runkind, metrics as metrics_lib
+from lmtiny.runs import kind as runkind, metrics as metrics_lib, tracking
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
 from lmtiny.runs.preemption import Preemption
-from lmtiny.training import budget as budget_lib, resume
+from lmtiny.training import budget as budget_lib, profiling, resume
 
 
 class TrainingDiverged(RunFailed):
@@ -162,7 +162,13 @@ def run(stage: Stage, stop_after: int | None = None, clock: budget_lib.Clock | N
         raise
       if stage.main:
         resume.record_config_changes(stage.workdir, changes or {}, start, stage.log)
-      writer = metrics_lib.MetricsWriter(stage.workdir, enabled=stage.main, resume_step=start)
+      try:
+        writer = metrics_lib.MetricsWriter(stage.workdir, enabled=stage.main, resume_step=start,
+                                           tensorboard=tracking.uses_tensorboard(t),
+                                           trackers=tracking.open_trackers(cfg, stage.workdir, stage.kind) if stage.main else ())
+      except BaseException:  # a tracker that could not start (W&B online without a login)
+        ckpt.close()
+        raise
       with closing_run(ckpt, writer):
         seconds = t.time_budget if stage.kind == "train" else 0.0
         progress = Progress(stage.name, writer, start=start, last_saved=start,
@@ -204,7 +210,8 @@ def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, st
   t, start, budget = stage.cfg.train, progress.start, progress.budget
   stage.begin(state, progress)
   step, stop, ended_by = start, False, budget_lib.horizon(stage.kind, t)
-  with Preemption() as preemption:
+  with Preemption() as preemption, profiling.StepProfiler(t, stage.workdir, start, stage.total_steps, stage.log,
+                                                           enabled=stage.main) as profiler:
     preemption.inherit()
     while step < stage.total_steps:
       if step == start and (stop := preemption.decided(step)):
@@ -215,9 +222,11 @@ def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, st
         ended_by = budget_lib.TIME_BUDGET
         break
       ckpt.check_errors()  # a failed async save surfaces here, one step later
+      profiler.before_step(step + 1, state)
       state, step_metrics = stage.update(state, step, data)
       step += 1
       budget.stepped(step, step_metrics)
+      profiler.after_step(step, state)
       stage.after_step(step, step_metrics, progress)
       # stop_after stops every process at once; a SIGTERM is agreed one step late (never a host sync)
       stop = preemption.decided(step, now=step == stop_after)

@@ -54,6 +54,8 @@ from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps, device_batch, token_losses
 
 INIT_FLAGS = ("--init", "--init-step")  # how messages about the init run name it
+# The train fields an RL run may set apart from its init run's (`--config.train.<field>=` on lmtiny.rl)
+TRAIN_FIELDS = ("trackers", "tracker_group", "wandb_project", "wandb_mode", "profile_steps", "profile_skip")
 
 
 class RLError(ConfigError):
@@ -156,10 +158,11 @@ def rl_mesh(init_mesh, overrides: dict[str, int], num_devices: int) -> tuple[dic
   return mesh, note
 
 
-def rl_config(init_cfg, rl, mesh: dict[str, int] | None = None):
+def rl_config(init_cfg, rl, mesh: dict[str, int] | None = None, train: dict | None = None):
   """The init run's config with the rl section `rl` and the train / optim settings it gives: the
   RL batch (one row per sample, the model's context long), LR, cadences; on `mesh` (rl_mesh;
-  default: the init run's mesh); not a LoRA run even when the init run is one."""
+  default: the init run's mesh); not a LoRA run even when the init run is one. `train`: fields of
+  TRAIN_FIELDS set for this run (its trackers and profile; the rest are the init run's)."""
   cfg = init_cfg.copy_and_resolve_references()
   rl = ml_collections.ConfigDict(dict(rl))
   if rl.init and "://" not in rl.init:
@@ -168,6 +171,7 @@ def rl_config(init_cfg, rl, mesh: dict[str, int] | None = None):
   cfg.train.update(seq_len=seq_len, batch_tokens=seq_len * rl.questions * rl.samples, micro_batch_size=0,
                    steps=rl.steps, tokens_per_param=0.0, seed=rl.seed, checkpoint_every=rl.checkpoint_every,
                    keep_checkpoints=2, async_checkpointing=False)
+  cfg.train.update(**(train or {}))
   cfg.optim.update(lr=rl.lr, embed_lr=0.0, unembed_lr=0.0, warmup_steps=rl.warmup_steps, min_lr_ratio=0.0, weight_decay=0.0)
   if mesh is not None or "mesh" not in cfg:
     cfg.mesh = ml_collections.ConfigDict(mesh or dict(data=-1, fsdp=1, tensor=1))
@@ -207,14 +211,15 @@ def build_batch(prompts, gens, seq_len: int) -> dict[str, np.ndarray]:
 class Reinforce:
   """An RL run in `workdir` with the settings `rl` (the config's rl section: rl_settings, or what
   lmtiny.rl parses), starting from the run in rl.init (its newest checkpoint), on the init run's
-  mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes: a stage of the
-  run loop (lmtiny.training.loop), which `run` drives."""
+  mesh over `devices` (default: all), with `mesh` ({axis: size}) overriding axes and `train`
+  ({field of TRAIN_FIELDS: value}) setting trackers and profiles: a stage of the run loop
+  (lmtiny.training.loop), which `run` drives."""
 
   kind = "rl"
   name = "RL"
 
   def __init__(self, rl, workdir: str, train_rows, eval_rows, *,
-               log: Callable[[str], None] = print, devices=None, mesh: dict | None = None):
+               log: Callable[[str], None] = print, devices=None, mesh: dict | None = None, train: dict | None = None):
     check_rl_workdir(workdir, rl.init)
     self.init = load_run(rl.init, flags=INIT_FLAGS)
     self.workdir, self.log = workdir, log
@@ -223,7 +228,7 @@ class Reinforce:
     mesh_cfg, note = rl_mesh(self.init.cfg.mesh, mesh_overrides(mesh or {}), len(devices))
     if note:
       log(note)
-    run = resolve_run(rl_config(self.init.cfg, rl, mesh_cfg), devices=devices, checks=(check_rows,))
+    run = resolve_run(rl_config(self.init.cfg, rl, mesh_cfg, train), devices=devices, checks=(check_rows,))
     self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
     self.s, self.tokenizer = self.cfg.rl, self.init.tokenizer
     self.main = jax.process_index() == 0

@@ -414,7 +414,9 @@ def test_problems_without_a_question_or_a_numbered_answer_are_refused_before_the
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "2"], "--steps: RL's settings are config fields: --config.rl.steps=VALUE"),
     (["--data-dir=x"], "--data-dir: RL's settings are config fields: --config.rl.data_dir=VALUE"),
-    (["--config.model.num_layers=8"], "--config.model.num_layers: lmtiny.rl sets only --config.rl.* and --config.mesh.*"),
+    (["--config.model.num_layers=8"],
+     "--config.model.num_layers: lmtiny.rl sets only --config.rl.*, --config.mesh.* and --config.train.trackers"),
+    (["--config.train.steps=8"], "--config.train.steps: lmtiny.rl sets only"),
     (["--config.rl.init=x"], "--config.rl.init: lmtiny.rl sets only"),
     (["--config", "configs/tiny.py"], "--config: RL's config is the init run's (--init)"),
     ([], "--workdir is required"),
@@ -432,11 +434,14 @@ def test_the_command_line_sets_the_rl_section_and_only_the_mesh_axes_it_names(ch
   # The settings start from the init run's config (an RL run's own rl section, when RL continues
   # one); --config.mesh.* names the axes laid over the init run's mesh (rl_mesh), no others.
   from lmtiny import rl
-  workdir, settings, mesh = rl.parse(["lmtiny.rl", "--init", chat_run, "--workdir", str(tmp_path / "rl"),
-                                      "--config.rl.data=toy", "--config.rl.steps", "3", "--config.mesh.fsdp=-1"])
+  workdir, settings, mesh, train = rl.parse(["lmtiny.rl", "--init", chat_run, "--workdir", str(tmp_path / "rl"),
+                                             "--config.rl.data=toy", "--config.rl.steps", "3", "--config.mesh.fsdp=-1",
+                                             "--config.train.tracker_group=rl-sweep", "--config.train.profile_steps=2"])
   assert workdir == str(tmp_path / "rl") and mesh == {"fsdp": -1}
+  assert train == {"tracker_group": "rl-sweep", "profile_steps": 2}  # trackers and profile: the RL run's own
   assert (settings.init, settings.data, settings.steps, settings.samples) == (chat_run, "toy", 3, 8)
   from lmtiny.training.policy_gradient import rl_config
   from lmtiny.runs.directory import load_run
-  cfg = rl_config(load_run(chat_run).cfg, settings)
+  cfg = rl_config(load_run(chat_run).cfg, settings, train=train)
   assert cfg.rl.init == os.path.abspath(chat_run) and cfg.train.steps == 3 and cfg.train.keep_checkpoints == 2
+  assert (cfg.train.tracker_group, cfg.train.profile_steps, cfg.train.trackers) == ("rl-sweep", 2, "tensorboard")

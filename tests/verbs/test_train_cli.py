@@ -24,6 +24,9 @@ BAD_CONFIGS = [
     ("--config.train.seq_len=512", "config.train.seq_len=512: exceeds model.max_seq_len=256"),
     ("--config.train.time_budget=-5", "config.train.time_budget=-5.0: must be a finite number >= 0"),
     ("--config.mesh.data=2", "config.mesh="),
+    ("--config.train.trackers=tensorboard,mlflow",
+     "config.train.trackers='tensorboard,mlflow': 'mlflow' is not one of tensorboard, wandb"),
+    ("--config.train.profile_steps=-1", "config.train.profile_steps=-1: must be an integer >= 0 (0 = off)"),
 ]
 
 
@@ -40,6 +43,22 @@ def test_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, m
   lines = [l for l in err.splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and message in lines[0], err[-2000:]
   assert os.listdir(tmp_path) == []  # nothing written: no run directory, no data cache
+
+
+def test_wandb_asked_for_but_not_installed_is_one_line_naming_the_field_and_pip(tmp_path, capsys, monkeypatch):
+  """Before any data or run directory: the check is the config's (lmtiny.config.validate_tracking)."""
+  from lmtiny import config as config_lib, train
+  find_spec = config_lib.importlib.util.find_spec
+  monkeypatch.setattr(config_lib.importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
+  monkeypatch.chdir(tmp_path)
+  argv = ["train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(tmp_path / "run"),
+          f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.trackers=tensorboard,wandb"]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert [l for l in err.splitlines() if l.startswith("error:")] == [
+      "error: config.train.trackers='tensorboard,wandb': wandb is not installed: pip install -e '.[track]' "
+      "(or pip install wandb)"], err[-2000:]
+  assert os.listdir(tmp_path) == []
 
 
 def test_bad_config_process_exits_2_with_one_line(tmp_path):
