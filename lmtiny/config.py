@@ -155,7 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,
       log_every=10,
       eval_every=200,
-      eval_batches=8,
+      eval_batches=8,        # held-out batches of train.batch_tokens each, scored a micro-batch at a time
       checkpoint_every=500,
       keep_checkpoints=3,
       async_checkpointing=True,

@@ -64,9 +64,9 @@ class ChatBatches:
                                     process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
                                     document_mask=self.cfg.data.document_mask)
 
-  def eval_iterator(self, batch_size: int):
+  def eval_iterator(self, batch_size: int, num_batches: int):
     t = self.cfg.train
-    return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=t.eval_batches,
+    return make_chat_eval_iterator(self.data.val_docs, seq_len=t.seq_len, num_batches=num_batches,
                                    batch_size=batch_size, process_index=jax.process_index(),
                                    process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
                                    data=self.data, document_mask=self.cfg.data.document_mask)

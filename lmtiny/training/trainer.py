@@ -50,8 +50,8 @@ class Batches(Protocol):
   def train_iterator(self, batch_size: int):
     """Endless, checkpointable (get_state / set_state) batches of `batch_size` rows for this process."""
 
-  def eval_iterator(self, batch_size: int):
-    """The held-out batches (train.eval_batches of them) of `batch_size` rows for this process."""
+  def eval_iterator(self, batch_size: int, num_batches: int):
+    """The first `num_batches` held-out batches of `batch_size` rows for this process."""
 
   def sample_pair(self, model) -> tuple[str, str]:
     """(prompt, the model's continuation), logged every train.sample_every steps and at the end."""
@@ -83,10 +83,10 @@ class DocumentBatches:
                                process_index=jax.process_index(), process_count=jax.process_count(),
                                num_workers=d.num_workers, prefetch=d.prefetch, **self._layout())
 
-  def eval_iterator(self, batch_size: int):
+  def eval_iterator(self, batch_size: int, num_batches: int):
     t = self.cfg.train
     return make_eval_iterator(self.data.val_docs, seq_len=t.seq_len, batch_size=batch_size,
-                              bos_id=self.data.tokenizer.bos_id, num_batches=t.eval_batches,
+                              bos_id=self.data.tokenizer.bos_id, num_batches=num_batches,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               **self._layout())
 
@@ -186,7 +186,10 @@ class Trainer:
     return self.batches.train_iterator(self.process_batch)
 
   def eval_iterator(self):
-    return self.batches.eval_iterator(self.micro_batch // jax.process_count())
+    """train.eval_batches batches of the global batch's size, fed a micro-batch at a time: the rows
+    scored do not depend on how a batch is split over devices and accumulation micro-steps."""
+    micro = self.micro_batch // jax.process_count()
+    return self.batches.eval_iterator(micro, self.cfg.train.eval_batches * (self.process_batch // micro))
 
   def model(self, params):
     """The model with the trained parameters (a LoRA run's merged onto its frozen base)."""

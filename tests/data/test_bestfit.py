@@ -297,6 +297,6 @@ def test_the_trainer_packs_as_the_config_says():
   batch = next(train)
   train.close()
   assert np.all(batch["inputs"][:, 0] == BOS) and len(train.get_state()["buffer"]) >= 8
-  evaluation = next(rows.eval_iterator(2))
+  evaluation = next(rows.eval_iterator(2, 1))
   assert np.all(evaluation["inputs"][:, 0] == BOS)
   np.testing.assert_array_equal(evaluation["inputs"][0, :202], [BOS, *range(2000, 2200), BOS])   # best fit: doc 1 first
