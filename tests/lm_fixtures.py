@@ -121,7 +121,7 @@ def tiny_config(**train):
   """A ~0.1M-parameter model that compiles and steps in well under a second on CPU."""
   cfg = load_config_module("tiny").get_config()
   cfg.model.update(vocab_size=VOCAB, num_layers=2, d_model=64, num_heads=4, max_seq_len=64, dtype="float32")
-  cfg.train.update(seq_len=32, batch_tokens=32 * 16, steps=8, log_every=2, eval_every=4, eval_batches=2,
+  cfg.train.update(seq_len=32, batch_tokens=32 * 16, device_batch_size=0, steps=8, log_every=2, eval_every=4, eval_batches=2,
                    checkpoint_every=4, async_checkpointing=False, plot=False)
   cfg.train.update(**train)
   cfg.optim = base_config().optim  # AdamW + cosine (the demo's Muon has its own tests)
