@@ -227,7 +227,7 @@ bench_part() {
   local flags=("$@")
   if [[ "$SMOKE" == 1 ]]; then  # the same flags' shape, at a size a 2-core CPU runs in seconds
     flags=(--config configs/tiny.py --config.model.num_layers=1 --config.train.seq_len=64
-           --config.train.batch_tokens=512)
+           --config.train.batch_tokens=512 --config.train.device_batch_size=0)  # one micro-batch, as the parts
     steps=1 warmup=0 limit=120 name=tiny
   fi
   for b in "${BACKEND_LIST[@]}"; do
@@ -265,7 +265,7 @@ torch_part() {
   local flags=("$@" --device cuda --dtype bfloat16 --compile)
   if [[ "$SMOKE" == 1 ]]; then  # the bench smoke's model and batch, on CPU in float32, eager
     flags=(--config configs/tiny.py --set model.num_layers=1 --set train.seq_len=64 --set train.batch_tokens=512
-           --device cpu --dtype float32)
+           --set train.device_batch_size=0 --device cpu --dtype float32)
     steps=1 warmup=0 limit=120 name=tiny
   fi
   local result="$WORK/$part.json"
