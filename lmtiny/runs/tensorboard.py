@@ -45,7 +45,8 @@ def tfrecord(data: bytes) -> bytes:
   return length + _masked_crc(length) + data + _masked_crc(data)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+  """A protobuf base-128 varint."""
   out = bytearray()
   while True:
     byte, n = n & 0x7F, n >> 7
@@ -54,24 +55,24 @@ def _varint(n: int) -> bytes:
       return bytes(out)
 
 
-def _field(number: int, payload: bytes) -> bytes:
+def field(number: int, payload: bytes) -> bytes:
   """A length-delimited protobuf field (wire type 2)."""
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+  return varint(number << 3 | 2) + varint(len(payload)) + payload
 
 
 def event(step: int, *, file_version: str | None = None, scalars: dict | None = None, session_start: bool = False,
           wall_time: float | None = None) -> bytes:
   """One serialized Event: wall_time (1), step (2), then file_version (3), summary (5) or
   session_log (7)."""
-  out = b"\x09" + struct.pack("<d", time.time() if wall_time is None else wall_time) + b"\x10" + _varint(step)
+  out = b"\x09" + struct.pack("<d", time.time() if wall_time is None else wall_time) + b"\x10" + varint(step)
   if file_version is not None:
-    out += _field(3, file_version.encode())
+    out += field(3, file_version.encode())
   if scalars:  # Summary.value (1) = Value{tag (1), simple_value (2, float32)}
-    values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+    values = b"".join(field(1, field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
                       for tag, value in scalars.items())
-    out += _field(5, values)
+    out += field(5, values)
   if session_start:
-    out += _field(7, b"\x08\x01")  # SessionLog.status = START
+    out += field(7, b"\x08\x01")  # SessionLog.status = START
   return out
 
 

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from lmtiny.runs import trace_summary
+from lmtiny.runs.tensorboard import field, varint  # the protobuf wire encoding TensorBoard events use
 from lmtiny.runs.trace_summary import category, summarize
 
 
@@ -142,26 +143,16 @@ def test_reads_gzipped_traces_and_ignores_a_trace_without_device_operations(tmp_
   assert empty["devices"] == 0 and trace_summary.format_summary(empty) == ["no device operations in the trace"]
 
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte, n = n & 0x7F, n >> 7
-    out.append(byte | (0x80 if n else 0))
-    if not n:
-      return bytes(out)
-
-
 def _msg(*fields) -> bytes:
   """A protobuf message: (number, bytes or str) length-delimited, (number, int) varint, (number, float) fixed64."""
   out = b""
   for number, value in fields:
     if isinstance(value, int):
-      out += _varint(number << 3) + _varint(value)
+      out += varint(number << 3) + varint(value)
     elif isinstance(value, float):
-      out += _varint(number << 3 | 1) + struct.pack("<d", value)
+      out += varint(number << 3 | 1) + struct.pack("<d", value)
     else:
-      value = value.encode() if isinstance(value, str) else value
-      out += _varint(number << 3 | 2) + _varint(len(value)) + value
+      out += field(number, value.encode() if isinstance(value, str) else value)
   return out
 
 
