@@ -27,7 +27,7 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["skip_log"]  # LMTINY_SKIPPED_LOG: what .ci/run runs again with the optional packages
+pytest_plugins = ["skip_log", "cpu_log"]  # what .ci/run runs again with the extras; CPU seconds per test
 
 
 @pytest.hookimpl(tryfirst=True)
