@@ -51,8 +51,9 @@ def parse_args(argv):
   p.add_argument("--data-dir", default=None, help="core: a directory holding eval_bundle/ (or being it); "
                  "hf6 tasks and gsm8k: <task>.jsonl|.parquet files instead of the hub")
   p.add_argument("--max-items", type=int, default=0, help="items per task (0 = all)")
-  p.add_argument("--norm", choices=("token", "char"), default="token",
-                 help="hf6 tasks: loss normalisation (CORE is per token, as published)")
+  p.add_argument("--norm", choices=hf6.NORMS, default="token",
+                 help="hf6 tasks: loss per token (nanochat's), or lm-eval-harness's acc_norm (char) or acc "
+                 "(none); CORE is per token, as published")
   p.add_argument("--gsm8k-data", choices=("gsm8k", "toy"), default="gsm8k")
   p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k: reply length")
   p.add_argument("--batch", type=int, default=32, help="rows per batch (core, hf6) / replies per batch (gsm8k)")

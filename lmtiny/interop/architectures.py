@@ -28,12 +28,12 @@ def export_architecture(m) -> str:
   return "lmtiny"
 
 
-def hf_config(arch: str, m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
+def hf_config(arch: str, m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   """config.json of `arch` for an lmtiny model config."""
   if arch in llama.ARCHITECTURES:
-    return llama.hf_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids)
+    return llama.hf_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id)
   build = nanochat.nanochat_config if arch == "nanochat" else nanochat.remote_config
-  return build(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids)
+  return build(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id)
 
 
 def hf_tensors(arch: str, flat: dict, m) -> dict[str, np.ndarray]:

@@ -123,6 +123,7 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
                        "(this run was imported with a Hugging Face tokenizer)")
   check_export_dir(out_dir)
   bos, eos = tokenizer.bos_id, [tokenizer.special_id("assistant_end"), tokenizer.bos_id]
+  pad = hf_tokenizer.PAD_ID
   cast = _numpy_dtype(dtype)
   tensors = {name: np.ascontiguousarray(x.astype(cast))
              for name, x in architectures.hf_tensors(arch, flat_params(model), m).items()}
@@ -132,11 +133,11 @@ def export_model(model, tokenizer, out_dir: str, dtype: str = "float32", source:
     with rundir.new_directory(out_dir, "--out", replace=True) as tmp:
       write_file(os.path.join(tmp, SINGLE_FILE), tensors, metadata={"format": "pt"})
       atomic_write_json(os.path.join(tmp, "config.json"),
-                        architectures.hf_config(arch, m, dtype=dtype, bos_id=bos, eos_ids=eos))
+                        architectures.hf_config(arch, m, dtype=dtype, bos_id=bos, eos_ids=eos, pad_id=pad))
       for name, text in architectures.remote_files(arch).items():
         atomic_write(os.path.join(tmp, name), text)
       atomic_write_json(os.path.join(tmp, "generation_config.json"),
-                        {"bos_token_id": bos, "eos_token_id": eos, "do_sample": True, "temperature": 0.8,
+                        {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": True, "temperature": 0.8,
                          "top_k": 50, "top_p": 0.95})
       hf_tokenizer.write_tokenizer(tmp, tokenizer, m.max_seq_len)
       record["files"] = sorted(os.listdir(tmp) + [EXPORT_RECORD])  # what a later export may replace

@@ -92,7 +92,7 @@ def export_architecture(m) -> str:
   return "qwen3" if m.qk_norm else "llama"
 
 
-def hf_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
+def hf_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   """config.json for transformers (both the v4 and v5 spellings of rope and dtype)."""
   arch = export_architecture(m)
   cfg = {
@@ -105,7 +105,7 @@ def hf_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
       "rope_theta": float(m.rope_theta), "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_theta)},
       "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
       "tie_word_embeddings": bool(m.tie_embeddings), "bos_token_id": bos_id, "eos_token_id": eos_ids,
-      "pad_token_id": None, "initializer_range": float(m.init_std), "use_cache": True,
+      "pad_token_id": pad_id, "initializer_range": float(m.init_std), "use_cache": True,
       "torch_dtype": dtype, "dtype": dtype,
   }
   if arch == "qwen3":

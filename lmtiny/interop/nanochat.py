@@ -106,7 +106,7 @@ def nanochat_unexpressed(m) -> str | None:
   return unexpressed_2026_feature(m, "NanoChat")
 
 
-def _common_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
+def _common_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   theta = float(m.rope_theta)
   return {
       "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": config_lib.mlp_dim(m),
@@ -116,22 +116,22 @@ def _common_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
       "rms_norm_eps": float(m.norm_eps), "rope_theta": theta,
       "final_logit_softcapping": float(m.logit_softcap) if m.logit_softcap else None,
       "tie_word_embeddings": bool(m.tie_embeddings), "bos_token_id": bos_id, "eos_token_id": eos_ids,
-      "pad_token_id": None, "initializer_range": float(m.init_std), "use_cache": True,
+      "pad_token_id": pad_id, "initializer_range": float(m.init_std), "use_cache": True,
       "torch_dtype": dtype, "dtype": dtype,
   }
 
 
-def nanochat_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
+def nanochat_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   """config.json for transformers' NanoChatForCausalLM."""
-  return dict(_common_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids), architectures=[NANOCHAT],
+  return dict(_common_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id), architectures=[NANOCHAT],
               model_type="nanochat", rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
               attention_bias=False, attention_dropout=0.0)
 
 
-def remote_config(m, *, dtype: str, bos_id: int, eos_ids: list[int]) -> dict:
+def remote_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   """config.json for the shipped modeling file (lmtiny/interop/remote/modeling_lmtiny.py)."""
   layers = range(m.num_layers)
-  return dict(_common_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids), architectures=[REMOTE],
+  return dict(_common_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id), architectures=[REMOTE],
               model_type="lmtiny", auto_map=AUTO_MAP, norm_scale=bool(m.norm_scale), qk_norm=bool(m.qk_norm),
               qk_scale=float(m.qk_scale), embed_norm=bool(m.embed_norm),
               attention_windows=list(config_lib.layer_windows(m)),

@@ -12,12 +12,16 @@ Three kinds of item, each scored by the log-likelihood of continuations given a 
                    produce every continuation token; the scored part starts where the prompt's
                    tokens end (with `strip_prefix`, the prompt with its trailing whitespace
                    stripped, as nanochat renders DCLM's language-modelling tasks)
-Normalisation: "token" divides the continuation's loss by its token count (mean loss, as
-nanochat and LLM Foundry do), "char" as lm-eval-harness's acc_norm does: the loss of the whole
-option, scored from the end of the context (its leading delimiter included, as lm-eval scores
-`delimiter + option`), over the option's own characters (len(option), the delimiter not counted).
-Scoring the option whole keeps a common first word in the loss as it is in the count. Few-shot examples are drawn from
-the same task, never the item itself, with a generator seeded per item (deterministic).
+Normalisation (`NORMS`): "token" divides the continuation's loss by its token count (mean loss,
+as nanochat and LLM Foundry do); "char" and "none" are lm-eval-harness's acc_norm and acc (0.4:
+`ConfigurableTask.process_results`): the log-likelihood of the whole option, encoded as lm-eval
+encodes a (context, delimiter + option) pair, over the option's own characters (len(option), the
+delimiter not counted) for "char", as it is for "none". lm-eval's pair: the context's trailing
+whitespace moves into the continuation; the context is tokenized alone and the continuation's
+tokens are those of the whole text after as many tokens as the context has (`harness_pair`).
+With a tokenizer that adds <|bos|> (lm-eval's add_bos_token=True) both score the same tokens.
+Few-shot examples are drawn from the same task, never the item itself, with a generator seeded
+per item (deterministic; lm-eval samples its own, so item-by-item agreement needs 0 shots).
 Accuracy is centered by chance: (acc - chance) / (1 - chance); HF6 is the mean over its tasks.
 """
 from __future__ import annotations
@@ -73,6 +77,10 @@ def _lambada(r):
   context, word = r["text"].rsplit(" ", 1)
   return Item((context,), (word,))
 
+
+# "token": nanochat's mean loss per token; "char" and "none": lm-eval-harness's acc_norm and acc
+NORMS = ("token", "char", "none")
+HARNESS_NORMS = ("char", "none")
 
 _HF = "hf:{}?pattern={}&column={}"
 HF6 = "hf6"  # the six tasks below, by one name in --tasks / train.core_tasks
@@ -141,11 +149,27 @@ def _common_suffix(seqs) -> int:
   return _common_prefix([s[::-1] for s in seqs])
 
 
+def harness_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+  """lm-eval-harness's tokens for a (context, continuation) pair (`LM._encode_pair`, 0.4) with
+  <|bos|> first: the context's trailing whitespace moves into the continuation, and the
+  continuation is the whole text's tokens after as many as the context has alone. -> (ids, the
+  continuation's token count)."""
+  cut = len(context.rstrip())
+  context, continuation = context[:cut], context[cut:] + continuation
+  ctx = [tokenizer.bos_id] + tokenizer.encode(context)
+  whole = [tokenizer.bos_id] + tokenizer.encode(context + continuation)
+  return ctx + whole[len(ctx):], len(whole) - len(ctx)
+
+
 def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len: int,
               norm: str = "token") -> list[Row]:
   """The rows whose continuation losses decide item `index` (one per option)."""
   item, d = items[index], task.delimiter
   shots = [items[j] for j in fewshot_indices(len(items), index, task.shots)]
+  if task.kind == "multiple_choice" and norm in HARNESS_NORMS:
+    query = "".join(f"{s.contexts[0]}{d}{s.choices[s.gold]}\n\n" for s in shots) + item.contexts[0]
+    pairs = [harness_pair(tokenizer, query, d + c) for c in item.choices]
+    return [fit_row(ids, max(k, 1), max_len) for ids, k in pairs]
   if task.kind == "schema":
     prefix = "".join(f"{s.contexts[s.gold]}{d}{s.choices[0]}\n\n" for s in shots)
     texts = [prefix + c + d + item.choices[0] for c in item.contexts]
@@ -155,36 +179,51 @@ def item_rows(task: Task, items: Sequence[Item], index: int, tokenizer, max_len:
   seqs = [[tokenizer.bos_id] + tokenizer.encode(t) for t in texts]
   if task.kind == "schema":
     n_cont = [min(_common_suffix(seqs), min(map(len, seqs)) - 1)] * len(seqs)
-  elif task.kind == "multiple_choice" and norm != "char":
+  elif task.kind == "multiple_choice":
     start = min(_common_prefix(seqs), min(map(len, seqs)) - 1)
     n_cont = [len(s) - start for s in seqs]
-  else:  # from the context's end: where its last token and the option's first do not merge
+  else:  # from the context's end: where its last token and the continuation's first do not merge
     context = [tokenizer.bos_id] + tokenizer.encode(prefix.rstrip() if task.strip_prefix else prefix)
     n_cont = [len(s) - min(_common_prefix([context, s]), len(s) - 1) for s in seqs]
   return [fit_row(s, max(k, 1), max_len) for s, k in zip(seqs, n_cont)]
 
 
+def item_pick(task: Task, item: Item, scores, norm: str = "token") -> int:
+  """The option (multiple_choice) or context (schema) with the lowest normalised loss; the first
+  of equals, as lm-eval's argmax."""
+  if norm == "char":  # acc_norm: divided by len(option) (a schema task's one continuation: all alike)
+    lengths = [len(c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
+    losses = [s.loss_sum / max(n, 1) for s, n in zip(scores, lengths)]
+  elif norm == "none":
+    losses = [s.loss_sum for s in scores]
+  else:
+    losses = [s.loss_sum / max(s.tokens, 1) for s in scores]
+  return min(range(len(losses)), key=losses.__getitem__)
+
+
 def item_correct(task: Task, item: Item, scores, norm: str = "token") -> bool:
   if task.kind == "language_model":
     return scores[0].greedy_match
-  if norm == "char":
-    # lm-eval's acc_norm: the loss of delimiter + option over len(option) (see the module docstring)
-    lengths = [len(c) for c in item.choices] if task.kind == "multiple_choice" else [len(item.choices[0])] * len(scores)
-    losses = [s.loss_sum / max(n, 1) for s, n in zip(scores, lengths)]
-  else:
-    losses = [s.loss_sum / max(s.tokens, 1) for s in scores]
-  return min(range(len(losses)), key=losses.__getitem__) == item.gold
+  return item_pick(task, item, scores, norm) == item.gold
+
+
+def score_items(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], norm: str = "token") -> list[list]:
+  """Each item's RowScores, one per option (all the task's rows scored as one batched pass)."""
+  if norm not in NORMS:
+    raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
+  per_item = [item_rows(task, items, i, tokenizer, scorer.max_len, norm) for i in range(len(items))]
+  scores = scorer.score([r for rows in per_item for r in rows])
+  out, at = [], 0
+  for rows in per_item:
+    out.append(scores[at:at + len(rows)])
+    at += len(rows)
+  return out
 
 
 def evaluate_task(scorer: Scorer, tokenizer, task: Task, items: Sequence[Item], norm: str = "token") -> dict:
-  """Accuracy and chance-centered accuracy of one task (all its rows scored as one batched pass)."""
-  per_item = [item_rows(task, items, i, tokenizer, scorer.max_len, norm) for i in range(len(items))]
-  scores = scorer.score([r for rows in per_item for r in rows])
-  correct, at = 0, 0
-  for item, rows in zip(items, per_item):
-    correct += item_correct(task, item, scores[at:at + len(rows)], norm)
-    at += len(rows)
-  acc = correct / len(items)
+  """Accuracy and chance-centered accuracy of one task under `norm`."""
+  scores = score_items(scorer, tokenizer, task, items, norm)
+  acc = sum(item_correct(task, item, s, norm) for item, s in zip(items, scores)) / len(items)
   return {"accuracy": acc, "centered": centered(acc, task.chance), "items": len(items),
           "shots": task.shots}
 

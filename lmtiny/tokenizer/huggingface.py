@@ -28,6 +28,13 @@ from lmtiny.tokenizer.spm import (MODEL_FILE, NEWLINE_ID, NEWLINE_PIECES, SPACE_
                                    Tokenizer, TokenizerError, UNK_ID)
 
 HF_TOKENIZER_DIR = "hf_tokenizer"  # in a run directory: tokenizer.json + lmtiny.json (bos id)
+# The export's padding token: <unk>, which the tokenizer never produces (unknown characters fall
+# back to bytes), so no lmtiny document or conversation holds it as an input or a target. What HF
+# does with the pad id (attention mask 0, labels -100 in its collators, an attention mask inferred
+# from input_ids != pad, nn.Embedding's padding_idx that never updates that row) therefore never
+# touches a real token; <|bos|> (every document's first token, a generation stop) or
+# <|assistant_end|> (a trained target) would.
+PAD_ID = UNK_ID
 
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
@@ -102,7 +109,8 @@ def write_tokenizer(out_dir: str, tokenizer: Tokenizer, max_len: int) -> None:
   out.mkdir(parents=True, exist_ok=True)
   atomic_write(out / MODEL_FILE, tokenizer.model_proto)
   atomic_write(out / "tokenizer.json", json.dumps(tokenizer_json(tokenizer), ensure_ascii=False).encode())
-  specials = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "unk_token": "<unk>"}
+  specials = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "unk_token": "<unk>",
+              "pad_token": tokenizer.id_to_piece(PAD_ID)}
   extra = [t for t in SPECIAL_TOKENS if t not in specials.values()]
   atomic_write_json(out / "tokenizer_config.json", dict(
       specials, tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False,

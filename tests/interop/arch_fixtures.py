@@ -4,7 +4,13 @@ import glob
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
 from lm_fixtures import load_config_module, ROOT
+from lmtiny.model.transformer import abstract_model
 
 # Shape and run fields a test may change; every other model field is the config's architecture.
 SIZE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "num_kv_heads", "mlp_dim", "mlp_ratio",
@@ -41,3 +47,13 @@ def small_config(name: str, **model):
     m.vocab_multiple = 96
   m.update(**model)
   return cfg
+
+
+def random_model(cfg, seed: int = 0):
+  """The config's model with random parameters: every matrix N(0, 0.2^2), every vector (norm scales,
+  residual and backout scalars, smear) 0.5 + N(0, 0.2^2), so that none is the identity or zero."""
+  graphdef, state = nnx.split(abstract_model(cfg.model))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.5 if len(s.shape) == 1 else 0.0, 0.2, s.shape),
+                                              jnp.float32), state)
+  return nnx.merge(graphdef, params)

@@ -22,7 +22,7 @@ SHIPPED = {name: EXPECTED[head] for head, names in GROUPS.items() for name in na
 
 def _hf_config(m) -> dict:
   arch = architectures.export_architecture(m)
-  return architectures.hf_config(arch, m, dtype="float32", bos_id=1, eos_ids=[5, 1])
+  return architectures.hf_config(arch, m, dtype="float32", bos_id=1, eos_ids=[5, 1], pad_id=0)
 
 
 def test_every_shipped_architecture_is_tested_against_transformers():

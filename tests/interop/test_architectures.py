@@ -7,20 +7,17 @@ text-generation pipeline with the exported tokenizer and chat template), and exp
 export writes the same tensors bit for bit."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from arch_fixtures import EXPECTED, small_config, VOCAB
+from arch_fixtures import EXPECTED, random_model, small_config, VOCAB
 from lm_fixtures import forward
 from lmtiny import export, import_hf
 from lmtiny.corpus.embedded import iter_embedded_documents
 from lmtiny.interop.convert import export_model
 from lmtiny.interop.safetensors_io import read_checkpoint
 from lmtiny.model.sampling import Sampler, SamplingParams
-from lmtiny.model.transformer import abstract_model
 from lmtiny.tokenizer import render_for_completion, train_tokenizer
 
 torch = pytest.importorskip("torch")  # the "hf" extra: torch and transformers
@@ -43,23 +40,13 @@ def tok(tmp_path_factory):
   return train_tokenizer(iter_embedded_documents(60_000), VOCAB, str(tmp_path_factory.mktemp("tok")))
 
 
-def _random_model(cfg, seed: int = 0):
-  """The config's model with random parameters: every matrix N(0, 0.2^2), every vector (norm scales,
-  residual and backout scalars, smear) 0.5 + N(0, 0.2^2), so that none is the identity or zero."""
-  graphdef, state = nnx.split(abstract_model(cfg.model))
-  rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.5 if len(s.shape) == 1 else 0.0, 0.2, s.shape),
-                                              jnp.float32), state)
-  return nnx.merge(graphdef, params)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tok):
   """name -> (lmtiny model, export directory, its architecture class as export_model reports it)."""
   root = tmp_path_factory.mktemp("arch")
   out = {}
   for name, (config, model_fields) in CASES.items():
-    model = _random_model(small_config(config, **model_fields))
+    model = random_model(small_config(config, **model_fields))
     out[name] = (model, str(root / name), export_model(model, tok, str(root / name))["architecture"])
   return out
 

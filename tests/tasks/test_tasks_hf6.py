@@ -2,6 +2,7 @@
 the HF6 task layouts of the fixtures, few-shot selection, and the eval CLI end to end (DCLM CORE
 itself: test_tasks_dclm.py)."""
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -108,6 +109,19 @@ def test_char_norm_picks_what_lm_eval_acc_norm_picks():
   scores = [Score(1.0, 1, False), Score(1.9, 1, False)]
   assert [s.loss_sum / len(c) for s, c in zip(scores, item.choices)] == [1.0, 0.95]
   assert hf6.item_correct(task, item, scores, "char")
+  assert hf6.item_pick(task, item, scores, "none") == 0  # lm-eval's acc: the likeliest option, undivided
+
+
+def test_harness_norms_tokenize_the_pair_as_lm_eval_does(loaded):
+  # lm-eval moves the context's trailing whitespace into the continuation and scores the whole
+  # text's tokens after the context's own: here the context's space and the delimiter's.
+  tok, task = loaded.tokenizer, hf6.TASKS["arc_easy"]
+  items = [hf6.Item(("The capital of France is ",), ("Paris.", "Rome"), 0)]
+  rows = hf6.item_rows(dataclasses.replace(task, shots=0), items, 0, tok, 128, norm="none")
+  context = [tok.bos_id] + tok.encode("The capital of France is")
+  for row, option in zip(rows, items[0].choices):
+    assert list(row.ids[:len(context)]) == context
+    assert tok.decode(list(row.ids[-row.n_cont:])) == "  " + option
 
 
 @pytest.mark.slow(seconds=4)
