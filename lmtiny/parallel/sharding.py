@@ -12,17 +12,20 @@ names on every parameter (`logical_axes` metadata, set in lmtiny.model) and on k
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmtiny.config import MESH_AXES
 from lmtiny.errors import ConfigError
 from lmtiny.kernels import cross_entropy as loss_lib
+from lmtiny.kernels import fp8
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
 RULES = {
@@ -212,6 +215,40 @@ def sum_over_batch_shards(fn, mesh: Mesh, weights, batch, *, weight_specs=P(), s
 
   return jax.shard_map(local, mesh=mesh, in_specs=(weight_specs, P(None, rows)), out_specs=sum_specs,
                        check_vma=False)(weights, batch)
+
+
+def _axes_tuple(axes) -> tuple:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def sharded_fp8_matmul(x_MxK: jax.Array, w_KxN: jax.Array, rows: int, k_dim: tuple[str, int],
+                       n_dim: tuple[str, int]) -> jax.Array:
+  """lmtiny.kernels.fp8's matmul of x [M, K] (M = `rows` sequences x tokens) and a weight whose K
+  and N sides start with the logical axes `k_dim` / `n_dim` (name, size), with every amax taken
+  over one device's block: under a mesh it runs in `shard_map`, rows over the batch axes, K and N
+  as the weight's and the activations' rules split them (Megatron's column- and row-parallel
+  layers; the weight's FSDP split gathered inside, its gradient reduce-scattered). No collective
+  waits on a scale: each device dequantizes its own partial product before any cross-device sum
+  (the row-parallel output's psum, the partitioner's sums of dx over `tensor` and of dw over the
+  batch axes), so a per-block scale is exact for every GEMM. Outside a mesh (and inside
+  `sum_over_batch_shards`, where every array is one device's) it is the plain fp8 matmul."""
+  mesh = traced_mesh()
+  if mesh is None or math.prod(mesh.shape.values()) == 1:
+    return fp8.fp8_matmul(x_MxK, w_KxN)
+  sizes = dict(mesh.shape)
+  (k_name, k_size), (n_name, n_size) = k_dim, n_dim
+  w_k, w_n = (_axes_tuple(_mesh_axes_for(name, size, sizes)) for name, size in (k_dim, n_dim))
+  x_k = _axes_tuple(_mesh_axes_for(f"act_{k_name}", k_size, sizes))
+  out_n = _axes_tuple(_mesh_axes_for(f"act_{n_name}", n_size, sizes))
+  if not (set(x_k) <= set(w_k) and set(out_n) <= set(w_n)):  # the RULES split act_X within X
+    raise ValueError(f"fp8 matmul: activations split unlike the weight ({x_k}, {out_n} vs {w_k}, {w_n})")
+  gather_k, gather_n = tuple(a for a in w_k if a not in x_k), tuple(a for a in w_n if a not in out_n)
+  spec = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes  # noqa: E731
+  row_axes = _mesh_axes_for("batch", rows, sizes)
+  body = functools.partial(fp8.fp8_matmul_shard, sum_axes=x_k, gather_k_axes=gather_k, gather_n_axes=gather_n)
+  out_MxN = jax.shard_map(body, mesh=mesh, in_specs=(P(row_axes, spec(x_k)), P(spec(w_k), spec(w_n))),
+                          out_specs=P(row_axes, spec(out_n)), check_vma=False)(x_MxK, w_KxN)
+  return checkpoint_name(out_MxN, fp8.FP8_OUT)
 
 
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
