@@ -59,7 +59,8 @@ those of the fp8 GEMM up to the float32 summation order, and they can be checked
 
 `fp8_eligible(k, n)` is nanochat's rule for which linear layers run in fp8: both dimensions
 divisible by 16 (the fp8 GEMM's alignment) and the smaller one at least 128 (below that the
-quantization costs more than the faster GEMM saves).
+quantization costs more than the faster GEMM saves). The loss's lm_head GEMMs follow this recipe
+in lmtiny.kernels.cross_entropy (model.fp8_lm_head, on with model.matmul_dtype=fp8 as in nanochat).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
   return t_fp8, 1.0 / scale
 
 
-def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
+def scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
   """dot(a, b) on fp8 operands, float32 accumulation, times the inverse scales: the pattern
   XLA:GPU rewrites to one cuBLASLt fp8 GEMM."""
   acc = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
@@ -125,7 +126,7 @@ def _forward(x_MxK, w_KxN, w_dtype, sum_axes, gather_k_axes, gather_n_axes):
         w_KxN = jax.lax.all_gather(w_KxN, axes, axis=dim, tiled=True)
   x_fp8, x_inv = quantize(x_MxK, FORWARD_DTYPE)
   w_fp8, w_inv = quantize(w_KxN, FORWARD_DTYPE)
-  out_MxN = _scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
+  out_MxN = scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
   if sum_axes:  # K is split over these axes: each device's dequantized partial product, summed
     out_MxN = jax.lax.psum(out_MxN, sum_axes)
   return out_MxN, (x_fp8, x_inv, w_fp8, w_inv)
@@ -136,8 +137,8 @@ def _backward(w_dtype, sum_axes, gather_k_axes, gather_n_axes, residuals, g_MxN)
   if sum_axes:  # shard_map(check_vma=False) hands each device 1/n of a replicated cotangent
     g_MxN = g_MxN * jax.lax.psum(1, sum_axes)
   g_fp8, g_inv = quantize(g_MxN, GRADIENT_DTYPE)
-  dx_MxK = _scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
-  dw_KxN = _scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
+  dx_MxK = scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
+  dw_KxN = scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
   for axes, dim in ((gather_k_axes, 0), (gather_n_axes, 1)):
     if axes:  # back to this device's slice, summed over the devices that gathered it
       dw_KxN = jax.lax.psum_scatter(dw_KxN, axes, scatter_dimension=dim, tiled=True)

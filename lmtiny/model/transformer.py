@@ -498,7 +498,8 @@ class Transformer(nnx.Module):
     return sharded_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
 
   def _loss_options(self) -> dict:
-    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.loss_chunk_tokens)
+    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.loss_chunk_tokens,
+                fp8=config_lib.fp8_lm_head(self.cfg) and fp8_eligible(self.cfg.d_model, self.cfg.vocab_size))
 
   def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
                  segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array, max_runs: int = 0):

@@ -417,7 +417,8 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
 
 def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
                                ce_weights_BxT: jax.Array, z_weights_BxT: jax.Array, *, softcap: float = 0.0,
-                               chunk_tokens: int = 4096, impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
+                               chunk_tokens: int = 4096, impl: str = "xla",
+                               fp8: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(objective, cross-entropy [B, T], logsumexp [B, T]) with objective = sum(ce_weights * ce) +
   sum(z_weights * lse^2), its gradient formed in the forward pass (lmtiny.kernels.cross_entropy's
   fused loss; `impl` as there). Sharded as `sharded_linear_cross_entropy`; each batch shard returns its
@@ -429,7 +430,7 @@ def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, tar
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     objective, ce_N, lse_N = loss_lib.fused_linear_cross_entropy(
         x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), ce_weights_BxT.reshape(-1),
-        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl)
+        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl, fp8)
     return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh is None:
@@ -453,18 +454,20 @@ def _loss_axes(batch_size: int, w_shape, mesh_shape_: dict):
 
 
 def sharded_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
-                         softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+                         softcap: float = 0.0, chunk_tokens: int = 4096,
+                         fp8: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising
   [B, T, V] (lmtiny.kernels.cross_entropy). Under a mesh it runs in `shard_map`: rows split over the batch axes,
   vocab columns over `tensor` (Megatron's vocab-parallel loss: three per-token all-reduces),
-  chunks of `chunk_tokens` tokens per device."""
+  chunks of `chunk_tokens` tokens per device. `fp8`: the lm_head GEMMs on fp8 operands, each
+  scaled by its device's block (lmtiny.kernels.cross_entropy)."""
   b, t, d = x_BxTxD.shape
   mesh = traced_mesh()
 
   def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     ce_N, lse_N = loss_lib.linear_cross_entropy(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), start,
-                                                softcap, chunk_tokens, axis_name, gather_axes)
+                                                softcap, chunk_tokens, axis_name, gather_axes, fp8)
     return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh is None:
