@@ -236,10 +236,9 @@ def sharded_fp8_matmul(x_MxK: jax.Array, w_KxN: jax.Array, rows: int, k_dim: tup
   if mesh is None or math.prod(mesh.shape.values()) == 1:
     return fp8.fp8_matmul(x_MxK, w_KxN)
   sizes = dict(mesh.shape)
-  (k_name, k_size), (n_name, n_size) = k_dim, n_dim
   w_k, w_n = (_axes_tuple(_mesh_axes_for(name, size, sizes)) for name, size in (k_dim, n_dim))
-  x_k = _axes_tuple(_mesh_axes_for(f"act_{k_name}", k_size, sizes))
-  out_n = _axes_tuple(_mesh_axes_for(f"act_{n_name}", n_size, sizes))
+  act = lambda name: f"act_{name}" if f"act_{name}" in RULES else None  # noqa: E731  (the activation's rule)
+  x_k, out_n = (_axes_tuple(_mesh_axes_for(act(name), size, sizes)) for name, size in (k_dim, n_dim))
   if not (set(x_k) <= set(w_k) and set(out_n) <= set(w_n)):  # the RULES split act_X within X
     raise ValueError(f"fp8 matmul: activations split unlike the weight ({x_k}, {out_n} vs {w_k}, {w_n})")
   gather_k, gather_n = tuple(a for a in w_k if a not in x_k), tuple(a for a in w_n if a not in out_n)
