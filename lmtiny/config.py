@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
       qk_scale=1.0,          # queries and keys x this after QK-norm (nanochat 2026: 1.2)
       vocab_multiple=1,      # embedding and lm_head rows padded to a multiple of this (logits cropped)
       matmul_dtype="default",  # default (the compute dtype) | fp8 (tensorwise-scaled e4m3/e5m2 GEMMs in the blocks)
+      fp8_lm_head=True,      # with matmul_dtype=fp8, the loss's lm_head GEMMs in fp8 too (nanochat's --fp8 converts it)
   ))
 
   # Mesh axis sizes; -1 fills with the remaining devices. Product must equal the device count.
@@ -253,6 +254,12 @@ def padded_vocab(m) -> int:
   return -(-m.vocab_size // m.vocab_multiple) * m.vocab_multiple
 
 
+def fp8_lm_head(m) -> bool:
+  """Whether the loss's lm_head GEMMs run in fp8: model.matmul_dtype=fp8 with model.fp8_lm_head (the
+  model also needs the [d_model, vocab] weight fp8-eligible, lmtiny.kernels.fp8.fp8_eligible)."""
+  return m.matmul_dtype == "fp8" and m.fp8_lm_head
+
+
 def short_window(m) -> int:
   """The S layers' window: model.short_window, or a quarter of max_seq_len rounded up to 128."""
   return m.short_window or -(-m.max_seq_len // 4 // 128) * 128
@@ -410,6 +417,11 @@ def _validate_layer_features(m) -> None:
            m.vocab_multiple, "must be an integer >= 1")
   _require(m.matmul_dtype in MATMUL_DTYPES, "model.matmul_dtype", m.matmul_dtype,
            f"must be one of {', '.join(MATMUL_DTYPES)}")
+  _require(isinstance(m.fp8_lm_head, bool), "model.fp8_lm_head", m.fp8_lm_head, "must be True or False")
+  if fp8_lm_head(m):
+    _require(m.loss_kernel != "pallas", "model.loss_kernel", m.loss_kernel,
+             "runs the lm_head in the compute dtype: with model.matmul_dtype=fp8 set model.fp8_lm_head=False "
+             "or use loss_kernel=fused")
   if m.value_embeds or m.smear:
     _require(m.d_model >= 24, "model.d_model", m.d_model,
              "is too narrow for the smear gate (24 channels) and value-embedding gate (12 channels)")

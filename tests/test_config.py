@@ -28,6 +28,9 @@ def test_every_config_validates(name):
     ("model", dict(activation="tanh"), "config.model.activation='tanh': must be one of swiglu, relu2, gelu, silu"),
     ("model", dict(dtype="float8"), "config.model.dtype='float8'"),
     ("model", dict(vocab_size=0), "config.model.vocab_size=0: must be a positive integer"),
+    ("model", dict(matmul_dtype="fp8", loss_kernel="pallas"),
+     "config.model.loss_kernel='pallas': runs the lm_head in the compute dtype: with model.matmul_dtype=fp8 set "
+     "model.fp8_lm_head=False"),
     ("train", dict(seq_len=300), "config.train.seq_len=300: exceeds model.max_seq_len=256"),
     ("train", dict(batch_tokens=1000), "config.train.batch_tokens=1000: must be a multiple of train.seq_len=256"),
     ("train", dict(micro_batch_size=5), "config.train.micro_batch_size=5: must divide the global batch of 16"),

@@ -31,6 +31,12 @@ round every device's partial dw to bf16 and be reduced across devices in bf16 (p
 gradients of ~1e-4 summed over a million tokens lose most of their bits that way). With
 `gather_axes` the weight is this device's FSDP slice of rows: the forward all-gathers the compute
 copy (half the bytes of gathering float32) and the backward reduce-scatters dw in float32.
+
+`fp8=True` (model.fp8_lm_head, nanochat's --fp8 with its lm_head) runs the XLA kernels' GEMMs on
+fp8 operands as lmtiny.kernels.fp8 does: the weight (this device's vocab slice, after any gather)
+quantized to e4m3 once, each chunk's x to e4m3 and its dlogits to e5m2 by the chunk's own amax
+(tensorwise when the tokens are one chunk; finer otherwise), each GEMM rescaled by its operands'
+inverse scales before anything sums it across chunks or devices. The Pallas kernels have no fp8 path.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lmtiny.kernels import fp8 as fp8_lib
 from lmtiny.kernels import pallas_cross_entropy
 
 Array = jax.Array
@@ -49,7 +56,13 @@ FUSED_IMPLS = ("xla", "mosaic", "interpret")
 
 
 def _chunk_logits(x_CxD, w_DxV, softcap: float):
-  logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
+  """Logits [C, V] float32 of one chunk; `w_DxV` is the compute weight (`_compute_weight`): an
+  array, or (fp8 values, inverse scale), whose GEMM quantizes the chunk by its own amax."""
+  if isinstance(w_DxV, tuple):
+    x_fp8, x_inv = fp8_lib.quantize(x_CxD, fp8_lib.FORWARD_DTYPE)
+    logits_CxV = fp8_lib.scaled_dot(x_fp8, x_inv, *w_DxV, ((1,), (0,)), fp8_lib.FAST_ACCUMULATION, jnp.float32)
+  else:
+    logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
   if softcap > 0:
     logits_CxV = softcap * jnp.tanh(logits_CxV / softcap)
   return logits_CxV
@@ -71,11 +84,17 @@ def _chunk_stats(logits_CxV, targets_C, vocab_start, axis_name):
   return jnp.log(sum_exp_C) + top_C, target_C
 
 
-def _compute_weight(w_DxV, dtype, gather_axes):
+def _compute_weight(w_DxV, dtype, gather_axes, fp8: bool = False):
   """The weight as the GEMMs use it: cast to the compute dtype, then whole along D (gathered over
-  `gather_axes` when each device holds a slice of the rows)."""
+  `gather_axes` when each device holds a slice of the rows); with `fp8`, quantized to e4m3 by its
+  (vocab slice's) amax, as (values, inverse scale)."""
   w_DxV = w_DxV.astype(dtype)
-  return w_DxV if gather_axes is None else jax.lax.all_gather(w_DxV, gather_axes, axis=0, tiled=True)
+  w_DxV = w_DxV if gather_axes is None else jax.lax.all_gather(w_DxV, gather_axes, axis=0, tiled=True)
+  return fp8_lib.quantize(w_DxV, fp8_lib.FORWARD_DTYPE) if fp8 else w_DxV
+
+
+def _weight_shape(w_DxV):
+  return (w_DxV[0] if isinstance(w_DxV, tuple) else w_DxV).shape
 
 
 def _weight_grad(dw_DxV, like_0, gather_axes):
@@ -117,19 +136,19 @@ def _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name):
   return lse_N - target_nxC.reshape(-1)[:n], lse_N, saved
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, vocab_start: Array,
                          softcap: float = 0.0, chunk: int = 4096, axis_name: str | None = None,
-                         gather_axes=None):
+                         gather_axes=None, fp8: bool = False):
   """(cross_entropy_N, logsumexp_N) in float32 of logits x @ w (see the module docstring)."""
-  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes, fp8)
   ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
   return ce_N, lse_N
 
 
-def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name, gather_axes):
+def _fwd(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name, gather_axes, fp8):
   like_0 = jnp.zeros((0,), w_DxV.dtype)
-  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes, fp8)
   ce_N, lse_N, saved = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
   return (ce_N, lse_N), (x_NxD, w_DxV, like_0, targets_N, vocab_start, lse_N, saved)
 
@@ -145,15 +164,28 @@ def _dlogits(logits_CxV, targets_C, vocab_start, dce_C, dlse_C, lse_C, softcap: 
   return dlogits_CxV.astype(dtype)
 
 
+def _dlogits_dtype(w_DxV):
+  """dlogits in the compute dtype, or float32 for an fp8 GEMM (quantized from it, not from bf16)."""
+  return jnp.float32 if isinstance(w_DxV, tuple) else w_DxV.dtype
+
+
 def _input_grads(x_CxD, w_DxV, dlogits_CxV):
   """(dx [C, D] in x's dtype, dw [D, V] float32) of one chunk: the two backward GEMMs, in the
-  compute dtype with float32 accumulation."""
+  compute dtype with float32 accumulation; for an fp8 weight, on fp8 operands (dlogits in e5m2 by
+  the chunk's amax, x requantized as the forward did)."""
+  if isinstance(w_DxV, tuple):
+    g_fp8, g_inv = fp8_lib.quantize(dlogits_CxV, fp8_lib.GRADIENT_DTYPE)
+    x_fp8, x_inv = fp8_lib.quantize(x_CxD, fp8_lib.FORWARD_DTYPE)
+    dx_CxD = fp8_lib.scaled_dot(g_fp8, g_inv, *w_DxV, ((1,), (1,)), fp8_lib.FULL_ACCUMULATION, x_CxD.dtype)
+    dw_DxV = fp8_lib.scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), fp8_lib.FULL_ACCUMULATION, jnp.float32)
+    return dx_CxD, dw_DxV
   dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
   dw_DxV = jnp.dot(x_CxD.T.astype(w_DxV.dtype), dlogits_CxV, preferred_element_type=jnp.float32)
   return dx_CxD.astype(x_CxD.dtype), dw_DxV
 
 
-def _bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
+def _bwd(softcap, chunk, axis_name, gather_axes, fp8, residuals, cotangents):
+  del fp8  # the saved weight says it
   x_NxD, w_DxV, like_0, targets_N, vocab_start, lse_N, saved = residuals
   # The forward psums ce and lse over the vocab axis; its transpose psums their cotangents.
   dce_N, dlse_N = (_reduce(jax.lax.psum, ct.astype(jnp.float32), axis_name) for ct in cotangents)
@@ -165,7 +197,8 @@ def _bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
   def chunk_grads(x_CxD, t_C, g_Cx3, logits_CxV):
     if logits_CxV is None:
       logits_CxV = _chunk_logits(x_CxD, w_DxV, softcap)
-    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, g_Cx3[:, 0], g_Cx3[:, 1], g_Cx3[:, 2], softcap, w_DxV.dtype)
+    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, g_Cx3[:, 0], g_Cx3[:, 1], g_Cx3[:, 2], softcap,
+                           _dlogits_dtype(w_DxV))
     return _input_grads(x_CxD, w_DxV, dlogits_CxV)
 
   if saved is not None:
@@ -176,7 +209,7 @@ def _bwd(softcap, chunk, axis_name, gather_axes, residuals, cotangents):
       dx_CxD, dw_DxV = chunk_grads(*xs, None)
       return dw_acc + dw_DxV, dx_CxD
 
-    dw_DxV, dx_nxCxD = jax.lax.scan(body, jnp.zeros(w_DxV.shape, jnp.float32),
+    dw_DxV, dx_nxCxD = jax.lax.scan(body, jnp.zeros(_weight_shape(w_DxV), jnp.float32),
                                     (x_nxCxD, t_nxC, per_token_nxCx3))
   dx_NxD = dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n]
   return dx_NxD, _weight_grad(dw_DxV, like_0, gather_axes), None, None
@@ -203,12 +236,12 @@ def _fused_forward(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_sta
     logits_CxV = _chunk_logits(x_CxD, w_DxV, softcap)
     lse_C, target_C = _chunk_stats(logits_CxV, t_C, vocab_start, axis_name)
     dlse_C = 2.0 * w_Cx2[:, 1] * lse_C  # d(z * lse^2) / d lse
-    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, w_Cx2[:, 0], dlse_C, lse_C, softcap, w_DxV.dtype)
+    dlogits_CxV = _dlogits(logits_CxV, t_C, vocab_start, w_Cx2[:, 0], dlse_C, lse_C, softcap, _dlogits_dtype(w_DxV))
     dx_CxD, dw_DxV = _input_grads(x_CxD, w_DxV, dlogits_CxV)
     return dw_acc + dw_DxV, (lse_C - target_C, lse_C, dx_CxD)
 
   dw_DxV, (ce_nxC, lse_nxC, dx_nxCxD) = jax.lax.scan(
-      body, jnp.zeros(w_DxV.shape, jnp.float32), (x_nxCxD, t_nxC, weights_nxCx2))
+      body, jnp.zeros(_weight_shape(w_DxV), jnp.float32), (x_nxCxD, t_nxC, weights_nxCx2))
   return ce_nxC.reshape(-1)[:n], lse_nxC.reshape(-1)[:n], dx_nxCxD.reshape(-1, x_NxD.shape[1])[:n], dw_DxV
 
 
@@ -217,19 +250,19 @@ def _objective(ce_N, lse_N, ce_weights_N, z_weights_N):
           + jnp.sum(z_weights_N.astype(jnp.float32) * jnp.square(lse_N)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name, gather_axes,
-           impl):
+           impl, fp8):
   # Not differentiated: the forward GEMM alone.
-  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes)
+  w_DxV = _compute_weight(w_DxV, x_NxD.dtype, gather_axes, fp8)
   ce_N, lse_N, _ = _forward(x_NxD, w_DxV, targets_N, vocab_start, softcap, chunk, axis_name)
   return _objective(ce_N, lse_N, ce_weights_N, z_weights_N), ce_N, lse_N
 
 
 def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk, axis_name,
-               gather_axes, impl):
+               gather_axes, impl, fp8):
   like_0 = jnp.zeros((0,), w_DxV.dtype)
-  inputs = (x_NxD, _compute_weight(w_DxV, x_NxD.dtype, gather_axes), targets_N, ce_weights_N, z_weights_N,
+  inputs = (x_NxD, _compute_weight(w_DxV, x_NxD.dtype, gather_axes, fp8), targets_N, ce_weights_N, z_weights_N,
             vocab_start, softcap)
   if impl == "xla":
     ce_N, lse_N, dx_NxD, dw_DxV = _fused_forward(*inputs, chunk, axis_name)
@@ -239,7 +272,7 @@ def _fused_fwd(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, 
   return (objective, ce_N, lse_N), (dx_NxD, _weight_grad(dw_DxV, like_0, gather_axes))
 
 
-def _fused_bwd(softcap, chunk, axis_name, gather_axes, impl, residuals, cotangents):
+def _fused_bwd(softcap, chunk, axis_name, gather_axes, impl, fp8, residuals, cotangents):
   dx_NxD, dw_DxV = residuals
   # Only the objective is differentiable (the wrapper stops ce and lse). Like ce and lse in the
   # unfused loss, it is the same on every vocab slice, and its cotangent is psummed.
@@ -252,7 +285,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_weights_N: Array,
                                z_weights_N: Array, vocab_start: Array, softcap: float = 0.0, chunk: int = 4096,
-                               axis_name: str | None = None, gather_axes=None, impl: str = "xla"):
+                               axis_name: str | None = None, gather_axes=None, impl: str = "xla", fp8: bool = False):
   """(objective, cross_entropy_N, logsumexp_N) of logits x @ w, where
   objective = sum(ce_weights * ce) + sum(z_weights * lse^2) (a loss sum with per-token weights
   plus z-loss): the training loss, in three GEMMs per chunk instead of `linear_cross_entropy`'s
@@ -264,6 +297,8 @@ def fused_linear_cross_entropy(x_NxD: Array, w_DxV: Array, targets_N: Array, ce_
   chunks of `chunk` tokens; "mosaic"/"interpret" in Pallas kernels that keep the logits on chip."""
   if impl not in FUSED_IMPLS:
     raise ValueError(f"impl={impl!r}: must be one of {FUSED_IMPLS}")
+  if fp8 and impl != "xla":
+    raise ValueError(f"fp8: the Pallas loss kernels (impl={impl!r}) run the lm_head in the compute dtype; use impl='xla'")
   objective, ce_N, lse_N = _fused(x_NxD, w_DxV, targets_N, ce_weights_N, z_weights_N, vocab_start, softcap, chunk,
-                                  axis_name, gather_axes, impl)
+                                  axis_name, gather_axes, impl, fp8)
   return objective, jax.lax.stop_gradient(ce_N), jax.lax.stop_gradient(lse_N)

@@ -14,7 +14,28 @@ as a `jax.custom_vjp`:
     reuse the fp8 x and w saved by the forward (no second quantization, and the saved
     activation is 1 byte an element), each rescaled by its two operands' inverse scales.
     dx comes back in x's dtype, dw in w's (from the float32 accumulator).
-Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor.
+Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor
+on one device, and one per device block of it under a mesh (below).
+
+Under a mesh: each device scales its own block of every operand. `fp8_matmul_shard` is one
+device's part inside `shard_map` (lmtiny.parallel.sharding.sharded_fp8_matmul decides the blocks):
+x is its rows (and, in a row-parallel layer, its slice of K), w its tensor-parallel block (the
+FSDP split all-gathered first, in x's dtype, and dw reduce-scattered back in w's dtype). A block
+scale is exact wherever it factors out of the device's own partial product, and it always does
+here: each device's GEMM sees one scale per operand, and it dequantizes its partial product
+before any cross-device sum (the row-parallel output's psum, the sums of dx over `tensor` and of
+dw over the batch axes). So no collective sits between an operand and its GEMM: a global amax
+was a blocking scalar all-reduce (max) per operand (x, w, the gradient) per linear per
+micro-step, which XLA combined into 16 all-reduces in the micro-step loop of a 2-layer model on
+fsdp=8 and 25 on data=2 x tensor=4 (tests/parallel/test_fp8_sharding.py counts none). A pure
+data-parallel step (lmtiny.parallel.sharding.sum_over_batch_shards) already scaled each device's
+rows by their own amax, so every mesh now follows one rule. Why not delayed scaling (an amax
+history from earlier steps, Transformer Engine's and MaxText's recipe)? It needs non-trainable
+per-linear state carried through the model, the checkpoints, evaluation and export, its amax
+observations still have to be taken per device to keep their reduction out of the loop, and it
+scales with stale amaxes (a spike saturates for a step); per-block dynamic scales need none of
+that and stay nanochat's tensorwise recipe on one device. The price: the rounding depends on the
+mesh, so a sharded run matches one device's fp8 within fp8's rounding, not bit for bit.
 
 Under rematerialisation the output is what a block keeps, by its checkpoint name FP8_OUT, in x's
 dtype: the forward's dot has fp8 operands and a float32 result, and a policy that saves weight
@@ -30,7 +51,7 @@ the backward's e5m2 x e4m3 pairs qualify. The precision of the dot chooses its a
 DEFAULT (the forward here) lets cuBLASLt accumulate fast in its lower-precision mode, HIGHEST (the
 two backward GEMMs) keeps a split float32 accumulator, the same choice as nanochat. The
 quantizations themselves (an abs-max reduction, a multiply, a clamp, a convert) are ordinary XLA
-fusions around the call; under a mesh the abs-max is one all-reduced scalar per tensor.
+fusions around the call, local to each device under a mesh.
 
 On CPU: XLA:CPU has the fp8 types but no fp8 GEMM, it converts the fp8 operands to float32 and
 runs a float32 dot. The products of two fp8 numbers are exact in float32, so the numerics are
@@ -38,7 +59,8 @@ those of the fp8 GEMM up to the float32 summation order, and they can be checked
 
 `fp8_eligible(k, n)` is nanochat's rule for which linear layers run in fp8: both dimensions
 divisible by 16 (the fp8 GEMM's alignment) and the smaller one at least 128 (below that the
-quantization costs more than the faster GEMM saves).
+quantization costs more than the faster GEMM saves). The loss's lm_head GEMMs follow this recipe
+in lmtiny.kernels.cross_entropy (model.fp8_lm_head, on with model.matmul_dtype=fp8 as in nanochat).
 """
 from __future__ import annotations
 
@@ -57,6 +79,7 @@ AMAX_FLOOR = 1e-12                  # as nanochat: keeps the scale finite and th
 FAST_ACCUMULATION = jax.lax.Precision.DEFAULT
 FULL_ACCUMULATION = jax.lax.Precision.HIGHEST
 FP8_OUT = "fp8_matmul_out"          # the checkpoint name of fp8_matmul's output
+AMAX_SCOPE = "fp8_amax"             # the named scope of the abs-max reductions (op names in HLO)
 
 
 def fp8_eligible(k: int, n: int) -> bool:
@@ -74,13 +97,14 @@ def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
   scale that turns it back): tensorwise dynamic scaling with a saturating cast."""
   fp8_max = float(jnp.finfo(fp8_dtype).max)
   t_f32 = t.astype(jnp.float32)
-  amax = jnp.maximum(jnp.max(jnp.abs(t_f32)), jnp.float32(AMAX_FLOOR))
+  with jax.named_scope(AMAX_SCOPE):
+    amax = jnp.maximum(jnp.max(jnp.abs(t_f32)), jnp.float32(AMAX_FLOOR))
   scale = jnp.float32(fp8_max) / amax
   t_fp8 = jnp.clip(t_f32 * scale, -fp8_max, fp8_max).astype(fp8_dtype)
   return t_fp8, 1.0 / scale
 
 
-def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
+def scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
   """dot(a, b) on fp8 operands, float32 accumulation, times the inverse scales: the pattern
   XLA:GPU rewrites to one cuBLASLt fp8 GEMM."""
   acc = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
@@ -88,24 +112,36 @@ def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
   return (acc * (a_inv * b_inv)).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fp8_matmul(x_MxK, w_KxN, w_dtype):
-  return _forward(x_MxK, w_KxN, w_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _fp8_matmul(x_MxK, w_KxN, w_dtype, sum_axes, gather_k_axes, gather_n_axes):
+  return _forward(x_MxK, w_KxN, w_dtype, sum_axes, gather_k_axes, gather_n_axes)[0]
 
 
-def _forward(x_MxK, w_KxN, w_dtype):
+def _forward(x_MxK, w_KxN, w_dtype, sum_axes, gather_k_axes, gather_n_axes):
   del w_dtype
+  if gather_k_axes or gather_n_axes:  # this device's FSDP slice: gathered whole, in x's dtype
+    w_KxN = w_KxN.astype(x_MxK.dtype)
+    for axes, dim in ((gather_k_axes, 0), (gather_n_axes, 1)):
+      if axes:
+        w_KxN = jax.lax.all_gather(w_KxN, axes, axis=dim, tiled=True)
   x_fp8, x_inv = quantize(x_MxK, FORWARD_DTYPE)
   w_fp8, w_inv = quantize(w_KxN, FORWARD_DTYPE)
-  out_MxN = _scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
+  out_MxN = scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
+  if sum_axes:  # K is split over these axes: each device's dequantized partial product, summed
+    out_MxN = jax.lax.psum(out_MxN, sum_axes)
   return out_MxN, (x_fp8, x_inv, w_fp8, w_inv)
 
 
-def _backward(w_dtype, residuals, g_MxN):
+def _backward(w_dtype, sum_axes, gather_k_axes, gather_n_axes, residuals, g_MxN):
   x_fp8, x_inv, w_fp8, w_inv = residuals
+  if sum_axes:  # shard_map(check_vma=False) hands each device 1/n of a replicated cotangent
+    g_MxN = g_MxN * jax.lax.psum(1, sum_axes)
   g_fp8, g_inv = quantize(g_MxN, GRADIENT_DTYPE)
-  dx_MxK = _scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
-  dw_KxN = _scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
+  dx_MxK = scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
+  dw_KxN = scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
+  for axes, dim in ((gather_k_axes, 0), (gather_n_axes, 1)):
+    if axes:  # back to this device's slice, summed over the devices that gathered it
+      dw_KxN = jax.lax.psum_scatter(dw_KxN, axes, scatter_dimension=dim, tiled=True)
   return dx_MxK, dw_KxN
 
 
@@ -116,4 +152,14 @@ def fp8_matmul(x_MxK: Array, w_KxN: Array) -> Array:
   """x [M, K] @ w [K, N] -> [M, N] in x's dtype, the three GEMMs on fp8 operands (module doc)."""
   if x_MxK.ndim != 2 or w_KxN.ndim != 2 or x_MxK.shape[1] != w_KxN.shape[0]:
     raise ValueError(f"fp8_matmul: x [M, K] @ w [K, N] expected, got {x_MxK.shape} @ {w_KxN.shape}")
-  return checkpoint_name(_fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype)), FP8_OUT)
+  return checkpoint_name(_fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype), (), (), ()), FP8_OUT)
+
+
+def fp8_matmul_shard(x_MxK: Array, w_KxN: Array, *, sum_axes: tuple = (), gather_k_axes: tuple = (),
+                     gather_n_axes: tuple = ()) -> Array:
+  """One device's part of a sharded `fp8_matmul`, inside `shard_map(check_vma=False)` (module doc,
+  "Under a mesh"): x is this device's [M, K] block, w its [K, N] block; the weight is all-gathered
+  over `gather_k_axes` / `gather_n_axes` (its FSDP split) first, K is split over `sum_axes`
+  (the output is psummed over them). Each operand is scaled by its own block's amax."""
+  return _fp8_matmul(x_MxK, w_KxN, np.dtype(w_KxN.dtype), tuple(sum_axes), tuple(gather_k_axes),
+                     tuple(gather_n_axes))

@@ -21,11 +21,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
-from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible, fp8_matmul, is_fp8_dot
+from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible, is_fp8_dot
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
-from lmtiny.parallel.sharding import (constrain, gathers_weights, sharded_fused_linear_cross_entropy,
-                                     sharded_linear_cross_entropy)
+from lmtiny.parallel.sharding import (constrain, gathers_weights, sharded_fp8_matmul,
+                                     sharded_fused_linear_cross_entropy, sharded_linear_cross_entropy)
 
 Array = jax.Array
 # Scalar mixes of bf16 activations (residual scalars, smear, backout, gates, q/k scale) run in
@@ -152,7 +152,7 @@ class RMSNorm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -> Array:
+def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default", logical_axes=None) -> Array:
   """x [..., *in] @ w [*in, *out] -> [..., *out] in x's dtype, as one 2-D GEMM over the flattened
   rows; w comes as stored (float32, or a QuantizedWeight) and the GEMM runs on a copy in x's dtype.
 
@@ -161,7 +161,8 @@ def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -
   its fast GEMM path (3.4x slower measured on the tiny MLP's weight gradient); one row axis
   keeps all three GEMMs of a linear layer on it. Other backends flatten like this anyway.
   `matmul_dtype="fp8"` runs the GEMM in fp8 with tensorwise scales (lmtiny.kernels.fp8) where
-  the matrix is big enough for it (nanochat's rule, `fp8_eligible`).
+  the matrix is big enough for it (nanochat's rule, `fp8_eligible`); `logical_axes` (the weight's)
+  tell a mesh how its sides split (lmtiny.parallel.sharding.sharded_fp8_matmul).
   """
   if isinstance(w, QuantizedWeight):  # inference only: dequantized where used
     w = w.astype(x.dtype)
@@ -170,10 +171,17 @@ def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default") -
   w_IxO = w.reshape(math.prod(in_shape), math.prod(out_shape))
   x_MxI = x.reshape(math.prod(lead), w_IxO.shape[0])
   if matmul_dtype == "fp8" and fp8_eligible(*w_IxO.shape):
-    out_MxO = fp8_matmul(x_MxI, w_IxO)
+    axes = tuple(logical_axes or (None,) * w.ndim)[-w.ndim:]  # a scanned stack's "layers" axis is sliced off
+    out_MxO = sharded_fp8_matmul(x_MxI, w_IxO, lead[0] if lead else 1, (axes[0], w.shape[0]),
+                                 (axes[in_dims], w.shape[in_dims]))
   else:
     out_MxO = matmul(x_MxI, w_IxO)
   return out_MxO.reshape(*lead, *out_shape)
+
+
+def _dense_param(x: Array, w: nnx.Param, in_dims: int, matmul_dtype: str) -> Array:
+  """`dense` of a weight parameter, its logical axes passed along."""
+  return dense(x, w[...], in_dims, matmul_dtype, w.get_metadata().get("logical_axes"))
 
 
 @jax.custom_vjp
@@ -267,9 +275,9 @@ class Attention(nnx.Module):
     embedding of `tokens_BxT` mixed into v on value-embedding layers (also used by the KV-cache
     decoder)."""
     dtype = x_BxTxD.dtype
-    q_BxTxHxDh = self._dense(x_BxTxD, self.q[...])
-    k_BxTxKxDh = self._dense(x_BxTxD, self.k[...])
-    v_BxTxKxDh = self._dense(x_BxTxD, self.v[...])
+    q_BxTxHxDh = self._dense(x_BxTxD, self.q)
+    k_BxTxKxDh = self._dense(x_BxTxD, self.k)
+    v_BxTxKxDh = self._dense(x_BxTxD, self.v)
     if self.value_embed is not None:
       ve_BxTxKxDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype).reshape(v_BxTxKxDh.shape)
       gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]).astype(F32))
@@ -285,11 +293,11 @@ class Attention(nnx.Module):
     v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
-  def _dense(self, x: Array, w: Array, in_dims: int = 1) -> Array:
-    return dense(x, w, in_dims, matmul_dtype=self.matmul_dtype)
+  def _dense(self, x: Array, w: nnx.Param, in_dims: int = 1) -> Array:
+    return _dense_param(x, w, in_dims, self.matmul_dtype)
 
   def project_out(self, out_BxTxHxDh: Array) -> Array:
-    out_BxTxD = self._dense(out_BxTxHxDh, self.o[...], in_dims=2)
+    out_BxTxD = self._dense(out_BxTxHxDh, self.o, in_dims=2)
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
@@ -323,16 +331,16 @@ class MLP(nnx.Module):
     self.down = _param(m, rngs, "out", (f, d), ("mlp", "embed"), f, d)
 
   def __call__(self, x_BxTxD: Array) -> Array:
-    up_BxTxF = self._dense(x_BxTxD, self.up[...])
+    up_BxTxF = self._dense(x_BxTxD, self.up)
     if self.gate is not None:
-      hidden_BxTxF = jax.nn.silu(self._dense(x_BxTxD, self.gate[...])) * up_BxTxF
+      hidden_BxTxF = jax.nn.silu(self._dense(x_BxTxD, self.gate)) * up_BxTxF
     else:
       hidden_BxTxF = ACTIVATIONS[self.activation](up_BxTxF)
     hidden_BxTxF = constrain(hidden_BxTxF, ("batch", "seq", "act_mlp"))
-    return constrain(self._dense(hidden_BxTxF, self.down[...]), ("batch", "seq", "act_embed"))
+    return constrain(self._dense(hidden_BxTxF, self.down), ("batch", "seq", "act_embed"))
 
-  def _dense(self, x: Array, w: Array) -> Array:
-    return dense(x, w, matmul_dtype=self.matmul_dtype)
+  def _dense(self, x: Array, w: nnx.Param) -> Array:
+    return _dense_param(x, w, 1, self.matmul_dtype)
 
 
 class Block(nnx.Module):
@@ -490,7 +498,8 @@ class Transformer(nnx.Module):
     return sharded_linear_cross_entropy(x_BxTxD, self.unembed_weight(), targets_BxT, **self._loss_options())
 
   def _loss_options(self) -> dict:
-    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.loss_chunk_tokens)
+    return dict(softcap=self.cfg.logit_softcap, chunk_tokens=self.cfg.loss_chunk_tokens,
+                fp8=config_lib.fp8_lm_head(self.cfg) and fp8_eligible(self.cfg.d_model, self.cfg.vocab_size))
 
   def loss_terms(self, tokens_BxT: Array, targets_BxT: Array, positions_BxT: Array | None,
                  segment_ids_BxT: Array | None, ce_weights_BxT: Array, z_weights_BxT: Array, max_runs: int = 0):

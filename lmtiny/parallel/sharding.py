@@ -12,17 +12,20 @@ names on every parameter (`logical_axes` metadata, set in lmtiny.model) and on k
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmtiny.config import MESH_AXES
 from lmtiny.errors import ConfigError
 from lmtiny.kernels import cross_entropy as loss_lib
+from lmtiny.kernels import fp8
 
 # Logical axis -> mesh axes. Parameters use the plain names, activations the act_ names.
 RULES = {
@@ -214,6 +217,39 @@ def sum_over_batch_shards(fn, mesh: Mesh, weights, batch, *, weight_specs=P(), s
                        check_vma=False)(weights, batch)
 
 
+def _axes_tuple(axes) -> tuple:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def sharded_fp8_matmul(x_MxK: jax.Array, w_KxN: jax.Array, rows: int, k_dim: tuple[str, int],
+                       n_dim: tuple[str, int]) -> jax.Array:
+  """lmtiny.kernels.fp8's matmul of x [M, K] (M = `rows` sequences x tokens) and a weight whose K
+  and N sides start with the logical axes `k_dim` / `n_dim` (name, size), with every amax taken
+  over one device's block: under a mesh it runs in `shard_map`, rows over the batch axes, K and N
+  as the weight's and the activations' rules split them (Megatron's column- and row-parallel
+  layers; the weight's FSDP split gathered inside, its gradient reduce-scattered). No collective
+  waits on a scale: each device dequantizes its own partial product before any cross-device sum
+  (the row-parallel output's psum, the partitioner's sums of dx over `tensor` and of dw over the
+  batch axes), so a per-block scale is exact for every GEMM. Outside a mesh (and inside
+  `sum_over_batch_shards`, where every array is one device's) it is the plain fp8 matmul."""
+  mesh = traced_mesh()
+  if mesh is None or math.prod(mesh.shape.values()) == 1:
+    return fp8.fp8_matmul(x_MxK, w_KxN)
+  sizes = dict(mesh.shape)
+  w_k, w_n = (_axes_tuple(_mesh_axes_for(name, size, sizes)) for name, size in (k_dim, n_dim))
+  act = lambda name: f"act_{name}" if f"act_{name}" in RULES else None  # noqa: E731  (the activation's rule)
+  x_k, out_n = (_axes_tuple(_mesh_axes_for(act(name), size, sizes)) for name, size in (k_dim, n_dim))
+  if not (set(x_k) <= set(w_k) and set(out_n) <= set(w_n)):  # the RULES split act_X within X
+    raise ValueError(f"fp8 matmul: activations split unlike the weight ({x_k}, {out_n} vs {w_k}, {w_n})")
+  gather_k, gather_n = tuple(a for a in w_k if a not in x_k), tuple(a for a in w_n if a not in out_n)
+  spec = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes  # noqa: E731
+  row_axes = _mesh_axes_for("batch", rows, sizes)
+  body = functools.partial(fp8.fp8_matmul_shard, sum_axes=x_k, gather_k_axes=gather_k, gather_n_axes=gather_n)
+  out_MxN = jax.shard_map(body, mesh=mesh, in_specs=(P(row_axes, spec(x_k)), P(spec(w_k), spec(w_n))),
+                          out_specs=P(row_axes, spec(out_n)), check_vma=False)(x_MxK, w_KxN)
+  return checkpoint_name(out_MxN, fp8.FP8_OUT)
+
+
 def constrain(x: jax.Array, logical_axes) -> jax.Array:
   """Pin an activation's sharding by logical names; a no-op outside a mesh (plain forward)."""
   mesh = traced_mesh()
@@ -380,7 +416,8 @@ def attention_specs(q_shape, kv_shape, mesh_shape_: dict) -> tuple[P, P, P]:
 
 def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
                                ce_weights_BxT: jax.Array, z_weights_BxT: jax.Array, *, softcap: float = 0.0,
-                               chunk_tokens: int = 4096, impl: str = "xla") -> tuple[jax.Array, jax.Array, jax.Array]:
+                               chunk_tokens: int = 4096, impl: str = "xla",
+                               fp8: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(objective, cross-entropy [B, T], logsumexp [B, T]) with objective = sum(ce_weights * ce) +
   sum(z_weights * lse^2), its gradient formed in the forward pass (lmtiny.kernels.cross_entropy's
   fused loss; `impl` as there). Sharded as `sharded_linear_cross_entropy`; each batch shard returns its
@@ -392,7 +429,7 @@ def sharded_fused_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, tar
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     objective, ce_N, lse_N = loss_lib.fused_linear_cross_entropy(
         x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), ce_weights_BxT.reshape(-1),
-        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl)
+        z_weights_BxT.reshape(-1), start, softcap, chunk_tokens, axis_name, gather_axes, impl, fp8)
     return objective[None], ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh is None:
@@ -416,18 +453,20 @@ def _loss_axes(batch_size: int, w_shape, mesh_shape_: dict):
 
 
 def sharded_linear_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
-                         softcap: float = 0.0, chunk_tokens: int = 4096) -> tuple[jax.Array, jax.Array]:
+                         softcap: float = 0.0, chunk_tokens: int = 4096,
+                         fp8: bool = False) -> tuple[jax.Array, jax.Array]:
   """Per-token (cross-entropy, logsumexp) [B, T] float32 of logits x @ w, never materialising
   [B, T, V] (lmtiny.kernels.cross_entropy). Under a mesh it runs in `shard_map`: rows split over the batch axes,
   vocab columns over `tensor` (Megatron's vocab-parallel loss: three per-token all-reduces),
-  chunks of `chunk_tokens` tokens per device."""
+  chunks of `chunk_tokens` tokens per device. `fp8`: the lm_head GEMMs on fp8 operands, each
+  scaled by its device's block (lmtiny.kernels.cross_entropy)."""
   b, t, d = x_BxTxD.shape
   mesh = traced_mesh()
 
   def local(x_BxTxD, w_DxV, targets_BxT, axis_name=None, gather_axes=None):
     start = 0 if axis_name is None else jax.lax.axis_index(axis_name) * w_DxV.shape[1]
     ce_N, lse_N = loss_lib.linear_cross_entropy(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1), start,
-                                                softcap, chunk_tokens, axis_name, gather_axes)
+                                                softcap, chunk_tokens, axis_name, gather_axes, fp8)
     return ce_N.reshape(targets_BxT.shape), lse_N.reshape(targets_BxT.shape)
 
   if mesh is None:

@@ -253,6 +253,22 @@ def loop_bodies(hlo_text: str) -> str:
   return "\n".join(chunk for chunk, name in zip(chunks, names) if name and name.group(1) in bodies)
 
 
+def max_reductions(hlo_text: str, within: str | None = None) -> list[str]:
+  """The jax op names of the all-reduces with a max reduction in a compiled (HLO) module (all of
+  them, or those in the text `within`, e.g. `loop_bodies(hlo_text)`): an fp8 scale's global amax
+  left to the partitioner is one; the vocab-parallel loss's `pmax` another."""
+  chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
+  maxima = {m.group(1) for chunk in chunks if (m := re.match(r"%?([\w.\-]+) \(", chunk))
+            and re.search(r"ROOT %\S+ = \w+\[\] maximum\(", chunk)}
+  names = []
+  for line in (hlo_text if within is None else within).splitlines():
+    reduction = re.search(r"all-reduce(?:-start)?\(.*\bto_apply=%([\w.\-]+)", line)
+    if reduction and reduction.group(1) in maxima:
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      names.append(op_name.group(1) if op_name else "")
+  return names
+
+
 def ring_steps(hlo_text: str) -> Counter:
   """Weight-sized collective-permutes by element type: the steps of the rings XLA builds for
   all-gathers (of bf16 weights) and reduce-scatters (of gradients) it decomposes."""

@@ -114,21 +114,23 @@ def test_qk_scale_is_exactly_its_value_in_bf16():
 _BYTES = {"bf16": 2, "f32": 4, "f16": 2, "i32": 4, "s32": 4, "f8_e4m3fn": 1, "f8_e5m2": 1, "bool": 1}
 
 
-def _saved_activation_bytes(matmul_dtype: str, remat: str) -> int:
+def _saved_activation_bytes(matmul_dtype: str, remat: str, mesh_cfg=None) -> int:
   """Bytes of what the backward pass keeps (jax's saved residuals, the parameters excluded) for a
-  2-layer bf16 model whose block GEMMs are all fp8-eligible."""
+  2-layer bf16 model whose block GEMMs are all fp8-eligible (traced on the mesh `mesh_cfg` lays
+  over the 8 devices: sharded fp8 GEMMs run in shard_map)."""
   m = config_lib.base_config().model
   m.update(vocab_size=256, d_model=128, num_heads=2, head_dim=64, num_layers=2, max_seq_len=128, dtype="bfloat16",
            remat=remat, matmul_dtype=matmul_dtype, attention="xla")
   graph, params, rest = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param, ...)
-  tokens = jnp.zeros((4, 128), jnp.int32)
+  tokens = jnp.zeros((8, 128), jnp.int32)
 
   def loss(params):
     ce, _ = nnx.merge(graph, params, rest).token_losses(tokens, tokens)
     return ce.mean()
 
   out = io.StringIO()
-  with contextlib.redirect_stdout(out):
+  with (jax.set_mesh(sharding.make_mesh(mesh_cfg)) if mesh_cfg else contextlib.nullcontext(),
+        contextlib.redirect_stdout(out)):
     jax.ad_checkpoint.print_saved_residuals(loss, params)
   total = 0
   for line in out.getvalue().splitlines():
@@ -138,12 +140,14 @@ def _saved_activation_bytes(matmul_dtype: str, remat: str) -> int:
   return total
 
 
+@pytest.mark.parametrize("mesh_cfg", [None, dict(data=1, fsdp=8, tensor=1)], ids=["one_device", "fsdp8"])
 @pytest.mark.parametrize("remat", ["minimal", "dots"])
-def test_fp8_blocks_save_no_more_than_bf16_blocks(remat):
+def test_fp8_blocks_save_no_more_than_bf16_blocks(remat, mesh_cfg):
   """Policies that keep weight GEMMs' outputs keep an fp8 GEMM's output in bf16, by name, not its
-  dot's float32 accumulator (1.52x bf16's bytes under minimal before, 1.45x under dots)."""
+  dot's float32 accumulator (1.52x bf16's bytes under minimal before, 1.45x under dots); on fsdp=8
+  too, where the GEMM runs in shard_map (measured 0.97x bf16's bytes, the fp8 lm_head included)."""
   assert remat in REMAT_POLICIES
-  bf16, fp8 = _saved_activation_bytes("default", remat), _saved_activation_bytes("fp8", remat)
+  bf16, fp8 = (_saved_activation_bytes(dtype, remat, mesh_cfg) for dtype in ("default", "fp8"))
   assert bf16 > 0 and fp8 <= bf16, (fp8, bf16)
 
 
@@ -164,3 +168,27 @@ def test_a_table_held_whole_casts_the_rows_it_gathers_not_the_table():
   purpose (half the bytes), which is what the second count shows."""
   assert _table_casts(dict(data=8, fsdp=1, tensor=1)) == 0
   assert _table_casts(dict(data=1, fsdp=8, tensor=1)) >= 3
+
+
+def _lm_head_dots(fp8_lm_head: bool) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of the dots with a vocab-wide operand or result in the train step of a
+  2-layer fp8 model (d 128, vocab 384: the lm_head fp8-eligible, no other width 384) lowered for
+  cuda (the fused loss)."""
+  cfg = load_config_module("tiny_2026").get_config()
+  cfg.model.update(num_layers=2, d_model=128, num_heads=2, head_dim=64, vocab_size=384, max_seq_len=64,
+                   matmul_dtype="fp8", fp8_lm_head=fp8_lm_head)
+  cfg.train.update(seq_len=64, batch_tokens=4 * 64, micro_batch_size=4, device_batch_size=0)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  text, _, _ = lowering.lower_train_step(cfg, "cuda", sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  dots = re.findall(r"stablehlo\.dot_general .*: \(tensor<([\dx]+)x(\w+)>, tensor<([\dx]+)x(\w+)>\) -> tensor<([\dx]+)x", text)
+  return [(lhs, rhs) for lhs_dims, lhs, rhs_dims, rhs, out_dims in dots
+          if "384" in f"{lhs_dims}x{rhs_dims}x{out_dims}".split("x")]
+
+
+def test_the_lm_head_gemms_take_fp8_operands_with_fp8_lm_head():
+  """model.fp8_lm_head (on by default with matmul_dtype=fp8, as nanochat's --fp8): the loss's
+  logits, dx and dw GEMMs on e4m3/e5m2 operands; off, in bf16."""
+  on, off = _lm_head_dots(True), _lm_head_dots(False)
+  assert len(on) >= 3 and all(a.startswith("f8") and b.startswith("f8") for a, b in on), on
+  assert len(off) >= 3 and all(a == b == "bf16" for a, b in off), off
+  assert config_lib.base_config().model.fp8_lm_head
