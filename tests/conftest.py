@@ -6,6 +6,20 @@ import shutil
 import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _take_this_workers_share_of_the_cpus() -> None:
+  """Under `pytest -n N`, worker i keeps CPUs i, i+N, ... (and so do the processes it starts). XLA
+  spreads each program over every CPU it may use; with N workers on N cores that bought no speed
+  (the other worker held the other core) and cost CPU time in handing work between threads."""
+  worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+  if worker.startswith("gw") and count > 1 and hasattr(os, "sched_setaffinity"):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= count:
+      os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+
+
+_take_this_workers_share_of_the_cpus()
 from lm_fixtures import xla_flags  # noqa: E402  (imports no jax)
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()

@@ -107,12 +107,17 @@ def test_swept_step_equals_the_trainer_step_at_that_lr():
       # The swept LR is a traced scalar, the reference's a constant XLA folds in: the same update
       # to float32 rounding, measured against the update's own size. Adam's first step is about
       # lr * g / (|g| + eps), so an entry whose gradient is near eps (a token seen once) turns
-      # a rounding of g into up to 1e-3 of the step: a few such entries, none further off.
+      # a rounding of g into up to 1e-3 of the step: a few such entries, none further off. The
+      # rest agree to 1e-5 of the step, or to one float32 spacing of the parameter the update lands
+      # on (a norm scale near 1.0 moved by 1e-2 rounds to 1.2e-5 of its step: XLA's thread count
+      # decides such a rounding).
       for name, a, b, b0 in zip(param_groups(state["params"]), jax.tree.leaves(state["params"]),
                                 jax.tree.leaves(ref_state["params"]), jax.tree.leaves(before["params"])):
-        ref_update = np.asarray(b) - b0
-        off = np.abs((np.asarray(a) - b0) - ref_update) / np.abs(ref_update).max()
-        assert off.max() <= 1e-3 and np.mean(off > 1e-5) <= 1e-3, (name, off.max(), np.mean(off > 1e-5))
+        a, b = np.asarray(a), np.asarray(b)
+        step = np.abs(b - b0).max()
+        off = np.abs(a - b)
+        rounding = np.maximum(1e-5 * step, np.spacing(np.abs(b)))
+        assert off.max() <= 1e-3 * step and np.mean(off > rounding) <= 1e-3, (name, off.max() / step)
 
 
 @pytest.mark.slow(seconds=6)
