@@ -62,7 +62,8 @@ journey = pytest.fixture(scope="module")(journey_fixture)
 PROMISES = [
     (README, "pip install -e . && python -m lmtiny.train --config configs/tiny.py",
      ["done: 150 steps", "val bpb"], ["runs/tiny/checkpoints/150", "runs/tiny/loss.png", "runs/tiny/tokenizer.model"]),
-    (README, "python -m lmtiny.generate --workdir runs/tiny --prompt", ["decode"], []),
+    # --workdir relative to where the run was made, as typed after the demo (orbax wants absolute paths)
+    (README, "python -m lmtiny.generate --workdir runs/tiny --prompt", ["runs/tiny: step 150, ", "decode"], []),
     (README, "python -m lmtiny.sft", ["done: 4 steps"], ["runs/tiny/sft/config.json"]),
     (README, "python -m lmtiny.rl", [], ["runs/tiny/rl/config.json"]),
     (README, "python -m lmtiny.report", [], ["runs/tiny/report.md"]),
@@ -76,6 +77,9 @@ PROMISES = [
      ["hf/tiny/model.safetensors", "hf/tiny/modeling_lmtiny.py"]),
     ("docs/interop.md", "python -m lmtiny.export --workdir runs/tiny/sft", [],
      ["hf/tiny_sft/tokenizer_config.json::chat_template"]),
+    ("docs/interop.md", 'python -m lmtiny.generate --workdir runs/tiny --prompt "def fibonacci(n):"',
+     ["def fibonacci(n):", "--- sample 2 ---", "tok/s"], []),
+    ("docs/interop.md", 'echo "What is a list?" | python -m lmtiny.generate', ["assistant: "], []),
     ("docs/reliability.md", "python -m lmtiny.train", ["resumed from checkpoint at step 150", "done: 160 steps"], []),
 ]
 

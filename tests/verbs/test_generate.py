@@ -91,22 +91,10 @@ def test_chat_keeps_the_history_and_stops_at_assistant_end(loaded):
   assert out.getvalue() == "".join(f"assistant: {m['content']}\n" for m in history[1::2])
 
 
-def _cli(*argv, stdin=None, timeout=240, cwd=ROOT):
+def _cli(*argv, timeout=240):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
-  return subprocess.run([sys.executable, "-m", "lmtiny.generate", *argv], input=stdin, capture_output=True,
-                        text=True, cwd=cwd, env=env, timeout=timeout)
-
-
-@pytest.mark.slow(seconds=24)
-def test_cli_completion_and_piped_chat(run_dir):
-  done = _cli("--workdir", run_dir.path, "--prompt", "import os", "--max-new-tokens", "5", "--num-samples", "2",
-              "--seed", "3")
-  assert done.returncode == 0, done.stderr
-  assert done.stdout.count("import os") == 2 and "--- sample 2 ---" in done.stdout
-  assert "decode" in done.stderr and "tok/s" in done.stderr
-  chat = _cli("--workdir", run_dir.path, "--chat", "--max-new-tokens", "4", stdin="hi\nhow are you?\n")
-  assert chat.returncode == 0, chat.stderr
-  assert chat.stdout.count("assistant: ") == 2
+  return subprocess.run([sys.executable, "-m", "lmtiny.generate", *argv], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -118,7 +106,8 @@ def test_cli_completion_and_piped_chat(run_dir):
     (["--prompt", "hi", "--group-size", "7"], "--group-size=7: only applies with --quantize"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(run_dir, argv, message, capsys):
-  # in-process (the subprocess tests above and below check what a fresh interpreter prints)
+  # in-process (the subprocess tests below check what a fresh interpreter prints; the journeys type
+  # the documented commands: completion, --num-samples, piped chat, a relative --workdir)
   assert generate.main(["--workdir", run_dir.path, *argv]) == 2
   out, err = capsys.readouterr()
   assert err.count("\n") == 1 and err.startswith("error: ") and message in err
@@ -129,16 +118,6 @@ def test_cli_without_a_checkpoint_exits_2(tmp_path):
   done = _cli("--workdir", str(tmp_path), "--prompt", "hi")
   assert done.returncode == 2 and done.stderr.startswith("error: ") and "no checkpoint" in done.stderr
   assert os.listdir(tmp_path) == []  # nothing was created
-
-
-def test_cli_on_a_relative_workdir(run_dir, tmp_path):
-  """The README's next step after the demo, as typed: `--workdir runs/tiny` from the directory the
-  run was made in (orbax refuses relative paths; the loader makes them absolute)."""
-  shutil.copytree(run_dir.path, tmp_path / "runs" / "tiny")
-  done = _cli("--workdir", "runs/tiny", "--prompt", "def ", "--max-new-tokens", "3", cwd=tmp_path)
-  assert done.returncode == 0, done.stderr
-  assert done.stdout.startswith("def ") and done.stderr.startswith("runs/tiny: step 2, ")
-  assert "warning" not in done.stderr
 
 
 def _run_with_damaged(run_dir, tmp_path, damaged):
