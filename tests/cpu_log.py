@@ -3,11 +3,13 @@ its own process's user + system time (XLA's threads included) plus that of the p
 and waited for, setup and teardown included. Wall time doubles when the other worker is busy; CPU
 time does not, so this is the figure to cut when the suite must fit a time on two cores.
 
-With LMTINY_CPU_LOG=FILE set, every test appends "SECONDS NODEID" to FILE; .ci/run prints the
-costliest ones and the total by module.
+With LMTINY_CPU_LOG=FILE set, every test appends "SECONDS NODEID WORKER END" to FILE (END: the
+Unix time it finished, to see which worker ran last); .ci/run prints the costliest tests and the
+total by module.
 """
 import os
 import resource
+import time
 
 import pytest
 
@@ -26,4 +28,5 @@ def pytest_runtest_protocol(item, nextitem):
   yield
   if path:
     with open(path, "a", encoding="utf-8") as f:  # one short line per append: workers do not interleave
-      f.write(f"{_cpu_seconds() - start:.2f} {item.nodeid}\n")
+      worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+      f.write(f"{_cpu_seconds() - start:.2f} {item.nodeid} {worker} {time.time():.1f}\n")
