@@ -59,8 +59,7 @@ def _chunk_logits(x_CxD, w_DxV, softcap: float):
   """Logits [C, V] float32 of one chunk; `w_DxV` is the compute weight (`_compute_weight`): an
   array, or (fp8 values, inverse scale), whose GEMM quantizes the chunk by its own amax."""
   if isinstance(w_DxV, tuple):
-    x_fp8, x_inv = fp8_lib.quantize(x_CxD, fp8_lib.FORWARD_DTYPE)
-    logits_CxV = fp8_lib.scaled_dot(x_fp8, x_inv, *w_DxV, ((1,), (0,)), fp8_lib.FAST_ACCUMULATION, jnp.float32)
+    logits_CxV, _ = fp8_lib.forward_gemm(x_CxD, w_DxV, jnp.float32)
   else:
     logits_CxV = jnp.dot(x_CxD, w_DxV, preferred_element_type=jnp.float32)
   if softcap > 0:
@@ -174,11 +173,8 @@ def _input_grads(x_CxD, w_DxV, dlogits_CxV):
   compute dtype with float32 accumulation; for an fp8 weight, on fp8 operands (dlogits in e5m2 by
   the chunk's amax, x requantized as the forward did)."""
   if isinstance(w_DxV, tuple):
-    g_fp8, g_inv = fp8_lib.quantize(dlogits_CxV, fp8_lib.GRADIENT_DTYPE)
-    x_fp8, x_inv = fp8_lib.quantize(x_CxD, fp8_lib.FORWARD_DTYPE)
-    dx_CxD = fp8_lib.scaled_dot(g_fp8, g_inv, *w_DxV, ((1,), (1,)), fp8_lib.FULL_ACCUMULATION, x_CxD.dtype)
-    dw_DxV = fp8_lib.scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), fp8_lib.FULL_ACCUMULATION, jnp.float32)
-    return dx_CxD, dw_DxV
+    x_q = fp8_lib.quantize(x_CxD, fp8_lib.FORWARD_DTYPE)
+    return fp8_lib.gradient_gemms(dlogits_CxV, x_q, w_DxV, x_CxD.dtype, jnp.float32)
   dx_CxD = jnp.dot(dlogits_CxV, w_DxV.T, preferred_element_type=jnp.float32)
   dw_DxV = jnp.dot(x_CxD.T.astype(w_DxV.dtype), dlogits_CxV, preferred_element_type=jnp.float32)
   return dx_CxD.astype(x_CxD.dtype), dw_DxV

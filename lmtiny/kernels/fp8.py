@@ -104,12 +104,29 @@ def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
   return t_fp8, 1.0 / scale
 
 
-def scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
+def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
   """dot(a, b) on fp8 operands, float32 accumulation, times the inverse scales: the pattern
   XLA:GPU rewrites to one cuBLASLt fp8 GEMM."""
   acc = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
   return (acc * (a_inv * b_inv)).astype(out_dtype)
+
+
+def forward_gemm(x_MxK: Array, w_q: tuple[Array, Array], out_dtype) -> tuple[Array, tuple[Array, Array]]:
+  """x @ w, x quantized to e4m3 by its own amax, w given quantized (`quantize(w, FORWARD_DTYPE)`):
+  (x @ w in out_dtype, x's (fp8 values, inverse scale) for the backward)."""
+  x_q = quantize(x_MxK, FORWARD_DTYPE)
+  return _scaled_dot(*x_q, *w_q, ((1,), (0,)), FAST_ACCUMULATION, out_dtype), x_q
+
+
+def gradient_gemms(g_MxN: Array, x_q: tuple[Array, Array], w_q: tuple[Array, Array], dx_dtype,
+                   dw_dtype) -> tuple[Array, Array]:
+  """(dx, dw) of x @ w from the output's cotangent g (quantized to e5m2 by its own amax) and the
+  forward's quantized operands, both GEMMs with the full float32 accumulator."""
+  g_q = quantize(g_MxN, GRADIENT_DTYPE)
+  dx_MxK = _scaled_dot(*g_q, *w_q, ((1,), (1,)), FULL_ACCUMULATION, dx_dtype)
+  dw_KxN = _scaled_dot(*x_q, *g_q, ((0,), (0,)), FULL_ACCUMULATION, dw_dtype)
+  return dx_MxK, dw_KxN
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -124,21 +141,18 @@ def _forward(x_MxK, w_KxN, w_dtype, sum_axes, gather_k_axes, gather_n_axes):
     for axes, dim in ((gather_k_axes, 0), (gather_n_axes, 1)):
       if axes:
         w_KxN = jax.lax.all_gather(w_KxN, axes, axis=dim, tiled=True)
-  x_fp8, x_inv = quantize(x_MxK, FORWARD_DTYPE)
-  w_fp8, w_inv = quantize(w_KxN, FORWARD_DTYPE)
-  out_MxN = scaled_dot(x_fp8, x_inv, w_fp8, w_inv, ((1,), (0,)), FAST_ACCUMULATION, x_MxK.dtype)
+  w_q = quantize(w_KxN, FORWARD_DTYPE)
+  out_MxN, x_q = forward_gemm(x_MxK, w_q, x_MxK.dtype)
   if sum_axes:  # K is split over these axes: each device's dequantized partial product, summed
     out_MxN = jax.lax.psum(out_MxN, sum_axes)
-  return out_MxN, (x_fp8, x_inv, w_fp8, w_inv)
+  return out_MxN, (x_q, w_q)
 
 
 def _backward(w_dtype, sum_axes, gather_k_axes, gather_n_axes, residuals, g_MxN):
-  x_fp8, x_inv, w_fp8, w_inv = residuals
+  x_q, w_q = residuals
   if sum_axes:  # shard_map(check_vma=False) hands each device 1/n of a replicated cotangent
     g_MxN = g_MxN * jax.lax.psum(1, sum_axes)
-  g_fp8, g_inv = quantize(g_MxN, GRADIENT_DTYPE)
-  dx_MxK = scaled_dot(g_fp8, g_inv, w_fp8, w_inv, ((1,), (1,)), FULL_ACCUMULATION, g_MxN.dtype)
-  dw_KxN = scaled_dot(x_fp8, x_inv, g_fp8, g_inv, ((0,), (0,)), FULL_ACCUMULATION, w_dtype)
+  dx_MxK, dw_KxN = gradient_gemms(g_MxN, x_q, w_q, g_MxN.dtype, w_dtype)
   for axes, dim in ((gather_k_axes, 0), (gather_n_axes, 1)):
     if axes:  # back to this device's slice, summed over the devices that gathered it
       dw_KxN = jax.lax.psum_scatter(dw_KxN, axes, scatter_dimension=dim, tiled=True)
