@@ -409,20 +409,26 @@ def _hlo_collective(kind: str, types: str, line: str, cost: Cost) -> None:
     cost.roles[f"{collective_role(kind, name)}_{kind}_payload"] += size
 
 
+def computations(hlo_text: str) -> list[tuple[str, bool, str]]:
+  """A compiled (HLO) module's computations, in order: (name, whether it is the ENTRY, its text)."""
+  out = []
+  for chunk in re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text):
+    head = re.match(r"(ENTRY )?%?([\w.\-]+) \(", chunk)
+    if head:
+      out.append((head.group(2), bool(head.group(1)), chunk))
+  return out
+
+
 def compiled_collectives(hlo_text: str) -> Cost:
   """The cross-device ops of a compiled HLO module per step, by kind (`links`: payload and bytes
   over one chip's links as in `count`; `work`: how many ops run, by kind; `roles`: payload and
   ops by role and kind, `collective_role`, with `in_loops` the part inside `while` loops: the
   micro-step loop's), multiplied out through `while` bodies (XLA's known trip count; else once,
   counted in `unknown_loops`) and the computations ops call. Async pairs count once (their start)."""
-  chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
   own, edges, entry = {}, {}, None
-  for chunk in chunks:
-    head = re.match(r"(ENTRY )?%?([\w.\-]+) \(", chunk)
-    if head is None:
-      continue
-    name, cost, out = head.group(2), Cost(), []
-    entry = name if head.group(1) else entry
+  for name, is_entry, chunk in computations(hlo_text):
+    cost, out = Cost(), []
+    entry = name if is_entry else entry
     for line in chunk.splitlines()[1:]:
       op = _HLO_COLLECTIVE.match(line)
       if op:

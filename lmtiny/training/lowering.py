@@ -248,18 +248,15 @@ def loop_bodies(hlo_text: str) -> str:
   """The text of the computations a compiled (HLO) module runs as `while` bodies: what runs once
   per iteration (the step's micro-step loop, scanned layers)."""
   bodies = set(re.findall(r"\bwhile\(.*?\bbody=%([\w.\-]+)", hlo_text))
-  chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
-  names = [re.match(r"(?:ENTRY )?%?([\w.\-]+)", chunk) for chunk in chunks]
-  return "\n".join(chunk for chunk, name in zip(chunks, names) if name and name.group(1) in bodies)
+  return "\n".join(text for name, _, text in hlo_cost.computations(hlo_text) if name in bodies)
 
 
 def max_reductions(hlo_text: str, within: str | None = None) -> list[str]:
   """The jax op names of the all-reduces with a max reduction in a compiled (HLO) module (all of
   them, or those in the text `within`, e.g. `loop_bodies(hlo_text)`): an fp8 scale's global amax
   left to the partitioner is one; the vocab-parallel loss's `pmax` another."""
-  chunks = re.split(r"\n(?=ENTRY |%?[\w.\-]+ \()", hlo_text)
-  maxima = {m.group(1) for chunk in chunks if (m := re.match(r"%?([\w.\-]+) \(", chunk))
-            and re.search(r"ROOT %\S+ = \w+\[\] maximum\(", chunk)}
+  maxima = {name for name, is_entry, text in hlo_cost.computations(hlo_text)
+            if not is_entry and re.search(r"ROOT %\S+ = \w+\[\] maximum\(", text)}
   names = []
   for line in (hlo_text if within is None else within).splitlines():
     reduction = re.search(r"all-reduce(?:-start)?\(.*\bto_apply=%([\w.\-]+)", line)
