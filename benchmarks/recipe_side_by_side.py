@@ -12,6 +12,9 @@ the other way round (new with them, nanochat without): --batch-scaling on --nano
 The shape, for every recipe: depth 4, width 256, 4 heads x 64, MLP 4x relu^2, seq 512, vocab 8,192,
 8,192 tokens per step (16 rows of 512, no accumulation), float32 on CPU, one row = one causal
 sequence (documents meet inside a row with a BOS between them and attend across it, as in nanochat).
+--shape toy: the speedrun toy preset's model instead (configs/tiny_2026.py: width 192, 3 heads x 64,
+vocab 4,096, 16 rows of 256 = 4,096 tokens per step, 4.9M parameters), for a run of >= 1 token per
+parameter on this CPU (--steps 1220); nanochat gets n_embd=192, n_head=3 at the same depth.
   jan       lmtiny.config.nanochat_config(4) (nanochat at 962b6bf, 2026-01-04: Muon + AdamW, WSD with a
             20% linear warmdown to 0, no warmup), at the shape above.
   new       lmtiny.config.nanochat_leaderboard_config(4) (nanochat at 92d63d4: SSSL windows, short window 128
@@ -43,7 +46,7 @@ max(--steps, 900) steps, so a shorter run sees the prefix of the long run's batc
 nanochat's dataloader in tests/data/test_bestfit.py; buffer 1,000). The documents here are books and
 long articles, so the same training documents, in the same order, are first cut at paragraph breaks
 into web-page-sized pieces (log-normal lengths, median PIECE_CHARS characters); the pieces holding
-BESTFIT_TEXT_MARGIN x the rows' tokens are tokenized, shuffled once with a fixed seed and packed
+the shape's bestfit_margin x the rows' tokens are tokenized, shuffled once with a fixed seed and packed
 (every row starts with a BOS, whole pieces placed best-fit, the one that overflows cropped and its
 tail never trained on); step s of every recipe trains on the packer's s-th batch. The tokenizer and
 the validation rows are the same for both --rows.
@@ -119,7 +122,14 @@ DOC_SEPARATOR = "\n\n\x1e\n\n"
 WIKI_TITLE = re.compile(r"(?m)^(?== [^=].* =$)")  # zero-width: the title line starts the article
 BOOKS = "gutenberg_en_200MB.txt.gz"
 WIKI = "wikipedia_enwiki2016_plain.txt.gz"
-SHAPE = dict(depth=4, width=256, heads=4, head_dim=64, seq_len=512, vocab=8192, rows=16)
+# --shape: "bench" (the default), or "toy": the speedrun toy preset's model (configs/tiny_2026.py: width
+# 192, 3 heads, vocab 4,096, rows of 256, 4,096 tokens a step), small enough for >= 1 token per
+# parameter on a CPU. main() picks one before anything reads SHAPE or BATCH_TOKENS.
+# bestfit_margin (--rows bestfit): tokenize this many times the tokens the rows hold. Rows of 256 crop
+# a ~1,100-token piece each, so they use about one piece a row and need twice the text rows of 512 do.
+SHAPES = {"bench": dict(depth=4, width=256, heads=4, head_dim=64, seq_len=512, vocab=8192, rows=16, bestfit_margin=3),
+          "toy": dict(depth=4, width=192, heads=3, head_dim=64, seq_len=256, vocab=4096, rows=16, bestfit_margin=6)}
+SHAPE = dict(SHAPES["bench"])
 BATCH_TOKENS = SHAPE["rows"] * SHAPE["seq_len"]
 MIN_DATA_STEPS = 900           # rows are built for at least this many steps (a short run is a prefix)
 VAL_BOOK_CHARS = 100_000       # each held-out book gives its first ~100 KB
@@ -128,7 +138,6 @@ WARMUP_STEPS_UNTIMED = 3
 SEED = 0
 DATA_VERSION = 2
 PIECE_CHARS, PIECE_SIGMA = 2_000, 1.0  # --rows bestfit: web-page-sized pieces, log-normal lengths (chars)
-BESTFIT_TEXT_MARGIN = 3                # --rows bestfit: tokenize this many times the tokens the rows hold
 
 # base_train.py's defaults at 92d63d4
 NC_LRS = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5)
@@ -146,11 +155,13 @@ def parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--recipes", default=",".join(RECIPES), help="comma list of jan, new, nanochat")
   p.add_argument("--steps", type=int, default=900)
+  p.add_argument("--shape", choices=tuple(SHAPES), default="bench",
+                 help="bench: the shape below; toy: the speedrun toy preset's (configs/tiny_2026.py)")
   p.add_argument("--rows", choices=ROWS, default="contiguous",
                  help="training rows: contiguous slices of one token stream, or nanochat's best-fit rows")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-rows", type=int, default=384,
-                 help="validation rows of 513 tokens scored at each eval (a multiple of 16; 0 = all)")
+                 help="validation rows of seq_len + 1 tokens scored at each eval (a multiple of 16; 0 = all)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--batch-scaling", choices=("on", "off"), default="off",
                  help="new: nanochat's LR and weight-decay batch-size rules")
@@ -165,8 +176,15 @@ def parse_args(argv):
   p.add_argument("--cache", default="/tmp/recipe_side_by_side")
   p.add_argument("--out", default="", help="JSON results (default CACHE/result.json)")
   args = p.parse_args(argv)
+  use_shape(args.shape)
   check_args(args)
   return args
+
+
+def use_shape(name: str) -> None:
+  global BATCH_TOKENS
+  SHAPE.update(SHAPES[name])
+  BATCH_TOKENS = SHAPE["rows"] * SHAPE["seq_len"]
 
 
 def check_args(args) -> None:
@@ -306,7 +324,7 @@ def bestfit_rows(docs: list[np.ndarray], num_rows: int, bos_id: int, seed: int) 
   state = it.get_state()
   if state["next_index"] == len(docs):  # the buffer ran short (or out): no longer nanochat's rows
     raise UserError(f"--rows bestfit: {len(docs):,} pieces are too few for {num_rows:,} rows "
-                    f"(raise BESTFIT_TEXT_MARGIN)")
+                    f"(raise the shape's bestfit_margin)")
   used = sum(d.size + 1 for d in docs[:state["next_index"]]) - sum(docs[i].size + 1 for i in state["buffer"])
   rows = np.concatenate([b["tokens"] for b in batches])
   return rows, {"pieces": len(docs), "pieces_used": state["next_index"] - len(state["buffer"]),
@@ -357,7 +375,7 @@ def load_data(args) -> Data:
                      train_text_mb=round(sum(map(utf8_len, used_text)) / 1e6, 2),
                      train_tokens_per_byte_hint=round(len(train_stream) / sum(map(utf8_len, used_text)), 4))
   else:
-    docs = encode_documents(tok, web_pieces(train_docs, SEED), BESTFIT_TEXT_MARGIN * train_rows_needed * width,
+    docs = encode_documents(tok, web_pieces(train_docs, SEED), SHAPE["bestfit_margin"] * train_rows_needed * width,
                             args.threads)
     train_rows, rows_meta = bestfit_rows(docs, train_rows_needed, tok.bos_id, SEED)
   val_stream = np.concatenate(encode_documents(tok, split.val, None, args.threads))
@@ -463,8 +481,9 @@ def lmtiny_runner(name: str, args) -> Runner:
 
 
 def nc_config(gpt, depth: int):
-  """base_train's build_model_meta(depth) config at this shape (aspect 64, head dim 64)."""
-  base_dim = depth * NC_ASPECT
+  """base_train's build_model_meta(depth) config at this shape (aspect 64, head dim 64); the toy
+  shape's narrower width (3 heads of 64) is set directly, as base_train's --aspect-ratio 48 would."""
+  base_dim = depth * NC_ASPECT if depth != SHAPE["depth"] else SHAPE["width"]
   model_dim = -(-base_dim // SHAPE["head_dim"]) * SHAPE["head_dim"]
   heads = model_dim // SHAPE["head_dim"]
   return gpt.GPTConfig(sequence_len=SHAPE["seq_len"], vocab_size=SHAPE["vocab"], n_layer=depth, n_head=heads,
