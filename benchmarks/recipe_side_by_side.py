@@ -480,19 +480,18 @@ def lmtiny_runner(name: str, args) -> Runner:
   return Runner(train_step, token_losses, settings, close)
 
 
-def nc_config(gpt, depth: int):
-  """base_train's build_model_meta(depth) config at this shape (aspect 64, head dim 64); the toy
-  shape's narrower width (3 heads of 64) is set directly, as base_train's --aspect-ratio 48 would."""
-  base_dim = depth * NC_ASPECT if depth != SHAPE["depth"] else SHAPE["width"]
-  model_dim = -(-base_dim // SHAPE["head_dim"]) * SHAPE["head_dim"]
+def nc_config(gpt, depth: int, width: int):
+  """base_train's build_model_meta config at `depth` and model width `width` (head dim 64): base_train
+  sets width = depth x --aspect-ratio (64 by default; the toy shape's 192 at depth 4 is aspect 48)."""
+  model_dim = -(-width // SHAPE["head_dim"]) * SHAPE["head_dim"]
   heads = model_dim // SHAPE["head_dim"]
   return gpt.GPTConfig(sequence_len=SHAPE["seq_len"], vocab_size=SHAPE["vocab"], n_layer=depth, n_head=heads,
                        n_kv_head=heads, n_embd=model_dim, window_pattern="SSSL")
 
 
-def nc_scaling_params(gpt, depth: int) -> int:
+def nc_scaling_params(gpt, depth: int, width: int) -> int:
   with torch.device("meta"):
-    counts = gpt.GPT(nc_config(gpt, depth)).num_scaling_params()
+    counts = gpt.GPT(nc_config(gpt, depth, width)).num_scaling_params()
   return counts["transformer_matrices"] + counts["lm_head"]
 
 
@@ -500,8 +499,8 @@ def nc_batch_rules(gpt, batch_scaling: bool) -> tuple[float, float, dict]:
   """(LR scale, scaled weight decay, what went in), as base_train computes them for this batch."""
   if not batch_scaling:
     return 1.0, NC_WEIGHT_DECAY, {}
-  target_tokens = int(NC_RATIO * nc_scaling_params(gpt, SHAPE["depth"]))
-  d_ref = NC_RATIO * nc_scaling_params(gpt, 12)
+  target_tokens = int(NC_RATIO * nc_scaling_params(gpt, SHAPE["depth"], SHAPE["width"]))
+  d_ref = NC_RATIO * nc_scaling_params(gpt, 12, 12 * NC_ASPECT)  # base_train's reference model, d12
   lr_scale = (BATCH_TOKENS / NC_B_REF) ** 0.5
   wd = NC_WEIGHT_DECAY * math.sqrt(BATCH_TOKENS / NC_B_REF) * (d_ref / target_tokens)
   return lr_scale, wd, {"target_tokens": target_tokens, "d_ref": d_ref, "b_ref": NC_B_REF}
@@ -525,7 +524,7 @@ def nanochat_runner(args) -> Runner:
   gpt = import_nanochat(args.nanochat)
   torch.manual_seed(NC_SEED)
   with torch.device("meta"):
-    model = gpt.GPT(nc_config(gpt, SHAPE["depth"]))
+    model = gpt.GPT(nc_config(gpt, SHAPE["depth"], SHAPE["width"]))
   model.to_empty(device="cpu")
   model.init_weights()
   lr_scale, weight_decay, rule_inputs = nc_batch_rules(gpt, args.nanochat_batch_scaling == "on")
