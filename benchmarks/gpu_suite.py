@@ -165,11 +165,12 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
           f"{b.get('final_loss', float('nan')):.3f} |")
     lines.append("")
 
-  torch_runs = [r for r in runs if r["part"].startswith("torch")]
+  torch_runs = [r for r in runs if r["part"].startswith(("torch", "nanochat"))]
   if torch_runs:
-    lines += ["## PyTorch baseline (benchmarks/torch_reference.py --only torch): the same model, batch and "
-              "micro-batches; torch.compile, bf16 autocast over float32 weights, SDPA, AdamW (nanochat: Muon on "
-              "the block matrices); first step includes the compile", "",
+    lines += ["## PyTorch: torch-* runs are benchmarks/torch_reference.py --only torch (the same model, batch and "
+              "micro-batches; torch.compile, bf16 autocast over float32 weights, SDPA, AdamW where nanochat has Muon "
+              "on the block matrices); nanochat-* runs are nanochat's own scripts/base_train.py "
+              "(benchmarks/nanochat_train.py; MFU as base_train prints it). First step includes the compile", "",
               "| run | status | device | batch (accum) | dtype | compiled | first step s | step ms (median) | "
               "tokens/s | MFU causal-half | MFU nanochat | peak GiB | loss |",
               "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -196,6 +197,17 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
       torch_s = f"{q['torch_tokens_per_s']:,.0f}" if q["torch_tokens_per_s"] else "-"
       ratio = q["note"] if not q["ratio"] else f"{q['ratio']:.2f}x" + (f" ({q['note']})" if q["note"] != "-" else "")
       lines.append(f"| {q['config']} | {best} | {torch_s} | {ratio} |")
+    lines.append("")
+
+  pairs = lmtiny_vs_nanochat(runs)
+  if pairs:
+    lines += ["## lmtiny / nanochat: the same config, batch and GEMM dtype; tokens/s of lmtiny.bench (attention auto) "
+              "over nanochat's base_train (> 1: lmtiny faster)", "",
+              "| config | GEMMs | lmtiny tokens/s | nanochat tokens/s | ratio |", "|---|---|---:|---:|---:|"]
+    for q in pairs:
+      lm = f"{q['lmtiny_tokens_per_s']:,.0f}" if q["lmtiny_tokens_per_s"] else "-"
+      nc = f"{q['nanochat_tokens_per_s']:,.0f}" if q["nanochat_tokens_per_s"] else "-"
+      lines.append(f"| {q['config']} | {q['gemm']} | {lm} | {nc} | " + (f"{q['ratio']:.2f}x |" if q["ratio"] else f"{q['note']} |"))
     lines.append("")
 
   lines += infer_lines([r for r in runs if r["part"] == "infer"])
@@ -265,6 +277,29 @@ def lmtiny_vs_torch(runs: list[dict]) -> list[dict]:
   return out
 
 
+def lmtiny_vs_nanochat(runs: list[dict]) -> list[dict]:
+  """Each nanochat-CONFIG run (CONFIG-nanochat-GEMM) beside bench-CONFIG's run CONFIG-GEMM."""
+  out = []
+  for r in runs:
+    if not r["part"].startswith("nanochat-") or "-nanochat-" not in r["run"]:
+      continue
+    config, gemm = r["run"].split("-nanochat-")
+    bench = next((b for b in runs if b["part"] == f"bench-{config}" and b["run"] == f"{config}-{gemm}"
+                  and b["rc"] == "0" and (b["result"] or {}).get("tokens_per_s")), None)
+    nc = _torch_side(r) if r["rc"] == "0" else None
+    q = {"config": config, "gemm": gemm, "lmtiny_tokens_per_s": bench and bench["result"]["tokens_per_s"],
+         "nanochat_tokens_per_s": nc and nc["tokens_per_s"], "ratio": None, "note": "-"}
+    if bench and nc:
+      b, n = bench["result"], r["result"]
+      if (b.get("seq_len"), b.get("batch_tokens")) == (n.get("seq_len"), n.get("batch_tokens")):
+        q["ratio"] = q["lmtiny_tokens_per_s"] / q["nanochat_tokens_per_s"]
+      else:
+        q["note"] = (f"not comparable: lmtiny {b.get('batch_tokens')} tokens at seq {b.get('seq_len')}, "
+                     f"nanochat {n.get('batch_tokens')} at {n.get('seq_len')}")
+    out.append(q)
+  return out
+
+
 def summarize(work: str, out: str) -> None:
   env = _load(os.path.join(work, "env.json")) or {}
   runs = read_runs(work)
@@ -274,7 +309,8 @@ def summarize(work: str, out: str) -> None:
   os.makedirs(out, exist_ok=True)
   md = markdown(env, runs, meta)
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"meta": meta, "env": env, "runs": runs, "lmtiny_vs_torch": lmtiny_vs_torch(runs)}, f, indent=1)
+    json.dump({"meta": meta, "env": env, "runs": runs, "lmtiny_vs_torch": lmtiny_vs_torch(runs),
+               "lmtiny_vs_nanochat": lmtiny_vs_nanochat(runs)}, f, indent=1)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(md)
 

@@ -23,13 +23,24 @@ PARTs (default: all), run in the order given:
   torch-d20   the same as bench-d20 (d20 at 16 sequences per micro-step), 5 steps after 2
   torch       torch-d4 then torch-d20
   all         attention, bench-d4, bench-d20, torch-d4, torch-d20
+  bench-d12_2026  python -m lmtiny.bench, configs/d12_2026.py as configured (seq 2048, 524,288-token batch,
+              32 sequences per micro-step, sliding windows), attention auto, bf16 then fp8 GEMMs
+              (model.matmul_dtype=fp8), 8 steps after 2 warmup
+  nanochat-d12_2026  python benchmarks/nanochat_train.py: nanochat's own scripts/base_train.py from the
+              checkout in $NANOCHAT at the same shape (--depth 12, the same batch, micro-batch and
+              windows), bf16 then --fp8, 8 steps after 2 (its first compiles); figures from its step lines
+  bench-d24_2026, nanochat-d24_2026   the same for configs/d24_2026.py (1,048,576 tokens a step, 16
+              sequences per micro-step as runs/speedrun.sh), 4 steps after 1 / 2
+  2026        bench-d12_2026 nanochat-d12_2026 bench-d24_2026 nanochat-d24_2026: nanochat's 2026 recipe,
+              lmtiny beside nanochat HEAD on the same GPU
   infer       python benchmarks/infer.py (not in all: all's logs and summary already fill the 8 files
               a device call brings back): time to first token, decode tokens/s per request and in
               total, memory-bandwidth utilisation against the chip's HBM figure; d4_38m then d20 at
               random weights, batch 1 8 32 128, prompt 16 and 512, 128 new tokens, median of 3
-Backends per bench run: cudnn, auto (on a GPU in bf16 lmtiny picks cudnn; the summary records
+Backends per bench-d4/bench-d20 run: cudnn, auto (on a GPU in bf16 lmtiny picks cudnn; the summary records
 whether the compiled step really calls cuDNN), xla. The summary divides lmtiny's best tokens/s
-(over backends) by PyTorch's for each config both ran.
+(over backends) by PyTorch's for each config both ran, and each 2026 lmtiny run by nanochat's run
+of the same config and GEMM dtype.
 
 First, if $WHEELS holds wheels (benchmarks/gpu_wheels.sh fetches them), installs them with
 pip --no-index --no-deps into $SITE and puts that on PYTHONPATH; prints nvidia-smi, versions,
@@ -52,6 +63,11 @@ environment:
   EXTRA_BENCH_FLAGS   more flags for every bench run, e.g. "--config.model.remat=full"
   EXTRA_TORCH_FLAGS   more flags for every torch run, e.g. "--set train.device_batch_size=32"
                       (nanochat's own d20 micro-batch; the last --set wins)
+  NANOCHAT=.nanochat  a nanochat checkout (git clone https://github.com/karpathy/nanochat; carry it to
+                      the GPU box): the nanochat-* parts run its scripts/base_train.py
+  WINDOW_PATTERN=P    the 2026 parts' window pattern for both sides (default: the config's SSSL); nanochat
+                      without Flash Attention 3 (fetched from the Hugging Face hub, so absent offline)
+                      runs S layers through SDPA with a mask: WINDOW_PATTERN=L compares full attention
   EXTRA_INFER_FLAGS   more flags for every infer run, e.g. "--new-tokens 256" (the last one wins)
   PYTHON=python3      the interpreter; WHEELS=.whl (empty: install nothing); SITE=/tmp/site
   SMOKE=1             the same code paths on CPU in seconds: JAX_PLATFORMS=cpu, attention.py at
@@ -78,8 +94,11 @@ while (($#)); do
     all) PARTS+=(attention bench-d4 bench-d20 torch-d4 torch-d20) ;;
     bench) PARTS+=(bench-d4 bench-d20) ;;
     torch) PARTS+=(torch-d4 torch-d20) ;;
+    2026) PARTS+=(bench-d12_2026 nanochat-d12_2026 bench-d24_2026 nanochat-d24_2026) ;;
     attention|bench-d4|bench-d20|torch-d4|torch-d20|infer) PARTS+=("$1") ;;
-    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench torch-d4 torch-d20 torch all infer;" \
+    bench-d12_2026|nanochat-d12_2026|bench-d24_2026|nanochat-d24_2026) PARTS+=("$1") ;;
+    *) die "unknown part or option '$1' (parts: attention bench-d4 bench-d20 bench torch-d4 torch-d20 torch all" \
+         "bench-d12_2026 nanochat-d12_2026 bench-d24_2026 nanochat-d24_2026 2026 infer;" \
          "see --help)" ;;
   esac
   shift
@@ -90,6 +109,7 @@ SMOKE="${SMOKE:-0}"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${WHEELS-.whl}"
 SITE="${SITE:-/tmp/site}"
+NANOCHAT="${NANOCHAT:-.nanochat}"
 BUDGET_S="${BUDGET_S:-570}"
 MIN_RUN_S=45   # a run with less than this cannot even compile d20: skip it and say so
 RESERVE_S=15   # kept back for the last summary
@@ -257,6 +277,57 @@ part_bench_d20() {
   bench_part bench-d20 d20 300 5 1 "${flags[@]}"
 }
 
+# recipe_bench CONFIG LIMIT_S STEPS WARMUP: lmtiny.bench on configs/CONFIG.py as configured, attention
+# auto, once with bf16 GEMMs and once with fp8 (runs CONFIG-bf16, CONFIG-fp8 of part bench-CONFIG).
+recipe_bench() {
+  local config=$1 limit=$2 steps=${STEPS:-$3} warmup=${WARMUP:-$4}
+  local flags=(--config "configs/$config.py") variants=(bf16 fp8)
+  [[ -z "${WINDOW_PATTERN+x}" ]] || flags+=("--config.model.window_pattern=$WINDOW_PATTERN")
+  if [[ "$SMOKE" == 1 ]]; then  # the 2026 recipe's toy model, one micro-batch, bf16 only (no fp8 on CPU)
+    flags=(--config configs/tiny_2026.py --config.model.num_layers=2 --config.train.seq_len=64
+           --config.train.batch_tokens=512 --config.train.device_batch_size=0)
+    variants=(bf16) steps=1 warmup=0 limit=120
+  fi
+  local v gemm
+  for v in "${variants[@]}"; do
+    gemm=()
+    [[ "$v" == fp8 ]] && gemm=(--config.model.matmul_dtype=fp8)
+    step "bench-$config" "$config-$v" "$limit" "$WORK/bench-$config-$v.json" "$PYTHON" -m lmtiny.bench "${flags[@]}" \
+      --config.model.dtype=bfloat16 --config.model.attention=auto ${gemm[@]+"${gemm[@]}"} --steps "$steps" \
+      --warmup "$warmup" --json "$WORK/bench-$config-$v.json" ${EXTRA[@]+"${EXTRA[@]}"}
+  done
+}
+
+# recipe_nanochat CONFIG DEPTH DEVICE_BATCH BATCH_TOKENS LIMIT_S STEPS WARMUP: nanochat's scripts/base_train.py
+# from $NANOCHAT at the same shape as lmtiny.bench's run of CONFIG (BATCH_TOKENS: the batch lmtiny's
+# recipe resolves for it), bf16 then --fp8 (runs CONFIG-nanochat-bf16, -fp8 of part nanochat-CONFIG).
+recipe_nanochat() {
+  local config=$1 depth=$2 batch=$3 tokens=$4 limit=$5 steps=${STEPS:-$6} warmup=${WARMUP:-$7}
+  local part="nanochat-$config" flags variants=(bf16 fp8) v
+  flags=(--depth "$depth" --device-batch-size "$batch" --total-batch-size "$tokens"
+         --window-pattern "${WINDOW_PATTERN:-SSSL}")
+  if [[ "$SMOKE" == 1 ]]; then  # the bench smoke's shape on CPU, float32 (nanochat's CPU dtype)
+    flags=(--depth 2 --device-batch-size 8 --max-seq-len 64 --total-batch-size 512 --vocab-size 4096
+           --device-type cpu) variants=(bf16) steps=1 warmup=1 limit=120
+  fi
+  if [[ ! -f "$NANOCHAT/scripts/base_train.py" ]]; then
+    log "$part" "=== $part: failed: no nanochat checkout at NANOCHAT=$NANOCHAT" \
+      "(git clone https://github.com/karpathy/nanochat $NANOCHAT)"
+    ((DRY)) || printf '%s\t%s\t1\t0\t0\t\tno nanochat checkout at NANOCHAT=%s\n' "$part" "$config-nanochat" "$NANOCHAT" \
+      >>"$WORK/runs.tsv"
+    FAILED=1
+    write_summary
+    return 0
+  fi
+  for v in "${variants[@]}"; do
+    local fp8=()
+    [[ "$v" == fp8 ]] && fp8=(--fp8)
+    step "$part" "$config-nanochat-$v" "$limit" "$WORK/$part-$v.json" "$PYTHON" benchmarks/nanochat_train.py \
+      --nanochat "$NANOCHAT" "${flags[@]}" ${fp8[@]+"${fp8[@]}"} --steps "$steps" --warmup "$warmup" \
+      --json "$WORK/$part-$v.json"
+  done
+}
+
 # torch_part PART CONFIG_NAME LIMIT_S STEPS WARMUP FLAGS...: the PyTorch side alone (--only torch;
 # lmtiny's figure for the same config comes from the bench part), written to $WORK/PART.json.
 torch_part() {
@@ -314,6 +385,10 @@ for part in "${PARTS[@]}"; do
     bench-d20) part_bench_d20 ;;
     torch-d4) part_torch_d4 ;;
     torch-d20) part_torch_d20 ;;
+    bench-d12_2026) recipe_bench d12_2026 240 8 2 ;;
+    nanochat-d12_2026) recipe_nanochat d12_2026 12 32 524288 300 8 2 ;;
+    bench-d24_2026) recipe_bench d24_2026 300 4 1 ;;
+    nanochat-d24_2026) recipe_nanochat d24_2026 24 16 1048576 360 4 2 ;;
     infer) part_infer ;;
   esac
 done
