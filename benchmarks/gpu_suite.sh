@@ -40,7 +40,9 @@ PARTs (default: all), run in the order given:
 Backends per bench-d4/bench-d20 run: cudnn, auto (on a GPU in bf16 lmtiny picks cudnn; the summary records
 whether the compiled step really calls cuDNN), xla. The summary divides lmtiny's best tokens/s
 (over backends) by PyTorch's for each config both ran, and each 2026 lmtiny run by nanochat's run
-of the same config and GEMM dtype.
+of the same config and GEMM dtype. Every lmtiny.bench run (bench-* parts) also traces one step after its
+timed ones (--profile into the scratch dir), so its log ends with where that step's device time went:
+shares in matmul, attention, collectives, elementwise and idle, and the top operations.
 
 First, if $WHEELS holds wheels (benchmarks/gpu_wheels.sh fetches them), installs them with
 pip --no-index --no-deps into $SITE and puts that on PYTHONPATH; prints nvidia-smi, versions,
@@ -253,7 +255,8 @@ bench_part() {
   for b in "${BACKEND_LIST[@]}"; do
     local result="$WORK/$part-$b.json"
     step "$part" "$name-$b" "$limit" "$result" "$PYTHON" -m lmtiny.bench "${flags[@]}" --config.model.dtype=bfloat16 \
-      "--config.model.attention=$b" --steps "$steps" --warmup "$warmup" --json "$result" ${EXTRA[@]+"${EXTRA[@]}"}
+      "--config.model.attention=$b" --steps "$steps" --warmup "$warmup" --json "$result" \
+      --profile "$WORK/profile-$part-$b" ${EXTRA[@]+"${EXTRA[@]}"}
   done
 }
 
@@ -294,7 +297,8 @@ recipe_bench() {
     [[ "$v" == fp8 ]] && gemm=(--config.model.matmul_dtype=fp8)
     step "bench-$config" "$config-$v" "$limit" "$WORK/bench-$config-$v.json" "$PYTHON" -m lmtiny.bench "${flags[@]}" \
       --config.model.dtype=bfloat16 --config.model.attention=auto ${gemm[@]+"${gemm[@]}"} --steps "$steps" \
-      --warmup "$warmup" --json "$WORK/bench-$config-$v.json" ${EXTRA[@]+"${EXTRA[@]}"}
+      --warmup "$warmup" --json "$WORK/bench-$config-$v.json" --profile "$WORK/profile-bench-$config-$v" \
+      ${EXTRA[@]+"${EXTRA[@]}"}
   done
 }
 

@@ -14,6 +14,10 @@ then per token of the global batch the FLOPs, bytes and collective bytes the low
 (lmtiny.training.hlo_cost, lmtiny.training.step_cost) and the MFU they bound on an H100, a v5p and a v6e
 (lmtiny.plan.roofline); `--json PATH` writes those figures;
 `--hlo-out FILE` also writes the lowered step's StableHLO there, so anyone can count what it does.
+`--profile DIR` traces one more step after the timed ones with jax.profiler into DIR (a new or empty
+directory; lmtiny.training.profiling) and prints where its device time went: the shares in matmuls,
+attention, collectives, elementwise work and idle, and the top operations (lmtiny.runs.trace_summary);
+`--json` holds that summary as "profile".
 `--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
 XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
 
@@ -24,6 +28,7 @@ MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags
@@ -49,7 +54,24 @@ def _define_flags(fv):
                                           "XLA's memory figure (implies --compile-only).", flag_values=fv),
           "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv),
           "hlo_out": flags.DEFINE_string("hlo_out", None, "With --lower-for: also write the lowered step's "
-                                         "StableHLO text to this file.", flag_values=fv)}
+                                         "StableHLO text to this file.", flag_values=fv),
+          "profile": flags.DEFINE_string("profile", None, "A new or empty directory: trace one more step after "
+                                         "the timed ones there and print where its device time went.",
+                                         flag_values=fv)}
+
+
+def _check_profile_dir(values) -> None:
+  """--profile names a local directory lmtiny.bench may fill: a timed run's, new or empty (no command
+  writes among files it did not create)."""
+  path = values["profile"]
+  modes = [f"--{name.replace('_', '-')}" for name in ("compile_only", "topology", "lower_for") if values[name]]
+  if modes:
+    raise ConfigError(f"--profile={path}: traces a timed step; {modes[0]} runs none")
+  if not path or "://" in path:
+    raise ConfigError(f"--profile={path}: name a local directory (jax.profiler writes local files only)")
+  outputs.check_output_dir(path, "--profile")
+  if os.path.isdir(path) and os.listdir(path):
+    raise ConfigError(f"--profile={path}: exists and is not empty; name a new or empty directory")
 
 
 def run(argv: list[str]) -> int:
@@ -67,6 +89,8 @@ def run(argv: list[str]) -> int:
     if not values["lower_for"]:
       raise ConfigError("--hlo-out needs --lower-for cuda|tpu (it writes the lowered step)")
     outputs.check_output_file(values["hlo_out"], "--hlo-out")
+  if values["profile"] is not None:
+    _check_profile_dir(values)
   if values["lower_for"]:
     text, summary = lowering.report(cfg, values["lower_for"])
     figures = step_cost.report(text, cfg, values["lower_for"])
@@ -79,7 +103,7 @@ def run(argv: list[str]) -> int:
       files.atomic_write_json(values["json"], {"platform": values["lower_for"], "per_token": figures})
     return 0
   report = (compile_report(cfg, values["topology"]) if values["compile_only"] or values["topology"]
-            else benchmark(cfg, steps=values["steps"], warmup=values["warmup"]))
+            else benchmark(cfg, steps=values["steps"], warmup=values["warmup"], profile_dir=values["profile"]))
   print(format_report(report, cfg))
   if values["json"]:
     epath.Path(values["json"]).parent.mkdir(parents=True, exist_ok=True)

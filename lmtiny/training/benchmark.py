@@ -21,7 +21,7 @@ from lmtiny.model import attention as attn_lib, transformer as model_lib
 from lmtiny.plan import counts, memory
 from lmtiny.plan.units import human, human_bytes
 from lmtiny.runs import metrics as metrics_lib
-from lmtiny.training import lowering
+from lmtiny.training import lowering, profiling
 from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps, device_batch
 
@@ -86,8 +86,10 @@ def compile_report(cfg, topology: str | None = None) -> dict:
           "reductions_in_loops": dict(lowering.gradient_reductions(lowering.loop_bodies(hlo_text)))}
 
 
-def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
-  """Compile once, run `warmup` untimed steps, then time `steps` steps one by one."""
+def benchmark(cfg, steps: int = 20, warmup: int = 2, profile_dir: str | None = None) -> dict:
+  """Compile once, run `warmup` untimed steps, then time `steps` steps one by one. With
+  `profile_dir`, then trace one more step there (lmtiny.training.profiling, not timed): its summary
+  is the report's "profile"."""
   run = resolve_run(cfg)
   cfg, mesh = run.cfg, run.mesh
   bench_steps = build_steps(cfg, mesh, total_steps=max(steps + warmup, 2))
@@ -100,13 +102,16 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
     compile_s = time.perf_counter() - t0
     xla_memory = memory_analysis(compiled)
     cudnn_attention = cudnn_attention_in_hlo(compiled)
-    times = []
+    times, profile = [], {}
     for i in range(warmup + steps):
       t0 = time.perf_counter()
       state, m = compiled(state, batch)
       jax.block_until_ready(m["loss"])
       if i >= warmup:
         times.append(time.perf_counter() - t0)
+    if profile_dir:
+      jax.block_until_ready(state)  # the trace holds the profiled step's work only
+      profile = {"profile": profiling.profile_call(profile_dir, lambda: compiled(state, batch))}
   median = statistics.median(times)
   tokens_per_s = cfg.train.batch_tokens / median
   flops = counts.train_flops_per_token(cfg.model, cfg.train.seq_len)
@@ -117,7 +122,8 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2) -> dict:
           "estimate": estimate(cfg, mesh), "step_times": times,
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
           "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
-          "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape)}
+          "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
+          **profile}
 
 
 def format_memory(r: dict) -> list[str]:
@@ -179,7 +185,18 @@ def format_report(r: dict, cfg) -> str:
       f"MFU          {mfu}",
       f"attention    model.attention={r['attention']}; cuDNN fused attention in the compiled step: {cudnn}",
       f"peak memory  {mem} (runtime)",
-  ] + format_memory(r))
+  ] + format_memory(r) + format_profile(r))
+
+
+def format_profile(r: dict) -> list[str]:
+  """With --profile: the profiled step's shares of device time and top operations, and its trace."""
+  if "profile" not in r:
+    return []
+  summary = r["profile"]
+  if summary is None:
+    return ["profile: no perfetto_trace.json.gz appeared (jax.profiler wrote no trace)"]
+  return profiling.format_profile(summary, steps=1, span="1 step after the timed ones") + [
+      f"profile: trace {summary['trace']} (ui.perfetto.dev; TensorBoard's Profile tab)"]
 
 
 def report_json(r: dict, cfg) -> dict:

@@ -11,12 +11,13 @@ cadence (an evaluation, a sample). Then it prints the summary of lmtiny.runs.tra
 of device time in matmuls, attention, collectives, elementwise work and idle; the top operations)
 and writes it to RUN/profile/summary.md and summary.json. Only process 0 traces (its own devices).
 Host tracing runs at level 3, so XLA:CPU's operations appear too; Python is not traced.
+`python -m lmtiny.bench --profile DIR` traces one step the same way (profile_call).
 """
 from __future__ import annotations
 
 import glob
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from etils import epath
@@ -29,6 +30,47 @@ PROFILE_DIR = "profile"
 
 def _traces(logdir: str) -> set[str]:
   return set(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
+
+
+def start_trace(logdir: str) -> set[str]:
+  """Starts a jax.profiler trace into `logdir` (see the module's docstring for its options); returns
+  the traces already there, for summarize_new_trace."""
+  os.makedirs(logdir, exist_ok=True)
+  before = _traces(logdir)
+  options = jax.profiler.ProfileOptions()
+  options.host_tracer_level = 3  # XLA:CPU's thunks (its "device" operations) are host events at level 3
+  options.python_tracer_level = 0
+  jax.profiler.start_trace(logdir, create_perfetto_trace=True, profiler_options=options)
+  return before
+
+
+def summarize_new_trace(logdir: str, before: set[str]) -> dict | None:
+  """lmtiny.runs.trace_summary's summary of the newest trace under `logdir` not in `before` (read
+  with the HLO its .xplane.pb holds), plus its path (`trace`) and the backend; None if none appeared."""
+  new = sorted(_traces(logdir) - before, key=os.path.getmtime)
+  if not new:
+    return None
+  planes = glob.glob(os.path.join(os.path.dirname(new[-1]), "*.xplane.pb"))
+  hlo = trace_summary.hlo_ops(epath.Path(planes[0]).read_bytes()) if planes else None
+  summary = trace_summary.summarize(trace_summary.load_trace(new[-1]), hlo=hlo)
+  summary.update(trace=new[-1], backend=jax.default_backend())
+  return summary
+
+
+def format_profile(summary: dict, *, steps: int, span: str) -> list[str]:
+  """The summary's lines (trace_summary.format_summary), headed `profile: SPAN on BACKEND: `."""
+  return trace_summary.format_summary(summary, steps=steps, header=f"profile: {span} on {summary['backend']}: ")
+
+
+def profile_call(logdir: str, call: Callable[[], Any]) -> dict | None:
+  """Traces one `call()` (whatever it returns is waited for; wait for its inputs before) into
+  `logdir` and returns summarize_new_trace's summary of it."""
+  before = start_trace(logdir)
+  try:
+    jax.block_until_ready(call())
+  finally:
+    jax.profiler.stop_trace()
+  return summarize_new_trace(logdir, before)
 
 
 class StepProfiler:
@@ -64,12 +106,7 @@ class StepProfiler:
     """Called before the update that makes step `step` (1-based)."""
     if self.enabled and not self.active and step == self.first:
       jax.block_until_ready(state)  # the trace holds this window's work only
-      os.makedirs(self.logdir, exist_ok=True)
-      self._before = _traces(self.logdir)
-      options = jax.profiler.ProfileOptions()
-      options.host_tracer_level = 3  # XLA:CPU's thunks (its "device" operations) are host events at level 3
-      options.python_tracer_level = 0
-      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True, profiler_options=options)
+      self._before = start_trace(self.logdir)
       self.active = True
 
   def after_step(self, step: int, state) -> None:
@@ -85,21 +122,17 @@ class StepProfiler:
       return
     self.active = False
     jax.profiler.stop_trace()
-    new = sorted(_traces(self.logdir) - self._before, key=os.path.getmtime)
-    if not new:
+    summary = summarize_new_trace(self.logdir, self._before)
+    if summary is None:
       self.log(f"profile: no perfetto_trace.json.gz appeared under {self.logdir}")
       return
     steps = step - self.first + 1
     span = f"steps {self.first}-{step}" if steps > 1 else f"step {step}"
-    planes = glob.glob(os.path.join(os.path.dirname(new[-1]), "*.xplane.pb"))
-    hlo = trace_summary.hlo_ops(epath.Path(planes[0]).read_bytes()) if planes else None
-    summary = trace_summary.summarize(trace_summary.load_trace(new[-1]), hlo=hlo)
-    summary.update(first_step=self.first, last_step=step, trace=new[-1], backend=jax.default_backend())
-    lines = trace_summary.format_summary(summary, steps=steps,
-                                         header=f"profile: {span} on {jax.default_backend()}: ")
+    summary.update(first_step=self.first, last_step=step)
+    lines = format_profile(summary, steps=steps, span=span)
     md = os.path.join(self.logdir, "summary.md")
-    atomic_write(md, ("# Profile\n\n```text\n" + "\n".join(lines) + f"\n```\n\ntrace: {new[-1]}\n").encode())
+    atomic_write(md, ("# Profile\n\n```text\n" + "\n".join(lines) + f"\n```\n\ntrace: {summary['trace']}\n").encode())
     atomic_write_json(os.path.join(self.logdir, "summary.json"), summary)
     for line in lines:
       self.log(line)
-    self.log(f"profile: trace {new[-1]} (tensorboard --logdir {self.logdir}; ui.perfetto.dev) | summary {md}")
+    self.log(f"profile: trace {summary['trace']} (tensorboard --logdir {self.logdir}; ui.perfetto.dev) | summary {md}")

@@ -47,3 +47,35 @@ def test_flops_conventions_differ_by_the_attention_half():
   half, full = counts.train_flops_per_token(m, 2048), counts.train_flops_per_token(m, 2048, "nanochat")
   assert full - half == 6 * m.num_layers * 2048 * m.num_heads * 128
   assert counts.PEAK_FLOPS["h100_pcie"] == 756e12 and counts.PEAK_FLOPS["a100"] == 312e12
+
+
+@pytest.mark.slow(seconds=6)
+def test_profile_traces_one_step_after_the_timed_ones_and_prints_where_its_time_went(capsys, tmp_path):
+  out = _run(capsys, "--steps=1", "--warmup=0", f"--profile={tmp_path / 'prof'}", f"--json={tmp_path / 'r.json'}")
+  assert re.search(r"profile: 1 step after the timed ones on cpu: \d+ devices? \| [\d.]+ ms per step per device", out)
+  shares = re.search(r"share of device time: matmul ([\d.]+)% \| attention ([\d.]+)% \| collectives ([\d.]+)% \| "
+                     r"elementwise ([\d.]+)% \| idle ([\d.]+)%", out)
+  assert shares, out
+  assert float(shares.group(1)) > 0 and sum(map(float, shares.groups())) == pytest.approx(100, abs=0.5)
+  r = json.loads((tmp_path / "r.json").read_text())
+  assert len(r["step_times"]) == 1  # the profiled step is not among the timed ones
+  profile = r["profile"]
+  assert profile["shares"]["matmul"] == pytest.approx(float(shares.group(1)) / 100, abs=1e-3)
+  assert profile["top"] and all(t["op"].endswith(" @ jit_train_step") for t in profile["top"])  # that step only
+  assert all(f"  {t['op']} " in out for t in profile["top"])
+  trace = profile["trace"]
+  assert trace.startswith(str(tmp_path / "prof")) and os.path.isfile(trace) and f"profile: trace {trace}" in out
+
+
+def test_profile_refuses_a_non_empty_directory_and_runs_that_time_no_step(capsys, tmp_path):
+  theirs = tmp_path / "theirs"
+  theirs.mkdir()
+  (theirs / "notes.txt").write_text("not lmtiny's")
+  config = ["bench", "--config", os.path.join(ROOT, "configs", "tiny.py"), *SMALL]
+  for flags, says in (([f"--profile={theirs}"], "exists and is not empty"),
+                      ([f"--profile={tmp_path / 'new'}", "--compile-only"], "--compile-only runs none")):
+    assert bench.main([*config, *flags, f"--json={tmp_path / 'r.json'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --profile=") and says in err and len(err.splitlines()) == 1, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs"]  # nothing written, not even the report
+  assert os.listdir(theirs) == ["notes.txt"]
