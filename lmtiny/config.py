@@ -202,7 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_step=-1,          # its checkpoint step; -1 = the newest
       merged_from="",        # set by `lmtiny.lora merge`: the LoRA run and step this full run was merged from
       sources="embedded_chat:1.0",  # weighted mixture "spec:weight,..." (lmtiny.chat.conversations)
-      steps=150,
+      steps=150,             # 0: one epoch of the `nanochat` mixture, the LR over its progress (nanochat's default)
       lr=1e-3,               # peak matrix LR (replaces optim.lr; embed/unembed LRs stay), optim's schedule
       warmup_steps=10,
       init_lr_frac=1.0,      # every group's LR schedule x this (nanochat's SFT: 0.8 of the base's LRs)
@@ -446,7 +446,7 @@ def validate_rl(r) -> None:
 
 def validate_sft(s) -> None:
   """The sft section's fields, named as the user set them (they become train.* / optim.* fields)."""
-  for name, low, why in (("steps", 1, "must be a positive integer"),
+  for name, low, why in (("steps", 0, "must be an integer >= 0 (0 = one epoch of the nanochat mixture)"),
                          ("lr", None, "must be > 0"),
                          ("warmup_steps", 0, "must be an integer >= 0"),
                          ("chat_eval_every", 0, "must be an integer >= 0 (0 = off)"),

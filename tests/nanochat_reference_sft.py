@@ -139,3 +139,54 @@ def sft_batches(dataset, render_fn, bos, batch_size, seq_len, buffer_size=100, r
       if n < capacity:
         targets[r, n - 1:] = -1
     yield inputs, targets
+
+
+def sft_epoch(dataset, render_fn, batch_size, seq_len, grad_accum, warmdown_ratio=0.5, final_lr_frac=0.0,
+              buffer_size=100, rank=0, world=1):
+  """nanochat's one-epoch SFT (--num-iterations=-1) as one rank runs it: the progress its optimizer
+  step s reads, one per trained step. Its generator counts `consumed` (rank, plus world per
+  conversation placed) and, once a batch has been built, sets approx_progress = consumed / size and
+  last_step when consumed >= size; the loop fetches the next micro-batch after each forward/backward,
+  takes progress = max(progress, approx_progress), and checks last_step before each step."""
+  capacity = seq_len + 1
+  state = {"buffer": [], "cursor": rank, "consumed": rank, "approx": 0.0, "last": False}
+
+  def next_batch():
+    buffer = state["buffer"]
+    for _ in range(batch_size):
+      row = 0
+      while row < capacity:
+        while len(buffer) < buffer_size:
+          buffer.append(len(render_fn(dataset[state["cursor"]])[0]))
+          state["cursor"] = (state["cursor"] + world) % len(dataset)
+        room = capacity - row
+        pick, pick_len = -1, 0
+        for i, n in enumerate(buffer):
+          if pick_len < n <= room:
+            pick, pick_len = i, n
+        if pick < 0:
+          break
+        row += buffer.pop(pick)
+        state["consumed"] += world
+    state["approx"] = state["consumed"] / len(dataset)
+    if state["consumed"] >= len(dataset):
+      state["last"] = True
+
+  progress, trained = 0.0, []
+  next_batch()  # the loop's first prefetch
+  while not state["last"]:
+    for _ in range(grad_accum):
+      next_batch()  # after each micro-step's forward/backward
+      progress = max(progress, state["approx"])
+    trained.append(progress)
+  return trained
+
+
+def lr_multiplier(progress, warmdown_ratio=0.5, final_lr_frac=0.0, warmup_ratio=0.0):
+  """chat_sft.py's get_lr_multiplier."""
+  if progress < warmup_ratio:
+    return (progress + 1e-8) / warmup_ratio
+  if progress <= 1.0 - warmdown_ratio:
+    return 1.0
+  decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+  return (1 - decay) * 1.0 + decay * final_lr_frac

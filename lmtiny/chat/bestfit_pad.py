@@ -13,6 +13,10 @@ Batches have the pipeline's keys (lmtiny.data.pipeline): each conversation its o
 positions from 0, or with document_mask=False one causal sequence per row (nanochat's attention);
 loss_mask is the render's mask of each target (0 on padding and on the next conversation's BOS).
 The state (the stream position and the buffered positions) restores exactly.
+
+`placed_after_rows` counts what nanochat's SFT loop counts to end an epoch: the conversations this
+process has placed in rows so far (its reads minus those still buffered), after each row of the
+last batch (lmtiny.training.epoch).
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ class _BestFitPadIterator(grain.DatasetIterator):
     self._row_len, self._batch_size, self._bos, self._document_mask = row_len, batch_size, bos_id, document_mask
     self._buffer_size, self._start, self._step = buffer_size, start, step
     self._next, self._reads, self._items, self._lengths = 0, [], [], []
+    self.placed_after_rows: tuple[int, ...] = ()
 
   def _read(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = self._render(self._stream[(self._start + j * self._step) % len(self._stream)])
@@ -99,7 +104,11 @@ class _BestFitPadIterator(grain.DatasetIterator):
     return row
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = [self._row() for _ in range(self._batch_size)]
+    rows, placed = [], []
+    for _ in range(self._batch_size):
+      rows.append(self._row())
+      placed.append(self._next - len(self._reads))
+    self.placed_after_rows = tuple(placed)
     return pack_rows(rows, self._row_len, self._bos, self._document_mask)
 
   def get_state(self) -> dict[str, Any]:

@@ -16,9 +16,15 @@ With sft.chat_eval_every > 0 the chat suite (lmtiny.tasks.chat_suite: ARC, MMLU,
 spelling; sft.chat_eval_tasks) scores the model every that many steps and at the end, as
 train.core_every does CORE in pretraining: logged, and kept in metrics.jsonl as split "chat" (each
 task's accuracy, ChatCORE when all six ran, seconds). Its data is read before training starts.
+
+sft.steps=0 trains one epoch of the `nanochat` source's mixture, as nanochat's SFT does by default
+(lmtiny.training.epoch): the run ends when its best-fit rows have placed every conversation once,
+and the LR follows that progress (optim.warmup_steps in steps, then optim.schedule over the epoch,
+x sft.init_lr_frac). train.steps becomes the most steps an epoch can take, for the logs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -31,7 +37,8 @@ from etils import epath
 from lmtiny.chat.conversations import parse_mixture
 from lmtiny.chat.data import ChatData, load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
 from lmtiny.chat.turn_ending import assistant_end_report, held_out_questions
-from lmtiny.chat.warm_start import BaseOptimizerState, check_base_optimizer, scaled_schedule
+from lmtiny.chat import nanochat_sft
+from lmtiny.chat.warm_start import BaseOptimizerState, check_base_optimizer, epoch_lr_scale, scaled_schedule
 from lmtiny.data.dataset import load_data as load_pretrain
 from lmtiny.errors import ConfigError
 from lmtiny.model.adapters import from_config
@@ -41,6 +48,7 @@ from lmtiny.runs.config_file import MOVE_ASIDE, read_run_config, read_saved_conf
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import chat_suite
 from lmtiny.tokenizer import Tokenizer
+from lmtiny.training import epoch
 from lmtiny.training.resolved import resolve_run, ResolvedRun
 from lmtiny.training.resume import state_bytes
 from lmtiny.training.trainer import Trainer
@@ -55,14 +63,20 @@ class ChatBatches:
   """SFT's rows: rendered conversations (and pretraining documents, if the mixture names
   `pretrain`) packed with the render's loss mask (lmtiny.chat.data)."""
 
-  def __init__(self, cfg, data: ChatData):
-    self.cfg, self.data = cfg, data
+  def __init__(self, cfg, data: ChatData, epoch_micro_rows: int = 0):
+    """`epoch_micro_rows` > 0: one epoch (sft.steps=0), whose end nanochat counts after the first
+    micro-batch of a step: that many of this process's rows."""
+    self.cfg, self.data, self.epoch_micro_rows = cfg, data, epoch_micro_rows
 
   def train_iterator(self, batch_size: int):
-    return make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=batch_size,
+    rows = make_chat_train_iterator(self.data, seq_len=self.cfg.train.seq_len, batch_size=batch_size,
                                     seed=self.cfg.data.shuffle_seed, process_index=jax.process_index(),
                                     process_count=jax.process_count(), max_per_row=self.cfg.data.max_docs_per_row,
                                     document_mask=self.cfg.data.document_mask)
+    if not self.epoch_micro_rows:
+      return rows
+    return epoch.OneEpoch(rows, len(self.data.train[0][0]), self.epoch_micro_rows, jax.process_index(),
+                          jax.process_count())
 
   def eval_iterator(self, batch_size: int, num_batches: int):
     t = self.cfg.train
@@ -138,7 +152,11 @@ def sft_config(cfg, init: str, init_step: int | None) -> ml_collections.ConfigDi
   # An imported run's config keeps the defaults' 1024-token rows; rows cannot outgrow the model.
   cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
   cfg.data = base.data  # the base run's data: its tokenizer, and its documents for `pretrain`
-  cfg.train.update(steps=s.steps, tokens_per_param=0.0)
+  if s.steps == 0 and not any(nanochat_sft.is_nanochat(spec) for spec, _ in parse_mixture(s.sources)):
+    raise ConfigError(f"config.sft.steps=0: one epoch is counted on the {nanochat_sft.SPEC} source's best-fit rows, "
+                      f"and config.sft.sources={s.sources} repeats without end; set config.sft.steps > 0")
+  # sft.steps=0 (one epoch): finetune sets train.steps to the epoch's bound once the mixture is read
+  cfg.train.update(steps=s.steps or 1, tokens_per_param=0.0)
   # sft.lr replaces the matrix LR only. Explicit embedding / unembedding LRs stay the config's: the
   # chat tokens' rows are untrained in a base model and must be learned here. Scaled down with
   # sft.lr (nanochat's SFT, which follows a midtraining at full LRs), tiny's demo ended 6/109
@@ -194,14 +212,20 @@ def finetune(cfg, workdir: str, *, log: Callable[[str], None] = print, stop_afte
   check_base_optimizer(cfg)  # sft.load_optimizer: one line now if the base's state cannot be this run's
   data = load_sft_data(cfg)
   log(f"sft data: {data.describe()}")
+  one_epoch = cfg.sft.steps == 0
+  if one_epoch:
+    cfg.train.steps = epoch.step_bound(len(data.train[0][0]), run.process_batch * jax.process_count())
+    run = dataclasses.replace(run, total_steps=cfg.train.steps)
   adapter = from_config(cfg.model, cfg.lora)
   total = run.total_steps
   chat = [ChatSuiteEvaluation(cfg, data.tokenizer, run.mesh, total, log)] if cfg.sft.chat_eval_every else []
   # No reference kept here: a full fine-tune's state takes over the base's buffers.
   warm = BaseOptimizerState(cfg, log) if cfg.sft.load_optimizer else None
+  batches = ChatBatches(cfg, data, run.micro_batch // jax.process_count() if one_epoch else 0)
   trainer = Trainer(run, workdir, data, log=log, init_params=restore_base_params(cfg, run.mesh), adapter=adapter,
-                    kind="sft", name="SFT", batches=ChatBatches(cfg, data), evaluations=chat,
-                    schedule=scaled_schedule(cfg, total), init_opt_state=warm)
+                    kind="sft", name="SFT", batches=batches, evaluations=chat, init_opt_state=warm,
+                    schedule=None if one_epoch else scaled_schedule(cfg, total),
+                    lr_by_progress=epoch_lr_scale(cfg) if one_epoch else None)
   abstract = trainer.steps.abstract_state
   trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
   log(f"base {cfg.sft.init} step {cfg.sft.init_step} | "

@@ -4,6 +4,7 @@
   check_base_optimizer(cfg)                         # before anything loads: one line if it cannot be
   trainer = Trainer(..., init_opt_state=BaseOptimizerState(cfg))
   schedule = scaled_schedule(cfg, total_steps)      # every group's LR x sft.init_lr_frac
+  scale = epoch_lr_scale(cfg)                       # the same over one epoch's progress (sft.steps=0)
 
 What is restored is the whole optimizer state of the base checkpoint sft.init_step (Adam's moments
 and step count, Muon's momentum and second moments). What restarts, as in nanochat's SFT, is what
@@ -21,6 +22,7 @@ from lmtiny.errors import ConfigError
 from lmtiny.model.transformer import abstract_model
 from lmtiny.runs.checkpoint import restore_part
 from lmtiny.runs.config_file import read_run_config
+from lmtiny.training.budget import budget_lr
 from lmtiny.training.optim import lr_schedule, make_optimizer
 
 _KEPT_COUNTS = (optax.ScaleByAdamState,)  # counts that continue from the base run (bias correction)
@@ -90,3 +92,11 @@ def scaled_schedule(cfg, total_steps: int) -> optax.Schedule | None:
     return None
   schedule = lr_schedule(cfg.optim, total_steps)
   return lambda step: frac * schedule(step)
+
+
+def epoch_lr_scale(cfg):
+  """(step, progress through the epoch) -> the LR as a multiple of optim.lr, x sft.init_lr_frac:
+  optim.warmup_steps in steps, then optim.schedule over the progress (lmtiny.training.budget.budget_lr,
+  which a time budget's progress drives the same way)."""
+  o, frac = cfg.optim, cfg.sft.init_lr_frac
+  return lambda step, progress: frac * budget_lr(o, step, progress) / o.lr

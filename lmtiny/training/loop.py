@@ -23,7 +23,7 @@ from lmtiny.runs import kind as runkind, metrics as metrics_lib, tracking
 from lmtiny.runs.checkpoint import abstract_with_shardings, Checkpointer
 from lmtiny.runs.lock import main_only, RunLock
 from lmtiny.runs.preemption import Preemption
-from lmtiny.training import budget as budget_lib, profiling, resume
+from lmtiny.training import budget as budget_lib, epoch, profiling, resume
 
 
 class TrainingDiverged(RunFailed):
@@ -205,6 +205,11 @@ def _restore(stage: Stage, ckpt: Checkpointer, step: int, data) -> dict:
   return state
 
 
+def _epoch_over(data) -> bool:
+  """Whether `data` counts one epoch (lmtiny.training.epoch.OneEpoch) and its next batch is past it."""
+  return isinstance(data, epoch.OneEpoch) and data.exhausted()
+
+
 def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, stop_after) -> tuple[dict, dict]:
   """The steps of this segment: update, record, checkpoint on the cadence or a stop, periodic work."""
   t, start, budget = stage.cfg.train, progress.start, progress.budget
@@ -221,6 +226,10 @@ def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, st
         stage.log(f"train.time_budget={budget.seconds:g}s was spent before step {step + 1}: nothing to train")
         ended_by = budget_lib.TIME_BUDGET
         break
+      if step == start and _epoch_over(data):
+        stage.log(f"the epoch of the data ended before step {step + 1}: nothing to train")
+        ended_by = epoch.EPOCH
+        break
       ckpt.check_errors()  # a failed async save surfaces here, one step later
       profiler.before_step(step + 1, state)
       state, step_metrics = stage.update(state, step, data)
@@ -232,7 +241,9 @@ def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, st
       stop = preemption.decided(step, now=step == stop_after)
       if budget.reached():
         ended_by = budget_lib.TIME_BUDGET
-      progress.ended = step == stage.total_steps or ended_by == budget_lib.TIME_BUDGET
+      if _epoch_over(data):
+        ended_by = epoch.EPOCH
+      progress.ended = step == stage.total_steps or ended_by in (budget_lib.TIME_BUDGET, epoch.EPOCH)
       if step % t.checkpoint_every == 0 or progress.ended or stop:
         with budget.paused():
           stage.settle(progress)  # never checkpoint a state whose loss we have not seen to be finite
@@ -245,6 +256,9 @@ def _steps(stage: Stage, state, ckpt: Checkpointer, data, progress: Progress, st
       if ended_by == budget_lib.TIME_BUDGET:
         stage.log(f"train.time_budget={budget.seconds:g}s reached after step {step} "
                   f"({budget.spent():.1f}s of training): saved checkpoint at step {step}")
+        break
+      if ended_by == epoch.EPOCH:
+        stage.log(f"one epoch of the data ended after step {step}: saved checkpoint at step {step}")
         break
     stage.settle(progress)
   ended_by = budget_lib.PREEMPTED if stop and not progress.ended else ended_by

@@ -144,7 +144,8 @@ class Trainer:
   def __init__(self, cfg, workdir: str, data, *, log: Callable[[str], None] = print,
                schedule: optax.Schedule | None = None, init_params=None, adapter=None,
                kind: str = "train", name: str = "training", batches: Batches | None = None,
-               evaluations: Sequence[Evaluation] = (), init_opt_state: Callable | None = None):
+               evaluations: Sequence[Evaluation] = (), init_opt_state: Callable | None = None,
+               lr_by_progress: Callable[[int, float], float] | None = None):
     run = cfg if isinstance(cfg, ResolvedRun) else resolve_run(cfg)
     self.cfg, self.mesh, self.total_steps = run.cfg, run.mesh, run.total_steps
     self.process_batch, self.micro_batch = run.process_batch, run.micro_batch
@@ -163,13 +164,16 @@ class Trainer:
     self.flops_per_token = counts.train_flops_per_token(m, t.seq_len)
     self.flops_per_token_nanochat = counts.train_flops_per_token(m, t.seq_len, "nanochat")
     self.main = jax.process_index() == 0
-    # train.time_budget: the LR follows the budget's progress, as a multiplier of a constant optim.lr
+    # train.time_budget: the LR follows the budget's progress, as a multiplier of a constant optim.lr;
+    # `lr_by_progress(step, progress)`: that multiplier from the data's progress through one epoch
+    # (the batches' iterator is a lmtiny.training.epoch.OneEpoch)
     self.lr_follows_budget = kind == "train" and schedule is None and t.time_budget > 0
-    if self.lr_follows_budget:
+    self.lr_by_progress = lr_by_progress
+    lr_scaled = self.lr_follows_budget or lr_by_progress is not None
+    if lr_scaled:
       schedule = optax.constant_schedule(self.cfg.optim.lr)
     self.steps = build_steps(self.cfg, self.mesh, self.total_steps, schedule, adapter=adapter,
-                             frozen_params=init_params if adapter is not None else None,
-                             lr_scaled=self.lr_follows_budget)
+                             frozen_params=init_params if adapter is not None else None, lr_scaled=lr_scaled)
     self.batches = batches or DocumentBatches(self.cfg, data)
     self.core = CoreEvaluation(self.cfg, self.tokenizer, self.mesh, self.total_steps, log) if t.core_every else None
     self.evaluations = list(evaluations)
@@ -236,14 +240,15 @@ class Trainer:
     t, start = self.cfg.train, progress.start
     if start and self.adapter is None:  # full fine-tuning resumed: its base is not needed
       self.init_params = None
-    budget = f" (or {t.time_budget:g}s of training first)" if progress.budget.active else ""
+    budget = (f" (or {t.time_budget:g}s of training first)" if progress.budget.active else
+              " at most (one epoch of the data)" if self.lr_by_progress is not None else "")
     self.log(f"model {self.num_params / 1e6:.2f}M params | {self.total_steps} steps{budget} of "
              f"{t.batch_tokens} tokens | mesh {dict(self.mesh.shape)} | {jax.device_count()} devices")
     if getattr(self.data, "description", ""):  # a weighted mixture of shard directories
       self.log(self.data.description)
     self.history = {"train_loss": [], "val": []}
     self._pending, self._window_start, self._window_steps = None, time.perf_counter(), 0
-    self._budget = progress.budget
+    self._budget, self._epoch_progress = progress.budget, (0, 0.0)
     if start == 0 or self._eval_missing(start):  # the val curve's start, or a point a kill lost
       self._log_eval(state["params"], start, progress.writer)
 
@@ -251,6 +256,9 @@ class Trainer:
     batch = device_batch(next(data), self.mesh)
     if self.lr_follows_budget:
       return self.steps.train_step(state, batch, np.float32(self._budget.lr_scale(self.cfg.optim, step)))
+    if self.lr_by_progress is not None:  # the progress counted once this step's batch was handed out
+      self._epoch_progress = (step + 1, data.progress())
+      return self.steps.train_step(state, batch, np.float32(self.lr_by_progress(step, data.progress())))
     return self.steps.train_step(state, batch)
 
   def after_step(self, step: int, step_metrics, progress: loop.Progress) -> None:
@@ -318,7 +326,7 @@ class Trainer:
       raise progress.diverged(f"loss={values['loss']} grad_norm={values['grad_norm']}", done_step)
     self.history["train_loss"].append((done_step, values["loss"]))
     self._window_steps += 1
-    if done_step % t.log_every == 0 or done_step == self.total_steps:
+    if done_step % t.log_every == 0 or done_step == self.total_steps or progress.ended:
       self._log_train(done_step, values, progress)
       self._window_start, self._window_steps = time.perf_counter(), 0
 
@@ -331,6 +339,9 @@ class Trainer:
     eta = (self.total_steps - done_step) * elapsed / self._window_steps
     if progress.budget.active:  # train.time_budget: the training seconds left, when fewer
       eta = min(eta, progress.budget.seconds * (1 - progress.budget.progress(done_step)))
+    if self._epoch_progress[1] > 0:  # one epoch: the steps left at this pace, from the share of it done
+      steps, share = self._epoch_progress
+      eta = min(eta, steps * (1 - share) / share * elapsed / self._window_steps)
     scaling = {k: values[k] for k in ("loss_scale", "skipped_steps") if k in values}
     progress.writer.write(done_step, "train", {"seconds": progress.seconds(), "segment": progress.start,
                                                "loss": values["loss"], "lr": values["lr"],

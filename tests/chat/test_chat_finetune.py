@@ -106,7 +106,8 @@ def test_cli_lora_then_merge_gives_the_adapter_models_logits(base, capsys):
     (["--init-step=7"], "--init-step=7: no such checkpoint"),
     (["--config=configs/tiny.py"], "config.model.vocab_size=4096: the base run"),
     (["--config.lora.rank=2", "--config.lora.targets=q,x"], "config.lora.targets='q,x'"),
-    (["--config.sft.steps=0"], "config.sft.steps=0: must be a positive integer"),  # not train.steps
+    (["--config.sft.steps=-1"], "config.sft.steps=-1: must be an integer >= 0"),  # not train.steps
+    (["--config.sft.steps=0"], "config.sft.steps=0: one epoch is counted on the nanochat source"),
     (["--config.sft.lr=-1"], "config.sft.lr=-1.0: must be > 0"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(base, capsys, extra, message):

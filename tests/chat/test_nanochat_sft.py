@@ -1,6 +1,7 @@
 """The `nanochat` SFT source equals nanochat's data path (tests/nanochat_reference_sft.py): each
-task's conversations and their render (ids and mask), the mixture's order, and the best-fit rows
-padded with BOS (inputs, and targets with nanochat's -1s), on small local task files."""
+task's conversations and their render (ids and mask), the mixture's order, the best-fit rows
+padded with BOS (inputs, and targets with nanochat's -1s), and one epoch of them (sft.steps=0): the
+steps trained and the LR of each, on small local task files."""
 import json
 
 import numpy as np
@@ -8,12 +9,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import ml_collections
 import nanochat_reference_sft as ref
-from chat_fixtures import make_tokenizer
-from lmtiny.chat import nanochat_sft
+from chat_fixtures import make_base_run, make_tokenizer
+from lmtiny.chat import finetune as ft, nanochat_sft
 from lmtiny.chat.data import load_chat_data, make_chat_eval_iterator, make_chat_train_iterator
+from lmtiny.chat.warm_start import epoch_lr_scale
 from lmtiny.corpus.sources import SourceError
+from lmtiny.errors import ConfigError
+from lmtiny.runs.config_file import read_run_config
 from lmtiny.tokenizer import render_conversation
+from lmtiny.training import epoch
 
 SEQ = 48
 
@@ -163,3 +169,90 @@ def test_nanochat_spec_errors(task_dir, tok):
     load_chat_data("nanochat?epochs=2", tok, SEQ)
   with pytest.raises(Exception, match="no smoltalk_train.jsonl or smoltalk_train.parquet"):
     load_chat_data(f"nanochat?data_dir={task_dir / 'none'}", tok, SEQ)
+
+
+def _epoch_progress(it):
+  """What the trainer reads from a OneEpoch: the progress after each step it trains, to the end."""
+  got = []
+  while not it.exhausted():
+    next(it)
+    got.append(it.progress())
+  return got
+
+
+# (rows per step, micro-steps, row length, this process of how many): nanochat's micro-batch is the
+# step's first rows / micro-steps; one case cuts conversations at the row, one counts as rank 1 of 2.
+@pytest.mark.parametrize("rows, accum, seq, process", [(4, 1, 160, (0, 1)), (4, 2, 160, (0, 1)),
+                                                       (6, 3, SEQ, (0, 1)), (4, 2, 160, (1, 2))])
+def test_one_epoch_ends_and_schedules_as_nanochats_sft(task_dir, tok, rows, accum, seq, process):
+  data = load_chat_data(f"nanochat?data_dir={task_dir}", tok, seq)
+  size = len(data.train[0][0])
+
+  def one_epoch():
+    it = make_chat_train_iterator(data, seq_len=seq, batch_size=rows, seed=0, process_index=process[0],
+                                  process_count=process[1])
+    return epoch.OneEpoch(it, size, rows // accum, *process)
+
+  want = ref.sft_epoch(_train_reference(task_dir), lambda c: ref.render(tok, c, min(seq + 1, 2048)), rows // accum,
+                       seq, accum, rank=process[0], world=process[1])
+  assert 3 < len(want) < 40
+  got = _epoch_progress(one_epoch())
+  assert got == pytest.approx([min(p, 1.0) for p in want])  # one value per trained step, and as many steps
+  assert want[-1] > 1.0 or process[1] > 1 or accum > 1  # nanochat's last step reads the count past the end
+  # Resumed from the state after three steps: the same steps follow.
+  it = one_epoch()
+  for _ in range(3):
+    next(it)
+  resumed = one_epoch()
+  resumed.set_state(it.get_state())
+  assert got[:3] + _epoch_progress(resumed) == pytest.approx(got)
+  assert len(got) <= epoch.step_bound(size // process[1], rows)
+
+
+def test_lr_over_the_epoch_is_nanochats_multiplier():
+  cfg = ml_collections.ConfigDict({"optim": {"lr": 0.02, "warmup_steps": 0, "schedule": "warmdown",
+                                             "decay_fraction": 0.5, "min_lr_ratio": 0.0},
+                                   "sft": {"init_lr_frac": 0.8}})
+  scale = epoch_lr_scale(cfg)
+  for progress in (0.0, 0.3, 0.5, 0.5001, 0.75, 0.99, 1.0):
+    assert scale(7, progress) == pytest.approx(0.8 * ref.lr_multiplier(progress))
+
+
+@pytest.mark.slow(seconds=20)
+def test_sft_trains_one_epoch_at_nanochats_lrs_and_resumes_exactly(task_dir, tok, tmp_path):
+  base = make_base_run(str(tmp_path), tok)
+  cfg = read_run_config(base)
+  cfg.optim.update(schedule="warmdown", decay_fraction=0.5, min_lr_ratio=0.0)
+  cfg.sft.update(sources=f"nanochat?data_dir={task_dir}", steps=0, warmup_steps=0, lr=3e-3, init_lr_frac=0.8)
+  cfg.train.update(eval_every=1000, eval_batches=0, checkpoint_every=3, log_every=5)
+  cfg = ft.sft_config(cfg, base, None)
+  lines = []
+  trainer, full = ft.finetune(cfg, str(tmp_path / "full"), log=lines.append)
+  t = trainer.cfg.train
+  seq, rows = t.seq_len, trainer.process_batch
+  want = ref.sft_epoch(_train_reference(task_dir), lambda c: ref.render(tok, c, seq + 1), trainer.micro_batch, seq,
+                       rows // trainer.micro_batch)
+  assert full["step"] == len(want) and full["ended_by"] == "epoch"
+  assert any(f"one epoch of the data ended after step {len(want)}" in line for line in lines)
+  assert any(f"{t.steps} steps at most (one epoch of the data)" in line for line in lines)
+  records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  lrs = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+  assert sorted(lrs) == [5, 10, 15][:len(want) // 5] + [len(want)]  # every log_every, and the last step
+  for step, lr in lrs.items():
+    assert lr == pytest.approx(3e-3 * 0.8 * ref.lr_multiplier(min(want[step - 1], 1.0)), rel=1e-5)
+  _, first = ft.finetune(cfg, str(tmp_path / "split"), log=lambda _: None, stop_after=4)
+  _, second = ft.finetune(cfg, str(tmp_path / "split"), log=lambda _: None)
+  assert [loss for _, loss in first["train_loss"] + second["train_loss"]] == [loss for _, loss in full["train_loss"]]
+  assert second["ended_by"] == "epoch"
+  lines.clear()
+  _, again = ft.finetune(cfg, str(tmp_path / "split"), log=lines.append)  # a finished epoch, re-run
+  assert again["step"] == len(want) and again["ended_by"] == "epoch"
+  assert f"the epoch of the data ended before step {len(want) + 1}: nothing to train" in lines
+
+
+def test_one_epoch_needs_the_nanochat_source(tok, tmp_path):
+  base = make_base_run(str(tmp_path), tok)
+  cfg = read_run_config(base)
+  cfg.sft.update(sources="embedded_chat:1.0", steps=0)
+  with pytest.raises(ConfigError, match=r"^config.sft.steps=0: one epoch is counted on the nanochat source"):
+    ft.sft_config(cfg, base, None)
