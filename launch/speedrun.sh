@@ -32,13 +32,14 @@ presets:
              (--source, default climbmix?shards=170, as many shards as nanochat downloads), tokenizer
              vocab 32,768 on its first 2B characters, 8 GPUs data parallel (mesh.data=8, 16
              sequences each, 4 accumulation steps to the 1M-token batch); base eval (bpb + CORE), SFT
-             on nanochat's mixture from the base run's optimizer state at 0.8 of its LRs, chat eval;
-             no midtraining or RL
+             for one epoch of nanochat's mixture from the base run's optimizer state at 0.8 of its
+             LRs and nanochat's SFT schedule, chat eval; no midtraining or RL
   d24-h100   the same on one H100 (32 accumulation steps to the same batch)
   d24-v5p8   the same in bf16 on a v5p-8 TPU VM (4 chips): mesh.fsdp=4, train.device_batch_size=16
-             (XLA:TPU's own figure for the step: under 90% of a chip). No v6e-8 preset: at fsdp=8
-             XLA:TPU's figure for the step grows 2.3 GiB a layer at 8 sequences per chip, past the
-             32 GiB of a v6e chip
+             (XLA:TPU's own figure for the step: under 90% of a chip)
+  d24-v6e8   the same in bf16 on a v6e-8 TPU VM (8 chips of 32 GiB): mesh.fsdp=8,
+             train.device_batch_size=8, model.remat=full (XLA:TPU: 20.0 GiB a chip; with the
+             config's remat the saved activations pass 28 GiB)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
              train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 7.96 GiB per chip)
@@ -109,7 +110,7 @@ while (($#)); do
   esac
   shift
 done
-PRESETS="toy, d20-h100, d20-v5e8, d26-pod, d32-pod, d24-8xh100, d24-h100, d24-v5p8"
+PRESETS="toy, d20-h100, d20-v5e8, d26-pod, d32-pod, d24-8xh100, d24-h100, d24-v5p8, d24-v6e8"
 [[ -n $PRESET ]] || die "a preset is required: $PRESETS (see --help)"
 STAGES="tokenizer shards base mid sft rl eval report"
 for s in ${SKIP//,/ }; do
@@ -135,11 +136,17 @@ case $PRESET in
     RL_ARGS=(--config.rl.data=toy --config.rl.steps=40 --config.rl.questions=4 --config.rl.samples=8
              --config.rl.max_new_tokens=48 --config.rl.eval_questions=64)
     CHAT_EVAL=(--tasks gsm8k --gsm8k-data toy --max-items 64 --max-new-tokens 48) ;;
-  d24-8xh100 | d24-h100 | d24-v5p8)
+  d24-8xh100 | d24-h100 | d24-v5p8 | d24-v6e8)
     CONFIG=configs/d24_2026.py; VOCAB=32768; TOK_FROM_SOURCE=1; OMIT=mid,rl
     SOURCE=${SOURCE:-$CLIMBMIX}; TOK_CHARS=2000000000
     MID_ARGS=(); RL_ARGS=()
-    SFT_ARGS=(--config.sft.sources=nanochat --config.sft.load_optimizer=True --config.sft.init_lr_frac=0.8)
+    # nanochat's chat_sft.py: one epoch of its mixture from the base's optimizer state, its matrix LR
+    # x 0.8 with no warmup, no weight decay, a linear decay to 0 over the second half, Muon's
+    # momentum up to 0.95 over 300 steps (docs/chat.md)
+    SFT_ARGS=(--config.sft.sources=nanochat --config.sft.load_optimizer=True --config.sft.init_lr_frac=0.8
+              --config.sft.steps=0 --config.sft.lr=0.02 --config.sft.warmup_steps=0 --config.optim.weight_decay=0
+              --config.optim.decay_fraction=0.5 --config.optim.min_lr_ratio=0 --config.optim.muon_momentum=0.95
+              --config.optim.muon_momentum_warmup=300 --config.optim.muon_momentum_warmdown=0)
     CHAT_EVAL=(--chat)
     REFERENCE="nanochat reports: d24 in 99 min on 8 x H100 to CORE 0.2565 (runs/speedrun.sh, fp8); nanochat-jax: d24 in 7.33 h on a v6e-8 at ~24% MFU to CORE 0.274"
     case $PRESET in
@@ -152,6 +159,12 @@ case $PRESET in
       # bf16 matmuls, as nanochat-jax ran.
       d24-v5p8) PLAN_CHIP=v5p; PLAN_CHIPS=4
         BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=4 --config.train.device_batch_size=16) ;;
+      # 32 GiB chips: XLA:TPU's figure for the step is 20.0 GiB a chip with full rematerialisation
+      # (the config's dots_no_batch saves 2.3 GiB a layer at 8 sequences: past 28 GiB), as
+      # nanochat-jax trained d24 on a v6e-8; lmtiny.plan.memory's estimate (6.7 GiB) is 0.33x it.
+      d24-v6e8) PLAN_CHIP=v6e; PLAN_CHIPS=8
+        BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=8
+                   --config.model.remat=full) ;;
     esac ;;
   d20-h100 | d20-v5e8 | d26-pod | d32-pod)
     CONFIG=configs/${PRESET%%-*}.py; MIXTURE=tokenizer_data/seed.py; VOCAB=65536
