@@ -194,7 +194,7 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
               "| config | lmtiny tokens/s (run) | PyTorch tokens/s | ratio |", "|---|---:|---:|---:|"]
     for q in ratios:
       best = f"{q['lmtiny_tokens_per_s']:,.0f} ({q['lmtiny_run']})" if q["lmtiny_tokens_per_s"] else "-"
-      torch_s = f"{q['torch_tokens_per_s']:,.0f}" if q["torch_tokens_per_s"] else "-"
+      torch_s = _tokens_per_s(q["torch_tokens_per_s"])
       ratio = q["note"] if not q["ratio"] else f"{q['ratio']:.2f}x" + (f" ({q['note']})" if q["note"] != "-" else "")
       lines.append(f"| {q['config']} | {best} | {torch_s} | {ratio} |")
     lines.append("")
@@ -205,9 +205,9 @@ def markdown(env: dict, runs: list[dict], meta: dict) -> str:
               "over nanochat's base_train (> 1: lmtiny faster)", "",
               "| config | GEMMs | lmtiny tokens/s | nanochat tokens/s | ratio |", "|---|---|---:|---:|---:|"]
     for q in pairs:
-      lm = f"{q['lmtiny_tokens_per_s']:,.0f}" if q["lmtiny_tokens_per_s"] else "-"
-      nc = f"{q['nanochat_tokens_per_s']:,.0f}" if q["nanochat_tokens_per_s"] else "-"
-      lines.append(f"| {q['config']} | {q['gemm']} | {lm} | {nc} | " + (f"{q['ratio']:.2f}x |" if q["ratio"] else f"{q['note']} |"))
+      ratio = f"{q['ratio']:.2f}x" if q["ratio"] else q["note"]
+      lines.append(f"| {q['config']} | {q['gemm']} | {_tokens_per_s(q['lmtiny_tokens_per_s'])} | "
+                   f"{_tokens_per_s(q['nanochat_tokens_per_s'])} | {ratio} |")
     lines.append("")
 
   lines += infer_lines([r for r in runs if r["part"] == "infer"])
@@ -251,6 +251,18 @@ def _torch_side(run: dict) -> dict | None:
   return side if side and "tokens_per_s" in side else None
 
 
+def _shape_mismatch(lmtiny: dict, other: dict, who: str) -> str | None:
+  """Why two runs' tokens/s do not compare (other tokens per step or seq_len), or None."""
+  if (lmtiny.get("seq_len"), lmtiny.get("batch_tokens")) == (other.get("seq_len"), other.get("batch_tokens")):
+    return None
+  return (f"not comparable: lmtiny {lmtiny.get('batch_tokens')} tokens at seq {lmtiny.get('seq_len')}, "
+          f"{who} {other.get('batch_tokens')} at {other.get('seq_len')}")
+
+
+def _tokens_per_s(x) -> str:
+  return f"{x:,.0f}" if x else "-"
+
+
 def lmtiny_vs_torch(runs: list[dict]) -> list[dict]:
   """Per config with a bench and a torch part: lmtiny's best tokens/s over its backends (runs that
   finished) against PyTorch's, when both ran the same tokens per step at the same seq_len."""
@@ -266,13 +278,13 @@ def lmtiny_vs_torch(runs: list[dict]) -> list[dict]:
          "torch_tokens_per_s": torch_run and _torch_side(torch_run)["tokens_per_s"], "ratio": None, "note": "-"}
     if best and torch_run:
       b, t = best["result"], torch_run["result"]
-      if (b.get("seq_len"), b.get("batch_tokens")) == (t.get("seq_len"), t.get("batch_tokens")):
+      mismatch = _shape_mismatch(b, t, "PyTorch")
+      if mismatch:
+        q["note"] = mismatch
+      else:
         q["ratio"] = q["lmtiny_tokens_per_s"] / q["torch_tokens_per_s"]
         if b.get("dtype") != t.get("dtype"):  # SMOKE: lmtiny in bf16, PyTorch in float32
           q["note"] = f"dtypes differ: lmtiny {b.get('dtype')}, PyTorch {t.get('dtype')}"
-      else:
-        q["note"] = (f"not comparable: lmtiny {b.get('batch_tokens')} tokens at seq {b.get('seq_len')}, "
-                     f"PyTorch {t.get('batch_tokens')} at {t.get('seq_len')}")
     out.append(q)
   return out
 
@@ -290,12 +302,9 @@ def lmtiny_vs_nanochat(runs: list[dict]) -> list[dict]:
     q = {"config": config, "gemm": gemm, "lmtiny_tokens_per_s": bench and bench["result"]["tokens_per_s"],
          "nanochat_tokens_per_s": nc and nc["tokens_per_s"], "ratio": None, "note": "-"}
     if bench and nc:
-      b, n = bench["result"], r["result"]
-      if (b.get("seq_len"), b.get("batch_tokens")) == (n.get("seq_len"), n.get("batch_tokens")):
+      q["note"] = _shape_mismatch(bench["result"], r["result"], "nanochat") or "-"
+      if q["note"] == "-":
         q["ratio"] = q["lmtiny_tokens_per_s"] / q["nanochat_tokens_per_s"]
-      else:
-        q["note"] = (f"not comparable: lmtiny {b.get('batch_tokens')} tokens at seq {b.get('seq_len')}, "
-                     f"nanochat {n.get('batch_tokens')} at {n.get('seq_len')}")
     out.append(q)
   return out
 

@@ -258,7 +258,7 @@ class Trainer:
       return self.steps.train_step(state, batch, np.float32(self._budget.lr_scale(self.cfg.optim, step)))
     if self.lr_by_progress is not None:  # the progress counted once this step's batch was handed out
       self._epoch_progress = (step + 1, data.progress())
-      return self.steps.train_step(state, batch, np.float32(self.lr_by_progress(step, data.progress())))
+      return self.steps.train_step(state, batch, np.float32(self.lr_by_progress(step, self._epoch_progress[1])))
     return self.steps.train_step(state, batch)
 
   def after_step(self, step: int, step_metrics, progress: loop.Progress) -> None:
