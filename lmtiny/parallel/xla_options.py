@@ -5,13 +5,19 @@ this codebase's shapes its Eigen path is faster (2 threads, N x K x M GFLOP/s YN
 Eigen: 4096x192x192 189 vs 267, 4096x192x768 208 vs 297, the lm_head's 4096x4096x192 253 vs
 259), while YNNPACK's reductions beat Eigen's (softmax and norm sums). So on CPU the steps keep
 YNNPACK for reductions only: the tiny config's train step is 5% faster
-(benchmarks/torch_reference.py, 547 -> 521 ms).
+(benchmarks/torch_reference.py, 547 -> 521 ms). And they compile at LLVM's optimisation level 1
+instead of XLA's default 2, which costs no speed: `python -m lmtiny.bench --steps 6` on one core
+(two runs each, level 2 -> 1) tiny compiles in 6.9 / 6.7 s -> 5.2 / 5.4 s and steps in 524 / 518
+ms -> 488 / 498 ms; on two cores 4.6 s -> 3.9 s and 312 / 318 ms -> 307 / 301 ms; tiny_2026 5.9
+-> 4.9 s at the same step time (368 / 381 against 384 / 375 ms); d4_38m 3.8 / 4.3 -> 3.0 / 3.1 s,
+10.2 / 10.8 s -> 10.2 / 10.4 s a step. (Level 0 compiles the tiny step in 3.1 s and runs it in
+1,080 ms: the tests' choice for their few-step programs, lmtiny's never.)
 
 GPU and TPU: the collective-overlap options MaxText sets for FSDP and data-parallel training
 (its GPU recipes' XLA_FLAGS and its TPU LIBTPU_INIT_ARGS), so the weight all-gathers and gradient
 reduce-scatters / all-reduces run while compute goes on instead of between layers. On one device
 they change nothing. Each is passed as a compiler option of the step's jit, for the platform the
-step compiles for only, and any option the user names in XLA_FLAGS (GPU) or LIBTPU_INIT_ARGS /
+step compiles for only, and any option the user names in XLA_FLAGS (CPU, GPU) or LIBTPU_INIT_ARGS /
 XLA_FLAGS (TPU) is left out, so the user's own setting always wins. Their names are checked
 against this jaxlib (GPU names compile on CPU too) and libtpu by tests/parallel/test_xla_options.py.
 
@@ -26,7 +32,7 @@ from typing import Mapping
 
 import jax
 
-_CPU = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+_CPU = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE", "xla_backend_optimization_level": 1}
 
 _GPU = {
     # Lets the scheduler move collectives' starts early and their ends late, around independent compute.
@@ -59,7 +65,7 @@ _TPU = {
 
 _PLATFORMS = {"cpu": _CPU, "gpu": _GPU, "cuda": _GPU, "rocm": _GPU, "tpu": _TPU}
 # Where a user sets XLA options per platform; ours yield to any option named there.
-_USER_VARIABLES = {"gpu": ("XLA_FLAGS",), "cuda": ("XLA_FLAGS",), "rocm": ("XLA_FLAGS",),
+_USER_VARIABLES = {"cpu": ("XLA_FLAGS",), "gpu": ("XLA_FLAGS",), "cuda": ("XLA_FLAGS",), "rocm": ("XLA_FLAGS",),
                    "tpu": ("LIBTPU_INIT_ARGS", "XLA_FLAGS")}
 
 

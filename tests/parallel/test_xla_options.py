@@ -15,7 +15,8 @@ from lmtiny.training.steps import build_steps, device_batch
 
 def test_options_per_platform():
   env = {}
-  assert xla_options.compiler_options("cpu", env) == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+  assert xla_options.compiler_options("cpu", env) == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+                                                      "xla_backend_optimization_level": 1}
   gpu, tpu = xla_options.compiler_options("gpu", env), xla_options.compiler_options("tpu", env)
   assert gpu["xla_gpu_enable_latency_hiding_scheduler"] and gpu["xla_gpu_enable_while_loop_double_buffering"]
   assert all(name.startswith("xla_gpu_") for name in gpu)
@@ -38,12 +39,16 @@ def test_the_users_flags_win():
   assert xla_options.compiler_options("gpu", {"LIBTPU_INIT_ARGS": env["XLA_FLAGS"]}) == \
       xla_options.compiler_options("gpu", {})
   assert xla_options.user_flag_names("gpu", env) == {"xla_gpu_enable_latency_hiding_scheduler", "xla_dump_to"}
+  # the tests' own fast compiles (XLA_FLAGS, tests/lm_fixtures.py) keep their level on CPU
+  assert xla_options.compiler_options("cpu", {"XLA_FLAGS": "--xla_backend_optimization_level=0"}) == \
+      {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def test_gpu_option_names_exist_in_this_jaxlib():
+def test_cpu_and_gpu_option_names_exist_in_this_jaxlib():
   # XLA:CPU compiles with any DebugOptions field (GPU ones included) and refuses unknown names.
-  options = xla_options.compiler_options("gpu", {})
-  jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  for platform in ("cpu", "gpu"):
+    options = xla_options.compiler_options(platform, {})
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
   with pytest.raises(Exception, match="No such compile option"):
     jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_no_such_option": True}).lower(1.0).compile()
 
