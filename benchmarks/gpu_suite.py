@@ -302,8 +302,10 @@ def lmtiny_vs_nanochat(runs: list[dict]) -> list[dict]:
     q = {"config": config, "gemm": gemm, "lmtiny_tokens_per_s": bench and bench["result"]["tokens_per_s"],
          "nanochat_tokens_per_s": nc and nc["tokens_per_s"], "ratio": None, "note": "-"}
     if bench and nc:
-      q["note"] = _shape_mismatch(bench["result"], r["result"], "nanochat") or "-"
-      if q["note"] == "-":
+      mismatch = _shape_mismatch(bench["result"], r["result"], "nanochat")
+      if mismatch:
+        q["note"] = mismatch
+      else:
         q["ratio"] = q["lmtiny_tokens_per_s"] / q["nanochat_tokens_per_s"]
     out.append(q)
   return out

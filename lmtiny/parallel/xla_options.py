@@ -7,8 +7,8 @@ Eigen: 4096x192x192 189 vs 267, 4096x192x768 208 vs 297, the lm_head's 4096x4096
 YNNPACK for reductions only: the tiny config's train step is 5% faster
 (benchmarks/torch_reference.py, 547 -> 521 ms). And they compile at LLVM's optimisation level 1
 instead of XLA's default 3, which costs no speed: `python -m lmtiny.bench --steps 6` on one core
-(two runs each, default -> level 1; level 2 reads 5.7 s and 522 ms) tiny compiles in 6.9 / 6.7 s -> 5.2 / 5.4 s and steps in 524 / 518
-ms -> 488 / 498 ms; on two cores 4.6 s -> 3.9 s and 312 / 318 ms -> 307 / 301 ms; tiny_2026 5.9
+(two runs each, default -> level 1; level 2 reads 5.7 s and 522 ms), tiny compiles in 6.9 / 6.7 s
+-> 5.2 / 5.4 s and steps in 524 / 518 ms -> 488 / 498 ms; on two cores 4.6 s -> 3.9 s and 312 / 318 ms -> 307 / 301 ms; tiny_2026 5.9
 -> 4.9 s at the same step time (368 / 381 against 384 / 375 ms); d4_38m 3.8 / 4.3 -> 3.0 / 3.1 s,
 10.2 / 10.8 s -> 10.2 / 10.4 s a step. (Level 0 compiles the tiny step in 3.1 s and runs it in
 1,080 ms: the tests' choice for their few-step programs, lmtiny's never.)

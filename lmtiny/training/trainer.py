@@ -257,8 +257,9 @@ class Trainer:
     if self.lr_follows_budget:
       return self.steps.train_step(state, batch, np.float32(self._budget.lr_scale(self.cfg.optim, step)))
     if self.lr_by_progress is not None:  # the progress counted once this step's batch was handed out
-      self._epoch_progress = (step + 1, data.progress())
-      return self.steps.train_step(state, batch, np.float32(self.lr_by_progress(step, self._epoch_progress[1])))
+      consumed = data.progress()
+      self._epoch_progress = (step + 1, consumed)
+      return self.steps.train_step(state, batch, np.float32(self.lr_by_progress(step, consumed)))
     return self.steps.train_step(state, batch)
 
   def after_step(self, step: int, step_metrics, progress: loop.Progress) -> None:

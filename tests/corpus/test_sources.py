@@ -1,4 +1,5 @@
 """Document sources: each spec type on its own tiny fixture, undecodable bytes, bad input."""
+import ast
 import gzip
 import json
 import sys
@@ -209,7 +210,6 @@ def test_embedded_docstrings_match_the_imported_modules():
 def _whole_module_docstring(source):
   """The reference: ast's docstring of the whole parsed module (what module_docstring reads from
   the first statement alone)."""
-  import ast
   try:
     return ast.get_docstring(ast.parse(source), clean=True)
   except (SyntaxError, ValueError):
