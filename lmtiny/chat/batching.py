@@ -35,6 +35,7 @@ from flax import nnx
 from lmtiny.model.kv_cache import extend, init_cache, KVCache
 from lmtiny.model.sampling import (decode_chunk, decode_chunk_jit, DecodeState, host_array, MAX_STOP_IDS, SamplingArrays,
                                    SamplingError, SamplingParams, sample_next, token_logprobs, TokenLogprobs)
+from lmtiny.parallel import xla_options
 
 # Alternatives reported per token (OpenAI's completions API allows up to 5).
 TOP_LOGPROBS = 5
@@ -137,10 +138,10 @@ def _decode_rows(graphdef, params, state: DecodeState, stop_R, stop_ids_N, sampl
   return _with_rows(state, head), out, done, logprobs
 
 
-_decode_rows_jit = jax.jit(_decode_rows, static_argnums=0, static_argnames=("chunk", "rows"),
-                           donate_argnames=("state",))
-_prefill_piece_jit = jax.jit(_prefill_piece, static_argnums=0, donate_argnames=("state",))
-_score_piece_jit = jax.jit(_score_piece, static_argnums=0, donate_argnames=("cache",))
+_decode_rows_jit = xla_options.jit(_decode_rows, static_argnums=0, static_argnames=("chunk", "rows"),
+                                   donate_argnames=("state",))
+_prefill_piece_jit = xla_options.jit(_prefill_piece, static_argnums=0, donate_argnames=("state",))
+_score_piece_jit = xla_options.jit(_score_piece, static_argnums=0, donate_argnames=("cache",))
 
 
 def _pieces(n: int, piece: int, context: int) -> list[int]:

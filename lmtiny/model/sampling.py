@@ -37,6 +37,7 @@ from flax import nnx
 from lmtiny.errors import UserError
 from lmtiny.model.kv_cache import extend, init_cache, KVCache
 from lmtiny.model.transformer import cast_params, compute_dtype
+from lmtiny.parallel import xla_options
 from lmtiny.parallel.sharding import constrain
 
 Array = jax.Array
@@ -215,10 +216,10 @@ def decode_chunk(graphdef, params, state: DecodeState, stop_B, stop_ids_N, sampl
   return state, constrain(out_BxC, (None, None)), constrain(state.done_B, (None,)), lp_out
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("cache_len",))
-_cast_params_jit = jax.jit(cast_params, static_argnums=1)
-decode_chunk_jit = jax.jit(decode_chunk, static_argnums=0, static_argnames=("chunk",),
-                           donate_argnames=("state",))
+_prefill_jit = xla_options.jit(_prefill, static_argnums=0, static_argnames=("cache_len",))
+_cast_params_jit = xla_options.jit(cast_params, static_argnums=1)
+decode_chunk_jit = xla_options.jit(decode_chunk, static_argnums=0, static_argnames=("chunk",),
+                                   donate_argnames=("state",))
 
 
 def host_array(x: Array) -> np.ndarray:

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 # CheckpointCorrupt and FingerprintMismatch are raised here and imported from here by the loaders.
 from lmtiny.errors import RunFailed, UserError
+from lmtiny.parallel import xla_options
 from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_nonblank_line, quiet_abandoned_io, reading
 
 
@@ -39,7 +40,7 @@ class CheckpointSaveError(RunFailed):
   """A checkpoint failed to save (disk full, permissions); the previous one is intact."""
 
 
-@jax.jit
+@xla_options.jit
 def fingerprint(state):
   """Per-leaf wrapping uint32 sums of the raw bits: integer addition is exact in any order, so
   the value is the same on any mesh, and any changed byte in an array (almost surely) changes it."""

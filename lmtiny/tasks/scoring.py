@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from lmtiny.model.sampling import bucket
-from lmtiny.parallel import sharding
+from lmtiny.parallel import sharding, xla_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _score_batch(graphdef, params, inputs_BxT, targets_BxT, mask_BxT):
           jnp.all(hit_BxT | ~mask_BxT, axis=-1))
 
 
-_score_jit = jax.jit(_score_batch, static_argnums=0)
+_score_jit = xla_options.jit(_score_batch, static_argnums=0)
 
 
 def fit_row(ids: Sequence[int], n_cont: int, max_len: int) -> Row:

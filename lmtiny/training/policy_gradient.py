@@ -42,7 +42,7 @@ from lmtiny import config as config_lib
 from lmtiny.config import MESH_AXES
 from lmtiny.errors import ConfigError
 from lmtiny.model.sampling import Sampler, SamplingParams
-from lmtiny.parallel import sharding
+from lmtiny.parallel import sharding, xla_options
 from lmtiny.runs import kind as runkind
 from lmtiny.runs.directory import load_run, load_weights
 from lmtiny.tasks import gsm8k
@@ -234,7 +234,7 @@ class Reinforce:
     self.main = jax.process_index() == 0
     resume.config_changes(workdir, self.cfg)  # a change of shapes: one line now (again under the lock)
     self.steps = build_steps(self.cfg, self.mesh, self.total_steps, objective=POLICY_GRADIENT)
-    self._losses = jax.jit(token_losses, static_argnums=0)
+    self._losses = xla_options.jit(token_losses, static_argnums=0)
     self._prompt = lambda row: render_for_completion(self.tokenizer, [{"role": "user", "content": row["question"]}])
 
   def run(self, stop_after: int | None = None) -> dict:

@@ -74,3 +74,17 @@ def test_cpu_train_step_runs_its_matmuls_outside_ynnpack_and_keeps_its_reduction
   assert fused, "no YNNPACK reductions left"
   assert not any(" dot(" in body for body in fused.values())
   assert re.search(r"= f32\S* dot\(", hlo)  # the matmuls run as plain (Eigen) dots
+
+
+
+def test_module_level_programs_get_the_platforms_options_at_their_first_call():
+  # The sampler's and scorer's programs (xla_options.jit): on CPU their matmuls leave YNNPACK as
+  # the steps' do, while a plain jax.jit of the same function keeps XLA's default (a YNN dot).
+  def dense_relu(a, b):
+    return jax.nn.relu(a @ b)
+  a = np.linspace(-1, 1, 64 * 32, dtype=np.float32).reshape(64, 32)
+  ours = xla_options.jit(dense_relu)
+  assert "__ynn_fusion" in jax.jit(dense_relu).lower(a, a.T).compile().as_text()
+  assert "__ynn_fusion" not in ours.lower(a, a.T).compile().as_text()
+  np.testing.assert_allclose(ours(a, a.T), np.maximum(a @ a.T, 0), rtol=1e-6)
+  assert ours.__wrapped__ is dense_relu
