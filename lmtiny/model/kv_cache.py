@@ -57,7 +57,8 @@ def _write_rows(cache_LxBxSxKxDh: Array, layer, new_BxTxKxDh: Array, starts_B: A
 def _layer(block, x_BxTxD, rope_BxT, layer, cache: KVCache, starts_B, tokens_BxT):
   """One Block (same math as model.Block) that also writes its keys/values into the cache."""
   b, t = x_BxTxD.shape[:2]
-  q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), rope_BxT, tokens_BxT)
+  q, k, v = block.attn.project_qkv(block.attn_norm(x_BxTxD), rope_BxT,
+                                   block.attn.value_rows(tokens_BxT, x_BxTxD.dtype))
   cache = cache._replace(k=_write_rows(cache.k, layer, k, starts_B), v=_write_rows(cache.v, layer, v, starts_B))
   s = cache.k.shape[2]
   # Query i of row b sits at position starts_B[b] + i and sees cache slots 0..that position

@@ -270,16 +270,23 @@ class Attention(nnx.Module):
     else:
       self.value_embed = self.ve_gate = None
 
-  def project_qkv(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], tokens_BxT: Array | None = None):
-    """Queries, keys and values with QK-norm and RoPE (`rope_tables`) applied, and the value
-    embedding of `tokens_BxT` mixed into v on value-embedding layers (also used by the KV-cache
-    decoder)."""
+  def value_rows(self, tokens_BxT: Array, dtype) -> Array | None:
+    """This layer's value-embedding rows of `tokens_BxT`, [B, T, K, Dh] in `dtype` (None on a layer
+    without value embeddings)."""
+    if self.value_embed is None:
+      return None
+    rows_BxTxKDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype)
+    return rows_BxTxKDh.reshape(*tokens_BxT.shape, config_lib.num_kv_heads(self.cfg), config_lib.head_dim(self.cfg))
+
+  def project_qkv(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], ve_BxTxKxDh: Array | None = None):
+    """Queries, keys and values with QK-norm and RoPE (`rope_tables`) applied, and on
+    value-embedding layers the rows `ve_BxTxKxDh` (`value_rows`) mixed into v (also used by the
+    KV-cache decoder)."""
     dtype = x_BxTxD.dtype
     q_BxTxHxDh = self._dense(x_BxTxD, self.q)
     k_BxTxKxDh = self._dense(x_BxTxD, self.k)
     v_BxTxKxDh = self._dense(x_BxTxD, self.v)
     if self.value_embed is not None:
-      ve_BxTxKxDh = embed_lookup(self.value_embed[...].astype(jnp.float32), tokens_BxT, dtype).reshape(v_BxTxKxDh.shape)
       gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]).astype(F32))
       v_BxTxKxDh = (v_BxTxKxDh.astype(F32) + gate_BxTxK[..., None] * ve_BxTxKxDh.astype(F32)).astype(dtype)
     if self.q_norm is not None:
@@ -301,8 +308,8 @@ class Attention(nnx.Module):
     return constrain(out_BxTxD, ("batch", "seq", "act_embed"))
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
-               tokens_BxT: Array | None = None, max_runs: int = 0) -> Array:
-    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT, tokens_BxT))
+               ve_BxTxKxDh: Array | None = None, max_runs: int = 0) -> Array:
+    q, k, v = (checkpoint_name(x, ATTN_QKV) for x in self.project_qkv(x_BxTxD, rope_BxT, ve_BxTxKxDh))
     out_BxTxHxDh = attention(q, k, v, q_segment_ids=segment_ids_BxT, kv_segment_ids=segment_ids_BxT,
                              impl=self.cfg.attention, max_runs=max_runs, **self.window_kwargs())
     return self.project_out(out_BxTxHxDh)
@@ -352,8 +359,8 @@ class Block(nnx.Module):
     self.mlp = MLP(m, rngs)
 
   def __call__(self, x_BxTxD: Array, rope_BxT: tuple[Array, Array], segment_ids_BxT: Array | None,
-               tokens_BxT: Array | None = None, max_runs: int = 0) -> Array:
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT, tokens_BxT, max_runs)
+               ve_BxTxKxDh: Array | None = None, max_runs: int = 0) -> Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), rope_BxT, segment_ids_BxT, ve_BxTxKxDh, max_runs)
     return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
@@ -536,8 +543,8 @@ class Transformer(nnx.Module):
       x_BxTxD = self.smear(x_BxTxD, positions_BxT)
     rope_BxT = self.rope_tables(positions_BxT)
 
-    def run_block(block_graphdef, block_state, x):
-      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, tokens_BxT, max_runs)
+    def run_block(block_graphdef, block_state, x, ve_BxTxKxDh):
+      return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, ve_BxTxKxDh, max_runs)
 
     if self.cfg.remat != "none":
       # Under scan the loop boundary already stops XLA from merging recompute into the forward.
@@ -545,9 +552,13 @@ class Transformer(nnx.Module):
                                  prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
-      x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x), None), x_BxTxD, stacked_state)
+      x_BxTxD, _ = jax.lax.scan(lambda x, st: (run_block(graphdef, st, x, None), None), x_BxTxD, stacked_state)
       return x_BxTxD
-    return self.run_layers(x_BxTxD, lambda _, block, x: run_block(*nnx.split(block), x))
+    # A layer's value-embedding rows are looked up outside its remat region, once per micro-step:
+    # the backward takes them as saved inputs instead of gathering them again (under FSDP, instead
+    # of all-gathering the whole table a second time).
+    return self.run_layers(x_BxTxD, lambda _, block, x: run_block(*nnx.split(block), x,
+                                                                  block.attn.value_rows(tokens_BxT, x.dtype)))
 
 
 # Logical axes of weight matrices (what multiplies activations); a parameter with two or more of

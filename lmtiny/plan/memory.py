@@ -11,8 +11,10 @@
   the optimizer's update is fused into the new params and moments in place.
 - activations: what the backward keeps per token and layer under the remat policy (model.remat),
   for one micro-batch of device_batch_size sequences, plus one layer's full working set (the
-  layer being recomputed / differentiated; none under remat "none", which recomputes nothing). The xla attention path adds its [T, T] scores; a
-  fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps none.
+  layer being recomputed / differentiated; none under remat "none", which recomputes nothing), plus
+  each value-embedding layer's looked-up rows (an input of its remat region, so always kept). The
+  xla attention path adds its [T, T] scores; a fused kernel (cuDNN, splash: what `auto` picks on a
+  GPU or TPU) keeps none.
 - loss chunk: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
   float32 and their gradient in the compute dtype; none with model.loss_kernel=pallas (its logits
   stay in the kernels' VMEM).
@@ -98,6 +100,9 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
   # gradients replace the saved tensors they consume).
   activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
+  if m.remat != "none":  # under "none" the working set kept per layer holds them already
+    ve_layers = sum(config_lib.has_value_embed(m, layer) for layer in range(m.num_layers))
+    activations += ve_layers * tokens * c * tp_w["kv"]
   if (attention or m.attention) == "xla":
     # The layer being differentiated holds float32 scores, probabilities and their gradients,
     # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).
