@@ -184,7 +184,7 @@ def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 224 s to compile
   here for the v5p, 268 s for the v6e) at the preset's mesh, per-chip batch and remat. (The v6e's
   figure with the config's remat grows 2.3 GiB a layer at 8 sequences per chip, past 28 GiB of the
-  32; with remat=full it is 20.0 GiB.)"""
+  32; with remat=full it is 20.4 GiB.)"""
   from lmtiny.training import benchmark as bench
   topology, chip = TPU_TOPOLOGIES[preset]
   cfg = load_config_module("d24_2026").get_config()
