@@ -281,6 +281,11 @@ def has_value_embed(m, layer: int) -> bool:
   return bool(m.value_embeds) and layer % 2 == (m.num_layers - 1) % 2
 
 
+def value_embed_layers(m) -> list[int]:
+  """The layers with a value embedding (has_value_embed), in order."""
+  return [layer for layer in range(m.num_layers) if has_value_embed(m, layer)]
+
+
 def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.num_heads
 

@@ -130,12 +130,11 @@ def nanochat_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: i
 
 def remote_config(m, *, dtype: str, bos_id: int, eos_ids: list[int], pad_id: int) -> dict:
   """config.json for the shipped modeling file (lmtiny/interop/remote/modeling_lmtiny.py)."""
-  layers = range(m.num_layers)
   return dict(_common_config(m, dtype=dtype, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id), architectures=[REMOTE],
               model_type="lmtiny", auto_map=AUTO_MAP, norm_scale=bool(m.norm_scale), qk_norm=bool(m.qk_norm),
               qk_scale=float(m.qk_scale), embed_norm=bool(m.embed_norm),
               attention_windows=list(config_lib.layer_windows(m)),
-              value_embed_layers=[i for i in layers if config_lib.has_value_embed(m, i)],
+              value_embed_layers=config_lib.value_embed_layers(m),
               ve_gate_channels=config_lib.VE_GATE_CHANNELS, residual_scalars=bool(m.residual_scalars),
               smear=bool(m.smear), smear_channels=config_lib.SMEAR_CHANNELS,
               backout_layer=m.num_layers // 2 if m.backout else None)
@@ -197,7 +196,7 @@ def remote_fields(hf: dict, where: str) -> dict:
                 window_pattern="".join("S" if w else "L" for w in windows) if short else "",
                 short_window=short[0] if short else 0)
   placed = ml_collections.ConfigDict(dict(num_layers=layers, value_embeds=fields["value_embeds"]))
-  expected = {"value_embed_layers": [i for i in range(layers) if config_lib.has_value_embed(placed, i)],
+  expected = {"value_embed_layers": config_lib.value_embed_layers(placed),
               "backout_layer": layers // 2 if fields["backout"] else None,
               "ve_gate_channels": config_lib.VE_GATE_CHANNELS, "smear_channels": config_lib.SMEAR_CHANNELS}
   for field, value in expected.items():

@@ -68,7 +68,7 @@ def param_breakdown(m) -> dict[str, int]:
   mlp = (3 if m.activation == "swiglu" else 2) * d * config_lib.mlp_dim(m)
   norms, final_norm = _norm_params(m)
   layer = attention + mlp + norms
-  ve_layers = sum(config_lib.has_value_embed(m, i) for i in range(m.num_layers))
+  ve_layers = len(config_lib.value_embed_layers(m))
   smear = m.smear
   parts = dict(
       embedding=v * d,

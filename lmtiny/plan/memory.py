@@ -101,8 +101,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   # gradients replace the saved tensors they consume).
   activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
   if m.remat != "none":  # under "none" the working set kept per layer holds them already
-    ve_layers = sum(config_lib.has_value_embed(m, layer) for layer in range(m.num_layers))
-    activations += ve_layers * tokens * c * tp_w["kv"]
+    activations += len(config_lib.value_embed_layers(m)) * tokens * c * tp_w["kv"]
   if (attention or m.attention) == "xla":
     # The layer being differentiated holds float32 scores, probabilities and their gradients,
     # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).

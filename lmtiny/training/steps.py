@@ -234,7 +234,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
                 out_shardings=(state_shardings, replicated), donate_argnums=0)
     evaluate = jit(eval_step, in_shardings=(state_shardings["params"], eval_shardings, replicated,
                                                 frozen_shardings), out_shardings=replicated)
-    merge = jax.jit(adapter.merge, out_shardings=frozen_shardings)
+    merge = jit(adapter.merge, out_shardings=frozen_shardings)
     steps.train_step = lambda state, batch, *scale: train(state, batch, *scale, frozen_params)
     steps.eval_step = lambda params, batch, token_bytes: evaluate(params, batch, token_bytes, frozen_params)
     steps.model_params = lambda params: merge(frozen_params, params)
