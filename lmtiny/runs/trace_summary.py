@@ -20,7 +20,8 @@ operation are "idle". The shares therefore sum to 1. Categories, from the operat
 (event name, `hlo_op`, the opcode of its `long_name`) and xprof's `hlo_category` where present:
   collectives  all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute (their
                -start/-done halves), send/recv, NCCL kernels;
-  attention    attention kernels: cuDNN fused attention (fmha, sdpa), flash / splash / Pallas MHA;
+  attention    attention kernels: cuDNN fused attention (fmha, sdpa, and the cudnn::fusion helpers
+               its backward launches), flash / splash / Pallas MHA;
   matmul       dot, convolution (XLA's name for many dots), GEMM kernels: cuBLAS, cuBLASLt
                (nvjet), CUTLASS, xmma/wgmma, Triton gemm fusions, and whatever the profile's HLO
                (hlo_ops) says came from dot_general or conv_general_dilated (XLA:CPU's YNNPACK
@@ -39,7 +40,7 @@ CATEGORIES = ("matmul", "attention", "collectives", "elementwise", "idle")
 _COLLECTIVE = re.compile(r"all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter|all[-_]?to[-_]?all|"
                          r"collective[-_]?permute|collective[-_]?broadcast|\bnccl|\bsend\b|\brecv\b|send-done|"
                          r"recv-done|sendrecv")
-_ATTENTION = re.compile(r"attention|fmha|sdpa|flash|splash|\bmha\b|_mha_|mha_fwd|mha_bwd")
+_ATTENTION = re.compile(r"attention|fmha|sdpa|flash|splash|\bmha\b|_mha_|mha_fwd|mha_bwd|cudnn::fusion")
 _MATMUL = re.compile(r"\bdot\b|dot[._]|_dot\b|convolution|\bconv\b|conv[._]|gemm|matmul|cublas|nvjet|cutlass|"
                      r"xmma|wgmma")
 _LIBRARY = re.compile(r"[xy]nn_fusion|__[xy]nn")  # XLA:CPU's YNNPACK / XNNPACK fusions
@@ -177,9 +178,13 @@ def device_ops(trace: dict, hlo: dict | None = None) -> dict[str, list[dict]]:
 
 def op_name(event: dict) -> str:
   """The HLO instruction (`hlo_op`, else the event's name: a GPU kernel's), with its module when
-  the event names one: 'fusion.3 @ jit_train_step'."""
+  the event names one: 'fusion.3 @ jit_train_step'. A kernel that XLA:GPU launched inside a
+  command buffer (a CUDA graph, `command_buffer_N`: most of a step by default) is named by the
+  kernel itself, without its argument list, so a step's top operations are kernels, not graphs."""
   args = event.get("args") or {}
   name = str(args.get("hlo_op") or event["name"])
+  if name.startswith("command_buffer"):
+    name = str(event["name"]).removeprefix("void ").split("(", 1)[0]
   return f"{name} @ {args['hlo_module']}" if args.get("hlo_module") else name
 
 

@@ -112,6 +112,26 @@ def test_top_operations_rank_exclusive_time_and_name_the_module():
                       "elementwise 12.9% | idle 12.9%")
 
 
+def test_kernels_inside_xla_gpus_command_buffers_are_named_by_kernel():
+  """XLA:GPU launches most of a step as CUDA graphs: every kernel's hlo_op is then its graph's
+  (command_buffer_N), which would rank graphs, not kernels (an H100 profile of d12_2026 read
+  "command_buffer_968 41.4%")."""
+  compute = 1
+  events = _meta(7, "/device:GPU:0", {compute: "Stream #13(Compute)"})
+  graph = {"hlo_op": "command_buffer_968", "hlo_module": "jit_train_step"}
+  events += [
+      _op(7, compute, "nvjet_sm90_tss_128x160_64x5_2x1_v_bz_NNT", 0, 30, **graph),
+      _op(7, compute, "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(void const*, void*)", 30, 50, **graph),
+      _op(7, compute, "loop_convert_fusion", 80, 10, **graph),
+      _op(7, compute, "nvjet_sm90_tss_128x160_64x5_2x1_v_bz_NNT", 90, 30, **graph),
+  ]
+  top = summarize({"traceEvents": events})["top"]
+  assert [(t["op"], t["category"], t["count"]) for t in top] == [
+      ("nvjet_sm90_tss_128x160_64x5_2x1_v_bz_NNT @ jit_train_step", "matmul", 2),
+      ("cudnn::fusion::compute_dot_do_o_specialized<true, 128> @ jit_train_step", "attention", 1),
+      ("loop_convert_fusion @ jit_train_step", "elementwise", 1)]
+
+
 @pytest.mark.parametrize("name, args, expected", [
     ("all-gather-start.2", {}, "collectives"), ("reduce-scatter.1", {}, "collectives"),
     ("all-to-all.3", {}, "collectives"), ("all_gather.7", {}, "collectives"), ("collective-permute-done", {}, "collectives"),
