@@ -99,6 +99,35 @@ def test_the_fused_loss_runs_three_gemms_where_the_chunked_loss_runs_four():
   assert _count_dots(_fused, *args) == 3
 
 
+def _logit_passes(fn, *args) -> int:
+  """Reductions over a chunk's [C, V] float32 logits in the lowered value-and-gradient."""
+  hlo = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5).lower(*args).as_text()
+  return len(re.findall(rf"stablehlo\.reduce\(.*\(tensor<5x{V}xf32>", hlo))
+
+
+def test_a_softcap_bounds_the_logits_so_the_row_max_pass_goes():
+  """Softcapped logits lie in [-c, c]: the cap shifts the exponentials, so a chunk's statistics
+  read its logits once (sum of exps) instead of twice (max, then sum), in both losses."""
+  for fn in (_chunked, _fused):
+    assert _logit_passes(fn, *_inputs(), 0.0) == 2
+    assert _logit_passes(fn, *_inputs(), 15.0) == 1
+
+
+@pytest.mark.parametrize("softcap", [2.0, 40.0])
+def test_saturated_softcap_logits_keep_float32_precision(softcap):
+  """Every logit pushed against the cap (hidden states x 50): the sum of exp(l - c) spans e^-2c..1
+  and still equals the max-shifted reference, where the row max is near +c or near -c."""
+  x, w, targets, ce_weights, z_weights = _inputs()
+  x = 50.0 * x.at[1].set(-jnp.abs(x[1]) @ jnp.ones((D, D)) / D)  # row 1: every logit near -c or +c alike
+  args = (x, w, targets, ce_weights, z_weights, softcap)
+  (ref, (ref_ce, ref_lse)), ref_grads = _value_and_grads(_reference, *args)
+  (got, (ce, lse)), grads = _value_and_grads(_fused, *args)
+  np.testing.assert_allclose(ce, ref_ce, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse, ref_lse, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.linalg.norm(a - b) / np.linalg.norm(b)
