@@ -8,4 +8,5 @@ NUM_PARAMS = 286_261_730
 def get_config():
   c = nanochat_leaderboard_config(12)
   c.data.packing = "bestfit"  # nanochat's BOS-aligned best-fit rows (lmtiny.data.bestfit)
+  c.data.document_mask = False  # rows attend across their documents, as nanochat's (docs/performance.md)
   return c

@@ -10,4 +10,5 @@ NUM_PARAMS = 1_384_122_122
 def get_config():
   c = nanochat_leaderboard_config(24, tokens_per_param=8.0)
   c.data.packing = "bestfit"  # nanochat's BOS-aligned best-fit rows (lmtiny.data.bestfit)
+  c.data.document_mask = False  # rows attend across their documents, as nanochat's (docs/performance.md)
   return c

@@ -290,6 +290,12 @@ def head_dim(m) -> int:
   return m.head_dim or m.d_model // m.num_heads
 
 
+def cudnn_max_runs(seq_len: int, max_runs: int = 0) -> int:
+  """Static bound on document runs per packed row for cuDNN's packed layout (lmtiny.model.attention):
+  the packer's guarantee `max_runs` when it gives one (never more than T), else T // 64 (>= 1)."""
+  return min(max_runs, seq_len) if max_runs > 0 else max(1, seq_len // 64)
+
+
 def attention_query_blocks(seq_len: int) -> int:
   """Query blocks of the XLA self-attention (lmtiny.model.attention.xla_causal_attention): 4 when the
   sequence splits into 4 blocks of at least 32 rows, else 1. Block i attends only to keys up to

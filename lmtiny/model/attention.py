@@ -24,7 +24,7 @@ Backends (`model.attention`):
            so packed rows go through `jax._src.cudnn.fused_attention_stablehlo`, the function
            jax.nn itself calls. Its packed layout needs Hopper (sm90+) and a static bound on runs
            per row: `max_runs` when the packer guarantees one (data.max_docs_per_row, see
-           lmtiny.data.pipeline.max_runs_per_row), else `cudnn_max_runs` (T // 64). The bound
+           lmtiny.data.pipeline.max_runs_per_row), else T // 64 (lmtiny.config.cudnn_max_runs). The bound
            sizes the kernel's per-run state (softmax statistics, grid), so a tight one saves
            work; runs past it merge into the last one, which then attends causally across those
            documents (nanochat attends across all of them). jax up to 0.11.0 scaled the kv offsets by the *query* head count (fixed in
@@ -221,7 +221,7 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
       impl = "xla"
   if impl == "splash" and seq_len is not None and splash_block(seq_len) is None:
     return "xla"
-  if impl == "cudnn" and packed and not max_runs and seq_len is not None and cudnn_max_runs(seq_len) < 2:
+  if impl == "cudnn" and packed and not max_runs and seq_len is not None and config_lib.cudnn_max_runs(seq_len) < 2:
     return "xla"  # T < 128: a bound of one run per row would drop the document mask
   return impl
 
@@ -273,12 +273,6 @@ def named_residuals(kernel):
 # cuDNN.
 
 
-def cudnn_max_runs(seq_len: int, max_runs: int = 0) -> int:
-  """Static bound on document runs per packed row for cuDNN's packed layout: the packer's
-  guarantee `max_runs` when it gives one (never more than T), else T // 64 (>= 1)."""
-  return min(max_runs, seq_len) if max_runs > 0 else max(1, seq_len // 64)
-
-
 def segment_runs(segment_ids_BxT: Array, max_runs: int) -> tuple[Array, Array]:
   """Segment ids -> cuDNN packed-sequence arguments for one row each.
 
@@ -326,7 +320,7 @@ def _cudnn_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, se
                      window: int = 0, max_runs: int = 0) -> Array:
   # jax.nn's (w, 0) becomes cuDNN's sliding_window_length w + 1: keys (i - w - 1, i], i.e. i - w .. i.
   local = {"local_window_size": (window, 0)} if window else {}
-  runs = cudnn_max_runs(q_BxTxHxDh.shape[1], max_runs)
+  runs = config_lib.cudnn_max_runs(q_BxTxHxDh.shape[1], max_runs)
   if segment_ids_BxT is None or runs == 1:  # one run per row: causal type alone
     causal = named_residuals(lambda q, k, v, _: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                              implementation="cudnn", **local))

@@ -62,7 +62,7 @@ class Chip:
 
 # The chips --fit names (aliases in ALIASES). Attention under `auto` for packed rows is what
 # lmtiny.model.attention.resolve_impl picks: cuDNN on Hopper, XLA (with its [T, T] scores) on
-# older GPUs, splash on TPUs.
+# older GPUs, splash on TPUs (`for_rows`: rows without the document mask run cuDNN on all GPUs).
 FIT_CHIPS = {
     "h100": ("H100 SXM 80 GB", "cudnn"), "a100": ("A100 80 GB", "xla"), "a100_40": ("A100 40 GB", "xla"),
     "l4": ("L4 24 GB", "xla"), "rtx4090": ("RTX 4090 24 GB", "xla"), "rtx3090": ("RTX 3090 24 GB", "xla"),
@@ -105,6 +105,15 @@ def chip(name: str | None, memory_text: str | None = None, speed_of: str = "h100
   size = parse_memory(memory_text)
   return Chip(key, f"{memory_text.strip()} chip at {key}'s speed", size,
               counts.PEAK_FLOPS[key], roofline.HBM_BANDWIDTH[key], attention)
+
+
+def for_rows(c: Chip, cfg) -> Chip:
+  """The chip as the config's rows run on it: FIT_CHIPS holds the backend for packed rows, but
+  without data.document_mask every row is one causal sequence, which cuDNN runs on every GPU
+  listed (only its packed layout needs Hopper)."""
+  if cfg.data.document_mask or c.attention != "xla" or c.name.startswith("v"):
+    return c
+  return dataclasses.replace(c, attention="cudnn")
 
 
 def recompute_flops_per_token(m, seq_len: int, remat: str, attention: str = "splash") -> float:
@@ -213,7 +222,7 @@ def search(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float = memor
     raise ConfigError(f"--mfu={mfu}: must be in (0, 1]")
   if not 0 < usable <= 1:
     raise ConfigError(f"--usable={usable}: must be in (0, 1]")
-  cfg = recipe.resolve(cfg)
+  cfg, c = recipe.resolve(cfg), for_rows(c, cfg)
   steps = config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, cfg.train))
   sequences = config_lib.global_batch_size(cfg.train)
   fitting, smallest = [], None
@@ -254,7 +263,7 @@ def _row(p: Plan, c: Chip) -> str:
 
 
 def header(cfg, c: Chip, chips: int, mfu: float, usable: float) -> list[str]:
-  cfg = recipe.resolve(cfg)
+  cfg, c = recipe.resolve(cfg), for_rows(c, cfg)
   t = cfg.train
   steps = config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t))
   return [f"{chips} x {c.label}: {c.peak / 1e12:g} TFLOP/s dense bf16, {c.memory / GIB:.2f} GiB per chip "

@@ -66,7 +66,7 @@ def estimate(cfg, mesh) -> dict:
   """lmtiny.plan.memory's estimate for the attention backend that runs on the mesh's platform."""
   m = cfg.model
   impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=mesh.devices.flat[0].platform,
-                               seq_len=cfg.train.seq_len, packed=True)
+                               seq_len=cfg.train.seq_len, packed=cfg.data.document_mask)
   return memory.estimate(cfg, dict(mesh.shape), attention=impl)
 
 

@@ -80,14 +80,15 @@ def target(platform: str):
 
 def for_platform(cfg, platform: str):
   """A copy of cfg with the choices `auto` makes on that platform made: bf16 compute, and the
-  attention backend lmtiny.model.attention picks there for packed training rows."""
+  attention backend lmtiny.model.attention picks there for the config's training rows (packed with
+  data.document_mask)."""
   check_platform(platform)
   cfg = cfg.copy_and_resolve_references()
   m = cfg.model
   if m.dtype == "auto":
     m.dtype = "bfloat16"
   m.attention = attn_lib.resolve_impl(m.attention, m.dtype, platform="gpu" if platform == "cuda" else "tpu",
-                                      seq_len=cfg.train.seq_len, packed=True,
+                                      seq_len=cfg.train.seq_len, packed=cfg.data.document_mask,
                                       gpu_capability=H100_CAPABILITY if platform == "cuda" else None)
   return cfg
 

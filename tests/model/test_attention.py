@@ -234,10 +234,10 @@ def test_segment_runs_layout():
   assert lengths.dtype == jnp.int32 and starts.dtype == jnp.int32
   np.testing.assert_array_equal(lengths, [[3, 2, 3, -1], [8, -1, -1, -1]])
   np.testing.assert_array_equal(starts, [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
-  assert attn_lib.cudnn_max_runs(2048) == 32 and attn_lib.cudnn_max_runs(32) == 1
+  assert config_lib.cudnn_max_runs(2048) == 32 and config_lib.cudnn_max_runs(32) == 1
   # The packer's cap (data.max_docs_per_row) is the bound when there is one, never above T.
-  assert attn_lib.cudnn_max_runs(2048, 4) == 4 and attn_lib.cudnn_max_runs(64, 2) == 2
-  assert attn_lib.cudnn_max_runs(100, 500) == 100
+  assert config_lib.cudnn_max_runs(2048, 4) == 4 and config_lib.cudnn_max_runs(64, 2) == 2
+  assert config_lib.cudnn_max_runs(100, 500) == 100
 
 
 def test_short_packed_rows_run_cudnn_only_with_a_bound_from_the_packer():

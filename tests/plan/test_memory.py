@@ -48,6 +48,25 @@ def test_estimate_parts_scale_with_sharding_and_batch():
   assert memory.estimate(cfg)["activations"] < one["activations"]  # 2 rows per micro-step, not 8
 
 
+def test_packed_cudnn_counts_its_per_run_workspace_only_where_rows_are_packed():
+  """cuDNN's packed layout zeroes a float32 dQ accumulator and softmax statistics sized as if
+  every run bound were a whole row: on an H100, d12_2026 with the document mask (32 rows, 6 heads,
+  T // 64 = 32 runs) memset 6,493,176,832 bytes per layer and micro-step."""
+  from lm_fixtures import load_config_module
+  cfg = load_config_module("d12_2026").get_config()
+  assert not cfg.data.document_mask  # nanochat's rows: one causal sequence, no packed layout
+  plain = memory.estimate(cfg, attention="cudnn")["activations"]
+  cfg.data.document_mask = True
+  workspace = memory.packed_cudnn_workspace(cfg, 32, 6)
+  assert workspace == pytest.approx(6_493_176_832, rel=1e-4)
+  assert memory.estimate(cfg, attention="cudnn")["activations"] - plain == pytest.approx(workspace)
+  assert memory.estimate(cfg, attention="splash")["activations"] == pytest.approx(plain)
+  cfg.data.max_docs_per_row = 4  # the packer's cap sizes it
+  assert memory.packed_cudnn_workspace(cfg, 32, 6) == pytest.approx(workspace / 8)
+  cfg.data.max_docs_per_row = 1  # one run a row: the causal kernel, nothing per run
+  assert memory.packed_cudnn_workspace(cfg, 32, 6) == 0
+
+
 def test_the_on_chip_loss_holds_no_logits_chunk():
   cfg = _config("dots_no_batch")
   fused = memory.estimate(cfg)

@@ -141,6 +141,21 @@ def test_packed_cudnn_is_sized_by_the_packers_cap_on_documents_per_row():
   assert s["mask_types"] == ["PADDING_CAUSAL"] and s["max_runs"] == [3]  # not T // 64 = 4
 
 
+@pytest.mark.parametrize("name", ["d12_2026", "d24_2026"])
+def test_the_2026_configs_run_the_causal_cudnn_kernel_as_nanochat_does(name):
+  """nanochat's rows attend across their documents, and so do the 2026 configs': the cuda step
+  calls cuDNN with its causal mask type, never the packed layout (an H100 profile of d12_2026 with
+  the document mask spent 35% of the step in it)."""
+  cfg = load_config_module(name).get_config()
+  cfg.model.num_layers = 2
+  cfg.train.update(seq_len=T, batch_tokens=T, micro_batch_size=0, device_batch_size=0, tokens_per_param=0.0,
+                   auto_batch=False, steps=2)
+  cfg.model.max_seq_len = T
+  _, s, lowered = _lower(cfg, "cuda")
+  assert lowered.model.attention == "cudnn" and s["cudnn"]["forward"] == 2
+  assert s["mask_types"] == ["CAUSAL"] and s["max_runs"] == [1]  # one run: the whole row
+
+
 def test_cudnn_without_segment_ids_uses_the_causal_mask_type_and_no_mask_operand():
   q = jax.ShapeDtypeStruct((2, T, 4, 64), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, T, 2, 64), jnp.bfloat16)
