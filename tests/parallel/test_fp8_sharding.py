@@ -69,7 +69,7 @@ def test_sharded_fp8_step_has_no_amax_collective_in_the_loop_and_trains_as_one_d
   assert "f8e4m3fn" in text and "f8e5m2" in text  # the GEMMs are fp8
   in_loop = lowering.max_reductions(text, within=lowering.loop_bodies(text))
   assert not [name for name in in_loop if AMAX_SCOPE in name or "reduce_max" in name], in_loop
-  assert len(in_loop) == (1 if mesh.get("tensor", 1) > 1 else 0), in_loop  # the loss's pmax, on tensor meshes
+  assert in_loop == []  # nor the loss's pmax over the vocab slices: its softcap bounds the logits
   one_losses, one_norms, _ = one_device
   np.testing.assert_allclose(norms, one_norms, rtol=3e-3)
   np.testing.assert_allclose(losses, one_losses, rtol=3e-4)
