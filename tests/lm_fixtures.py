@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -146,3 +147,26 @@ def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):
   return SimpleNamespace(train_docs=progression_docs(n_train, 0, vocab), val_docs=progression_docs(n_val, 1, vocab),
                          token_bytes=np.r_[0, np.ones(vocab - 1)].astype(np.int32),
                          tokenizer=SimpleNamespace(bos_id=0, vocab_size=vocab))
+
+
+def dot_operand_sources(text: str) -> list[tuple[str, str, str, str]]:
+  """(lhs, rhs, result type, precision) of every dot_general in a StableHLO text, where an operand
+  that is an fp8 tensor dequantized in bf16 (`convert(fp8) * broadcast(scalar)`, the form XLA:GPU's
+  GEMM rewriter folds into cuBLASLt's fp8 GEMM; lmtiny.kernels.fp8) is named by its fp8 type, and
+  any other operand by its own type. Names are looked up within each function."""
+  out = []
+  for body in re.split(r"\n(?=\s*func\.func )", text):
+    def source(name, own):
+      product = re.search(rf"{name} = stablehlo\.multiply (%\w+), (%\w+) : tensor<[\dx]+xbf16>", body)
+      if product:
+        converted = re.search(rf"{product.group(1)} = stablehlo\.convert %\w+ : \(tensor<([\dx]+xf8\w+)>\)", body)
+        scalar = re.search(rf"{product.group(2)} = stablehlo\.broadcast_in_dim %\w+, dims = \[\] : \(tensor<bf16>\)",
+                           body)
+        if converted and scalar:
+          return converted.group(1)
+      return own
+    pattern = (r"= stablehlo\.dot_general (%\w+), (%\w+), .*?precision = \[(\w+), \w+\] : "
+               r"\(tensor<([^>]+)>, tensor<([^>]+)>\) -> tensor<([^>]+)>")
+    for lhs, rhs, precision, lhs_type, rhs_type, result in re.findall(pattern, body):
+      out.append((source(lhs, lhs_type), source(rhs, rhs_type), result, precision))
+  return out

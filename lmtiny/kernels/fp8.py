@@ -3,19 +3,22 @@
 `fp8_matmul(x_MxK, w_KxN)` is `x @ w` with all three GEMMs of a linear layer run on fp8 operands,
 as a `jax.custom_vjp`:
   - forward: x and w are each quantized to float8_e4m3fn (3 mantissa bits, range +-448) with one
-    scale per tensor, scale = 448 / max|t| (max|t| floored at AMAX_FLOOR, so an all-zero tensor
-    quantizes to zeros instead of NaN), by a saturating cast: t * scale clipped to +-448 first,
-    because a float32 -> e4m3fn convert past the range gives NaN (e4m3fn has no infinity) and
-    t * scale can round a hair above 448. The dot runs on the fp8 operands with float32
-    accumulation, and its result is multiplied by the product of the inverse scales and cast to
-    x's dtype.
+    scale per tensor, the largest power of two <= 448 / max|t| (max|t| floored at AMAX_FLOOR, so
+    an all-zero tensor quantizes to zeros instead of NaN), so the largest magnitude lands in
+    [224, 448], by a saturating cast: t * scale clipped to +-448 (a float32 -> e4m3fn convert past
+    the range gives NaN: e4m3fn has no infinity). The dot runs on the operands dequantized in
+    bf16 (each fp8 value times its inverse scale: exact, a power of two) with float32
+    accumulation and a result in x's dtype.
   - backward: the output gradient g is quantized to float8_e5m2 (2 mantissa bits, range +-57344:
     gradients need range more than precision) with its own scale; dx = g @ w^T and dw = x^T @ g
     reuse the fp8 x and w saved by the forward (no second quantization, and the saved
-    activation is 1 byte an element), each rescaled by its two operands' inverse scales.
-    dx comes back in x's dtype, dw in w's (from the float32 accumulator).
+    activation is 1 byte an element), dequantized the same way. dx comes back in x's dtype, dw in
+    w's (from the float32 accumulator).
 Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor
-on one device, and one per device block of it under a mesh (below).
+on one device, and one per device block of it under a mesh (below). nanochat's (torchao's
+tensorwise) scale is 448 / max|t| itself; a power of two at most that gives up less than one of the
+~18 binades e4m3 spans, at the bottom of its range, rounds every value to the same relative precision,
+and makes the dequantization exact (below).
 
 Under a mesh: each device scales its own block of every operand. `fp8_matmul_shard` is one
 device's part inside `shard_map` (lmtiny.parallel.sharding.sharded_fp8_matmul decides the blocks):
@@ -38,24 +41,28 @@ that and stay nanochat's tensorwise recipe on one device. The price: the roundin
 mesh, so a sharded run matches one device's fp8 within fp8's rounding, not bit for bit.
 
 Under rematerialisation the output is what a block keeps, by its checkpoint name FP8_OUT, in x's
-dtype: the forward's dot has fp8 operands and a float32 result, and a policy that saves weight
-GEMMs' outputs (model.remat=minimal) would otherwise keep that float32 accumulator, twice the
-bytes of the bf16 path's saved output. `is_fp8_dot` tells such policies which dots these are.
+dtype, the bytes the bf16 path keeps.
 
-Where XLA fuses it (XLA:GPU, Hopper or Ada): the GEMM rewriter matches a dot whose operands are
-fp8 and whose result is multiplied by a broadcast scalar, and calls cuBLASLt's fp8 matmul
-(custom call `__cublas$lt$matmul$f8`) with that scalar as the operand scale; the cast to bf16 of
-the output is folded into the call's output type, and it transposes the fp8 operands (1 byte an
-element) into the layout cuBLASLt's fp8 kernels take. cuBLASLt needs one e4m3 operand at least:
-the backward's e5m2 x e4m3 pairs qualify. The precision of the dot chooses its accumulation:
-DEFAULT (the forward here) lets cuBLASLt accumulate fast in its lower-precision mode, HIGHEST (the
-two backward GEMMs) keeps a split float32 accumulator, the same choice as nanochat. The
-quantizations themselves (an abs-max reduction, a multiply, a clamp, a convert) are ordinary XLA
-fusions around the call, local to each device under a mesh.
+Where XLA fuses it (XLA:GPU, Hopper or Ada): the GEMM rewriter matches a dot of dequantized fp8
+operands (convert to bf16 times a broadcast scalar) and calls cuBLASLt's fp8 matmul (custom call
+`__cublas$lt$matmul$f8`) on the fp8 operands with those scalars as their scales and the dot's
+result type as its output, transposing the fp8 operands (1 byte an element) into the layout
+cuBLASLt's fp8 kernels take. A dot of the raw fp8 operands with a float32 result times the scales
+(this module's first form) became an fp8 call writing float32 and a separate convert to bf16 of
+every output: on an H100, d12_2026's fp8 step spent 171 ms of 1.78 s in 1,152 such converts.
+XLA:GPU compiled here for an H100 without one (jax's deviceless topology, triton GEMMs off as the
+H100's autotuner chose) shows the difference: 2 layers of d12_2026 hold 84 fp8 calls either way,
+and 18 standalone converts of their outputs before, none now. Power-of-two scales keep the
+dequantization in bf16 exact, so the GEMM's numerics are the fp8 operands' own. cuBLASLt needs
+one e4m3 operand at least: the backward's e5m2 x e4m3 pairs qualify. The precision of the dot
+chooses its accumulation: DEFAULT (the forward here) lets cuBLASLt accumulate fast in its
+lower-precision mode, HIGHEST (the two backward GEMMs) keeps a split float32 accumulator, the
+same choice as nanochat. The quantizations themselves (an abs-max reduction, a multiply, a
+clamp, a convert) are ordinary XLA fusions around the call, local to each device under a mesh.
 
-On CPU: XLA:CPU has the fp8 types but no fp8 GEMM, it converts the fp8 operands to float32 and
-runs a float32 dot. The products of two fp8 numbers are exact in float32, so the numerics are
-those of the fp8 GEMM up to the float32 summation order, and they can be checked there.
+On CPU: XLA:CPU runs the dot of the dequantized bf16 operands in float32. Every operand is an
+fp8 value times a power of two and every product is exact in float32, so the numerics are those
+of the fp8 GEMM up to the float32 summation order, and they can be checked there.
 
 `fp8_eligible(k, n)` is nanochat's rule for which linear layers run in fp8: both dimensions
 divisible by 16 (the fp8 GEMM's alignment) and the smaller one at least 128 (below that the
@@ -87,30 +94,28 @@ def fp8_eligible(k: int, n: int) -> bool:
   return k % 16 == 0 and n % 16 == 0 and min(k, n) >= 128
 
 
-def is_fp8_dot(prim, *avals) -> bool:
-  """A dot_general on fp8 operands (this module's GEMMs), for remat policies."""
-  return prim is jax.lax.dot_general_p and any(a.dtype in (FORWARD_DTYPE, GRADIENT_DTYPE) for a in avals)
-
-
 def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
-  """(t in fp8_dtype scaled so its largest magnitude lands on the format's max, the float32 inverse
-  scale that turns it back): tensorwise dynamic scaling with a saturating cast."""
+  """(t in fp8_dtype scaled by the largest power of two that keeps its largest magnitude within the
+  format's max, the float32 inverse scale that turns it back): tensorwise dynamic scaling with a
+  saturating cast."""
   fp8_max = float(jnp.finfo(fp8_dtype).max)
   with jax.named_scope(AMAX_SCOPE):
     # In t's own dtype: a max of magnitudes is exact in any float format, and the reduction then
     # reads t (2 bytes an element in bf16), not a float32 copy of it (4).
     amax = jnp.maximum(jnp.max(jnp.abs(t)).astype(jnp.float32), jnp.float32(AMAX_FLOOR))
-  scale = jnp.float32(fp8_max) / amax
+  # The largest power of two <= fp8_max / amax: exact in bf16, so an operand dequantizes exactly.
+  _, exponent = jnp.frexp(jnp.float32(fp8_max) / amax)
+  scale = jnp.ldexp(jnp.float32(1.0), exponent - 1)
   t_fp8 = jnp.clip(t.astype(jnp.float32) * scale, -fp8_max, fp8_max).astype(fp8_dtype)
   return t_fp8, 1.0 / scale
 
 
 def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
-  """dot(a, b) on fp8 operands, float32 accumulation, times the inverse scales: the pattern
-  XLA:GPU rewrites to one cuBLASLt fp8 GEMM."""
-  acc = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
-  return (acc * (a_inv * b_inv)).astype(out_dtype)
+  """dot(a, b) of fp8 operands dequantized in bf16 (exact: power-of-two inverse scales), float32
+  accumulation, a result in out_dtype: the pattern XLA:GPU rewrites to one cuBLASLt fp8 GEMM
+  that writes out_dtype itself."""
+  a, b = (q.astype(jnp.bfloat16) * inv.astype(jnp.bfloat16) for q, inv in ((a_fp8, a_inv), (b_fp8, b_inv)))
+  return jax.lax.dot_general(a, b, (contracting, ((), ())), precision=precision, preferred_element_type=out_dtype)
 
 
 def forward_gemm(x_MxK: Array, w_q: tuple[Array, Array], out_dtype) -> tuple[Array, tuple[Array, Array]]:

@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
-from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible, is_fp8_dot
+from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible
 from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
 from lmtiny.model.quant import QuantizedWeight
 from lmtiny.parallel.sharding import (constrain, gathers_weights, sharded_fp8_matmul,
@@ -366,16 +366,9 @@ class Block(nnx.Module):
 
 _POLICIES = jax.checkpoint_policies
 _SAVE_ATTN_OUT = _POLICIES.save_only_these_names(ATTN_OUT)
-# The dot policies keep an fp8 GEMM's output in the compute dtype, by name, not its dot's float32
-# accumulator (lmtiny.kernels.fp8).
+# The dot policies keep an fp8 GEMM's output (in the compute dtype) by name too (lmtiny.kernels.fp8).
 _SAVE_ATTN_OUT_FP8_OUT = _POLICIES.save_only_these_names(ATTN_OUT, FP8_OUT)
-
-
-def _except_fp8(dot_policy):
-  return lambda prim, *avals, **params: not is_fp8_dot(prim, *avals) and dot_policy(prim, *avals, **params)
-
-
-_SAVE_WEIGHT_GEMMS = _POLICIES.save_from_both_policies(_except_fp8(_POLICIES.dots_with_no_batch_dims_saveable),
+_SAVE_WEIGHT_GEMMS = _POLICIES.save_from_both_policies(_POLICIES.dots_with_no_batch_dims_saveable,
                                                       _SAVE_ATTN_OUT_FP8_OUT)
 # What each model.remat policy keeps for the backward pass of a block (the block input is always
 # kept); the rest is recomputed. Every policy but `full` keeps the attention output under its
@@ -390,7 +383,7 @@ REMAT_POLICIES = {
     "minimal": _SAVE_WEIGHT_GEMMS,
     "dots_no_batch": _SAVE_WEIGHT_GEMMS,
     # + batched matmuls too: on the xla backend that is the [B,K,G,T,S] attention scores.
-    "dots": _POLICIES.save_from_both_policies(_except_fp8(_POLICIES.dots_saveable), _SAVE_ATTN_OUT_FP8_OUT),
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable, _SAVE_ATTN_OUT_FP8_OUT),
 }
 
 
