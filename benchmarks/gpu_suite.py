@@ -14,6 +14,7 @@ figures so far.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import importlib.metadata
 import json
@@ -36,6 +37,17 @@ def _version(name: str) -> str | None:
     return None
 
 
+def target_config_text(config) -> str:
+  """A GPU target config as JSON can hold it: text as is, bytes as UTF-8 text when they are
+  (a text proto), else "base64:" and their base64."""
+  if isinstance(config, str):
+    return config
+  try:
+    return bytes(config).decode("utf-8")
+  except UnicodeDecodeError:
+    return "base64:" + base64.b64encode(bytes(config)).decode("ascii")
+
+
 def probe() -> dict:
   """What the figures depend on; every field best effort, so the probe itself cannot fail."""
   env = {"python": sys.version.split()[0], "executable": sys.executable, "machine": platform.machine(),
@@ -48,6 +60,13 @@ def probe() -> dict:
   except Exception as e:  # pylint: disable=broad-except
     env["jax_error"] = f"{type(e).__name__}: {e}"
     return env
+  try:  # XLA:GPU's description of the device: jax's deviceless topology takes it to compile for this
+    # GPU on a CPU host (topologies.get_topology_desc(platform="cuda", target_config=..., topology="1x1x1"))
+    if env["backend"] == "gpu":
+      from jax._src.lib import xla_client
+      env["target_config"] = target_config_text(xla_client.get_topology_for_devices(devices[:1]).target_config)
+  except Exception as e:  # pylint: disable=broad-except
+    env["target_config"] = f"unknown ({type(e).__name__})"
   try:  # cuDNN and CUDA as jax's CUDA plugin loaded them (private, hence guarded)
     from jax._src.lib import cuda_versions
     if cuda_versions is not None:

@@ -4,6 +4,8 @@ The suite is meant for one offline device call that nobody can debug: these test
 leaving a summary with figures whatever happens (a run that fails, times out or finds the
 budget spent) and to running the commands its --dry-run prints.
 """
+import base64
+import importlib.util
 import json
 import os
 import re
@@ -132,3 +134,17 @@ def test_wheels_dry_run_names_the_pinned_cp312_wheels():
   cmd = proc.stdout.split()
   assert "--no-deps" in cmd and cmd[cmd.index("--python-version") + 1] == "3.12"
   assert {"grain==0.2.18", "array-record==0.8.6", "ml-collections==1.1.0", "portpicker==1.6.0"} <= set(cmd)
+
+
+def test_the_probe_records_a_gpus_target_config_as_json_text():
+  """env.target_config (a GPU's XLA target description, for compiling for it on a CPU host with
+  jax's deviceless topology) survives JSON whether XLA hands it as text or as binary bytes."""
+  spec = importlib.util.spec_from_file_location("gpu_suite_probe", os.path.join(BENCH, "gpu_suite.py"))
+  suite = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(suite)
+  text = 'gpu_device_info {\n  core_count: 132\n}\nplatform_name: "CUDA"\n'
+  assert suite.target_config_text(text) == text == suite.target_config_text(text.encode())
+  binary = bytes([0x0A, 0x8F, 0xFF, 0x01])
+  encoded = suite.target_config_text(binary)
+  assert encoded.startswith("base64:") and base64.b64decode(encoded.removeprefix("base64:")) == binary
+  assert "target_config" not in suite.probe()  # a CPU host has none to give
