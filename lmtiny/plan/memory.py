@@ -71,9 +71,10 @@ def packed_cudnn_workspace(cfg, rows: int, heads: int) -> float:
   """Bytes of the float32 dQ accumulator and softmax statistics that packed cuDNN attention's
   backward zeroes for the layer it differentiates: one [T, Dh + 1] block per run bound, head and
   row, as if every run were a whole row (an H100 profile of d12_2026, 32 rows, T // 64 = 32 runs:
-  a 6.49 GB memset per layer and micro-step, 14% of the step)."""
+  a 6.49 GB memset per layer and micro-step, 14% of the step). 0 where rows are one causal
+  sequence: no document mask, or a bound of one run."""
   t = cfg.train.seq_len
-  runs = config_lib.cudnn_max_runs(t, cfg.data.max_docs_per_row)
+  runs = config_lib.cudnn_max_runs(t, cfg.data.max_docs_per_row) if cfg.data.document_mask else 1
   return 0.0 if runs < 2 else 4.0 * rows * runs * heads * t * (config_lib.head_dim(cfg.model) + 1)
 
 
@@ -122,7 +123,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
       per_layer += square * 4
     if m.remat == "none":
       per_layer += square * (4 + c)  # float32 scores, probabilities
-  if (attention or m.attention) == "cudnn" and cfg.data.document_mask:
+  if (attention or m.attention) == "cudnn":
     activations += packed_cudnn_workspace(cfg, rows, heads_local)
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size

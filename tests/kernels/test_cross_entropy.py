@@ -40,8 +40,18 @@ def _fused(x, w, targets, ce_weights, z_weights, softcap):
   return objective, (ce, lse)
 
 
+def _jitted_value_and_grads(fn):
+  """The jitted value and (x, w) gradients of a loss fn(x, w, targets, ce_weights, z_weights, softcap)."""
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5)
+
+
 def _value_and_grads(fn, *args):
-  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5)(*args)
+  return _jitted_value_and_grads(fn)(*args)
+
+
+def _lowered(fn, *args) -> str:
+  """The StableHLO text of fn's value and gradients."""
+  return _jitted_value_and_grads(fn).lower(*args).as_text()
 
 
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
@@ -87,8 +97,7 @@ def test_only_the_objective_carries_a_gradient():
 
 
 def _count_dots(fn, *args) -> int:
-  hlo = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5).lower(*args).as_text()
-  return hlo.count("stablehlo.dot_general")
+  return _lowered(fn, *args).count("stablehlo.dot_general")
 
 
 def test_the_fused_loss_runs_three_gemms_where_the_chunked_loss_runs_four():
@@ -101,8 +110,7 @@ def test_the_fused_loss_runs_three_gemms_where_the_chunked_loss_runs_four():
 
 def _logit_passes(fn, *args) -> int:
   """Reductions over a chunk's [C, V] float32 logits in the lowered value-and-gradient."""
-  hlo = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5).lower(*args).as_text()
-  return len(re.findall(rf"stablehlo\.reduce\(.*\(tensor<5x{V}xf32>", hlo))
+  return len(re.findall(rf"stablehlo\.reduce\(.*\(tensor<5x{V}xf32>", _lowered(fn, *args)))
 
 
 def test_a_softcap_bounds_the_logits_so_the_row_max_pass_goes():
@@ -153,8 +161,7 @@ def test_fp8_lm_head_is_the_loss_within_fp8_rounding_and_fused_equals_chunked(me
   with jax.set_mesh(sharding.make_mesh(mesh_cfg)) if mesh_cfg else contextlib.nullcontext():
     (want, _), want_grads = _value_and_grads(chunked, *args)
     (got, _), grads = _value_and_grads(fused, *args)
-    texts = [jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True), static_argnums=5).lower(*args).as_text()
-             for fn in (chunked, fused)]
+    texts = [_lowered(fn, *args) for fn in (chunked, fused)]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, r, ref_g in zip(grads, want_grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(np.asarray(r)).max())

@@ -56,6 +56,7 @@ def test_packed_cudnn_counts_its_per_run_workspace_only_where_rows_are_packed():
   cfg = load_config_module("d12_2026").get_config()
   assert not cfg.data.document_mask  # nanochat's rows: one causal sequence, no packed layout
   plain = memory.estimate(cfg, attention="cudnn")["activations"]
+  assert memory.packed_cudnn_workspace(cfg, 32, 6) == 0
   cfg.data.document_mask = True
   workspace = memory.packed_cudnn_workspace(cfg, 32, 6)
   assert workspace == pytest.approx(6_493_176_832, rel=1e-4)
