@@ -20,7 +20,7 @@ from flax import nnx
 
 from lmtiny import config as config_lib
 from lmtiny.model.attention import attention
-from lmtiny.model.transformer import compute_dtype
+from lmtiny.model.transformer import compute_dtype, mix_layer_input
 from lmtiny.parallel.sharding import constrain
 
 Array = jax.Array
@@ -93,9 +93,9 @@ def extend(model, tokens_BxT: Array, starts_B: Array, cache: KVCache, last_B: Ar
     layers = jnp.arange(model.cfg.num_layers)
     (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (stacked, layers))
   else:
-    def run_layer(layer, block, x):
+    def run_layer(layer, block, x, scalars):
       nonlocal cache
-      x, cache = _layer(block, x, rope_BxT, layer, cache, starts_B, tokens_BxT)
+      x, cache = _layer(block, mix_layer_input(x, scalars), rope_BxT, layer, cache, starts_B, tokens_BxT)
       return x
 
     x_BxTxD = model.run_layers(x_BxTxD, run_layer)

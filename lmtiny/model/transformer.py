@@ -137,6 +137,44 @@ def _embed_lookup_bwd(dtype, residuals, g_BxTxD):
 embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
+@jax.custom_vjp
+def residual_mix(resid_lambda: Array, x0_lambda: Array, x_BxTxD: Array, x0_BxTxD: Array) -> Array:
+  """resid_lambda * x + x0_lambda * x0, in float32, returned in x's dtype (nanochat 2026's
+  per-layer residual scalars).
+
+  Its gradient sums each scalar's B x T x D products while the backward is at this layer. Left
+  to autodiff, XLA:TPU fused every layer's two sums into one reduction at the end of the
+  backward, which kept each layer's input and cotangent alive until then: two activations a
+  layer (d24_2026 on v6e:2x4, fsdp=8, 8 sequences, remat=full: 96 MiB a layer). Here the sums
+  over D are taken before the cotangent flows on (an optimization barrier ties them to it), and
+  only their [B, T] partial sums wait for the end.
+  """
+  return (resid_lambda * x_BxTxD.astype(F32) + x0_lambda * x0_BxTxD.astype(F32)).astype(x_BxTxD.dtype)
+
+
+def _residual_mix_fwd(resid_lambda, x0_lambda, x_BxTxD, x0_BxTxD):
+  return residual_mix(resid_lambda, x0_lambda, x_BxTxD, x0_BxTxD), (resid_lambda, x0_lambda, x_BxTxD, x0_BxTxD)
+
+
+def _residual_mix_bwd(residuals, g_BxTxD):
+  resid_lambda, x0_lambda, x_BxTxD, x0_BxTxD = residuals
+  g = g_BxTxD.astype(F32)
+  partials = (jnp.sum(g * x_BxTxD.astype(F32), axis=-1), jnp.sum(g * x0_BxTxD.astype(F32), axis=-1),
+              (resid_lambda * g).astype(x_BxTxD.dtype), (x0_lambda * g).astype(x0_BxTxD.dtype))
+  d_resid_BxT, d_x0_BxT, d_x_BxTxD, d_x0_BxTxD = jax.lax.optimization_barrier(partials)
+  return (jnp.sum(d_resid_BxT).astype(resid_lambda.dtype), jnp.sum(d_x0_BxT).astype(x0_lambda.dtype),
+          d_x_BxTxD, d_x0_BxTxD)
+
+
+residual_mix.defvjp(_residual_mix_fwd, _residual_mix_bwd)
+
+
+def mix_layer_input(x_BxTxD: Array, scalars: tuple[Array, Array, Array] | None) -> Array:
+  """A layer's input after its residual scalars: `scalars` is (resid_lambda, x0_lambda, x0) from
+  Transformer.run_layers, or None (no residual scalars: x as is)."""
+  return x_BxTxD if scalars is None else residual_mix(scalars[0], scalars[1], x_BxTxD, scalars[2])
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm in float32; `learned_scale=False` gives the parameter-free variant (nanochat)."""
 
@@ -443,15 +481,17 @@ class Transformer(nnx.Module):
     mixed_BxTxD = jnp.where(positions_BxT[..., None] > 0, gate_BxTx1 * x_prev_BxTxD.astype(F32), 0)
     return (x_BxTxD.astype(F32) + mixed_BxTxD).astype(x_BxTxD.dtype)
 
-  def run_layers(self, x_BxTxD: Array, run_layer: Callable[[int, Block, Array], Array]) -> Array:
-    """The trunk: each layer's `run_layer(i, block, x)`, with nanochat 2026's residual scalars
-    (x = resid_lambdas[i] * x + x0_lambdas[i] * x0, x0 the embedded input) and backout (minus
-    backout_lambda x the output of layer L // 2) where on. Unrolled layers only."""
+  def run_layers(self, x_BxTxD: Array, run_layer: Callable[[int, Block, Array, Any], Array]) -> Array:
+    """The trunk: each layer's `run_layer(i, block, x, scalars)`, which applies
+    `mix_layer_input(x, scalars)` (nanochat 2026's residual scalars: resid_lambdas[i] * x +
+    x0_lambdas[i] * x0, x0 the embedded input; None without them) before the block (the trainer
+    does inside the layer's remat region, so the backward keeps one activation a layer, not the
+    mix's input and output), then backout (minus backout_lambda x the output of layer L // 2)
+    where on. Unrolled layers only."""
     x0_BxTxD, dtype, backout_BxTxD = x_BxTxD, x_BxTxD.dtype, None
     for i, block in enumerate(self.layers):
-      if self.resid_lambdas is not None:
-        x_BxTxD = (self.resid_lambdas[i] * x_BxTxD.astype(F32) + self.x0_lambdas[i] * x0_BxTxD.astype(F32)).astype(dtype)
-      x_BxTxD = run_layer(i, block, x_BxTxD)
+      scalars = None if self.resid_lambdas is None else (self.resid_lambdas[i], self.x0_lambdas[i], x0_BxTxD)
+      x_BxTxD = run_layer(i, block, x_BxTxD, scalars)
       if i == self.cfg.num_layers // 2:
         backout_BxTxD = x_BxTxD
     if self.backout_lambda is not None:
@@ -536,7 +576,8 @@ class Transformer(nnx.Module):
       x_BxTxD = self.smear(x_BxTxD, positions_BxT)
     rope_BxT = self.rope_tables(positions_BxT)
 
-    def run_block(block_graphdef, block_state, x, ve_BxTxKxDh):
+    def run_block(block_graphdef, block_state, x, ve_BxTxKxDh, scalars=None):
+      x = mix_layer_input(x, scalars)
       return nnx.merge(block_graphdef, block_state)(x, rope_BxT, segment_ids_BxT, ve_BxTxKxDh, max_runs)
 
     if self.cfg.remat != "none":
@@ -550,8 +591,8 @@ class Transformer(nnx.Module):
     # A layer's value-embedding rows are looked up outside its remat region, once per micro-step:
     # the backward takes them as saved inputs instead of gathering them again (under FSDP, instead
     # of all-gathering the whole table a second time).
-    return self.run_layers(x_BxTxD, lambda _, block, x: run_block(*nnx.split(block), x,
-                                                                  block.attn.value_rows(tokens_BxT, x.dtype)))
+    return self.run_layers(x_BxTxD, lambda _, block, x, scalars: run_block(
+        *nnx.split(block), x, block.attn.value_rows(tokens_BxT, x.dtype), scalars))
 
 
 # Logical axes of weight matrices (what multiplies activations); a parameter with two or more of

@@ -20,7 +20,9 @@
   stay in the kernels' VMEM).
 - fsdp gathers: under FSDP each device still holds the whole vocab matrices while it uses them:
   compute-dtype copies of the embedding and lm_head, and the embedding's float32 scatter-added
-  gradient and the lm_head's float32 gradient before they are reduce-scattered. With
+  gradient and the lm_head's float32 gradient before they are reduce-scattered; and the
+  compute-dtype copies of the value-embedding tables, all of them for the whole step when it
+  accumulates (XLA hoists their gathers out of the micro-step loop). With
   train.grad_reduce=step (one reduction per step) the whole float32 weights instead, and the
   gradients above are whole too.
 Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves; unrolled
@@ -137,6 +139,12 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   muon = cfg.optim.name in ("muon", "normuon")
   moments = 8.0 * param_elems - (4.0 * block_elems if muon else 0.0)
   vocab_matrices = embedding * (1 if m.tie_embeddings else 2)
+  # The value-embedding tables are gathered whole in the compute dtype too (embed_lookup). Their
+  # gathers do not change across micro-steps, so XLA hoists them out of the accumulation loop:
+  # every table's copy is held for the whole step (one at a time without accumulation).
+  ve_layers = len(config_lib.value_embed_layers(m))
+  accumulating = config_lib.accumulation_steps(resolved) > 1
+  ve_tables_held = p["value_embeds"] if accumulating or not ve_layers else p["value_embeds"] / ve_layers
   out = {
       "params": 4.0 * param_elems,
       "optimizer": moments,
@@ -145,7 +153,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
       "loss_chunk": float(loss_chunk),
       # Whole vocab matrices in the compute dtype, and float32 gradients of them, less the
       # shares of them counted above.
-      "fsdp_gathers": 0.0 if fsdp == 1 else (c + 4.0) * vocab_matrices * (1 - 1 / fsdp),
+      "fsdp_gathers": 0.0 if fsdp == 1 else ((c + 4.0) * vocab_matrices + c * ve_tables_held) * (1 - 1 / fsdp),
   }
   if t.grad_reduce == "step" and fsdp > 1:
     # One gradient reduction per step (lmtiny.parallel.sharding.accumulates_per_device): each
@@ -154,7 +162,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
     # XLA:TPU (tests/plan/test_memory.py, 2-layer d12 on v5e:2x2) 1.03x without accumulation and
     # 1.06x with 2 micro-steps; counting the compute-dtype copies as above read 1.32x.
     whole = p["total"]  # mesh.tensor is 1 (config.validate)
-    out["gradients"] = 4.0 * whole * (2 if config_lib.accumulation_steps(resolved) > 1 else 1)
+    out["gradients"] = 4.0 * whole * (2 if accumulating else 1)
     out["fsdp_gathers"] = 4.0 * (whole - param_elems)
   out["total"] = sum(out.values())
   return out

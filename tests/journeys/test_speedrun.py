@@ -182,7 +182,7 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
 def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 224 s to compile
   here for the v5p, 268 s for the v6e) at the preset's mesh, per-chip batch and remat. (The v6e's
-  figure is 25.4 GiB of its 32 with the config's remat. Before lmtiny's TPU options turned XLA's
+  figure is 24.2 GiB of its 32 with the config's remat. Before lmtiny's TPU options turned XLA's
   windowed einsum off for all-gathers, it grew 2.3 GiB a layer past 28 GiB, and even remat=full
   read 20.4 GiB.)"""
   from lmtiny.training import benchmark as bench

@@ -15,7 +15,7 @@ from flax import nnx
 
 from lm_fixtures import dot_operand_sources, load_config_module
 from lmtiny import config as config_lib
-from lmtiny.model.transformer import REMAT_POLICIES, Transformer
+from lmtiny.model.transformer import REMAT_POLICIES, Transformer, mix_layer_input
 from lmtiny.parallel import sharding
 from lmtiny.training import lowering
 
@@ -52,7 +52,7 @@ def test_residual_scalar_and_backout_gradients_sum_in_float32():
   graph, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(params):
-    mixed = nnx.merge(graph, params, rest).run_layers(x0, lambda i, block, x: x)
+    mixed = nnx.merge(graph, params, rest).run_layers(x0, lambda i, block, x, scalars: mix_layer_input(x, scalars))
     return jnp.sum(mixed.astype(jnp.float32) * c)
 
   grads = jax.jit(jax.grad(loss))(params)
@@ -114,6 +114,31 @@ def test_qk_scale_is_exactly_its_value_in_bf16():
 _BYTES = {"bf16": 2, "f32": 4, "f16": 2, "i32": 4, "s32": 4, "f8_e4m3fn": 1, "f8_e5m2": 1, "bool": 1}
 
 
+def _saved_residuals(loss, params, mesh_cfg=None) -> list[tuple[str, tuple[int, ...], str]]:
+  """(dtype, shape, what) of each residual jax saves for `loss`'s backward pass, the arguments
+  (parameters) excluded, traced on the mesh `mesh_cfg` lays over the 8 devices (or none)."""
+  out = io.StringIO()
+  with (jax.set_mesh(sharding.make_mesh(mesh_cfg)) if mesh_cfg else contextlib.nullcontext(),
+        contextlib.redirect_stdout(out)):
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+  saved = []
+  for line in out.getvalue().splitlines():
+    if "from the argument" not in line:
+      dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+      saved.append((dtype, tuple(int(d) for d in dims.split(",") if d), line))
+  return saved
+
+
+def _token_loss(model):
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jnp.zeros((8, model.cfg.max_seq_len), jnp.int32)
+
+  def loss(params):
+    ce, _ = nnx.merge(graph, params, rest).token_losses(tokens, tokens)
+    return ce.mean()
+  return loss, params
+
+
 def _saved_activation_bytes(matmul_dtype: str, remat: str, mesh_cfg=None) -> int:
   """Bytes of what the backward pass keeps (jax's saved residuals, the parameters excluded) for a
   2-layer bf16 model whose block GEMMs are all fp8-eligible (traced on the mesh `mesh_cfg` lays
@@ -121,23 +146,25 @@ def _saved_activation_bytes(matmul_dtype: str, remat: str, mesh_cfg=None) -> int
   m = config_lib.base_config().model
   m.update(vocab_size=256, d_model=128, num_heads=2, head_dim=64, num_layers=2, max_seq_len=128, dtype="bfloat16",
            remat=remat, matmul_dtype=matmul_dtype, attention="xla")
-  graph, params, rest = nnx.split(Transformer(m, nnx.Rngs(0)), nnx.Param, ...)
-  tokens = jnp.zeros((8, 128), jnp.int32)
+  saved = _saved_residuals(*_token_loss(Transformer(m, nnx.Rngs(0))), mesh_cfg)
+  return sum(_BYTES[dtype] * int(np.prod(shape)) for dtype, shape, _ in saved)
 
-  def loss(params):
-    ce, _ = nnx.merge(graph, params, rest).token_losses(tokens, tokens)
-    return ce.mean()
 
-  out = io.StringIO()
-  with (jax.set_mesh(sharding.make_mesh(mesh_cfg)) if mesh_cfg else contextlib.nullcontext(),
-        contextlib.redirect_stdout(out)):
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
-  total = 0
-  for line in out.getvalue().splitlines():
-    if "from the argument" not in line:
-      dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
-      total += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
+def test_residual_scalars_keep_no_activation_for_the_backward_under_remat_full():
+  """nanochat 2026's per-layer residual mix runs inside the layer's remat region: the backward
+  keeps the same [B, T, D] activations with the scalars as without them (one a layer, the remat
+  region's input). Outside it, each layer kept the mix's input and output, and float32 copies of
+  x and x0 besides (18 such residuals here, against 10)."""
+  m = load_config_module("tiny_2026").get_config().model
+  m.update(num_layers=4, d_model=128, num_heads=2, head_dim=64, vocab_size=256, max_seq_len=64, dtype="bfloat16",
+           remat="full", attention="xla")
+  activations = {}
+  for scalars in (True, False):
+    m.residual_scalars = scalars
+    saved = _saved_residuals(*_token_loss(Transformer(m, nnx.Rngs(0))))
+    activations[scalars] = [what for _, shape, what in saved if shape == (8, 64, 128)]
+  assert len(activations[False]) >= m.num_layers - 1  # the remat regions' inputs, at least
+  assert len(activations[True]) == len(activations[False]), activations[True]
 
 
 @pytest.mark.parametrize("mesh_cfg", [None, dict(data=1, fsdp=8, tensor=1)], ids=["one_device", "fsdp8"])

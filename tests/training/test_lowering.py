@@ -331,6 +331,35 @@ def test_fsdp_weight_gathers_are_all_gathers_not_windowed_einsum_rings():
   assert "bf16" not in lowering.ring_steps(text), lowering.ring_steps(text)
 
 
+def _activations_per_scalar_reduction(hlo_text: str, activation: str) -> int:
+  """The most operands of type `activation` (e.g. "bf16[8,256,192]") that one fusion with float32
+  scalar outputs reads: how many activations a gradient-of-scalars reduction keeps alive to it."""
+  types = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = ((?:\([^=]*?\))|\S+) ", hlo_text, re.M))
+  most = 0
+  for outputs, operands in re.findall(r"^\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) fusion\((.*?)\), kind", hlo_text, re.M):
+    if "f32[]" in outputs:
+      most = max(most, sum(types.get(name, "").startswith(activation) for name in re.findall(r"%([\w.\-]+)", operands)))
+  return most
+
+
+@pytest.mark.slow(seconds=12)
+@needs_libtpu
+def test_residual_scalar_gradients_are_summed_layer_by_layer():
+  """The gradients of nanochat 2026's per-layer residual scalars are sums over B x T x D of a
+  layer's input times its cotangent. Left to autodiff, XLA:TPU fused every layer's sums into one
+  reduction at the end of the backward (here 8 scalars from 11 activations; at d24_2026's shape on
+  v6e:2x4 two activations a layer stayed alive, 96 MiB each). lmtiny.model.transformer.residual_mix
+  sums each layer's over D before the backward moves on."""
+  cfg = load_config_module("tiny_2026").get_config()
+  cfg.model.update(num_layers=4, remat="full")
+  cfg.train.update(batch_tokens=8 * cfg.train.seq_len, device_batch_size=8)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  compiled, _, compiled_cfg, _ = lowering.compile_for_topology(cfg, "v5e:1x1")
+  activation = f"bf16[8,{compiled_cfg.train.seq_len},{compiled_cfg.model.d_model}]"
+  assert compiled_cfg.model.residual_scalars and compiled_cfg.model.dtype == "bfloat16"
+  assert 1 <= _activations_per_scalar_reduction(compiled.as_text(), activation) <= 2
+
+
 def test_gradient_reductions_count_weight_sized_sums_by_dtype():
   hlo = """
   %all-reduce.1 = (bf16[512,2048]{1,0}, f32[8,64]{1,0}) all-reduce(%a, %b), channel_id=1

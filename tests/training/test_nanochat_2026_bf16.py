@@ -58,7 +58,7 @@ def _bf16_scalar_run_layers(self, x_BxTxD, run_layer):
   x0_BxTxD, dtype, backout_BxTxD = x_BxTxD, x_BxTxD.dtype, None
   for i, block in enumerate(self.layers):
     x_BxTxD = self.resid_lambdas[i].astype(dtype) * x_BxTxD + self.x0_lambdas[i].astype(dtype) * x0_BxTxD
-    x_BxTxD = run_layer(i, block, x_BxTxD)
+    x_BxTxD = run_layer(i, block, x_BxTxD, None)
     if i == self.cfg.num_layers // 2:
       backout_BxTxD = x_BxTxD
   return x_BxTxD - self.backout_lambda[...].astype(dtype) * backout_BxTxD
