@@ -259,7 +259,12 @@ def named_residuals(kernel):
   def forward(q, k, v, aux):
     out, vjp_fn = jax.vjp(lambda q_, k_, v_: kernel(q_, k_, v_, aux), q, k, v)
     leaves, tree = jax.tree.flatten(vjp_fn)
-    leaves = [x if any(x is y for y in (q, k, v)) else checkpoint_name(x, ATTN_OUT) for x in leaves]
+    own = [i for i, x in enumerate(leaves) if not any(x is y for y in (q, k, v))]
+    # The barrier makes the residuals final (e.g. splash's logsumexp sliced from its 128-lane
+    # copy) before the output moves on, so their larger forms die at the kernel.
+    out, kept = jax.lax.optimization_barrier((out, [leaves[i] for i in own]))
+    for i, x in zip(own, kept):
+      leaves[i] = checkpoint_name(x, ATTN_OUT)
     return out, jax.tree.unflatten(tree, leaves)
 
   def backward(vjp_fn, g):
