@@ -110,11 +110,12 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
               kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
   per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
+  ve_layers = len(config_lib.value_embed_layers(m))
   # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
   # gradients replace the saved tensors they consume).
   activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
   if m.remat != "none":  # under "none" the working set kept per layer holds them already
-    activations += len(config_lib.value_embed_layers(m)) * tokens * c * tp_w["kv"]
+    activations += ve_layers * tokens * c * tp_w["kv"]
   if (attention or m.attention) == "xla":
     # The layer being differentiated holds float32 scores, probabilities and their gradients,
     # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).
@@ -142,7 +143,6 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   # The value-embedding tables are gathered whole in the compute dtype too (embed_lookup). Their
   # gathers do not change across micro-steps, so XLA hoists them out of the accumulation loop:
   # every table's copy is held for the whole step (one at a time without accumulation).
-  ve_layers = len(config_lib.value_embed_layers(m))
   accumulating = config_lib.accumulation_steps(resolved) > 1
   ve_tables_held = p["value_embeds"] if accumulating or not ve_layers else p["value_embeds"] / ve_layers
   out = {

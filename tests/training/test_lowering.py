@@ -342,7 +342,7 @@ def _activations_per_scalar_reduction(hlo_text: str, activation: str) -> int:
   return most
 
 
-@pytest.mark.slow(seconds=12)
+@pytest.mark.slow(seconds=20)
 @needs_libtpu
 def test_residual_scalar_gradients_are_summed_layer_by_layer():
   """The gradients of nanochat 2026's per-layer residual scalars are sums over B x T x D of a
