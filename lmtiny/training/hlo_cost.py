@@ -17,7 +17,7 @@ once per device of their manual axes):
 - **bytes moved** (fusion-ideal lower bound): what the step reads and writes if every elementwise,
   layout and slicing op fuses into a neighbour. Each GEMM reads its operands and writes its
   result; each kernel likewise (flash attention's q, k, v, output and statistics, never the
-  scores); a reduction reads its input; a gather reads the rows it takes; a scatter reads its
+  scores; the Pallas loss kernels also what their tiles read again, lmtiny.kernels.loss_tiles); a reduction reads its input; a gather reads the rows it takes; a scatter reads its
   updates and writes its result; the step's inputs are read and its outputs written once (the
   optimizer's pass over weights and moments). Copies XLA leaves unfused come on top.
 - **collectives**: each cross-device op with its payload (its operand per device; an all-gather's
@@ -39,6 +39,8 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+
+from lmtiny.kernels import loss_tiles
 
 ELEMENTWISE = frozenset("add subtract multiply divide remainder maximum minimum negate abs exponential "
                         "exponential_minus_one log log_plus_one logistic tanh sqrt rsqrt cbrt power sine cosine "
@@ -134,14 +136,12 @@ def _attention(line: str, operands, keys_fraction: float) -> tuple[str, float] |
   return kind, ATTENTION_MATMULS[kind] * 2.0 * math.prod(q) * keys * keys_fraction
 
 
-def _loss_kernel_flops(name: str, operands) -> float:
-  """A Pallas loss kernel's GEMM FLOPs, N x D x V from its bf16 matrices: the smallest is the
-  tokens' activations [N, D], the largest the lm_head [D, V] (or [V, D]); D is the size they share."""
-  mats = sorted((dims for dims, dtype in operands if dtype == "bf16" and len(dims) == 2), key=math.prod)
-  x, w = mats[0], mats[-1]
-  d = x[1] if x[1] in w else x[0]
-  n, v = math.prod(x) // d, math.prod(w) // d
-  return LOSS_GEMMS[name] * 2.0 * n * d * v
+def _loss_kernel(name: str, operands) -> tuple[float, float]:
+  """(GEMM FLOPs, HBM bytes) of a Pallas loss kernel from its operands, x [N, D] and w [D, V]
+  first: its N x D x V GEMMs, and what its tiles read and write (lmtiny.kernels.loss_tiles:
+  the operand its inner grid axis walks is read once per outer tile)."""
+  (n, d), (_, v) = operands[0][0], operands[1][0]
+  return LOSS_GEMMS[name] * 2.0 * n * d * v, loss_tiles.hbm_bytes(name, n, v, d)
 
 
 def _group_size(line: str) -> int:
@@ -199,10 +199,12 @@ def _op_cost(kind: str, line: str, keys_fraction: float, widths: dict | None = N
     if attention:
       w["flops_attention"] += attention[1]
     elif kernel and kernel.group(1) in LOSS_GEMMS:
-      w["flops_loss_kernel"] += _loss_kernel_flops(kernel.group(1), operands)
+      flops, moved = _loss_kernel(kernel.group(1), operands)
+      w["flops_loss_kernel"] += flops
+      w["bytes_kernel"] += moved
     elif kernel or partitioned:
       cost.uncounted[kernel.group(1) if kernel else "CustomSPMDPartitioning"] += 1
-    if attention or kernel or partitioned:
+    if attention or (kernel and kernel.group(1) not in LOSS_GEMMS) or partitioned:
       w["bytes_kernel"] += _reads(operands, names, widths) + nbytes(results)
   elif kind in COLLECTIVES:
     payload, over_links = _collective(kind, line, operands, results)

@@ -168,12 +168,17 @@ def test_newer_xlas_mesh_axis_groups_are_sized_by_the_axes_they_span():
   assert hlo_cost.compiled_collectives(both).links["all_reduce"] == pytest.approx(4 * 2 * 7 / 8 * reduced)
 
 
-def test_the_pallas_loss_kernels_count_their_lm_head_gemms():
-  """Statistics 1, dx 2 (logits again, then dx), dw 2 GEMMs of N x D x V: tokens [1024, 128],
-  lm_head [128, 384] (the vocab padded to the kernel's tile)."""
-  sig = "(tensor<1024x128xbf16>, tensor<128x384xbf16>, tensor<1024x1xi32>) -> tensor<1024x1xf32>"
+def test_the_pallas_loss_kernels_count_their_lm_head_gemms_and_the_tiles_they_read_again():
+  """Statistics 1, dx 2 (logits again, then dx), dw 2 GEMMs of N x D x V: tokens [4096, 512],
+  lm_head [512, 2048], the per-token rows packed [4096, 128]. Bytes: each kernel's outer tiles'
+  operand once, the inner one once per outer tile (4 token tiles of 1024 for the statistics and
+  dx, 2 vocab tiles of 1024 for dw), the results once."""
+  sig = "(tensor<4096x512xbf16>, tensor<512x2048xbf16>, tensor<4096x128xf32>) -> tensor<4096x128xf32>"
   text = "func.func public @main() -> () {\n" + "".join(
       f'  %{i} = stablehlo.custom_call @tpu_custom_call(%x, %w, %t) {{backend_config = "", kernel_name = "{k}"}} : {sig}\n'
       for i, k in enumerate(("loss_stats", "loss_dx", "loss_dw"))) + "}\n"
   cost = hlo_cost.count(text)
-  assert cost.work["flops_loss_kernel"] == 5 * 2 * 1024 * 128 * 384 and not cost.uncounted
+  assert cost.work["flops_loss_kernel"] == 5 * 2 * 4096 * 512 * 2048 and not cost.uncounted
+  x, w, rows = 4096 * 512 * 2, 512 * 2048 * 2, 4096 * 512
+  stats, dx, dw = x + 4 * w + rows + rows, x + 4 * w + rows + x, 2 * (x + rows) + w + 512 * 2048 * 4
+  assert cost.work["bytes_kernel"] == stats + dx + dw
