@@ -168,8 +168,9 @@ def _dlogits(logits_CxV, targets_C, vocab_start, dce_C, dlse_C, lse_C, softcap: 
   probs_CxV = jnp.exp(logits_CxV - lse_C[:, None])
   onehot_CxV = (targets_C - vocab_start)[:, None] == jnp.arange(logits_CxV.shape[-1])[None, :]
   dlogits_CxV = (dce_C + dlse_C)[:, None] * probs_CxV - jnp.where(onehot_CxV, dce_C[:, None], 0.0)
-  if softcap > 0:
-    dlogits_CxV = dlogits_CxV * (1.0 - jnp.square(logits_CxV / softcap))
+  if softcap > 0:  # d(c tanh(l / c)) / dl = 1 - tanh^2, from the capped logits themselves: written
+    # as (capped / c)^2, XLA simplifies it to tanh(l / c)^2 and writes tanh beside the capped logits
+    dlogits_CxV = dlogits_CxV * (1.0 - jnp.square(logits_CxV) * (1.0 / softcap**2))
   return dlogits_CxV.astype(dtype)
 
 

@@ -107,11 +107,16 @@ def chip(name: str | None, memory_text: str | None = None, speed_of: str = "h100
               counts.PEAK_FLOPS[key], roofline.HBM_BANDWIDTH[key], attention)
 
 
+def platform(c: Chip) -> str:
+  """"tpu" for the TPU chips (v5e, v5p, v6e), else "gpu": how lmtiny.plan.memory counts the loss."""
+  return "tpu" if c.name.startswith("v") else "gpu"
+
+
 def for_rows(c: Chip, cfg) -> Chip:
   """The chip as the config's rows run on it: FIT_CHIPS holds the backend for packed rows, but
   without data.document_mask every row is one causal sequence, which cuDNN runs on every GPU
   listed (only its packed layout needs Hopper)."""
-  if cfg.data.document_mask or c.attention != "xla" or c.name.startswith("v"):
+  if cfg.data.document_mask or c.attention != "xla" or platform(c) == "tpu":
     return c
   return dataclasses.replace(c, attention="cudnn")
 
@@ -202,7 +207,8 @@ def _plan(trial, mesh: tuple[int, int, int], dbs: int, c: Chip, chips: int, mfu:
           steps: int) -> Plan:
   data, fsdp, tensor = mesh
   trial.train.device_batch_size = dbs
-  est = memory.estimate(trial, {"data": data, "fsdp": fsdp, "tensor": tensor}, attention=c.attention)
+  est = memory.estimate(trial, {"data": data, "fsdp": fsdp, "tensor": tensor}, attention=c.attention,
+                        platform=platform(c))
   m, t = trial.model, trial.train
   accumulation = config_lib.global_batch_size(t) // (data * fsdp) // dbs
   model_flops = counts.train_flops_per_token(m, t.seq_len)

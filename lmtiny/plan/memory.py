@@ -16,8 +16,9 @@
   xla attention path adds its [T, T] scores; a fused kernel (cuDNN, splash: what `auto` picks on a
   GPU or TPU) keeps none.
 - loss chunk: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
-  float32 and their gradient in the compute dtype; none with model.loss_kernel=pallas (its logits
-  stay in the kernels' VMEM).
+  float32 and their gradient in the compute dtype, except on TPU, where XLA forms that gradient
+  inside the dx and dw GEMMs' operand fusions, never whole; none with model.loss_kernel=pallas
+  (its logits stay in the kernels' VMEM).
 - fsdp gathers: under FSDP each device still holds the whole vocab matrices while it uses them:
   compute-dtype copies of the embedding and lm_head, and the embedding's float32 scatter-added
   gradient and the lm_head's float32 gradient before they are reduce-scattered; and the
@@ -87,11 +88,12 @@ def mesh_axes(mesh_shape: dict[str, int] | None) -> tuple[int, int, int]:
 
 
 def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int | None = None,
-             attention: str | None = None) -> dict[str, float]:
+             attention: str | None = None, platform: str | None = None) -> dict[str, float]:
   """Estimated bytes per device of one train step: params, optimizer, gradients, activations,
   loss_chunk, fsdp_gathers and total. `mesh_shape` ({data, fsdp, tensor}) defaults to one device;
   `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU); `attention` (the
-  backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU)."""
+  backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU);
+  `platform` "tpu" counts the loss chunk as XLA:TPU holds it (anything else: as XLA:GPU would)."""
   m, t = cfg.model, cfg.train
   data, fsdp, tensor = mesh_axes(mesh_shape)
   dp = data * fsdp
@@ -130,7 +132,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
     activations += packed_cudnn_workspace(cfg, rows, heads_local)
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
-  loss_chunk = min(m.loss_chunk_tokens, tokens) * vocab_local * (4 + c)  # fp32 logits, dlogits
+  dlogits = 0 if platform == "tpu" else c
+  loss_chunk = min(m.loss_chunk_tokens, tokens) * vocab_local * (4 + dlogits)  # float32 logits, their gradient
   if m.loss_kernel == "pallas":
     loss_chunk = 0
   # AdamW keeps two float32 moments per parameter; Muon one momentum buffer per block matrix

@@ -64,10 +64,10 @@ def cudnn_attention_in_hlo(compiled) -> bool | None:
 
 def estimate(cfg, mesh) -> dict:
   """lmtiny.plan.memory's estimate for the attention backend that runs on the mesh's platform."""
-  m = cfg.model
-  impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=mesh.devices.flat[0].platform,
+  m, platform = cfg.model, mesh.devices.flat[0].platform
+  impl = attn_lib.resolve_impl(m.attention, model_lib.compute_dtype(m), platform=platform,
                                seq_len=cfg.train.seq_len, packed=cfg.data.document_mask)
-  return memory.estimate(cfg, dict(mesh.shape), attention=impl)
+  return memory.estimate(cfg, dict(mesh.shape), attention=impl, platform=platform)
 
 
 def compile_report(cfg, topology: str | None = None) -> dict:

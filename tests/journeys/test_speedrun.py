@@ -182,7 +182,7 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
 def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 224 s to compile
   here for the v5p, 268 s for the v6e) at the preset's mesh, per-chip batch and remat, and
-  lmtiny.plan.memory's estimate within 15% of it (v5p 36.52 / 37.01 GiB, 0.99x; v6e 19.48 / 21.46 GiB,
+  lmtiny.plan.memory's estimate within 15% of it (v5p 36.27 / 36.51 GiB, 0.99x; v6e 19.23 / 21.21 GiB,
   0.91x). (The v6e's figure read 25.42 GiB, 0.73x, while the residual scalars sat outside the
   layers' remat regions and splash's 128-lane logsumexp copies were all alive at the end of the
   forward. Before lmtiny's TPU options turned XLA's windowed einsum off for all-gathers, it grew

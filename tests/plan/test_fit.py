@@ -62,13 +62,14 @@ def test_every_plan_fits_and_is_the_largest_batch_that_does(name, chip, chips):
     assert p.data * p.fsdp * p.tensor == chips
     trial = fit.with_plan(resolved, p)
     attention = fit.for_rows(c, cfg).attention
-    assert memory.estimate(trial, shape, attention=attention)["total"] == p.bytes <= memory.PLAN_HEADROOM * c.memory
+    on = fit.platform(c)
+    assert memory.estimate(trial, shape, attention=attention, platform=on)["total"] == p.bytes <= memory.PLAN_HEADROOM * c.memory
     assert p.accumulation * p.device_batch_size * p.data * p.fsdp == sequences  # the global batch kept
     per_device = sequences // (p.data * p.fsdp)
     larger = [d for d in range(p.device_batch_size + 1, per_device + 1) if per_device % d == 0]
     if larger:  # the next device batch up does not fit
       trial.train.device_batch_size = larger[0]
-      assert memory.estimate(trial, shape, attention=c.attention)["total"] > memory.PLAN_HEADROOM * c.memory
+      assert memory.estimate(trial, shape, attention=c.attention, platform=on)["total"] > memory.PLAN_HEADROOM * c.memory
 
 
 def test_a_small_card_needs_a_smaller_batch_and_remat():
