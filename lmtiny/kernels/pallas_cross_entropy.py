@@ -60,7 +60,8 @@ def _pad_to(a: Array, size: int, axis: int, value=0) -> Array:
 
 
 def _pack_rows(*columns_N: Array) -> Array:
-  """float32 [N, ROW_LANES]: the per-token columns as its first lanes, zeros after."""
+  """float32 [N, ROW_LANES]: the per-token columns as its first lanes, zeros after (a target
+  column index is exact in float32 below 2^24, any vocabulary lmtiny builds)."""
   packed = jnp.stack([c.astype(jnp.float32) for c in columns_N], axis=1)
   return jnp.pad(packed, ((0, 0), (0, loss_tiles.ROW_LANES - len(columns_N))))
 
