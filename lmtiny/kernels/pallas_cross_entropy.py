@@ -71,14 +71,15 @@ def _lane(rows, k: int):
   return rows[:, k:k + 1]
 
 
-def _tile_logits(x_ref, w_ref, rows_ref, j, v_local: int, softcap: float):
-  """(float32 logits [tm, tv] of this tile, the targets' one-hot mask, the mask of real columns or None)."""
+def _tile_logits(x_ref, w_ref, rows, j, v_local: int, softcap: float):
+  """(float32 logits [tm, tv] of this tile, the targets' one-hot mask, the mask of real columns or
+  None); `rows` is the tile's packed per-token block."""
   logits = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
   if softcap > 0:
     logits = softcap * jnp.tanh(logits / softcap)
   tv = logits.shape[1]
   cols = j * tv + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-  is_target = cols == _lane(rows_ref[...], TARGET).astype(jnp.int32)
+  is_target = cols == _lane(rows, TARGET).astype(jnp.int32)
   real = None if v_local % tv == 0 else cols < v_local
   return logits, is_target, real
 
@@ -86,8 +87,8 @@ def _tile_logits(x_ref, w_ref, rows_ref, j, v_local: int, softcap: float):
 def _tile_dlogits(x_ref, w_ref, rows_ref, j, v_local: int, softcap: float):
   """d(objective)/d(logits) of one tile in w's dtype: dsum * softmax - dce * onehot (times the
   softcap's derivative), dsum = dce + dlse per token."""
-  logits, is_target, real = _tile_logits(x_ref, w_ref, rows_ref, j, v_local, softcap)
   rows = rows_ref[...]
+  logits, is_target, real = _tile_logits(x_ref, w_ref, rows, j, v_local, softcap)
   probs = jnp.exp(logits - _lane(rows, LSE))
   if real is not None:
     probs = jnp.where(real, probs, 0.0)
@@ -106,7 +107,7 @@ def _stats_kernel(x_ref, w_ref, rows_ref, stats_ref, max_acc, sum_acc, target_ac
     sum_acc[...] = jnp.zeros(sum_acc.shape, jnp.float32)
     target_acc[...] = jnp.zeros(target_acc.shape, jnp.float32)
 
-  logits, is_target, real = _tile_logits(x_ref, w_ref, rows_ref, j, v_local, softcap)
+  logits, is_target, real = _tile_logits(x_ref, w_ref, rows_ref[...], j, v_local, softcap)
   if real is not None:
     logits = jnp.where(real, logits, -jnp.inf)
   new_max = jnp.maximum(max_acc[...], jnp.max(logits, axis=1, keepdims=True))

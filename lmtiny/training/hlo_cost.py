@@ -51,7 +51,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "coll
 # Matmuls each attention kernel runs, in units of one [q, keys] x D product (QK^T or PV).
 ATTENTION_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4, "cudnn_fwd": 2, "cudnn_bwd": 5}
 # GEMMs of N x D x V each Pallas loss kernel runs (lmtiny.kernels.pallas_cross_entropy).
-LOSS_GEMMS = {"loss_stats": 1, "loss_dx": 2, "loss_dw": 2}
+LOSS_GEMMS = dict(zip(loss_tiles.KERNELS, (1, 2, 2)))
 
 _TYPE = re.compile(r"tensor<((?:\d+x)*)([a-zA-Z]\w*)>")
 _OP = re.compile(r"^\s*(?:%[\w#:]+(?:, %[\w#:]+)* = )?\"?(stablehlo|sdy|func|mhlo)\.(\w+)\"?")
@@ -196,15 +196,16 @@ def _op_cost(kind: str, line: str, keys_fraction: float, widths: dict | None = N
     attention = _attention(line, operands, keys_fraction)
     kernel = re.search(r'kernel_name = "(\w+)"', line)
     partitioned = "@CustomSPMDPartitioning" in line
-    if attention:
-      w["flops_attention"] += attention[1]
-    elif kernel and kernel.group(1) in LOSS_GEMMS:
+    if kernel and kernel.group(1) in LOSS_GEMMS:  # its bytes are its tiles' (re-reads included)
       flops, moved = _loss_kernel(kernel.group(1), operands)
       w["flops_loss_kernel"] += flops
       w["bytes_kernel"] += moved
+      return cost
+    if attention:
+      w["flops_attention"] += attention[1]
     elif kernel or partitioned:
       cost.uncounted[kernel.group(1) if kernel else "CustomSPMDPartitioning"] += 1
-    if attention or (kernel and kernel.group(1) not in LOSS_GEMMS) or partitioned:
+    if attention or kernel or partitioned:
       w["bytes_kernel"] += _reads(operands, names, widths) + nbytes(results)
   elif kind in COLLECTIVES:
     payload, over_links = _collective(kind, line, operands, results)
