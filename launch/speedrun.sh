@@ -38,10 +38,10 @@ presets:
   d24-v5p8   the same in bf16 on a v5p-8 TPU VM (4 chips): mesh.fsdp=4, train.device_batch_size=16
              (XLA:TPU's own figure for the step: under 90% of a chip)
   d24-v6e8   the same in bf16 on a v6e-8 TPU VM (8 chips of 32 GiB): mesh.fsdp=8,
-             train.device_batch_size=8 (XLA:TPU: 21.2 GiB a chip)
+             train.device_batch_size=8 (XLA:TPU: 18.9 GiB a chip)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
-             train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 9.47 GiB per chip)
+             train.device_batch_size=4 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 7.33 GiB per chip)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
   d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
              once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
@@ -153,13 +153,13 @@ case $PRESET in
         BASE_ARGS=(--config.model.matmul_dtype=fp8 --config.mesh.data=8) ;;  # one process, the host's 8 GPUs
       d24-h100) PLAN_CHIP=h100
         BASE_ARGS=(--config.model.matmul_dtype=fp8 --config.mesh.data=1) ;;
-      # lmtiny.plan.memory.fsdp_plans for 95 GiB chips (34.6 GiB estimated at fsdp=4 x 16 sequences;
-      # XLA:TPU's own figure is higher but under 90% of the chip: tests/journeys/test_speedrun.py);
+      # 95 GiB chips at fsdp=4 x 16 sequences: XLA:TPU's own figure for the step is 34.3 GiB a
+      # chip, lmtiny.plan.memory's estimate 36.1 (1.05x: tests/journeys/test_speedrun.py);
       # bf16 matmuls, as nanochat-jax ran.
       d24-v5p8) PLAN_CHIP=v5p; PLAN_CHIPS=4
         BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=4 --config.train.device_batch_size=16) ;;
-      # 32 GiB chips: XLA:TPU's figure for the step is 21.2 GiB a chip with the config's remat
-      # (dots_no_batch; lmtiny.plan.memory's estimate: 19.2 GiB, 0.91x), as nanochat-jax trained
+      # 32 GiB chips: XLA:TPU's figure for the step is 18.9 GiB a chip with the config's remat
+      # (dots_no_batch; lmtiny.plan.memory's estimate: 19.0 GiB, 1.01x), as nanochat-jax trained
       # d24 on a v6e-8.
       d24-v6e8) PLAN_CHIP=v6e; PLAN_CHIPS=8
         BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=8) ;;
@@ -172,7 +172,7 @@ case $PRESET in
     SFT_ARGS=()
     RL_ARGS=(--config.rl.data=gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
-    # 16 GB chips: ZeRO-3 over the 8 chips at 4 sequences each (XLA:TPU: 9.47 GiB per chip; data
+    # 16 GB chips: ZeRO-3 over the 8 chips at 4 sequences each (XLA:TPU: 7.33 GiB per chip; data
     # parallel at the config's 16 would need ~48). Midtraining, SFT and RL inherit the base run's mesh.
     [[ $PRESET == d20-h100 ]] && PLAN_CHIP=h100
     [[ $PRESET == d20-v5e8 ]] && { PLAN_CHIP=v5e; PLAN_CHIPS=8; }

@@ -180,13 +180,11 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
 @needs_libtpu
 @pytest.mark.parametrize("preset", sorted(TPU_TOPOLOGIES))
 def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
-  """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 224 s to compile
-  here for the v5p, 268 s for the v6e) at the preset's mesh, per-chip batch and remat, and
-  lmtiny.plan.memory's estimate within 15% of it (v5p 36.27 / 36.51 GiB, 0.99x; v6e 19.23 / 21.21 GiB,
-  0.91x). (The v6e's figure read 25.42 GiB, 0.73x, while the residual scalars sat outside the
-  layers' remat regions and splash's 128-lane logsumexp copies were all alive at the end of the
-  forward. Before lmtiny's TPU options turned XLA's windowed einsum off for all-gathers, it grew
-  2.3 GiB a layer past 28 GiB, and even remat=full read 20.4 GiB.)"""
+  """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 170 s to compile
+  here for the v5p, 290 s for the v6e) at the preset's mesh, per-chip batch and remat, and
+  lmtiny.plan.memory's estimate within 10% of it (v5p 36.05 / 34.32 GiB, 1.05x; v6e 18.98 /
+  18.85 GiB, 1.01x). (Before lmtiny's TPU options turned XLA's windowed einsum off for
+  all-gathers, the v6e's step grew 2.3 GiB a layer past the chip.)"""
   from lmtiny.training import benchmark as bench
   topology, chip = TPU_TOPOLOGIES[preset]
   cfg = load_config_module("d24_2026").get_config()
@@ -196,4 +194,4 @@ def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
     cfg[section][field] = int(value) if value.isdigit() else value
   report = bench.compile_report(copy.deepcopy(cfg), topology)
   assert report["xla_memory"]["peak"] < 0.9 * counts.HBM_BYTES[chip], report["xla_memory"]
-  assert 0.85 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.15, report
+  assert 0.9 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.1, report

@@ -250,7 +250,7 @@ def test_xla_cpu_compile_of_the_chosen_plan_agrees_with_its_estimate():
   best = fit.search(cfg, c, usable=1.0)[0][0]
   assert (best.remat, best.device_batch_size) == ("minimal", 4)
   compiled = lowering.compile_train_step(fit.with_plan(cfg, best), devices=jax.devices()[:1])[0]
-  xla = bench.memory_analysis(compiled)["peak"]
+  xla = bench.memory_analysis(compiled, "cpu")["peak"]
   assert 0.75 <= best.bytes / xla <= 1.25, (best.bytes, xla)
 
 
@@ -259,7 +259,7 @@ def test_xla_cpu_compile_of_the_chosen_plan_agrees_with_its_estimate():
 def test_xla_tpu_agrees_with_the_plan_for_one_v5e_chip(capsys, monkeypatch):
   """`--fit v5e --check` on a two-layer d12 (nanochat's widths, vocab 65,536) at 16 x 256 tokens a
   step, with 4 GiB per chip: XLA:TPU's own figure for the best plan's step (v5e:1x1; 2 sequences,
-  8 micro-steps) is within 25% of the estimate (0.89x measured) and under the chip's memory."""
+  8 micro-steps) is within 25% of the estimate (1.12x measured) and under the chip's memory."""
   monkeypatch.chdir(ROOT)
   argv = ["arch", "--config", "configs/d12.py", "--config.model.num_layers=2", "--config.train.seq_len=256",
           "--config.train.batch_tokens=4096", "--fit", "v5e", "--memory", "4GiB", "--check"]

@@ -18,12 +18,13 @@ def _config(remat: str, **model):
 @needs_libtpu
 @pytest.mark.parametrize("remat, grad_reduce", [("none", "auto"), ("dots_no_batch", "auto"),  # the 38M configs', nanochat's
                                                  ("dots_no_batch", "step")])  # whole weights and gradients per device
-def test_estimate_within_25_percent_of_xla_tpu(remat, grad_reduce):
+def test_estimate_within_10_percent_of_xla_tpu(remat, grad_reduce):
   """Against XLA:TPU's own figure, the chip the estimate plans for: a two-layer d12 (nanochat's
   widths, vocab 65,536, bf16, splash) on a v5e-4 under FSDP, 4 sequences of 256 per chip (an
-  eighth of d12's length: XLA:TPU compiles it in 10-14 s here against 19-24 s at 4 x 512; the
-  estimate reads 1.10x XLA's peak under remat none, 1.19x under dots_no_batch and 1.21x with
-  grad_reduce=step; 0.99x, 0.99x and 1.06x while the softcapped loss wrote two float32 arrays).
+  eighth of d12's length: XLA:TPU compiles it in 14-18 s here against 19-24 s at 4 x 512; the
+  estimate reads 1.04x XLA's peak under remat none, 1.08x under dots_no_batch and 1.08x with
+  grad_reduce=step; 1.25x, 1.30x and 1.50x while it counted both vocab matrices whole at once,
+  and whole float32 weights under grad_reduce=step).
   (XLA:CPU emulates bf16 with float32 copies and has no fused attention: not the target.)"""
   from lm_fixtures import load_config_module
   cfg = load_config_module("d12").get_config()
@@ -35,7 +36,7 @@ def test_estimate_within_25_percent_of_xla_tpu(remat, grad_reduce):
   report = bench.compile_report(cfg, "v5e:2x2")
   xla, estimate = report["xla_memory"]["peak"], report["estimate"]["total"]
   assert report["attention"] == "splash" and report["estimate"]["fsdp_gathers"] > 0
-  assert 0.75 <= estimate / xla <= 1.25, (remat, estimate / xla, report)
+  assert 0.9 <= estimate / xla <= 1.1, (remat, estimate / xla, report)
 
 
 def test_estimate_parts_scale_with_sharding_and_batch():
@@ -80,12 +81,12 @@ def test_the_on_chip_loss_holds_no_logits_chunk():
 def test_fsdp_plans_pick_the_largest_batch_that_fits_each_degree():
   cfg = _config("dots_no_batch")
   cfg.train.device_batch_size = 8
-  one = memory.estimate(cfg)
+  one = memory.estimate(cfg, platform="tpu")  # the plans are for TPU chips
   plans = memory.fsdp_plans(cfg, chip_bytes=one["total"] / memory.PLAN_HEADROOM)
   assert plans[0] == (1, 8, 2, one["total"])  # the config's own batch (16 sequences) fits one chip exactly
   four = cfg.copy_and_resolve_references()
   four.train.device_batch_size = 4
-  at_four = memory.estimate(four)["total"]
+  at_four = memory.estimate(four, platform="tpu")["total"]
   assert at_four < one["total"]
   smaller = memory.fsdp_plans(cfg, chip_bytes=at_four / memory.PLAN_HEADROOM)
   assert smaller[0] == (1, 4, 4, at_four)  # 8 sequences no longer fit; 4, accumulated 4 times, do

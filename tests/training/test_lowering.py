@@ -278,11 +278,27 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   for kernel in ("splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
                  "splash_mqa_dkv_segmented_no_residuals"):
     assert re.search(rf"%{kernel}\S* = .*custom_call_target=\"tpu_custom_call\"", text), kernel
-  memory = benchmark.memory_analysis(compiled)
+  memory = benchmark.memory_analysis(compiled, "tpu")
   params = 4 * counts.count_params(compiled_cfg.model)  # float32 bytes of the whole model
   # Per chip: float32 params and AdamW's two moments, mostly split 4 ways (~1.1x the model's
   # bytes); replicated they would be 3x.
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)
+
+
+@pytest.mark.slow(seconds=40)
+@needs_libtpu
+def test_xla_tpu_memory_figure_is_the_peak_its_out_of_memory_check_holds_to():
+  """d20 at 11 sequences a v5e chip (fsdp=8) compiles for the chip's 15.75 GiB, and the figure
+  lmtiny reports is under the chip: 14.94 GiB, XLA:TPU's peak. Its temp figure added to the
+  arguments and outputs read 17.23 GiB, more than the chip, for a step that fits (at 12
+  sequences XLA:TPU refuses the step: 16.18 GiB needed)."""
+  cfg = load_config_module("d20").get_config()
+  cfg.mesh.update(data=1, fsdp=8, tensor=1)
+  cfg.train.update(device_batch_size=11, batch_tokens=11 * 8 * 2048 * 2)
+  compiled = lowering.compile_for_topology(cfg, "v5e:2x4")[0]  # ConfigError if XLA:TPU finds it too big
+  memory, chip = benchmark.memory_analysis(compiled, "tpu"), counts.HBM_BYTES["v5e"]
+  assert 0.85 * chip < memory["peak"] < chip, memory
+  assert memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] == memory["peak"]
 
 
 @pytest.mark.slow(seconds=6)
