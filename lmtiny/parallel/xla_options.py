@@ -69,11 +69,10 @@ _TPU = {
     "xla_tpu_data_parallel_opt_different_sized_ops": True,
     # No "windowed einsum" for FSDP's weight gathers (a GEMM whose all-gather runs as a loop of
     # collective permutes, chunk by chunk): the asynchronous gathers above already overlap, and it
-    # kept ~0.9 GiB a layer more live at d24_2026's shape, which lmtiny.plan.memory cannot predict
-    # (XLA:TPU's figure for a 4-layer cut on v6e:2x4, fsdp=8, 8 sequences: 5.00 GiB, 3.29 without
-    # it; 2 / 8 layers: 3.02 / 8.54 GiB). Without it the whole step fits a 32 GiB v6e chip at the
-    # config's remat (25.42 GiB), where it needed remat=full (20.40 GiB). Its reduce-scatter twin
-    # (the gradients) stays as XLA sets it (turning only that one off left 5.04 GiB).
+    # kept ~0.35 GiB a layer more live at d24_2026's shape, which lmtiny.plan.memory cannot predict
+    # (XLA:TPU's peak for cuts on v6e:2x4, fsdp=8, 8 sequences: 2 / 4 layers 2.25 / 4.88 GiB with
+    # it, 2.02 / 3.95 without). Without it the whole step (the d24-v6e8 preset) reads 18.85 GiB.
+    # Its reduce-scatter twin (the gradients) stays as XLA sets it.
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
 }
 
