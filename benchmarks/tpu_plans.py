@@ -7,7 +7,7 @@ For each config, `lmtiny.arch`'s 16 GB v5e plans (lmtiny.plan.memory.fsdp_plans:
 degrees at which the estimate stays under 60% of the chip, each with its largest
 device_batch_size) are compiled with `python -m lmtiny.bench --topology v5e:AxB` for a slice of
 that many chips (one process per compile). It prints per plan: lmtiny.plan.memory's estimate,
-XLA:TPU's per-chip figure (arguments + outputs - aliased + temporaries), their ratio, and the
+XLA:TPU's per-chip figure (its peak: lmtiny.training.benchmark.memory_analysis), their ratio, and the
 share of the 16 GiB chip; a plan whose XLA figure does not fit prints DOES NOT FIT and the
 script exits 1.
 """
