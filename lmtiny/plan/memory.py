@@ -172,8 +172,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
 
 V5E_BYTES = counts.HBM_BYTES["v5e"]
 # Against XLA:TPU's peak for every config's v5e plans (benchmarks/tpu_plans.py) the estimate
-# reads 0.96x-1.10x, and 1.4x for the 38M configs that recompute nothing (remat none: XLA:TPU
-# keeps less of a layer than the estimate counts). A plan keeps it under 60% of the chip.
+# reads 0.96x-1.10x, and 1.4x-1.5x for d4_38m and d7_38m (remat none: XLA:TPU keeps less of
+# their layers than the estimate counts; d29_38m, also remat none, reads 0.96x). A plan keeps it under 60% of the chip.
 PLAN_HEADROOM = 0.6
 
 
