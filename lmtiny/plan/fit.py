@@ -5,7 +5,7 @@ dividing the global batch's sequences) x every remat policy (model.remat) x ever
 size (train.device_batch_size, dividing the sequences each data-parallel device gets, so the
 accumulation count keeps train.batch_tokens what the config says). A plan fits when
 lmtiny.plan.memory's estimate of its step stays under `usable` of the chip's memory (default
-memory.PLAN_HEADROOM, 60%: the estimate reads 0.96x-1.5x XLA:TPU's own figure). For each
+memory.PLAN_HEADROOM, 60%: the estimate reads 0.96x-1.12x XLA:TPU's own figure). For each
 mesh and policy the largest device batch that fits is the plan; plans rank by tokens/s.
 
 The speed rule, simple on purpose:

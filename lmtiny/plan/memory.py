@@ -26,7 +26,9 @@
   it accumulates (XLA hoists their gathers out of the micro-step loop). With
   train.grad_reduce=step (one reduction per step) the gradients are whole float32 sums instead.
 Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves; unrolled
-layers on XLA:CPU keep more (its scheduler is not memory-aware), so compare with scan_layers.
+layers on XLA:CPU keep more (its scheduler is not memory-aware), so compare with scan_layers. Of
+unrolled layers under remat "none" XLA:TPU keeps less than their working set, and `platform`
+"tpu" counts what it keeps (_kept_by_xla_tpu_unrolled).
 `lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one, and
 `--topology v5e:2x4` XLA:TPU's for TPU chips (its peak); tests keep the estimate within 10% of
 XLA:TPU's under FSDP and at the d24 presets, and within 25% of XLA:CPU's.
@@ -43,7 +45,7 @@ GIB = 2 ** 30
 
 def _widths(m) -> dict[str, int]:
   hd = config_lib.head_dim(m)
-  return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m),
+  return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m), head=hd,
               gated=m.activation == "swiglu", relu2=m.activation == "relu2")
 
 
@@ -55,8 +57,26 @@ def _layer_working_set(w: dict, c: int) -> float:
   return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * 2 * w["d"] + (w["f"] if w["relu2"] else 0)
 
 
+def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
+  """Bytes per token and layer XLA:TPU keeps of an unrolled layer under remat "none" (beyond the
+  block input). Free to choose, it recomputes the elementwise steps (norms, RoPE, relu², casts)
+  inside the backward's fusions and keeps operands: two [D] activations, four query-sized and two
+  key/value-sized attention arrays (splash's operands and their head-major copies; two of the
+  query-sized ones in 128-lane tiles, which pad 64-wide heads to twice their bytes), the MLP's
+  hidden pre-activations and relu²'s mask as bits. Per-layer growth of XLA:TPU's heap on a v5e
+  (2 against 4 layers, 8,192 tokens), kept / counted: d4_38m 15.7 / 15.6 KB, d7_38m 11.8 / 11.7,
+  d12 unrolled 20.7 / 20.4, d4_38m with SwiGLU 19.6 / 18.4, with 2 KV heads 12.7 / 14.1; d4_38m
+  with QK-norm keeps 20.0 (more copies of its 64-wide heads), which this leaves out."""
+  mlp = (2 if w["gated"] else 1) * w["f"]
+  q_tiled = w["q"] // w["head"] * -(-w["head"] // 128) * 128  # heads x their width in whole tiles
+  return c * (2 * w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp) + (w["f"] / 8 if w["relu2"] else 0)
+
+
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
-  """Bytes per token and layer the backward keeps under a remat policy (beyond the block input)."""
+  """Bytes per token and layer the backward keeps under a remat policy (beyond the block input).
+  Under "none" that is the layer's whole working set, as lax.scan's body keeps it. XLA:TPU keeps
+  less of unrolled layers (_kept_by_xla_tpu_unrolled); what XLA:GPU keeps of them is unmeasured,
+  so GPU plans count the whole set."""
   matmul_outputs = c * (w["q"] + 2 * w["kv"] + 2 * w["d"] + (2 if w["gated"] else 1) * w["f"])
   attn_out = c * w["q"]  # the attention output (the fused kernel's logsumexp is negligible)
   table = {  # what each policy of lmtiny.model.transformer.REMAT_POLICIES saves
@@ -111,7 +131,10 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   tp_w = dict(w, q=w["q"] * heads_local // m.num_heads,
               kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
-  per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
+  if m.remat == "none" and platform == "tpu" and not m.scan_layers:
+    per_layer = tokens * (c * w["d"] + _kept_by_xla_tpu_unrolled(tp_w, c))
+  else:
+    per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
   ve_layers = len(config_lib.value_embed_layers(m))
   # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
   # gradients replace the saved tensors they consume).
@@ -172,8 +195,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
 
 V5E_BYTES = counts.HBM_BYTES["v5e"]
 # Against XLA:TPU's peak for every config's v5e plans (benchmarks/tpu_plans.py) the estimate
-# reads 0.96x-1.10x, and 1.4x-1.5x for d4_38m and d7_38m (remat none: XLA:TPU keeps less of
-# their layers than the estimate counts; d29_38m, also remat none, reads 0.96x). A plan keeps it under 60% of the chip.
+# reads 0.96x-1.10x (d4_38m 1.00x, d7_38m 1.03x). A plan keeps it under 60% of the chip.
 PLAN_HEADROOM = 0.6
 
 
