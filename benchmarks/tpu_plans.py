@@ -4,7 +4,7 @@
   python benchmarks/tpu_plans.py [--configs d20 d32] [--plans 2] [--json PATH]
 
 For each config, `lmtiny.arch`'s 16 GB v5e plans (lmtiny.plan.memory.fsdp_plans: the smallest FSDP
-degrees at which the estimate stays under 60% of the chip, each with its largest
+degrees at which the estimate stays under 80% of the chip, each with its largest
 device_batch_size) are compiled with `python -m lmtiny.bench --topology v5e:AxB` for a slice of
 that many chips (one process per compile). It prints per plan: lmtiny.plan.memory's estimate,
 XLA:TPU's per-chip figure (its peak: lmtiny.training.benchmark.memory_analysis), their ratio, and the

@@ -49,8 +49,9 @@ def _define_flags(fv: flags.FlagValues) -> dict:
                               "(also 4090, 3090, 3080); comma-separated for several.", flag_values=fv),
       memory=flags.DEFINE_string("memory", None, "--fit: memory per chip, e.g. 24GiB or 10GB (alone: at --chip's "
                                  "speed).", flag_values=fv),
-      usable=flags.DEFINE_float("usable", memory.PLAN_HEADROOM, "--fit: the fraction of a chip's memory a plan's "
-                                "estimate may use.", flag_values=fv),
+      usable=flags.DEFINE_float("usable", None, "--fit: the fraction of a chip's memory a plan's estimate may use "
+                                f"(default {memory.PLAN_HEADROOM['tpu']:g} on TPU chips, "
+                                f"{memory.PLAN_HEADROOM['gpu']:g} on GPUs).", flag_values=fv),
       check=flags.DEFINE_bool("check", False, "--fit on a TPU chip: compile the best plan with XLA:TPU (libtpu) and "
                               "print its memory beside the estimate.", flag_values=fv),
       markdown=flags.DEFINE_bool("markdown", False, "--fit: one Markdown row a chip (docs/scale-out.md).",

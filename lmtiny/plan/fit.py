@@ -5,7 +5,8 @@ dividing the global batch's sequences) x every remat policy (model.remat) x ever
 size (train.device_batch_size, dividing the sequences each data-parallel device gets, so the
 accumulation count keeps train.batch_tokens what the config says). A plan fits when
 lmtiny.plan.memory's estimate of its step stays under `usable` of the chip's memory (default
-memory.PLAN_HEADROOM, 60%: the estimate reads 0.96x-1.12x XLA:TPU's own figure). For each
+memory.PLAN_HEADROOM: 80% of a TPU chip, where the estimate reads 0.95x-1.10x XLA:TPU's own
+figure; 60% of a GPU, where XLA:GPU's is unmeasured). For each
 mesh and policy the largest device batch that fits is the plan; plans rank by tokens/s.
 
 The speed rule, simple on purpose:
@@ -110,6 +111,11 @@ def chip(name: str | None, memory_text: str | None = None, speed_of: str = "h100
 def platform(c: Chip) -> str:
   """"tpu" for the TPU chips (v5e, v5p, v6e), else "gpu": how lmtiny.plan.memory counts the loss."""
   return "tpu" if c.name.startswith("v") else "gpu"
+
+
+def usable_share(c: Chip, usable: float | None) -> float:
+  """`usable`, or by default the share of the chip a plan may use on its platform."""
+  return memory.PLAN_HEADROOM[platform(c)] if usable is None else usable
 
 
 def for_rows(c: Chip, cfg) -> Chip:
@@ -220,10 +226,12 @@ def _plan(trial, mesh: tuple[int, int, int], dbs: int, c: Chip, chips: int, mfu:
               steps * step_s)
 
 
-def search(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float = memory.PLAN_HEADROOM
+def search(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float | None = None
            ) -> tuple[list[Plan], Plan | None]:
   """(the plans that fit, fastest first: for each mesh and remat policy the largest device batch
-  that fits; the smallest plan by memory when none fits, else None)."""
+  that fits; the smallest plan by memory when none fits, else None). `usable`: the share of the
+  chip a plan may use (default usable_share's)."""
+  usable = usable_share(c, usable)
   if not 0 < mfu <= 1:
     raise ConfigError(f"--mfu={mfu}: must be in (0, 1]")
   if not 0 < usable <= 1:
@@ -268,8 +276,8 @@ def _row(p: Plan, c: Chip) -> str:
           f"{human(p.tokens_per_s):>8} {100 * p.mfu:>5.1f}% {duration(p.step_s):>7} {duration(p.horizon_s):>8}")
 
 
-def header(cfg, c: Chip, chips: int, mfu: float, usable: float) -> list[str]:
-  cfg, c = recipe.resolve(cfg), for_rows(c, cfg)
+def header(cfg, c: Chip, chips: int, mfu: float, usable: float | None) -> list[str]:
+  cfg, c, usable = recipe.resolve(cfg), for_rows(c, cfg), usable_share(c, usable)
   t = cfg.train
   steps = config_lib.total_steps(cfg, recipe.horizon_params(cfg.model, t))
   return [f"{chips} x {c.label}: {c.peak / 1e12:g} TFLOP/s dense bf16, {c.memory / GIB:.2f} GiB per chip "
@@ -278,10 +286,11 @@ def header(cfg, c: Chip, chips: int, mfu: float, usable: float) -> list[str]:
           f"{steps:,} steps; {100 * mfu:g}% MFU less remat recompute and extra micro-steps (lmtiny.plan.fit)"]
 
 
-def format_plans(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float = memory.PLAN_HEADROOM,
+def format_plans(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float | None = None,
                  top: int = 5) -> tuple[list[str], bool]:
   """(the lines --fit prints, whether any plan fits)."""
   fitting, smallest = search(cfg, c, chips, mfu, usable)
+  usable = usable_share(c, usable)
   lines = header(cfg, c, chips, mfu, usable)
   if not fitting:
     s = smallest
@@ -296,7 +305,7 @@ def format_plans(cfg, c: Chip, chips: int = 1, mfu: float = 0.4, usable: float =
   return lines, True
 
 
-def preset_rows(name: str, cfg, chip_names, mfu: float = 0.4, usable: float = memory.PLAN_HEADROOM) -> list[str]:
+def preset_rows(name: str, cfg, chip_names, mfu: float = 0.4, usable: float | None = None) -> list[str]:
   """Markdown rows, one a chip, of the best one-chip plan for `cfg` (`name` its config file)."""
   rows = []
   for key in chip_names:

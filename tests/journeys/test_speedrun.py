@@ -176,6 +176,26 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
   assert _stage_lines(out.stderr) == ["tokenizer", "shards", "base", "mid", "sft", "rl", "eval"]
 
 
+@pytest.mark.slow(seconds=60)
+@needs_libtpu
+def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
+  """The d20-v5e8 preset's base training as the script types it (fsdp=8, 8 sequences a chip: the
+  plan at 80% of a 16 GB chip) compiled by XLA:TPU for a v5e-8: 11.72 GiB a chip, 73% of it, and
+  the estimate within 10% (12.30 GiB, 1.05x). At the old 60% the plan was 4 sequences (7.33 GiB)."""
+  from lmtiny.training import benchmark as bench
+  base = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()[2]
+  overrides = base.split(" --workdir runs/v ")[1].split()
+  cfg = load_config_module("d20").get_config()
+  for override in overrides:
+    name, value = override.removeprefix("--config.").split("=")
+    section, field = name.split(".")
+    cfg[section][field] = int(value)
+  assert (cfg.mesh.fsdp, cfg.train.device_batch_size) == (8, 8)
+  report = bench.compile_report(cfg, "v5e:2x4")
+  assert report["xla_memory"]["peak"] < 0.85 * counts.HBM_BYTES["v5e"], report["xla_memory"]
+  assert 0.9 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.1, report
+
+
 @pytest.mark.slow(seconds=270)
 @needs_libtpu
 @pytest.mark.parametrize("preset", sorted(TPU_TOPOLOGIES))

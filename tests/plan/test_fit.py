@@ -63,13 +63,13 @@ def test_every_plan_fits_and_is_the_largest_batch_that_does(name, chip, chips):
     trial = fit.with_plan(resolved, p)
     attention = fit.for_rows(c, cfg).attention
     on = fit.platform(c)
-    assert memory.estimate(trial, shape, attention=attention, platform=on)["total"] == p.bytes <= memory.PLAN_HEADROOM * c.memory
+    assert memory.estimate(trial, shape, attention=attention, platform=on)["total"] == p.bytes <= memory.PLAN_HEADROOM[on] * c.memory
     assert p.accumulation * p.device_batch_size * p.data * p.fsdp == sequences  # the global batch kept
     per_device = sequences // (p.data * p.fsdp)
     larger = [d for d in range(p.device_batch_size + 1, per_device + 1) if per_device % d == 0]
     if larger:  # the next device batch up does not fit
       trial.train.device_batch_size = larger[0]
-      assert memory.estimate(trial, shape, attention=c.attention, platform=on)["total"] > memory.PLAN_HEADROOM * c.memory
+      assert memory.estimate(trial, shape, attention=c.attention, platform=on)["total"] > memory.PLAN_HEADROOM[on] * c.memory
 
 
 def test_a_small_card_needs_a_smaller_batch_and_remat():
@@ -81,7 +81,7 @@ def test_a_small_card_needs_a_smaller_batch_and_remat():
   assert (cfg.train.device_batch_size, cfg.model.remat) == (32, "dots_no_batch")
   c = fit.chip("rtx4090")
   assert fit.for_rows(c, cfg).attention == "cudnn" and c.attention == "xla"
-  assert memory.estimate(cfg, attention="cudnn")["total"] > memory.PLAN_HEADROOM * c.memory  # as configured: no
+  assert memory.estimate(cfg, attention="cudnn")["total"] > memory.PLAN_HEADROOM["gpu"] * c.memory  # as configured: no
   best = fit.search(cfg, c)[0][0]
   assert (best.device_batch_size, best.remat, best.accumulation) == (8, "none", 32)
   plans, _ = fit.search(cfg, fit.chip("3080"))
@@ -258,8 +258,9 @@ def test_xla_cpu_compile_of_the_chosen_plan_agrees_with_its_estimate():
 @needs_libtpu
 def test_xla_tpu_agrees_with_the_plan_for_one_v5e_chip(capsys, monkeypatch):
   """`--fit v5e --check` on a two-layer d12 (nanochat's widths, vocab 65,536) at 16 x 256 tokens a
-  step, with 4 GiB per chip: XLA:TPU's own figure for the best plan's step (v5e:1x1; 2 sequences,
-  8 micro-steps) is within 25% of the estimate (1.12x measured) and under the chip's memory."""
+  step, with 4 GiB per chip: XLA:TPU's own figure for the best plan's step (v5e:1x1; 8 sequences,
+  2 micro-steps, 80% of the chip planned) is within 10% of the estimate (1.05x measured; 1.12x for
+  the 2 sequences it planned at 60%) and under the chip's memory."""
   monkeypatch.chdir(ROOT)
   argv = ["arch", "--config", "configs/d12.py", "--config.model.num_layers=2", "--config.train.seq_len=256",
           "--config.train.batch_tokens=4096", "--fit", "v5e", "--memory", "4GiB", "--check"]
@@ -268,4 +269,4 @@ def test_xla_tpu_agrees_with_the_plan_for_one_v5e_chip(capsys, monkeypatch):
   m = re.search(r"check: XLA:TPU \(v5e:1x1, .*\): ([\d.]+) GiB per chip, (\d+)% of the chip; the estimate ([\d.]+) GiB "
                 r"\(([\d.]+)x XLA's\)", out)
   assert m, out
-  assert 0.75 <= float(m.group(4)) <= 1.25 and int(m.group(2)) < 100
+  assert 0.9 <= float(m.group(4)) <= 1.1 and int(m.group(2)) < 100

@@ -100,13 +100,13 @@ def test_fsdp_plans_pick_the_largest_batch_that_fits_each_degree():
   cfg = _config("dots_no_batch")
   cfg.train.device_batch_size = 8
   one = memory.estimate(cfg, platform="tpu")  # the plans are for TPU chips
-  plans = memory.fsdp_plans(cfg, chip_bytes=one["total"] / memory.PLAN_HEADROOM)
+  plans = memory.fsdp_plans(cfg, chip_bytes=one["total"] / memory.PLAN_HEADROOM["tpu"])
   assert plans[0] == (1, 8, 2, one["total"])  # the config's own batch (16 sequences) fits one chip exactly
   four = cfg.copy_and_resolve_references()
   four.train.device_batch_size = 4
   at_four = memory.estimate(four, platform="tpu")["total"]
   assert at_four < one["total"]
-  smaller = memory.fsdp_plans(cfg, chip_bytes=at_four / memory.PLAN_HEADROOM)
+  smaller = memory.fsdp_plans(cfg, chip_bytes=at_four / memory.PLAN_HEADROOM["tpu"])
   assert smaller[0] == (1, 4, 4, at_four)  # 8 sequences no longer fit; 4, accumulated 4 times, do
   assert [p[0] for p in smaller] == [1, 2, 4, 8, 16]  # every power of two dividing the 16 sequences
   assert all(p[1] is None for p in memory.fsdp_plans(cfg, chip_bytes=1))
