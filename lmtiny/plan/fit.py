@@ -6,7 +6,7 @@ size (train.device_batch_size, dividing the sequences each data-parallel device 
 accumulation count keeps train.batch_tokens what the config says). A plan fits when
 lmtiny.plan.memory's estimate of its step stays under `usable` of the chip's memory (default
 memory.PLAN_HEADROOM: 80% of a TPU chip, where the estimate reads 0.95x-1.10x XLA:TPU's own
-figure; 60% of a GPU, where XLA:GPU's is unmeasured). For each
+figure; 60% of a GPU, where it last read 0.73x-0.86x XLA:GPU's). For each
 mesh and policy the largest device batch that fits is the plan; plans rank by tokens/s.
 
 The speed rule, simple on purpose:
