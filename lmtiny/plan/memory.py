@@ -132,9 +132,10 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
               kv=w["kv"] // tensor if config_lib.num_kv_heads(m) % tensor == 0 else w["kv"],
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
   if m.remat == "none" and platform == "tpu" and not m.scan_layers:
-    per_layer = tokens * (c * w["d"] + _kept_by_xla_tpu_unrolled(tp_w, c))
+    kept = _kept_by_xla_tpu_unrolled(tp_w, c)
   else:
-    per_layer = tokens * (c * w["d"] + _saved_per_token(m.remat, tp_w, c))
+    kept = _saved_per_token(m.remat, tp_w, c)
+  per_layer = tokens * (c * w["d"] + kept)
   ve_layers = len(config_lib.value_embed_layers(m))
   # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
   # gradients replace the saved tensors they consume).

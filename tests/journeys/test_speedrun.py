@@ -176,6 +176,16 @@ def test_toy_runs_the_2026_recipe_at_cpu_size_and_prints_its_plan():
   assert _stage_lines(out.stderr) == ["tokenizer", "shards", "base", "mid", "sft", "rl", "eval"]
 
 
+def _config_with(name: str, overrides: list[str]):
+  """configs/<name>.py with a preset's `--config.section.field=value` overrides applied."""
+  cfg = load_config_module(name).get_config()
+  for override in overrides:
+    key, value = override.removeprefix("--config.").split("=")
+    section, field = key.split(".")
+    cfg[section][field] = int(value) if value.isdigit() else value
+  return cfg
+
+
 @pytest.mark.slow(seconds=60)
 @needs_libtpu
 def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
@@ -184,12 +194,7 @@ def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
   the estimate within 10% (12.30 GiB, 1.05x). At the old 60% the plan was 4 sequences (7.33 GiB)."""
   from lmtiny.training import benchmark as bench
   base = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()[2]
-  overrides = base.split(" --workdir runs/v ")[1].split()
-  cfg = load_config_module("d20").get_config()
-  for override in overrides:
-    name, value = override.removeprefix("--config.").split("=")
-    section, field = name.split(".")
-    cfg[section][field] = int(value)
+  cfg = _config_with("d20", base.split(" --workdir runs/v ")[1].split())
   assert (cfg.mesh.fsdp, cfg.train.device_batch_size) == (8, 8)
   report = bench.compile_report(cfg, "v5e:2x4")
   assert report["xla_memory"]["peak"] < 0.85 * counts.HBM_BYTES["v5e"], report["xla_memory"]
@@ -207,11 +212,7 @@ def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   all-gathers, the v6e's step grew 2.3 GiB a layer past the chip.)"""
   from lmtiny.training import benchmark as bench
   topology, chip = TPU_TOPOLOGIES[preset]
-  cfg = load_config_module("d24_2026").get_config()
-  for override in OVERRIDES[preset]:
-    name, value = override.removeprefix("--config.").split("=")
-    section, field = name.split(".")
-    cfg[section][field] = int(value) if value.isdigit() else value
+  cfg = _config_with("d24_2026", OVERRIDES[preset])
   report = bench.compile_report(copy.deepcopy(cfg), topology)
   assert report["xla_memory"]["peak"] < 0.9 * counts.HBM_BYTES[chip], report["xla_memory"]
   assert 0.9 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.1, report
