@@ -226,6 +226,12 @@ def resolve_impl(impl: str, dtype, *, platform: str | None = None, self_attentio
   return impl
 
 
+def reads_head_major(impl: str, dtype, seq_len: int) -> bool:
+  """Whether `attention` runs splash for a self-attention of `seq_len` tokens, whose kernel reads
+  queries and keys head-major ([B, H, T, Dh]) rather than as the projections leave them."""
+  return resolve_impl(impl, dtype, seq_len=seq_len) == "splash"
+
+
 # What attention is built for: this machine's backend, unless lmtiny.training.lowering is lowering a
 # program for a GPU or TPU that this machine lacks (then platform and GPU capability are its).
 LOWERING_TARGET = {"platform": None, "gpu_capability": None}

@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError
 from lmtiny.kernels.fp8 import FP8_OUT, fp8_eligible
-from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, target_platform
+from lmtiny.model.attention import attention, ATTN_OUT, ATTN_QKV, reads_head_major, target_platform
 from lmtiny.model.quant import QuantizedWeight
 from lmtiny.parallel.sharding import (constrain, gathers_weights, sharded_fp8_matmul,
                                      sharded_fused_linear_cross_entropy, sharded_linear_cross_entropy)
@@ -191,13 +191,15 @@ class RMSNorm(nnx.Module):
 
 
 def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default", logical_axes=None) -> Array:
-  """x [..., *in] @ w [*in, *out] -> [..., *out] in x's dtype, as one 2-D GEMM over the flattened
-  rows; w comes as stored (float32, or a QuantizedWeight) and the GEMM runs on a copy in x's dtype.
+  """x [..., *in] @ w [*in, *out] -> [..., *out] in x's dtype; w comes as stored (float32, or a
+  QuantizedWeight) and the GEMM runs on a copy in x's dtype.
 
-  Why flatten: the weight gradient contracts every row dimension. Left as [B, T, ...], that
-  is a two-dimension contraction, which XLA:CPU runs by transposing the cotangent and leaving
-  its fast GEMM path (3.4x slower measured on the tiny MLP's weight gradient); one row axis
-  keeps all three GEMMs of a linear layer on it. Other backends flatten like this anyway.
+  On CPU and GPU it is one 2-D GEMM over the flattened rows: the weight gradient contracts every
+  row dimension, which left as [B, T, ...] XLA:CPU runs by transposing the cotangent and leaving
+  its fast GEMM path (3.4x slower measured on the tiny MLP's weight gradient). XLA:TPU gets the
+  dimensions as they are, free to lay each out for its consumer: flattened, it copied splash's
+  head-major q/k/v gradients into [B*T, H*Dh] rows for the projections' backward GEMMs (822
+  against 485 MiB of copies a micro-step in a 2-layer d12_2026 on a v6e, 8 x 2048 tokens).
   `matmul_dtype="fp8"` runs the GEMM in fp8 with tensorwise scales (lmtiny.kernels.fp8) where
   the matrix is big enough for it (nanochat's rule, `fp8_eligible`); `logical_axes` (the weight's)
   tell a mesh how its sides split (lmtiny.parallel.sharding.sharded_fp8_matmul).
@@ -206,14 +208,17 @@ def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default", l
     w = w.astype(x.dtype)
   in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
+  fp8 = matmul_dtype == "fp8" and fp8_eligible(math.prod(in_shape), math.prod(out_shape))
+  if not fp8 and target_platform() == "tpu":
+    return matmul(x, w, in_dims)
   w_IxO = w.reshape(math.prod(in_shape), math.prod(out_shape))
   x_MxI = x.reshape(math.prod(lead), w_IxO.shape[0])
-  if matmul_dtype == "fp8" and fp8_eligible(*w_IxO.shape):
+  if fp8:
     axes = tuple(logical_axes or (None,) * w.ndim)[-w.ndim:]  # a scanned stack's "layers" axis is sliced off
     out_MxO = sharded_fp8_matmul(x_MxI, w_IxO, lead[0] if lead else 1, (axes[0], w.shape[0]),
                                  (axes[in_dims], w.shape[in_dims]))
   else:
-    out_MxO = matmul(x_MxI, w_IxO)
+    out_MxO = matmul(x_MxI, w_IxO, 1)
   return out_MxO.reshape(*lead, *out_shape)
 
 
@@ -222,29 +227,36 @@ def _dense_param(x: Array, w: nnx.Param, in_dims: int, matmul_dtype: str) -> Arr
   return dense(x, w[...], in_dims, matmul_dtype, w.get_metadata().get("logical_axes"))
 
 
-@jax.custom_vjp
-def matmul(x_MxI: Array, w_IxO: Array) -> Array:
-  """x @ w.astype(x.dtype), with dw in float32 straight from the GEMM's accumulator.
+def _contract(a: Array, b: Array, a_dims: range, b_dims: range, out_dtype=None) -> Array:
+  return jax.lax.dot_general(a, b, ((tuple(a_dims), tuple(b_dims)), ((), ())), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: Array, w: Array, in_dims: int) -> Array:
+  """x [*rows, *in] @ w.astype(x.dtype) [*in, *out], with dw in float32 straight from the GEMM's
+  accumulator.
 
   Autodiff through the cast would give dw in the compute dtype: each device's partial weight
   gradient rounded to bf16 and then reduced across the data and FSDP axes in bf16. Here the
   weight-gradient GEMM returns float32 (the accumulator, not a rounding of it), so XLA's
   all-reduce / reduce-scatter of it runs in float32. dx stays in x's dtype.
   """
-  return x_MxI @ w_IxO.astype(x_MxI.dtype)
+  return _contract(x, w.astype(x.dtype), range(x.ndim - in_dims, x.ndim), range(in_dims))
 
 
-def _matmul_fwd(x_MxI, w_IxO):
-  w_compute_IxO = w_IxO.astype(x_MxI.dtype)
-  return x_MxI @ w_compute_IxO, (x_MxI, w_compute_IxO, jnp.zeros((0,), w_IxO.dtype))
+def _matmul_fwd(x, w, in_dims):
+  w_compute = w.astype(x.dtype)
+  out = _contract(x, w_compute, range(x.ndim - in_dims, x.ndim), range(in_dims))
+  return out, (x, w_compute, jnp.zeros((0,), w.dtype))
 
 
-def _matmul_bwd(residuals, g_MxO):
-  x_MxI, w_compute_IxO, like_0 = residuals
+def _matmul_bwd(in_dims, residuals, g):
+  x, w_compute, like_0 = residuals
+  rows = x.ndim - in_dims
   # The contractions autodiff of x @ w writes (no transposes for XLA to fold away).
-  dx_MxI = jax.lax.dot_general(g_MxO, w_compute_IxO, (((1,), (1,)), ((), ())))
-  dw_IxO = jax.lax.dot_general(x_MxI, g_MxO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return dx_MxI, dw_IxO.astype(like_0.dtype)
+  dx = _contract(g, w_compute, range(rows, g.ndim), range(in_dims, w_compute.ndim))
+  dw = _contract(x, g, range(rows), range(rows), jnp.float32)
+  return dx, dw.astype(like_0.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -269,7 +281,8 @@ def rope_tables(positions_BxT: Array, head_dim: int, theta: float, table_len: in
 
 
 def apply_rope(x_BxTxNxDh: Array, tables: tuple[Array, Array]) -> Array:
-  """Rotary embedding, rotating the first half of each head against the second half."""
+  """Rotary embedding, rotating the first half of each head against the second half; the tables
+  broadcast against x ([B, T, 1, Dh/2] for tokens before heads, swapped for heads first)."""
   cos, sin = tables
   x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -327,16 +340,26 @@ class Attention(nnx.Module):
     if self.value_embed is not None:
       gate_BxTxK = 3 * jax.nn.sigmoid(dense(x_BxTxD[..., :config_lib.VE_GATE_CHANNELS], self.ve_gate[...]).astype(F32))
       v_BxTxKxDh = (v_BxTxKxDh.astype(F32) + gate_BxTxK[..., None] * ve_BxTxKxDh.astype(F32)).astype(dtype)
-    if self.q_norm is not None:
-      q_BxTxHxDh, k_BxTxKxDh = self.q_norm(q_BxTxHxDh), self.k_norm(k_BxTxKxDh)
-    if self.cfg.qk_scale != 1.0:  # sharper attention, split between q and k (nanochat 2026)
-      # in float32: 1.2 as a bf16 constant would be 1.203125
-      scale = self.cfg.qk_scale
-      q_BxTxHxDh, k_BxTxKxDh = ((y.astype(F32) * scale).astype(dtype) for y in (q_BxTxHxDh, k_BxTxKxDh))
-    q_BxTxHxDh = constrain(apply_rope(q_BxTxHxDh, rope_BxT), ("batch", "seq", "act_heads", None))
-    k_BxTxKxDh = constrain(apply_rope(k_BxTxKxDh, rope_BxT), ("batch", "seq", "act_kv_heads", None))
+    # QK-norm and RoPE run in the layout the attention kernel reads (only the layout differs: the
+    # values are the same). Splash reads heads major; left token-major, XLA:TPU relayouts each
+    # float32 q/k up to three times around the norm's reduction over Dh (2,461 against 822 MiB of
+    # copies a micro-step in a 2-layer d12_2026 on a v6e, tests/training/test_lowering.py).
+    head_major = reads_head_major(self.cfg.attention, dtype, x_BxTxD.shape[1])
+    to_kernel = (lambda x: x.swapaxes(1, 2)) if head_major else (lambda x: x)
+    q, k = self._norm_scale_rotate(to_kernel(q_BxTxHxDh), to_kernel(k_BxTxKxDh), tuple(map(to_kernel, rope_BxT)))
+    q_BxTxHxDh = constrain(to_kernel(q), ("batch", "seq", "act_heads", None))  # swapaxes undoes itself
+    k_BxTxKxDh = constrain(to_kernel(k), ("batch", "seq", "act_kv_heads", None))
     v_BxTxKxDh = constrain(v_BxTxKxDh, ("batch", "seq", "act_kv_heads", None))
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
+
+  def _norm_scale_rotate(self, q: Array, k: Array, tables: tuple[Array, Array]) -> tuple[Array, Array]:
+    """QK-norm, the q/k scale and RoPE of q and k, heads and tokens in either order (Dh last)."""
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.cfg.qk_scale != 1.0:  # sharper attention, split between q and k (nanochat 2026)
+      # in float32: 1.2 as a bf16 constant would be 1.203125
+      q, k = ((y.astype(F32) * self.cfg.qk_scale).astype(y.dtype) for y in (q, k))
+    return apply_rope(q, tables), apply_rope(k, tables)
 
   def _dense(self, x: Array, w: nnx.Param, in_dims: int = 1) -> Array:
     return _dense_param(x, w, in_dims, self.matmul_dtype)

@@ -60,16 +60,18 @@ def _layer_working_set(w: dict, c: int) -> float:
 def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
   """Bytes per token and layer XLA:TPU keeps of an unrolled layer under remat "none" (beyond the
   block input). Free to choose, it recomputes the elementwise steps (norms, RoPE, relu², casts)
-  inside the backward's fusions and keeps operands: two [D] activations, four query-sized and two
-  key/value-sized attention arrays (splash's operands and their head-major copies; two of the
+  inside the backward's fusions and keeps operands: one [D] activation, four query-sized and two
+  key/value-sized attention arrays (splash's operands and their head-major forms; two of the
   query-sized ones in 128-lane tiles, which pad 64-wide heads to twice their bytes), the MLP's
   hidden pre-activations and relu²'s mask as bits. Per-layer growth of XLA:TPU's heap on a v5e
-  (2 against 4 layers, 8,192 tokens), kept / counted: d4_38m 15.7 / 15.6 KB, d7_38m 11.8 / 11.7,
-  d12 unrolled 20.7 / 20.4, d4_38m with SwiGLU 19.6 / 18.4, with 2 KV heads 12.7 / 14.1; d4_38m
-  with QK-norm keeps 20.0 (more copies of its 64-wide heads), which this leaves out."""
+  (2 against 4 layers, 8,192 tokens), kept / counted with the block input: d4_38m 14.6 / 14.6 KB,
+  d7_38m 11.0 / 10.9, d12 unrolled 18.6 / 18.8. (Before the projections kept their heads'
+  dimensions on TPU, `dense`, XLA:TPU kept one more [D] array: d4_38m 15.7, d4_38m with SwiGLU
+  19.6 against 18.4 counted, with 2 KV heads 12.7 against 14.1; d4_38m with QK-norm kept 20.0, more
+  copies of its 64-wide heads, which this leaves out.)"""
   mlp = (2 if w["gated"] else 1) * w["f"]
   q_tiled = w["q"] // w["head"] * -(-w["head"] // 128) * 128  # heads x their width in whole tiles
-  return c * (2 * w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp) + (w["f"] / 8 if w["relu2"] else 0)
+  return c * (w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp) + (w["f"] / 8 if w["relu2"] else 0)
 
 
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
@@ -196,8 +198,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
 
 V5E_BYTES = counts.HBM_BYTES["v5e"]
 # The share of a chip's memory a plan's estimate may use. Against XLA:TPU's peak for every
-# config's v5e plans (benchmarks/tpu_plans.py) the estimate reads 0.95x-1.10x, so 80% of a TPU
-# chip keeps the compiled step under 85% of it (they compile at 29-74% of a v5e chip). Against
+# config's v5e plans (benchmarks/tpu_plans.py) the estimate reads 0.95x-1.13x, so 80% of a TPU
+# chip keeps the compiled step under 85% of it (they compile at 30-74% of a v5e chip). Against
 # XLA:GPU's figure it read 0.73x-0.86x (one H200, d12_2026 and d24_2026, before the changes that
 # brought the TPU figures in line; docs/performance.md): GPU plans keep 60% until a GPU re-measures.
 PLAN_HEADROOM = {"tpu": 0.8, "gpu": 0.6}

@@ -15,7 +15,7 @@ from flax import nnx
 
 from lm_fixtures import dot_operand_sources, load_config_module
 from lmtiny import config as config_lib
-from lmtiny.model.transformer import REMAT_POLICIES, Transformer, mix_layer_input
+from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, mix_layer_input
 from lmtiny.parallel import sharding
 from lmtiny.training import lowering
 
@@ -109,6 +109,34 @@ def test_qk_scale_is_exactly_its_value_in_bf16():
   for ours, base in ((q1, q0), (k1, k0)):
     ratio = np.sum(np.abs(_f64(ours))) / np.sum(np.abs(_f64(base)))
     assert abs(ratio - 1.2) < 2e-4, ratio  # 1.203125 is 3.1e-3 away
+
+
+def test_built_for_tpu_the_projections_keep_their_dimensions_and_compute_the_same():
+  """For XLA:TPU, `dense` contracts [B, T, D] with [D, H, Dh] as they are (no flattened rows) and
+  project_qkv runs QK-norm and RoPE heads-first, as splash reads them: layouts XLA:TPU need not
+  copy between. The values are the CPU program's, and dw still comes out of the GEMM in float32."""
+  x, w = _bf16(1, (2, 256, D)) - 0.75, jax.random.normal(jax.random.key(2), (D, 3, 64)) * 0.05
+
+  def loss(x, w):
+    return jnp.sum(dense(x, w).astype(jnp.float32) ** 2)
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  with lowering.target("tpu"):
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w))
+    tpu = grad(x, w)
+  assert "reshape" not in jaxpr and "(([0, 1], [0, 1]), ([], []))" in jaxpr, jaxpr  # dw sums B and T at once
+  cpu = grad(x, w)
+  assert tpu[1].dtype == jnp.float32 and tpu[0].dtype == jnp.bfloat16
+  np.testing.assert_allclose(_f64(tpu[1]), _f64(cpu[1]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_f64(tpu[0]), _f64(cpu[0]), rtol=1e-2, atol=1e-3)  # one bf16 rounding apart at most
+
+  model = _model(num_layers=1, qk_scale=1.2, value_embeds=False)
+  rope_BxT = model.rope_tables(jnp.broadcast_to(jnp.arange(256), (2, 256)))
+  project = jax.jit(lambda x: model.layers[0].attn.project_qkv(x, rope_BxT))
+  with lowering.target("tpu"):
+    assert "transpose" in str(jax.make_jaxpr(lambda x: model.layers[0].attn.project_qkv(x, rope_BxT))(x))
+    heads_first = project(x)
+  for ours, reference in zip(heads_first, jax.jit(lambda x: model.layers[0].attn.project_qkv(x, rope_BxT))(x)):
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(reference, np.float32))
 
 
 _BYTES = {"bf16": 2, "f32": 4, "f16": 2, "i32": 4, "s32": 4, "f8_e4m3fn": 1, "f8_e5m2": 1, "bool": 1}

@@ -347,6 +347,24 @@ def test_fsdp_weight_gathers_are_all_gathers_not_windowed_einsum_rings():
   assert "bf16" not in lowering.ring_steps(text), lowering.ring_steps(text)
 
 
+@pytest.mark.slow(seconds=90)
+@needs_libtpu
+def test_splash_layers_leave_xla_tpu_little_to_relayout():
+  """Splash reads q, k and v heads-first. With QK-norm and RoPE run tokens-first and the
+  projections' rows flattened, XLA:TPU copied each float32 q/k up to three times between layouts
+  around the norm's reduction and the backward's head-major gradients back into rows: 70.6 KB of
+  copies a token and layer at this shape (2 layers of d12_2026, 4 x 2048 tokens, a v6e), 19.5 KB
+  with both in the kernel's layout (lmtiny.model.transformer.dense and Attention.project_qkv)."""
+  cfg = load_config_module("d12_2026").get_config()
+  cfg.model.update(num_layers=2, vocab_size=4096)  # the vocabulary's own copies left small
+  cfg.train.update(batch_tokens=4 * cfg.train.seq_len, device_batch_size=4)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  compiled, _, compiled_cfg, _ = lowering.compile_for_topology(cfg, "v6e:1x1")
+  per_token_layer = lowering.relayout_bytes(compiled.as_text()) / (4 * compiled_cfg.train.seq_len * 2)
+  assert compiled_cfg.model.qk_norm and compiled_cfg.model.attention == "splash"
+  assert per_token_layer < 30_000, per_token_layer
+
+
 def _activations_per_scalar_reduction(hlo_text: str, activation: str) -> int:
   """The most operands of type `activation` (e.g. "bf16[8,256,192]") that one fusion with float32
   scalar outputs reads: how many activations a gradient-of-scalars reduction keeps alive to it."""
