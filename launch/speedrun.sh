@@ -41,7 +41,7 @@ presets:
              train.device_batch_size=8 (XLA:TPU: 18.9 GiB a chip)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
-             train.device_batch_size=8 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 11.72 GiB per chip)
+             train.device_batch_size=8 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 11.71 GiB per chip)
   d26-pod    configs/d26.py / d32.py, base training on a TPU pod with launch/tpu.sh (--tpu-name,
   d32-pod    --zone, --workdir gs://..., --shards DIR that every worker reads); the script returns
              once training is launched: re-run it with --base-done when `launch/tpu.sh logs` shows
@@ -172,7 +172,7 @@ case $PRESET in
     SFT_ARGS=()
     RL_ARGS=(--config.rl.data=gsm8k)
     CHAT_EVAL=(--tasks gsm8k --max-items 400)
-    # 16 GB chips: ZeRO-3 over the 8 chips at 8 sequences each (XLA:TPU: 11.72 GiB per chip; data
+    # 16 GB chips: ZeRO-3 over the 8 chips at 8 sequences each (XLA:TPU: 11.71 GiB per chip; data
     # parallel at the config's 16 would need ~48). Midtraining, SFT and RL inherit the base run's mesh.
     [[ $PRESET == d20-h100 ]] && PLAN_CHIP=h100
     [[ $PRESET == d20-v5e8 ]] && { PLAN_CHIP=v5e; PLAN_CHIPS=8; }

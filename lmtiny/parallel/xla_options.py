@@ -71,7 +71,7 @@ _TPU = {
     # collective permutes, chunk by chunk): the asynchronous gathers above already overlap, and it
     # kept ~0.35 GiB a layer more live at d24_2026's shape, which lmtiny.plan.memory cannot predict
     # (XLA:TPU's peak for cuts on v6e:2x4, fsdp=8, 8 sequences: 2 / 4 layers 2.25 / 4.88 GiB with
-    # it, 2.02 / 3.95 without). Without it the whole step (the d24-v6e8 preset) reads 18.85 GiB.
+    # it, 2.02 / 3.95 without). Without it the whole step (the d24-v6e8 preset) reads 18.80 GiB.
     # Its reduce-scatter twin (the gradients) stays as XLA sets it.
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
 }

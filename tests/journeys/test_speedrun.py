@@ -190,7 +190,7 @@ def _config_with(name: str, overrides: list[str]):
 @needs_libtpu
 def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
   """The d20-v5e8 preset's base training as the script types it (fsdp=8, 8 sequences a chip: the
-  plan at 80% of a 16 GB chip) compiled by XLA:TPU for a v5e-8: 11.72 GiB a chip, 73% of it, and
+  plan at 80% of a 16 GB chip) compiled by XLA:TPU for a v5e-8: 11.71 GiB a chip, 73% of it, and
   the estimate within 10% (12.30 GiB, 1.05x). At the old 60% the plan was 4 sequences (7.33 GiB)."""
   from lmtiny.training import benchmark as bench
   base = _run("d20-v5e8", "--dry-run", "--workdir", "runs/v").stdout.splitlines()[2]
@@ -207,8 +207,8 @@ def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
 def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 170 s to compile
   here for the v5p, 290 s for the v6e) at the preset's mesh, per-chip batch and remat, and
-  lmtiny.plan.memory's estimate within 10% of it (v5p 36.05 / 34.32 GiB, 1.05x; v6e 18.98 /
-  18.85 GiB, 1.01x). (Before lmtiny's TPU options turned XLA's windowed einsum off for
+  lmtiny.plan.memory's estimate within 10% of it (v5p 36.05 / 34.00 GiB, 1.06x; v6e 18.98 /
+  18.80 GiB, 1.01x). (Before lmtiny's TPU options turned XLA's windowed einsum off for
   all-gathers, the v6e's step grew 2.3 GiB a layer past the chip.)"""
   from lmtiny.training import benchmark as bench
   topology, chip = TPU_TOPOLOGIES[preset]
