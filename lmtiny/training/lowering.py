@@ -281,9 +281,9 @@ def relayout_bytes(hlo_text: str) -> int:
   once (a while body's once, not per iteration): XLA moving whole arrays from one layout to
   another between the ops that compute them."""
   fused = set(re.findall(r"\bfusion\(.*?\bcalls=%([\w.\-]+)", hlo_text))
-  return sum(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64) * hlo_cost.dtype_bytes(dtype))
-             for name, _, text in hlo_cost.computations(hlo_text) if name not in fused
-             for dtype, dims in _RELAYOUT_OP.findall(text))
+  return int(hlo_cost.nbytes((tuple(int(d) for d in dims.split(",") if d), dtype)
+                             for name, _, text in hlo_cost.computations(hlo_text) if name not in fused
+                             for dtype, dims in _RELAYOUT_OP.findall(text)))
 
 
 _BF16_SUM = re.compile(r"stablehlo\.reduce\(.*applies stablehlo\.add.*: \(tensor<((?:\d+x){3,})bf16>, tensor<bf16>\)")
