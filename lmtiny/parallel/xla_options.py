@@ -16,8 +16,8 @@ instead of XLA's default 3, which costs no speed: `python -m lmtiny.bench --step
 GPU and TPU: the collective-overlap options MaxText sets for FSDP and data-parallel training
 (its GPU recipes' XLA_FLAGS and its TPU LIBTPU_INIT_ARGS), so the weight all-gathers and gradient
 reduce-scatters / all-reduces run while compute goes on instead of between layers. On one device
-they change nothing. Each is passed as a compiler option of the step's jit, for the platform the
-step compiles for only, and any option the user names in XLA_FLAGS (CPU, GPU) or LIBTPU_INIT_ARGS /
+they change nothing. Each is passed as a compiler option of the step's jit, for the platform (and, on TPU,
+the chip generation) the step compiles for only, and any option the user names in XLA_FLAGS (CPU, GPU) or LIBTPU_INIT_ARGS /
 XLA_FLAGS (TPU) is left out, so the user's own setting always wins. Their names are checked
 against this jaxlib (GPU names compile on CPU too) and libtpu by tests/parallel/test_xla_options.py.
 
@@ -53,11 +53,9 @@ _GPU = {
 }
 
 _TPU = {
-    # Fuses collectives into asynchronous fusions that overlap with compute on the TensorCore.
+    # Fuses collectives into asynchronous fusions that overlap with compute on the TensorCore,
     "xla_tpu_enable_async_collective_fusion": True,
-    # ... all-gathers included (FSDP's weight gathers),
-    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": True,
-    # ... and spread over several steps of the schedule, to hide longer transfers.
+    # ... spread over several steps of the schedule, to hide longer transfers.
     "xla_tpu_enable_async_collective_fusion_multiple_steps": True,
     # Overlaps those collectives with the TensorCore's compute.
     "xla_tpu_overlap_compute_collective_tc": True,
@@ -71,10 +69,16 @@ _TPU = {
     # collective permutes, chunk by chunk): the asynchronous gathers above already overlap, and it
     # kept ~0.35 GiB a layer more live at d24_2026's shape, which lmtiny.plan.memory cannot predict
     # (XLA:TPU's peak for cuts on v6e:2x4, fsdp=8, 8 sequences: 2 / 4 layers 2.25 / 4.88 GiB with
-    # it, 2.02 / 3.95 without). Without it the whole step (the d24-v6e8 preset) reads 18.80 GiB.
+    # it, 2.02 / 3.95 without). Without it the whole step (the d24-v6e8 preset) reads 17.04 GiB.
     # Its reduce-scatter twin (the gradients) stays as XLA sets it.
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
 }
+
+# Per TPU generation, by a substring of jax's device_kind. Only a v5e ("TPU v5 lite") fuses
+# FSDP's weight all-gathers into those fusions too: jax 0.12's libtpu refuses the option on
+# v4, v5p and v6e ("not supported/recommended on platforms other than TPU v5e ... incorrect
+# results, hang, SDC"), and jax 0.10's took it silently.
+_TPU_BY_KIND = {"v5 lite": {"xla_tpu_enable_async_collective_fusion_fuse_all_gather": True}}
 
 _PLATFORMS = {"cpu": _CPU, "gpu": _GPU, "cuda": _GPU, "rocm": _GPU, "tpu": _TPU}
 # Where a user sets XLA options per platform; ours yield to any option named there.
@@ -89,17 +93,29 @@ def user_flag_names(platform: str, environ: Mapping[str, str] | None = None) -> 
   return set(re.findall(r"--([A-Za-z0-9_]+)", text))
 
 
-def compiler_options(platform: str | None = None, environ: Mapping[str, str] | None = None) -> dict:
-  """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: jax's backend),
-  less any the user set in the environment (`environ`, default os.environ)."""
+def compiler_options(platform: str | None = None, environ: Mapping[str, str] | None = None,
+                     device_kind: str = "") -> dict:
+  """Options for `jax.jit(..., compiler_options=...)` on `platform` (default: jax's backend) and
+  its chip (`device_kind`, jax's name for it: a TPU generation's own options), less any the user
+  set in the environment (`environ`, default os.environ)."""
   platform = platform or jax.default_backend()
+  options = dict(_PLATFORMS.get(platform, {}))
+  if platform == "tpu":
+    for kind, extra in _TPU_BY_KIND.items():
+      if kind in device_kind.lower():
+        options.update(extra)
   user = user_flag_names(platform, environ)
-  return {name: value for name, value in _PLATFORMS.get(platform, {}).items() if name not in user}
+  return {name: value for name, value in options.items() if name not in user}
+
+
+def device_options(device, environ: Mapping[str, str] | None = None) -> dict:
+  """compiler_options() for the platform and chip of `device` (a jax Device)."""
+  return compiler_options(device.platform, environ, device.device_kind)
 
 
 def jit(fun: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()` for jax's default backend,
-  read at the first call (so that a module-level program starts no backend at import)."""
+  """`jax.jit(fun, **jit_kwargs)` compiled with the options of jax's first device (its backend
+  and chip), read at the first call (so that a module-level program starts no backend at import)."""
   return _DefaultBackendJit(fun, jit_kwargs)
 
 
@@ -111,7 +127,7 @@ class _DefaultBackendJit:
 
   @functools.cached_property
   def _jitted(self):
-    return jax.jit(self._fun, compiler_options=compiler_options(), **self._jit_kwargs)
+    return jax.jit(self._fun, compiler_options=device_options(jax.devices()[0]), **self._jit_kwargs)
 
   def __call__(self, *args, **kwargs):
     return self._jitted(*args, **kwargs)

@@ -211,7 +211,7 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
 
   replicated = sharding.replicated(mesh)
   # The mesh's platform, not jax's default backend: lmtiny.training.lowering compiles for TPU devices from a CPU host.
-  jit = functools.partial(jax.jit, compiler_options=xla_options.compiler_options(mesh.devices.flat[0].platform))
+  jit = functools.partial(jax.jit, compiler_options=xla_options.device_options(mesh.devices.flat[0]))
   steps = Steps(
       mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
       state_shardings=state_shardings,

@@ -24,6 +24,12 @@ def test_options_per_platform():
   assert not any(name.startswith("xla_gpu_") for name in tpu)
   assert xla_options.compiler_options("cuda", env) == gpu
   assert xla_options.compiler_options("metal", env) == {}
+  # FSDP's all-gathers join the collective fusions on a v5e only (jax 0.12's libtpu refuses it elsewhere)
+  fuse = "xla_tpu_enable_async_collective_fusion_fuse_all_gather"
+  assert xla_options.compiler_options("tpu", env, "TPU v5 lite") == dict(tpu, **{fuse: True})
+  for kind in ("TPU v6 lite", "TPU v5", "TPU v4", ""):
+    assert xla_options.compiler_options("tpu", env, kind) == tpu and fuse not in tpu
+  assert xla_options.compiler_options("gpu", env, "TPU v5 lite") == gpu
 
 
 def test_the_users_flags_win():
@@ -54,12 +60,19 @@ def test_cpu_and_gpu_option_names_exist_in_this_jaxlib():
 
 
 @needs_libtpu
-def test_tpu_option_names_exist_in_libtpu():
+@pytest.mark.parametrize("topology, kind", [("v5e:2x2", "TPU v5 lite"), ("v6e:2x2", "TPU v6 lite"),
+                                            ("v5p:2x2x1", "TPU v5"), ("v4:2x2x1", "TPU v4")])
+def test_each_tpu_generation_compiles_a_sharded_program_with_its_options(topology, kind):
+  # libtpu refuses an option it does not know, and (jax 0.12's) one it deems unsafe on that chip
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from lmtiny.training.lowering import tpu_devices
-  mesh = Mesh(np.array(tpu_devices("v5e:2x2")), ("x",))
-  x = jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("x")))
-  jax.jit(lambda a: (a @ a.T).sum(), compiler_options=xla_options.compiler_options("tpu", {})).lower(x).compile()
+  devices = tpu_devices(topology)
+  assert devices[0].device_kind == kind
+  mesh = Mesh(np.array(devices), ("x",))
+  x = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("x")))
+  options = xla_options.device_options(devices[0], {})
+  assert len(options) == len(xla_options.compiler_options("tpu", {})) + (kind == "TPU v5 lite")
+  jax.jit(lambda a: (a @ a.T).sum(), compiler_options=options).lower(x).compile()
 
 
 def test_cpu_train_step_runs_its_matmuls_outside_ynnpack_and_keeps_its_reductions_there():

@@ -285,6 +285,19 @@ def test_topology_compile_runs_splash_kernels_under_a_sharded_mesh():
   assert params / 2 < memory["argument"] < 2 * params, (memory, params)
 
 
+@pytest.mark.slow(seconds=15)
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v6e:2x2", "v5p:2x2x1"])
+def test_an_fsdp_step_compiles_for_the_other_tpu_generations(topology):
+  # jax 0.12's libtpu refuses the step on these chips if it asks to fuse FSDP's all-gathers
+  # (a v5e-only option: lmtiny.parallel.xla_options)
+  cfg = _cfg()
+  cfg.mesh.update(data=1, fsdp=4, tensor=1)
+  compiled, _, compiled_cfg, mesh = lowering.compile_for_topology(cfg, topology)
+  assert dict(mesh.shape)["fsdp"] == 4 and compiled_cfg.model.attention == "splash"
+  assert "all-gather" in compiled.as_text()
+
+
 @pytest.mark.slow(seconds=40)
 @needs_libtpu
 def test_xla_tpu_memory_figure_is_the_peak_its_out_of_memory_check_holds_to():
