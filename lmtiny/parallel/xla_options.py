@@ -16,9 +16,10 @@ instead of XLA's default 3, which costs no speed: `python -m lmtiny.bench --step
 GPU and TPU: the collective-overlap options MaxText sets for FSDP and data-parallel training
 (its GPU recipes' XLA_FLAGS and its TPU LIBTPU_INIT_ARGS), so the weight all-gathers and gradient
 reduce-scatters / all-reduces run while compute goes on instead of between layers. On one device
-they change nothing. Each is passed as a compiler option of the step's jit, for the platform (and, on TPU,
-the chip generation) the step compiles for only, and any option the user names in XLA_FLAGS (CPU, GPU) or LIBTPU_INIT_ARGS /
-XLA_FLAGS (TPU) is left out, so the user's own setting always wins. Their names are checked
+they change nothing. Each is passed as a compiler option of the step's jit, for the platform (and,
+on TPU, the chip generation) the step compiles for only, and any option the user names in
+XLA_FLAGS (CPU, GPU) or LIBTPU_INIT_ARGS / XLA_FLAGS (TPU) is left out, so the user's own setting
+always wins. Their names are checked
 against this jaxlib (GPU names compile on CPU too) and libtpu by tests/parallel/test_xla_options.py.
 
 JAX accepts compiler options only on an outermost jit: trace a step's Python function
@@ -37,6 +38,8 @@ import re
 from typing import Callable, Mapping
 
 import jax
+
+from lmtiny.parallel.chips import chip_of_device_kind
 
 _CPU = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE", "xla_backend_optimization_level": 1}
 
@@ -74,11 +77,11 @@ _TPU = {
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
 }
 
-# Per TPU generation, by a substring of jax's device_kind. Only a v5e ("TPU v5 lite") fuses
+# Per TPU generation (lmtiny.parallel.chips' name for jax's device_kind). Only a v5e fuses
 # FSDP's weight all-gathers into those fusions too: jax 0.12's libtpu refuses the option on
 # v4, v5p and v6e ("not supported/recommended on platforms other than TPU v5e ... incorrect
 # results, hang, SDC"), and jax 0.10's took it silently.
-_TPU_BY_KIND = {"v5 lite": {"xla_tpu_enable_async_collective_fusion_fuse_all_gather": True}}
+_TPU_BY_CHIP = {"v5e": {"xla_tpu_enable_async_collective_fusion_fuse_all_gather": True}}
 
 _PLATFORMS = {"cpu": _CPU, "gpu": _GPU, "cuda": _GPU, "rocm": _GPU, "tpu": _TPU}
 # Where a user sets XLA options per platform; ours yield to any option named there.
@@ -101,9 +104,7 @@ def compiler_options(platform: str | None = None, environ: Mapping[str, str] | N
   platform = platform or jax.default_backend()
   options = dict(_PLATFORMS.get(platform, {}))
   if platform == "tpu":
-    for kind, extra in _TPU_BY_KIND.items():
-      if kind in device_kind.lower():
-        options.update(extra)
+    options.update(_TPU_BY_CHIP.get(chip_of_device_kind(device_kind), {}))
   user = user_flag_names(platform, environ)
   return {name: value for name, value in options.items() if name not in user}
 

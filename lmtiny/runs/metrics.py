@@ -18,21 +18,13 @@ import jax
 from etils import epath  # local paths and gs:// alike
 
 from lmtiny.fs.atomic import atomic_write
+from lmtiny.parallel.chips import chip_of_device_kind
 from lmtiny.plan.counts import PEAK_FLOPS
 from lmtiny.runs import tensorboard as tensorboard_lib
 from lmtiny.runs.figures import new_figure, save_figure
 
-# Substrings of jax's device_kind -> lmtiny.arch.PEAK_FLOPS key.
-# The GeForce Ti cards have other peaks: no key (None), not their base card's.
-_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", "h100_pcie"), ("h100", "h100"), ("a100-sxm4-40gb", "a100_40"),
-                 ("a100-pcie-40gb", "a100_40"), ("a100", "a100"), ("rtx 4090", "rtx4090"), ("rtx 3090 ti", None),
-                 ("rtx 3090", "rtx3090"), ("rtx 3080 ti", None), ("rtx 3080", "rtx3080"), ("v6", "v6e"),
-                 ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"), ("cpu", "cpu"))
-
-
 def chip_name(device=None) -> str | None:
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  return next((name for key, name in _DEVICE_KINDS if key in kind), None)
+  return chip_of_device_kind((device or jax.devices()[0]).device_kind)
 
 
 def chip_count() -> int:

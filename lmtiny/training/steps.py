@@ -210,7 +210,8 @@ def build_steps(cfg, mesh, total_steps: int, schedule: optax.Schedule | None = N
             "bpb_loss_sum": jnp.sum(losses_BxT * byte_mask), "bytes": jnp.sum(target_bytes_BxT * byte_mask)}
 
   replicated = sharding.replicated(mesh)
-  # The mesh's platform, not jax's default backend: lmtiny.training.lowering compiles for TPU devices from a CPU host.
+  # The mesh's device (platform and chip), not jax's default backend: lmtiny.training.lowering
+  # compiles for TPU devices from a CPU host.
   jit = functools.partial(jax.jit, compiler_options=xla_options.device_options(mesh.devices.flat[0]))
   steps = Steps(
       mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, abstract_state=abstract_state,
