@@ -38,7 +38,7 @@ presets:
   d24-v5p8   the same in bf16 on a v5p-8 TPU VM (4 chips): mesh.fsdp=4, train.device_batch_size=16
              (XLA:TPU's own figure for the step: under 90% of a chip)
   d24-v6e8   the same in bf16 on a v6e-8 TPU VM (8 chips of 32 GiB): mesh.fsdp=8,
-             train.device_batch_size=8 (XLA:TPU: 18.9 GiB a chip)
+             train.device_batch_size=8 (XLA:TPU: 17.0 GiB a chip)
   d20-h100   configs/d20.py on one H100 (--source, default FineWeb-Edu from the hub)
   d20-v5e8   configs/d20.py on a v5e-8 TPU VM (run this script on the VM): mesh.fsdp=8,
              train.device_batch_size=8 (lmtiny.arch's plan for 16 GB chips; XLA:TPU: 11.71 GiB per chip)

@@ -368,7 +368,7 @@ def test_splash_layers_leave_xla_tpu_little_to_relayout():
   around the norm's reduction and the backward's head-major gradients back into rows: 70.6 KB of
   copies a token and layer at this shape (2 layers of d12_2026, 4 x 2048 tokens, a v5e; the same on
   a v6e), 19.5 KB with both in the kernel's layout (lmtiny.model.transformer.dense and
-  Attention.project_qkv). (jax 0.12's libtpu refuses lmtiny's TPU options for a v6e.)"""
+  Attention.project_qkv)."""
   cfg = load_config_module("d12_2026").get_config()
   cfg.model.update(num_layers=2, vocab_size=4096)  # the vocabulary's own copies left small
   cfg.train.update(batch_tokens=4 * cfg.train.seq_len, device_batch_size=4)
