@@ -159,7 +159,7 @@ case $PRESET in
       d24-v5p8) PLAN_CHIP=v5p; PLAN_CHIPS=4
         BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=4 --config.train.device_batch_size=16) ;;
       # 32 GiB chips: XLA:TPU's figure for the step is 17.0 GiB a chip with the config's remat
-      # (dots_no_batch; lmtiny.plan.memory's estimate: 19.0 GiB, 1.11x), as nanochat-jax trained
+      # (dots_no_batch; lmtiny.plan.memory's estimate: 16.9 GiB, 0.99x), as nanochat-jax trained
       # d24 on a v6e-8.
       d24-v6e8) PLAN_CHIP=v6e; PLAN_CHIPS=8
         BASE_ARGS=(--config.mesh.data=1 --config.mesh.fsdp=8 --config.train.device_batch_size=8) ;;

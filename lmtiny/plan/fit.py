@@ -5,9 +5,9 @@ dividing the global batch's sequences) x every remat policy (model.remat) x ever
 size (train.device_batch_size, dividing the sequences each data-parallel device gets, so the
 accumulation count keeps train.batch_tokens what the config says). A plan fits when
 lmtiny.plan.memory's estimate of its step stays under `usable` of the chip's memory (default
-memory.PLAN_HEADROOM: 80% of a TPU chip, where the estimate reads 0.93x-1.13x XLA:TPU's own
-figure; 60% of a GPU, where it last read 0.73x-0.86x XLA:GPU's). For each
-mesh and policy the largest device batch that fits is the plan; plans rank by tokens/s.
+memory.PLAN_HEADROOM: 80% of a TPU chip, where the estimate reads 0.93x-1.05x XLA:TPU's own
+figure; 55% of a GPU, where it reads 0.66x-0.81x the last XLA:GPU figures). For each mesh and
+policy the largest device batch that fits is the plan; plans rank by tokens/s.
 
 The speed rule, simple on purpose:
     step seconds = batch_tokens x (training FLOPs per token + the remat policy's recompute)

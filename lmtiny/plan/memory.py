@@ -1,6 +1,6 @@
 """Per-device memory estimate of one training step, by part (no JAX: lmtiny.arch prints it).
 
-    total = params + optimizer state + gradients + activations + loss chunk + fsdp gathers
+    total = params + optimizer state + gradients + activations + working + fsdp gathers
 
 - params: float32 master weights; FSDP splits every parameter's `embed` dimension, `tensor`
   splits heads, MLP units and vocab (lmtiny.parallel.sharding.RULES; the embedding table's rows stay whole).
@@ -9,31 +9,34 @@
 - gradients: the float32 gradient accumulator, one micro-step's compute-dtype gradient and the
   step's compute-dtype copy of the weights (cast once per step), sharded like the parameters;
   the optimizer's update is fused into the new params and moments in place.
-- activations: what the backward keeps per token and layer under the remat policy (model.remat),
-  for one micro-batch of device_batch_size sequences, plus one layer's full working set (the
-  layer being recomputed / differentiated; none under remat "none", which recomputes nothing), plus
-  each value-embedding layer's looked-up rows (an input of its remat region, so always kept). The
-  xla attention path adds its [T, T] scores; a fused kernel (cuDNN, splash: what `auto` picks on a
-  GPU or TPU) keeps none.
-- loss chunk: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor logits in
-  float32 and their gradient in the compute dtype, except on TPU, where XLA forms that gradient
-  inside the dx and dw GEMMs' operand fusions, never whole; none with model.loss_kernel=pallas
-  (its logits stay in the kernels' VMEM).
+- activations: what the backward keeps per token and layer under the remat policy (model.remat:
+  the residuals jax saves, tests/plan/test_memory.py), for one micro-batch of device_batch_size
+  sequences, plus each value-embedding layer's looked-up rows (an input of its remat region, so
+  always kept) and the embedding output and final norm.
+- working: the larger of what the loss and the layer being differentiated hold beside those
+  (the loss runs between the forward and the backward: never both at once).
+  - loss: lmtiny.kernels.cross_entropy keeps one chunk of model.loss_chunk_tokens x V / tensor
+    logits in float32 and their gradient in the compute dtype, except on TPU, where XLA forms
+    that gradient inside the dx and dw GEMMs' operand fusions, never whole; none with
+    model.loss_kernel=pallas (its logits stay in the kernels' VMEM).
+  - the layer: its whole working set less what the policy keeps of it (none under remat "none",
+    which recomputes nothing); the xla attention path adds its [T, T] scores, packed cuDNN its
+    per-run workspace; a fused kernel (cuDNN, splash: what `auto` picks on a GPU or TPU) keeps
+    no scores.
 - fsdp gathers: under FSDP each device still holds a whole vocab matrix while it uses it: a
   compute-dtype copy and a float32 gradient before it is reduce-scattered, for one of the
   embedding and lm_head at a time (their uses do not overlap: XLA:TPU's peak holds one of each);
   and the compute-dtype copies of the value-embedding tables, all of them for the whole step when
   it accumulates (XLA hoists their gathers out of the micro-step loop). With
   train.grad_reduce=step (one reduction per step) the gradients are whole float32 sums instead.
-Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves; unrolled
-layers on XLA:CPU keep more (its scheduler is not memory-aware), so compare with scan_layers. Of
-unrolled layers under remat "none" XLA:TPU keeps less than their working set, and `platform`
-"tpu" counts what it keeps (_kept_by_xla_tpu_unrolled).
+Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves, and on TPU
+one more attention-sized stack (splash's own output); unrolled layers on XLA:CPU keep more (its
+scheduler is not memory-aware), so compare with scan_layers. Of unrolled layers under remat
+"none" XLA:TPU keeps less than their working set, and `platform` "tpu" counts what it keeps
+(_kept_by_xla_tpu_unrolled).
 `lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one, and
 `--topology v5e:2x4` XLA:TPU's for TPU chips (its peak); tests keep the estimate within 10% of
-XLA:TPU's under FSDP on v5e, within 15% above it at the d24 presets (v6e 1.11x, v5p 1.13x since
-each layer forms its weight gradients in place: lmtiny.model.transformer.matmul), and within 25%
-of XLA:CPU's.
+XLA:TPU's (v5e under FSDP, the d24 presets on v5p and v6e) and within 25% of XLA:CPU's.
 """
 from __future__ import annotations
 
@@ -81,7 +84,9 @@ def _saved_per_token(policy: str, w: dict, c: int) -> float:
   Under "none" that is the layer's whole working set, as lax.scan's body keeps it. XLA:TPU keeps
   less of unrolled layers (_kept_by_xla_tpu_unrolled); what XLA:GPU keeps of them is unmeasured,
   so GPU plans count the whole set."""
-  matmul_outputs = c * (w["q"] + 2 * w["kv"] + 2 * w["d"] + (2 if w["gated"] else 1) * w["f"])
+  # The MLP's down projection feeds only the residual sum (the next layer's input, kept anyway):
+  # no backward step reads it, so no policy keeps it.
+  matmul_outputs = c * (w["q"] + 2 * w["kv"] + w["d"] + (2 if w["gated"] else 1) * w["f"])
   attn_out = c * w["q"]  # the attention output (the fused kernel's logsumexp is negligible)
   table = {  # what each policy of lmtiny.model.transformer.REMAT_POLICIES saves
       "none": _layer_working_set(w, c),
@@ -139,11 +144,18 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
     kept = _kept_by_xla_tpu_unrolled(tp_w, c)
   else:
     kept = _saved_per_token(m.remat, tp_w, c)
+  splash = (attention or m.attention) in ("auto", "splash")
+  if platform == "tpu" and m.scan_layers and splash and m.remat not in ("none", "full"):
+    # Under lax.scan XLA:TPU stacks splash's head-major output beside the attention output the
+    # policy names (d12 on a v5e-4: five [L, B, T, H, Dh] stacks where jax saves four).
+    kept += c * tp_w["q"]
   per_layer = tokens * (c * w["d"] + kept)
   ve_layers = len(config_lib.value_embed_layers(m))
-  # The layer being recomputed and differentiated (remat "none" recomputes nothing: its
-  # gradients replace the saved tensors they consume).
-  activations = 0.0 if m.remat == "none" else tokens * _layer_working_set(tp_w, c)
+  # The layer being recomputed and differentiated holds its whole working set, of which what the
+  # policy keeps is counted in per_layer already (remat "none" recomputes nothing: its gradients
+  # replace the saved tensors they consume).
+  layer = 0.0 if m.remat == "none" else tokens * max(0.0, _layer_working_set(tp_w, c) - c * w["d"] - kept)
+  activations = 0.0
   if m.remat != "none":  # under "none" the working set kept per layer holds them already
     activations += ve_layers * tokens * c * tp_w["kv"]
   if (attention or m.attention) == "xla":
@@ -151,13 +163,13 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
     # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).
     blocks = config_lib.attention_query_blocks(t.seq_len)
     square = rows * heads_local * t.seq_len * t.seq_len * (blocks + 1) / (2 * blocks)
-    activations += square * 16
+    layer += square * 16
     if m.remat == "dots":
       per_layer += square * 4
     if m.remat == "none":
       per_layer += square * (4 + c)  # float32 scores, probabilities
   if (attention or m.attention) == "cudnn":
-    activations += packed_cudnn_workspace(cfg, rows, heads_local)
+    layer += packed_cudnn_workspace(cfg, rows, heads_local)
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size
   dlogits = 0 if platform == "tpu" else c
@@ -180,7 +192,9 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
       "optimizer": moments,
       "gradients": (4.0 + 2 * c) * param_elems,
       "activations": float(activations),
-      "loss_chunk": float(loss_chunk),
+      # The loss runs after the forward and before the backward reaches a layer: its logits chunk
+      # and the layer being differentiated are never held at once (XLA:TPU's peak holds the loss's).
+      "working": float(max(loss_chunk, layer)),
       # A whole vocab matrix in the compute dtype and its float32 gradient, less the shares of
       # them counted above.
       "fsdp_gathers": 0.0 if fsdp == 1 else ((c + 4.0) * embedding + c * ve_tables_held) * (1 - 1 / fsdp),
@@ -200,11 +214,12 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
 
 V5E_BYTES = counts.HBM_BYTES["v5e"]
 # The share of a chip's memory a plan's estimate may use. Against XLA:TPU's peak for every
-# config's v5e plans (benchmarks/tpu_plans.py) the estimate reads 0.93x-1.13x, so 80% of a TPU
-# chip keeps the compiled step under 86% of it (they compile at 30-74% of a v5e chip). Against
-# XLA:GPU's figure it read 0.73x-0.86x (one H200, d12_2026 and d24_2026, before the changes that
-# brought the TPU figures in line; docs/performance.md): GPU plans keep 60% until a GPU re-measures.
-PLAN_HEADROOM = {"tpu": 0.8, "gpu": 0.6}
+# config's v5e plans (benchmarks/tpu_plans.py), the d24 presets and d12_2026 on a v5p the estimate
+# reads 0.93x-1.05x, so 80% of a TPU chip keeps the compiled step under 86% of it. Against the
+# last XLA:GPU figures (one H200: d12_2026 28.51 GiB, d24_2026 59.82, docs/performance.md, taken
+# before the changes that cut XLA:TPU's peaks) it reads 0.66x and 0.81x: 55% of a GPU keeps
+# d12_2026 under 85% of it until a GPU re-measures.
+PLAN_HEADROOM = {"tpu": 0.8, "gpu": 0.55}
 
 
 def fsdp_plans(cfg, chip_bytes: float = V5E_BYTES, headroom: float = PLAN_HEADROOM["tpu"],

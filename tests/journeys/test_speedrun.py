@@ -207,10 +207,9 @@ def test_d20_v5e8_preset_fits_a_v5e_8_in_xla_tpu():
 def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   """XLA:TPU's own memory figure for d24's whole train step (24 unscanned layers: 190 s to compile
   here for the v5p, 360 s for the v6e) at the preset's mesh, per-chip batch and remat, and
-  lmtiny.plan.memory's estimate close to it (v5p 36.05 / 31.88 GiB, 1.13x; v6e 18.98 / 17.04 GiB,
-  1.11x). The estimate errs high here: each layer's weight-gradient GEMMs now run in place
-  (lmtiny.model.transformer.matmul), and XLA:TPU keeps less than the plan counts at these
-  shapes; it is not refitted yet, so the bound is 15% on the high side, 10% on the low one.
+  lmtiny.plan.memory's estimate within 10% of it (v5p 32.37 / 31.88 GiB, 1.02x; v6e 16.89 / 17.04
+  GiB, 0.99x; 1.13x and 1.11x while it counted the MLP's down-projection output, a layer's whole
+  working set beside what it keeps, and the loss's logits beside both).
   (Before lmtiny's TPU options turned XLA's windowed einsum off for all-gathers, the v6e's
   step grew 2.3 GiB a layer past the chip.)"""
   from lmtiny.training import benchmark as bench
@@ -218,4 +217,4 @@ def test_d24_tpu_presets_fit_their_chips_in_xla_tpu(preset):
   cfg = _config_with("d24_2026", OVERRIDES[preset])
   report = bench.compile_report(copy.deepcopy(cfg), topology)
   assert report["xla_memory"]["peak"] < 0.9 * counts.HBM_BYTES[chip], report["xla_memory"]
-  assert 0.9 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.15, report
+  assert 0.9 <= report["estimate"]["total"] / report["xla_memory"]["peak"] <= 1.1, report

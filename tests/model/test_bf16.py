@@ -3,8 +3,6 @@ nanochat 2026 (residual scalars, backout, smear, the value-embedding gate, the q
 their gradients summed in float32 and their constants exact, and fp8 blocks keep no more for the
 backward pass than bf16 ones. Float32 tests cannot see these: the reference here is float64 NumPy
 over the very bf16 activations the model saw, the lowered program, and the saved residuals."""
-import contextlib
-import io
 import re
 
 import jax
@@ -14,6 +12,7 @@ import pytest
 from flax import nnx
 
 from lm_fixtures import dot_operand_sources, load_config_module
+from saved_residuals import residual_bytes, saved_residuals, token_loss
 from lmtiny import config as config_lib
 from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, mix_layer_input
 from lmtiny.parallel import sharding
@@ -148,34 +147,6 @@ def _traced_afresh(fn):
   return jax.jit(lambda *args: fn(*args))
 
 
-_BYTES = {"bf16": 2, "f32": 4, "f16": 2, "i32": 4, "s32": 4, "f8_e4m3fn": 1, "f8_e5m2": 1, "bool": 1}
-
-
-def _saved_residuals(loss, params, mesh_cfg=None) -> list[tuple[str, tuple[int, ...], str]]:
-  """(dtype, shape, what) of each residual jax saves for `loss`'s backward pass, the arguments
-  (parameters) excluded, traced on the mesh `mesh_cfg` lays over the 8 devices (or none)."""
-  out = io.StringIO()
-  with (jax.set_mesh(sharding.make_mesh(mesh_cfg)) if mesh_cfg else contextlib.nullcontext(),
-        contextlib.redirect_stdout(out)):
-    jax.ad_checkpoint.print_saved_residuals(loss, params)
-  saved = []
-  for line in out.getvalue().splitlines():
-    if "from the argument" not in line:
-      dtype, dims = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
-      saved.append((dtype, tuple(int(d) for d in dims.split(",") if d), line))
-  return saved
-
-
-def _token_loss(model):
-  graph, params, rest = nnx.split(model, nnx.Param, ...)
-  tokens = jnp.zeros((8, model.cfg.max_seq_len), jnp.int32)
-
-  def loss(params):
-    ce, _ = nnx.merge(graph, params, rest).token_losses(tokens, tokens)
-    return ce.mean()
-  return loss, params
-
-
 def _saved_activation_bytes(matmul_dtype: str, remat: str, mesh_cfg=None) -> int:
   """Bytes of what the backward pass keeps (jax's saved residuals, the parameters excluded) for a
   2-layer bf16 model whose block GEMMs are all fp8-eligible (traced on the mesh `mesh_cfg` lays
@@ -183,8 +154,7 @@ def _saved_activation_bytes(matmul_dtype: str, remat: str, mesh_cfg=None) -> int
   m = config_lib.base_config().model
   m.update(vocab_size=256, d_model=128, num_heads=2, head_dim=64, num_layers=2, max_seq_len=128, dtype="bfloat16",
            remat=remat, matmul_dtype=matmul_dtype, attention="xla")
-  saved = _saved_residuals(*_token_loss(Transformer(m, nnx.Rngs(0))), mesh_cfg)
-  return sum(_BYTES[dtype] * int(np.prod(shape)) for dtype, shape, _ in saved)
+  return residual_bytes(saved_residuals(*token_loss(Transformer(m, nnx.Rngs(0))), mesh_cfg))
 
 
 def test_residual_scalars_keep_no_activation_for_the_backward_under_remat_full():
@@ -198,7 +168,7 @@ def test_residual_scalars_keep_no_activation_for_the_backward_under_remat_full()
   activations = {}
   for scalars in (True, False):
     m.residual_scalars = scalars
-    saved = _saved_residuals(*_token_loss(Transformer(m, nnx.Rngs(0))))
+    saved = saved_residuals(*token_loss(Transformer(m, nnx.Rngs(0))))
     activations[scalars] = [what for _, shape, what in saved if shape == (8, 64, 128)]
   assert len(activations[False]) >= m.num_layers - 1  # the remat regions' inputs, at least
   assert len(activations[True]) == len(activations[False]), activations[True]
