@@ -144,8 +144,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
     kept = _kept_by_xla_tpu_unrolled(tp_w, c)
   else:
     kept = _saved_per_token(m.remat, tp_w, c)
-  splash = (attention or m.attention) in ("auto", "splash")
-  if platform == "tpu" and m.scan_layers and splash and m.remat not in ("none", "full"):
+  backend = attention or m.attention
+  if platform == "tpu" and m.scan_layers and backend in ("auto", "splash") and m.remat not in ("none", "full"):
     # Under lax.scan XLA:TPU stacks splash's head-major output beside the attention output the
     # policy names (d12 on a v5e-4: five [L, B, T, H, Dh] stacks where jax saves four).
     kept += c * tp_w["q"]
@@ -155,10 +155,9 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   # policy keeps is counted in per_layer already (remat "none" recomputes nothing: its gradients
   # replace the saved tensors they consume).
   layer = 0.0 if m.remat == "none" else tokens * max(0.0, _layer_working_set(tp_w, c) - c * w["d"] - kept)
-  activations = 0.0
-  if m.remat != "none":  # under "none" the working set kept per layer holds them already
-    activations += ve_layers * tokens * c * tp_w["kv"]
-  if (attention or m.attention) == "xla":
+  # Each value-embedding layer's rows (under "none" the working set kept per layer holds them).
+  activations = 0.0 if m.remat == "none" else ve_layers * tokens * c * tp_w["kv"]
+  if backend == "xla":
     # The layer being differentiated holds float32 scores, probabilities and their gradients,
     # for the causal blocks the xla path computes (lmtiny.model.attention.xla_causal_attention).
     blocks = config_lib.attention_query_blocks(t.seq_len)
@@ -168,7 +167,7 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
       per_layer += square * 4
     if m.remat == "none":
       per_layer += square * (4 + c)  # float32 scores, probabilities
-  if (attention or m.attention) == "cudnn":
+  if backend == "cudnn":
     layer += packed_cudnn_workspace(cfg, rows, heads_local)
   activations += m.num_layers * per_layer + tokens * (4 * 3 + c) * w["d"]  # + embedding output, final norm, grads
   vocab_local = m.vocab_size // tensor if m.vocab_size % tensor == 0 else m.vocab_size

@@ -1,9 +1,16 @@
 """lmtiny.plan.memory's estimate against XLA's own memory analysis of the compiled train step."""
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
-from lm_fixtures import needs_libtpu, tiny_config
-from lmtiny.training import benchmark as bench
+from lm_fixtures import load_config_module, needs_libtpu, tiny_config
+from saved_residuals import residual_bytes, saved_residuals, token_loss
+from lmtiny.model.transformer import Transformer
+from lmtiny.parallel import sharding
 from lmtiny.plan import memory
+from lmtiny.training import benchmark as bench
+from lmtiny.training.steps import build_steps
 
 
 def _config(remat: str, **model):
@@ -26,7 +33,6 @@ def test_estimate_within_10_percent_of_xla_tpu(remat, grad_reduce):
   grad_reduce=step; 1.25x, 1.30x and 1.50x while it counted both vocab matrices whole at once,
   and whole float32 weights under grad_reduce=step).
   (XLA:CPU emulates bf16 with float32 copies and has no fused attention: not the target.)"""
-  from lm_fixtures import load_config_module
   cfg = load_config_module("d12").get_config()
   cfg.model.update(num_layers=2, remat=remat)
   # 2 micro-steps under grad_reduce=step: the running gradient sum beside a micro-step's gradient
@@ -46,7 +52,6 @@ def test_the_unrolled_38m_plan_is_within_10_percent_of_xla_tpu():
   layers, remat none): 5.33 GiB counted, XLA:TPU's peak 5.33. While the estimate counted the whole
   working set of every layer, as lax.scan keeps it, it read 7.52 GiB (1.41x): unrolled, XLA:TPU
   recomputes the elementwise steps in the backward's fusions and keeps less."""
-  from lm_fixtures import load_config_module
   cfg = load_config_module("d4_38m").get_config()
   fsdp, dbs, _, planned = memory.fsdp_plans(cfg)[0]
   assert (fsdp, dbs) == (1, 64) and not cfg.model.scan_layers and cfg.model.remat == "none"
@@ -71,7 +76,6 @@ def test_packed_cudnn_counts_its_per_run_workspace_only_where_rows_are_packed():
   """cuDNN's packed layout zeroes a float32 dQ accumulator and softmax statistics sized as if
   every run bound were a whole row: on an H100, d12_2026 with the document mask (32 rows, 6 heads,
   T // 64 = 32 runs) memset 6,493,176,832 bytes per layer and micro-step."""
-  from lm_fixtures import load_config_module
   cfg = load_config_module("d12_2026").get_config()
   assert not cfg.data.document_mask  # nanochat's rows: one causal sequence, no packed layout
   plain = memory.estimate(cfg, attention="cudnn")["total"]
@@ -130,10 +134,6 @@ def test_fsdp_plans_pick_the_largest_batch_that_fits_each_degree():
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_optimizer_estimate_is_the_optimizer_states_bytes(optimizer):
   """AdamW: two float32 moments per parameter; Muon: one per block matrix, two on the rest."""
-  import jax
-  import numpy as np
-  from lmtiny.parallel import sharding
-  from lmtiny.training.steps import build_steps
   cfg = _config("none")
   cfg.optim.name = optimizer
   steps = build_steps(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]), total_steps=2)
@@ -150,10 +150,6 @@ def test_each_layer_counts_what_jax_saves_for_its_backward(name, remat):
   of the 2026 model; d12 under lax.scan). Within 2%: the estimate leaves out [B, T, 1] norm
   statistics and the value-embedding gate. It counted the MLP's down projection too, which feeds
   only the residual sum: jax keeps no such residual (1.1 GiB of d24-v6e8's 1.11x XLA:TPU's peak)."""
-  from flax import nnx
-  from lm_fixtures import load_config_module
-  from lmtiny.model.transformer import Transformer
-  from saved_residuals import residual_bytes, saved_residuals, token_loss
   jax_bytes, counted = [], []
   for layers in (2, 4):
     cfg = load_config_module(name).get_config()
