@@ -150,23 +150,7 @@ def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):
 
 
 def dot_operand_sources(text: str) -> list[tuple[str, str, str, str]]:
-  """(lhs, rhs, result type, precision) of every dot_general in a StableHLO text, where an operand
-  that is an fp8 tensor dequantized in bf16 (`convert(fp8) * broadcast(scalar)`, the form XLA:GPU's
-  GEMM rewriter folds into cuBLASLt's fp8 GEMM; lmtiny.kernels.fp8) is named by its fp8 type, and
-  any other operand by its own type. Names are looked up within each function."""
-  out = []
-  for body in re.split(r"\n(?=\s*func\.func )", text):
-    def source(name, own):
-      product = re.search(rf"{name} = stablehlo\.multiply (%\w+), (%\w+) : tensor<[\dx]+xbf16>", body)
-      if product:
-        converted = re.search(rf"{product.group(1)} = stablehlo\.convert %\w+ : \(tensor<([\dx]+xf8\w+)>\)", body)
-        scalar = re.search(rf"{product.group(2)} = stablehlo\.broadcast_in_dim %\w+, dims = \[\] : \(tensor<bf16>\)",
-                           body)
-        if converted and scalar:
-          return converted.group(1)
-      return own
-    pattern = (r"= stablehlo\.dot_general (%\w+), (%\w+), .*?precision = \[(\w+), \w+\] : "
-               r"\(tensor<([^>]+)>, tensor<([^>]+)>\) -> tensor<([^>]+)>")
-    for lhs, rhs, precision, lhs_type, rhs_type, result in re.findall(pattern, body):
-      out.append((source(lhs, lhs_type), source(rhs, rhs_type), result, precision))
-  return out
+  """(lhs type, rhs type, result type, precision) of every dot_general in a StableHLO text."""
+  pattern = (r"= stablehlo\.dot_general %\w+, %\w+, .*?precision = \[(\w+), \w+\] : "
+             r"\(tensor<([^>]+)>, tensor<([^>]+)>\) -> tensor<([^>]+)>")
+  return [(lhs, rhs, result, precision) for precision, lhs, rhs, result in re.findall(pattern, text)]

@@ -6,19 +6,19 @@ as a `jax.custom_vjp`:
     scale per tensor, the largest power of two <= 448 / max|t| (max|t| floored at AMAX_FLOOR, so
     an all-zero tensor quantizes to zeros instead of NaN), so the largest magnitude lands in
     [224, 448], by a saturating cast: t * scale clipped to +-448 (a float32 -> e4m3fn convert past
-    the range gives NaN: e4m3fn has no infinity). The dot runs on the operands dequantized in
-    bf16 (each fp8 value times its inverse scale: exact, a power of two) with float32
-    accumulation and a result in x's dtype.
+    the range gives NaN: e4m3fn has no infinity). The dot takes the fp8 operands themselves, with
+    float32 accumulation and a result in x's dtype, then times the two inverse scales (exact:
+    powers of two).
   - backward: the output gradient g is quantized to float8_e5m2 (2 mantissa bits, range +-57344:
     gradients need range more than precision) with its own scale; dx = g @ w^T and dw = x^T @ g
     reuse the fp8 x and w saved by the forward (no second quantization, and the saved
-    activation is 1 byte an element), dequantized the same way. dx comes back in x's dtype, dw in
+    activation is 1 byte an element), scaled the same way. dx comes back in x's dtype, dw in
     w's (from the float32 accumulator).
 Scales are dynamic (computed from the tensor in the same step, no amax history), one per tensor
 on one device, and one per device block of it under a mesh (below). nanochat's (torchao's
 tensorwise) scale is 448 / max|t| itself; a power of two at most that gives up less than one of the
 ~18 binades e4m3 spans, at the bottom of its range, rounds every value to the same relative precision,
-and makes the dequantization exact (below).
+and makes scaling the GEMM's result back exact (below).
 
 Under a mesh: each device scales its own block of every operand. `fp8_matmul_shard` is one
 device's part inside `shard_map` (lmtiny.parallel.sharding.sharded_fp8_matmul decides the blocks):
@@ -43,26 +43,29 @@ mesh, so a sharded run matches one device's fp8 within fp8's rounding, not bit f
 Under rematerialisation the output is what a block keeps, by its checkpoint name FP8_OUT, in x's
 dtype, the bytes the bf16 path keeps.
 
-Where XLA fuses it (XLA:GPU, Hopper or Ada): the GEMM rewriter matches a dot of dequantized fp8
-operands (convert to bf16 times a broadcast scalar) and calls cuBLASLt's fp8 matmul (custom call
-`__cublas$lt$matmul$f8`) on the fp8 operands with those scalars as their scales and the dot's
-result type as its output, transposing the fp8 operands (1 byte an element) into the layout
-cuBLASLt's fp8 kernels take. A dot of the raw fp8 operands with a float32 result times the scales
-(this module's first form) became an fp8 call writing float32 and a separate convert to bf16 of
-every output: on an H100, d12_2026's fp8 step spent 171 ms of 1.78 s in 1,152 such converts.
-XLA:GPU compiled here for an H100 without one (jax's deviceless topology, triton GEMMs off as the
-H100's autotuner chose) shows the difference: 2 layers of d12_2026 hold 84 fp8 calls either way,
-and 18 standalone converts of their outputs before, none now. Power-of-two scales keep the
-dequantization in bf16 exact, so the GEMM's numerics are the fp8 operands' own. cuBLASLt needs
-one e4m3 operand at least: the backward's e5m2 x e4m3 pairs qualify. The precision of the dot
-chooses its accumulation: DEFAULT (the forward here) lets cuBLASLt accumulate fast in its
-lower-precision mode, HIGHEST (the two backward GEMMs) keeps a split float32 accumulator, the
-same choice as nanochat. The quantizations themselves (an abs-max reduction, a multiply, a
-clamp, a convert) are ordinary XLA fusions around the call, local to each device under a mesh.
+Where XLA fuses it (XLA:GPU, Hopper or Ada): a dot of fp8 operands with a bf16 (or float32)
+result times a scalar becomes one fp8 GEMM that takes the scale and writes that dtype, through
+cuBLASLt (custom call `__cublas$lt$matmul$f8`, the fp8 operands transposed into the layout its
+kernels take) or through a Triton GEMM fusion on the fp8 operands, whichever the autotuner picks.
+The operands must reach the dot as fp8: a dot of operands dequantized in bf16 (convert(fp8) times
+the scale, this module's second form) kept its fp8 rounding only where cuBLASLt took it. Where
+Triton did, XLA:GPU's simplify-fp-conversions (excess precision is allowed by default) folded the
+f32 -> fp8 -> bf16 round trip into one convert, and the step ran bf16 GEMMs on unrounded
+operands: compiled for an H100 (jax 0.11.2), d12_2026's fp8 step held no fp8 tensor and peaked at
+23.40 GiB against bf16's 17.31 (an H100 measured 24.16 and 17.56, and 0.90x bf16's tokens/s).
+Given the fp8 tensors it peaks at 18.00 GiB, its 2-layer cut holds 80 Triton dots on fp8
+operands, and with Triton GEMMs off 12 layers hold 420 cuBLASLt fp8 calls. The first form, a
+float32 result times the scales, had left a separate convert to bf16 of every output (1,152
+converts, 171 ms of d12_2026's 1.78 s step on an H100). The precision of the dot chooses its
+accumulation: DEFAULT (the forward here) lets cuBLASLt accumulate fast in its lower-precision
+mode, HIGHEST (the two backward GEMMs) keeps a split float32 accumulator, the same choice as
+nanochat. cuBLASLt needs one e4m3 operand at least: the backward's e5m2 x e4m3 pairs qualify.
+The quantizations themselves (an abs-max reduction, a multiply, a clamp, a convert) are ordinary
+XLA fusions around the GEMM, local to each device under a mesh.
 
-On CPU: XLA:CPU runs the dot of the dequantized bf16 operands in float32. Every operand is an
-fp8 value times a power of two and every product is exact in float32, so the numerics are those
-of the fp8 GEMM up to the float32 summation order, and they can be checked there.
+On CPU: XLA:CPU widens the fp8 operands and runs the dot in float32. Every product of two fp8
+values is exact in float32, so the numerics are those of the fp8 GEMM up to the float32 summation
+order, and they can be checked there. XLA:TPU compiles the same step for v5e, v5p and v6e.
 
 `fp8_eligible(k, n)` is nanochat's rule for which linear layers run in fp8: both dimensions
 divisible by 16 (the fp8 GEMM's alignment) and the smaller one at least 128 (below that the
@@ -103,7 +106,7 @@ def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
     # In t's own dtype: a max of magnitudes is exact in any float format, and the reduction then
     # reads t (2 bytes an element in bf16), not a float32 copy of it (4).
     amax = jnp.maximum(jnp.max(jnp.abs(t)).astype(jnp.float32), jnp.float32(AMAX_FLOOR))
-  # The largest power of two <= fp8_max / amax: exact in bf16, so an operand dequantizes exactly.
+  # The largest power of two <= fp8_max / amax: exact in bf16, so the GEMM's result scales back exactly.
   _, exponent = jnp.frexp(jnp.float32(fp8_max) / amax)
   scale = jnp.ldexp(jnp.float32(1.0), exponent - 1)
   t_fp8 = jnp.clip(t.astype(jnp.float32) * scale, -fp8_max, fp8_max).astype(fp8_dtype)
@@ -111,11 +114,12 @@ def quantize(t: Array, fp8_dtype) -> tuple[Array, Array]:
 
 
 def _scaled_dot(a_fp8, a_inv, b_fp8, b_inv, contracting, precision, out_dtype):
-  """dot(a, b) of fp8 operands dequantized in bf16 (exact: power-of-two inverse scales), float32
-  accumulation, a result in out_dtype: the pattern XLA:GPU rewrites to one cuBLASLt fp8 GEMM
-  that writes out_dtype itself."""
-  a, b = (q.astype(jnp.bfloat16) * inv.astype(jnp.bfloat16) for q, inv in ((a_fp8, a_inv), (b_fp8, b_inv)))
-  return jax.lax.dot_general(a, b, (contracting, ((), ())), precision=precision, preferred_element_type=out_dtype)
+  """dot(a, b) of the fp8 operands themselves, float32 accumulation, the result in out_dtype and then
+  times the two inverse scales (exact: a power of two): XLA:GPU makes it one fp8 GEMM that takes the
+  scales and writes out_dtype, through cuBLASLt or Triton (module doc)."""
+  out = jax.lax.dot_general(a_fp8, b_fp8, (contracting, ((), ())), precision=precision,
+                            preferred_element_type=out_dtype)
+  return out * (a_inv * b_inv).astype(out_dtype)
 
 
 def forward_gemm(x_MxK: Array, w_q: tuple[Array, Array], out_dtype) -> tuple[Array, tuple[Array, Array]]:

@@ -169,7 +169,7 @@ def test_fp8_lm_head_is_the_loss_within_fp8_rounding_and_fused_equals_chunked(me
   assert abs(float(want) / float(ref) - 1) < 0.02
   for text in texts:
     dots = [(a.split("x")[-1], b.split("x")[-1]) for a, b, _, _ in dot_operand_sources(text)]
-    assert dots and all(a.startswith("f8") and b.startswith("f8") for a, b in dots), dots  # dequantized fp8
+    assert dots and all(a.startswith("f8") and b.startswith("f8") for a, b in dots), dots
 
 
 def _train(kernel, mesh_cfg, batches):

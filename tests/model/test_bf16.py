@@ -207,7 +207,7 @@ def test_a_table_held_whole_casts_the_rows_it_gathers_not_the_table():
 def _lm_head_dots(fp8_lm_head: bool) -> list[tuple[str, str]]:
   """(lhs, rhs) element types of the dots with a vocab-wide operand or result in the train step of a
   2-layer fp8 model (d 128, vocab 384: the lm_head fp8-eligible, no other width 384) lowered for
-  cuda (the fused loss); an operand dequantized from fp8 is named by its fp8 type."""
+  cuda (the fused loss)."""
   cfg = load_config_module("tiny_2026").get_config()
   cfg.model.update(num_layers=2, d_model=128, num_heads=2, head_dim=64, vocab_size=384, max_seq_len=64,
                    matmul_dtype="fp8", fp8_lm_head=fp8_lm_head)
