@@ -6,7 +6,7 @@ size (train.device_batch_size, dividing the sequences each data-parallel device 
 accumulation count keeps train.batch_tokens what the config says). A plan fits when
 lmtiny.plan.memory's estimate of its step stays under `usable` of the chip's memory (default
 memory.PLAN_HEADROOM: 80% of a TPU chip, where the estimate reads 0.93x-1.05x XLA:TPU's own
-figure; 55% of a GPU, where it reads 0.66x-0.81x the last XLA:GPU figures). For each mesh and
+figure, and 80% of a GPU, where it reads 1.04x-1.09x XLA:GPU's on an H100). For each mesh and
 policy the largest device batch that fits is the plan; plans rank by tokens/s.
 
 The speed rule, simple on purpose:
