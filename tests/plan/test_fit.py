@@ -208,6 +208,17 @@ def test_cli_fit_prints_plans_and_exit_statuses(capsys, monkeypatch):
   assert capsys.readouterr().out.count("best plan:") == 1
 
 
+def test_the_documented_d24_h100_overrides_are_the_plan_fit_prints_for_it(capsys, monkeypatch):
+  """docs/scale-out.md passes d24 on one H100 the plan `--fit h100` prints for it after
+  `launch/speedrun.sh d24-h100 --`; a change to the estimate or the headroom that moves the plan
+  must move the documented command too (it said 8 sequences while the planner said 16)."""
+  monkeypatch.chdir(ROOT)
+  with open("docs/scale-out.md") as f:
+    documented = re.search(r"^launch/speedrun\.sh d24-h100 -- (.*?)\s+# needs: GPU$", f.read(), re.M).group(1)
+  assert arch_cli.main(["arch", "--config", "configs/d24_2026.py", "--fit", "h100"]) == 0
+  assert capsys.readouterr().out.splitlines()[-1] == f"best plan: {documented}"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--memory", "24"], "--memory='24': expected a positive size with a unit"),
     (["--fit", "gtx970"], "--fit='gtx970': unknown chip"),
