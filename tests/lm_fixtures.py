@@ -149,7 +149,7 @@ def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):
                          tokenizer=SimpleNamespace(bos_id=0, vocab_size=vocab))
 
 
-def dot_operand_sources(text: str) -> list[tuple[str, str, str, str]]:
+def dot_types(text: str) -> list[tuple[str, str, str, str]]:
   """(lhs type, rhs type, result type, precision) of every dot_general in a StableHLO text."""
   pattern = (r"= stablehlo\.dot_general %\w+, %\w+, .*?precision = \[(\w+), \w+\] : "
              r"\(tensor<([^>]+)>, tensor<([^>]+)>\) -> tensor<([^>]+)>")

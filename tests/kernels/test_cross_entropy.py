@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_fixtures import dot_operand_sources, full_logits_loss as _reference, memory_data, tiny_config
+from lm_fixtures import dot_types, full_logits_loss as _reference, memory_data, tiny_config
 from lmtiny.data.pipeline import make_train_iterator
 from lmtiny.parallel import sharding
 from lmtiny.training.steps import build_steps, device_batch
@@ -168,7 +168,7 @@ def test_fp8_lm_head_is_the_loss_within_fp8_rounding_and_fused_equals_chunked(me
     assert 0.005 < _rel(g, ref_g) < 0.08, _rel(g, ref_g)  # fp8, and not more than fp8's rounding
   assert abs(float(want) / float(ref) - 1) < 0.02
   for text in texts:
-    dots = [(a.split("x")[-1], b.split("x")[-1]) for a, b, _, _ in dot_operand_sources(text)]
+    dots = [(a.split("x")[-1], b.split("x")[-1]) for a, b, _, _ in dot_types(text)]
     assert dots and all(a.startswith("f8") and b.startswith("f8") for a, b in dots), dots
 
 

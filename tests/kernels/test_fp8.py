@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lm_fixtures import dot_operand_sources
+from lm_fixtures import dot_types
 from lmtiny.kernels import fp8
 
 M, K, N = 48, 256, 160
@@ -193,7 +193,7 @@ def test_lowered_for_cuda_every_gemm_takes_the_fp8_tensors_themselves():
 
   args = (jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), jnp.asarray(cot))
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert sorted(dot_operand_sources(text)) == sorted([
+  assert sorted(dot_types(text)) == sorted([
       (f"{M}x{K}xf8E4M3FN", f"{K}x{N}xf8E4M3FN", f"{M}x{N}xbf16", "DEFAULT"),
       (f"{M}x{N}xf8E5M2", f"{K}x{N}xf8E4M3FN", f"{M}x{K}xbf16", "HIGHEST"),
       (f"{M}x{K}xf8E4M3FN", f"{M}x{N}xf8E5M2", f"{K}x{N}xf32", "HIGHEST")])

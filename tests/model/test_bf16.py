@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_fixtures import dot_operand_sources, load_config_module
+from lm_fixtures import dot_types, load_config_module
 from saved_residuals import residual_bytes, saved_residuals, token_loss
 from lmtiny import config as config_lib
 from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, mix_layer_input
@@ -214,7 +214,7 @@ def _lm_head_dots(fp8_lm_head: bool) -> list[tuple[str, str]]:
   cfg.train.update(seq_len=64, batch_tokens=4 * 64, micro_batch_size=4, device_batch_size=0)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   text, _, _ = lowering.lower_train_step(cfg, "cuda", sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-  return [(lhs.split("x")[-1], rhs.split("x")[-1]) for lhs, rhs, out, _ in dot_operand_sources(text)
+  return [(lhs.split("x")[-1], rhs.split("x")[-1]) for lhs, rhs, out, _ in dot_types(text)
           if "384" in f"{lhs}x{rhs}x{out}".split("x")]
 
 
