@@ -17,15 +17,17 @@ import nanochat_optim_reference as optim_ref  # noqa: E402  (needs torch)
 import nanochat_reference_2026 as model_ref  # noqa: E402
 
 STEPS, ROWS, SEQ, VOCAB = 8, 4, 256, 200
-# Measured over the 8 steps: losses to 1.5e-7 relative; each tensor to 1.3e-4 relative (Frobenius
-# norm of the difference over the reference's), 1.3e-3 for the one-element smear_lambda. Adam's
-# first steps (|g| near eps = 1e-10 makes m / (sqrt(v) + eps) sensitive to g's last bits) and the
-# cautious-decay mask (u * w near 0) turn fp32 rounding into those few element-level differences.
-LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 5e-3
+# Measured over the 8 steps: losses to 1.5e-7 relative; each tensor to 1.6e-4 of the largest norm
+# the reference's tensor has in the run (Frobenius norms). Against its norm at the same step
+# instead, the one-element smear_lambda read 1e-4 to 5.5e-3 by how XLA happened to round: it goes
+# 0.08 -> -0.056 -> -4.6e-5, and at that crossing of zero fp32's 2.5e-7 was 5.5e-3 of its value.
+# nanochat's own fp32 run is 1.07e-3 from its float64 run there by the same measure.
+LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-5, 1e-3
 
 
-def _difference(a, b) -> float:
-  return float(np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b), 1e-30))
+def _difference(a, b, scale=None) -> float:
+  """||a - b|| over ||b||, or over `scale` (a norm b reaches at some point of the run)."""
+  return float(np.linalg.norm(np.asarray(a) - b) / max(np.linalg.norm(b) if scale is None else scale, 1e-30))
 
 
 def _config():
@@ -115,7 +117,9 @@ def test_training_trajectory_equals_nanochats():
   their_losses, their_weights = _theirs(cfg, start, batches)
   np.testing.assert_allclose(our_losses, their_losses, rtol=LOSS_TOLERANCE)
   assert their_losses[-1] < their_losses[0] - 0.1  # it learns: the steps do something
-  worst = max(_difference(ours[k], theirs[k]) for ours, theirs in zip(our_weights, their_weights) for k in theirs)
+  largest = {k: max(np.linalg.norm(theirs[k]) for theirs in their_weights) for k in their_weights[0]}
+  worst = max(_difference(ours[k], theirs[k], largest[k]) for ours, theirs in zip(our_weights, their_weights)
+              for k in theirs)
   assert worst < WEIGHT_TOLERANCE, worst
   moved = sorted(_difference(their_weights[-1][k], start_value.numpy())
                  for k, start_value in model_ref.lmtiny_to_nanochat(start).items())
