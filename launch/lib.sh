@@ -69,12 +69,17 @@ remote_cmd() {
   printf 'cd -- %s && bash launch/remote.sh %s' "$(quote_words "$REMOTE_DIR")" "$(quote_words "$@")"
 }
 
-# The files a copy of this checkout carries: tracked and untracked-but-not-ignored ones that exist.
+# The files a copy of this checkout carries: tracked and untracked-but-not-ignored ones that exist,
+# less any virtual environment made inside it (`python -m venv venv`): that is this machine's
+# Python, thousands of files, and each worker builds its own.
 code_files() {
-  local f
+  local f excludes=()
   git -C "$REPO_ROOT" rev-parse --git-dir >/dev/null 2>&1 \
     || die "$REPO_ROOT is not a git checkout; use --repo URL to clone the code on the workers instead"
   while IFS= read -r -d '' f; do
+    [[ $f == */pyvenv.cfg ]] && excludes+=("--exclude=/${f%/pyvenv.cfg}/")
+  done < <(git -C "$REPO_ROOT" ls-files -z --others --exclude-standard -- ':(glob)**/pyvenv.cfg')
+  while IFS= read -r -d '' f; do
     [[ -e $REPO_ROOT/$f ]] && printf '%s\0' "$f"
-  done < <(git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard)
+  done < <(git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard "${excludes[@]}")
 }

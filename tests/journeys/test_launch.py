@@ -353,6 +353,22 @@ def test_setup_copies_this_checkout_to_all_workers(sandbox, tmp_path):
       "--python-version", "3.11", "--extras", "tpu"]
 
 
+def test_the_code_copy_leaves_out_a_virtual_environment_made_in_the_checkout(tmp_path):
+  """`python -m venv venv` inside a checkout is common; its thousands of files are this machine's
+  Python, not code, and no .gitignore can name every such directory."""
+  repo = tmp_path / "checkout"
+  for name in ("launch/lib.sh", "tracked.py", "notes.txt", "venv/pyvenv.cfg", "venv/lib/site.py",
+               "sub/.env2/pyvenv.cfg", "sub/.env2/bin/python", "sub/keep.py"):
+    (repo / name).parent.mkdir(parents=True, exist_ok=True)
+    (repo / name).write_text("x")
+  shutil.copy(os.path.join(LAUNCH, "lib.sh"), repo / "launch")
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  subprocess.run(["git", "-C", str(repo), "add", "tracked.py"], check=True)
+  out = subprocess.run([BASH, "-c", "source launch/lib.sh && code_files"], cwd=repo, capture_output=True,
+                       text=True, check=True)
+  assert sorted(filter(None, out.stdout.split("\0"))) == ["launch/lib.sh", "notes.txt", "sub/keep.py", "tracked.py"]
+
+
 def test_setup_from_a_repository_clones_checks_out_and_installs(sandbox, tmp_path):
   """Runs the remote command for real against a local repository, with a fake uv."""
   origin = tmp_path / "origin"
