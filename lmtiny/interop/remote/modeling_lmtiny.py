@@ -14,12 +14,12 @@ token before the new ones (`previous_input_ids`) so that smear sees it; value em
 
 `python -m lmtiny.export` writes it (model_type "lmtiny") for the architectures transformers'
 own NanoChat and Llama classes do not express: sliding windows, value embeddings, residual
-scalars, smear, backout, learned or absent norms, QK-norm before RoPE and its scale, SwiGLU with
+scalars, smear, backout, learned or absent norms, QK-norm and its scale (after RoPE, or before it with a learned weight), SwiGLU with
 any of these. LmtinyConfig uses transformers' names where they exist (hidden_size,
 num_hidden_layers, rms_norm_eps, final_logit_softcapping, ...); the rest:
   hidden_act            relu2 | gelu_pytorch_tanh | silu | swiglu (silu(gate_proj x) * fc1 x)
   norm_scale            RMSNorms carry a learned weight (False: parameter-free)
-  qk_norm, qk_scale     RMSNorm over each query and key head, before RoPE; then q, k x qk_scale
+  qk_norm, qk_scale     RMSNorm over each query and key head (after RoPE; before it if weighted), x qk_scale
   embed_norm            an RMSNorm right after the token embedding
   attention_windows     per layer: query i sees keys i - w .. i (0: the whole causal context)
   value_embed_layers    layers whose v gets 3 * sigmoid(ve_gate(h[:, :ve_gate_channels])) x a
@@ -160,11 +160,15 @@ class LmtinyAttention(nn.Module):
       gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_channels]).float())
       ve = self.value_embed(input_ids).view(b, t, self.kv_heads, self.head_dim)
       v = (v.float() + gate[..., None] * ve.float()).to(x.dtype)
+    rotate_first = self.q_norm is None or self.q_norm.weight is None  # a weightless norm commutes with RoPE
+    if rotate_first:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.qk_scale != 1.0:
       q, k = (q.float() * self.qk_scale).to(x.dtype), (k.float() * self.qk_scale).to(x.dtype)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if not rotate_first:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, N, T, Dh]
     if cache is not None:
       k, v = cache.update(k, v, self.layer)
