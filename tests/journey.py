@@ -37,8 +37,13 @@ PACKAGE_NEEDS = {"torch": "torch", "libtpu": "libtpu", "wandb": "wandb"}
 # every CORE and HF6 task: 31 against 24 CPU seconds), and those that continue a run and so reuse
 # the programs an earlier default-flags command compiled, from the session's compilation cache
 # (CPU seconds, fast -> default: the resume to step 160, 19.4 -> 14.5; the SFT chain, whose
-# --report samples 2 x 109 held-out replies, 55.4 -> 46.0).
+# --report samples 2 x 109 held-out replies, 55.4 -> 46.0), and the benchmark's 5 timed steps
+# and lr_find's 10 (one core: 18.9 -> 16.2 and 24.9 -> 21.0; the speedrun smoke and the
+# quantization benchmark went the other way, 42 -> 86 and 31 -> 45, and so does the 4-step SFT
+# alone, 19 -> 22, which runs default flags for the chain that reuses its programs).
 LONG_RUNNING = {"python -m lmtiny.train --config configs/tiny.py",
+                "python -m lmtiny.bench --config configs/tiny.py --steps 5 --json runs/bench-tiny.json",
+                "python -m lmtiny.lr_find --config configs/tiny.py --steps 10 --workdir runs/lr_find",
                 "python -m lmtiny.eval --workdir runs/tiny --tasks bpb,core,hf6 --data-dir tests/fixtures/evals --max-items 8",
                 "python -m lmtiny.train --config configs/tiny.py --config.train.steps=160",
                 "python -m lmtiny.sft --init runs/tiny --workdir runs/tiny/sft --config.sft.steps=4",
