@@ -81,5 +81,5 @@ code_files() {
   done < <(git -C "$REPO_ROOT" ls-files -z --others --exclude-standard -- ':(glob)**/pyvenv.cfg')
   while IFS= read -r -d '' f; do
     [[ -e $REPO_ROOT/$f ]] && printf '%s\0' "$f"
-  done < <(git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard "${excludes[@]}")
+  done < <(git -C "$REPO_ROOT" ls-files -z --cached --others --exclude-standard ${excludes[@]+"${excludes[@]}"})
 }

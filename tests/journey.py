@@ -140,15 +140,12 @@ def with_dry_run(command: str) -> str:
 
 
 def scratch_copy(dest: str) -> str:
-  """The checkout as a fresh clone has it: tracked files and untracked ones git does not ignore,
-  less a virtual environment made inside it (`python -m venv venv`: copying it cost each journey
-  20 s and slowed the other worker's commands with the disk traffic), as launch/lib.sh leaves it."""
-  def git_files(*args):
-    out = subprocess.run(["git", "ls-files", "-z", *args], cwd=ROOT, check=True, capture_output=True, text=True)
-    return list(filter(None, out.stdout.split("\0")))
-  venvs = [f"--exclude=/{os.path.dirname(cfg)}/" for cfg in git_files("-o", "--exclude-standard", "--", ":(glob)**/pyvenv.cfg")]
-  files = git_files("-co", "--exclude-standard", *venvs)
-  for name in files:
+  """The checkout as a fresh clone has it: the files launch/lib.sh's code_files lists (tracked ones
+  and untracked ones git does not ignore, less a virtual environment made inside the checkout,
+  whose copy cost each journey 20 s and slowed the other worker's commands with disk traffic)."""
+  listed = subprocess.run(["bash", "-c", "source launch/lib.sh && code_files"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+  for name in filter(None, listed.split("\0")):
     src = os.path.join(ROOT, name)
     if os.path.isfile(src):
       os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)

@@ -14,12 +14,13 @@ token before the new ones (`previous_input_ids`) so that smear sees it; value em
 
 `python -m lmtiny.export` writes it (model_type "lmtiny") for the architectures transformers'
 own NanoChat and Llama classes do not express: sliding windows, value embeddings, residual
-scalars, smear, backout, learned or absent norms, QK-norm and its scale (after RoPE, or before it with a learned weight), SwiGLU with
-any of these. LmtinyConfig uses transformers' names where they exist (hidden_size,
-num_hidden_layers, rms_norm_eps, final_logit_softcapping, ...); the rest:
+scalars, smear, backout, learned or absent norms, QK-norm and its scale (after RoPE, or before it
+with a learned weight), SwiGLU with any of these. LmtinyConfig uses transformers' names where they
+exist (hidden_size, num_hidden_layers, rms_norm_eps, final_logit_softcapping, ...); the rest:
   hidden_act            relu2 | gelu_pytorch_tanh | silu | swiglu (silu(gate_proj x) * fc1 x)
   norm_scale            RMSNorms carry a learned weight (False: parameter-free)
-  qk_norm, qk_scale     RMSNorm over each query and key head (after RoPE; before it if weighted), x qk_scale
+  qk_norm, qk_scale     RMSNorm over each query and key head, after RoPE (before it if weighted);
+                        then q, k x qk_scale
   embed_norm            an RMSNorm right after the token embedding
   attention_windows     per layer: query i sees keys i - w .. i (0: the whole causal context)
   value_embed_layers    layers whose v gets 3 * sigmoid(ve_gate(h[:, :ve_gate_channels])) x a
