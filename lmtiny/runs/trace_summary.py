@@ -116,11 +116,13 @@ def _first(buf: bytes, number: int) -> str:
   return found[0].decode(errors="replace") if found else ""
 
 
-def hlo_ops(xplane: bytes) -> dict[tuple[str, str], tuple[str, str]]:
+def hlo_ops(xplane: bytes, modules: set[str] | None = None) -> dict[tuple[str, str], tuple[str, str]]:
   """{(module, instruction): (opcode, op_name)} from the HLO the profiler keeps in a `.xplane.pb`
   (ProfileOptions.enable_hlo_proto, on by default): XSpace.planes (1) -> the "/host:metadata"
   plane's event_metadata (4) values (2) -> their stats (5) bytes (6) = HloProto -> hlo_module (1):
-  name (1), computations (3) -> instructions (2): name (1), opcode (2), metadata (7) op_name (2)."""
+  name (1), computations (3) -> instructions (2): name (1), opcode (2), metadata (7) op_name (2).
+  `modules`: read only these (trace_modules: those the trace ran); the profile holds every program
+  the process has loaded, and decoding each instruction in Python is what reading costs."""
   out = {}
   for plane in _fields(xplane, 1):
     if _first(plane, 2) != "/host:metadata":
@@ -130,11 +132,19 @@ def hlo_ops(xplane: bytes) -> dict[tuple[str, str], tuple[str, str]]:
         for hlo in (b for stat in _fields(meta, 5) for b in _fields(stat, 6)):
           for module in _fields(hlo, 1):
             name = _first(module, 1)
+            if modules is not None and name not in modules:
+              continue
             for computation in _fields(module, 3):
               for ins in _fields(computation, 2):
                 metadata = _fields(ins, 7)
                 out[(name, _first(ins, 1))] = (_first(ins, 2), _first(metadata[0], 2) if metadata else "")
   return out
+
+
+def trace_modules(trace: dict) -> set[str]:
+  """The HLO modules whose operations the trace holds (its events' `hlo_module`)."""
+  return {str(e["args"]["hlo_module"]) for e in trace.get("traceEvents", [])
+          if isinstance(e.get("args"), dict) and e["args"].get("hlo_module")}
 
 
 def load_trace(path: str) -> dict:

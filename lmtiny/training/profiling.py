@@ -51,8 +51,9 @@ def summarize_new_trace(logdir: str, before: set[str]) -> dict | None:
   if not new:
     return None
   planes = glob.glob(os.path.join(os.path.dirname(new[-1]), "*.xplane.pb"))
-  hlo = trace_summary.hlo_ops(epath.Path(planes[0]).read_bytes()) if planes else None
-  summary = trace_summary.summarize(trace_summary.load_trace(new[-1]), hlo=hlo)
+  trace = trace_summary.load_trace(new[-1])
+  hlo = trace_summary.hlo_ops(epath.Path(planes[0]).read_bytes(), trace_summary.trace_modules(trace)) if planes else None
+  summary = trace_summary.summarize(trace, hlo=hlo)
   summary.update(trace=new[-1], backend=jax.default_backend())
   return summary
 

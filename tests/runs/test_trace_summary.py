@@ -200,6 +200,10 @@ def test_the_profiles_hlo_settles_what_xla_cpus_library_fusions_hold():
   events = _meta(701, "/host:CPU", {2: "tf_XLAPjRtCpuClient/1"})
   events += [_op(701, 2, name, 10 * i, 10, hlo_op=name, hlo_module="jit_train_step", device_ordinal="0")
              for i, (name, _, _) in enumerate(instructions)]
+  # Only the programs the trace ran are decoded (a profile holds every program the process loaded).
+  assert trace_summary.trace_modules({"traceEvents": events}) == {"jit_train_step"}
+  assert trace_summary.hlo_ops(_xspace("jit_train_step", instructions), {"jit_train_step"}) == hlo
+  assert trace_summary.hlo_ops(_xspace("jit_train_step", instructions), {"jit_eval_step"}) == {}
   def categories(**kw):
     return {t["op"].split(" @ ")[0]: t["category"] for t in summarize({"traceEvents": events}, **kw)["top"]}
 
