@@ -8,6 +8,7 @@ and the value; entry points print it and exit with status 2.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import math
 
@@ -384,13 +385,20 @@ POSITIVE_FLOATS = {
 }
 
 
+@functools.cache
+def _float_fields(name: str) -> tuple[str, ...]:
+  """The fields of base_config() section `name` whose default is a float (built once: a validation
+  runs on every config a test or a sweep makes)."""
+  return tuple(field for field, default in base_config()[name].items() if isinstance(default, float))
+
+
 def check_float_fields(section, name: str) -> None:
   """Every float field of config section `name` is a finite number, > 0 where POSITIVE_FLOATS lists
   it, else >= 0 (none may be negative). NaN fails every comparison, so `x <= 0` checks pass it; a
   NaN or infinite LR, decay or scale would be accepted and make the first step's loss NaN."""
   positive = POSITIVE_FLOATS.get(name, ())
-  for field, default in base_config()[name].items():
-    if not isinstance(default, float) or field not in section:  # older runs' configs lack newer fields
+  for field in _float_fields(name):
+    if field not in section:  # older runs' configs lack newer fields
       continue
     value, bound = section[field], ">" if field in positive else ">="
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -7,6 +7,7 @@ layer, and never a verb. Library code imports lmtiny modules at the top only; a 
 inside a function (start-up time) but the import still counts.
 """
 import ast
+import functools
 import os
 
 import pytest
@@ -56,12 +57,12 @@ def _resolve(name: str) -> str | None:
 
 def _imports(path: str):
   """(line, imported lmtiny module, inside a function) for every import in the file."""
-  tree = ast.parse(open(path).read())
-  in_function = set()
-  for node in ast.walk(tree):
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-      in_function.update(id(n) for n in ast.walk(node) if n is not node)
-  for node in ast.walk(tree):
+  def walk(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      yield child, in_function
+      yield from walk(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+  for node, in_function in walk(ast.parse(open(path).read()), False):
     targets = []
     if isinstance(node, ast.Import):
       targets = [a.name for a in node.names]
@@ -72,7 +73,7 @@ def _imports(path: str):
       if t.startswith("lmtiny."):
         target = _resolve(t)
         if target and target != "lmtiny":
-          yield node.lineno, target, id(node) in in_function
+          yield node.lineno, target, in_function
 
 
 def _package(module: str) -> str:
@@ -89,7 +90,11 @@ def _layer(module: str) -> int:
   raise AssertionError(f"{module}: its package {package} is in no layer of LAYERS (or add it to VERBS)")
 
 
-EDGES = [(m, line, target, inner) for m, path in sorted(MODULES.items()) for line, target, inner in _imports(path)]
+@functools.cache
+def edges() -> list[tuple[str, int, str, bool]]:
+  """(module, line, imported module, inside a function), read when a test needs them, not while
+  pytest collects (every worker collects every module)."""
+  return [(m, line, target, inner) for m, path in sorted(MODULES.items()) for line, target, inner in _imports(path)]
 
 
 def test_every_module_has_a_layer():
@@ -100,7 +105,7 @@ def test_every_module_has_a_layer():
 
 def test_no_upward_or_sideways_import_and_no_verb_imported():
   bad = []
-  for m, line, target, _ in EDGES:
+  for m, line, target, _ in edges():
     if target in VERBS:
       bad.append(f"{MODULES[m]}:{line}: {m} imports the verb {target}")
     elif m not in VERBS and _package(m) != _package(target) and _layer(target) <= _layer(m):
@@ -109,13 +114,13 @@ def test_no_upward_or_sideways_import_and_no_verb_imported():
 
 
 def test_library_imports_lmtiny_at_the_top_only():
-  bad = [f"{MODULES[m]}:{line}: {target}" for m, line, target, inner in EDGES if inner and m not in VERBS]
+  bad = [f"{MODULES[m]}:{line}: {target}" for m, line, target, inner in edges() if inner and m not in VERBS]
   assert not bad, "imports inside functions in library code:\n" + "\n".join(bad)
 
 
 def test_no_import_cycle():
   graph = {m: set() for m in MODULES}
-  for m, _, target, _ in EDGES:
+  for m, _, target, _ in edges():
     if target != m:
       graph[m].add(target)
   state, stack = {}, []
