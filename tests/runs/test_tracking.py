@@ -12,7 +12,7 @@ wandb = pytest.importorskip("wandb")
 
 from wandb.proto import wandb_internal_pb2  # noqa: E402  (after the importorskip)
 
-from lm_fixtures import memory_data, tiny_config  # noqa: E402
+from lm_fixtures import memory_data, one_device, tiny_config  # noqa: E402
 from lmtiny.errors import UserError  # noqa: E402
 from lmtiny.runs import metrics, tracking  # noqa: E402
 from lmtiny.training.trainer import Trainer  # noqa: E402
@@ -88,8 +88,8 @@ def _scalars(rows) -> dict:
 def test_offline_wandb_run_holds_the_metrics_config_and_group_and_a_resume_continues_it(tmp_path):
   cfg = tiny_config(steps=6, eval_every=3, checkpoint_every=3, trackers="tensorboard,wandb", wandb_mode="offline",
                     tracker_group="sweep-lr")
-  Trainer(cfg, str(tmp_path), memory_data(), log=lambda _: None).run(stop_after=3)
-  Trainer(cfg, str(tmp_path), memory_data(), log=lambda _: None).run()  # resumes at 3
+  Trainer(one_device(cfg), str(tmp_path), memory_data(), log=lambda _: None).run(stop_after=3)
+  Trainer(one_device(cfg), str(tmp_path), memory_data(), log=lambda _: None).run()  # resumes at 3
   runs = offline_runs(tmp_path, 2)
   assert runs[0]["id"] == runs[1]["id"] == json.load(open(tmp_path / "tracking.json"))["wandb_id"]
   assert {(r["group"], r["job_type"], r["project"]) for r in runs} == {("sweep-lr", "train", "lmtiny")}

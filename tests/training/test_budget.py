@@ -7,7 +7,7 @@ import math
 import jax
 import pytest
 
-from lm_fixtures import memory_data, tiny_config
+from lm_fixtures import memory_data, one_device, tiny_config
 from lmtiny.config import base_config
 from lmtiny.errors import ConfigError
 from lmtiny.runs.checkpoint import Checkpointer
@@ -139,11 +139,11 @@ def test_budget_run_stops_records_why_and_resumes_with_its_seconds(tmp_path):
   # 1 s steps, a 1000 s compile and 100 s evaluations (every 4 steps) against a 5.5 s budget: the
   # first boundary at or after it is step 6, though compile and evaluations took far longer.
   cfg = tiny_config(steps=20, time_budget=5.5, eval_every=4, checkpoint_every=4)
-  first = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet)
+  first = Trainer(one_device(cfg), str(tmp_path), memory_data(), log=_quiet)
   summary = first.run(stop_after=3, clock=FakeDevice(first))  # killed after 3 steps (3 s spent)
   assert summary["step"] == 3 and summary["ended_by"] == "preempted" and summary["train_seconds"] == 3.0
   assert Checkpointer(str(tmp_path / "checkpoints")).saved_progress(3) == {"train_seconds": 3.0}
-  second = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet)
+  second = Trainer(one_device(cfg), str(tmp_path), memory_data(), log=_quiet)
   summary = second.run(clock=FakeDevice(second))  # a fresh compile; the 3 s already spent restored
   assert summary["step"] == 6 and summary["ended_by"] == TIME_BUDGET and summary["train_seconds"] == 6.0
   records = _records(tmp_path)
@@ -156,14 +156,14 @@ def test_budget_run_stops_records_why_and_resumes_with_its_seconds(tmp_path):
   o = cfg.optim
   assert lr[6] == pytest.approx(budget_lr(o, 5, 5 / 5.5), rel=1e-5)
   assert lr[4] == pytest.approx(budget_lr(o, 3, 3 / 5.5), rel=1e-5) and lr[6] < lr[4]
-  again = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet)
+  again = Trainer(one_device(cfg), str(tmp_path), memory_data(), log=_quiet)
   assert again.run(clock=FakeDevice(again))["step"] == 6  # a finished budget run trains no more
 
 
 @pytest.mark.slow(seconds=4)
 def test_budget_under_the_compile_time_still_trains(tmp_path):
   """The real clock: a 1 ms budget is far less than the compile, which is not counted."""
-  summary = Trainer(tiny_config(steps=20, time_budget=1e-3), str(tmp_path), memory_data(), log=_quiet).run()
+  summary = Trainer(one_device(tiny_config(steps=20, time_budget=1e-3)), str(tmp_path), memory_data(), log=_quiet).run()
   assert summary["step"] == 2 and summary["ended_by"] == TIME_BUDGET
   assert 1e-3 <= summary["train_seconds"] < summary["seconds"]
   assert _records(tmp_path)[-1]["ended_by"] == TIME_BUDGET

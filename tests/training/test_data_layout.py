@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm_fixtures import memory_data, tiny_config
+from lm_fixtures import memory_data, one_device, tiny_config
 from lmtiny.data import pipeline
 from lmtiny.parallel import sharding
 from lmtiny.training.benchmark import synthetic_batch
@@ -65,9 +65,9 @@ class _ConfiguredTrainer(Trainer):
 def test_prefetch_and_cap_resume_exactly(tmp_path):
   cfg = tiny_config(steps=6, checkpoint_every=3, log_every=1)
   cfg.data.update(prefetch=3, max_docs_per_row=2)
-  quiet = lambda _: None
-  full = _ConfiguredTrainer(cfg, str(tmp_path / "full"), memory_data(), log=quiet).run()
-  first = _ConfiguredTrainer(cfg, str(tmp_path / "split"), memory_data(), log=quiet).run(stop_after=2)
-  second = _ConfiguredTrainer(cfg, str(tmp_path / "split"), memory_data(), log=quiet).run()
+  quiet, run = lambda _: None, one_device(cfg)
+  full = _ConfiguredTrainer(run, str(tmp_path / "full"), memory_data(), log=quiet).run()
+  first = _ConfiguredTrainer(run, str(tmp_path / "split"), memory_data(), log=quiet).run(stop_after=2)
+  second = _ConfiguredTrainer(run, str(tmp_path / "split"), memory_data(), log=quiet).run()
   assert first["step"] == 2 and first["preempted"] and len(full["train_loss"]) == 6
   assert first["train_loss"] + second["train_loss"] == full["train_loss"]  # bit for bit

@@ -13,7 +13,7 @@ import jax
 import pytest
 import tensorstore as ts
 
-from lm_fixtures import ROOT, memory_data, tiny_config
+from lm_fixtures import ROOT, memory_data, one_device, tiny_config
 from lmtiny.errors import ConfigError
 from lmtiny.fs import outputs
 from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer,
@@ -26,11 +26,15 @@ def _cfg(**train):
   return tiny_config(**{"steps": 8, "checkpoint_every": 4, "eval_every": 4, **train})
 
 
+def _run(**train):
+  return one_device(_cfg(**train))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run (checkpoints at 4 and 8); tests copy its directory."""
   workdir = str(tmp_path_factory.mktemp("faults") / "ref")
-  summary = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  summary = Trainer(_run(), workdir, memory_data(), log=lambda _: None).run()
   return workdir, summary
 
 
@@ -88,7 +92,7 @@ CORRUPTIONS = {
 def test_corrupt_newest_checkpoint_falls_back(reference, tmp_path, kind):
   workdir = _copy(reference, tmp_path)
   CORRUPTIONS[kind](f"{workdir}/checkpoints/8")
-  trainer = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None)
+  trainer = Trainer(_run(), workdir, memory_data(), log=lambda _: None)
   target = abstract_with_shardings(trainer.steps.abstract_state, trainer.steps.state_shardings)
   ckpt, lines = Checkpointer(f"{workdir}/checkpoints"), []
   with jax.set_mesh(trainer.mesh):
@@ -101,7 +105,7 @@ def test_corrupt_newest_checkpoint_falls_back(reference, tmp_path, kind):
 
 
 def _restore_state(reference, workdir, step):
-  trainer = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None)
+  trainer = Trainer(_run(), workdir, memory_data(), log=lambda _: None)
   target = abstract_with_shardings(trainer.steps.abstract_state, trainer.steps.state_shardings)
   ckpt = Checkpointer(f"{workdir}/checkpoints")
   try:
@@ -187,7 +191,7 @@ def test_resume_after_corrupt_checkpoint_repeats_the_lost_steps_exactly(referenc
   workdir = _copy(reference, tmp_path)
   _truncate(f"{workdir}/checkpoints/8")
   lines = []
-  summary = Trainer(_cfg(), workdir, memory_data(), log=lines.append).run()
+  summary = Trainer(_run(), workdir, memory_data(), log=lines.append).run()
   assert _losses(summary) == _losses(reference[1])[4:]  # steps 5..8 again, bit for bit
   assert any(l.startswith("warning: checkpoint at step 8 is unusable") for l in lines)
   assert sorted(os.listdir(f"{workdir}/checkpoints"))[:2] == ["4", "8"]  # a fresh, good step 8
@@ -200,7 +204,7 @@ def test_no_usable_checkpoint_is_one_error_and_moves_nothing(reference, tmp_path
   for step in (4, 8):
     _truncate(f"{workdir}/checkpoints/{step}")
   with pytest.raises(CheckpointError, match=r"no checkpoint restores cleanly \(step 8: .*; step 4: "):
-    Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+    Trainer(_run(), workdir, memory_data(), log=lambda _: None).run()
   assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["4", "8"]
 
 
@@ -226,13 +230,13 @@ def test_disk_full_during_an_async_save_is_one_error_and_keeps_the_previous_chec
   lines = []
   try:
     with pytest.raises(CheckpointSaveError) as e:
-      Trainer(_cfg(checkpoint_every=2, async_checkpointing=True, keep_checkpoints=1), str(disk / "run"),
+      Trainer(_run(checkpoint_every=2, async_checkpointing=True, keep_checkpoints=1), str(disk / "run"),
               memory_data(), log=lines.append).run()
     assert str(e.value).startswith("checkpoint at step 4 failed to save (disk full: No space left on device) in ")
     assert str(e.value).endswith("; the last good checkpoint is step 2") and "\n" not in str(e.value)
     assert [d for d in os.listdir(disk / "run" / "checkpoints") if d.isdigit()] == ["2"]
     assert not mounted or lines[0].startswith(f"warning: {disk / 'run'} has 2 MB free; 1 kept checkpoint(s) plus")
-    resumed = Trainer(_cfg(), str(disk / "run"), memory_data(), log=lines.append)  # the intact one restores
+    resumed = Trainer(_run(), str(disk / "run"), memory_data(), log=lines.append)  # the intact one restores
     with jax.set_mesh(resumed.mesh):
       ckpt = Checkpointer(str(disk / "run" / "checkpoints"))
       assert ckpt.restore_newest(lambda s: s, lines.append)[0] == 2
@@ -265,7 +269,7 @@ def test_changed_model_shape_is_refused_before_anything_is_written(reference, tm
   cfg = _cfg()
   cfg.model.d_model, cfg.train.log_every = 32, 1
   with pytest.raises(ConfigError, match=r"other shapes \(model.d_model 64 -> 32\); keep those"):
-    Trainer(cfg, workdir, memory_data(), log=lambda _: None).run()
+    Trainer(one_device(cfg), workdir, memory_data(), log=lambda _: None).run()
   assert {f: os.path.getmtime(f) for f in before} == before and not os.path.exists(f"{workdir}/config_history.jsonl")
 
 
@@ -275,7 +279,7 @@ def test_schedule_edits_are_allowed_and_recorded(reference, tmp_path):
   cfg = _cfg(steps=10)
   cfg.model.dtype, cfg.optim.lr = "float32", 5e-3  # lr: the schedule, not the state's shapes
   lines = []
-  summary = Trainer(cfg, workdir, memory_data(), log=lines.append).run()
+  summary = Trainer(one_device(cfg), workdir, memory_data(), log=lines.append).run()
   assert summary["step"] == 10
   (record,) = map(json.loads, open(f"{workdir}/config_history.jsonl"))
   assert record["step"] == 8 and record["changes"] == {"optim.lr": {"old": 0.01, "new": 0.005},
@@ -354,7 +358,7 @@ def test_a_val_point_a_kill_cut_off_is_evaluated_on_resume(reference, tmp_path):
   shutil.rmtree(f"{workdir}/checkpoints/8")
   kept = [r for r in read_metrics(workdir) if r["step"] < 4 or (r["step"] == 4 and r["split"] == "train")]
   atomic_write(f"{workdir}/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
-  summary = Trainer(_cfg(), workdir, memory_data(), log=lambda _: None).run()
+  summary = Trainer(_run(), workdir, memory_data(), log=lambda _: None).run()
   assert summary["val"] == reference[1]["val"][1:]  # steps 4 and 8, the uninterrupted values
   assert [r["step"] for r in read_metrics(workdir) if r["split"] == "val"] == [0, 4, 8]
 

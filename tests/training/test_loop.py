@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_fixtures import VOCAB, memory_data, tiny_config, ROOT
+from lm_fixtures import VOCAB, memory_data, one_device, tiny_config, ROOT
 from lmtiny import config as config_lib
 from lmtiny.training.benchmark import synthetic_batch
 from lmtiny.errors import ConfigError, UserError
@@ -31,7 +31,7 @@ def _quiet(_):
 @pytest.mark.slow(seconds=7)
 def test_learns_and_writes_run_files(tmp_path):
   cfg = tiny_config(steps=24, eval_every=12, plot=True)
-  summary = Trainer(cfg, str(tmp_path), memory_data(), log=_quiet).run()
+  summary = Trainer(one_device(cfg), str(tmp_path), memory_data(), log=_quiet).run()
   losses = _losses(summary)
   assert losses[0] == pytest.approx(np.log(VOCAB), abs=0.3)
   assert np.mean(losses[-4:]) < losses[0] - 1.0
@@ -96,13 +96,13 @@ def test_sigterm_saves_and_stops(tmp_path):
     if line.startswith("step      2/"):
       os.kill(os.getpid(), signal.SIGTERM)
 
-  summary = Trainer(tiny_config(steps=8), str(tmp_path), memory_data(), log=log).run()
+  summary = Trainer(one_device(tiny_config(steps=8)), str(tmp_path), memory_data(), log=log).run()
   assert summary["preempted"] and summary["step"] < 8
   assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == summary["step"]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  trainer = Trainer(tiny_config(steps=8, checkpoint_every=2), str(tmp_path), memory_data(), log=_quiet)
+  trainer = Trainer(one_device(tiny_config(steps=8, checkpoint_every=2)), str(tmp_path), memory_data(), log=_quiet)
   real_step = trainer.steps.train_step
 
   def poisoned(state, batch):  # step 5 reports a NaN loss, as a diverging run would
@@ -208,14 +208,14 @@ def test_full_fine_tuning_takes_over_the_base_weights_instead_of_copying_them(tm
   donated to the state (a d32 fine-tune would otherwise carry 7.5 GB of fp32 base weights
   beside its own), and the trainer keeps no reference to them."""
   cfg = tiny_config(steps=1, checkpoint_every=1)
-  base_run = Trainer(cfg, str(tmp_path / "base"), memory_data(), log=_quiet)
+  base_run = Trainer(one_device(cfg), str(tmp_path / "base"), memory_data(), log=_quiet)
   with jax.set_mesh(base_run.mesh):
     base = base_run.steps.init()["params"]
     want = jax.tree.map(np.array, base)  # copies: a zero-copy view would pin the buffers on CPU
     state = base_run.steps.init(base)
   assert all(x.is_deleted() for x in jax.tree.leaves(base))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]), want)
-  fine_tune = Trainer(cfg, str(tmp_path / "ft"), memory_data(), log=_quiet, init_params=state["params"])
+  fine_tune = Trainer(one_device(cfg), str(tmp_path / "ft"), memory_data(), log=_quiet, init_params=state["params"])
   fine_tune.run()
   assert fine_tune.init_params is None and all(x.is_deleted() for x in jax.tree.leaves(state["params"]))
 

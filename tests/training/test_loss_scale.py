@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_fixtures import memory_data, tiny_config
+from lm_fixtures import memory_data, one_device, tiny_config
 from lmtiny.training import loss_scale
 from lmtiny.training.trainer import Trainer
 
@@ -40,7 +40,7 @@ def test_forced_overflow_skips_and_halves_until_finite(tmp_path):
   cfg = _fp16_config(steps=14, log_every=1, eval_every=14, checkpoint_every=14)
   cfg.optim.update(loss_scale_init=2.0 ** 26)  # per-token backward seed 2^26 / 512 tokens: overflows
   lines = []
-  trainer = Trainer(cfg, str(tmp_path), memory_data(), log=lines.append)
+  trainer = Trainer(one_device(cfg), str(tmp_path), memory_data(), log=lines.append)
   real_step, first = trainer.steps.train_step, {}
 
   def watched(state, batch):  # keep host copies of the state around the first (skipped) step

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from chat_fixtures import make_tokenizer
-from lm_fixtures import ROOT, tiny_config
+from lm_fixtures import ROOT, one_device, tiny_config
 from lmtiny.corpus.sources import open_source
 from lmtiny.data import shard_writer
 from lmtiny.data.dataset import load_data
@@ -39,7 +39,7 @@ def trained_run(tmp_path_factory):
   cfg.data.update(shards=shards)
   workdir = str(root / "run")
   data = load_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.train.seq_len)
-  Trainer(cfg, workdir, data, log=lambda _: None).run()
+  Trainer(one_device(cfg), workdir, data, log=lambda _: None).run()
   return workdir
 
 
