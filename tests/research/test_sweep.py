@@ -3,15 +3,13 @@ child never trained again, an interrupted one resumed, a diverged one recorded; 
 import json
 import os
 
-import jax
 import pytest
 
-from lm_fixtures import ROOT, memory_data, tiny_config
+from lm_fixtures import ROOT, memory_data, one_device, tiny_config
 from lmtiny import sweep as sweep_verb
 from lmtiny.plan import counts
 from lmtiny.research import plan, sweep
 from lmtiny.runs import metrics
-from lmtiny.training.resolved import resolve_run
 
 
 def _load(*_, **__):
@@ -20,11 +18,6 @@ def _load(*_, **__):
 
 def _quiet(_):
   pass
-
-
-def _one_device(cfg):
-  cfg.mesh.data = 1
-  return resolve_run(cfg, devices=jax.devices()[:1])
 
 
 def _budget(cfg, steps):
@@ -49,7 +42,7 @@ def test_finished_children_are_left_alone_an_interrupted_one_resumes_a_diverged_
   two, four = f"{_budget(base, 2):g}", f"{_budget(base, 4):g}"
   children = plan.expand([], [plan.parse_run(f"model.init_std=1e30,train.flops_budget={two}"),
                               plan.parse_run(f"train.flops_budget={two}"), plan.parse_run(f"train.flops_budget={four}")])
-  runs = sweep.child_configs(base, children, _one_device)
+  runs = sweep.child_configs(base, children, one_device)
   assert [r.run.total_steps for r in runs] == [2, 2, 4]  # the horizon comes from the budget
   workdir = str(tmp_path / "sweep")
   diverged, short, long = (c.name for c in children)
