@@ -477,6 +477,47 @@ def _stacked_blocks(m, rngs: nnx.Rngs) -> Block:
   return blocks
 
 
+class _Draws:
+  """Stands in for nnx.Rngs while a Block is built: the i-th key is fold_in(key, start + i), the
+  key nnx.Rngs' params stream hands out at count start + i. Counts its draws."""
+
+  def __init__(self, key, start):
+    self.key, self.start, self.drawn = key, start, 0
+
+  def params(self):
+    key = jax.random.fold_in(self.key, self.start + self.drawn)
+    self.drawn += 1
+    return key
+
+
+def _blocks_drawn_together(m, rngs: nnx.Rngs) -> list[Block]:
+  """[Block(m, rngs, layer) for each layer], the same values, but the layers whose parameters
+  have the same shapes draw them under one vmap: the init program holds one threefry draw per
+  kind of parameter, not one per layer and kind. XLA:CPU compiled tiny_2026's init in 1.67 s
+  instead of 2.07 (at LLVM -O0, the tests' setting: tiny's in 0.66 s instead of 1.51). A layer's
+  index shapes its parameters (value embeddings) but not their values, which come from the keys
+  its turn in the stream gives it."""
+  stream = rngs.params
+  key, start = stream.key[...], stream.count[...]
+  graphdefs, starts, by_shape, drawn = [], [], {}, 0
+  for layer in range(m.num_layers):
+    draws = _Draws(key, 0)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda layer=layer, draws=draws: Block(m, draws, layer)))
+    graphdefs.append(graphdef)
+    starts.append(drawn)
+    drawn += draws.drawn
+    shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(state))
+    by_shape.setdefault((jax.tree.structure(state), shapes), []).append(layer)
+  blocks = [None] * m.num_layers
+  for group in by_shape.values():
+    offsets = start + jnp.asarray([starts[layer] for layer in group], start.dtype)
+    stacked = jax.vmap(lambda s, first=group[0]: nnx.split(Block(m, _Draws(key, s), first))[1])(offsets)
+    for i, layer in enumerate(group):
+      blocks[layer] = nnx.merge(graphdefs[layer], jax.tree.map(lambda x, i=i: x[i], stacked))
+  stream.count[...] = start + drawn
+  return blocks
+
+
 class Transformer(nnx.Module):
   """tokens [B, T] -> logits [B, T, V] in float32."""
 
@@ -488,7 +529,7 @@ class Transformer(nnx.Module):
     if m.scan_layers:
       self.layers = _stacked_blocks(m, rngs)
     else:
-      self.layers = nnx.List([Block(m, rngs, layer) for layer in range(m.num_layers)])
+      self.layers = nnx.List(_blocks_drawn_together(m, rngs))
     self._init_block_scalars(m, rngs)
     self.final_norm = RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)
     self.embed_norm = (RMSNorm(d, learned_scale=m.norm_scale, logical_axis="norm", eps=m.norm_eps)

@@ -14,7 +14,7 @@ from flax import nnx
 from lmtiny import config as config_lib
 from lmtiny.model import transformer as model_lib
 import reference_numpy as ref
-from lm_fixtures import forward
+from lm_fixtures import forward, load_config_module
 
 VOCAB = 61
 T = 12
@@ -509,3 +509,19 @@ def test_cast_params_casts_matrices_only_and_passes_gradients_to_float32():
       as_bf16 = lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32)
       np.testing.assert_array_equal(g, as_bf16(g), err_msg=name)
       assert np.mean(np.asarray(r) != as_bf16(r)) > 0.5, name
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_2026"])  # tiny_2026: value embeddings on some layers only
+def test_layers_drawn_together_equal_layers_drawn_one_after_another(monkeypatch, name):
+  """The layers' parameters, drawn under one vmap per layer shape, are bit for bit those of
+  Block(m, rngs, layer) built in turn, and the stream goes on where it would (the lm_head after)."""
+  m = load_config_module(name).get_config().model
+  def init():  # jitted, as the trainer does (eager draws may round differently)
+    return nnx.state(model_lib.Transformer(m, nnx.Rngs(params=3)), nnx.Param)
+  together = jax.jit(init)()
+  monkeypatch.setattr(model_lib, "_blocks_drawn_together",
+                      lambda m, rngs: [model_lib.Block(m, rngs, layer) for layer in range(m.num_layers)])
+  in_turn = jax.jit(lambda: init())()  # a new function: jit would reuse init's trace
+  assert jax.tree.structure(together) == jax.tree.structure(in_turn)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(together), jax.tree.leaves(in_turn)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
