@@ -14,8 +14,6 @@
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 
 from lmtiny import cli, config as config_lib
@@ -142,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

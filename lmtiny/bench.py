@@ -29,7 +29,6 @@ MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 from etils import epath
@@ -116,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -9,7 +9,6 @@ lmtiny.training.lr_range.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 from absl import flags
@@ -57,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -16,7 +16,6 @@ diverged or a checkpoint failed to save, 2 bad config, flags or data.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags, logging
 from flax import nnx
@@ -86,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -18,8 +18,6 @@ flags, config or directory.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags, logging
 from etils import epath
 
@@ -100,4 +98,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

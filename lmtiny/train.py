@@ -9,8 +9,6 @@ directory (another run holds it, its config changed shape, no checkpoint in it r
 """
 from __future__ import annotations
 
-import sys
-
 from absl import flags, logging
 
 from lmtiny import cli
@@ -76,4 +74,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

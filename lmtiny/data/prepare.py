@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from lmtiny import cli
 from lmtiny.corpus.sources import open_source, SourceError
 from lmtiny.data import shards as shards_lib
 from lmtiny.data.shard_writer import DEFAULT_DOCS_PER_SHARD, DiskFull, prepare_dataset, resumed_bytes, summary
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)
