@@ -22,14 +22,13 @@ from typing import Callable
 import grain
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 # CheckpointCorrupt and FingerprintMismatch are raised here and imported from here by the loaders.
 from lmtiny.errors import RunFailed, UserError
-from lmtiny.parallel import xla_options
 from lmtiny.runs.checkpoint_reads import CheckpointCorrupt, FingerprintMismatch, first_nonblank_line, quiet_abandoned_io, reading
+from lmtiny.runs.fingerprint import fingerprint
 
 
 class CheckpointError(UserError):
@@ -40,31 +39,15 @@ class CheckpointSaveError(RunFailed):
   """A checkpoint failed to save (disk full, permissions); the previous one is intact."""
 
 
-@xla_options.jit
-def fingerprint(state):
-  """Per-leaf wrapping uint32 sums of the raw bits: integer addition is exact in any order, so
-  the value is the same on any mesh, and any changed byte in an array (almost surely) changes it."""
-  def bits(x):
-    x = jnp.asarray(x)
-    if x.dtype.itemsize == 2:
-      x = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    elif x.dtype.itemsize == 4:
-      x = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    else:
-      x = x.astype(jnp.uint32)
-    return jnp.sum(x, dtype=jnp.uint32)
-  return jax.tree.map(bits, state)
-
-
 def _fingerprint_list(state) -> list[int]:
-  return [int(v) for v in jax.tree.leaves(jax.device_get(fingerprint(state)))]
+  return jax.tree.leaves(fingerprint(state))
 
 
 def _saved_fingerprint(state) -> dict:
   """What a save records: the state's fingerprint and, within it, the parameters' (what a
-  weights-only read checks), from one program."""
-  sums = jax.device_get(fingerprint(state))
-  return {"state": [int(v) for v in jax.tree.leaves(sums)], "params": [int(v) for v in jax.tree.leaves(sums["params"])]}
+  weights-only read checks), from one pass."""
+  sums = fingerprint(state)
+  return {"state": jax.tree.leaves(sums), "params": jax.tree.leaves(sums["params"])}
 
 
 def describe_error(e: BaseException) -> str:
