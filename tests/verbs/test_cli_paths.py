@@ -2,8 +2,8 @@
 get_config() raises, as lmtiny.sft reading a base run's config.json, reaches the user as its own
 one line, not as config_flags' flattened traceback), and the entry points' process exit."""
 import ast
-import glob
 import gc
+import glob
 import os
 import subprocess
 import sys
@@ -48,8 +48,9 @@ def test_a_command_process_exits_with_its_mains_status_and_its_heap_frozen():
 
 
 def test_every_command_module_exits_through_cli_exit_with():
-  """Each `python -m lmtiny.X` (and the documented benchmarks) ends with `cli.exit_with(main)`, so
-  none pays the collector's full walks of the heap (the HumanEval sandbox's child is not a command)."""
+  """Each `python -m lmtiny.X`, and benchmarks/quantization.py (the journeys' costliest benchmark),
+  ends with `cli.exit_with(main)`, so none pays the collector's full walks of the heap (the
+  HumanEval sandbox's child is not a command)."""
   paths = [p for p in glob.glob(os.path.join(ROOT, "lmtiny", "**", "*.py"), recursive=True)
            if not p.endswith("sandbox_child.py")] + [os.path.join(ROOT, "benchmarks", "quantization.py")]
   ends = {}
