@@ -1,5 +1,6 @@
-"""CPU demo of nanochat's 2026 recipe (lmtiny.config.nanochat_leaderboard_config) at the tiny demo's size: 4 layers of
-width 192 (3 heads x 64), a 4,096-token vocab, 256-token rows with 128-token windows on the S layers.
+"""CPU demo of nanochat's 2026 recipe (lmtiny.config.nanochat_leaderboard_config) at the tiny demo's width:
+4 layers (room for the SSSL window pattern) of 192 (3 heads x 64), a 4,096-token vocab, 256-token
+rows with 128-token windows on the S layers.
 
 python -m lmtiny.train --config configs/tiny_2026.py --workdir runs/tiny_2026
 """

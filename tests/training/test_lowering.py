@@ -244,7 +244,7 @@ def test_bench_lower_for_prints_the_kernels_and_rejects_unknown_platforms(capsys
   # once per step), so cuDNN is called on local arrays, not through XLA's partitioner
   out = capsys.readouterr().out
   assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}, attention=cudnn, dtype bfloat16" in out, out
-  assert "cuDNN fused attention: 4 forward, 4 backward calls" in out and "partitioned" not in out
+  assert "cuDNN fused attention: 2 forward, 2 backward calls" in out and "partitioned" not in out  # 2 layers
   assert "[T, T]       none" in out
   assert bench.main(["bench", "--config", config, "--lower-for", "rocm"]) == 2
   err = capsys.readouterr().err
