@@ -136,6 +136,7 @@ def test_magnitudes_at_the_edges_stay_finite_and_follow_the_reference():
   assert not np.asarray(_fp8_with_grads(x * np.float32(1e-20), w, cot)[0]).any()
 
 
+@pytest.mark.slow(seconds=3)  # measured on 2 cores: out of the inner loop
 def test_the_largest_magnitude_lands_in_the_formats_top_binade_and_dequantizes_exactly():
   """A power-of-two scale puts max|t| in [max / 2, max] of the format (exact powers of two and
   their neighbours included), so it never rounds past the format's max, and every fp8 value times

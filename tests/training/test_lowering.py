@@ -85,8 +85,7 @@ def kv_offset_stride(monkeypatch):
   attn_lib.packed_gqa_needs_repeat.cache_clear()
 
 
-
-
+@pytest.mark.slow(seconds=3)  # measured on 2 cores: out of the inner loop
 def test_gqa_packed_rows_repeat_kv_heads_only_where_jax_strides_kv_runs_by_query_heads(kv_offset_stride):
   kv_offset_stride("query")
   assert attn_lib.packed_gqa_needs_repeat()
@@ -117,6 +116,7 @@ def test_remat_policies_that_save_the_attention_output_run_the_cudnn_forward_onc
   assert s["cudnn"] == {"forward": forwards, "backward": 2}
 
 
+@pytest.mark.slow(seconds=4)  # measured on 2 cores: out of the inner loop
 def test_value_embedding_rows_are_looked_up_once_per_micro_step_under_fsdp():
   # Looked up inside a layer's remat region, the rows were gathered again for the backward (4
   # gathers here before, with jax 0.10 and 0.12) and under FSDP each whole table all-gathered
@@ -235,6 +235,7 @@ def test_xla_attention_lowered_for_cuda_calls_no_fused_kernel():
   assert s["cudnn"] == {"forward": 0, "backward": 0} and not s["splash"] and s["partitioned"] == 0
 
 
+@pytest.mark.slow(seconds=4)  # measured on 2 cores: out of the inner loop
 def test_bench_lower_for_prints_the_kernels_and_rejects_unknown_platforms(capsys):
   from lm_fixtures import ROOT
   config = f"{ROOT}/configs/tiny.py"

@@ -132,6 +132,7 @@ def _run_with_damaged(run_dir, tmp_path, damaged):
   return workdir
 
 
+@pytest.mark.slow(seconds=3)  # measured on 2 cores: out of the inner loop
 def test_cli_falls_back_past_a_damaged_checkpoint_in_one_line(run_dir, tmp_path):
   """One warning line for the skipped checkpoint and nothing else: the reads a failed restore
   abandons (tracebacks of "Event loop is closed", unretrieved task errors) are not printed."""
