@@ -121,6 +121,7 @@ def test_a_failing_run_is_reported_and_the_next_part_still_runs(tmp_path):
 
 @pytest.mark.parametrize("env, status", [({"LIMIT_S": "1"}, "timed out (1 s)"),
                                          ({"BUDGET_S": "30"}, "skipped (budget)")])
+@pytest.mark.slow(seconds=5)  # measured on 2 cores, both cases: out of the inner loop
 def test_a_run_past_its_limit_or_the_budget_still_leaves_a_summary(tmp_path, env, status):
   proc, out = _suite(tmp_path, "bench-d4", **env)
   assert proc.returncode == 1

@@ -145,6 +145,7 @@ def test_only_adapters_train_and_sharded_equals_one_device():
   assert a_q.sharding.spec[0] == "fsdp"
 
 
+@pytest.mark.slow(seconds=4)  # measured on 2 cores: out of the inner loop
 def test_trainer_with_adapter_samples_and_evaluates_on_merged_weights(tmp_path):
   cfg, _, base = _model()
   cfg.train.update(steps=2, eval_every=2, checkpoint_every=2)

@@ -144,6 +144,7 @@ def test_optimizer_estimate_is_the_optimizer_states_bytes(optimizer):
 
 @pytest.mark.parametrize("name, remat", [("d24_2026", "dots_no_batch"), ("d12", "dots_no_batch"),
                                          ("d24_2026", "save_qkv"), ("d24_2026", "full")])
+@pytest.mark.slow(seconds=2)  # measured on 2 cores, 1.2-3.8 s a case: out of the inner loop
 def test_each_layer_counts_what_jax_saves_for_its_backward(name, remat):
   """The activations the estimate adds per layer are the residuals jax saves for that layer's
   backward (print_saved_residuals, bf16, two layers against four: one more value-embedding layer

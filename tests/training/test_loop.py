@@ -101,6 +101,7 @@ def test_sigterm_saves_and_stops(tmp_path):
   assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == summary["step"]
 
 
+@pytest.mark.slow(seconds=4)  # measured on 2 cores: out of the inner loop
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   trainer = Trainer(one_device(tiny_config(steps=8, checkpoint_every=2)), str(tmp_path), memory_data(), log=_quiet)
   real_step = trainer.steps.train_step

@@ -487,6 +487,7 @@ def test_bf16_sums_finds_a_bf16_accumulator_over_activations_only():
   assert lowering.bf16_sums(line.replace("16x2048x1536xbf16", "1536xbf16")) == []  # a vector: not a token sum
 
 
+@pytest.mark.slow(seconds=4)  # measured on 2 cores: out of the inner loop
 def test_bench_hlo_out_writes_the_lowered_step_and_needs_lower_for(tmp_path, capsys):
   config = f"{ROOT}/configs/tiny.py"
   out = tmp_path / "sub" / "step.stablehlo"

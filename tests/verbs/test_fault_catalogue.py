@@ -163,6 +163,7 @@ def test_second_run_in_a_busy_workdir_is_one_line(base, tmp_path, capsys):
   assert "another training run is using this directory (pid" in line and sorted(os.listdir(workdir)) == before
 
 
+@pytest.mark.slow(seconds=12)  # measured on 2 cores, with the module's trained run: out of the inner loop
 def test_changed_model_shape_is_one_line_and_the_run_stays_usable(base, tmp_path, capsys):
   workdir = _copy_run(base, tmp_path)
   config = open(f"{workdir}/config.json").read()
@@ -171,6 +172,7 @@ def test_changed_model_shape_is_one_line_and_the_run_stays_usable(base, tmp_path
   assert open(f"{workdir}/config.json").read() == config  # generate on this run still works
 
 
+@pytest.mark.slow(seconds=1)  # measured on 2 cores: out of the inner loop
 def test_no_usable_checkpoint_is_one_line_for_train_and_generate(base, tmp_path, capsys):
   workdir = _copy_run(base, tmp_path)
   _truncate_all(workdir)
@@ -181,6 +183,7 @@ def test_no_usable_checkpoint_is_one_line_for_train_and_generate(base, tmp_path,
   assert line.startswith(f"error: --workdir={workdir}: no usable checkpoint (step 4: ")
 
 
+@pytest.mark.slow(seconds=2)  # measured on 2 cores: out of the inner loop
 def test_generate_falls_back_from_a_corrupt_newest_checkpoint(base, tmp_path, capfd):
   workdir = _copy_run(base, tmp_path)
   os.remove(f"{workdir}/checkpoints/4/state/manifest.ocdbt")
@@ -206,6 +209,7 @@ gc.collect()
 """
 
 
+@pytest.mark.slow(seconds=3)  # measured on 2 cores: out of the inner loop
 def test_failed_restores_print_their_lines_and_nothing_else(base, tmp_path):
   """Cut in half, the data files still serve the reads of their first halves, which are in flight
   when one read fails: before, each left tracebacks ("Event loop is closed", unretrieved task
