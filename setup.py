@@ -32,8 +32,11 @@ setup(
         # they skip without them (.ci/run installs both, with PyTorch's CPU build).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "tiktoken>=0.7",
                  "tensorboard>=2.16",  # reads lmtiny.runs.tensorboard's event files back
-                 "ruff>=0.6",  # the lint (.ci/ruff.toml; tests/test_lint.py)
-                 "selenium>=4.20"],  # the chat page in headless Chromium (apt: chromium chromium-driver)
+                 "ruff>=0.6"],  # the lint (.ci/ruff.toml; tests/test_lint.py)
+        # The chat page in headless Chromium (tests/chat/test_chat_server.py; apt: chromium
+        # chromium-driver). Not in "test": without a browser the test skips anyway, and selenium
+        # with its trio stack added 4.4 s to the README's test command's install.
+        "browser": ["selenium>=4.20"],
         "hf": ["torch>=2.4", "transformers>=5.0", "safetensors>=0.4", "tokenizers>=0.21"],  # HF tokenizers on import; transformers/torch to run exports
         "compare": ["tiktoken>=0.7"],
         "bench": ["torch>=2.4"],  # benchmarks/torch_reference.py
