@@ -11,6 +11,7 @@ from typing import Callable, NoReturn
 from absl import flags
 from ml_collections import config_flags
 
+from lmtiny.config import no_bytecode_beside_the_file
 from lmtiny.errors import ConfigError, RunFailed, UserError
 
 
@@ -154,6 +155,11 @@ def parse_flags(argv: list[str], define, usage: str):
   config or None), or None after printing help. Raises ConfigError with one line for any bad
   flag, override or config file.
   """
+  with no_bytecode_beside_the_file():  # config_flags imports the user's config file
+    return _parse_flags(argv, define, usage)
+
+
+def _parse_flags(argv: list[str], define, usage: str):
   argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
   # config_flags loads the file as module "config_config" with the deprecated load_module(), which
   # reuses an existing sys.modules entry: a second in-process parse would keep the first file's

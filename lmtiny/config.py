@@ -7,10 +7,12 @@ and the value; entry points print it and exit with status 2.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
 import math
+import sys
 
 import ml_collections
 
@@ -42,8 +44,21 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   entry points parse --config with ml_collections' config_flags)."""
   spec = importlib.util.spec_from_file_location("lmtiny_config_" + path.rsplit("/", 1)[-1][:-3], path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  with no_bytecode_beside_the_file():
+    spec.loader.exec_module(module)
   return module.get_config()
+
+
+@contextlib.contextmanager
+def no_bytecode_beside_the_file():
+  """Python caches an imported file's bytecode in a __pycache__ beside it. A config file is the
+  user's, often in their own directory: loading one writes nothing there, and a bad one leaves
+  nothing behind (seen where Python writes bytecode, as it does by default)."""
+  before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+  try:
+    yield
+  finally:
+    sys.dont_write_bytecode = before
 
 
 def base_config() -> ml_collections.ConfigDict:

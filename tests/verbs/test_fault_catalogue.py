@@ -122,6 +122,9 @@ def test_sft_init_on_a_data_directory_is_one_short_line(tmp_path, capsys, monkey
 
 def test_bad_inputs_through_the_entry_points(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(tmp_path)  # default workdirs (runs/...) would land here
+  # Python's default, which a user has: importing a file caches its bytecode in __pycache__ beside
+  # it (so a loaded config file could leave one in the user's directory)
+  monkeypatch.setattr(sys, "dont_write_bytecode", False)
   cases = _cases(tmp_path)
   for main, argv, message in cases:
     line = _one_error(capsys, main(argv))
