@@ -28,17 +28,23 @@ def run_main(run: Callable[[list[str]], int | None], argv: list[str] | None = No
     return 1
 
 
-def exit_with(main: Callable[[], int | None]) -> NoReturn:
-  """`sys.exit(main())` for a command that is its whole process (`python -m lmtiny.X`), with
-  Python's cyclic garbage collector set for a short JAX process. Measured on a 3-step tiny run
-  (16 s on one core): collections took 0.93 s and the interpreter's last one at exit 0.57 s;
-  with the heap the imports built frozen (it lives until exit anyway), a first generation of
-  10,000 objects instead of 700 (tracing allocates in bursts, most of it freed by reference
-  count) and the heap frozen again at the end, 0.35 s in all. Only the process's own entry point
-  calls this: tests that call main() keep the collector as it was."""
+def collect_garbage_for_jax() -> None:
+  """Python's cyclic garbage collector set for a process that traces and compiles JAX programs.
+  Measured on a 3-step tiny run (16 s on one core): collections took 0.93 s and the interpreter's
+  last one at exit 0.57 s; with the heap the imports built frozen (it lives until exit anyway) and
+  a first generation of 10,000 objects instead of 700 (tracing allocates in bursts, most of it
+  freed by reference count), 0.35 s in all with exit_with's final freeze. A process's own entry
+  point calls this (a command, a test worker: tests/conftest.py), never a library function."""
   gc.collect()
   gc.freeze()
   gc.set_threshold(10_000, 10, 10)
+
+
+def exit_with(main: Callable[[], int | None]) -> NoReturn:
+  """`sys.exit(main())` for a command that is its whole process (`python -m lmtiny.X`), with the
+  collector set by collect_garbage_for_jax(). Tests that call main() keep their process's
+  collector."""
+  collect_garbage_for_jax()
   code = main()
   gc.freeze()  # nothing is left to collect that exiting will not free
   sys.exit(code)

@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 from lmtiny.parallel import distributed  # noqa: E402  (imports jax, but runs nothing on it)
+from lmtiny import cli  # noqa: E402
 from lmtiny.errors import ConfigError  # noqa: E402
 
 
@@ -144,4 +145,5 @@ def main(argv):
 
 if __name__ == "__main__":
   _die_with_parent()
+  cli.collect_garbage_for_jax()  # as the entry point sets it
   sys.exit(main(sys.argv))
