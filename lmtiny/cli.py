@@ -34,7 +34,7 @@ def collect_garbage_for_jax() -> None:
   last one at exit 0.57 s; with the heap the imports built frozen (it lives until exit anyway) and
   a first generation of 10,000 objects instead of 700 (tracing allocates in bursts, most of it
   freed by reference count), 0.35 s in all with exit_with's final freeze. A process's own entry
-  point calls this (a command, a test worker: tests/conftest.py), never a library function."""
+  point calls this (a command, tests/multiprocess_worker.py), never a library function."""
   gc.collect()
   gc.freeze()
   gc.set_threshold(10_000, 10, 10)

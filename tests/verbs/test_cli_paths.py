@@ -44,9 +44,7 @@ def test_a_command_process_exits_with_its_mains_status_and_its_heap_frozen():
            "cli.exit_with(main)\n")
   out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
   assert (out.returncode, out.stdout) == (3, "(10000, 10, 10) True\n"), out.stderr
-  # A test worker collects as a command does (tests/conftest.py): 9% of the in-process tests'
-  # time went to the default collector's walks of the heap.
-  assert gc.get_threshold() == (10_000, 10, 10) and gc.get_freeze_count() > 0
+  assert gc.get_freeze_count() == 0  # a test calling main() in-process keeps its collector
 
 
 def test_every_command_module_exits_through_cli_exit_with():
