@@ -14,7 +14,6 @@ XLA:CPU runs the fp8 dots on upcast operands (exact products), so the numerics a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -33,10 +32,7 @@ VARIANTS = {"bf16": dict(matmul_dtype="default"), "fp8 blocks, bf16 lm_head": di
 
 def _config(seed: int, steps: int, model: dict):
   path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_2026.py")
-  spec = importlib.util.spec_from_file_location("tiny_2026", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+  cfg = config_lib.load_file(path)
   cfg.model.update(vocab_size=384, max_seq_len=128, dtype="bfloat16", **model)
   cfg.train.update(seq_len=128, batch_tokens=8 * 128, micro_batch_size=8, steps=steps, seed=seed)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
