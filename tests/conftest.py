@@ -1,6 +1,7 @@
 """Test setup: 8 emulated CPU devices and fast compiles, set before anything imports jax."""
 import atexit
 import collections
+import gc
 import os
 import shutil
 import tempfile
@@ -37,9 +38,13 @@ atexit.register(shutil.rmtree, _CACHE_DIR, True)  # each test process removes th
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-# The test workers keep Python's default collector. With the commands' setting
-# (lmtiny.cli.collect_garbage_for_jax) they spent 7% less CPU, but one of two full runs lost a
-# worker to an abort inside an eager 8-device op (tests/training/test_objectives.py), cause not found.
+# Python's full collections traverse every object JAX's caches keep (2.9 GB in a worker after
+# tests/model): 21 of them took 6.6 s of tests/model's 88.5 CPU s on one core, which fell to 76.3 s
+# with none, the memory the same. So a full collection waits for 1,000 collections of the middle
+# generation, not 10; the young generations keep Python's default. (The commands' setting,
+# lmtiny.cli.collect_garbage_for_jax, saved 7% in the workers, but one of two full runs lost a
+# worker to an abort inside an eager 8-device op, cause not found.)
+gc.set_threshold(*gc.get_threshold()[:2], 1000)
 
 
 import pytest  # noqa: E402
