@@ -39,11 +39,11 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 # Python's full collections traverse every object JAX's caches keep (2.9 GB in a worker after
-# tests/model): 21 of them took 6.6 s of tests/model's 88.5 CPU s on one core, which fell to 76.3 s
-# with none, the memory the same. So a full collection waits for 1,000 collections of the middle
-# generation, not 10; the young generations keep Python's default. (The commands' setting,
-# lmtiny.cli.collect_garbage_for_jax, saved 7% in the workers, but one of two full runs lost a
-# worker to an abort inside an eager 8-device op, cause not found.)
+# tests/model), 0.3 s each. Letting one wait for 1,000 collections of the middle generation, not
+# 10, took tests/model + tests/training (-n 2) from 271-274 to 244-245 CPU s; a worker's peak
+# memory in a full run stayed within its run-to-run spread (3.5-4.2 GB, 3.6 before). The young
+# generations keep Python's default: the commands' setting (lmtiny.cli.collect_garbage_for_jax)
+# aborted a worker once in two full runs, inside an eager 8-device op, cause not found.
 gc.set_threshold(*gc.get_threshold()[:2], 1000)
 
 
