@@ -20,11 +20,11 @@ orientation: o and down are transposed to q's and up's) are orthogonalised toget
 as nanochat's distributed Muon groups its parameters: d20's 80 attention and 40 MLP matrices are
 two batches. Under FSDP / data / tensor parallelism each batch is zero-padded to a multiple of
 the device count and split over the devices (`sharding.map_matrices`), each device
-orthogonalising whole matrices of its share (a zero matrix stays zero) and, on a data-parallel
-mesh, the results all-gathered once; an unstacked model gets the same split, where otherwise
-every device would gather and orthogonalise every matrix. These are the optimizer's collectives,
-apart from the gradients' reduction (lmtiny.training.hlo_cost.collective_role). The update
-equals the one-device update either way (tests/test_muon.py).
+orthogonalising whole matrices of its share (a zero matrix stays zero) and, over a data axis
+(weights replicated), the results all-gathered once; an unstacked model gets the same split,
+where otherwise every device would gather and orthogonalise every matrix. These are the
+optimizer's collectives, apart from the gradients' reduction (hlo_cost.collective_role). The
+update equals the one-device update either way (tests/test_muon.py).
 
 Embedding, unembedding and norm scales get AdamW (optim.b1 / b2 / eps, group LRs as in
 lmtiny.training.optim). One schedule (optim.schedule) multiplies both; Muon's LR is optim.lr, unscaled
