@@ -41,7 +41,7 @@ RULES = {
     "layers": None,
     "gate_in": None,         # the few input channels that drive a gate (value embeddings, smear)
     # A batch of whole matrices (Muon's Newton-Schulz input): split over as many of these axes,
-    # in this order, as divide the batch (`spread_matrices`).
+    # in this order, as divide the batch (`spread_matrices`; `map_matrices` splits over data by hand).
     "matrix_batch": ("fsdp", "data", "tensor"),
     "lora_rank": None,       # LoRA adapters' low-rank dimension: small, replicated
     "seq": None,
