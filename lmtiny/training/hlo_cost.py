@@ -39,6 +39,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lmtiny.kernels import loss_tiles
 
@@ -394,12 +395,66 @@ def _hlo_group_size(line: str) -> int:
   return 2 if "source_target_pairs" in line else 1
 
 
-def _hlo_collective(kind: str, types: str, line: str, cost: Cost) -> None:
+def _channel(line: str) -> str | None:
+  found = re.search(r"\bchannel_id=(\d+)", line)
+  return found.group(1) if found else None
+
+
+def _elements(dims: str) -> int:
+  return math.prod(int(d) for d in dims.split(",") if d)
+
+
+class PartitionedDtypes(NamedTuple):
+  """The dtypes the SPMD partitioner gave a module's collectives (`partitioned_dtypes`)."""
+  by_shape: dict[tuple[str, str], set[str]]   # (kind, dims) -> the dtypes of arrays of that shape
+  by_channel: dict[str, tuple[str, int]]      # channel id -> (its one dtype, elements)
+
+
+def partitioned_dtypes(hlo_text: str) -> PartitionedDtypes:
+  """The collectives' dtypes in a module right after SPMD partitioning, before the backend's
+  passes. XLA:CPU runs every bf16 op in float32, collectives too (its float normalization wraps
+  them in converts); this gives a CPU-compiled collective back the width the partitioner gave it,
+  which is what a GPU or TPU moves. Later passes merge ops (combiners: the shapes stay) and split
+  them (all-to-all into pieces: the channel id stays), hence the two keys."""
+  by_shape, by_channel, channels = {}, {}, Counter()
+  for line in hlo_text.splitlines():
+    op = _HLO_COLLECTIVE.match(line)
+    if not op:
+      continue
+    kind, shapes, channel = op.group(2).replace("-", "_"), _HLO_SHAPE.findall(op.group(1)), _channel(line)
+    for dtype, dims in shapes:
+      by_shape.setdefault((kind, dims), set()).add(dtype)
+    channels[channel] += 1
+    if len({dtype for dtype, _ in shapes}) == 1:
+      by_channel[channel] = (shapes[0][0], sum(_elements(dims) for _, dims in shapes))
+  # shard_map's own collectives share one channel id: it names none of them
+  return PartitionedDtypes(by_shape, {c: v for c, v in by_channel.items() if c and channels[c] == 1})
+
+
+def _partitioned_shapes(kind: str, shapes: list, line: str, dtypes: PartitionedDtypes) -> list:
+  """`shapes` (dtype, dims) of a CPU-compiled collective with the partitioner's dtypes where they
+  are unambiguous: an array of a shape all its kind's arrays had in one dtype, else all of an op
+  whose channel had one dtype and as many elements."""
+  def of_shape(dtype, dims):
+    found = dtypes.by_shape.get((kind, dims), set())
+    return next(iter(found)) if dtype == "f32" and len(found) == 1 else dtype
+
+  shapes = [(of_shape(dtype, dims), dims) for dtype, dims in shapes]
+  own, elements = dtypes.by_channel.get(_channel(line), (None, 0))
+  if own and {dtype for dtype, _ in shapes} == {"f32"} and sum(_elements(dims) for _, dims in shapes) == elements:
+    shapes = [(own, dims) for _, dims in shapes]
+  return shapes
+
+
+def _hlo_collective(kind: str, types: str, line: str, cost: Cost, dtypes: PartitionedDtypes | None = None) -> None:
   """Adds one compiled collective to `cost`: its payload (the array reduced or gathered: a
-  reduce-scatter's operand, n times its result) and link bytes by kind, and by role per operand."""
+  reduce-scatter's operand, n times its result) and link bytes by kind, and by role per operand;
+  with `dtypes` (`partitioned_dtypes`), at the partitioner's widths."""
   n = _hlo_group_size(line)
-  sizes = [math.prod(int(d) for d in dims.split(",") if d) * dtype_bytes(dtype) * (n if kind == "reduce_scatter" else 1)
-           for dtype, dims in _HLO_SHAPE.findall(types) if dtype not in ("token", "u32", "s32")]
+  shapes = [(dtype, dims) for dtype, dims in _HLO_SHAPE.findall(types) if dtype not in ("token", "u32", "s32")]
+  if dtypes:
+    shapes = _partitioned_shapes(kind, shapes, line, dtypes)
+  sizes = [_elements(dims) * dtype_bytes(dtype) * (n if kind == "reduce_scatter" else 1) for dtype, dims in shapes]
   factor = {"all_reduce": 2.0 * (n - 1) / n, "collective_permute": 1.0 if n > 1 else 0.0}.get(kind, (n - 1) / n)
   cost.links[f"{kind}_payload"] += sum(sizes)
   cost.links[kind] += factor * sum(sizes)
@@ -422,12 +477,15 @@ def computations(hlo_text: str) -> list[tuple[str, bool, str]]:
   return out
 
 
-def compiled_collectives(hlo_text: str) -> Cost:
+def compiled_collectives(hlo_text: str, partitioned: str | None = None) -> Cost:
   """The cross-device ops of a compiled HLO module per step, by kind (`links`: payload and bytes
   over one chip's links as in `count`; `work`: how many ops run, by kind; `roles`: payload and
   ops by role and kind, `collective_role`, with `in_loops` the part inside `while` loops: the
   micro-step loop's), multiplied out through `while` bodies (XLA's known trip count; else once,
-  counted in `unknown_loops`) and the computations ops call. Async pairs count once (their start)."""
+  counted in `unknown_loops`) and the computations ops call. Async pairs count once (their start).
+  `partitioned`: the same module right after SPMD partitioning, for the collectives' own dtypes
+  (`partitioned_dtypes`)."""
+  dtypes = partitioned_dtypes(partitioned) if partitioned else None
   own, edges, entry = {}, {}, None
   for name, is_entry, chunk in computations(hlo_text):
     cost, out = Cost(), []
@@ -435,7 +493,7 @@ def compiled_collectives(hlo_text: str) -> Cost:
     for line in chunk.splitlines()[1:]:
       op = _HLO_COLLECTIVE.match(line)
       if op:
-        _hlo_collective(op.group(2).replace("-", "_"), op.group(1), line, cost)
+        _hlo_collective(op.group(2).replace("-", "_"), op.group(1), line, cost, dtypes)
       body = re.search(r"\bbody=%([\w.\-]+)", line)
       if body:
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)

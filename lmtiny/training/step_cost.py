@@ -8,13 +8,18 @@ beside them (lmtiny.plan.counts, causal-half) and bounds MFU on an H100, a v5p a
 (lmtiny.plan.roofline). Under a mesh of more than one device, the collectives are those XLA's
 SPMD partitioner puts in the sharded step: the same step (with XLA attention, as this machine
 cannot compile the fused kernels, which add none) compiled for this machine's devices, counted
-per step through its loops.
+per step through its loops at the dtypes the partitioner gave them (`step_collectives`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import pathlib
+import tempfile
+from typing import Callable, TypeVar
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from lmtiny import config as config_lib
 from lmtiny.parallel import sharding
@@ -25,6 +30,7 @@ from lmtiny.training import hlo_cost, lowering
 
 # Only the partitioned program's text is read, never run: XLA:CPU may skip its costly code generation.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+T = TypeVar("T")
 
 
 def keys_fraction(m, seq_len: int) -> float:
@@ -34,13 +40,48 @@ def keys_fraction(m, seq_len: int) -> float:
   return attention / (12.0 * m.num_layers * seq_len * m.num_heads * config_lib.head_dim(m))
 
 
+@contextlib.contextmanager
+def _without_persistent_cache():
+  """Compiles in the block skip JAX's persistent compilation cache (when one is set): an
+  executable read from it ran no XLA passes here, so dumps nothing, and the dump options are not
+  part of its key."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once whether to use it; ask again
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
+def with_partitioned_module(compile_with: Callable[[dict], T]) -> tuple[T, str | None]:
+  """(compile_with(XLA options), the HLO module as it stood right after SPMD partitioning, before
+  the backend's passes; None from an XLA that names the pass otherwise): `compile_with` compiles
+  with the options given, FAST_COMPILE's and a dump of that module."""
+  with tempfile.TemporaryDirectory() as dump, _without_persistent_cache():
+    result = compile_with({**FAST_COMPILE, "xla_dump_to": dump, "xla_dump_hlo_pass_re": "^spmd-partitioning$"})
+    found = [p.read_text() for p in pathlib.Path(dump).glob("*.after_spmd-partitioning.*.txt")]
+  return result, found[0] if len(found) == 1 else None
+
+
+def step_collectives(cfg) -> tuple[hlo_cost.Cost, object]:
+  """(the collectives per step of `cfg`'s train step compiled for this machine's devices, at the
+  widths XLA's SPMD partitioner gave them; the config compiled). XLA:CPU then moves bf16 in
+  float32, twice the bytes a GPU or TPU moves: the module right after partitioning gives each
+  collective its own dtype back (hlo_cost.partitioned_dtypes; without it, the widths as compiled)."""
+  (compiled, _, compiled_cfg, _), partitioned = with_partitioned_module(
+      lambda options: lowering.compile_train_step(cfg, compiler_options=options))
+  return hlo_cost.compiled_collectives(compiled.as_text(), partitioned), compiled_cfg
+
+
 def partitioned_collectives(cfg, platform: str) -> hlo_cost.Cost:
   """Per step, the collectives of the sharded step as XLA's SPMD partitioner places them: the
-  step `auto` resolves for `platform`, with XLA attention, compiled for this machine's devices."""
+  step `auto` resolves for `platform`, with XLA attention, compiled for this machine's devices
+  (`step_collectives`)."""
   cpu_cfg = lowering.for_platform(cfg, platform)
   cpu_cfg.model.attention = "xla"
-  compiled, *_ = lowering.compile_train_step(cpu_cfg, compiler_options=FAST_COMPILE)
-  return hlo_cost.compiled_collectives(compiled.as_text())
+  return step_collectives(cpu_cfg)[0]
 
 
 def per_token(text: str, cfg, chips: int, collectives: hlo_cost.Cost | None = None) -> dict:

@@ -23,7 +23,7 @@ from lm_fixtures import load_config_module, train_on_mesh
 from lmtiny import config as config_lib
 from lmtiny.model.transformer import abstract_model
 from lmtiny.parallel import sharding
-from lmtiny.training import hlo_cost, lowering, step_cost
+from lmtiny.training import hlo_cost, step_cost
 from lmtiny.training.muon import is_muon_param, matrix_view
 
 F32 = 4
@@ -57,9 +57,8 @@ def _values(cfg) -> tuple[int, int, int]:
 
 def _collectives(cfg):
   """(the compiled step's collectives, its micro-steps)."""
-  compiled, _, compiled_cfg, _ = lowering.compile_train_step(cfg, compiler_options=step_cost.FAST_COMPILE)
-  accum = config_lib.accumulation_steps(compiled_cfg.train)
-  return hlo_cost.compiled_collectives(compiled.as_text()), accum
+  collectives, compiled_cfg = step_cost.step_collectives(cfg)
+  return collectives, config_lib.accumulation_steps(compiled_cfg.train)
 
 
 @pytest.mark.slow(seconds=6)

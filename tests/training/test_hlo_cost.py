@@ -159,6 +159,45 @@ def test_compiled_collectives_multiply_out_through_the_loops_xla_knows_the_lengt
   assert unknown.work["all_reduce"] == 1 and unknown.unknown_loops == 1
 
 
+# The same collectives right after SPMD partitioning (bf16 where the program had it) and as
+# XLA:CPU compiles them (float32 everywhere): two reductions merged into one, an all-to-all split
+# in two, one shape gathered in both dtypes, and shard_map's collectives sharing channel 1.
+PARTITIONED = """
+ENTRY %main (x: f32[64,32]) -> f32[8,8] {
+  %ar.1 = bf16[64,32]{1,0} all-reduce(%x), channel_id=3, replica_groups=[1,8]<=[8], to_apply=%add
+  %ar.2 = bf16[64,32]{1,0} all-reduce(%y), channel_id=4, replica_groups=[1,8]<=[8], to_apply=%add
+  %a2a = bf16[1,2,96]{2,1,0} all-to-all(%z), channel_id=5, replica_groups=[4,2]<=[8], dimensions={1}
+  %ag.1 = f32[16,8]{1,0} all-gather(%u), channel_id=6, replica_groups=[1,8]<=[8], dimensions={0}
+  %ag.2 = bf16[16,8]{1,0} all-gather(%v), channel_id=7, replica_groups=[1,8]<=[8], dimensions={0}
+  %sm.1 = f32[8,8]{1,0} all-gather(%p), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %sm.2 = bf16[8,8]{1,0} all-gather(%q), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+}
+"""
+CPU_COMPILED = """
+ENTRY %main (x: f32[64,32]) -> f32[8,8] {
+  %ar = (f32[64,32]{1,0}, f32[64,32]{1,0}) all-reduce(%x, %y), channel_id=3, replica_groups=[1,8]<=[8], to_apply=%add.clone_promoted
+  %a2a.1 = (f32[1,1,96]{2,1,0}, f32[1,1,96]{2,1,0}) all-to-all(%z1, %z2), channel_id=5, replica_groups=[4,2]<=[8]
+  %ag.1 = f32[16,8]{1,0} all-gather(%u), channel_id=6, replica_groups=[1,8]<=[8], dimensions={0}
+  %ag.2 = f32[16,8]{1,0} all-gather(%v), channel_id=7, replica_groups=[1,8]<=[8], dimensions={0}
+  %sm.1 = f32[8,8]{1,0} all-gather(%p), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %sm.2 = f32[8,8]{1,0} all-gather(%q), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+}
+"""
+
+
+def test_cpu_compiled_collectives_get_the_widths_the_partitioner_gave_them():
+  """XLA:CPU moves bf16 in float32; counted with the partitioned module, a merged op's arrays take
+  their shape's one dtype, a split op its channel's, and what neither settles stays float32."""
+  as_compiled = hlo_cost.compiled_collectives(CPU_COMPILED).links
+  assert as_compiled["all_reduce_payload"] == 2 * 64 * 32 * 4 and as_compiled["all_to_all_payload"] == 2 * 96 * 4
+  links = hlo_cost.compiled_collectives(CPU_COMPILED, PARTITIONED).links
+  assert links["all_reduce_payload"] == 2 * 64 * 32 * 2  # both merged reductions were bf16 [64, 32]
+  assert links["all_to_all_payload"] == 2 * 96 * 2       # channel 5: bf16, as many elements
+  # [16, 8] was gathered in both dtypes: channel 6 says float32, channel 7 bf16; [8, 8] too, but
+  # shard_map's channel 1 names no single op, so both stay float32
+  assert links["all_gather_payload"] == 16 * 8 * 4 + 16 * 8 * 2 + 2 * 8 * 8 * 4
+
+
 def test_newer_xlas_mesh_axis_groups_are_sized_by_the_axes_they_span():
   """jax 0.12's XLA writes a group as the mesh's axes and those it spans: a 2 x 4 mesh's fsdp group is 4."""
   mesh_form = COMPILED.replace("replica_groups=[1,8]<=[8]", "replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}")
