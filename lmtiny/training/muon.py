@@ -91,10 +91,12 @@ def matrix_view(path, shape) -> tuple[tuple[int, int, int], float]:
 
 
 def orthogonalise_by_shape(tree, orthogonalise: Callable[[jax.Array], jax.Array], dtype,
-                           shape_factor: bool = True) -> Any:
+                           shape_factor: bool = True, rescale: Callable[[jax.Array], jax.Array] | None = None) -> Any:
   """`orthogonalise` (a batch of wide [B, M <= N] matrices in `dtype` -> the same) of every matrix
-  in `tree`, times its shape LR factor unless `shape_factor` is False, one batch per matrix shape,
-  each batch split over the devices (zero-padded to a multiple of them)."""
+  in `tree`, then `rescale` (a float32 scale of each matrix) if given, times its shape LR factor
+  unless `shape_factor` is False; one batch per matrix shape, each batch split over the devices
+  (zero-padded to a multiple of them). `rescale` runs on the gathered batch, so the devices
+  exchange `orthogonalise`'s results in `dtype`, not in float32."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   views = [matrix_view(path, g.shape) for path, g in leaves]
   groups: dict[tuple[int, int], list[int]] = {}
@@ -111,6 +113,7 @@ def orthogonalise_by_shape(tree, orthogonalise: Callable[[jax.Array], jax.Array]
     if pad:
       batch = jnp.concatenate([batch, jnp.zeros((pad, *batch.shape[1:]), batch.dtype)])
     ortho = sharding.map_matrices(orthogonalise, batch)
+    ortho = rescale(ortho) if rescale is not None else ortho
     start = 0
     for i in members:
       (count, fan_in, fan_out), factor = views[i]

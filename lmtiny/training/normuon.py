@@ -25,7 +25,8 @@ with nanochat's shape factor f = sqrt(max(1, fan_out / fan_in)) (torch's rows ov
 NorMuon keeps one second moment per output unit when fan_out >= fan_in (the mean of O^2 over the
 fan-in axes) and one per input unit otherwise (over the fan-out axes): v <- v + (1 - beta2)
 (mean - v), O <- O / sqrt(v), then O rescaled to its Frobenius norm before the division. Matrices
-of one shape are orthogonalised as one batch, split over the devices (`muon.orthogonalise_by_shape`);
+of one shape are orthogonalised as one batch, split over the devices (`muon.orthogonalise_by_shape`),
+and renormalised once gathered (the devices exchange bf16 Polar Express results, not float32);
 MuonEq, NorMuon and the decay are elementwise work and reductions on the (sharded) weights.
 
 Schedules, all of the step and total_steps: the learning rate is `optim.schedule` (nanochat's is
@@ -210,9 +211,6 @@ def scale_by_normuon(o, total_steps: int) -> optax.GradientTransformation:
   momentum_at, decay_at = momentum_schedule(o, total_steps), weight_decay_schedule(o, total_steps)
   ns_dtype, steps, beta2 = jnp.dtype(o.muon_ns_dtype), o.muon_ns_steps, o.muon_beta2
 
-  def orthogonalise(x):
-    return renormalise(polar_express(x, steps, ns_dtype))
-
   def init(params):
     return NorMuonState(count=jnp.zeros((), jnp.int32), momentum=jax.tree.map(jnp.zeros_like, params),
                         second_moment=jax.tree_util.tree_map_with_path(_factored_zeros, params))
@@ -226,7 +224,8 @@ def scale_by_normuon(o, total_steps: int) -> optax.GradientTransformation:
     buffers = [b + (1 - m) * (g - b) for (_, g), b in zip(flat, jax.tree.leaves(state.momentum))]
     nesterov = [g + m * (b - g) for (_, g), b in zip(flat, buffers)]
     balanced = treedef.unflatten([equilibrate(p, u, ns_dtype) for p, u in zip(paths, nesterov)])
-    ortho = jax.tree.leaves(orthogonalise_by_shape(balanced, orthogonalise, ns_dtype, shape_factor=False))
+    ortho = jax.tree.leaves(orthogonalise_by_shape(balanced, lambda x: polar_express(x, steps, ns_dtype), ns_dtype,
+                                                   shape_factor=False, rescale=renormalise))
     reduced = [variance_reduce(p, x, v, beta2) for p, x, v in zip(paths, ortho, jax.tree.leaves(state.second_moment))]
     updates = []
     for path, (x, _), w in zip(paths, reduced, jax.tree.leaves(params)):

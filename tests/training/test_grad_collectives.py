@@ -26,7 +26,7 @@ from lmtiny.parallel import sharding
 from lmtiny.training import hlo_cost, step_cost
 from lmtiny.training.muon import is_muon_param, matrix_view
 
-F32 = 4
+F32, BF16 = 4, 2
 ROWS, T = 32, 64
 
 
@@ -73,8 +73,9 @@ def test_data_parallel_2026_step_reduces_one_gradient_per_step_and_counts_the_op
   assert gradient["payload"] == F32 * (params + 2) and gradient["ops_in_loops"] == 0, gradient
   assert collectives.links["all_reduce_payload"] == gradient["payload"], collectives.links  # the only all-reduce
   # Muon's matrices gathered once from the devices that orthogonalised them, zero-padded to 8 a
-  # batch (before: an all-reduce of them, and all-to-alls and permutes), and nothing else
-  assert padded > matrices and optimizer["payload"] == F32 * padded and optimizer["ops_in_loops"] == 0, optimizer
+  # batch (before: an all-reduce of them, and all-to-alls and permutes), and nothing else; in bf16,
+  # Polar Express's dtype, renormalised once gathered (before: in float32, twice the bytes)
+  assert padded > matrices and optimizer["payload"] == BF16 * padded and optimizer["ops_in_loops"] == 0, optimizer
   assert set(collectives.links) == {"all_reduce", "all_reduce_payload", "all_gather", "all_gather_payload"}
   assert roles["other"]["payload"] == 0, roles
 
@@ -153,7 +154,7 @@ def test_data_by_fsdp_optimizer_gathers_each_block_over_data_and_all_reduces_no_
   _, matrices, padded = _values(cfg)
   collectives, _ = _collectives(cfg)
   optimizer = {k.removeprefix("optimizer_"): v for k, v in collectives.roles.items() if k.startswith("optimizer_")}
-  assert optimizer.get("all_gather_payload") == F32 * padded // 4, optimizer  # each fsdp block, once
+  assert optimizer.get("all_gather_payload") == BF16 * padded // 4, optimizer  # each fsdp block, once, in bf16
   assert optimizer.get("collective_permute_ops", 0) == 0, optimizer
   assert optimizer["all_reduce_payload"] < F32 * matrices / 20, optimizer  # norms' sums, no matrix
 
