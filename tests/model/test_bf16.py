@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lm_fixtures import dot_types, load_config_module
 from saved_residuals import residual_bytes, saved_residuals, token_loss
 from lmtiny import config as config_lib
-from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, mix_layer_input
+from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, embed_lookup, mix_layer_input
 from lmtiny.parallel import sharding
-from lmtiny.training import lowering
+from lmtiny.training import lowering, step_cost
 
 B, T, D = 8, 512, 192  # 786,432 products per scalar's gradient
 
@@ -202,6 +203,22 @@ def test_a_table_held_whole_casts_the_rows_it_gathers_not_the_table():
   purpose (half the bytes), which is what the second count shows."""
   assert _table_casts(dict(data=8, fsdp=1, tensor=1)) == 0
   assert _table_casts(dict(data=1, fsdp=8, tensor=1)) >= 3
+
+
+def test_fsdp_gathers_an_embedding_table_as_its_bf16_copy_cast_where_it_lies():
+  """Under FSDP each device casts its share of the float32 table and the bf16 shares are gathered.
+  Told only that the bf16 copy is whole, XLA's partitioner gathered the float32 table and cast it
+  after: twice the bytes (d12_2026 on fsdp=8: 7 tables, 672 MiB a step, not 336). Read in the
+  module right after partitioning, as XLA:CPU then widens every bf16 op to float32."""
+  mesh_cfg = config_lib.base_config().mesh
+  mesh_cfg.update(data=1, fsdp=8)
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices())
+  table = jax.device_put(jnp.ones((64, 32), jnp.float32), jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
+  tokens = jnp.zeros((8, 4), jnp.int32)
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(lambda t, x: embed_lookup(t, x, jnp.bfloat16)).lower(table, tokens)
+  _, partitioned = step_cost.with_partitioned_module(lambda options: lowered.compile(compiler_options=options))
+  assert re.findall(r"= (\w+)\[64,32\]\S* all-gather\(", partitioned) == ["bf16"]
 
 
 def _lm_head_dots(fp8_lm_head: bool) -> list[tuple[str, str]]:
