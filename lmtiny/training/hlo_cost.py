@@ -28,7 +28,9 @@ once per device of their manual axes):
   `compiled_collectives` counts in a compiled module (lmtiny.training.step_cost compiles one),
   by role: the gradients' reductions, the optimizer's collectives (Muon's matrices gathered back
   from the devices that orthogonalised them), the rest; and how many of each run inside loops
-  (per micro-step), from the jax op names (named scopes) XLA keeps in the ops' metadata.
+  (per micro-step), from the jax op names (named scopes) XLA keeps in the ops' metadata; at the
+  dtypes of the module right after partitioning where one is given (`partitioned_dtypes`: a
+  CPU-compiled module moves bf16 in float32).
 
 Custom calls without a FLOP rule (a kernel under XLA's custom partitioning, which it lowers only
 when compiling) are listed by name in `uncounted`. Importing this module does not import JAX.
