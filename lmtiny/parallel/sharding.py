@@ -289,7 +289,8 @@ def map_matrices(fn, x_BxMxN: jax.Array) -> jax.Array:
   all-reduce of zero-padded shares (twice an all-gather's link bytes) with all-to-alls and permutes
   around it: on a data-only mesh as much traffic again as the gradients' all-reduce for d24_2026,
   and on data x fsdp (d12_2026, data=2 x fsdp=4) 79 full rematerializations and 694 MiB of
-  optimizer collectives a step, against 99 MiB on fsdp=8. A block the data axis does not divide
+  optimizer collectives a step, against 99 MiB on fsdp=8 (both counted at XLA:CPU's float32
+  widths, before step_cost read the partitioner's dtypes). A block the data axis does not divide
   (pad the batch to `matrix_devices`) takes the partitioner's way."""
   mesh = traced_mesh()
   if mesh is None:

@@ -149,7 +149,8 @@ def test_data_by_fsdp_optimizer_gathers_each_block_over_data_and_all_reduces_no_
   Muon's batches over fsdp, and each device slices its data share of its fsdp block and gathers
   the results over data (sharding.map_matrices). Left to the partitioner, the data share's way
   back was an all-reduce of every zero-padded matrix with permutes around it (d12_2026 at data=2 x
-  fsdp=4: 79 full rematerialisations, 694 MiB of optimizer collectives a step, 99 MiB at fsdp=8)."""
+  fsdp=4: 79 full rematerialisations, 694 MiB of optimizer collectives a step, 99 MiB at fsdp=8,
+  both at XLA:CPU's float32 widths)."""
   cfg = _cfg(data=2, fsdp=4)
   _, matrices, padded = _values(cfg)
   collectives, _ = _collectives(cfg)
