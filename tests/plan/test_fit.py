@@ -80,13 +80,13 @@ def test_every_plan_fits_and_is_the_largest_batch_that_does(name, chip, chips):
 
 
 def test_a_small_card_needs_a_smaller_batch_and_remat():
-  """d12 (2026) asks for 32 sequences per device under dots_no_batch; a 24 GB card holds 16 of
-  them under remat minimal. Its rows are causal sequences (no document mask), which cuDNN runs on
+  """d12 (2026) asks for 32 sequences per device keeping every activation; a 24 GB card holds 16
+  of them under remat minimal. Its rows are causal sequences (no document mask), which cuDNN runs on
   these cards; with the mask they are packed, which pre-Hopper cards run in XLA with its [T, T]
   scores: a 24 GB card still holds 16, and a 10 GB 3080 holds 2, remat saving the matmul outputs,
   or 1 keeping everything; at 55% of it, none."""
   cfg = _config("d12_2026")
-  assert (cfg.train.device_batch_size, cfg.model.remat) == (32, "dots_no_batch")
+  assert (cfg.train.device_batch_size, cfg.model.remat) == (32, "none")
   c = fit.chip("rtx4090")
   assert fit.for_rows(c, cfg).attention == "cudnn" and c.attention == "xla"
   assert memory.estimate(cfg, attention="cudnn")["total"] > memory.PLAN_HEADROOM["gpu"] * c.memory  # as configured: no
