@@ -32,8 +32,8 @@
 Layers under `lax.scan` (model.scan_layers) keep exactly what the remat policy saves, and on TPU
 one more attention-sized stack (splash's own output); unrolled layers on XLA:CPU keep more (its
 scheduler is not memory-aware), so compare with scan_layers. Of unrolled layers under remat
-"none" XLA:TPU keeps less than their working set, and `platform` "tpu" counts what it keeps
-(_kept_by_xla_tpu_unrolled).
+"none" XLA:TPU and XLA:GPU keep less than their working set, and `platform` "tpu" or "gpu"
+counts what each keeps (_kept_by_xla_tpu_unrolled, _kept_by_xla_gpu_unrolled).
 `lmtiny.bench` prints XLA's own figure (compiled.memory_analysis()) beside this one, and
 `--topology v5e:2x4` XLA:TPU's for TPU chips (its peak); tests keep the estimate within 10% of
 XLA:TPU's (v5e under FSDP, the d24 presets on v5p and v6e) and within 25% of XLA:CPU's.
@@ -51,7 +51,8 @@ GIB = 2 ** 30
 def _widths(m) -> dict[str, int]:
   hd = config_lib.head_dim(m)
   return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m), head=hd,
-              gated=m.activation == "swiglu", relu2=m.activation == "relu2")
+              gated=m.activation == "swiglu", relu2=m.activation == "relu2", qk_norm=m.qk_norm,
+              residual_scalars=m.residual_scalars)
 
 
 def _layer_working_set(w: dict, c: int) -> float:
@@ -79,11 +80,27 @@ def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
   return c * (w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp) + (w["f"] / 8 if w["relu2"] else 0)
 
 
+def _kept_by_xla_gpu_unrolled(w: dict, c: int) -> float:
+  """Bytes per token and layer XLA:GPU keeps of an unrolled layer under remat "none" (beyond the
+  block input): the blocks' GEMM inputs and cuDNN attention's operands and output (both norms'
+  outputs, q, k, v, the attention output; the MLP's hidden pre-activations and activation), one
+  float32 [D] residual, and with QK-norm the queries and keys before it, with the residual
+  scalars a second float32 [D] (the mixed residual). relu²'s mask, the norms' float32 outputs and
+  RoPE's it recomputes inside the backward's fusions. Second differences of XLA:GPU's figure for
+  an H100 (compiled on a CPU host: 2 against 4 layers, 8 against 16 rows), measured / counted,
+  per token and layer: d12_2026 30.5 / 30.7 KB; without QK-norm 28.1 / 27.6, without the
+  residual scalars 27.3 / 27.6, with SwiGLU 37.3 / 36.9, at d_model 1024 41.4 / 41.0; d4_38m 17.1
+  / 16.4, with QK-norm 19.0 / 18.4."""
+  mlp = (3 if w["gated"] else 2) * w["f"]
+  qk_norm = c * (w["q"] + w["kv"]) if w["qk_norm"] else 0
+  mixed_residual = 4 * w["d"] if w["residual_scalars"] else 0
+  return c * (w["d"] + 2 * w["q"] + 2 * w["kv"] + mlp) + 4 * w["d"] + qk_norm + mixed_residual
+
+
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
   """Bytes per token and layer the backward keeps under a remat policy (beyond the block input).
-  Under "none" that is the layer's whole working set, as lax.scan's body keeps it. XLA:TPU keeps
-  less of unrolled layers (_kept_by_xla_tpu_unrolled); what XLA:GPU keeps of them is unmeasured,
-  so GPU plans count the whole set."""
+  Under "none" that is the layer's whole working set, as lax.scan's body keeps it. XLA:TPU and
+  XLA:GPU keep less of unrolled layers (_kept_by_xla_tpu_unrolled, _kept_by_xla_gpu_unrolled)."""
   # The MLP's down projection feeds only the residual sum (the next layer's input, kept anyway):
   # no backward step reads it, so no policy keeps it.
   matmul_outputs = c * (w["q"] + 2 * w["kv"] + w["d"] + (2 if w["gated"] else 1) * w["f"])
@@ -122,7 +139,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   loss_chunk, fsdp_gathers and total. `mesh_shape` ({data, fsdp, tensor}) defaults to one device;
   `compute_bytes` to 4 for model.dtype float32, else 2 (bf16, as on TPU/GPU); `attention` (the
   backend that runs) to model.attention, where `auto` counts as a fused kernel (GPU/TPU);
-  `platform` "tpu" counts the loss chunk as XLA:TPU holds it (anything else: as XLA:GPU would)."""
+  `platform` "tpu" counts the loss chunk as XLA:TPU holds it (anything else: as XLA:GPU would), and
+  "tpu" or "gpu" unrolled layers under remat "none" as that compiler keeps them."""
   m, t = cfg.model, cfg.train
   data, fsdp, tensor = mesh_axes(mesh_shape)
   dp = data * fsdp
@@ -142,6 +160,8 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
               f=w["f"] // tensor if w["f"] % tensor == 0 else w["f"])
   if m.remat == "none" and platform == "tpu" and not m.scan_layers:
     kept = _kept_by_xla_tpu_unrolled(tp_w, c)
+  elif m.remat == "none" and platform == "gpu" and not m.scan_layers:
+    kept = _kept_by_xla_gpu_unrolled(tp_w, c)
   else:
     kept = _saved_per_token(m.remat, tp_w, c)
   backend = attention or m.attention
@@ -216,9 +236,9 @@ V5E_BYTES = counts.HBM_BYTES["v5e"]
 # config's v5e plans (benchmarks/tpu_plans.py), the d24 presets and d12_2026 on a v5p the estimate
 # reads 0.93x-1.05x, so 80% of a TPU chip keeps the compiled step under 86% of it. Against an
 # H100's (2026-11-27, jax 0.11.2; XLA:GPU's figure is what the runtime peaked at) it reads 1.07x
-# (d12_2026, 17.56 GiB) and 1.09x (d24_2026, 44.84) in bf16, and 1.04x for d12_2026 in fp8
-# (XLA:GPU compiled for an H100 on a CPU host: 18.00 GiB), so 80% of a GPU keeps the step under
-# 77% of it.
+# (d12_2026 under remat minimal, 17.56 GiB) and 1.09x (d24_2026, 44.84) in bf16, and 1.04x for
+# d12_2026 in fp8 (XLA:GPU compiled for an H100 on a CPU host: 18.00 GiB); compiled the same way,
+# d12_2026 as it ships (remat none) 1.03x (28.11 GiB), so 80% of a GPU keeps the step under 78%.
 PLAN_HEADROOM = {"tpu": 0.8, "gpu": 0.8}
 
 

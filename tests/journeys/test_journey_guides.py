@@ -17,7 +17,7 @@ PROMISES = [
     ("docs/scale-out.md", "launch/speedrun.sh toy --smoke", ["== tokenizer: done already", "== rl: done already"], []),
     ("docs/scale-out.md", "python -m lmtiny.arch --config configs/d12_2026.py --fit rtx4090",
      ["1 x RTX 4090 24 GB: 165.2 TFLOP/s dense bf16", "best plan: --config.train.device_batch_size=16 "
-      "--config.model.remat=minimal --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1"], []),
+      "--config.model.remat=none --config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.tensor=1"], []),
     ("docs/scale-out.md", "python -m lmtiny.arch --config configs/d24_2026.py --fit h100 --chips 8",
      ["8 x H100 SXM 80 GB", "best plan: --config.train.device_batch_size="], []),
     ("docs/data.md", "python -m lmtiny.data.prepare", ["bytes/token"], ["data/stdlib/manifest.json"]),
