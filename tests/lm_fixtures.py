@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -153,6 +154,12 @@ def progression_docs(n: int, seed: int = 0, vocab: int = VOCAB) -> list[np.ndarr
     start, step, length = rng.integers(1, vocab), rng.integers(1, 7), rng.integers(6, 70)
     docs.append((1 + (start + step * np.arange(length)) % (vocab - 1)).astype(np.int32))
   return docs
+
+
+def prefetch_threads() -> set[threading.Thread]:
+  """The live threads of grain's thread prefetch (lmtiny.data.pipeline's `prefetch`): a test
+  compares these before and after, so that a thread another test left in this worker is not its."""
+  return {t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")}
 
 
 def memory_data(n_train: int = 300, n_val: int = 40, vocab: int = VOCAB):

@@ -154,7 +154,7 @@ def run(stage: Stage, stop_after: int | None = None, clock: budget_lib.Clock | N
                                t.keep_checkpoints, stage.log)
     ckpt = Checkpointer(str(workdir / "checkpoints"), keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     data = stage.data_iterator()
-    with jax.set_mesh(stage.mesh):
+    with _closing(data), jax.set_mesh(stage.mesh):
       try:
         state, start, saved = _start(stage, ckpt, data)
       except BaseException:
@@ -177,6 +177,18 @@ def run(stage: Stage, stop_after: int | None = None, clock: budget_lib.Clock | N
   if stage.main and t.plot:
     metrics_lib.plot_loss_curve(stage.workdir)
   return state, summary
+
+
+@contextlib.contextmanager
+def _closing(data) -> Iterator[None]:
+  """Closes the run's data iterator when the block ends, error or not, which stops its prefetch
+  thread. Dropping it would stop the thread too, but a caught restore error's traceback (a corrupt
+  checkpoint) keeps it alive until Python's next full collection, its thread with it."""
+  try:
+    yield
+  finally:
+    if data is not None:
+      data.close()
 
 
 def _start(stage: Stage, ckpt: Checkpointer, data) -> tuple[dict, int, dict]:

@@ -1,10 +1,14 @@
 """Tests for lmtiny/data/pipeline.py: packing against a plain-Python reference, shuffling, slices, resume."""
+import gc
+import time
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from lm_fixtures import prefetch_threads
 from lmtiny.data import pipeline
 from lmtiny.errors import ConfigError
 
@@ -401,12 +405,8 @@ def test_max_runs_per_row():
   assert pipeline.max_runs_per_row(0, document_mask=False) == 1 == pipeline.max_runs_per_row(4, False)
 
 
-def _prefetch_threads():
-  import threading
-  return [t for t in threading.enumerate() if t.name.startswith("grain-thread-prefetch")]
-
-
 def test_prefetch_delivers_the_same_batches_and_saves_the_consumed_position():
+  before = prefetch_threads()
   docs = make_docs([200, 5, 300, 9, 1000, 3, 17, 40])
   kw = dict(seq_len=16, batch_size=4, bos_id=BOS, seed=5)
   plain = pipeline.make_train_iterator(docs, **kw)
@@ -425,7 +425,7 @@ def test_prefetch_delivers_the_same_batches_and_saves_the_consumed_position():
     resumed.close()
   finally:
     ahead.close()
-  assert not _prefetch_threads()
+  assert not prefetch_threads() - before
 
 
 def test_prefetch_state_survives_an_orbax_checkpoint_and_restores_without_prefetch(tmp_path):
@@ -460,8 +460,7 @@ class _Broken:
 
 
 def test_prefetch_raises_the_threads_error_and_a_dropped_iterator_stops_its_thread():
-  import gc
-  import time
+  before = prefetch_threads()
   it = pipeline.make_train_iterator(_Broken(make_docs([30] * 6), bad=4), seq_len=16, batch_size=1, bos_id=BOS,
                                     seed=0, prefetch=2)
   with pytest.raises(OSError, match="cannot read document 4"):
@@ -469,10 +468,10 @@ def test_prefetch_raises_the_threads_error_and_a_dropped_iterator_stops_its_thre
   it.close()
   it = pipeline.make_train_iterator(make_docs([30] * 6), seq_len=16, batch_size=1, bos_id=BOS, seed=0, prefetch=2)
   next(it)
-  assert len(_prefetch_threads()) == 1
+  assert len(prefetch_threads() - before) == 1
   del it
   gc.collect()
   deadline = time.monotonic() + 5
-  while _prefetch_threads() and time.monotonic() < deadline:
+  while prefetch_threads() - before and time.monotonic() < deadline:
     time.sleep(0.01)
-  assert not _prefetch_threads()
+  assert not prefetch_threads() - before

@@ -13,7 +13,7 @@ import jax
 import pytest
 import tensorstore as ts
 
-from lm_fixtures import ROOT, memory_data, one_device, tiny_config
+from lm_fixtures import ROOT, memory_data, one_device, prefetch_threads, tiny_config
 from lmtiny.errors import ConfigError
 from lmtiny.fs import outputs
 from lmtiny.runs.checkpoint import (abstract_with_shardings, CheckpointCorrupt, Checkpointer,
@@ -190,8 +190,10 @@ def test_damage_outside_the_parameters_leaves_the_weights_usable(reference, tmp_
 def test_resume_after_corrupt_checkpoint_repeats_the_lost_steps_exactly(reference, tmp_path):
   workdir = _copy(reference, tmp_path)
   _truncate(f"{workdir}/checkpoints/8")
-  lines = []
+  lines, before = [], prefetch_threads()
   summary = Trainer(_run(), workdir, memory_data(), log=lines.append).run()
+  # The failed restore's traceback holds the data iterator; the run closed it, stopping its thread
+  assert not prefetch_threads() - before
   assert _losses(summary) == _losses(reference[1])[4:]  # steps 5..8 again, bit for bit
   assert any(l.startswith("warning: checkpoint at step 8 is unusable") for l in lines)
   assert sorted(os.listdir(f"{workdir}/checkpoints"))[:2] == ["4", "8"]  # a fresh, good step 8
