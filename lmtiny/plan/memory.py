@@ -8,7 +8,8 @@
   momentum per block matrix, AdamW's two on the rest).
 - gradients: the float32 gradient accumulator, one micro-step's compute-dtype gradient and the
   step's compute-dtype copy of the weights (cast once per step), sharded like the parameters;
-  the optimizer's update is fused into the new params and moments in place.
+  the optimizer's update is fused into the new params and moments in place. `platform` "gpu"
+  counts what XLA:GPU holds: the float32 sums and the copies of the weights the GEMMs read.
 - activations: what the backward keeps per token and layer under the remat policy (model.remat:
   the residuals jax saves, tests/plan/test_memory.py), for one micro-batch of device_batch_size
   sequences, plus each value-embedding layer's looked-up rows (an input of its remat region, so
@@ -206,10 +207,15 @@ def estimate(cfg, mesh_shape: dict[str, int] | None = None, compute_bytes: int |
   # every table's copy is held for the whole step (one at a time without accumulation).
   accumulating = config_lib.accumulation_steps(resolved) > 1
   ve_tables_held = p["value_embeds"] if accumulating or not ve_layers else p["value_embeds"] / ve_layers
+  # XLA:GPU holds the float32 gradient sums and the compute-dtype copies of the weights the GEMMs
+  # read (the blocks' and lm_head's; embedding lookups cast the rows they gather), and adds each
+  # micro-step's gradient into the sums as it is formed, never holding it whole.
+  lm_head = p["lm_head"] or (embedding if m.tie_embeddings else 0)
+  gemm_weight_elems = (p["blocks"] + lm_head) / (fsdp * tensor)
   out = {
       "params": 4.0 * param_elems,
       "optimizer": moments,
-      "gradients": (4.0 + 2 * c) * param_elems,
+      "gradients": (4.0 * param_elems + c * gemm_weight_elems if platform == "gpu" else (4.0 + 2 * c) * param_elems),
       "activations": float(activations),
       # The loss runs after the forward and before the backward reaches a layer: its logits chunk
       # and the layer being differentiated are never held at once (XLA:TPU's peak holds the loss's).
@@ -235,10 +241,11 @@ V5E_BYTES = counts.HBM_BYTES["v5e"]
 # The share of a chip's memory a plan's estimate may use. Against XLA:TPU's peak for every
 # config's v5e plans (benchmarks/tpu_plans.py), the d24 presets and d12_2026 on a v5p the estimate
 # reads 0.93x-1.05x, so 80% of a TPU chip keeps the compiled step under 86% of it. Against an
-# H100's (2026-11-27, jax 0.11.2; XLA:GPU's figure is what the runtime peaked at) it reads 1.07x
-# (d12_2026 under remat minimal, 17.56 GiB) and 1.09x (d24_2026, 44.84) in bf16, and 1.04x for
-# d12_2026 in fp8 (XLA:GPU compiled for an H100 on a CPU host: 18.00 GiB); compiled the same way,
-# d12_2026 as it ships (remat none) 1.03x (28.11 GiB), so 80% of a GPU keeps the step under 78%.
+# H100's (2026-11-27, jax 0.11.2; XLA:GPU's figure is what the runtime peaked at) it reads 1.02x
+# (d12_2026 under remat minimal, 17.56 GiB) and 1.00x (d24_2026, 44.84) in bf16, 0.99x for
+# d12_2026 in fp8 (XLA:GPU compiled for an H100 on a CPU host: 18.00 GiB) and, compiled the same
+# way, 1.00x for d12_2026 as it ships (remat none, 28.11 GiB): 80% of a GPU keeps the step under
+# 81% of it (tests/plan/test_memory.py).
 PLAN_HEADROOM = {"tpu": 0.8, "gpu": 0.8}
 
 

@@ -81,11 +81,12 @@ def test_every_plan_fits_and_is_the_largest_batch_that_does(name, chip, chips):
 
 def test_a_small_card_needs_a_smaller_batch_and_remat():
   """d12 (2026) asks for 32 sequences per device keeping every activation; a 24 GB card holds 16
-  of them, still keeping every activation (17.3 GiB counted; 20.1 while every layer's whole
-  working set was counted, when remat minimal was the plan). Its rows are causal sequences (no
-  document mask), which cuDNN runs on these cards; with the mask they are packed, which pre-Hopper
-  cards run in XLA with its [T, T] scores: a 24 GB card still holds 16, under remat minimal, and a
-  10 GB 3080 holds 2, remat saving the matmul outputs, or 1 keeping everything; at 55% of it, none."""
+  of them, still keeping every activation (16.5 GiB counted; 20.1 while every layer's whole
+  working set and a bf16 gradient of every weight were counted, when remat minimal was the plan).
+  Its rows are causal sequences (no document mask), which cuDNN runs on these cards; with the mask
+  they are packed, which pre-Hopper cards run in XLA with its [T, T] scores: a 24 GB card still
+  holds 16, under remat minimal, and a 10 GB 3080 holds 4, remat saving the matmul outputs, or 1
+  keeping everything; at 45% of it, none."""
   cfg = _config("d12_2026")
   assert (cfg.train.device_batch_size, cfg.model.remat) == (32, "none")
   c = fit.chip("rtx4090")
@@ -98,9 +99,9 @@ def test_a_small_card_needs_a_smaller_batch_and_remat():
   best = fit.search(cfg, c)[0][0]
   assert (best.device_batch_size, best.remat, best.accumulation) == (16, "minimal", 16)
   plans, smallest = fit.search(cfg, fit.chip("3080"))  # the default 80% of a GPU
-  assert smallest is None and plans[0].device_batch_size == 2 and plans[0].remat == "minimal"
+  assert smallest is None and plans[0].device_batch_size == 4 and plans[0].remat == "minimal"
   assert {p.device_batch_size for p in plans if p.remat == "none"} == {1}  # keeping every activation: 1 sequence
-  plans, smallest = fit.search(cfg, fit.chip("3080"), usable=0.55)  # at 55%: nothing, and the nearest
+  plans, smallest = fit.search(cfg, fit.chip("3080"), usable=0.45)  # at 45%: nothing, and the nearest
   assert plans == [] and smallest.device_batch_size == 1 and smallest.remat == "full"
 
 
@@ -136,9 +137,9 @@ def test_ranking_by_hand():
   # Loss chunks of 256 tokens (one sequence), so the activations set the memory: the chip holds
   # none at 4 sequences (4 micro-steps) and full at 8 (2), not none at 8 nor full at 16.
   cfg.model.loss_chunk_tokens = 256
-  def est(remat, dbs):
+  def est(remat, dbs):  # as the planner counts for the test chip (a GPU: fit.platform)
     return memory.estimate(fit.with_plan(cfg, fit.Plan(1, 1, 1, dbs, remat, 0, 0, True, 0, 0, 0, 0)),
-                           attention="splash")["total"]
+                           attention="splash", platform="gpu")["total"]
   limit = est("none", 4)
   assert est("full", 8) <= limit < min(est("none", 8), est("full", 16))
   n = counts.count_params(cfg.model)
@@ -258,19 +259,20 @@ def test_docs_consumer_gpu_table_is_what_the_command_prints():
 @pytest.mark.slow(seconds=8)
 def test_xla_cpu_compile_of_the_chosen_plan_agrees_with_its_estimate():
   """A scaled-down model (bf16, scanned layers, xla attention as on pre-Hopper GPUs) on a chip
-  whose usable memory admits remat minimal at 4 sequences: XLA:CPU's own figure for that plan's
-  step is within 25% of the estimate the planner ranked it by (0.81x measured; XLA:CPU emulates
-  bf16 with float32 copies and keeps the [T, T] scores it need not)."""
+  whose usable memory admits remat minimal at 4 sequences: the estimate the planner ranked it by
+  is 0.7x-1.25x XLA:CPU's own figure for that plan's step (0.75x measured, 25.6 MiB against 34.1;
+  0.81x while GPU plans counted a whole bf16 gradient of every weight). XLA:CPU emulates bf16 with
+  float32 copies and keeps the [T, T] scores it need not."""
   cfg = tiny_config(seq_len=128, batch_tokens=128 * 16)
   cfg.model.update(vocab_size=512, num_layers=4, d_model=128, num_heads=4, max_seq_len=128, dtype="bfloat16",
                    scan_layers=True, attention="xla", remat="none")
   cfg.mesh.update(data=1)
-  c = fit.Chip("test", "test", 30 * 2 ** 20, 1e12, 1e9, "xla")
+  c = fit.Chip("test", "test", 27 * 2 ** 20, 1e12, 1e9, "xla")
   best = fit.search(cfg, c, usable=1.0)[0][0]
   assert (best.remat, best.device_batch_size) == ("minimal", 4)
   compiled = lowering.compile_train_step(fit.with_plan(cfg, best), devices=jax.devices()[:1])[0]
   xla = bench.memory_analysis(compiled, "cpu")["peak"]
-  assert 0.75 <= best.bytes / xla <= 1.25, (best.bytes, xla)
+  assert 0.7 <= best.bytes / xla <= 1.25, (best.bytes, xla)
 
 
 @pytest.mark.slow(seconds=75)
