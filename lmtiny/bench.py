@@ -19,7 +19,9 @@ directory; lmtiny.training.profiling) and prints where its device time went: the
 attention, collectives, elementwise work and idle, and the top operations (lmtiny.runs.trace_summary);
 `--json` holds that summary as "profile".
 `--topology v5e:2x4` (libtpu installed) compiles it with XLA:TPU for that slice's chips, here:
-XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed.
+XLA:TPU's per-chip memory figure and whether it fits the chip, no TPU needed. `--topology h100:8`
+(h100, h200, a100; jax's CUDA plugin installed) does the same with XLA:GPU for that many GPUs of
+one host (lmtiny.training.gpu_targets).
 
 MFU = training FLOP/s / (chips x dense bf16 peak), training FLOPs per token
     causal-half: 6 * N_matmul + 6 * L * T * H * Dh   (MaxText: half the score matrix is masked)
@@ -49,8 +51,9 @@ def _define_flags(fv):
           "lower_for": flags.DEFINE_string("lower_for", None, "cuda | tpu: lower the step for that platform "
                                            "(no device needed) and print the kernels it calls.", flag_values=fv),
           "topology": flags.DEFINE_string("topology", None, "A TPU slice, e.g. v5e:2x4 (libtpu's topology "
-                                          "names): compile the step with XLA:TPU for its chips, here, and print "
-                                          "XLA's memory figure (implies --compile-only).", flag_values=fv),
+                                          "names), or GPUs of one host, e.g. h100:8: compile the step with XLA "
+                                          "for them, here, and print XLA's memory figure (implies --compile-only).",
+                                          flag_values=fv),
           "json": flags.DEFINE_string("json", None, "Also write the report as JSON to this path.", flag_values=fv),
           "hlo_out": flags.DEFINE_string("hlo_out", None, "With --lower-for: also write the lowered step's "
                                          "StableHLO text to this file.", flag_values=fv),

@@ -31,6 +31,7 @@ from collections import Counter
 
 import jax
 import numpy as np
+from jax.experimental import topologies
 
 from lmtiny import config as config_lib
 from lmtiny.errors import ConfigError, first_line
@@ -39,7 +40,7 @@ from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan.units import human_bytes
 from lmtiny.runs.checkpoint import abstract_with_shardings
-from lmtiny.training import hlo_cost
+from lmtiny.training import gpu_targets, hlo_cost
 from lmtiny.training.objectives import TOKEN_KEYS
 from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps
@@ -154,7 +155,6 @@ def tpu_devices(topology: str) -> list:
                                  "pip install -e '.[tpu]'") from None
   for name, value in _OFF_TPU_ENV.items():
     os.environ.setdefault(name, value)
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
     try:
       return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
@@ -172,10 +172,43 @@ def tpu_devices(topology: str) -> list:
                                  f"names look like {TOPOLOGY_EXAMPLES}") from None
 
 
+GPU_TOPOLOGY = re.compile(r"(\w+):(\d+)")
+
+
+def gpu_devices(topology: str) -> list:
+  """The devices of `topology`, "<gpu>:<count>" of one host ("h100:8": lmtiny.training.gpu_targets
+  names the GPUs), for XLA:GPU to compile for on this machine; nothing can run on them."""
+  name, count = GPU_TOPOLOGY.fullmatch(topology).groups()
+  if not 1 <= int(count) <= 8:
+    raise ConfigError(f"--topology={topology}: one host of 1 to 8 GPUs")
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401  (only whether it imports)
+  except ImportError:
+    raise ConfigError(f"--topology={topology}: compiling for a GPU needs jax's CUDA plugin: "
+                      f"pip install 'jax-cuda12-plugin[with-cuda]=={jax.__version__}'") from None
+  if not jax.config.jax_platforms:
+    # The plugin checks the CUDA driver when it loads unless the platforms asked for leave CUDA
+    # out; a machine without a GPU has none. The described GPUs need no driver.
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    return list(topologies.get_topology_desc(platform="cuda", target_config=gpu_targets.target_config(name),
+                                             topology=f"1x1x{count}").devices)
+  except NotImplementedError:  # jax registered no CUDA topologies: the plugin failed as it loaded
+    raise ConfigError(f"--topology={topology}: jax's CUDA plugin did not load (jax logged why); on a machine "
+                      "without a GPU run with JAX_PLATFORMS=cpu") from None
+
+
 def compile_for_topology(cfg, topology: str):
-  """XLA:TPU's compile of the trainer's step for the slice `topology` names, as
-  (compiled, seconds, the config compiled, mesh): the mesh config is laid over its devices."""
-  return compile_train_step(cfg, "tpu", tpu_devices(topology))
+  """XLA:TPU's compile of the trainer's step for the slice `topology` names, or XLA:GPU's for
+  the GPUs it names ("h100:8"), as (compiled, seconds, the config compiled, mesh): the mesh
+  config is laid over their devices."""
+  gpu = GPU_TOPOLOGY.fullmatch(topology)
+  if gpu is None:
+    return compile_train_step(cfg, "tpu", tpu_devices(topology))
+  if gpu.group(1) not in gpu_targets.GPUS:
+    raise ConfigError(f"--topology={topology}: GPUs are named {', '.join(gpu_targets.GPUS)} (e.g. h100:8); "
+                      f"TPU slices look like {TOPOLOGY_EXAMPLES}")
+  return compile_train_step(cfg, "cuda", gpu_devices(topology))
 
 def _tensor_bytes(shape: str) -> int:
   *dims, dtype = shape.split("x")

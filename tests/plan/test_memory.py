@@ -64,9 +64,10 @@ def test_the_unrolled_38m_plan_is_within_10_percent_of_xla_tpu():
 
 # XLA:GPU's bytes per token and layer for an unrolled layer under remat none, compiled for an H100
 # on a CPU host (jax 0.10.2 with jax-cuda12-plugin; a GpuTargetConfig for sm_90 with 80 GB; cuDNN
-# attention, the Triton GEMM path off): the second difference of memory_analysis's
-# arguments + temporaries over 2 against 4 layers and 8 against 16 rows of 2,048 tokens (1,024 for
-# d4_38m), which leaves out the weights, the optimizer and the per-token terms outside the layers.
+# attention, the Triton GEMM path off; `lmtiny.bench --topology h100:1` compiles so, Triton on):
+# the second difference of memory_analysis's arguments + temporaries over 2 against 4 layers and
+# 8 against 16 rows of 2,048 tokens (1,024 for d4_38m), which leaves out the weights, the
+# optimizer and the per-token terms outside the layers.
 XLA_GPU_BYTES_PER_TOKEN_LAYER = [
     ("d12_2026", {}, 30_525),
     ("d12_2026", {"qk_norm": False}, 28_050),

@@ -6,13 +6,15 @@ fused forward, if cuDNN gets a mask tensor instead of its causal mask type, or i
 reach cuDNN's partitioner sharded unlike."""
 import os
 import re
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lm_fixtures import load_config_module, needs_libtpu, ROOT, tiny_config
+from lm_fixtures import load_config_module, needs_cuda_plugin, needs_libtpu, ROOT, tiny_config
 from lmtiny import bench
 from lmtiny.training import benchmark
 from lmtiny.errors import ConfigError
@@ -436,10 +438,52 @@ def test_bench_topology_names_a_slice_libtpu_cannot_describe(capsys):
 
 
 def test_topology_without_libtpu_says_how_to_install_it(monkeypatch):
-  import sys
   monkeypatch.setitem(sys.modules, "libtpu", None)  # import fails as on a machine without it
   with pytest.raises(ConfigError, match=r"--topology=v5e:2x4: .*needs libtpu: pip install"):
     lowering.tpu_devices("v5e:2x4")
+
+
+def test_gpu_topology_without_the_cuda_plugin_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "jax_plugins.xla_cuda12", None)  # import fails as on a machine without it
+  with pytest.raises(ConfigError, match=r"--topology=h100:8: compiling for a GPU needs jax's CUDA plugin: "
+                                        r"pip install 'jax-cuda12-plugin\[with-cuda\]=="):
+    lowering.gpu_devices("h100:8")
+
+
+def test_gpu_topology_when_the_cuda_plugin_failed_to_load_says_so(monkeypatch):
+  """The plugin is installed but checked the CUDA driver as jax started its backends, and failed:
+  jax then has no CUDA topologies (NotImplementedError), which is one line, not a traceback."""
+  for name in ("jax_plugins", "jax_plugins.xla_cuda12"):
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+
+  def no_cuda(**_):
+    raise NotImplementedError("topology not implemented for cuda")
+  monkeypatch.setattr(lowering.topologies, "get_topology_desc", no_cuda)
+  with pytest.raises(ConfigError, match=r"^--topology=h100:1: jax's CUDA plugin did not load .* JAX_PLATFORMS=cpu$"):
+    lowering.gpu_devices("h100:1")
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("h300:8", "--topology=h300:8: GPUs are named h100, h200, a100 (e.g. h100:8); TPU slices look like "
+                "v5e:2x4, v5p:2x2x2, v6e:4x4, v4:2x2x1"),
+    ("h100:16", "--topology=h100:16: one host of 1 to 8 GPUs")])
+def test_bench_gpu_topology_bad_input_is_one_line_and_exit_2(topology, message, capsys):
+  assert bench.main(["bench", "--config", f"{ROOT}/configs/tiny.py", "--topology", topology]) == 2
+  err = capsys.readouterr().err
+  assert err == f"error: {message}\n"
+
+
+@pytest.mark.slow(seconds=15)
+@needs_cuda_plugin
+def test_gpu_topology_compiles_the_step_for_an_h100_here():
+  """Two layers of d12_2026 for one described H100: XLA:GPU's step calls cuDNN's fused attention,
+  and the memory plan reads within 5% of its figure (1.00x for the whole config)."""
+  cfg = load_config_module("d12_2026").get_config()
+  cfg.model.num_layers = 2
+  report = benchmark.compile_report(cfg, "h100:1")
+  assert report["device"] == "NVIDIA H100 80GB HBM3" and report["chip_bytes"] == 80e9
+  assert report["attention"] == "cudnn" and report["dtype"] == "bfloat16"
+  assert report["estimate"]["total"] / report["xla_memory"]["peak"] == pytest.approx(1.0, abs=0.05)
 
 
 SHIPPED = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "configs")) if name.endswith(".py"))
