@@ -32,9 +32,10 @@ def _has_libtpu() -> bool:
 needs_libtpu = pytest.mark.skipif(not _has_libtpu(), reason="libtpu absent (pip install -e '.[tpu]' on Linux x86-64)")
 # XLA:GPU compiles for described GPUs (lowering.gpu_devices) where jax's CUDA plugin is installed
 # (4.9 GB with its CUDA libraries): no CI venv has it; tests/plan/test_memory.py records its figures.
-needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
-    reason="jax's CUDA plugin absent (pip install 'jax-cuda12-plugin[with-cuda]')")
+HAS_CUDA_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+                   and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+needs_cuda_plugin = pytest.mark.skipif(not HAS_CUDA_PLUGIN,
+                                       reason="jax's CUDA plugin absent (pip install 'jax-cuda12-plugin[with-cuda]')")
 VOCAB = 128
 
 # Tests compile many small programs and run each briefly (compiling was 53% of tests/training and

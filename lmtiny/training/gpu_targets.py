@@ -27,7 +27,10 @@ GPUS = {
     "h200": Gpu("NVIDIA H200", (9, 0), 132, 50 * 2**20, 1.98),
     "a100": Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 108, 40 * 2**20, 1.41),
 }
-CUDNN_VERSION = (9, 1, 0)  # the cuDNN the plugin's wheels bring; it gates fused attention's features
+# The cuDNN a described GPU has, for XLA:GPU and for jax.nn's cuDNN attention (lowering.target):
+# it gates features, not the lowering itself. The GPU runs of docs/performance.md had 9.19; jax
+# 0.10.2's plugin wheels bring 9.28.
+CUDNN_VERSION = (9, 24, 0)
 
 
 def target_config(name: str) -> str:

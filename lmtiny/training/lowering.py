@@ -47,7 +47,7 @@ from lmtiny.training.steps import build_steps
 
 PLATFORMS = ("cuda", "tpu")
 H100_CAPABILITY = (9, 0)
-CUDNN_VERSION = 92400  # what jax.nn's cuDNN path is told; it gates features, not the lowering itself
+CUDNN_VERSION = int("{}{:02d}{:02d}".format(*gpu_targets.CUDNN_VERSION))  # as cudnnGetVersion() encodes it
 CUDNN_CALLS = {"__cudnn$fmhaSoftmax": "forward", "__cudnn$fmhaSoftmaxBackward": "backward"}
 
 
