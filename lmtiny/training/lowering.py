@@ -46,7 +46,7 @@ from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps
 
 PLATFORMS = ("cuda", "tpu")
-H100_CAPABILITY = (9, 0)
+H100_CAPABILITY = gpu_targets.GPUS["h100"].capability  # what `target("cuda")` answers jax's probes with
 CUDNN_VERSION = int("{}{:02d}{:02d}".format(*gpu_targets.CUDNN_VERSION))  # as cudnnGetVersion() encodes it
 CUDNN_CALLS = {"__cudnn$fmhaSoftmax": "forward", "__cudnn$fmhaSoftmaxBackward": "backward"}
 
@@ -178,7 +178,11 @@ GPU_TOPOLOGY = re.compile(r"(\w+):(\d+)")
 def gpu_devices(topology: str) -> list:
   """The devices of `topology`, "<gpu>:<count>" of one host ("h100:8": lmtiny.training.gpu_targets
   names the GPUs), for XLA:GPU to compile for on this machine; nothing can run on them."""
-  name, count = GPU_TOPOLOGY.fullmatch(topology).groups()
+  gpu = GPU_TOPOLOGY.fullmatch(topology)
+  if gpu is None or gpu.group(1) not in gpu_targets.GPUS:
+    raise ConfigError(f"--topology={topology}: GPUs are named {', '.join(gpu_targets.GPUS)} (e.g. h100:8); "
+                      f"TPU slices look like {TOPOLOGY_EXAMPLES}")
+  name, count = gpu.groups()
   if not 1 <= int(count) <= 8:
     raise ConfigError(f"--topology={topology}: one host of 1 to 8 GPUs")
   try:
@@ -202,13 +206,9 @@ def compile_for_topology(cfg, topology: str):
   """XLA:TPU's compile of the trainer's step for the slice `topology` names, or XLA:GPU's for
   the GPUs it names ("h100:8"), as (compiled, seconds, the config compiled, mesh): the mesh
   config is laid over their devices."""
-  gpu = GPU_TOPOLOGY.fullmatch(topology)
-  if gpu is None:
-    return compile_train_step(cfg, "tpu", tpu_devices(topology))
-  if gpu.group(1) not in gpu_targets.GPUS:
-    raise ConfigError(f"--topology={topology}: GPUs are named {', '.join(gpu_targets.GPUS)} (e.g. h100:8); "
-                      f"TPU slices look like {TOPOLOGY_EXAMPLES}")
-  return compile_train_step(cfg, "cuda", gpu_devices(topology))
+  if GPU_TOPOLOGY.fullmatch(topology):
+    return compile_train_step(cfg, "cuda", gpu_devices(topology))
+  return compile_train_step(cfg, "tpu", tpu_devices(topology))
 
 def _tensor_bytes(shape: str) -> int:
   *dims, dtype = shape.split("x")
