@@ -1,7 +1,7 @@
 """An independent float64 NumPy forward pass of the lmtiny transformer, written from the math.
 
 It shares nothing with lmtiny's code except the parameter layout it reads: a nested dict as
-`nnx.state(model, nnx.Param).to_pure_dict()` gives it, with per-layer entries either under
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))` gives it, with per-layer entries either under
 integer keys (`layers[i]`) or stacked on a leading layer axis (scan_layers=True).
 
   embedding:  x = E[token]

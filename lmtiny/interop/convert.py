@@ -58,7 +58,7 @@ def _numpy_dtype(name: str):
 def flat_params(model) -> dict:
   """{path: NumPy array} of a Transformer's parameters, per layer."""
   state = jax.device_get(nnx.state(model, nnx.Param))
-  flat = {path: np.asarray(var.get_value()) for path, var in state.flat_state()}
+  flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
   return tensors_lib.unstack_layers(flat, model.cfg.num_layers) if model.cfg.scan_layers else flat
 
 
@@ -237,11 +237,11 @@ def import_checkpoint(hf_dir: str, workdir: str) -> dict:
                        f"vocab_size={fields['vocab_size']} in config.json")
   abstract = abstract_model(cfg.model)
   state = nnx.state(abstract, nnx.Param)
-  shapes = {path: var.get_value().shape for path, var in state.flat_state()}
+  shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(state)}
   arrays = tensors_lib.import_tensors(tensors, shapes, names, fields["vocab_size"], hf_dir,
                                      ignored=architectures.IGNORED_HF_TENSORS)
   params = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])))
-                                     for path, var in state.flat_state()])
+                                     for path, var in nnx.to_flat_state(state)])
   dtype = "bfloat16" if source_dtypes == ["bfloat16"] else "float16" if source_dtypes == ["float16"] else "float32"
   write_run(workdir, cfg, params, tokenizer, files={IMPORT_RECORD: {
       "source": os.path.abspath(hf_dir), "model_type": model_type, "dtype": dtype,

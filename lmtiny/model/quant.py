@@ -176,7 +176,7 @@ def quantize_model(model, mode: str, group_size: int | None = None):
   graphdef, state = nnx.split(model)
   tied = model.cfg.tie_embeddings
   flat = []
-  for path, var in state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     axes = _contraction_axes(path, tied) if isinstance(var, nnx.Param) else None
     if axes is not None:
       value = quantize_array(np.asarray(jax.device_get(var.get_value())), axes, bits, group,

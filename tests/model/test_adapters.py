@@ -48,7 +48,7 @@ def test_untrained_adapter_is_the_base_and_merge_matches_numpy(scan, activation)
   adapters = _random_adapters(lora.init(jax.random.key(0)))
   merged_logits = logits(params, adapters)
   # float64 reference: W + (alpha / r) A B with the rank axis contracted by NumPy.
-  ref_params = ref.to_numpy64(params.to_pure_dict())
+  ref_params = ref.to_numpy64(nnx.to_pure_dict(params))
   for names in lora.specs:
     node_a, node_p = adapters, ref_params
     for n in names:

@@ -58,7 +58,7 @@ def _dequantized_float_model(model, bits, group):
   """The float model with every quantized weight replaced by the NumPy reference's dequantization."""
   graphdef, state = nnx.split(model)
   flat = []
-  for path, var in state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     name = path[-1]
     w = np.asarray(var.get_value())
     if name in CONTRACT or (name == "embed" and model.cfg.tie_embeddings):
