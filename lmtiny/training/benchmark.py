@@ -21,7 +21,8 @@ from lmtiny.model import attention as attn_lib, transformer as model_lib
 from lmtiny.plan import counts, memory
 from lmtiny.plan.units import human, human_bytes
 from lmtiny.runs import metrics as metrics_lib
-from lmtiny.training import lowering, profiling
+from lmtiny.plan.roofline import HBM_BANDWIDTH
+from lmtiny.training import kernel_roofline, lowering, profiling, step_cost
 from lmtiny.training.resolved import resolve_run
 from lmtiny.training.steps import build_steps, device_batch
 
@@ -92,7 +93,40 @@ def compile_report(cfg, topology: str | None = None) -> dict:
           "chip_bytes": counts.HBM_BYTES.get(metrics_lib.chip_name(device)), "devices": mesh.size,
           "mesh": dict(mesh.shape), "attention": cfg.model.attention, "dtype": cfg.model.dtype,
           "reductions": dict(lowering.gradient_reductions(hlo_text)), "ring_steps": dict(lowering.ring_steps(hlo_text)),
-          "reductions_in_loops": dict(lowering.gradient_reductions(lowering.loop_bodies(hlo_text)))}
+          "reductions_in_loops": dict(lowering.gradient_reductions(lowering.loop_bodies(hlo_text))),
+          "kernels": kernel_report(hlo_text, cfg, device, mesh.size)}
+
+
+def kernel_report(hlo_text: str, cfg, device, devices: int) -> dict | None:
+  """On a GPU, real or described: the compiled step's kernels on the chip's roofline and the step
+  time, tokens/s and MFU they predict (lmtiny.training.kernel_roofline); None elsewhere."""
+  chip = metrics_lib.chip_name(device)
+  if device.platform != "gpu" or chip not in counts.PEAK_FLOPS or chip not in HBM_BANDWIDTH:
+    return None
+  m, seq_len = cfg.model, cfg.train.seq_len
+  k = kernel_roofline.kernels(hlo_text, chip, seq_len * step_cost.keys_fraction(m, seq_len))
+  tokens = config_lib.global_batch_size(cfg.train) * seq_len
+  predicted = {convention: kernel_roofline.predict(k, tokens * counts.train_flops_per_token(m, seq_len, convention),
+                                                   tokens, devices, chip)
+               for convention in counts.MFU_CONVENTIONS}
+  return {"chip": chip, "launches": dict(k.launches), "flops": dict(k.flops), "bytes": dict(k.bytes),
+          "seconds": dict(k.seconds), "predicted": predicted}
+
+
+def format_kernels(r: dict) -> list[str]:
+  k = r.get("kernels")
+  if not k:
+    return []
+  s, chip = k["seconds"], k["chip"]
+  p = k["predicted"]["causal-half"]
+  eff = ", ".join(f"{c} {100 * kernel_roofline.EFFICIENCY[c]:.0f}%" for c in kernel_roofline.CATEGORIES)
+  return [f"kernels      {sum(k['launches'].values()):,.0f} launches a step per device; on the {chip}'s roofline: matmul "
+          f"{human(k['flops'].get('matmul', 0))} FLOPs {1e3 * s.get('matmul', 0):.0f} ms, attention "
+          f"{1e3 * s.get('attention', 0):.0f} ms, elementwise {human(k['bytes'].get('elementwise', 0))} bytes "
+          f"{1e3 * s.get('elementwise', 0):.0f} ms ({HBM_BANDWIDTH[chip] / 1e12:.2f} TB/s); {1e3 * sum(s.values()):.0f} ms",
+          f"predicted    {p['seconds']:.3g} s a step, {p['tokens_per_s']:,.0f} tokens/s, MFU {100 * p['mfu']:.3g}% "
+          f"causal-half, {100 * k['predicted']['nanochat']['mfu']:.3g}% nanochat (at the shares of peak an H100 "
+          f"reached: {eff})"]
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2, profile_dir: str | None = None) -> dict:
@@ -182,7 +216,7 @@ def format_report(r: dict, cfg) -> str:
       f"compile      {r['compile_s']:.1f} s",
   ]
   if "median_step_s" not in r:  # --compile-only
-    return "\n".join(head + format_memory(r) + format_reductions(r))
+    return "\n".join(head + format_memory(r) + format_reductions(r) + format_kernels(r))
   mem = human_bytes(r["peak_memory_bytes"]) if r["peak_memory_bytes"] else "n/a (backend does not report)"
   cudnn = {True: "yes", False: "no", None: "unknown"}[r["cudnn_attention"]]
   mfu = (f"{100 * r['mfu']:.3g}% causal-half (6*N + 6*L*T*H*Dh), {100 * r['mfu_nanochat']:.3g}% nanochat "

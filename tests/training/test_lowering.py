@@ -15,13 +15,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lm_fixtures import HAS_CUDA_PLUGIN, load_config_module, needs_cuda_plugin, needs_libtpu, ROOT, tiny_config
-from lmtiny import bench
+from lmtiny import bench, config as config_lib
 from lmtiny.training import benchmark
 from lmtiny.errors import ConfigError
 from lmtiny.model import attention as attn_lib
 from lmtiny.parallel import sharding
 from lmtiny.plan import counts
 from lmtiny.training import lowering
+from lmtiny.training.resolved import resolve_run
 
 T = 256  # long enough for packed runs (T // 64 = 4) and a splash tile (256)
 
@@ -485,6 +486,14 @@ def test_gpu_topology_compiles_the_step_for_an_h100_here():
   assert report["device"] == "NVIDIA H100 80GB HBM3" and report["chip_bytes"] == 80e9
   assert report["attention"] == "cudnn" and report["dtype"] == "bfloat16"
   assert report["estimate"]["total"] / report["xla_memory"]["peak"] == pytest.approx(1.0, abs=0.05)
+  # and its kernels on the H100's roofline (tests/training/test_kernel_roofline.py counts them)
+  kernels = report["kernels"]
+  resolved = resolve_run(cfg, devices=lowering.gpu_devices("h100:1")).cfg
+  micro_steps = config_lib.accumulation_steps(config_lib.resolve_batch(resolved, 1).train)
+  assert kernels["chip"] == "h100" and kernels["launches"]["attention"] == 2 * 2 * micro_steps  # fwd + bwd, 2 layers
+  assert 0.2 < kernels["predicted"]["causal-half"]["mfu"] < kernels["predicted"]["nanochat"]["mfu"] < 0.7
+  lines = benchmark.format_report(report, cfg).splitlines()
+  assert [line.split()[0] for line in lines[-2:]] == ["kernels", "predicted"]
 
 
 SHIPPED = sorted(name[:-3] for name in os.listdir(os.path.join(ROOT, "configs")) if name.endswith(".py"))

@@ -1,0 +1,237 @@
+"""The kernels of a step compiled by XLA:GPU on a roofline, and the step time they predict.
+
+    python -m lmtiny.bench --config configs/d24_2026.py --topology h100:1   # the kernels line
+
+XLA:GPU's compiled module (`compiled.as_text()`) lists each kernel a step launches: cuBLAS and
+Triton GEMMs, cuDNN's fused attention, and a fusion, copy or reduction for everything else. Each
+reads its operands from HBM and writes its result there, so a kernel takes at least
+max(FLOPs / peak, bytes / HBM bandwidth). `kernels(text)` sums that per category, the profile's
+own (lmtiny.runs.trace_summary: matmul, attention, elementwise), walking from ENTRY through
+`while` loops times XLA's known trip count (a double-buffered loop's body holds two iterations
+and XLA counts half the trips), calls, conditionals (the costliest branch) and async wrappers.
+An in-place dynamic-update-slice fusion moves its update, not the buffer it updates; a
+dynamic-slice fusion the slice it reads. GEMM FLOPs come from the dot's shapes; attention FLOPs
+are the causal-half convention's (lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 matmuls forward,
+5 backward, over `keys_per_query` keys).
+
+`predict` divides each category's roofline time by the share of it an H100 reached, measured
+(`EFFICIENCY`), so the step's time, tokens/s and MFU can be read off a compile on a machine without
+a GPU. Collectives are left out: on one GPU there are none, and on several XLA overlaps them.
+Importing this module does not import JAX.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from lmtiny.plan.counts import PEAK_FLOPS
+from lmtiny.plan.roofline import HBM_BANDWIDTH
+from lmtiny.training import hlo_cost
+
+CATEGORIES = ("matmul", "attention", "elementwise")
+# The share of its roofline time each kind of kernel reached on one H100 (jax 0.11.2, cuDNN 9.19,
+# 2026-11-27): the `bench --profile` device time of d12_2026 and d24_2026 in bf16 with full
+# attention, over `kernels` of that commit's step (4809aa4) compiled for an H100 on a CPU host.
+# d12_2026 (1.191 s a step): matmul 532 ms against 353.5 at peak (0.66), attention 181 against 70.0
+# (0.39), elementwise 469 against 439.3 (0.94). d24_2026 (11.45 s): 6.45 s against 4.68 (0.73), 1.50
+# against 0.56 (0.37), 3.45 against 3.03 (0.88). The means predict the two steps at 1.172 and
+# 11.49 s; each step's own shares predict the other within 3%.
+EFFICIENCY = {"matmul": 0.70, "attention": 0.38, "elementwise": 0.91}
+FP8_SPEEDUP = 2.0  # H100/H200 dense fp8 tensor-core peak over bf16's (1,979 against 989 TFLOP/s)
+
+_NAME = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = ")
+_OPCODE = re.compile(r" ([\w\-]+)\(")
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
+_SHAPE = re.compile(r"\b([a-z]\w*)\[([0-9,]*)\]")
+_BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+                          "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain", "iota"})
+_COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
+                         r"collective-broadcast|send|recv)")
+
+
+@dataclass
+class Instruction:
+  name: str
+  shape: str
+  op: str
+  operands: list[str]
+  attributes: str
+
+
+@dataclass
+class Kernels:
+  """Per step and per device: launches, FLOPs, bytes and roofline seconds of each category."""
+  launches: dict = field(default_factory=lambda: defaultdict(float))
+  flops: dict = field(default_factory=lambda: defaultdict(float))
+  bytes: dict = field(default_factory=lambda: defaultdict(float))
+  seconds: dict = field(default_factory=lambda: defaultdict(float))
+  unknown_loops: int = 0  # while loops without a known trip count, counted once
+
+
+def _elements(dims: str) -> int:
+  n = 1
+  for d in filter(None, dims.split(",")):
+    n *= int(d)
+  return n
+
+
+def _bytes(shape: str) -> float:
+  return sum(_elements(dims) * hlo_cost.dtype_bytes(dtype) for dtype, dims in _SHAPE.findall(shape)
+             if dtype != "token")
+
+
+def _dims(shape: str) -> list[int]:
+  m = _SHAPE.search(shape)
+  return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _closing(s: str, start: int) -> int:
+  """The index just past the parenthesis that closes the one at s[start]."""
+  depth = 0
+  for i in range(start, len(s)):
+    depth += {"(": 1, ")": -1}.get(s[i], 0)
+    if depth == 0:
+      return i + 1
+  raise ValueError(f"unbalanced parentheses: {s[start:start + 80]}")
+
+
+def _instruction(line: str) -> Instruction | None:
+  """'%name = SHAPE op(%a, %b), attributes' (a tuple SHAPE may nest) -> Instruction."""
+  head = _NAME.match(line)
+  if head is None:
+    return None
+  at = head.end()
+  shape_end = _closing(line, at) if line[at] == "(" else line.index(" ", at)
+  op = _OPCODE.match(line, shape_end)
+  if op is None:
+    return None
+  args_end = _closing(line, op.end() - 1)
+  return Instruction(head.group(1), line[at:shape_end], op.group(1),
+                     re.findall(r"%([\w.\-]+)", line[op.end():args_end - 1]), line[args_end:])
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation: its instructions}, the ENTRY computation's name) of a compiled module's text."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    if not line.startswith(" "):
+      head = _COMPUTATION.match(line)
+      current = head.group(2) if head else None
+      if head:
+        computations[current] = []
+        entry = current if head.group(1) else entry
+      continue
+    instruction = _instruction(line) if current is not None else None
+    if instruction is not None:
+      computations[current].append(instruction)
+  if entry is None:
+    raise ValueError("not a compiled HLO module: no ENTRY computation")
+  return computations, entry
+
+
+class _Walk:
+  def __init__(self, text: str, keys_per_query: float, peak: float, bandwidth: float):
+    self.computations, self.entry = parse(text)
+    self.shapes = {i.name: i.shape for body in self.computations.values() for i in body}
+    self.keys_per_query, self.peak, self.bandwidth = keys_per_query, peak, bandwidth
+
+  def called(self, i: Instruction) -> list[str]:
+    """The computations an instruction names: a fusion's, a call's, a conditional's branches."""
+    return [c for c in re.findall(r"%([\w.\-]+)", i.attributes) if c in self.computations]
+
+  def root(self, computation: str) -> Instruction | None:
+    body = self.computations.get(computation, [])
+    return body[-1] if body else None
+
+  def fused_dot_flops(self, computation: str) -> float:
+    """2 x result x contracted size of every dot inside a fusion (Triton GEMMs), nested ones too."""
+    flops = 0.0
+    for i in self.computations.get(computation, []):
+      if i.op == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", i.attributes)
+        lhs = _dims(self.shapes[i.operands[0]])
+        k = 1
+        for d in filter(None, contracting.group(1).split(",") if contracting else []):
+          k *= lhs[int(d)]
+        flops += 2.0 * _elements(",".join(map(str, _dims(i.shape)))) * k
+      elif i.op == "fusion":
+        flops += sum(self.fused_dot_flops(c) for c in self.called(i))
+    return flops
+
+  def cost(self, i: Instruction) -> tuple[str, float, float, float]:
+    """(category, FLOPs, bytes, FLOP/s peak it runs against) of one kernel launch."""
+    target = re.search(r'custom_call_target="([^"]+)"', i.attributes)
+    target = target.group(1) if target else ""
+    operands = [self.shapes.get(o, "") for o in i.operands]
+    moved = _bytes(i.shape) + sum(_bytes(s) for s in operands)
+    fp8 = any(s.startswith("f8") for s in operands)
+    if "cublas" in target:
+      result = i.shape.split(", s8[")[0]  # cuBLASLt's workspace is no traffic
+      contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', i.attributes)
+      lhs = _dims(operands[0])
+      k = 1
+      for d in re.findall(r'"(\d+)"', contracting.group(1) if contracting else ""):
+        k *= lhs[int(d)]
+      flops = 2.0 * _elements(",".join(map(str, _dims(result)))) * k
+      return "matmul", flops, _bytes(result) + sum(_bytes(s) for s in operands), self.peak * (FP8_SPEEDUP if fp8 else 1)
+    if "cudnn" in target and "fmha" in target.lower():
+      matmuls = hlo_cost.ATTENTION_MATMULS["cudnn_bwd" if "Backward" in target else "cudnn_fwd"]
+      q = _elements(",".join(map(str, _dims(operands[0]))))
+      return "attention", matmuls * 2.0 * q * self.keys_per_query, moved, self.peak
+    if i.op == "fusion":
+      called = self.called(i)
+      flops = sum(self.fused_dot_flops(c) for c in called)
+      if flops:
+        return "matmul", flops, moved, self.peak * (FP8_SPEEDUP if fp8 else 1)
+      root = self.root(called[0]) if called else None
+      if root is not None and root.op == "dynamic-update-slice":
+        # in place: the updated buffer is neither read nor written whole
+        return "elementwise", 0.0, 2 * sum(_bytes(s) for s in operands if s.split("{")[0] != i.shape.split("{")[0]), self.peak
+      if root is not None and root.op == "dynamic-slice":
+        return "elementwise", 0.0, 2 * _bytes(i.shape), self.peak
+    return "elementwise", 0.0, moved, self.peak
+
+  def walk(self, computation: str, times: float, into: Kernels) -> None:
+    for i in self.computations[computation]:
+      if i.op in _BOOKKEEPING or i.op.endswith("-done") or _COLLECTIVE.match(i.op):
+        continue
+      if i.op == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.attributes)
+        body = re.search(r"body=%([\w.\-]+)", i.attributes).group(1)
+        into.unknown_loops += trips is None
+        self.walk(body, times * (int(trips.group(1)) if trips else 1), into)
+      elif i.op == "conditional" and self.called(i):
+        self.walk(max(self.called(i), key=self.seconds), times, into)
+      elif i.op in ("call", "async-start"):
+        for c in self.called(i):
+          self.walk(c, times, into)
+      else:
+        category, flops, moved, peak = self.cost(i)
+        into.launches[category] += times
+        into.flops[category] += times * flops
+        into.bytes[category] += times * moved
+        into.seconds[category] += times * max(flops / peak, moved / self.bandwidth)
+
+  def seconds(self, computation: str) -> float:
+    """Roofline seconds of one run of a computation (a conditional's branch)."""
+    probe = Kernels()
+    self.walk(computation, 1, probe)
+    return sum(probe.seconds.values())
+
+
+def kernels(text: str, chip: str, keys_per_query: float) -> Kernels:
+  """The kernels one device launches in a step of the compiled module `text`, on `chip`'s roofline
+  (counts.PEAK_FLOPS, roofline.HBM_BANDWIDTH); `keys_per_query`: the keys a query attends to on
+  average (causal-half: half the sequence, less in windowed layers)."""
+  w, step = _Walk(text, keys_per_query, PEAK_FLOPS[chip], HBM_BANDWIDTH[chip]), Kernels()
+  w.walk(w.entry, 1, step)
+  return step
+
+
+def predict(k: Kernels, model_flops_per_step: float, tokens_per_step: int, devices: int, chip: str) -> dict:
+  """The step time each category's roofline time over its measured EFFICIENCY gives, the tokens/s
+  and the MFU (model FLOPs over devices x peak x time) it means."""
+  seconds = sum(k.seconds[c] / EFFICIENCY[c] for c in CATEGORIES)
+  return {"seconds": seconds, "tokens_per_s": tokens_per_step / seconds,
+          "mfu": model_flops_per_step / (devices * PEAK_FLOPS[chip] * seconds)}
