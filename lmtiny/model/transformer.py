@@ -187,11 +187,12 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(logical_axis,)) if learned_scale else None
 
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
+    return self.normalize(x.astype(jnp.float32)).astype(x.dtype)
+
+  def normalize(self, x32: Array) -> Array:
+    """The norm of a float32 `x32`, in float32 (for callers that go on computing before rounding)."""
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    if self.scale is not None:
-      y = y * self.scale[...]
-    return y.astype(x.dtype)
+    return y if self.scale is None else y * self.scale[...]
 
 
 def dense(x: Array, w: Array, in_dims: int = 1, matmul_dtype: str = "default", logical_axes=None) -> Array:
@@ -293,10 +294,14 @@ def rope_tables(positions_BxT: Array, head_dim: int, theta: float, table_len: in
 def apply_rope(x_BxTxNxDh: Array, tables: tuple[Array, Array]) -> Array:
   """Rotary embedding, rotating the first half of each head against the second half; the tables
   broadcast against x ([B, T, 1, Dh/2] for tokens before heads, swapped for heads first)."""
+  return rotate(x_BxTxNxDh.astype(jnp.float32), tables).astype(x_BxTxNxDh.dtype)
+
+
+def rotate(x32: Array, tables: tuple[Array, Array]) -> Array:
+  """apply_rope in float32, unrounded."""
   cos, sin = tables
-  x1, x2 = jnp.split(x_BxTxNxDh.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxDh.dtype)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float, table_len: int) -> Array:
@@ -363,24 +368,20 @@ class Attention(nnx.Module):
     return q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh
 
   def _norm_scale_rotate(self, q: Array, k: Array, tables: tuple[Array, Array]) -> tuple[Array, Array]:
-    """QK-norm, the q/k scale and RoPE of q and k, heads and tokens in either order (Dh last).
+    """QK-norm, RoPE and the q/k scale of q and k, heads and tokens in either order (Dh last), in
+    float32 and rounded once at the end. XLA:GPU then reads q and k twice, for the norm's sums and
+    for one kernel that normalises, rotates, scales and rounds them; rounded at each stage (RoPE
+    before a weightless norm, as nanochat orders them), it also wrote the rotated halves for the
+    norm's kernels to read: +2.9% of d24_2026's elementwise bytes (lmtiny.training.kernel_roofline).
+    The norm comes first: a learned scale does not commute with the rotation, and a weightless norm
+    does (a rotation keeps each head's RMS)."""
+    return self._qk(q, self.q_norm, tables), self._qk(k, self.k_norm, tables)
 
-    A norm without a learned scale comes after the rotation, as in nanochat: a rotation keeps each
-    head's RMS, so q and k are the same either way, and rotation, norm and scale then fuse into
-    one kernel on XLA:GPU, which with the norm first wrote the normed q and k in float32 for the
-    rotation's kernel (5% of d12_2026's non-GEMM bytes). A learned scale does not commute with
-    the rotation, so it stays norm first."""
-    rotate_first = self.q_norm is None or self.q_norm.scale is None
-    if rotate_first:
-      q, k = apply_rope(q, tables), apply_rope(k, tables)
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    if self.cfg.qk_scale != 1.0:  # sharper attention, split between q and k (nanochat 2026)
-      # in float32: 1.2 as a bf16 constant would be 1.203125
-      q, k = ((y.astype(F32) * self.cfg.qk_scale).astype(y.dtype) for y in (q, k))
-    if not rotate_first:
-      q, k = apply_rope(q, tables), apply_rope(k, tables)
-    return q, k
+  def _qk(self, y: Array, norm: RMSNorm | None, tables: tuple[Array, Array]) -> Array:
+    y32 = y.astype(F32)
+    y32 = rotate(y32 if norm is None else norm.normalize(y32), tables)
+    # 1.2 as a bf16 constant would be 1.203125: the scale multiplies in float32
+    return (y32 * self.cfg.qk_scale if self.cfg.qk_scale != 1.0 else y32).astype(y.dtype)
 
   def _dense(self, x: Array, w: nnx.Param, in_dims: int = 1) -> Array:
     return _dense_param(x, w, in_dims, self.matmul_dtype)

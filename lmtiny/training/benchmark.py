@@ -124,7 +124,7 @@ def format_kernels(r: dict) -> list[str]:
           f"{human(k['flops'].get('matmul', 0))} FLOPs {1e3 * s.get('matmul', 0):.0f} ms, attention "
           f"{1e3 * s.get('attention', 0):.0f} ms, elementwise {human(k['bytes'].get('elementwise', 0))} bytes "
           f"{1e3 * s.get('elementwise', 0):.0f} ms ({HBM_BANDWIDTH[chip] / 1e12:.2f} TB/s); {1e3 * sum(s.values()):.0f} ms",
-          f"predicted    {p['seconds']:.3g} s a step, {p['tokens_per_s']:,.0f} tokens/s, MFU {100 * p['mfu']:.3g}% "
+          f"predicted    {p['seconds']:.2f} s a step, {p['tokens_per_s']:,.0f} tokens/s, MFU {100 * p['mfu']:.3g}% "
           f"causal-half, {100 * k['predicted']['nanochat']['mfu']:.3g}% nanochat (at the shares of peak an H100 "
           f"reached: {eff})"]
 

@@ -111,6 +111,33 @@ def test_qk_scale_is_exactly_its_value_in_bf16():
     assert abs(ratio - 1.2) < 2e-4, ratio  # 1.203125 is 3.1e-3 away
 
 
+@pytest.mark.parametrize("norm_scale", [False, True])
+def test_q_and_k_are_rounded_once_after_norm_rotation_and_scale(norm_scale):
+  """QK-norm, RoPE and the q/k scale run in float32 and round q and k to bf16 once. XLA:GPU then
+  reads each twice (the norm's sums, then one kernel); rounded after each stage, it also wrote the
+  rotated halves for the norm's kernels to read (lmtiny.training.kernel_roofline: 5.6% of
+  d24_2026's elementwise roofline). Each value is within one rounding of float64's; three
+  roundings (rotation, norm, scale) left some two apart."""
+  model = _model(num_layers=1, qk_scale=1.2, value_embeds=False, norm_scale=norm_scale)
+  attn, x = model.layers[0].attn, _bf16(3, (4, 256, D)) - 0.75
+  if norm_scale:  # a learned scale that is not all ones
+    attn.q_norm.scale[...] = 1 + jax.random.normal(jax.random.key(4), (64,)) * 0.1
+    attn.k_norm.scale[...] = 1 + jax.random.normal(jax.random.key(5), (64,)) * 0.1
+  rope_BxT = model.rope_tables(jnp.broadcast_to(jnp.arange(256), (4, 256)))
+  q, k, _ = jax.jit(lambda x: attn.project_qkv(x, rope_BxT))(x)
+  cos, sin = (_f64(t) for t in rope_BxT)
+  for ours, w, norm in ((q, attn.q, attn.q_norm), (k, attn.k, attn.k_norm)):
+    y = _f64(dense(x, w[...]))  # the GEMM's bf16 output, as the model has it
+    y = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + norm.eps)
+    y = y * (_f64(norm.scale[...]) if norm_scale else 1.0)
+    y1, y2 = np.split(y, 2, axis=-1)
+    reference = 1.2 * np.concatenate([y1 * cos - y2 * sin, y2 * cos + y1 * sin], axis=-1)
+    # one rounding: within 2^-8 of the value (bf16's unit roundoff), plus float32's own error where
+    # the rotation cancels (values are O(1) after the norm)
+    excess = np.abs(_f64(ours) - reference) - 2.0**-8 * np.abs(reference)
+    assert ours.dtype == jnp.bfloat16 and np.max(excess) <= 1e-6, np.max(excess)
+
+
 def test_built_for_tpu_the_projections_keep_their_dimensions_and_compute_the_same():
   """For XLA:TPU, `dense` contracts [B, T, D] with [D, H, Dh] as they are (no flattened rows) and
   project_qkv runs QK-norm and RoPE heads-first, as splash reads them: layouts XLA:TPU need not
