@@ -109,8 +109,9 @@ def kernel_report(hlo_text: str, cfg, device, devices: int) -> dict | None:
   predicted = {convention: kernel_roofline.predict(k, tokens * counts.train_flops_per_token(m, seq_len, convention),
                                                    tokens, devices, chip)
                for convention in counts.MFU_CONVENTIONS}
-  return {"chip": chip, "launches": dict(k.launches), "flops": dict(k.flops), "bytes": dict(k.bytes),
-          "seconds": dict(k.seconds), "predicted": predicted}
+  every = lambda totals: {c: totals[c] for c in kernel_roofline.CATEGORIES}  # zeros for kinds absent
+  return {"chip": chip, "launches": every(k.launches), "flops": every(k.flops), "bytes": every(k.bytes),
+          "seconds": every(k.seconds), "predicted": predicted}
 
 
 def format_kernels(r: dict) -> list[str]:
@@ -121,9 +122,9 @@ def format_kernels(r: dict) -> list[str]:
   p = k["predicted"]["causal-half"]
   eff = ", ".join(f"{c} {100 * kernel_roofline.EFFICIENCY[c]:.0f}%" for c in kernel_roofline.CATEGORIES)
   return [f"kernels      {sum(k['launches'].values()):,.0f} launches a step per device; on the {chip}'s roofline: matmul "
-          f"{human(k['flops'].get('matmul', 0))} FLOPs {1e3 * s.get('matmul', 0):.0f} ms, attention "
-          f"{1e3 * s.get('attention', 0):.0f} ms, elementwise {human(k['bytes'].get('elementwise', 0))} bytes "
-          f"{1e3 * s.get('elementwise', 0):.0f} ms ({HBM_BANDWIDTH[chip] / 1e12:.2f} TB/s); {1e3 * sum(s.values()):.0f} ms",
+          f"{human(k['flops']['matmul'])} FLOPs {1e3 * s['matmul']:.0f} ms, attention {1e3 * s['attention']:.0f} ms, "
+          f"elementwise {human(k['bytes']['elementwise'])} bytes {1e3 * s['elementwise']:.0f} ms "
+          f"({HBM_BANDWIDTH[chip] / 1e12:.2f} TB/s); {1e3 * sum(s.values()):.0f} ms",
           f"predicted    {p['seconds']:.2f} s a step, {p['tokens_per_s']:,.0f} tokens/s, MFU {100 * p['mfu']:.3g}% "
           f"causal-half, {100 * k['predicted']['nanochat']['mfu']:.3g}% nanochat (at the shares of peak an H100 "
           f"reached: {eff})"]
