@@ -115,19 +115,22 @@ def kernel_report(hlo_text: str, cfg, device, devices: int) -> dict | None:
 
 
 def format_kernels(r: dict) -> list[str]:
+  """On a GPU: the kernels line and the predicted step, against the measured one after a timed run."""
   k = r.get("kernels")
   if not k:
     return []
   s, chip = k["seconds"], k["chip"]
   p = k["predicted"]["causal-half"]
   eff = ", ".join(f"{c} {100 * kernel_roofline.EFFICIENCY[c]:.0f}%" for c in kernel_roofline.CATEGORIES)
+  measured = (f"; the measured median step is {r['median_step_s'] / p['seconds']:.2f}x that"
+              if "median_step_s" in r else "")
   return [f"kernels      {sum(k['launches'].values()):,.0f} launches a step per device; on the {chip}'s roofline: matmul "
           f"{human(k['flops']['matmul'])} FLOPs {1e3 * s['matmul']:.0f} ms, attention {1e3 * s['attention']:.0f} ms, "
           f"elementwise {human(k['bytes']['elementwise'])} bytes {1e3 * s['elementwise']:.0f} ms "
           f"({HBM_BANDWIDTH[chip] / 1e12:.2f} TB/s); {1e3 * sum(s.values()):.0f} ms",
           f"predicted    {p['seconds']:.2f} s a step, {p['tokens_per_s']:,.0f} tokens/s, MFU {100 * p['mfu']:.3g}% "
           f"causal-half, {100 * k['predicted']['nanochat']['mfu']:.3g}% nanochat (at the shares of peak an H100 "
-          f"reached: {eff})"]
+          f"reached: {eff}){measured}"]
 
 
 def benchmark(cfg, steps: int = 20, warmup: int = 2, profile_dir: str | None = None) -> dict:
@@ -144,8 +147,11 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2, profile_dir: str | None = N
     batch = device_batch(synthetic_batch(cfg, rows), mesh)
     compiled = bench_steps.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    xla_memory = memory_analysis(compiled, mesh.devices.flat[0].platform)
+    device = mesh.devices.flat[0]
+    xla_memory = memory_analysis(compiled, device.platform)
     cudnn_attention = cudnn_attention_in_hlo(compiled)
+    # the prediction beside the measurement: each GPU run checks kernel_roofline's calibration
+    kernels = kernel_report(compiled.as_text(), cfg, device, mesh.size) if device.platform == "gpu" else None
     times, profile = [], {}
     for i in range(warmup + steps):
       t0 = time.perf_counter()
@@ -167,7 +173,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 2, profile_dir: str | None = N
           "flops_per_token": flops, "peak_memory_bytes": peak_memory_bytes(), "final_loss": float(m["loss"]),
           "attention": cfg.model.attention, "cudnn_attention": cudnn_attention,
           "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "mesh": dict(mesh.shape),
-          **profile}
+          "kernels": kernels, **profile}
 
 
 def format_memory(r: dict) -> list[str]:
@@ -229,7 +235,7 @@ def format_report(r: dict, cfg) -> str:
       f"MFU          {mfu}",
       f"attention    model.attention={r['attention']}; cuDNN fused attention in the compiled step: {cudnn}",
       f"peak memory  {mem} (runtime)",
-  ] + format_memory(r) + format_profile(r))
+  ] + format_memory(r) + format_kernels(r) + format_profile(r))
 
 
 def format_profile(r: dict) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 from lm_fixtures import needs_cuda_plugin
 from lmtiny import config as config_lib
 from lmtiny.plan import counts
-from lmtiny.training import kernel_roofline as kr, lowering, step_cost
+from lmtiny.training import benchmark, kernel_roofline as kr, lowering, step_cost
 
 # A loop of 3 micro-steps (XLA's known trip count) holding a cuBLAS GEMM, a Triton GEMM fusion, a
 # cast and an in-place dynamic-update-slice into an accumulator; then cuDNN attention once; the
@@ -116,6 +116,19 @@ def test_the_prediction_divides_each_category_by_what_an_h100_reached():
 def test_text_without_an_entry_computation_is_refused():
   with pytest.raises(ValueError, match="no ENTRY"):
     kr.kernels("HloModule empty\n", "h100", KEYS)
+
+
+def test_the_report_sets_the_prediction_beside_a_timed_step():
+  k = kr.kernels(MODULE, "h100", KEYS)
+  predicted = {c: kr.predict(k, 1e9, 4096, 1, "h100") for c in counts.MFU_CONVENTIONS}
+  kernels = {"chip": "h100", "launches": dict(k.launches), "flops": dict(k.flops), "bytes": dict(k.bytes),
+             "seconds": dict(k.seconds), "predicted": predicted}
+  compiled_only = benchmark.format_kernels({"kernels": kernels})
+  assert [line.split()[0] for line in compiled_only] == ["kernels", "predicted"]
+  assert compiled_only[0].startswith("kernels      13 launches a step per device; on the h100's roofline")
+  timed = benchmark.format_kernels({"kernels": kernels, "median_step_s": 2 * predicted["nanochat"]["seconds"]})
+  assert timed[1] == compiled_only[1] + "; the measured median step is 2.00x that"
+  assert benchmark.format_kernels({"kernels": None}) == []  # not a GPU
 
 
 @needs_cuda_plugin
