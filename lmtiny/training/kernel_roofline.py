@@ -16,11 +16,12 @@ are the causal-half convention's (lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 
 
 `predict` divides each category's roofline time by the share of it an H100 reached, measured
 (`EFFICIENCY`), so the step's time, tokens/s and MFU can be read off a compile on a machine without
-a GPU. Collectives are left out: on one GPU there are none, and on several XLA overlaps them.
+a GPU. Collectives are left out: one GPU has none, and on several they are taken as overlapped.
 Importing this module does not import JAX.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -82,8 +83,15 @@ def _bytes(shape: str) -> float:
 
 
 def _dims(shape: str) -> list[int]:
+  """The dimensions of the first array in `shape` (a tuple's first element)."""
   m = _SHAPE.search(shape)
   return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+
+
+def _contracted(lhs: str, dims: list[str]) -> int:
+  """The size of the dimensions `dims` of the array `lhs` (a dot's contracting dimensions)."""
+  sizes = _dims(lhs)
+  return math.prod(sizes[int(d)] for d in dims)
 
 
 def _closing(s: str, start: int) -> int:
@@ -150,11 +158,8 @@ class _Walk:
     for i in self.computations.get(computation, []):
       if i.op == "dot":
         contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", i.attributes)
-        lhs = _dims(self.shapes[i.operands[0]])
-        k = 1
-        for d in filter(None, contracting.group(1).split(",") if contracting else []):
-          k *= lhs[int(d)]
-        flops += 2.0 * _elements(",".join(map(str, _dims(i.shape)))) * k
+        dims = list(filter(None, contracting.group(1).split(","))) if contracting else []
+        flops += 2.0 * math.prod(_dims(i.shape)) * _contracted(self.shapes[i.operands[0]], dims)
       elif i.op == "fusion":
         flops += sum(self.fused_dot_flops(c) for c in self.called(i))
     return flops
@@ -169,16 +174,13 @@ class _Walk:
     if "cublas" in target:
       result = i.shape.split(", s8[")[0]  # cuBLASLt's workspace is no traffic
       contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', i.attributes)
-      lhs = _dims(operands[0])
-      k = 1
-      for d in re.findall(r'"(\d+)"', contracting.group(1) if contracting else ""):
-        k *= lhs[int(d)]
-      flops = 2.0 * _elements(",".join(map(str, _dims(result)))) * k
+      dims = re.findall(r'"(\d+)"', contracting.group(1) if contracting else "")
+      flops = 2.0 * math.prod(_dims(result)) * _contracted(operands[0], dims)
       return "matmul", flops, _bytes(result) + sum(_bytes(s) for s in operands), self.peak * (FP8_SPEEDUP if fp8 else 1)
     if "cudnn" in target and "fmha" in target.lower():
       matmuls = hlo_cost.ATTENTION_MATMULS["cudnn_bwd" if "Backward" in target else "cudnn_fwd"]
-      q = _elements(",".join(map(str, _dims(operands[0]))))
-      return "attention", matmuls * 2.0 * q * self.keys_per_query, moved, self.peak
+      queries = math.prod(_dims(operands[0]))  # q's elements: tokens x heads x head_dim
+      return "attention", matmuls * 2.0 * queries * self.keys_per_query, moved, self.peak
     if i.op == "fusion":
       called = self.called(i)
       flops = sum(self.fused_dot_flops(c) for c in called)
