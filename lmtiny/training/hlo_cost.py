@@ -469,6 +469,17 @@ def _hlo_collective(kind: str, types: str, line: str, cost: Cost, dtypes: Partit
     cost.roles[f"{collective_role(kind, name)}_{kind}_payload"] += size
 
 
+def hlo_types(text: str) -> list[tuple[tuple[int, ...], str]]:
+  """Every array type `f32[8,128]` in compiled (HLO) text, as (dims, dtype): `tensor_types` for HLO."""
+  return [(tuple(int(d) for d in dims.split(",") if d), dtype) for dtype, dims in _HLO_SHAPE.findall(text)]
+
+
+def known_trip_count(line: str) -> int | None:
+  """The trip count XLA knows for the `while` on this line of a compiled module, or None."""
+  trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+  return int(trips.group(1)) if trips else None
+
+
 def computations(hlo_text: str) -> list[tuple[str, bool, str]]:
   """A compiled (HLO) module's computations, in order: (name, whether it is the ENTRY, its text)."""
   out = []
@@ -498,9 +509,9 @@ def compiled_collectives(hlo_text: str, partitioned: str | None = None) -> Cost:
         _hlo_collective(op.group(2).replace("-", "_"), op.group(1), line, cost, dtypes)
       body = re.search(r"\bbody=%([\w.\-]+)", line)
       if body:
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        trips = known_trip_count(line)
         cost.unknown_loops += trips is None
-        out.append((body.group(1), float(trips.group(1)) if trips else 1.0, True))
+        out.append((body.group(1), float(trips or 1), True))
       out.extend((callee, 1.0, False) for callee in re.findall(r"\b(?:calls|to_apply)=%([\w.\-]+)", line))
     own[name], edges[name] = cost, out
   totals: dict[str, Cost] = {}

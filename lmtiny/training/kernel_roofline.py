@@ -43,8 +43,6 @@ FP8_SPEEDUP = 2.0  # H100/H200 dense fp8 tensor-core peak over bf16's (1,979 aga
 
 _NAME = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = ")
 _OPCODE = re.compile(r" ([\w\-]+)\(")
-_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
-_SHAPE = re.compile(r"\b([a-z]\w*)\[([0-9,]*)\]")
 _BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                           "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain", "iota"})
 _COLLECTIVE = re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|"
@@ -70,22 +68,14 @@ class Kernels:
   unknown_loops: int = 0  # while loops without a known trip count, counted once
 
 
-def _elements(dims: str) -> int:
-  n = 1
-  for d in filter(None, dims.split(",")):
-    n *= int(d)
-  return n
-
-
 def _bytes(shape: str) -> float:
-  return sum(_elements(dims) * hlo_cost.dtype_bytes(dtype) for dtype, dims in _SHAPE.findall(shape)
-             if dtype != "token")
+  return hlo_cost.nbytes(t for t in hlo_cost.hlo_types(shape) if t[1] != "token")
 
 
-def _dims(shape: str) -> list[int]:
+def _dims(shape: str) -> tuple[int, ...]:
   """The dimensions of the first array in `shape` (a tuple's first element)."""
-  m = _SHAPE.search(shape)
-  return [int(d) for d in filter(None, m.group(2).split(","))] if m else []
+  types = hlo_cost.hlo_types(shape)
+  return types[0][0] if types else ()
 
 
 def _contracted(lhs: str, dims: list[str]) -> int:
@@ -121,18 +111,10 @@ def _instruction(line: str) -> Instruction | None:
 
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
   """({computation: its instructions}, the ENTRY computation's name) of a compiled module's text."""
-  computations, entry, current = {}, None, None
-  for line in text.splitlines():
-    if not line.startswith(" "):
-      head = _COMPUTATION.match(line)
-      current = head.group(2) if head else None
-      if head:
-        computations[current] = []
-        entry = current if head.group(1) else entry
-      continue
-    instruction = _instruction(line) if current is not None else None
-    if instruction is not None:
-      computations[current].append(instruction)
+  computations, entry = {}, None
+  for name, is_entry, chunk in hlo_cost.computations(text):
+    computations[name] = [i for i in map(_instruction, chunk.splitlines()[1:]) if i is not None]
+    entry = name if is_entry else entry
   if entry is None:
     raise ValueError("not a compiled HLO module: no ENTRY computation")
   return computations, entry
@@ -199,10 +181,10 @@ class _Walk:
       if i.op in _BOOKKEEPING or i.op.endswith("-done") or _COLLECTIVE.match(i.op):
         continue
       if i.op == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.attributes)
+        trips = hlo_cost.known_trip_count(i.attributes)
         body = re.search(r"body=%([\w.\-]+)", i.attributes).group(1)
         into.unknown_loops += trips is None
-        self.walk(body, times * (int(trips.group(1)) if trips else 1), into)
+        self.walk(body, times * (trips or 1), into)
       elif i.op == "conditional" and self.called(i):
         self.walk(max(self.called(i), key=self.seconds), times, into)
       elif i.op in ("call", "async-start"):
