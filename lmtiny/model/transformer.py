@@ -380,8 +380,8 @@ class Attention(nnx.Module):
   def _qk(self, y: Array, norm: RMSNorm | None, tables: tuple[Array, Array]) -> Array:
     y32 = y.astype(F32)
     y32 = rotate(y32 if norm is None else norm.normalize(y32), tables)
-    # 1.2 as a bf16 constant would be 1.203125: the scale multiplies in float32
-    return (y32 * self.cfg.qk_scale if self.cfg.qk_scale != 1.0 else y32).astype(y.dtype)
+    # 1.2 as a bf16 constant would be 1.203125: the scale multiplies in float32 (1.0 exactly)
+    return (y32 * self.cfg.qk_scale).astype(y.dtype)
 
   def _dense(self, x: Array, w: nnx.Param, in_dims: int = 1) -> Array:
     return _dense_param(x, w, in_dims, self.matmul_dtype)
