@@ -1,0 +1,45 @@
+"""What XLA:GPU makes of the model's bf16 training step: d12_2026 cut to 2 layers and 4 micro-steps
+of 8 x 2,048 tokens, compiled for an H100 on this host (jax's CUDA plugin; skipped without it,
+as in CI). Each test counts kernels of the compiled module and fails on the code before its fix.
+"""
+import re
+
+import pytest
+
+from lm_fixtures import needs_cuda_plugin
+from lmtiny import config as config_lib
+from lmtiny.training import kernel_roofline, lowering
+
+pytestmark = needs_cuda_plugin
+ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def step():
+  """(the compiled module's text, the config compiled)."""
+  cfg = config_lib.load_file("configs/d12_2026.py")
+  cfg.model.num_layers = 2
+  cfg.train.update(auto_batch=False, batch_tokens=4 * ROWS * cfg.train.seq_len, device_batch_size=ROWS)
+  compiled, _, cfg, _ = lowering.compile_for_topology(cfg, "h100:1")
+  assert cfg.model.dtype == "bfloat16" and config_lib.accumulation_steps(config_lib.resolve_batch(cfg, 1).train) == 4
+  return compiled.as_text(), cfg
+
+
+def _kernels(text: str):
+  """The instructions that launch work (fusions and custom calls) outside fusions' bodies, and
+  the shape of every instruction by name."""
+  computations, _ = kernel_roofline.parse(text)
+  shapes = {i.name: i.shape for body in computations.values() for i in body}
+  bodies = {name for body in computations.values() for i in body if i.op == "fusion"
+            for name in re.findall(r"calls=%([\w.\-]+)", i.attributes)}
+  return [i for name, body in computations.items() if name not in bodies for i in body
+          if i.op in ("fusion", "custom-call")], shapes
+
+
+def test_no_kernel_reads_the_embedded_rows_in_float32(step):
+  """The layers read x0 (the embedding after its norm and smear) in bf16. Before it was formed
+  once, every residual mix and its gradient re-read the float32 rows: 20 kernels here."""
+  text, cfg = step
+  rows_f32 = f"f32[{ROWS},{cfg.train.seq_len},{cfg.model.d_model}]"
+  kernels, shapes = _kernels(text)
+  assert [k.name for k in kernels if any(shapes.get(o, "").startswith(rows_f32) for o in k.operands)] == []
