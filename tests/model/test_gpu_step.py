@@ -43,3 +43,19 @@ def test_no_kernel_reads_the_embedded_rows_in_float32(step):
   rows_f32 = f"f32[{ROWS},{cfg.train.seq_len},{cfg.model.d_model}]"
   kernels, shapes = _kernels(text)
   assert [k.name for k in kernels if any(shapes.get(o, "").startswith(rows_f32) for o in k.operands)] == []
+
+
+
+def test_weight_gradients_are_added_to_their_sums_inside_their_gemms(step):
+  """Each micro-step's float32 gradient of the MLP's matrices (2 a layer) and of the lm_head is
+  added to its sum by the GEMM that forms it (at d24_2026's shape the attention projections' too:
+  6 a layer). Behind the barrier a TPU needs (lmtiny.model.transformer.tpu_scheduling_barrier)
+  only the lm_head's was: a separate kernel read both float32 arrays and wrote each other sum."""
+  text, cfg = step
+  computations, _ = kernel_roofline.parse(text)
+  adding = []  # GEMMs whose float32 product is added to a sum of its shape (a loop's copies once)
+  for name, body in computations.items():
+    products = {i.shape for i in body if i.op == "dot" and i.shape.startswith("f32[")}
+    if ".clone" not in name and any(i.op == "add" and i.shape in products for i in body):
+      adding.append(name)
+  assert len(adding) == 2 * cfg.model.num_layers + 1, adding

@@ -395,6 +395,23 @@ def _activations_per_scalar_reduction(hlo_text: str, activation: str) -> int:
   return most
 
 
+@pytest.mark.parametrize("platform, held", [("tpu", True), ("cuda", False)])
+def test_the_backward_holds_each_layers_gradients_behind_barriers_on_tpu_only(platform, held):
+  """For a TPU each weight gradient (q, k, v, o, up and down a layer, the value-embedding gate
+  and the smear gate here) and each layer's residual-scalar sums leave the backward behind an
+  optimization barrier, which keeps XLA:TPU's scheduler from moving them to its end
+  (lmtiny.model.transformer.tpu_scheduling_barrier). For a GPU nothing holds them, so XLA:GPU
+  fuses them (tests/model/test_gpu_step.py)."""
+  cfg = load_config_module("tiny_2026").get_config()
+  cfg.model.num_layers = 2
+  text, _, _ = lowering.lower_train_step(cfg, platform, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  held_types = re.findall(r"stablehlo\.optimization_barrier .*? : (.*)", text)
+  weight_gradients = [t for t in held_types if re.search(r", tensor<[0-9x]+xf32>$", t)]
+  scalar_sums = [t for t in held_types if re.match(r"tensor<(\d+x\d+)xf32>, tensor<\1xf32>, ", t)]
+  assert (len(weight_gradients), len(scalar_sums)) == ((6 * 2 + 2, 2) if held else (0, 0)), held_types
+  assert len(held_types) > 0  # x0 formed once, attention's residuals: on every platform
+
+
 @pytest.mark.slow(seconds=20)
 @needs_libtpu
 def test_residual_scalar_gradients_are_summed_layer_by_layer():
