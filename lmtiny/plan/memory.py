@@ -85,17 +85,17 @@ def _kept_by_xla_gpu_unrolled(w: dict, c: int) -> float:
   """Bytes per token and layer XLA:GPU keeps of an unrolled layer under remat "none" (beyond the
   block input): the blocks' GEMM inputs and cuDNN attention's operands and output (both norms'
   outputs, q, k, v, the attention output; the MLP's hidden pre-activations and activation), one
-  float32 [D] residual, and with QK-norm the queries and keys before it, with the residual
-  scalars a second float32 [D] (the mixed residual). relu²'s mask, the norms' float32 outputs and
-  RoPE's outputs it recomputes inside the backward's fusions. Second differences of XLA:GPU's figure for
-  an H100 (compiled on a CPU host: 2 against 4 layers, 8 against 16 rows), measured / counted,
-  per token and layer: d12_2026 30.5 / 30.7 KB; without QK-norm 28.1 / 27.6, without the
-  residual scalars 27.3 / 27.6, with SwiGLU 37.3 / 36.9, at d_model 1024 41.4 / 41.0; d4_38m 17.1
-  / 16.4, with QK-norm 19.0 / 18.4."""
+  float32 [D] residual, and with QK-norm the queries and keys before it. relu²'s mask, the norms'
+  float32 outputs and RoPE's outputs it recomputes inside the backward's fusions. Second
+  differences of XLA:GPU's figure for an H100 (compiled on a CPU host: 2 against 4 layers, 8
+  against 16 rows), measured / counted, per token and layer: d12_2026 26.5 / 27.6 KB; without
+  QK-norm 24.9 / 24.6, without the residual scalars 26.5 / 27.6, with SwiGLU 32.6 / 33.8, at
+  d_model 1024 37.1 / 36.9; d24_2026 55.7 / 55.3; d4_38m 16.9 / 16.4, with QK-norm 20.1 / 18.4.
+  (Before the layers read x0 in the compute dtype, XLA:GPU also kept a float32 [D] mixed residual
+  with the residual scalars: d12_2026 29.7 KB.)"""
   mlp = (3 if w["gated"] else 2) * w["f"]
   qk_norm = c * (w["q"] + w["kv"]) if w["qk_norm"] else 0
-  mixed_residual = 4 * w["d"] if w["residual_scalars"] else 0
-  return c * (w["d"] + 2 * w["q"] + 2 * w["kv"] + mlp) + 4 * w["d"] + qk_norm + mixed_residual
+  return c * (w["d"] + 2 * w["q"] + 2 * w["kv"] + mlp) + 4 * w["d"] + qk_norm
 
 
 def _saved_per_token(policy: str, w: dict, c: int) -> float:
