@@ -45,7 +45,6 @@ def test_no_kernel_reads_the_embedded_rows_in_float32(step):
   assert [k.name for k in kernels if any(shapes.get(o, "").startswith(rows_f32) for o in k.operands)] == []
 
 
-
 def test_weight_gradients_are_added_to_their_sums_inside_their_gemms(step):
   """Each micro-step's float32 gradient of the MLP's matrices (2 a layer) and of the lm_head is
   added to its sum by the GEMM that forms it (at d24_2026's shape the attention projections' too:

@@ -409,7 +409,6 @@ def test_the_backward_holds_each_layers_gradients_behind_barriers_on_tpu_only(pl
   weight_gradients = [t for t in held_types if re.search(r", tensor<[0-9x]+xf32>$", t)]
   scalar_sums = [t for t in held_types if re.match(r"tensor<(\d+x\d+)xf32>, tensor<\1xf32>, ", t)]
   assert (len(weight_gradients), len(scalar_sums)) == ((6 * 2 + 2, 2) if held else (0, 0)), held_types
-  assert len(held_types) > 0  # x0 formed once, attention's residuals: on every platform
 
 
 @pytest.mark.slow(seconds=20)
