@@ -16,19 +16,18 @@ ROWS = 8
 
 @pytest.fixture(scope="module")
 def step():
-  """(the compiled module's text, the config compiled)."""
+  """(the compiled module's computations, kernel_roofline.parse's, the config compiled)."""
   cfg = config_lib.load_file("configs/d12_2026.py")
   cfg.model.num_layers = 2
   cfg.train.update(auto_batch=False, batch_tokens=4 * ROWS * cfg.train.seq_len, device_batch_size=ROWS)
   compiled, _, cfg, _ = lowering.compile_for_topology(cfg, "h100:1")
   assert cfg.model.dtype == "bfloat16" and config_lib.accumulation_steps(config_lib.resolve_batch(cfg, 1).train) == 4
-  return compiled.as_text(), cfg
+  return kernel_roofline.parse(compiled.as_text())[0], cfg
 
 
-def _kernels(text: str):
+def _kernels(computations: dict):
   """The instructions that launch work (fusions and custom calls) outside fusions' bodies, and
   the shape of every instruction by name."""
-  computations, _ = kernel_roofline.parse(text)
   shapes = {i.name: i.shape for body in computations.values() for i in body}
   bodies = {name for body in computations.values() for i in body if i.op == "fusion"
             for name in re.findall(r"calls=%([\w.\-]+)", i.attributes)}
@@ -39,9 +38,9 @@ def _kernels(text: str):
 def test_no_kernel_reads_the_embedded_rows_in_float32(step):
   """The layers read x0 (the embedding after its norm and smear) in bf16. Before it was formed
   once, every residual mix and its gradient re-read the float32 rows: 20 kernels here."""
-  text, cfg = step
+  computations, cfg = step
   rows_f32 = f"f32[{ROWS},{cfg.train.seq_len},{cfg.model.d_model}]"
-  kernels, shapes = _kernels(text)
+  kernels, shapes = _kernels(computations)
   assert [k.name for k in kernels if any(shapes.get(o, "").startswith(rows_f32) for o in k.operands)] == []
 
 
@@ -50,8 +49,7 @@ def test_weight_gradients_are_added_to_their_sums_inside_their_gemms(step):
   added to its sum by the GEMM that forms it (at d24_2026's shape the attention projections' too:
   6 a layer). Behind the barrier a TPU needs (lmtiny.model.transformer.tpu_scheduling_barrier)
   only the lm_head's was: a separate kernel read both float32 arrays and wrote each other sum."""
-  text, cfg = step
-  computations, _ = kernel_roofline.parse(text)
+  computations, cfg = step
   adding = []  # GEMMs whose float32 product is added to a sum of its shape (a loop's copies once)
   for name, body in computations.items():
     products = {i.shape for i in body if i.op == "dot" and i.shape.startswith("f32[")}
