@@ -416,8 +416,33 @@ class Attention(nnx.Module):
     return {"window": self.window} if self.window else {}
 
 
+@jax.custom_vjp
+def relu2(x: Array) -> Array:
+  """relu(x)², whose backward reads only its output: 2 relu(x) = 2 sqrt(relu(x)²).
+
+  The down projection's weight gradient keeps the output anyway, so the pre-activation (the up
+  projection's output, as large) need not be kept too, as autodiff kept it: d12_2026 as it ships
+  (remat none) compiled for an H100 takes 21.50 GiB instead of 25.85, and d24_2026 kept whole at
+  16 sequences 52.98 instead of 58.17. In bf16 the square root of the rounded square is within
+  half a rounding of relu(x) (nanochat's backward multiplies by relu(x) itself).
+  """
+  return jnp.square(jax.nn.relu(x))
+
+
+def _relu2_fwd(x):
+  y = relu2(x)
+  return y, y
+
+
+def _relu2_bwd(y, g):
+  return ((2 * g.astype(F32) * jnp.sqrt(y.astype(F32))).astype(y.dtype),)
+
+
+relu2.defvjp(_relu2_fwd, _relu2_bwd)
+
+
 ACTIVATIONS = {
-    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu2": relu2,
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
 }

@@ -58,10 +58,11 @@ def _widths(m) -> dict[str, int]:
 
 def _layer_working_set(w: dict, c: int) -> float:
   """Bytes per token of everything one layer's forward produces (what remat "none" keeps): its
-  compute-dtype matmul inputs and outputs, two float32 [D] norm inputs (RoPE and the other
-  float32 steps fuse into the matmuls) and relu²'s boolean mask."""
+  compute-dtype matmul inputs and outputs and two float32 [D] norm inputs (RoPE and the other
+  float32 steps fuse into the matmuls). relu² keeps its output alone, with no mask
+  (lmtiny.model.transformer.relu2)."""
   mlp = (3 if w["gated"] else 2) * w["f"]
-  return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * 2 * w["d"] + (w["f"] if w["relu2"] else 0)
+  return c * (4 * w["d"] + 2 * w["q"] + 3 * w["kv"] + mlp) + 4 * 2 * w["d"]
 
 
 def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
@@ -69,8 +70,9 @@ def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
   block input). Free to choose, it recomputes the elementwise steps (norms, RoPE, relu², casts)
   inside the backward's fusions and keeps operands: one [D] activation, four query-sized and two
   key/value-sized attention arrays (splash's operands and their head-major forms; two of the
-  query-sized ones in 128-lane tiles, which pad 64-wide heads to twice their bytes), the MLP's
-  hidden pre-activations and relu²'s mask as bits. Per-layer growth of XLA:TPU's heap on a v5e
+  query-sized ones in 128-lane tiles, which pad 64-wide heads to twice their bytes) and the MLP's
+  hidden activations (relu²'s output alone; its mask, kept as bits until relu² kept only its
+  output, was 256 B of d4_38m's per-layer heap growth). Per-layer growth of XLA:TPU's heap on a v5e
   (2 against 4 layers, 8,192 tokens), kept / counted with the block input: d4_38m 14.6 / 14.6 KB,
   d7_38m 11.0 / 10.9, d12 unrolled 18.6 / 18.8. (Before the projections kept their heads'
   dimensions on TPU, `dense`, XLA:TPU kept one more [D] array: d4_38m 15.7, d4_38m with SwiGLU
@@ -78,22 +80,22 @@ def _kept_by_xla_tpu_unrolled(w: dict, c: int) -> float:
   copies of its 64-wide heads, which this leaves out.)"""
   mlp = (2 if w["gated"] else 1) * w["f"]
   q_tiled = w["q"] // w["head"] * -(-w["head"] // 128) * 128  # heads x their width in whole tiles
-  return c * (w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp) + (w["f"] / 8 if w["relu2"] else 0)
+  return c * (w["d"] + 2 * w["q"] + 2 * q_tiled + 2 * w["kv"] + mlp)
 
 
 def _kept_by_xla_gpu_unrolled(w: dict, c: int) -> float:
   """Bytes per token and layer XLA:GPU keeps of an unrolled layer under remat "none" (beyond the
   block input): the blocks' GEMM inputs and cuDNN attention's operands and output (both norms'
-  outputs, q, k, v, the attention output; the MLP's hidden pre-activations and activation), one
-  float32 [D] residual, and with QK-norm the queries and keys before it. relu²'s mask, the norms'
-  float32 outputs and RoPE's outputs it recomputes inside the backward's fusions. Second
-  differences of XLA:GPU's figure for an H100 (compiled on a CPU host: 2 against 4 layers, 8
-  against 16 rows), measured / counted, per token and layer: d12_2026 26.5 / 27.6 KB; without
-  QK-norm 24.9 / 24.6, without the residual scalars 26.5 / 27.6, with SwiGLU 32.6 / 33.8, at
-  d_model 1024 37.1 / 36.9; d24_2026 55.7 / 55.3; d4_38m 16.9 / 16.4, with QK-norm 20.1 / 18.4.
-  (Before the layers read x0 in the compute dtype, XLA:GPU also kept a float32 [D] mixed residual
-  with the residual scalars: d12_2026 29.7 KB.)"""
-  mlp = (3 if w["gated"] else 2) * w["f"]
+  outputs, q, k, v, the attention output; the MLP's hidden activation, and its pre-activations
+  unless the activation is relu², which keeps its output alone), one float32 [D] residual, and
+  with QK-norm the queries and keys before it. The norms' float32 outputs and RoPE's outputs
+  it recomputes inside the backward's fusions. Checked on whole steps at the configs' depths, an
+  H100's as XLA:GPU compiles them on a CPU host (tests/plan/test_memory.py: 0.95x-0.99x, d12_2026
+  as it ships 21.31 GiB counted against 21.70), and per token and layer by second differences of
+  that figure (2 against 4 layers, 8 against 16 rows) where those hold still: SwiGLU 32.6 KB
+  measured, 33.8 counted. With relu² they move with the layers taken (d12_2026 20.3 KB over 2 and
+  4 layers, 22.7 over 4 and 8; 21.5 counted)."""
+  mlp = (3 if w["gated"] else 1 if w["relu2"] else 2) * w["f"]
   qk_norm = c * (w["q"] + w["kv"]) if w["qk_norm"] else 0
   return c * (w["d"] + 2 * w["q"] + 2 * w["kv"] + mlp) + 4 * w["d"] + qk_norm
 

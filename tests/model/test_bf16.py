@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from lm_fixtures import dot_types, load_config_module
 from saved_residuals import residual_bytes, saved_residuals, token_loss
 from lmtiny import config as config_lib
-from lmtiny.model.transformer import REMAT_POLICIES, Transformer, dense, embed_lookup, mix_layer_input
+from lmtiny.model.transformer import ACTIVATIONS, REMAT_POLICIES, Transformer, dense, embed_lookup, mix_layer_input
 from lmtiny.parallel import sharding
 from lmtiny.training import lowering, step_cost
 
@@ -200,6 +200,25 @@ def test_residual_scalars_keep_no_activation_for_the_backward_under_remat_full()
     activations[scalars] = [what for _, shape, what in saved if shape == (8, 64, 128)]
   assert len(activations[False]) >= m.num_layers - 1  # the remat regions' inputs, at least
   assert len(activations[True]) == len(activations[False]), activations[True]
+
+
+def test_relu2_keeps_only_its_output_and_its_gradient_is_2_relu_x():
+  """Kept whole (remat none), each layer's MLP leaves one [B, T, mlp] array for the backward:
+  relu²'s output, which the down projection's weight gradient reads anyway. Autodiff kept the
+  pre-activation and relu's output too (three a layer). The gradient 2 g sqrt(relu(x)²) is within
+  1.5 bf16 roundings of float64's 2 g relu(x), x the bf16 pre-activation itself."""
+  m = _model(num_layers=2).cfg
+  saved = saved_residuals(*token_loss(Transformer(m, nnx.Rngs(0)), rows=2))
+  hidden = [what for _, shape, what in saved if shape == (2, T, config_lib.mlp_dim(m))]  # (the GEMM's flat copy aside)
+  assert len(hidden) == m.num_layers, hidden
+  x = jax.random.normal(jax.random.key(0), (4096,)).astype(jnp.bfloat16)
+  g = _bf16(1, (4096,))
+  y, vjp = jax.vjp(ACTIVATIONS["relu2"], x)
+  (dx,) = vjp(g)
+  assert dx.dtype == jnp.bfloat16
+  np.testing.assert_allclose(_f64(y), np.maximum(_f64(x), 0) ** 2, rtol=2 ** -8)
+  # The gradient's own rounding, and half of relu²'s through the square root: 1.5 roundings.
+  np.testing.assert_allclose(_f64(dx), 2 * _f64(g) * np.maximum(_f64(x), 0), rtol=1.5 * 2 ** -8, atol=0)
 
 
 @pytest.mark.parametrize("mesh_cfg", [None, dict(data=1, fsdp=8, tensor=1)], ids=["one_device", "fsdp8"])
