@@ -10,7 +10,8 @@ own (lmtiny.runs.trace_summary: matmul, attention, elementwise), walking from EN
 `while` loops times XLA's known trip count (a double-buffered loop's body holds two iterations
 and XLA counts half the trips), calls, conditionals (the costliest branch) and async wrappers.
 An in-place dynamic-update-slice fusion moves its update, not the buffer it updates; a
-dynamic-slice fusion the slice it reads. GEMM FLOPs come from the dot's shapes; attention FLOPs
+dynamic-slice fusion the slice it reads; a fusion operand read only through gathers or dynamic
+slices what they pick. GEMM FLOPs come from the dot's shapes; attention FLOPs
 are the causal-half convention's (lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 matmuls forward,
 5 backward, over `keys_per_query` keys).
 
@@ -35,10 +36,11 @@ CATEGORIES = ("matmul", "attention", "elementwise")
 # 2026-11-27): the `bench --profile` device time of d12_2026 and d24_2026 in bf16 with full
 # attention, over `kernels` of that commit's step (4809aa4) compiled for an H100 on a CPU host.
 # d12_2026 (1.191 s a step): matmul 532 ms against 353.5 at peak (0.66), attention 181 against 70.0
-# (0.39), elementwise 469 against 439.3 (0.94). d24_2026 (11.45 s): 6.45 s against 4.68 (0.73), 1.50
-# against 0.56 (0.37), 3.45 against 3.03 (0.88). The means predict the two steps at 1.172 and
-# 11.49 s; each step's own shares predict the other within 3%.
-EFFICIENCY = {"matmul": 0.70, "attention": 0.38, "elementwise": 0.91}
+# (0.39), elementwise 469 against 397.8 (0.85). d24_2026 (11.45 s): 6.45 s against 4.68 (0.73), 1.50
+# against 0.56 (0.37), 3.45 against 2.94 (0.85). The means predict the two steps at 1.157 and
+# 11.62 s; each step's own shares predict the other within 5%. (While gathered and sliced operands
+# counted whole, the elementwise shares read 0.94 and 0.88.)
+EFFICIENCY = {"matmul": 0.70, "attention": 0.38, "elementwise": 0.85}
 FP8_SPEEDUP = 2.0  # H100/H200 dense fp8 tensor-core peak over bf16's (1,979 against 989 TFLOP/s)
 
 _NAME = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = ")
@@ -56,6 +58,7 @@ class Instruction:
   op: str
   operands: list[str]
   attributes: str
+  parameter: int | None = None  # a parameter's number
 
 
 @dataclass
@@ -105,8 +108,9 @@ def _instruction(line: str) -> Instruction | None:
   if op is None:
     return None
   args_end = _closing(line, op.end() - 1)
-  return Instruction(head.group(1), line[at:shape_end], op.group(1),
-                     re.findall(r"%([\w.\-]+)", line[op.end():args_end - 1]), line[args_end:])
+  args = line[op.end():args_end - 1]
+  return Instruction(head.group(1), line[at:shape_end], op.group(1), re.findall(r"%([\w.\-]+)", args),
+                     line[args_end:], int(args) if op.group(1) == "parameter" else None)
 
 
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -170,11 +174,37 @@ class _Walk:
         return "matmul", flops, moved, self.peak * (FP8_SPEEDUP if fp8 else 1)
       root = self.root(called[0]) if called else None
       if root is not None and root.op == "dynamic-update-slice":
-        # in place: the updated buffer is neither read nor written whole
-        return "elementwise", 0.0, 2 * sum(_bytes(s) for s in operands if s.split("{")[0] != i.shape.split("{")[0]), self.peak
+        # in place: the updated buffer is neither read nor written whole, only the update's region
+        buffer = i.shape.split("{")[0]
+        return ("elementwise", 0.0, _bytes(self.shapes[root.operands[1]]) + self.read(operands, called[0], buffer),
+                self.peak)
       if root is not None and root.op == "dynamic-slice":
         return "elementwise", 0.0, 2 * _bytes(i.shape), self.peak
+      if called:
+        return "elementwise", 0.0, _bytes(i.shape) + self.read(operands, called[0]), self.peak
     return "elementwise", 0.0, moved, self.peak
+
+  def read(self, operands: list[str], computation: str, skip: str | None = None) -> float:
+    """Bytes a fusion reads of its operands (those of shape `skip` left out). One its computation
+    reads only through gathers or dynamic slices moves what they pick: the loss's target logits
+    are one float32 a row of a [tokens, vocab] chunk."""
+    body = self.computations[computation]
+    number = {i.name: i.parameter for i in body if i.op == "parameter"}
+    uses = defaultdict(list)
+    for i in body:
+      for position, name in enumerate(i.operands):
+        if name in number:
+          uses[number[name]].append((i, position))
+    moved = 0.0
+    for k, shape in enumerate(operands):
+      if skip is not None and shape.split("{")[0] == skip:
+        continue
+      picks = uses[k]
+      if picks and all(u.op in ("gather", "dynamic-slice") and position == 0 for u, position in picks):
+        moved += sum(_bytes(u.shape) for u, _ in picks)
+      else:
+        moved += _bytes(shape)
+    return moved
 
   def walk(self, computation: str, times: float, into: Kernels) -> None:
     for i in self.computations[computation]:

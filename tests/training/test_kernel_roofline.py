@@ -80,13 +80,60 @@ def test_counts_each_kernel_once_per_trip_with_its_flops_and_bytes():
   assert k.flops["matmul"] == 6 * GEMM_FLOPS
   # cuBLAS: its result (not the workspace) and bf16 operands; Triton: the float32 weight it casts
   assert k.bytes["matmul"] == 3 * (64 * 16 * 2 + 64 * 32 * 2 + 32 * 16 * 2) + 3 * (64 * 16 * 2 + 64 * 32 * 2 + 32 * 16 * 4)
-  # the cast reads bf16 and writes float32; the in-place update moves its row block and index twice
-  # (read and write), never the [8, 64, 16] accumulator
-  assert k.bytes["elementwise"] == 3 * (64 * 16 * 6) + 3 * 2 * (64 * 16 * 4 + 4)
+  # the cast reads bf16 and writes float32; the in-place update reads its row block and index and
+  # writes the block, never the [8, 64, 16] accumulator
+  assert k.bytes["elementwise"] == 3 * (64 * 16 * 6) + 3 * (2 * 64 * 16 * 4 + 4)
   q = 2 * 4 * 128 * 64
   assert k.flops["attention"] == 2 * 2 * q * KEYS  # QK^T and PV over KEYS keys a query
   assert k.bytes["attention"] == 3 * q * 2 + q * 2 + 2 * 4 * 128 * 4
   assert k.unknown_loops == 0
+
+
+# The loss's pick of each row's target logit from a float32 [tokens, vocab] chunk, written in place
+# into a [chunks, tokens] buffer; and a fusion that reads one row of a table through a dynamic slice.
+PICKS = """HloModule jit_train_step, entry_computation_layout={()->f32[8,64]}
+
+%fused_pick (param_0: f32[8,64], param_1: f32[64,1024], param_2: s32[64,2], param_3: s32[]) -> f32[8,64] {
+  %param_0 = f32[8,64]{1,0} parameter(0)
+  %param_1 = f32[64,1024]{1,0} parameter(1)
+  %param_2 = s32[64,2]{1,0} parameter(2)
+  %gather.1 = f32[64,1,1]{2,1,0} gather(%param_1, %param_2), offset_dims={1,2}, collapsed_slice_dims={}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+  %bitcast.1 = f32[1,64]{1,0} bitcast(%gather.1)
+  %param_3 = s32[] parameter(3)
+  %constant_0 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = f32[8,64]{1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_3, %constant_0)
+}
+
+%fused_row (param_0.1: f32[4096,64], param_1.1: s32[], param_2.1: f32[1,64]) -> f32[1,64] {
+  %param_0.1 = f32[4096,64]{1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %constant_1 = s32[] constant(0)
+  %dynamic-slice.1 = f32[1,64]{1,0} dynamic-slice(%param_0.1, %param_1.1, %constant_1), dynamic_slice_sizes={1,64}
+  %param_2.1 = f32[1,64]{1,0} parameter(2)
+  ROOT %add.1 = f32[1,64]{1,0} add(%dynamic-slice.1, %param_2.1)
+}
+
+ENTRY %main (buf: f32[8,64], logits: f32[64,1024], at: s32[64,2], i: s32[], table: f32[4096,64], x: f32[1,64]) -> f32[8,64] {
+  %buf = f32[8,64]{1,0} parameter(0)
+  %logits = f32[64,1024]{1,0} parameter(1)
+  %at = s32[64,2]{1,0} parameter(2)
+  %i = s32[] parameter(3)
+  %table = f32[4096,64]{1,0} parameter(4)
+  %x = f32[1,64]{1,0} parameter(5)
+  %row = f32[1,64]{1,0} fusion(%table, %i, %x), kind=kLoop, calls=%fused_row
+  ROOT %picked = f32[8,64]{1,0} fusion(%buf, %logits, %at, %i), kind=kLoop, calls=%fused_pick
+}
+"""
+
+
+def test_an_operand_read_through_a_gather_or_dynamic_slice_moves_what_they_pick():
+  """Counted whole, the [64, 1024] logits would be 256 KB where the pick reads 64 floats; at
+  d12_2026's shape that pick was the costliest elementwise kernel of the step (41 ms of 336)."""
+  k = kr.kernels(PICKS, "h100", KEYS)
+  assert k.launches["elementwise"] == 2
+  pick = 64 * 4 + (64 * 4 + 64 * 2 * 4 + 4)  # writes its row of the buffer; reads 64 logits, the indices, i
+  row = 64 * 4 + (64 * 4 + 4 + 64 * 4)  # writes a row; reads one row of the table, i and x
+  assert k.bytes["elementwise"] == pick + row
 
 
 def test_each_kernel_takes_the_longer_of_its_compute_and_its_traffic():
