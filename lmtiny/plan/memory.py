@@ -52,8 +52,7 @@ GIB = 2 ** 30
 def _widths(m) -> dict[str, int]:
   hd = config_lib.head_dim(m)
   return dict(d=m.d_model, q=m.num_heads * hd, kv=config_lib.num_kv_heads(m) * hd, f=config_lib.mlp_dim(m), head=hd,
-              gated=m.activation == "swiglu", relu2=m.activation == "relu2", qk_norm=m.qk_norm,
-              residual_scalars=m.residual_scalars)
+              gated=m.activation == "swiglu", relu2=m.activation == "relu2", qk_norm=m.qk_norm)
 
 
 def _layer_working_set(w: dict, c: int) -> float:

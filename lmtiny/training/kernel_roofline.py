@@ -9,9 +9,8 @@ max(FLOPs / peak, bytes / HBM bandwidth). `kernels(text)` sums that per category
 own (lmtiny.runs.trace_summary: matmul, attention, elementwise), walking from ENTRY through
 `while` loops times XLA's known trip count (a double-buffered loop's body holds two iterations
 and XLA counts half the trips), calls, conditionals (the costliest branch) and async wrappers.
-An in-place dynamic-update-slice fusion moves its update, not the buffer it updates; a
-dynamic-slice fusion the slice it reads; a fusion operand read only through gathers or dynamic
-slices what they pick. GEMM FLOPs come from the dot's shapes; attention FLOPs
+An in-place dynamic-update-slice fusion moves its update, not the buffer it updates, and a
+fusion operand read only through gathers or dynamic slices what they pick. GEMM FLOPs come from the dot's shapes; attention FLOPs
 are the causal-half convention's (lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 matmuls forward,
 5 backward, over `keys_per_query` keys).
 
@@ -178,8 +177,6 @@ class _Walk:
         buffer = i.shape.split("{")[0]
         return ("elementwise", 0.0, _bytes(self.shapes[root.operands[1]]) + self.read(operands, called[0], buffer),
                 self.peak)
-      if root is not None and root.op == "dynamic-slice":
-        return "elementwise", 0.0, 2 * _bytes(i.shape), self.peak
       if called:
         return "elementwise", 0.0, _bytes(i.shape) + self.read(operands, called[0]), self.peak
     return "elementwise", 0.0, moved, self.peak
