@@ -56,3 +56,19 @@ def test_weight_gradients_are_added_to_their_sums_inside_their_gemms(step):
     if ".clone" not in name and any(i.op == "add" and i.shape in products for i in body):
       adding.append(name)
   assert len(adding) == 2 * cfg.model.num_layers + 1, adding
+
+
+def test_relu2s_backward_rounds_the_root_of_its_output_to_bf16(step):
+  """relu²'s backward (lmtiny.model.transformer.relu2) reads the bf16 output y and rounds
+  sqrt(y) to bf16, which is relu(x) exactly, before the multiply: nanochat's bf16 gradient. The
+  float32 product it had before used the root unrounded; written in bf16, XLA rewrote sqrt(r * r)
+  to r and kept relu's output alive beside y (no root at all)."""
+  computations, cfg = step
+  hidden = f"f32[{ROWS * cfg.train.seq_len},{config_lib.mlp_dim(cfg.model)}]"
+  rounded = []
+  for body in computations.values():
+    for root in (i for i in body if i.op == "sqrt" and i.shape.startswith(hidden)):
+      users = [i for i in body if root.name in i.operands]
+      assert [(i.op, i.shape.split("[")[0]) for i in users] == [("convert", "bf16")], users
+      rounded.append(root.name)
+  assert len(rounded) >= cfg.model.num_layers, rounded  # each layer's (a loop's copies aside)
