@@ -10,9 +10,10 @@ own (lmtiny.runs.trace_summary: matmul, attention, elementwise), walking from EN
 `while` loops times XLA's known trip count (a double-buffered loop's body holds two iterations
 and XLA counts half the trips), calls, conditionals (the costliest branch) and async wrappers.
 An in-place dynamic-update-slice fusion moves its update, not the buffer it updates, and a
-fusion operand read only through gathers or dynamic slices what they pick. GEMM FLOPs come from the dot's shapes; attention FLOPs
-are the causal-half convention's (lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 matmuls forward,
-5 backward, over `keys_per_query` keys).
+fusion operand read only through gathers or dynamic slices moves what they pick. GEMM FLOPs come
+from the dot's shapes; attention FLOPs are the causal-half convention's
+(lmtiny.training.hlo_cost.ATTENTION_MATMULS: 2 matmuls forward, 5 backward, over
+`keys_per_query` keys).
 
 `predict` divides each category's roofline time by the share of it an H100 reached, measured
 (`EFFICIENCY`), so the step's time, tokens/s and MFU can be read off a compile on a machine without
